@@ -1,0 +1,39 @@
+"""pyro_scvi: scVI (Lopez et al., 2018) as a Pyro model and guide.
+
+Quick start::
+
+    import pyro_scvi
+    adata = pyro_scvi.datasets.pbmc8k_200hvg()
+    model = pyro_scvi.SCVI(adata).train(max_epochs=50)
+    adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
+"""
+
+from . import datasets
+from .data import CountData, InputError, from_anndata
+from .guide import ScviGuide
+from .infer import TrainingError, train_svi
+from .likelihoods import NB, ZINB, Likelihood, Poisson
+from .model import ScviModel
+from .priors import LogNormalLibrary, Prior, StandardNormal
+from .scvi import SCVI
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCVI",
+    "ScviModel",
+    "ScviGuide",
+    "Likelihood",
+    "ZINB",
+    "NB",
+    "Poisson",
+    "Prior",
+    "StandardNormal",
+    "LogNormalLibrary",
+    "CountData",
+    "InputError",
+    "TrainingError",
+    "from_anndata",
+    "train_svi",
+    "datasets",
+]

@@ -1,0 +1,224 @@
+"""Stochastic variational inference for a model/guide pair on minibatches of cells.
+
+The loop is Pyro's :class:`~pyro.infer.SVI` with Adam, plus what single-cell users expect:
+a validation ELBO each epoch, KL warm-up, early stopping, a progress bar, and a guard that
+stops on a non-finite loss and restores the last good parameters.
+
+KL warm-up schedule
+-------------------
+In epoch ``e`` (counting from 0) the ``z`` terms of the ELBO are scaled by
+``min(1, e / kl_warmup_epochs)``: a linear ramp from 0 that reaches 1 after
+``kl_warmup_epochs`` epochs, as in scvi-tools. The library term is never annealed. The
+validation ELBO is always the true ELBO (weight 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from pyro.infer import ELBO, SVI, Trace_ELBO
+from pyro.optim import PyroOptim
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import CountData
+
+
+class TrainingError(RuntimeError):
+    """Training hit a non-finite loss; the parameters were restored to the last good epoch."""
+
+
+def kl_weight(epoch: int, kl_warmup_epochs: int) -> float:
+    """Weight of the ``z`` KL terms in epoch ``epoch`` (see the module docstring).
+
+    Examples
+    --------
+    >>> [kl_weight(e, 4) for e in range(6)]
+    [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    """
+    if kl_warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, epoch / kl_warmup_epochs)
+
+
+def default_optim(lr: float = 1e-3) -> PyroOptim:
+    """Adam with scvi-tools' settings (``eps=0.01``, ``weight_decay=1e-6``)."""
+    return pyro.optim.Adam({"lr": lr, "eps": 0.01, "weight_decay": 1e-6})
+
+
+def evaluate_elbo(
+    model: Callable,
+    guide: Callable,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    elbo: ELBO | None = None,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> float:
+    """ELBO per cell (nats, higher is better) of ``indices``, networks in eval mode."""
+    elbo = elbo if elbo is not None else Trace_ELBO()
+    total = 0.0
+    with torch.no_grad(), _eval_mode(model, guide):
+        for idx in data.minibatches(indices, batch_size):
+            x, b = data.tensors(idx, device)
+            total += elbo.loss(model, guide, x, b)
+    return -total / max(len(indices), 1)
+
+
+class _eval_mode:
+    """Put modules in eval mode (batch norm running stats, no dropout), then restore."""
+
+    def __init__(self, *modules):
+        self.modules = [m for m in modules if isinstance(m, nn.Module)]
+
+    def __enter__(self):
+        self.was_training = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, was in zip(self.modules, self.was_training):
+            m.train(was)
+
+
+def train_svi(
+    model: nn.Module,
+    guide: nn.Module,
+    data: CountData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    *,
+    max_epochs: int,
+    batch_size: int = 128,
+    optim: PyroOptim | None = None,
+    elbo: ELBO | None = None,
+    kl_warmup_epochs: int = 400,
+    early_stopping: bool = False,
+    patience: int = 45,
+    min_delta: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+    progress_bar: bool = True,
+    first_epoch: int = 0,
+) -> pd.DataFrame:
+    """Train ``model`` and ``guide`` with SVI on minibatches of the cells ``train_idx``.
+
+    Parameters
+    ----------
+    model, guide
+        Pyro model and guide with signature ``(x, batch_index, cell_index, num_cells,
+        kl_weight)``, e.g. :class:`~pyro_scvi.model.ScviModel` and
+        :class:`~pyro_scvi.guide.ScviGuide`.
+    data
+        The counts.
+    train_idx, val_idx
+        Cells to train on and to compute the validation ELBO on (may be empty).
+    max_epochs, batch_size
+        Passes over ``train_idx`` and cells per minibatch.
+    optim, elbo
+        Pyro optimizer (default :func:`default_optim`) and ELBO (default ``Trace_ELBO()``).
+    kl_warmup_epochs
+        Length of the KL warm-up ramp (see the module docstring); 0 disables it.
+    early_stopping, patience, min_delta
+        Stop when the validation ELBO (train ELBO if there is no validation set) has not
+        improved by ``min_delta`` for ``patience`` epochs.
+    device
+        Where to train; ``model`` and ``guide`` must already be there.
+    seed
+        Seeds minibatch order (Pyro's own RNG is seeded by the caller).
+    progress_bar
+        Show a tqdm bar with the epoch and ELBOs.
+    first_epoch
+        Epoch number to start counting from (continuing a previous run's warm-up).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per epoch: ``epoch``, ``train_elbo`` (per cell, with the epoch's KL weight),
+        ``validation_elbo`` (per cell, true ELBO; NaN without validation cells),
+        ``kl_weight`` and ``seconds``.
+
+    Raises
+    ------
+    TrainingError
+        On a non-finite loss, after restoring the parameters of the last completed epoch.
+    """
+    elbo = elbo if elbo is not None else Trace_ELBO()
+    svi = SVI(model, guide, optim or default_optim(), loss=elbo)
+    rng = np.random.default_rng(seed)
+    n_train = len(train_idx)
+    rows: list[dict] = []
+    best, since_best = -math.inf, 0
+    epochs = tqdm(
+        range(first_epoch, first_epoch + max_epochs),
+        desc="Training",
+        unit="epoch",
+        disable=not progress_bar,
+    )
+    good_state = _snapshot(model, guide)
+    for epoch in epochs:
+        start = time.perf_counter()
+        w = kl_weight(epoch, kl_warmup_epochs)
+        model.train(), guide.train()
+        total = 0.0
+        for step, idx in enumerate(
+            data.minibatches(train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True)
+        ):
+            x, b = data.tensors(idx, device)
+            cell_index = torch.as_tensor(idx, device=device)
+            loss = svi.step(x, b, cell_index, n_train, w)
+            if not math.isfinite(loss):
+                _restore(model, guide, good_state)
+                raise TrainingError(
+                    f"The loss became {loss} at epoch {epoch}, step {step}; the parameters "
+                    "were restored to the end of the last complete epoch. Try a smaller "
+                    "learning rate (lr), a longer KL warm-up, or check the counts for extreme "
+                    "outliers."
+                )
+            # svi.step returns the minibatch loss scaled by n_train / len(idx).
+            total += loss * len(idx) / n_train
+        row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
+        row["validation_elbo"] = (
+            evaluate_elbo(model, guide, data, val_idx, elbo=elbo, device=device)
+            if len(val_idx)
+            else float("nan")
+        )
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        good_state = _snapshot(model, guide)
+        epochs.set_postfix(
+            train_elbo=f"{row['train_elbo']:.1f}", val_elbo=f"{row['validation_elbo']:.1f}"
+        )
+        monitored = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
+        if monitored > best + min_delta:
+            best, since_best = monitored, 0
+        else:
+            since_best += 1
+        if early_stopping and since_best >= patience:
+            epochs.write(
+                f"Early stopping at epoch {epoch}: no ELBO improvement for {patience} epochs."
+            )
+            break
+    epochs.close()
+    return pd.DataFrame(
+        rows, columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
+    )
+
+
+def _snapshot(*modules: nn.Module) -> list[dict]:
+    return [copy.deepcopy(m.state_dict()) for m in modules]
+
+
+def _restore(model: nn.Module, guide: nn.Module, state: list[dict]) -> None:
+    # load_state_dict copies in place, so the optimizer and param store keep their tensors.
+    with torch.no_grad():
+        model.load_state_dict(state[0])
+        guide.load_state_dict(state[1])

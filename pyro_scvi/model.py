@@ -1,0 +1,192 @@
+"""scVI's generative model as a Pyro ``model``.
+
+For cell ``n`` in batch ``s_n`` and gene ``g`` (Lopez et al., 2018)::
+
+    z_n      ~ prior()                                  (default Normal(0, I))
+    l_n      ~ Normal(library_loc[s_n], library_scale[s_n])   (log library size)
+    rho_n    = softmax(f_rho(z_n, s_n))                 (expected frequencies)
+    mu_ng    = exp(l_n) * rho_ng
+    x_ng     ~ likelihood(mu_ng, theta_g, f_gate(z_n, s_n)_g)   (default ZINB)
+
+Plates: ``cells`` (dim -2, subsampled for minibatches so that the minibatch ELBO is an
+unbiased estimate of the full-data ELBO) and ``genes`` (dim -1). Cell-level sites therefore
+carry a singleton gene axis: ``z`` is ``(cells, 1, n_latent)`` and ``l`` is ``(cells, 1)``.
+
+Sites (public API): ``z``, ``l``, ``rho`` (deterministic) and ``x`` (observed).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Literal
+
+import pyro
+import torch
+from pyro import poutine
+from torch import nn
+
+from .likelihoods import ZINB, Likelihood
+from .nn import Decoder
+from .priors import LogNormalLibrary, Prior, StandardNormal
+
+Dispersion = Literal["gene", "gene-batch", "gene-cell"]
+
+
+def cells_plate(
+    batch_index: torch.Tensor,
+    cell_index: torch.Tensor | None = None,
+    num_cells: int | None = None,
+) -> pyro.plate:
+    """The ``cells`` plate for a minibatch of ``len(batch_index)`` cells.
+
+    With ``num_cells`` the plate is subsampled, so every cell-level log-density is scaled
+    by ``num_cells / len(batch_index)``; ``cell_index`` (positions of the minibatch's cells
+    in the full data) is passed on for guides with per-cell parameters.
+    """
+    n = batch_index.shape[0]
+    if num_cells is None:
+        return pyro.plate("cells", n, subsample=cell_index, dim=-2)
+    if cell_index is None:
+        cell_index = torch.arange(n, device=batch_index.device)
+    return pyro.plate("cells", num_cells, subsample=cell_index, dim=-2)
+
+
+def kl_scale(kl_weight: float) -> AbstractContextManager:
+    """Scale the ``z`` terms of the ELBO by ``kl_weight`` (KL warm-up).
+
+    ``poutine.scale`` rejects 0, so a zero weight masks the terms out instead.
+    """
+    if kl_weight == 1.0:
+        return poutine.scale(scale=1.0)
+    if kl_weight <= 0:
+        return poutine.mask(mask=False)
+    return poutine.scale(scale=kl_weight)
+
+
+class ScviModel(nn.Module):
+    """The generative model ``p(x, z, l | batch)``; call it as a Pyro model.
+
+    Parameters
+    ----------
+    n_genes, n_batch
+        Data dimensions.
+    library_prior
+        Prior of the log-library per batch; required unless ``use_observed_lib_size``.
+    n_latent, n_hidden, n_layers
+        Decoder architecture (paper: 10, 128, 1).
+    prior
+        Prior on ``z`` (default :class:`~pyro_scvi.priors.StandardNormal`).
+    likelihood
+        Observation model (default :class:`~pyro_scvi.likelihoods.ZINB`).
+    dispersion
+        ``"gene"`` (one ``theta`` per gene), ``"gene-batch"`` or ``"gene-cell"`` (decoded).
+    use_observed_lib_size
+        Use ``log(sum_g x_ng)`` for ``l`` instead of a latent variable.
+
+    Examples
+    --------
+    >>> import torch, pyro
+    >>> from pyro_scvi.priors import LogNormalLibrary
+    >>> m = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
+    >>> x = torch.poisson(torch.full((8, 20), 2.0))
+    >>> tr = pyro.poutine.trace(m).get_trace(x, torch.zeros(8, dtype=torch.long))
+    >>> tuple(tr.nodes["z"]["value"].shape), tuple(tr.nodes["x"]["value"].shape)
+    ((8, 1, 10), (8, 20))
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_batch: int,
+        library_prior: LogNormalLibrary | None,
+        *,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        prior: Prior | None = None,
+        likelihood: Likelihood | None = None,
+        dispersion: Dispersion = "gene",
+        use_observed_lib_size: bool = False,
+    ) -> None:
+        super().__init__()
+        if dispersion not in ("gene", "gene-batch", "gene-cell"):
+            raise ValueError(
+                f"dispersion={dispersion!r}; use 'gene', 'gene-batch' or 'gene-cell'."
+            )
+        if library_prior is None and not use_observed_lib_size:
+            raise ValueError("A latent library needs library_prior (or use_observed_lib_size).")
+        self.n_genes, self.n_batch, self.n_latent = n_genes, max(n_batch, 1), n_latent
+        self.dispersion = dispersion
+        self.use_observed_lib_size = use_observed_lib_size
+        self.likelihood = likelihood if likelihood is not None else ZINB()
+        self.prior = prior if prior is not None else StandardNormal()
+        if hasattr(self.prior, "setup"):
+            self.prior.setup(n_latent)
+        _check_prior(self.prior, n_latent)
+        self.library_prior = None if use_observed_lib_size else library_prior
+        uses_theta = self.likelihood.uses_dispersion
+        self.decoder = Decoder(
+            n_latent,
+            n_genes,
+            n_batch,
+            n_hidden,
+            n_layers,
+            gate=self.likelihood.uses_gate,
+            cell_dispersion=uses_theta and dispersion == "gene-cell",
+        )
+        self.log_theta = None
+        if uses_theta and dispersion == "gene":
+            self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        elif uses_theta and dispersion == "gene-batch":
+            self.log_theta = nn.Parameter(torch.zeros(self.n_batch, n_genes))
+
+    def theta(self, batch_index: torch.Tensor, decoded: dict) -> torch.Tensor | None:
+        """Inverse dispersion, broadcastable to ``(cells, genes)``."""
+        if not self.likelihood.uses_dispersion:
+            return None
+        if self.dispersion == "gene-cell":
+            return decoded["log_theta"].exp()
+        if self.dispersion == "gene-batch":
+            return self.log_theta[batch_index].exp()
+        return self.log_theta.exp()
+
+    def forward(
+        self,
+        x: torch.Tensor | None,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+        num_cells: int | None = None,
+        kl_weight: float = 1.0,
+    ) -> None:
+        """Run the model on counts ``x`` of shape ``(cells, genes)`` (``None``: sample them).
+
+        ``batch_index`` holds each cell's batch code; ``cell_index`` and ``num_cells``
+        subsample the ``cells`` plate (see :func:`cells_plate`); ``kl_weight`` scales the
+        ``z`` terms for KL warm-up.
+        """
+        pyro.module("model", self)
+        with cells_plate(batch_index, cell_index, num_cells):
+            with kl_scale(kl_weight):
+                z = pyro.sample("z", self.prior())
+            if self.use_observed_lib_size:
+                if x is None:
+                    raise ValueError("use_observed_lib_size needs the observed counts x.")
+                l = torch.log(x.sum(-1, keepdim=True))
+            else:
+                l = pyro.sample("l", self.library_prior(batch_index))
+            decoded = self.decoder(z.squeeze(-2), batch_index)
+            with pyro.plate("genes", self.n_genes, dim=-1):
+                rho = pyro.deterministic("rho", torch.softmax(decoded["rho_logits"], -1), 0)
+                mu = torch.exp(l) * rho
+                theta = self.theta(batch_index, decoded)
+                pyro.sample("x", self.likelihood(mu, theta, decoded["gate_logits"]), obs=x)
+
+
+def _check_prior(prior, n_latent: int) -> None:
+    d = prior()
+    if tuple(d.event_shape) != (n_latent,):
+        raise ValueError(
+            f"The prior on z must return a distribution with event_shape ({n_latent},), "
+            f"but {prior!r} returned event_shape {tuple(d.event_shape)}: "
+            "wrap per-dimension distributions with .to_event(1)."
+        )

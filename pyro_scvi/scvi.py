@@ -1,0 +1,500 @@
+"""The user-facing :class:`SCVI`: AnnData in, trained model and posterior queries out.
+
+Method names follow scvi-tools, so its users feel at home; underneath, ``SCVI.model`` and
+``SCVI.guide`` are a plain Pyro model and guide that can be run under any poutine handler
+or SVI loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+from anndata import AnnData
+from pyro.infer import ELBO
+from pyro.optim import PyroOptim
+
+from . import posterior
+from .data import CountData, InputError, check_batch_sizes, from_anndata
+from .guide import ScviGuide
+from .infer import default_optim, train_svi
+from .likelihoods import ZINB, Likelihood
+from .model import Dispersion, ScviModel
+from .priors import LogNormalLibrary, Prior
+
+_SAVE_FILE = "model.pt"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; other values pass to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+    return device
+
+
+class SCVI:
+    """scVI (Lopez et al., 2018) fitted by stochastic variational inference in Pyro.
+
+    Parameters
+    ----------
+    adata
+        AnnData of raw counts (cells x genes). It is only read, never modified.
+    layer
+        Layer holding the raw counts; ``None`` uses ``adata.X``.
+    batch_key
+        Column of ``adata.obs`` with each cell's batch; ``None`` for one batch.
+    likelihood
+        Observation model object; default :class:`~pyro_scvi.likelihoods.ZINB`.
+    prior
+        Prior on ``z``; default :class:`~pyro_scvi.priors.StandardNormal`.
+    n_latent, n_hidden, n_layers, dropout_rate
+        Architecture (paper defaults 10, 128, 1, 0.1).
+    dispersion
+        ``"gene"``, ``"gene-batch"`` or ``"gene-cell"``.
+    use_observed_lib_size
+        Plug in the observed library size instead of the latent ``l`` of the paper.
+    drop_empty_cells
+        Set the model up on the cells with non-zero total counts only (``self.adata`` is
+        then a view of those cells); otherwise such cells are an error.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=200, n_genes=30, seed=0)
+    >>> model = pyro_scvi.SCVI(adata, n_latent=4)
+    >>> model = model.train(max_epochs=2, progress_bar=False)
+    >>> model.get_latent_representation().shape
+    (200, 4)
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        likelihood: Likelihood | None = None,
+        prior: Prior | None = None,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: Dispersion = "gene",
+        use_observed_lib_size: bool = False,
+        drop_empty_cells: bool = False,
+    ) -> None:
+        for name, value in [("n_latent", n_latent), ("n_hidden", n_hidden)]:
+            if int(value) < 1:
+                raise InputError(f"{name}={value}; it must be a positive integer.")
+        if n_layers < 1:
+            raise InputError(f"n_layers={n_layers}; use at least one hidden layer.")
+        if not 0 <= dropout_rate < 1:
+            raise InputError(f"dropout_rate={dropout_rate}; it must be in [0, 1).")
+        if likelihood is not None and not isinstance(likelihood, Likelihood):
+            raise InputError(
+                f"likelihood={likelihood!r}: pass an object such as pyro_scvi.ZINB(), "
+                "pyro_scvi.NB() or pyro_scvi.Poisson()."
+            )
+        if drop_empty_cells:
+            counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
+            keep = np.asarray(counts.sum(axis=1)).ravel() > 0
+            adata = adata[keep] if not keep.all() else adata
+        self.adata = adata
+        self.layer, self.batch_key = layer, batch_key
+        self.data = from_anndata(adata, layer=layer, batch_key=batch_key)
+        loc, scale = self.data.library_log_stats()
+        self.settings = {
+            "layer": layer,
+            "batch_key": batch_key,
+            "n_latent": int(n_latent),
+            "n_hidden": int(n_hidden),
+            "n_layers": int(n_layers),
+            "dropout_rate": float(dropout_rate),
+            "dispersion": dispersion,
+            "use_observed_lib_size": bool(use_observed_lib_size),
+            "likelihood": repr(likelihood or ZINB()),
+            "prior": repr(prior) if prior is not None else "StandardNormal()",
+        }
+        self.model = ScviModel(
+            self.data.n_genes,
+            self.data.n_batch,
+            LogNormalLibrary(torch.from_numpy(loc), torch.from_numpy(scale)),
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            prior=prior,
+            likelihood=likelihood,
+            dispersion=dispersion,
+            use_observed_lib_size=use_observed_lib_size,
+        )
+        self.guide = ScviGuide(
+            self.data.n_genes,
+            self.data.n_batch,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_observed_lib_size=use_observed_lib_size,
+        )
+        self.device = torch.device("cpu")
+        self.history = pd.DataFrame(
+            columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
+        )
+        self.train_indices = np.arange(0)
+        self.validation_indices = np.arange(0)
+        self.is_trained = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def var_names(self) -> pd.Index:
+        """Genes the model was set up with, in order."""
+        return self.data.var_names
+
+    @property
+    def batch_categories(self) -> tuple[str, ...]:
+        """Batches the model knows, in code order."""
+        return self.data.batch_categories
+
+    def __repr__(self) -> str:
+        d = self.data
+        return (
+            f"SCVI({d.n_cells} cells x {d.n_genes} genes, {d.n_batch} batch(es), "
+            f"likelihood={self.settings['likelihood']}, prior={self.settings['prior']}, "
+            f"n_latent={self.settings['n_latent']}, trained={self.is_trained})"
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        train_size: float = 0.9,
+        early_stopping: bool = False,
+        patience: int = 45,
+        kl_warmup_epochs: int = 400,
+        elbo: ELBO | None = None,
+        optim: PyroOptim | None = None,
+        device: str | torch.device = "auto",
+        seed: int | None = 0,
+        progress_bar: bool = True,
+    ) -> SCVI:
+        """Fit the model with SVI (Adam) on minibatches; see :mod:`pyro_scvi.infer`.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; default ``min(400, round(400 * 20000 / n_cells))``
+            as in scvi-tools.
+        batch_size, lr
+            Cells per minibatch and Adam's learning rate.
+        train_size
+            Fraction of cells to train on; the rest give the validation ELBO.
+        early_stopping, patience
+            Stop when the validation ELBO has not improved for ``patience`` epochs.
+        kl_warmup_epochs
+            Epochs of linear KL warm-up (0: none).
+        elbo, optim
+            Pyro ELBO (default ``Trace_ELBO``) and optimizer (default Adam).
+        device
+            ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+        seed
+            Seeds the split, the minibatch order and Pyro; CPU runs are then reproducible.
+        progress_bar
+            Show a progress bar.
+
+        Returns
+        -------
+        SCVI
+            ``self``, with :attr:`history` extended by one row per epoch.
+
+        Raises
+        ------
+        pyro_scvi.infer.TrainingError
+            On a non-finite loss; the parameters of the last complete epoch are kept.
+        """
+        n = self.data.n_cells
+        if max_epochs is None:
+            max_epochs = int(min(400, round(400 * 20000 / n)))
+        if max_epochs < 1:
+            raise InputError(f"max_epochs={max_epochs}; train for at least one epoch.")
+        if lr <= 0:
+            raise InputError(f"lr={lr}; the learning rate must be positive.")
+        if not 0 < train_size <= 1:
+            raise InputError(f"train_size={train_size}; it must be in (0, 1].")
+        check_batch_sizes(self.data, batch_size)
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        if not self.is_trained:
+            perm = np.random.default_rng(seed).permutation(n)
+            n_train = max(2, int(round(train_size * n)))
+            if n_train > n:
+                raise InputError(f"Only {n} cells: training needs at least 2.")
+            self.train_indices = np.sort(perm[:n_train])
+            self.validation_indices = np.sort(perm[n_train:])
+        self.device = resolve_device(device)
+        self.model.to(self.device), self.guide.to(self.device)
+        first_epoch = int(self.history["epoch"].iloc[-1]) + 1 if len(self.history) else 0
+        # A private parameter store: two SCVI objects in one process would otherwise
+        # share Pyro's global store and silently train each other's parameters.
+        with pyro.get_param_store().scope():
+            try:
+                history = train_svi(
+                    self.model,
+                    self.guide,
+                    self.data,
+                    self.train_indices,
+                    self.validation_indices,
+                    max_epochs=max_epochs,
+                    batch_size=min(batch_size, len(self.train_indices)),
+                    optim=optim or default_optim(lr),
+                    elbo=elbo,
+                    kl_warmup_epochs=kl_warmup_epochs,
+                    early_stopping=early_stopping,
+                    patience=patience,
+                    device=self.device,
+                    seed=seed,
+                    progress_bar=progress_bar,
+                    first_epoch=first_epoch,
+                )
+            finally:
+                self.is_trained = True
+        self.history = pd.concat([self.history, history], ignore_index=True) if len(
+            self.history
+        ) else history
+        return self
+
+    # ------------------------------------------------------------------ queries
+    def _data_for(self, adata: AnnData | None) -> CountData:
+        if adata is None or adata is self.adata:
+            return self.data
+        return from_anndata(
+            adata,
+            layer=self.layer,
+            batch_key=self.batch_key,
+            batch_categories=self.batch_categories,
+            var_names=self.var_names,
+            allow_empty_cells=True,
+        )
+
+    def _batch_codes(self, transform_batch) -> list[int] | None:
+        if transform_batch is None:
+            return None
+        names = [transform_batch] if isinstance(transform_batch, str | int) else transform_batch
+        codes = []
+        for name in names:
+            if str(name) not in self.batch_categories:
+                raise InputError(
+                    f"transform_batch={name!r} is not a known batch "
+                    f"(known: {list(self.batch_categories)})."
+                )
+            codes.append(self.batch_categories.index(str(name)))
+        return codes
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        *,
+        give_mean: bool = True,
+        n_samples: int = 1,
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Latent ``z`` of each cell: posterior mean, or posterior samples.
+
+        Parameters
+        ----------
+        adata
+            Cells to embed (default: the training AnnData); needs the model's genes.
+        give_mean
+            Return the mean of q(z | x); otherwise ``n_samples`` draws from it.
+        n_samples
+            Draws when ``give_mean`` is false.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(cells, n_latent)``, or ``(n_samples, cells, n_latent)`` when sampling.
+            Store it as ``adata.obsm["X_pyro_scvi"]``.
+        """
+        data = self._data_for(adata)
+        idx = np.arange(data.n_cells)
+        if give_mean:
+            return posterior.latent_mean(
+                self.guide, data, idx, batch_size=batch_size, device=self.device
+            )
+        out = []
+        with torch.no_grad(), posterior._eval_mode(self.model, self.guide):
+            with pyro.get_param_store().scope():
+                for x, b in posterior.iterate_cells(data, idx, batch_size, self.device):
+                    z = posterior.sample_guide(self.model, self.guide, x, b, n_samples)["z"]
+                    out.append(z.squeeze(-2).cpu().numpy())
+        return np.concatenate(out, axis=1)
+
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        *,
+        transform_batch: str | Sequence[str] | None = None,
+        library_size: float | str = 1.0,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        batch_size: int = 256,
+    ) -> pd.DataFrame | np.ndarray:
+        """Normalized (denoised) expression ``library_size * rho`` of each cell.
+
+        Parameters
+        ----------
+        adata
+            Cells to query (default: the training AnnData).
+        transform_batch
+            Batch name (or names, averaged) to decode every cell under: batch-corrected
+            expression. ``None`` decodes each cell in its own batch.
+        library_size
+            Scale so each cell sums to this many counts, or ``"latent"`` for the cell's own
+            (latent or observed) library size.
+        n_samples, return_mean
+            Posterior draws of ``z`` (and ``l``), and whether to average them.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        pandas.DataFrame or numpy.ndarray
+            Cells x genes DataFrame (the posterior mean), or an array
+            ``(n_samples, cells, genes)`` when ``return_mean`` is false.
+        """
+        if not (library_size == "latent" or float(library_size) > 0):
+            raise InputError(f"library_size={library_size!r}; use a positive number or 'latent'.")
+        data = self._data_for(adata)
+        samples = posterior.normalized_expression(
+            self.model,
+            self.guide,
+            data,
+            np.arange(data.n_cells),
+            transform_batch=self._batch_codes(transform_batch),
+            library_size=library_size,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            device=self.device,
+        )
+        if not return_mean:
+            return samples
+        return pd.DataFrame(samples.mean(0), index=data.obs_names, columns=data.var_names)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Save parameters, settings and history to ``dir_path``, atomically.
+
+        The directory is written under a temporary name and renamed into place, so an
+        interrupted save never leaves a half-written model (nor destroys an old one).
+        """
+        target = Path(dir_path)
+        if target.exists() and not overwrite:
+            raise InputError(f"{target} exists; pass overwrite=True or choose another path.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            state = {
+                "settings": self.settings,
+                "model_state": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "guide_state": {k: v.cpu() for k, v in self.guide.state_dict().items()},
+                "likelihood": self.model.likelihood,
+                "prior": self.model.prior.cpu(),
+                "var_names": list(self.var_names),
+                "batch_categories": list(self.batch_categories),
+                "history": self.history.to_dict(orient="list"),
+                "train_indices": self.train_indices,
+                "validation_indices": self.validation_indices,
+                "is_trained": self.is_trained,
+            }
+            torch.save(state, tmp / _SAVE_FILE)
+            with open(tmp / "settings.json", "w") as f:
+                json.dump(
+                    {**self.settings, "n_genes": len(self.var_names),
+                     "batch_categories": list(self.batch_categories)},
+                    f,
+                    indent=2,
+                )
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.model.prior.to(self.device)
+
+    @classmethod
+    def load(
+        cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto"
+    ) -> SCVI:
+        """Load a model saved with :meth:`save`, set up on ``adata``.
+
+        ``adata`` must have the model's genes, in order, and only known batches; the
+        library prior is the saved one, not recomputed from ``adata``.
+        Load only directories you trust: the file is a pickle.
+        """
+        path = Path(dir_path) / _SAVE_FILE
+        if not path.exists():
+            raise InputError(f"No saved model at {path}; pass the directory given to save().")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        s = state["settings"]
+        self = cls.__new__(cls)
+        self.adata = adata
+        self.layer, self.batch_key = s["layer"], s["batch_key"]
+        self.data = from_anndata(
+            adata,
+            layer=self.layer,
+            batch_key=self.batch_key,
+            batch_categories=state["batch_categories"],
+            var_names=state["var_names"],
+            allow_empty_cells=True,
+        )
+        self.settings = s
+        arch = {k: s[k] for k in ("n_latent", "n_hidden", "n_layers")}
+        lib = state["model_state"]
+        self.model = ScviModel(
+            len(state["var_names"]),
+            len(state["batch_categories"]),
+            None
+            if s["use_observed_lib_size"]
+            else LogNormalLibrary(lib["library_prior.loc"], lib["library_prior.scale"]),
+            prior=state["prior"],
+            likelihood=state["likelihood"],
+            dispersion=s["dispersion"],
+            use_observed_lib_size=s["use_observed_lib_size"],
+            **arch,
+        )
+        self.guide = ScviGuide(
+            len(state["var_names"]),
+            len(state["batch_categories"]),
+            dropout_rate=s["dropout_rate"],
+            use_observed_lib_size=s["use_observed_lib_size"],
+            **arch,
+        )
+        self.model.load_state_dict(state["model_state"])
+        self.guide.load_state_dict(state["guide_state"])
+        self.history = pd.DataFrame(state["history"])
+        self.train_indices = state["train_indices"]
+        self.validation_indices = state["validation_indices"]
+        self.is_trained = state["is_trained"]
+        self.device = resolve_device(device)
+        self.model.to(self.device), self.guide.to(self.device)
+        return self
