@@ -208,9 +208,7 @@ def _check_counts(X, where: str) -> sp.csr_matrix | np.ndarray:
         X = np.asarray(X)
         values = X
     if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
-        raise InputError(
-            f"{where} has dtype {values.dtype}; the model needs numeric raw counts."
-        )
+        raise InputError(f"{where} has dtype {values.dtype}; the model needs numeric raw counts.")
     if np.issubdtype(values.dtype, np.floating):
         finite = np.isfinite(values)
         if not finite.all():

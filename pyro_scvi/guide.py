@@ -54,9 +54,7 @@ class ScviGuide(nn.Module):
         self.z_encoder = Encoder(n_genes, n_latent, n_batch, **arch)
         self.l_encoder = None if use_observed_lib_size else Encoder(n_genes, 1, n_batch, **arch)
 
-    def encode(
-        self, x: torch.Tensor, batch_index: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def encode(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict[str, torch.Tensor]:
         """Variational parameters ``z_loc``, ``z_scale`` (and ``l_loc``, ``l_scale``)."""
         x_log1p = torch.log1p(x)
         z_loc, z_scale = self.z_encoder(x_log1p, batch_index)

@@ -24,6 +24,7 @@ from pyro.optim import PyroOptim
 
 from . import posterior
 from .data import CountData, InputError, check_batch_sizes, from_anndata
+from .files import _umask
 from .guide import ScviGuide
 from .infer import default_optim, train_svi
 from .likelihoods import ZINB, Likelihood
@@ -107,7 +108,9 @@ class SCVI:
                 "pyro_scvi.NB() or pyro_scvi.Poisson()."
             )
         if drop_empty_cells:
-            counts = adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
+            counts = (
+                adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
+            )
             keep = np.asarray(counts.sum(axis=1)).ravel() > 0
             adata = adata[keep] if not keep.all() else adata
         self.adata = adata
@@ -271,9 +274,9 @@ class SCVI:
                 )
             finally:
                 self.is_trained = True
-        self.history = pd.concat([self.history, history], ignore_index=True) if len(
-            self.history
-        ) else history
+        self.history = (
+            pd.concat([self.history, history], ignore_index=True) if len(self.history) else history
+        )
         return self
 
     # ------------------------------------------------------------------ queries
@@ -424,11 +427,15 @@ class SCVI:
             torch.save(state, tmp / _SAVE_FILE)
             with open(tmp / "settings.json", "w") as f:
                 json.dump(
-                    {**self.settings, "n_genes": len(self.var_names),
-                     "batch_categories": list(self.batch_categories)},
+                    {
+                        **self.settings,
+                        "n_genes": len(self.var_names),
+                        "batch_categories": list(self.batch_categories),
+                    },
                     f,
                     indent=2,
                 )
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -442,9 +449,7 @@ class SCVI:
         self.model.prior.to(self.device)
 
     @classmethod
-    def load(
-        cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto"
-    ) -> SCVI:
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto") -> SCVI:
         """Load a model saved with :meth:`save`, set up on ``adata``.
 
         ``adata`` must have the model's genes, in order, and only known batches; the

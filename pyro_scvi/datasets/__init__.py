@@ -78,8 +78,10 @@ def synthetic_zinb(
     for k in range(n_clusters):
         genes = rng.choice(n_genes, max(1, int(de_fraction * n_genes)), replace=False)
         lfc[k, genes] = rng.normal(0.0, lfc_scale, len(genes))
-    batch_shift = rng.normal(0.0, batch_effect, (n_batches, n_genes)) if batch_effect else (
-        np.zeros((n_batches, n_genes))
+    batch_shift = (
+        rng.normal(0.0, batch_effect, (n_batches, n_genes))
+        if batch_effect
+        else (np.zeros((n_batches, n_genes)))
     )
     cluster = rng.integers(0, n_clusters, n_cells)
     batch = rng.integers(0, n_batches, n_cells)

@@ -1,0 +1,214 @@
+"""Command line: ``pyro-scvi fit INPUT.h5ad -o OUTPUT.h5ad``.
+
+INPUT is an ``.h5ad`` of raw counts, or the name of a dataset shipped with the package
+(``pbmc8k_200hvg``). OUTPUT is a new ``.h5ad``: the input plus
+
+- ``obsm["X_pyro_scvi"]``: posterior mean of ``z``;
+- ``layers["pyro_scvi_normalized"]``: normalized expression (posterior mean of ``rho``,
+  scaled to the median library size);
+- ``uns["pyro_scvi"]``: ``params`` (the settings) and ``history`` (per-epoch ELBOs).
+
+The model is saved to ``--model-dir`` (default: ``OUTPUT`` without ``.h5ad``, plus
+``_model``) and the training curves to ``OUTPUT`` without ``.h5ad``, plus ``_training.png``.
+Files are written atomically; the input is never overwritten. Bad arguments give one line
+on stderr and exit status 2; a failed training exits with status 1 after saving the last
+good model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .data import InputError
+from .likelihoods import LIKELIHOODS
+
+PROG = "pyro-scvi"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-scvi`` argument parser."""
+    parser = _Parser(prog=PROG, description="scVI in Pyro: fit models to scRNA-seq counts.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fit = sub.add_parser(
+        "fit",
+        help="fit scVI to an .h5ad and write the latent space and normalized expression",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("input", metavar="INPUT", help="raw-count .h5ad, or 'pbmc8k_200hvg'")
+    fit.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
+    fit.add_argument("--layer", help="layer with raw counts (default: .X)")
+    fit.add_argument("--batch-key", help="obs column with each cell's batch")
+    fit.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="zinb")
+    fit.add_argument("--n-latent", type=_positive_int, default=10)
+    fit.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
+    fit.add_argument("--batch-size", type=_positive_int, default=128)
+    fit.add_argument("--lr", type=_positive_float, default=1e-3)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    fit.add_argument("--model-dir", help="where to save the model")
+    fit.add_argument("--early-stopping", action="store_true", help="stop on validation ELBO")
+    fit.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=10,
+        help="posterior samples averaged for the normalized expression (default 10)",
+    )
+    fit.add_argument(
+        "--drop-empty-cells",
+        action="store_true",
+        help="drop cells with zero total counts (they are left out of OUTPUT)",
+    )
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _read_input(text: str):
+    import anndata
+
+    from . import datasets
+
+    path = Path(text)
+    if path.exists():
+        try:
+            return anndata.read_h5ad(path), path
+        except Exception as err:  # h5py/anndata raise many types for a bad file
+            raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {err})")
+    if text in datasets.SHIPPED:
+        return anndata.read_h5ad(datasets.path(text)), None
+    raise InputError(
+        f"INPUT {text!r} is neither an existing file nor a shipped dataset "
+        f"({', '.join(datasets.SHIPPED)})."
+    )
+
+
+def fit(args: argparse.Namespace) -> int:
+    """Run ``pyro-scvi fit``; return the exit status."""
+    output = Path(args.output)
+    if output.suffix != ".h5ad":
+        raise InputError(f"OUTPUT {output} must end in .h5ad.")
+    stem = output.with_suffix("")
+    model_dir = Path(args.model_dir) if args.model_dir else Path(f"{stem}_model")
+    input_path = Path(args.input)
+    if input_path.exists() and output.resolve() == input_path.resolve():
+        raise InputError(
+            "OUTPUT is the INPUT file; choose another -o: the input is never overwritten."
+        )
+
+    import numpy as np
+    import torch
+
+    from .files import atomic_path
+    from .infer import TrainingError
+    from .plotting import plot_history
+    from .scvi import SCVI, resolve_device
+
+    resolve_device(args.device)  # fail before reading data
+    adata, _ = _read_input(args.input)
+    if args.drop_empty_cells:
+        counts = adata.layers[args.layer] if args.layer in adata.layers else adata.X
+        keep = np.asarray(counts.sum(axis=1)).ravel() > 0
+        if not keep.all():
+            print(f"{PROG}: dropping {int((~keep).sum())} cells with zero counts", file=sys.stderr)
+            adata = adata[keep].copy()
+    model = SCVI(
+        adata,
+        layer=args.layer,
+        batch_key=args.batch_key,
+        likelihood=LIKELIHOODS[args.likelihood](),
+        n_latent=args.n_latent,
+    )
+    try:
+        model.train(
+            args.max_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            early_stopping=args.early_stopping,
+            device=args.device,
+            seed=args.seed,
+            progress_bar=not args.quiet,
+        )
+    except TrainingError as err:
+        model.save(model_dir, overwrite=True)
+        print(
+            f"{PROG}: error: {err} The last good model is saved in {model_dir}.", file=sys.stderr
+        )
+        return 1
+    model.save(model_dir, overwrite=True)
+    plot_history(model.history, f"{stem}_training.png")
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    library = float(np.median(np.asarray(model.data.X.sum(axis=1)).ravel()))
+    adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
+    adata.layers["pyro_scvi_normalized"] = model.get_normalized_expression(
+        library_size=library, n_samples=args.n_samples
+    ).to_numpy(dtype=np.float32)
+    params = {k: ("None" if v is None else v) for k, v in model.settings.items()}
+    params.update(
+        max_epochs=len(model.history),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        normalized_library_size=library,
+        model_dir=str(model_dir),
+        input=str(args.input),
+    )
+    adata.uns["pyro_scvi"] = {
+        "params": params,
+        "history": {c: model.history[c].to_numpy(dtype=float) for c in model.history},
+    }
+    with atomic_path(output) as tmp:
+        adata.write_h5ad(tmp)
+    last = model.history.iloc[-1]
+    print(
+        f"{PROG}: wrote {output} (obsm['X_pyro_scvi'], layers['pyro_scvi_normalized'], "
+        f"uns['pyro_scvi']); model in {model_dir}; curves in {stem}_training.png; "
+        f"final validation ELBO {last['validation_elbo']:.2f} per cell",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pyro-scvi`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            return fit(args)
+    except InputError as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

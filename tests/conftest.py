@@ -1,0 +1,27 @@
+"""Shared test setup: seeded, validated Pyro with a clean parameter store; small data."""
+
+import numpy as np
+import pyro
+import pytest
+
+from pyro_scvi.datasets import synthetic_zinb
+
+
+@pytest.fixture(autouse=True)
+def pyro_setup():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def small_adata():
+    """300 cells x 40 genes, 3 clusters, 2 batches, CSR integer counts."""
+    return synthetic_zinb(n_cells=300, n_genes=40, n_clusters=3, n_batches=2, seed=0)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
