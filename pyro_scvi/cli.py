@@ -101,7 +101,7 @@ def _read_input(text: str):
         try:
             return anndata.read_h5ad(path), path
         except Exception as err:  # h5py/anndata raise many types for a bad file
-            raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {err})")
+            raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {err})") from err
     if text in datasets.SHIPPED:
         return anndata.read_h5ad(datasets.path(text)), None
     raise InputError(

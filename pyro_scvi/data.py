@@ -217,9 +217,10 @@ def _check_counts(X, where: str) -> sp.csr_matrix | np.ndarray:
                 f"{where} has {n_bad} NaN or infinite values; the model needs raw counts. "
                 "Fill or remove them, or pass the layer that holds the raw counts."
             )
-        if (values != np.round(values)).any():
+        fractional = values != np.round(values)
+        if fractional.any():
             raise InputError(
-                f"{where} holds non-integer values (e.g. {values[values != np.round(values)][0]:g}); "
+                f"{where} holds non-integer values (e.g. {values[fractional][0]:g}); "
                 "scVI models raw counts, not normalized or log-transformed data. Pass the raw "
                 "counts, e.g. layer='counts', or adata.raw.to_adata()."
             )

@@ -85,7 +85,7 @@ class _eval_mode:
             m.eval()
 
     def __exit__(self, *exc):
-        for m, was in zip(self.modules, self.was_training):
+        for m, was in zip(self.modules, self.was_training, strict=True):
             m.train(was)
 
 
