@@ -1,0 +1,96 @@
+"""The mean/dispersion -> Pyro-logits helper and the likelihood objects, against scipy."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pyro_scvi.distributions import nb_logits
+from pyro_scvi.likelihoods import LIKELIHOODS, NB, ZINB, Poisson
+
+MU = [0.05, 1.0, 7.3, 250.0]
+THETA = [0.1, 1.0, 12.0, 1e3]
+X = np.arange(0, 40)
+
+
+def nb_logpmf_scipy(x, mu, theta):
+    # scipy's nbinom counts failures before `n` successes with success probability p:
+    # mean n (1 - p) / p = mu  <=>  p = theta / (theta + mu). An independent parametrization.
+    return stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+
+
+@pytest.mark.parametrize("mu", MU)
+@pytest.mark.parametrize("theta", THETA)
+def test_nb_logits_moments(mu, theta):
+    d = NB()(torch.tensor(mu, dtype=torch.float64), torch.tensor(theta, dtype=torch.float64))
+    assert d.mean.item() == pytest.approx(mu, rel=1e-6)
+    assert d.variance.item() == pytest.approx(mu + mu**2 / theta, rel=1e-6)
+
+
+def test_nb_logits_formula():
+    mu, theta = torch.tensor([2.0, 0.0]), torch.tensor([4.0, 1.0])
+    out = nb_logits(mu, theta)
+    assert out[0].item() == pytest.approx(np.log(0.5), rel=1e-6)
+    assert torch.isfinite(out[1]) and out[1] < -15  # mu = 0 stays finite
+
+
+@pytest.mark.parametrize("mu", MU)
+@pytest.mark.parametrize("theta", THETA)
+def test_nb_log_prob_matches_scipy(mu, theta):
+    x = torch.tensor(X, dtype=torch.float64)
+    d = NB()(torch.tensor(mu, dtype=torch.float64), torch.tensor(theta, dtype=torch.float64))
+    np.testing.assert_allclose(d.log_prob(x).numpy(), nb_logpmf_scipy(X, mu, theta), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mu", MU)
+@pytest.mark.parametrize("theta", [0.5, 12.0])
+@pytest.mark.parametrize("gate", [0.01, 0.3, 0.9])
+def test_zinb_log_prob_matches_mixture(mu, theta, gate):
+    x = torch.tensor(X, dtype=torch.float64)
+    d = ZINB()(
+        torch.tensor(mu, dtype=torch.float64),
+        torch.tensor(theta, dtype=torch.float64),
+        torch.logit(torch.tensor(gate, dtype=torch.float64)),
+    )
+    nb = np.exp(nb_logpmf_scipy(X, mu, theta))
+    expected = np.log(gate * (X == 0) + (1 - gate) * nb)
+    np.testing.assert_allclose(d.log_prob(x).numpy(), expected, rtol=1e-6)
+
+
+def test_zinb_gate_limits():
+    mu, theta = torch.tensor(3.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    x = torch.arange(10.0, dtype=torch.float64)
+    no_gate = ZINB()(mu, theta, torch.tensor(-60.0, dtype=torch.float64))
+    np.testing.assert_allclose(no_gate.log_prob(x), NB()(mu, theta).log_prob(x), atol=1e-10)
+    all_gate = ZINB()(mu, theta, torch.tensor(60.0, dtype=torch.float64))
+    assert all_gate.log_prob(torch.tensor(0.0)).item() == pytest.approx(0.0, abs=1e-10)
+    assert all_gate.log_prob(torch.tensor(3.0)).item() < -50
+
+
+def test_zinb_monte_carlo_mean():
+    torch.manual_seed(0)
+    mu, theta, gate = torch.tensor(6.0), torch.tensor(3.0), 0.25
+    d = ZINB()(mu, theta, torch.logit(torch.tensor(gate)))
+    s = d.sample((200_000,))
+    assert s.mean().item() == pytest.approx((1 - gate) * 6.0, rel=0.02)
+
+
+def test_poisson_matches_scipy():
+    d = Poisson()(torch.tensor(4.5, dtype=torch.float64))
+    np.testing.assert_allclose(
+        d.log_prob(torch.tensor(X, dtype=torch.float64)).numpy(),
+        stats.poisson.logpmf(X, 4.5),
+        rtol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_likelihood_shapes_and_flags(name):
+    lik = LIKELIHOODS[name]()
+    mu = torch.rand(5, 7) + 0.1
+    theta = torch.rand(7) + 0.5 if lik.uses_dispersion else None
+    gate = torch.zeros(5, 7) if lik.uses_gate else None
+    d = lik(mu, theta, gate)
+    assert tuple(d.batch_shape) == (5, 7)
+    assert d.log_prob(torch.ones(5, 7)).shape == (5, 7)
+    assert lik.name == name
