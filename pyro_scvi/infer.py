@@ -174,23 +174,30 @@ def train_svi(
         ):
             x, b = data.tensors(idx, device)
             cell_index = torch.as_tensor(idx, device=device)
-            loss = svi.step(x, b, cell_index, n_train, w)
+            loss = _nan_on_invalid(svi.step, (model, guide), x, b, cell_index, n_train, w)
             if not math.isfinite(loss):
                 _restore(model, guide, good_state)
-                raise TrainingError(
-                    f"The loss became {loss} at epoch {epoch}, step {step}; the parameters "
-                    "were restored to the end of the last complete epoch. Try a smaller "
-                    "learning rate (lr), a longer KL warm-up, or check the counts for extreme "
-                    "outliers."
-                )
+                raise TrainingError(_failure_message(loss, f"epoch {epoch}, step {step}"))
             # svi.step returns the minibatch loss scaled by n_train / len(idx).
             total += loss * len(idx) / n_train
         row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
-        row["validation_elbo"] = (
-            evaluate_elbo(model, guide, data, val_idx, elbo=elbo, device=device)
-            if len(val_idx)
-            else float("nan")
-        )
+        row["validation_elbo"] = float("nan")
+        if len(val_idx):
+            row["validation_elbo"] = _nan_on_invalid(
+                evaluate_elbo,
+                (model, guide),
+                model,
+                guide,
+                data,
+                val_idx,
+                elbo=elbo,
+                device=device,
+            )
+            if not math.isfinite(row["validation_elbo"]):
+                _restore(model, guide, good_state)
+                raise TrainingError(
+                    _failure_message(row["validation_elbo"], f"epoch {epoch}, validation")
+                )
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         good_state = _snapshot(model, guide)
@@ -211,6 +218,32 @@ def train_svi(
     return pd.DataFrame(
         rows, columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
     )
+
+
+def _failure_message(loss: float, where: str) -> str:
+    return (
+        f"The loss became {loss} at {where}; the parameters were restored to the end of the "
+        "last complete epoch. Try a smaller learning rate (lr), a longer KL warm-up, or check "
+        "the counts for extreme outliers."
+    )
+
+
+def _nan_on_invalid(fn: Callable, modules: tuple[nn.Module, ...], *args, **kwargs) -> float:
+    """Call ``fn``; return NaN if it failed because parameters or outputs went non-finite.
+
+    With validation on, NaN parameters surface as a distribution refusing its arguments
+    ("found invalid values") rather than as a NaN loss.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as err:
+        if "invalid values" not in str(err) and _all_finite(*modules):
+            raise
+        return float("nan")
+
+
+def _all_finite(*modules: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
 def _snapshot(*modules: nn.Module) -> list[dict]:

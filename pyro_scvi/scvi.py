@@ -44,6 +44,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def _reset_parameters(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        # children first, so a parent's own reset_parameters (e.g. the guide's q(l)
+        # initialization) has the last word
+        for m in reversed(list(module.modules())):
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+
 class SCVI:
     """scVI (Lopez et al., 2018) fitted by stochastic variational inference in Pyro.
 
@@ -149,6 +158,7 @@ class SCVI:
             n_layers=n_layers,
             dropout_rate=dropout_rate,
             use_observed_lib_size=use_observed_lib_size,
+            l_loc_init=float(np.mean(loc)),
         )
         self.device = torch.device("cpu")
         self.history = pd.DataFrame(
@@ -241,6 +251,10 @@ class SCVI:
         if seed is not None:
             pyro.set_rng_seed(seed)
         if not self.is_trained:
+            if seed is not None:
+                # Initialize the networks from the seed too, so a fresh model trained with
+                # the same seed gives the same result whatever ran before it.
+                _reset_parameters(self.model, self.guide)
             perm = np.random.default_rng(seed).permutation(n)
             n_train = max(2, int(round(train_size * n)))
             if n_train > n:
