@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Predictive
 
 from .data import CountData
@@ -69,6 +70,52 @@ def decode(
         model, posterior_samples=samples, num_samples=n, return_sites=list(sites), parallel=True
     )
     return predictive(x, batch_index)
+
+
+def sample_posterior(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 25,
+    sites: Sequence[str] = ("z", "l", "rho", "x"),
+    transform_batch: int | None = None,
+    batch_size: int = 256,
+    device="cpu",
+) -> dict[str, np.ndarray]:
+    """Posterior and posterior predictive samples for the cells ``indices``.
+
+    ``z`` (and ``l``) are drawn from the guide; ``rho`` and the replicated counts ``x`` are
+    then drawn from the model at those draws (``x`` is unconditioned, so it is a new
+    sample x~ from p(x | z, l), not the data). With ``transform_batch`` the model decodes
+    every cell as if measured in that batch.
+
+    Returns
+    -------
+    dict
+        numpy arrays with a leading sample axis: ``z`` ``(S, cells, n_latent)``, ``l``
+        ``(S, cells)``, ``rho`` and ``x`` ``(S, cells, genes)``; only the requested sites.
+    """
+    unknown = set(sites) - {"z", "l", "rho", "x"}
+    if unknown:
+        raise ValueError(f"Unknown sites {sorted(unknown)}; choose from z, l, rho, x.")
+    out: dict[str, list[np.ndarray]] = {s: [] for s in sites}
+    model_sites = [s for s in sites if s in ("rho", "x")]
+    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+        for x, b in iterate_cells(data, indices, batch_size, device):
+            latent = sample_guide(model, guide, x, b, n_samples)
+            decoded = {}
+            if model_sites:
+                bb = b if transform_batch is None else torch.full_like(b, transform_batch)
+                decoded = decode(poutine.uncondition(model), latent, x, bb, model_sites)
+            for s in sites:
+                if s in ("z", "l"):
+                    if s in latent:
+                        out[s].append(latent[s].squeeze(-2 if s == "z" else -1).cpu().numpy())
+                else:
+                    out[s].append(decoded[s].cpu().numpy())
+    return {s: np.concatenate(v, axis=1) for s, v in out.items() if v}
 
 
 def normalized_expression(
