@@ -8,7 +8,7 @@ Quick start::
     adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
 """
 
-from . import datasets
+from . import datasets, plotting
 from .data import CountData, InputError, from_anndata
 from .guide import ScviGuide
 from .infer import TrainingError, train_svi
@@ -36,4 +36,5 @@ __all__ = [
     "from_anndata",
     "train_svi",
     "datasets",
+    "plotting",
 ]

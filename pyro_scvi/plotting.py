@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")  # no display on servers and CI; the CLI only writes files
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from .files import atomic_path  # noqa: E402
+from .files import atomic_path
 
 
 def plot_history(history: pd.DataFrame, path: str | os.PathLike | None = None):
