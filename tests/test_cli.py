@@ -1,0 +1,427 @@
+"""Tests of the pyro-scvi command line (pyro_scvi.cli)."""
+
+import contextlib
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pyro_scvi import NB, SCVI, Poisson, datasets
+from pyro_scvi.cli import main
+from pyro_scvi.datasets import synthetic_zinb
+
+N_CELLS, N_GENES = 200, 30
+FAST = ["--max-epochs", "2", "--batch-size", "64", "--n-latent", "3", "--quiet"]
+
+
+def _tiny(seed=0, n_batches=2):
+    return synthetic_zinb(n_cells=N_CELLS, n_genes=N_GENES, n_batches=n_batches, seed=seed)
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _run(argv):
+    """main(argv) in-process: (exit status, stderr); argparse errors exit via SystemExit."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = main([str(a) for a in argv])
+        except SystemExit as exc:
+            status = exc.code
+    return status, err.getvalue()
+
+
+@pytest.fixture
+def h5ad(tmp_path):
+    path = tmp_path / "in.h5ad"
+    _tiny().write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One default end-to-end run, shared by the checks on its outputs."""
+    tmp = tmp_path_factory.mktemp("fit")
+    src = tmp / "in.h5ad"
+    _tiny().write_h5ad(src)
+    digest = _sha256(src)
+    out = tmp / "out.h5ad"
+    status, stderr = _run(["fit", src, "-o", out, *FAST])
+    return {
+        "src": src,
+        "digest": digest,
+        "out": out,
+        "status": status,
+        "stderr": stderr,
+        "adata": anndata.read_h5ad(out) if out.exists() else None,
+    }
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_fit_exits_zero_and_reports_what_it_wrote(fitted):
+    assert fitted["status"] == 0, fitted["stderr"]
+    lines = fitted["stderr"].strip().splitlines()
+    assert len(lines) == 1
+    assert "wrote" in lines[0] and str(fitted["out"]) in lines[0]
+    assert "Traceback" not in fitted["stderr"]
+
+
+def test_fit_output_has_latent_space(fitted):
+    adata = fitted["adata"]
+    assert adata.shape == (N_CELLS, N_GENES)
+    z = adata.obsm["X_pyro_scvi"]
+    assert z.shape == (N_CELLS, 3)
+    assert np.isfinite(z).all()
+    assert z.std(0).min() > 0  # not a constant embedding
+
+
+def test_fit_output_has_normalized_expression(fitted):
+    adata = fitted["adata"]
+    norm = np.asarray(adata.layers["pyro_scvi_normalized"])
+    assert norm.shape == (N_CELLS, N_GENES)
+    assert np.isfinite(norm).all() and (norm >= 0).all()
+    params = adata.uns["pyro_scvi"]["params"]
+    library = float(params["normalized_library_size"])
+    np.testing.assert_allclose(norm.sum(1), library, rtol=1e-3)
+    # Scaled to the median library size of the input counts.
+    totals = np.asarray(adata.X.sum(1)).ravel()
+    assert library == pytest.approx(float(np.median(totals)))
+
+
+def test_fit_output_records_params_and_history(fitted):
+    uns = fitted["adata"].uns["pyro_scvi"]
+    params = uns["params"]
+    assert params["n_latent"] == 3
+    assert params["max_epochs"] == 2
+    assert params["batch_size"] == 64
+    assert params["likelihood"] == "ZINB()"
+    assert params["batch_key"] == "None"
+    assert params["input"] == str(fitted["src"])
+    history = uns["history"]
+    assert {"epoch", "train_elbo", "validation_elbo"} <= set(history)
+    for column in history.values():
+        assert len(column) == 2
+    np.testing.assert_array_equal(history["epoch"], [0, 1])
+    assert np.isfinite(history["train_elbo"]).all()
+
+
+def test_fit_writes_a_png_training_curve(fitted):
+    png = fitted["out"].with_name("out_training.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 1000
+
+
+def test_fit_saves_a_loadable_model_with_the_stored_latent_space(fitted):
+    model_dir = fitted["out"].with_name("out_model")
+    settings = json.loads((model_dir / "settings.json").read_text())
+    assert settings["n_genes"] == N_GENES and settings["n_latent"] == 3
+    adata = fitted["adata"]
+    model = SCVI.load(model_dir, adata, device="cpu")
+    assert model.is_trained and len(model.history) == 2
+    np.testing.assert_allclose(
+        model.get_latent_representation(), adata.obsm["X_pyro_scvi"], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_fit_leaves_the_input_file_byte_identical(fitted):
+    assert fitted["status"] == 0
+    assert _sha256(fitted["src"]) == fitted["digest"]
+    # Nothing but the documented outputs was written beside the input.
+    names = sorted(p.name for p in fitted["src"].parent.iterdir())
+    assert names == ["in.h5ad", "out.h5ad", "out_model", "out_training.png"]
+
+
+# ---------------------------------------------------------------------------- options
+
+
+def test_batch_key_and_nb_likelihood(h5ad, tmp_path):
+    out = tmp_path / "res" / "nb.h5ad"
+    status, stderr = _run(
+        ["fit", h5ad, "-o", out, "--batch-key", "batch", "--likelihood", "nb", *FAST]
+    )
+    assert status == 0, stderr
+    adata = anndata.read_h5ad(out)
+    params = adata.uns["pyro_scvi"]["params"]
+    assert params["batch_key"] == "batch"
+    assert params["likelihood"] == "NB()"
+    model = SCVI.load(out.with_name("nb_model"), adata, device="cpu")
+    assert model.batch_categories == ("batch0", "batch1")
+    assert isinstance(model.model.likelihood, NB)
+    assert model.settings["batch_key"] == "batch"
+
+
+def test_layer_poisson_and_model_dir(tmp_path):
+    adata = _tiny()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))  # normalized in .X, as users do
+    src = tmp_path / "in.h5ad"
+    adata.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+    model_dir = tmp_path / "models" / "mine"
+    status, stderr = _run(
+        [
+            "fit",
+            src,
+            "-o",
+            out,
+            "--layer",
+            "counts",
+            "--likelihood",
+            "poisson",
+            "--model-dir",
+            model_dir,
+            *FAST,
+        ]
+    )
+    assert status == 0, stderr
+    assert (model_dir / "model.pt").exists()
+    assert not (tmp_path / "out_model").exists()
+    result = anndata.read_h5ad(out)
+    params = result.uns["pyro_scvi"]["params"]
+    assert params["layer"] == "counts" and params["likelihood"] == "Poisson()"
+    assert params["model_dir"] == str(model_dir)
+    # Library scaled to the median of the counts layer, not of the log data in .X.
+    totals = np.asarray(result.layers["counts"].sum(1)).ravel()
+    assert params["normalized_library_size"] == pytest.approx(float(np.median(totals)))
+    np.testing.assert_allclose(
+        result.layers["pyro_scvi_normalized"].sum(1), np.median(totals), rtol=1e-4
+    )
+    model = SCVI.load(model_dir, result, device="cpu")
+    assert isinstance(model.model.likelihood, Poisson)
+    np.testing.assert_allclose(
+        model.get_latent_representation(), result.obsm["X_pyro_scvi"], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_drop_empty_cells(tmp_path):
+    adata = _tiny()
+    X = adata.X.toarray()
+    X[[0, 5, 17]] = 0
+    adata.X = sp.csr_matrix(X)
+    src = tmp_path / "in.h5ad"
+    adata.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+
+    status, stderr = _run(["fit", src, "-o", out, *FAST])
+    assert status == 2
+    assert "3 of 200 cells have zero total counts" in stderr
+    assert not out.exists()
+
+    status, stderr = _run(["fit", src, "-o", out, "--drop-empty-cells", *FAST])
+    assert status == 0, stderr
+    assert "dropping 3 cells" in stderr
+    result = anndata.read_h5ad(out)
+    assert result.n_obs == 197
+    expected = [name for i, name in enumerate(adata.obs_names) if i not in (0, 5, 17)]
+    assert list(result.obs_names) == expected
+    assert result.obsm["X_pyro_scvi"].shape == (197, 3)
+    assert (np.asarray(result.X.sum(1)).ravel() > 0).all()
+
+
+# ---------------------------------------------------------------------------- bad arguments
+
+
+def _check_one_line_error(status, stderr, *fragments):
+    assert status == 2
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("pyro-scvi")
+    assert "error" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--likelihood", "gaussian"], "invalid choice: 'gaussian'"),
+        (["--n-latent", "0"], "--n-latent"),
+        (["--n-latent", "-2"], "--n-latent"),
+        (["--n-latent", "two"], "--n-latent"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-0.01"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--max-epochs", "0"], "--max-epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--layer", "counts"], "Layer 'counts' not found"),
+        (["--batch-key", "sample"], "batch_key 'sample'"),
+        (["--no-such-option"], "unrecognized arguments"),
+    ],
+)
+def test_bad_options_give_one_line_and_status_2(h5ad, tmp_path, extra, fragment):
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, "--quiet", "--max-epochs", "1", *extra])
+    _check_one_line_error(status, stderr, fragment)
+    assert not out.exists()
+    assert not (tmp_path / "out_model").exists()
+
+
+def test_missing_input_file(tmp_path):
+    status, stderr = _run(["fit", tmp_path / "nope.h5ad", "-o", tmp_path / "out.h5ad"])
+    _check_one_line_error(status, stderr, "neither an existing file nor a shipped dataset")
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot"])
+def test_output_equal_to_input_is_refused(h5ad, spelling):
+    digest = _sha256(h5ad)
+    out = h5ad if spelling == "same" else h5ad.parent / "sub" / ".." / h5ad.name
+    (h5ad.parent / "sub").mkdir()
+    status, stderr = _run(["fit", h5ad, "-o", out, "--quiet"])
+    _check_one_line_error(status, stderr, "never overwritten")
+    assert _sha256(h5ad) == digest
+
+
+@pytest.mark.parametrize("name", ["out.csv", "out", "out.h5"])
+def test_output_must_end_in_h5ad(h5ad, tmp_path, name):
+    status, stderr = _run(["fit", h5ad, "-o", tmp_path / name, "--quiet"])
+    _check_one_line_error(status, stderr, "must end in .h5ad")
+    assert not (tmp_path / name).exists()
+
+
+def test_missing_output_option(h5ad):
+    status, stderr = _run(["fit", h5ad])
+    _check_one_line_error(status, stderr, "-o/--output")
+
+
+def test_non_integer_counts_in_the_file(tmp_path):
+    adata = _tiny()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))
+    src = tmp_path / "log.h5ad"
+    adata.write_h5ad(src)
+    status, stderr = _run(["fit", src, "-o", tmp_path / "out.h5ad", "--quiet"])
+    _check_one_line_error(status, stderr, "non-integer values", "raw counts")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "text",
+        pytest.param(
+            "hdf5-not-anndata",
+            marks=pytest.mark.filterwarnings("ignore:Element '/foo' was written without"),
+        ),
+        "truncated",
+        pytest.param(
+            "directory",
+            marks=pytest.mark.xfail(
+                reason="cli.py _read_input puts str(err) into the InputError; h5py's message "
+                "for a directory holds a newline (ctime), so stderr gets two lines. Fix: "
+                "collapse whitespace, ' '.join(str(err).split()).",
+                strict=True,
+            ),
+        ),
+    ],
+)
+def test_file_that_is_not_h5ad(h5ad, tmp_path, kind):
+    bad = tmp_path / "bad.h5ad"
+    if kind == "text":
+        bad.write_text("cell,gene\n1,2\n")
+    elif kind == "hdf5-not-anndata":
+        import h5py
+
+        with h5py.File(bad, "w") as f:
+            f["foo"] = np.arange(3)
+    elif kind == "truncated":
+        data = h5ad.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        bad.mkdir()
+    status, stderr = _run(["fit", bad, "-o", tmp_path / "out.h5ad", "--quiet"])
+    _check_one_line_error(status, stderr, "cannot read", "as .h5ad")
+
+
+@pytest.mark.xfail(
+    reason="cli.py _positive_float accepts 'inf' (`not value > 0` is False for inf); "
+    "training then diverges (exit 1, not 2). Fix: require math.isfinite(value) too.",
+    strict=True,
+)
+def test_infinite_learning_rate_is_refused(h5ad, tmp_path):
+    status, stderr = _run(["fit", h5ad, "-o", tmp_path / "out.h5ad", "--lr", "inf", *FAST])
+    _check_one_line_error(status, stderr, "--lr")
+
+
+def test_diverging_training_exits_1_with_the_last_good_model(h5ad, tmp_path):
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, "--lr", "1e10", *FAST])
+    assert status == 1
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert "last good model" in stderr
+    assert not out.exists()
+    model = SCVI.load(tmp_path / "out_model", anndata.read_h5ad(h5ad), device="cpu")
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+@pytest.mark.xfail(
+    reason="cli.py fit() only compares OUTPUT with INPUT when INPUT is an existing path, so "
+    "`fit pbmc8k_200hvg -o <installed dataset path>` overwrites the shipped file. Fix: "
+    "compare OUTPUT with datasets.path(INPUT) as well when INPUT names a shipped dataset.",
+    strict=True,
+)
+def test_output_equal_to_a_shipped_dataset_is_refused(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped.h5ad"
+    _tiny().write_h5ad(shipped)
+    digest = _sha256(shipped)
+    monkeypatch.setitem(datasets.SHIPPED, "tiny_shipped", shipped.name)
+    monkeypatch.setattr(datasets, "path", lambda name="tiny_shipped": shipped)
+    status, stderr = _run(["fit", "tiny_shipped", "-o", shipped, *FAST])
+    assert _sha256(shipped) == digest
+    _check_one_line_error(status, stderr, "never overwritten")
+
+
+def test_shipped_dataset_name_is_accepted_as_input(tmp_path, monkeypatch):
+    shipped = tmp_path / "elsewhere" / "tiny.h5ad"
+    shipped.parent.mkdir()
+    _tiny(n_batches=1).write_h5ad(shipped)
+    monkeypatch.setitem(datasets.SHIPPED, "tiny_shipped", shipped.name)
+    monkeypatch.setattr(datasets, "path", lambda name="tiny_shipped": shipped)
+    monkeypatch.chdir(tmp_path)
+    status, stderr = _run(["fit", "tiny_shipped", "-o", "out.h5ad", *FAST])
+    assert status == 0, stderr
+    result = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert result.obsm["X_pyro_scvi"].shape == (N_CELLS, 3)
+    assert result.uns["pyro_scvi"]["params"]["input"] == "tiny_shipped"
+
+
+# ---------------------------------------------------------------------------- console script
+
+
+def test_console_script(tmp_path):
+    script = Path(sys.executable).parent / "pyro-scvi"
+    assert script.exists()
+    # Run both at once: each pays for importing torch and pyro.
+    help_proc = subprocess.Popen(
+        [str(script), "fit", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    fail_proc = subprocess.Popen(
+        [str(script), "fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    help_out, help_err = help_proc.communicate(timeout=120)
+    fail_out, fail_err = fail_proc.communicate(timeout=120)
+
+    assert help_proc.returncode == 0, help_err
+    assert "usage: pyro-scvi fit" in help_out
+    for option in ["--batch-key", "--likelihood", "--layer", "--drop-empty-cells"]:
+        assert option in help_out
+    assert "Traceback" not in help_err
+
+    assert fail_proc.returncode == 2
+    assert "Traceback" not in fail_err
+    lines = fail_err.strip().splitlines()
+    assert len(lines) == 1 and "missing.h5ad" in lines[0]
+    assert fail_out == ""
