@@ -123,8 +123,11 @@ def fit(args: argparse.Namespace) -> int:
             "OUTPUT is the INPUT file; choose another -o: the input is never overwritten."
         )
 
+    import matplotlib
     import numpy as np
     import torch
+
+    matplotlib.use("Agg")  # the CLI only writes files; no display needed
 
     from .files import atomic_path
     from .infer import TrainingError
