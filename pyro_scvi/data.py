@@ -99,7 +99,8 @@ class CountData:
             indices = (rng or np.random.default_rng()).permutation(indices)
         chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
         if drop_singleton and len(chunks) > 1 and len(chunks[-1]) == 1:
-            chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+            last = chunks.pop()  # pop first: chunks[-1] must then be the previous chunk
+            chunks[-1] = np.concatenate([chunks[-1], last])
         yield from chunks
 
 

@@ -313,15 +313,7 @@ def test_non_integer_counts_in_the_file(tmp_path):
             marks=pytest.mark.filterwarnings("ignore:Element '/foo' was written without"),
         ),
         "truncated",
-        pytest.param(
-            "directory",
-            marks=pytest.mark.xfail(
-                reason="cli.py _read_input puts str(err) into the InputError; h5py's message "
-                "for a directory holds a newline (ctime), so stderr gets two lines. Fix: "
-                "collapse whitespace, ' '.join(str(err).split()).",
-                strict=True,
-            ),
-        ),
+        "directory",
     ],
 )
 def test_file_that_is_not_h5ad(h5ad, tmp_path, kind):
@@ -342,11 +334,6 @@ def test_file_that_is_not_h5ad(h5ad, tmp_path, kind):
     _check_one_line_error(status, stderr, "cannot read", "as .h5ad")
 
 
-@pytest.mark.xfail(
-    reason="cli.py _positive_float accepts 'inf' (`not value > 0` is False for inf); "
-    "training then diverges (exit 1, not 2). Fix: require math.isfinite(value) too.",
-    strict=True,
-)
 def test_infinite_learning_rate_is_refused(h5ad, tmp_path):
     status, stderr = _run(["fit", h5ad, "-o", tmp_path / "out.h5ad", "--lr", "inf", *FAST])
     _check_one_line_error(status, stderr, "--lr")
@@ -364,12 +351,6 @@ def test_diverging_training_exits_1_with_the_last_good_model(h5ad, tmp_path):
     assert np.isfinite(model.get_latent_representation()).all()
 
 
-@pytest.mark.xfail(
-    reason="cli.py fit() only compares OUTPUT with INPUT when INPUT is an existing path, so "
-    "`fit pbmc8k_200hvg -o <installed dataset path>` overwrites the shipped file. Fix: "
-    "compare OUTPUT with datasets.path(INPUT) as well when INPUT names a shipped dataset.",
-    strict=True,
-)
 def test_output_equal_to_a_shipped_dataset_is_refused(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped.h5ad"
     _tiny().write_h5ad(shipped)

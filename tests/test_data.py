@@ -461,20 +461,12 @@ def test_minibatches_cover_every_index_once(n, batch_size, shuffle):
         np.testing.assert_array_equal(np.concatenate(chunks), indices)
 
 
-SINGLETON_BUG = pytest.mark.xfail(
-    reason="data.py:102 `chunks[-2] = concatenate([chunks[-2], chunks.pop()])` assigns after "
-    "the pop, so chunks[-2] is then another chunk: the first chunks are lost or duplicated, "
-    "and with two chunks it raises IndexError",
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
     ("n", "batch_size", "sizes"),
     [
-        pytest.param(11, 5, [5, 6], marks=SINGLETON_BUG),
-        pytest.param(3, 2, [3], marks=SINGLETON_BUG),
-        pytest.param(6, 5, [6], marks=SINGLETON_BUG),
+        (11, 5, [5, 6]),
+        (3, 2, [3]),
+        (6, 5, [6]),
         (10, 5, [5, 5]),
         (12, 5, [5, 5, 2]),
         (1, 5, [1]),
@@ -490,7 +482,6 @@ def test_minibatches_merge_a_trailing_singleton(n, batch_size, sizes):
     np.testing.assert_array_equal(np.concatenate(chunks), indices)
 
 
-@SINGLETON_BUG
 def test_shuffled_minibatches_with_merged_singleton_cover_every_index_once():
     data = from_anndata(_make(COUNTS))
     indices = np.arange(21)
@@ -500,7 +491,6 @@ def test_shuffled_minibatches_with_merged_singleton_cover_every_index_once():
     np.testing.assert_array_equal(np.sort(np.concatenate(chunks)), indices)
 
 
-@SINGLETON_BUG
 def test_training_when_the_last_minibatch_would_be_one_cell(small_adata):
     # 300 training cells in minibatches of 299: the second minibatch has a single cell.
     model = SCVI(small_adata, n_latent=2, n_hidden=8)
