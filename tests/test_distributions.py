@@ -94,3 +94,50 @@ def test_likelihood_shapes_and_flags(name):
     assert tuple(d.batch_shape) == (5, 7)
     assert d.log_prob(torch.ones(5, 7)).shape == (5, 7)
     assert lik.name == name
+
+
+@pytest.mark.parametrize("gate_logit", [-30.0, -2.0, 0.0, 3.0])
+def test_fused_zinb_matches_pyro_mixture_values_and_gradients(gate_logit):
+    import pyro.distributions as dist
+
+    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+
+    torch.manual_seed(0)
+    mu = (torch.rand(6, 30, dtype=torch.float64) * 20 + 1e-3).requires_grad_()
+    theta = (torch.rand(30, dtype=torch.float64) * 5 + 0.05).requires_grad_()
+    pi = torch.full((6, 30), gate_logit, dtype=torch.float64).requires_grad_()
+    x = torch.poisson(mu.detach())
+    x[:, ::3] = 0
+    fused = ZeroInflatedNegativeBinomialMeanDispersion(mu, theta, pi).log_prob(x)
+    mixture = dist.ZeroInflatedNegativeBinomial(
+        total_count=theta, logits=nb_logits(mu, theta), gate_logits=pi
+    ).log_prob(x)
+    torch.testing.assert_close(fused, mixture, rtol=1e-7, atol=1e-7)
+    g_fused = torch.autograd.grad(fused.sum(), (mu, theta, pi))
+    g_mixture = torch.autograd.grad(mixture.sum(), (mu, theta, pi))
+    for a, b in zip(g_fused, g_mixture, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_zinb_shapes_sampling_and_validation():
+    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+
+    d = ZeroInflatedNegativeBinomialMeanDispersion(torch.ones(4, 1), torch.ones(3), torch.zeros(1))
+    assert d.batch_shape == (4, 3)
+    assert d.expand((2, 4, 3)).batch_shape == (2, 4, 3)
+    assert d.sample((5,)).shape == (5, 4, 3)
+    torch.testing.assert_close(d.mean, torch.full((4, 3), 0.5))
+    with pytest.raises(ValueError):
+        d.log_prob(torch.full((4, 3), 0.5))  # not a count
+    with pytest.raises(ValueError):
+        ZeroInflatedNegativeBinomialMeanDispersion(-torch.ones(2), torch.ones(2), torch.zeros(2))
+
+
+def test_fused_zinb_accepts_an_underflowed_zero_mean():
+    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+
+    d = ZeroInflatedNegativeBinomialMeanDispersion(
+        torch.tensor([0.0, 1.0]), torch.tensor([2.0, 2.0]), torch.zeros(2)
+    )
+    lp = d.log_prob(torch.tensor([0.0, 0.0]))
+    assert torch.isfinite(lp).all() and lp[0].item() == pytest.approx(0.0, abs=1e-6)
