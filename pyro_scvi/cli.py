@@ -88,6 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop cells with zero total counts (they are left out of OUTPUT)",
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    check = sub.add_parser(
+        "ppc",
+        help="posterior predictive checks of a saved model on an .h5ad",
+        description=(
+            "Draw S posterior and posterior predictive samples for INPUT's cells under the "
+            "model saved in MODEL_DIR and write them, with the observed counts and the "
+            "per-cell log-likelihood, as ArviZ InferenceData to OUTPUT.nc. Beside it: "
+            "OUTPUT.csv (observed and replicated statistics per gene and cell, with "
+            "posterior predictive p-values), OUTPUT_calibration.csv (their spread per "
+            "statistic), OUTPUT_ppp.png and OUTPUT_scatter.png. A summary goes to stdout."
+        ),
+    )
+    check.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
+    check.add_argument("input", metavar="INPUT", help="raw-count .h5ad with the model's genes")
+    check.add_argument("-o", "--output", required=True, metavar="OUTPUT.nc")
+    check.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=50,
+        help="posterior draws S per cell (default 50); p-values have resolution 1/S",
+    )
+    check.add_argument(
+        "--max-cells",
+        type=_positive_int,
+        help="check a random subset of this many cells (default: all)",
+    )
+    check.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
 
@@ -201,12 +231,98 @@ def fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def ppc(args: argparse.Namespace) -> int:
+    """Run ``pyro-scvi ppc``: write the InferenceData, PPC table and plots; return the status."""
+    output = Path(args.output)
+    if output.suffix != ".nc":
+        raise InputError(f"OUTPUT {output} must end in .nc (a netCDF file).")
+    if not Path(args.model_dir).is_dir():
+        raise InputError(f"MODEL_DIR {args.model_dir} is not a directory written by fit / save().")
+    stem = output.with_suffix("")
+    paths = {
+        "table": Path(f"{stem}.csv"),
+        "calibration": Path(f"{stem}_calibration.csv"),
+        "ppp": Path(f"{stem}_ppp.png"),
+        "scatter": Path(f"{stem}_scatter.png"),
+    }
+    input_path = Path(args.input)
+    for path in [output, *paths.values()]:
+        if input_path.exists() and path.resolve() == input_path.resolve():
+            raise InputError(f"{path} is the INPUT file; choose another -o.")
+
+    import textwrap
+
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")  # the CLI only writes files; no display needed
+
+    from .convert import to_inference_data
+    from .files import atomic_path
+    from .plotting import plot_ppc_scatter, plot_ppp_histograms
+    from .ppc import calibration_summary, ppc_table
+    from .scvi import SCVI, resolve_device
+
+    resolve_device(args.device)  # fail before reading data
+    adata, _ = _read_input(args.input)
+    model = SCVI.load(args.model_dir, adata, device=args.device)
+    n_cells = model.data.n_cells
+    indices = None
+    if args.max_cells is not None and args.max_cells < n_cells:
+        rng = np.random.default_rng(args.seed)
+        indices = np.sort(rng.choice(n_cells, args.max_cells, replace=False))
+    idata = to_inference_data(
+        model,
+        n_samples=args.n_samples,
+        indices=indices,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    table = ppc_table(idata)
+    calibration = calibration_summary(table)
+    with atomic_path(output) as tmp:
+        idata.to_netcdf(str(tmp))
+    for key in ("table", "calibration"):
+        with atomic_path(paths[key]) as tmp:
+            (table if key == "table" else calibration).to_csv(tmp, index=False)
+    plot_ppp_histograms(table, paths["ppp"])
+    plot_ppc_scatter(table, paths["scatter"])
+
+    outside = ", ".join(
+        f"{r.level} {r.statistic} {r.frac_outside:.1%}" for r in calibration.itertuples()
+    )
+    means = table[(table["level"] == "gene") & (table["statistic"] == "mean")]
+    extreme = means[(means["ppp"] < 0.025) | (means["ppp"] > 0.975)]
+    extreme = extreme.reindex((extreme["ppp"] - 0.5).abs().sort_values(ascending=False).index)
+    worst = (
+        "Genes whose mean the model misses most: "
+        + ", ".join(f"{r.name} (ppp {r.ppp:.2f})" for r in extreme.head(5).itertuples())
+        + "."
+        if len(extreme)
+        else "No gene's mean has an extreme p-value."
+    )
+    summary = (
+        f"{PROG} ppc: checked {idata.observed_data.sizes['cells']} cells x "
+        f"{idata.observed_data.sizes['genes']} genes of {args.input} under the model in "
+        f"{args.model_dir}, with {args.n_samples} posterior predictive draws (seed "
+        f"{args.seed}). Fraction of posterior predictive p-values outside [0.025, 0.975]: "
+        f"{outside}; a well-fitting model has about 5% or fewer (p-values are conservative), "
+        f"while many more flag what it fails to reproduce. {worst} Wrote {output} "
+        f"(ArviZ InferenceData), {paths['table']}, {paths['calibration']}, {paths['ppp']} "
+        f"and {paths['scatter']}."
+    )
+    print(textwrap.fill(summary, width=99))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "fit":
             return fit(args)
+        if args.command == "ppc":
+            return ppc(args)
     except InputError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
-"""Plots: training curves."""
+"""Plots: training curves and posterior predictive checks."""
 
 from __future__ import annotations
 
 import os
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from .files import atomic_path
@@ -53,3 +54,181 @@ def plot_history(history: pd.DataFrame, path: str | os.PathLike | None = None):
             fig.savefig(tmp, format="png")
         plt.close(fig)
     return fig
+
+
+#: Statistics drawn on log axes in :func:`plot_ppc_scatter`: they span orders of magnitude.
+_LOG_STATISTICS = {"mean", "variance", "library_size"}
+
+
+def _ppc_panels(table: pd.DataFrame, ncols: int = 3):
+    """A figure with one axis per (level, statistic) of a PPC table, in table order."""
+    keys = list(dict.fromkeys(zip(table["level"], table["statistic"], strict=True)))
+    nrows = max(1, -(-len(keys) // ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4 * ncols, 3.4 * nrows), dpi=120, squeeze=False
+    )
+    for ax in axes.flat[len(keys) :]:
+        ax.set_visible(False)
+    return fig, list(zip(keys, axes.flat, strict=False))
+
+
+def _save(fig, path: str | os.PathLike | None):
+    fig.tight_layout()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+    return fig
+
+
+def plot_ppp_histograms(
+    table: pd.DataFrame,
+    path: str | os.PathLike | None = None,
+    *,
+    bins: int = 20,
+    lower: float = 0.025,
+    upper: float = 0.975,
+):
+    """Histogram of the posterior predictive p-values of each statistic.
+
+    A well-fitting model gives a hump around 0.5 (ppp-values are conservative) and few
+    values below ``lower`` or above ``upper`` (shaded); piles at 0 or 1 flag misfit.
+
+    Parameters
+    ----------
+    table
+        Output of :func:`pyro_scvi.ppc.ppc_table`.
+    path
+        If given, save the figure there (PNG), atomically, and close it.
+    bins
+        Bins over ``[0, 1]``.
+    lower, upper
+        Limits of the shaded extreme regions; the titles give the fraction outside them.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per level and statistic (closed if it was saved).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"level": ["gene"] * 3 + ["cell"] * 2,
+    ...                   "statistic": ["mean"] * 3 + ["library_size"] * 2,
+    ...                   "ppp": [0.1, 0.5, 0.99, 0.4, 0.6]})
+    >>> fig = plot_ppp_histograms(t)
+    >>> [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    ['gene mean (33% outside)', 'cell library_size (0% outside)']
+    """
+    fig, panels = _ppc_panels(table)
+    for (level, statistic), ax in panels:
+        p = table.loc[(table["level"] == level) & (table["statistic"] == statistic), "ppp"]
+        p = p.dropna().to_numpy(dtype=float)
+        ax.hist(p, bins=bins, range=(0, 1), density=True, color="tab:blue", alpha=0.8)
+        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="Uniform(0, 1)")
+        ax.axvspan(0, lower, color="tab:red", alpha=0.12, lw=0)
+        ax.axvspan(upper, 1, color="tab:red", alpha=0.12, lw=0)
+        outside = float(((p < lower) | (p > upper)).mean()) if len(p) else float("nan")
+        ax.set_title(f"{level} {statistic} ({outside:.0%} outside)")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("posterior predictive p-value")
+        ax.set_ylabel("density")
+    return _save(fig, path)
+
+
+def plot_ppc_scatter(
+    table: pd.DataFrame,
+    path: str | os.PathLike | None = None,
+    *,
+    max_points: int = 2000,
+    lower: float = 0.025,
+    upper: float = 0.975,
+    seed: int = 0,
+):
+    """Observed against replicated statistic, one panel per statistic, with the interval.
+
+    Each point is a gene or cell: the observed ``T(x)`` against the mean of the replicated
+    ``T(x~)``, with a bar over the replicated interval (``replicated_lower`` to
+    ``replicated_upper``); points on the diagonal are
+    reproduced. Points whose ppp-value is outside ``[lower, upper]`` are red.
+
+    Parameters
+    ----------
+    table
+        Output of :func:`pyro_scvi.ppc.ppc_table`.
+    path
+        If given, save the figure there (PNG), atomically, and close it.
+    max_points
+        Draw at most this many points per panel, a random subset (seeded by ``seed``),
+        so plots of many cells stay readable.
+    lower, upper
+        ppp-values outside count as extreme.
+    seed
+        Seed of the subset.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per level and statistic (closed if it was saved). Means, variances and
+        library sizes are on log axes; values that are not positive are left out there.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"level": "gene", "statistic": "zero_fraction",
+    ...                   "observed": [0.2, 0.5], "replicated_mean": [0.25, 0.5],
+    ...                   "replicated_lower": [0.1, 0.4], "replicated_upper": [0.4, 0.6],
+    ...                   "ppp": [0.6, 0.5]})
+    >>> fig = plot_ppc_scatter(t)
+    >>> fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()
+    ('observed', 'replicated (mean and interval)')
+    """
+    rng = np.random.default_rng(seed)
+    fig, panels = _ppc_panels(table)
+    for (level, statistic), ax in panels:
+        rows = table[(table["level"] == level) & (table["statistic"] == statistic)]
+        cols = ["observed", "replicated_mean", "replicated_lower", "replicated_upper"]
+        rows = rows[np.isfinite(rows[cols].to_numpy(dtype=float)).all(axis=1)]
+        log = statistic in _LOG_STATISTICS
+        if log:
+            rows = rows[(rows[cols] > 0).all(axis=1)]
+        title = f"{level} {statistic}"
+        if len(rows) > max_points:
+            title += f" ({max_points} of {len(rows)} shown)"
+            rows = rows.iloc[np.sort(rng.choice(len(rows), max_points, replace=False))]
+        obs, mean = rows["observed"].to_numpy(float), rows["replicated_mean"].to_numpy(float)
+        lo_err = mean - rows["replicated_lower"].to_numpy(float)
+        hi_err = rows["replicated_upper"].to_numpy(float) - mean
+        # A skewed replicate distribution can put its mean outside the central interval;
+        # matplotlib refuses negative error bars.
+        err = np.clip(np.stack([lo_err, hi_err]), 0, None)
+        extreme = ((rows["ppp"] < lower) | (rows["ppp"] > upper)).to_numpy()
+        for mask, color, label in [
+            (~extreme, "tab:blue", "ppp in range"),
+            (extreme, "tab:red", "extreme ppp"),
+        ]:
+            if mask.any():
+                ax.errorbar(
+                    obs[mask],
+                    mean[mask],
+                    yerr=err[:, mask],
+                    fmt="o",
+                    ms=2.5,
+                    lw=0.6,
+                    alpha=0.6,
+                    color=color,
+                    label=label,
+                )
+        if len(rows):
+            lo = min(obs.min(), rows["replicated_lower"].min())
+            hi = max(obs.max(), rows["replicated_upper"].max())
+            ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("observed")
+        ax.set_ylabel("replicated (mean and interval)")
+        if len(rows):
+            ax.legend(fontsize="small", loc="upper left")
+    return _save(fig, path)

@@ -3,11 +3,26 @@
 Every query runs over cells in minibatches, so memory stays bounded by
 ``batch_size x n_samples x n_genes``; networks run in eval mode (batch-norm running
 statistics, no dropout), and Pyro's global parameter store is left untouched.
+
+Held-out fit
+------------
+For ``K`` draws ``(z_k, l_k) ~ q(z, l | x)`` the importance weights
+``log w_k = log p(x, z_k, l_k) - log q(z_k, l_k | x)`` give, per cell,
+
+- the ELBO estimate ``mean_k log w_k``;
+- the importance-sampled marginal log-likelihood ``log mean_k w_k``, a stochastic lower
+  bound on ``log p(x)`` that tightens as ``K`` grows (Burda et al., 2016);
+- the reconstruction error ``-mean_k log p(x | z_k, l_k)``.
+
+The ``K`` draws are vectorized by a plate over samples at dim -3, outside the model's
+``cells`` (-2) and ``genes`` (-1) plates.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pyro
@@ -157,3 +172,296 @@ def normalized_expression(
                 rho = rho * float(library_size)
             out.append(rho.cpu().numpy())
     return np.concatenate(out, axis=1)
+
+
+# ---------------------------------------------------------------------- held-out fit
+#: Name of the plate that vectorizes importance samples; private so it cannot clash with a
+#: user's own plate names.
+_SAMPLES_PLATE = "_importance_samples"
+
+
+def _per_cell(log_prob: torch.Tensor, n_samples: int, n_cells: int) -> torch.Tensor:
+    """Reduce a site's log-density, shaped like ``(samples, cells, genes-or-1)``, per cell."""
+    if log_prob.dim() > 3:
+        raise ValueError(
+            f"A log-density of shape {tuple(log_prob.shape)} does not fit the plates "
+            "(samples, cells, genes); is the model's max plate nesting above 2?"
+        )
+    log_prob = log_prob.reshape((1,) * (3 - log_prob.dim()) + tuple(log_prob.shape))
+    return log_prob.sum(-1).expand(n_samples, n_cells)
+
+
+def _log_densities(
+    model, guide, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log w, log p(x | z, l))``, each ``(n_samples, cells)``, for one minibatch.
+
+    The caller sets eval mode, ``no_grad`` and the parameter-store scope.
+    """
+    n_cells = x.shape[0]
+    with pyro.plate(_SAMPLES_PLATE, n_samples, dim=-3):
+        guide_tr = poutine.trace(guide).get_trace(x, batch_index)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, batch_index)
+    log_w = x.new_zeros(n_samples, n_cells)
+    log_px = x.new_zeros(n_samples, n_cells)
+    for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
+        tr.compute_log_prob()
+        for site in tr.nodes.values():
+            # pyro.deterministic sites (rho) are masked Deltas: no density to add.
+            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue
+            lp = _per_cell(site["log_prob"], n_samples, n_cells)
+            log_w = log_w + sign * lp
+            if sign > 0 and site["is_observed"]:
+                log_px = log_px + lp
+    return log_w, log_px
+
+
+def log_importance_weights(
+    model,
+    guide,
+    x: torch.Tensor,
+    batch_index: torch.Tensor,
+    n_samples: int,
+    *,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Per-cell log importance weights ``log p(x, z, l) - log q(z, l | x)``.
+
+    Parameters
+    ----------
+    model, guide
+        A model and guide with the signature of :class:`~pyro_scvi.model.ScviModel`
+        (plates ``cells`` at dim -2 and ``genes`` at dim -1). Models that observe the
+        library size have no ``l`` site; the weight is then over ``z`` alone.
+    x, batch_index
+        Counts ``(cells, genes)`` and batch codes ``(cells,)``.
+    n_samples
+        Guide draws ``K`` per cell, vectorized by a plate at dim -3.
+    batch_size
+        Cells per pass (default: all); memory grows as ``batch_size x K x genes``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n_samples, cells)``: summed over genes for the observation term, over latent
+        dimensions for ``z``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyro_scvi import ScviGuide, ScviModel
+    >>> from pyro_scvi.priors import LogNormalLibrary
+    >>> prior = LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5]))
+    >>> model, guide = ScviModel(20, 1, prior, n_latent=3), ScviGuide(20, 1, n_latent=3)
+    >>> x = torch.poisson(torch.full((8, 20), 2.0))
+    >>> log_w = log_importance_weights(model, guide, x, torch.zeros(8, dtype=torch.long), 5)
+    >>> tuple(log_w.shape), bool(torch.isfinite(log_w).all())
+    ((5, 8), True)
+    """
+    n_cells = x.shape[0]
+    step = n_cells if batch_size is None else max(int(batch_size), 1)
+    out = []
+    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+        for start in range(0, n_cells, step):
+            sl = slice(start, start + step)
+            out.append(_log_densities(model, guide, x[sl], batch_index[sl], n_samples)[0])
+    return torch.cat(out, dim=1)
+
+
+def fit_statistics(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 100,
+    batch_size: int = 64,
+    device="cpu",
+) -> dict[str, np.ndarray]:
+    """ELBO, marginal log-likelihood and reconstruction error of each cell, in one pass.
+
+    All three come from the same ``n_samples`` guide draws per cell (see the module
+    docstring), so ``marginal_ll >= elbo`` holds cell by cell (Jensen's inequality).
+
+    Returns
+    -------
+    dict
+        ``elbo``, ``marginal_ll`` (nats, higher is better) and ``reconstruction_error``
+        (``-E_q[log p(x | z, l)]``, lower is better), each ``(len(indices),)``.
+
+    Examples
+    --------
+    >>> import numpy as np, pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=15, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+    >>> stats = fit_statistics(m.model, m.guide, m.data, np.arange(30), n_samples=4)
+    >>> stats["marginal_ll"].shape, bool((stats["marginal_ll"] >= stats["elbo"]).all())
+    ((30,), True)
+    """
+    out: dict[str, list[np.ndarray]] = {"elbo": [], "marginal_ll": [], "reconstruction_error": []}
+    log_k = math.log(n_samples)
+    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+        for x, b in iterate_cells(data, indices, batch_size, device):
+            log_w, log_px = _log_densities(model, guide, x, b, n_samples)
+            out["elbo"].append(log_w.mean(0).cpu().numpy())
+            out["marginal_ll"].append((torch.logsumexp(log_w, 0) - log_k).cpu().numpy())
+            out["reconstruction_error"].append((-log_px.mean(0)).cpu().numpy())
+    return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
+
+
+def marginal_ll(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 1000,
+    batch_size: int = 32,
+    device="cpu",
+) -> np.ndarray:
+    """Importance-sampled ``log p(x)`` of each cell: ``logsumexp_k log w_k - log K``.
+
+    A lower bound in expectation, tightening as ``n_samples`` grows; see
+    :func:`fit_statistics` for the arguments.
+
+    Examples
+    --------
+    >>> import numpy as np, pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=15, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+    >>> marginal_ll(m.model, m.guide, m.data, np.arange(30), n_samples=10).shape
+    (30,)
+    """
+    return fit_statistics(
+        model, guide, data, indices, n_samples=n_samples, batch_size=batch_size, device=device
+    )["marginal_ll"]
+
+
+def elbo_per_cell(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 1,
+    batch_size: int = 256,
+    device="cpu",
+) -> np.ndarray:
+    """ELBO of each cell, ``mean_k log w_k`` over ``n_samples`` draws; see :func:`fit_statistics`.
+
+    Examples
+    --------
+    >>> import numpy as np, pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=15, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+    >>> bool((elbo_per_cell(m.model, m.guide, m.data, np.arange(30)) < 0).all())
+    True
+    """
+    return fit_statistics(
+        model, guide, data, indices, n_samples=n_samples, batch_size=batch_size, device=device
+    )["elbo"]
+
+
+def reconstruction_error(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 1,
+    batch_size: int = 256,
+    device="cpu",
+) -> np.ndarray:
+    """``-E_q[log p(x | z, l)]`` of each cell (nats, lower is better); see :func:`fit_statistics`.
+
+    Examples
+    --------
+    >>> import numpy as np, pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=15, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+    >>> bool((reconstruction_error(m.model, m.guide, m.data, np.arange(30)) > 0).all())
+    True
+    """
+    return fit_statistics(
+        model, guide, data, indices, n_samples=n_samples, batch_size=batch_size, device=device
+    )["reconstruction_error"]
+
+
+# ---------------------------------------------------------------------- summaries
+def quantile_key(q: float) -> str:
+    """Key of quantile ``q`` in :func:`summarize`'s result, e.g. ``"2.5%"``.
+
+    Examples
+    --------
+    >>> quantile_key(0.025), quantile_key(0.5)
+    ('2.5%', '50%')
+    """
+    return f"{100 * q:g}%"
+
+
+def summarize(
+    samples: np.ndarray, quantiles: Sequence[float] = (0.025, 0.5, 0.975)
+) -> dict[str, np.ndarray]:
+    """Mean, standard deviation and quantiles over the leading (sample) axis.
+
+    Parameters
+    ----------
+    samples
+        Array ``(n_samples, ...)``, e.g. from :func:`sample_posterior`.
+    quantiles
+        Levels in [0, 1]; each is keyed by :func:`quantile_key`.
+
+    Returns
+    -------
+    dict
+        ``mean``, ``sd`` (with ``ddof=1``, as Pyro's own summaries; 0 for a single sample)
+        and one entry per quantile (linear interpolation), each of shape ``samples.shape[1:]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = summarize(np.arange(5.0)[:, None], quantiles=(0.25, 0.5))
+    >>> sorted(s), float(s["mean"][0]), float(s["25%"][0]), round(float(s["sd"][0]) ** 2, 6)
+    (['25%', '50%', 'mean', 'sd'], 2.0, 1.0, 2.5)
+    """
+    samples = np.asarray(samples)
+    if samples.ndim == 0 or samples.shape[0] == 0:
+        raise ValueError("summarize needs a leading sample axis with at least one sample.")
+    qs = [float(q) for q in quantiles]
+    if any(not 0.0 <= q <= 1.0 for q in qs):
+        raise ValueError(f"quantiles={tuple(quantiles)}; each must be in [0, 1].")
+    out = {
+        "mean": samples.mean(0),
+        "sd": samples.std(0, ddof=1) if samples.shape[0] > 1 else np.zeros(samples.shape[1:]),
+    }
+    for q, values in zip(qs, np.quantile(samples, qs, axis=0), strict=True):
+        out[quantile_key(q)] = values
+    return out
+
+
+@contextmanager
+def seeded(seed: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Seed torch's RNG (which Pyro samples from) inside the block, then restore it.
+
+    The caller's random stream is left as it was, so a seeded query does not change what
+    later unseeded code draws. ``None`` does nothing.
+
+    Examples
+    --------
+    >>> import torch
+    >>> with seeded(1):
+    ...     a = torch.rand(2)
+    >>> with seeded(1):
+    ...     b = torch.rand(2)
+    >>> bool(torch.equal(a, b))
+    True
+    """
+    if seed is None:
+        yield
+        return
+    # Fork the CUDA generators only when sampling there: forking touches every device.
+    devices = None if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield

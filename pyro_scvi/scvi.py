@@ -53,6 +53,12 @@ def _reset_parameters(*modules: torch.nn.Module) -> None:
                 m.reset_parameters()
 
 
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if int(value) < 1:
+            raise InputError(f"{name}={value}; it must be a positive integer.")
+
+
 class SCVI:
     """scVI (Lopez et al., 2018) fitted by stochastic variational inference in Pyro.
 
@@ -411,6 +417,333 @@ class SCVI:
         if not return_mean:
             return samples
         return pd.DataFrame(samples.mean(0), index=data.obs_names, columns=data.var_names)
+
+    # ------------------------------------------------------------------ held-out fit
+    def get_fit_statistics(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 100,
+        batch_size: int = 64,
+        seed: int | None = None,
+    ) -> pd.DataFrame:
+        """ELBO, marginal log-likelihood and reconstruction error of each cell, in one pass.
+
+        All three come from the same ``n_samples`` draws of q(z, l | x) per cell, so
+        ``marginal_ll >= elbo`` cell by cell; see :mod:`pyro_scvi.posterior`.
+
+        Parameters
+        ----------
+        adata
+            Cells to evaluate (default: the training AnnData), e.g. held-out cells.
+        n_samples
+            Importance samples ``K`` per cell.
+        batch_size
+            Cells per pass; memory grows as ``batch_size x n_samples x genes``.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by cell, columns ``elbo``, ``marginal_ll`` (nats, higher is better) and
+            ``reconstruction_error`` (nats, lower is better).
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> list(model.get_fit_statistics(n_samples=5, seed=0).columns)
+        ['elbo', 'marginal_ll', 'reconstruction_error']
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        data = self._data_for(adata)
+        with posterior.seeded(seed, self.device):
+            stats = posterior.fit_statistics(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                n_samples=n_samples,
+                batch_size=batch_size,
+                device=self.device,
+            )
+        return pd.DataFrame(stats, index=data.obs_names)
+
+    def _fit_statistic(
+        self, name: str, adata, n_samples, batch_size, per_cell, seed
+    ) -> float | np.ndarray:
+        values = self.get_fit_statistics(
+            adata, n_samples=n_samples, batch_size=batch_size, seed=seed
+        )[name].to_numpy()
+        return values if per_cell else float(values.mean())
+
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        batch_size: int = 256,
+        per_cell: bool = False,
+        seed: int | None = None,
+    ) -> float | np.ndarray:
+        """Evidence lower bound ``E_q[log p(x, z, l) - log q(z, l | x)]`` per cell.
+
+        Nats, higher is better (not the negative ELBO); estimated with ``n_samples`` draws
+        of q per cell. The model's networks run in eval mode, so on the training cells
+        this is the validation-style ELBO, not the training loss.
+
+        Parameters
+        ----------
+        adata
+            Cells to evaluate (default: the training AnnData).
+        n_samples, batch_size, seed
+            As in :meth:`get_fit_statistics`.
+        per_cell
+            Return one value per cell instead of the mean over cells.
+
+        Returns
+        -------
+        float or numpy.ndarray
+            The mean ELBO per cell, or the ``(cells,)`` array with ``per_cell``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> isinstance(model.get_elbo(), float), model.get_elbo(per_cell=True).shape
+        (True, (40,))
+        """
+        return self._fit_statistic("elbo", adata, n_samples, batch_size, per_cell, seed)
+
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 1000,
+        batch_size: int = 32,
+        per_cell: bool = False,
+        seed: int | None = None,
+    ) -> float | np.ndarray:
+        """Importance-sampled marginal log-likelihood ``log p(x)`` per cell.
+
+        ``log (1/K) sum_k p(x, z_k, l_k) / q(z_k, l_k | x)`` with ``K = n_samples`` draws
+        of q: a lower bound in expectation that tightens as ``K`` grows (nats, higher is
+        better). It is the usual measure of held-out fit.
+
+        Parameters
+        ----------
+        adata
+            Cells to evaluate (default: the training AnnData).
+        n_samples, batch_size, seed
+            As in :meth:`get_fit_statistics`.
+        per_cell
+            Return one value per cell instead of the mean over cells.
+
+        Returns
+        -------
+        float or numpy.ndarray
+            The mean per cell, or the ``(cells,)`` array with ``per_cell``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> model.get_marginal_ll(n_samples=20, seed=0) >= model.get_elbo(n_samples=20, seed=0)
+        True
+        """
+        return self._fit_statistic("marginal_ll", adata, n_samples, batch_size, per_cell, seed)
+
+    def get_reconstruction_error(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        batch_size: int = 256,
+        per_cell: bool = False,
+        seed: int | None = None,
+    ) -> float | np.ndarray:
+        """Reconstruction error ``-E_q[log p(x | z, l)]`` per cell (nats, lower is better).
+
+        Parameters
+        ----------
+        adata
+            Cells to evaluate (default: the training AnnData).
+        n_samples, batch_size, seed
+            As in :meth:`get_fit_statistics`.
+        per_cell
+            Return one value per cell instead of the mean over cells.
+
+        Returns
+        -------
+        float or numpy.ndarray
+            The mean per cell, or the ``(cells,)`` array with ``per_cell``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> model.get_reconstruction_error() > 0
+        True
+        """
+        return self._fit_statistic(
+            "reconstruction_error", adata, n_samples, batch_size, per_cell, seed
+        )
+
+    # ------------------------------------------------------------------ posterior samples
+    def posterior_samples(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 25,
+        sites: Sequence[str] = ("z", "l", "rho", "x"),
+        transform_batch: str | None = None,
+        batch_size: int = 256,
+        seed: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Posterior draws of ``z`` and ``l`` and posterior predictive ``rho`` and ``x``.
+
+        ``z`` and ``l`` are drawn from the guide, ``rho`` and replicated counts ``x`` from the
+        model at those draws; see :func:`pyro_scvi.posterior.sample_posterior`.
+
+        Parameters
+        ----------
+        adata
+            Cells to query (default: the training AnnData).
+        n_samples
+            Draws per cell.
+        sites
+            Any of ``"z"``, ``"l"``, ``"rho"``, ``"x"``. A model with
+            ``use_observed_lib_size`` has no ``l``; it is then left out of the result.
+        transform_batch
+            Batch name to decode every cell under (``None``: each cell's own batch).
+        batch_size
+            Cells per pass; memory grows as ``batch_size x n_samples x genes``.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        dict
+            Arrays with a leading sample axis: ``z`` ``(S, cells, n_latent)``, ``l``
+            ``(S, cells)``, ``rho`` and ``x`` ``(S, cells, genes)``. Summarize them with
+            :func:`pyro_scvi.posterior.summarize`.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> s = model.posterior_samples(n_samples=3, sites=("z", "x"), seed=0)
+        >>> s["z"].shape, s["x"].shape
+        ((3, 40, 2), (3, 40, 15))
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        unknown = sorted(set(sites) - {"z", "l", "rho", "x"})
+        if unknown:
+            raise InputError(f"Unknown sites {unknown}; choose from 'z', 'l', 'rho', 'x'.")
+        codes = self._batch_codes(transform_batch)
+        if codes is not None and len(codes) != 1:
+            raise InputError(
+                f"transform_batch={transform_batch!r}: posterior samples decode under one "
+                "batch; pass a single batch name."
+            )
+        data = self._data_for(adata)
+        with posterior.seeded(seed, self.device):
+            return posterior.sample_posterior(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                n_samples=n_samples,
+                sites=tuple(sites),
+                transform_batch=None if codes is None else codes[0],
+                batch_size=batch_size,
+                device=self.device,
+            )
+
+    def impute(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 25,
+        transform_batch: str | Sequence[str] | None = None,
+        credible_level: float = 0.95,
+        batch_size: int = 256,
+        seed: int | None = None,
+    ) -> dict[str, pd.DataFrame]:
+        """Denoised expected counts ``mu = exp(l) * rho`` with a credible interval.
+
+        ``mu`` is the mean of the count distribution before zero inflation and sampling
+        noise, so it imputes dropouts: a gene the cell's neighbours express gets a
+        positive value even where the cell's count is 0. With ``use_observed_lib_size``
+        the observed library size takes the place of ``exp(l)``.
+
+        Parameters
+        ----------
+        adata
+            Cells to impute (default: the training AnnData).
+        n_samples
+            Posterior draws of ``z`` (and ``l``) per cell.
+        transform_batch
+            Batch name (or names, whose ``rho`` is averaged) to decode every cell under.
+        credible_level
+            Mass of the central interval ``[lower, upper]``, in (0, 1).
+        batch_size
+            Cells per pass; the samples of one pass are summarized before the next.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        dict
+            ``mean``, ``lower`` and ``upper``: cells x genes DataFrames of the posterior mean
+            and the central ``credible_level`` interval of ``mu``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> out = model.impute(n_samples=5, seed=0)
+        >>> sorted(out), out["mean"].shape
+        (['lower', 'mean', 'upper'], (40, 15))
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        if not 0 < credible_level < 1:
+            raise InputError(f"credible_level={credible_level}; it must be in (0, 1).")
+        codes = self._batch_codes(transform_batch)
+        data = self._data_for(adata)
+        tail = (1.0 - credible_level) / 2
+        keys = {"lower": posterior.quantile_key(tail), "upper": posterior.quantile_key(1 - tail)}
+        parts: dict[str, list[np.ndarray]] = {"mean": [], "lower": [], "upper": []}
+        with posterior.seeded(seed, self.device):
+            # Summarize pass by pass: quantiles are per cell, so this is exact, and memory
+            # stays at one pass's samples rather than n_samples x cells x genes.
+            for idx in data.minibatches(np.arange(data.n_cells), batch_size):
+                mu = posterior.normalized_expression(
+                    self.model,
+                    self.guide,
+                    data,
+                    idx,
+                    transform_batch=codes,
+                    library_size="latent",
+                    n_samples=n_samples,
+                    batch_size=batch_size,
+                    device=self.device,
+                )
+                summary = posterior.summarize(mu, quantiles=(tail, 1 - tail))
+                parts["mean"].append(summary["mean"])
+                parts["lower"].append(summary[keys["lower"]])
+                parts["upper"].append(summary[keys["upper"]])
+        return {
+            k: pd.DataFrame(np.concatenate(v), index=data.obs_names, columns=data.var_names)
+            for k, v in parts.items()
+        }
 
     # ------------------------------------------------------------------ persistence
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:

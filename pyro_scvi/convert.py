@@ -1,0 +1,246 @@
+"""Export a fitted :class:`~pyro_scvi.SCVI` to an ArviZ :class:`~arviz.InferenceData`.
+
+The object holds, for the chosen cells, draws from the approximate posterior, replicated
+counts from the posterior predictive distribution, the observed counts and the pointwise
+log-likelihood, so that ArviZ (and :mod:`pyro_scvi.ppc`) can check the model without
+knowing anything about Pyro. Groups, variables and dimensions:
+
+====================== ========= ==================================== =====================
+group                  variable  dims                                 meaning
+====================== ========= ==================================== =====================
+posterior              z         (chain, draw, cells, latent)         draws of q(z | x)
+posterior              l         (chain, draw, cells)                 draws of q(l | x) [1]
+posterior_predictive   x         (chain, draw, cells, genes)          x~ ~ p(x | z, l)
+observed_data          x         (cells, genes)                       the counts
+log_likelihood         x         (chain, draw, cells)                 sum_g log p(x_g|z,l)
+constant_data          batch     (cells)                              each cell's batch
+====================== ========= ==================================== =====================
+
+[1] only when the model has a latent library (not ``use_observed_lib_size``).
+
+Coordinates: ``cells`` are the cells' ``obs_names``, ``genes`` the model's ``var_names`` and
+``latent`` ``0 .. n_latent - 1``; there is one chain (``chain = 0``) of independent draws.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pyro
+import torch
+from anndata import AnnData
+from pyro import poutine
+
+from . import posterior
+from .data import CountData, InputError
+from .infer import _eval_mode
+
+with warnings.catch_warnings():
+    # arviz 0.23 announces its 1.0 refactor on import; pyro_scvi supports 0.23.
+    warnings.filterwarnings("ignore", message="\nArviZ is undergoing", category=FutureWarning)
+    import arviz as az
+
+
+def to_inference_data(
+    model,
+    adata: AnnData | None = None,
+    *,
+    n_samples: int = 50,
+    indices: Sequence[int] | np.ndarray | None = None,
+    batch_size: int = 256,
+    seed: int | None = None,
+) -> az.InferenceData:
+    """Posterior, posterior predictive, observed data and log-likelihood as InferenceData.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~pyro_scvi.SCVI`.
+    adata
+        Cells to export (default: the training AnnData); needs the model's genes.
+    n_samples
+        Posterior draws per cell. Posterior predictive p-values computed from the result
+        have a resolution of ``1 / n_samples``.
+    indices
+        Positions (or a boolean mask) of the cells of ``adata`` to export (default: all),
+        e.g. a random subset
+        of a large dataset: the replicated counts take ``n_samples x cells x genes`` floats.
+    batch_size
+        Cells per forward pass; memory grows with ``batch_size x n_samples x genes``.
+    seed
+        Seed of the draws; the global torch random state is left as it was.
+
+    Returns
+    -------
+    arviz.InferenceData
+        See the module docstring for the groups, dims and coords. Counts are ``float32``, as
+        the model sees them. Save it with ``idata.to_netcdf(path)``, read it back with
+        ``arviz.from_netcdf(path)``.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=60, n_genes=12, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2).train(max_epochs=1, progress_bar=False)
+    >>> idata = to_inference_data(m, n_samples=5, seed=0)
+    >>> sorted(idata.groups())
+    ['constant_data', 'log_likelihood', 'observed_data', 'posterior', 'posterior_predictive']
+    >>> dict(idata.posterior_predictive["x"].sizes)
+    {'chain': 1, 'draw': 5, 'cells': 60, 'genes': 12}
+    >>> idata.log_likelihood["x"].dims
+    ('chain', 'draw', 'cells')
+    """
+    from . import __version__
+
+    if int(n_samples) < 1:
+        raise InputError(f"n_samples={n_samples}; draw at least one sample.")
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size={batch_size}; it must be a positive integer.")
+    data = model._data_for(adata)
+    idx = _check_indices(indices, data.n_cells)
+    latent_library = not model.model.use_observed_lib_size
+    sites = ("z", "l", "x") if latent_library else ("z", "x")
+    devices = [model.device] if model.device.type == "cuda" else []
+    # A private random stream: a seed makes the export reproducible without resetting the
+    # caller's global torch state.
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        draws = posterior.sample_posterior(
+            model.model,
+            model.guide,
+            data,
+            idx,
+            n_samples=int(n_samples),
+            sites=sites,
+            batch_size=int(batch_size),
+            device=model.device,
+        )
+    log_lik = log_likelihood(
+        model.model,
+        data,
+        idx,
+        draws["z"],
+        draws.get("l"),
+        batch_size=int(batch_size),
+        device=model.device,
+    )
+    observed = np.vstack([data.tensors(i)[0].numpy() for i in data.minibatches(idx, 4096)])
+    posterior_vars = {"z": draws["z"][None]}
+    if latent_library:
+        posterior_vars["l"] = draws["l"][None]
+    coords = {
+        "cells": np.asarray(data.obs_names[idx], dtype=str),
+        "genes": np.asarray(data.var_names, dtype=str),
+        "latent": np.arange(draws["z"].shape[-1]),
+    }
+    # The log-likelihood reuses x's dims; ArviZ drops the trailing ``genes`` dim for it
+    # (skip_event_dims), which matches the per-cell sum below.
+    dims = {"z": ["cells", "latent"], "l": ["cells"], "x": ["cells", "genes"], "batch": ["cells"]}
+    attrs = {
+        "inference_library": "pyro",
+        "inference_library_version": pyro.__version__,
+        "pyro_scvi_version": __version__,
+        "model": "pyro_scvi.SCVI",
+        "settings": json.dumps(model.settings, default=str),
+    }
+    return az.from_dict(
+        posterior=posterior_vars,
+        posterior_predictive={"x": draws["x"][None]},
+        observed_data={"x": observed},
+        log_likelihood={"x": log_lik[None]},
+        constant_data={"batch": np.asarray(data.batch_categories)[data.batch_index[idx]]},
+        coords=coords,
+        dims=dims,
+        attrs=attrs,
+        # ArviZ reads the inference library from the posterior group's attributes.
+        posterior_attrs=attrs,
+    )
+
+
+def log_likelihood(
+    model,
+    data: CountData,
+    indices: np.ndarray,
+    z: np.ndarray,
+    l: np.ndarray | None = None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``log p(x_n | z_sn, l_sn)`` of each cell at each posterior draw, summed over genes.
+
+    The model is traced with ``z`` (and ``l``) conditioned on the given draws and ``x`` on
+    the observed counts; the draws are vectorized in a plate left of the model's plates.
+
+    Parameters
+    ----------
+    model
+        A :class:`~pyro_scvi.model.ScviModel`.
+    data, indices
+        The counts and the cells (rows of ``z``, ``l``) to score.
+    z, l
+        Draws ``(S, cells, n_latent)`` and ``(S, cells)``; ``l`` is ``None`` when the model
+        uses the observed library size.
+    batch_size
+        Cells per forward pass; memory grows with ``batch_size x S x genes``.
+    device
+        Where the model lives.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(S, cells)``, ``float64``. Summed over genes because a per-entry array would be
+        ``S x cells x genes``, as large as the replicated counts, while model comparison
+        (PSIS-LOO, WAIC) treats the cell as the unit of observation.
+
+    Examples
+    --------
+    >>> import numpy as np, pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=20, n_genes=8, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2)
+    >>> z, l = np.zeros((3, 20, 2), np.float32), np.full((3, 20), 7.0, np.float32)
+    >>> log_likelihood(m.model, m.data, np.arange(20), z, l).shape
+    (3, 20)
+    """
+    indices = np.asarray(indices)
+    if z.shape[1] != len(indices) or (l is not None and l.shape != z.shape[:2]):
+        raise ValueError(
+            f"z {z.shape} and l {None if l is None else l.shape} must have one row per cell "
+            f"of indices ({len(indices)})."
+        )
+    n_draws = z.shape[0]
+    out = []
+    start = 0
+    with torch.no_grad(), _eval_mode(model), pyro.get_param_store().scope():
+        for idx in data.minibatches(indices, batch_size):
+            x, b = data.tensors(idx, device)
+            rows = slice(start, start + len(idx))
+            start += len(idx)
+            # Shapes the model's sites have: z (S, cells, 1, K), l (S, cells, 1).
+            values = {"z": torch.as_tensor(z[:, rows], device=device).unsqueeze(-2)}
+            if l is not None:
+                values["l"] = torch.as_tensor(l[:, rows], device=device).unsqueeze(-1)
+            with pyro.plate("draws", n_draws, dim=-3):
+                trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, b)
+            site = trace.nodes["x"]
+            out.append(site["fn"].log_prob(site["value"]).sum(-1).double().cpu().numpy())
+    return np.concatenate(out, axis=1)
+
+
+def _check_indices(indices, n_cells: int) -> np.ndarray:
+    if indices is None:
+        return np.arange(n_cells)
+    idx = np.asarray(indices)
+    if idx.dtype == bool:
+        if idx.shape != (n_cells,):
+            raise InputError(f"A boolean mask of cells needs {n_cells} entries, got {idx.shape}.")
+        idx = np.flatnonzero(idx)
+    if idx.ndim != 1 or len(idx) == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise InputError("indices must be a non-empty 1-d array of integer cell positions.")
+    if idx.min() < -n_cells or idx.max() >= n_cells:
+        raise InputError(f"indices out of range for {n_cells} cells.")
+    return idx % n_cells
