@@ -89,6 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    ev = sub.add_parser(
+        "evaluate",
+        help="held-out fit of a saved model on an .h5ad, as JSON on stdout",
+        description=(
+            "Print JSON with the ELBO, the importance-sampled marginal log-likelihood "
+            "(both nats per cell, higher is better) and the reconstruction error of "
+            "INPUT's cells under the model saved in MODEL_DIR: the means over cells and "
+            "the per-cell values. Both estimates use the same K draws of q(z, l | x)."
+        ),
+    )
+    ev.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
+    ev.add_argument("input", metavar="INPUT", help="raw-count .h5ad with the model's genes")
+    ev.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=100,
+        help="importance samples K per cell (default 100)",
+    )
+    ev.add_argument("--batch-size", type=_positive_int, default=64, help="cells per pass")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
     check = sub.add_parser(
         "ppc",
         help="posterior predictive checks of a saved model on an .h5ad",
@@ -315,12 +337,51 @@ def ppc(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """Run ``pyro-scvi evaluate``: print the fit of INPUT's cells as JSON; return the status."""
+    import json
+    import math
+
+    from .scvi import SCVI, resolve_device
+
+    resolve_device(args.device)  # fail before reading data
+    adata, _ = _read_input(args.input)
+    model = SCVI.load(args.model_dir, adata, device=args.device)
+    stats = model.get_fit_statistics(
+        n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
+    )
+
+    def number(value) -> float | None:
+        # JSON has no NaN or infinity: a non-finite value (a diverged model) is written as
+        # null, keeping stdout valid JSON.
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+    result = {
+        "n_cells": len(stats),
+        "n_samples": args.n_samples,
+        "elbo_mean": number(stats["elbo"].mean()),
+        "marginal_ll_mean": number(stats["marginal_ll"].mean()),
+        "reconstruction_error_mean": number(stats["reconstruction_error"].mean()),
+        "per_cell": {
+            "obs_names": [str(name) for name in stats.index],
+            "elbo": [number(v) for v in stats["elbo"]],
+            "marginal_ll": [number(v) for v in stats["marginal_ll"]],
+        },
+    }
+    json.dump(result, sys.stdout, allow_nan=False)
+    sys.stdout.write("\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "fit":
             return fit(args)
+        if args.command == "evaluate":
+            return evaluate(args)
         if args.command == "ppc":
             return ppc(args)
     except InputError as err:
