@@ -18,6 +18,7 @@ good model.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +49,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
 
 
@@ -153,7 +154,11 @@ def _read_input(text: str):
         try:
             return anndata.read_h5ad(path), path
         except Exception as err:  # h5py/anndata raise many types for a bad file
-            raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {err})") from err
+            # h5py messages can span lines; the CLI promises one line
+            reason = " ".join(str(err).split())
+            raise InputError(
+                f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})"
+            ) from err
     if text in datasets.SHIPPED:
         return anndata.read_h5ad(datasets.path(text)), None
     raise InputError(
@@ -169,7 +174,11 @@ def fit(args: argparse.Namespace) -> int:
         raise InputError(f"OUTPUT {output} must end in .h5ad.")
     stem = output.with_suffix("")
     model_dir = Path(args.model_dir) if args.model_dir else Path(f"{stem}_model")
+    from . import datasets
+
     input_path = Path(args.input)
+    if not input_path.exists() and args.input in datasets.SHIPPED:
+        input_path = datasets.path(args.input)
     if input_path.exists() and output.resolve() == input_path.resolve():
         raise InputError(
             "OUTPUT is the INPUT file; choose another -o: the input is never overwritten."
