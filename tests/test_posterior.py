@@ -70,19 +70,31 @@ def test_marginal_ll_bounds_the_elbo_and_tightens_with_k(trained):
     """log mean_k w_k is a lower bound on log p(x) that tightens with K (Burda et al., 2016):
     at K=1 it is an ELBO estimate; it rises with K and ends above the ELBO.
 
-    Observed (mean per cell): ELBO -149.7; marginal LL at K = 1, 10, 100: -149.6, -146.8,
-    -144.9: increments of 2.7 and 1.9 nats, each about 11 standard errors of the paired
-    per-cell differences; the K = 100 estimate is 4.7 nats above the ELBO.
+    Each K's per-cell estimate is averaged over 4 seeds (same expectation, half the noise);
+    every comparison must clear 4 standard errors of the paired per-cell differences.
+    Observed (mean per cell): ELBO -133.3; marginal LL at K = 1, 10, 100: -133.3, -132.6,
+    -132.5, increments 0.69 and 0.12 nats at 14 and 7.5 standard errors. (Before
+    batch-norm statistics were refreshed after training, the same model gave -149.7 and
+    -149.7, -146.9, -145.1, at over 20 standard errors.)
     """
     elbo = trained.get_elbo(n_samples=100, per_cell=True, seed=1)
-    mll = {k: trained.get_marginal_ll(n_samples=k, per_cell=True, seed=k) for k in (1, 10, 100)}
+    mll = {
+        k: np.mean(
+            [
+                trained.get_marginal_ll(n_samples=k, per_cell=True, seed=100 * r + k)
+                for r in range(4)
+            ],
+            axis=0,
+        )
+        for k in (1, 10, 100)
+    }
     # K = 1: the same estimator as the ELBO, so equal up to noise
     assert abs((mll[1] - elbo).mean()) < 4 * _se(mll[1] - elbo)
     for small, large in [(1, 10), (10, 100)]:
         gain = mll[large] - mll[small]
         assert gain.mean() > 4 * _se(gain), (small, large, gain.mean(), _se(gain))
     gap = mll[100] - elbo
-    assert gap.mean() > 4 * _se(gap) and gap.mean() > 1.0
+    assert gap.mean() > 4 * _se(gap)
 
 
 def test_fit_statistics_share_their_draws(trained):
@@ -168,9 +180,10 @@ def test_marginal_ll_matches_quadrature_in_one_dimension(one_dim):
     estimator ``|IS - quadrature|`` is a few ``se`` (plus the O(1/K) downward bias). Cells
     whose posterior lies in the tail of q have heavy-tailed weights, whose spread
     understates the error, so the per-cell check is on 85% of cells, and the median
-    error must be within 3 median ``se``. Observed: median |error| 0.013 nats, median
-    se 0.016, 97% of cells within 4 se, largest overshoot 4 se + 0.06 nats. A bookkeeping
-    error (a missing log q, log K or gene sum) would be off by nats in every cell.
+    error must be within 3 median ``se``. Observed: median |error| 0.009 nats, median
+    se 0.014, all cells within 4 se (before batch-norm statistics were refreshed after
+    training: 0.013, 0.016, 97%, largest overshoot 4 se + 0.06 nats). A bookkeeping error
+    (a missing log q, log K or gene sum) would be off by nats in every cell.
     """
     data = one_dim.data
     idx = np.arange(data.n_cells)
@@ -292,7 +305,7 @@ def test_imputation_beats_the_gene_mean_on_hidden_entries():
     units of ``mu = exp(l) * rho``).
 
     Observed median absolute errors (data seeds 0-3): scVI 2.2-3.8, gene mean 3.9-6.5,
-    library-scaled gene mean 4.0-6.6 (this seed: 3.8, 6.5, 6.6); the test asks for 15%
+    library-scaled gene mean 4.0-6.6 (this seed: 3.5, 6.5, 6.6); the test asks for 15%
     better than the best baseline.
     """
     adata = synthetic_zinb(
