@@ -3,8 +3,13 @@
 import numpy as np
 import pyro
 import pytest
+import torch
 
 from pyro_scvi.datasets import synthetic_zinb
+
+# The test networks are tiny: intra-op threads gain nothing, and on a busy 2-core machine
+# OpenMP threads contending with other processes made steps up to 10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -14,16 +14,6 @@ from pyro_scvi.datasets import synthetic_zinb
 N_CELLS, N_GENES, N_LATENT, N_SAMPLES = 120, 15, 3, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread: with several, OpenMP threads contending for
-    a busy machine's cores made one fit here ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     adata = synthetic_zinb(n_cells=N_CELLS, n_genes=N_GENES, n_batches=2, seed=1)

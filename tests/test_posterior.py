@@ -19,16 +19,6 @@ from pyro_scvi.datasets import synthetic_zinb
 from pyro_scvi.infer import _eval_mode, evaluate_elbo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with two intra-op threads, synchronization costs more than the
-    arithmetic (up to 10x slower per step when the other core is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained():
     adata = synthetic_zinb(n_cells=300, n_genes=40, n_clusters=3, n_batches=2, seed=3)

@@ -33,16 +33,6 @@ from pyro_scvi.priors import LogNormalLibrary
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread: with several, OpenMP threads contending for
-    a busy machine's cores made one fit here ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _poisson_idata(rng, n_draws=30, n_cells=25, n_genes=6):
     observed = rng.poisson(2.0, (n_cells, n_genes))
     observed[:, 0] = 0  # an all-zero gene: its cv is undefined
