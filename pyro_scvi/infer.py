@@ -50,8 +50,54 @@ def kl_weight(epoch: int, kl_warmup_epochs: int) -> float:
 
 
 def default_optim(lr: float = 1e-3) -> PyroOptim:
-    """Adam with scvi-tools' settings (``eps=0.01``, ``weight_decay=1e-6``)."""
+    """Adam with scvi-tools' settings (``eps=0.01``, ``weight_decay=1e-6``), as a Pyro optim."""
     return pyro.optim.Adam({"lr": lr, "eps": 0.01, "weight_decay": 1e-6})
+
+
+class FusedAdam:
+    """SVI steps with one ``torch.optim.Adam`` over every parameter the ELBO touches.
+
+    ``pyro.optim.Adam`` keeps one torch optimizer per parameter tensor, so a step pays
+    Python overhead per tensor: about a quarter of a step's time for scVI's small networks.
+    This runs the same update (scvi-tools' settings: ``eps=0.01``, ``weight_decay=1e-6``)
+    with a single multi-tensor Adam. The parameters are the ones Pyro's parameter store
+    hands to the ELBO in the first step, exactly those :class:`pyro.infer.SVI` would find.
+    A step whose loss is not finite is not applied.
+
+    Examples
+    --------
+    >>> import torch, pyro
+    >>> from pyro.infer import Trace_ELBO
+    >>> from pyro_scvi import ScviGuide, ScviModel, LogNormalLibrary
+    >>> model = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
+    >>> guide = ScviGuide(20, 1)
+    >>> x, b = torch.poisson(torch.full((16, 20), 2.0)), torch.zeros(16, dtype=torch.long)
+    >>> step = FusedAdam(lr=1e-2)
+    >>> losses = [step(Trace_ELBO(), model, guide, x, b) for _ in range(20)]
+    >>> losses[-1] < losses[0]
+    True
+    """
+
+    def __init__(self, lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6) -> None:
+        self.settings = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
+        self.optim: torch.optim.Optimizer | None = None
+
+    def __call__(self, elbo: ELBO, model: Callable, guide: Callable, *args) -> float:
+        """Compute the loss and its gradients, then update the parameters; return the loss."""
+        if self.optim is None:
+            with poutine.trace(param_only=True) as capture:
+                loss = elbo.loss_and_grads(model, guide, *args)
+            params = {
+                id(p): p
+                for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())
+            }
+            self.optim = torch.optim.Adam(list(params.values()), foreach=True, **self.settings)
+        else:
+            loss = elbo.loss_and_grads(model, guide, *args)
+        if math.isfinite(loss):
+            self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        return loss
 
 
 def evaluate_elbo(
@@ -100,6 +146,7 @@ def train_svi(
     max_epochs: int,
     batch_size: int = 128,
     optim: PyroOptim | None = None,
+    lr: float = 1e-3,
     elbo: ELBO | None = None,
     kl_warmup_epochs: int = 400,
     early_stopping: bool = False,
@@ -124,8 +171,11 @@ def train_svi(
         Cells to train on and to compute the validation ELBO on (may be empty).
     max_epochs, batch_size
         Passes over ``train_idx`` and cells per minibatch.
-    optim, elbo
-        Pyro optimizer (default :func:`default_optim`) and ELBO (default ``Trace_ELBO()``).
+    optim, lr
+        A Pyro optimizer; by default :class:`FusedAdam` with learning rate ``lr`` (the
+        same update as :func:`default_optim`, faster).
+    elbo
+        Any Pyro ELBO (default ``Trace_ELBO()``).
     kl_warmup_epochs
         Length of the KL warm-up ramp (see the module docstring); 0 disables it.
     early_stopping, patience, min_delta
@@ -154,7 +204,16 @@ def train_svi(
         On a non-finite loss, after restoring the parameters of the last completed epoch.
     """
     elbo = elbo if elbo is not None else Trace_ELBO()
-    svi = SVI(model, guide, optim or default_optim(), loss=elbo)
+    if optim is None:
+        fused = FusedAdam(lr=lr)
+
+        def step(*args):
+            return fused(elbo, model, guide, *args)
+    else:
+        step = SVI(model, guide, optim, loss=elbo).step
+    # Validate the first step of each run (shapes, supports, arguments); after that the
+    # checks only cost time: the data were validated on the way in.
+    validate_first = pyro.infer.util.is_validation_enabled()
     rng = np.random.default_rng(seed)
     n_train = len(train_idx)
     rows: list[dict] = []
@@ -171,30 +230,32 @@ def train_svi(
         w = kl_weight(epoch, kl_warmup_epochs)
         model.train(), guide.train()
         total = 0.0
-        for step, idx in enumerate(
+        for step_no, idx in enumerate(
             data.minibatches(train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True)
         ):
             x, b = data.tensors(idx, device)
             cell_index = torch.as_tensor(idx, device=device)
-            loss = _nan_on_invalid(svi.step, (model, guide), x, b, cell_index, n_train, w)
+            with pyro.validation_enabled(validate_first and epoch == first_epoch and step_no == 0):
+                loss = _nan_on_invalid(step, (model, guide), x, b, cell_index, n_train, w)
             if not math.isfinite(loss):
                 _restore(model, guide, good_state)
-                raise TrainingError(_failure_message(loss, f"epoch {epoch}, step {step}"))
+                raise TrainingError(_failure_message(loss, f"epoch {epoch}, step {step_no}"))
             # svi.step returns the minibatch loss scaled by n_train / len(idx).
             total += loss * len(idx) / n_train
         row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
         row["validation_elbo"] = float("nan")
         if len(val_idx):
-            row["validation_elbo"] = _nan_on_invalid(
-                evaluate_elbo,
-                (model, guide),
-                model,
-                guide,
-                data,
-                val_idx,
-                elbo=elbo,
-                device=device,
-            )
+            with pyro.validation_enabled(False):
+                row["validation_elbo"] = _nan_on_invalid(
+                    evaluate_elbo,
+                    (model, guide),
+                    model,
+                    guide,
+                    data,
+                    val_idx,
+                    elbo=elbo,
+                    device=device,
+                )
             if not math.isfinite(row["validation_elbo"]):
                 _restore(model, guide, good_state)
                 raise TrainingError(

@@ -26,7 +26,7 @@ from . import posterior
 from .data import CountData, InputError, check_batch_sizes, from_anndata
 from .files import _umask
 from .guide import ScviGuide
-from .infer import default_optim, train_svi
+from .infer import train_svi
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
 from .priors import LogNormalLibrary, Prior
@@ -226,7 +226,10 @@ class SCVI:
         kl_warmup_epochs
             Epochs of linear KL warm-up (0: none).
         elbo, optim
-            Pyro ELBO (default ``Trace_ELBO``) and optimizer (default Adam).
+            Pyro ELBO (default ``Trace_ELBO``) and optimizer (default: Adam with
+            scvi-tools' settings, as one fused torch optimizer; see
+            :class:`pyro_scvi.infer.FusedAdam`). A ``pyro.optim`` optimizer runs through
+            :class:`pyro.infer.SVI` instead.
         device
             ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         seed
@@ -282,7 +285,8 @@ class SCVI:
                     self.validation_indices,
                     max_epochs=max_epochs,
                     batch_size=min(batch_size, len(self.train_indices)),
-                    optim=optim or default_optim(lr),
+                    optim=optim,
+                    lr=lr,
                     elbo=elbo,
                     kl_warmup_epochs=kl_warmup_epochs,
                     early_stopping=early_stopping,

@@ -339,6 +339,7 @@ def test_infinite_learning_rate_is_refused(h5ad, tmp_path):
     _check_one_line_error(status, stderr, "--lr")
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # the point of the test
 def test_diverging_training_exits_1_with_the_last_good_model(h5ad, tmp_path):
     out = tmp_path / "out.h5ad"
     status, stderr = _run(["fit", h5ad, "-o", out, "--lr", "1e10", *FAST])

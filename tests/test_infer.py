@@ -61,6 +61,7 @@ class PoisonAfter(ZINB):
         return super().__call__(mu, theta, gate_logits)
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # the point of the test
 def test_non_finite_loss_stops_and_keeps_last_good_parameters(small_adata):
     model = SCVI(small_adata, n_latent=3, n_hidden=16)
     model.train(max_epochs=2, progress_bar=False)
