@@ -1,4 +1,4 @@
-"""Plots: training curves and posterior predictive checks."""
+"""Plots: training curves, posterior predictive checks and volcano plots."""
 
 from __future__ import annotations
 
@@ -231,4 +231,76 @@ def plot_ppc_scatter(
         ax.set_ylabel("replicated (mean and interval)")
         if len(rows):
             ax.legend(fontsize="small", loc="upper left")
+    return _save(fig, path)
+
+
+def plot_volcano(
+    results: pd.DataFrame,
+    path: str | os.PathLike | None = None,
+    *,
+    label_top: int = 8,
+    ncols: int = 3,
+    max_panels: int = 12,
+):
+    """Volcano plot of differential expression: LFC against the evidence for DE.
+
+    One panel per comparison: each gene's posterior mean log2 fold change against its
+    log Bayes factor for DE, ``log proba_de - log proba_not_de`` (in vanilla mode this is
+    ``|bayes_factor|``). Genes called DE (``is_de_fdr``) are red; dashed lines mark
+    ``+-delta`` in change mode; the ``label_top`` highest-ranked genes are named.
+
+    Parameters
+    ----------
+    results
+        Output of :func:`pyro_scvi.de.differential_expression`.
+    path
+        If given, save the figure there (PNG), atomically, and close it.
+    label_top
+        Genes to name per panel.
+    ncols, max_panels
+        Panels per row, and the most comparisons drawn (the first ones).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (closed if it was saved).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> r = pd.DataFrame({"proba_de": [0.99, 0.6], "proba_not_de": [0.01, 0.4],
+    ...                   "lfc_mean": [1.5, 0.1], "is_de_fdr": [True, False],
+    ...                   "comparison": "A vs rest"}, index=["g1", "g2"])
+    >>> fig = plot_volcano(r)
+    >>> fig.axes[0].get_title(), fig.axes[0].get_xlabel()
+    ('A vs rest (1 DE)', 'log2 fold change (posterior mean)')
+    """
+    comparisons = list(dict.fromkeys(results["comparison"]))[:max_panels]
+    ncols = max(1, min(ncols, len(comparisons)))
+    nrows = max(1, -(-len(comparisons) // ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), dpi=120, squeeze=False
+    )
+    for ax in axes.flat[len(comparisons) :]:
+        ax.set_visible(False)
+    params = results.attrs.get("params", {})
+    for name, ax in zip(comparisons, axes.flat, strict=False):
+        rows = results[results["comparison"] == name]
+        lfc = rows["lfc_mean"].to_numpy(dtype=float)
+        evidence = np.log(rows["proba_de"].to_numpy(float)) - np.log(
+            rows["proba_not_de"].to_numpy(float)
+        )
+        called = rows["is_de_fdr"].to_numpy(dtype=bool)
+        ax.scatter(lfc[~called], evidence[~called], s=6, color="0.6", label="not DE")
+        ax.scatter(lfc[called], evidence[called], s=8, color="tab:red", label="DE (FDR)")
+        if params.get("mode") == "change":
+            for x in (-params["delta"], params["delta"]):
+                ax.axvline(x, color="k", ls="--", lw=0.7)
+        # rows come sorted by rank, most significant first
+        for gene, x, y in list(zip(rows.index, lfc, evidence, strict=True))[:label_top]:
+            ax.annotate(str(gene), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        ax.set_title(f"{name} ({int(called.sum())} DE)")
+        ax.set_xlabel("log2 fold change (posterior mean)")
+        ax.set_ylabel("log Bayes factor of DE")
+    axes.flat[0].legend(fontsize="small", loc="lower left")
     return _save(fig, path)

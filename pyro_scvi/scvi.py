@@ -749,6 +749,56 @@ class SCVI:
             for k, v in parts.items()
         }
 
+    # ------------------------------------------------------------------ differential expression
+    def differential_expression(
+        self,
+        adata: AnnData | None = None,
+        *,
+        groupby: str,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        mode: str = "change",
+        delta: float = 0.25,
+        fdr_target: float = 0.05,
+        batch_correction: bool = True,
+        n_samples: int = 1000,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Differential expression between groups of cells, with Bayes factors.
+
+        ``mode="vanilla"`` is the test of Lopez et al. (2018); ``mode="change"`` tests
+        ``|LFC| >= delta`` and calls genes at a posterior expected FDR of ``fdr_target``.
+        ``group2=None`` compares with all other cells; ``group1=None`` tests every group.
+        See :func:`pyro_scvi.de.differential_expression` for the method, the columns of
+        the result and the other keyword arguments (``pseudocount``, ``credible_level``,
+        ``batch_size``, ``seed``, ``key_added``). The AnnData is written to only when
+        ``key_added`` is given.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=120, n_genes=12, n_clusters=2)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> de = model.differential_expression(groupby="cell_type", n_samples=50)
+        >>> sorted(de["comparison"].unique())
+        ['type0 vs rest', 'type1 vs rest']
+        """
+        from .de import differential_expression
+
+        return differential_expression(
+            self,
+            adata,
+            groupby=groupby,
+            group1=group1,
+            group2=group2,
+            mode=mode,
+            delta=delta,
+            fdr_target=fdr_target,
+            batch_correction=batch_correction,
+            n_samples=n_samples,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------------ persistence
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Save parameters, settings and history to ``dir_path``, atomically.

@@ -1,0 +1,559 @@
+"""Differential expression between groups of cells, with Bayes factors.
+
+Two tests compare the normalized expression ``rho`` (the decoder's softmax output, the
+fraction of a cell's library each gene gets) of two groups of cells:
+
+``mode="vanilla"``
+    The test of Lopez et al. (2018). Draw a random cell of each group and one posterior
+    sample of ``z`` for each, decode ``rho``, and repeat ``n_samples`` times. Then
+    ``p = P(rho1 > rho2)`` and the Bayes factor is ``log p - log(1 - p)`` (signed:
+    positive when group 1 is higher). ``proba_de = max(p, 1 - p)`` is the posterior
+    probability of the more likely direction, so a gene with no difference has
+    ``proba_de`` near 0.5.
+``mode="change"``
+    A test on the log fold change (LFC) between the groups' *mean* expression with a
+    threshold ``delta``: a gene is DE when ``|LFC| >= delta`` (log2 units). Each posterior
+    sample of a group's mean is a Bayesian-bootstrap average (Dirichlet(1, ..., 1)
+    weights over the group's cells) of one posterior draw of ``rho`` per cell, so it
+    carries both the model's uncertainty about each cell and the sampling of cells: two
+    random halves of one population differ by little and are not called. Then
+    ``proba_de = P(|LFC| >= delta)`` and the Bayes factor is
+    ``log proba_de - log(1 - proba_de)``.
+
+Either way genes are called DE by controlling the posterior expected false discovery
+rate: sort genes by ``proba_de`` and take the longest list whose mean ``1 - proba_de``
+(``posterior_fdr``) is at most ``fdr_target``.
+
+Probabilities are Monte-Carlo estimates from ``S = n_samples`` samples, written
+``(k + 1/2) / (S + 1)`` for ``k`` hits, so they stay inside (0, 1): a Bayes factor is
+never infinite, and its magnitude is at most ``log(2 S + 1)``.
+
+With ``batch_correction`` every cell's ``rho`` is decoded under each batch the model
+knows and averaged over them (``transform_batch``), so differences between batches do not
+show up as DE; otherwise each cell is decoded in its own batch.
+
+LFCs are ``log2(a + eps) - log2(b + eps)`` with a pseudocount ``eps`` that defaults to
+0.1 counts per cell at the median library size, so genes that neither group expresses get
+LFCs near 0 rather than ratios of two tiny numbers.
+
+Memory does not grow with the number of cells: cells are decoded ``batch_size`` at a time
+and reduced at once; what is kept is ``n_samples x genes`` values per group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from . import posterior
+from .data import CountData, InputError
+
+if TYPE_CHECKING:
+    from .scvi import SCVI
+
+#: Name of the second group in one-vs-rest comparisons.
+REST = "rest"
+#: Posterior draws of ``rho`` per cell in change mode. Bootstrap sample ``s`` of a group
+#: mean uses draw ``s % DRAWS_PER_CELL`` of every cell, so the decoding cost is fixed per
+#: cell however many samples are asked for.
+DRAWS_PER_CELL = 20
+#: Columns of the result, in order.
+COLUMNS = (
+    "proba_de",
+    "proba_not_de",
+    "bayes_factor",
+    "lfc_mean",
+    "lfc_median",
+    "lfc_std",
+    "lfc_lower",
+    "lfc_upper",
+    "posterior_fdr",
+    "is_de_fdr",
+    "scale1",
+    "scale2",
+    "raw_mean1",
+    "raw_mean2",
+    "non_zeros_proportion1",
+    "non_zeros_proportion2",
+    "comparison",
+    "group1",
+    "group2",
+)
+
+
+def differential_expression(
+    model: SCVI,
+    adata: AnnData | None = None,
+    *,
+    groupby: str,
+    group1: str | Sequence[str] | None = None,
+    group2: str | None = None,
+    mode: Literal["vanilla", "change"] = "change",
+    delta: float = 0.25,
+    fdr_target: float = 0.05,
+    batch_correction: bool = True,
+    n_samples: int = 1000,
+    pseudocount: float | None = None,
+    credible_level: float = 0.95,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    key_added: str | None = None,
+) -> pd.DataFrame:
+    """Differential expression between groups of cells, gene by gene.
+
+    See the module docstring for the two tests, the FDR control and batch correction.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~pyro_scvi.SCVI`.
+    adata
+        Cells to compare (default: the model's AnnData); needs the model's genes.
+    groupby
+        Column of ``adata.obs`` holding each cell's group; cells with a missing value take
+        part in no comparison.
+    group1
+        Group (or groups, each compared in turn) to test; ``None`` compares every group.
+    group2
+        Reference group; ``None`` compares against all other cells (one-vs-rest).
+    mode
+        ``"change"`` (LFC with threshold ``delta``) or ``"vanilla"`` (the paper's test).
+    delta
+        LFC threshold (log2 units, positive) of change mode.
+    fdr_target
+        Posterior expected false discovery rate that ``is_de_fdr`` controls, in (0, 1).
+    batch_correction
+        Average ``rho`` over all batches (``True``) or decode each cell in its own batch.
+    n_samples
+        Posterior samples per group: random cells (vanilla) or bootstrap group means
+        (change). Probabilities have resolution ``1 / n_samples``.
+    pseudocount
+        ``eps`` added to normalized expression before taking logs; default 0.1 divided by
+        the median library size of ``adata``.
+    credible_level
+        Mass of the central LFC credible interval ``[lfc_lower, lfc_upper]``.
+    batch_size
+        Cells decoded per pass; memory grows as ``batch_size x 20 x genes`` per pass.
+    seed
+        Seed of every random choice (cells, posterior draws, bootstrap weights): the same
+        seed gives the same table. The global random state is left as it was.
+    key_added
+        If given, also store the results in ``adata.uns[key_added]`` (``adata``, or the
+        model's AnnData when ``adata`` is ``None``) in the layout of scanpy's
+        ``rank_genes_groups``. Nothing is written to any AnnData otherwise.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per gene and comparison, indexed by gene, sorted within each comparison
+        by ``proba_de`` (ties by ``|lfc_mean|``), most significant first. Columns:
+
+        - ``proba_de``, ``proba_not_de``, ``bayes_factor`` (natural log; signed in vanilla
+          mode, ``log proba_de - log proba_not_de`` in change mode);
+        - ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_lower``, ``lfc_upper``: the
+          posterior of the log2 fold change of group 1 over group 2 (in vanilla mode, of
+          random cell pairs);
+        - ``posterior_fdr`` (expected FDR of the list down to this gene) and ``is_de_fdr``;
+        - ``scale1``, ``scale2``: mean normalized expression ``rho`` of each group;
+        - ``raw_mean1``, ``raw_mean2``, ``non_zeros_proportion1``,
+          ``non_zeros_proportion2``: mean raw count and fraction of cells with a non-zero
+          count in each group;
+        - ``comparison`` (``"A vs B"``), ``group1``, ``group2`` (``"rest"`` for one-vs-rest).
+
+        ``DataFrame.attrs`` holds the parameters.
+
+    Raises
+    ------
+    InputError
+        For an unknown ``groupby`` column or group, a group compared with itself, a group
+        with no cells, and out-of-range arguments.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=120, n_genes=12, n_clusters=2)
+    >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+    >>> de = differential_expression(model, groupby="cell_type", group1="type0", n_samples=50)
+    >>> de.shape, de["comparison"].iloc[0]
+    ((12, 19), 'type0 vs rest')
+    >>> bool(((de["proba_de"] > 0) & (de["proba_de"] < 1)).all())
+    True
+    """
+    _check_arguments(mode, delta, fdr_target, n_samples, credible_level, batch_size, pseudocount)
+    target = adata if adata is not None else model.adata
+    data = model._data_for(adata)
+    labels, present = _labels(target, groupby)
+    tested, reference = _resolve_groups(labels, present, groupby, group1, group2)
+    # Sample the groups in one fixed order whatever the comparison, so that swapping
+    # group1 and group2 under one seed reuses exactly the same draws.
+    needed = present if reference is None else [g for g in present if g in {*tested, reference}]
+    cells = {g: np.flatnonzero(labels == g) for g in needed}
+    codes = list(range(data.n_batch)) if batch_correction else None
+    if pseudocount is None:
+        library = np.asarray(data.X.sum(axis=1)).ravel()
+        pseudocount = 0.1 / max(float(np.median(library)), 1.0)
+    rng = np.random.default_rng(seed)
+    sampler = _bootstrap_means if mode == "change" else _cell_pools
+    with posterior.seeded(seed, model.device):
+        draws = sampler(model, data, cells, n_samples, codes, batch_size, rng)
+    raw = _raw_statistics(data, cells)
+
+    frames = []
+    for g in tested:
+        others = [h for h in needed if h != g] if reference is None else [reference]
+        weights = np.array([len(cells[h]) for h in others], dtype=float)
+        weights /= weights.sum()
+        if mode == "change":
+            # The rest's mean is the cell-weighted mixture of the other groups' means.
+            b = sum(w * draws[h] for w, h in zip(weights, others, strict=True))
+            columns = _change_columns(draws[g], b, delta, pseudocount, credible_level)
+        else:
+            b = _mixture_pool(draws, others, weights, n_samples, rng)
+            columns = _vanilla_columns(draws[g], b, pseudocount, credible_level)
+        n_other = sum(raw[h][0] for h in others)
+        columns.update(
+            scale1=draws[g].mean(0),
+            scale2=b.mean(0),
+            raw_mean1=raw[g][1] / raw[g][0],
+            raw_mean2=sum(raw[h][1] for h in others) / n_other,
+            non_zeros_proportion1=raw[g][2] / raw[g][0],
+            non_zeros_proportion2=sum(raw[h][2] for h in others) / n_other,
+        )
+        frames.append(_finish(columns, data.var_names, g, reference, fdr_target))
+    result = pd.concat(frames)
+    result.attrs["params"] = {
+        "groupby": groupby,
+        "reference": REST if reference is None else reference,
+        "mode": mode,
+        "delta": float(delta),
+        "fdr_target": float(fdr_target),
+        "batch_correction": bool(batch_correction),
+        "n_samples": int(n_samples),
+        "pseudocount": float(pseudocount),
+        "credible_level": float(credible_level),
+        "seed": "None" if seed is None else int(seed),
+        "layer": "None" if model.layer is None else model.layer,
+    }
+    if key_added is not None:
+        target.uns[key_added] = to_rank_genes_groups(result, data.var_names)
+    return result
+
+
+# ---------------------------------------------------------------------- arguments, groups
+def _check_arguments(mode, delta, fdr_target, n_samples, credible_level, batch_size, eps):
+    if mode not in ("vanilla", "change"):
+        raise InputError(f"mode={mode!r}; use 'vanilla' (the paper's test) or 'change'.")
+    if not (math.isfinite(delta) and delta > 0):
+        raise InputError(f"delta={delta}; the LFC threshold must be a positive number.")
+    if not 0 < fdr_target < 1:
+        raise InputError(f"fdr_target={fdr_target}; it must be in (0, 1), e.g. 0.05.")
+    if int(n_samples) != n_samples or n_samples < 2:
+        raise InputError(f"n_samples={n_samples}; use an integer of at least 2 (e.g. 1000).")
+    if not 0 < credible_level < 1:
+        raise InputError(f"credible_level={credible_level}; it must be in (0, 1).")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise InputError(f"batch_size={batch_size}; it must be a positive integer.")
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+        raise InputError(f"pseudocount={eps}; it must be a finite number >= 0.")
+
+
+def _labels(adata: AnnData, groupby: str) -> tuple[np.ndarray, list[str]]:
+    """Each cell's group as a string (``None`` where missing) and the groups with cells."""
+    if not isinstance(groupby, str) or groupby not in adata.obs:
+        known = ", ".join(map(repr, adata.obs.columns[:10])) or "none"
+        raise InputError(
+            f"groupby={groupby!r} is not a column of adata.obs (columns include: {known}); "
+            "pass the column that holds each cell's group, e.g. groupby='cell_type'."
+        )
+    column = adata.obs[groupby]
+    missing = column.isna().to_numpy()
+    labels = np.where(missing, None, column.astype(str).to_numpy(dtype=object))
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        order = [str(c) for c in column.cat.categories]
+    else:
+        order = sorted({str(v) for v in labels[~missing]})
+    present = [g for g in order if (labels == g).any()]
+    return labels, present
+
+
+def _resolve_groups(
+    labels: np.ndarray,
+    present: list[str],
+    groupby: str,
+    group1: str | Sequence[str] | None,
+    group2: str | None,
+) -> tuple[list[str], str | None]:
+    def check(name) -> str:
+        if str(name) not in present:
+            shown = ", ".join(map(repr, present[:20])) + (" ..." if len(present) > 20 else "")
+            raise InputError(
+                f"{name!r} is not a group of adata.obs[{groupby!r}] with cells "
+                f"(groups: {shown or 'none'})."
+            )
+        return str(name)
+
+    reference = None if group2 is None else check(group2)
+    if group1 is None:
+        tested = [g for g in present if g != reference]
+    else:
+        names = [group1] if isinstance(group1, str | int) else list(group1)
+        tested = list(dict.fromkeys(check(g) for g in names))
+    if not tested:
+        raise InputError("No group to test: pass group1, or a groupby column with 2+ groups.")
+    if reference is not None and reference in tested:
+        raise InputError(f"group1 and group2 are both {reference!r}; compare different groups.")
+    if reference is None and len(present) < 2:
+        raise InputError(
+            f"adata.obs[{groupby!r}] has only the group {present[0]!r}: one-vs-rest needs "
+            "cells in at least two groups."
+        )
+    return tested, reference
+
+
+# ---------------------------------------------------------------------- sampling
+def _bootstrap_means(
+    model: SCVI,
+    data: CountData,
+    cells: dict[str, np.ndarray],
+    n_samples: int,
+    codes: list[int] | None,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """``n_samples`` posterior samples of each group's mean ``rho``, ``(n_samples, genes)``."""
+    n_draws = min(n_samples, DRAWS_PER_CELL)
+    out = {}
+    for name, idx in cells.items():
+        sums = np.zeros((n_samples, data.n_genes))
+        totals = np.zeros(n_samples)
+        for chunk in data.minibatches(idx, batch_size):
+            rho = posterior.normalized_expression(
+                model.model,
+                model.guide,
+                data,
+                chunk,
+                transform_batch=codes,
+                n_samples=n_draws,
+                batch_size=len(chunk),
+                device=model.device,
+            )
+            # Unnormalized Dirichlet(1, ..., 1) weights: the Bayesian bootstrap of the
+            # group's cells, normalized over the whole group below.
+            w = rng.standard_exponential((n_samples, len(chunk)))
+            for d in range(n_draws):
+                sums[d::n_draws] += w[d::n_draws] @ rho[d].astype(np.float64)
+            totals += w.sum(1)
+        out[name] = sums / totals[:, None]
+    return out
+
+
+def _cell_pools(
+    model: SCVI,
+    data: CountData,
+    cells: dict[str, np.ndarray],
+    n_samples: int,
+    codes: list[int] | None,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """``rho`` of ``n_samples`` random cells of each group, one posterior draw each."""
+    picks = [rng.choice(idx, size=n_samples, replace=True) for idx in cells.values()]
+    rho = posterior.normalized_expression(
+        model.model,
+        model.guide,
+        data,
+        np.concatenate(picks),
+        transform_batch=codes,
+        n_samples=1,
+        batch_size=batch_size,
+        device=model.device,
+    )[0]
+    return {
+        name: rho[i * n_samples : (i + 1) * n_samples].astype(np.float64)
+        for i, name in enumerate(cells)
+    }
+
+
+def _mixture_pool(
+    pools: dict[str, np.ndarray],
+    names: list[str],
+    weights: np.ndarray,
+    n_samples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Random cells of the union of ``names``: each from group j with its share of cells."""
+    if len(names) == 1:
+        return pools[names[0]]
+    which = rng.choice(len(names), size=n_samples, p=weights)
+    rows = rng.integers(0, n_samples, size=n_samples)
+    out = np.empty((n_samples, pools[names[0]].shape[1]))
+    for j, name in enumerate(names):
+        mask = which == j
+        out[mask] = pools[name][rows[mask]]
+    return out
+
+
+def _raw_statistics(data: CountData, cells: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """Per group: number of cells, summed counts and cells with a non-zero count, per gene."""
+    out = {}
+    for name, idx in cells.items():
+        rows = data.X[idx]
+        nonzero = rows > 0
+        if sp.issparse(rows):
+            sums = np.asarray(rows.sum(0)).ravel()
+            nnz = np.asarray(nonzero.sum(0)).ravel()
+        else:
+            sums, nnz = rows.sum(0), nonzero.sum(0)
+        out[name] = (len(idx), sums.astype(np.float64), nnz.astype(np.float64))
+    return out
+
+
+# ---------------------------------------------------------------------- statistics
+def _smoothed(hits: np.ndarray, n: int) -> np.ndarray:
+    # (k + 1/2) / (n + 1): inside (0, 1) at any Monte-Carlo sample size, so log odds stay
+    # finite and no gene is called with certainty that n samples cannot resolve.
+    return (hits + 0.5) / (n + 1)
+
+
+def _lfc_columns(lfc: np.ndarray, credible_level: float) -> dict[str, np.ndarray]:
+    tail = (1 - credible_level) / 2
+    s = posterior.summarize(lfc, quantiles=(tail, 0.5, 1 - tail))
+    return {
+        "lfc_mean": s["mean"],
+        "lfc_median": s[posterior.quantile_key(0.5)],
+        "lfc_std": s["sd"],
+        "lfc_lower": s[posterior.quantile_key(tail)],
+        "lfc_upper": s[posterior.quantile_key(1 - tail)],
+    }
+
+
+def _change_columns(
+    a: np.ndarray, b: np.ndarray, delta: float, eps: float, credible_level: float
+) -> dict[str, np.ndarray]:
+    lfc = np.log2(a + eps) - np.log2(b + eps)
+    proba = _smoothed((np.abs(lfc) >= delta).sum(0), len(lfc))
+    return {
+        "proba_de": proba,
+        "proba_not_de": 1 - proba,
+        "bayes_factor": np.log(proba) - np.log1p(-proba),
+        **_lfc_columns(lfc, credible_level),
+    }
+
+
+def _vanilla_columns(
+    a: np.ndarray, b: np.ndarray, eps: float, credible_level: float
+) -> dict[str, np.ndarray]:
+    p = _smoothed((a > b).sum(0), len(a))
+    proba = np.maximum(p, 1 - p)
+    return {
+        "proba_de": proba,
+        "proba_not_de": 1 - proba,
+        "bayes_factor": np.log(p) - np.log1p(-p),
+        **_lfc_columns(np.log2(a + eps) - np.log2(b + eps), credible_level),
+    }
+
+
+def _finish(
+    columns: dict[str, np.ndarray],
+    var_names: pd.Index,
+    group1: str,
+    group2: str | None,
+    fdr_target: float,
+) -> pd.DataFrame:
+    frame = pd.DataFrame(columns, index=pd.Index(var_names, name=None))
+    order = np.lexsort((-np.abs(frame["lfc_mean"].to_numpy()), -frame["proba_de"].to_numpy()))
+    frame = frame.iloc[order]
+    frame["posterior_fdr"] = posterior_fdr(frame["proba_de"].to_numpy())
+    frame["is_de_fdr"] = frame["posterior_fdr"] <= fdr_target
+    name2 = REST if group2 is None else group2
+    frame["comparison"] = f"{group1} vs {name2}"
+    frame["group1"], frame["group2"] = group1, name2
+    return frame[list(COLUMNS)]
+
+
+def posterior_fdr(proba_de: np.ndarray) -> np.ndarray:
+    """Posterior expected FDR of the top-``i`` lists of genes sorted by ``proba_de``.
+
+    Entry ``i`` is the mean ``1 - proba_de`` of the first ``i + 1`` genes: the expected
+    fraction of false discoveries if they are all called DE. Genes must be sorted by
+    ``proba_de``, highest first; the result then never decreases, so calling every gene
+    whose value is at most the target calls the longest list that meets it.
+
+    Examples
+    --------
+    >>> posterior_fdr(np.array([0.99, 0.97, 0.9, 0.5])).round(3).tolist()
+    [0.01, 0.02, 0.047, 0.16]
+    """
+    proba_de = np.asarray(proba_de, dtype=float)
+    return np.cumsum(1 - proba_de) / np.arange(1, len(proba_de) + 1)
+
+
+# ---------------------------------------------------------------------- scanpy layout
+def to_rank_genes_groups(results: pd.DataFrame, var_names: Sequence[str]) -> dict:
+    """The results in the layout of scanpy's ``adata.uns["rank_genes_groups"]``.
+
+    One field per tested group (``group1``) in record arrays, genes in each comparison's
+    order: ``names``, ``scores`` (the Bayes factor), ``logfoldchanges`` (``lfc_mean``,
+    log2), ``pvals`` (``proba_not_de``) and ``pvals_adj`` (``posterior_fdr``), with
+    ``pts`` and ``pts_rest`` (fractions of cells expressing each gene) and ``params``.
+    ``pvals`` and ``pvals_adj`` are posterior probabilities, not frequentist p-values,
+    stored under those names so that scanpy's tools read them:
+    ``sc.get.rank_genes_groups_df(adata, None, key=key, pval_cutoff=fdr_target)`` lists
+    the genes with ``is_de_fdr``.
+
+    Parameters
+    ----------
+    results
+        Output of :func:`differential_expression` (its ``attrs`` hold the parameters).
+    var_names
+        The genes, in the AnnData's order (the index of ``pts``).
+
+    Returns
+    -------
+    dict
+        Ready to assign to ``adata.uns[key]``; it writes to ``.h5ad``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> r = pd.DataFrame({"group1": ["A", "A"], "bayes_factor": [3.0, -0.1],
+    ...                   "lfc_mean": [1.2, 0.0], "proba_not_de": [0.05, 0.5],
+    ...                   "posterior_fdr": [0.05, 0.275], "non_zeros_proportion1": [0.9, 0.4],
+    ...                   "non_zeros_proportion2": [0.1, 0.4]}, index=["g2", "g1"])
+    >>> uns = to_rank_genes_groups(r, ["g1", "g2"])
+    >>> uns["names"]["A"].tolist(), uns["pts"]["A"].tolist()
+    (['g2', 'g1'], [0.4, 0.9])
+    """
+    groups = list(dict.fromkeys(results["group1"]))
+    blocks = [results[results["group1"] == g] for g in groups]
+
+    def rec(column: str | None, dtype) -> np.recarray:
+        arrays = [(b.index if column is None else b[column]).to_numpy(dtype=dtype) for b in blocks]
+        return np.rec.fromarrays(arrays, names=[str(g) for g in groups])
+
+    def pts(column: str) -> pd.DataFrame:
+        frame = pd.DataFrame({str(g): b[column] for g, b in zip(groups, blocks, strict=True)})
+        return frame.reindex(pd.Index(var_names, dtype=str)).astype(np.float64)
+
+    params = dict(results.attrs.get("params", {}))
+    params.update(
+        method=f"pyro_scvi_{params.get('mode', 'de')}",
+        use_raw=False,
+        corr_method="posterior expected FDR",
+    )
+    return {
+        "params": params,
+        "names": rec(None, str),
+        "scores": rec("bayes_factor", np.float32),
+        "logfoldchanges": rec("lfc_mean", np.float32),
+        "pvals": rec("proba_not_de", np.float64),
+        "pvals_adj": rec("posterior_fdr", np.float64),
+        "pts": pts("non_zeros_proportion1"),
+        "pts_rest": pts("non_zeros_proportion2"),
+    }

@@ -1,0 +1,314 @@
+"""Differential expression: recovery of known DE genes, null calibration, symmetry, seeds,
+batch correction, errors, the scanpy-style uns record, the volcano plot and the CLI."""
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from pyro_scvi import SCVI, InputError
+from pyro_scvi.cli import main
+from pyro_scvi.de import COLUMNS, differential_expression, posterior_fdr
+from pyro_scvi.plotting import plot_volcano
+
+N_DE = 5  # genes up in A, and as many up in B
+N_GENES = 30
+
+
+def simulate(n_cells=400, lfc=1.5, batch_effect=1.0, seed=0):
+    """Two cell types, two batches; genes 0-4 up in A, genes 5-9 up in B, the rest equal.
+
+    The two DE sets have the same baselines, so both types have the same total expression
+    and every other gene's normalized expression is exactly equal between the types. The
+    batch effect is a per-gene factor exp(N(0, batch_effect)) in batch b1.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 0.5, N_GENES)
+    base[N_DE : 2 * N_DE] = base[:N_DE]
+    up = np.zeros((2, N_GENES))
+    up[0, :N_DE] = lfc
+    up[1, N_DE : 2 * N_DE] = lfc
+    shift = np.stack([np.zeros(N_GENES), rng.normal(0, batch_effect, N_GENES)])
+    cell_type, batch = rng.integers(0, 2, n_cells), rng.integers(0, 2, n_cells)
+    logits = base + up[cell_type] + shift[batch]
+    freq = np.exp(logits)
+    freq /= freq.sum(1, keepdims=True)
+    mu = np.exp(rng.normal(6.0, 0.3, n_cells))[:, None] * freq
+    counts = rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float32)
+    halves = np.where(rng.random(n_cells) < 0.5, "h1", "h2")
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(np.array(["A", "B"])[cell_type]),
+            "batch": pd.Categorical(np.array(["b0", "b1"])[batch]),
+            # random halves of type A; type B cells belong to neither half
+            "halves": pd.Categorical(np.where(cell_type == 0, halves, None)),
+        },
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"g{i}" for i in range(N_GENES)])
+    return anndata.AnnData(sp.csr_matrix(counts), obs=obs, var=var)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = simulate()
+    model = SCVI(adata, batch_key="batch", n_latent=4, n_hidden=32)
+    model.train(max_epochs=100, kl_warmup_epochs=10, progress_bar=False)
+    return model
+
+
+DE_GENES = {f"g{i}" for i in range(2 * N_DE)}
+
+
+@pytest.mark.parametrize("mode", ["change", "vanilla"])
+def test_known_de_genes_rank_at_the_top(trained, mode):
+    res = trained.differential_expression(
+        groupby="cell_type", group1="A", group2="B", mode=mode, n_samples=500
+    )
+    assert list(res.columns) == list(COLUMNS) and len(res) == N_GENES
+    assert set(res.index[: 2 * N_DE]) == DE_GENES
+    # direction: g0-g4 are higher in A, g5-g9 in B
+    lfc = res["lfc_mean"]
+    assert (lfc[[f"g{i}" for i in range(N_DE)]] > 0.25).all()
+    assert (lfc[[f"g{i}" for i in range(N_DE, 2 * N_DE)]] < -0.25).all()
+    if mode == "vanilla":
+        bf = res["bayes_factor"]
+        assert (bf[[f"g{i}" for i in range(N_DE)]] > 0).all()
+        assert (bf[[f"g{i}" for i in range(N_DE, 2 * N_DE)]] < 0).all()
+
+
+def test_change_mode_calls_the_de_genes_and_no_others(trained):
+    res = trained.differential_expression(
+        groupby="cell_type", group1="A", group2="B", n_samples=500
+    )
+    called = set(res.index[res["is_de_fdr"]])
+    assert DE_GENES <= called and len(called - DE_GENES) <= 1
+    # the called list meets its own posterior FDR target, and the next gene would not
+    assert res["posterior_fdr"][res["is_de_fdr"]].max() <= 0.05
+    assert (res["proba_de"].to_numpy()[: len(called)] > 0.9).all()
+    assert np.allclose(res["proba_de"] + res["proba_not_de"], 1)
+    assert np.allclose(res["bayes_factor"], np.log(res["proba_de"] / res["proba_not_de"]))
+    assert (res["lfc_lower"] <= res["lfc_median"]).all()
+    assert (res["lfc_median"] <= res["lfc_upper"]).all()
+
+
+@pytest.mark.parametrize("mode", ["change", "vanilla"])
+def test_null_halves_call_almost_nothing(trained, mode):
+    res = trained.differential_expression(
+        groupby="halves", group1="h1", group2="h2", mode=mode, n_samples=500
+    )
+    assert res["is_de_fdr"].sum() <= 1
+    if mode == "change":
+        # halves of one population differ by far less than delta = 0.25
+        assert res["lfc_mean"].abs().max() < 0.25
+    # cells outside both halves (type B, missing label) take no part
+    a = trained.adata
+    half2 = np.asarray(a.X[(a.obs["halves"] == "h2").to_numpy()].mean(0)).ravel()
+    np.testing.assert_allclose(res.loc[a.var_names, "raw_mean2"], half2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["change", "vanilla"])
+def test_swapping_the_groups_flips_the_signs(trained, mode):
+    kw = dict(groupby="cell_type", mode=mode, n_samples=300, seed=3)
+    ab = trained.differential_expression(group1="A", group2="B", **kw)
+    ba = trained.differential_expression(group1="B", group2="A", **kw).loc[ab.index]
+    np.testing.assert_allclose(ba["lfc_mean"], -ab["lfc_mean"], atol=1e-10)
+    np.testing.assert_allclose(ba["lfc_median"], -ab["lfc_median"], atol=1e-10)
+    np.testing.assert_allclose(ba["lfc_lower"], -ab["lfc_upper"], atol=1e-10)
+    np.testing.assert_allclose(
+        ba["bayes_factor"], -ab["bayes_factor"] if mode == "vanilla" else ab["bayes_factor"]
+    )
+    np.testing.assert_allclose(ba["proba_de"], ab["proba_de"])
+    np.testing.assert_allclose(ba["scale1"], ab["scale2"])
+    np.testing.assert_allclose(ba["raw_mean1"], ab["raw_mean2"])
+    np.testing.assert_allclose(ba["non_zeros_proportion1"], ab["non_zeros_proportion2"])
+    assert (ab["lfc_mean"].abs() > 0.25).sum() >= 2 * N_DE  # the flip is not of zeros
+
+
+def test_results_are_reproducible_under_a_seed(trained):
+    kw = dict(groupby="cell_type", group1="A", n_samples=200)
+    first = trained.differential_expression(seed=7, **kw)
+    pd.testing.assert_frame_equal(first, trained.differential_expression(seed=7, **kw))
+    other = trained.differential_expression(seed=8, **kw)
+    assert not np.allclose(first["lfc_mean"], other.loc[first.index, "lfc_mean"])
+    # ... yet a new seed changes the answer only by Monte-Carlo noise
+    np.testing.assert_allclose(other.loc[first.index, "lfc_mean"], first["lfc_mean"], atol=0.1)
+
+
+@pytest.mark.parametrize("mode", ["change", "vanilla"])
+def test_batch_correction_removes_a_pure_batch_effect(trained, mode):
+    # Both cell types are spread evenly over the batches, so batch b0 against b1 differs
+    # only by the simulated batch effect.
+    kw = dict(groupby="batch", group1="b0", group2="b1", mode=mode, n_samples=500)
+    corrected = trained.differential_expression(**kw)
+    raw = trained.differential_expression(batch_correction=False, **kw)
+    assert corrected["is_de_fdr"].sum() <= 1
+    assert raw["is_de_fdr"].sum() >= 10
+
+
+def test_one_vs_rest_over_every_group(trained):
+    a = trained.adata
+    res = trained.differential_expression(groupby="batch", n_samples=100)
+    assert list(dict.fromkeys(res["comparison"])) == ["b0 vs rest", "b1 vs rest"]
+    assert set(res["group2"]) == {"rest"}
+    b0 = res[res["group1"] == "b0"].loc[a.var_names]
+    in_b1 = (a.obs["batch"] == "b1").to_numpy()
+    counts = a.X.toarray()
+    np.testing.assert_allclose(b0["raw_mean2"], counts[in_b1].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(b0["non_zeros_proportion2"], (counts[in_b1] > 0).mean(0))
+    np.testing.assert_allclose(b0["scale1"].sum(), 1.0, rtol=1e-4)  # mean rho sums to 1
+
+
+def test_rest_is_the_cell_weighted_mixture_of_the_other_groups(trained):
+    # "A vs rest" on cell_type is "A vs B": the rest is B alone, so the draws are identical.
+    kw = dict(groupby="cell_type", group1="A", n_samples=100, seed=1)
+    rest = trained.differential_expression(**kw)
+    b = trained.differential_expression(group2="B", **kw).loc[rest.index]
+    np.testing.assert_allclose(rest["lfc_mean"], b["lfc_mean"])
+    assert set(rest["comparison"]) == {"A vs rest"}
+
+
+def test_unknown_groupby_or_group_is_a_clear_error(trained):
+    with pytest.raises(InputError, match="'celltype' is not a column of adata.obs"):
+        trained.differential_expression(groupby="celltype")
+    with pytest.raises(InputError, match=r"'C' is not a group of adata.obs\['cell_type'\]"):
+        trained.differential_expression(groupby="cell_type", group1="C")
+    with pytest.raises(InputError, match="groups: 'A', 'B'"):
+        trained.differential_expression(groupby="cell_type", group1="A", group2="Z")
+    with pytest.raises(InputError, match="both 'A'"):
+        trained.differential_expression(groupby="cell_type", group1="A", group2="A")
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"mode": "bayes"}, "mode='bayes'"),
+        ({"delta": 0.0}, "delta=0.0"),
+        ({"fdr_target": 1.5}, "fdr_target=1.5"),
+        ({"n_samples": 1}, "n_samples=1"),
+        ({"credible_level": 1.0}, "credible_level=1.0"),
+        ({"pseudocount": -1.0}, "pseudocount=-1.0"),
+    ],
+)
+def test_bad_arguments_are_input_errors(trained, kwargs, fragment):
+    with pytest.raises(InputError, match=fragment):
+        trained.differential_expression(groupby="cell_type", **kwargs)
+
+
+def test_only_one_group_cannot_be_tested_against_the_rest(trained):
+    a = trained.adata.copy()
+    a.obs["one"] = "x"
+    with pytest.raises(InputError, match="only the group 'x'"):
+        trained.differential_expression(a, groupby="one")
+
+
+def test_adata_is_written_only_with_key_added(trained, tmp_path):
+    a = trained.adata
+    before = set(a.uns)
+    res = trained.differential_expression(groupby="cell_type", n_samples=100)
+    assert set(a.uns) == before
+    copy = a.copy()
+    res = trained.differential_expression(
+        copy, groupby="cell_type", n_samples=100, key_added="de_pyro"
+    )
+    assert set(a.uns) == before and "de_pyro" in copy.uns
+    uns = copy.uns["de_pyro"]
+    assert uns["names"].dtype.names == ("A", "B")
+    a_vs_rest = res[res["group1"] == "A"]
+    assert list(uns["names"]["A"]) == list(a_vs_rest.index)
+    np.testing.assert_allclose(uns["logfoldchanges"]["A"], a_vs_rest["lfc_mean"], rtol=1e-6)
+    np.testing.assert_allclose(uns["pvals_adj"]["A"], a_vs_rest["posterior_fdr"])
+    assert uns["params"]["groupby"] == "cell_type" and uns["params"]["reference"] == "rest"
+    assert uns["params"]["method"] == "pyro_scvi_change"
+    # the record writes to and reads back from .h5ad
+    copy.write_h5ad(tmp_path / "de.h5ad")
+    back = anndata.read_h5ad(tmp_path / "de.h5ad").uns["de_pyro"]
+    assert list(back["names"]["B"]) == list(uns["names"]["B"])
+    np.testing.assert_allclose(back["pts"]["A"], uns["pts"]["A"])
+
+
+def test_posterior_fdr_is_the_running_mean_of_proba_not_de():
+    p = np.array([0.999, 0.99, 0.9, 0.6, 0.2])
+    np.testing.assert_allclose(posterior_fdr(p), np.cumsum(1 - p) / np.arange(1, 6))
+    assert (np.diff(posterior_fdr(p)) >= 0).all()
+
+
+def test_volcano_plot_has_a_panel_per_comparison(trained, tmp_path):
+    res = differential_expression(trained, groupby="batch", n_samples=100)
+    fig = plot_volcano(res)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert len(titles) == 2 and titles[0].startswith("b0 vs rest (")
+    # the +-delta lines of change mode
+    assert len(fig.axes[0].lines) == 2
+    plot_volcano(res, tmp_path / "v.png")
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def saved(trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("de_cli")
+    trained.save(folder / "model")
+    trained.adata.write_h5ad(folder / "data.h5ad")
+    return folder
+
+
+def test_cli_writes_csv_and_volcano_png(saved, capsys):
+    out = saved / "de.csv"
+    status = main(
+        [
+            "de",
+            str(saved / "model"),
+            str(saved / "data.h5ad"),
+            "--groupby",
+            "cell_type",
+            "--group1",
+            "A",
+            "--group2",
+            "B",
+            "--n-samples",
+            "300",
+            "-o",
+            str(out),
+        ]
+    )
+    assert status == 0
+    table = pd.read_csv(out, index_col="gene")
+    assert list(table.columns) == list(COLUMNS) and len(table) == N_GENES
+    called = set(table.index[table["is_de_fdr"]])
+    assert DE_GENES <= called and len(called - DE_GENES) <= 1
+    png = saved / "de_volcano.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"A vs B: {len(called)}." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--groupby", "nope"], "'nope' is not a column"),
+        (["--groupby", "cell_type", "--group1", "Z"], "'Z' is not a group"),
+        (["--groupby", "cell_type", "--mode", "bayes"], "invalid choice"),
+        (["--groupby", "cell_type", "--fdr-target", "2"], "fdr_target=2.0"),
+        (["--groupby", "cell_type", "--delta", "0"], "expected a positive"),
+    ],
+)
+def test_cli_bad_arguments_give_one_line_and_status_2(saved, capsys, extra, fragment):
+    args = ["de", str(saved / "model"), str(saved / "data.h5ad"), "-o", str(saved / "x.csv")]
+    try:
+        status = main(args + extra)
+    except SystemExit as exit_:  # argparse errors exit directly
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2
+    assert fragment in err and len(err.strip().splitlines()) == 1
+    assert not (saved / "x.csv").exists()
+
+
+def test_cli_output_must_be_csv_and_model_dir_must_exist(saved, capsys):
+    base = ["de", str(saved / "model"), str(saved / "data.h5ad"), "--groupby", "cell_type"]
+    assert main(base + ["-o", str(saved / "x.txt")]) == 2
+    assert "must end in .csv" in capsys.readouterr().err
+    missing = ["de", str(saved / "none"), str(saved / "data.h5ad"), "--groupby", "cell_type"]
+    assert main(missing + ["-o", str(saved / "x.csv")]) == 2
+    assert "not a directory" in capsys.readouterr().err
