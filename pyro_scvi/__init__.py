@@ -12,9 +12,16 @@ from . import datasets, plotting
 from .data import CountData, InputError, from_anndata
 from .guide import ScviGuide
 from .infer import TrainingError, train_svi
-from .likelihoods import NB, ZINB, Likelihood, Poisson
+from .likelihoods import NB, ZINB, ZIP, Likelihood, Poisson
 from .model import ScviModel
-from .priors import LogNormalLibrary, Prior, StandardNormal
+from .priors import (
+    LibraryPrior,
+    LogNormalLibrary,
+    MixtureOfGaussians,
+    Prior,
+    StandardNormal,
+    VampPrior,
+)
 from .scvi import SCVI
 
 __version__ = "0.1.0"
@@ -27,8 +34,12 @@ __all__ = [
     "ZINB",
     "NB",
     "Poisson",
+    "ZIP",
     "Prior",
     "StandardNormal",
+    "MixtureOfGaussians",
+    "VampPrior",
+    "LibraryPrior",
     "LogNormalLibrary",
     "CountData",
     "InputError",

@@ -10,6 +10,30 @@ In epoch ``e`` (counting from 0) the ``z`` terms of the ELBO are scaled by
 ``min(1, e / kl_warmup_epochs)``: a linear ramp from 0 that reaches 1 after
 ``kl_warmup_epochs`` epochs, as in scvi-tools. The library term is never annealed. The
 validation ELBO is always the true ELBO (weight 1).
+
+Inference schemes
+-----------------
+Any Pyro ELBO trains the model: ``Trace_ELBO`` (default), ``TraceMeanField_ELBO``
+(analytic KL where Pyro has one, e.g. for the default Normal priors of ``z`` and ``l``),
+``RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`` (the importance-weighted
+bound of Burda et al., 2016) and the JIT variants. Two need care, which :func:`train_svi`
+takes:
+
+- ``RenyiELBO`` averages the importance weights of each cell inside a logarithm, so the
+  minibatch scale ``num_cells / batch_size`` that makes other ELBOs unbiased would land
+  inside that logarithm (weights raised to that power, no longer a bound). Its minibatches
+  are therefore not rescaled: each step maximizes the sum over the minibatch's cells of
+  their K-sample bounds, and ``train_elbo`` is that sum per cell. The validation column is
+  then the same bound.
+- JIT ELBOs (``JitTrace_ELBO``, ``JitTraceMeanField_ELBO``) compile the loss on first use:
+  positional arguments must be tensors (inputs of the compiled graph) and everything else
+  is a keyword, compiled once per distinct value. The KL weight is therefore passed as a
+  tensor, so warm-up changes it without recompiling (a Python float would be frozen into
+  the graph), and the minibatch size as a keyword, so each size gets its own graph. A JIT
+  ELBO object keeps using the first model and guide it compiled, so it is bound to one
+  pair; use a new one for each model. (In Pyro 1.9 ``JitTraceMeanField_ELBO`` re-traces on
+  every step, which is correct but slower than ``TraceMeanField_ELBO``.) Validation uses
+  the ELBO's uncompiled ``loss`` in eval mode.
 """
 
 from __future__ import annotations
@@ -17,6 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -24,12 +49,21 @@ import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, SVI, Trace_ELBO
+from pyro.infer import (
+    ELBO,
+    SVI,
+    JitTrace_ELBO,
+    JitTraceEnum_ELBO,
+    JitTraceGraph_ELBO,
+    JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+)
 from pyro.optim import PyroOptim
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import CountData
+from .data import CountData, InputError
 
 
 class TrainingError(RuntimeError):
@@ -82,18 +116,18 @@ class FusedAdam:
         self.settings = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
         self.optim: torch.optim.Optimizer | None = None
 
-    def __call__(self, elbo: ELBO, model: Callable, guide: Callable, *args) -> float:
+    def __call__(self, elbo: ELBO, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Compute the loss and its gradients, then update the parameters; return the loss."""
         if self.optim is None:
             with poutine.trace(param_only=True) as capture:
-                loss = elbo.loss_and_grads(model, guide, *args)
+                loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
             params = {
                 id(p): p
                 for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())
             }
             self.optim = torch.optim.Adam(list(params.values()), foreach=True, **self.settings)
         else:
-            loss = elbo.loss_and_grads(model, guide, *args)
+            loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
         if math.isfinite(loss):
             self.optim.step()
         self.optim.zero_grad(set_to_none=True)
@@ -175,7 +209,8 @@ def train_svi(
         A Pyro optimizer; by default :class:`FusedAdam` with learning rate ``lr`` (the
         same update as :func:`default_optim`, faster).
     elbo
-        Any Pyro ELBO (default ``Trace_ELBO()``).
+        Any Pyro ELBO (default ``Trace_ELBO()``); see the module docstring for
+        ``RenyiELBO`` and the JIT ELBOs.
     kl_warmup_epochs
         Length of the KL warm-up ramp (see the module docstring); 0 disables it.
     early_stopping, patience, min_delta
@@ -204,13 +239,17 @@ def train_svi(
         On a non-finite loss, after restoring the parameters of the last completed epoch.
     """
     elbo = elbo if elbo is not None else Trace_ELBO()
+    jit = isinstance(elbo, _JIT_ELBOS)
+    step_model, step_guide = _jit_pair(elbo, model, guide) if jit else (model, guide)
     if optim is None:
         fused = FusedAdam(lr=lr)
 
-        def step(*args):
-            return fused(elbo, model, guide, *args)
+        def step(*args, **kwargs):
+            return fused(elbo, step_model, step_guide, *args, **kwargs)
     else:
-        step = SVI(model, guide, optim, loss=elbo).step
+        step = SVI(step_model, step_guide, optim, loss=elbo).step
+    # None: minibatches are not rescaled to the full data (see the module docstring).
+    num_cells = len(train_idx) if _sums_site_terms(elbo) else None
     # Validate the first step of each run (shapes, supports, arguments); after that the
     # checks only cost time: the data were validated on the way in.
     validate_first = pyro.infer.util.is_validation_enabled()
@@ -235,13 +274,18 @@ def train_svi(
         ):
             x, b = data.tensors(idx, device)
             cell_index = torch.as_tensor(idx, device=device)
+            if jit:
+                args = (x, b, cell_index, torch.tensor(w, device=device))
+                kwargs = {"num_cells": num_cells, "n_cells": len(idx)}
+            else:
+                args, kwargs = (x, b, cell_index, num_cells, w), {}
             with pyro.validation_enabled(validate_first and epoch == first_epoch and step_no == 0):
-                loss = _nan_on_invalid(step, (model, guide), x, b, cell_index, n_train, w)
+                loss = _nan_on_invalid(step, (model, guide), *args, **kwargs)
             if not math.isfinite(loss):
                 _restore(model, guide, good_state)
                 raise TrainingError(_failure_message(loss, f"epoch {epoch}, step {step_no}"))
-            # svi.step returns the minibatch loss scaled by n_train / len(idx).
-            total += loss * len(idx) / n_train
+            # A subsampled minibatch's loss is scaled by n_train / len(idx); undo that.
+            total += loss * len(idx) / n_train if num_cells else loss
         row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
         row["validation_elbo"] = float("nan")
         if len(val_idx):
@@ -326,6 +370,53 @@ def refresh_batch_norm(
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training[0]), guide.train(was_training[1])
+
+
+#: Pyro's compiled ELBOs; see the module docstring.
+_JIT_ELBOS = (JitTrace_ELBO, JitTraceMeanField_ELBO, JitTraceGraph_ELBO, JitTraceEnum_ELBO)
+
+#: The model and guide adapters each JIT ELBO object was first used with.
+_JIT_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _JitCall:
+    """A model or guide with the calling convention of Pyro's JIT ELBOs.
+
+    Called as ``(x, batch_index, cell_index, kl_weight, *, num_cells, n_cells)``: tensors
+    positionally (inputs of the compiled graph; ``kl_weight`` a 0-d tensor), the rest as
+    keywords (the compiled-graph cache key). ``n_cells``, the minibatch size, is only
+    there to give each minibatch size its own graph.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, x, batch_index, cell_index, kl_weight, *, num_cells, n_cells):
+        return self.fn(x, batch_index, cell_index, num_cells, kl_weight)
+
+
+def _jit_pair(elbo: ELBO, model: Callable, guide: Callable) -> tuple[_JitCall, _JitCall]:
+    # Pyro's JIT ELBOs close over the model and guide of their first call and go on
+    # compiling those, whatever is passed later: bind each ELBO object to one pair.
+    bound = _JIT_BOUND.get(elbo)
+    if bound is None:
+        bound = _JIT_BOUND[elbo] = (_JitCall(model), _JitCall(guide))
+    elif bound[0].fn is not model or bound[1].fn is not guide:
+        name = type(elbo).__name__
+        raise InputError(
+            f"This {name} was already used to train another model, and Pyro's JIT ELBOs keep "
+            f"running the first model and guide they compiled; pass a new {name}() for each "
+            "model."
+        )
+    return bound
+
+
+def _sums_site_terms(elbo: ELBO) -> bool:
+    """Whether ``elbo`` is linear in each site's log-density scale (minibatch rescaling).
+
+    ``RenyiELBO`` is not: it takes a log-mean-exp over particles of each cell's weight.
+    """
+    return not isinstance(elbo, RenyiELBO)
 
 
 def _failure_message(loss: float, where: str) -> str:

@@ -4,19 +4,31 @@ A likelihood turns the decoder's outputs into a Pyro distribution over the count
 cell-by-gene block. Each declares which decoder outputs it needs, so the decoder builds
 only those heads.
 
+Shipped: :class:`ZINB` (scVI's default), :class:`NB`, :class:`Poisson` and :class:`ZIP`.
+
 Adding a likelihood
 -------------------
-Subclass :class:`Likelihood`, set ``uses_dispersion`` and ``uses_gate``, and implement
-``__call__(mu, theta, gate_logits)`` returning a distribution with ``batch_shape`` equal to
-the broadcast shape of its arguments. For example a zero-inflated Poisson::
+Subclass :class:`Likelihood`, set ``uses_dispersion`` (the decoder then provides the
+inverse dispersion ``theta``) and ``uses_gate`` (zero-inflation ``gate_logits``), give it a
+``name``, and implement ``__call__(mu, theta, gate_logits)`` returning a Pyro distribution
+with ``batch_shape`` equal to the broadcast shape of its arguments; arguments it does not
+use arrive as ``None``. For example the negative binomial as Pyro's Gamma-Poisson mixture:
 
-    class ZIP(Likelihood):
-        uses_dispersion, uses_gate = False, True
+>>> import pyro.distributions as dist
+>>> class GammaPoisson(Likelihood):
+...     uses_dispersion = True
+...     name = "gamma-poisson"
+...
+...     def __call__(self, mu, theta, gate_logits=None):
+...         # Gamma(theta, theta / mu) has mean mu; mixing a Poisson over it gives NB(mu, theta)
+...         return dist.GammaPoisson(concentration=theta, rate=theta / mu)
+>>> import torch
+>>> d = GammaPoisson()(torch.full((2, 3), 4.0), torch.full((3,), 2.0), None)
+>>> tuple(d.batch_shape), float(d.variance[0, 0])  # mu + mu**2 / theta
+((2, 3), 12.0)
 
-        def __call__(self, mu, theta, gate_logits):
-            return dist.ZeroInflatedPoisson(rate=mu, gate_logits=gate_logits)
-
-Pass an instance as ``SCVI(adata, likelihood=ZIP())``.
+Pass an instance as ``SCVI(adata, likelihood=GammaPoisson())``. To offer it on the command
+line (``pyro-scvi fit --likelihood``), add the class to :data:`LIKELIHOODS` below.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
-from .distributions import ZeroInflatedNegativeBinomialMeanDispersion, nb_logits
+from .distributions import EPS, ZeroInflatedNegativeBinomialMeanDispersion, nb_logits
 
 
 class Likelihood:
@@ -109,5 +121,27 @@ class Poisson(Likelihood):
         return dist.Poisson(mu)
 
 
+class ZIP(Likelihood):
+    """Zero-inflated Poisson, Pyro's :class:`~pyro.distributions.ZeroInflatedPoisson`.
+
+    ``x ~ gate * Delta(0) + (1 - gate) * Poisson(mu)`` with ``gate = sigmoid(gate_logits)``:
+    zero inflation without overdispersion.
+
+    Examples
+    --------
+    >>> import torch
+    >>> d = ZIP()(torch.tensor(3.0), None, torch.tensor(0.0))
+    >>> round(float(d.mean), 4), round(float(d.log_prob(torch.tensor(0.0)).exp()), 4)
+    (1.5, 0.5249)
+    """
+
+    uses_gate = True
+    name = "zip"
+
+    def __call__(self, mu, theta=None, gate_logits=None):  # noqa: D102
+        # Pyro's rate must be strictly positive; softmax can underflow to exactly 0 in float32.
+        return dist.ZeroInflatedPoisson(rate=mu + EPS, gate_logits=gate_logits)
+
+
 #: The likelihoods the CLI knows by name.
-LIKELIHOODS: dict[str, type[Likelihood]] = {cls.name: cls for cls in (ZINB, NB, Poisson)}
+LIKELIHOODS: dict[str, type[Likelihood]] = {cls.name: cls for cls in (ZINB, NB, Poisson, ZIP)}

@@ -17,6 +17,7 @@ Sites (public API): ``z``, ``l``, ``rho`` (deterministic) and ``x`` (observed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -27,7 +28,14 @@ from torch import nn
 
 from .likelihoods import ZINB, Likelihood
 from .nn import Decoder
-from .priors import LogNormalLibrary, Prior, StandardNormal
+from .priors import (
+    CallableLibraryPrior,
+    LibraryPrior,
+    Prior,
+    as_prior,
+    check_library_prior,
+    check_prior,
+)
 
 Dispersion = Literal["gene", "gene-batch", "gene-cell"]
 
@@ -51,11 +59,16 @@ def cells_plate(
     return pyro.plate("cells", num_cells, subsample=cell_index, dim=-2)
 
 
-def kl_scale(kl_weight: float) -> AbstractContextManager:
+def kl_scale(kl_weight: float | torch.Tensor) -> AbstractContextManager:
     """Scale the ``z`` terms of the ELBO by ``kl_weight`` (KL warm-up).
 
-    ``poutine.scale`` rejects 0, so a zero weight masks the terms out instead.
+    ``poutine.scale`` rejects 0, so a zero weight masks the terms out instead. A tensor
+    weight is an input of a compiled (JIT) ELBO and changes between calls of one compiled
+    graph, so it cannot choose between mask and scale: 0 becomes the smallest positive
+    float, whose terms vanish below rounding (``1e-38`` times a log-density).
     """
+    if isinstance(kl_weight, torch.Tensor):
+        return poutine.scale(scale=kl_weight.clamp_min(torch.finfo(kl_weight.dtype).tiny))
     if kl_weight == 1.0:
         return poutine.scale(scale=1.0)
     if kl_weight <= 0:
@@ -71,11 +84,15 @@ class ScviModel(nn.Module):
     n_genes, n_batch
         Data dimensions.
     library_prior
-        Prior of the log-library per batch; required unless ``use_observed_lib_size``.
+        Prior of the log-library per batch; required unless ``use_observed_lib_size``. A
+        :class:`~pyro_scvi.priors.LibraryPrior` (e.g. ``LogNormalLibrary``) or a function
+        of the cells' batch codes returning a distribution with ``batch_shape (cells, 1)``.
     n_latent, n_hidden, n_layers
         Decoder architecture (paper: 10, 128, 1).
     prior
-        Prior on ``z`` (default :class:`~pyro_scvi.priors.StandardNormal`).
+        Prior on ``z`` (default :class:`~pyro_scvi.priors.StandardNormal`): a
+        :class:`~pyro_scvi.priors.Prior`, or any callable returning a Pyro distribution
+        with ``event_shape (n_latent,)`` (see :func:`~pyro_scvi.priors.as_prior`).
     likelihood
         Observation model (default :class:`~pyro_scvi.likelihoods.ZINB`).
     dispersion
@@ -98,12 +115,12 @@ class ScviModel(nn.Module):
         self,
         n_genes: int,
         n_batch: int,
-        library_prior: LogNormalLibrary | None,
+        library_prior: LibraryPrior | Callable | None,
         *,
         n_latent: int = 10,
         n_hidden: int = 128,
         n_layers: int = 1,
-        prior: Prior | None = None,
+        prior: Prior | Callable | None = None,
         likelihood: Likelihood | None = None,
         dispersion: Dispersion = "gene",
         use_observed_lib_size: bool = False,
@@ -119,11 +136,16 @@ class ScviModel(nn.Module):
         self.dispersion = dispersion
         self.use_observed_lib_size = use_observed_lib_size
         self.likelihood = likelihood if likelihood is not None else ZINB()
-        self.prior = prior if prior is not None else StandardNormal()
+        self.prior = as_prior(prior)
         if hasattr(self.prior, "setup"):
             self.prior.setup(n_latent)
-        _check_prior(self.prior, n_latent)
-        self.library_prior = None if use_observed_lib_size else library_prior
+        check_prior(self.prior, n_latent)
+        self.library_prior = None
+        if not use_observed_lib_size:
+            if not isinstance(library_prior, nn.Module):
+                library_prior = CallableLibraryPrior(library_prior)
+            check_library_prior(library_prior, self.n_batch)
+            self.library_prior = library_prior
         uses_theta = self.likelihood.uses_dispersion
         self.decoder = Decoder(
             n_latent,
@@ -180,13 +202,3 @@ class ScviModel(nn.Module):
                 mu = torch.exp(l) * rho
                 theta = self.theta(batch_index, decoded)
                 pyro.sample("x", self.likelihood(mu, theta, decoded["gate_logits"]), obs=x)
-
-
-def _check_prior(prior, n_latent: int) -> None:
-    d = prior()
-    if tuple(d.event_shape) != (n_latent,):
-        raise ValueError(
-            f"The prior on z must return a distribution with event_shape ({n_latent},), "
-            f"but {prior!r} returned event_shape {tuple(d.event_shape)}: "
-            "wrap per-dimension distributions with .to_event(1)."
-        )
