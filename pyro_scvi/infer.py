@@ -94,8 +94,10 @@ class FusedAdam:
     ``pyro.optim.Adam`` keeps one torch optimizer per parameter tensor, so a step pays
     Python overhead per tensor: about a quarter of a step's time for scVI's small networks.
     This runs the same update (scvi-tools' settings: ``eps=0.01``, ``weight_decay=1e-6``)
-    with a single multi-tensor Adam. The parameters are the ones Pyro's parameter store
-    hands to the ELBO in the first step, exactly those :class:`pyro.infer.SVI` would find.
+    with a single multi-tensor Adam. (:func:`train_svi` scales ``eps`` and ``weight_decay``
+    by the number of training cells, because its loss is a sum over cells.) The parameters
+    are the ones Pyro's parameter store hands to the ELBO in the first step, exactly those
+    :class:`pyro.infer.SVI` would find.
     A step whose loss is not finite is not applied.
 
     Examples
@@ -242,7 +244,10 @@ def train_svi(
     jit = isinstance(elbo, _JIT_ELBOS)
     step_model, step_guide = _jit_pair(elbo, model, guide) if jit else (model, guide)
     if optim is None:
-        fused = FusedAdam(lr=lr)
+        # The ELBO is a sum over training cells, scvi-tools' loss a mean: scale Adam's eps
+        # and L2 weight decay by the cell count so the updates are the same.
+        n = len(train_idx)
+        fused = FusedAdam(lr=lr, eps=0.01 * n, weight_decay=1e-6 * n)
 
         def step(*args, **kwargs):
             return fused(elbo, step_model, step_guide, *args, **kwargs)
@@ -362,7 +367,12 @@ def refresh_batch_norm(
     model.train(), guide.train()
     try:
         with torch.no_grad(), pyro.get_param_store().scope():
-            for idx in data.minibatches(indices, batch_size, drop_singleton=True):
+            # Shuffled: files are often sorted by cell type, and minibatches of one type
+            # would average within-type variances, several times too small.
+            rng = np.random.default_rng(0)
+            for idx in data.minibatches(
+                indices, batch_size, shuffle=True, rng=rng, drop_singleton=True
+            ):
                 x, b = data.tensors(idx, device)
                 guide_trace = poutine.trace(guide).get_trace(x, b)
                 poutine.replay(model, trace=guide_trace)(x, b)

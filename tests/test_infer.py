@@ -128,3 +128,18 @@ def test_batch_norm_statistics_are_re_estimated_at_the_final_weights(small_adata
     # size by at most 64 cells, so allow a small tolerance
     torch.testing.assert_close(norm.running_mean, pre.mean(0), rtol=0.05, atol=0.05)
     assert norm.momentum == 0.01  # restored for further training
+
+
+def test_batch_norm_refresh_is_not_fooled_by_cells_sorted_by_type():
+    """Files sorted by cell type must not give minibatches of one type: the running
+    variance would then average within-type variances and come out several times small."""
+    adata = synthetic_zinb(n_cells=400, n_genes=40, n_clusters=3, lfc_scale=3.0, seed=2)
+    adata = adata[np.argsort(adata.obs["cell_type"].to_numpy(), kind="stable")].copy()
+    model = SCVI(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, progress_bar=False, batch_size=64)
+    linear, norm = model.guide.z_encoder.body[0], model.guide.z_encoder.body[1]
+    x, _ = model.data.tensors(model.train_indices)
+    with torch.no_grad():
+        population_var = linear(torch.log1p(x)).var(0)
+    ratio = (norm.running_var / population_var).median().item()
+    assert 0.8 < ratio < 1.2
