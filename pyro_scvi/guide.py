@@ -1,19 +1,49 @@
-"""The amortized guide ``q(z, l | x, batch)`` of scVI, with the model's signature.
+"""Guides ``q(z, l | x, batch)`` of scVI, each with the model's signature.
 
-``q(z | x, s) = Normal(mu_z(x, s), sigma_z(x, s))`` and
-``q(l | x, s) = Normal(mu_l(x, s), sigma_l(x, s))``, each produced by an encoder network
-on ``log1p(x)`` and the one-hot batch (Lopez et al., 2018).
+* :class:`ScviGuide`, the amortized guide of the paper:
+  ``q(z | x, s) = Normal(mu_z(x, s), sigma_z(x, s))`` and
+  ``q(l | x, s) = Normal(mu_l(x, s), sigma_l(x, s))``, each produced by an encoder network
+  on ``log1p(x)`` and the one-hot batch (Lopez et al., 2018).
+* :class:`PerCellGuide`, non-amortized mean-field inference: free ``loc`` and ``scale``
+  parameters of ``q(z_n)`` and ``q(l_n)`` for every cell ``n``, indexed by ``cell_index``.
+
+Both expose ``encode(x, batch_index, cell_index=None)``, the variational parameters of the
+given cells, so posterior queries, :mod:`pyro_scvi.gap` and :mod:`pyro_scvi.mcmc` treat
+them alike. ``amortized`` says whether a guide can score cells it was not fitted to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .data import CountData
 from .model import cells_plate, kl_scale
 from .nn import Encoder
+
+
+def _sample_latents(
+    q: dict[str, torch.Tensor],
+    batch_index: torch.Tensor,
+    cell_index: torch.Tensor | None,
+    num_cells: int | None,
+    kl_weight: float,
+) -> None:
+    """The guide's sample sites, from a dict of Normal parameters as ``encode`` returns."""
+    with cells_plate(batch_index, cell_index, num_cells):
+        with kl_scale(kl_weight):
+            # unsqueeze(-2): the singleton gene axis of cell-level sites.
+            pyro.sample(
+                "z",
+                dist.Normal(q["z_loc"].unsqueeze(-2), q["z_scale"].unsqueeze(-2)).to_event(1),
+            )
+        if "l_loc" in q:
+            pyro.sample("l", dist.Normal(q["l_loc"], q["l_scale"]))
 
 
 class ScviGuide(nn.Module):
@@ -40,6 +70,9 @@ class ScviGuide(nn.Module):
     ((8, 1, 10), (8, 1))
     """
 
+    #: The encoder maps any cell's counts to q, so it scores cells it was not trained on.
+    amortized = True
+
     def __init__(
         self,
         n_genes: int,
@@ -54,6 +87,7 @@ class ScviGuide(nn.Module):
     ) -> None:
         super().__init__()
         arch = dict(n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate)
+        self.n_latent = int(n_latent)
         self.z_encoder = Encoder(n_genes, n_latent, n_batch, **arch)
         self.l_encoder = None if use_observed_lib_size else Encoder(n_genes, 1, n_batch, **arch)
         self.l_loc_init = float(l_loc_init)
@@ -69,8 +103,17 @@ class ScviGuide(nn.Module):
             with torch.no_grad():
                 self.l_encoder.loc.bias.fill_(self.l_loc_init)
 
-    def encode(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Variational parameters ``z_loc``, ``z_scale`` (and ``l_loc``, ``l_scale``)."""
+    def encode(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Variational parameters ``z_loc``, ``z_scale`` (and ``l_loc``, ``l_scale``).
+
+        ``cell_index`` is accepted for a common signature with :class:`PerCellGuide` and
+        ignored: the encoder needs only the counts.
+        """
         x_log1p = torch.log1p(x)
         z_loc, z_scale = self.z_encoder(x_log1p, batch_index)
         out = {"z_loc": z_loc, "z_scale": z_scale}
@@ -89,12 +132,280 @@ class ScviGuide(nn.Module):
         """Sample ``z`` and ``l`` for the cells of ``x``; see :meth:`ScviModel.forward`."""
         pyro.module("guide", self)
         q = self.encode(x, batch_index)
-        with cells_plate(batch_index, cell_index, num_cells):
-            with kl_scale(kl_weight):
-                # unsqueeze(-2): the singleton gene axis of cell-level sites.
-                pyro.sample(
-                    "z",
-                    dist.Normal(q["z_loc"].unsqueeze(-2), q["z_scale"].unsqueeze(-2)).to_event(1),
+        _sample_latents(q, batch_index, cell_index, num_cells, kl_weight)
+
+
+class PerCellGuide(nn.Module):
+    """Non-amortized mean-field guide: free ``q(z_n)`` and ``q(l_n)`` for each cell ``n``.
+
+    ``q(z_n) = Normal(z_loc[n], z_scale[n])`` and ``q(l_n) = Normal(l_loc[n], l_scale[n])``,
+    with ``n`` the cell's row ``cell_index`` in the data the guide was set up for. Called
+    with the model's arguments, like :class:`ScviGuide`; during training the minibatch's
+    ``cell_index`` picks the rows (without it, ``x`` must hold all ``n_cells`` cells in
+    order). It has no parameters for other cells: those need an amortized guide, or
+    per-cell parameters of their own fitted with the decoder fixed
+    (:func:`pyro_scvi.gap.refine`).
+
+    Written as a module rather than Pyro's :class:`~pyro.infer.autoguide.AutoNormal`
+    (which also subsamples per-cell parameters) because it must scale its ``z`` terms with
+    the model's KL warm-up weight, name out-of-range cells in its errors, and start from an
+    encoder's output (:meth:`from_guide`).
+
+    Training tip: a cell's parameters move only in the steps whose minibatch holds it, so
+    with small minibatches give the guide a higher learning rate, e.g.
+    ``optim=pyro.optim.Adam(lambda module, param: {"lr": 1e-2 if module == "guide" else
+    1e-3})``, or train full-batch.
+
+    Parameters
+    ----------
+    n_cells
+        Number of cells (rows of parameters).
+    n_latent
+        Dimension of ``z``.
+    use_observed_lib_size
+        If true the model observes the library, so there is no ``l`` site to guide.
+    l_loc_init
+        Initial mean of q(l): one value, or one per cell (:meth:`from_data` uses each
+        cell's observed log library size).
+    init_scale
+        Initial standard deviation of q(z) and q(l); q(z) starts centred at 0, as Pyro's
+        autoguides do (``init_to_feasible``, ``init_scale=0.1``).
+
+    Examples
+    --------
+    >>> import torch, pyro
+    >>> g = PerCellGuide(100, n_latent=3)
+    >>> x = torch.poisson(torch.full((8, 20), 2.0))
+    >>> b, cells = torch.zeros(8, dtype=torch.long), torch.arange(40, 48)
+    >>> tr = pyro.poutine.trace(g).get_trace(x, b, cells, 100)
+    >>> tuple(tr.nodes["z"]["value"].shape), tuple(tr.nodes["l"]["value"].shape)
+    ((8, 1, 3), (8, 1))
+    >>> g.encode(x, b, cells)["z_scale"][0]
+    tensor([0.1000, 0.1000, 0.1000], grad_fn=<SelectBackward0>)
+    """
+
+    #: Parameters exist only for the ``n_cells`` cells the guide was set up for.
+    amortized = False
+
+    def __init__(
+        self,
+        n_cells: int,
+        n_latent: int = 10,
+        *,
+        use_observed_lib_size: bool = False,
+        l_loc_init: float | np.ndarray | torch.Tensor = 0.0,
+        init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if int(n_cells) < 1 or int(n_latent) < 1:
+            raise ValueError(f"n_cells={n_cells}, n_latent={n_latent}; both must be positive.")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale={init_scale}; it must be positive.")
+        self.n_cells, self.n_latent = int(n_cells), int(n_latent)
+        self.init_scale = float(init_scale)
+        # log-scales: an exact inverse, so q can start exactly at an encoder's output.
+        self.z_loc = nn.Parameter(torch.zeros(self.n_cells, self.n_latent))
+        self.z_log_scale = nn.Parameter(torch.zeros(self.n_cells, self.n_latent))
+        self.l_loc = self.l_log_scale = None
+        if not use_observed_lib_size:
+            init = torch.as_tensor(l_loc_init, dtype=torch.float32).reshape(-1, 1)
+            if init.shape[0] not in (1, self.n_cells):
+                raise ValueError(
+                    f"l_loc_init has {init.shape[0]} values for {self.n_cells} cells; pass "
+                    "one value or one per cell."
                 )
-            if self.l_encoder is not None:
-                pyro.sample("l", dist.Normal(q["l_loc"], q["l_scale"]))
+            self.register_buffer("l_loc_init", init.expand(self.n_cells, 1).clone())
+            self.l_loc = nn.Parameter(torch.zeros(self.n_cells, 1))
+            self.l_log_scale = nn.Parameter(torch.zeros(self.n_cells, 1))
+        self.reset_parameters()
+
+    @classmethod
+    def from_data(
+        cls,
+        data: CountData,
+        *,
+        n_latent: int = 10,
+        use_observed_lib_size: bool = False,
+        init_scale: float = 0.1,
+    ) -> PerCellGuide:
+        """A guide for every cell of ``data``, q(l) starting at each observed log library.
+
+        This is the guide factory :class:`~pyro_scvi.SCVI` accepts:
+        ``SCVI(adata, guide=PerCellGuide.from_data)``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=10, seed=0)
+        >>> g = PerCellGuide.from_data(pyro_scvi.from_anndata(adata), n_latent=2)
+        >>> g.n_cells, tuple(g.l_loc.shape)
+        (30, (30, 1))
+        """
+        log_lib = np.log(np.maximum(np.asarray(data.X.sum(axis=1)).ravel(), 1.0))
+        return cls(
+            data.n_cells,
+            n_latent,
+            use_observed_lib_size=use_observed_lib_size,
+            l_loc_init=log_lib,
+            init_scale=init_scale,
+        )
+
+    @classmethod
+    def from_guide(
+        cls,
+        guide: nn.Module,
+        data: CountData,
+        indices: np.ndarray,
+        *,
+        batch_size: int = 1024,
+        device: torch.device | str = "cpu",
+    ) -> PerCellGuide:
+        """A guide for the cells ``indices`` of ``data``, starting exactly at ``guide``'s q.
+
+        ``guide`` (e.g. a trained :class:`ScviGuide`) is run in eval mode, as posterior
+        queries run it, so the new guide's ELBO starts at the amortized one. Row ``i`` of
+        the result belongs to cell ``indices[i]``.
+
+        Examples
+        --------
+        >>> import numpy as np, torch, pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=10, seed=0)
+        >>> data, enc = pyro_scvi.from_anndata(adata), ScviGuide(10, 1, n_latent=2).eval()
+        >>> g = PerCellGuide.from_guide(enc, data, np.array([3, 7]))
+        >>> x, b = data.tensors(np.array([3, 7]))
+        >>> torch.allclose(g.encode(x, b)["z_scale"], enc.encode(x, b)["z_scale"])
+        True
+        """
+        indices = np.asarray(indices)
+        parts: dict[str, list[torch.Tensor]] = {}
+        was_training = guide.training
+        guide.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(indices), batch_size):
+                    idx = indices[start : start + batch_size]
+                    x, b = data.tensors(idx, device)
+                    q = guide.encode(x, b, torch.as_tensor(idx, device=device))
+                    for k, v in q.items():
+                        parts.setdefault(k, []).append(v)
+        finally:
+            guide.train(was_training)
+        q = {k: torch.cat(v) for k, v in parts.items()}
+        new = cls(
+            len(indices),
+            q["z_loc"].shape[-1],
+            use_observed_lib_size="l_loc" not in q,
+            init_scale=1.0,
+        ).to(q["z_loc"].device)
+        with torch.no_grad():
+            new.z_loc.copy_(q["z_loc"])
+            new.z_log_scale.copy_(q["z_scale"].log())
+            if new.l_loc is not None:
+                new.l_loc.copy_(q["l_loc"])
+                new.l_log_scale.copy_(q["l_scale"].log())
+                new.l_loc_init.copy_(q["l_loc"])
+        return new
+
+    def reset_parameters(self) -> None:
+        """q(z) at ``Normal(0, init_scale)``, q(l) at ``Normal(l_loc_init, init_scale)``."""
+        with torch.no_grad():
+            self.z_loc.zero_()
+            self.z_log_scale.fill_(float(np.log(self.init_scale)))
+            if self.l_loc is not None:
+                self.l_loc.copy_(self.l_loc_init)
+                self.l_log_scale.fill_(float(np.log(self.init_scale)))
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"n_cells={self.n_cells}, n_latent={self.n_latent}"
+
+    def _rows(self, n_given: int, cell_index: torch.Tensor | None) -> torch.Tensor | slice:
+        if cell_index is None:
+            if n_given != self.n_cells:
+                raise ValueError(
+                    f"PerCellGuide has parameters for {self.n_cells} cells, found by "
+                    f"cell_index; {n_given} cells came without one. Pass cell_index (each "
+                    "cell's row in the data the guide was set up for)."
+                )
+            return slice(None)
+        if len(cell_index) and (
+            int(cell_index.min()) < 0 or int(cell_index.max()) >= self.n_cells
+        ):
+            raise ValueError(
+                f"cell_index runs from {int(cell_index.min())} to {int(cell_index.max())}, but "
+                f"PerCellGuide has parameters for cells 0..{self.n_cells - 1} only. Cells it "
+                "was not fitted to need an amortized guide, or their own per-cell parameters "
+                "fitted with the decoder fixed (pyro_scvi.gap.refine)."
+            )
+        return cell_index
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``z_loc``, ``z_scale`` (and ``l_loc``, ``l_scale``) of the cells ``cell_index``."""
+        rows = self._rows(x.shape[0], cell_index)
+        out = {"z_loc": self.z_loc[rows], "z_scale": self.z_log_scale[rows].exp()}
+        if self.l_loc is not None:
+            out["l_loc"], out["l_scale"] = self.l_loc[rows], self.l_log_scale[rows].exp()
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+        num_cells: int | None = None,
+        kl_weight: float = 1.0,
+    ) -> None:
+        """Sample ``z`` and ``l`` for the cells ``cell_index``; see :meth:`ScviModel.forward`."""
+        pyro.module("guide", self)
+        q = self.encode(x, batch_index, cell_index)
+        _sample_latents(q, batch_index, cell_index, num_cells, kl_weight)
+
+
+#: What :class:`~pyro_scvi.SCVI` accepts as ``guide=``: a guide module, or a factory
+#: ``factory(data, n_latent=..., use_observed_lib_size=...)`` returning one.
+GuideFactory = Callable[..., nn.Module]
+
+
+def build_guide(
+    guide: nn.Module | GuideFactory,
+    data: CountData,
+    *,
+    n_latent: int,
+    use_observed_lib_size: bool,
+) -> nn.Module:
+    """Resolve a user's ``guide=`` (module or factory) and check it fits ``data``.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> data = pyro_scvi.from_anndata(pyro_scvi.datasets.synthetic_zinb(n_cells=30, seed=0))
+    >>> build_guide(PerCellGuide.from_data, data, n_latent=2, use_observed_lib_size=False)
+    PerCellGuide(n_cells=30, n_latent=2)
+    >>> build_guide(PerCellGuide(10, 2), data, n_latent=2, use_observed_lib_size=False)
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: The guide has parameters for 10 cells but the data have 30; ...
+    """
+    if not isinstance(guide, nn.Module):
+        if not callable(guide):
+            raise TypeError(
+                f"guide={guide!r}: pass a guide module (e.g. PerCellGuide(n_cells, n_latent)) "
+                "or a factory such as PerCellGuide.from_data."
+            )
+        guide = guide(data, n_latent=n_latent, use_observed_lib_size=use_observed_lib_size)
+        if not isinstance(guide, nn.Module):
+            raise TypeError(f"The guide factory returned {type(guide).__name__}, not a Module.")
+    n_cells = getattr(guide, "n_cells", None)
+    if not getattr(guide, "amortized", True) and n_cells != data.n_cells:
+        raise ValueError(
+            f"The guide has parameters for {n_cells} cells but the data have "
+            f"{data.n_cells}; build it for these cells, e.g. guide=PerCellGuide.from_data."
+        )
+    if getattr(guide, "n_latent", n_latent) != n_latent:
+        raise ValueError(f"The guide has n_latent={guide.n_latent}, the model {n_latent}.")
+    return guide

@@ -107,6 +107,7 @@ class FusedAdam:
     >>> from pyro_scvi import ScviGuide, ScviModel, LogNormalLibrary
     >>> model = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
     >>> guide = ScviGuide(20, 1)
+    >>> pyro.clear_param_store()  # earlier examples' modules of the same names would be used
     >>> x, b = torch.poisson(torch.full((16, 20), 2.0)), torch.zeros(16, dtype=torch.long)
     >>> step = FusedAdam(lr=1e-2)
     >>> losses = [step(Trace_ELBO(), model, guide, x, b) for _ in range(20)]
@@ -146,13 +147,17 @@ def evaluate_elbo(
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
 ) -> float:
-    """ELBO per cell (nats, higher is better) of ``indices``, networks in eval mode."""
+    """ELBO per cell (nats, higher is better) of ``indices``, networks in eval mode.
+
+    Each minibatch's ``cell_index`` (rows in ``data``) is passed on, for guides with
+    per-cell parameters.
+    """
     elbo = elbo if elbo is not None else Trace_ELBO()
     total = 0.0
     with torch.no_grad(), _eval_mode(model, guide):
         for idx in data.minibatches(indices, batch_size):
             x, b = data.tensors(idx, device)
-            total += elbo.loss(model, guide, x, b)
+            total += elbo.loss(model, guide, x, b, torch.as_tensor(idx, device=device))
     return -total / max(len(indices), 1)
 
 
@@ -374,8 +379,10 @@ def refresh_batch_norm(
                 indices, batch_size, shuffle=True, rng=rng, drop_singleton=True
             ):
                 x, b = data.tensors(idx, device)
-                guide_trace = poutine.trace(guide).get_trace(x, b)
-                poutine.replay(model, trace=guide_trace)(x, b)
+                # cell_index: a guide with per-cell parameters needs the cells' rows
+                args = (x, b, torch.as_tensor(idx, device=device))
+                guide_trace = poutine.trace(guide).get_trace(*args)
+                poutine.replay(model, trace=guide_trace)(*args)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum

@@ -42,30 +42,50 @@ def iterate_cells(
         yield data.tensors(idx, device)
 
 
+def iterate_indexed_cells(
+    data: CountData, indices: np.ndarray, batch_size: int, device: torch.device | str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Like :func:`iterate_cells`, plus ``cell_index``: the cells' rows in ``data``.
+
+    Queries pass ``cell_index`` to the model and guide so that a guide with per-cell
+    parameters (:class:`~pyro_scvi.guide.PerCellGuide`) finds each cell's own; an amortized
+    guide ignores it.
+    """
+    for idx in data.minibatches(indices, batch_size):
+        x, b = data.tensors(idx, device)
+        yield x, b, torch.as_tensor(idx, device=device)
+
+
 def latent_mean(
     guide, data: CountData, indices: np.ndarray, *, batch_size: int = 1024, device="cpu"
 ) -> np.ndarray:
-    """Posterior mean of ``z`` (the encoder's ``z_loc``) for each cell, ``(cells, n_latent)``."""
+    """Posterior mean of ``z`` (the guide's ``z_loc``) for each cell, ``(cells, n_latent)``."""
     out = []
     with torch.no_grad(), _eval_mode(guide):
-        for x, b in iterate_cells(data, indices, batch_size, device):
-            out.append(guide.encode(x, b)["z_loc"].cpu().numpy())
+        for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
+            out.append(guide.encode(x, b, cells)["z_loc"].cpu().numpy())
     return np.concatenate(out)
 
 
 def sample_guide(
-    model, guide, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int
+    model,
+    guide,
+    x: torch.Tensor,
+    batch_index: torch.Tensor,
+    n_samples: int,
+    cell_index: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``n_samples`` draws of the guide's latent sites for one minibatch of cells.
 
     Returns ``z`` of shape ``(n_samples, cells, 1, n_latent)`` and, for a latent library,
-    ``l`` of shape ``(n_samples, cells, 1)``.
+    ``l`` of shape ``(n_samples, cells, 1)``. ``cell_index`` (the cells' rows in the data)
+    is passed on for guides with per-cell parameters.
     """
     sites = ["z"] if getattr(model, "use_observed_lib_size", False) else ["z", "l"]
     predictive = Predictive(
         model, guide=guide, num_samples=n_samples, return_sites=sites, parallel=True
     )
-    return predictive(x, batch_index)
+    return predictive(x, batch_index, cell_index)
 
 
 def decode(
@@ -118,8 +138,8 @@ def sample_posterior(
     out: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     model_sites = [s for s in sites if s in ("rho", "x")]
     with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
-        for x, b in iterate_cells(data, indices, batch_size, device):
-            latent = sample_guide(model, guide, x, b, n_samples)
+        for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
+            latent = sample_guide(model, guide, x, b, n_samples, cells)
             decoded = {}
             if model_sites:
                 bb = b if transform_batch is None else torch.full_like(b, transform_batch)
@@ -153,8 +173,8 @@ def normalized_expression(
     """
     out = []
     with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
-        for x, b in iterate_cells(data, indices, batch_size, device):
-            samples = sample_guide(model, guide, x, b, n_samples)
+        for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
+            samples = sample_guide(model, guide, x, b, n_samples, cells)
             codes = [None] if transform_batch is None else list(transform_batch)
             rho = 0.0
             for code in codes:
@@ -192,16 +212,22 @@ def _per_cell(log_prob: torch.Tensor, n_samples: int, n_cells: int) -> torch.Ten
 
 
 def _log_densities(
-    model, guide, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int
+    model,
+    guide,
+    x: torch.Tensor,
+    batch_index: torch.Tensor,
+    n_samples: int,
+    cell_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log w, log p(x | z, l))``, each ``(n_samples, cells)``, for one minibatch.
 
     The caller sets eval mode, ``no_grad`` and the parameter-store scope.
     """
     n_cells = x.shape[0]
+    args = (x, batch_index, cell_index)
     with pyro.plate(_SAMPLES_PLATE, n_samples, dim=-3):
-        guide_tr = poutine.trace(guide).get_trace(x, batch_index)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, batch_index)
+        guide_tr = poutine.trace(guide).get_trace(*args)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
     log_w = x.new_zeros(n_samples, n_cells)
     log_px = x.new_zeros(n_samples, n_cells)
     for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
@@ -225,6 +251,7 @@ def log_importance_weights(
     n_samples: int,
     *,
     batch_size: int | None = None,
+    cell_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell log importance weights ``log p(x, z, l) - log q(z, l | x)``.
 
@@ -240,6 +267,8 @@ def log_importance_weights(
         Guide draws ``K`` per cell, vectorized by a plate at dim -3.
     batch_size
         Cells per pass (default: all); memory grows as ``batch_size x K x genes``.
+    cell_index
+        The cells' rows in the data, for a guide with per-cell parameters.
 
     Returns
     -------
@@ -265,7 +294,8 @@ def log_importance_weights(
     with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
         for start in range(0, n_cells, step):
             sl = slice(start, start + step)
-            out.append(_log_densities(model, guide, x[sl], batch_index[sl], n_samples)[0])
+            cells = None if cell_index is None else cell_index[sl]
+            out.append(_log_densities(model, guide, x[sl], batch_index[sl], n_samples, cells)[0])
     return torch.cat(out, dim=1)
 
 
@@ -302,8 +332,8 @@ def fit_statistics(
     out: dict[str, list[np.ndarray]] = {"elbo": [], "marginal_ll": [], "reconstruction_error": []}
     log_k = math.log(n_samples)
     with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
-        for x, b in iterate_cells(data, indices, batch_size, device):
-            log_w, log_px = _log_densities(model, guide, x, b, n_samples)
+        for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
+            log_w, log_px = _log_densities(model, guide, x, b, n_samples, cells)
             out["elbo"].append(log_w.mean(0).cpu().numpy())
             out["marginal_ll"].append((torch.logsumexp(log_w, 0) - log_k).cpu().numpy())
             out["reconstruction_error"].append((-log_px.mean(0)).cpu().numpy())

@@ -7,6 +7,7 @@ or SVI loop.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ from pyro.optim import PyroOptim
 from . import posterior
 from .data import CountData, InputError, check_batch_sizes, from_anndata
 from .files import _umask
-from .guide import ScviGuide
+from .gap import amortization_gap
+from .guide import GuideFactory, ScviGuide, build_guide
 from .infer import train_svi
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
@@ -83,6 +85,12 @@ class SCVI:
     drop_empty_cells
         Set the model up on the cells with non-zero total counts only (``self.adata`` is
         then a view of those cells); otherwise such cells are an error.
+    guide
+        The variational family; default the amortized
+        :class:`~pyro_scvi.guide.ScviGuide`. A guide module with the model's signature, or
+        a factory ``f(data, n_latent=..., use_observed_lib_size=...)`` returning one, e.g.
+        ``guide=PerCellGuide.from_data`` for non-amortized per-cell mean-field inference
+        (then train with ``train_size=1.0``; queries answer for the training cells only).
 
     Examples
     --------
@@ -109,6 +117,7 @@ class SCVI:
         dispersion: Dispersion = "gene",
         use_observed_lib_size: bool = False,
         drop_empty_cells: bool = False,
+        guide: torch.nn.Module | GuideFactory | None = None,
     ) -> None:
         for name, value in [("n_latent", n_latent), ("n_hidden", n_hidden)]:
             if int(value) < 1:
@@ -156,16 +165,28 @@ class SCVI:
             dispersion=dispersion,
             use_observed_lib_size=use_observed_lib_size,
         )
-        self.guide = ScviGuide(
-            self.data.n_genes,
-            self.data.n_batch,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            use_observed_lib_size=use_observed_lib_size,
-            l_loc_init=float(np.mean(loc)),
-        )
+        if guide is None:
+            self.guide = ScviGuide(
+                self.data.n_genes,
+                self.data.n_batch,
+                n_latent=n_latent,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                dropout_rate=dropout_rate,
+                use_observed_lib_size=use_observed_lib_size,
+                l_loc_init=float(np.mean(loc)),
+            )
+        else:
+            try:
+                self.guide = build_guide(
+                    guide,
+                    self.data,
+                    n_latent=int(n_latent),
+                    use_observed_lib_size=bool(use_observed_lib_size),
+                )
+            except (TypeError, ValueError) as err:
+                raise InputError(str(err)) from err
+        self.settings["guide"] = type(self.guide).__name__
         self.device = torch.device("cpu")
         self.history = pd.DataFrame(
             columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
@@ -256,6 +277,12 @@ class SCVI:
             raise InputError(f"lr={lr}; the learning rate must be positive.")
         if not 0 < train_size <= 1:
             raise InputError(f"train_size={train_size}; it must be in (0, 1].")
+        if train_size < 1 and not getattr(self.guide, "amortized", True):
+            raise InputError(
+                f"train_size={train_size}, but a {type(self.guide).__name__} fits parameters "
+                "per cell and cannot score validation cells it is not trained on; pass "
+                "train_size=1.0 (held-out cells: pyro_scvi.gap.refine)."
+            )
         check_batch_sizes(self.data, batch_size)
         if seed is not None:
             pyro.set_rng_seed(seed)
@@ -307,6 +334,13 @@ class SCVI:
     def _data_for(self, adata: AnnData | None) -> CountData:
         if adata is None or adata is self.adata:
             return self.data
+        if not getattr(self.guide, "amortized", True):
+            raise InputError(
+                f"The {type(self.guide).__name__} has parameters only for the model's own "
+                f"{self.data.n_cells} cells; query those with adata=None, or score other "
+                "cells with an amortized guide or with SCVI.get_amortization_gap's refined "
+                "per-cell fit."
+            )
         return from_anndata(
             adata,
             layer=self.layer,
@@ -366,8 +400,11 @@ class SCVI:
         out = []
         with torch.no_grad(), posterior._eval_mode(self.model, self.guide):
             with pyro.get_param_store().scope():
-                for x, b in posterior.iterate_cells(data, idx, batch_size, self.device):
-                    z = posterior.sample_guide(self.model, self.guide, x, b, n_samples)["z"]
+                for x, b, cells in posterior.iterate_indexed_cells(
+                    data, idx, batch_size, self.device
+                ):
+                    z = posterior.sample_guide(self.model, self.guide, x, b, n_samples, cells)
+                    z = z["z"]
                     out.append(z.squeeze(-2).cpu().numpy())
         return np.concatenate(out, axis=1)
 
@@ -598,6 +635,78 @@ class SCVI:
             "reconstruction_error", adata, n_samples, batch_size, per_cell, seed
         )
 
+    def get_amortization_gap(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_steps: int = 300,
+        lr: float = 1e-2,
+        n_samples: int = 100,
+        batch_size: int = 256,
+        seed: int | None = 0,
+    ) -> pd.DataFrame:
+        """How much ELBO the encoder leaves on held-out cells; see :mod:`pyro_scvi.gap`.
+
+        Each cell's q(z, l) starts at the encoder's output and is refined by SVI on its own
+        parameters with the model fixed; both are scored by one estimator.
+
+        Parameters
+        ----------
+        adata
+            Cells to measure; default the validation cells held out in :meth:`train`.
+        n_steps, lr
+            SVI steps per chunk of ``batch_size`` cells, and Adam's learning rate.
+        n_samples, seed
+            Draws per cell for the ELBO and marginal-likelihood estimates, and their seed.
+        batch_size
+            Cells refined together.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by cell: ``elbo_amortized``, ``elbo_refined``, ``gap`` (nats; its mean
+            is the amortization gap per cell), ``marginal_ll_amortized`` and
+            ``marginal_ll_refined``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=60, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> model = model.train(max_epochs=2, train_size=0.8, progress_bar=False)
+        >>> gap = model.get_amortization_gap(n_steps=20, n_samples=10)
+        >>> len(gap), bool(gap["gap"].mean() > 0)
+        (12, True)
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        if not getattr(self.guide, "amortized", True):
+            raise InputError(
+                f"The {type(self.guide).__name__} is not amortized: it has no encoder output "
+                "to start from. Use pyro_scvi.gap.refine to fit held-out cells."
+            )
+        if adata is None:
+            if not len(self.validation_indices):
+                raise InputError(
+                    "No held-out cells: train with train_size < 1, or pass adata=held-out cells."
+                )
+            data, idx = self.data, self.validation_indices
+        else:
+            data = self._data_for(adata)
+            idx = np.arange(data.n_cells)
+        with pyro.get_param_store().scope():
+            return amortization_gap(
+                self.model,
+                self.guide,
+                data,
+                idx,
+                n_steps=n_steps,
+                lr=lr,
+                n_samples=n_samples,
+                batch_size=batch_size,
+                seed=seed,
+                device=self.device,
+            )
+
     # ------------------------------------------------------------------ posterior samples
     def posterior_samples(
         self,
@@ -816,6 +925,10 @@ class SCVI:
                 "settings": self.settings,
                 "model_state": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "guide_state": {k: v.cpu() for k, v in self.guide.state_dict().items()},
+                # Another guide than the default is pickled whole, as the prior is.
+                "guide": None
+                if type(self.guide) is ScviGuide
+                else copy.deepcopy(self.guide).cpu(),
                 "likelihood": self.model.likelihood,
                 "prior": self.model.prior.cpu(),
                 "var_names": list(self.var_names),
@@ -888,13 +1001,21 @@ class SCVI:
             use_observed_lib_size=s["use_observed_lib_size"],
             **arch,
         )
-        self.guide = ScviGuide(
-            len(state["var_names"]),
-            len(state["batch_categories"]),
-            dropout_rate=s["dropout_rate"],
-            use_observed_lib_size=s["use_observed_lib_size"],
-            **arch,
-        )
+        self.guide = state.get("guide")
+        if self.guide is None:
+            self.guide = ScviGuide(
+                len(state["var_names"]),
+                len(state["batch_categories"]),
+                dropout_rate=s["dropout_rate"],
+                use_observed_lib_size=s["use_observed_lib_size"],
+                **arch,
+            )
+        if getattr(self.guide, "n_cells", self.data.n_cells) != self.data.n_cells:
+            raise InputError(
+                f"The saved {type(self.guide).__name__} has parameters for "
+                f"{self.guide.n_cells} cells, but adata has {self.data.n_cells}; load it with "
+                "the AnnData it was trained on."
+            )
         self.model.load_state_dict(state["model_state"])
         self.guide.load_state_dict(state["guide_state"])
         self.history = pd.DataFrame(state["history"])

@@ -1,0 +1,196 @@
+"""Guides: the non-amortized PerCellGuide and plugging guides into SCVI."""
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from pyro_scvi import SCVI, InputError
+from pyro_scvi.datasets import synthetic_zinb
+from pyro_scvi.guide import PerCellGuide, ScviGuide, build_guide
+from pyro_scvi.model import ScviModel
+from pyro_scvi.posterior import fit_statistics
+from pyro_scvi.priors import LogNormalLibrary
+
+N_CELLS, N_GENES, N_LATENT = 12, 9, 3
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(1)
+    x = torch.poisson(torch.rand(N_CELLS, N_GENES) * 20)
+    x[:, 0] += 1
+    return x, torch.arange(N_CELLS) % 2
+
+
+def make_model(observed=False):
+    lib = LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.4, 0.6]))
+    return ScviModel(
+        N_GENES, 2, lib, n_latent=N_LATENT, n_hidden=16, use_observed_lib_size=observed
+    )
+
+
+@pytest.mark.parametrize("observed", [False, True])
+def test_per_cell_guide_sites_match_the_model(data, observed):
+    x, b = data
+    model, guide = (
+        make_model(observed),
+        PerCellGuide(N_CELLS, N_LATENT, use_observed_lib_size=observed),
+    )
+    idx = torch.tensor([2, 5, 7])
+    g = poutine.trace(guide).get_trace(x[idx], b[idx], idx, N_CELLS)
+    m = poutine.trace(poutine.replay(model, g)).get_trace(x[idx], b[idx], idx, N_CELLS)
+    plates = {"cells", "genes"}  # the plates' subsample sites
+    expected = {"z"} if observed else {"z", "l"}
+    assert set(g.stochastic_nodes) - plates == set(m.stochastic_nodes) - plates == expected
+    assert g.nodes["z"]["value"].shape == (3, 1, N_LATENT)
+    # the subsampled plate scales the guide's terms like the model's
+    assert g.nodes["z"]["scale"] == pytest.approx(N_CELLS / 3)
+    assert np.isfinite(Trace_ELBO().loss(model, guide, x[idx], b[idx], idx, N_CELLS))
+
+
+def test_cell_index_picks_each_cells_own_rows(data):
+    x, b = data
+    guide = PerCellGuide(N_CELLS, N_LATENT)
+    with torch.no_grad():
+        guide.z_loc.copy_(torch.arange(N_CELLS * N_LATENT, dtype=torch.float).view(N_CELLS, -1))
+    idx = torch.tensor([9, 0, 4])
+    q = guide.encode(x[idx], b[idx], idx)
+    torch.testing.assert_close(q["z_loc"], guide.z_loc[idx])
+    # without cell_index the rows are the cells in order, all of them
+    torch.testing.assert_close(guide.encode(x, b)["z_loc"], guide.z_loc)
+
+
+def test_gradients_reach_only_the_minibatch_rows(data):
+    x, b = data
+    model, guide = make_model(), PerCellGuide(N_CELLS, N_LATENT)
+    idx = torch.tensor([1, 6])
+    Trace_ELBO().loss_and_grads(model, guide, x[idx], b[idx], idx, N_CELLS)
+    moved = guide.z_loc.grad.abs().sum(-1) > 0
+    assert moved.tolist() == [i in (1, 6) for i in range(N_CELLS)]
+    assert guide.l_loc.grad[idx].abs().sum() > 0
+
+
+def test_kl_weight_scales_the_guides_z_term(data):
+    x, b = data
+    guide = PerCellGuide(N_CELLS, N_LATENT)
+    tr = poutine.trace(guide).get_trace(x, b, None, None, 0.25)
+    assert tr.nodes["z"]["scale"] == pytest.approx(0.25)
+    assert tr.nodes["l"]["scale"] == pytest.approx(1.0)  # the library is never annealed
+
+
+def test_unknown_cells_are_a_clear_error(data):
+    x, b = data
+    guide = PerCellGuide(N_CELLS, N_LATENT)
+    with pytest.raises(ValueError, match=r"cells 0\.\.11 only.*refine"):
+        guide(x[:2], b[:2], torch.tensor([3, 12]))
+    with pytest.raises(ValueError, match="without one. Pass cell_index"):
+        guide(x[:5], b[:5])
+
+
+def test_from_guide_starts_exactly_at_the_encoder(data):
+    adata = synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+    m = SCVI(adata, n_latent=N_LATENT, n_hidden=8)
+    m.train(max_epochs=2, progress_bar=False)
+    cells = np.arange(5, 25)
+    per_cell = PerCellGuide.from_guide(m.guide, m.data, cells)
+    m.guide.eval()
+    x, b = m.data.tensors(cells)
+    q_enc, q_new = m.guide.encode(x, b), per_cell.encode(x, b)
+    for k in ("z_loc", "z_scale", "l_loc", "l_scale"):
+        torch.testing.assert_close(q_new[k], q_enc[k])
+    # and so the same seed gives the same ELBO estimate, cell by cell
+    # (the per-cell guide's rows are 0..19, so score it on those cells' own data)
+    from pyro_scvi.gap import _subset
+
+    torch.manual_seed(0)
+    amortized = fit_statistics(m.model, m.guide, m.data, cells, n_samples=10)["elbo"]
+    torch.manual_seed(0)
+    refined = fit_statistics(
+        m.model, per_cell, _subset(m.data, cells), np.arange(20), n_samples=10
+    )
+    np.testing.assert_allclose(refined["elbo"], amortized, rtol=1e-4)
+
+
+def test_build_guide_checks_cells_and_latent_dimension():
+    data = SCVI(synthetic_zinb(n_cells=30, n_genes=10, seed=0)).data
+    with pytest.raises(ValueError, match="10 cells but the data have 30"):
+        build_guide(PerCellGuide(10, 2), data, n_latent=2, use_observed_lib_size=False)
+    with pytest.raises(ValueError, match="n_latent=4, the model 2"):
+        build_guide(PerCellGuide(30, 4), data, n_latent=2, use_observed_lib_size=False)
+    with pytest.raises(TypeError, match="factory"):
+        build_guide("per-cell", data, n_latent=2, use_observed_lib_size=False)
+    amortized = ScviGuide(10, 1, n_latent=2)
+    assert build_guide(amortized, data, n_latent=2, use_observed_lib_size=False) is amortized
+
+
+@pytest.fixture(scope="module")
+def per_cell_fit():
+    torch.manual_seed(0)
+    adata = synthetic_zinb(n_cells=300, n_genes=40, n_clusters=3, n_batches=2, seed=0)
+    model = SCVI(adata, batch_key="batch", n_latent=4, n_hidden=32, guide=PerCellGuide.from_data)
+    # full batch: every step moves every cell's parameters
+    model.train(
+        max_epochs=80,
+        batch_size=300,
+        lr=1e-2,
+        train_size=1.0,
+        kl_warmup_epochs=0,
+        progress_bar=False,
+    )
+    return model
+
+
+def test_scvi_trains_a_per_cell_guide(per_cell_fit):
+    m = per_cell_fit
+    assert isinstance(m.guide, PerCellGuide) and m.settings["guide"] == "PerCellGuide"
+    h = m.history["train_elbo"].to_numpy()
+    assert h[-1] > h[0] + 20  # nats per cell
+    z = m.get_latent_representation()
+    assert z.shape == (300, 4)
+    # non-amortized inference finds the simulated clusters too
+    labels = KMeans(3, n_init=10, random_state=0).fit_predict(z)
+    assert adjusted_rand_score(m.adata.obs["cell_type"], labels) > 0.8
+    # the latent mean is the guide's own z_loc, row by row
+    np.testing.assert_allclose(z, m.guide.z_loc.detach().numpy(), rtol=1e-6)
+    stats = m.get_fit_statistics(n_samples=20, seed=0)
+    assert (stats["marginal_ll"] >= stats["elbo"]).all()
+    assert m.get_latent_representation(give_mean=False, n_samples=3).shape == (3, 300, 4)
+    assert m.get_normalized_expression().shape == (300, 40)
+
+
+def test_per_cell_guide_refuses_what_it_cannot_answer(per_cell_fit):
+    m = per_cell_fit
+    with pytest.raises(InputError, match="only for the model's own 300 cells"):
+        m.get_latent_representation(m.adata[:10].copy())
+    with pytest.raises(InputError, match="train_size=1.0"):
+        m.train(max_epochs=1, train_size=0.9, progress_bar=False)
+    with pytest.raises(InputError, match="not amortized"):
+        m.get_amortization_gap()
+
+
+def test_per_cell_guide_object_and_wrong_size(small_adata):
+    m = SCVI(small_adata, n_latent=2, guide=PerCellGuide(small_adata.n_obs, 2))
+    assert m.guide.n_cells == 300
+    with pytest.raises(InputError, match="299 cells but the data have 300"):
+        SCVI(small_adata, n_latent=2, guide=PerCellGuide(299, 2))
+
+
+def test_per_cell_guide_save_and_load(per_cell_fit, tmp_path):
+    per_cell_fit.save(tmp_path / "m")
+    loaded = SCVI.load(tmp_path / "m", per_cell_fit.adata)
+    assert isinstance(loaded.guide, PerCellGuide)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), per_cell_fit.get_latent_representation()
+    )
+    with pytest.raises(InputError, match="300 cells, but adata has 50"):
+        SCVI.load(tmp_path / "m", per_cell_fit.adata[:50].copy())
+
+
+def test_param_store_left_clean(per_cell_fit):
+    per_cell_fit.get_fit_statistics(n_samples=2)
+    assert not list(pyro.get_param_store().keys())
