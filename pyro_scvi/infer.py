@@ -30,10 +30,11 @@ takes:
   is a keyword, compiled once per distinct value. The KL weight is therefore passed as a
   tensor, so warm-up changes it without recompiling (a Python float would be frozen into
   the graph), and the minibatch size as a keyword, so each size gets its own graph. A JIT
-  ELBO object keeps using the first model and guide it compiled, so it is bound to one
-  pair; use a new one for each model. (In Pyro 1.9 ``JitTraceMeanField_ELBO`` re-traces on
-  every step, which is correct but slower than ``TraceMeanField_ELBO``.) Validation uses
-  the ELBO's uncompiled ``loss`` in eval mode.
+  ELBO object keeps the model, guide and parameter names of the run it first compiled for
+  (a later run, with its own parameter store, would fail or silently train the first
+  model), so each training run needs a new one: ``train(elbo=JitTrace_ELBO())``. (In Pyro
+  1.9 ``JitTraceMeanField_ELBO`` re-traces on every step, which is correct but slower than
+  ``TraceMeanField_ELBO``.) Validation uses the ELBO's uncompiled ``loss`` in eval mode.
 """
 
 from __future__ import annotations
@@ -392,8 +393,8 @@ def refresh_batch_norm(
 #: Pyro's compiled ELBOs; see the module docstring.
 _JIT_ELBOS = (JitTrace_ELBO, JitTraceMeanField_ELBO, JitTraceGraph_ELBO, JitTraceEnum_ELBO)
 
-#: The model and guide adapters each JIT ELBO object was first used with.
-_JIT_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: JIT ELBO objects that a training run has compiled.
+_JIT_USED: weakref.WeakSet = weakref.WeakSet()
 
 
 class _JitCall:
@@ -414,18 +415,18 @@ class _JitCall:
 
 def _jit_pair(elbo: ELBO, model: Callable, guide: Callable) -> tuple[_JitCall, _JitCall]:
     # Pyro's JIT ELBOs close over the model and guide of their first call and go on
-    # compiling those, whatever is passed later: bind each ELBO object to one pair.
-    bound = _JIT_BOUND.get(elbo)
-    if bound is None:
-        bound = _JIT_BOUND[elbo] = (_JitCall(model), _JitCall(guide))
-    elif bound[0].fn is not model or bound[1].fn is not guide:
+    # compiling those, whatever is passed later, and look up the parameter names they
+    # captured before running anything (absent from a new run's parameter store): one run
+    # per ELBO object.
+    if elbo in _JIT_USED:
         name = type(elbo).__name__
         raise InputError(
-            f"This {name} was already used to train another model, and Pyro's JIT ELBOs keep "
-            f"running the first model and guide they compiled; pass a new {name}() for each "
-            "model."
+            f"This {name} was already used by a training run, and Pyro's JIT ELBOs keep the "
+            f"model, guide and parameters they first compiled; pass a new {name}() to each "
+            "train() call."
         )
-    return bound
+    _JIT_USED.add(elbo)
+    return _JitCall(model), _JitCall(guide)
 
 
 def _sums_site_terms(elbo: ELBO) -> bool:

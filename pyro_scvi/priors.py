@@ -172,7 +172,8 @@ class VampPrior(Prior):
     constructor (and again in :meth:`~pyro_scvi.SCVI.load`): it calls :meth:`attach_encoder`
     with ``guide.z_encoder``, initializes the pseudo-inputs at the ``log1p`` counts of
     ``K`` random cells and gives each the batch of its cell. With
-    :class:`~pyro_scvi.ScviModel` directly, call :meth:`attach_encoder` before building it.
+    :class:`~pyro_scvi.ScviModel` directly, call :meth:`attach_encoder` before running the
+    model (the model's shape check of the prior waits for it).
 
     The pseudo-inputs pass through the encoder in eval mode (batch norm with its running
     statistics, no dropout): they then neither depend on the minibatch nor leak into the
@@ -243,6 +244,8 @@ class VampPrior(Prior):
         elif not hasattr(self, "pseudo_inputs"):
             raise ValueError("The first attach_encoder call needs initial pseudo_inputs.")
         self._encoder = (encoder,)
+        if self.n_latent is not None:
+            check_prior(self, self.n_latent)
 
     def forward(self) -> dist.TorchDistribution:  # noqa: D102
         self._require_setup()
@@ -327,7 +330,12 @@ def as_prior(prior: nn.Module | Callable[[], dist.TorchDistribution] | None) -> 
 
 
 def check_prior(prior: Callable[[], dist.TorchDistribution], n_latent: int) -> None:
-    """Raise a ``ValueError`` naming the fix unless ``prior()`` fits the ``z`` site."""
+    """Raise a ``ValueError`` naming the fix unless ``prior()`` fits the ``z`` site.
+
+    A :class:`VampPrior` without its encoder yet is checked when the encoder is attached.
+    """
+    if isinstance(prior, VampPrior) and not prior._encoder:
+        return
     d = prior()
     if not isinstance(d, torch.distributions.Distribution):
         raise ValueError(
@@ -461,7 +469,8 @@ def as_library_prior(
 
 def check_library_prior(prior: Callable, n_batch: int) -> None:
     """Raise a ``ValueError`` naming the fix unless ``prior(batch codes)`` fits the ``l`` site."""
-    codes = torch.arange(max(n_batch, 1))
+    # at least 3 cells, so that a batch_shape missing the trailing 1 cannot broadcast
+    codes = torch.arange(max(n_batch, 3)) % max(n_batch, 1)
     d = prior(codes)
     if not isinstance(d, torch.distributions.Distribution):
         raise ValueError(

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from .guide import GuideFactory, ScviGuide, build_guide
 from .infer import train_svi
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
-from .priors import LogNormalLibrary, Prior
+from .priors import LogNormalLibrary, Prior, VampPrior, as_library_prior, as_prior
 
 _SAVE_FILE = "model.pt"
 
@@ -61,6 +62,28 @@ def _check_positive(**values: int) -> None:
             raise InputError(f"{name}={value}; it must be a positive integer.")
 
 
+def _attach_vamp_prior(prior: VampPrior, guide: torch.nn.Module, data: CountData) -> None:
+    """Give a VampPrior the guide's z encoder and pseudo-inputs at random cells' log1p counts.
+
+    Each pseudo-input takes the batch of its cell. The seed is fixed: the pseudo-inputs are
+    set up from the data, like the library prior, not drawn by training's randomness. A
+    prior that has pseudo-inputs (loaded, or reused) keeps them.
+    """
+    encoder = getattr(guide, "z_encoder", None)
+    if encoder is None:
+        raise InputError(
+            "VampPrior needs an amortized guide with a z encoder (guide.z_encoder); "
+            f"{type(guide).__name__} has none."
+        )
+    if hasattr(prior, "pseudo_inputs"):
+        prior.attach_encoder(encoder)
+        return
+    n, k = data.n_cells, prior.n_components
+    cells = np.sort(np.random.default_rng(0).choice(n, size=k, replace=n < k))
+    x, b = data.tensors(cells)
+    prior.attach_encoder(encoder, torch.log1p(x), b)
+
+
 class SCVI:
     """scVI (Lopez et al., 2018) fitted by stochastic variational inference in Pyro.
 
@@ -75,7 +98,16 @@ class SCVI:
     likelihood
         Observation model object; default :class:`~pyro_scvi.likelihoods.ZINB`.
     prior
-        Prior on ``z``; default :class:`~pyro_scvi.priors.StandardNormal`.
+        Prior on ``z``; default :class:`~pyro_scvi.priors.StandardNormal`. Also
+        :class:`~pyro_scvi.priors.MixtureOfGaussians`, :class:`~pyro_scvi.priors.VampPrior`
+        (wired here to this model's encoder), your own :class:`~pyro_scvi.priors.Prior`,
+        or any callable returning a Pyro distribution with ``event_shape (n_latent,)``.
+    library_prior
+        Prior on the log-library ``l``: an ``nn.Module`` called with the cells' batch
+        codes, or a factory called with the data's per-batch ``(loc, scale)`` of the log
+        library size that returns one; default
+        :class:`~pyro_scvi.priors.LogNormalLibrary` at those values. See
+        :func:`~pyro_scvi.priors.as_library_prior`.
     n_latent, n_hidden, n_layers, dropout_rate
         Architecture (paper defaults 10, 128, 1, 0.1).
     dispersion
@@ -109,7 +141,8 @@ class SCVI:
         layer: str | None = None,
         batch_key: str | None = None,
         likelihood: Likelihood | None = None,
-        prior: Prior | None = None,
+        prior: Prior | Callable | None = None,
+        library_prior: torch.nn.Module | Callable | None = None,
         n_latent: int = 10,
         n_hidden: int = 128,
         n_layers: int = 1,
@@ -141,6 +174,7 @@ class SCVI:
         self.layer, self.batch_key = layer, batch_key
         self.data = from_anndata(adata, layer=layer, batch_key=batch_key)
         loc, scale = self.data.library_log_stats()
+        prior = as_prior(prior)
         self.settings = {
             "layer": layer,
             "batch_key": batch_key,
@@ -151,12 +185,12 @@ class SCVI:
             "dispersion": dispersion,
             "use_observed_lib_size": bool(use_observed_lib_size),
             "likelihood": repr(likelihood or ZINB()),
-            "prior": repr(prior) if prior is not None else "StandardNormal()",
+            "prior": repr(prior),
         }
         self.model = ScviModel(
             self.data.n_genes,
             self.data.n_batch,
-            LogNormalLibrary(torch.from_numpy(loc), torch.from_numpy(scale)),
+            as_library_prior(library_prior, torch.from_numpy(loc), torch.from_numpy(scale)),
             n_latent=n_latent,
             n_hidden=n_hidden,
             n_layers=n_layers,
@@ -188,6 +222,8 @@ class SCVI:
                 raise InputError(str(err)) from err
         self.settings["guide"] = type(self.guide).__name__
         self.device = torch.device("cpu")
+        if isinstance(self.model.prior, VampPrior):
+            _attach_vamp_prior(self.model.prior, self.guide, self.data)
         self.history = pd.DataFrame(
             columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
         )
@@ -918,6 +954,15 @@ class SCVI:
         target = Path(dir_path)
         if target.exists() and not overwrite:
             raise InputError(f"{target} exists; pass overwrite=True or choose another path.")
+        for name in ("prior", "library_prior"):
+            try:
+                pickle.dumps(getattr(self.model, name))
+            except (pickle.PicklingError, AttributeError, TypeError) as err:
+                raise InputError(
+                    f"The {name} {getattr(self.model, name)!r} cannot be pickled ({err}), so "
+                    "the model cannot be saved: define its function at module level, or "
+                    "subclass pyro_scvi.Prior / LibraryPrior."
+                ) from err
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
@@ -931,6 +976,9 @@ class SCVI:
                 else copy.deepcopy(self.guide).cpu(),
                 "likelihood": self.model.likelihood,
                 "prior": self.model.prior.cpu(),
+                "library_prior": (
+                    None if self.model.library_prior is None else self.model.library_prior.cpu()
+                ),
                 "var_names": list(self.var_names),
                 "batch_categories": list(self.batch_categories),
                 "history": self.history.to_dict(orient="list"),
@@ -961,6 +1009,8 @@ class SCVI:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.model.prior.to(self.device)
+        if self.model.library_prior is not None:
+            self.model.library_prior.to(self.device)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto") -> SCVI:
@@ -994,7 +1044,9 @@ class SCVI:
             len(state["batch_categories"]),
             None
             if s["use_observed_lib_size"]
-            else LogNormalLibrary(lib["library_prior.loc"], lib["library_prior.scale"]),
+            # older saves hold the library prior's buffers only
+            else state.get("library_prior")
+            or LogNormalLibrary(lib["library_prior.loc"], lib["library_prior.scale"]),
             prior=state["prior"],
             likelihood=state["likelihood"],
             dispersion=s["dispersion"],
@@ -1018,6 +1070,8 @@ class SCVI:
             )
         self.model.load_state_dict(state["model_state"])
         self.guide.load_state_dict(state["guide_state"])
+        if isinstance(self.model.prior, VampPrior):
+            _attach_vamp_prior(self.model.prior, self.guide, self.data)
         self.history = pd.DataFrame(state["history"])
         self.train_indices = state["train_indices"]
         self.validation_indices = state["validation_indices"]

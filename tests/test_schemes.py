@@ -1,0 +1,309 @@
+"""Inference schemes: every prior x likelihood x ELBO trains; analytic KL; IW bound; JIT."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pyro.infer.trace_mean_field_elbo as tmf_module
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import (
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+)
+
+from pyro_scvi import SCVI, InputError
+from pyro_scvi.datasets import synthetic_zinb
+from pyro_scvi.guide import ScviGuide
+from pyro_scvi.infer import _jit_pair
+from pyro_scvi.likelihoods import NB, ZINB, ZIP, Poisson
+from pyro_scvi.model import ScviModel
+from pyro_scvi.posterior import fit_statistics
+from pyro_scvi.priors import LogNormalLibrary, MixtureOfGaussians, StandardNormal, VampPrior
+
+# torch 2.13 deprecates torch.jit.trace, which Pyro's JIT ELBOs are built on
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.trace` is deprecated:DeprecationWarning"
+)
+
+N_LATENT = 2
+
+
+def laplace_prior():
+    return dist.Laplace(torch.zeros(N_LATENT), 1.0).to_event(1)
+
+
+PRIORS = {
+    "normal": StandardNormal,
+    "mog": lambda: MixtureOfGaussians(3),
+    "vamp": lambda: VampPrior(4),
+    "callable": lambda: laplace_prior,
+}
+LIKELIHOODS = {"zinb": ZINB, "nb": NB, "poisson": Poisson, "zip": ZIP}
+ELBOS = {
+    "trace": Trace_ELBO,
+    "meanfield": TraceMeanField_ELBO,
+    "iwae": lambda: RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True),
+    "jit": lambda: JitTrace_ELBO(ignore_jit_warnings=True),
+    "jit-meanfield": lambda: JitTraceMeanField_ELBO(ignore_jit_warnings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_adata():
+    return synthetic_zinb(n_cells=40, n_genes=12, n_batches=2, seed=0)
+
+
+@pytest.mark.parametrize("elbo", ELBOS)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("prior", PRIORS)
+def test_every_prior_likelihood_and_elbo_trains(tiny_adata, prior, likelihood, elbo):
+    m = SCVI(
+        tiny_adata,
+        batch_key="batch",
+        prior=PRIORS[prior](),
+        likelihood=LIKELIHOODS[likelihood](),
+        n_latent=N_LATENT,
+        n_hidden=8,
+    )
+    # two epochs: KL weight 0 then 1 (both warm-up paths); 30 training cells in minibatches
+    # of 16 and 14 (two minibatch sizes, two compiled graphs under JIT); 10 validation cells
+    m.train(
+        max_epochs=2,
+        batch_size=16,
+        train_size=0.75,
+        kl_warmup_epochs=1,
+        elbo=ELBOS[elbo](),
+        progress_bar=False,
+    )
+    h = m.history
+    assert list(h["kl_weight"]) == [0.0, 1.0]
+    assert np.isfinite(h[["train_elbo", "validation_elbo"]].to_numpy()).all()
+    assert m.get_latent_representation().shape == (40, N_LATENT)
+    s = m.posterior_samples(n_samples=2, sites=("z", "x"), seed=0)
+    assert s["z"].shape == (2, 40, N_LATENT) and s["x"].shape == (2, 40, 12)
+
+
+# ---------------------------------------------------------------------- fixed model/guide
+def make_pair(prior=None, n_genes=15, n_batch=2, dispersion="gene"):
+    torch.manual_seed(0)
+    lib = LogNormalLibrary(torch.full((n_batch,), 4.0), torch.full((n_batch,), 0.5))
+    guide = ScviGuide(n_genes, n_batch, n_latent=N_LATENT, n_hidden=16)
+    if isinstance(prior, VampPrior):
+        prior.attach_encoder(guide.z_encoder, torch.rand(prior.n_components, n_genes))
+    model = ScviModel(
+        n_genes, n_batch, lib, n_latent=N_LATENT, n_hidden=16, prior=prior, dispersion=dispersion
+    )
+    return model.eval(), guide.eval()
+
+
+@pytest.fixture
+def counts():
+    torch.manual_seed(1)
+    x = torch.poisson(torch.rand(20, 15) * 80)
+    return x, torch.arange(20) % 2
+
+
+@pytest.mark.parametrize("prior", ["normal", "mog", "vamp"])
+def test_model_and_guide_under_vectorized_particles(counts, prior):
+    # RenyiELBO/vectorized Trace_ELBO put a particle plate at dim -3, left of cells (-2)
+    # and genes (-1); the decoder flattens the extra leading dimension.
+    x, b = counts
+    model, guide = make_pair(PRIORS[prior](), dispersion="gene-cell")
+    with torch.no_grad(), pyro.plate("particles", 5, dim=-3):
+        g = poutine.trace(guide).get_trace(x, b)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, b)
+    m.compute_log_prob()
+    assert m.nodes["z"]["value"].shape == (5, 20, 1, N_LATENT)
+    assert m.nodes["z"]["log_prob"].shape == (5, 20, 1)
+    assert m.nodes["rho"]["value"].shape == (5, 20, 15)
+    assert m.nodes["x"]["log_prob"].shape == (5, 20, 15)
+    assert torch.isfinite(m.nodes["x"]["log_prob"]).all()
+
+
+def test_mean_field_elbo_uses_the_analytic_kl_for_z_and_l(counts, monkeypatch):
+    x, b = counts
+    calls = []
+    real_kl = tmf_module.kl_divergence
+
+    def spy(q, p):
+        try:
+            out = real_kl(q, p)
+        except NotImplementedError:
+            calls.append((q.event_shape, "fallback"))
+            raise
+        calls.append((q.event_shape, "analytic"))
+        return out
+
+    monkeypatch.setattr(tmf_module, "kl_divergence", spy)
+    model, guide = make_pair()
+    TraceMeanField_ELBO().loss(model, guide, x, b)
+    # z (event_shape (N_LATENT,)) and l (event_shape ()) both took the closed form
+    assert sorted(calls) == sorted(
+        [(torch.Size([N_LATENT]), "analytic"), (torch.Size([]), "analytic")]
+    )
+    # a mixture prior has no closed-form KL: Pyro falls back to sampling for z only
+    calls.clear()
+    model, guide = make_pair(MixtureOfGaussians(3))
+    TraceMeanField_ELBO().loss(model, guide, x, b)
+    assert sorted(calls) == sorted(
+        [(torch.Size([N_LATENT]), "fallback"), (torch.Size([]), "analytic")]
+    )
+
+
+def test_analytic_kl_estimates_the_same_elbo_with_less_noise(counts):
+    x, b = counts
+    model, guide = make_pair()
+    with torch.no_grad():
+        mc = np.array([Trace_ELBO().loss(model, guide, x, b) for _ in range(200)])
+        kl = np.array([TraceMeanField_ELBO().loss(model, guide, x, b) for _ in range(200)])
+    se = math.sqrt(mc.var() / len(mc) + kl.var() / len(kl))
+    assert abs(mc.mean() - kl.mean()) < 4 * se  # both unbiased for the same ELBO
+    assert kl.std() < mc.std()
+
+
+def test_importance_weighted_bound_is_at_least_the_elbo(counts):
+    """IWAE_K >= ELBO for the same model and guide (Burda et al., 2016), K = 16.
+
+    Both estimators are averaged over 40 independent evaluations at fixed parameters, so
+    the comparison is of their expectations up to Monte Carlo error; the tolerance is four
+    standard errors of the difference (a 3e-5 false-alarm rate for Gaussian noise). At an
+    untrained guide the gap is several nats per cell, so the test also asserts it is
+    clearly positive: the check has power.
+    """
+    x, b = counts
+    model, guide = make_pair()
+    iwae = RenyiELBO(alpha=0, num_particles=16, vectorize_particles=True, max_plate_nesting=2)
+    elbo = Trace_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=2)
+    with torch.no_grad():
+        iw = -np.array([iwae.loss(model, guide, x, b) for _ in range(40)]) / len(x)
+        el = -np.array([elbo.loss(model, guide, x, b) for _ in range(40)]) / len(x)
+    se = math.sqrt(iw.var(ddof=1) / len(iw) + el.var(ddof=1) / len(el))
+    assert iw.mean() >= el.mean() - 4 * se
+    assert iw.mean() - el.mean() > 4 * se
+
+
+def test_renyi_minibatch_objective_is_the_per_cell_bound(counts):
+    """train_svi calls RenyiELBO without the minibatch rescaling (num_cells=None).
+
+    Then its loss is the sum over cells of each cell's K-sample bound, the same quantity
+    as the importance-sampled marginal likelihood of :func:`fit_statistics` with K draws
+    (an independent implementation); both averaged over 60 evaluations, compared within
+    four standard errors.
+    """
+    x, b = counts
+    model, guide = make_pair()
+    k, reps, cells = 8, 60, torch.arange(20)
+    iwae = RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=2)
+
+    class Data:  # the two methods of CountData that fit_statistics uses
+        n_cells = 20
+
+        def minibatches(self, indices, batch_size):
+            yield indices
+
+        def tensors(self, idx, device="cpu"):
+            return x[idx], b[idx]
+
+    with torch.no_grad():
+        renyi = np.array([-iwae.loss(model, guide, x, b, cells, None) for _ in range(reps)])
+        ref = np.array(
+            [
+                fit_statistics(model, guide, Data(), np.arange(20), n_samples=k)[
+                    "marginal_ll"
+                ].sum()
+                for _ in range(reps)
+            ]
+        )
+    se = math.sqrt(renyi.var(ddof=1) / reps + ref.var(ddof=1) / reps)
+    assert abs(renyi.mean() - ref.mean()) < 4 * se
+
+
+# ---------------------------------------------------------------------- JIT
+@pytest.mark.parametrize("jit_cls", [JitTrace_ELBO], ids=lambda c: c.__name__)
+def test_jit_elbo_applies_the_kl_weight_it_is_given(counts, jit_cls):
+    """One compiled graph, three KL weights: each loss equals the uncompiled Trace_ELBO's.
+
+    Compiled with weight 0, a graph that froze the weight would return the weight-0 loss
+    for all three; with the same seed the compiled graph draws the same samples as the
+    uncompiled ELBO, so the losses must agree to float precision.
+    """
+    x, b = counts
+    model, guide = make_pair()
+    elbo = jit_cls(ignore_jit_warnings=True)
+    jit_model, jit_guide = _jit_pair(elbo, model, guide)
+    cells = torch.arange(20)
+
+    def jit_loss(w):
+        args = (x, b, cells, torch.tensor(w))
+        return elbo.loss_and_grads(jit_model, jit_guide, *args, num_cells=40, n_cells=20)
+
+    jit_loss(0.0)  # compile (tracing draws extra samples, so it is not compared)
+    losses = {}
+    for w in (0.0, 0.5, 1.0):
+        pyro.set_rng_seed(3)
+        compiled = jit_loss(w)
+        pyro.set_rng_seed(3)
+        reference = Trace_ELBO().loss_and_grads(model, guide, x, b, cells, 40, w)
+        assert compiled == pytest.approx(reference, rel=1e-5)
+        losses[w] = compiled
+    assert losses[1.0] != pytest.approx(losses[0.0], rel=1e-4)  # the weight matters
+    assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-5)
+
+
+def test_train_svi_passes_the_kl_weight_to_jit_elbos_as_a_tensor(monkeypatch):
+    adata = synthetic_zinb(n_cells=40, n_genes=12, seed=0)
+    m = SCVI(adata, n_latent=N_LATENT, n_hidden=8)
+    seen = []
+    real = JitTrace_ELBO.loss_and_grads
+
+    def spy(self, model, guide, *args, **kwargs):
+        seen.append((args[3], dict(kwargs)))
+        return real(self, model, guide, *args, **kwargs)
+
+    monkeypatch.setattr(JitTrace_ELBO, "loss_and_grads", spy)
+    m.train(
+        max_epochs=3,
+        batch_size=16,
+        kl_warmup_epochs=2,
+        elbo=JitTrace_ELBO(ignore_jit_warnings=True),
+        progress_bar=False,
+    )
+    weights = [float(w) for w, _ in seen]
+    assert all(isinstance(w, torch.Tensor) for w, _ in seen)
+    assert sorted(set(weights)) == [0.0, 0.5, 1.0]
+    n_train = len(m.train_indices)
+    assert {kw["num_cells"] for _, kw in seen} == {n_train}
+    assert {kw["n_cells"] for _, kw in seen} == {16, n_train - 32}
+
+
+def test_a_jit_elbo_serves_one_training_run(tiny_adata):
+    elbo = JitTrace_ELBO(ignore_jit_warnings=True)
+    a = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
+    a.train(max_epochs=1, elbo=elbo, progress_bar=False)
+    for m in (a, SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)):  # continue, or another model
+        with pytest.raises(InputError, match="new JitTrace_ELBO"):
+            m.train(max_epochs=1, elbo=elbo, progress_bar=False)
+    a.train(max_epochs=1, elbo=JitTrace_ELBO(ignore_jit_warnings=True), progress_bar=False)
+    assert len(a.history) == 2 and np.isfinite(a.history["train_elbo"]).all()
+
+
+def test_jit_training_matches_uncompiled_training(tiny_adata):
+    # Not the same random draws (compilation consumes some), so compare what training
+    # achieves: from the same initial networks, the same schedule improves the ELBO by a
+    # similar amount with and without compilation.
+    gain = {}
+    for name, elbo in (("plain", Trace_ELBO()), ("jit", JitTrace_ELBO(ignore_jit_warnings=True))):
+        m = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
+        kwargs = dict(batch_size=16, lr=1e-2, kl_warmup_epochs=5, elbo=elbo, progress_bar=False)
+        m.train(max_epochs=1, **dict(kwargs, elbo=Trace_ELBO(), lr=1e-12))  # seeded init
+        before = m.get_elbo(n_samples=50, seed=0)
+        m.train(max_epochs=20, **kwargs)
+        gain[name] = m.get_elbo(n_samples=50, seed=0) - before
+    assert gain["plain"] > 5  # training helps: the comparison has power
+    assert gain["jit"] > 0.5 * gain["plain"]
