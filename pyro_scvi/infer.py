@@ -249,18 +249,19 @@ def train_svi(
     elbo = elbo if elbo is not None else Trace_ELBO()
     jit = isinstance(elbo, _JIT_ELBOS)
     step_model, step_guide = _jit_pair(elbo, model, guide) if jit else (model, guide)
+    # None: minibatches are not rescaled to the full data (see the module docstring).
+    num_cells = len(train_idx) if _sums_site_terms(elbo) else None
     if optim is None:
         # The ELBO is a sum over training cells, scvi-tools' loss a mean: scale Adam's eps
-        # and L2 weight decay by the cell count so the updates are the same.
-        n = len(train_idx)
+        # and L2 weight decay by the cell count so the updates are the same. Without the
+        # rescaling a step's loss sums over one minibatch's cells only.
+        n = num_cells or min(batch_size, len(train_idx))
         fused = FusedAdam(lr=lr, eps=0.01 * n, weight_decay=1e-6 * n)
 
         def step(*args, **kwargs):
             return fused(elbo, step_model, step_guide, *args, **kwargs)
     else:
         step = SVI(step_model, step_guide, optim, loss=elbo).step
-    # None: minibatches are not rescaled to the full data (see the module docstring).
-    num_cells = len(train_idx) if _sums_site_terms(elbo) else None
     # Validate the first step of each run (shapes, supports, arguments); after that the
     # checks only cost time: the data were validated on the way in.
     validate_first = pyro.infer.util.is_validation_enabled()

@@ -307,3 +307,24 @@ def test_jit_training_matches_uncompiled_training(tiny_adata):
         gain[name] = m.get_elbo(n_samples=50, seed=0) - before
     assert gain["plain"] > 5  # training helps: the comparison has power
     assert gain["jit"] > 0.5 * gain["plain"]
+
+
+@pytest.mark.parametrize("elbo", ["trace", "iwae"])
+def test_default_adam_is_scaled_to_the_cells_a_step_sums_over(tiny_adata, monkeypatch, elbo):
+    # eps and weight decay follow scvi-tools' per-cell mean loss: times the number of cells
+    # the loss sums over, all training cells (rescaled minibatches) or one minibatch (IWAE)
+    import pyro_scvi.infer as infer
+
+    made = []
+    real = infer.FusedAdam.__init__
+
+    def spy(self, **settings):
+        made.append(settings)
+        real(self, **settings)
+
+    monkeypatch.setattr(infer.FusedAdam, "__init__", spy)
+    m = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
+    m.train(max_epochs=1, batch_size=16, elbo=ELBOS[elbo](), progress_bar=False)
+    n = len(m.train_indices) if elbo == "trace" else 16
+    assert made[0]["eps"] == pytest.approx(0.01 * n)
+    assert made[0]["weight_decay"] == pytest.approx(1e-6 * n)
