@@ -68,7 +68,12 @@ from .data import CountData, InputError
 
 
 class TrainingError(RuntimeError):
-    """Training hit a non-finite loss; the parameters were restored to the last good epoch."""
+    """Training hit a non-finite loss; the parameters were restored to the last good epoch.
+
+    ``history`` holds the rows of the epochs completed before the failure.
+    """
+
+    history: pd.DataFrame | None = None
 
 
 def kl_weight(epoch: int, kl_warmup_epochs: int) -> float:
@@ -295,7 +300,9 @@ def train_svi(
                 loss = _nan_on_invalid(step, (model, guide), *args, **kwargs)
             if not math.isfinite(loss):
                 _restore(model, guide, good_state)
-                raise TrainingError(_failure_message(loss, f"epoch {epoch}, step {step_no}"))
+                err = TrainingError(_failure_message(loss, f"epoch {epoch}, step {step_no}"))
+                err.history = _history(rows)
+                raise err
             # A subsampled minibatch's loss is scaled by n_train / len(idx); undo that.
             total += loss * len(idx) / n_train if num_cells else loss
         row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
@@ -314,9 +321,11 @@ def train_svi(
                 )
             if not math.isfinite(row["validation_elbo"]):
                 _restore(model, guide, good_state)
-                raise TrainingError(
+                err = TrainingError(
                     _failure_message(row["validation_elbo"], f"epoch {epoch}, validation")
                 )
+                err.history = _history(rows)
+                raise err
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         good_state = _snapshot(model, guide)
@@ -335,9 +344,7 @@ def train_svi(
             break
     epochs.close()
     refresh_batch_norm(model, guide, data, train_idx, batch_size=batch_size, device=device)
-    return pd.DataFrame(
-        rows, columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
-    )
+    return _history(rows)
 
 
 def refresh_batch_norm(
@@ -436,6 +443,12 @@ def _sums_site_terms(elbo: ELBO) -> bool:
     ``RenyiELBO`` is not: it takes a log-mean-exp over particles of each cell's weight.
     """
     return not isinstance(elbo, RenyiELBO)
+
+
+def _history(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(
+        rows, columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
+    )
 
 
 def _failure_message(loss: float, where: str) -> str:

@@ -29,7 +29,7 @@ from .data import CountData, InputError, check_batch_sizes, from_anndata
 from .files import _umask
 from .gap import amortization_gap
 from .guide import GuideFactory, ScviGuide, build_guide
-from .infer import train_svi
+from .infer import TrainingError, train_svi
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
 from .priors import LogNormalLibrary, Prior, VampPrior, as_library_prior, as_prior
@@ -359,12 +359,20 @@ class SCVI:
                     progress_bar=progress_bar,
                     first_epoch=first_epoch,
                 )
-            finally:
-                self.is_trained = True
+            except TrainingError as err:
+                # the parameters are those of the last complete epoch: keep its history too
+                self._append_history(err.history)
+                raise
+        self._append_history(history)
+        return self
+
+    def _append_history(self, history: pd.DataFrame | None) -> None:
+        if history is None or not len(history):
+            return
         self.history = (
             pd.concat([self.history, history], ignore_index=True) if len(self.history) else history
         )
-        return self
+        self.is_trained = True
 
     # ------------------------------------------------------------------ queries
     def _data_for(self, adata: AnnData | None) -> CountData:

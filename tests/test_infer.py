@@ -143,3 +143,15 @@ def test_batch_norm_refresh_is_not_fooled_by_cells_sorted_by_type():
         population_var = linear(torch.log1p(x)).var(0)
     ratio = (norm.running_var / population_var).median().item()
     assert 0.8 < ratio < 1.2
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_a_failed_run_keeps_the_history_of_its_completed_epochs(small_adata):
+    model = SCVI(small_adata, n_latent=3, n_hidden=16)
+    # epoch 0 calls the likelihood 3 times (training) + once (validation): fail in epoch 1
+    model.model.likelihood = PoisonAfter(5)
+    with pytest.raises(TrainingError) as info:
+        model.train(max_epochs=5, progress_bar=False)
+    assert list(info.value.history["epoch"]) == [0]
+    assert list(model.history["epoch"]) == [0] and model.is_trained
+    assert np.isfinite(model.get_latent_representation()).all()
