@@ -140,7 +140,7 @@ def differential_expression(
         Average ``rho`` over all batches (``True``) or decode each cell in its own batch.
     n_samples
         Posterior samples per group: random cells (vanilla) or bootstrap group means
-        (change). Probabilities have resolution ``1 / n_samples``.
+        (change). Probabilities stay ``1 / (2 n_samples + 2)`` or more away from 0 and 1.
     pseudocount
         ``eps`` added to normalized expression before taking logs; default 0.1 divided by
         the median library size of ``adata``.

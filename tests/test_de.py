@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pyro_scvi import SCVI, InputError
+from pyro_scvi import NB, SCVI, ZINB, InputError, Poisson
 from pyro_scvi.cli import main
 from pyro_scvi.de import COLUMNS, differential_expression, posterior_fdr
 from pyro_scvi.plotting import plot_volcano
@@ -93,6 +93,18 @@ def test_change_mode_calls_the_de_genes_and_no_others(trained):
     assert (res["lfc_median"] <= res["lfc_upper"]).all()
 
 
+def test_lfc_posterior_is_about_as_wide_as_the_error_of_null_genes(trained):
+    # Non-DE genes have a true LFC of exactly 0, so lfc_mean is their estimation error.
+    # Without each cell's count noise in the group means, the posterior sd was ~0.03
+    # here and these z-scores had an rms of ~2.6: far too sure of a noisy estimate.
+    res = trained.differential_expression(
+        groupby="cell_type", group1="A", group2="B", n_samples=500
+    )
+    null = res.loc[[g for g in res.index if g not in DE_GENES]]
+    rms_z = np.sqrt(np.mean((null["lfc_mean"] / null["lfc_std"]) ** 2))
+    assert 0.2 < rms_z < 1.5
+
+
 @pytest.mark.parametrize("mode", ["change", "vanilla"])
 def test_null_halves_call_almost_nothing(trained, mode):
     res = trained.differential_expression(
@@ -168,6 +180,25 @@ def test_rest_is_the_cell_weighted_mixture_of_the_other_groups(trained):
     b = trained.differential_expression(group2="B", **kw).loc[rest.index]
     np.testing.assert_allclose(rest["lfc_mean"], b["lfc_mean"])
     assert set(rest["comparison"]) == {"A vs rest"}
+
+
+@pytest.mark.parametrize("likelihood", [NB(), Poisson(), ZINB()], ids=repr)
+@pytest.mark.parametrize("observed_library", [False, True])
+def test_every_likelihood_and_observed_library_size(likelihood, observed_library):
+    adata = simulate(n_cells=60)
+    model = SCVI(
+        adata,
+        batch_key="batch",
+        likelihood=likelihood,
+        use_observed_lib_size=observed_library,
+        n_latent=2,
+        n_hidden=8,
+    )
+    for mode in ("change", "vanilla"):
+        res = model.differential_expression(groupby="cell_type", mode=mode, n_samples=20)
+        values = res.select_dtypes(float).to_numpy()
+        assert values.shape == (2 * N_GENES, 15) and np.isfinite(values).all()
+        assert ((res["proba_de"] > 0) & (res["proba_de"] < 1)).all()
 
 
 def test_unknown_groupby_or_group_is_a_clear_error(trained):
