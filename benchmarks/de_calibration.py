@@ -38,10 +38,13 @@ scanpy's ``rank_genes_groups(method="wilcoxon")`` on ``normalize_total`` + ``log
 Both scVI implementations are trained with their defaults (n_latent 10, ZINB, gene
 dispersion, KL warm-up over 400 epochs) for ``--max-epochs`` epochs on the same data.
 
-PBMC timing
------------
+Timing
+------
 One-vs-rest over every cell type of the shipped ``pbmc8k_200hvg`` (7,448 cells) after a
-short training (``--pbmc-epochs``), for both implementations and both modes.
+short training (``--pbmc-epochs``), and over the 10 types of a simulated dataset of
+``--scale-cells`` x ``--scale-genes`` (the speed target: 10,000 cells, 10 groups), for
+both implementations and both modes. Training quality does not change these times much,
+so the large dataset is trained for only ``--scale-epochs``.
 
 Run
 ---
@@ -63,6 +66,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +86,7 @@ from sklearn.metrics import roc_auc_score
 import pyro_scvi
 from pyro_scvi.de import posterior_fdr
 
+REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = Path(__file__).resolve().parent / "results"
 DELTA = 0.25
 FDR_TARGET = 0.05
@@ -102,6 +107,9 @@ SMOKE = {
     "replicates": 1,
     "pbmc_epochs": 1,
     "pbmc_cells": 1000,
+    "scale_cells": 2000,
+    "scale_genes": 300,
+    "scale_epochs": 1,
     "n_samples": 200,
 }
 
@@ -414,23 +422,22 @@ def summarize(replicates: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------- PBMC timing
-def pbmc_timing(args: argparse.Namespace) -> dict[str, Any]:
-    adata = pyro_scvi.datasets.pbmc8k_200hvg()
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-    if args.pbmc_cells and args.pbmc_cells < adata.n_obs:
-        keep = np.sort(np.random.default_rng(0).choice(adata.n_obs, args.pbmc_cells, False))
-        adata = adata[keep].copy()
-    print(f"pbmc8k_200hvg: {adata.n_obs} cells, one-vs-rest timing", file=sys.stderr)
-    pyro_model, pyro_train = train_pyro(adata, args.pbmc_epochs, 0)
-    scvi_model, scvi_train = train_scvi_tools(adata, args.pbmc_epochs, 0)
+# ---------------------------------------------------------------------------- timing
+def one_vs_rest_timing(name: str, adata, epochs: int, args: argparse.Namespace) -> dict:
+    """Train both implementations briefly, then time one-vs-rest over every cell type."""
+    print(f"{name}: {adata.n_obs} cells x {adata.n_vars} genes, one-vs-rest", file=sys.stderr)
+    pyro_model, pyro_train = train_pyro(adata, epochs, 0)
+    scvi_model, scvi_train = train_scvi_tools(adata, epochs, 0)
     out: dict[str, Any] = {
+        "dataset": name,
         "n_cells": adata.n_obs,
         "n_genes": adata.n_vars,
         "n_groups": int(adata.obs["cell_type"].nunique()),
-        "epochs": args.pbmc_epochs,
+        "n_batches": int(adata.obs["batch"].nunique()),
+        "epochs": epochs,
         "train_seconds": {"pyro_scvi": pyro_train, "scvi-tools": scvi_train},
         "one_vs_rest_seconds": {},
+        "calls": {},
     }
     for mode in ("change", "vanilla"):
         start = time.perf_counter()
@@ -438,7 +445,7 @@ def pbmc_timing(args: argparse.Namespace) -> dict[str, Any]:
             groupby="cell_type", mode=mode, n_samples=args.n_samples
         )
         out["one_vs_rest_seconds"][f"pyro_scvi {mode}"] = time.perf_counter() - start
-        out[f"pyro_scvi {mode} calls"] = (
+        out["calls"][f"pyro_scvi {mode}"] = (
             res.groupby("group1", observed=True)["is_de_fdr"].sum().astype(int).to_dict()
         )
         start = time.perf_counter()
@@ -446,6 +453,22 @@ def pbmc_timing(args: argparse.Namespace) -> dict[str, Any]:
             groupby="cell_type", mode=mode, delta=DELTA, batch_correction=True, silent=True
         )
         out["one_vs_rest_seconds"][f"scvi-tools {mode}"] = time.perf_counter() - start
+    return out
+
+
+def timings(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One-vs-rest wall times on the shipped PBMC data and on a large simulated dataset."""
+    pbmc = pyro_scvi.datasets.pbmc8k_200hvg()
+    pbmc.X = sp.csr_matrix(pbmc.X, dtype=np.float32)
+    if args.pbmc_cells and args.pbmc_cells < pbmc.n_obs:
+        keep = np.sort(np.random.default_rng(0).choice(pbmc.n_obs, args.pbmc_cells, False))
+        pbmc = pbmc[keep].copy()
+    out = [one_vs_rest_timing("pbmc8k_200hvg", pbmc, args.pbmc_epochs, args)]
+    if args.scale_cells:
+        large = simulate(
+            args.scale_cells, args.scale_genes, n_types=10, n_pairs=10, seed=args.seed
+        )
+        out.append(one_vs_rest_timing("simulated", large, args.scale_epochs, args))
     return out
 
 
@@ -484,17 +507,24 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_f(v['power'], '.3f')} | {_f(v['null_fraction_called'], '.4f')} "
             f"| {v['null_max_calls']} | {_f(v['seconds_per_comparison'], '.2f')} |"
         )
-    p = results.get("pbmc")
-    if p:
+    if results.get("timings"):
+        methods = list(results["timings"][0]["one_vs_rest_seconds"])
         lines += [
             "",
-            f"## One-vs-rest on pbmc8k_200hvg ({p['n_cells']} cells x {p['n_genes']} genes, "
-            f"{p['n_groups']} groups, after {p['epochs']} training epochs)",
+            "## One-vs-rest wall time (seconds; every cell type against all other cells)",
             "",
-            "| method | wall time (s) |",
-            "|---|---:|",
+            "| dataset | cells x genes | groups | batches | training epochs | "
+            + " | ".join(methods)
+            + " |",
+            "|---|---|---:|---:|---:|" + "---:|" * len(methods),
         ]
-        lines += [f"| {m} | {t:.1f} |" for m, t in p["one_vs_rest_seconds"].items()]
+        for t in results["timings"]:
+            lines.append(
+                f"| {t['dataset']} | {t['n_cells']} x {t['n_genes']} | {t['n_groups']} "
+                f"| {t['n_batches']} | {t['epochs']} | "
+                + " | ".join(f"{v:.1f}" for v in t["one_vs_rest_seconds"].values())
+                + " |"
+            )
     lines += [
         "",
         "- Truth: a gene is DE between two types when its designed |log2 FC| > 0 (all such "
@@ -533,6 +563,25 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
+def git_state() -> dict[str, Any]:
+    """The commit benchmarked and whether the package had uncommitted changes."""
+
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return out.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "pyro_scvi")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "pyro_scvi_uncommitted": None if changed is None else changed.splitlines(),
+    }
+
+
 def quiet_libraries() -> None:
     import scvi
 
@@ -560,7 +609,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=1000, help="pyro_scvi n_samples")
     p.add_argument("--pbmc-epochs", type=int, default=30)
     p.add_argument("--pbmc-cells", type=int, default=None, help="subsample pbmc8k")
-    p.add_argument("--no-pbmc", action="store_true", help="skip the pbmc8k timing")
+    p.add_argument("--scale-cells", type=int, default=10000, help="0: no large timing")
+    p.add_argument("--scale-genes", type=int, default=2000)
+    p.add_argument("--scale-epochs", type=int, default=5)
+    p.add_argument("--no-timing", action="store_true", help="skip the one-vs-rest timings")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     p.add_argument("--smoke", action="store_true", help="tiny run (< 1 minute)")
@@ -576,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    git = git_state()  # the code imported now is the code measured
     seeds = list(range(args.seed, args.seed + args.replicates))
     replicates = [run_replicate(seed, args) for seed in seeds]
     results: dict[str, Any] = {
@@ -588,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             name: package_version(name)
             for name in ("torch", "pyro-ppl", "pyro-scvi", "scvi-tools", "scanpy")
         },
+        "git": git,
         "settings": {
             "cells": args.cells,
             "genes": args.genes,
@@ -606,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(replicates),
         "replicates": replicates,
     }
-    if not args.no_pbmc:
-        results["pbmc"] = pbmc_timing(args)
+    if not args.no_timing:
+        results["timings"] = timings(args)
     results["total_seconds"] = time.perf_counter() - start
     table = markdown(results)
     print(table)
