@@ -8,7 +8,7 @@ Quick start::
     adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
 """
 
-from . import datasets, plotting
+from . import convert, datasets, de, plotting, posterior, ppc
 from .data import CountData, InputError, from_anndata
 from .guide import ScviGuide
 from .infer import TrainingError, train_svi
