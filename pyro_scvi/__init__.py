@@ -10,7 +10,7 @@ Quick start::
 
 from . import convert, datasets, de, plotting, posterior, ppc
 from .data import CountData, InputError, from_anndata
-from .guide import ScviGuide
+from .guide import PerCellGuide, ScviGuide
 from .infer import TrainingError, train_svi
 from .likelihoods import NB, ZINB, ZIP, Likelihood, Poisson
 from .model import ScviModel
@@ -30,6 +30,7 @@ __all__ = [
     "SCVI",
     "ScviModel",
     "ScviGuide",
+    "PerCellGuide",
     "Likelihood",
     "ZINB",
     "NB",
