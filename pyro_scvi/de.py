@@ -69,8 +69,9 @@ if TYPE_CHECKING:
 REST = "rest"
 #: Posterior draws of ``rho`` per cell in change mode. Bootstrap sample ``s`` of a group
 #: mean uses draw ``s % DRAWS_PER_CELL`` of every cell, so the decoding cost is fixed per
-#: cell however many samples are asked for.
-DRAWS_PER_CELL = 20
+#: cell however many samples are asked for. The count noise dominates the spread of a
+#: group mean: on simulated data 2, 5 and 20 draws gave the same calls and widths.
+DRAWS_PER_CELL = 5
 #: Columns of the result, in order.
 COLUMNS = (
     "proba_de",
@@ -147,7 +148,7 @@ def differential_expression(
     credible_level
         Mass of the central LFC credible interval ``[lfc_lower, lfc_upper]``.
     batch_size
-        Cells decoded per pass; memory grows as ``batch_size x 20 x genes`` per pass.
+        Cells decoded per pass; memory grows as ``batch_size x 5 x genes`` per pass.
     seed
         Seed of every random choice (cells, posterior draws, bootstrap weights): the same
         seed gives the same table. The global random state is left as it was.

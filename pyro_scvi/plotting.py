@@ -296,9 +296,12 @@ def plot_volcano(
         if params.get("mode") == "change":
             for x in (-params["delta"], params["delta"]):
                 ax.axvline(x, color="k", ls="--", lw=0.7)
-        # rows come sorted by rank, most significant first
-        for gene, x, y in list(zip(rows.index, lfc, evidence, strict=True))[:label_top]:
-            ax.annotate(str(gene), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        # rows come sorted by rank, most significant first; many share the top Bayes
+        # factor, so stagger the labels to keep neighbours legible
+        top = list(zip(rows.index, lfc, evidence, strict=True))[:label_top]
+        for i, (gene, x, y) in enumerate(top):
+            offset = (2, -10 * (i % 4) - 2)
+            ax.annotate(str(gene), (x, y), fontsize=6, xytext=offset, textcoords="offset points")
         ax.set_title(f"{name} ({int(called.sum())} DE)")
         ax.set_xlabel("log2 fold change (posterior mean)")
         ax.set_ylabel("log Bayes factor of DE")
