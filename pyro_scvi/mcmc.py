@@ -16,7 +16,7 @@ model conditioned on the cells' counts; :func:`compare_to_nuts` sets a guide's m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ def sample_nuts(
     warmup_steps: int = 300,
     seed: int | None = 0,
     device: torch.device | str = "cpu",
-    init_strategy=init_to_sample,
+    init_strategy: Callable = init_to_sample,
     progress_bar: bool = False,
     jit_compile: bool = False,
 ) -> dict[str, np.ndarray]:
