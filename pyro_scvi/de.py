@@ -23,6 +23,8 @@ fraction of a cell's library each gene gets) of two groups of cells:
     interval; ``proba_de = P(|LFC| >= delta)`` comes from those estimates under a prior
     on the LFCs fitted to all the genes (:func:`shrinkage_proba_de`), which knows that
     most genes are not DE. The Bayes factor is ``log proba_de - log(1 - proba_de)``.
+    A group of a handful of cells gives the bootstrap little to resample: its results
+    then speak for those cells more than for the population they were drawn from.
 
 Either way genes are called DE by controlling the posterior expected false discovery
 rate: sort genes by ``proba_de`` and take the longest list whose mean ``1 - proba_de``
