@@ -47,6 +47,10 @@ __all__ = [
     "TrainingError",
     "from_anndata",
     "train_svi",
+    "convert",
     "datasets",
+    "de",
+    "posterior",
+    "ppc",
     "plotting",
 ]
