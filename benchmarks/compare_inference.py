@@ -57,7 +57,7 @@ How to run
 ----------
 ::
 
-    python benchmarks/compare_inference.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/compare_inference.py            # about 12 minutes on 2 CPU cores
     python benchmarks/compare_inference.py --smoke    # under a minute: checks every path
 
 Results go to ``benchmarks/results/compare_inference.{json,md}`` (``--smoke``:
