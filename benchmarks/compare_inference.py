@@ -67,18 +67,13 @@ Results go to ``benchmarks/results/compare_inference.{json,md}`` (``--smoke``:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +88,14 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import pyro_scvi
 from pyro_scvi import posterior, priors
-from pyro_scvi.files import atomic_path
 from pyro_scvi.gap import amortization_gap, refine
 from pyro_scvi.guide import PerCellGuide
 from pyro_scvi.likelihoods import LIKELIHOODS
 from pyro_scvi.mcmc import agreement, compare_to_nuts, sample_nuts
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT_DIR = Path(__file__).resolve().parent / "results"
 N_LATENT = 10
@@ -414,11 +410,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Priors x likelihoods x inference schemes on one yardstick",
         "",
-        f"{results['date']}; {results['machine']['platform']}, "
-        f"{results['machine']['cpu_count']} CPUs, torch threads {s['threads']}; "
+        f"{results['date']}; {_common.machine_line(results)}, torch threads {s['threads']}; "
         f"torch {results['versions']['torch']}, pyro-ppl {results['versions']['pyro-ppl']}; "
-        f"pyro_scvi commit {str(results['versions']['pyro_scvi_commit'])[:7]}"
-        + (" (+ uncommitted changes in pyro_scvi/)" if results["versions"]["dirty"] else "")
+        f"pyro_scvi commit {str(results['git']['pyro_scvi_commit'])[:7]}"
+        + (" (+ uncommitted changes in pyro_scvi/)" if results["git"]["dirty"] else "")
         + f"; {results['total_seconds'] / 60:.1f} minutes in all "
         f"({results['cpu_seconds'] / 60:.1f} minutes of this process's CPU time).",
         "",
@@ -511,26 +506,6 @@ NOTES = [
 ]
 
 
-def git(*cmd: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def pkg(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def write(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -553,15 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         design_note += "; SMOKE RUN: 2 epochs on 150 cells, numbers are meaningless"
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python benchmarks/compare_inference.py", *(argv or sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": {
-            "torch": torch.__version__,
-            "pyro-ppl": pkg("pyro-ppl"),
-            "pyro_scvi_commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--", "pyro_scvi")),
-        },
+        **_common.run_metadata(argv or None, args.threads, script="compare_inference.py"),
         "settings": {**vars(args), "design_note": design_note, "n_latent": N_LATENT},
         "notes": NOTES,
         "datasets": [],
@@ -616,8 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     stem = "compare_inference" + ("_smoke" if args.smoke else "")
-    write(args.out_dir / f"{stem}.json", json.dumps(results, indent=2, default=str) + "\n")
-    write(args.out_dir / f"{stem}.md", table)
+    _common.write_atomic(
+        args.out_dir / f"{stem}.json", json.dumps(results, indent=2, default=str) + "\n"
+    )
+    _common.write_atomic(args.out_dir / f"{stem}.md", table)
     print(
         f"Wrote {args.out_dir / stem}.json and .md in {results['total_seconds']:.0f} s",
         file=sys.stderr,

@@ -60,19 +60,13 @@ Results go to ``benchmarks/results/compare_scvi_tools.{json,md}`` (``--smoke`` w
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +77,9 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_DATASETS = ("zeisel_cortex_subset_1464x1000.h5ad", "pbmc8k_200hvg.h5ad")
@@ -529,8 +525,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = [
         "# pyro_scvi vs scvi-tools",
         "",
-        f"{results['date']}; {results['machine']['platform']}, "
-        f"{results['machine']['cpu_count']} CPUs, torch threads {s['threads']}; "
+        f"{results['date']}; {_common.machine_line(results)}, torch threads {s['threads']}; "
         f"torch {results['versions']['torch']}, pyro-ppl {results['versions']['pyro-ppl']}, "
         f"scvi-tools {results['versions']['scvi-tools']}, "
         f"pyro_scvi {results['versions']['pyro_scvi']}.",
@@ -579,49 +574,6 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def package_version(name: str) -> str:
-    """Installed version of a distribution, or ``"not installed"``."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def git_state() -> dict[str, Any]:
-    """Commit of the checkout the benchmark runs from, and files of the package changed since."""
-
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=True
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return out.stdout.rstrip()
-
-    changed = git("status", "--porcelain", "--", "pyro_scvi")
-    diff = git("diff", "HEAD", "--", "pyro_scvi")
-    return {
-        "pyro_scvi_commit": git("rev-parse", "HEAD"),
-        "pyro_scvi_uncommitted_changes": None if changed is None else changed.splitlines(),
-        "pyro_scvi_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table and write the JSON and markdown results."""
     args = parse_args(argv)
@@ -633,27 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
-        "versions": {
-            "torch": torch.__version__,
-            "pyro-ppl": package_version("pyro-ppl"),
-            "scvi-tools": package_version("scvi-tools"),
-            "lightning": package_version("lightning"),
-            "anndata": package_version("anndata"),
-            "scikit-learn": package_version("scikit-learn"),
-            "pyro_scvi": package_version("pyro-scvi"),
-            **git_state(),
-        },
+        **_common.run_metadata(argv, args.threads, script="compare_scvi_tools.py"),
         "settings": {
             "max_epochs": args.max_epochs,
             "repeats": args.repeats,
@@ -683,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results)
     print(table)
     stem = "compare_scvi_tools" + ("_smoke" if args.smoke else "")
-    write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out_dir / f"{stem}.md", table)
+    _common.write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    _common.write_atomic(args.out_dir / f"{stem}.md", table)
     print(f"Wrote {args.out_dir / stem}.json and .md", file=sys.stderr)
     return 0
 

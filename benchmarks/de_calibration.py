@@ -61,17 +61,11 @@ Run
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -86,7 +80,9 @@ from sklearn.metrics import roc_auc_score
 import pyro_scvi
 from pyro_scvi.de import posterior_fdr
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 OUT_DIR = Path(__file__).resolve().parent / "results"
 DELTA = 0.25
 FDR_TARGET = 0.05
@@ -482,8 +478,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Differential expression calibration",
         "",
-        f"{results['date']}; {results['machine']['platform']}, "
-        f"{results['machine']['cpu_count']} CPUs, torch threads {s['threads']}; "
+        f"{results['date']}; {_common.machine_line(results)}, torch threads {s['threads']}; "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
         + ".",
         "",
@@ -542,46 +537,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` under a temporary name, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def git_state() -> dict[str, Any]:
-    """The commit benchmarked and whether the package had uncommitted changes."""
-
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=True
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return out.stdout.strip()
-
-    changed = git("status", "--porcelain", "--", "pyro_scvi")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "pyro_scvi_uncommitted": None if changed is None else changed.splitlines(),
-    }
-
-
 def quiet_libraries() -> None:
     import scvi
 
@@ -628,20 +583,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    git = git_state()  # the code imported now is the code measured
+    # The code imported now is the code measured: record git state before the runs.
+    meta = _common.run_metadata(
+        argv, args.threads, extra_versions=("scanpy",), script="de_calibration.py"
+    )
     seeds = list(range(args.seed, args.seed + args.replicates))
     replicates = [run_replicate(seed, args) for seed in seeds]
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(
-            ["python benchmarks/de_calibration.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": {
-            name: package_version(name)
-            for name in ("torch", "pyro-ppl", "pyro-scvi", "scvi-tools", "scanpy")
-        },
-        "git": git,
+        **meta,
         "settings": {
             "cells": args.cells,
             "genes": args.genes,
@@ -666,8 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     stem = "de_calibration" + ("_smoke" if args.smoke else "")
-    write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out_dir / f"{stem}.md", table)
+    _common.write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    _common.write_atomic(args.out_dir / f"{stem}.md", table)
     print(f"Wrote {args.out_dir / stem}.json and .md", file=sys.stderr)
     return 0
 

@@ -48,10 +48,7 @@ Results: ``benchmarks/results/heldout_and_imputation.{json,md}`` (``--smoke``:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -65,6 +62,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 import compare_scvi_tools as cst  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -318,7 +316,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Held-out fit and imputation: pyro_scvi vs scvi-tools",
         "",
-        f"{results['date']}; {results['machine']}; "
+        f"{results['date']}; {_common.machine_line(results)}, torch threads "
+        f"{results['threads']}; "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
         + ".",
         "",
@@ -396,13 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Missing data files: {missing}; pass --data-dir.", file=sys.stderr)
         return 2
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch threads 1",
-        "versions": {
-            n: cst.package_version(n) for n in ("torch", "pyro-ppl", "scvi-tools", "pyro-scvi")
-        },
-        "git": cst.git_state(),
+        **_common.run_metadata(argv, threads=1, script="heldout_and_imputation.py"),
         "settings": {
             "max_epochs": args.max_epochs,
             "seed": args.seed,
@@ -439,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     stem = "heldout_and_imputation" + ("_smoke" if args.smoke else "")
-    cst.write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    cst.write_atomic(args.out_dir / f"{stem}.md", table)
+    _common.write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    _common.write_atomic(args.out_dir / f"{stem}.md", table)
     print(f"Wrote {args.out_dir / stem}.json and .md", file=sys.stderr)
     return 0
 
