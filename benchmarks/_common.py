@@ -153,17 +153,47 @@ def run_metadata(
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (``ru_maxrss``)."""
+    """Peak resident set size of this process, MiB (``getrusage(RUSAGE_SELF).ru_maxrss``).
+
+    On Linux a child process starts with its parent's peak at the time it was spawned (the
+    kernel carries it across ``exec``), so measure in processes spawned by a small parent,
+    or after :func:`reset_peak_rss`.
+    """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def current_rss_mib() -> float | None:
-    """Resident set size of this process now, MiB (``/proc/self/statm``; Linux only)."""
+def _proc_status_mib(field: str) -> float | None:
     try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**10  # kB
     except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        pass
+    return None
+
+
+def current_rss_mib() -> float | None:
+    """Resident set size of this process now, MiB (``VmRSS``; Linux only, else ``None``)."""
+    return _proc_status_mib("VmRSS")
+
+
+def high_water_rss_mib() -> float | None:
+    """This process's own peak RSS, MiB (``VmHWM``; Linux only, else ``None``)."""
+    return _proc_status_mib("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``True`` if done.
+
+    After it, ``VmHWM`` reports the peak since the reset, and so does ``ru_maxrss`` unless
+    the parent's peak at spawn time (see :func:`peak_rss_mib`) is larger.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
