@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .data import CountData
-from .model import cells_plate, kl_scale
+from .model import cells_plate, kl_scale, register_module
 from .nn import Encoder
 
 
@@ -130,7 +130,7 @@ class ScviGuide(nn.Module):
         kl_weight: float = 1.0,
     ) -> None:
         """Sample ``z`` and ``l`` for the cells of ``x``; see :meth:`ScviModel.forward`."""
-        pyro.module("guide", self)
+        register_module("guide", self)
         q = self.encode(x, batch_index)
         _sample_latents(q, batch_index, cell_index, num_cells, kl_weight)
 
@@ -360,7 +360,7 @@ class PerCellGuide(nn.Module):
         kl_weight: float = 1.0,
     ) -> None:
         """Sample ``z`` and ``l`` for the cells ``cell_index``; see :meth:`ScviModel.forward`."""
-        pyro.module("guide", self)
+        register_module("guide", self)
         q = self.encode(x, batch_index, cell_index)
         _sample_latents(q, batch_index, cell_index, num_cells, kl_weight)
 

@@ -59,12 +59,14 @@ from pyro.infer import (
     JitTraceMeanField_ELBO,
     RenyiELBO,
     Trace_ELBO,
+    TraceMeanField_ELBO,
 )
 from pyro.optim import PyroOptim
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import CountData, InputError
+from .model import parameters_held
 
 
 class TrainingError(RuntimeError):
@@ -100,11 +102,13 @@ class FusedAdam:
     ``pyro.optim.Adam`` keeps one torch optimizer per parameter tensor, so a step pays
     Python overhead per tensor: about a quarter of a step's time for scVI's small networks.
     This runs the same update (scvi-tools' settings: ``eps=0.01``, ``weight_decay=1e-6``)
-    with a single multi-tensor Adam. (:func:`train_svi` scales ``eps`` and ``weight_decay``
-    by the number of training cells, because its loss is a sum over cells.) The parameters
-    are the ones Pyro's parameter store hands to the ELBO in the first step, exactly those
-    :class:`pyro.infer.SVI` would find.
-    A step whose loss is not finite is not applied.
+    with a single fused (else multi-tensor) Adam. (:func:`train_svi` scales ``eps`` and
+    ``weight_decay`` by the number of training cells, because its loss is a sum over cells.)
+    The parameters are the ones Pyro's parameter store hands to the ELBO in the first step,
+    exactly those :class:`pyro.infer.SVI` would find. With ``Trace_ELBO`` or
+    ``TraceMeanField_ELBO`` later steps skip re-registering pyro_scvi's modules
+    (:func:`~pyro_scvi.model.parameters_held`), so a parameter first created after the first
+    step would not be optimized. A step whose loss is not finite is not applied.
 
     Examples
     --------
@@ -134,13 +138,30 @@ class FusedAdam:
                 id(p): p
                 for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())
             }
-            self.optim = torch.optim.Adam(list(params.values()), foreach=True, **self.settings)
+            self.optim = _adam(list(params.values()), **self.settings)
+        elif type(elbo) in (Trace_ELBO, TraceMeanField_ELBO):
+            # The optimizer holds the parameters now, so registering them again is pure
+            # cost. Without param sites their loss_and_grads would skip backward, hence
+            # differentiable_loss (its value is the loss, its gradient the surrogate's).
+            with parameters_held():
+                surrogate = elbo.differentiable_loss(model, guide, *args, **kwargs)
+            surrogate.backward()
+            loss = float(surrogate.detach())
         else:
+            # Other ELBOs (JIT ones recompile per minibatch size) must see the param sites.
             loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
         if math.isfinite(loss):
             self.optim.step()
         self.optim.zero_grad(set_to_none=True)
         return loss
+
+
+def _adam(params: list[torch.Tensor], **settings) -> torch.optim.Adam:
+    """Adam as one fused kernel where torch has it (about 2x faster than ``foreach``)."""
+    try:
+        return torch.optim.Adam(params, fused=True, **settings)
+    except (RuntimeError, ValueError, TypeError):  # e.g. an older torch or another device
+        return torch.optim.Adam(params, foreach=True, **settings)
 
 
 def evaluate_elbo(

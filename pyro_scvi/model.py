@@ -17,8 +17,9 @@ Sites (public API): ``z``, ``l``, ``rho`` (deterministic) and ``x`` (observed).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import pyro
@@ -57,6 +58,35 @@ def cells_plate(
     if cell_index is None:
         cell_index = torch.arange(n, device=batch_index.device)
     return pyro.plate("cells", num_cells, subsample=cell_index, dim=-2)
+
+
+_REGISTER_PARAMS: ContextVar[bool] = ContextVar("pyro_scvi_register_params", default=True)
+
+
+def register_module(name: str, module: nn.Module) -> None:
+    """``pyro.module(name, module)``, unless inside :func:`parameters_held`.
+
+    Registering walks every parameter through Pyro's effect stack, about 0.8 ms per SVI
+    step for scVI's networks: 10% of a step on a few hundred genes.
+    """
+    if _REGISTER_PARAMS.get():
+        pyro.module(name, module)
+
+
+@contextmanager
+def parameters_held() -> Iterator[None]:
+    """Skip :func:`register_module` in this block.
+
+    For a training loop whose optimizer already holds every parameter, after a first step
+    that registered them (:class:`~pyro_scvi.infer.FusedAdam`). Nothing that reads ``param``
+    sites from a trace may run inside: ``pyro.infer.SVI`` with a Pyro optimizer and the
+    JIT ELBOs, which compile from the parameters a trace shows them, do.
+    """
+    token = _REGISTER_PARAMS.set(False)
+    try:
+        yield
+    finally:
+        _REGISTER_PARAMS.reset(token)
 
 
 def kl_scale(kl_weight: float | torch.Tensor) -> AbstractContextManager:
@@ -186,7 +216,7 @@ class ScviModel(nn.Module):
         subsample the ``cells`` plate (see :func:`cells_plate`); ``kl_weight`` scales the
         ``z`` terms for KL warm-up.
         """
-        pyro.module("model", self)
+        register_module("model", self)
         with cells_plate(batch_index, cell_index, num_cells):
             with kl_scale(kl_weight):
                 z = pyro.sample("z", self.prior())

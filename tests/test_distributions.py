@@ -141,3 +141,23 @@ def test_fused_zinb_accepts_an_underflowed_zero_mean():
     )
     lp = d.log_prob(torch.tensor([0.0, 0.0]))
     assert torch.isfinite(lp).all() and lp[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fused_zinb_expand_keeps_parameter_shapes():
+    # Pyro's plates expand every site's distribution; a per-gene theta must stay per gene
+    # (lgamma(theta) per gene, not per entry) while the values match a full expansion.
+    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+
+    torch.manual_seed(0)
+    mu, theta, pi = torch.rand(4, 3) * 5, torch.rand(3) + 0.5, torch.randn(4, 3)
+    d = ZeroInflatedNegativeBinomialMeanDispersion(mu, theta, pi)
+    e = d.expand((2, 4, 3))
+    assert e.theta.shape == (3,) and e.batch_shape == (2, 4, 3)
+    full = ZeroInflatedNegativeBinomialMeanDispersion(
+        mu.expand(2, 4, 3), theta.expand(2, 4, 3), pi.expand(2, 4, 3)
+    )
+    x = torch.poisson(full.mean.detach() + 1)
+    torch.testing.assert_close(e.log_prob(x), full.log_prob(x))
+    assert e.sample().shape == (2, 4, 3) and e.mean.shape == (2, 4, 3)
+    with pytest.raises(ValueError, match="Cannot expand"):
+        d.expand((5, 3))

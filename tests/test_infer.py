@@ -155,3 +155,52 @@ def test_a_failed_run_keeps_the_history_of_its_completed_epochs(small_adata):
     assert list(info.value.history["epoch"]) == [0]
     assert list(model.history["epoch"]) == [0] and model.is_trained
     assert np.isfinite(model.get_latent_representation()).all()
+
+
+@pytest.mark.parametrize("elbo_name", ["Trace_ELBO", "TraceMeanField_ELBO"])
+def test_fused_adam_steps_match_pyro_svi_gradients_and_plain_adam(elbo_name):
+    # FusedAdam skips re-registering parameters after its first step and differentiates
+    # the ELBO itself: every parameter (the prior's too) must follow the update that
+    # Pyro's loss_and_grads with a plain torch Adam gives.
+    import copy
+
+    import pyro
+    from pyro import infer as pinfer
+
+    from pyro_scvi import LogNormalLibrary, MixtureOfGaussians, ScviGuide, ScviModel
+    from pyro_scvi.infer import FusedAdam
+
+    torch.manual_seed(0)
+    lib = LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5]))
+    model_a = ScviModel(20, 1, lib, prior=MixtureOfGaussians(3), n_hidden=16)
+    guide_a = ScviGuide(20, 1, n_hidden=16)
+    model_b, guide_b = copy.deepcopy(model_a), copy.deepcopy(guide_a)
+    prior_loc_init = model_a.prior.loc.detach().clone()
+    z_loc_weight_init = guide_a.z_encoder.loc.weight.detach().clone()
+    x, b = torch.poisson(torch.full((16, 20), 2.0)), torch.zeros(16, dtype=torch.long)
+    args = (x, b, torch.arange(16), 64, 0.5)
+    settings = {"lr": 1e-2, "eps": 0.01, "weight_decay": 1e-6}
+    elbo = getattr(pinfer, elbo_name)()
+
+    fused, losses_a = FusedAdam(**settings), []
+    with pyro.get_param_store().scope():
+        for step in range(4):
+            pyro.set_rng_seed(step)
+            losses_a.append(fused(elbo, model_a, guide_a, *args))
+    params_b = [p for m in (model_b, guide_b) for p in m.parameters()]
+    adam, losses_b = torch.optim.Adam(params_b, foreach=True, **settings), []
+    with pyro.get_param_store().scope():
+        for step in range(4):
+            pyro.set_rng_seed(step)
+            losses_b.append(elbo.loss_and_grads(model_b, guide_b, *args))
+            adam.step()
+            adam.zero_grad()
+    np.testing.assert_allclose(losses_a, losses_b, rtol=1e-5)
+    named_b = dict(model_b.named_parameters())
+    for name, p in model_a.named_parameters():
+        torch.testing.assert_close(p, named_b[name], rtol=1e-4, atol=1e-5)
+    for pa, pb in zip(guide_a.parameters(), guide_b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+    # ...and the updates did happen, the prior's parameters included.
+    assert not torch.equal(model_a.prior.loc, prior_loc_init)
+    assert not torch.equal(guide_a.z_encoder.loc.weight, z_loc_weight_init)
