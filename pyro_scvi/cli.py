@@ -54,6 +54,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (default: torch's, one per core). scVI's networks are "
+        "small: on cores shared with other jobs, 1 is often fastest",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyro-scvi`` argument parser."""
     parser = _Parser(prog=PROG, description="scVI in Pyro: fit models to scRNA-seq counts.")
@@ -73,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
     fit.add_argument("--batch-size", type=_positive_int, default=128)
     fit.add_argument("--lr", type=_positive_float, default=1e-3)
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_run_options(fit)
     fit.add_argument("--model-dir", help="where to save the model")
     fit.add_argument("--early-stopping", action="store_true", help="stop on validation ELBO")
     fit.add_argument(
@@ -109,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="importance samples K per cell (default 100)",
     )
     ev.add_argument("--batch-size", type=_positive_int, default=64, help="cells per pass")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_run_options(ev)
 
     check = sub.add_parser(
         "ppc",
@@ -139,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a random subset of this many cells (default: all)",
     )
     check.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
-    check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_run_options(check)
 
     de = sub.add_parser(
         "de",
@@ -181,8 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode each cell in its own batch instead of averaging over all batches",
     )
     de.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
-    de.add_argument("--seed", type=int, default=0)
-    de.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_run_options(de)
     de.add_argument("-o", "--output", required=True, metavar="OUTPUT.csv")
     return parser
 
@@ -477,6 +484,10 @@ def differential(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "fit":
             return fit(args)

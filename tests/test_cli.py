@@ -255,6 +255,7 @@ def _check_one_line_error(status, stderr, *fragments):
         (["--lr", "nan"], "--lr"),
         (["--max-epochs", "0"], "--max-epochs"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--threads", "0"], "--threads"),
         (["--layer", "counts"], "Layer 'counts' not found"),
         (["--batch-key", "sample"], "batch_key 'sample'"),
         (["--no-such-option"], "unrecognized arguments"),
@@ -407,3 +408,15 @@ def test_console_script(tmp_path):
     lines = fail_err.strip().splitlines()
     assert len(lines) == 1 and "missing.h5ad" in lines[0]
     assert fail_out == ""
+
+
+def test_threads_option_sets_torch_threads(h5ad, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        status, _ = _run(["fit", h5ad, "-o", tmp_path / "out.h5ad", *FAST, "--threads", "1"])
+        assert status == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
