@@ -1,0 +1,248 @@
+"""Where one SVI training step's time goes: pyro_scvi against the pure-PyTorch floor.
+
+For each dataset (PBMC8k, 200 genes; synthetic 10,000 x 2,000) and minibatches of 128
+cells, one torch thread, this times the phases of a pyro_scvi step as
+:class:`pyro_scvi.infer.FusedAdam` runs it (parameters held after the first step):
+
+* ``gather``: the minibatch's dense counts from the CSR matrix (``CountData.tensors``);
+* ``guide``: running the guide under a Pyro trace (encoders, q(z), q(l), samples);
+* ``model``: replaying the model on the guide's samples (decoder, prior, likelihood);
+* ``log-densities``: ``compute_log_prob`` / ``compute_score_parts`` and the ELBO sum;
+* ``backward`` and ``adam`` (one fused Adam kernel);
+
+and the floor's step (``benchmarks/torch_floor.py``: same networks and ZINB, analytic KL,
+no Pyro) as ``forward``, ``backward`` and ``adam``. Each phase is the median over steps of
+its wall time. Then ``torch.profiler`` lists the operators that take the most self CPU time
+in 50 pyro_scvi steps.
+
+Run: ``python benchmarks/profile_step.py`` (about 2 minutes; ``--smoke`` for a few
+seconds). Writes ``benchmarks/results/profile_step.{json,md}`` (``_smoke`` with
+``--smoke``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pyro
+import torch
+from _common import machine_line, run_metadata, write_atomic
+from pyro import poutine
+from torch_floor import FloorLoss
+
+import pyro_scvi
+from pyro_scvi.model import parameters_held
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+OUT_DIR = Path(__file__).resolve().parent / "results"
+BATCH = 128
+
+
+def _datasets(smoke: bool) -> list[tuple[str, anndata.AnnData, str | None]]:
+    pbmc = anndata.read_h5ad(DATA_DIR / "pbmc8k_200hvg.h5ad")
+    if smoke:
+        return [("pbmc8k_200hvg", pbmc[:600].copy(), None)]
+    synthetic = pyro_scvi.datasets.synthetic_zinb(
+        n_cells=10_000, n_genes=2_000, n_clusters=5, n_batches=2, batch_effect=0.3, seed=0
+    )
+    return [("pbmc8k_200hvg", pbmc, None), ("synthetic 10000x2000", synthetic, "batch")]
+
+
+def _clock() -> float:
+    return time.perf_counter()
+
+
+def profile_pyro_scvi(adata, batch_key, n_steps: int) -> dict[str, float]:
+    """Median ms per phase of pyro_scvi's training step."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    model, guide, data = m.model, m.guide, m.data
+    model.train(), guide.train()
+    rng = np.random.default_rng(0)
+    n_cells = data.n_cells
+    phases: dict[str, list[float]] = {
+        k: [] for k in ("gather", "guide", "model", "log-densities", "backward", "adam")
+    }
+    optim = None
+    for step in range(n_steps + 5):
+        idx = rng.choice(n_cells, BATCH, replace=False)
+        t0 = _clock()
+        x, b = data.tensors(idx)
+        args = (x, b, torch.as_tensor(idx), n_cells, 0.5)
+        t1 = _clock()
+        with parameters_held() if optim is not None else nullcontext():
+            guide_trace = poutine.trace(guide).get_trace(*args)
+            t2 = _clock()
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+        t3 = _clock()
+        model_trace.compute_log_prob()
+        guide_trace.compute_score_parts()
+        loss = -(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+        t4 = _clock()
+        if optim is None:
+            params = [p for net in (model, guide) for p in net.parameters()]
+            optim = torch.optim.Adam(params, lr=1e-4, eps=0.01 * n_cells, fused=True)
+        loss.backward()
+        t5 = _clock()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        t6 = _clock()
+        if step >= 5:  # warm-up steps excluded
+            times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
+            for k, dt in zip(phases, times, strict=True):
+                phases[k].append(dt * 1e3)
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+def profile_floor(adata, batch_key, n_steps: int) -> dict[str, float]:
+    """Median ms per phase of the floor's step (dense gather, forward, backward, Adam)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    loss_fn = FloorLoss(m)
+    x_all = torch.as_tensor(m.data.X.toarray(), dtype=torch.float32)
+    b_all = torch.as_tensor(m.data.batch_index)
+    params = [p for net in (m.model, m.guide) for p in net.parameters()]
+    optim = torch.optim.Adam(params, lr=1e-4, eps=0.01, fused=True)
+    m.model.train(), m.guide.train()
+    rng = np.random.default_rng(0)
+    phases: dict[str, list[float]] = {k: [] for k in ("gather", "forward", "backward", "adam")}
+    for step in range(n_steps + 5):
+        idx = torch.as_tensor(rng.choice(m.data.n_cells, BATCH, replace=False))
+        t0 = _clock()
+        x, b = x_all.index_select(0, idx), b_all.index_select(0, idx)
+        t1 = _clock()
+        loss = loss_fn(x, b, 0.5).mean()
+        t2 = _clock()
+        loss.backward()
+        t3 = _clock()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        t4 = _clock()
+        if step >= 5:
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                phases[k].append(dt * 1e3)
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+def top_operators(adata, batch_key, n_steps: int, top: int = 12) -> list[dict]:
+    """torch.profiler: operators with the most self CPU time over ``n_steps`` SVI steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pyro_scvi.infer import FusedAdam
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    step = FusedAdam(lr=1e-4, eps=0.01 * m.data.n_cells)
+    elbo = pyro.infer.Trace_ELBO()
+    rng = np.random.default_rng(0)
+
+    def run(n):
+        for _ in range(n):
+            idx = rng.choice(m.data.n_cells, BATCH, replace=False)
+            x, b = m.data.tensors(idx)
+            step(elbo, m.model, m.guide, x, b, torch.as_tensor(idx), m.data.n_cells, 0.5)
+
+    run(5)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(n_steps)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {
+            "operator": e.key,
+            "calls_per_step": e.count / n_steps,
+            "self_ms_per_step": e.self_cpu_time_total / 1e3 / n_steps,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in events[:top]
+    ]
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Where a training step's time goes",
+        "",
+        f"{meta['date']}; {machine_line(meta)}; 1 torch thread; torch "
+        f"{meta['versions']['torch']}, pyro-ppl {meta['versions']['pyro-ppl']}, pyro_scvi "
+        f"{meta['versions']['pyro_scvi']} at {(meta['git'].get('pyro_scvi_commit') or '?')[:7]}.",
+        "",
+        f"Minibatch of {BATCH} cells; median ms per step over {results['n_steps']} steps.",
+        "",
+    ]
+    for d in results["datasets"]:
+        ours, floor = d["pyro_scvi"], d["torch_floor"]
+        total_ours, total_floor = sum(ours.values()), sum(floor.values())
+        lines += [
+            f"## {d['name']} ({d['shape']})",
+            "",
+            "| phase | pyro_scvi ms | torch floor ms |",
+            "|---|---:|---:|",
+            f"| gather minibatch | {ours['gather']:.2f} | {floor['gather']:.2f} |",
+            f"| guide trace (encoders, q) | {ours['guide']:.2f} | "
+            f"{floor['forward']:.2f} (whole forward) |",
+            f"| model replay (decoder, p) | {ours['model']:.2f} | |",
+            f"| log-densities + ELBO sum | {ours['log-densities']:.2f} | |",
+            f"| backward | {ours['backward']:.2f} | {floor['backward']:.2f} |",
+            f"| Adam (fused) | {ours['adam']:.2f} | {floor['adam']:.2f} |",
+            f"| **total** | **{total_ours:.2f}** | **{total_floor:.2f}** |",
+            "",
+            f"pyro_scvi / floor per step: {total_ours / total_floor:.2f}.",
+            "",
+            "Top operators by self CPU time (pyro_scvi, torch.profiler):",
+            "",
+            "| operator | calls / step | self ms / step | share |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| `{o['operator']}` | {o['calls_per_step']:.1f} | {o['self_ms_per_step']:.2f} "
+            f"| {o['share']:.0%} |"
+            for o in d["top_operators"]
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=100, help="timed steps per dataset")
+    p.add_argument("--smoke", action="store_true", help="a few steps on 600 PBMC cells")
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps = 5
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    results = {"meta": run_metadata(argv, 1, {}), "n_steps": args.steps, "datasets": []}
+    for name, adata, batch_key in _datasets(args.smoke):
+        print(f"{name}: ...", file=sys.stderr, flush=True)
+        results["datasets"].append(
+            {
+                "name": name,
+                "shape": f"{adata.n_obs} x {adata.n_vars}",
+                "pyro_scvi": profile_pyro_scvi(adata, batch_key, args.steps),
+                "torch_floor": profile_floor(adata, batch_key, args.steps),
+                "top_operators": top_operators(adata, batch_key, min(args.steps, 50)),
+            }
+        )
+    text = markdown(results)
+    print(text)
+    stem = "profile_step" + ("_smoke" if args.smoke else "")
+    write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out_dir / f"{stem}.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
