@@ -1,7 +1,7 @@
 """Where one SVI training step's time goes: pyro_scvi against the pure-PyTorch floor.
 
-For each dataset (PBMC8k, 200 genes; synthetic 10,000 x 2,000) and minibatches of 128
-cells, one torch thread, this times the phases of a pyro_scvi step as
+For each dataset (PBMC8k, 200 genes; Zeisel, 1,000 genes; synthetic 10,000 x 2,000) and
+minibatches of 128 cells, one torch thread, this times the phases of a pyro_scvi step as
 :class:`pyro_scvi.infer.FusedAdam` runs it (parameters held after the first step):
 
 * ``gather``: the minibatch's dense counts from the CSR matrix (``CountData.tensors``);
@@ -53,7 +53,12 @@ def _datasets(smoke: bool) -> list[tuple[str, anndata.AnnData, str | None]]:
     synthetic = pyro_scvi.datasets.synthetic_zinb(
         n_cells=10_000, n_genes=2_000, n_clusters=5, n_batches=2, batch_effect=0.3, seed=0
     )
-    return [("pbmc8k_200hvg", pbmc, None), ("synthetic 10000x2000", synthetic, "batch")]
+    zeisel = anndata.read_h5ad(DATA_DIR / "zeisel_cortex_subset_1464x1000.h5ad")
+    return [
+        ("pbmc8k_200hvg", pbmc, None),
+        ("zeisel_cortex_subset_1464x1000", zeisel, None),
+        ("synthetic 10000x2000", synthetic, "batch"),
+    ]
 
 
 def _clock() -> float:

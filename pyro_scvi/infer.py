@@ -13,7 +13,8 @@ validation ELBO is always the true ELBO (weight 1).
 
 Inference schemes
 -----------------
-Any Pyro ELBO trains the model: ``Trace_ELBO`` (default), ``TraceMeanField_ELBO``
+Any Pyro ELBO trains the model: ``Trace_ELBO`` (default; compiled as ``JitTrace_ELBO`` on
+long runs of pyro_scvi's own model and guide, see :func:`default_elbo`), ``TraceMeanField_ELBO``
 (analytic KL where Pyro has one, e.g. for the default Normal priors of ``z`` and ``l``),
 ``RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`` (the importance-weighted
 bound of Burda et al., 2016) and the JIT variants. Two need care, which :func:`train_svi`
@@ -39,9 +40,11 @@ takes:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -156,6 +159,55 @@ class FusedAdam:
         return loss
 
 
+#: Default ELBOs of runs with at least this many steps are compiled (see default_elbo).
+JIT_MIN_STEPS = 300
+
+
+def default_elbo(model: Callable, guide: Callable, n_steps: int) -> ELBO:
+    """The ELBO :func:`train_svi` uses when given none: ``Trace_ELBO``, compiled if it pays.
+
+    A compiled ``JitTrace_ELBO`` computes the same estimator without Python overhead:
+    15-30% faster steps for scVI's networks, within a few percent of a hand-written
+    PyTorch loop. Compiling costs about half a second per minibatch size,
+    so it is used for runs of at least :data:`JIT_MIN_STEPS` steps, and only for pyro_scvi's
+    own :class:`~pyro_scvi.model.ScviModel` (with a shipped prior, library prior and
+    likelihood) and :class:`~pyro_scvi.guide.ScviGuide`, whose structure is static, as a
+    compiled graph requires. Anything else, e.g. a user-written prior, runs uncompiled.
+    Pass ``elbo=Trace_ELBO()`` to never compile.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyro_scvi import ScviGuide, ScviModel, LogNormalLibrary
+    >>> m = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
+    >>> type(default_elbo(m, ScviGuide(20, 1), 10_000)).__name__
+    'JitTrace_ELBO'
+    >>> type(default_elbo(m, ScviGuide(20, 1), 100)).__name__
+    'Trace_ELBO'
+    """
+    from . import likelihoods, priors
+    from .guide import ScviGuide
+    from .model import ScviModel
+
+    static = (
+        type(model) is ScviModel
+        and type(guide) is ScviGuide
+        and type(model.prior).__module__ == priors.__name__
+        and not isinstance(model.prior, priors.CallablePrior)
+        and type(model.likelihood).__module__ == likelihoods.__name__
+        and (
+            model.library_prior is None
+            or (
+                type(model.library_prior).__module__ == priors.__name__
+                and not isinstance(model.library_prior, priors.CallableLibraryPrior)
+            )
+        )
+    )
+    if static and n_steps >= JIT_MIN_STEPS:
+        return JitTrace_ELBO(ignore_jit_warnings=True)
+    return Trace_ELBO()
+
+
 def _adam(params: list[torch.Tensor], **settings) -> torch.optim.Adam:
     """Adam as one fused kernel where torch has it (about 2x faster than ``foreach``)."""
     try:
@@ -243,7 +295,8 @@ def train_svi(
         A Pyro optimizer; by default :class:`FusedAdam` with learning rate ``lr`` (the
         same update as :func:`default_optim`, faster).
     elbo
-        Any Pyro ELBO (default ``Trace_ELBO()``); see the module docstring for
+        Any Pyro ELBO (default: :func:`default_elbo`, ``Trace_ELBO``, compiled on long
+        runs of pyro_scvi's own model and guide); see the module docstring for
         ``RenyiELBO`` and the JIT ELBOs.
     kl_warmup_epochs
         Length of the KL warm-up ramp (see the module docstring); 0 disables it.
@@ -272,7 +325,9 @@ def train_svi(
     TrainingError
         On a non-finite loss, after restoring the parameters of the last completed epoch.
     """
-    elbo = elbo if elbo is not None else Trace_ELBO()
+    if elbo is None:
+        steps = max_epochs * math.ceil(len(train_idx) / max(batch_size, 1))
+        elbo = default_elbo(model, guide, steps if optim is None else 0)
     jit = isinstance(elbo, _JIT_ELBOS)
     step_model, step_guide = _jit_pair(elbo, model, guide) if jit else (model, guide)
     # None: minibatches are not rescaled to the full data (see the module docstring).
@@ -317,7 +372,10 @@ def train_svi(
                 kwargs = {"num_cells": num_cells, "n_cells": len(idx)}
             else:
                 args, kwargs = (x, b, cell_index, num_cells, w), {}
-            with pyro.validation_enabled(validate_first and epoch == first_epoch and step_no == 0):
+            with (
+                pyro.validation_enabled(validate_first and epoch == first_epoch and step_no == 0),
+                _quiet_jit() if jit and epoch == first_epoch else contextlib.nullcontext(),
+            ):
                 loss = _nan_on_invalid(step, (model, guide), *args, **kwargs)
             if not math.isfinite(loss):
                 _restore(model, guide, good_state)
@@ -456,6 +514,20 @@ def _jit_pair(elbo: ELBO, model: Callable, guide: Callable) -> tuple[_JitCall, _
         )
     _JIT_USED.add(elbo)
     return _JitCall(model), _JitCall(guide)
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    """Hide torch's deprecation notice of ``torch.jit.trace``, which Pyro's JIT ELBOs use.
+
+    Compilation happens in a run's first epoch (one graph per minibatch size); the notice
+    is about Pyro's internals, which users cannot act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*torch.jit.trace.*", category=DeprecationWarning
+        )
+        yield
 
 
 def _sums_site_terms(elbo: ELBO) -> bool:

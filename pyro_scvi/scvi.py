@@ -283,7 +283,8 @@ class SCVI:
         kl_warmup_epochs
             Epochs of linear KL warm-up (0: none).
         elbo, optim
-            Pyro ELBO (default ``Trace_ELBO``) and optimizer (default: Adam with
+            Pyro ELBO (default ``Trace_ELBO``, compiled on long runs: see
+            :func:`pyro_scvi.infer.default_elbo`) and optimizer (default: Adam with
             scvi-tools' settings, as one fused torch optimizer; see
             :class:`pyro_scvi.infer.FusedAdam`). A ``pyro.optim`` optimizer runs through
             :class:`pyro.infer.SVI` instead.

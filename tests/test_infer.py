@@ -204,3 +204,35 @@ def test_fused_adam_steps_match_pyro_svi_gradients_and_plain_adam(elbo_name):
     # ...and the updates did happen, the prior's parameters included.
     assert not torch.equal(model_a.prior.loc, prior_loc_init)
     assert not torch.equal(guide_a.z_encoder.loc.weight, z_loc_weight_init)
+
+
+def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, monkeypatch):
+    # The default ELBO of a long run is JitTrace_ELBO: the same estimator, compiled. It must
+    # train as the uncompiled Trace_ELBO does, batch-norm statistics included.
+    import pyro
+
+    from pyro_scvi import infer
+
+    used = []
+    real = infer.default_elbo
+
+    def spy(*args, **kwargs):
+        used.append(real(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(infer, "default_elbo", spy)
+    fits = {}
+    for name, elbo in (("default", None), ("eager", pyro.infer.Trace_ELBO())):
+        m = SCVI(small_adata, batch_key="batch", n_hidden=16, n_latent=3)
+        m.train(60, batch_size=32, elbo=elbo, progress_bar=False, seed=3)
+        fits[name] = m
+    assert [type(e).__name__ for e in used] == ["JitTrace_ELBO"]  # 60 epochs x 9 steps
+    a, b = fits["default"].history, fits["eager"].history
+    assert a["validation_elbo"].iloc[-1] > a["validation_elbo"].iloc[0] + 5
+    # Per-epoch validation uses the running batch-norm statistics: were they not updated
+    # inside the compiled graph, the compiled run's curve would sit far below.
+    late_a, late_b = a["validation_elbo"].iloc[-20:].mean(), b["validation_elbo"].iloc[-20:].mean()
+    assert abs(late_a - late_b) < 0.03 * abs(late_b)
+    elbo_a = fits["default"].get_elbo(n_samples=5, seed=0)
+    elbo_b = fits["eager"].get_elbo(n_samples=5, seed=0)
+    assert abs(elbo_a - elbo_b) < 0.03 * abs(elbo_b)
