@@ -11,9 +11,10 @@ minibatches of 128 cells, one torch thread, this times the phases of a pyro_scvi
 * ``backward`` and ``adam`` (one fused Adam kernel);
 
 and the floor's step (``benchmarks/torch_floor.py``: same networks and ZINB, analytic KL,
-no Pyro) as ``forward``, ``backward`` and ``adam``. Each phase is the median over steps of
-its wall time. Then ``torch.profiler`` lists the operators that take the most self CPU time
-in 50 pyro_scvi steps.
+no Pyro) as ``forward``, ``backward`` and ``adam``, and the whole compiled step
+(``JitTrace_ELBO``, which ``train_svi`` uses by default on long runs). Each phase is the
+median over steps of its wall time. Then ``torch.profiler`` lists the operators that take
+the most self CPU time in 50 (uncompiled) pyro_scvi steps.
 
 Run: ``python benchmarks/profile_step.py`` (about 2 minutes; ``--smoke`` for a few
 seconds). Writes ``benchmarks/results/profile_step.{json,md}`` (``_smoke`` with
@@ -139,6 +140,40 @@ def profile_floor(adata, batch_key, n_steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
+def compiled_step(adata, batch_key, n_steps: int) -> float:
+    """Median ms of a whole compiled step (JitTrace_ELBO + fused Adam, as on long runs)."""
+    from pyro_scvi.infer import FusedAdam, _JitCall
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    m.model.train(), m.guide.train()
+    elbo = pyro.infer.JitTrace_ELBO(ignore_jit_warnings=True)
+    model, guide = _JitCall(m.model), _JitCall(m.guide)
+    step = FusedAdam(lr=1e-4, eps=0.01 * m.data.n_cells)
+    rng = np.random.default_rng(0)
+    w = torch.tensor(0.5)
+    times = []
+    for i in range(n_steps + 5):
+        idx = rng.choice(m.data.n_cells, BATCH, replace=False)
+        t0 = _clock()
+        x, b = m.data.tensors(idx)
+        step(
+            elbo,
+            model,
+            guide,
+            x,
+            b,
+            torch.as_tensor(idx),
+            w,
+            num_cells=m.data.n_cells,
+            n_cells=BATCH,
+        )
+        if i >= 5:  # the first step compiles
+            times.append((_clock() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def top_operators(adata, batch_key, n_steps: int, top: int = 12) -> list[dict]:
     """torch.profiler: operators with the most self CPU time over ``n_steps`` SVI steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -203,7 +238,10 @@ def markdown(results: dict) -> str:
             f"| Adam (fused) | {ours['adam']:.2f} | {floor['adam']:.2f} |",
             f"| **total** | **{total_ours:.2f}** | **{total_floor:.2f}** |",
             "",
-            f"pyro_scvi / floor per step: {total_ours / total_floor:.2f}.",
+            f"pyro_scvi / floor per step: {total_ours / total_floor:.2f} uncompiled "
+            f"(`Trace_ELBO`); compiled (`JitTrace_ELBO`, the default on runs of >= 300 "
+            f"steps, whole step incl. gather): {d['pyro_scvi_compiled_ms']:.2f} ms, "
+            f"{d['pyro_scvi_compiled_ms'] / total_floor:.2f} x the floor.",
             "",
             "Top operators by self CPU time (pyro_scvi, torch.profiler):",
             "",
@@ -238,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shape": f"{adata.n_obs} x {adata.n_vars}",
                 "pyro_scvi": profile_pyro_scvi(adata, batch_key, args.steps),
                 "torch_floor": profile_floor(adata, batch_key, args.steps),
+                "pyro_scvi_compiled_ms": compiled_step(adata, batch_key, args.steps),
                 "top_operators": top_operators(adata, batch_key, min(args.steps, 50)),
             }
         )

@@ -168,8 +168,9 @@ def default_elbo(model: Callable, guide: Callable, n_steps: int) -> ELBO:
 
     A compiled ``JitTrace_ELBO`` computes the same estimator without Python overhead:
     15-30% faster steps for scVI's networks, within a few percent of a hand-written
-    PyTorch loop. Compiling costs about half a second per minibatch size,
-    so it is used for runs of at least :data:`JIT_MIN_STEPS` steps, and only for pyro_scvi's
+    PyTorch loop. Compiling costs about half a second (:func:`train_svi` compiles one graph,
+    for full minibatches, and runs each epoch's smaller last one uncompiled), so it is used
+    for runs of at least :data:`JIT_MIN_STEPS` steps, and only for pyro_scvi's
     own :class:`~pyro_scvi.model.ScviModel` (with a shipped prior, library prior and
     likelihood) and :class:`~pyro_scvi.guide.ScviGuide`, whose structure is static, as a
     compiled graph requires. Anything else, e.g. a user-written prior, runs uncompiled.
@@ -325,10 +326,16 @@ def train_svi(
     TrainingError
         On a non-finite loss, after restoring the parameters of the last completed epoch.
     """
+    tail_elbo = None
     if elbo is None:
         steps = max_epochs * math.ceil(len(train_idx) / max(batch_size, 1))
         elbo = default_elbo(model, guide, steps if optim is None else 0)
+        if isinstance(elbo, _JIT_ELBOS):
+            # One compiled graph, for full minibatches: the smaller last minibatch of each
+            # epoch runs uncompiled (the same estimator) instead of a second compilation.
+            tail_elbo = Trace_ELBO()
     jit = isinstance(elbo, _JIT_ELBOS)
+    full_size = min(batch_size, len(train_idx))
     step_model, step_guide = _jit_pair(elbo, model, guide) if jit else (model, guide)
     # None: minibatches are not rescaled to the full data (see the module docstring).
     num_cells = len(train_idx) if _sums_site_terms(elbo) else None
@@ -341,6 +348,9 @@ def train_svi(
 
         def step(*args, **kwargs):
             return fused(elbo, step_model, step_guide, *args, **kwargs)
+
+        def tail_step(*args):
+            return fused(tail_elbo, model, guide, *args)
     else:
         step = SVI(step_model, step_guide, optim, loss=elbo).step
     # Validate the first step of each run (shapes, supports, arguments); after that the
@@ -367,7 +377,11 @@ def train_svi(
         ):
             x, b = data.tensors(idx, device)
             cell_index = torch.as_tensor(idx, device=device)
-            if jit:
+            call = step
+            if tail_elbo is not None and len(idx) != full_size:
+                args, kwargs = (x, b, cell_index, num_cells, w), {}
+                call = tail_step
+            elif jit:
                 args = (x, b, cell_index, torch.tensor(w, device=device))
                 kwargs = {"num_cells": num_cells, "n_cells": len(idx)}
             else:
@@ -376,7 +390,7 @@ def train_svi(
                 pyro.validation_enabled(validate_first and epoch == first_epoch and step_no == 0),
                 _quiet_jit() if jit and epoch == first_epoch else contextlib.nullcontext(),
             ):
-                loss = _nan_on_invalid(step, (model, guide), *args, **kwargs)
+                loss = _nan_on_invalid(call, (model, guide), *args, **kwargs)
             if not math.isfinite(loss):
                 _restore(model, guide, good_state)
                 err = TrainingError(_failure_message(loss, f"epoch {epoch}, step {step_no}"))
@@ -407,7 +421,7 @@ def train_svi(
                 raise err
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
-        good_state = _snapshot(model, guide)
+        good_state = _snapshot(model, guide, into=good_state)
         epochs.set_postfix(
             train_elbo=f"{row['train_elbo']:.1f}", val_elbo=f"{row['validation_elbo']:.1f}"
         )
@@ -570,8 +584,29 @@ def _all_finite(*modules: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
-def _snapshot(*modules: nn.Module) -> list[dict]:
-    return [copy.deepcopy(m.state_dict()) for m in modules]
+def _snapshot(*modules: nn.Module, into: list[dict] | None = None) -> list[dict]:
+    """Copies of the modules' state dicts; with ``into``, copied into those buffers.
+
+    Reusing the buffers each epoch saves an allocation the size of the model (27 MB with
+    13,000 genes) and keeps one copy alive instead of two at the moment of the swap.
+    """
+    states = [m.state_dict() for m in modules]
+    if into is not None and all(a.keys() == b.keys() for a, b in zip(states, into, strict=True)):
+        with torch.no_grad():
+            for state, saved in zip(states, into, strict=True):
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and saved[key].shape == value.shape:
+                        saved[key].copy_(value)
+                    else:
+                        saved[key] = copy.deepcopy(value)
+        return into
+    return [
+        {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in state.items()
+        }
+        for state in states
+    ]
 
 
 def _restore(model: nn.Module, guide: nn.Module, state: list[dict]) -> None:

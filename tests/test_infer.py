@@ -227,6 +227,8 @@ def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, m
         m.train(60, batch_size=32, elbo=elbo, progress_bar=False, seed=3)
         fits[name] = m
     assert [type(e).__name__ for e in used] == ["JitTrace_ELBO"]  # 60 epochs x 9 steps
+    # One graph: 270 training cells = 8 x 32 + 14, and the 14-cell minibatch runs uncompiled.
+    assert len(used[0]._loss_and_surrogate_loss.compiled) == 1
     a, b = fits["default"].history, fits["eager"].history
     assert a["validation_elbo"].iloc[-1] > a["validation_elbo"].iloc[0] + 5
     # Per-epoch validation uses the running batch-norm statistics: were they not updated
@@ -236,3 +238,26 @@ def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, m
     elbo_a = fits["default"].get_elbo(n_samples=5, seed=0)
     elbo_b = fits["eager"].get_elbo(n_samples=5, seed=0)
     assert abs(elbo_a - elbo_b) < 0.03 * abs(elbo_b)
+
+
+def test_snapshot_reuses_its_buffers_and_restores_the_latest_state():
+    from pyro_scvi import LogNormalLibrary, ScviGuide, ScviModel
+    from pyro_scvi.infer import _restore, _snapshot
+
+    model = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
+    guide = ScviGuide(20, 1)
+    first = _snapshot(model, guide)
+    buffers = [id(v) for state in first for v in state.values()]
+    with torch.no_grad():
+        model.log_theta.add_(1.0)
+        guide.z_encoder.loc.bias.add_(2.0)
+    latest = _snapshot(model, guide, into=first)
+    assert latest is first and [id(v) for s in latest for v in s.values()] == buffers
+    expected = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, guide)]
+    with torch.no_grad():  # a failed epoch
+        model.log_theta.fill_(float("nan"))
+        guide.z_encoder.loc.bias.fill_(float("nan"))
+    _restore(model, guide, latest)
+    for m, state in zip((model, guide), expected, strict=True):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(v, state[k])
