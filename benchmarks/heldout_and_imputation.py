@@ -61,6 +61,8 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
+from pyro_scvi.metrics import corrupt_counts
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import compare_scvi_tools as cst  # noqa: E402
@@ -108,35 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------- training
 def train_pyro_scvi(adata: anndata.AnnData, batch_key: str | None, epochs: int, seed: int):
-    import pyro
-
-    import pyro_scvi
-
-    pyro.set_rng_seed(seed)
-    a = cst.ARCHITECTURE
-    model = pyro_scvi.SCVI(
-        adata,
-        batch_key=batch_key,
-        likelihood=pyro_scvi.ZINB(),
-        n_latent=a["n_latent"],
-        n_hidden=a["n_hidden"],
-        n_layers=a["n_layers"],
-        dropout_rate=a["dropout_rate"],
-        dispersion=a["dispersion"],
-        use_observed_lib_size=False,
-    )
-    model.train(
-        epochs,
-        batch_size=cst.TRAINING["batch_size"],
-        lr=cst.TRAINING["lr"],
-        train_size=cst.TRAINING["train_size"],
-        early_stopping=False,
-        kl_warmup_epochs=cst.TRAINING["kl_warmup_epochs"],
-        device="cpu",
-        seed=seed,
-        progress_bar=False,
-    )
-    return model
+    """compare_scvi_tools' pyro_scvi run (same settings), on one thread."""
+    return cst.train_pyro_scvi(adata, batch_key, epochs, seed, threads=1)[0]
 
 
 def train_scvi_tools(
@@ -146,45 +121,9 @@ def train_scvi_tools(
     seed: int,
     split: tuple[np.ndarray, np.ndarray],
 ):
-    import scvi
-
-    scvi.settings.seed = seed
-    adata = adata.copy()
-    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
-    a = cst.ARCHITECTURE
-    model = scvi.model.SCVI(
-        adata,
-        n_latent=a["n_latent"],
-        n_hidden=a["n_hidden"],
-        n_layers=a["n_layers"],
-        dropout_rate=a["dropout_rate"],
-        dispersion=a["dispersion"],
-        gene_likelihood="zinb",
-        use_observed_lib_size=False,
-        encode_covariates=batch_key is not None,
-    )
-    train_idx, val_idx = split
-    bs = cst.TRAINING["batch_size"]
-    splitter: dict[str, Any] = {
-        "external_indexing": [train_idx.copy(), val_idx.copy(), np.array([], dtype=np.int64)]
-    }
-    if len(train_idx) % bs == 1:
-        splitter["drop_last"] = True
-    model.train(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        batch_size=bs,
-        early_stopping=False,
-        datasplitter_kwargs=splitter,
-        plan_kwargs={
-            "lr": cst.TRAINING["lr"],
-            "optimizer": "Adam",
-            "n_epochs_kl_warmup": cst.TRAINING["kl_warmup_epochs"],
-        },
-        enable_progress_bar=False,
-    )
-    return model, adata
+    """compare_scvi_tools' scvi-tools run on ``split``; also the copy it registered."""
+    adata = adata.copy()  # setup_anndata writes registry columns into obs
+    return cst.train_scvi_tools(adata, batch_key, epochs, seed, split, threads=1)[0], adata
 
 
 # ---------------------------------------------------------------------------- held-out
@@ -242,20 +181,6 @@ def heldout(adata: anndata.AnnData, batch_key: str | None, args: argparse.Namesp
 
 
 # ---------------------------------------------------------------------------- imputation
-def corrupt(x: np.ndarray, scheme: str, seed: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """Hide ``HIDE_FRACTION`` of the non-zero entries of dense counts ``x``."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.nonzero(x)
-    pick = rng.choice(len(rows), int(round(HIDE_FRACTION * len(rows))), replace=False)
-    hidden = (rows[pick], cols[pick])
-    y = x.copy()
-    if scheme == "zero":
-        y[hidden] = 0
-    else:
-        y[hidden] = rng.binomial(x[hidden].astype(np.int64), BINOMIAL_RATE)
-    return y, hidden
-
-
 def knn_impute(y: np.ndarray, seed: int) -> np.ndarray:
     lib = y.sum(1, keepdims=True)
     lib_safe = np.maximum(lib, 1.0)
@@ -274,7 +199,10 @@ def imputation(adata: anndata.AnnData, batch_key: str | None, args: argparse.Nam
     split = cst.make_split(adata.n_obs, cst.TRAINING["train_size"], args.seed)
     out: dict[str, Any] = {}
     for scheme in SCHEMES:
-        y, hidden = corrupt(x, scheme, args.seed)
+        # pyro_scvi.metrics draws exactly as this script always did ("zero" = "uniform").
+        y, hidden = corrupt_counts(
+            x, scheme=scheme, rate=HIDE_FRACTION, binomial_p=BINOMIAL_RATE, seed=args.seed
+        )
         bad = y.sum(1) == 0
         if bad.any():  # never happened on the shared data; keep models well-defined
             print(f"  {int(bad.sum())} cells emptied by corruption", file=sys.stderr)

@@ -66,11 +66,16 @@ def _clock() -> float:
     return time.perf_counter()
 
 
-def profile_pyro_scvi(adata, batch_key, n_steps: int) -> dict[str, float]:
-    """Median ms per phase of pyro_scvi's training step."""
+def _fresh_model(adata, batch_key) -> pyro_scvi.SCVI:
+    """The same freshly initialized model for every measurement."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    return pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+
+
+def profile_pyro_scvi(adata, batch_key, n_steps: int) -> dict[str, float]:
+    """Median ms per phase of pyro_scvi's training step."""
+    m = _fresh_model(adata, batch_key)
     model, guide, data = m.model, m.guide, m.data
     model.train(), guide.train()
     rng = np.random.default_rng(0)
@@ -111,9 +116,7 @@ def profile_pyro_scvi(adata, batch_key, n_steps: int) -> dict[str, float]:
 
 def profile_floor(adata, batch_key, n_steps: int) -> dict[str, float]:
     """Median ms per phase of the floor's step (dense gather, forward, backward, Adam)."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    m = _fresh_model(adata, batch_key)
     loss_fn = FloorLoss(m)
     x_all = torch.as_tensor(m.data.X.toarray(), dtype=torch.float32)
     b_all = torch.as_tensor(m.data.batch_index)
@@ -144,9 +147,7 @@ def compiled_step(adata, batch_key, n_steps: int) -> float:
     """Median ms of a whole compiled step (JitTrace_ELBO + fused Adam, as on long runs)."""
     from pyro_scvi.infer import FusedAdam, _JitCall
 
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    m = _fresh_model(adata, batch_key)
     m.model.train(), m.guide.train()
     elbo = pyro.infer.JitTrace_ELBO(ignore_jit_warnings=True)
     model, guide = _JitCall(m.model), _JitCall(m.guide)
@@ -180,9 +181,7 @@ def top_operators(adata, batch_key, n_steps: int, top: int = 12) -> list[dict]:
 
     from pyro_scvi.infer import FusedAdam
 
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    m = pyro_scvi.SCVI(adata, batch_key=batch_key, use_observed_lib_size=False)
+    m = _fresh_model(adata, batch_key)
     step = FusedAdam(lr=1e-4, eps=0.01 * m.data.n_cells)
     elbo = pyro.infer.Trace_ELBO()
     rng = np.random.default_rng(0)

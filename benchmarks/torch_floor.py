@@ -5,9 +5,9 @@ It trains exactly pyro_scvi's encoder and decoder modules (plain ``torch.nn`` mo
 
 * minibatches of 128 shuffled training cells, gathered by ``index_select`` from a dense
   float32 tensor of all counts built once before the clock starts (the cheapest gather);
-* the loss per cell: ``-log ZINB(x; exp(l) * rho, theta, gate)`` (the closed form of
-  :class:`pyro_scvi.distributions.ZeroInflatedNegativeBinomialMeanDispersion`, written out
-  again here) plus the analytic KL of q(z) from N(0, I), scaled by the KL warm-up weight,
+* the loss per cell: ``-log ZINB(x; exp(l) * rho, theta, gate)`` by
+  :func:`pyro_scvi.distributions.zinb_log_prob`, the plain torch function behind pyro_scvi's
+  ZINB distribution, plus the analytic KL of q(z) from N(0, I), scaled by the KL warm-up weight,
   plus the analytic KL of q(l) from the per-batch log-normal library prior; averaged over
   the minibatch;
 * ``torch.optim.Adam(lr, eps=0.01, weight_decay=1e-6, fused=True)``, i.e. scvi-tools'
@@ -31,36 +31,9 @@ from typing import Any
 import anndata
 import numpy as np
 import torch
-from torch.nn import functional as F
+from torch.distributions import Normal, kl_divergence
 
-EPS = 1e-8
-
-
-def zinb_log_prob(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor
-) -> torch.Tensor:
-    """Log ZINB(x; mean mu, inverse dispersion theta, zero-inflation logits), elementwise."""
-    log_theta_mu = torch.log(theta + mu + EPS)
-    nb_zero = theta * (torch.log(theta + EPS) - log_theta_mu)
-    softplus_pi = F.softplus(gate_logits)
-    zero_case = torch.logaddexp(gate_logits, nb_zero) - softplus_pi
-    nonzero_case = (
-        nb_zero
-        - softplus_pi
-        + x * (torch.log(mu + EPS) - log_theta_mu)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
-    )
-    return torch.where(x == 0, zero_case, nonzero_case)
-
-
-def normal_kl(
-    loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor
-) -> torch.Tensor:
-    """KL(N(loc, scale) || N(prior_loc, prior_scale)), elementwise."""
-    var_ratio = (scale / prior_scale) ** 2
-    return 0.5 * (var_ratio + ((loc - prior_loc) / prior_scale) ** 2 - 1 - var_ratio.log())
+from pyro_scvi.distributions import zinb_log_prob
 
 
 class FloorLoss:
@@ -73,6 +46,11 @@ class FloorLoss:
         self.log_theta = scvi.model.log_theta
         self.lib_loc = scvi.model.library_prior.loc
         self.lib_scale = scvi.model.library_prior.scale
+        self._standard = self._normal(torch.zeros(()), torch.ones(()))
+
+    @staticmethod
+    def _normal(loc: torch.Tensor, scale: torch.Tensor) -> Normal:
+        return Normal(loc, scale, validate_args=False)  # no checks in the floor
 
     def __call__(self, x: torch.Tensor, b: torch.Tensor, kl_weight: float) -> torch.Tensor:
         """Per-cell loss ``(cells,)``; the reparametrized one-sample reconstruction term."""
@@ -85,10 +63,9 @@ class FloorLoss:
         mu = torch.exp(l) * torch.softmax(decoded["rho_logits"], -1)
         theta = self.log_theta.exp()
         reconstruction = -zinb_log_prob(x, mu, theta, decoded["gate_logits"]).sum(-1)
-        kl_z = normal_kl(z_loc, z_scale, torch.zeros(()), torch.ones(())).sum(-1)
-        kl_l = normal_kl(
-            l_loc, l_scale, self.lib_loc[b].unsqueeze(-1), self.lib_scale[b].unsqueeze(-1)
-        ).sum(-1)
+        kl_z = kl_divergence(self._normal(z_loc, z_scale), self._standard).sum(-1)
+        lib_prior = self._normal(self.lib_loc[b].unsqueeze(-1), self.lib_scale[b].unsqueeze(-1))
+        kl_l = kl_divergence(self._normal(l_loc, l_scale), lib_prior).sum(-1)
         return reconstruction + kl_weight * kl_z + kl_l
 
 
@@ -160,7 +137,7 @@ def run_torch_floor(
 
     start = time.perf_counter()
     # Inside the clock, as in pyro_scvi's and scvi-tools' timings: a process's first torch
-    # optimizer imports torch._dynamo, about a second.
+    # optimizer imports torch._dynamo.
     optim = torch.optim.Adam(params, lr=lr, eps=0.01, weight_decay=1e-6, fused=True)
     for epoch in range(max_epochs):
         w = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
