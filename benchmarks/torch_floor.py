@@ -33,13 +33,15 @@ import numpy as np
 import torch
 from torch.distributions import Normal, kl_divergence
 
+from pyro_scvi import kernels
 from pyro_scvi.distributions import zinb_log_prob
 
 
 class FloorLoss:
     """Negative ELBO per cell of scVI for pyro_scvi's networks, in plain torch."""
 
-    def __init__(self, scvi: Any) -> None:
+    def __init__(self, scvi: Any, fused: bool = False) -> None:
+        self.log_prob = kernels.zinb_log_prob_fused if fused else zinb_log_prob
         self.z_encoder = scvi.guide.z_encoder
         self.l_encoder = scvi.guide.l_encoder
         self.decoder = scvi.model.decoder
@@ -62,7 +64,7 @@ class FloorLoss:
         decoded = self.decoder(z, b)
         mu = torch.exp(l) * torch.softmax(decoded["rho_logits"], -1)
         theta = self.log_theta.exp()
-        reconstruction = -zinb_log_prob(x, mu, theta, decoded["gate_logits"]).sum(-1)
+        reconstruction = -self.log_prob(x, mu, theta, decoded["gate_logits"]).sum(-1)
         kl_z = kl_divergence(self._normal(z_loc, z_scale), self._standard).sum(-1)
         lib_prior = self._normal(self.lib_loc[b].unsqueeze(-1), self.lib_scale[b].unsqueeze(-1))
         kl_l = kl_divergence(self._normal(l_loc, l_scale), lib_prior).sum(-1)
@@ -92,8 +94,13 @@ def run_torch_floor(
     lr: float = 1e-3,
     kl_warmup_epochs: int = 400,
     architecture: dict[str, Any] | None = None,
+    fused: bool | None = None,
 ) -> dict[str, Any]:
     """Train the floor once; same outputs as ``run_pyro_scvi`` in ``compare_scvi_tools.py``.
+
+    ``fused``: compute the ZINB log-density with pyro_scvi's compiled kernel
+    (:mod:`pyro_scvi.kernels`); ``None`` decides as pyro_scvi's training does for the same
+    run (:func:`pyro_scvi.kernels.use_fused_by_default`), so that both use the same kernel.
 
     A :class:`pyro_scvi.SCVI` is built only as the container of the networks (same
     initialization as pyro_scvi's run with this seed) and is returned, trained, as
@@ -121,43 +128,52 @@ def run_torch_floor(
         **{k: arch[k] for k in ("n_latent", "n_hidden", "n_layers", "dropout_rate")},
         dispersion=arch["dispersion"],
     )
-    loss_fn = FloorLoss(scvi)
+    train_idx, val_idx = split
+    if fused is None:
+        steps = max_epochs * -(-len(train_idx) // batch_size)
+        fused = kernels.use_fused_by_default(
+            steps, min(batch_size, len(train_idx)), adata.n_vars, "cpu"
+        )
+    loss_fn = FloorLoss(scvi, fused=fused)
     modules = (scvi.model, scvi.guide)
     x_all = torch.as_tensor(
         np.asarray(scvi.data.X.toarray() if hasattr(scvi.data.X, "toarray") else scvi.data.X),
         dtype=torch.float32,
     )
     b_all = torch.as_tensor(scvi.data.batch_index, dtype=torch.long)
-    train_idx, val_idx = split
     val_t = torch.as_tensor(val_idx, dtype=torch.long)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     rng = np.random.default_rng(seed)
     curve: list[float] = []
     w = 0.0
 
+    kernel = kernels.fused_log_prob() if fused else kernels.fused_log_prob(False)
     start = time.perf_counter()
     # Inside the clock, as in pyro_scvi's and scvi-tools' timings: a process's first torch
     # optimizer imports torch._dynamo.
     optim = torch.optim.Adam(params, lr=lr, eps=0.01, weight_decay=1e-6, fused=True)
-    for epoch in range(max_epochs):
-        w = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
-        for m in modules:
-            m.train()
-        for idx in minibatches(train_idx, batch_size, rng):
-            loss = loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), w).mean()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-        if len(val_idx):
+    with kernel:
+        for epoch in range(max_epochs):
+            w = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
             for m in modules:
-                m.eval()
-            with torch.no_grad():
-                total = sum(
-                    float(loss_fn(x_all.index_select(0, i), b_all.index_select(0, i), 1.0).sum())
-                    for i in torch.split(val_t, 1024)
-                )
-            curve.append(-total / len(val_idx))
-    _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size)
+                m.train()
+            for idx in minibatches(train_idx, batch_size, rng):
+                loss = loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), w).mean()
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+            if len(val_idx):
+                for m in modules:
+                    m.eval()
+                with torch.no_grad():
+                    total = sum(
+                        float(
+                            loss_fn(x_all.index_select(0, i), b_all.index_select(0, i), 1.0).sum()
+                        )
+                        for i in torch.split(val_t, 1024)
+                    )
+                curve.append(-total / len(val_idx))
+        _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size)
     seconds = time.perf_counter() - start
 
     for m in modules:

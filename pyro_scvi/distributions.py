@@ -21,6 +21,10 @@ from pyro.distributions import TorchDistribution, constraints
 #: Keeps ``log`` finite when a decoder drives a mean or dispersion to exactly zero.
 EPS = 1e-8
 
+#: What the ZINB's ``log_prob`` calls on float32 instead of :func:`zinb_log_prob`: set by
+#: :func:`pyro_scvi.kernels.fused_log_prob` to its compiled operator, ``None`` otherwise.
+_zinb_kernel = None
+
 
 def nb_logits(mu: torch.Tensor, theta: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Pyro/torch negative-binomial ``logits`` for mean ``mu`` and inverse dispersion ``theta``.
@@ -177,4 +181,6 @@ class ZeroInflatedNegativeBinomialMeanDispersion(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self._validate_args:
             self._validate_sample(value)
+        if _zinb_kernel is not None and self.mu.dtype == torch.float32:
+            return _zinb_kernel(value, self.mu, self.theta, self.gate_logits)
         return zinb_log_prob(value, self.mu, self.theta, self.gate_logits)

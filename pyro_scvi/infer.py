@@ -68,6 +68,7 @@ from pyro.optim import PyroOptim
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import kernels, likelihoods
 from .data import CountData, InputError
 from .model import parameters_held
 
@@ -316,6 +317,14 @@ def train_svi(
     first_epoch
         Epoch number to start counting from (continuing a previous run's warm-up).
 
+    Notes
+    -----
+    On long CPU runs of a ZINB model (:func:`pyro_scvi.kernels.use_fused_by_default`) the
+    ZINB log-density is computed by the compiled kernel of :mod:`pyro_scvi.kernels`, the
+    same density to float32 rounding; wrap the call in
+    ``pyro_scvi.kernels.fused_log_prob(False)`` to keep the eager one, or in
+    ``fused_log_prob()`` to use it on any run.
+
     Returns
     -------
     pandas.DataFrame
@@ -329,9 +338,60 @@ def train_svi(
     TrainingError
         On a non-finite loss, after restoring the parameters of the last completed epoch.
     """
+    kernel = contextlib.nullcontext()
+    steps = max_epochs * math.ceil(len(train_idx) / max(batch_size, 1))
+    if isinstance(getattr(model, "likelihood", None), likelihoods.ZINB) and (
+        kernels.use_fused_by_default(steps, min(batch_size, len(train_idx)), data.n_genes, device)
+    ):
+        kernel = kernels.fused_log_prob()
+    with kernel:
+        return _train_svi(
+            model,
+            guide,
+            data,
+            train_idx,
+            val_idx,
+            max_epochs=max_epochs,
+            steps=steps,
+            batch_size=batch_size,
+            optim=optim,
+            lr=lr,
+            elbo=elbo,
+            kl_warmup_epochs=kl_warmup_epochs,
+            early_stopping=early_stopping,
+            patience=patience,
+            min_delta=min_delta,
+            device=device,
+            seed=seed,
+            progress_bar=progress_bar,
+            first_epoch=first_epoch,
+        )
+
+
+def _train_svi(
+    model,
+    guide,
+    data,
+    train_idx,
+    val_idx,
+    *,
+    max_epochs,
+    steps,
+    batch_size,
+    optim,
+    lr,
+    elbo,
+    kl_warmup_epochs,
+    early_stopping,
+    patience,
+    min_delta,
+    device,
+    seed,
+    progress_bar,
+    first_epoch,
+) -> pd.DataFrame:
     tail_elbo = None
     if elbo is None:
-        steps = max_epochs * math.ceil(len(train_idx) / max(batch_size, 1))
         elbo = default_elbo(model, guide, steps if optim is None else 0)
         if isinstance(elbo, _JIT_ELBOS):
             # One compiled graph, for full minibatches: the smaller last minibatch of each

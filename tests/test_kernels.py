@@ -1,0 +1,195 @@
+"""The fused ZINB kernel: its special functions, closed-form gradient, operator and switch."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from scipy import special
+
+from pyro_scvi import SCVI, kernels
+from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion, zinb_log_prob
+
+# From near 0 (where the recurrence does all the work) to large counts (the series alone).
+Y = np.concatenate([np.logspace(-4, 7, 500), np.linspace(0.05, 12, 500)])
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler"
+)
+
+
+@pytest.mark.parametrize(
+    "ours, reference",
+    [(kernels.lgamma_positive, special.gammaln), (kernels.digamma_positive, special.digamma)],
+)
+def test_special_functions_match_scipy_in_float64(ours, reference):
+    got = ours(torch.tensor(Y, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(got, reference(Y), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "ours, reference",
+    [(kernels.lgamma_positive, special.gammaln), (kernels.digamma_positive, special.digamma)],
+)
+def test_special_functions_in_float32_are_as_accurate_as_torch(ours, reference):
+    y32 = torch.tensor(Y, dtype=torch.float32)
+    exact = reference(y32.double().numpy())
+    ours_err = np.abs(ours(y32).double().numpy() - exact)
+    torch_fn = torch.lgamma if reference is special.gammaln else torch.digamma
+    torch_err = np.abs(torch_fn(y32).double().numpy() - exact)
+    scale = np.maximum(np.abs(exact), 1.0)
+    # Within some float32 roundings of the magnitude (the recurrence subtracts two values
+    # near 6.6 where lgamma is near 0), and never far worse than torch's own.
+    assert (ours_err / scale).max() < 1e-5
+    assert ours_err.max() <= 8 * torch_err.max() + 1e-6
+
+
+def _zinb_inputs(theta_shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (7, 11)
+    x = torch.poisson(torch.rand(shape, generator=g, dtype=dtype) * 4)
+    x[0, :3] = torch.tensor([0.0, 1.0, 250.0], dtype=dtype)  # a large count too
+    mu = torch.rand(shape, generator=g, dtype=dtype) * 5 + 1e-3
+    mu[1, 0] = 0.0  # softmax underflow: EPS keeps it finite
+    theta = torch.rand(theta_shape, generator=g, dtype=dtype) * 3 + 0.05
+    gate = torch.randn(shape, generator=g, dtype=dtype) * 2
+    return x, mu, theta, gate
+
+
+@pytest.mark.parametrize("theta_shape", [(11,), (7, 11), (1, 11)])
+def test_forward_formula_matches_the_distribution(theta_shape):
+    x, mu, theta, gate = _zinb_inputs(theta_shape)
+    got = kernels.zinb_log_prob_forward(x, mu, theta, gate, torch.lgamma(theta))
+    torch.testing.assert_close(got, zinb_log_prob(x, mu, theta, gate), rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("theta_shape", [(11,), (7, 11)])
+def test_closed_form_gradient_matches_autograd(theta_shape):
+    x, mu, theta, gate = _zinb_inputs(theta_shape)
+    params = [t.clone().requires_grad_() for t in (mu, theta, gate)]
+    upstream = torch.randn(x.shape, dtype=torch.float64)
+    (zinb_log_prob(x, *params) * upstream).sum().backward()
+    d_mu, d_theta, d_gate = kernels.zinb_log_prob_grads(
+        upstream, x, mu, theta, gate, torch.digamma(theta), digamma=torch.digamma
+    )
+    for ours, p in zip((d_mu, d_theta.sum_to_size(theta.shape), d_gate), params, strict=True):
+        torch.testing.assert_close(ours, p.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_operator_passes_gradcheck_uncompiled():
+    x, mu, theta, gate = _zinb_inputs((11,))
+    args = [t.clone().requires_grad_() for t in (mu, theta, gate)]
+    with kernels.fused_log_prob(compile=False):
+        assert torch.autograd.gradcheck(
+            lambda m, t, g: kernels.zinb_log_prob_fused(x, m, t, g), args, eps=1e-6, atol=1e-5
+        )
+
+
+def test_distribution_uses_the_operator_only_inside_the_context_and_for_float32(monkeypatch):
+    calls = []
+    real = kernels.zinb_log_prob_fused
+    monkeypatch.setattr(kernels, "zinb_log_prob_fused", lambda *a: calls.append(1) or real(*a))
+    x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
+    d = ZeroInflatedNegativeBinomialMeanDispersion(mu, theta, gate)
+    eager = d.log_prob(x)
+    assert not kernels.fused_active()
+    with kernels.fused_log_prob(compile=False):
+        assert kernels.fused_active()
+        fused = d.log_prob(x)
+        with kernels.fused_log_prob(False):  # nested: off, then back on
+            d.log_prob(x)
+            assert not kernels.fused_active()
+        assert kernels.fused_active()
+        d64 = ZeroInflatedNegativeBinomialMeanDispersion(
+            mu.double(), theta.double(), gate.double()
+        )
+        d64.log_prob(x.double())  # float64 keeps the exact torch.lgamma path
+    assert not kernels.fused_active()
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-4)
+
+
+def test_use_fused_by_default_rules(monkeypatch):
+    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    big = dict(n_steps=10_000, batch_size=128, n_genes=2_000)
+    assert kernels.use_fused_by_default(**big, device="cpu")
+    assert not kernels.use_fused_by_default(**big, device="cuda")
+    assert not kernels.use_fused_by_default(**{**big, "n_genes": 200}, device="cpu")
+    assert not kernels.use_fused_by_default(**{**big, "n_steps": 100}, device="cpu")
+    with kernels.fused_log_prob(compile=False):  # the user has decided either way
+        assert not kernels.use_fused_by_default(**big, device="cpu")
+    monkeypatch.setattr(kernels, "compiler_available", lambda: False)
+    assert not kernels.use_fused_by_default(**big, device="cpu")
+
+
+def test_long_zinb_training_runs_switch_the_kernel_on_by_themselves(small_adata, monkeypatch):
+    # Thresholds lowered to this tiny run; the "compiled" kernels swapped for counting eager
+    # ones, so that the test checks the switch, not the compiler.
+    monkeypatch.setattr(kernels, "FUSED_MIN_GENES", 10)
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    calls = []
+
+    def counting(fn):
+        return lambda *a, **k: calls.append(fn.__name__) or fn(*a, **k)
+
+    eager = (kernels.zinb_log_prob_forward, kernels.zinb_log_prob_grads)
+    monkeypatch.setitem(kernels._kernels, True, tuple(counting(f) for f in eager))
+    m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
+    m.train(2, batch_size=64, progress_bar=False, seed=0)
+    assert {"zinb_log_prob_forward", "zinb_log_prob_grads"} <= set(calls)
+    assert not kernels.fused_active()  # switched off again after the run
+    calls.clear()
+    with kernels.fused_log_prob(False):
+        m.train(1, batch_size=64, progress_bar=False, seed=0)
+    assert calls == []
+
+
+def test_a_failing_compilation_falls_back_to_the_eager_formulas(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler for you")
+
+    monkeypatch.setitem(kernels._kernels, True, (broken, broken))
+    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
+    with kernels.fused_log_prob(), pytest.warns(RuntimeWarning, match="runs uncompiled"):
+        got = kernels.zinb_log_prob_fused(x, mu, theta, gate)
+    torch.testing.assert_close(got, zinb_log_prob(x, mu, theta, gate), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+def test_compiled_operator_inside_jit_trace_elbo_matches_the_eager_density(small_adata):
+    # The real thing: torch.compile'd kernels, recorded as one node of Pyro's JitTrace_ELBO
+    # graph, give the loss and gradients of the same graph with the eager density. (Compared
+    # JIT to JIT, on the same random draws: the JIT consumes the RNG in its own order.)
+    from pyro_scvi.infer import _JitCall
+
+    m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
+    x, b = m.data.tensors(np.arange(64), "cpu")
+    args = (x, b, torch.arange(64), torch.tensor(1.0))
+    kwargs = {"num_cells": None, "n_cells": 64}
+    params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
+    results, graphs = {}, {}
+    for fused in (False, True):
+        jit = pyro.infer.JitTrace_ELBO(ignore_jit_warnings=True)
+        model, guide = _JitCall(m.model), _JitCall(m.guide)  # the graph cache keys on them
+        with (
+            kernels.fused_log_prob(fused),
+            torch.jit.optimized_execution(False),  # run the graph as traced
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for _ in range(2):  # trace, then run the compiled graph
+                for p in params:
+                    p.grad = None
+                pyro.set_rng_seed(5)
+                loss = jit.loss_and_grads(model, guide, *args, **kwargs)
+        results[fused] = loss, [p.grad.clone() for p in params]
+        (compiled,) = jit._loss_and_surrogate_loss.compiled.values()
+        graphs[fused] = str(compiled.graph)
+    assert "pyro_scvi::zinb_log_prob" in graphs[True]
+    assert "pyro_scvi::zinb_log_prob" not in graphs[False]
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for a, e in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3)
