@@ -12,11 +12,14 @@ minibatches of 128 cells, one torch thread, this times the phases of a pyro_scvi
 
 and the floor's step (``benchmarks/torch_floor.py``: same networks and ZINB, analytic KL,
 no Pyro) as ``forward``, ``backward`` and ``adam``, and the whole compiled step
-(``JitTrace_ELBO``, which ``train_svi`` uses by default on long runs). Each phase is the
-median over steps of its wall time. Then ``torch.profiler`` lists the operators that take
-the most self CPU time in 50 (uncompiled) pyro_scvi steps.
+(``JitTrace_ELBO``, which ``train_svi`` uses by default on long runs). Each is measured
+twice: with the eager ZINB log-density and with the fused, compiled one of
+:mod:`pyro_scvi.kernels` (which long runs use from 500 genes). Each phase is the median
+over steps of its wall time. Then ``torch.profiler`` lists the operators that take the
+most self CPU time in 50 (uncompiled) pyro_scvi steps, with the kernel a long run of that
+dataset would use.
 
-Run: ``python benchmarks/profile_step.py`` (about 2 minutes; ``--smoke`` for a few
+Run: ``python benchmarks/profile_step.py`` (about 4 minutes; ``--smoke`` for a few
 seconds). Writes ``benchmarks/results/profile_step.{json,md}`` (``_smoke`` with
 ``--smoke``).
 """
@@ -40,6 +43,7 @@ from pyro import poutine
 from torch_floor import FloorLoss
 
 import pyro_scvi
+from pyro_scvi import kernels
 from pyro_scvi.model import parameters_held
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -74,7 +78,8 @@ def _fresh_model(adata, batch_key) -> pyro_scvi.SCVI:
 
 
 def profile_pyro_scvi(adata, batch_key, n_steps: int) -> dict[str, float]:
-    """Median ms per phase of pyro_scvi's training step."""
+    """Median ms per phase of pyro_scvi's training step (with the kernel switched on or off
+    by the caller's ``kernels.fused_log_prob`` context)."""
     m = _fresh_model(adata, batch_key)
     model, guide, data = m.model, m.guide, m.data
     model.train(), guide.train()
@@ -117,7 +122,7 @@ def profile_pyro_scvi(adata, batch_key, n_steps: int) -> dict[str, float]:
 def profile_floor(adata, batch_key, n_steps: int) -> dict[str, float]:
     """Median ms per phase of the floor's step (dense gather, forward, backward, Adam)."""
     m = _fresh_model(adata, batch_key)
-    loss_fn = FloorLoss(m)
+    loss_fn = FloorLoss(m, fused=kernels.fused_active())
     x_all = torch.as_tensor(m.data.X.toarray(), dtype=torch.float32)
     b_all = torch.as_tensor(m.data.batch_index)
     params = [p for net in (m.model, m.guide) for p in net.parameters()]
@@ -221,28 +226,59 @@ def markdown(results: dict) -> str:
         "",
     ]
     for d in results["datasets"]:
-        ours, floor = d["pyro_scvi"], d["torch_floor"]
-        total_ours, total_floor = sum(ours.values()), sum(floor.values())
+        rows = [
+            ("gather minibatch", "gather", "gather"),
+            ("guide trace (encoders, q)", "guide", "forward"),
+            ("model replay (decoder, p)", "model", None),
+            ("log-densities + ELBO sum", "log-densities", None),
+            ("backward", "backward", "backward"),
+            ("Adam (fused)", "adam", "adam"),
+        ]
         lines += [
             f"## {d['name']} ({d['shape']})",
             "",
-            "| phase | pyro_scvi ms | torch floor ms |",
-            "|---|---:|---:|",
-            f"| gather minibatch | {ours['gather']:.2f} | {floor['gather']:.2f} |",
-            f"| guide trace (encoders, q) | {ours['guide']:.2f} | "
-            f"{floor['forward']:.2f} (whole forward) |",
-            f"| model replay (decoder, p) | {ours['model']:.2f} | |",
-            f"| log-densities + ELBO sum | {ours['log-densities']:.2f} | |",
-            f"| backward | {ours['backward']:.2f} | {floor['backward']:.2f} |",
-            f"| Adam (fused) | {ours['adam']:.2f} | {floor['adam']:.2f} |",
-            f"| **total** | **{total_ours:.2f}** | **{total_floor:.2f}** |",
+            "ZINB log-density: *eager* (`distributions.zinb_log_prob`) or *fused* "
+            "(`kernels`, compiled). The floor's forward is its whole forward pass.",
             "",
-            f"pyro_scvi / floor per step: {total_ours / total_floor:.2f} uncompiled "
-            f"(`Trace_ELBO`); compiled (`JitTrace_ELBO`, the default on runs of >= 300 "
-            f"steps, whole step incl. gather): {d['pyro_scvi_compiled_ms']:.2f} ms, "
-            f"{d['pyro_scvi_compiled_ms'] / total_floor:.2f} x the floor.",
+            "| phase | pyro_scvi eager | pyro_scvi fused | floor eager | floor fused |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label, ours_key, floor_key in rows:
+            cells = [f"{d[k]['pyro_scvi'][ours_key]:.2f}" for k in ("eager", "fused")]
+            cells += [
+                f"{d[k]['torch_floor'][floor_key]:.2f}" if floor_key else ""
+                for k in ("eager", "fused")
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        totals = {
+            k: (sum(d[k]["pyro_scvi"].values()), sum(d[k]["torch_floor"].values()))
+            for k in ("eager", "fused")
+        }
+        lines.append(
+            "| **total (uncompiled ELBO)** | "
+            + " | ".join(f"**{totals[k][0]:.2f}**" for k in ("eager", "fused"))
+            + " | "
+            + " | ".join(f"**{totals[k][1]:.2f}**" for k in ("eager", "fused"))
+            + " |"
+        )
+        lines.append(
+            "| **whole compiled step** (`JitTrace_ELBO`, incl. gather) | "
+            + " | ".join(f"**{d[k]['pyro_scvi_compiled_ms']:.2f}**" for k in ("eager", "fused"))
+            + " | | |"
+        )
+        lines += [
             "",
-            "Top operators by self CPU time (pyro_scvi, torch.profiler):",
+            "pyro_scvi / floor per step, same kernel: "
+            + "; ".join(
+                f"{k}: {totals[k][0] / totals[k][1]:.2f} uncompiled (`Trace_ELBO`), "
+                f"{d[k]['pyro_scvi_compiled_ms'] / totals[k][1]:.2f} compiled"
+                for k in ("eager", "fused")
+            )
+            + f". Fused kernel speed-up of the compiled step: "
+            f"{d['eager']['pyro_scvi_compiled_ms'] / d['fused']['pyro_scvi_compiled_ms']:.2f}x.",
+            "",
+            f"Top operators by self CPU time (pyro_scvi, {d['top_operators_kernel']} kernel, "
+            "torch.profiler):",
             "",
             "| operator | calls / step | self ms / step | share |",
             "|---|---:|---:|---:|",
@@ -269,16 +305,21 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": run_metadata(argv, 1, {}), "n_steps": args.steps, "datasets": []}
     for name, adata, batch_key in _datasets(args.smoke):
         print(f"{name}: ...", file=sys.stderr, flush=True)
-        results["datasets"].append(
-            {
-                "name": name,
-                "shape": f"{adata.n_obs} x {adata.n_vars}",
-                "pyro_scvi": profile_pyro_scvi(adata, batch_key, args.steps),
-                "torch_floor": profile_floor(adata, batch_key, args.steps),
-                "pyro_scvi_compiled_ms": compiled_step(adata, batch_key, args.steps),
-                "top_operators": top_operators(adata, batch_key, min(args.steps, 50)),
-            }
+        entry = {"name": name, "shape": f"{adata.n_obs} x {adata.n_vars}"}
+        for kernel in ("eager", "fused"):
+            with kernels.fused_log_prob(kernel == "fused"):
+                entry[kernel] = {
+                    "pyro_scvi": profile_pyro_scvi(adata, batch_key, args.steps),
+                    "torch_floor": profile_floor(adata, batch_key, args.steps),
+                    "pyro_scvi_compiled_ms": compiled_step(adata, batch_key, args.steps),
+                }
+        # the kernel a long training run of this dataset uses
+        entry["top_operators_kernel"] = (
+            "fused" if adata.n_vars >= kernels.FUSED_MIN_GENES else "eager"
         )
+        with kernels.fused_log_prob(entry["top_operators_kernel"] == "fused"):
+            entry["top_operators"] = top_operators(adata, batch_key, min(args.steps, 50))
+        results["datasets"].append(entry)
     text = markdown(results)
     print(text)
     stem = "profile_step" + ("_smoke" if args.smoke else "")
