@@ -152,8 +152,10 @@ def run_torch_floor(
     # Inside the clock, as in pyro_scvi's and scvi-tools' timings: a process's first torch
     # optimizer imports torch._dynamo.
     optim = torch.optim.Adam(params, lr=lr, eps=0.01, weight_decay=1e-6, fused=True)
+    epoch_seconds: list[float] = []
     with kernel:
         for epoch in range(max_epochs):
+            epoch_start = time.perf_counter()
             w = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
             for m in modules:
                 m.train()
@@ -173,6 +175,7 @@ def run_torch_floor(
                         for i in torch.split(val_t, 1024)
                     )
                 curve.append(-total / len(val_idx))
+            epoch_seconds.append(time.perf_counter() - epoch_start)
         _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size)
     seconds = time.perf_counter() - start
 
@@ -189,6 +192,8 @@ def run_torch_floor(
         "validation_elbo_curve": curve,
         "final_kl_weight": w,
         "threads_after": torch.get_num_threads(),
+        "epoch_seconds": epoch_seconds,
+        "fused_kernel_used": bool(fused),
         "latent": scvi.get_latent_representation(),
         "as_pyro_scvi": scvi,
     }

@@ -8,7 +8,7 @@ Quick start::
     adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
 """
 
-from . import convert, datasets, de, metrics, plotting, posterior, ppc
+from . import convert, datasets, de, kernels, metrics, plotting, posterior, ppc
 from .data import CountData, InputError, from_anndata
 from .guide import PerCellGuide, ScviGuide
 from .infer import TrainingError, train_svi
@@ -50,6 +50,7 @@ __all__ = [
     "convert",
     "datasets",
     "de",
+    "kernels",
     "metrics",
     "posterior",
     "ppc",

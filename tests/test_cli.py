@@ -420,3 +420,29 @@ def test_threads_option_sets_torch_threads(h5ad, tmp_path):
         assert status == 0 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("choice, expected_calls", [("on", True), ("off", False)])
+def test_fit_fused_kernel_option_switches_the_zinb_kernel(
+    h5ad, tmp_path, monkeypatch, choice, expected_calls
+):
+    # The compiled kernels are swapped for counting eager ones (the switch is under test,
+    # not the compiler), and the automatic rule is made to say "on" for this tiny run, so
+    # that "off" has something to override.
+    from pyro_scvi import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_MIN_GENES", 1)
+    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    calls = []
+    forward = kernels.zinb_log_prob_forward
+    monkeypatch.setitem(
+        kernels._kernels,
+        True,
+        (lambda *a: calls.append(1) or forward(*a), kernels.zinb_log_prob_grads),
+    )
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, *FAST, "--fused-kernel", choice])
+    assert status == 0, stderr
+    assert bool(calls) is expected_calls
+    assert anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["fused_kernel"] == choice
