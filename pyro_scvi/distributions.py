@@ -14,6 +14,8 @@ single-cell transcriptomics. Nature Methods 15, 1053-1058 (2018).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution, constraints
@@ -57,12 +59,21 @@ def nb_logits(mu: torch.Tensor, theta: torch.Tensor, eps: float = EPS) -> torch.
 
 
 def zinb_log_prob(
-    value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    *,
+    lgamma: Callable[[torch.Tensor], torch.Tensor] = torch.lgamma,
+    lgamma_theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Elementwise log ZINB(value; mean ``mu``, inverse dispersion ``theta``, gate logits).
 
     The closed form of :class:`ZeroInflatedNegativeBinomialMeanDispersion` (its docstring
     derives it), as a plain torch function so that a loop without Pyro can share it.
+    ``lgamma`` is the log-gamma function used per entry (:mod:`pyro_scvi.kernels` passes
+    a series that compiles into vectorized code) and ``lgamma_theta``, if given, is
+    ``lgamma(theta)`` already computed at ``theta``'s own shape.
 
     Examples
     --------
@@ -81,9 +92,9 @@ def zinb_log_prob(
         nb_zero
         - softplus_pi
         + value * (torch.log(mu + EPS) - log_theta_mu)
-        + torch.lgamma(value + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(value + 1)
+        + lgamma(value + theta)
+        - (torch.lgamma(theta) if lgamma_theta is None else lgamma_theta)
+        - lgamma(value + 1)
     )
     return torch.where(value == 0, zero_case, nonzero_case)
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import math
 import time
 import warnings
@@ -261,6 +263,32 @@ class _eval_mode:
             m.train(was)
 
 
+def _with_default_zinb_kernel(train: Callable) -> Callable:
+    """Run ``train`` inside :func:`pyro_scvi.kernels.fused_log_prob` when the rule says so.
+
+    The rule (:func:`pyro_scvi.kernels.use_fused_by_default`) needs the run's length,
+    minibatch size, genes and device, all arguments of ``train``.
+    """
+    signature = inspect.signature(train)
+
+    @functools.wraps(train)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        n_train = len(a["train_idx"])
+        steps = a["max_epochs"] * math.ceil(n_train / max(a["batch_size"], 1))
+        zinb = isinstance(getattr(a["model"], "likelihood", None), likelihoods.ZINB)
+        fused = zinb and kernels.use_fused_by_default(
+            steps, min(a["batch_size"], n_train), a["data"].n_genes, a["device"]
+        )
+        with kernels.fused_log_prob() if fused else contextlib.nullcontext():
+            return train(*args, **kwargs)
+
+    return run
+
+
+@_with_default_zinb_kernel
 def train_svi(
     model: nn.Module,
     guide: nn.Module,
@@ -338,60 +366,9 @@ def train_svi(
     TrainingError
         On a non-finite loss, after restoring the parameters of the last completed epoch.
     """
-    kernel = contextlib.nullcontext()
-    steps = max_epochs * math.ceil(len(train_idx) / max(batch_size, 1))
-    if isinstance(getattr(model, "likelihood", None), likelihoods.ZINB) and (
-        kernels.use_fused_by_default(steps, min(batch_size, len(train_idx)), data.n_genes, device)
-    ):
-        kernel = kernels.fused_log_prob()
-    with kernel:
-        return _train_svi(
-            model,
-            guide,
-            data,
-            train_idx,
-            val_idx,
-            max_epochs=max_epochs,
-            steps=steps,
-            batch_size=batch_size,
-            optim=optim,
-            lr=lr,
-            elbo=elbo,
-            kl_warmup_epochs=kl_warmup_epochs,
-            early_stopping=early_stopping,
-            patience=patience,
-            min_delta=min_delta,
-            device=device,
-            seed=seed,
-            progress_bar=progress_bar,
-            first_epoch=first_epoch,
-        )
-
-
-def _train_svi(
-    model,
-    guide,
-    data,
-    train_idx,
-    val_idx,
-    *,
-    max_epochs,
-    steps,
-    batch_size,
-    optim,
-    lr,
-    elbo,
-    kl_warmup_epochs,
-    early_stopping,
-    patience,
-    min_delta,
-    device,
-    seed,
-    progress_bar,
-    first_epoch,
-) -> pd.DataFrame:
     tail_elbo = None
     if elbo is None:
+        steps = max_epochs * math.ceil(len(train_idx) / max(batch_size, 1))
         elbo = default_elbo(model, guide, steps if optim is None else 0)
         if isinstance(elbo, _JIT_ELBOS):
             # One compiled graph, for full minibatches: the smaller last minibatch of each

@@ -123,19 +123,9 @@ def zinb_log_prob_forward(
     ``lgamma_theta`` is ``lgamma(theta)`` at ``theta``'s own shape (per gene), passed in
     so that the elementwise loop does not repeat it per cell.
     """
-    log_theta_mu = torch.log(theta + mu + EPS)
-    nb_zero = theta * (torch.log(theta + EPS) - log_theta_mu)
-    softplus_pi = torch.nn.functional.softplus(gate_logits)
-    zero_case = torch.logaddexp(gate_logits, nb_zero) - softplus_pi
-    nonzero_case = (
-        nb_zero
-        - softplus_pi
-        + value * (torch.log(mu + EPS) - log_theta_mu)
-        + lgamma_positive(value + theta)
-        - lgamma_theta
-        - lgamma_positive(value + 1)
+    return distributions.zinb_log_prob(
+        value, mu, theta, gate_logits, lgamma=lgamma_positive, lgamma_theta=lgamma_theta
     )
-    return torch.where(value == 0, zero_case, nonzero_case)
 
 
 def zinb_log_prob_grads(
