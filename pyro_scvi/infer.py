@@ -178,8 +178,10 @@ def default_elbo(model: Callable, guide: Callable, n_steps: int) -> ELBO:
     :class:`~pyro_scvi.model.ScviModel` (with a shipped prior, library prior and likelihood)
     and :class:`~pyro_scvi.guide.ScviGuide`, whose structure is static, as a compiled graph
     requires. Anything else, e.g. a user-written prior, runs uncompiled. The compiled graph
-    keeps buffers alive: on CellBench (13,033 genes) the run's peak RSS was 1.5 GB against
-    1.1 GB for scvi-tools (``benchmarks/compare_scvi_tools.py``). Pass
+    keeps buffers alive: on CellBench (13,033 genes), with the eager ZINB density, the run's
+    peak RSS was 1.5 GB against 1.1 GB for scvi-tools; with the fused kernel of
+    :mod:`pyro_scvi.kernels` (the default there), which saves no intermediates for its
+    backward, 1.0 GB (``benchmarks/compare_scvi_tools.py``). Pass
     ``elbo=Trace_ELBO()`` to never compile.
 
     Examples
