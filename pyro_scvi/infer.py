@@ -97,6 +97,28 @@ def kl_weight(epoch: int, kl_warmup_epochs: int) -> float:
     return min(1.0, epoch / kl_warmup_epochs)
 
 
+def scaled_lr(batch_size: int, base_lr: float = 1e-3, base_batch_size: int = 128) -> float:
+    """Adam learning rate for ``batch_size`` by the square-root scaling rule.
+
+    Larger minibatches make an epoch cheaper (fewer steps, better use of the CPU's vector
+    units) but take fewer, less noisy steps. For Adam, scaling the learning rate with the
+    square root of the batch size keeps the training dynamics approximately the same
+    (Malladi et al., "On the SDEs and scaling rules for adaptive gradient algorithms",
+    NeurIPS 2022), from scVI's defaults of 1e-3 at 128 cells. The trade-off on real data
+    is measured by ``benchmarks/batch_size.py``.
+
+    Examples
+    --------
+    >>> scaled_lr(512)
+    0.002
+    >>> round(scaled_lr(1024), 5)
+    0.00283
+    """
+    if batch_size < 1 or base_batch_size < 1:
+        raise InputError(f"batch sizes must be >= 1, got {batch_size} and {base_batch_size}.")
+    return base_lr * math.sqrt(batch_size / base_batch_size)
+
+
 def default_optim(lr: float = 1e-3) -> PyroOptim:
     """Adam with scvi-tools' settings (``eps=0.01``, ``weight_decay=1e-6``), as a Pyro optim."""
     return pyro.optim.Adam({"lr": lr, "eps": 0.01, "weight_decay": 1e-6})

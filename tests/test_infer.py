@@ -261,3 +261,14 @@ def test_snapshot_reuses_its_buffers_and_restores_the_latest_state():
     for m, state in zip((model, guide), expected, strict=True):
         for k, v in m.state_dict().items():
             torch.testing.assert_close(v, state[k])
+
+
+def test_scaled_lr_follows_the_square_root_rule_and_rejects_bad_sizes():
+    from pyro_scvi.data import InputError
+    from pyro_scvi.infer import scaled_lr
+
+    assert scaled_lr(128) == pytest.approx(1e-3)
+    assert scaled_lr(2048, base_lr=2e-3, base_batch_size=512) == pytest.approx(4e-3)
+    assert scaled_lr(32) == pytest.approx(5e-4)
+    with pytest.raises(InputError, match="batch sizes must be >= 1"):
+        scaled_lr(0)
