@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
 import platform
 import resource
@@ -38,6 +39,13 @@ def write_atomic(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_results(out_dir: Path, stem: str, results: dict[str, Any], table: str) -> None:
+    """``out_dir/stem.json`` (the results) and ``out_dir/stem.md`` (the table), atomically."""
+    write_atomic(Path(out_dir) / f"{stem}.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_atomic(Path(out_dir) / f"{stem}.md", table)
+    print(f"Wrote {Path(out_dir) / stem}.json and .md", file=sys.stderr)
 
 
 def package_version(name: str) -> str:

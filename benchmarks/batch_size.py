@@ -21,7 +21,6 @@ seconds). Writes ``benchmarks/results/batch_size.{json,md}`` (``_smoke`` with ``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import anndata
 import numpy as np
 import pyro
 import torch
-from _common import machine_line, run_metadata, write_atomic
+from _common import machine_line, run_metadata, write_results
 
 import pyro_scvi
 from pyro_scvi.infer import scaled_lr
@@ -61,23 +60,6 @@ def run(adata: anndata.AnnData, batch_size: int, scaled: bool, epochs: int, args
         "marginal_ll_per_cell": float(ll),
         "marginal_ll_cells": len(val),
     }
-
-
-def warm_fused_kernel() -> None:
-    """Compile pyro_scvi's fused ZINB kernel in this process before any timed run.
-
-    Runs that use it by default (1,000 genes here) would otherwise charge its loading and
-    tracing, a few seconds once per process, to whichever of them comes first.
-    """
-    from pyro_scvi import kernels
-
-    if not kernels.compiler_available():
-        return
-    mu = torch.full((8, 600), 2.0, requires_grad=True)
-    with kernels.fused_log_prob():
-        x, theta, gate = torch.ones(8, 600), torch.ones(600), torch.zeros(8, 600)
-        kernels.zinb_log_prob_fused(x, mu, theta, gate).sum().backward()
-        mu.grad = None
 
 
 def markdown(results: dict) -> str:
@@ -124,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.epochs, args.ll_samples, args.ll_cells = 2, 5, 50
     torch.set_num_threads(args.threads)
-    warm_fused_kernel()
+    # Runs that use the fused kernel (1,000 genes here) would otherwise charge its loading
+    # and tracing, a few seconds once per process, to whichever of them comes first.
+    pyro_scvi.kernels.precompile()
     results = {
         "meta": run_metadata(argv, args.threads),
         "threads": args.threads,
@@ -155,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results)
     print(text)
     stem = "batch_size" + ("_smoke" if args.smoke else "")
-    write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out_dir / f"{stem}.md", text)
+    write_results(args.out_dir, stem, results, text)
     return 0
 
 

@@ -67,7 +67,6 @@ Results go to ``benchmarks/results/compare_inference.{json,md}`` (``--smoke``:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -583,14 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     stem = "compare_inference" + ("_smoke" if args.smoke else "")
-    _common.write_atomic(
-        args.out_dir / f"{stem}.json", json.dumps(results, indent=2, default=str) + "\n"
-    )
-    _common.write_atomic(args.out_dir / f"{stem}.md", table)
-    print(
-        f"Wrote {args.out_dir / stem}.json and .md in {results['total_seconds']:.0f} s",
-        file=sys.stderr,
-    )
+    _common.write_results(args.out_dir, stem, results, table)
+    print(f"({results['total_seconds']:.0f} s in all)", file=sys.stderr)
     return 0
 
 

@@ -61,7 +61,6 @@ Run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -615,9 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     stem = "de_calibration" + ("_smoke" if args.smoke else "")
-    _common.write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    _common.write_atomic(args.out_dir / f"{stem}.md", table)
-    print(f"Wrote {args.out_dir / stem}.json and .md", file=sys.stderr)
+    _common.write_results(args.out_dir, stem, results, table)
     return 0
 
 

@@ -360,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     stem = "heldout_and_imputation" + ("_smoke" if args.smoke else "")
-    _common.write_atomic(args.out_dir / f"{stem}.json", json.dumps(results, indent=2) + "\n")
-    _common.write_atomic(args.out_dir / f"{stem}.md", table)
-    print(f"Wrote {args.out_dir / stem}.json and .md", file=sys.stderr)
+    _common.write_results(args.out_dir, stem, results, table)
     return 0
 
 

@@ -216,7 +216,7 @@ def default_elbo(model: Callable, guide: Callable, n_steps: int) -> ELBO:
     >>> type(default_elbo(m, ScviGuide(20, 1), 100)).__name__
     'Trace_ELBO'
     """
-    from . import likelihoods, priors
+    from . import priors
     from .guide import ScviGuide
     from .model import ScviModel
 

@@ -1,10 +1,11 @@
 """A fused, compiled ZINB log-density for training: one loop forward, one loop backward.
 
 Where a training step's time goes (``benchmarks/results/profile_step.md``): on 1,000 genes
-and more, a fifth of it is ``lgamma`` and its derivative ``digamma`` inside the ZINB
-log-density, which torch evaluates one element at a time (``torch.digamma`` takes about
-16 ns per float32 on this CPU, ``torch.log`` 0.2 ns), plus some twenty more elementwise
-passes over the cells x genes block, forward and backward.
+and more, the eager ZINB log-density, forward and backward, takes about 60% as long as a
+whole compiled step. Much of it is ``lgamma`` and its derivative ``digamma``, which torch
+evaluates one element at a time (the "ZINB log-density alone" table gives nanoseconds per
+float32 of ``torch.digamma``, ``torch.lgamma`` and ``torch.log``), the rest some twenty
+more elementwise passes over the cells x genes block.
 
 This module writes the density and its gradient out by hand and compiles each with
 ``torch.compile`` into one vectorized loop:
@@ -25,7 +26,8 @@ that Pyro's ``JitTrace_ELBO`` records it as one node of its compiled graph.
 float32 log-densities with it. :func:`~pyro_scvi.infer.train_svi` does so by itself on
 long CPU runs (see :func:`use_fused_by_default`). Compiling takes seconds the first time
 in a process (longer the first time on a machine; torch caches the result on disk) and
-needs a C++ compiler; without one, the context warns once and the eager formulas run.
+needs a C++ compiler; without one, the context warns and the eager formulas run.
+:func:`precompile` pays the compilation up front.
 
 Examples
 --------
@@ -55,13 +57,15 @@ from .distributions import EPS
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 #: Training runs switch the fused kernel on by themselves (:func:`use_fused_by_default`)
-#: from this many genes: ``benchmarks/profile_step.py`` measured it saving a third of a
-#: step on 1,000 and 2,000 genes but under 5% on 200, where the rest of the step dominates.
+#: from this many genes: ``benchmarks/profile_step.py`` measured it making a compiled step
+#: 1.5-1.7x faster on 1,000 and 2,000 genes but under 1.1x on 200, where the rest of the
+#: step dominates.
 FUSED_MIN_GENES = 500
 
-#: ... and from this many (steps x cells per minibatch x genes): compiling costs about 4 s
-#: in a new process (about 15 s the first time on a machine, before torch's on-disk cache
-#: holds the kernels) and saves some 20-35 ns per element and step on 2 CPU cores.
+#: ... and from this many (steps x cells per minibatch x genes): compiling costs 3-4 s in
+#: a new process (about 13 s the first time on a machine, before torch's on-disk cache
+#: holds the kernels) and saves 25-38 ns per element and step at one thread
+#: (``benchmarks/profile_step.py``, its "ZINB log-density alone" table).
 FUSED_MIN_ELEMENTS = 1e8
 
 
@@ -292,11 +296,29 @@ def zinb_log_prob_fused(
     Same result as :func:`~pyro_scvi.distributions.zinb_log_prob` to float32 rounding, and
     differentiable in ``mu``, ``theta`` and ``gate_logits`` (not in ``value``).
     """
-    value, mu, theta, gate_logits = (
-        t if torch.is_tensor(t) else torch.as_tensor(t, dtype=mu.dtype)
-        for t in (value, mu, theta, gate_logits)
-    )
     return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits)
+
+
+def precompile() -> bool:
+    """Compile the fused kernel, forward and backward, now rather than at its first use.
+
+    Returns whether the compiled kernel is available (a C++ compiler is on the PATH and
+    compiling worked). For timing training runs apart from compilation, or to fill torch's
+    on-disk cache (later processes then load instead of compiling).
+
+    Examples
+    --------
+    >>> isinstance(precompile(), bool)  # doctest: +SKIP
+    True
+    """
+    if not compiler_available():
+        return False
+    mu = torch.full((8, 600), 2.0, requires_grad=True)
+    x, theta, gate = torch.ones(8, 600), torch.ones(600), torch.zeros(8, 600)
+    with fused_log_prob():
+        zinb_log_prob_fused(x, mu, theta, gate).sum().backward()
+    # a failed compilation leaves the eager kernels in the compiled slot
+    return _kernels[True] is not _kernels.get(False)
 
 
 # --- switching it on --------------------------------------------------------------------
