@@ -58,13 +58,13 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 #: Training runs switch the fused kernel on by themselves (:func:`use_fused_by_default`)
 #: from this many genes: ``benchmarks/profile_step.py`` measured it making a compiled step
-#: 1.5-1.7x faster on 1,000 and 2,000 genes but under 1.1x on 200, where the rest of the
+#: 1.49-1.72x faster on 1,000 and 2,000 genes but 1.06x on 200, where the rest of the
 #: step dominates.
 FUSED_MIN_GENES = 500
 
 #: ... and from this many (steps x cells per minibatch x genes): compiling costs 3-4 s in
 #: a new process (about 13 s the first time on a machine, before torch's on-disk cache
-#: holds the kernels) and saves 25-38 ns per element and step at one thread
+#: holds the kernels) and saves 24-39 ns per element and step at one thread
 #: (``benchmarks/profile_step.py``, its "ZINB log-density alone" table).
 FUSED_MIN_ELEMENTS = 1e8
 
