@@ -166,6 +166,7 @@ def test_compiled_operator_inside_jit_trace_elbo_matches_the_eager_density(small
     # JIT to JIT, on the same random draws: the JIT consumes the RNG in its own order.)
     from pyro_scvi.infer import _JitCall
 
+    assert kernels.precompile()  # a working compiler: the compiled kernels, not the fallback
     m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
     x, b = m.data.tensors(np.arange(64), "cpu")
     args = (x, b, torch.arange(64), torch.tensor(1.0))
