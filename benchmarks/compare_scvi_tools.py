@@ -614,8 +614,10 @@ def run_floor(
     seed: int,
     split: tuple[np.ndarray, np.ndarray],
     threads: int,
+    fused: bool | None = None,
 ) -> dict[str, Any]:
-    """``torch_floor.run_torch_floor`` with this benchmark's settings where it takes them."""
+    """``torch_floor.run_torch_floor`` with this benchmark's settings where it takes them;
+    ``fused`` (the ZINB kernel) is the floor's own choice unless given."""
     from torch_floor import run_torch_floor
 
     wanted = {
@@ -627,6 +629,8 @@ def run_floor(
             for k in ("n_latent", "n_hidden", "n_layers", "dropout_rate", "dispersion")
         },
     }
+    if fused is not None:
+        wanted["fused"] = fused
     accepted = inspect.signature(run_torch_floor).parameters
     kwargs = {k: v for k, v in wanted.items() if k in accepted}
     out = run_torch_floor(adata, batch_key, max_epochs, seed, split, threads, **kwargs)
@@ -829,11 +833,15 @@ def _finite(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- worker
-def worker_main(spec_json: str) -> int:
-    """Worker mode ``--worker``: one run; the result (or the error) goes to a JSON file."""
+def worker_main(spec_json: str, run: Any = None) -> int:
+    """Worker mode ``--worker``: one run; the result (or the error) goes to a JSON file.
+
+    ``run``: the function of the spec that does the run (default :func:`run_worker`;
+    ``speed_defaults.py`` passes its own).
+    """
     spec = json.loads(spec_json)
     try:
-        result = run_worker(spec)
+        result = (run or run_worker)(spec)
     except Exception as err:  # the parent records it and goes on
         traceback.print_exc()
         result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
@@ -975,12 +983,16 @@ SUMMARY_KEYS = (
 )
 
 
-def _subprocess(mode: str, spec: dict[str, Any], threads: int) -> int:
-    """Run this script in ``mode`` (``--worker`` / ``--prepare``) in a fresh interpreter."""
+def _subprocess(
+    mode: str, spec: dict[str, Any], threads: int | None, script: str | None = None
+) -> int:
+    """Run ``script`` (default: this one) in ``mode`` (``--worker`` / ``--prepare``) in a
+    fresh interpreter; ``threads=None`` leaves the thread variables as they are."""
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    cmd = [sys.executable, str(Path(__file__).resolve()), mode, json.dumps(spec)]
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    cmd = [sys.executable, script or str(Path(__file__).resolve()), mode, json.dumps(spec)]
     # The worker's stdout (Lightning's notices) goes to our stderr: stdout is the table.
     return subprocess.run(cmd, env=env, stdout=sys.stderr).returncode
 
@@ -1026,9 +1038,19 @@ def run_one(
         "impute_samples": args.impute_samples,
         "result": str(tmp / f"result_{ds['name']}_{impl}_{repeat}.json"),
     }
+    return {"implementation": impl, "repeat": repeat, "seed": seed} | spawn_worker(
+        spec, args.threads
+    )
+
+
+def spawn_worker(
+    spec: dict[str, Any], threads: int | None, script: str | None = None
+) -> dict[str, Any]:
+    """Run ``script --worker spec``; its result (from ``spec["result"]``) with the wall time
+    of the subprocess and the load average around it."""
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    rc = _subprocess("--worker", spec, args.threads)
+    rc = _subprocess("--worker", spec, threads, script)
     wall = time.perf_counter() - start
     result_path = Path(spec["result"])
     if result_path.exists():
@@ -1037,9 +1059,6 @@ def run_one(
     else:
         result = {"error": f"worker exited with code {rc} and wrote no result"}
     return {
-        "implementation": impl,
-        "repeat": repeat,
-        "seed": seed,
         **result,
         "worker_wall_seconds": wall,
         "loadavg_1min_before": load_before,
@@ -1053,14 +1072,16 @@ def run_order(implementations: list[str], repeat: int) -> list[str]:
     return implementations[k:] + implementations[:k]
 
 
-def summarize(runs: list[dict[str, Any]], implementations: list[str]) -> dict[str, Any]:
-    """Medians over repeats per implementation, and the time ratios between them."""
+def summarize(
+    runs: list[dict[str, Any]], implementations: list[str], keys: tuple[str, ...] = SUMMARY_KEYS
+) -> dict[str, Any]:
+    """Medians of ``keys`` over repeats per implementation, and the time ratios between them."""
     summary: dict[str, Any] = {}
     for impl in implementations:
         ok = [r for r in runs if r["implementation"] == impl and "error" not in r]
         failed = [r for r in runs if r["implementation"] == impl and "error" in r]
         medians = {}
-        for key in SUMMARY_KEYS:
+        for key in keys:
             values = [r[key] for r in ok if r.get(key) is not None]
             medians[key] = statistics.median(values) if values else None
         summary[impl] = {**medians, "n_ok": len(ok), "n_failed": len(failed)}
@@ -1155,23 +1176,20 @@ def _yes_no(flags: list[Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- output
-def markdown_table(results: dict[str, Any]) -> str:
-    """The results as a speed table and an accuracy table, with a header and notes."""
+def table_header(results: dict[str, Any], title: str, how: str, threads: str = "") -> list[str]:
+    """A results table's title, its date / machine / threads / versions / commit line and
+    its command line followed by ``how`` (the settings) and the total time."""
     s, v, g = results["settings"], results["versions"], results["git"]
-    impls = s["implementations"]
     commit = str(g["pyro_scvi_commit"])[:7] + (" + uncommitted changes" if g["dirty"] else "")
-    lines = [
-        "# pyro_scvi vs scvi-tools vs a pure-PyTorch floor",
+    return [
+        f"# {title}",
         "",
-        f"{results['date']}; {_common.machine_line(results)}; torch threads {s['threads']}; "
+        f"{results['date']}; {_common.machine_line(results)}; {threads}"
         f"torch {v['torch']}, pyro-ppl {v['pyro-ppl']}, scvi-tools {v['scvi-tools']}, "
         f"pyro_scvi {v['pyro_scvi']} (commit {commit})."
         + (" SMOKE RUN: numbers are meaningless." if s["smoke"] else ""),
         "",
-        f"Command: `{results['command']}`. Batch size {s['batch_size']}, lr {s['lr']}, KL "
-        f"warm-up {s['kl_warmup_epochs']} epochs, train size {s['train_size']} (same cells "
-        f"for all), every run in its own process, medians of {s['repeats']} repeat(s)"
-        + (f", real datasets subsampled to {s['subsample']} cells" if s["subsample"] else "")
+        f"Command: `{results['command']}`. {how}"
         + (
             f"; {results['total_seconds'] / 60:.1f} minutes in all"
             if "total_seconds" in results
@@ -1179,6 +1197,26 @@ def markdown_table(results: dict[str, Any]) -> str:
         )
         + ".",
         "",
+    ]
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results as a speed table and an accuracy table, with a header and notes."""
+    s = results["settings"]
+    impls = s["implementations"]
+    how = (
+        f"Batch size {s['batch_size']}, lr {s['lr']}, KL warm-up {s['kl_warmup_epochs']} "
+        f"epochs, train size {s['train_size']} (same cells for all), every run in its own "
+        f"process, medians of {s['repeats']} repeat(s)"
+        + (f", real datasets subsampled to {s['subsample']} cells" if s["subsample"] else "")
+    )
+    lines = [
+        *table_header(
+            results,
+            "pyro_scvi vs scvi-tools vs a pure-PyTorch floor",
+            how,
+            threads=f"torch threads {s['threads']}; ",
+        ),
         "## Speed and memory",
         "",
         "| dataset | cells x genes | epochs | implementation | s / epoch | train cells / s "
