@@ -18,7 +18,7 @@ good model.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -61,9 +61,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=_positive_int,
-        help="CPU threads for torch (default: torch's, one per core). scVI's networks are "
-        "small: on cores shared with other jobs, 1 is often fastest",
+        help="CPU threads for torch (default: training follows the cores that other "
+        "processes leave free, re-measured as it goes; other commands use torch's default)",
     )
+
+
+def _engine(args: argparse.Namespace):
+    """The training engine the fit options ask for: the preset, then per-field overrides."""
+    from .engine import Engine
+
+    engine = Engine.preset(args.engine, threads=args.threads)
+    switch = {"auto": None, "on": True, "off": False}
+    overrides = {
+        name: switch[value]
+        for name, value in (("compiled", args.compile), ("fused_kernel", args.fused_kernel))
+        if value != "auto"
+    }
+    return dataclasses.replace(engine, **overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,11 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop cells with zero total counts (they are left out of OUTPUT)",
     )
     fit.add_argument(
+        "--engine",
+        choices=["auto", "eager", "compiled", "fused", "pyro"],  # Engine.PRESETS
+        default="auto",
+        help="how training steps (pyro_scvi.engine): auto (default: decided from the run and "
+        "recorded), eager, compiled, fused (compiled ELBO and fused ZINB kernel) or pyro "
+        "(plain pyro.infer.SVI); --compile and --fused-kernel override its fields",
+    )
+    fit.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="compile the ELBO (JitTrace_ELBO): auto (from --engine), on or off",
+    )
+    fit.add_argument(
         "--fused-kernel",
         choices=["auto", "on", "off"],
         default="auto",
-        help="ZINB log-density by the compiled kernel of pyro_scvi.kernels: auto (default) "
-        "on long CPU runs of 500+ genes, on, or off (the eager density)",
+        help="ZINB log-density by the compiled kernel of pyro_scvi.kernels: auto (from "
+        "--engine; by default on long CPU runs of 500+ genes), on, or off",
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -268,24 +296,17 @@ def fit(args: argparse.Namespace) -> int:
         likelihood=LIKELIHOODS[args.likelihood](),
         n_latent=args.n_latent,
     )
-    from . import kernels
-
-    kernel = (
-        contextlib.nullcontext()
-        if args.fused_kernel == "auto"
-        else kernels.fused_log_prob(args.fused_kernel == "on")
-    )
     try:
-        with kernel:
-            model.train(
-                args.max_epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                early_stopping=args.early_stopping,
-                device=args.device,
-                seed=args.seed,
-                progress_bar=not args.quiet,
-            )
+        model.train(
+            args.max_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            early_stopping=args.early_stopping,
+            engine=_engine(args),
+            device=args.device,
+            seed=args.seed,
+            progress_bar=not args.quiet,
+        )
     except TrainingError as err:
         model.save(model_dir, overwrite=True)
         print(
@@ -308,7 +329,7 @@ def fit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        fused_kernel=args.fused_kernel,
+        engine=model.engine,
         normalized_library_size=library,
         model_dir=str(model_dir),
         input=str(args.input),

@@ -23,10 +23,6 @@ from pyro.distributions import TorchDistribution, constraints
 #: Keeps ``log`` finite when a decoder drives a mean or dispersion to exactly zero.
 EPS = 1e-8
 
-#: What the ZINB's ``log_prob`` calls on float32 instead of :func:`zinb_log_prob`: set by
-#: :func:`pyro_scvi.kernels.fused_log_prob` to its compiled operator, ``None`` otherwise.
-_zinb_kernel = None
-
 
 def nb_logits(mu: torch.Tensor, theta: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Pyro/torch negative-binomial ``logits`` for mean ``mu`` and inverse dispersion ``theta``.
@@ -120,6 +116,9 @@ class ZeroInflatedNegativeBinomialMeanDispersion(TorchDistribution):
     ----------
     mu, theta, gate_logits
         Mean (>= 0), inverse dispersion (> 0) and zero-inflation logits, broadcastable.
+    log_density
+        What computes the log-density instead of :func:`zinb_log_prob` (see
+        :meth:`with_log_density`); ``None``: :func:`zinb_log_prob`.
 
     Examples
     --------
@@ -144,8 +143,11 @@ class ZeroInflatedNegativeBinomialMeanDispersion(TorchDistribution):
         theta: torch.Tensor,
         gate_logits: torch.Tensor,
         validate_args: bool | None = None,
+        *,
+        log_density: Callable | None = None,
     ) -> None:
         self.mu, self.theta, self.gate_logits = mu, theta, gate_logits
+        self.log_density = log_density
         batch_shape = torch.broadcast_shapes(mu.shape, theta.shape, gate_logits.shape)
         super().__init__(batch_shape, validate_args=validate_args)
 
@@ -173,6 +175,7 @@ class ZeroInflatedNegativeBinomialMeanDispersion(TorchDistribution):
             )
         new = self._get_checked_instance(ZeroInflatedNegativeBinomialMeanDispersion, _instance)
         new.mu, new.theta, new.gate_logits = self.mu, self.theta, self.gate_logits
+        new.log_density = self.log_density
         super(ZeroInflatedNegativeBinomialMeanDispersion, new).__init__(
             batch_shape, validate_args=False
         )
@@ -192,6 +195,20 @@ class ZeroInflatedNegativeBinomialMeanDispersion(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self._validate_args:
             self._validate_sample(value)
-        if _zinb_kernel is not None and self.mu.dtype == torch.float32:
-            return _zinb_kernel(value, self.mu, self.theta, self.gate_logits)
+        if self.log_density is not None:
+            return self.log_density(value, self.mu, self.theta, self.gate_logits)
         return zinb_log_prob(value, self.mu, self.theta, self.gate_logits)
+
+    def with_log_density(
+        self, log_density: Callable | None
+    ) -> ZeroInflatedNegativeBinomialMeanDispersion:
+        """The same distribution, its ``log_prob`` computed by ``log_density``.
+
+        ``log_density(value, mu, theta, gate_logits)`` must equal :func:`zinb_log_prob` to
+        rounding, e.g. the fused operator of :mod:`pyro_scvi.kernels`. ``None`` restores
+        the default.
+        """
+        new = self.expand(self.batch_shape)
+        new.log_density = log_density
+        new._validate_args = self._validate_args
+        return new

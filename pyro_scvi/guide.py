@@ -72,6 +72,8 @@ class ScviGuide(nn.Module):
 
     #: The encoder maps any cell's counts to q, so it scores cells it was not trained on.
     amortized = True
+    #: The same sites and shapes on every call: a compiled (JIT) ELBO may hold it.
+    static_structure = True
 
     def __init__(
         self,

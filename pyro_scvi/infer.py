@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import math
 import time
 import warnings
@@ -59,9 +57,6 @@ from pyro.infer import (
     ELBO,
     SVI,
     JitTrace_ELBO,
-    JitTraceEnum_ELBO,
-    JitTraceGraph_ELBO,
-    JitTraceMeanField_ELBO,
     RenyiELBO,
     Trace_ELBO,
     TraceMeanField_ELBO,
@@ -70,8 +65,8 @@ from pyro.optim import PyroOptim
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import kernels, likelihoods
 from .data import CountData, InputError
+from .engine import _JIT_ELBOS, Engine
 from .model import parameters_held
 
 
@@ -119,9 +114,13 @@ def scaled_lr(batch_size: int, base_lr: float = 1e-3, base_batch_size: int = 128
     return base_lr * math.sqrt(batch_size / base_batch_size)
 
 
-def default_optim(lr: float = 1e-3) -> PyroOptim:
-    """Adam with scvi-tools' settings (``eps=0.01``, ``weight_decay=1e-6``), as a Pyro optim."""
-    return pyro.optim.Adam({"lr": lr, "eps": 0.01, "weight_decay": 1e-6})
+def default_optim(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6) -> PyroOptim:
+    """Adam with scvi-tools' settings (``eps=0.01``, ``weight_decay=1e-6``), as a Pyro optim.
+
+    :func:`train_svi` scales ``eps`` and ``weight_decay`` by the number of training cells,
+    as for :class:`FusedAdam`.
+    """
+    return pyro.optim.Adam({"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
 
 class FusedAdam:
@@ -159,6 +158,16 @@ class FusedAdam:
 
     def __call__(self, elbo: ELBO, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Compute the loss and its gradients, then update the parameters; return the loss."""
+        loss = self.loss_and_grads(elbo, model, guide, *args, **kwargs)
+        if math.isfinite(loss):
+            self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        return loss
+
+    def loss_and_grads(
+        self, elbo: ELBO, model: Callable, guide: Callable, *args, **kwargs
+    ) -> float:
+        """The loss, with its gradients left in the parameters' ``.grad`` (no update)."""
         if self.optim is None:
             with poutine.trace(param_only=True) as capture:
                 loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
@@ -178,65 +187,7 @@ class FusedAdam:
         else:
             # Other ELBOs (JIT ones recompile per minibatch size) must see the param sites.
             loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
-        if math.isfinite(loss):
-            self.optim.step()
-        self.optim.zero_grad(set_to_none=True)
         return loss
-
-
-#: Default ELBOs of runs with at least this many steps are compiled (see default_elbo).
-JIT_MIN_STEPS = 300
-
-
-def default_elbo(model: Callable, guide: Callable, n_steps: int) -> ELBO:
-    """The ELBO :func:`train_svi` uses when given none: ``Trace_ELBO``, compiled if it pays.
-
-    A compiled ``JitTrace_ELBO`` computes the same estimator without Pyro's per-step Python
-    work. ``benchmarks/profile_step.py`` measured a step 22% shorter on 200 genes, 14% on
-    1,000 and about the same on 2,000, and 0.99-1.12x a hand-written PyTorch step.
-    Compiling is a one-off cost per run (:func:`train_svi` compiles one graph, for full
-    minibatches, and runs each epoch's smaller last one uncompiled), so it is used for runs
-    of at least :data:`JIT_MIN_STEPS` steps, and only for pyro_scvi's own
-    :class:`~pyro_scvi.model.ScviModel` (with a shipped prior, library prior and likelihood)
-    and :class:`~pyro_scvi.guide.ScviGuide`, whose structure is static, as a compiled graph
-    requires. Anything else, e.g. a user-written prior, runs uncompiled. The compiled graph
-    keeps buffers alive: on CellBench (13,033 genes), with the eager ZINB density, the run's
-    peak RSS was 1.5 GB against 1.1 GB for scvi-tools; with the fused kernel of
-    :mod:`pyro_scvi.kernels` (the default there), which saves no intermediates for its
-    backward, 1.0 GB (``benchmarks/compare_scvi_tools.py``). Pass
-    ``elbo=Trace_ELBO()`` to never compile.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from pyro_scvi import ScviGuide, ScviModel, LogNormalLibrary
-    >>> m = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
-    >>> type(default_elbo(m, ScviGuide(20, 1), 10_000)).__name__
-    'JitTrace_ELBO'
-    >>> type(default_elbo(m, ScviGuide(20, 1), 100)).__name__
-    'Trace_ELBO'
-    """
-    from . import priors
-    from .guide import ScviGuide
-    from .model import ScviModel
-
-    static = (
-        type(model) is ScviModel
-        and type(guide) is ScviGuide
-        and type(model.prior).__module__ == priors.__name__
-        and not isinstance(model.prior, priors.CallablePrior)
-        and type(model.likelihood).__module__ == likelihoods.__name__
-        and (
-            model.library_prior is None
-            or (
-                type(model.library_prior).__module__ == priors.__name__
-                and not isinstance(model.library_prior, priors.CallableLibraryPrior)
-            )
-        )
-    )
-    if static and n_steps >= JIT_MIN_STEPS:
-        return JitTrace_ELBO(ignore_jit_warnings=True)
-    return Trace_ELBO()
 
 
 def _adam(params: list[torch.Tensor], **settings) -> torch.optim.Adam:
@@ -287,32 +238,6 @@ class _eval_mode:
             m.train(was)
 
 
-def _with_default_zinb_kernel(train: Callable) -> Callable:
-    """Run ``train`` inside :func:`pyro_scvi.kernels.fused_log_prob` when the rule says so.
-
-    The rule (:func:`pyro_scvi.kernels.use_fused_by_default`) needs the run's length,
-    minibatch size, genes and device, all arguments of ``train``.
-    """
-    signature = inspect.signature(train)
-
-    @functools.wraps(train)
-    def run(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        n_train = len(a["train_idx"])
-        steps = a["max_epochs"] * math.ceil(n_train / max(a["batch_size"], 1))
-        zinb = isinstance(getattr(a["model"], "likelihood", None), likelihoods.ZINB)
-        fused = zinb and kernels.use_fused_by_default(
-            steps, min(a["batch_size"], n_train), a["data"].n_genes, a["device"]
-        )
-        with kernels.fused_log_prob() if fused else contextlib.nullcontext():
-            return train(*args, **kwargs)
-
-    return run
-
-
-@_with_default_zinb_kernel
 def train_svi(
     model: nn.Module,
     guide: nn.Module,
@@ -325,6 +250,7 @@ def train_svi(
     optim: PyroOptim | None = None,
     lr: float = 1e-3,
     elbo: ELBO | None = None,
+    engine: Engine | str | None = None,
     kl_warmup_epochs: int = 400,
     early_stopping: bool = False,
     patience: int = 45,
@@ -349,12 +275,16 @@ def train_svi(
     max_epochs, batch_size
         Passes over ``train_idx`` and cells per minibatch.
     optim, lr
-        A Pyro optimizer; by default :class:`FusedAdam` with learning rate ``lr`` (the
-        same update as :func:`default_optim`, faster).
+        A Pyro optimizer (run through :class:`pyro.infer.SVI`); by default Adam with
+        learning rate ``lr`` and scvi-tools' settings, as :class:`FusedAdam` unless the
+        engine says otherwise.
     elbo
-        Any Pyro ELBO (default: :func:`default_elbo`, ``Trace_ELBO``, compiled on long
-        runs of pyro_scvi's own model and guide); see the module docstring for
-        ``RenyiELBO`` and the JIT ELBOs.
+        Any Pyro ELBO (default ``Trace_ELBO``, compiled as ``JitTrace_ELBO`` when the
+        engine compiles); see the module docstring for ``RenyiELBO`` and the JIT ELBOs.
+    engine
+        How the run steps (:class:`pyro_scvi.engine.Engine`, a preset name such as
+        ``"eager"``, or ``None`` to decide); the resolved choice is returned in
+        ``history.attrs["engine"]``.
     kl_warmup_epochs
         Length of the KL warm-up ramp (see the module docstring); 0 disables it.
     early_stopping, patience, min_delta
@@ -369,140 +299,171 @@ def train_svi(
     first_epoch
         Epoch number to start counting from (continuing a previous run's warm-up).
 
-    Notes
-    -----
-    On long CPU runs of a ZINB model (:func:`pyro_scvi.kernels.use_fused_by_default`) the
-    ZINB log-density is computed by the compiled kernel of :mod:`pyro_scvi.kernels`, the
-    same density to float32 rounding; wrap the call in
-    ``pyro_scvi.kernels.fused_log_prob(False)`` to keep the eager one, or in
-    ``fused_log_prob()`` to use it on any run.
-
     Returns
     -------
     pandas.DataFrame
         One row per epoch: ``epoch``, ``train_elbo`` (per cell, with the epoch's KL weight),
         ``validation_elbo`` (per cell, true ELBO; NaN without validation cells),
-        ``kl_weight`` and ``seconds``. At the end, batch-norm statistics are re-estimated
-        at the final weights (:func:`refresh_batch_norm`).
+        ``kl_weight``, ``seconds`` and ``threads``; ``attrs["engine"]`` is the resolved
+        engine (:meth:`pyro_scvi.engine.RunEngine.as_dict`). Batch-norm statistics are
+        re-estimated at the current weights before each validation pass (from
+        :data:`VALIDATION_NORM_CELLS` training cells) and at the end (from all training
+        cells; :func:`refresh_batch_norm`).
 
     Raises
     ------
     TrainingError
         On a non-finite loss, after restoring the parameters of the last completed epoch.
     """
+    n_train = len(train_idx)
+    full_size = min(batch_size, n_train)
+    n_steps = max_epochs * math.ceil(n_train / max(batch_size, 1))
+    run = Engine.coerce(engine).resolve(
+        model,
+        guide,
+        n_steps=n_steps,
+        batch_size=full_size,
+        n_genes=data.n_genes,
+        device=device,
+        elbo=elbo,
+        optim=optim,
+    )
+    run_model = run.wrap_model(model)
     tail_elbo = None
     if elbo is None:
-        steps = max_epochs * math.ceil(len(train_idx) / max(batch_size, 1))
-        elbo = default_elbo(model, guide, steps if optim is None else 0)
-        if isinstance(elbo, _JIT_ELBOS):
+        elbo = JitTrace_ELBO(ignore_jit_warnings=True) if run.compiled else Trace_ELBO()
+        if run.compiled:
             # One compiled graph, for full minibatches: the smaller last minibatch of each
             # epoch runs uncompiled (the same estimator) instead of a second compilation.
             tail_elbo = Trace_ELBO()
     jit = isinstance(elbo, _JIT_ELBOS)
-    full_size = min(batch_size, len(train_idx))
-    step_model, step_guide = _jit_pair(elbo, model, guide) if jit else (model, guide)
+    step_model, step_guide = _jit_pair(elbo, run_model, guide) if jit else (run_model, guide)
     # None: minibatches are not rescaled to the full data (see the module docstring).
-    num_cells = len(train_idx) if _sums_site_terms(elbo) else None
-    if optim is None:
-        # The ELBO is a sum over training cells, scvi-tools' loss a mean: scale Adam's eps
-        # and L2 weight decay by the cell count so the updates are the same. Without the
-        # rescaling a step's loss sums over one minibatch's cells only.
-        n = num_cells or min(batch_size, len(train_idx))
-        fused = FusedAdam(lr=lr, eps=0.01 * n, weight_decay=1e-6 * n)
+    num_cells = n_train if _sums_site_terms(elbo) else None
+    # The ELBO is a sum over training cells, scvi-tools' loss a mean: scale Adam's eps and
+    # L2 weight decay by the cell count so the updates are the same. Without the rescaling
+    # a step's loss sums over one minibatch's cells only.
+    n_scale = num_cells or full_size
+    if run.fused_adam:
+        fused = FusedAdam(lr=lr, eps=0.01 * n_scale, weight_decay=1e-6 * n_scale)
 
         def step(*args, **kwargs):
             return fused(elbo, step_model, step_guide, *args, **kwargs)
 
         def tail_step(*args):
-            return fused(tail_elbo, model, guide, *args)
+            return fused(tail_elbo, run_model, guide, *args)
     else:
+        if optim is None:
+            optim = default_optim(lr, eps=0.01 * n_scale, weight_decay=1e-6 * n_scale)
         step = SVI(step_model, step_guide, optim, loss=elbo).step
+        if tail_elbo is not None:
+            tail_step = SVI(run_model, guide, optim, loss=tail_elbo).step
     # Validate the first step of each run (shapes, supports, arguments); after that the
     # checks only cost time: the data were validated on the way in.
     validate_first = pyro.infer.util.is_validation_enabled()
     rng = np.random.default_rng(seed)
-    n_train = len(train_idx)
     rows: list[dict] = []
     best, since_best = -math.inf, 0
+    # Validation runs the networks in eval mode, on batch norm's running statistics: an
+    # average over the last ~100 steps (momentum 0.01). Early in a run Adam moves each
+    # weight by about lr per step whatever its gradient, so the first layer's activations
+    # shift by about lr * sum_g log1p(x_g) per step (tens of units on 10,000 genes and deep
+    # cells), far faster than those averages follow; on stale statistics q(l) can sit
+    # 80-120 nats above the data's log-library and exp(l) overflows float32 (the loss
+    # becomes NaN). So each validation pass first re-estimates the statistics at the
+    # current weights from a fixed sample of training cells (one forward pass, no draws
+    # from the training stream: see refresh_batch_norm).
+    norm_cells = np.random.default_rng(0).permutation(train_idx)[:VALIDATION_NORM_CELLS]
+    threads = run.thread_policy()
+    history_attrs = {"engine": run.as_dict()}
     epochs = tqdm(
         range(first_epoch, first_epoch + max_epochs),
         desc="Training",
         unit="epoch",
         disable=not progress_bar,
     )
+
+    def fail(loss: float, where: str) -> TrainingError:
+        _restore(model, guide, good_state)
+        err = TrainingError(_failure_message(loss, where))
+        err.history = _history(rows, history_attrs)
+        return err
+
     good_state = _snapshot(model, guide)
-    for epoch in epochs:
-        start = time.perf_counter()
-        w = kl_weight(epoch, kl_warmup_epochs)
-        w_tensor = torch.tensor(w, device=device) if jit else None  # a compiled graph's input
-        model.train(), guide.train()
-        total = 0.0
-        for step_no, idx in enumerate(
-            data.minibatches(train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True)
-        ):
-            x, b = data.tensors(idx, device)
-            cell_index = torch.as_tensor(idx, device=device)
-            if jit and (tail_elbo is None or len(idx) == full_size):
-                call, args = step, (x, b, cell_index, w_tensor)
-                kwargs = {"num_cells": num_cells, "n_cells": len(idx)}
-            else:  # uncompiled, or a default compiled run's smaller last minibatch
-                call, args, kwargs = (
-                    tail_step if jit else step,
-                    (x, b, cell_index, num_cells, w),
-                    {},
-                )
-            with (
-                pyro.validation_enabled(validate_first and epoch == first_epoch and step_no == 0),
-                _quiet_jit() if jit and epoch == first_epoch else contextlib.nullcontext(),
+    threads.start()
+    try:
+        for epoch in epochs:
+            start = time.perf_counter()
+            w = kl_weight(epoch, kl_warmup_epochs)
+            w_tensor = torch.tensor(w, device=device) if jit else None  # a graph's input
+            model.train(), guide.train()
+            total = 0.0
+            for step_no, idx in enumerate(
+                data.minibatches(train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True)
             ):
-                loss = _nan_on_invalid(call, (model, guide), *args, **kwargs)
-            if not math.isfinite(loss):
-                _restore(model, guide, good_state)
-                err = TrainingError(_failure_message(loss, f"epoch {epoch}, step {step_no}"))
-                err.history = _history(rows)
-                raise err
-            # A subsampled minibatch's loss is scaled by n_train / len(idx); undo that.
-            total += loss * len(idx) / n_train if num_cells else loss
-        row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
-        row["validation_elbo"] = float("nan")
-        if len(val_idx):
-            with pyro.validation_enabled(False):
-                row["validation_elbo"] = _nan_on_invalid(
-                    evaluate_elbo,
-                    (model, guide),
-                    model,
-                    guide,
-                    data,
-                    val_idx,
-                    elbo=elbo,
-                    device=device,
-                )
-            if not math.isfinite(row["validation_elbo"]):
-                _restore(model, guide, good_state)
-                err = TrainingError(
-                    _failure_message(row["validation_elbo"], f"epoch {epoch}, validation")
-                )
-                err.history = _history(rows)
-                raise err
-        row["seconds"] = time.perf_counter() - start
-        rows.append(row)
-        good_state = _snapshot(model, guide, into=good_state)
-        epochs.set_postfix(
-            train_elbo=f"{row['train_elbo']:.1f}", val_elbo=f"{row['validation_elbo']:.1f}"
-        )
-        monitored = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
-        if monitored > best + min_delta:
-            best, since_best = monitored, 0
-        else:
-            since_best += 1
-        if early_stopping and since_best >= patience:
-            epochs.write(
-                f"Early stopping at epoch {epoch}: no ELBO improvement for {patience} epochs."
+                x, b = data.tensors(idx, device)
+                cell_index = torch.as_tensor(idx, device=device)
+                if jit and (tail_elbo is None or len(idx) == full_size):
+                    call, args = step, (x, b, cell_index, w_tensor)
+                    kwargs = {"num_cells": num_cells, "n_cells": len(idx)}
+                else:  # uncompiled, or a default compiled run's smaller last minibatch
+                    call, args, kwargs = (
+                        tail_step if jit else step,
+                        (x, b, cell_index, num_cells, w),
+                        {},
+                    )
+                first = epoch == first_epoch and step_no == 0
+                with (
+                    pyro.validation_enabled(validate_first and first),
+                    _quiet_jit() if jit and epoch == first_epoch else contextlib.nullcontext(),
+                ):
+                    loss = _nan_on_invalid(call, (model, guide), *args, **kwargs)
+                if not math.isfinite(loss):
+                    raise fail(loss, f"epoch {epoch}, step {step_no}")
+                # A subsampled minibatch's loss is scaled by n_train / len(idx); undo that.
+                total += loss * len(idx) / n_train if num_cells else loss
+            row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
+            row["validation_elbo"] = float("nan")
+            if len(val_idx):
+                with pyro.validation_enabled(False):
+                    refresh_batch_norm(
+                        model, guide, data, norm_cells, batch_size=len(norm_cells), device=device
+                    )
+                    row["validation_elbo"] = _nan_on_invalid(
+                        evaluate_elbo,
+                        (model, guide),
+                        run_model,
+                        guide,
+                        data,
+                        val_idx,
+                        elbo=elbo,
+                        device=device,
+                    )
+                if not math.isfinite(row["validation_elbo"]):
+                    raise fail(row["validation_elbo"], f"epoch {epoch}, validation")
+            row["seconds"] = time.perf_counter() - start
+            row["threads"] = threads.current
+            rows.append(row)
+            good_state = _snapshot(model, guide, into=good_state)
+            threads.update()
+            epochs.set_postfix(
+                train_elbo=f"{row['train_elbo']:.1f}", val_elbo=f"{row['validation_elbo']:.1f}"
             )
-            break
-    epochs.close()
+            monitored = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
+            if monitored > best + min_delta:
+                best, since_best = monitored, 0
+            else:
+                since_best += 1
+            if early_stopping and since_best >= patience:
+                epochs.write(
+                    f"Early stopping at epoch {epoch}: no ELBO improvement for {patience} epochs."
+                )
+                break
+    finally:
+        threads.close()
+        epochs.close()
     refresh_batch_norm(model, guide, data, train_idx, batch_size=batch_size, device=device)
-    return _history(rows)
+    return _history(rows, history_attrs)
 
 
 def refresh_batch_norm(
@@ -514,20 +475,22 @@ def refresh_batch_norm(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
 ) -> None:
-    """Re-estimate batch-norm running statistics at the final weights.
+    """Re-estimate batch-norm running statistics at the current weights.
 
     During training each running statistic is an exponential average (momentum 0.01) over
     the last ~100 steps of a moving weight trajectory, so in eval mode the networks see
     stale statistics: after a few hundred steps q(l) sits 10-20% too high and every query
     is biased. One forward pass over ``indices`` with a cumulative average (momentum None),
     as ``torch.optim.swa_utils.update_bn`` does, replaces them with statistics of the
-    trained networks. No parameter changes.
+    trained networks. No parameter changes, and no random numbers drawn from the caller's
+    stream (the pass samples the guide and applies dropout under a forked torch RNG), so
+    training draws the same numbers with or without it.
     """
     norms = [
         m
         for net in (model, guide)
         for m in net.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
     ]
     if not norms or len(indices) < 2:
         return
@@ -538,7 +501,13 @@ def refresh_batch_norm(
     was_training = model.training, guide.training
     model.train(), guide.train()
     try:
-        with torch.no_grad(), pyro.get_param_store().scope():
+        device = torch.device(device)
+        forked = [device] if device.type == "cuda" else []
+        with (
+            torch.no_grad(),
+            pyro.get_param_store().scope(),
+            torch.random.fork_rng(devices=forked, device_type=device.type),
+        ):
             # Shuffled: files are often sorted by cell type, and minibatches of one type
             # would average within-type variances, several times too small.
             rng = np.random.default_rng(0)
@@ -555,9 +524,6 @@ def refresh_batch_norm(
             m.momentum = momentum
         model.train(was_training[0]), guide.train(was_training[1])
 
-
-#: Pyro's compiled ELBOs; see the module docstring.
-_JIT_ELBOS = (JitTrace_ELBO, JitTraceMeanField_ELBO, JitTraceGraph_ELBO, JitTraceEnum_ELBO)
 
 #: JIT ELBO objects that a training run has compiled.
 _JIT_USED: weakref.WeakSet = weakref.WeakSet()
@@ -617,10 +583,17 @@ def _sums_site_terms(elbo: ELBO) -> bool:
     return not isinstance(elbo, RenyiELBO)
 
 
-def _history(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(
-        rows, columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
-    )
+#: Training cells whose activations give batch norm's statistics for a validation pass.
+VALIDATION_NORM_CELLS = 512
+
+#: Columns of a training history, one row per epoch.
+HISTORY_COLUMNS = ["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds", "threads"]
+
+
+def _history(rows: list[dict], attrs: dict | None = None) -> pd.DataFrame:
+    history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    history.attrs.update(attrs or {})
+    return history
 
 
 def _failure_message(loss: float, where: str) -> str:

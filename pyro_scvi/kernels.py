@@ -21,22 +21,25 @@ This module writes the density and its gradient out by hand and compiles each wi
 Both are registered as a torch custom operator, ``torch.ops.pyro_scvi.zinb_log_prob``, so
 that Pyro's ``JitTrace_ELBO`` records it as one node of its compiled graph.
 
-:func:`fused_log_prob` switches it on: inside the context,
-:class:`~pyro_scvi.distributions.ZeroInflatedNegativeBinomialMeanDispersion` computes
-float32 log-densities with it. :func:`~pyro_scvi.infer.train_svi` does so by itself on
-long CPU runs (see :func:`use_fused_by_default`). Compiling takes seconds the first time
-in a process (longer the first time on a machine; torch caches the result on disk) and
-needs a C++ compiler; without one, the context warns and the eager formulas run.
-:func:`precompile` pays the compilation up front.
+:class:`FusedLogProb` is the Pyro handler that uses it: under it, the observed sites whose
+distribution is :class:`~pyro_scvi.distributions.ZeroInflatedNegativeBinomialMeanDispersion`
+compute float32 log-densities with the operator. Nothing else switches it on: the training
+engine (:mod:`pyro_scvi.engine`) applies the handler when it chooses the fused kernel,
+and records that choice. Compiling takes seconds the first time in a process (longer the
+first time on a machine; torch caches the result on disk) and needs a C++ compiler;
+:func:`precompile` pays the compilation up front and says whether it worked.
 
 Examples
 --------
->>> import torch
+>>> import pyro, torch
 >>> from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion as ZINB
 >>> d = ZINB(torch.full((2, 3), 2.0), torch.full((3,), 3.0), torch.zeros(2, 3))
 >>> x = torch.tensor([[0.0, 1, 2], [3, 0, 5]])
->>> with fused_log_prob(compile=False):  # the same kernels, uncompiled
-...     fused = d.log_prob(x)
+>>> def model():
+...     return pyro.sample("x", d, obs=x)
+>>> with FusedLogProb(compile=False):  # the same kernels, uncompiled
+...     tr = pyro.poutine.trace(model).get_trace()
+>>> fused = tr.nodes["x"]["fn"].log_prob(x)
 >>> bool(torch.allclose(fused, d.log_prob(x), atol=1e-5))
 True
 """
@@ -44,29 +47,20 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
 
+import pyro.distributions as dist
 import torch
+from pyro.poutine.messenger import Messenger
 
 from . import distributions
 from .distributions import EPS
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-#: Training runs switch the fused kernel on by themselves (:func:`use_fused_by_default`)
-#: from this many genes: ``benchmarks/profile_step.py`` measured it making a compiled step
-#: 1.49-1.72x faster on 1,000 and 2,000 genes but 1.06x on 200, where the rest of the
-#: step dominates.
-FUSED_MIN_GENES = 500
-
-#: ... and from this many (steps x cells per minibatch x genes): compiling costs 3-4 s in
-#: a new process (about 13 s the first time on a machine, before torch's on-disk cache
-#: holds the kernels) and saves 24-39 ns per element and step at one thread
-#: (``benchmarks/profile_step.py``, its "ZINB log-density alone" table).
-FUSED_MIN_ELEMENTS = 1e8
 
 
 def lgamma_positive(y: torch.Tensor) -> torch.Tensor:
@@ -175,16 +169,19 @@ def zinb_log_prob_grads(
 
 # --- the operator -----------------------------------------------------------------------
 
+#: Kernels by ``compiled``: a cache. A compilation that failed leaves the eager kernels in
+#: the compiled slot (with a warning), so a process does not retry it on every step.
 _kernels: dict[bool, tuple[Callable, Callable]] = {}
 
 
-def _run(which: int, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Kernel ``which`` (0 forward, 1 backward), compiled if switched on.
+def _run(which: int, compiled: bool, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Kernel ``which`` (0 forward, 1 backward), compiled or not.
 
     A compilation that fails (no working compiler for these inputs) warns once and
-    falls back to the eager formulas for the rest of the process.
+    falls back to the eager formulas for the rest of the process. The training engine
+    compiles before a run (:func:`precompile`) and records a failure there, so a run does
+    not meet this fallback unawares.
     """
-    compiled = _compile_flag["on"]
     with _outside_jit_trace():
         if not compiled:
             return _get_kernels(False)[which](*args)
@@ -218,33 +215,34 @@ def _get_kernels(compiled: bool) -> tuple[Callable, Callable]:
 def _outside_jit_trace() -> Iterator[None]:
     # Pyro's JitTrace_ELBO runs torch.jit.trace, which records this operator as one node;
     # torch.compile refuses to run while a trace is being recorded, so the kernel runs
-    # with the (thread-local) tracing state set aside.
-    state = torch._C._get_tracing_state()
-    if state is None:
+    # with the (thread-local) tracing state set aside. torch has no public API for this;
+    # without these two functions (another torch) the kernel runs inside the trace.
+    get_state = getattr(torch._C, "_get_tracing_state", None)
+    set_state = getattr(torch._C, "_set_tracing_state", None)
+    state = get_state() if get_state is not None else None
+    if state is None or set_state is None:
         yield
         return
-    torch._C._set_tracing_state(None)
+    set_state(None)
     try:
         yield
     finally:
-        torch._C._set_tracing_state(state)
-
-
-_compile_flag = {"on": True}
-#: The innermost fused_log_prob(enabled) in force, None outside any: training runs only
-#: decide by themselves when the user has not.
-_user_choice: dict[str, bool | None] = {"enabled": None}
+        set_state(state)
 
 
 @torch.library.custom_op("pyro_scvi::zinb_log_prob", mutates_args=())
 def _zinb_op(
-    value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    compiled: bool,
 ) -> torch.Tensor:
-    return _run(0, value, mu, theta, gate_logits, torch.lgamma(theta))
+    return _run(0, compiled, value, mu, theta, gate_logits, torch.lgamma(theta))
 
 
 @_zinb_op.register_fake
-def _(value, mu, theta, gate_logits):
+def _(value, mu, theta, gate_logits, compiled):
     shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, gate_logits.shape)
     return mu.new_empty(shape)
 
@@ -256,8 +254,11 @@ def _zinb_backward_op(
     mu: torch.Tensor,
     theta: torch.Tensor,
     gate_logits: torch.Tensor,
+    compiled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d_mu, d_theta, d_gate = _run(1, grad, value, mu, theta, gate_logits, torch.digamma(theta))
+    d_mu, d_theta, d_gate = _run(
+        1, compiled, grad, value, mu, theta, gate_logits, torch.digamma(theta)
+    )
     # theta is usually one value per gene, broadcast over cells: sum its gradient back.
     return (
         d_mu.sum_to_size(mu.shape).contiguous(),
@@ -267,7 +268,7 @@ def _zinb_backward_op(
 
 
 @_zinb_backward_op.register_fake
-def _(grad, value, mu, theta, gate_logits):
+def _(grad, value, mu, theta, gate_logits, compiled):
     return (
         mu.new_empty(mu.shape),
         theta.new_empty(theta.shape),
@@ -276,35 +277,41 @@ def _(grad, value, mu, theta, gate_logits):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:4])
+    ctx.compiled = inputs[4]
 
 
 def _backward(ctx, grad):
     value, mu, theta, gate_logits = ctx.saved_tensors
-    d_mu, d_theta, d_gate = _zinb_backward_op(grad, value, mu, theta, gate_logits)
-    return None, d_mu, d_theta, d_gate
+    d_mu, d_theta, d_gate = _zinb_backward_op(grad, value, mu, theta, gate_logits, ctx.compiled)
+    return None, d_mu, d_theta, d_gate, None
 
 
 _zinb_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def zinb_log_prob_fused(
-    value: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, gate_logits: torch.Tensor
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    *,
+    compiled: bool = True,
 ) -> torch.Tensor:
-    """The ZINB log-density as the fused operator (compiled unless switched off).
+    """The ZINB log-density as the fused operator, compiled unless ``compiled=False``.
 
     Same result as :func:`~pyro_scvi.distributions.zinb_log_prob` to float32 rounding, and
     differentiable in ``mu``, ``theta`` and ``gate_logits`` (not in ``value``).
     """
-    return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits)
+    return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits, compiled)
 
 
 def precompile() -> bool:
     """Compile the fused kernel, forward and backward, now rather than at its first use.
 
     Returns whether the compiled kernel is available (a C++ compiler is on the PATH and
-    compiling worked). For timing training runs apart from compilation, or to fill torch's
-    on-disk cache (later processes then load instead of compiling).
+    compiling worked). The training engine calls it when it chooses the compiled kernel;
+    it also fills torch's on-disk cache (later processes then load instead of compiling).
 
     Examples
     --------
@@ -315,13 +322,11 @@ def precompile() -> bool:
         return False
     mu = torch.full((8, 600), 2.0, requires_grad=True)
     x, theta, gate = torch.ones(8, 600), torch.ones(600), torch.zeros(8, 600)
-    with fused_log_prob():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the answer says it
         zinb_log_prob_fused(x, mu, theta, gate).sum().backward()
     # a failed compilation leaves the eager kernels in the compiled slot
     return _kernels[True] is not _kernels.get(False)
-
-
-# --- switching it on --------------------------------------------------------------------
 
 
 def compiler_available() -> bool:
@@ -333,78 +338,59 @@ def compiler_available() -> bool:
     return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
 
 
-@contextlib.contextmanager
-def fused_log_prob(enabled: bool = True, *, compile: bool = True) -> Iterator[None]:
-    """Within the context, ZINB log-densities of float32 tensors use the fused operator.
+# --- the handler ------------------------------------------------------------------------
+
+
+class FusedLogProb(Messenger):
+    """Pyro handler: ZINB sites compute their float32 log-density with the fused operator.
+
+    Every sample site whose distribution is a
+    :class:`~pyro_scvi.distributions.ZeroInflatedNegativeBinomialMeanDispersion` (directly
+    or inside ``.to_event``) gets it as its ``log_density``; other sites are untouched.
+    Use it around a model (``FusedLogProb()(model)``) or as a context.
 
     Parameters
     ----------
-    enabled
-        ``False`` switches it off inside the context (e.g. around a training run that
-        would otherwise use it by default).
     compile
         Compile the kernels (the point); ``False`` runs the same formulas eagerly, which
         is slower than the default log-density and meant for checking.
+    """
+
+    def __init__(self, compile: bool = True) -> None:
+        super().__init__()
+        self.compile = bool(compile)
+        self._log_density = functools.partial(zinb_log_prob_fused, compiled=self.compile)
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        fn = msg["fn"]
+        if isinstance(fn, dist.Independent) and isinstance(
+            fn.base_dist, distributions.ZeroInflatedNegativeBinomialMeanDispersion
+        ):
+            msg["fn"] = dist.Independent(
+                fn.base_dist.with_log_density(self._log_density),
+                fn.reinterpreted_batch_ndims,
+            )
+        elif isinstance(fn, distributions.ZeroInflatedNegativeBinomialMeanDispersion):
+            msg["fn"] = fn.with_log_density(self._log_density)
+
+
+def fused_log_prob(
+    enabled: bool = True, *, compile: bool = True
+) -> contextlib.AbstractContextManager:
+    """:class:`FusedLogProb` as a context, or a no-op context when ``enabled`` is false.
 
     Examples
     --------
-    >>> import torch
+    >>> import pyro, torch
     >>> from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion as ZINB
+    >>> def model():
+    ...     return pyro.sample("x", ZINB(torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.0)),
+    ...                        obs=torch.tensor(0.0))
     >>> with fused_log_prob(compile=False):
-    ...     lp = ZINB(torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.0)).log_prob(
-    ...         torch.tensor(0.0))
-    >>> round(float(lp.exp()), 4)
+    ...     tr = pyro.poutine.trace(model).get_trace()
+    >>> round(float(tr.log_prob_sum().exp()), 4)
     0.608
     """
-    previous = distributions._zinb_kernel, _compile_flag["on"], _user_choice["enabled"]
-    _user_choice["enabled"] = bool(enabled)
-    if enabled:
-        if compile and not compiler_available():
-            warnings.warn(
-                "No C++ compiler (g++, c++ or clang++) on the PATH, which torch.compile needs, "
-                "so the fused ZINB log-density runs uncompiled (slower). Install one, e.g. "
-                "gcc, to get the compiled kernel.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        _compile_flag["on"] = compile and compiler_available()
-        distributions._zinb_kernel = zinb_log_prob_fused
-    else:
-        distributions._zinb_kernel = None
-    try:
-        yield
-    finally:
-        distributions._zinb_kernel, _compile_flag["on"], _user_choice["enabled"] = previous
-
-
-def fused_active() -> bool:
-    """Whether ZINB log-densities currently use the fused operator."""
-    return distributions._zinb_kernel is not None
-
-
-def use_fused_by_default(
-    n_steps: int, batch_size: int, n_genes: int, device: torch.device | str
-) -> bool:
-    """Whether a training run of ZINB counts switches the fused kernel on by itself.
-
-    Not when the caller has decided (inside a :func:`fused_log_prob` context, on or off);
-    otherwise on the CPU, for at least :data:`FUSED_MIN_GENES` genes and
-    :data:`FUSED_MIN_ELEMENTS` elements (``n_steps * batch_size * n_genes``), where a C++
-    compiler is on the PATH. On a GPU only when asked for with :func:`fused_log_prob` (it
-    has not been measured there).
-
-    Examples
-    --------
-    >>> use_fused_by_default(100, 128, 200, "cpu")  # too few genes to pay for compiling
-    False
-    >>> with fused_log_prob(False):  # the caller decides
-    ...     use_fused_by_default(10_000, 128, 2_000, "cpu")
-    False
-    """
-    return (
-        _user_choice["enabled"] is None
-        and torch.device(device).type == "cpu"
-        and n_genes >= FUSED_MIN_GENES
-        and n_steps * batch_size * n_genes >= FUSED_MIN_ELEMENTS
-        and compiler_available()
-    )
+    return FusedLogProb(compile=compile) if enabled else contextlib.nullcontext()

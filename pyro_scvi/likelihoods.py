@@ -12,7 +12,9 @@ Subclass :class:`Likelihood`, set ``uses_dispersion`` (the decoder then provides
 inverse dispersion ``theta``) and ``uses_gate`` (zero-inflation ``gate_logits``), give it a
 ``name``, and implement ``__call__(mu, theta, gate_logits)`` returning a Pyro distribution
 with ``batch_shape`` equal to the broadcast shape of its arguments; arguments it does not
-use arrive as ``None``. For example the negative binomial as Pyro's Gamma-Poisson mixture:
+use arrive as ``None``. Set ``static_structure = True`` if ``__call__`` has no Python
+branches on tensor values, so that long runs may compile the ELBO
+(:mod:`pyro_scvi.engine`). For example the negative binomial as Pyro's Gamma-Poisson mixture:
 
 >>> import pyro.distributions as dist
 >>> class GammaPoisson(Likelihood):
@@ -52,6 +54,12 @@ class Likelihood:
 
     uses_dispersion: bool = False
     uses_gate: bool = False
+    #: Whether ``__call__`` builds the same distribution structure on every call (no
+    #: Python control flow on tensor values), so that a compiled (JIT) ELBO may hold it.
+    static_structure: bool = False
+    #: Whether its distribution can compute the log-density with the fused kernel of
+    #: :mod:`pyro_scvi.kernels` (the training engine decides whether it does).
+    fused_kernel: bool = False
     #: Short name used by the CLI and in saved settings.
     name: str = "likelihood"
 
@@ -82,6 +90,8 @@ class ZINB(Likelihood):
 
     uses_dispersion = True
     uses_gate = True
+    static_structure = True
+    fused_kernel = True
     name = "zinb"
 
     def __call__(self, mu, theta, gate_logits):  # noqa: D102
@@ -99,6 +109,7 @@ class NB(Likelihood):
     """
 
     uses_dispersion = True
+    static_structure = True
     name = "nb"
 
     def __call__(self, mu, theta, gate_logits=None):  # noqa: D102
@@ -115,6 +126,7 @@ class Poisson(Likelihood):
     3.0
     """
 
+    static_structure = True
     name = "poisson"
 
     def __call__(self, mu, theta=None, gate_logits=None):  # noqa: D102
@@ -136,6 +148,7 @@ class ZIP(Likelihood):
     """
 
     uses_gate = True
+    static_structure = True
     name = "zip"
 
     def __call__(self, mu, theta=None, gate_logits=None):  # noqa: D102

@@ -192,6 +192,18 @@ class ScviModel(nn.Module):
         elif uses_theta and dispersion == "gene-batch":
             self.log_theta = nn.Parameter(torch.zeros(self.n_batch, n_genes))
 
+    @property
+    def static_structure(self) -> bool:
+        """Whether a compiled (JIT) ELBO may hold this model.
+
+        Its own code is static, so it is when its prior, library prior and likelihood
+        declare ``static_structure``.
+        """
+        parts = [self.prior, self.likelihood]
+        if self.library_prior is not None:
+            parts.append(self.library_prior)
+        return all(getattr(part, "static_structure", False) for part in parts)
+
     def theta(self, batch_index: torch.Tensor, decoded: dict) -> torch.Tensor | None:
         """Inverse dispersion, broadcastable to ``(cells, genes)``."""
         if not self.likelihood.uses_dispersion:

@@ -46,6 +46,10 @@ class Prior(nn.Module):
     """
 
     n_latent: int | None = None
+    #: Whether every call builds the same distribution structure (shapes, Python control
+    #: flow) given parameters of fixed shape, so that a compiled (JIT) ELBO may hold it.
+    #: A subclass that knows this sets it to True; the training engine then may compile.
+    static_structure: bool = False
 
     def setup(self, n_latent: int) -> None:
         """Fix the latent dimension; learnable priors create their parameters here."""
@@ -73,6 +77,8 @@ class StandardNormal(Prior):
     >>> tuple(p().event_shape)
     (10,)
     """
+
+    static_structure = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,6 +121,8 @@ class MixtureOfGaussians(Prior):
     >>> tuple(p.responsibilities(torch.zeros(5, 3)).shape)
     (5, 4)
     """
+
+    static_structure = True
 
     def __init__(self, n_components: int = 10, *, init_spread: float = 2.0) -> None:
         super().__init__()
@@ -198,6 +206,8 @@ class VampPrior(Prior):
     >>> [name for name, _ in p.named_parameters()]  # the encoder is not a submodule
     ['pseudo_inputs']
     """
+
+    static_structure = True
 
     def __init__(self, n_components: int = 50) -> None:
         super().__init__()
@@ -363,6 +373,9 @@ class LibraryPrior(nn.Module):
     ``batch_shape (cells, 1)`` (the 1 broadcasts over genes) and ``event_shape ()``.
     """
 
+    #: As :attr:`Prior.static_structure`.
+    static_structure: bool = False
+
     def forward(self, batch_index: torch.Tensor) -> dist.TorchDistribution:  # noqa: D102
         raise NotImplementedError
 
@@ -382,6 +395,8 @@ class LogNormalLibrary(LibraryPrior):
     >>> tuple(p(torch.tensor([0, 1, 1])).batch_shape)
     (3, 1)
     """
+
+    static_structure = True
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()

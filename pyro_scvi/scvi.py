@@ -26,10 +26,11 @@ from pyro.optim import PyroOptim
 
 from . import posterior
 from .data import CountData, InputError, check_batch_sizes, from_anndata
+from .engine import Engine
 from .files import _umask
 from .gap import amortization_gap
 from .guide import GuideFactory, ScviGuide, build_guide
-from .infer import TrainingError, train_svi
+from .infer import HISTORY_COLUMNS, TrainingError, train_svi
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
 from .priors import LogNormalLibrary, Prior, VampPrior, as_library_prior, as_prior
@@ -224,9 +225,9 @@ class SCVI:
         self.device = torch.device("cpu")
         if isinstance(self.model.prior, VampPrior):
             _attach_vamp_prior(self.model.prior, self.guide, self.data)
-        self.history = pd.DataFrame(
-            columns=["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds"]
-        )
+        self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
+        #: How the last training run stepped (:meth:`pyro_scvi.engine.RunEngine.as_dict`).
+        self.engine: dict | None = None
         self.train_indices = np.arange(0)
         self.validation_indices = np.arange(0)
         self.is_trained = False
@@ -263,6 +264,7 @@ class SCVI:
         kl_warmup_epochs: int = 400,
         elbo: ELBO | None = None,
         optim: PyroOptim | None = None,
+        engine: Engine | str | None = None,
         device: str | torch.device = "auto",
         seed: int | None = 0,
         progress_bar: bool = True,
@@ -283,11 +285,15 @@ class SCVI:
         kl_warmup_epochs
             Epochs of linear KL warm-up (0: none).
         elbo, optim
-            Pyro ELBO (default ``Trace_ELBO``, compiled on long runs: see
-            :func:`pyro_scvi.infer.default_elbo`) and optimizer (default: Adam with
-            scvi-tools' settings, as one fused torch optimizer; see
-            :class:`pyro_scvi.infer.FusedAdam`). A ``pyro.optim`` optimizer runs through
-            :class:`pyro.infer.SVI` instead.
+            Pyro ELBO (default ``Trace_ELBO``, compiled on long runs by the engine) and
+            optimizer (default: Adam with scvi-tools' settings, as one fused torch
+            optimizer; see :class:`pyro_scvi.infer.FusedAdam`). A ``pyro.optim`` optimizer
+            runs through :class:`pyro.infer.SVI` instead.
+        engine
+            How the run steps: compiled or eager ELBO, fused ZINB kernel, fused Adam, CPU
+            threads (:class:`pyro_scvi.engine.Engine` or a preset name such as ``"eager"``;
+            default: decided from the run, see :mod:`pyro_scvi.engine`). The choice made
+            is in :attr:`engine` and ``history.attrs["engine"]``, and is saved.
         device
             ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         seed
@@ -352,6 +358,7 @@ class SCVI:
                     optim=optim,
                     lr=lr,
                     elbo=elbo,
+                    engine=engine,
                     kl_warmup_epochs=kl_warmup_epochs,
                     early_stopping=early_stopping,
                     patience=patience,
@@ -368,11 +375,18 @@ class SCVI:
         return self
 
     def _append_history(self, history: pd.DataFrame | None) -> None:
-        if history is None or not len(history):
+        if history is None:
             return
+        if "engine" in history.attrs:
+            self.engine = history.attrs["engine"]
+        if not len(history):
+            return
+        runs = [*self.history.attrs.get("engines", []), history.attrs.get("engine")]
         self.history = (
             pd.concat([self.history, history], ignore_index=True) if len(self.history) else history
         )
+        # the last run's engine, and every run's in order (train() may be called again)
+        self.history.attrs.update(engine=self.engine, engines=runs)
         self.is_trained = True
 
     # ------------------------------------------------------------------ queries
@@ -991,6 +1005,8 @@ class SCVI:
                 "var_names": list(self.var_names),
                 "batch_categories": list(self.batch_categories),
                 "history": self.history.to_dict(orient="list"),
+                "engine": self.engine,
+                "engines": self.history.attrs.get("engines", []),
                 "train_indices": self.train_indices,
                 "validation_indices": self.validation_indices,
                 "is_trained": self.is_trained,
@@ -1002,6 +1018,7 @@ class SCVI:
                         **self.settings,
                         "n_genes": len(self.var_names),
                         "batch_categories": list(self.batch_categories),
+                        "engine": self.engine,
                     },
                     f,
                     indent=2,
@@ -1082,6 +1099,8 @@ class SCVI:
         if isinstance(self.model.prior, VampPrior):
             _attach_vamp_prior(self.model.prior, self.guide, self.data)
         self.history = pd.DataFrame(state["history"])
+        self.engine = state.get("engine")
+        self.history.attrs.update(engine=self.engine, engines=state.get("engines", []))
         self.train_indices = state["train_indices"]
         self.validation_indices = state["validation_indices"]
         self.is_trained = state["is_trained"]

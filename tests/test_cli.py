@@ -429,11 +429,11 @@ def test_fit_fused_kernel_option_switches_the_zinb_kernel(
     # The compiled kernels are swapped for counting eager ones (the switch is under test,
     # not the compiler), and the automatic rule is made to say "on" for this tiny run, so
     # that "off" has something to override.
-    from pyro_scvi import kernels
+    from pyro_scvi import engine, kernels
 
-    monkeypatch.setattr(kernels, "FUSED_MIN_GENES", 1)
-    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    monkeypatch.setattr(engine, "FUSED_MIN_GENES", 1)
+    monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "precompile", lambda: True)
     calls = []
     forward = kernels.zinb_log_prob_forward
     monkeypatch.setitem(
@@ -445,4 +445,18 @@ def test_fit_fused_kernel_option_switches_the_zinb_kernel(
     status, stderr = _run(["fit", h5ad, "-o", out, *FAST, "--fused-kernel", choice])
     assert status == 0, stderr
     assert bool(calls) is expected_calls
-    assert anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["fused_kernel"] == choice
+    recorded = anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["engine"]
+    assert bool(recorded["fused_kernel"]) is expected_calls
+    assert recorded["reasons"]["fused_kernel"] == f"{choice}: asked for"
+
+
+def test_fit_engine_options_are_recorded_with_the_run(h5ad, tmp_path):
+    out = tmp_path / "out.h5ad"
+    args = ["fit", h5ad, "-o", out, *FAST, "--engine", "pyro", "--threads", "1"]
+    status, stderr = _run(args)
+    assert status == 0, stderr
+    recorded = anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["engine"]
+    assert not recorded["fused_adam"] and not recorded["compiled"]
+    assert int(recorded["threads"]) == 1
+    saved = json.loads((tmp_path / "out_model" / "settings.json").read_text())
+    assert saved["engine"]["fused_adam"] is False

@@ -11,6 +11,7 @@ from scipy import special
 
 from pyro_scvi import SCVI, kernels
 from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion, zinb_log_prob
+from pyro_scvi.engine import Engine
 
 # From near 0 (where the recurrence does all the work) to large counts (the series alone).
 Y = np.concatenate([np.logspace(-4, 7, 500), np.linspace(0.05, 12, 500)])
@@ -80,55 +81,52 @@ def test_closed_form_gradient_matches_autograd(theta_shape):
 def test_operator_passes_gradcheck_uncompiled():
     x, mu, theta, gate = _zinb_inputs((11,))
     args = [t.clone().requires_grad_() for t in (mu, theta, gate)]
-    with kernels.fused_log_prob(compile=False):
-        assert torch.autograd.gradcheck(
-            lambda m, t, g: kernels.zinb_log_prob_fused(x, m, t, g), args, eps=1e-6, atol=1e-5
-        )
+    assert torch.autograd.gradcheck(
+        lambda m, t, g: kernels.zinb_log_prob_fused(x, m, t, g, compiled=False),
+        args,
+        eps=1e-6,
+        atol=1e-5,
+    )
 
 
-def test_distribution_uses_the_operator_only_inside_the_context_and_for_float32(monkeypatch):
+def test_handler_swaps_the_density_of_zinb_sites_only(monkeypatch):
     calls = []
     real = kernels.zinb_log_prob_fused
-    monkeypatch.setattr(kernels, "zinb_log_prob_fused", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(
+        kernels, "zinb_log_prob_fused", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
     x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
-    d = ZeroInflatedNegativeBinomialMeanDispersion(mu, theta, gate)
-    eager = d.log_prob(x)
-    assert not kernels.fused_active()
-    with kernels.fused_log_prob(compile=False):
-        assert kernels.fused_active()
-        fused = d.log_prob(x)
-        with kernels.fused_log_prob(False):  # nested: off, then back on
-            d.log_prob(x)
-            assert not kernels.fused_active()
-        assert kernels.fused_active()
-        d64 = ZeroInflatedNegativeBinomialMeanDispersion(
-            mu.double(), theta.double(), gate.double()
+
+    def model():
+        d = ZeroInflatedNegativeBinomialMeanDispersion(mu, theta, gate)
+        pyro.sample("x", d, obs=x)
+        pyro.sample("x_event", d.to_event(1), obs=x)
+        pyro.sample("other", pyro.distributions.Poisson(mu), obs=x)
+
+    eager = pyro.poutine.trace(model).get_trace()
+    eager.compute_log_prob()
+    assert calls == []  # no handler, no operator: nothing global switches it on
+    fused = pyro.poutine.trace(kernels.FusedLogProb(compile=False)(model)).get_trace()
+    fused.compute_log_prob()
+    assert calls == [{"compiled": False}, {"compiled": False}]  # x and x_event, not other
+    for name in ("x", "x_event", "other"):
+        torch.testing.assert_close(
+            fused.nodes[name]["log_prob"], eager.nodes[name]["log_prob"], rtol=1e-5, atol=1e-4
         )
-        d64.log_prob(x.double())  # float64 keeps the exact torch.lgamma path
-    assert not kernels.fused_active()
-    assert len(calls) == 1
-    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-4)
-
-
-def test_use_fused_by_default_rules(monkeypatch):
-    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
-    big = dict(n_steps=10_000, batch_size=128, n_genes=2_000)
-    assert kernels.use_fused_by_default(**big, device="cpu")
-    assert not kernels.use_fused_by_default(**big, device="cuda")
-    assert not kernels.use_fused_by_default(**{**big, "n_genes": 200}, device="cpu")
-    assert not kernels.use_fused_by_default(**{**big, "n_steps": 100}, device="cpu")
-    with kernels.fused_log_prob(compile=False):  # the user has decided either way
-        assert not kernels.use_fused_by_default(**big, device="cpu")
-    monkeypatch.setattr(kernels, "compiler_available", lambda: False)
-    assert not kernels.use_fused_by_default(**big, device="cpu")
+    calls.clear()
+    with kernels.fused_log_prob(False):  # the disabled form is a no-op context
+        pyro.poutine.trace(model).get_trace().compute_log_prob()
+    assert calls == []
 
 
 def test_long_zinb_training_runs_switch_the_kernel_on_by_themselves(small_adata, monkeypatch):
     # Thresholds lowered to this tiny run; the "compiled" kernels swapped for counting eager
-    # ones, so that the test checks the switch, not the compiler.
-    monkeypatch.setattr(kernels, "FUSED_MIN_GENES", 10)
-    monkeypatch.setattr(kernels, "FUSED_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    # ones, so that the test checks the engine's choice, not the compiler.
+    from pyro_scvi import engine
+
+    monkeypatch.setattr(engine, "FUSED_MIN_GENES", 10)
+    monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "precompile", lambda: True)
     calls = []
 
     def counting(fn):
@@ -139,11 +137,12 @@ def test_long_zinb_training_runs_switch_the_kernel_on_by_themselves(small_adata,
     m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
     m.train(2, batch_size=64, progress_bar=False, seed=0)
     assert {"zinb_log_prob_forward", "zinb_log_prob_grads"} <= set(calls)
-    assert not kernels.fused_active()  # switched off again after the run
+    assert m.engine["fused_kernel"] and m.history.attrs["engine"]["fused_kernel"]
     calls.clear()
-    with kernels.fused_log_prob(False):
-        m.train(1, batch_size=64, progress_bar=False, seed=0)
+    m.train(1, batch_size=64, progress_bar=False, seed=0, engine=Engine(fused_kernel=False))
     assert calls == []
+    assert m.engine["fused_kernel"] is False
+    assert m.engine["reasons"]["fused_kernel"] == "off: asked for"
 
 
 def test_a_failing_compilation_falls_back_to_the_eager_formulas(monkeypatch):
@@ -153,7 +152,7 @@ def test_a_failing_compilation_falls_back_to_the_eager_formulas(monkeypatch):
     monkeypatch.setitem(kernels._kernels, True, (broken, broken))
     monkeypatch.setattr(kernels, "compiler_available", lambda: True)
     x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
-    with kernels.fused_log_prob(), pytest.warns(RuntimeWarning, match="runs uncompiled"):
+    with pytest.warns(RuntimeWarning, match="runs uncompiled"):
         got = kernels.zinb_log_prob_fused(x, mu, theta, gate)
     torch.testing.assert_close(got, zinb_log_prob(x, mu, theta, gate), rtol=1e-5, atol=1e-4)
     assert kernels.precompile() is False  # the eager kernels now hold the compiled slot

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def synthetic_zinb(
     de_fraction: float = 0.3,
     lfc_scale: float = 1.5,
     batch_effect: float = 0.0,
-    library_log_mean: float = 7.0,
+    library_log_mean: float | Sequence[float] = 7.0,
     library_log_sd: float = 0.3,
     gate_max: float = 0.2,
     seed: int = 0,
@@ -58,7 +59,8 @@ def synthetic_zinb(
     ``N(0, lfc_scale)`` log fold changes around a shared baseline; each batch multiplies
     every gene by ``exp(N(0, batch_effect))``. Counts are NB(mu, theta) (a Gamma-Poisson
     mixture) with ``mu = library * frequency``, then zeroed with a per-gene probability up
-    to ``gate_max``.
+    to ``gate_max``. Library sizes are log-normal with mean ``library_log_mean`` (one value,
+    or one per batch: batches of very different sequencing depth) and sd ``library_log_sd``.
 
     Returns
     -------
@@ -88,7 +90,14 @@ def synthetic_zinb(
     logits = base + lfc[cluster] + batch_shift[batch]
     freq = np.exp(logits - logits.max(1, keepdims=True))
     freq /= freq.sum(1, keepdims=True)
-    library = np.exp(rng.normal(library_log_mean, library_log_sd, n_cells))
+    log_means = np.atleast_1d(np.asarray(library_log_mean, dtype=float))
+    if len(log_means) not in (1, n_batches):
+        raise ValueError(
+            f"library_log_mean has {len(log_means)} values; give one, or one per batch "
+            f"({n_batches})."
+        )
+    log_means = np.broadcast_to(log_means, (n_batches,))
+    library = np.exp(rng.normal(log_means[batch], library_log_sd))
     mu = library[:, None] * freq
     theta = np.exp(rng.normal(1.0, 0.5, n_genes))
     counts = rng.poisson(rng.gamma(theta, mu / theta))
