@@ -8,8 +8,9 @@ Quick start::
     adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
 """
 
-from . import convert, datasets, de, kernels, metrics, plotting, posterior, ppc
+from . import convert, datasets, de, engine, kernels, metrics, plotting, posterior, ppc
 from .data import CountData, InputError, from_anndata
+from .engine import Engine
 from .guide import PerCellGuide, ScviGuide
 from .infer import TrainingError, train_svi
 from .likelihoods import NB, ZINB, ZIP, Likelihood, Poisson
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCVI",
+    "Engine",
     "ScviModel",
     "ScviGuide",
     "PerCellGuide",
@@ -50,6 +52,7 @@ __all__ = [
     "convert",
     "datasets",
     "de",
+    "engine",
     "kernels",
     "metrics",
     "posterior",

@@ -1,0 +1,305 @@
+"""The training engine: its choices, their records, and that every path is one estimator."""
+
+import json
+import warnings
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+
+from pyro_scvi import (
+    NB,
+    SCVI,
+    ZINB,
+    ZIP,
+    InputError,
+    MixtureOfGaussians,
+    Poisson,
+    Prior,
+    StandardNormal,
+    VampPrior,
+    engine,
+    kernels,
+)
+from pyro_scvi.engine import Engine, ThreadPolicy
+from pyro_scvi.infer import FusedAdam, _jit_pair
+
+# --- choices ----------------------------------------------------------------------------
+
+
+def _resolve(m, eng=None, **kw):
+    eng = eng or Engine()
+    run = dict(n_steps=10_000, batch_size=128, n_genes=m.data.n_genes, device="cpu")
+    run.update(kw)
+    return eng.resolve(m.model, m.guide, **run)
+
+
+def test_long_runs_of_static_components_compile_and_short_ones_do_not(small_adata):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    long, short = _resolve(m), _resolve(m, n_steps=engine.COMPILE_MIN_STEPS - 1)
+    assert long.compiled and long.fused_adam
+    assert not short.compiled and short.reasons["compiled"].startswith("off: 299 steps")
+    # 40 genes: the fused kernel does not pay for its compilation
+    assert not long.fused_kernel and "40 genes" in long.reasons["fused_kernel"]
+
+
+class _UserPrior(Prior):
+    def forward(self):
+        return pyro.distributions.Laplace(torch.zeros(self.n_latent), 1.0).to_event(1)
+
+
+class _StaticUserPrior(_UserPrior):
+    static_structure = True
+
+
+def test_a_user_prior_runs_uncompiled_unless_it_declares_a_static_structure(small_adata):
+    plain = _resolve(SCVI(small_adata, prior=_UserPrior(), n_hidden=8, n_latent=2))
+    assert not plain.compiled
+    assert plain.reasons["compiled"] == (
+        "off: the model (ScviModel) does not declare static_structure"
+    )
+    declared = _resolve(SCVI(small_adata, prior=_StaticUserPrior(), n_hidden=8, n_latent=2))
+    assert declared.compiled
+
+    # a plain function as prior cannot declare anything
+    def laplace():
+        return pyro.distributions.Laplace(torch.zeros(2), 1.0).to_event(1)
+
+    assert not _resolve(SCVI(small_adata, prior=laplace, n_hidden=8, n_latent=2)).compiled
+
+
+def test_the_fused_kernel_follows_genes_elements_compiler_and_likelihood(small_adata, monkeypatch):
+    monkeypatch.setattr(engine, "FUSED_MIN_GENES", 10)
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    monkeypatch.setattr(kernels, "precompile", lambda: True)
+    assert _resolve(m, n_steps=100_000).fused_kernel  # 40 genes x 128 x 1e5 = 5e8 elements
+    assert not _resolve(m, n_steps=10).fused_kernel  # too few elements to pay off
+    assert not _resolve(m, device="cuda").fused_kernel  # not measured there
+    monkeypatch.setattr(kernels, "precompile", lambda: False)
+    run = _resolve(m, n_steps=100_000)
+    assert not run.fused_kernel and "compiling it failed" in run.reasons["fused_kernel"]
+    asked = _resolve(m, Engine(fused_kernel=True))  # asked for: runs, uncompiled, says so
+    assert asked.fused_kernel and not asked.compile_kernel
+    assert "uncompiled" in asked.reasons["fused_kernel"]
+    nb = SCVI(small_adata, likelihood=NB(), n_hidden=8, n_latent=2)
+    assert "has no fused kernel" in _resolve(nb).reasons["fused_kernel"]
+    with pytest.raises(InputError, match="has no fused kernel"):
+        _resolve(nb, Engine(fused_kernel=True))
+
+
+def test_what_the_user_passes_decides_and_contradictions_are_errors(small_adata):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    assert not _resolve(m, elbo=Trace_ELBO()).compiled
+    jit = _resolve(m, elbo=JitTrace_ELBO(), n_steps=10)
+    assert jit.compiled and jit.reasons["compiled"] == "on: the ELBO passed is a JIT ELBO"
+    with pytest.raises(InputError, match="contradicts elbo=Trace_ELBO"):
+        _resolve(m, Engine(compiled=True), elbo=Trace_ELBO())
+    optim = pyro.optim.Adam({"lr": 1e-3})
+    assert not _resolve(m, optim=optim).fused_adam
+    with pytest.raises(InputError, match="drop one of them"):
+        _resolve(m, Engine(fused_adam=True), optim=optim)
+    with pytest.raises(InputError, match="does not declare static_structure"):
+        _resolve(SCVI(small_adata, prior=_UserPrior()), Engine(compiled=True))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(threads=0), "positive integer"),
+        (dict(compiled="yes"), "True, False or None"),
+    ],
+)
+def test_engine_fields_are_validated(bad, match):
+    with pytest.raises(InputError, match=match):
+        Engine(**bad)
+
+
+def test_presets_and_coercion():
+    assert Engine.coerce("pyro") == Engine(False, False, False)
+    assert Engine.coerce({"threads": 2}) == Engine(threads=2)
+    assert Engine.coerce(None) == Engine()
+    with pytest.raises(InputError, match="use one of auto, eager"):
+        Engine.coerce("fast")
+    with pytest.raises(InputError, match="unknown fields"):
+        Engine.coerce({"thread": 2})
+
+
+# --- threads ----------------------------------------------------------------------------
+
+
+def _fake_cpu(monkeypatch, others_cores: float, n_cpus: int = 2):
+    """A /proc/stat whose other processes keep ``others_cores`` cores busy."""
+    clock = {"t": 0.0, "total": 0, "busy": 0}
+
+    def sample():
+        clock["t"] += 3.0
+        clock["total"] += 300 * n_cpus  # 3 s of jiffies on every cpu
+        clock["busy"] += int(300 * others_cores)
+        return clock["t"], clock["total"], clock["busy"], 0
+
+    monkeypatch.setattr(engine, "_cpu_sample", sample)
+    monkeypatch.setattr(engine, "_system_cpus", lambda: n_cpus)
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(n_cpus)))
+    monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+
+
+@pytest.mark.parametrize("others, expected", [(0.0, 2), (0.1, 2), (0.6, 1), (1.0, 1), (2.0, 1)])
+def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch, others, expected):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _fake_cpu(monkeypatch, others)
+        policy = ThreadPolicy(None)
+        assert policy.start() == expected == torch.get_num_threads()
+        policy.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_adapt_when_another_process_starts_during_the_run(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _fake_cpu(monkeypatch, 0.0)
+        policy = ThreadPolicy(None, min_interval=1.0)
+        assert policy.start() == 2
+        _fake_cpu(monkeypatch, 1.0)  # a busy neighbour appears
+        policy._last = (0.0, 0, 0, 0)
+        assert policy.update() == 1
+        fixed = ThreadPolicy(2)
+        assert fixed.start() == 2 and fixed.update() == 2  # asked for: never changed
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- records ----------------------------------------------------------------------------
+
+
+def test_the_choice_is_recorded_in_history_model_and_saved_files(small_adata, tmp_path):
+    m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
+    m.train(2, progress_bar=False, engine=Engine.preset("pyro", threads=1))
+    m.train(1, progress_bar=False, engine="eager")
+    assert m.engine["fused_adam"] is True and m.engine["threads"] == "auto"
+    assert [e["fused_adam"] for e in m.history.attrs["engines"]] == [False, True]
+    assert list(m.history["threads"][:2]) == [1, 1]
+    m.save(tmp_path / "m")
+    settings = json.loads((tmp_path / "m" / "settings.json").read_text())
+    assert settings["engine"] == m.engine
+    loaded = SCVI.load(tmp_path / "m", small_adata)
+    assert loaded.engine == m.engine
+    assert loaded.history.attrs["engines"][0]["reasons"]["fused_adam"] == "off: asked for"
+
+
+# --- one estimator ----------------------------------------------------------------------
+
+# (likelihood, dispersion, prior) cases: every likelihood and dispersion with the default
+# prior, and every shipped prior with the default likelihood.
+CASES = [
+    (ZINB, "gene", StandardNormal),
+    (ZINB, "gene-batch", StandardNormal),
+    (ZINB, "gene-cell", StandardNormal),
+    (NB, "gene", StandardNormal),
+    (Poisson, "gene", StandardNormal),
+    (ZIP, "gene", StandardNormal),
+    (ZINB, "gene", lambda: MixtureOfGaussians(3)),
+    (ZINB, "gene", lambda: VampPrior(4)),
+]
+
+
+def _loss_and_grads(step, params, buffers, *args, **kwargs):
+    """``step(*args, **kwargs)`` seeded, from fixed batch-norm statistics: loss, gradients."""
+    # Every call starts from the same batch-norm statistics (a training-mode pass updates
+    # them, and the VampPrior's components are the encoder in eval mode, which reads them).
+    with torch.no_grad():
+        for saved, b in buffers:
+            b.copy_(saved)
+    for p in params:
+        p.grad = None
+    pyro.set_rng_seed(3)
+    loss = step(*args, **kwargs)
+    return loss, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("n_batches", [1, 3])
+@pytest.mark.parametrize("likelihood, dispersion, prior", CASES)
+def test_every_engine_path_is_the_same_estimator_as_plain_svi(
+    likelihood, dispersion, prior, n_batches
+):
+    # In float64, so that the comparison is about the estimator, not rounding. On the same
+    # random draws (seeded before each call; a compiled graph draws in the traced order,
+    # the same as eager), each path's loss and gradients must equal plain Pyro
+    # Trace_ELBO's. Paths sum the same terms in other orders (the compiled graph) or, with
+    # the fused kernel, use lgamma/digamma series whose truncation error is below 1e-9
+    # per entry (test_kernels checks them against scipy): at most a few thousand entries
+    # here, so 1e-9 (1e-6 fused) of the largest gradient entry bounds rounding and
+    # truncation, while a wrong estimator (missing minibatch scale, KL weight, dispersion
+    # or prior term) is off by O(1) of it.
+    from pyro_scvi.datasets import synthetic_zinb
+
+    adata = synthetic_zinb(n_cells=100, n_genes=30, n_batches=n_batches, seed=1)
+    m = SCVI(
+        adata,
+        batch_key="batch" if n_batches > 1 else None,
+        likelihood=likelihood(),
+        dispersion=dispersion,
+        prior=prior(),
+        n_hidden=16,
+        n_latent=3,
+    )
+    model, guide = m.model.double(), m.guide.double()
+    params = [p for mod in (model, guide) for p in mod.parameters()]
+    buffers = [(b.clone(), b) for mod in (model, guide) for b in mod.buffers()]
+    fusable = likelihood is ZINB
+    # A full minibatch and a smaller last one. The plate's size is a multiple of the
+    # minibatch's: a compiled graph holds the minibatch scale num_cells / size as a float32
+    # constant, and 100 / 36 would differ from its float64 value by 1e-8 relative, swamping
+    # this float64 comparison (in float32 training that rounding is the terms' own).
+    for size, num_cells in ((64, 128), (36, 72)):
+        x, b = m.data.tensors(np.arange(size))
+        x, cells = x.double(), torch.arange(size)
+        eager_args = (x, b, cells, num_cells, 0.5)
+        jit_args = (x, b, cells, torch.tensor(0.5, dtype=torch.float64))
+        jit_kwargs = {"num_cells": num_cells, "n_cells": size}
+
+        state = (params, buffers)
+        ref = _loss_and_grads(Trace_ELBO().loss_and_grads, *state, model, guide, *eager_args)
+        scale = max(float(g.abs().max()) for g in ref[1])
+        paths = {}
+        for fused in (False, True) if fusable else (False,):
+            run_model = kernels.FusedLogProb(compile=False)(model) if fused else model
+            tag = "fused " if fused else ""
+            adam = FusedAdam()
+            for call in ("first", "held"):  # registers parameters, then holds them
+                paths[f"{tag}eager {call}"] = _loss_and_grads(
+                    adam.loss_and_grads, *state, Trace_ELBO(), run_model, guide, *eager_args
+                )
+            jit = JitTrace_ELBO(ignore_jit_warnings=True)
+            jit_pair = _jit_pair(jit, run_model, guide)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                for call in ("compile", "run 1", "run 2"):
+                    out = _loss_and_grads(
+                        adam.loss_and_grads, *state, jit, *jit_pair, *jit_args, **jit_kwargs
+                    )
+                    if call != "compile":  # compiling runs the model more than once
+                        paths[f"{tag}compiled {call}"] = out
+        for name, (loss, grads) in paths.items():
+            tol = 1e-6 if name.startswith("fused") else 1e-9
+            assert loss == pytest.approx(ref[0], rel=tol), (name, size)
+            for g, r in zip(grads, ref[1], strict=True):
+                torch.testing.assert_close(g, r, rtol=0, atol=tol * scale, msg=(name, size))
+
+
+def test_mean_field_elbo_runs_through_the_engine_and_matches_its_pyro_run(small_adata):
+    # A user's ELBO fixes "uncompiled"; fused Adam and Pyro's SVI then follow the same
+    # trajectory from the same seed (the same update; compare test_infer's float64 check).
+    histories = []
+    for eng in ("eager", "pyro"):
+        m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
+        m.train(2, elbo=TraceMeanField_ELBO(), engine=eng, progress_bar=False, seed=0)
+        assert not m.engine["compiled"]
+        histories.append(m.history["train_elbo"].to_numpy())
+    np.testing.assert_allclose(histories[0], histories[1], rtol=1e-3)
