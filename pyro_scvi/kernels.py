@@ -201,10 +201,13 @@ def _run(which: int, compiled: bool, *args) -> torch.Tensor | tuple[torch.Tensor
 def _get_kernels(compiled: bool) -> tuple[Callable, Callable]:
     if compiled not in _kernels:
         if compiled:
-            # dynamic: one compilation serves every minibatch size
+            # dynamic: one compilation serves every minibatch size. dynamic_threads: the
+            # kernels' loops use torch's thread count at each call, not the count at
+            # compile time, so that the engine's thread policy applies to them too.
+            options = {"cpp.dynamic_threads": True}
             _kernels[compiled] = (
-                torch.compile(zinb_log_prob_forward, dynamic=True),
-                torch.compile(zinb_log_prob_grads, dynamic=True),
+                torch.compile(zinb_log_prob_forward, dynamic=True, options=options),
+                torch.compile(zinb_log_prob_grads, dynamic=True, options=options),
             )
         else:
             _kernels[compiled] = (zinb_log_prob_forward, zinb_log_prob_grads)
