@@ -32,6 +32,7 @@ import torch
 from _common import machine_line, run_metadata, write_results
 
 import pyro_scvi
+from pyro_scvi.engine import Engine
 from pyro_scvi.infer import scaled_lr
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -47,7 +48,11 @@ def run(adata: anndata.AnnData, batch_size: int, scaled: bool, epochs: int, args
     pyro.set_rng_seed(args.seed)
     model = pyro_scvi.SCVI(adata, use_observed_lib_size=False)
     start = time.perf_counter()
-    model.train(epochs, batch_size=batch_size, lr=lr, seed=args.seed, progress_bar=False)
+    # --threads, fixed (the engine's default follows the free cores)
+    engine = Engine(threads=args.threads)
+    model.train(
+        epochs, batch_size=batch_size, lr=lr, seed=args.seed, progress_bar=False, engine=engine
+    )
     seconds = time.perf_counter() - start
     val = model.validation_indices[: args.ll_cells]
     ll = model.get_marginal_ll(adata[val], n_samples=args.ll_samples, seed=args.seed)
@@ -59,6 +64,7 @@ def run(adata: anndata.AnnData, batch_size: int, scaled: bool, epochs: int, args
         "validation_elbo_per_cell": float(model.history["validation_elbo"].iloc[-1]),
         "marginal_ll_per_cell": float(ll),
         "marginal_ll_cells": len(val),
+        "engine": model.engine,
     }
 
 

@@ -87,6 +87,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import pyro_scvi
 from pyro_scvi import posterior, priors
+from pyro_scvi.engine import Engine
 from pyro_scvi.gap import amortization_gap, refine
 from pyro_scvi.guide import PerCellGuide
 from pyro_scvi.likelihoods import LIKELIHOODS
@@ -290,6 +291,8 @@ def train_kwargs(ds: Dataset, args: argparse.Namespace) -> dict[str, Any]:
         "kl_warmup_epochs": max(1, int(round(args.warmup_fraction * ds.max_epochs))),
         "seed": args.seed,
         "progress_bar": False,
+        # --threads, fixed (the engine's default follows the free cores)
+        "engine": Engine(threads=args.threads),
     }
 
 

@@ -410,11 +410,17 @@ def prepare_main(spec_json: str) -> int:
 def train_pyro_scvi(
     adata: anndata.AnnData, batch_key: str | None, max_epochs: int, seed: int, threads: int
 ) -> tuple[Any, float]:
-    """A trained pyro_scvi ``SCVI`` and the wall time of its ``.train()``."""
+    """A trained pyro_scvi ``SCVI`` and the wall time of its ``.train()``.
+
+    The engine decides how the run steps (compiled ELBO, fused ZINB kernel) as by default,
+    but with ``threads`` fixed, as for the other implementations (by default it would
+    follow the free cores); ``model.engine`` records the choice.
+    """
     import pyro
     import torch
 
     import pyro_scvi
+    from pyro_scvi.engine import Engine
 
     torch.set_num_threads(threads)
     # SCVI(...) builds (initializes) the networks before train(seed=...) seeds anything,
@@ -442,6 +448,7 @@ def train_pyro_scvi(
         device="cpu",
         seed=seed,
         progress_bar=False,
+        engine=Engine(threads=threads),
     )
     return model, time.perf_counter() - start
 
@@ -477,17 +484,11 @@ def run_pyro_scvi(
         "final_kl_weight": float(history["kl_weight"].iloc[-1]),
         "threads_after": torch.get_num_threads(),
         "epoch_seconds": [float(v) for v in history["seconds"]],
-        "fused_kernel_used": _fused_kernel_compiled(),
+        "engine": model.engine,
+        "fused_kernel_used": model.engine["fused_kernel"],
         "latent": model.get_latent_representation(),
         "as_pyro_scvi": model,
     }
-
-
-def _fused_kernel_compiled() -> bool:
-    """Whether this process compiled pyro_scvi's fused ZINB kernel (pyro_scvi.kernels)."""
-    from pyro_scvi import kernels
-
-    return True in kernels._kernels
 
 
 def train_scvi_tools(
@@ -1328,16 +1329,20 @@ def notes(args: argparse.Namespace) -> list[str]:
         "built; peak - baseline is what the model and its training added at their peak. "
         "torch-floor's peak is read when run_torch_floor returns (after its latent means).",
         "first epoch s, median epoch s: wall seconds of the first epoch (it carries one-off "
-        "costs: pyro_scvi's JIT trace and kernel compilation, Lightning's set-up) and the "
+        "costs: pyro_scvi's JIT trace and part of the fused kernel's loading, Lightning's "
+        "set-up) and the "
         "median of the others (steady state; scvi-tools' from a Lightning callback, epoch "
         "start to next epoch start, so with its validation). steady speed-up and steady "
         "÷ floor are ratios of those medians. fused ZINB kernel: whether pyro_scvi and the "
-        "floor (which decides by the same rule, pyro_scvi.kernels.use_fused_by_default) "
-        "computed the ZINB log-density with the compiled kernel of pyro_scvi.kernels. "
+        "floor (which decides by the same rule, pyro_scvi.engine.Engine.resolve) computed "
+        "the ZINB log-density with the fused kernel of pyro_scvi.kernels (pyro_scvi's "
+        "whole engine choice is in the JSON, runs[].engine). "
         "Before the runs, one subprocess compiles that kernel once "
         "(warm_kernel_cache_seconds in the JSON), so that every timed run finds torch's "
         "on-disk compile cache as any later run on the machine would; each run still pays "
-        "its own loading and tracing of it (a few seconds, in its first epoch).",
+        "its own loading of it (a few seconds, inside train() and the floor's clock: mostly "
+        "before the first epoch, where pyro_scvi's engine and the floor compile it when they "
+        "choose it, partly in the first epoch).",
         "time ÷ X: this row's seconds per epoch over X's; above 1 means slower than X. "
         "speed-up vs scvi-tools = scvi-tools time ÷ pyro_scvi time (above 1: pyro_scvi is "
         "faster).",

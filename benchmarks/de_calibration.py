@@ -78,6 +78,7 @@ from sklearn.metrics import roc_auc_score
 
 import pyro_scvi
 from pyro_scvi.de import posterior_fdr
+from pyro_scvi.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -199,7 +200,9 @@ def fdr_calls(proba_de: np.ndarray, target: float) -> np.ndarray:
 def train_pyro(adata, epochs: int, seed: int):
     model = pyro_scvi.SCVI(adata, batch_key="batch" if adata.obs["batch"].nunique() > 1 else None)
     start = time.perf_counter()
-    model.train(max_epochs=epochs, seed=seed, progress_bar=False)
+    # the script's torch thread count, fixed (the engine's default follows the free cores)
+    engine = Engine(threads=torch.get_num_threads())
+    model.train(max_epochs=epochs, seed=seed, progress_bar=False, engine=engine)
     return model, time.perf_counter() - start
 
 

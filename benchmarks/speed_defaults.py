@@ -26,11 +26,11 @@ both, one table each.
 Measured per run (each in its own subprocess, by ``compare_scvi_tools.py``'s worker
 machinery): the wall time of the whole ``train()`` call (what a user waits for; the
 floor: its training loop and batch-norm refresh), the epochs' own wall times (first epoch
-and the median of the others), the thread count before and after training, and the engine
-pyro_scvi chose (``model.history.attrs["engine"]`` or ``model.engine``, where the package
-has them). Runs alternate pyro_scvi, scvi-tools, torch-floor, pyro_scvi, ... (``--repeats``,
-default 3, all with seed 0, so repeats differ only by timing noise); tables report medians
-and the speed-up = scvi-tools time / pyro_scvi time.
+and the median of the others), the thread count before and after training (pyro_scvi: per
+epoch, ``history["threads"]``), and the engine pyro_scvi chose (``model.engine``). Runs
+alternate pyro_scvi, scvi-tools, torch-floor, pyro_scvi, ... (``--repeats``, default 3, all
+with seed 0, so repeats differ only by timing noise); tables report medians and the
+speed-up = scvi-tools time / pyro_scvi time.
 
 Default datasets: simulated ZINB data of 10,000 cells x 2,000 genes (``pyro_scvi.datasets.
 synthetic_zinb``, as in ``compare_scvi_tools.py``) at 3 and at 20 epochs, the goals being a
@@ -53,7 +53,6 @@ skipped and marked so in the table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import sys
@@ -82,7 +81,9 @@ SEED = 0  # pyro_scvi's default seed; the floor and its split use it too
 #: Speed-up goals (scvi-tools time / pyro_scvi time) by (dataset, epochs).
 SPEEDUP_GOALS = {("synthetic_10000x2000", 3): 1.5, ("synthetic_10000x2000", 20): 2.0}
 FLOOR_GOAL = 1.1  # pyro_scvi time / floor time, at most
-FUSED_MIN_GENES = 500  # below this the fused kernel is never used: no warm-up needed
+#: pyro_scvi.engine.FUSED_MIN_GENES (copied: this parent process imports no numerical
+#: library); below it the engine never chooses the fused kernel, so no warm-up is needed.
+FUSED_MIN_GENES = 500
 SMOKE = {"datasets": ["synthetic:300x100=1"], "repeats": 1, "threads": ["default"]}
 SUMMARY_KEYS = (
     "train_seconds",
@@ -206,25 +207,14 @@ def run_pyro_scvi(adata: Any, spec: dict[str, Any]) -> dict[str, Any]:
     model.train(max_epochs=spec["epochs"])
     seconds = time.perf_counter() - start
     history = model.history
-    attrs = getattr(history, "attrs", None) or {}
-    engine = attrs.get("engine")
-    out = {
+    return {
         "train_seconds": seconds,
         "epochs_run": len(history),
         "epoch_seconds": [float(v) for v in history["seconds"]],
-        "engine": jsonable(engine if engine is not None else getattr(model, "engine", None)),
-        "fused_kernel_used": _fused_kernel_compiled(),
+        "engine": model.engine,
+        "fused_kernel_used": model.engine["fused_kernel"],
+        "threads_per_epoch": [int(v) for v in history["threads"]],
     }
-    if "threads" in history:
-        out["threads_per_epoch"] = [int(v) for v in history["threads"]]
-    return out
-
-
-def _fused_kernel_compiled() -> bool | None:
-    try:
-        return cst._fused_kernel_compiled()
-    except (AttributeError, ImportError, TypeError):  # pyro_scvi.kernels changed
-        return None
 
 
 def run_scvi_tools(adata: Any, spec: dict[str, Any]) -> dict[str, Any]:
@@ -262,21 +252,6 @@ def run_floor(adata: Any, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 RUNNERS = {"pyro_scvi": run_pyro_scvi, "scvi-tools": run_scvi_tools, "torch-floor": run_floor}
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON values of an engine record (dict, dataclass, ``as_dict()``, else ``str``)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if callable(getattr(value, "as_dict", None)):
-        return jsonable(value.as_dict())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return jsonable(dataclasses.asdict(value))
-    return str(value)
 
 
 # ---------------------------------------------------------------------------- parent
@@ -426,11 +401,11 @@ NOTES = [
     "model) fit a latent library and compute the validation ELBO after every epoch.",
     "threads: 'default' sets no thread count (pyro_scvi's engine follows the free cores, "
     "scvi-tools and the floor keep torch's count); threads used = torch.get_num_threads() "
-    "before training -> after training (pyro_scvi: per epoch, from history['threads'], "
-    "where recorded). A number pins every worker (torch.set_num_threads and "
+    "before training -> after training (pyro_scvi: per epoch, from history['threads']). "
+    "A number pins every worker (torch.set_num_threads and "
     "OMP/MKL/OPENBLAS_NUM_THREADS).",
-    "pyro_scvi engine: model.history.attrs['engine'] (or model.engine) as the run chose it; "
-    "'—' where this pyro_scvi version records none.",
+    "pyro_scvi engine: model.engine (pyro_scvi.engine.RunEngine.as_dict()) as the run "
+    "chose it; the reasons for each choice are in the JSON, rows[].runs[].engine.",
 ]
 
 

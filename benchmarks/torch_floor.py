@@ -25,7 +25,7 @@ floor time`` is the overhead of Pyro and of pyro_scvi's loop.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from typing import Any
 
@@ -36,13 +36,23 @@ from torch.distributions import Normal, kl_divergence
 
 from pyro_scvi import kernels
 from pyro_scvi.distributions import zinb_log_prob
+from pyro_scvi.engine import Engine
 
 
 class FloorLoss:
-    """Negative ELBO per cell of scVI for pyro_scvi's networks, in plain torch."""
+    """Negative ELBO per cell of scVI for pyro_scvi's networks, in plain torch.
 
-    def __init__(self, scvi: Any, fused: bool = False) -> None:
-        self.log_prob = kernels.zinb_log_prob_fused if fused else zinb_log_prob
+    ``fused``: the ZINB log-density is :func:`pyro_scvi.kernels.zinb_log_prob_fused`,
+    called directly (compiled unless ``compiled=False``), else
+    :func:`pyro_scvi.distributions.zinb_log_prob`.
+    """
+
+    def __init__(self, scvi: Any, fused: bool = False, *, compiled: bool = True) -> None:
+        self.log_prob = (
+            functools.partial(kernels.zinb_log_prob_fused, compiled=compiled)
+            if fused
+            else zinb_log_prob
+        )
         self.z_encoder = scvi.guide.z_encoder
         self.l_encoder = scvi.guide.l_encoder
         self.decoder = scvi.model.decoder
@@ -99,9 +109,11 @@ def run_torch_floor(
 ) -> dict[str, Any]:
     """Train the floor once; same outputs as ``run_pyro_scvi`` in ``compare_scvi_tools.py``.
 
-    ``fused``: compute the ZINB log-density with pyro_scvi's compiled kernel
-    (:mod:`pyro_scvi.kernels`); ``None`` decides as pyro_scvi's training does for the same
-    run (:func:`pyro_scvi.kernels.use_fused_by_default`), so that both use the same kernel.
+    ``fused``: compute the ZINB log-density with pyro_scvi's fused kernel
+    (:mod:`pyro_scvi.kernels`); ``None`` decides as pyro_scvi's training engine does for
+    the same run (:meth:`pyro_scvi.engine.Engine.resolve`), so that both use the same
+    kernel. The engine also compiles the kernel when it is used (uncompiled where no C++
+    compiler works), inside the clock, as in pyro_scvi's ``train()``.
 
     A :class:`pyro_scvi.SCVI` is built only as the container of the networks (same
     initialization as pyro_scvi's run with this seed) and is returned, trained, as
@@ -130,12 +142,6 @@ def run_torch_floor(
         dispersion=arch["dispersion"],
     )
     train_idx, val_idx = split
-    if fused is None:
-        steps = max_epochs * -(-len(train_idx) // batch_size)
-        fused = kernels.use_fused_by_default(
-            steps, min(batch_size, len(train_idx)), adata.n_vars, "cpu"
-        )
-    loss_fn = FloorLoss(scvi, fused=fused)
     modules = (scvi.model, scvi.guide)
     x_all = torch.as_tensor(
         np.asarray(scvi.data.X.toarray() if hasattr(scvi.data.X, "toarray") else scvi.data.X),
@@ -148,37 +154,44 @@ def run_torch_floor(
     curve: list[float] = []
     w = 0.0
 
-    # FloorLoss calls the kernel directly; the context only checks for a compiler.
-    kernel = kernels.fused_log_prob() if fused else contextlib.nullcontext()
     start = time.perf_counter()
+    # Inside the clock, as pyro_scvi's train() resolves its engine: the fused kernel's
+    # choice (by pyro_scvi's rule unless given) and its compilation. FloorLoss calls the
+    # kernel directly, with no Pyro handler.
+    run = Engine(fused_kernel=fused).resolve(
+        scvi.model,
+        scvi.guide,
+        n_steps=max_epochs * -(-len(train_idx) // batch_size),
+        batch_size=min(batch_size, len(train_idx)),
+        n_genes=adata.n_vars,
+        device="cpu",
+    )
+    loss_fn = FloorLoss(scvi, fused=run.fused_kernel, compiled=run.compile_kernel)
     # Inside the clock, as in pyro_scvi's and scvi-tools' timings: a process's first torch
     # optimizer imports torch._dynamo.
     optim = torch.optim.Adam(params, lr=lr, eps=0.01, weight_decay=1e-6, fused=True)
     epoch_seconds: list[float] = []
-    with kernel:
-        for epoch in range(max_epochs):
-            epoch_start = time.perf_counter()
-            w = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
+    for epoch in range(max_epochs):
+        epoch_start = time.perf_counter()
+        w = min(1.0, epoch / kl_warmup_epochs) if kl_warmup_epochs > 0 else 1.0
+        for m in modules:
+            m.train()
+        for idx in minibatches(train_idx, batch_size, rng):
+            loss = loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), w).mean()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+        if len(val_idx):
             for m in modules:
-                m.train()
-            for idx in minibatches(train_idx, batch_size, rng):
-                loss = loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), w).mean()
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-            if len(val_idx):
-                for m in modules:
-                    m.eval()
-                with torch.no_grad():
-                    total = sum(
-                        float(
-                            loss_fn(x_all.index_select(0, i), b_all.index_select(0, i), 1.0).sum()
-                        )
-                        for i in torch.split(val_t, 1024)
-                    )
-                curve.append(-total / len(val_idx))
-            epoch_seconds.append(time.perf_counter() - epoch_start)
-        _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size)
+                m.eval()
+            with torch.no_grad():
+                total = sum(
+                    float(loss_fn(x_all.index_select(0, i), b_all.index_select(0, i), 1.0).sum())
+                    for i in torch.split(val_t, 1024)
+                )
+            curve.append(-total / len(val_idx))
+        epoch_seconds.append(time.perf_counter() - epoch_start)
+    _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size)
     seconds = time.perf_counter() - start
 
     for m in modules:
@@ -195,7 +208,9 @@ def run_torch_floor(
         "final_kl_weight": w,
         "threads_after": torch.get_num_threads(),
         "epoch_seconds": epoch_seconds,
-        "fused_kernel_used": bool(fused),
+        "fused_kernel_used": run.fused_kernel,
+        "fused_kernel_compiled": run.compile_kernel,
+        "fused_kernel_reason": run.reasons["fused_kernel"],
         "latent": scvi.get_latent_representation(),
         "as_pyro_scvi": scvi,
     }
