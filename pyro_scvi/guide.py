@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .data import CountData
-from .model import cells_plate, kl_scale, register_module
+from .model import cells_plate, register_module
 from .nn import Encoder
 
 
@@ -32,16 +32,13 @@ def _sample_latents(
     batch_index: torch.Tensor,
     cell_index: torch.Tensor | None,
     num_cells: int | None,
-    kl_weight: float,
 ) -> None:
     """The guide's sample sites, from a dict of Normal parameters as ``encode`` returns."""
     with cells_plate(batch_index, cell_index, num_cells):
-        with kl_scale(kl_weight):
-            # unsqueeze(-2): the singleton gene axis of cell-level sites.
-            pyro.sample(
-                "z",
-                dist.Normal(q["z_loc"].unsqueeze(-2), q["z_scale"].unsqueeze(-2)).to_event(1),
-            )
+        # unsqueeze(-2): the singleton gene axis of cell-level sites.
+        pyro.sample(
+            "z", dist.Normal(q["z_loc"].unsqueeze(-2), q["z_scale"].unsqueeze(-2)).to_event(1)
+        )
         if "l_loc" in q:
             pyro.sample("l", dist.Normal(q["l_loc"], q["l_scale"]))
 
@@ -129,12 +126,11 @@ class ScviGuide(nn.Module):
         batch_index: torch.Tensor,
         cell_index: torch.Tensor | None = None,
         num_cells: int | None = None,
-        kl_weight: float = 1.0,
     ) -> None:
         """Sample ``z`` and ``l`` for the cells of ``x``; see :meth:`ScviModel.forward`."""
         register_module("guide", self)
         q = self.encode(x, batch_index)
-        _sample_latents(q, batch_index, cell_index, num_cells, kl_weight)
+        _sample_latents(q, batch_index, cell_index, num_cells)
 
 
 class PerCellGuide(nn.Module):
@@ -359,12 +355,11 @@ class PerCellGuide(nn.Module):
         batch_index: torch.Tensor,
         cell_index: torch.Tensor | None = None,
         num_cells: int | None = None,
-        kl_weight: float = 1.0,
     ) -> None:
         """Sample ``z`` and ``l`` for the cells ``cell_index``; see :meth:`ScviModel.forward`."""
         register_module("guide", self)
         q = self.encode(x, batch_index, cell_index)
-        _sample_latents(q, batch_index, cell_index, num_cells, kl_weight)
+        _sample_latents(q, batch_index, cell_index, num_cells)
 
 
 #: What :class:`~pyro_scvi.SCVI` accepts as ``guide=``: a guide module, or a factory

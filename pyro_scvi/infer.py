@@ -9,7 +9,10 @@ KL warm-up schedule
 In epoch ``e`` (counting from 0) the ``z`` terms of the ELBO are scaled by
 ``min(1, e / kl_warmup_epochs)``: a linear ramp from 0 that reaches 1 after
 ``kl_warmup_epochs`` epochs, as in scvi-tools. The library term is never annealed. The
-validation ELBO is always the true ELBO (weight 1).
+validation ELBO is always the true ELBO (weight 1). The weight is applied by the Pyro
+handler :class:`KLWeight` around the model and the guide, so neither takes it as an
+argument: the model is the paper's equations, and any model or guide with sites named
+``z`` is annealed the same way (a model may name other sites in ``annealed_sites``).
 
 Inference schemes
 -----------------
@@ -46,7 +49,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -62,6 +65,7 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 from pyro.optim import PyroOptim
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -90,6 +94,65 @@ def kl_weight(epoch: int, kl_warmup_epochs: int) -> float:
     if kl_warmup_epochs <= 0:
         return 1.0
     return min(1.0, epoch / kl_warmup_epochs)
+
+
+class KLWeight(Messenger):
+    """Pyro handler: scale the log-densities of the sites ``sites`` by ``weight`` (KL warm-up).
+
+    Applied around both the model and the guide, it scales those sites' terms of the ELBO,
+    their KL divergence, by ``weight``. ``poutine.scale`` rejects 0, so a zero weight masks
+    the terms out instead. A tensor weight is an input of a compiled (JIT) ELBO and changes
+    between calls of one compiled graph, so it cannot choose between mask and scale: 0
+    becomes the smallest positive float, whose terms vanish below rounding (``1e-38``
+    times a log-density).
+
+    Examples
+    --------
+    >>> import pyro, pyro.distributions as dist, torch
+    >>> def model():
+    ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...     pyro.sample("l", dist.Normal(0.0, 1.0))
+    >>> tr = pyro.poutine.trace(KLWeight(0.25)(model)).get_trace()
+    >>> tr.nodes["z"]["scale"], tr.nodes["l"]["scale"]
+    (0.25, 1.0)
+    """
+
+    def __init__(self, weight: float | torch.Tensor, sites: Sequence[str] = ("z",)) -> None:
+        super().__init__()
+        self.weight, self.sites = weight, frozenset(sites)
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or msg["name"] not in self.sites:
+            return
+        w = self.weight
+        if isinstance(w, torch.Tensor):
+            msg["scale"] = w.clamp_min(torch.finfo(w.dtype).tiny) * msg["scale"]
+        elif w <= 0:
+            msg["mask"] = False if msg["mask"] is None else msg["mask"] & False
+        elif w != 1.0:
+            msg["scale"] = w * msg["scale"]
+
+
+class _Annealed:
+    """A model or guide called as ``(x, batch_index, cell_index, num_cells, kl_weight)``.
+
+    Runs ``fn(x, batch_index, cell_index, num_cells)`` under :class:`KLWeight`, for the
+    sites ``fn.annealed_sites`` names (default ``z``).
+    """
+
+    def __init__(self, fn: Callable, sites: Sequence[str] | None = None) -> None:
+        self.fn = fn
+        self.sites = tuple(sites) if sites is not None else annealed_sites(fn)
+
+    def __call__(self, x, batch_index, cell_index=None, num_cells=None, kl_weight=1.0):
+        with KLWeight(kl_weight, self.sites):
+            return self.fn(x, batch_index, cell_index, num_cells)
+
+
+def annealed_sites(fn: Callable) -> tuple[str, ...]:
+    """The sites KL warm-up scales for a model or guide: ``fn.annealed_sites``, else ``z``."""
+    inner = getattr(fn, "fn", fn)  # through a handler's wrapper
+    return tuple(getattr(fn, "annealed_sites", getattr(inner, "annealed_sites", ("z",))))
 
 
 def scaled_lr(batch_size: int, base_lr: float = 1e-3, base_batch_size: int = 128) -> float:
@@ -265,9 +328,9 @@ def train_svi(
     Parameters
     ----------
     model, guide
-        Pyro model and guide with signature ``(x, batch_index, cell_index, num_cells,
-        kl_weight)``, e.g. :class:`~pyro_scvi.model.ScviModel` and
-        :class:`~pyro_scvi.guide.ScviGuide`.
+        Pyro model and guide with signature ``(x, batch_index, cell_index, num_cells)``
+        (KL warm-up scales their ``z`` sites with :class:`KLWeight`), e.g.
+        :class:`~pyro_scvi.model.ScviModel` and :class:`~pyro_scvi.guide.ScviGuide`.
     data
         The counts.
     train_idx, val_idx
@@ -337,7 +400,12 @@ def train_svi(
             # epoch runs uncompiled (the same estimator) instead of a second compilation.
             tail_elbo = Trace_ELBO()
     jit = isinstance(elbo, _JIT_ELBOS)
-    step_model, step_guide = _jit_pair(elbo, run_model, guide) if jit else (run_model, guide)
+    sites = annealed_sites(model)
+    if jit:
+        step_model, step_guide = _jit_pair(elbo, run_model, guide, sites)
+    else:
+        step_model, step_guide = _Annealed(run_model, sites), _Annealed(guide, sites)
+    tail_model, tail_guide = _Annealed(run_model, sites), _Annealed(guide, sites)
     # None: minibatches are not rescaled to the full data (see the module docstring).
     num_cells = n_train if _sums_site_terms(elbo) else None
     # The ELBO is a sum over training cells, scvi-tools' loss a mean: scale Adam's eps and
@@ -351,13 +419,13 @@ def train_svi(
             return fused(elbo, step_model, step_guide, *args, **kwargs)
 
         def tail_step(*args):
-            return fused(tail_elbo, run_model, guide, *args)
+            return fused(tail_elbo, tail_model, tail_guide, *args)
     else:
         if optim is None:
             optim = default_optim(lr, eps=0.01 * n_scale, weight_decay=1e-6 * n_scale)
         step = SVI(step_model, step_guide, optim, loss=elbo).step
         if tail_elbo is not None:
-            tail_step = SVI(run_model, guide, optim, loss=tail_elbo).step
+            tail_step = SVI(tail_model, tail_guide, optim, loss=tail_elbo).step
     # Validate the first step of each run (shapes, supports, arguments); after that the
     # checks only cost time: the data were validated on the way in.
     validate_first = pyro.infer.util.is_validation_enabled()
@@ -535,17 +603,21 @@ class _JitCall:
     Called as ``(x, batch_index, cell_index, kl_weight, *, num_cells, n_cells)``: tensors
     positionally (inputs of the compiled graph; ``kl_weight`` a 0-d tensor), the rest as
     keywords (the compiled-graph cache key). ``n_cells``, the minibatch size, is only
-    there to give each minibatch size its own graph.
+    there to give each minibatch size its own graph. ``fn`` runs as
+    ``fn(x, batch_index, cell_index, num_cells)`` under :class:`KLWeight`.
     """
 
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable, sites: Sequence[str] = ("z",)) -> None:
+        self.fn, self.sites = fn, tuple(sites)
 
     def __call__(self, x, batch_index, cell_index, kl_weight, *, num_cells, n_cells):
-        return self.fn(x, batch_index, cell_index, num_cells, kl_weight)
+        with KLWeight(kl_weight, self.sites):
+            return self.fn(x, batch_index, cell_index, num_cells)
 
 
-def _jit_pair(elbo: ELBO, model: Callable, guide: Callable) -> tuple[_JitCall, _JitCall]:
+def _jit_pair(
+    elbo: ELBO, model: Callable, guide: Callable, sites: Sequence[str] = ("z",)
+) -> tuple[_JitCall, _JitCall]:
     # Pyro's JIT ELBOs close over the model and guide of their first call and go on
     # compiling those, whatever is passed later, and look up the parameter names they
     # captured before running anything (absent from a new run's parameter store): one run
@@ -558,7 +630,7 @@ def _jit_pair(elbo: ELBO, model: Callable, guide: Callable) -> tuple[_JitCall, _
             "train() call."
         )
     _JIT_USED.add(elbo)
-    return _JitCall(model), _JitCall(guide)
+    return _JitCall(model, sites), _JitCall(guide, sites)
 
 
 @contextlib.contextmanager

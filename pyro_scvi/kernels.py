@@ -323,8 +323,12 @@ def precompile() -> bool:
     """
     if not compiler_available():
         return False
+    # Every argument but the counts requires grad, as in training: the compiled backward is
+    # specialized on which gradients it computes.
     mu = torch.full((8, 600), 2.0, requires_grad=True)
-    x, theta, gate = torch.ones(8, 600), torch.ones(600), torch.zeros(8, 600)
+    theta = torch.ones(600, requires_grad=True)
+    gate = torch.zeros(8, 600, requires_grad=True)
+    x = torch.ones(8, 600)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the answer says it
         zinb_log_prob_fused(x, mu, theta, gate).sum().backward()

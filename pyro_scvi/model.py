@@ -18,13 +18,12 @@ Sites (public API): ``z``, ``l``, ``rho`` (deterministic) and ``x`` (observed).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Literal
 
 import pyro
 import torch
-from pyro import poutine
 from torch import nn
 
 from .likelihoods import ZINB, Likelihood
@@ -87,23 +86,6 @@ def parameters_held() -> Iterator[None]:
         yield
     finally:
         _REGISTER_PARAMS.reset(token)
-
-
-def kl_scale(kl_weight: float | torch.Tensor) -> AbstractContextManager:
-    """Scale the ``z`` terms of the ELBO by ``kl_weight`` (KL warm-up).
-
-    ``poutine.scale`` rejects 0, so a zero weight masks the terms out instead. A tensor
-    weight is an input of a compiled (JIT) ELBO and changes between calls of one compiled
-    graph, so it cannot choose between mask and scale: 0 becomes the smallest positive
-    float, whose terms vanish below rounding (``1e-38`` times a log-density).
-    """
-    if isinstance(kl_weight, torch.Tensor):
-        return poutine.scale(scale=kl_weight.clamp_min(torch.finfo(kl_weight.dtype).tiny))
-    if kl_weight == 1.0:
-        return poutine.scale(scale=1.0)
-    if kl_weight <= 0:
-        return poutine.mask(mask=False)
-    return poutine.scale(scale=kl_weight)
 
 
 class ScviModel(nn.Module):
@@ -220,18 +202,17 @@ class ScviModel(nn.Module):
         batch_index: torch.Tensor,
         cell_index: torch.Tensor | None = None,
         num_cells: int | None = None,
-        kl_weight: float = 1.0,
     ) -> None:
         """Run the model on counts ``x`` of shape ``(cells, genes)`` (``None``: sample them).
 
         ``batch_index`` holds each cell's batch code; ``cell_index`` and ``num_cells``
-        subsample the ``cells`` plate (see :func:`cells_plate`); ``kl_weight`` scales the
-        ``z`` terms for KL warm-up.
+        subsample the ``cells`` plate (see :func:`cells_plate`). KL warm-up is not the
+        model's business: training scales the ``z`` terms with the handler
+        :class:`pyro_scvi.infer.KLWeight`.
         """
         register_module("model", self)
         with cells_plate(batch_index, cell_index, num_cells):
-            with kl_scale(kl_weight):
-                z = pyro.sample("z", self.prior())
+            z = pyro.sample("z", self.prior())
             if self.use_observed_lib_size:
                 if x is None:
                     raise ValueError("use_observed_lib_size needs the observed counts x.")

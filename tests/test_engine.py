@@ -24,7 +24,7 @@ from pyro_scvi import (
     kernels,
 )
 from pyro_scvi.engine import Engine, ThreadPolicy
-from pyro_scvi.infer import FusedAdam, _jit_pair
+from pyro_scvi.infer import FusedAdam, _Annealed, _jit_pair
 
 # --- choices ----------------------------------------------------------------------------
 
@@ -249,9 +249,11 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
         n_hidden=16,
         n_latent=3,
     )
-    model, guide = m.model.double(), m.guide.double()
-    params = [p for mod in (model, guide) for p in mod.parameters()]
-    buffers = [(b.clone(), b) for mod in (model, guide) for b in mod.buffers()]
+    m.model.double(), m.guide.double()
+    # called with the KL weight as the engine calls them
+    model, guide = _Annealed(m.model), _Annealed(m.guide)
+    params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
+    buffers = [(b.clone(), b) for mod in (m.model, m.guide) for b in mod.buffers()]
     fusable = likelihood is ZINB
     # A full minibatch and a smaller last one. The plate's size is a multiple of the
     # minibatch's: a compiled graph holds the minibatch scale num_cells / size as a float32
@@ -269,15 +271,20 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
         scale = max(float(g.abs().max()) for g in ref[1])
         paths = {}
         for fused in (False, True) if fusable else (False,):
-            run_model = kernels.FusedLogProb(compile=False)(model) if fused else model
+            run_model = kernels.FusedLogProb(compile=False)(m.model) if fused else m.model
             tag = "fused " if fused else ""
             adam = FusedAdam()
             for call in ("first", "held"):  # registers parameters, then holds them
                 paths[f"{tag}eager {call}"] = _loss_and_grads(
-                    adam.loss_and_grads, *state, Trace_ELBO(), run_model, guide, *eager_args
+                    adam.loss_and_grads,
+                    *state,
+                    Trace_ELBO(),
+                    _Annealed(run_model),
+                    guide,
+                    *eager_args,
                 )
             jit = JitTrace_ELBO(ignore_jit_warnings=True)
-            jit_pair = _jit_pair(jit, run_model, guide)
+            jit_pair = _jit_pair(jit, run_model, m.guide)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 for call in ("compile", "run 1", "run 2"):

@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 from pyro_scvi import SCVI, InputError
 from pyro_scvi.datasets import synthetic_zinb
 from pyro_scvi.guide import PerCellGuide, ScviGuide, build_guide
+from pyro_scvi.infer import KLWeight
 from pyro_scvi.model import ScviModel
 from pyro_scvi.posterior import fit_statistics
 from pyro_scvi.priors import LogNormalLibrary
@@ -78,7 +79,7 @@ def test_gradients_reach_only_the_minibatch_rows(data):
 def test_kl_weight_scales_the_guides_z_term(data):
     x, b = data
     guide = PerCellGuide(N_CELLS, N_LATENT)
-    tr = poutine.trace(guide).get_trace(x, b, None, None, 0.25)
+    tr = poutine.trace(KLWeight(0.25)(guide)).get_trace(x, b)
     assert tr.nodes["z"]["scale"] == pytest.approx(0.25)
     assert tr.nodes["l"]["scale"] == pytest.approx(1.0)  # the library is never annealed
 

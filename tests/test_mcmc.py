@@ -21,7 +21,7 @@ from torch import nn
 from pyro_scvi.data import CountData
 from pyro_scvi.guide import PerCellGuide
 from pyro_scvi.mcmc import agreement, compare_to_nuts, sample_nuts
-from pyro_scvi.model import cells_plate, kl_scale
+from pyro_scvi.model import cells_plate
 
 N_CELLS, N_GENES, N_LATENT, SIGMA = 3, 6, 2, 1.0
 
@@ -33,10 +33,9 @@ class LinearGaussian(nn.Module):
         self.register_buffer("c", c)
         self.sigma = sigma
 
-    def forward(self, x, batch_index, cell_index=None, num_cells=None, kl_weight=1.0):
+    def forward(self, x, batch_index, cell_index=None, num_cells=None):
         with cells_plate(batch_index, cell_index, num_cells):
-            with kl_scale(kl_weight):
-                z = pyro.sample("z", dist.Normal(self.W.new_zeros(N_LATENT), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(self.W.new_zeros(N_LATENT), 1.0).to_event(1))
             mean = z.squeeze(-2) @ self.W.T + self.c
             with pyro.plate("genes", N_GENES, dim=-1):
                 pyro.sample("x", dist.Normal(mean, self.sigma), obs=x)
