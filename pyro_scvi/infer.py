@@ -16,8 +16,8 @@ argument: the model is the paper's equations, and any model or guide with sites 
 
 Inference schemes
 -----------------
-Any Pyro ELBO trains the model: ``Trace_ELBO`` (default; compiled as ``JitTrace_ELBO`` on
-long runs of pyro_scvi's own model and guide, see :func:`default_elbo`), ``TraceMeanField_ELBO``
+Any Pyro ELBO trains the model: ``Trace_ELBO`` (default; compiled as ``JitTrace_ELBO`` when
+the training engine says so, see :mod:`pyro_scvi.engine`), ``TraceMeanField_ELBO``
 (analytic KL where Pyro has one, e.g. for the default Normal priors of ``z`` and ``l``),
 ``RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`` (the importance-weighted
 bound of Burda et al., 2016) and the JIT variants. Two need care, which :func:`train_svi`
@@ -31,14 +31,15 @@ takes:
   then the same bound.
 - JIT ELBOs (``JitTrace_ELBO``, ``JitTraceMeanField_ELBO``) compile the loss on first use:
   positional arguments must be tensors (inputs of the compiled graph) and everything else
-  is a keyword, compiled once per distinct value. The KL weight is therefore passed as a
-  tensor, so warm-up changes it without recompiling (a Python float would be frozen into
-  the graph), and the minibatch size as a keyword, so each size gets its own graph. A JIT
-  ELBO object keeps the model, guide and parameter names of the run it first compiled for
-  (a later run, with its own parameter store, would fail or silently train the first
-  model), so each training run needs a new one: ``train(elbo=JitTrace_ELBO())``. (In Pyro
-  1.9 ``JitTraceMeanField_ELBO`` re-traces on every step, which is correct but slower than
-  ``TraceMeanField_ELBO``.) Validation uses the ELBO's uncompiled ``loss`` in eval mode.
+  is a keyword, compiled once per distinct value. The KL weight is therefore passed to
+  :class:`KLWeight` as a tensor, so warm-up changes it without recompiling (a Python float
+  would be frozen into the graph), and the minibatch size as a keyword, so each size gets
+  its own graph. A JIT ELBO object keeps the model, guide and parameter names of the run
+  it first compiled for (a later run, with its own parameter store, would fail or silently
+  train the first model), so each training run needs a new one:
+  ``train(elbo=JitTrace_ELBO())``. (In Pyro 1.9 ``JitTraceMeanField_ELBO`` re-traces on
+  every step, which is correct but slower than ``TraceMeanField_ELBO``.) Validation uses
+  the ELBO's uncompiled ``loss`` in eval mode.
 """
 
 from __future__ import annotations
