@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pyro_scvi import kernels
+from pyro_scvi import infer, kernels
 from pyro_scvi.distributions import zinb_log_prob
 from pyro_scvi.engine import Engine
 
@@ -142,6 +142,7 @@ def run_torch_floor(
         dispersion=arch["dispersion"],
     )
     train_idx, val_idx = split
+    norm_cells = np.random.default_rng(0).permutation(train_idx)[: infer.VALIDATION_NORM_CELLS]
     modules = (scvi.model, scvi.guide)
     x_all = torch.as_tensor(
         np.asarray(scvi.data.X.toarray() if hasattr(scvi.data.X, "toarray") else scvi.data.X),
@@ -182,6 +183,8 @@ def run_torch_floor(
             loss.backward()
             optim.step()
         if len(val_idx):
+            # As pyro_scvi does before each validation pass (infer.VALIDATION_NORM_CELLS).
+            _refresh_batch_norm(loss_fn, modules, x_all, b_all, norm_cells, len(norm_cells))
             for m in modules:
                 m.eval()
             with torch.no_grad():
@@ -224,7 +227,7 @@ def _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size) -
         m.momentum = None
     for net in modules:
         net.train()
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for idx in minibatches(train_idx, batch_size, np.random.default_rng(0)):
             loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), 1.0)
     for m in norms:
