@@ -310,3 +310,55 @@ def test_mean_field_elbo_runs_through_the_engine_and_matches_its_pyro_run(small_
         assert not m.engine["compiled"]
         histories.append(m.history["train_elbo"].to_numpy())
     np.testing.assert_allclose(histories[0], histories[1], rtol=1e-3)
+
+
+def test_a_compiled_graph_serves_minibatches_with_other_zero_patterns():
+    # The eager density evaluates lgamma at the non-zero counts only (a data-dependent
+    # shape): the graph traced on one minibatch must give the eager loss on another.
+    from pyro_scvi.datasets import synthetic_zinb
+
+    adata = synthetic_zinb(n_cells=96, n_genes=30, seed=2)
+    m = SCVI(adata, n_hidden=16, n_latent=3)
+    m.model.double(), m.guide.double()
+    params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
+    buffers = [(b.clone(), b) for mod in (m.model, m.guide) for b in mod.buffers()]
+    jit = JitTrace_ELBO(ignore_jit_warnings=True)
+    jit_pair = _jit_pair(jit, m.model, m.guide)
+    adam = FusedAdam()
+    w = torch.tensor(1.0, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # the first call compiles on the first minibatch (and draws extra numbers)
+        for i, cells in enumerate((torch.arange(48), torch.arange(48), torch.arange(48, 96))):
+            x, b = m.data.tensors(cells.numpy())
+            x = x.double()
+            compiled = _loss_and_grads(
+                adam.loss_and_grads,
+                params,
+                buffers,
+                jit,
+                *jit_pair,
+                x,
+                b,
+                cells,
+                w,
+                num_cells=96,
+                n_cells=48,
+            )
+            eager = _loss_and_grads(
+                Trace_ELBO().loss_and_grads,
+                params,
+                buffers,
+                _Annealed(m.model),
+                _Annealed(m.guide),
+                x,
+                b,
+                cells,
+                96,
+                1.0,
+            )
+            if i > 0:
+                assert compiled[0] == pytest.approx(eager[0], rel=1e-9), i
+    assert (m.data.tensors(np.arange(48))[0] > 0).sum() != (
+        m.data.tensors(np.arange(48, 96))[0] > 0
+    ).sum()
