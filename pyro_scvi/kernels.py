@@ -40,7 +40,8 @@ Examples
 >>> with FusedLogProb(compile=False):  # the same kernels, uncompiled
 ...     tr = pyro.poutine.trace(model).get_trace()
 >>> fused = tr.nodes["x"]["fn"].log_prob(x)
->>> bool(torch.allclose(fused, d.log_prob(x), atol=1e-5))
+>>> # float32 rounding of terms of up to ~10 nats, a few of them per entry
+>>> bool(torch.allclose(fused, d.log_prob(x), rtol=0, atol=64 * torch.finfo().eps * 10))
 True
 """
 
