@@ -494,7 +494,9 @@ def train_svi(
             row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
             row["validation_elbo"] = float("nan")
             if len(val_idx):
-                with pyro.validation_enabled(False):
+                # run_model may be the model under a handler, which evaluate_elbo cannot put
+                # in eval mode itself: the modules go into eval mode here.
+                with pyro.validation_enabled(False), _eval_mode(model, guide):
                     refresh_batch_norm(
                         model, guide, data, norm_cells, batch_size=len(norm_cells), device=device
                     )

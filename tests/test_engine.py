@@ -23,6 +23,7 @@ from pyro_scvi import (
     engine,
     kernels,
 )
+from pyro_scvi import infer as pyro_scvi_infer
 from pyro_scvi.engine import Engine, ThreadPolicy
 from pyro_scvi.infer import FusedAdam, _Annealed, _jit_pair
 
@@ -362,3 +363,30 @@ def test_a_compiled_graph_serves_minibatches_with_other_zero_patterns():
     assert (m.data.tensors(np.arange(48))[0] > 0).sum() != (
         m.data.tensors(np.arange(48, 96))[0] > 0
     ).sum()
+
+
+def test_validation_runs_the_networks_in_eval_mode_on_every_path(monkeypatch):
+    # The fused path's model is the model under a handler, not an nn.Module: validation
+    # once left its decoder in training mode, which fails on a minibatch of one cell (and
+    # normalized validation cells by their own statistics otherwise).
+    from pyro_scvi.datasets import synthetic_zinb
+
+    monkeypatch.setattr(kernels, "precompile", lambda: False)  # eager formulas: fast
+    adata = synthetic_zinb(n_cells=12, n_genes=20, seed=0)
+    modes = []
+    real = pyro_scvi_infer.evaluate_elbo
+
+    def spy(model, guide, *args, **kwargs):
+        modes.append(
+            [m.training for m in (getattr(guide, "fn", guide),)] + [m.training for m in nets]
+        )
+        return real(model, guide, *args, **kwargs)
+
+    monkeypatch.setattr(pyro_scvi_infer, "evaluate_elbo", spy)
+    for preset in ("fused", "eager"):
+        m = SCVI(adata, n_hidden=8, n_latent=2)
+        nets = (m.model, m.guide)
+        m.train(2, engine=preset, progress_bar=False)  # 11 training cells, 1 validation
+        assert len(m.validation_indices) == 1
+        assert np.isfinite(m.history["validation_elbo"]).all()
+    assert modes and not any(any(flags) for flags in modes)
