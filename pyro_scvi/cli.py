@@ -276,6 +276,7 @@ def fit(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")  # the CLI only writes files; no display needed
 
+    from .engine import ThreadPolicy
     from .files import atomic_path
     from .infer import TrainingError
     from .plotting import plot_history
@@ -319,10 +320,16 @@ def fit(args: argparse.Namespace) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     library = float(np.median(np.asarray(model.data.X.sum(axis=1)).ravel()))
-    adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
-    adata.layers["pyro_scvi_normalized"] = model.get_normalized_expression(
-        library_size=library, n_samples=args.n_samples
-    ).to_numpy(dtype=np.float32)
+    # The queries follow the free cores as training did (pyro_scvi.engine.ThreadPolicy).
+    threads = ThreadPolicy(args.threads)
+    threads.start()
+    try:
+        adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
+        adata.layers["pyro_scvi_normalized"] = model.get_normalized_expression(
+            library_size=library, n_samples=args.n_samples
+        ).to_numpy(dtype=np.float32)
+    finally:
+        threads.close()
     params = {k: ("None" if v is None else v) for k, v in model.settings.items()}
     params.update(
         max_epochs=len(model.history),

@@ -530,10 +530,11 @@ def train_svi(
                     f"Early stopping at epoch {epoch}: no ELBO improvement for {patience} epochs."
                 )
                 break
+        # still under the run's threads: a pass over every training cell
+        refresh_batch_norm(model, guide, data, train_idx, batch_size=batch_size, device=device)
     finally:
         threads.close()
         epochs.close()
-    refresh_batch_norm(model, guide, data, train_idx, batch_size=batch_size, device=device)
     return _history(rows, history_attrs)
 
 
