@@ -252,3 +252,14 @@ def test_compiled_operator_inside_jit_trace_elbo_matches_the_eager_density(small
     largest = max(g.abs().max().item() for g in results[False][1])
     for a, e in zip(results[True][1], results[False][1], strict=True):
         torch.testing.assert_close(a, e, rtol=0, atol=n * EPS32 * largest)
+
+
+def test_the_kernel_runs_where_torch_lacks_the_private_tracing_state_api(monkeypatch):
+    # _outside_jit_trace uses torch._C._get/_set_tracing_state, which torch does not
+    # promise to keep: without them the operator must still work (outside a JIT trace).
+    monkeypatch.delattr(torch._C, "_get_tracing_state")
+    x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
+    diff = kernels.zinb_log_prob_fused(x, mu, theta, gate, compiled=False) - zinb_log_prob(
+        x, mu, theta, gate
+    )
+    assert (diff.abs() <= C_ROUND * EPS32 * _zinb_terms(x, mu, theta, gate)).all()
