@@ -117,16 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "shared dataset and several seeds, each run in its own process.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data-dir", type=Path, default=cst.DEFAULT_DATA_DIR, help="Folder of .h5ad")
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=None,
-        help="file names in --data-dir (.h5ad optional) and/or synthetic:<cells>x<genes>; "
-        "default: every .h5ad in --data-dir",
-    )
     p.add_argument("--epochs", type=int, default=100, help="max_epochs for both")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--data-dir", type=Path, default=cst.DEFAULT_DATA_DIR, help="Folder of .h5ad")
+    p.add_argument("--datasets", nargs="+", help="names in --data-dir; None: every .h5ad there")
     p.add_argument(
         "--threads",
         default="1",
@@ -552,7 +546,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (or, with ``--worker`` / ``--prepare``, one part of it)."""
+    """Run the benchmark (or, with ``--worker``, one implementation, dataset and seed)."""
     raw = sys.argv[1:] if argv is None else argv
     if len(raw) == 2 and raw[0] == "--worker":
         return cst.worker_main(raw[1], run_accuracy_worker)

@@ -49,3 +49,30 @@ def test_robustness_smoke(tmp_path):
             assert isinstance(run[key], float) and math.isfinite(run[key]), run
     assert (tmp_path / "robustness_smoke.md").exists()
     assert "Runs finished, per path" in proc.stdout
+
+
+def test_accuracy_defaults_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "accuracy_defaults.py"), "--smoke"]
+    proc = subprocess.run(
+        [*cmd, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    # 0: all criteria met; 2: a criterion is not met (after 1 epoch on 300 cells); 1: a failure.
+    assert proc.returncode in (0, 2), proc.stderr[-3000:]
+    results = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
+    assert results["settings"]["smoke"] and len(results["datasets"]) == 1
+    dataset = results["datasets"][0]
+    mine = [r for r in dataset["runs"] if r["implementation"] == "pyro_scvi"]
+    assert len(mine) == 1 and "error" not in mine[0] and not mine[0].get("errors"), mine
+    assert mine[0]["epochs_run"] == 1 and mine[0]["split_matches_make_split"]
+    assert 0 < mine[0]["heldout_ll_cells"] < dataset["n_cells"]
+    assert math.isfinite(mine[0]["heldout_log_px_per_cell"]) and -1 <= mine[0]["ari"] <= 1
+    assert dataset["verdict"]["fit_finishes"]["passed"]
+    theirs = [r for r in dataset["runs"] if r["implementation"] == "scvi-tools"]
+    if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
+        assert "skipped" in theirs[0]["error"] and "skipped" in proc.stdout
+        assert dataset["verdict"]["all_passed"] is None
+    else:  # trained on pyro_scvi's training cells, scored on the same held-out cells
+        assert theirs[0]["n_train"] == mine[0]["n_train"]
+        assert theirs[0]["heldout_ll_cells"] == mine[0]["heldout_ll_cells"]
+        assert math.isfinite(theirs[0]["heldout_log_px_per_cell"])
+    assert "held-out log p(x)" in proc.stdout
