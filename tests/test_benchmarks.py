@@ -51,6 +51,22 @@ def test_robustness_smoke(tmp_path):
     assert "Runs finished, per path" in proc.stdout
 
 
+def test_shared_cores_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "shared_cores.py"), "--smoke"]
+    proc = subprocess.run(
+        [*cmd, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "shared_cores_smoke.json").read_text())
+    runs = results["runs"]
+    assert {(r["setting"], r["busy"]) for r in runs} == {("auto", False), ("auto", True)}
+    for run in runs:
+        assert run["median_epoch_seconds"] > 0 and len(run["epoch_seconds"]) == 2
+        assert run["engine"]["threads"] == "auto"
+        assert all(t >= 1 for t in run["threads"])
+    assert results["summary"]["auto"]["ratio"] > 0
+
+
 def test_accuracy_defaults_smoke(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "accuracy_defaults.py"), "--smoke"]
     proc = subprocess.run(
