@@ -269,8 +269,11 @@ class Engine:
                 reasons["fused_kernel"] = f"on: {n_genes} genes, {elements:.3g} elements"
         # threads
         if device.type != "cpu":
-            threads = self.threads
-            reasons["threads"] = "asked for" if threads else f"torch's default ({device.type} run)"
+            # the accelerator does the work: keep torch's CPU threads as they are, fixed
+            threads = self.threads or torch.get_num_threads()
+            reasons["threads"] = (
+                "asked for" if self.threads else f"torch's count, held ({device.type} run)"
+            )
         elif self.threads is not None:
             threads, reasons["threads"] = self.threads, "asked for"
         else:

@@ -77,7 +77,10 @@ def test_the_fused_kernel_follows_genes_elements_compiler_and_likelihood(small_a
     monkeypatch.setattr(kernels, "precompile", lambda: True)
     assert _resolve(m, n_steps=100_000).fused_kernel  # 40 genes x 128 x 1e5 = 5e8 elements
     assert not _resolve(m, n_steps=10).fused_kernel  # too few elements to pay off
-    assert not _resolve(m, device="cuda").fused_kernel  # not measured there
+    on_gpu = _resolve(m, device="cuda")
+    assert not on_gpu.fused_kernel  # not measured there
+    # the CPU only feeds the accelerator: torch's thread count, held and said so
+    assert on_gpu.threads == torch.get_num_threads() and "held" in on_gpu.reasons["threads"]
     monkeypatch.setattr(kernels, "precompile", lambda: False)
     run = _resolve(m, n_steps=100_000)
     assert not run.fused_kernel and "compiling it failed" in run.reasons["fused_kernel"]
