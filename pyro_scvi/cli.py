@@ -77,6 +77,9 @@ def _engine(args: argparse.Namespace):
         for name, value in (("compiled", args.compile), ("fused_kernel", args.fused_kernel))
         if value != "auto"
     }
+    for name in ("data_placement", "matmul_precision"):
+        if getattr(args, name) != "auto":
+            overrides[name] = getattr(args, name)
     return dataclasses.replace(engine, **overrides)
 
 
@@ -133,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="ZINB log-density by the compiled kernel of pyro_scvi.kernels: auto (from "
         "--engine; by default on long CPU runs of 500+ genes), on, or off",
+    )
+    fit.add_argument(
+        "--data-placement",
+        choices=["auto", "host", "device"],
+        default="auto",
+        help="where minibatches are gathered: auto (default: on the GPU when the counts take "
+        "at most half its free memory, else host), host, or device",
+    )
+    fit.add_argument(
+        "--matmul-precision",
+        choices=["auto", "highest", "high", "medium"],
+        default="auto",
+        help="float32 matrix products: auto (= highest, exact float32), high (TF32 on GPUs "
+        "that have it) or medium (bfloat16)",
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 

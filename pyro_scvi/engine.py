@@ -16,6 +16,16 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
 ``fused_adam``
     One ``torch.optim.Adam`` over all parameters (:class:`~pyro_scvi.infer.FusedAdam`)
     instead of a Pyro optimizer through :class:`pyro.infer.SVI`.
+``data_placement``
+    Where minibatches are gathered: ``"host"`` (rows sliced from the CSR matrix in host
+    memory, then copied to the run's device) or ``"device"`` (the whole matrix held on the
+    run's device and gathered there, :class:`~pyro_scvi.data.ResidentCounts`). By default
+    ``"device"`` on a GPU when the counts take at most :data:`RESIDENT_MAX_FRACTION` of
+    its free memory, else ``"host"``.
+``matmul_precision``
+    torch's float32 matrix-product precision during the run
+    (:func:`torch.set_float32_matmul_precision`): ``"highest"`` (default, float32 itself),
+    ``"high"`` (TensorFloat-32 on GPUs that have it) or ``"medium"`` (bfloat16 products).
 ``threads``
     CPU threads for torch. By default they follow the cores that other processes leave
     free (:class:`ThreadPolicy`), re-measured as the run goes: a training step of scVI's
@@ -77,6 +87,12 @@ FUSED_MIN_GENES = 500
 #: holds the kernels) and saves 24-39 ns per element and step at one thread.
 FUSED_MIN_ELEMENTS = 1e8
 
+#: A GPU run holds the counts on the device by default when they take at most this share
+#: of its free memory: the rest is left for activations, optimizer state and queries.
+RESIDENT_MAX_FRACTION = 0.5
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
 _JIT_ELBOS = (JitTrace_ELBO, JitTraceMeanField_ELBO, JitTraceGraph_ELBO, JitTraceEnum_ELBO)
 
 
@@ -94,17 +110,26 @@ class Engine:
         Step with one fused torch Adam (else a Pyro optimizer through ``pyro.infer.SVI``).
     threads
         CPU threads for torch during the run (``None``: follow the free cores).
+    data_placement
+        ``"host"`` or ``"device"``: where minibatches are gathered (``None``: on the GPU
+        when the counts fit, see :data:`RESIDENT_MAX_FRACTION`).
+    matmul_precision
+        ``"highest"``, ``"high"`` (TF32) or ``"medium"`` (bf16) float32 matrix products
+        (``None``: ``"highest"``).
 
     Examples
     --------
-    >>> Engine.preset("eager")
-    Engine(compiled=False, fused_kernel=False, fused_adam=True, threads=None)
+    >>> eager = Engine.preset("eager")
+    >>> eager.compiled, eager.fused_kernel, eager.fused_adam, eager.data_placement
+    (False, False, True, None)
     """
 
     compiled: bool | None = None
     fused_kernel: bool | None = None
     fused_adam: bool | None = None
     threads: int | None = None
+    data_placement: str | None = None
+    matmul_precision: str | None = None
 
     #: Named engines: ``auto`` decides everything; the others fix the stepping path.
     PRESETS = ("auto", "eager", "compiled", "fused", "pyro")
@@ -120,6 +145,16 @@ class Engine:
             raise InputError(
                 f"Engine(threads={self.threads!r}): use a positive integer, or None to follow "
                 "the free cores."
+            )
+        if self.data_placement not in (None, "host", "device"):
+            raise InputError(
+                f"Engine(data_placement={self.data_placement!r}): use 'host', 'device' or "
+                "None (decide)."
+            )
+        if self.matmul_precision not in (None, *MATMUL_PRECISIONS):
+            raise InputError(
+                f"Engine(matmul_precision={self.matmul_precision!r}): use one of "
+                f"{', '.join(MATMUL_PRECISIONS)}, or None (highest)."
             )
 
     @classmethod
@@ -154,8 +189,8 @@ class Engine:
             unknown = set(engine) - {f.name for f in dataclasses.fields(cls)}
             if unknown:
                 raise InputError(
-                    f"engine has unknown fields {sorted(unknown)}; the fields are compiled, "
-                    "fused_kernel, fused_adam and threads."
+                    f"engine has unknown fields {sorted(unknown)}; the fields are "
+                    f"{', '.join(f.name for f in dataclasses.fields(cls))}."
                 )
             return cls(**engine)
         raise InputError(
@@ -174,6 +209,7 @@ class Engine:
         device: torch.device | str,
         elbo: ELBO | None = None,
         optim: Any = None,
+        data_bytes: int | None = None,
     ) -> RunEngine:
         """Decide every field for one run, from the components' declared capabilities.
 
@@ -188,6 +224,10 @@ class Engine:
         elbo, optim
             What the user passed to ``train``: an ELBO fixes ``compiled`` (a JIT ELBO is
             compiled, any other is not), a Pyro optimizer means ``fused_adam=False``.
+        data_bytes
+            What the counts would take on the device
+            (:meth:`~pyro_scvi.data.CountData.resident_bytes`); ``None``: unknown, so a
+            GPU run gathers on the host unless ``data_placement="device"``.
         """
         reasons: dict[str, str] = {}
         device = torch.device(device)
@@ -248,9 +288,9 @@ class Engine:
             reasons["fused_kernel"] = f"off: the likelihood {likelihood!r} has no fused kernel"
         elif self.fused_kernel:
             fused_kernel = True
-            compile_kernel = device.type == "cpu" and kernels.precompile()
+            compile_kernel = kernels.precompile(device)
             reasons["fused_kernel"] = "on: asked for" + (
-                "" if compile_kernel else " (uncompiled: no working C++ compiler)"
+                "" if compile_kernel else f" (uncompiled: no working compiler for {device.type})"
             )
         else:
             elements = n_steps * batch_size * n_genes
@@ -262,7 +302,7 @@ class Engine:
                 reasons["fused_kernel"] = (
                     f"off: {elements:.3g} steps x cells x genes < {FUSED_MIN_ELEMENTS:.0e}"
                 )
-            elif not kernels.precompile():
+            elif not kernels.precompile(device):
                 reasons["fused_kernel"] = "off: compiling it failed (no working C++ compiler)"
             else:
                 fused_kernel = compile_kernel = True
@@ -278,12 +318,38 @@ class Engine:
             threads, reasons["threads"] = self.threads, "asked for"
         else:
             threads, reasons["threads"] = None, "follow the cores that other processes leave free"
+        # data placement
+        if self.data_placement is not None:
+            placement, reasons["data_placement"] = self.data_placement, "asked for"
+        elif device.type == "cpu":
+            placement = "host"
+            reasons["data_placement"] = "host: a CPU run reads the host's counts directly"
+        elif data_bytes is None:
+            placement = "host"
+            reasons["data_placement"] = "host: the counts' size on the device is unknown"
+        else:
+            free = _device_free_bytes(device)
+            budget = RESIDENT_MAX_FRACTION * free if free is not None else 0.0
+            placement = "device" if data_bytes <= budget else "host"
+            reasons["data_placement"] = f"{placement}: counts {data_bytes / 2**30:.2f} GiB, " + (
+                f"{RESIDENT_MAX_FRACTION:g} x free {device.type} memory {budget / 2**30:.2f} GiB"
+                if free is not None
+                else f"free {device.type} memory unknown"
+            )
+        # matrix products
+        if self.matmul_precision is not None:
+            precision, reasons["matmul_precision"] = self.matmul_precision, "asked for"
+        else:
+            precision = "highest"
+            reasons["matmul_precision"] = "highest: float32 products (torch's default)"
         return RunEngine(
             compiled=compiled,
             fused_kernel=fused_kernel,
             compile_kernel=compile_kernel,
             fused_adam=fused_adam,
             threads=threads,
+            data_placement=placement,
+            matmul_precision=precision,
             reasons=reasons,
         )
 
@@ -301,6 +367,8 @@ class RunEngine:
     compile_kernel: bool
     fused_adam: bool
     threads: int | None
+    data_placement: str
+    matmul_precision: str
     reasons: dict[str, str]
 
     def as_dict(self) -> dict[str, Any]:
@@ -315,6 +383,12 @@ class RunEngine:
         if not self.fused_kernel:
             return model
         return kernels.FusedLogProb(compile=self.compile_kernel)(model)
+
+    def set_matmul_precision(self) -> str:
+        """Set torch's float32 matrix-product precision to this engine's; return the old one."""
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        return before
 
     def thread_policy(self) -> ThreadPolicy:
         """The run's thread policy (fixed count, or following the free cores)."""
@@ -403,6 +477,16 @@ class ThreadPolicy:
         if n != torch.get_num_threads():
             torch.set_num_threads(n)
         self.current = n
+
+
+def _device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on an accelerator, or ``None`` where torch cannot say."""
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.mem_get_info(device)[0])
+    except (RuntimeError, AssertionError):  # no driver, or not initializable
+        return None
 
 
 def _system_cpus() -> int:

@@ -390,8 +390,12 @@ def train_svi(
         device=device,
         elbo=elbo,
         optim=optim,
+        data_bytes=data.resident_bytes() if hasattr(data, "resident_bytes") else None,
     )
     run_model = run.wrap_model(model)
+    if run.data_placement == "device":
+        # minibatches, validation and the batch-norm passes all gather on the device
+        data = data.to_device(device)
     tail_elbo = None
     if elbo is None:
         elbo = JitTrace_ELBO(ignore_jit_warnings=True) if run.compiled else Trace_ELBO()
@@ -460,6 +464,7 @@ def train_svi(
 
     good_state = _snapshot(model, guide)
     threads.start()
+    precision_before = run.set_matmul_precision()
     try:
         for epoch in epochs:
             start = time.perf_counter()
@@ -470,8 +475,12 @@ def train_svi(
             for step_no, idx in enumerate(
                 data.minibatches(train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True)
             ):
-                x, b = data.tensors(idx, device)
                 cell_index = torch.as_tensor(idx, device=device)
+                x, b = (
+                    data.gather(cell_index)
+                    if run.data_placement == "device"
+                    else data.tensors(idx, device)
+                )
                 if jit and (tail_elbo is None or len(idx) == full_size):
                     call, args = step, (x, b, cell_index, w_tensor)
                     kwargs = {"num_cells": num_cells, "n_cells": len(idx)}
@@ -533,6 +542,7 @@ def train_svi(
         # still under the run's threads: a pass over every training cell
         refresh_batch_norm(model, guide, data, train_idx, batch_size=batch_size, device=device)
     finally:
+        torch.set_float32_matmul_precision(precision_before)
         threads.close()
         epochs.close()
     return _history(rows, history_attrs)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 import shutil
 import warnings
@@ -310,26 +311,28 @@ def zinb_log_prob_fused(
     return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits, compiled)
 
 
-def precompile() -> bool:
-    """Compile the fused kernel, forward and backward, now rather than at its first use.
+def precompile(device: torch.device | str = "cpu") -> bool:
+    """Compile the fused kernel for ``device``, forward and backward, before its first use.
 
-    Returns whether the compiled kernel is available (a C++ compiler is on the PATH and
-    compiling worked). The training engine calls it when it chooses the compiled kernel;
-    it also fills torch's on-disk cache (later processes then load instead of compiling).
+    Returns whether the compiled kernel is available there: on a CPU a C++ compiler is on
+    the PATH, on a GPU Triton is installed, and compiling worked. The training engine
+    calls it when it chooses the compiled kernel; it also fills torch's on-disk cache
+    (later processes then load instead of compiling).
 
     Examples
     --------
     >>> isinstance(precompile(), bool)  # doctest: +SKIP
     True
     """
-    if not compiler_available():
+    device = torch.device(device)
+    if not compiler_available(device):
         return False
     # Every argument but the counts requires grad, as in training: the compiled backward is
     # specialized on which gradients it computes.
-    mu = torch.full((8, 600), 2.0, requires_grad=True)
-    theta = torch.ones(600, requires_grad=True)
-    gate = torch.zeros(8, 600, requires_grad=True)
-    x = torch.ones(8, 600)
+    mu = torch.full((8, 600), 2.0, device=device, requires_grad=True)
+    theta = torch.ones(600, device=device, requires_grad=True)
+    gate = torch.zeros(8, 600, device=device, requires_grad=True)
+    x = torch.ones(8, 600, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the answer says it
         zinb_log_prob_fused(x, mu, theta, gate).sum().backward()
@@ -337,13 +340,15 @@ def precompile() -> bool:
     return _kernels[True] is not _kernels.get(False)
 
 
-def compiler_available() -> bool:
-    """Whether a C++ compiler, which ``torch.compile`` needs for CPU kernels, is on the PATH.
+def compiler_available(device: torch.device | str = "cpu") -> bool:
+    """Whether ``torch.compile`` has its compiler for ``device``'s kernels.
 
-    A cheap check; a compilation that fails all the same falls back to the eager
-    formulas with a warning.
+    For a CPU a C++ compiler on the PATH; for a GPU the Triton package. A cheap check; a
+    compilation that fails all the same falls back to the eager formulas with a warning.
     """
-    return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+    if torch.device(device).type == "cpu":
+        return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+    return importlib.util.find_spec("triton") is not None
 
 
 # --- the handler ------------------------------------------------------------------------

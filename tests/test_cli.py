@@ -433,7 +433,7 @@ def test_fit_fused_kernel_option_switches_the_zinb_kernel(
 
     monkeypatch.setattr(engine, "FUSED_MIN_GENES", 1)
     monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "precompile", lambda: True)
+    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": True)
     calls = []
     forward = kernels.zinb_log_prob_forward
     monkeypatch.setitem(

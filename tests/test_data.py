@@ -549,3 +549,32 @@ def test_scvi_drop_empty_cells(small_adata, layer):
     model.train(max_epochs=1, batch_size=64, progress_bar=False)
     assert model.get_latent_representation().shape == (297, 10)
     _assert_unchanged(adata, snap)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_counts_gathered_on_the_device_equal_the_host_gather(sparse):
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(rng.gamma(0.3, 2.0, size=(40, 25))).astype(np.float32)
+    dense[5] = 0  # an empty row
+    dense[7] = rng.poisson(5.0, size=25) + 1  # a row with every gene stored: the widest
+    X = sp.csr_matrix(dense) if sparse else dense
+    data = from_anndata(anndata.AnnData(X), allow_empty_cells=True)
+    resident = data.to_device("cpu")
+    assert resident.n_cells == 40 and resident.n_genes == 25
+    for idx in (rng.permutation(40), np.array([7, 5, 7, 0]), np.array([5])):
+        x, b = resident.tensors(idx)
+        x_host, b_host = data.tensors(idx)
+        assert torch.equal(x, x_host) and torch.equal(b, b_host)
+        np.testing.assert_array_equal(x.numpy(), dense[idx])
+
+
+def test_resident_bytes_count_what_the_device_holds():
+    X = sp.random(30, 10, density=0.2, format="csr", random_state=0)
+    X.data = np.ceil(X.data * 5).astype(np.float32)
+    data = from_anndata(anndata.AnnData(X), allow_empty_cells=True)
+    resident = data.to_device("cpu")
+    held = sum(
+        t.numel() * t.element_size()
+        for t in (resident.indptr, resident.indices, resident.values, resident.batch_index)
+    )
+    assert data.resident_bytes() == held

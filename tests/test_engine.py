@@ -74,14 +74,14 @@ def test_a_user_prior_runs_uncompiled_unless_it_declares_a_static_structure(smal
 def test_the_fused_kernel_follows_genes_elements_compiler_and_likelihood(small_adata, monkeypatch):
     monkeypatch.setattr(engine, "FUSED_MIN_GENES", 10)
     m = SCVI(small_adata, n_hidden=8, n_latent=2)
-    monkeypatch.setattr(kernels, "precompile", lambda: True)
+    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": True)
     assert _resolve(m, n_steps=100_000).fused_kernel  # 40 genes x 128 x 1e5 = 5e8 elements
     assert not _resolve(m, n_steps=10).fused_kernel  # too few elements to pay off
     on_gpu = _resolve(m, device="cuda")
     assert not on_gpu.fused_kernel  # not measured there
     # the CPU only feeds the accelerator: torch's thread count, held and said so
     assert on_gpu.threads == torch.get_num_threads() and "held" in on_gpu.reasons["threads"]
-    monkeypatch.setattr(kernels, "precompile", lambda: False)
+    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": False)
     run = _resolve(m, n_steps=100_000)
     assert not run.fused_kernel and "compiling it failed" in run.reasons["fused_kernel"]
     asked = _resolve(m, Engine(fused_kernel=True))  # asked for: runs, uncompiled, says so
@@ -113,6 +113,8 @@ def test_what_the_user_passes_decides_and_contradictions_are_errors(small_adata)
     [
         (dict(threads=0), "positive integer"),
         (dict(compiled="yes"), "True, False or None"),
+        (dict(data_placement="gpu"), "'host', 'device' or None"),
+        (dict(matmul_precision="low"), "highest, high, medium"),
     ],
 )
 def test_engine_fields_are_validated(bad, match):
@@ -128,6 +130,65 @@ def test_presets_and_coercion():
         Engine.coerce("fast")
     with pytest.raises(InputError, match="unknown fields"):
         Engine.coerce({"thread": 2})
+
+
+def test_gpu_runs_hold_the_counts_on_the_device_when_they_fit(small_adata, monkeypatch):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    nbytes = m.data.resident_bytes()
+    free = {"bytes": 4 * nbytes}
+    monkeypatch.setattr(engine, "_device_free_bytes", lambda device: free["bytes"])
+    gpu = dict(device="cuda")
+    eng = Engine(fused_kernel=False)
+    fits = _resolve(m, eng, data_bytes=nbytes, **gpu)
+    assert fits.data_placement == "device" and fits.reasons["data_placement"].startswith("device")
+    free["bytes"] = nbytes  # the counts would take all of it: more than RESIDENT_MAX_FRACTION
+    assert _resolve(m, eng, data_bytes=nbytes, **gpu).data_placement == "host"
+    assert _resolve(m, eng, **gpu).data_placement == "host"  # size unknown
+    # CPU runs read the host's counts unless asked; asking is honoured on any device
+    assert _resolve(m, eng, data_bytes=nbytes).data_placement == "host"
+    asked = _resolve(m, Engine(data_placement="device"), data_bytes=nbytes)
+    assert asked.data_placement == "device" and asked.reasons["data_placement"] == "asked for"
+    assert _resolve(m).matmul_precision == "highest"
+    assert _resolve(m, Engine(matmul_precision="high")).matmul_precision == "high"
+
+
+def test_gathering_on_the_device_trains_the_same_run_as_gathering_on_the_host(small_adata):
+    histories, params = [], []
+    for placement in ("host", "device"):
+        m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
+        m.train(3, progress_bar=False, seed=1, engine=Engine.preset("eager", threads=1))
+        eng = Engine(compiled=False, threads=1, data_placement=placement)
+        m.train(2, progress_bar=False, engine=eng)
+        assert m.engine["data_placement"] == placement
+        histories.append(m.history[["train_elbo", "validation_elbo"]].to_numpy())
+        modules = [*m.model.parameters(), *m.guide.parameters()]
+        params.append(torch.cat([p.detach().ravel() for p in modules]))
+    # the same minibatches, bit for bit: the same arithmetic in the same order
+    np.testing.assert_array_equal(histories[0], histories[1])
+    assert torch.equal(params[0], params[1])
+
+
+def test_the_matmul_precision_applies_during_the_run_only(small_adata, monkeypatch):
+    seen = []
+    real = pyro_scvi_infer.train_svi
+
+    def spy(model, *args, **kwargs):
+        def forward_hook(module, inputs, output):
+            seen.append(torch.get_float32_matmul_precision())
+
+        handle = model.register_forward_hook(forward_hook)
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr("pyro_scvi.scvi.train_svi", spy)
+    before = torch.get_float32_matmul_precision()
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    m.train(1, progress_bar=False, engine=Engine(matmul_precision="medium", threads=1))
+    assert seen and set(seen) == {"medium"}
+    assert torch.get_float32_matmul_precision() == before
+    assert m.engine["matmul_precision"] == "medium"
 
 
 # --- threads ----------------------------------------------------------------------------
@@ -374,7 +435,7 @@ def test_validation_runs_the_networks_in_eval_mode_on_every_path(monkeypatch):
     # normalized validation cells by their own statistics otherwise).
     from pyro_scvi.datasets import synthetic_zinb
 
-    monkeypatch.setattr(kernels, "precompile", lambda: False)  # eager formulas: fast
+    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": False)  # eager formulas: fast
     adata = synthetic_zinb(n_cells=12, n_genes=20, seed=0)
     modes = []
     real = pyro_scvi_infer.evaluate_elbo

@@ -174,7 +174,7 @@ def test_long_zinb_training_runs_switch_the_kernel_on_by_themselves(small_adata,
 
     monkeypatch.setattr(engine, "FUSED_MIN_GENES", 10)
     monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "precompile", lambda: True)
+    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": True)
     calls = []
 
     def counting(fn):
@@ -198,7 +198,7 @@ def test_a_failing_compilation_falls_back_to_the_eager_formulas(monkeypatch):
         raise RuntimeError("no compiler for you")
 
     monkeypatch.setitem(kernels._kernels, True, (broken, broken))
-    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    monkeypatch.setattr(kernels, "compiler_available", lambda device="cpu": True)
     x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match="runs uncompiled"):
         got = kernels.zinb_log_prob_fused(x, mu, theta, gate)
