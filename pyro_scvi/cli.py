@@ -293,6 +293,7 @@ def fit(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")  # the CLI only writes files; no display needed
 
+    from . import distributed
     from .engine import ThreadPolicy
     from .files import atomic_path
     from .infer import TrainingError
@@ -300,6 +301,8 @@ def fit(args: argparse.Namespace) -> int:
     from .scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
+    # launched by torchrun: join the group; only rank 0 writes (pyro_scvi.distributed)
+    group = distributed.init_from_env(resolve_device(args.device))
     adata, _ = _read_input(args.input)
     if args.drop_empty_cells:
         counts = adata.layers[args.layer] if args.layer in adata.layers else adata.X
@@ -326,11 +329,15 @@ def fit(args: argparse.Namespace) -> int:
             progress_bar=not args.quiet,
         )
     except TrainingError as err:
+        if group is not None and not group.is_main:
+            return 1
         model.save(model_dir, overwrite=True)
         print(
             f"{PROG}: error: {err} The last good model is saved in {model_dir}.", file=sys.stderr
         )
         return 1
+    if group is not None and not group.is_main:
+        return 0
     model.save(model_dir, overwrite=True)
     plot_history(model.history, f"{stem}_training.png")
 

@@ -26,6 +26,10 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     torch's float32 matrix-product precision during the run
     (:func:`torch.set_float32_matmul_precision`): ``"highest"`` (default, float32 itself),
     ``"high"`` (TensorFloat-32 on GPUs that have it) or ``"medium"`` (bfloat16 products).
+``data_parallel``
+    Train as one rank of a data-parallel group on ``torch.distributed``
+    (:mod:`pyro_scvi.distributed`): on by default when such a group of more than one
+    process is running (launched by ``torchrun``).
 ``threads``
     CPU threads for torch. By default they follow the cores that other processes leave
     free (:class:`ThreadPolicy`), re-measured as the run goes: a training step of scVI's
@@ -70,7 +74,7 @@ from pyro.infer import (
     JitTraceMeanField_ELBO,
 )
 
-from . import kernels
+from . import distributed, kernels
 from .data import InputError
 
 #: Runs of at least this many steps compile the ELBO by default: tracing costs about a
@@ -116,6 +120,9 @@ class Engine:
     matmul_precision
         ``"highest"``, ``"high"`` (TF32) or ``"medium"`` (bf16) float32 matrix products
         (``None``: ``"highest"``).
+    data_parallel
+        Train as one rank of the running ``torch.distributed`` group (``None``: when one
+        of more than one process is running).
 
     Examples
     --------
@@ -130,12 +137,13 @@ class Engine:
     threads: int | None = None
     data_placement: str | None = None
     matmul_precision: str | None = None
+    data_parallel: bool | None = None
 
     #: Named engines: ``auto`` decides everything; the others fix the stepping path.
     PRESETS = ("auto", "eager", "compiled", "fused", "pyro")
 
     def __post_init__(self) -> None:
-        for name in ("compiled", "fused_kernel", "fused_adam"):
+        for name in ("compiled", "fused_kernel", "fused_adam", "data_parallel"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise InputError(f"Engine({name}={value!r}): use True, False or None (decide).")
@@ -336,6 +344,29 @@ class Engine:
                 if free is not None
                 else f"free {device.type} memory unknown"
             )
+        # data parallelism
+        group = distributed.current()
+        if self.data_parallel is False:
+            data_parallel, reasons["data_parallel"] = False, "off: asked for"
+        elif group is None:
+            if self.data_parallel:
+                raise InputError(
+                    "Engine(data_parallel=True), but no torch.distributed group of more than "
+                    "one process is running; launch with torchrun, e.g. `torchrun "
+                    "--nproc_per_node=2 -m pyro_scvi fit ...`, or use data_parallel=None."
+                )
+            data_parallel, reasons["data_parallel"] = False, "off: a single process"
+        elif not fused_adam:
+            raise InputError(
+                "Data-parallel training averages gradients inside the engine's own Adam; "
+                "drop the optim argument (and fused_adam=False) to train with "
+                f"{group.world_size} processes."
+            )
+        else:
+            data_parallel = True
+            reasons["data_parallel"] = (
+                f"on: rank {group.rank} of {group.world_size} ({torch.distributed.get_backend()})"
+            )
         # matrix products
         if self.matmul_precision is not None:
             precision, reasons["matmul_precision"] = self.matmul_precision, "asked for"
@@ -350,6 +381,7 @@ class Engine:
             threads=threads,
             data_placement=placement,
             matmul_precision=precision,
+            data_parallel=data_parallel,
             reasons=reasons,
         )
 
@@ -369,6 +401,7 @@ class RunEngine:
     threads: int | None
     data_placement: str
     matmul_precision: str
+    data_parallel: bool
     reasons: dict[str, str]
 
     def as_dict(self) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import CountData, InputError
 from .engine import _JIT_ELBOS, Engine
 from .model import parameters_held
@@ -218,10 +219,24 @@ class FusedAdam:
     def __init__(self, lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6) -> None:
         self.settings = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
         self.optim: torch.optim.Optimizer | None = None
+        #: A :class:`~pyro_scvi.distributed.DataParallel` group whose ranks' gradients and
+        #: losses are averaged before each step (``None``: this process alone).
+        self.data_parallel = None
 
     def __call__(self, elbo: ELBO, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Compute the loss and its gradients, then update the parameters; return the loss."""
-        loss = self.loss_and_grads(elbo, model, guide, *args, **kwargs)
+        if self.data_parallel is None:
+            loss = self.loss_and_grads(elbo, model, guide, *args, **kwargs)
+        else:
+            try:
+                loss = self.loss_and_grads(elbo, model, guide, *args, **kwargs)
+            except ValueError:
+                # (invalid parameter values): every rank must still reach the all-reduce
+                if self.optim is None:
+                    raise
+                loss = float("nan")
+            params = [p for group in self.optim.param_groups for p in group["params"]]
+            loss = self.data_parallel.average_gradients(params, loss)
         if math.isfinite(loss):
             self.optim.step()
         self.optim.zero_grad(set_to_none=True)
@@ -416,8 +431,16 @@ def train_svi(
     # L2 weight decay by the cell count so the updates are the same. Without the rescaling
     # a step's loss sums over one minibatch's cells only.
     n_scale = num_cells or full_size
+    group = distributed.current() if run.data_parallel else None
+    if group is not None and num_cells is None:
+        raise InputError(
+            f"Data-parallel training averages the ranks' full-data ELBO estimates, which "
+            f"{type(elbo).__name__} does not give; use Trace_ELBO (the default) or "
+            "another ELBO that sums the sites' log-densities."
+        )
     if run.fused_adam:
         fused = FusedAdam(lr=lr, eps=0.01 * n_scale, weight_decay=1e-6 * n_scale)
+        fused.data_parallel = group
 
         def step(*args, **kwargs):
             return fused(elbo, step_model, step_guide, *args, **kwargs)
@@ -462,6 +485,9 @@ def train_svi(
         err.history = _history(rows, history_attrs)
         return err
 
+    if group is not None:
+        group.broadcast(model, guide)  # one starting point
+        group.seed_rank()  # ... and each rank its own draws
     good_state = _snapshot(model, guide)
     threads.start()
     precision_before = run.set_matmul_precision()
@@ -472,9 +498,14 @@ def train_svi(
             w_tensor = torch.tensor(w, device=device) if jit else None  # a graph's input
             model.train(), guide.train()
             total = 0.0
-            for step_no, idx in enumerate(
-                data.minibatches(train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True)
-            ):
+            if group is None:
+                chunks = data.minibatches(
+                    train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True
+                )
+            else:  # global minibatches, the same on every rank; each takes its own slice
+                chunks = group.global_minibatches(rng.permutation(train_idx), batch_size)
+            for step_no, chunk in enumerate(chunks):
+                idx = chunk if group is None else group.shard(chunk)
                 cell_index = torch.as_tensor(idx, device=device)
                 x, b = (
                     data.gather(cell_index)
@@ -499,7 +530,7 @@ def train_svi(
                 if not math.isfinite(loss):
                     raise fail(loss, f"epoch {epoch}, step {step_no}")
                 # A subsampled minibatch's loss is scaled by n_train / len(idx); undo that.
-                total += loss * len(idx) / n_train if num_cells else loss
+                total += loss * len(chunk) / n_train if num_cells else loss
             row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
             row["validation_elbo"] = float("nan")
             if len(val_idx):
@@ -509,16 +540,26 @@ def train_svi(
                     refresh_batch_norm(
                         model, guide, data, norm_cells, batch_size=len(norm_cells), device=device
                     )
-                    row["validation_elbo"] = _nan_on_invalid(
-                        evaluate_elbo,
-                        (model, guide),
-                        run_model,
-                        guide,
-                        data,
-                        val_idx,
-                        elbo=elbo,
-                        device=device,
+                    own_val = val_idx if group is None else group.shard(val_idx)
+                    if group is not None:
+                        group.broadcast(model, guide)  # rank 0's statistics, on every rank
+                    row["validation_elbo"] = (
+                        _nan_on_invalid(
+                            evaluate_elbo,
+                            (model, guide),
+                            run_model,
+                            guide,
+                            data,
+                            own_val,
+                            elbo=elbo,
+                            device=device,
+                        )
+                        if len(own_val)
+                        else 0.0
                     )
+                    if group is not None:  # one value on every rank: they stop together
+                        share = row["validation_elbo"] * len(own_val)
+                        row["validation_elbo"] = group.sum(share) / len(val_idx)
                 if not math.isfinite(row["validation_elbo"]):
                     raise fail(row["validation_elbo"], f"epoch {epoch}, validation")
             row["seconds"] = time.perf_counter() - start
@@ -540,7 +581,10 @@ def train_svi(
                 )
                 break
         # still under the run's threads: a pass over every training cell
-        refresh_batch_norm(model, guide, data, train_idx, batch_size=batch_size, device=device)
+        own_train = train_idx if group is None else group.shard(train_idx)
+        refresh_batch_norm(model, guide, data, own_train, batch_size=batch_size, device=device)
+        if group is not None:
+            group.average_buffers(model, guide)
     finally:
         torch.set_float32_matmul_precision(precision_before)
         threads.close()
