@@ -29,6 +29,7 @@ import gc
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ import numpy as np
 
 RESULTS = _common.REPO / "benchmarks" / "results"
 
+#: Median UMIs per cell per gene of the synthetic counts: about 10 % non-zero entries.
+LIBRARY_PER_GENE = 0.15
+
 
 def synthetic_counts(
     n_cells: int, n_genes: int, *, device: str, seed: int = 0, chunk: int = 50_000
@@ -44,8 +48,9 @@ def synthetic_counts(
     """An AnnData of negative-binomial counts (CSR, float32) with cell types and batches.
 
     Gene proportions are gamma-distributed, 10 % of genes shift per cell type, four
-    batches scale genes by log-normal factors, library sizes are log-normal (median about
-    1,100 UMIs), counts are NB with dispersion 2: about 10 % of entries are non-zero.
+    batches scale genes by log-normal factors, library sizes are log-normal (median
+    :data:`LIBRARY_PER_GENE` x genes: 300 UMIs at 2,000 genes), counts are NB with
+    dispersion 2: about 10 % of entries are non-zero (cells with none are dropped).
     """
     import anndata
     import pandas as pd
@@ -68,11 +73,13 @@ def synthetic_counts(
     blocks = []
     for start in range(0, n_cells, chunk):
         t, b = types[start : start + chunk], batches[start : start + chunk]
-        log_lib = 7.0 + 0.4 * rand(len(t), 1, fn=torch.randn)
+        log_lib = math.log(LIBRARY_PER_GENE * n_genes) + 0.4 * rand(len(t), 1, fn=torch.randn)
         rate = torch.exp(log_lib + type_log_p[t] + batch_log_factor[b])
         noise = torch._standard_gamma(torch.full_like(rate, 2.0), generator=g) / 2.0
         counts = torch.poisson(rate * noise, generator=g)
-        csr = counts.to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            csr = counts.to_sparse_csr()
         blocks.append(
             sp.csr_matrix(
                 (

@@ -92,3 +92,30 @@ def test_accuracy_defaults_smoke(tmp_path):
         assert theirs[0]["heldout_ll_cells"] == mine[0]["heldout_ll_cells"]
         assert math.isfinite(theirs[0]["heldout_log_px_per_cell"])
     assert "held-out log p(x)" in proc.stdout
+
+
+def test_data_parallel_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "data_parallel.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "data_parallel_smoke.json").read_text())
+    runs = results["runs"]["torchrun, 2 processes"]
+    assert runs[0]["processes"] == 2 and runs[0]["finite"]
+    assert runs[0]["engine"]["data_parallel"] is True
+    one = results["runs"]["one process, global minibatch"][0]
+    assert one["engine"]["data_parallel"] is False
+    assert results["summary"]["one process, global minibatch"]["ratio"] == 1.0
+
+
+def test_gpu_throughput_smoke_on_cpu(tmp_path):
+    script = BENCHMARKS / "gpu_throughput.py"
+    cmd = [sys.executable, str(script), "--smoke", "--no-scvi-tools", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_throughput.json").read_text())
+    assert not [r for r in results["runs"] if "error" in r]
+    # two sizes x two minibatches, two engines and two matmul precisions on the smaller
+    assert len(results["runs"]) == 8
+    assert all(0.05 < d["density"] < 0.3 for d in results["data"])
+    precisions = {r["engine_used"]["matmul_precision"] for r in results["runs"]}
+    assert precisions == {"highest", "high", "medium"}

@@ -1,0 +1,208 @@
+"""Data-parallel training throughput: torchrun processes against one process, same global batch.
+
+On synthetic counts (``--cells`` x ``--genes``, the generator of ``gpu_throughput.py``),
+alternating, ``--repeats`` times:
+
+* one process, the default engine, minibatch ``--batch-size x --procs`` (the global batch);
+* ``torchrun --nproc_per_node=--procs``: each rank ``--batch-size`` cells (the same global
+  batch), gloo on CPU;
+* one process at the default minibatch ``--batch-size`` (what a user gets without asking).
+
+Every run has the same learning rate (``scaled_lr`` of the global batch), seed and epochs.
+Throughput is training cells per second over the epochs after the first (compilation).
+Results: ``benchmarks/results/data_parallel.{json,md}``. ``--smoke``: a tiny run for the
+test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+
+RESULTS = _common.REPO / "benchmarks" / "results"
+
+
+def train_once(args: argparse.Namespace, batch_size: int, out: Path) -> None:
+    """Train on the synthetic data (also as one torchrun rank); rank 0 writes ``out``."""
+    import numpy as np
+    import torch
+    from gpu_throughput import synthetic_counts
+
+    import pyro_scvi
+    from pyro_scvi import distributed
+    from pyro_scvi.infer import scaled_lr
+
+    group = distributed.init_from_env("cpu")
+    adata = synthetic_counts(args.cells, args.genes, device="cpu", seed=0, chunk=5_000)
+    model = pyro_scvi.SCVI(adata, batch_key="batch")
+    start = time.perf_counter()
+    model.train(
+        max_epochs=args.epochs,
+        batch_size=batch_size,
+        lr=scaled_lr(args.global_batch),
+        seed=0,
+        progress_bar=False,
+    )
+    seconds = time.perf_counter() - start
+    if group is not None and not group.is_main:
+        return
+    epochs = [float(v) for v in model.history["seconds"]]
+    steady = epochs[1:] or epochs
+    result = {
+        "train_seconds": seconds,
+        "epoch_seconds": epochs,
+        "train_cells_per_second": len(model.train_indices) * len(steady) / sum(steady),
+        "validation_elbo_per_cell": float(model.history["validation_elbo"].iloc[-1]),
+        "threads_per_epoch": [int(v) for v in model.history["threads"]],
+        "engine": model.engine,
+        "processes": 1 if group is None else group.world_size,
+        "torch_threads_at_start": torch.get_num_threads(),
+        "finite": bool(np.isfinite(model.history["validation_elbo"]).all()),
+    }
+    _common.write_atomic(out, json.dumps(result, default=str))
+
+
+def launch(args: argparse.Namespace, procs: int, batch_size: int) -> dict[str, Any]:
+    """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        worker = [
+            str(Path(__file__)),
+            "--worker",
+            str(out),
+            "--worker-batch-size",
+            str(batch_size),
+            *_shared_args(args),
+        ]
+        if procs > 1:
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                f"--master_port={_free_port()}", *worker,
+            ]  # fmt: skip
+        else:
+            cmd = [sys.executable, *worker]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            return {"error": done.stderr[-2000:], "wall_seconds": wall}
+        result = json.loads(out.read_text())
+        result["wall_seconds"] = wall
+        return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shared_args(args: argparse.Namespace) -> list[str]:
+    return [
+        "--cells", str(args.cells), "--genes", str(args.genes), "--epochs", str(args.epochs),
+        "--batch-size", str(args.batch_size), "--procs", str(args.procs),
+    ]  # fmt: skip
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta, s = results["meta"], results["summary"]
+    args = results["args"]
+    lines = [
+        "# Data-parallel training on CPU: torchrun processes against one process",
+        "",
+        f"Machine: {_common.machine_line(meta)}. Command: `{meta.get('command')}`",
+        "",
+        f"{args['cells']:,} cells x {args['genes']:,} genes (synthetic), {args['epochs']} "
+        f"epochs, {args['repeats']} alternating repeats; throughput over the epochs after "
+        "the first; medians over repeats.",
+        "",
+        "| run | processes | minibatch per process | global minibatch | train cells/s | "
+        "vs one process, same global batch | validation ELBO/cell |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in s.items():
+        lines.append(
+            f"| {name} | {row['processes']} | {row['per_process']} | {row['global']} | "
+            f"{row['cells_per_second']:,.0f} | {row['ratio']:.2f}x | {row['elbo']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cells", type=int, default=20_000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--smoke", action="store_true", help="a tiny run (for the test suite)")
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker-batch-size", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.cells, args.genes, args.epochs, args.repeats = 400, 40, 2, 1
+        args.batch_size = 32
+    args.global_batch = args.batch_size * args.procs
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        train_once(args, args.worker_batch_size, args.worker)
+        return 0
+    meta = _common.run_metadata(argv, None, script="data_parallel.py")
+    runs = {
+        "one process, global minibatch": (1, args.global_batch),
+        f"torchrun, {args.procs} processes": (args.procs, args.batch_size),
+        "one process, default minibatch": (1, args.batch_size),
+    }
+    raw: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for name, (procs, bs) in runs.items():
+            result = launch(args, procs, bs)
+            raw[name].append(result)
+            rate = result.get("train_cells_per_second")
+            print(
+                f"repeat {repeat} {name}: "
+                + (f"{rate:,.0f} cells/s" if rate else result["error"][-500:]),
+                file=sys.stderr,
+            )
+    failed = {name: r for name, rs in raw.items() for r in rs if "error" in r}
+    if failed:
+        print(f"failed runs: {list(failed)}", file=sys.stderr)
+        return 1
+    base = statistics.median(r["train_cells_per_second"] for r in raw[next(iter(runs))])
+    summary = {}
+    for name, (procs, bs) in runs.items():
+        rate = statistics.median(r["train_cells_per_second"] for r in raw[name])
+        summary[name] = {
+            "processes": procs,
+            "per_process": bs,
+            "global": bs * procs,
+            "cells_per_second": rate,
+            "ratio": rate / base,
+            "elbo": statistics.median(r["validation_elbo_per_cell"] for r in raw[name]),
+        }
+    results = {"meta": meta, "args": vars(args), "runs": raw, "summary": summary}
+    stem = "data_parallel_smoke" if args.smoke else "data_parallel"
+    _common.write_results(args.out, stem, results, markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
