@@ -343,7 +343,7 @@ def fit(args: argparse.Namespace) -> int:
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    library = float(np.median(np.asarray(model.data.X.sum(axis=1)).ravel()))
+    library = float(np.median(model.data.total_counts()))
     # The queries follow the free cores as training did (pyro_scvi.engine.ThreadPolicy).
     threads = ThreadPolicy(args.threads)
     threads.start()

@@ -35,6 +35,9 @@ class CountData:
         Names of the batches (one ``"0"`` batch when there is no ``batch_key``).
     obs_names, var_names
         Cell and gene names.
+    source_reason
+        Why the counts are in memory (a backed AnnData may be streamed instead:
+        :class:`StreamedCounts`).
     """
 
     X: sp.csr_matrix | np.ndarray
@@ -42,6 +45,9 @@ class CountData:
     batch_categories: tuple[str, ...]
     obs_names: pd.Index
     var_names: pd.Index
+    source_reason: str = "memory: an in-memory AnnData"
+
+    source = "memory"
 
     @property
     def n_cells(self) -> int:  # noqa: D102
@@ -60,16 +66,11 @@ class CountData:
 
         These parametrize the log-normal library-size prior (Lopez et al., 2018).
         """
-        log_lib = np.log(np.asarray(self.X.sum(axis=1)).ravel())
-        loc = np.zeros(self.n_batch, dtype=np.float32)
-        scale = np.ones(self.n_batch, dtype=np.float32)
-        for b in range(self.n_batch):
-            vals = log_lib[self.batch_index == b]
-            loc[b] = vals.mean()
-            # A batch whose cells all have one library size has zero spread; keep the prior
-            # proper with a small floor rather than fail.
-            scale[b] = max(vals.std(), 1e-3)
-        return loc, scale
+        return _library_log_stats(self.total_counts(), self.batch_index, self.n_batch)
+
+    def total_counts(self) -> np.ndarray:
+        """Each cell's total count (library size), ``float64``."""
+        return np.asarray(self.X.sum(axis=1), dtype=np.float64).ravel()
 
     def tensors(
         self, idx: np.ndarray, device: torch.device | str = "cpu"
@@ -118,6 +119,195 @@ class CountData:
         return ResidentCounts(self, device)
 
 
+def _library_log_stats(
+    totals: np.ndarray, batch_index: np.ndarray, n_batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    log_lib = np.log(totals)
+    loc = np.zeros(n_batch, dtype=np.float32)
+    scale = np.ones(n_batch, dtype=np.float32)
+    for b in range(n_batch):
+        vals = log_lib[batch_index == b]
+        loc[b] = vals.mean()
+        # A batch whose cells all have one library size has zero spread; keep the prior
+        # proper with a small floor rather than fail.
+        scale[b] = max(vals.std(), 1e-3)
+    return loc, scale
+
+
+#: Streamed counts are read in blocks of this many consecutive cells ...
+BLOCK_CELLS = 1024
+#: ... and this many blocks at a time, whose cells are shuffled together into minibatches.
+READ_AHEAD_BLOCKS = 16
+
+
+class StreamedCounts:
+    """Counts read from a disk-backed AnnData, a block of cells at a time.
+
+    For data larger than memory: the matrix stays in the ``.h5ad`` (anndata's backed mode)
+    and memory holds the cells being read, not the data. Training minibatches are
+    block-shuffled: each pass visits blocks of :data:`BLOCK_CELLS` consecutive cells in a
+    random order, reads :data:`READ_AHEAD_BLOCKS` of them at once (contiguous reads), and
+    shuffles their cells together into minibatches; in-order passes (validation,
+    queries) read consecutive spans. Minibatches then mix cells from 16 random places
+    of the file rather than from anywhere: for a file sorted by cell type, each step still
+    sees many types, and the epoch visits every cell once.
+
+    Built by :func:`from_anndata` for a backed AnnData whose counts the engine decides not
+    to load (:func:`pyro_scvi.engine.choose_data_source`). The checks of
+    :func:`from_anndata` run over the file in one streamed pass, which also records each
+    cell's total count. Offers :class:`CountData`'s interface (``minibatches``,
+    ``tensors``, ``library_log_stats``, ``total_counts``, names and sizes) except ``X``.
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        batch_index: np.ndarray,
+        batch_categories: tuple[str, ...],
+        obs_names: pd.Index,
+        var_names: pd.Index,
+        totals: np.ndarray,
+        *,
+        reason: str = "",
+        block_cells: int = BLOCK_CELLS,
+        read_ahead_blocks: int = READ_AHEAD_BLOCKS,
+    ) -> None:
+        self._adata = adata
+        self.batch_index = batch_index
+        self.batch_categories = batch_categories
+        self.obs_names = obs_names
+        self.var_names = var_names
+        self._totals = totals
+        self.source = "streamed"
+        self.source_reason = reason
+        self.block_cells = block_cells
+        self.read_ahead_blocks = read_ahead_blocks
+        self._window_rows = np.empty(0, dtype=np.int64)
+        self._window = None
+
+    @property
+    def matrix(self):
+        """The backed ``X`` (anndata reopens the file if something closed it)."""
+        return self._adata.X
+
+    n_cells = property(lambda self: self.matrix.shape[0])
+    n_genes = property(lambda self: self.matrix.shape[1])
+    n_batch = property(lambda self: len(self.batch_categories))
+
+    @property
+    def X(self):  # noqa: N802 -- CountData's name
+        """Not available: the counts stay on disk (raises :class:`InputError`)."""
+        raise InputError(
+            "This analysis needs the counts in memory, and they are streamed from the "
+            "backed .h5ad; load them with `adata = adata.to_memory()` (if they fit) and "
+            "rebuild the model on it."
+        )
+
+    def library_log_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of ``log(total counts)`` per batch."""
+        return _library_log_stats(self._totals, self.batch_index, self.n_batch)
+
+    def total_counts(self) -> np.ndarray:
+        """Each cell's total count (library size), ``float64``."""
+        return self._totals
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
+        """Cells ``start:stop`` from the file, as float32 CSR (or dense)."""
+        rows = self.matrix[start:stop]
+        if sp.issparse(rows):
+            return sp.csr_matrix(rows, dtype=np.float32)
+        return np.asarray(rows, dtype=np.float32)
+
+    def minibatches(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_singleton: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """As :meth:`CountData.minibatches`, block-shuffled when ``shuffle`` is true."""
+        if not shuffle:
+            yield from CountData.minibatches(self, indices, batch_size)
+            return
+        rng = rng or np.random.default_rng()
+        indices = np.sort(np.asarray(indices))
+        blocks = indices // self.block_cells
+        unique = np.unique(blocks)
+        order = rng.permutation(unique)
+        pending = np.empty(0, dtype=indices.dtype)
+        for g in range(0, len(order), self.read_ahead_blocks):
+            group = np.sort(order[g : g + self.read_ahead_blocks])
+            lo = np.searchsorted(blocks, group, side="left")
+            hi = np.searchsorted(blocks, group, side="right")
+            members = np.concatenate([indices[a:b] for a, b in zip(lo, hi, strict=True)])
+            self._load_window(group)
+            cells = np.concatenate([pending, rng.permutation(members)])
+            n_full = len(cells) // batch_size * batch_size
+            out = [cells[i : i + batch_size] for i in range(0, n_full, batch_size)]
+            pending = cells[n_full:]
+            if g + self.read_ahead_blocks >= len(order) and len(pending):  # the last group
+                if drop_singleton and len(pending) == 1 and out:
+                    out[-1] = np.concatenate([out[-1], pending])
+                else:
+                    out.append(pending)
+                pending = pending[:0]
+            elif len(pending):
+                # the remainder goes with the next group: keep its rows readable
+                self._keep_in_window(pending)
+            # each minibatch is read (tensors) before the generator resumes: the window
+            # holds its cells until then
+            yield from out
+
+    def _load_window(self, blocks: np.ndarray) -> None:
+        parts, rows = [], []
+        for block in blocks:
+            start = int(block) * self.block_cells
+            stop = min(start + self.block_cells, self.n_cells)
+            parts.append(self.read(start, stop))
+            rows.append(np.arange(start, stop))
+        self._set_window(np.concatenate(rows), parts)
+
+    def _keep_in_window(self, cells: np.ndarray) -> None:
+        keep = np.sort(cells)
+        pos = np.searchsorted(self._window_rows, keep)
+        self._carry = (keep, self._window[pos])
+
+    def _set_window(self, rows: np.ndarray, parts: list) -> None:
+        carry = getattr(self, "_carry", None)
+        if carry is not None:
+            rows = np.concatenate([carry[0], rows])
+            parts = [carry[1], *parts]
+            self._carry = None
+        order = np.argsort(rows, kind="stable")
+        stacked = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.vstack(parts)
+        self._window_rows, self._window = rows[order], stacked[order]
+
+    def tensors(
+        self, idx: np.ndarray, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(x, batch_index)`` tensors for the cells ``idx``."""
+        idx = np.asarray(idx)
+        pos = np.searchsorted(self._window_rows, idx)
+        inside = len(self._window_rows) and (pos < len(self._window_rows)).all()
+        if inside and (self._window_rows[pos] == idx).all():
+            rows = self._window[pos]
+        else:
+            lo, hi = int(idx.min()), int(idx.max()) + 1
+            if hi - lo <= 4 * len(idx) + self.block_cells:  # a span: one contiguous read
+                rows = self.read(lo, hi)[idx - lo]
+            else:  # scattered cells: read them sorted, then put them in order
+                order = np.argsort(idx)
+                rows = self.matrix[idx[order]]
+                rows = sp.csr_matrix(rows, dtype=np.float32) if sp.issparse(rows) else rows
+                rows = rows[np.argsort(order)]
+        x = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+        b = torch.as_tensor(self.batch_index[idx], device=device)
+        return x, b
+
+
 class ResidentCounts:
     """The counts of a :class:`CountData` held on a device, and gathered there.
 
@@ -135,7 +325,7 @@ class ResidentCounts:
     >>> import numpy as np, scipy.sparse as sp, anndata
     >>> X = sp.random(6, 4, density=0.5, format="csr", random_state=0) * 10
     >>> X.data = np.ceil(X.data)
-    >>> data = from_anndata(anndata.AnnData(X.astype(np.float32)))
+    >>> data = from_anndata(anndata.AnnData(X.astype(np.float32)), allow_empty_cells=True)
     >>> x, b = data.to_device("cpu").tensors(np.array([4, 1]))
     >>> bool((x.numpy() == data.X[[4, 1]].toarray()).all())
     True
@@ -197,7 +387,8 @@ def from_anndata(
     batch_categories: Sequence[str] | None = None,
     var_names: Sequence[str] | None = None,
     allow_empty_cells: bool = False,
-) -> CountData:
+    streamed: bool | None = None,
+) -> CountData | StreamedCounts:
     """Validate an AnnData of raw counts and extract :class:`CountData`.
 
     Parameters
@@ -214,6 +405,12 @@ def from_anndata(
         Known genes, in order (for a trained model): ``adata`` must have exactly these.
     allow_empty_cells
         Accept cells with zero total counts (used for queries, never for training).
+    streamed
+        For a backed AnnData (``anndata.read_h5ad(path, backed="r")``): stream the counts
+        from the file (:class:`StreamedCounts`) rather than load them. ``None``: the
+        engine decides from their size and the free memory
+        (:func:`pyro_scvi.engine.choose_data_source`); an in-memory AnnData is never
+        streamed.
 
     Returns
     -------
@@ -241,6 +438,22 @@ def from_anndata(
         )
     if var_names is not None:
         _check_genes(adata, var_names)
+    if adata.isbacked:
+        from .engine import choose_data_source
+
+        stream, source_reason = choose_data_source(adata, layer=layer, asked=streamed)
+        if stream:
+            return _streamed(
+                adata, layer, batch_key, batch_categories, allow_empty_cells, source_reason
+            )
+        adata = adata.to_memory()
+    else:
+        source_reason = CountData.source_reason
+    if streamed and not adata.isbacked:
+        raise InputError(
+            "streamed=True needs a backed AnnData: open the file with "
+            "`anndata.read_h5ad(path, backed='r')`."
+        )
     X = _get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
     if X.shape[0] == 0 or X.shape[1] == 0:
@@ -265,6 +478,53 @@ def from_anndata(
         batch_categories=categories,
         obs_names=adata.obs_names.copy(),
         var_names=adata.var_names.copy(),
+        source_reason=source_reason,
+    )
+
+
+#: Cells per read when checking a streamed file.
+_CHECK_CELLS = 20_000
+
+
+def _streamed(
+    adata: AnnData,
+    layer: str | None,
+    batch_key: str | None,
+    batch_categories: Sequence[str] | None,
+    allow_empty_cells: bool,
+    reason: str,
+) -> StreamedCounts:
+    """:class:`StreamedCounts` of a backed AnnData, after one streamed pass of checks."""
+    if layer is not None:
+        raise InputError(
+            f"Streaming reads adata.X only (anndata's backed mode loads layers into memory); "
+            f"store the raw counts of layer {layer!r} as X, or load the data with "
+            "`adata = adata.to_memory()`."
+        )
+    matrix = adata.X
+    n, g = matrix.shape
+    if n == 0 or g == 0:
+        raise InputError(f"adata.X is empty ({n} cells x {g} genes).")
+    totals = np.empty(n, dtype=np.float64)
+    for start in range(0, n, _CHECK_CELLS):
+        rows = _check_counts(matrix[start : start + _CHECK_CELLS], f"adata.X (cells {start}+)")
+        totals[start : start + rows.shape[0]] = np.asarray(rows.sum(axis=1)).ravel()
+    n_empty = int((totals == 0).sum())
+    if n_empty and not allow_empty_cells:
+        raise InputError(
+            f"{n_empty} of {n} cells have zero total counts in adata.X; their library size "
+            "is 0, whose log is undefined. Write the file without them (e.g. "
+            "`adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()` on the loaded data)."
+        )
+    batch_index, categories = _batch_codes(adata, batch_key, batch_categories)
+    return StreamedCounts(
+        adata,
+        batch_index,
+        categories,
+        adata.obs_names.copy(),
+        adata.var_names.copy(),
+        totals,
+        reason=reason,
     )
 
 

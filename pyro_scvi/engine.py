@@ -218,6 +218,7 @@ class Engine:
         elbo: ELBO | None = None,
         optim: Any = None,
         data_bytes: int | None = None,
+        data_source: str | None = None,
     ) -> RunEngine:
         """Decide every field for one run, from the components' declared capabilities.
 
@@ -236,6 +237,9 @@ class Engine:
             What the counts would take on the device
             (:meth:`~pyro_scvi.data.CountData.resident_bytes`); ``None``: unknown, so a
             GPU run gathers on the host unless ``data_placement="device"``.
+        data_source
+            Where the counts come from and why (``"memory: ..."`` or ``"streamed: ..."``,
+            decided when the data were read: :func:`choose_data_source`); recorded.
         """
         reasons: dict[str, str] = {}
         device = torch.device(device)
@@ -326,7 +330,13 @@ class Engine:
             threads, reasons["threads"] = self.threads, "asked for"
         else:
             threads, reasons["threads"] = None, "follow the cores that other processes leave free"
+        reasons["data_source"] = data_source or "memory: in-memory counts"
         # data placement
+        if reasons["data_source"].startswith("streamed") and self.data_placement == "device":
+            raise InputError(
+                "data_placement='device' holds all counts on the device, but they are "
+                "streamed from the file; use data_placement='host' or None."
+            )
         if self.data_placement is not None:
             placement, reasons["data_placement"] = self.data_placement, "asked for"
         elif device.type == "cpu":
@@ -426,6 +436,51 @@ class RunEngine:
     def thread_policy(self) -> ThreadPolicy:
         """The run's thread policy (fixed count, or following the free cores)."""
         return ThreadPolicy(self.threads)
+
+
+#: A backed AnnData is streamed from its file by default when its counts would take more
+#: than this share of the memory the system has available.
+STREAM_MEMORY_FRACTION = 0.5
+
+
+def choose_data_source(adata: Any, *, layer: str | None = None, asked: bool | None = None):
+    """Whether a backed AnnData's counts are streamed from the file or loaded.
+
+    Loaded when they fit (at most :data:`STREAM_MEMORY_FRACTION` of the available memory,
+    ``MemAvailable`` in ``/proc/meminfo``), else streamed
+    (:class:`~pyro_scvi.data.StreamedCounts`); ``asked`` (True or False) decides instead.
+    Returns ``(streamed, reason)``; the reason is recorded with the run
+    (``model.engine["reasons"]["data_source"]``).
+    """
+    if asked is not None:
+        return bool(asked), f"{'streamed' if asked else 'memory'}: asked for"
+    matrix = adata.X if layer is None else adata.layers[layer]
+    group = getattr(matrix, "group", None)  # a backed sparse matrix: its h5py group
+    nnz = getattr(matrix, "nnz", None) if group is None else group["data"].shape[0]
+    if nnz is None:  # dense on disk
+        nbytes = 4 * matrix.shape[0] * matrix.shape[1]
+    else:
+        nbytes = 8 * int(nnz) + 8 * (matrix.shape[0] + 1)
+    available = _available_memory()
+    if available is None:
+        return False, "memory: the available memory is unknown"
+    budget = STREAM_MEMORY_FRACTION * available
+    stream = nbytes > budget
+    return stream, (
+        f"{'streamed' if stream else 'memory'}: counts {nbytes / 2**30:.2f} GiB in memory, "
+        f"{STREAM_MEMORY_FRACTION:g} x available {available / 2**30:.1f} GiB"
+    )
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def static_structure(model: Callable, guide: Callable) -> tuple[bool, str]:

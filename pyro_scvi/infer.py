@@ -406,6 +406,7 @@ def train_svi(
         elbo=elbo,
         optim=optim,
         data_bytes=data.resident_bytes() if hasattr(data, "resident_bytes") else None,
+        data_source=getattr(data, "source_reason", None),
     )
     run_model = run.wrap_model(model)
     if run.data_placement == "device":

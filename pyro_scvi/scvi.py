@@ -124,6 +124,11 @@ class SCVI:
         a factory ``f(data, n_latent=..., use_observed_lib_size=...)`` returning one, e.g.
         ``guide=PerCellGuide.from_data`` for non-amortized per-cell mean-field inference
         (then train with ``train_size=1.0``; queries answer for the training cells only).
+    streamed
+        For a backed AnnData (``anndata.read_h5ad(path, backed="r")``): read the counts
+        from the file as training goes (:class:`~pyro_scvi.data.StreamedCounts`) instead
+        of loading them; ``None`` lets the engine decide from their size and the free
+        memory (:func:`pyro_scvi.engine.choose_data_source`).
 
     Examples
     --------
@@ -152,6 +157,7 @@ class SCVI:
         use_observed_lib_size: bool = False,
         drop_empty_cells: bool = False,
         guide: torch.nn.Module | GuideFactory | None = None,
+        streamed: bool | None = None,
     ) -> None:
         for name, value in [("n_latent", n_latent), ("n_hidden", n_hidden)]:
             if int(value) < 1:
@@ -173,7 +179,7 @@ class SCVI:
             adata = adata[keep] if not keep.all() else adata
         self.adata = adata
         self.layer, self.batch_key = layer, batch_key
-        self.data = from_anndata(adata, layer=layer, batch_key=batch_key)
+        self.data = from_anndata(adata, layer=layer, batch_key=batch_key, streamed=streamed)
         loc, scale = self.data.library_log_stats()
         prior = as_prior(prior)
         self.settings = {

@@ -578,3 +578,91 @@ def test_resident_bytes_count_what_the_device_holds():
         for t in (resident.indptr, resident.indices, resident.values, resident.batch_index)
     )
     assert data.resident_bytes() == held
+
+
+# --- streamed from a backed .h5ad -------------------------------------------------------
+
+
+@pytest.fixture
+def backed(tmp_path):
+    from pyro_scvi.datasets.synthetic_large import write_synthetic_h5ad
+
+    path = write_synthetic_h5ad(tmp_path / "s.h5ad", 700, 30, chunk=250, seed=3)
+    return anndata.read_h5ad(path, backed="r")
+
+
+def test_streamed_counts_read_what_the_loaded_counts_hold(backed):
+    from pyro_scvi.data import StreamedCounts
+
+    streamed = from_anndata(backed, batch_key="batch", streamed=True)
+    loaded = from_anndata(backed.to_memory(), batch_key="batch")
+    assert isinstance(streamed, StreamedCounts) and streamed.source_reason == "streamed: asked for"
+    np.testing.assert_array_equal(streamed.total_counts(), loaded.total_counts())
+    for a, b in zip(streamed.library_log_stats(), loaded.library_log_stats(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert streamed.batch_categories == loaded.batch_categories
+    rng, n = np.random.default_rng(0), backed.n_obs
+    for idx in (rng.permutation(n)[:50], np.arange(100, 180), np.array([n - 1, 0])):
+        x, b = streamed.tensors(idx)
+        x_ref, b_ref = loaded.tensors(idx)
+        assert torch.equal(x, x_ref) and torch.equal(b, b_ref)
+    with pytest.raises(InputError, match="to_memory"):
+        streamed.X  # noqa: B018
+
+
+def test_block_shuffled_minibatches_visit_every_cell_once_from_few_blocks(backed):
+    streamed = from_anndata(backed, batch_key="batch", streamed=True)
+    streamed.block_cells, streamed.read_ahead_blocks = 32, 3
+    loaded = from_anndata(backed.to_memory(), batch_key="batch")
+    n = backed.n_obs
+    assert n > 600  # a few cells drew no counts and were left out of the file
+    cells = np.sort(np.random.default_rng(1).permutation(n)[:601])  # a training subset
+    rng = np.random.default_rng(0)
+    batches = list(streamed.minibatches(cells, 40, shuffle=True, rng=rng, drop_singleton=True))
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), cells)
+    assert all(len(b) == 40 for b in batches[:-1]) and 1 < len(batches[-1]) <= 41
+    # each minibatch is read from the blocks in memory (or carried over from the last group)
+    for b in batches:
+        x, _ = streamed.tensors(b)
+        assert torch.equal(x, loaded.tensors(b)[0])
+    # shuffled: consecutive minibatches differ from the file order, and epochs differ
+    again = list(streamed.minibatches(cells, 40, shuffle=True, rng=rng))
+    assert not np.array_equal(np.concatenate(batches), np.concatenate(again))
+    assert not np.array_equal(np.concatenate(batches), cells)
+
+
+def test_streamed_files_get_the_same_checks(tmp_path):
+    X = sp.csr_matrix(np.array([[1.0, 2.0], [0.0, 3.0], [2.0, -1.0]], dtype=np.float32))
+    path = tmp_path / "bad.h5ad"
+    anndata.AnnData(X).write_h5ad(path)
+    with pytest.raises(InputError, match="negative values"):
+        from_anndata(anndata.read_h5ad(path, backed="r"), streamed=True)
+    good = anndata.AnnData(sp.csr_matrix(np.ones((3, 2), dtype=np.float32)))
+    good.layers["counts"] = good.X.copy()
+    good.write_h5ad(path)
+    with pytest.raises(InputError, match="adata.X only"):
+        from_anndata(anndata.read_h5ad(path, backed="r"), layer="counts", streamed=True)
+    with pytest.raises(InputError, match="backed AnnData"):
+        from_anndata(good, streamed=True)
+
+
+def test_the_engine_streams_a_backed_file_only_when_it_would_not_fit(backed, monkeypatch):
+    from pyro_scvi import engine
+    from pyro_scvi.data import StreamedCounts
+
+    nbytes = 8 * backed.X.group["data"].shape[0] + 8 * (backed.n_obs + 1)
+    monkeypatch.setattr(engine, "_available_memory", lambda: 4 * nbytes)
+    loaded = from_anndata(backed)
+    assert isinstance(loaded, CountData) and loaded.source_reason.startswith("memory: counts")
+    monkeypatch.setattr(engine, "_available_memory", lambda: nbytes)
+    assert isinstance(from_anndata(backed), StreamedCounts)
+
+
+def test_a_model_trains_and_answers_queries_from_a_streamed_file(backed):
+    model = SCVI(backed, batch_key="batch", n_hidden=16, n_latent=3, streamed=True)
+    model.data.block_cells = 64
+    model.train(3, progress_bar=False, seed=0, engine="eager")
+    assert model.engine["reasons"]["data_source"] == "streamed: asked for"
+    assert np.isfinite(model.history["validation_elbo"]).all()
+    z = model.get_latent_representation()
+    assert z.shape == (backed.n_obs, 3) and np.isfinite(z).all()
