@@ -37,10 +37,10 @@ def train_once(args: argparse.Namespace, batch_size: int, out: Path) -> None:
     """Train on the synthetic data (also as one torchrun rank); rank 0 writes ``out``."""
     import numpy as np
     import torch
-    from gpu_throughput import synthetic_counts
 
     import pyro_scvi
     from pyro_scvi import distributed
+    from pyro_scvi.datasets.synthetic_large import synthetic_counts
     from pyro_scvi.infer import scaled_lr
 
     group = distributed.init_from_env("cpu")

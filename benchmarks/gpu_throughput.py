@@ -29,79 +29,14 @@ import gc
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import _common
-import numpy as np
+
+from pyro_scvi.datasets.synthetic_large import synthetic_counts
 
 RESULTS = _common.REPO / "benchmarks" / "results"
-
-#: Median UMIs per cell per gene of the synthetic counts: about 10 % non-zero entries.
-LIBRARY_PER_GENE = 0.15
-
-
-def synthetic_counts(
-    n_cells: int, n_genes: int, *, device: str, seed: int = 0, chunk: int = 50_000
-) -> Any:
-    """An AnnData of negative-binomial counts (CSR, float32) with cell types and batches.
-
-    Gene proportions are gamma-distributed, 10 % of genes shift per cell type, four
-    batches scale genes by log-normal factors, library sizes are log-normal (median
-    :data:`LIBRARY_PER_GENE` x genes: 300 UMIs at 2,000 genes), counts are NB with
-    dispersion 2: about 10 % of entries are non-zero (cells with none are dropped).
-    """
-    import anndata
-    import pandas as pd
-    import scipy.sparse as sp
-    import torch
-
-    g = torch.Generator(device=device).manual_seed(seed)
-    n_types, n_batches = 10, 4
-
-    def rand(*shape, fn=torch.rand):
-        return fn(*shape, generator=g, device=device)
-
-    base = torch._standard_gamma(torch.full((n_genes,), 0.3, device=device), generator=g)
-    log_p = torch.log(base / base.sum() + 1e-12)
-    shifts = rand(n_types, n_genes, fn=torch.randn) * 1.5 * (rand(n_types, n_genes) < 0.1)
-    type_log_p = torch.log_softmax(log_p + shifts, dim=1)
-    batch_log_factor = rand(n_batches, n_genes, fn=torch.randn) * 0.2
-    types = torch.randint(n_types, (n_cells,), generator=g, device=device)
-    batches = torch.randint(n_batches, (n_cells,), generator=g, device=device)
-    blocks = []
-    for start in range(0, n_cells, chunk):
-        t, b = types[start : start + chunk], batches[start : start + chunk]
-        log_lib = math.log(LIBRARY_PER_GENE * n_genes) + 0.4 * rand(len(t), 1, fn=torch.randn)
-        rate = torch.exp(log_lib + type_log_p[t] + batch_log_factor[b])
-        noise = torch._standard_gamma(torch.full_like(rate, 2.0), generator=g) / 2.0
-        counts = torch.poisson(rate * noise, generator=g)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            csr = counts.to_sparse_csr()
-        blocks.append(
-            sp.csr_matrix(
-                (
-                    csr.values().float().cpu().numpy(),
-                    csr.col_indices().cpu().numpy().astype(np.int32),
-                    csr.crow_indices().cpu().numpy().astype(np.int64),
-                ),
-                shape=counts.shape,
-            )
-        )
-        del counts, rate, noise, csr
-    X = sp.vstack(blocks, format="csr")
-    keep = np.asarray(X.sum(axis=1)).ravel() > 0  # an empty cell has no library size
-    obs = pd.DataFrame(
-        {
-            "cell_type": pd.Categorical([f"type{i}" for i in types.cpu().numpy()]),
-            "batch": pd.Categorical([f"batch{i}" for i in batches.cpu().numpy()]),
-        },
-        index=[f"cell{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
-    return anndata.AnnData(X[keep], obs=obs[keep], var=var)
 
 
 def _cells_per_second(n_train: int, epoch_seconds: list[float]) -> float:

@@ -119,3 +119,15 @@ def test_gpu_throughput_smoke_on_cpu(tmp_path):
     assert all(0.05 < d["density"] < 0.3 for d in results["data"])
     precisions = {r["engine_used"]["matmul_precision"] for r in results["runs"]}
     assert precisions == {"highest", "high", "medium"}
+
+
+def test_out_of_core_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "out_of_core.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "out_of_core_smoke.json").read_text())["runs"]
+    assert [r["mode"] for r in runs] == ["streamed", "in memory"] * 2
+    for r in runs:
+        assert r["latent_finite"] and r["peak_rss_mib"] > 0
+        expected = "streamed: asked for" if r["mode"] == "streamed" else "memory: asked for"
+        assert r["data_source"] == expected
