@@ -246,7 +246,7 @@ def _read_input(text: str):
                 f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})"
             ) from err
     if text in datasets.SHIPPED:
-        return anndata.read_h5ad(datasets.path(text)), None
+        return getattr(datasets, text)(), None
     raise InputError(
         f"INPUT {text!r} is neither an existing file nor a shipped dataset "
         f"({', '.join(datasets.SHIPPED)})."

@@ -243,6 +243,24 @@ class SCVI:
         """Batches the model knows, in code order."""
         return self.data.batch_categories
 
+    @property
+    def heldout_adata(self) -> AnnData:
+        """The cells :meth:`train` held out for validation, as a view of :attr:`adata`.
+
+        Empty before training or with ``train_size=1``. A view costs no memory; call
+        ``.copy()`` on it before writing to it.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=50, n_genes=10, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> model = model.train(max_epochs=1, train_size=0.8, progress_bar=False)
+        >>> model.heldout_adata.n_obs
+        10
+        """
+        return self.adata[self.validation_indices]
+
     def __repr__(self) -> str:
         d = self.data
         return (
