@@ -138,12 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="held-out fit of a saved model on an .h5ad, as JSON on stdout",
+        help="held-out fit of a saved model on an .h5ad, a JSON summary on stdout",
         description=(
-            "Print JSON with the ELBO, the importance-sampled marginal log-likelihood "
-            "(both nats per cell, higher is better) and the reconstruction error of "
-            "INPUT's cells under the model saved in MODEL_DIR: the means over cells and "
-            "the per-cell values. Both estimates use the same K draws of q(z, l | x)."
+            "Print a JSON summary of the ELBO, the importance-sampled marginal "
+            "log-likelihood (both nats per cell, higher is better) and the reconstruction "
+            "error of INPUT's cells under the model saved in MODEL_DIR: their means, "
+            "standard deviations and standard errors over cells. Both estimates use the same "
+            "K draws of q(z, l | x). By default only the cells that training held out are "
+            "scored (INPUT must then be the data the model was fitted to); --cells all "
+            "scores every cell, e.g. of a file of new cells. --per-cell writes each cell's "
+            "values to a .csv or to an .h5ad (INPUT's scored cells with obs columns "
+            "pyro_scvi_elbo, pyro_scvi_marginal_ll, pyro_scvi_reconstruction_error)."
         ),
     )
     ev.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
@@ -155,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="importance samples K per cell (default 100)",
     )
     ev.add_argument("--batch-size", type=_positive_int, default=64, help="cells per pass")
+    ev.add_argument(
+        "--cells",
+        choices=["heldout", "all"],
+        default="heldout",
+        help="score the validation cells training held out (default), or every cell",
+    )
+    ev.add_argument(
+        "--per-cell",
+        metavar="PATH",
+        help="also write each cell's values to PATH (.csv, or .h5ad: the scored cells)",
+    )
     _add_run_options(ev)
 
     check = sub.add_parser(
@@ -442,40 +458,76 @@ def ppc(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Run ``pyro-scvi evaluate``: print the fit of INPUT's cells as JSON; return the status."""
+    """Run ``pyro-scvi evaluate``: print a JSON summary of the fit; return the status."""
     import json
-    import math
 
+    per_cell = Path(args.per_cell) if args.per_cell else None
+    if per_cell is not None and per_cell.suffix not in (".csv", ".h5ad"):
+        raise InputError(f"--per-cell {per_cell} must end in .csv or .h5ad.")
+    input_path = Path(args.input)
+    if per_cell is not None and input_path.exists() and per_cell.resolve() == input_path.resolve():
+        raise InputError("--per-cell is the INPUT file; choose another path.")
+
+    from .files import atomic_path
     from .scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
     adata, _ = _read_input(args.input)
     model = SCVI.load(args.model_dir, adata, device=args.device)
+    if args.cells == "heldout":
+        n_fitted = len(model.train_indices) + len(model.validation_indices)
+        if model.data.n_cells != n_fitted:
+            raise InputError(
+                f"--cells heldout scores the cells training held out, but INPUT has "
+                f"{model.data.n_cells} cells and the model was fitted to {n_fitted}; pass "
+                "the data it was fitted to, or --cells all to score every cell of INPUT."
+            )
+        if not len(model.validation_indices):
+            raise InputError(
+                "The model held out no cells (trained with train_size=1); pass --cells all."
+            )
+        scored = model.heldout_adata
+    else:
+        scored = model.adata
     stats = model.get_fit_statistics(
-        n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
+        scored, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
     )
-
-    def number(value) -> float | None:
-        # JSON has no NaN or infinity: a non-finite value (a diverged model) is written as
-        # null, keeping stdout valid JSON.
-        value = float(value)
-        return value if math.isfinite(value) else None
-
     result = {
+        "cells": args.cells,
         "n_cells": len(stats),
         "n_samples": args.n_samples,
-        "elbo_mean": number(stats["elbo"].mean()),
-        "marginal_ll_mean": number(stats["marginal_ll"].mean()),
-        "reconstruction_error_mean": number(stats["reconstruction_error"].mean()),
-        "per_cell": {
-            "obs_names": [str(name) for name in stats.index],
-            "elbo": [number(v) for v in stats["elbo"]],
-            "marginal_ll": [number(v) for v in stats["marginal_ll"]],
-        },
+        "seed": args.seed,
     }
+    for column in stats.columns:
+        values = stats[column].to_numpy(dtype=float)
+        sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        result[f"{column}_mean"] = _json_number(values.mean())
+        result[f"{column}_sd"] = _json_number(sd)
+        result[f"{column}_sem"] = _json_number(sd / len(values) ** 0.5)
+    if per_cell is not None:
+        with atomic_path(per_cell) as tmp:
+            if per_cell.suffix == ".csv":
+                stats.to_csv(tmp, index_label="cell")
+            else:
+                out = scored.copy()  # INPUT's cells, never the caller's object
+                for column in stats.columns:
+                    out.obs[f"pyro_scvi_{column}"] = stats[column].to_numpy()
+                out.uns["pyro_scvi_evaluate"] = {
+                    k: ("None" if v is None else v) for k, v in result.items()
+                }
+                out.write_h5ad(tmp)
+        result["per_cell"] = str(per_cell)
     json.dump(result, sys.stdout, allow_nan=False)
     sys.stdout.write("\n")
     return 0
+
+
+def _json_number(value) -> float | None:
+    """A float for JSON, or None: JSON has no NaN or infinity (e.g. a diverged model)."""
+    import math
+
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def differential(args: argparse.Namespace) -> int:
