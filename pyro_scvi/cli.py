@@ -24,8 +24,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import InputError
-from .likelihoods import LIKELIHOODS
+from .errors import InputError
+
+#: ``--likelihood`` choices: the keys of :data:`pyro_scvi.likelihoods.LIKELIHOODS`, listed
+#: here so that ``--help`` does not import torch (a test checks they agree).
+LIKELIHOOD_NAMES = ("nb", "poisson", "zinb", "zip")
 
 PROG = "pyro-scvi"
 
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
     fit.add_argument("--layer", help="layer with raw counts (default: .X)")
     fit.add_argument("--batch-key", help="obs column with each cell's batch")
-    fit.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="zinb")
+    fit.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, default="zinb")
     fit.add_argument("--n-latent", type=_positive_int, default=10)
     fit.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
     fit.add_argument("--batch-size", type=_positive_int, default=128)
@@ -243,6 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
     _add_run_options(de)
     de.add_argument("-o", "--output", required=True, metavar="OUTPUT.csv")
+
+    pl = sub.add_parser(
+        "plot",
+        help="UMAP / t-SNE picture of a fitted latent space, by label and by batch",
+        description=(
+            "Embed the latent space of INPUT (an .h5ad written by fit, or any .h5ad with "
+            "obsm[--use-rep]) in two dimensions and write a scatter plot with one panel per "
+            "obs column of --color to OUTPUT.png. --method auto uses UMAP where umap-learn "
+            "is installed (pip install umap-learn) and t-SNE (scikit-learn) otherwise."
+        ),
+    )
+    pl.add_argument("input", metavar="INPUT", help=".h5ad holding obsm[--use-rep]")
+    pl.add_argument("-o", "--output", required=True, metavar="OUTPUT.png")
+    pl.add_argument("--use-rep", default="X_pyro_scvi", help="obsm key (default X_pyro_scvi)")
+    pl.add_argument("--method", choices=["auto", "umap", "tsne", "pca"], default="auto")
+    pl.add_argument(
+        "--color",
+        nargs="+",
+        metavar="KEY",
+        help="obs columns, one panel each (default: cell_type and batch where present)",
+    )
+    _add_run_options(pl)
     return parser
 
 
@@ -262,7 +287,9 @@ def _read_input(text: str):
                 f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})"
             ) from err
     if text in datasets.SHIPPED:
-        return getattr(datasets, text)(), None
+        # through the dataset's loader where it has one (tests shrink it there)
+        loader = getattr(datasets, text, None)
+        return (loader() if callable(loader) else anndata.read_h5ad(datasets.path(text))), None
     raise InputError(
         f"INPUT {text!r} is neither an existing file nor a shipped dataset "
         f"({', '.join(datasets.SHIPPED)})."
@@ -295,8 +322,10 @@ def fit(args: argparse.Namespace) -> int:
     from .engine import ThreadPolicy
     from .files import atomic_path
     from .infer import TrainingError
+    from .likelihoods import LIKELIHOODS
     from .plotting import plot_history
     from .scvi import SCVI, resolve_device
+    from .tl import write_results
 
     resolve_device(args.device)  # fail before reading data
     adata, _ = _read_input(args.input)
@@ -340,27 +369,23 @@ def fit(args: argparse.Namespace) -> int:
     threads = ThreadPolicy(args.threads)
     threads.start()
     try:
-        adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
-        adata.layers["pyro_scvi_normalized"] = model.get_normalized_expression(
-            library_size=library, n_samples=args.n_samples
-        ).to_numpy(dtype=np.float32)
+        write_results(
+            model,
+            adata,
+            normalized_key="pyro_scvi_normalized",
+            library_size=library,
+            n_samples=args.n_samples,
+            params=dict(
+                max_epochs=len(model.history),
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                model_dir=str(model_dir),
+                input=str(args.input),
+            ),
+        )
     finally:
         threads.close()
-    params = {k: ("None" if v is None else v) for k, v in model.settings.items()}
-    params.update(
-        max_epochs=len(model.history),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        engine=model.engine,
-        normalized_library_size=library,
-        model_dir=str(model_dir),
-        input=str(args.input),
-    )
-    adata.uns["pyro_scvi"] = {
-        "params": params,
-        "history": {c: model.history[c].to_numpy(dtype=float) for c in model.history},
-    }
     with atomic_path(output) as tmp:
         adata.write_h5ad(tmp)
     last = model.history.iloc[-1]
@@ -578,6 +603,39 @@ def differential(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot(args: argparse.Namespace) -> int:
+    """Run ``pyro-scvi plot``: write a 2-D embedding picture; return the status."""
+    output = Path(args.output)
+    if output.suffix != ".png":
+        raise InputError(f"OUTPUT {output} must end in .png.")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # the CLI only writes files; no display needed
+
+    from .plotting import plot_embedding
+    from .tl import EMBEDDINGS, embedding, embedding_method
+
+    adata, _ = _read_input(args.input)
+    if args.use_rep not in adata.obsm:
+        raise InputError(
+            f"INPUT has no obsm[{args.use_rep!r}] (it has {list(adata.obsm.keys())}); pass "
+            "the output of pyro-scvi fit, or --use-rep."
+        )
+    missing = [k for k in args.color or () if k not in adata.obs]
+    if missing:
+        raise InputError(f"--color {missing} not in INPUT's obs ({list(adata.obs.columns)}).")
+    method = embedding_method(args.method)
+    basis = EMBEDDINGS[method]
+    try:
+        embedding(adata, use_rep=args.use_rep, method=method, seed=args.seed)
+    except ImportError as err:
+        raise InputError(str(err)) from err
+    plot_embedding(adata, output, basis=basis, color=args.color)
+    print(f"{PROG} plot: wrote {output} ({method} of obsm[{args.use_rep!r}], {adata.n_obs} cells)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
     args = build_parser().parse_args(argv)
@@ -594,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ppc(args)
         if args.command == "de":
             return differential(args)
+        if args.command == "plot":
+            return plot(args)
     except InputError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -15,9 +15,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-
-class InputError(ValueError):
-    """Raised when user input (AnnData, arguments) cannot be used; the message says the fix."""
+from .errors import InputError
 
 
 @dataclass(frozen=True)
