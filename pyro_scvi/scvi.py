@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyro
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from pyro.infer import ELBO
@@ -855,6 +856,176 @@ class SCVI:
                 batch_size=batch_size,
                 device=self.device,
             )
+
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int = 256,
+        seed: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of each cell's count distribution at posterior draws (scvi-tools' name).
+
+        Parameters
+        ----------
+        adata
+            Cells to query (default: the training AnnData).
+        n_samples
+            Draws of ``z`` (and ``l``) from the guide.
+        give_mean
+            Average over the draws.
+        batch_size
+            Cells per pass.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        dict
+            ``mean`` (``exp(l) * rho``, the count mean before zero inflation),
+            ``dispersions`` (inverse dispersion ``theta``; NB and ZINB) and ``dropout``
+            (zero-inflation logits; ZINB and ZIP): ``(cells, genes)`` arrays when
+            ``n_samples == 1`` or ``give_mean``, else ``(n_samples, cells, genes)``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> p = model.get_likelihood_parameters(seed=0)
+        >>> sorted(p), p["mean"].shape
+        (['dispersions', 'dropout', 'mean'], (40, 15))
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        data = self._data_for(adata)
+        with posterior.seeded(seed, self.device):
+            params = posterior.likelihood_parameters(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                n_samples=n_samples,
+                batch_size=batch_size,
+                device=self.device,
+            )
+        if give_mean or n_samples == 1:
+            return {k: v.mean(0) for k, v in params.items()}
+        return params
+
+    def get_latent_library_size(
+        self,
+        adata: AnnData | None = None,
+        *,
+        give_mean: bool = True,
+        batch_size: int = 1024,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Each cell's library size ``exp(l)`` under the posterior (scvi-tools' name).
+
+        Parameters
+        ----------
+        adata
+            Cells to query (default: the training AnnData).
+        give_mean
+            The posterior mean ``E_q[exp(l)]``; otherwise one draw from q.
+        batch_size
+            Cells per pass.
+        seed
+            Seed for the draw (``give_mean=False``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(cells,)``, in counts. With ``use_observed_lib_size``, the observed totals.
+
+        Examples
+        --------
+        >>> import numpy as np, pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> size = model.get_latent_library_size()
+        >>> size.shape, bool((size > 0).all())
+        ((40,), True)
+        """
+        _check_positive(batch_size=batch_size)
+        data = self._data_for(adata)
+        with posterior.seeded(seed, self.device):
+            return posterior.latent_library_size(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                give_mean=give_mean,
+                batch_size=batch_size,
+                device=self.device,
+            )
+
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int = 256,
+        seed: int | None = None,
+    ) -> sp.csr_matrix | list[sp.csr_matrix]:
+        """Replicated count matrices from the posterior predictive, sparse (scvi-tools' name).
+
+        Each draw takes ``(z, l) ~ q(z, l | x)`` and then ``x~ ~ p(x | z, l)``, with
+        :class:`pyro.infer.Predictive` (see :func:`pyro_scvi.posterior.sample_posterior`).
+
+        Parameters
+        ----------
+        adata
+            Cells to replicate (default: the training AnnData).
+        n_samples
+            Replicate datasets.
+        gene_list
+            Genes to keep (default: all), in the order given.
+        batch_size
+            Cells per pass; memory holds one pass dense.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix or list of them
+            ``(cells, genes)`` counts: one matrix when ``n_samples == 1``, else a list of
+            ``n_samples``. Put one in an AnnData with ``anndata.AnnData(x,
+            obs=adata.obs, var=adata.var)``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> x = model.posterior_predictive_sample(seed=0)
+        >>> x.shape, x.format
+        ((40, 15), 'csr')
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        data = self._data_for(adata)
+        columns = None
+        if gene_list is not None:
+            unknown = [g for g in gene_list if g not in data.var_names]
+            if unknown:
+                raise InputError(f"gene_list has genes the model does not know: {unknown[:5]}.")
+            columns = data.var_names.get_indexer(list(gene_list))
+        with posterior.seeded(seed, self.device):
+            draws = posterior.posterior_predictive_counts(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                n_samples=n_samples,
+                batch_size=batch_size,
+                device=self.device,
+            )
+        if columns is not None:
+            draws = [d[:, columns] for d in draws]
+        return draws[0] if n_samples == 1 else draws
 
     def impute(
         self,

@@ -421,3 +421,62 @@ def test_evaluate_cli_errors_cleanly(saved, trained, tmp_path):
     assert status == 2 and out == "" and "No saved model" in err
     status, out, err = _run(["evaluate", model_dir, h5ad, "--n-samples", "0"])
     assert status == 2 and out == "" and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- scvi-tools names
+def test_likelihood_parameters_are_what_the_model_hands_its_likelihood(trained):
+    p = trained.get_likelihood_parameters(n_samples=200, give_mean=True, seed=0)
+    n, g = trained.data.n_cells, trained.data.n_genes
+    assert {k: v.shape for k, v in p.items()} == {k: (n, g) for k in p}
+    assert sorted(p) == ["dispersions", "dropout", "mean"]
+    # gene dispersion: theta is the model's parameter, the same for every cell
+    theta = trained.model.log_theta.detach().exp().numpy()
+    np.testing.assert_allclose(p["dispersions"], np.broadcast_to(theta, (n, g)), rtol=1e-5)
+    # mu = exp(l) * rho sums over genes to exp(l): its posterior mean is E_q[exp(l)]
+    library = trained.get_latent_library_size()
+    np.testing.assert_allclose(p["mean"].sum(1), library, rtol=0.05)
+    draws = trained.get_likelihood_parameters(n_samples=3, seed=0)
+    assert draws["mean"].shape == (3, n, g)
+    again = trained.get_likelihood_parameters(n_samples=3, seed=0)
+    np.testing.assert_array_equal(draws["dropout"], again["dropout"])
+
+
+def test_likelihood_parameters_follow_the_likelihood(small_adata):
+    from pyro_scvi import Poisson
+
+    m = SCVI(small_adata, likelihood=Poisson(), n_latent=2, n_hidden=8)
+    assert sorted(m.get_likelihood_parameters(seed=0)) == ["mean"]
+
+
+def test_latent_library_size_tracks_observed_totals(trained):
+    observed = np.asarray(trained.adata.X.sum(1)).ravel()
+    size = trained.get_latent_library_size()
+    assert size.shape == observed.shape and (size > 0).all()
+    # E_q[exp(l)] of q(l) = Normal(l_loc, l_scale): the log-normal mean
+    x, b = trained.data.tensors(np.arange(trained.data.n_cells))
+    trained.guide.eval()
+    with torch.no_grad():
+        q = trained.guide.encode(x, b)
+    trained.guide.train()
+    expected = torch.exp(q["l_loc"] + q["l_scale"] ** 2 / 2).squeeze(-1).numpy()
+    np.testing.assert_allclose(size, expected, rtol=1e-5)
+    assert 0.8 < np.median(size / observed) < 1.25
+    assert np.corrcoef(np.log(size), np.log(observed))[0, 1] > 0.5
+    drawn = trained.get_latent_library_size(give_mean=False, seed=0)
+    assert not np.allclose(drawn, size) and np.corrcoef(drawn, size)[0, 1] > 0.5
+
+
+def test_posterior_predictive_sample_is_sparse_counts_like_the_data(trained):
+    x = trained.posterior_predictive_sample(seed=0)
+    assert sp.isspmatrix_csr(x) and x.shape == trained.adata.shape
+    assert np.array_equal(x.data, np.round(x.data)) and (x.data > 0).all()
+    draws = trained.posterior_predictive_sample(n_samples=20, seed=1)
+    assert len(draws) == 20 and all(d.shape == x.shape for d in draws)
+    replicated = np.mean([np.asarray(d.mean(0)).ravel() for d in draws], axis=0)
+    observed = np.asarray(trained.adata.X.mean(0)).ravel()
+    assert np.corrcoef(np.log1p(replicated), np.log1p(observed))[0, 1] > 0.95
+    genes = list(trained.adata.var_names[[5, 2]])
+    sub = trained.posterior_predictive_sample(gene_list=genes, seed=0)
+    np.testing.assert_array_equal(sub.toarray(), x[:, [5, 2]].toarray())
+    with pytest.raises(InputError, match="does not know"):
+        trained.posterior_predictive_sample(gene_list=["nope"])
