@@ -268,6 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="obs columns, one panel each (default: cell_type and batch where present)",
     )
     _add_run_options(pl)
+
+    mq = sub.add_parser(
+        "map-query",
+        help="map new batches onto a saved reference model (scArches-style) and embed them",
+        description=(
+            "Append the batches of QUERY (obs[the reference's batch_key]) to the reference "
+            "model saved in REFERENCE_DIR, train only the weights the new batches feed, with "
+            "every reference weight fixed (pyro_scvi.SCVI.load_query_data), and write "
+            "OUTPUT.h5ad: QUERY plus obsm['X_pyro_scvi'] (in the reference's latent space) and "
+            "uns['pyro_scvi']. The query model is saved to --model-dir (default: OUTPUT "
+            "without .h5ad, plus _model)."
+        ),
+    )
+    mq.add_argument("reference", metavar="REFERENCE_DIR", help="directory written by fit / save()")
+    mq.add_argument("input", metavar="QUERY", help="raw-count .h5ad with the reference's genes")
+    mq.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
+    mq.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
+    mq.add_argument("--batch-size", type=_positive_int, default=128)
+    mq.add_argument("--lr", type=_positive_float, default=1e-3)
+    mq.add_argument("--model-dir", help="where to save the query model")
+    mq.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(mq)
     return parser
 
 
@@ -636,6 +658,48 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def map_query(args: argparse.Namespace) -> int:
+    """Run ``pyro-scvi map-query``: map, train, write the query's embedding; return the status."""
+    output = Path(args.output)
+    if output.suffix != ".h5ad":
+        raise InputError(f"OUTPUT {output} must end in .h5ad.")
+    input_path = Path(args.input)
+    if input_path.exists() and output.resolve() == input_path.resolve():
+        raise InputError("OUTPUT is the QUERY file; choose another -o.")
+    if not Path(args.reference).is_dir():
+        raise InputError(f"REFERENCE_DIR {args.reference} is not a directory written by fit.")
+    model_dir = Path(args.model_dir) if args.model_dir else Path(f"{output.with_suffix('')}_model")
+
+    from .files import atomic_path
+    from .scvi import SCVI, resolve_device
+    from .tl import write_results
+
+    resolve_device(args.device)  # fail before reading data
+    adata, _ = _read_input(args.input)
+    model = SCVI.load_query_data(adata, args.reference)
+    model.train(
+        args.max_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        progress_bar=not args.quiet,
+    )
+    model.save(model_dir, overwrite=True)
+    params = dict(reference=str(args.reference), model_dir=str(model_dir), seed=args.seed)
+    params.update(max_epochs=len(model.history), input=str(args.input))
+    write_results(model, adata, params=params)
+    with atomic_path(output) as tmp:
+        adata.write_h5ad(tmp)
+    new = [b for b in model.batch_categories if b not in model.reference_batches]
+    print(
+        f"{PROG} map-query: mapped {adata.n_obs} cells of batches {new} onto {args.reference}; "
+        f"wrote {output} (obsm['X_pyro_scvi']); query model in {model_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
     args = build_parser().parse_args(argv)
@@ -654,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return differential(args)
         if args.command == "plot":
             return plot(args)
+        if args.command == "map-query":
+            return map_query(args)
     except InputError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2

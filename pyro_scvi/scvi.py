@@ -233,6 +233,51 @@ class SCVI:
         self.validation_indices = np.arange(0)
         self.is_trained = False
 
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model: SCVI | str | os.PathLike) -> SCVI:
+        """A model of new batches mapped onto a trained reference (scArches-style).
+
+        The query's batches are appended to the reference's; every reference weight is
+        fixed, and only the weights the new batches feed (their columns of each network's
+        first layer) train, so the reference cells' latent space and decoding are exactly
+        the reference's. See :mod:`pyro_scvi.query` for the surgery and its reference.
+
+        Parameters
+        ----------
+        adata
+            The query's raw counts: the reference's genes, in order, and its ``batch_key``
+            column, with at least one batch the reference does not know.
+        reference_model
+            A trained :class:`SCVI` set up with a ``batch_key``, or the directory it was
+            saved to. It is not modified.
+
+        Returns
+        -------
+        SCVI
+            A model of ``adata``'s cells; call :meth:`train` on it, then query it as any
+            model (the reference's batches stay valid for ``transform_batch``). Saved,
+            it loads as an ordinary model of all the batches.
+
+        Examples
+        --------
+        >>> import numpy as np, pyro_scvi
+        >>> sim = pyro_scvi.datasets.synthetic_zinb(n_cells=200, n_genes=20, n_batches=3)
+        >>> is_query = (sim.obs["batch"] == "batch2").to_numpy()
+        >>> ref, query = sim[~is_query].copy(), sim[is_query].copy()
+        >>> reference = pyro_scvi.SCVI(ref, batch_key="batch", n_latent=2, n_hidden=16)
+        >>> reference = reference.train(max_epochs=2, progress_bar=False)
+        >>> mapped = pyro_scvi.SCVI.load_query_data(query, reference)
+        >>> mapped = mapped.train(max_epochs=2, progress_bar=False)
+        >>> mapped.batch_categories, [n for n, _ in mapped.guide.named_parameters()][:1]
+        (('batch0', 'batch1', 'batch2'), ['z_encoder.body.0.weight_new'])
+        >>> bool(np.allclose(mapped.get_latent_representation(ref),
+        ...                  reference.get_latent_representation(ref), atol=1e-6))
+        True
+        """
+        from .query import load_query_data
+
+        return load_query_data(cls, adata, reference_model)
+
     # ------------------------------------------------------------------ properties
     @property
     def var_names(self) -> pd.Index:
@@ -349,7 +394,7 @@ class SCVI:
         if seed is not None:
             pyro.set_rng_seed(seed)
         if not self.is_trained:
-            if seed is not None:
+            if seed is not None and getattr(self, "_reset_on_first_train", True):
                 # Initialize the networks from the seed too, so a fresh model trained with
                 # the same seed gives the same result whatever ran before it.
                 _reset_parameters(self.model, self.guide)

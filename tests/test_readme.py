@@ -87,7 +87,7 @@ def smoke(monkeypatch, tmp_path):
 
 def test_readme_has_the_blocks_it_promises():
     python, lines = blocks("python"), cli_lines()
-    assert len(python) >= 12, [h for h, _ in python]
+    assert len(python) >= 11, [h for h, _ in python]
     assert {line.split()[1] for line in lines} >= {
         "fit",
         "evaluate",
