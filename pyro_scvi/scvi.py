@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -84,6 +85,25 @@ def _attach_vamp_prior(prior: VampPrior, guide: torch.nn.Module, data: CountData
     cells = np.sort(np.random.default_rng(0).choice(n, size=k, replace=n < k))
     x, b = data.tensors(cells)
     prior.attach_encoder(encoder, torch.log1p(x), b)
+
+
+def _warn_unimportable(model: SCVI) -> None:
+    """Warn when a saved component's class or function lives in ``__main__``."""
+    from .pickling import main_module_names
+
+    pickled = [model.model.prior, model.model.library_prior, model.model.likelihood]
+    if type(model.guide) is not ScviGuide:
+        pickled.append(model.guide)
+    names = main_module_names(pickled)
+    if names:
+        warnings.warn(
+            f"The model is saved, but {', '.join(names)} is defined in __main__ (a script, "
+            "notebook or `python -c`), so no other process can load it: pickle stores it by "
+            "module and name. Move it to a module you can import (e.g. my_priors.py) and "
+            "import it from there before saving.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class SCVI:
@@ -454,7 +474,12 @@ class SCVI:
         self.is_trained = True
 
     # ------------------------------------------------------------------ queries
-    def _data_for(self, adata: AnnData | None) -> CountData:
+    def data_for(self, adata: AnnData | None = None) -> CountData:
+        """The counts of ``adata`` (default: the model's cells) coded as the model codes them.
+
+        ``adata`` needs the model's genes, in order, and only batches it knows. This is
+        the :class:`pyro_scvi.fitted.Fitted` contract the analyses rely on.
+        """
         if adata is None or adata is self.adata:
             return self.data
         if not getattr(self.guide, "amortized", True):
@@ -514,7 +539,7 @@ class SCVI:
             ``(cells, n_latent)``, or ``(n_samples, cells, n_latent)`` when sampling.
             Store it as ``adata.obsm["X_pyro_scvi"]``.
         """
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         idx = np.arange(data.n_cells)
         if give_mean:
             return posterior.latent_mean(
@@ -566,7 +591,7 @@ class SCVI:
         """
         if not (library_size == "latent" or float(library_size) > 0):
             raise InputError(f"library_size={library_size!r}; use a positive number or 'latent'.")
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         samples = posterior.normalized_expression(
             self.model,
             self.guide,
@@ -622,7 +647,7 @@ class SCVI:
         ['elbo', 'marginal_ll', 'reconstruction_error']
         """
         _check_positive(n_samples=n_samples, batch_size=batch_size)
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         with posterior.seeded(seed, self.device):
             stats = posterior.fit_statistics(
                 self.model,
@@ -814,7 +839,7 @@ class SCVI:
                 )
             data, idx = self.data, self.validation_indices
         else:
-            data = self._data_for(adata)
+            data = self.data_for(adata)
             idx = np.arange(data.n_cells)
         with pyro.get_param_store().scope():
             return amortization_gap(
@@ -888,7 +913,7 @@ class SCVI:
                 f"transform_batch={transform_batch!r}: posterior samples decode under one "
                 "batch; pass a single batch name."
             )
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         with posterior.seeded(seed, self.device):
             return posterior.sample_posterior(
                 self.model,
@@ -944,7 +969,7 @@ class SCVI:
         (['dispersions', 'dropout', 'mean'], (40, 15))
         """
         _check_positive(n_samples=n_samples, batch_size=batch_size)
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         with posterior.seeded(seed, self.device):
             params = posterior.likelihood_parameters(
                 self.model,
@@ -995,7 +1020,7 @@ class SCVI:
         ((40,), True)
         """
         _check_positive(batch_size=batch_size)
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         with posterior.seeded(seed, self.device):
             return posterior.latent_library_size(
                 self.model,
@@ -1051,7 +1076,7 @@ class SCVI:
         ((40, 15), 'csr')
         """
         _check_positive(n_samples=n_samples, batch_size=batch_size)
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         columns = None
         if gene_list is not None:
             unknown = [g for g in gene_list if g not in data.var_names]
@@ -1123,7 +1148,7 @@ class SCVI:
         if not 0 < credible_level < 1:
             raise InputError(f"credible_level={credible_level}; it must be in (0, 1).")
         codes = self._batch_codes(transform_batch)
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         tail = (1.0 - credible_level) / 2
         keys = {"lower": posterior.quantile_key(tail), "upper": posterior.quantile_key(1 - tail)}
         parts: dict[str, list[np.ndarray]] = {"mean": [], "lower": [], "upper": []}
@@ -1220,6 +1245,7 @@ class SCVI:
                     "the model cannot be saved: define its function at module level, or "
                     "subclass pyro_scvi.Prior / LibraryPrior."
                 ) from err
+        _warn_unimportable(self)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
