@@ -25,6 +25,7 @@ _NAMES = {
     "ScviModel": "model",
     "ScviGuide": "guide",
     "PerCellGuide": "guide",
+    "Guide": "guide",
     "Likelihood": "likelihoods",
     "ZINB": "likelihoods",
     "NB": "likelihoods",
@@ -104,7 +105,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .data import CountData, from_anndata  # noqa: F401
     from .engine import Engine  # noqa: F401
     from .errors import InputError  # noqa: F401
-    from .guide import PerCellGuide, ScviGuide  # noqa: F401
+    from .guide import Guide, PerCellGuide, ScviGuide  # noqa: F401
     from .infer import TrainingError, train_svi  # noqa: F401
     from .likelihoods import NB, ZINB, ZIP, Likelihood, Poisson  # noqa: F401
     from .model import ScviModel  # noqa: F401
