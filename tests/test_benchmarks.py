@@ -104,6 +104,7 @@ def test_query_mapping_smoke(tmp_path):
     results = json.loads((tmp_path / "query_mapping_smoke.json").read_text())
     (row,) = results["rows"]
     assert row["query_donor"] == "batch2" and row["reference_cells_unchanged"]
+    assert row["query_cells"] + row["test_cells"] == row["n_query_donor_cells"]
     for side in ("mapped", "full"):
         for key in ("ari", "entropy_donors", "entropy_query", "heldout_ll"):
             assert math.isfinite(row[side][key]), (side, key)
