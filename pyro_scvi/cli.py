@@ -24,8 +24,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import InputError
-from .likelihoods import LIKELIHOODS
+from .errors import InputError
+
+#: ``--likelihood`` choices: the keys of :data:`pyro_scvi.likelihoods.LIKELIHOODS`, listed
+#: here so that ``--help`` does not import torch (a test checks they agree).
+LIKELIHOOD_NAMES = ("nb", "poisson", "zinb", "zip")
 
 PROG = "pyro-scvi"
 
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
     fit.add_argument("--layer", help="layer with raw counts (default: .X)")
     fit.add_argument("--batch-key", help="obs column with each cell's batch")
-    fit.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="zinb")
+    fit.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, default="zinb")
     fit.add_argument("--n-latent", type=_positive_int, default=10)
     fit.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
     fit.add_argument("--batch-size", type=_positive_int, default=128)
@@ -155,12 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="held-out fit of a saved model on an .h5ad, as JSON on stdout",
+        help="held-out fit of a saved model on an .h5ad, a JSON summary on stdout",
         description=(
-            "Print JSON with the ELBO, the importance-sampled marginal log-likelihood "
-            "(both nats per cell, higher is better) and the reconstruction error of "
-            "INPUT's cells under the model saved in MODEL_DIR: the means over cells and "
-            "the per-cell values. Both estimates use the same K draws of q(z, l | x)."
+            "Print a JSON summary of the ELBO, the importance-sampled marginal "
+            "log-likelihood (both nats per cell, higher is better) and the reconstruction "
+            "error of INPUT's cells under the model saved in MODEL_DIR: their means, "
+            "standard deviations and standard errors over cells. Both estimates use the same "
+            "K draws of q(z, l | x). By default only the cells that training held out are "
+            "scored (INPUT must then be the data the model was fitted to); --cells all "
+            "scores every cell, e.g. of a file of new cells. --per-cell writes each cell's "
+            "values to a .csv or to an .h5ad (INPUT's scored cells with obs columns "
+            "pyro_scvi_elbo, pyro_scvi_marginal_ll, pyro_scvi_reconstruction_error)."
         ),
     )
     ev.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
@@ -172,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="importance samples K per cell (default 100)",
     )
     ev.add_argument("--batch-size", type=_positive_int, default=64, help="cells per pass")
+    ev.add_argument(
+        "--cells",
+        choices=["heldout", "all"],
+        default="heldout",
+        help="score the validation cells training held out (default), or every cell",
+    )
+    ev.add_argument(
+        "--per-cell",
+        metavar="PATH",
+        help="also write each cell's values to PATH (.csv, or .h5ad: the scored cells)",
+    )
     _add_run_options(ev)
 
     check = sub.add_parser(
@@ -244,6 +263,50 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
     _add_run_options(de)
     de.add_argument("-o", "--output", required=True, metavar="OUTPUT.csv")
+
+    pl = sub.add_parser(
+        "plot",
+        help="UMAP / t-SNE picture of a fitted latent space, by label and by batch",
+        description=(
+            "Embed the latent space of INPUT (an .h5ad written by fit, or any .h5ad with "
+            "obsm[--use-rep]) in two dimensions and write a scatter plot with one panel per "
+            "obs column of --color to OUTPUT.png. --method auto uses UMAP where umap-learn "
+            "is installed (pip install umap-learn) and t-SNE (scikit-learn) otherwise."
+        ),
+    )
+    pl.add_argument("input", metavar="INPUT", help=".h5ad holding obsm[--use-rep]")
+    pl.add_argument("-o", "--output", required=True, metavar="OUTPUT.png")
+    pl.add_argument("--use-rep", default="X_pyro_scvi", help="obsm key (default X_pyro_scvi)")
+    pl.add_argument("--method", choices=["auto", "umap", "tsne", "pca"], default="auto")
+    pl.add_argument(
+        "--color",
+        nargs="+",
+        metavar="KEY",
+        help="obs columns, one panel each (default: cell_type and batch where present)",
+    )
+    _add_run_options(pl)
+
+    mq = sub.add_parser(
+        "map-query",
+        help="map new batches onto a saved reference model (scArches-style) and embed them",
+        description=(
+            "Append the batches of QUERY (obs[the reference's batch_key]) to the reference "
+            "model saved in REFERENCE_DIR, train only the weights the new batches feed, with "
+            "every reference weight fixed (pyro_scvi.SCVI.load_query_data), and write "
+            "OUTPUT.h5ad: QUERY plus obsm['X_pyro_scvi'] (in the reference's latent space) and "
+            "uns['pyro_scvi']. The query model is saved to --model-dir (default: OUTPUT "
+            "without .h5ad, plus _model)."
+        ),
+    )
+    mq.add_argument("reference", metavar="REFERENCE_DIR", help="directory written by fit / save()")
+    mq.add_argument("input", metavar="QUERY", help="raw-count .h5ad with the reference's genes")
+    mq.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
+    mq.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
+    mq.add_argument("--batch-size", type=_positive_int, default=128)
+    mq.add_argument("--lr", type=_positive_float, default=1e-3)
+    mq.add_argument("--model-dir", help="where to save the query model")
+    mq.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(mq)
     return parser
 
 
@@ -263,7 +326,9 @@ def _read_input(text: str):
                 f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})"
             ) from err
     if text in datasets.SHIPPED:
-        return anndata.read_h5ad(datasets.path(text)), None
+        # through the dataset's loader where it has one (tests shrink it there)
+        loader = getattr(datasets, text, None)
+        return (loader() if callable(loader) else anndata.read_h5ad(datasets.path(text))), None
     raise InputError(
         f"INPUT {text!r} is neither an existing file nor a shipped dataset "
         f"({', '.join(datasets.SHIPPED)})."
@@ -297,8 +362,10 @@ def fit(args: argparse.Namespace) -> int:
     from .engine import ThreadPolicy
     from .files import atomic_path
     from .infer import TrainingError
+    from .likelihoods import LIKELIHOODS
     from .plotting import plot_history
     from .scvi import SCVI, resolve_device
+    from .tl import write_results
 
     resolve_device(args.device)  # fail before reading data
     # launched by torchrun: join the group; only rank 0 writes (pyro_scvi.distributed)
@@ -348,27 +415,23 @@ def fit(args: argparse.Namespace) -> int:
     threads = ThreadPolicy(args.threads)
     threads.start()
     try:
-        adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
-        adata.layers["pyro_scvi_normalized"] = model.get_normalized_expression(
-            library_size=library, n_samples=args.n_samples
-        ).to_numpy(dtype=np.float32)
+        write_results(
+            model,
+            adata,
+            normalized_key="pyro_scvi_normalized",
+            library_size=library,
+            n_samples=args.n_samples,
+            params=dict(
+                max_epochs=len(model.history),
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                model_dir=str(model_dir),
+                input=str(args.input),
+            ),
+        )
     finally:
         threads.close()
-    params = {k: ("None" if v is None else v) for k, v in model.settings.items()}
-    params.update(
-        max_epochs=len(model.history),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        engine=model.engine,
-        normalized_library_size=library,
-        model_dir=str(model_dir),
-        input=str(args.input),
-    )
-    adata.uns["pyro_scvi"] = {
-        "params": params,
-        "history": {c: model.history[c].to_numpy(dtype=float) for c in model.history},
-    }
     with atomic_path(output) as tmp:
         adata.write_h5ad(tmp)
     last = model.history.iloc[-1]
@@ -466,40 +529,76 @@ def ppc(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Run ``pyro-scvi evaluate``: print the fit of INPUT's cells as JSON; return the status."""
+    """Run ``pyro-scvi evaluate``: print a JSON summary of the fit; return the status."""
     import json
-    import math
 
+    per_cell = Path(args.per_cell) if args.per_cell else None
+    if per_cell is not None and per_cell.suffix not in (".csv", ".h5ad"):
+        raise InputError(f"--per-cell {per_cell} must end in .csv or .h5ad.")
+    input_path = Path(args.input)
+    if per_cell is not None and input_path.exists() and per_cell.resolve() == input_path.resolve():
+        raise InputError("--per-cell is the INPUT file; choose another path.")
+
+    from .files import atomic_path
     from .scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
     adata, _ = _read_input(args.input)
     model = SCVI.load(args.model_dir, adata, device=args.device)
+    if args.cells == "heldout":
+        n_fitted = len(model.train_indices) + len(model.validation_indices)
+        if model.data.n_cells != n_fitted:
+            raise InputError(
+                f"--cells heldout scores the cells training held out, but INPUT has "
+                f"{model.data.n_cells} cells and the model was fitted to {n_fitted}; pass "
+                "the data it was fitted to, or --cells all to score every cell of INPUT."
+            )
+        if not len(model.validation_indices):
+            raise InputError(
+                "The model held out no cells (trained with train_size=1); pass --cells all."
+            )
+        scored = model.heldout_adata
+    else:
+        scored = model.adata
     stats = model.get_fit_statistics(
-        n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
+        scored, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
     )
-
-    def number(value) -> float | None:
-        # JSON has no NaN or infinity: a non-finite value (a diverged model) is written as
-        # null, keeping stdout valid JSON.
-        value = float(value)
-        return value if math.isfinite(value) else None
-
     result = {
+        "cells": args.cells,
         "n_cells": len(stats),
         "n_samples": args.n_samples,
-        "elbo_mean": number(stats["elbo"].mean()),
-        "marginal_ll_mean": number(stats["marginal_ll"].mean()),
-        "reconstruction_error_mean": number(stats["reconstruction_error"].mean()),
-        "per_cell": {
-            "obs_names": [str(name) for name in stats.index],
-            "elbo": [number(v) for v in stats["elbo"]],
-            "marginal_ll": [number(v) for v in stats["marginal_ll"]],
-        },
+        "seed": args.seed,
     }
+    for column in stats.columns:
+        values = stats[column].to_numpy(dtype=float)
+        sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        result[f"{column}_mean"] = _json_number(values.mean())
+        result[f"{column}_sd"] = _json_number(sd)
+        result[f"{column}_sem"] = _json_number(sd / len(values) ** 0.5)
+    if per_cell is not None:
+        with atomic_path(per_cell) as tmp:
+            if per_cell.suffix == ".csv":
+                stats.to_csv(tmp, index_label="cell")
+            else:
+                out = scored.copy()  # INPUT's cells, never the caller's object
+                for column in stats.columns:
+                    out.obs[f"pyro_scvi_{column}"] = stats[column].to_numpy()
+                out.uns["pyro_scvi_evaluate"] = {
+                    k: ("None" if v is None else v) for k, v in result.items()
+                }
+                out.write_h5ad(tmp)
+        result["per_cell"] = str(per_cell)
     json.dump(result, sys.stdout, allow_nan=False)
     sys.stdout.write("\n")
     return 0
+
+
+def _json_number(value) -> float | None:
+    """A float for JSON, or None: JSON has no NaN or infinity (e.g. a diverged model)."""
+    import math
+
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def differential(args: argparse.Namespace) -> int:
@@ -550,6 +649,81 @@ def differential(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot(args: argparse.Namespace) -> int:
+    """Run ``pyro-scvi plot``: write a 2-D embedding picture; return the status."""
+    output = Path(args.output)
+    if output.suffix != ".png":
+        raise InputError(f"OUTPUT {output} must end in .png.")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # the CLI only writes files; no display needed
+
+    from .plotting import plot_embedding
+    from .tl import EMBEDDINGS, embedding, embedding_method
+
+    adata, _ = _read_input(args.input)
+    if args.use_rep not in adata.obsm:
+        raise InputError(
+            f"INPUT has no obsm[{args.use_rep!r}] (it has {list(adata.obsm.keys())}); pass "
+            "the output of pyro-scvi fit, or --use-rep."
+        )
+    missing = [k for k in args.color or () if k not in adata.obs]
+    if missing:
+        raise InputError(f"--color {missing} not in INPUT's obs ({list(adata.obs.columns)}).")
+    method = embedding_method(args.method)
+    basis = EMBEDDINGS[method]
+    try:
+        embedding(adata, use_rep=args.use_rep, method=method, seed=args.seed)
+    except ImportError as err:
+        raise InputError(str(err)) from err
+    plot_embedding(adata, output, basis=basis, color=args.color)
+    print(f"{PROG} plot: wrote {output} ({method} of obsm[{args.use_rep!r}], {adata.n_obs} cells)")
+    return 0
+
+
+def map_query(args: argparse.Namespace) -> int:
+    """Run ``pyro-scvi map-query``: map, train, write the query's embedding; return the status."""
+    output = Path(args.output)
+    if output.suffix != ".h5ad":
+        raise InputError(f"OUTPUT {output} must end in .h5ad.")
+    input_path = Path(args.input)
+    if input_path.exists() and output.resolve() == input_path.resolve():
+        raise InputError("OUTPUT is the QUERY file; choose another -o.")
+    if not Path(args.reference).is_dir():
+        raise InputError(f"REFERENCE_DIR {args.reference} is not a directory written by fit.")
+    model_dir = Path(args.model_dir) if args.model_dir else Path(f"{output.with_suffix('')}_model")
+
+    from .files import atomic_path
+    from .scvi import SCVI, resolve_device
+    from .tl import write_results
+
+    resolve_device(args.device)  # fail before reading data
+    adata, _ = _read_input(args.input)
+    model = SCVI.load_query_data(adata, args.reference)
+    model.train(
+        args.max_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        progress_bar=not args.quiet,
+    )
+    model.save(model_dir, overwrite=True)
+    params = dict(reference=str(args.reference), model_dir=str(model_dir), seed=args.seed)
+    params.update(max_epochs=len(model.history), input=str(args.input))
+    write_results(model, adata, params=params)
+    with atomic_path(output) as tmp:
+        adata.write_h5ad(tmp)
+    new = [b for b in model.batch_categories if b not in model.reference_batches]
+    print(
+        f"{PROG} map-query: mapped {adata.n_obs} cells of batches {new} onto {args.reference}; "
+        f"wrote {output} (obsm['X_pyro_scvi']); query model in {model_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
     args = build_parser().parse_args(argv)
@@ -566,6 +740,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ppc(args)
         if args.command == "de":
             return differential(args)
+        if args.command == "plot":
+            return plot(args)
+        if args.command == "map-query":
+            return map_query(args)
     except InputError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyro
@@ -38,6 +39,9 @@ from . import posterior
 from .data import CountData, InputError
 from .infer import _eval_mode
 
+if TYPE_CHECKING:
+    from .fitted import Fitted
+
 with warnings.catch_warnings():
     # arviz 0.23 announces its 1.0 refactor on import; pyro_scvi supports 0.23.
     warnings.filterwarnings("ignore", message="\nArviZ is undergoing", category=FutureWarning)
@@ -45,7 +49,7 @@ with warnings.catch_warnings():
 
 
 def to_inference_data(
-    model,
+    model: Fitted,
     adata: AnnData | None = None,
     *,
     n_samples: int = 50,
@@ -58,7 +62,7 @@ def to_inference_data(
     Parameters
     ----------
     model
-        A trained :class:`~pyro_scvi.SCVI`.
+        A trained :class:`~pyro_scvi.SCVI`, or any :class:`~pyro_scvi.fitted.Fitted`.
     adata
         Cells to export (default: the training AnnData); needs the model's genes.
     n_samples
@@ -99,7 +103,7 @@ def to_inference_data(
         raise InputError(f"n_samples={n_samples}; draw at least one sample.")
     if int(batch_size) < 1:
         raise InputError(f"batch_size={batch_size}; it must be a positive integer.")
-    data = model._data_for(adata)
+    data = model.data_for(adata)
     idx = _check_indices(indices, data.n_cells)
     latent_library = not model.model.use_observed_lib_size
     sites = ("z", "l", "x") if latent_library else ("z", "x")
@@ -144,7 +148,7 @@ def to_inference_data(
         "inference_library": "pyro",
         "inference_library_version": pyro.__version__,
         "pyro_scvi_version": __version__,
-        "model": "pyro_scvi.SCVI",
+        "model": f"pyro_scvi.{type(model).__name__}",
         "settings": json.dumps(model.settings, default=str),
     }
     return az.from_dict(

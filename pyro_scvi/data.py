@@ -15,9 +15,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-
-class InputError(ValueError):
-    """Raised when user input (AnnData, arguments) cannot be used; the message says the fix."""
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -612,7 +610,8 @@ def _batch_codes(
         if unknown:
             raise InputError(
                 f"Batches {unknown[:5]} in adata.obs[{batch_key!r}] were not seen in "
-                f"training (known: {list(cats)}); the model cannot encode unseen batches."
+                f"training (known: {list(cats)}); the model cannot encode unseen batches: map "
+                "them onto it with SCVI.load_query_data(adata, model)."
             )
     codes = pd.Categorical(values, categories=cats).codes.astype(np.int64)
     return codes, cats
@@ -646,7 +645,8 @@ def check_batch_sizes(data: CountData, batch_size: int) -> None:
     if batch_size < 2:
         raise InputError(f"batch_size={batch_size}; batch norm needs minibatches of >= 2 cells.")
     counts = np.bincount(data.batch_index, minlength=data.n_batch)
-    small = [(data.batch_categories[b], int(c)) for b, c in enumerate(counts) if c < 2]
+    # a batch with no cells here is a reference's batch of a query model (SCVI.load_query_data)
+    small = [(data.batch_categories[b], int(c)) for b, c in enumerate(counts) if 0 < c < 2]
     if small:
         raise InputError(
             f"Batches with fewer than 2 cells: {small}. Each batch needs at least 2 cells "

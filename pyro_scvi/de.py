@@ -65,7 +65,7 @@ from . import posterior
 from .data import CountData, InputError
 
 if TYPE_CHECKING:
-    from .scvi import SCVI
+    from .fitted import Fitted
 
 #: Name of the second group in one-vs-rest comparisons.
 REST = "rest"
@@ -99,7 +99,7 @@ COLUMNS = (
 
 
 def differential_expression(
-    model: SCVI,
+    model: Fitted,
     adata: AnnData | None = None,
     *,
     groupby: str,
@@ -123,7 +123,7 @@ def differential_expression(
     Parameters
     ----------
     model
-        A trained :class:`~pyro_scvi.SCVI`.
+        A trained :class:`~pyro_scvi.SCVI`, or any :class:`~pyro_scvi.fitted.Fitted`.
     adata
         Cells to compare (default: the model's AnnData); needs the model's genes.
     groupby
@@ -198,7 +198,7 @@ def differential_expression(
     """
     _check_arguments(mode, delta, fdr_target, n_samples, credible_level, batch_size, pseudocount)
     target = adata if adata is not None else model.adata
-    data = model._data_for(adata)
+    data = model.data_for(adata)
     labels, present = _labels(target, groupby)
     tested, reference = _resolve_groups(labels, present, groupby, group1, group2)
     # Sample the groups in one fixed order whatever the comparison, so that swapping
@@ -329,7 +329,7 @@ def _resolve_groups(
 
 # ---------------------------------------------------------------------- sampling
 def _bootstrap_means(
-    model: SCVI,
+    model: Fitted,
     data: CountData,
     cells: dict[str, np.ndarray],
     n_samples: int,
@@ -373,7 +373,7 @@ def _bootstrap_means(
 
 
 def _decode(
-    model: SCVI, data: CountData, idx: np.ndarray, n_draws: int, codes: list[int] | None
+    model: Fitted, data: CountData, idx: np.ndarray, n_draws: int, codes: list[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior draws of ``rho`` and its count-noise variance, each ``(draws, cells, genes)``.
 
@@ -431,7 +431,7 @@ def _decode(
 
 
 def _cell_pools(
-    model: SCVI,
+    model: Fitted,
     data: CountData,
     cells: dict[str, np.ndarray],
     n_samples: int,

@@ -7,14 +7,19 @@
 * :class:`PerCellGuide`, non-amortized mean-field inference: free ``loc`` and ``scale``
   parameters of ``q(z_n)`` and ``q(l_n)`` for every cell ``n``, indexed by ``cell_index``.
 
-Both expose ``encode(x, batch_index, cell_index=None)``, the variational parameters of the
-given cells, so posterior queries, :mod:`pyro_scvi.gap` and :mod:`pyro_scvi.mcmc` treat
-them alike. ``amortized`` says whether a guide can score cells it was not fitted to.
+Both are :class:`Guide` subclasses: a guide implements ``encode(x, batch_index,
+cell_index=None)``, returning the Normal parameters of ``q(z)`` (and ``q(l)``) of the given
+cells as a :class:`LatentParams` dict, and the base class samples the sites from them with
+the model's signature. Posterior queries, :mod:`pyro_scvi.gap`, :mod:`pyro_scvi.mcmc` and
+query mapping rely on that method only, so a guide of your own that subclasses
+:class:`Guide` (or has the same ``encode`` and attributes) works everywhere these two do.
+``amortized`` says whether a guide can score cells it was not fitted to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict
 
 import numpy as np
 import pyro
@@ -25,6 +30,19 @@ from torch import nn
 from .data import CountData
 from .model import cells_plate, register_module
 from .nn import Encoder
+
+
+class LatentParams(TypedDict, total=False):
+    """What :meth:`Guide.encode` returns: ``(cells, n_latent)`` and ``(cells, 1)`` tensors.
+
+    ``z_loc`` and ``z_scale`` always; ``l_loc`` and ``l_scale`` when the model has a latent
+    library (not ``use_observed_lib_size``).
+    """
+
+    z_loc: torch.Tensor
+    z_scale: torch.Tensor
+    l_loc: torch.Tensor
+    l_scale: torch.Tensor
 
 
 def _sample_latents(
@@ -43,7 +61,68 @@ def _sample_latents(
             pyro.sample("l", dist.Normal(q["l_loc"], q["l_scale"]))
 
 
-class ScviGuide(nn.Module):
+class Guide(nn.Module):
+    """Base class of guides: implement :meth:`encode`; calling samples ``z`` (and ``l``).
+
+    Attributes
+    ----------
+    amortized
+        Whether :meth:`encode` answers for any cell's counts (an encoder), rather than
+        only for the cells the guide has parameters for.
+    static_structure
+        Whether the guide has the same sites and shapes on every call, so a compiled
+        (JIT) ELBO may hold it; declare it only when it is true.
+    n_latent
+        Dimension of ``z``.
+
+    Examples
+    --------
+    A guide whose q(z) is a linear function of the log counts, with a fixed scale:
+
+    >>> import torch, pyro
+    >>> class LinearGuide(Guide):
+    ...     def __init__(self, n_genes, n_latent):
+    ...         super().__init__()
+    ...         self.n_latent = n_latent
+    ...         self.proj = torch.nn.Linear(n_genes, n_latent)
+    ...     def encode(self, x, batch_index, cell_index=None):
+    ...         z_loc = self.proj(torch.log1p(x))
+    ...         l_loc = torch.log(x.sum(-1, keepdim=True))
+    ...         return {"z_loc": z_loc, "z_scale": torch.full_like(z_loc, 0.5),
+    ...                 "l_loc": l_loc, "l_scale": torch.full_like(l_loc, 0.1)}
+    >>> x = torch.poisson(torch.full((4, 6), 3.0)) + 1
+    >>> tr = pyro.poutine.trace(LinearGuide(6, 2)).get_trace(x, torch.zeros(4, dtype=torch.long))
+    >>> tuple(tr.nodes["z"]["value"].shape), tuple(tr.nodes["l"]["value"].shape)
+    ((4, 1, 2), (4, 1))
+    """
+
+    amortized: bool = True
+    static_structure: bool = False
+    n_latent: int
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+    ) -> LatentParams:
+        """Normal parameters of ``q(z)`` (and ``q(l)``) for the cells ``x``."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+        num_cells: int | None = None,
+    ) -> None:
+        """Sample ``z`` and ``l`` for the cells of ``x``; see :meth:`ScviModel.forward`."""
+        register_module("guide", self)
+        q = self.encode(x, batch_index, cell_index)
+        _sample_latents(q, batch_index, cell_index, num_cells)
+
+
+class ScviGuide(Guide):
     """Amortized mean-field guide; call it with the same arguments as :class:`ScviModel`.
 
     Parameters
@@ -107,7 +186,7 @@ class ScviGuide(nn.Module):
         x: torch.Tensor,
         batch_index: torch.Tensor,
         cell_index: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    ) -> LatentParams:
         """Variational parameters ``z_loc``, ``z_scale`` (and ``l_loc``, ``l_scale``).
 
         ``cell_index`` is accepted for a common signature with :class:`PerCellGuide` and
@@ -120,20 +199,8 @@ class ScviGuide(nn.Module):
             out["l_loc"], out["l_scale"] = self.l_encoder(x_log1p, batch_index)
         return out
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch_index: torch.Tensor,
-        cell_index: torch.Tensor | None = None,
-        num_cells: int | None = None,
-    ) -> None:
-        """Sample ``z`` and ``l`` for the cells of ``x``; see :meth:`ScviModel.forward`."""
-        register_module("guide", self)
-        q = self.encode(x, batch_index)
-        _sample_latents(q, batch_index, cell_index, num_cells)
 
-
-class PerCellGuide(nn.Module):
+class PerCellGuide(Guide):
     """Non-amortized mean-field guide: free ``q(z_n)`` and ``q(l_n)`` for each cell ``n``.
 
     ``q(z_n) = Normal(z_loc[n], z_scale[n])`` and ``q(l_n) = Normal(l_loc[n], l_scale[n])``,
@@ -341,25 +408,13 @@ class PerCellGuide(nn.Module):
         x: torch.Tensor,
         batch_index: torch.Tensor,
         cell_index: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+    ) -> LatentParams:
         """``z_loc``, ``z_scale`` (and ``l_loc``, ``l_scale``) of the cells ``cell_index``."""
         rows = self._rows(x.shape[0], cell_index)
         out = {"z_loc": self.z_loc[rows], "z_scale": self.z_log_scale[rows].exp()}
         if self.l_loc is not None:
             out["l_loc"], out["l_scale"] = self.l_loc[rows], self.l_log_scale[rows].exp()
         return out
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch_index: torch.Tensor,
-        cell_index: torch.Tensor | None = None,
-        num_cells: int | None = None,
-    ) -> None:
-        """Sample ``z`` and ``l`` for the cells ``cell_index``; see :meth:`ScviModel.forward`."""
-        register_module("guide", self)
-        q = self.encode(x, batch_index, cell_index)
-        _sample_latents(q, batch_index, cell_index, num_cells)
 
 
 #: What :class:`~pyro_scvi.SCVI` accepts as ``guide=``: a guide module, or a factory

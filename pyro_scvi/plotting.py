@@ -1,4 +1,4 @@
-"""Plots: training curves, posterior predictive checks and volcano plots."""
+"""Plots: training curves, posterior predictive checks, volcano plots and embeddings."""
 
 from __future__ import annotations
 
@@ -306,4 +306,118 @@ def plot_volcano(
         ax.set_xlabel("log2 fold change (posterior mean)")
         ax.set_ylabel("log Bayes factor of DE")
     axes.flat[0].legend(fontsize="small", loc="lower left")
+    return _save(fig, path)
+
+
+def plot_embedding(
+    adata,
+    path: str | os.PathLike | None = None,
+    *,
+    basis: str | None = None,
+    color: str | list[str] | None = None,
+    ncols: int = 2,
+    point_size: float | None = None,
+    max_legend: int = 25,
+):
+    """Scatter a 2-D embedding, one panel per ``obs`` column to colour by.
+
+    Compute the embedding first with :func:`pyro_scvi.tl.embedding`.
+
+    Parameters
+    ----------
+    adata
+        Holds the embedding in ``obsm[basis]``.
+    path
+        If given, save the figure there (PNG), atomically, and close it.
+    basis
+        ``obsm`` key of the 2-D coordinates; default the first of ``X_umap``, ``X_tsne``
+        and ``X_pca2`` (:func:`pyro_scvi.tl.embedding`'s keys) that ``adata`` holds.
+    color
+        ``obs`` column(s): categories get a legend, numbers a colour bar. Default: those
+        of ``cell_type`` and ``batch`` present.
+    ncols
+        Panels per row.
+    point_size
+        Marker size (default: smaller for more cells).
+    max_legend
+        Categories listed in a legend; more are drawn but not listed.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (closed if it was saved).
+
+    Examples
+    --------
+    >>> import anndata, numpy as np, pandas as pd
+    >>> obs = pd.DataFrame({"cell_type": list("ABAB"), "batch": list("xxyy")}, index=list("abcd"))
+    >>> adata = anndata.AnnData(np.zeros((4, 1)), obs=obs)
+    >>> adata.obsm["X_umap"] = np.arange(8.0).reshape(4, 2)
+    >>> fig = plot_embedding(adata)
+    >>> [ax.get_title() for ax in fig.axes]
+    ['cell_type', 'batch']
+    """
+    if basis is None:
+        basis = next((k for k in ("X_umap", "X_tsne", "X_pca2") if k in adata.obsm), "X_umap")
+    if basis not in adata.obsm:
+        raise KeyError(
+            f"basis={basis!r} is not in adata.obsm ({list(adata.obsm.keys())}); compute it "
+            "with pyro_scvi.tl.embedding(adata)."
+        )
+    coords = np.asarray(adata.obsm[basis])[:, :2]
+    keys = [color] if isinstance(color, str) else color
+    if keys is None:
+        keys = [k for k in ("cell_type", "batch") if k in adata.obs]
+    missing = [k for k in keys if k not in adata.obs]
+    if missing:
+        raise KeyError(f"color {missing} not in adata.obs ({list(adata.obs.columns)}).")
+    panels = keys or [None]
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.4 * nrows), dpi=110)
+    axes = np.atleast_1d(axes).ravel()
+    size = point_size or float(np.clip(3000 / max(len(coords), 1), 1.0, 30.0))
+    # a fixed random drawing order: files are often sorted by a category, whose last
+    # group would otherwise cover the rest
+    order = np.random.default_rng(0).permutation(len(coords))
+    for ax, key in zip(axes, panels, strict=False):
+        if key is None:
+            ax.scatter(*coords[order].T, s=size, linewidths=0)
+        else:
+            values = adata.obs[key]
+            if pd.api.types.is_numeric_dtype(values) and not isinstance(
+                values.dtype, pd.CategoricalDtype
+            ):
+                points = ax.scatter(
+                    *coords[order].T, c=values.to_numpy()[order], s=size, linewidths=0
+                )
+                fig.colorbar(points, ax=ax, shrink=0.8)
+            else:
+                labels = values.astype(str).to_numpy()
+                names = list(dict.fromkeys(sorted(set(labels))))
+                cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+                codes = np.array([names.index(v) for v in labels])
+                ax.scatter(
+                    *coords[order].T,
+                    c=[cmap(c % cmap.N) for c in codes[order]],
+                    s=size,
+                    linewidths=0,
+                )
+                handles = [
+                    plt.Line2D([], [], ls="", marker="o", color=cmap(i % cmap.N), label=name)
+                    for i, name in enumerate(names[:max_legend])
+                ]
+                ax.legend(
+                    handles=handles,
+                    loc="center left",
+                    bbox_to_anchor=(1.0, 0.5),
+                    fontsize=7,
+                    frameon=False,
+                    title=None if len(names) <= max_legend else f"first {max_legend}",
+                )
+            ax.set_title(key)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlabel(f"{basis}1"), ax.set_ylabel(f"{basis}2")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     return _save(fig, path)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pyro
+import scipy.sparse as sp
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
@@ -151,6 +152,130 @@ def sample_posterior(
                 else:
                     out[s].append(decoded[s].cpu().numpy())
     return {s: np.concatenate(v, axis=1) for s, v in out.items() if v}
+
+
+class _RecordingLikelihood:
+    """A likelihood that records the arguments of each call and answers as ``inner``."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name: str):  # uses_dispersion, uses_gate, ...
+        return getattr(self.inner, name)
+
+    def __call__(self, mu, theta, gate_logits):
+        self.calls.append((mu, theta, gate_logits))
+        return self.inner(mu, theta, gate_logits)
+
+
+def likelihood_parameters(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 1,
+    batch_size: int = 256,
+    device="cpu",
+) -> dict[str, np.ndarray]:
+    """The parameters the model hands its count likelihood, at posterior draws.
+
+    For each of ``n_samples`` draws of ``z`` (and ``l``) from the guide, the model is run and
+    the arguments of its ``likelihood(mu, theta, gate_logits)`` call are recorded, so this
+    works for any :class:`~pyro_scvi.likelihoods.Likelihood`.
+
+    Returns
+    -------
+    dict
+        ``mean`` (``mu = exp(l) * rho``), ``dispersions`` (``theta``, if the likelihood
+        uses it) and ``dropout`` (the zero-inflation logits, if it uses them), each
+        ``(n_samples, cells, genes)``; scvi-tools' names.
+    """
+    keys = ("mean", "dispersions", "dropout")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    original = model.likelihood
+    recording = _RecordingLikelihood(original)
+    calls = recording.calls
+    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+        model.likelihood = recording
+        try:
+            for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
+                latent = sample_guide(model, guide, x, b, n_samples, cells)
+                calls.clear()
+                decode(model, latent, x, b, ("x",))
+                mu = calls[-1][0]
+                for key, value in zip(keys, calls[-1], strict=True):
+                    if value is not None:
+                        out[key].append(value.expand_as(mu).cpu().numpy())
+        finally:
+            model.likelihood = original
+    return {k: np.concatenate(v, axis=1) for k, v in out.items() if v}
+
+
+def latent_library_size(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    give_mean: bool = True,
+    batch_size: int = 1024,
+    device="cpu",
+) -> np.ndarray:
+    """Library size ``exp(l)`` of each cell under the guide, ``(cells,)``.
+
+    ``give_mean``: the posterior mean ``E_q[exp(l)] = exp(l_loc + l_scale**2 / 2)`` (q(l)
+    is Normal, so exp(l) is log-normal); otherwise one draw. A model that observes the
+    library size (``use_observed_lib_size``) returns each cell's total count.
+    """
+    out = []
+    with torch.no_grad(), _eval_mode(model, guide):
+        for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
+            if getattr(model, "use_observed_lib_size", False):
+                size = x.sum(-1)
+            else:
+                q = guide.encode(x, b, cells)
+                loc, scale = q["l_loc"].squeeze(-1), q["l_scale"].squeeze(-1)
+                if give_mean:
+                    size = torch.exp(loc + scale**2 / 2)
+                else:
+                    size = torch.exp(loc + scale * torch.randn_like(loc))
+            out.append(size.cpu().numpy())
+    return np.concatenate(out)
+
+
+def posterior_predictive_counts(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 1,
+    batch_size: int = 256,
+    device="cpu",
+) -> list[sp.csr_matrix]:
+    """Replicated counts ``x~ ~ p(x~ | z, l)``, ``(z, l) ~ q``, as sparse matrices.
+
+    One CSR matrix ``(cells, genes)`` per draw. Each pass's draws are made sparse before the
+    next pass, so memory holds one pass dense (``batch_size x n_samples x genes``) plus
+    the non-zero counts.
+    """
+    parts: list[list[sp.csr_matrix]] = [[] for _ in range(n_samples)]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        x = sample_posterior(
+            model,
+            guide,
+            data,
+            chunk,
+            n_samples=n_samples,
+            sites=("x",),
+            batch_size=batch_size,
+            device=device,
+        )["x"]
+        for s in range(n_samples):
+            parts[s].append(sp.csr_matrix(x[s].astype(np.float32)))
+    return [sp.vstack(p, format="csr") for p in parts]
 
 
 def normalized_expression(

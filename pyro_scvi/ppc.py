@@ -313,7 +313,7 @@ def posterior_predictive_check(
     Parameters
     ----------
     model
-        A trained :class:`~pyro_scvi.SCVI`.
+        A trained :class:`~pyro_scvi.SCVI`, or any :class:`~pyro_scvi.fitted.Fitted`.
     adata, n_samples, indices, batch_size, seed
         Passed to :func:`~pyro_scvi.convert.to_inference_data`.
 

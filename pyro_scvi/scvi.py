@@ -13,12 +13,14 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyro
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from pyro.infer import ELBO
@@ -83,6 +85,25 @@ def _attach_vamp_prior(prior: VampPrior, guide: torch.nn.Module, data: CountData
     cells = np.sort(np.random.default_rng(0).choice(n, size=k, replace=n < k))
     x, b = data.tensors(cells)
     prior.attach_encoder(encoder, torch.log1p(x), b)
+
+
+def _warn_unimportable(model: SCVI) -> None:
+    """Warn when a saved component's class or function lives in ``__main__``."""
+    from .pickling import main_module_names
+
+    pickled = [model.model.prior, model.model.library_prior, model.model.likelihood]
+    if type(model.guide) is not ScviGuide:
+        pickled.append(model.guide)
+    names = main_module_names(pickled)
+    if names:
+        warnings.warn(
+            f"The model is saved, but {', '.join(names)} is defined in __main__ (a script, "
+            "notebook or `python -c`), so no other process can load it: pickle stores it by "
+            "module and name. Move it to a module you can import (e.g. my_priors.py) and "
+            "import it from there before saving.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class SCVI:
@@ -238,6 +259,51 @@ class SCVI:
         self.validation_indices = np.arange(0)
         self.is_trained = False
 
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model: SCVI | str | os.PathLike) -> SCVI:
+        """A model of new batches mapped onto a trained reference (scArches-style).
+
+        The query's batches are appended to the reference's; every reference weight is
+        fixed, and only the weights the new batches feed (their columns of each network's
+        first layer) train, so the reference cells' latent space and decoding are exactly
+        the reference's. See :mod:`pyro_scvi.query` for the surgery and its reference.
+
+        Parameters
+        ----------
+        adata
+            The query's raw counts: the reference's genes, in order, and its ``batch_key``
+            column, with at least one batch the reference does not know.
+        reference_model
+            A trained :class:`SCVI` set up with a ``batch_key``, or the directory it was
+            saved to. It is not modified.
+
+        Returns
+        -------
+        SCVI
+            A model of ``adata``'s cells; call :meth:`train` on it, then query it as any
+            model (the reference's batches stay valid for ``transform_batch``). Saved,
+            it loads as an ordinary model of all the batches.
+
+        Examples
+        --------
+        >>> import numpy as np, pyro_scvi
+        >>> sim = pyro_scvi.datasets.synthetic_zinb(n_cells=200, n_genes=20, n_batches=3)
+        >>> is_query = (sim.obs["batch"] == "batch2").to_numpy()
+        >>> ref, query = sim[~is_query].copy(), sim[is_query].copy()
+        >>> reference = pyro_scvi.SCVI(ref, batch_key="batch", n_latent=2, n_hidden=16)
+        >>> reference = reference.train(max_epochs=2, progress_bar=False)
+        >>> mapped = pyro_scvi.SCVI.load_query_data(query, reference)
+        >>> mapped = mapped.train(max_epochs=2, progress_bar=False)
+        >>> mapped.batch_categories, [n for n, _ in mapped.guide.named_parameters()][:1]
+        (('batch0', 'batch1', 'batch2'), ['z_encoder.body.0.weight_new'])
+        >>> bool(np.allclose(mapped.get_latent_representation(ref),
+        ...                  reference.get_latent_representation(ref), atol=1e-6))
+        True
+        """
+        from .query import load_query_data
+
+        return load_query_data(cls, adata, reference_model)
+
     # ------------------------------------------------------------------ properties
     @property
     def var_names(self) -> pd.Index:
@@ -248,6 +314,24 @@ class SCVI:
     def batch_categories(self) -> tuple[str, ...]:
         """Batches the model knows, in code order."""
         return self.data.batch_categories
+
+    @property
+    def heldout_adata(self) -> AnnData:
+        """The cells :meth:`train` held out for validation, as a view of :attr:`adata`.
+
+        Empty before training or with ``train_size=1``. A view costs no memory; call
+        ``.copy()`` on it before writing to it.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=50, n_genes=10, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> model = model.train(max_epochs=1, train_size=0.8, progress_bar=False)
+        >>> model.heldout_adata.n_obs
+        10
+        """
+        return self.adata[self.validation_indices]
 
     def __repr__(self) -> str:
         d = self.data
@@ -336,7 +420,7 @@ class SCVI:
         if seed is not None:
             pyro.set_rng_seed(seed)
         if not self.is_trained:
-            if seed is not None:
+            if seed is not None and getattr(self, "_reset_on_first_train", True):
                 # Initialize the networks from the seed too, so a fresh model trained with
                 # the same seed gives the same result whatever ran before it.
                 _reset_parameters(self.model, self.guide)
@@ -396,7 +480,12 @@ class SCVI:
         self.is_trained = True
 
     # ------------------------------------------------------------------ queries
-    def _data_for(self, adata: AnnData | None) -> CountData:
+    def data_for(self, adata: AnnData | None = None) -> CountData:
+        """The counts of ``adata`` (default: the model's cells) coded as the model codes them.
+
+        ``adata`` needs the model's genes, in order, and only batches it knows. This is
+        the :class:`pyro_scvi.fitted.Fitted` contract the analyses rely on.
+        """
         if adata is None or adata is self.adata:
             return self.data
         if not getattr(self.guide, "amortized", True):
@@ -456,7 +545,7 @@ class SCVI:
             ``(cells, n_latent)``, or ``(n_samples, cells, n_latent)`` when sampling.
             Store it as ``adata.obsm["X_pyro_scvi"]``.
         """
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         idx = np.arange(data.n_cells)
         if give_mean:
             return posterior.latent_mean(
@@ -508,7 +597,7 @@ class SCVI:
         """
         if not (library_size == "latent" or float(library_size) > 0):
             raise InputError(f"library_size={library_size!r}; use a positive number or 'latent'.")
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         samples = posterior.normalized_expression(
             self.model,
             self.guide,
@@ -564,7 +653,7 @@ class SCVI:
         ['elbo', 'marginal_ll', 'reconstruction_error']
         """
         _check_positive(n_samples=n_samples, batch_size=batch_size)
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         with posterior.seeded(seed, self.device):
             stats = posterior.fit_statistics(
                 self.model,
@@ -756,7 +845,7 @@ class SCVI:
                 )
             data, idx = self.data, self.validation_indices
         else:
-            data = self._data_for(adata)
+            data = self.data_for(adata)
             idx = np.arange(data.n_cells)
         with pyro.get_param_store().scope():
             return amortization_gap(
@@ -830,7 +919,7 @@ class SCVI:
                 f"transform_batch={transform_batch!r}: posterior samples decode under one "
                 "batch; pass a single batch name."
             )
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         with posterior.seeded(seed, self.device):
             return posterior.sample_posterior(
                 self.model,
@@ -843,6 +932,176 @@ class SCVI:
                 batch_size=batch_size,
                 device=self.device,
             )
+
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int = 256,
+        seed: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of each cell's count distribution at posterior draws (scvi-tools' name).
+
+        Parameters
+        ----------
+        adata
+            Cells to query (default: the training AnnData).
+        n_samples
+            Draws of ``z`` (and ``l``) from the guide.
+        give_mean
+            Average over the draws.
+        batch_size
+            Cells per pass.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        dict
+            ``mean`` (``exp(l) * rho``, the count mean before zero inflation),
+            ``dispersions`` (inverse dispersion ``theta``; NB and ZINB) and ``dropout``
+            (zero-inflation logits; ZINB and ZIP): ``(cells, genes)`` arrays when
+            ``n_samples == 1`` or ``give_mean``, else ``(n_samples, cells, genes)``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> p = model.get_likelihood_parameters(seed=0)
+        >>> sorted(p), p["mean"].shape
+        (['dispersions', 'dropout', 'mean'], (40, 15))
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        data = self.data_for(adata)
+        with posterior.seeded(seed, self.device):
+            params = posterior.likelihood_parameters(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                n_samples=n_samples,
+                batch_size=batch_size,
+                device=self.device,
+            )
+        if give_mean or n_samples == 1:
+            return {k: v.mean(0) for k, v in params.items()}
+        return params
+
+    def get_latent_library_size(
+        self,
+        adata: AnnData | None = None,
+        *,
+        give_mean: bool = True,
+        batch_size: int = 1024,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Each cell's library size ``exp(l)`` under the posterior (scvi-tools' name).
+
+        Parameters
+        ----------
+        adata
+            Cells to query (default: the training AnnData).
+        give_mean
+            The posterior mean ``E_q[exp(l)]``; otherwise one draw from q.
+        batch_size
+            Cells per pass.
+        seed
+            Seed for the draw (``give_mean=False``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(cells,)``, in counts. With ``use_observed_lib_size``, the observed totals.
+
+        Examples
+        --------
+        >>> import numpy as np, pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> size = model.get_latent_library_size()
+        >>> size.shape, bool((size > 0).all())
+        ((40,), True)
+        """
+        _check_positive(batch_size=batch_size)
+        data = self.data_for(adata)
+        with posterior.seeded(seed, self.device):
+            return posterior.latent_library_size(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                give_mean=give_mean,
+                batch_size=batch_size,
+                device=self.device,
+            )
+
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int = 256,
+        seed: int | None = None,
+    ) -> sp.csr_matrix | list[sp.csr_matrix]:
+        """Replicated count matrices from the posterior predictive, sparse (scvi-tools' name).
+
+        Each draw takes ``(z, l) ~ q(z, l | x)`` and then ``x~ ~ p(x | z, l)``, with
+        :class:`pyro.infer.Predictive` (see :func:`pyro_scvi.posterior.sample_posterior`).
+
+        Parameters
+        ----------
+        adata
+            Cells to replicate (default: the training AnnData).
+        n_samples
+            Replicate datasets.
+        gene_list
+            Genes to keep (default: all), in the order given.
+        batch_size
+            Cells per pass; memory holds one pass dense.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix or list of them
+            ``(cells, genes)`` counts: one matrix when ``n_samples == 1``, else a list of
+            ``n_samples``. Put one in an AnnData with ``anndata.AnnData(x,
+            obs=adata.obs, var=adata.var)``.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> x = model.posterior_predictive_sample(seed=0)
+        >>> x.shape, x.format
+        ((40, 15), 'csr')
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        data = self.data_for(adata)
+        columns = None
+        if gene_list is not None:
+            unknown = [g for g in gene_list if g not in data.var_names]
+            if unknown:
+                raise InputError(f"gene_list has genes the model does not know: {unknown[:5]}.")
+            columns = data.var_names.get_indexer(list(gene_list))
+        with posterior.seeded(seed, self.device):
+            draws = posterior.posterior_predictive_counts(
+                self.model,
+                self.guide,
+                data,
+                np.arange(data.n_cells),
+                n_samples=n_samples,
+                batch_size=batch_size,
+                device=self.device,
+            )
+        if columns is not None:
+            draws = [d[:, columns] for d in draws]
+        return draws[0] if n_samples == 1 else draws
 
     def impute(
         self,
@@ -895,7 +1154,7 @@ class SCVI:
         if not 0 < credible_level < 1:
             raise InputError(f"credible_level={credible_level}; it must be in (0, 1).")
         codes = self._batch_codes(transform_batch)
-        data = self._data_for(adata)
+        data = self.data_for(adata)
         tail = (1.0 - credible_level) / 2
         keys = {"lower": posterior.quantile_key(tail), "upper": posterior.quantile_key(1 - tail)}
         parts: dict[str, list[np.ndarray]] = {"mean": [], "lower": [], "upper": []}
@@ -992,6 +1251,7 @@ class SCVI:
                     "the model cannot be saved: define its function at module level, or "
                     "subclass pyro_scvi.Prior / LibraryPrior."
                 ) from err
+        _warn_unimportable(self)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:

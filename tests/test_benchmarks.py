@@ -131,3 +131,22 @@ def test_out_of_core_smoke(tmp_path):
         assert r["latent_finite"] and r["peak_rss_mib"] > 0
         expected = "streamed: asked for" if r["mode"] == "streamed" else "memory: asked for"
         assert r["data_source"] == expected
+
+
+def test_query_mapping_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "query_mapping.py"), "--smoke"]
+    proc = subprocess.run(
+        [*cmd, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    # 0: criteria met; 2: not met (2 epochs on 300 cells); 1: a failure
+    assert proc.returncode in (0, 2), proc.stderr[-3000:]
+    results = json.loads((tmp_path / "query_mapping_smoke.json").read_text())
+    (row,) = results["rows"]
+    assert row["query_donor"] == "batch2" and row["reference_cells_unchanged"]
+    assert row["query_cells"] + row["test_cells"] == row["n_query_donor_cells"]
+    for side in ("mapped", "full"):
+        for key in ("ari", "entropy_donors", "entropy_query", "heldout_ll"):
+            assert math.isfinite(row[side][key]), (side, key)
+        assert 0 <= row[side]["label_transfer_accuracy"] <= 1
+    assert set(row["criteria_met"]) == {"ari", "entropy_donors", "entropy_query", "heldout_ll_rel"}
+    assert (tmp_path / "query_mapping_smoke.md").exists() and "mapped / full" in proc.stdout

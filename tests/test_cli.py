@@ -460,3 +460,27 @@ def test_fit_engine_options_are_recorded_with_the_run(h5ad, tmp_path):
     assert int(recorded["threads"]) == 1
     saved = json.loads((tmp_path / "out_model" / "settings.json").read_text())
     assert saved["engine"]["fused_adam"] is False
+
+
+def test_help_imports_nothing_heavy():
+    """`pyro-scvi --help` answers without importing torch, Pyro, numpy or AnnData."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from pyro_scvi.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'pyro', 'numpy', 'anndata') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_likelihood_choices_match_the_likelihoods():
+    from pyro_scvi.cli import LIKELIHOOD_NAMES
+    from pyro_scvi.likelihoods import LIKELIHOODS
+
+    assert sorted(LIKELIHOOD_NAMES) == sorted(LIKELIHOODS)

@@ -9,6 +9,7 @@ from pyro.infer import Trace_ELBO
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+import pyro_scvi
 from pyro_scvi import SCVI, InputError
 from pyro_scvi.datasets import synthetic_zinb
 from pyro_scvi.guide import PerCellGuide, ScviGuide, build_guide
@@ -195,3 +196,50 @@ def test_per_cell_guide_save_and_load(per_cell_fit, tmp_path):
 def test_param_store_left_clean(per_cell_fit):
     per_cell_fit.get_fit_statistics(n_samples=2)
     assert not list(pyro.get_param_store().keys())
+
+
+# ---------------------------------------------------------------------- a guide of one's own
+class LinearGuide(pyro_scvi.Guide):
+    """q(z) linear in the log counts with learned scales; q(l) at the observed library."""
+
+    def __init__(self, n_genes, n_latent):
+        super().__init__()
+        self.n_latent = n_latent
+        self.loc = torch.nn.Linear(n_genes, n_latent)
+        self.log_scale = torch.nn.Parameter(torch.full((n_latent,), -1.0))
+        self.l_log_scale = torch.nn.Parameter(torch.tensor(-2.0))
+
+    def encode(self, x, batch_index, cell_index=None):
+        z_loc = self.loc(torch.log1p(x))
+        l_loc = torch.log(x.sum(-1, keepdim=True).clamp(min=1.0))
+        return {
+            "z_loc": z_loc,
+            "z_scale": self.log_scale.exp().expand_as(z_loc),
+            "l_loc": l_loc,
+            "l_scale": self.l_log_scale.exp().expand_as(l_loc),
+        }
+
+
+def test_a_guide_of_ones_own_works_everywhere(small_adata, tmp_path):
+    guide = LinearGuide(small_adata.n_vars, 3)
+    m = SCVI(small_adata, batch_key="batch", guide=guide, n_latent=3, n_hidden=16)
+    m.train(max_epochs=3, lr=1e-2, progress_bar=False)
+    assert m.guide is guide and guide.loc.weight.grad is None  # trained, then zeroed
+    assert m.engine["compiled"] is False  # it did not declare static_structure
+    history = m.history["validation_elbo"].to_numpy()
+    assert np.isfinite(history).all() and history[-1] > history[0]
+    z = m.get_latent_representation()
+    with torch.no_grad():
+        expected = guide.loc(torch.log1p(torch.as_tensor(small_adata.X.toarray())))
+    np.testing.assert_allclose(z, expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert m.get_likelihood_parameters(seed=0)["mean"].shape == small_adata.shape
+    assert np.isfinite(m.get_marginal_ll(n_samples=5, seed=0))
+    m.save(tmp_path / "m")
+    loaded = SCVI.load(tmp_path / "m", small_adata)
+    assert type(loaded.guide) is LinearGuide
+    np.testing.assert_allclose(loaded.get_latent_representation(), z, rtol=1e-6)
+
+
+def test_guide_base_needs_encode():
+    with pytest.raises(NotImplementedError):
+        pyro_scvi.Guide()(torch.ones(2, 3), torch.zeros(2, dtype=torch.long))

@@ -6,7 +6,9 @@ import io
 import json
 import math
 
+import anndata
 import numpy as np
+import pandas as pd
 import pyro
 import pytest
 import scipy.sparse as sp
@@ -357,24 +359,55 @@ def saved(trained, tmp_path_factory):
     return tmp / "model", h5ad
 
 
-def test_evaluate_cli_prints_json(saved, trained):
+def test_evaluate_cli_prints_a_summary_of_all_cells(saved, trained, tmp_path):
     model_dir, h5ad = saved
-    status, out, err = _run(["evaluate", model_dir, h5ad, "--n-samples", "20", "--device", "cpu"])
+    per_cell = tmp_path / "per_cell.csv"
+    argv = ["evaluate", model_dir, h5ad, "--n-samples", "20", "--device", "cpu", "--cells", "all"]
+    status, out, err = _run([*argv, "--per-cell", per_cell])
     assert status == 0, err
+    assert len(out) < 2000  # a summary, not a per-cell dump
     result = json.loads(out)
     n = trained.data.n_cells
-    assert result["n_cells"] == n and result["n_samples"] == 20
-    for key in ("elbo_mean", "marginal_ll_mean", "reconstruction_error_mean"):
-        assert isinstance(result[key], float) and math.isfinite(result[key])
+    assert result["n_cells"] == n and result["n_samples"] == 20 and result["cells"] == "all"
+    for key in ("elbo", "marginal_ll", "reconstruction_error"):
+        for stat in ("mean", "sd", "sem"):
+            value = result[f"{key}_{stat}"]
+            assert isinstance(value, float) and math.isfinite(value), (key, stat)
     assert result["marginal_ll_mean"] >= result["elbo_mean"]
-    per_cell = result["per_cell"]
-    assert per_cell["obs_names"] == list(trained.adata.obs_names)
-    assert len(per_cell["elbo"]) == len(per_cell["marginal_ll"]) == n
-    assert all(math.isfinite(v) for v in per_cell["elbo"] + per_cell["marginal_ll"])
+    table = pd.read_csv(per_cell, index_col="cell")
+    assert list(table.index) == list(trained.adata.obs_names)
+    assert np.isfinite(table.to_numpy()).all()
     # the same numbers as the Python API with the CLI's defaults (seed 0, 64 cells a pass)
     api = trained.get_fit_statistics(n_samples=20, seed=0)
-    np.testing.assert_allclose(per_cell["marginal_ll"], api["marginal_ll"], rtol=1e-6)
+    np.testing.assert_allclose(table["marginal_ll"], api["marginal_ll"], rtol=1e-6)
     assert result["elbo_mean"] == pytest.approx(api["elbo"].mean(), rel=1e-6)
+    assert result["elbo_sem"] == pytest.approx(api["elbo"].std() / np.sqrt(n), rel=1e-6)
+
+
+def test_evaluate_cli_scores_heldout_cells_by_default(tmp_path):
+    adata = synthetic_zinb(n_cells=100, n_genes=20, n_batches=2, seed=1)
+    trained = SCVI(adata, batch_key="batch", n_latent=2, n_hidden=16)
+    trained.train(max_epochs=2, train_size=0.8, progress_bar=False)
+    model_dir, h5ad = tmp_path / "model", tmp_path / "cells.h5ad"
+    trained.save(model_dir)
+    adata.write_h5ad(h5ad)
+    out_h5ad = tmp_path / "heldout.h5ad"
+    argv = ["evaluate", model_dir, h5ad, "--n-samples", "20", "--per-cell", out_h5ad]
+    status, out, err = _run(argv)
+    assert status == 0, err
+    result = json.loads(out)
+    heldout = trained.adata.obs_names[trained.validation_indices]
+    assert result["cells"] == "heldout" and result["n_cells"] == len(heldout) > 0
+    scored = anndata.read_h5ad(out_h5ad)
+    assert list(scored.obs_names) == list(heldout)
+    api = trained.get_fit_statistics(trained.heldout_adata, n_samples=20, seed=0)
+    np.testing.assert_allclose(scored.obs["pyro_scvi_elbo"], api["elbo"], rtol=1e-6)
+    assert result["marginal_ll_mean"] == pytest.approx(api["marginal_ll"].mean(), rel=1e-6)
+    # held-out scoring needs the data the model was fitted to
+    other = tmp_path / "other.h5ad"
+    trained.adata[:10].copy().write_h5ad(other)
+    status, out, err = _run(["evaluate", model_dir, other])
+    assert status == 2 and out == "" and "--cells all" in err
 
 
 def test_evaluate_cli_errors_cleanly(saved, trained, tmp_path):
@@ -388,3 +421,62 @@ def test_evaluate_cli_errors_cleanly(saved, trained, tmp_path):
     assert status == 2 and out == "" and "No saved model" in err
     status, out, err = _run(["evaluate", model_dir, h5ad, "--n-samples", "0"])
     assert status == 2 and out == "" and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- scvi-tools names
+def test_likelihood_parameters_are_what_the_model_hands_its_likelihood(trained):
+    p = trained.get_likelihood_parameters(n_samples=200, give_mean=True, seed=0)
+    n, g = trained.data.n_cells, trained.data.n_genes
+    assert {k: v.shape for k, v in p.items()} == {k: (n, g) for k in p}
+    assert sorted(p) == ["dispersions", "dropout", "mean"]
+    # gene dispersion: theta is the model's parameter, the same for every cell
+    theta = trained.model.log_theta.detach().exp().numpy()
+    np.testing.assert_allclose(p["dispersions"], np.broadcast_to(theta, (n, g)), rtol=1e-5)
+    # mu = exp(l) * rho sums over genes to exp(l): its posterior mean is E_q[exp(l)]
+    library = trained.get_latent_library_size()
+    np.testing.assert_allclose(p["mean"].sum(1), library, rtol=0.05)
+    draws = trained.get_likelihood_parameters(n_samples=3, seed=0)
+    assert draws["mean"].shape == (3, n, g)
+    again = trained.get_likelihood_parameters(n_samples=3, seed=0)
+    np.testing.assert_array_equal(draws["dropout"], again["dropout"])
+
+
+def test_likelihood_parameters_follow_the_likelihood(small_adata):
+    from pyro_scvi import Poisson
+
+    m = SCVI(small_adata, likelihood=Poisson(), n_latent=2, n_hidden=8)
+    assert sorted(m.get_likelihood_parameters(seed=0)) == ["mean"]
+
+
+def test_latent_library_size_tracks_observed_totals(trained):
+    observed = np.asarray(trained.adata.X.sum(1)).ravel()
+    size = trained.get_latent_library_size()
+    assert size.shape == observed.shape and (size > 0).all()
+    # E_q[exp(l)] of q(l) = Normal(l_loc, l_scale): the log-normal mean
+    x, b = trained.data.tensors(np.arange(trained.data.n_cells))
+    trained.guide.eval()
+    with torch.no_grad():
+        q = trained.guide.encode(x, b)
+    trained.guide.train()
+    expected = torch.exp(q["l_loc"] + q["l_scale"] ** 2 / 2).squeeze(-1).numpy()
+    np.testing.assert_allclose(size, expected, rtol=1e-5)
+    assert 0.8 < np.median(size / observed) < 1.25
+    assert np.corrcoef(np.log(size), np.log(observed))[0, 1] > 0.5
+    drawn = trained.get_latent_library_size(give_mean=False, seed=0)
+    assert not np.allclose(drawn, size) and np.corrcoef(drawn, size)[0, 1] > 0.5
+
+
+def test_posterior_predictive_sample_is_sparse_counts_like_the_data(trained):
+    x = trained.posterior_predictive_sample(seed=0)
+    assert sp.isspmatrix_csr(x) and x.shape == trained.adata.shape
+    assert np.array_equal(x.data, np.round(x.data)) and (x.data > 0).all()
+    draws = trained.posterior_predictive_sample(n_samples=20, seed=1)
+    assert len(draws) == 20 and all(d.shape == x.shape for d in draws)
+    replicated = np.mean([np.asarray(d.mean(0)).ravel() for d in draws], axis=0)
+    observed = np.asarray(trained.adata.X.mean(0)).ravel()
+    assert np.corrcoef(np.log1p(replicated), np.log1p(observed))[0, 1] > 0.95
+    genes = list(trained.adata.var_names[[5, 2]])
+    sub = trained.posterior_predictive_sample(gene_list=genes, seed=0)
+    np.testing.assert_array_equal(sub.toarray(), x[:, [5, 2]].toarray())
+    with pytest.raises(InputError, match="does not know"):
+        trained.posterior_predictive_sample(gene_list=["nope"])

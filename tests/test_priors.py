@@ -216,7 +216,7 @@ def test_readme_extending_example_runs(small_adata):
     code = readme.split("## Extending")[1].split("```python\n")[1].split("```")[0]
     namespace = {"pyro_scvi": pyro_scvi, "adata": small_adata}
     exec(code, namespace)
-    prior = namespace["model"].model.prior
+    prior = namespace["hier"].model.prior
     assert type(prior).__name__ == "HierarchicalNormal" and prior.m.abs().sum() > 0
 
 
