@@ -58,9 +58,22 @@ def worker(path: str, streamed: bool, epochs: int, out: str) -> None:
         "latent_finite": bool(np.isfinite(z).all()),
         "validation_elbo_per_cell": float(model.history["validation_elbo"].iloc[-1]),
         "data_source": model.engine["reasons"]["data_source"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
     Path(out).write_text(json.dumps(result))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``), MiB.
+
+    Not ``ru_maxrss``: Linux carries that over fork and exec, so a worker started by a
+    parent that once held more would report the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(path: Path, streamed: bool, epochs: int) -> dict[str, Any]:
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             path = folder / f"synthetic_{n}x{args.genes}.h5ad"
             if not path.exists():
                 start = time.perf_counter()
-                write_synthetic_h5ad(path, n, args.genes, seed=0)
+                write_synthetic_h5ad(path, n, args.genes, seed=0, chunk=10_000)
                 print(f"wrote {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
             epochs = args.epochs_1m if n >= 1_000_000 else args.epochs
             modes = [("streamed", True)] + (
