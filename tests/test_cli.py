@@ -124,8 +124,8 @@ def test_fit_writes_a_png_training_curve(fitted):
 
 def test_fit_saves_a_loadable_model_with_the_stored_latent_space(fitted):
     model_dir = fitted["out"].with_name("out_model")
-    settings = json.loads((model_dir / "settings.json").read_text())
-    assert settings["n_genes"] == N_GENES and settings["n_latent"] == 3
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["n_genes"] == N_GENES and manifest["settings"]["n_latent"] == 3
     adata = fitted["adata"]
     model = SCVI.load(model_dir, adata, device="cpu")
     assert model.is_trained and len(model.history) == 2
@@ -458,5 +458,5 @@ def test_fit_engine_options_are_recorded_with_the_run(h5ad, tmp_path):
     recorded = anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["engine"]
     assert not recorded["fused_adam"] and not recorded["compiled"]
     assert int(recorded["threads"]) == 1
-    saved = json.loads((tmp_path / "out_model" / "settings.json").read_text())
+    saved = json.loads((tmp_path / "out_model" / "manifest.json").read_text())
     assert saved["engine"]["fused_adam"] is False

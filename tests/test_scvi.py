@@ -93,7 +93,7 @@ def test_save_is_atomic_and_refuses_to_clobber(trained, tmp_path):
         trained.save(target)
     trained.save(target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left over
-    assert sorted(p.name for p in target.iterdir()) == ["model.pt", "settings.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "model.pt"]
 
 
 def test_load_errors(trained, tmp_path):
