@@ -126,7 +126,8 @@ def from_anndata(
     batch_categories
         Known batches (for a trained model): every cell's batch must be one of them.
     var_names
-        Known genes, in order (for a trained model): ``adata`` must have exactly these.
+        Known genes, in order (for a trained model): ``adata`` must have exactly these, in
+        any order; the counts come out in this order.
     allow_empty_cells
         Accept cells with zero total counts (used for queries, never for training).
 
@@ -140,7 +141,8 @@ def from_anndata(
     InputError
         With a message naming the fix, for: a missing layer or batch key, an empty matrix,
         non-numeric, negative, non-integer, NaN or infinite values, cells with no counts,
-        and genes or batches that a trained model does not know.
+        duplicated gene names, and genes or batches that a trained model does not know.
+        (A trained model's genes in another order are matched by name.)
 
     Examples
     --------
@@ -154,10 +156,13 @@ def from_anndata(
         raise InputError(
             f"Expected an AnnData, got {type(adata).__name__}; read one with anndata.read_h5ad."
         )
-    if var_names is not None:
-        _check_genes(adata, var_names)
+    _check_unique_genes(adata)
+    columns = _gene_columns(adata, var_names) if var_names is not None else None
     X = _get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    if columns is not None:
+        # the model's genes, in its order; indexing makes a new matrix, adata is untouched
+        X = (sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X))[:, columns]
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise InputError(
             f"{where} is empty ({X.shape[0]} cells x {X.shape[1]} genes); "
@@ -179,7 +184,7 @@ def from_anndata(
         batch_index=batch_index,
         batch_categories=categories,
         obs_names=adata.obs_names.copy(),
-        var_names=adata.var_names.copy(),
+        var_names=adata.var_names.copy() if columns is None else pd.Index(var_names),
     )
 
 
@@ -273,22 +278,54 @@ def _batch_codes(
     return codes, cats
 
 
-def _check_genes(adata: AnnData, var_names: Sequence[str]) -> None:
+def _check_unique_genes(adata: AnnData) -> None:
+    names = adata.var_names
+    if names.is_unique:
+        return
+    dups = list(names[names.duplicated()].unique()[:3])
+    raise InputError(
+        f"adata.var_names has {int(names.duplicated().sum())} duplicated gene names (e.g. "
+        f"{dups}); genes are matched by name, so each name must be unique. Make them unique "
+        "first: `adata.var_names_make_unique()`."
+    )
+
+
+def require_unique_obs_names(obs_names: pd.Index, what: str) -> None:
+    """Refuse duplicated cell names where results are keyed by them (``what`` says where)."""
+    if obs_names.is_unique:
+        return
+    dups = list(obs_names[obs_names.duplicated()].unique()[:3])
+    raise InputError(
+        f"adata.obs_names has {int(obs_names.duplicated().sum())} duplicated cell names (e.g. "
+        f"{dups}), but {what} is keyed by cell name. Make them unique first: "
+        "`adata.obs_names_make_unique()`."
+    )
+
+
+def _gene_columns(adata: AnnData, var_names: Sequence[str]) -> np.ndarray | None:
+    """Columns of ``adata`` holding the model's genes in its order (``None``: as they are).
+
+    Genes are matched by name, so a query with the model's genes in another order is
+    reordered; missing or extra genes are an error naming the fix.
+    """
     expected = pd.Index(var_names)
     if adata.var_names.equals(expected):
-        return
+        return None
     missing = expected.difference(adata.var_names)
     extra = adata.var_names.difference(expected)
     if len(missing) == 0 and len(extra) == 0:
+        return adata.var_names.get_indexer(expected)
+    if len(missing):
         raise InputError(
-            "adata has the model's genes in another order; reorder with "
-            "`adata = adata[:, model.var_names]`."
+            f"adata's genes differ from the model's: {len(missing)} of its {len(expected)} "
+            f"genes are missing (e.g. "
+            f"{list(missing[:3])}); the model needs every gene it was trained on. Query with "
+            "an AnnData that has them all (e.g. the same gene selection as for training)."
         )
     raise InputError(
-        f"adata's genes differ from the model's: {len(missing)} of the model's "
-        f"{len(expected)} genes are missing (e.g. {list(missing[:3])}) and {len(extra)} are "
-        f"extra (e.g. {list(extra[:3])}). Use the genes the model was trained on: "
-        "`adata = adata[:, model.var_names]`."
+        f"adata's genes differ from the model's: {len(extra)} genes are extra (e.g. "
+        f"{list(extra[:3])}). Select the model's genes first: "
+        "`adata = adata[:, model.var_names].copy()`."
     )
 
 
