@@ -662,6 +662,7 @@ def train_svi(
         return err
 
     stop_signal = stop if stop is not None else (lambda: 0)
+    compiled_sizes: set[int] = set()
     threads.start()
     try:
         for epoch in epochs:
@@ -691,6 +692,9 @@ def train_svi(
                         {},
                     )
                 first = epoch == first_epoch and step_no == first_step
+                if call is step and jit and len(idx) not in compiled_sizes:
+                    compiled_sizes.add(len(idx))
+                    _compile_aside(elbo, step_model, step_guide, (model, guide), args, kwargs)
                 with (
                     pyro.validation_enabled(validate_first and first),
                     _quiet_jit() if jit and epoch == first_epoch else contextlib.nullcontext(),
@@ -817,6 +821,31 @@ def refresh_batch_norm(
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training[0]), guide.train(was_training[1])
+
+
+def _compile_aside(
+    elbo: ELBO, model: Callable, guide: Callable, modules: Sequence[nn.Module], args, kwargs
+) -> None:
+    """Compile a JIT ELBO's graph for these arguments without touching the run's state.
+
+    Pyro's JIT ELBOs run the model and guide three times in their first call (to find
+    the parameters, to trace, then the compiled graph), drawing three sets of random
+    numbers. Done here under a forked random stream, with the gradients dropped, the run's
+    first real step draws one set like every later one: so a run that is resumed, and
+    compiles again, continues the same random stream as one that never stopped.
+    """
+    with torch.random.fork_rng(devices=_cuda_devices(modules)), _quiet_jit():
+        with pyro.validation_enabled(False):
+            elbo.loss_and_grads(model, guide, *args, **kwargs)
+    for module in modules:
+        for p in module.parameters():
+            p.grad = None
+
+
+def _cuda_devices(modules: Sequence[nn.Module]) -> list:
+    return sorted(
+        {p.device.index or 0 for m in modules for p in m.parameters() if p.device.type == "cuda"}
+    )
 
 
 #: JIT ELBO objects that a training run has compiled.

@@ -1307,8 +1307,10 @@ class SCVI:
         >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
         >>> _ = m.train(2, checkpoint_dir=folder, checkpoint_every=1, progress_bar=False)
         >>> again = pyro_scvi.SCVI.load_checkpoint(folder, adata, device="cpu")
-        >>> len(again.history), again.interrupted
-        (2, True)
+        >>> len(again.history), again.interrupted  # the run had finished: nothing to resume
+        (2, False)
+        >>> len(again.train(1, progress_bar=False).history)  # but training goes on from it
+        3
         """
         manifest, state, extra = read_model_dir(dir_path, train_state=True)
         self = cls._from_state(state, adata, device=device, where=Path(dir_path))
@@ -1328,7 +1330,11 @@ class SCVI:
                 f"({', '.join(what)} differ); resume with the same AnnData, cells in the same "
                 "order."
             )
-        self._train_state, self._run = train_state, run
+        self._train_state = train_state
+        next_epoch = int(self.history["epoch"].iloc[-1]) + 1 if len(self.history) else 0
+        finished = train_state.batches is None and next_epoch >= run.get("target_epoch", 0)
+        # a finished run's checkpoint continues with train(), not resume()
+        self._run = None if finished else run
         return self
 
     @classmethod
