@@ -16,6 +16,11 @@ import torch
 from anndata import AnnData
 
 
+#: The largest count accepted: 2**32, beyond any read or UMI count of one gene in one cell.
+#: Sums of such counts over a cell's genes stay finite in float32.
+MAX_COUNT = 2.0**32
+
+
 class InputError(ValueError):
     """Raised when user input (AnnData, arguments) cannot be used; the message says the fix."""
 
@@ -230,6 +235,12 @@ def _check_counts(X, where: str) -> sp.csr_matrix | np.ndarray:
                 "scVI models raw counts, not normalized or log-transformed data. Pass the raw "
                 "counts, e.g. layer='counts', or adata.raw.to_adata()."
             )
+    if values.size and values.max() > MAX_COUNT:
+        raise InputError(
+            f"{where} has values up to {values.max():.3g}; raw counts of one gene in one cell "
+            f"stay far below {MAX_COUNT:.3g} (and larger values overflow the float32 the "
+            "model computes in). Pass the raw counts."
+        )
     if values.size and values.min() < 0:
         raise InputError(
             f"{where} has negative values (min {values.min():g}); raw counts are >= 0. "

@@ -332,6 +332,7 @@ def test_same_genes_in_another_order_are_matched_by_name():
     assert list(adata.var_names) == [f"gene{i}" for i in range(COUNTS.shape[1])]  # untouched
 
 
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
 def test_duplicated_gene_names_are_refused_with_the_fix():
     adata = _make(COUNTS)
     adata.var_names = ["gene0", "gene1", "gene0"][: adata.n_vars] + [
