@@ -15,7 +15,6 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-
 #: The largest count accepted: 2**32, beyond any read or UMI count of one gene in one cell.
 #: Sums of such counts over a cell's genes stay finite in float32.
 MAX_COUNT = 2.0**32
