@@ -8,11 +8,12 @@ Quick start::
     adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
 """
 
-from . import convert, datasets, de, engine, kernels, metrics, plotting, posterior, ppc
+from . import convert, datasets, de, engine, files, io, kernels, metrics, plotting, posterior, ppc
 from .data import CountData, InputError, from_anndata
 from .engine import Engine
 from .guide import PerCellGuide, ScviGuide
-from .infer import TrainingError, train_svi
+from .infer import TrainingError, TrainingInterrupted, train_svi
+from .io import ModelFileError
 from .likelihoods import NB, ZINB, ZIP, Likelihood, Poisson
 from .model import ScviModel
 from .priors import (
@@ -47,12 +48,16 @@ __all__ = [
     "CountData",
     "InputError",
     "TrainingError",
+    "TrainingInterrupted",
+    "ModelFileError",
     "from_anndata",
     "train_svi",
     "convert",
     "datasets",
     "de",
     "engine",
+    "files",
+    "io",
     "kernels",
     "metrics",
     "posterior",
