@@ -365,7 +365,7 @@ def _write_fit_outputs(model, adata, *, output: Path, model_dir: Path, png: Path
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(path)
     tmp_model = tmp_png = tmp_h5ad = aside = None
-    placed = False
+    swapped = False
     try:
         tmp_model = model._stage(model_dir, run_id=run_id)
         tmp_png = temp_name(png)
@@ -382,12 +382,14 @@ def _write_fit_outputs(model, adata, *, output: Path, model_dir: Path, png: Path
             aside = temp_name(output)
             os.replace(output, aside)
         replace_dir(tmp_model, model_dir, owned=is_model_dir)
+        swapped = True
         os.replace(tmp_png, png)
         os.replace(tmp_h5ad, output)
-        placed = True
     finally:
-        if aside is not None and not placed and not output.exists():
-            os.replace(aside, output)  # the run's .h5ad never came: keep the old one
+        if aside is not None and not swapped and not output.exists():
+            # nothing of this run moved in: the old .h5ad goes back beside its model
+            # (once the new model is in, the old .h5ad no longer belongs there)
+            os.replace(aside, output)
         for tmp in (tmp_model, tmp_png, tmp_h5ad, aside):
             if tmp is not None:
                 _remove(Path(tmp))

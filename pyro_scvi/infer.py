@@ -297,18 +297,22 @@ class FusedAdam:
     def __init__(self, lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6) -> None:
         self.settings = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
         self.optim: torch.optim.Optimizer | None = None
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
         self._pending: dict | None = None
 
     def state_dict(self) -> dict | None:
-        """Adam's moments and step counts (``None`` before the first step)."""
+        """Adam's moments and step counts by parameter name (``None`` before a step)."""
         if self.optim is None:
             return self._pending
-        return self.optim.state_dict()
+        return {"names": list(self.names), "adam": self.optim.state_dict()}
 
     def load_state_dict(self, state: dict | None) -> None:
         """Continue from :meth:`state_dict`: Adam's moments and step counts carry over.
 
-        The parameters are found in the first step, so the state waits for it. The
+        The parameters are found in the first step, so the state waits for it. It is
+        matched by parameter name (another ELBO may meet the parameters in another
+        order); a parameter that is new, or has changed shape, starts afresh. The
         settings (``lr``, ``eps``, ``weight_decay``) stay this object's own.
         """
         self._pending = state
@@ -316,12 +320,23 @@ class FusedAdam:
             self._load_pending()
 
     def _load_pending(self) -> None:
-        if self._pending is None:
+        saved, self._pending = self._pending, None
+        if saved is None:
             return
-        self.optim.load_state_dict(self._pending)
-        for group in self.optim.param_groups:
-            group.update(self.settings)
-        self._pending = None
+        where = {name: i for i, name in enumerate(saved["names"])}
+        old = saved["adam"]["state"]
+        state = {}
+        for i, (name, param) in enumerate(zip(self.names, self.params, strict=True)):
+            moments = old.get(where.get(name, -1))
+            # the fused kernel does not check shapes: a mismatch must never reach it
+            if moments is not None and all(
+                not torch.is_tensor(v) or v.dim() == 0 or v.shape == param.shape
+                for v in moments.values()
+            ):
+                state[i] = moments
+        current = self.optim.state_dict()
+        current["state"] = state
+        self.optim.load_state_dict(current)
 
     def __call__(self, elbo: ELBO, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Compute the loss and its gradients, then update the parameters; return the loss."""
@@ -346,11 +361,13 @@ class FusedAdam:
                     loss = float(surrogate.detach())
                 else:
                     loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
-            params = {
-                id(p): p
-                for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())
-            }
-            self.optim = _adam(list(params.values()), **self.settings)
+            named: dict[int, tuple[str, torch.Tensor]] = {}
+            for name, site in capture.trace.nodes.items():
+                p = site["value"].unconstrained()
+                named.setdefault(id(p), (name, p))
+            self.names = [name for name, _ in named.values()]
+            self.params = [p for _, p in named.values()]
+            self.optim = _adam(self.params, **self.settings)
             self._load_pending()
         elif plain:
             # The optimizer holds the parameters now, so registering them again is pure
@@ -567,6 +584,8 @@ def train_svi(
         # a continued run: the random streams go on from where the last run stopped, not
         # from whatever other code drew since
         pyro.util.set_rng_state(state.rng_states)
+        if state.rng_states.get("cuda") is not None and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state_all(state.rng_states["cuda"])
     optim_kind = "fused_adam" if run.fused_adam else "pyro"
     saved_optim = state.optim if state.optim and state.optim.get("kind") == optim_kind else None
     if saved_optim is not None and run.fused_adam:
@@ -640,6 +659,8 @@ def train_svi(
     def capture(mid_epoch: bool) -> None:
         state.optim = optim_state()
         state.rng_states = pyro.util.get_rng_state()
+        if torch.device(device).type == "cuda":
+            state.rng_states["cuda"] = torch.cuda.get_rng_state_all()
         state.good_state = good_state if mid_epoch else None
 
     def stop_now(epoch: int) -> TrainingInterrupted:
