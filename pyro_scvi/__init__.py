@@ -40,6 +40,8 @@ _NAMES = {
     "CountData": "data",
     "InputError": "errors",
     "TrainingError": "infer",
+    "TrainingInterrupted": "infer",
+    "ModelFileError": "io",
     "from_anndata": "data",
     "train_svi": "infer",
 }
@@ -49,12 +51,14 @@ _SUBMODULES = (
     "datasets",
     "de",
     "distributions",
+    "distributed",
     "engine",
     "errors",
     "files",
     "gap",
     "guide",
     "infer",
+    "io",
     "kernels",
     "likelihoods",
     "mcmc",
@@ -70,7 +74,7 @@ _SUBMODULES = (
 )
 
 __all__ = [*_NAMES, "convert", "datasets", "de", "engine", "kernels", "mcmc", "metrics"]
-__all__ += ["posterior", "ppc", "plotting", "tl"]
+__all__ += ["posterior", "ppc", "plotting", "tl", "distributed", "files", "io"]
 
 
 def __getattr__(name: str) -> Any:
@@ -93,7 +97,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         convert,
         datasets,
         de,
+        distributed,
         engine,
+        files,
+        io,
         kernels,
         mcmc,
         metrics,
@@ -106,7 +113,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .engine import Engine  # noqa: F401
     from .errors import InputError  # noqa: F401
     from .guide import Guide, PerCellGuide, ScviGuide  # noqa: F401
-    from .infer import TrainingError, train_svi  # noqa: F401
+    from .infer import TrainingError, TrainingInterrupted, train_svi  # noqa: F401
+    from .io import ModelFileError  # noqa: F401
     from .likelihoods import NB, ZINB, ZIP, Likelihood, Poisson  # noqa: F401
     from .model import ScviModel  # noqa: F401
     from .priors import (  # noqa: F401

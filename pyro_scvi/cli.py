@@ -10,9 +10,17 @@ INPUT is an ``.h5ad`` of raw counts, or the name of a dataset shipped with the p
 
 The model is saved to ``--model-dir`` (default: ``OUTPUT`` without ``.h5ad``, plus
 ``_model``) and the training curves to ``OUTPUT`` without ``.h5ad``, plus ``_training.png``.
-Files are written atomically; the input is never overwritten. Bad arguments give one line
-on stderr and exit status 2; a failed training exits with status 1 after saving the last
-good model.
+
+Outputs are checked before training (writable, not a folder, not the input, room on the
+disk); each is written under a temporary name and renamed into place at the end, the
+``.h5ad`` last, so a run leaves all of its outputs or none beside another run's. The input
+is never overwritten, and a model folder is replaced only if it holds a pyro_scvi model.
+Bad arguments give one line on stderr and exit status 2. A non-finite loss exits with
+status 1: after at least one complete epoch the outputs hold that epoch's model, else
+nothing is written. SIGINT (Ctrl-C) or SIGTERM stop training after the current step, write
+a checkpoint (``--checkpoint-dir``, default ``OUTPUT`` without ``.h5ad``, plus
+``_checkpoint``) and the outputs so far, and exit with status 130 or 143 and the command
+that resumes the run (``--resume``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,8 +67,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"the seed must be in 0..{2**32 - 1}, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0..2**32-1 (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
         "--threads",
@@ -153,6 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="float32 matrix products: auto (= highest, exact float32), high (TF32 on GPUs "
         "that have it) or medium (bfloat16)",
+    )
+    fit.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="write training checkpoints here (every --checkpoint-every epochs, and on "
+        "SIGINT/SIGTERM); default: OUTPUT without .h5ad plus _checkpoint, on interrupt only",
+    )
+    fit.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=10,
+        metavar="N",
+        help="epochs between checkpoints when --checkpoint-dir is given (default 10; 0: on "
+        "interrupt only)",
+    )
+    fit.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run whose checkpoint is in --checkpoint-dir (same "
+        "INPUT and training options)",
     )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -335,22 +384,152 @@ def _read_input(text: str):
     )
 
 
-def fit(args: argparse.Namespace) -> int:
+def _check_fit_outputs(
+    input_path: Path | None, output: Path, png: Path, model_dir: Path, checkpoint_dir: Path
+) -> None:
+    """Every check on fit's outputs that can be made before reading data and training."""
+    from .files import check_output_dir, check_output_file
+    from .io import is_model_dir
+
+    if input_path is not None and output.resolve() == input_path.resolve():
+        raise InputError(
+            "OUTPUT is the INPUT file; choose another -o: the input is never overwritten."
+        )
+    check_output_file(output, what="OUTPUT")
+    check_output_file(png, what="the training-curve file")
+    protect = [p for p in (input_path, output, png) if p is not None]
+    check_output_dir(
+        model_dir, owned=is_model_dir, what="--model-dir", protect=[*protect, checkpoint_dir]
+    )
+    check_output_dir(
+        checkpoint_dir, owned=is_model_dir, what="--checkpoint-dir", protect=[*protect, model_dir]
+    )
+
+
+def _nbytes(matrix) -> int:
+    import scipy.sparse as sp
+
+    if matrix is None:
+        return 0
+    if sp.issparse(matrix):
+        return sum(
+            getattr(matrix, a).nbytes
+            for a in ("data", "indices", "indptr", "row", "col")
+            if hasattr(matrix, a)
+        )
+    return int(getattr(matrix, "nbytes", 0))
+
+
+def _h5ad_bytes(adata, n_latent: int = 0) -> int:
+    """A generous estimate of ``adata``'s size as ``.h5ad`` once the results are added."""
+    n = _nbytes(adata.X)
+    n += sum(_nbytes(m) for m in adata.layers.values())
+    n += sum(_nbytes(m) for m in adata.obsm.values())
+    n += int(adata.obs.memory_usage(deep=True).sum() + adata.var.memory_usage(deep=True).sum())
+    if "pyro_scvi_normalized" not in adata.layers:
+        n += 4 * adata.n_obs * (adata.n_vars + n_latent)
+    return n + 2**20
+
+
+def _write_fit_outputs(model, adata, *, output: Path, model_dir: Path, png: Path, run_id: str):
+    """Write the model folder, curves and .h5ad under temporary names, then move them in.
+
+    The old .h5ad goes aside first and the new one comes last, so that at no moment do an
+    .h5ad and a model of two different runs sit side by side.
+    """
+    import matplotlib.pyplot as plt
+
+    from .files import _remove, _umask, check_free_space, replace_dir, sweep_stale, temp_name
+    from .io import is_model_dir
+    from .plotting import plot_history
+
+    for path in (output, png):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(path)
+    tmp_model = tmp_png = tmp_h5ad = aside = None
+    swapped = False
+    try:
+        tmp_model = model._stage(model_dir, run_id=run_id)
+        tmp_png = temp_name(png)
+        fig = plot_history(model.history)
+        fig.savefig(tmp_png, format="png")
+        plt.close(fig)
+        # HDF5 can crash the process on a full disk: make sure the file fits first.
+        check_free_space({output: _h5ad_bytes(adata)})
+        tmp_h5ad = temp_name(output)
+        adata.write_h5ad(tmp_h5ad)
+        for tmp in (tmp_png, tmp_h5ad):
+            os.chmod(tmp, 0o666 & ~_umask())
+        if output.exists():
+            aside = temp_name(output)
+            os.replace(output, aside)
+        replace_dir(tmp_model, model_dir, owned=is_model_dir)
+        swapped = True
+        os.replace(tmp_png, png)
+        os.replace(tmp_h5ad, output)
+    finally:
+        if aside is not None and not swapped and not output.exists():
+            # nothing of this run moved in: the old .h5ad goes back beside its model
+            # (once the new model is in, the old .h5ad no longer belongs there)
+            os.replace(aside, output)
+        for tmp in (tmp_model, tmp_png, tmp_h5ad, aside):
+            if tmp is not None:
+                _remove(Path(tmp))
+
+
+def _resume_command(argv: Sequence[str], checkpoint_dir: Path) -> str:
+    import shlex
+
+    words = [PROG, *argv]
+    if not any(w == "--checkpoint-dir" or w.startswith("--checkpoint-dir=") for w in argv):
+        words += ["--checkpoint-dir", str(checkpoint_dir)]
+    if "--resume" not in argv:
+        words.append("--resume")
+    return shlex.join(words)
+
+
+def _check_resume_options(model, args: argparse.Namespace) -> None:
+    """The options that shape training must be the interrupted run's."""
+    from .likelihoods import LIKELIHOODS
+
+    run = model._run or {}
+    expected = {
+        "--likelihood": (repr(LIKELIHOODS[args.likelihood]()), model.settings["likelihood"]),
+        "--n-latent": (args.n_latent, model.settings["n_latent"]),
+        "--layer": (args.layer, model.settings["layer"]),
+        "--batch-key": (args.batch_key, model.settings["batch_key"]),
+        "--batch-size": (args.batch_size, run.get("batch_size")),
+        "--lr": (args.lr, run.get("lr")),
+    }
+    if args.max_epochs is not None:
+        expected["--max-epochs"] = (args.max_epochs, run.get("target_epoch"))
+    differ = [f"{k} {v[1]} (given: {v[0]})" for k, v in expected.items() if v[0] != v[1]]
+    if differ:
+        raise InputError(
+            "--resume continues the checkpoint's run, which was started with "
+            + ", ".join(differ)
+            + "; resume with the same options."
+        )
+
+
+def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``pyro-scvi fit``; return the exit status."""
     output = Path(args.output)
     if output.suffix != ".h5ad":
         raise InputError(f"OUTPUT {output} must end in .h5ad.")
     stem = output.with_suffix("")
     model_dir = Path(args.model_dir) if args.model_dir else Path(f"{stem}_model")
+    png = Path(f"{stem}_training.png")
+    explicit_checkpoints = args.checkpoint_dir is not None
+    checkpoint_dir = Path(args.checkpoint_dir or f"{stem}_checkpoint")
     from . import datasets
 
     input_path = Path(args.input)
     if not input_path.exists() and args.input in datasets.SHIPPED:
         input_path = datasets.path(args.input)
-    if input_path.exists() and output.resolve() == input_path.resolve():
-        raise InputError(
-            "OUTPUT is the INPUT file; choose another -o: the input is never overwritten."
-        )
+    _check_fit_outputs(
+        input_path if input_path.exists() else None, output, png, model_dir, checkpoint_dir
+    )
 
     import matplotlib
     import numpy as np
@@ -360,10 +539,10 @@ def fit(args: argparse.Namespace) -> int:
 
     from . import distributed
     from .engine import ThreadPolicy
-    from .files import atomic_path
-    from .infer import TrainingError
+    from .files import check_free_space
+    from .infer import TrainingError, TrainingInterrupted
+    from .io import new_run_id
     from .likelihoods import LIKELIHOODS
-    from .plotting import plot_history
     from .scvi import SCVI, resolve_device
     from .tl import write_results
 
@@ -377,40 +556,83 @@ def fit(args: argparse.Namespace) -> int:
         if not keep.all():
             print(f"{PROG}: dropping {int((~keep).sum())} cells with zero counts", file=sys.stderr)
             adata = adata[keep].copy()
-    model = SCVI(
-        adata,
-        layer=args.layer,
-        batch_key=args.batch_key,
-        likelihood=LIKELIHOODS[args.likelihood](),
-        n_latent=args.n_latent,
-    )
-    try:
-        model.train(
-            args.max_epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            early_stopping=args.early_stopping,
-            engine=_engine(args),
-            device=args.device,
-            seed=args.seed,
-            progress_bar=not args.quiet,
+    if args.resume:
+        model = SCVI.load_checkpoint(checkpoint_dir, adata, device=args.device)
+        _check_resume_options(model, args)
+        if not model.interrupted:
+            raise InputError(f"the checkpoint in {checkpoint_dir} has no run left to resume.")
+    else:
+        model = SCVI(
+            adata,
+            layer=args.layer,
+            batch_key=args.batch_key,
+            likelihood=LIKELIHOODS[args.likelihood](),
+            n_latent=args.n_latent,
         )
+    # room for everything this run writes, checked before a long training
+    needs = {output: _h5ad_bytes(adata, args.n_latent), model_dir: model._model_bytes()}
+    needs[png] = 2**19
+    if explicit_checkpoints:
+        needs[checkpoint_dir] = model._checkpoint_bytes()
+    check_free_space(needs)
+    every = args.checkpoint_every if explicit_checkpoints else 0
+    status, stopped, note = 0, None, ""
+    try:
+        if args.resume:
+            model.resume(
+                device=args.device,
+                progress_bar=not args.quiet,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=every,
+            )
+        else:
+            model.train(
+                args.max_epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                early_stopping=args.early_stopping,
+                engine=_engine(args),
+                device=args.device,
+                seed=args.seed,
+                progress_bar=not args.quiet,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=every,
+            )
     except TrainingError as err:
         if group is not None and not group.is_main:
             return 1
-        model.save(model_dir, overwrite=True)
-        print(
-            f"{PROG}: error: {err} The last good model is saved in {model_dir}.", file=sys.stderr
+        if not model.is_trained:
+            print(
+                f"{PROG} fit: error: {err} Nothing was written: there is no trained model.",
+                file=sys.stderr,
+            )
+            return 1
+        status, stopped = 1, str(err)
+        note = f" Training failed: {err} The outputs hold the model of that epoch."
+    except TrainingInterrupted as err:
+        status = 128 + err.signal
+        if group is not None and not group.is_main:
+            return status
+        resume = f" Resume with: {_resume_command(argv, checkpoint_dir)}" if err.checkpoint else ""
+        if not model.is_trained:
+            print(
+                f"{PROG} fit: {err} No epoch had completed, so no outputs were written; the "
+                f"checkpoint is in {checkpoint_dir}.{resume}",
+                file=sys.stderr,
+            )
+            return status
+        stopped = str(err)
+        note = (
+            f" {err} The outputs hold the model at that point; checkpoint in "
+            f"{checkpoint_dir}.{resume}"
         )
-        return 1
     if group is not None and not group.is_main:
-        return 0
-    model.save(model_dir, overwrite=True)
-    plot_history(model.history, f"{stem}_training.png")
+        return status  # rank 0 writes the outputs
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     library = float(np.median(model.data.total_counts()))
+    run_id = new_run_id()
     # The queries follow the free cores as training did (pyro_scvi.engine.ThreadPolicy).
     threads = ThreadPolicy(args.threads)
     threads.start()
@@ -428,20 +650,22 @@ def fit(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 model_dir=str(model_dir),
                 input=str(args.input),
+                run_id=run_id,
+                resumed=bool(args.resume),
+                **({"stopped": stopped} if stopped else {}),
             ),
         )
     finally:
         threads.close()
-    with atomic_path(output) as tmp:
-        adata.write_h5ad(tmp)
+    _write_fit_outputs(model, adata, output=output, model_dir=model_dir, png=png, run_id=run_id)
     last = model.history.iloc[-1]
     print(
         f"{PROG}: wrote {output} (obsm['X_pyro_scvi'], layers['pyro_scvi_normalized'], "
-        f"uns['pyro_scvi']); model in {model_dir}; curves in {stem}_training.png; "
-        f"final validation ELBO {last['validation_elbo']:.2f} per cell",
+        f"uns['pyro_scvi']); model in {model_dir}; curves in {png}; "
+        f"final validation ELBO {last['validation_elbo']:.2f} per cell.{note}",
         file=sys.stderr,
     )
-    return 0
+    return status
 
 
 def ppc(args: argparse.Namespace) -> int:
@@ -560,6 +784,10 @@ def evaluate(args: argparse.Namespace) -> int:
         scored = model.heldout_adata
     else:
         scored = model.adata
+    if per_cell is not None:  # keyed by cell name
+        from .data import require_unique_obs_names
+
+        require_unique_obs_names(scored.obs_names, "the per-cell output")
     stats = model.get_fit_statistics(
         scored, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
     )
@@ -726,6 +954,7 @@ def map_query(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         import torch
@@ -733,7 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         if args.command == "fit":
-            return fit(args)
+            return fit(args, argv)
         if args.command == "evaluate":
             return evaluate(args)
         if args.command == "ppc":
@@ -747,7 +976,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # stdout's reader has gone (e.g. `pyro-scvi evaluate ... | head`): stop quietly,
+        # as Unix tools do, and keep Python from complaining when it flushes at exit
+        _detach_stdout()
+        return 128 + 13  # as if killed by SIGPIPE
+    except KeyboardInterrupt:
+        print(
+            f"{PROG} {args.command}: interrupted; unfinished files were removed.", file=sys.stderr
+        )
+        return 130
+    except OSError as err:  # a write failed (disk full, permissions changed meanwhile)
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"{PROG} {args.command}: error: {err.strerror or err}{where}; unfinished files were "
+            "removed.",
+            file=sys.stderr,
+        )
+        return 1
     return 2
+
+
+def _detach_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (e.g. in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from anndata import AnnData
 from pyro import poutine
 
 from . import posterior
-from .data import CountData, InputError
+from .data import CountData, InputError, require_unique_obs_names
 from .infer import _eval_mode
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ def to_inference_data(
         raise InputError(f"batch_size={batch_size}; it must be a positive integer.")
     data = model.data_for(adata)
     idx = _check_indices(indices, data.n_cells)
+    require_unique_obs_names(data.obs_names[idx], "the InferenceData's cells coordinate")
     latent_library = not model.model.use_observed_lib_size
     sites = ("z", "l", "x") if latent_library else ("z", "x")
     devices = [model.device] if model.device.type == "cuda" else []

@@ -17,6 +17,10 @@ from anndata import AnnData
 
 from .errors import InputError
 
+#: The largest count accepted: 2**32, beyond any read or UMI count of one gene in one cell.
+#: Sums of such counts over a cell's genes stay finite in float32.
+MAX_COUNT = 2.0**32
+
 
 @dataclass(frozen=True)
 class CountData:
@@ -182,6 +186,8 @@ class StreamedCounts:
         self.read_ahead_blocks = read_ahead_blocks
         self._window_rows = np.empty(0, dtype=np.int64)
         self._window = None
+        self._group_of_block: np.ndarray | None = None
+        self._groups: list[np.ndarray] = []
 
     @property
     def matrix(self):
@@ -232,15 +238,21 @@ class StreamedCounts:
         rng = rng or np.random.default_rng()
         indices = np.sort(np.asarray(indices))
         blocks = indices // self.block_cells
-        unique = np.unique(blocks)
-        order = rng.permutation(unique)
+        order = rng.permutation(np.unique(blocks))
+        # Which read-ahead group each block belongs to in this pass: tensors() loads a
+        # minibatch's groups whole, so the minibatches may be listed ahead (a resumable
+        # run does) and still be read a group at a time.
+        n_blocks = -(-self.n_cells // self.block_cells)
+        self._group_of_block = np.full(n_blocks, -1, dtype=np.int64)
+        self._groups = []
         pending = np.empty(0, dtype=indices.dtype)
         for g in range(0, len(order), self.read_ahead_blocks):
             group = np.sort(order[g : g + self.read_ahead_blocks])
+            self._group_of_block[group] = len(self._groups)
+            self._groups.append(group)
             lo = np.searchsorted(blocks, group, side="left")
             hi = np.searchsorted(blocks, group, side="right")
             members = np.concatenate([indices[a:b] for a, b in zip(lo, hi, strict=True)])
-            self._load_window(group)
             cells = np.concatenate([pending, rng.permutation(members)])
             n_full = len(cells) // batch_size * batch_size
             out = [cells[i : i + batch_size] for i in range(0, n_full, batch_size)]
@@ -250,47 +262,38 @@ class StreamedCounts:
                     out[-1] = np.concatenate([out[-1], pending])
                 else:
                     out.append(pending)
-                pending = pending[:0]
-            elif len(pending):
-                # the remainder goes with the next group: keep its rows readable
-                self._keep_in_window(pending)
-            # each minibatch is read (tensors) before the generator resumes: the window
-            # holds its cells until then
             yield from out
 
-    def _load_window(self, blocks: np.ndarray) -> None:
+    def _load_groups(self, groups: np.ndarray) -> None:
+        """Read the blocks of these read-ahead groups (contiguous reads) into the window."""
+        blocks = np.sort(np.concatenate([self._groups[g] for g in groups]))
         parts, rows = [], []
         for block in blocks:
             start = int(block) * self.block_cells
             stop = min(start + self.block_cells, self.n_cells)
             parts.append(self.read(start, stop))
             rows.append(np.arange(start, stop))
-        self._set_window(np.concatenate(rows), parts)
-
-    def _keep_in_window(self, cells: np.ndarray) -> None:
-        keep = np.sort(cells)
-        pos = np.searchsorted(self._window_rows, keep)
-        self._carry = (keep, self._window[pos])
-
-    def _set_window(self, rows: np.ndarray, parts: list) -> None:
-        carry = getattr(self, "_carry", None)
-        if carry is not None:
-            rows = np.concatenate([carry[0], rows])
-            parts = [carry[1], *parts]
-            self._carry = None
-        order = np.argsort(rows, kind="stable")
         stacked = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.vstack(parts)
-        self._window_rows, self._window = rows[order], stacked[order]
+        self._window_rows, self._window = np.concatenate(rows), stacked
+
+    def _in_window(self, idx: np.ndarray) -> bool:
+        if not len(self._window_rows):
+            return False
+        pos = np.searchsorted(self._window_rows, idx)
+        inside = (pos < len(self._window_rows)).all()
+        return bool(inside and (self._window_rows[pos] == idx).all())
 
     def tensors(
         self, idx: np.ndarray, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``(x, batch_index)`` tensors for the cells ``idx``."""
         idx = np.asarray(idx)
-        pos = np.searchsorted(self._window_rows, idx)
-        inside = len(self._window_rows) and (pos < len(self._window_rows)).all()
-        if inside and (self._window_rows[pos] == idx).all():
-            rows = self._window[pos]
+        if not self._in_window(idx) and self._group_of_block is not None:
+            groups = np.unique(self._group_of_block[idx // self.block_cells])
+            if len(groups) <= 2 and (groups >= 0).all():  # a minibatch of a shuffled pass
+                self._load_groups(groups)
+        if self._in_window(idx):
+            rows = self._window[np.searchsorted(self._window_rows, idx)]
         else:
             lo, hi = int(idx.min()), int(idx.max()) + 1
             if hi - lo <= 4 * len(idx) + self.block_cells:  # a span: one contiguous read
@@ -400,7 +403,8 @@ def from_anndata(
     batch_categories
         Known batches (for a trained model): every cell's batch must be one of them.
     var_names
-        Known genes, in order (for a trained model): ``adata`` must have exactly these.
+        Known genes, in order (for a trained model): ``adata`` must have exactly these, in
+        any order; the counts come out in this order.
     allow_empty_cells
         Accept cells with zero total counts (used for queries, never for training).
     streamed
@@ -420,7 +424,8 @@ def from_anndata(
     InputError
         With a message naming the fix, for: a missing layer or batch key, an empty matrix,
         non-numeric, negative, non-integer, NaN or infinite values, cells with no counts,
-        and genes or batches that a trained model does not know.
+        duplicated gene names, and genes or batches that a trained model does not know.
+        (A trained model's genes in another order are matched by name.)
 
     Examples
     --------
@@ -434,13 +439,18 @@ def from_anndata(
         raise InputError(
             f"Expected an AnnData, got {type(adata).__name__}; read one with anndata.read_h5ad."
         )
-    if var_names is not None:
-        _check_genes(adata, var_names)
+    _check_unique_genes(adata)
+    columns = _gene_columns(adata, var_names) if var_names is not None else None
     if adata.isbacked:
         from .engine import choose_data_source
 
         stream, source_reason = choose_data_source(adata, layer=layer, asked=streamed)
         if stream:
+            if columns is not None:
+                raise InputError(
+                    "The backed file has the model's genes in another order; streaming reads "
+                    "the file as it is. Load it (`adata = adata.to_memory()`) to reorder."
+                )
             return _streamed(
                 adata, layer, batch_key, batch_categories, allow_empty_cells, source_reason
             )
@@ -454,6 +464,9 @@ def from_anndata(
         )
     X = _get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    if columns is not None:
+        # the model's genes, in its order; indexing makes a new matrix, adata is untouched
+        X = (sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X))[:, columns]
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise InputError(
             f"{where} is empty ({X.shape[0]} cells x {X.shape[1]} genes); "
@@ -475,7 +488,7 @@ def from_anndata(
         batch_index=batch_index,
         batch_categories=categories,
         obs_names=adata.obs_names.copy(),
-        var_names=adata.var_names.copy(),
+        var_names=adata.var_names.copy() if columns is None else pd.Index(var_names),
         source_reason=source_reason,
     )
 
@@ -568,6 +581,12 @@ def _check_counts(X, where: str) -> sp.csr_matrix | np.ndarray:
                 "scVI models raw counts, not normalized or log-transformed data. Pass the raw "
                 "counts, e.g. layer='counts', or adata.raw.to_adata()."
             )
+    if values.size and values.max() > MAX_COUNT:
+        raise InputError(
+            f"{where} has values up to {values.max():.3g}; raw counts of one gene in one cell "
+            f"stay far below {MAX_COUNT:.3g} (and larger values overflow the float32 the "
+            "model computes in). Pass the raw counts."
+        )
     if values.size and values.min() < 0:
         raise InputError(
             f"{where} has negative values (min {values.min():g}); raw counts are >= 0. "
@@ -617,22 +636,54 @@ def _batch_codes(
     return codes, cats
 
 
-def _check_genes(adata: AnnData, var_names: Sequence[str]) -> None:
+def _check_unique_genes(adata: AnnData) -> None:
+    names = adata.var_names
+    if names.is_unique:
+        return
+    dups = list(names[names.duplicated()].unique()[:3])
+    raise InputError(
+        f"adata.var_names has {int(names.duplicated().sum())} duplicated gene names (e.g. "
+        f"{dups}); genes are matched by name, so each name must be unique. Make them unique "
+        "first: `adata.var_names_make_unique()`."
+    )
+
+
+def require_unique_obs_names(obs_names: pd.Index, what: str) -> None:
+    """Refuse duplicated cell names where results are keyed by them (``what`` says where)."""
+    if obs_names.is_unique:
+        return
+    dups = list(obs_names[obs_names.duplicated()].unique()[:3])
+    raise InputError(
+        f"adata.obs_names has {int(obs_names.duplicated().sum())} duplicated cell names (e.g. "
+        f"{dups}), but {what} is keyed by cell name. Make them unique first: "
+        "`adata.obs_names_make_unique()`."
+    )
+
+
+def _gene_columns(adata: AnnData, var_names: Sequence[str]) -> np.ndarray | None:
+    """Columns of ``adata`` holding the model's genes in its order (``None``: as they are).
+
+    Genes are matched by name, so a query with the model's genes in another order is
+    reordered; missing or extra genes are an error naming the fix.
+    """
     expected = pd.Index(var_names)
     if adata.var_names.equals(expected):
-        return
+        return None
     missing = expected.difference(adata.var_names)
     extra = adata.var_names.difference(expected)
     if len(missing) == 0 and len(extra) == 0:
+        return adata.var_names.get_indexer(expected)
+    if len(missing):
         raise InputError(
-            "adata has the model's genes in another order; reorder with "
-            "`adata = adata[:, model.var_names]`."
+            f"adata's genes differ from the model's: {len(missing)} of its {len(expected)} "
+            f"genes are missing (e.g. "
+            f"{list(missing[:3])}); the model needs every gene it was trained on. Query with "
+            "an AnnData that has them all (e.g. the same gene selection as for training)."
         )
     raise InputError(
-        f"adata's genes differ from the model's: {len(missing)} of the model's "
-        f"{len(expected)} genes are missing (e.g. {list(missing[:3])}) and {len(extra)} are "
-        f"extra (e.g. {list(extra[:3])}). Use the genes the model was trained on: "
-        "`adata = adata[:, model.var_names]`."
+        f"adata's genes differ from the model's: {len(extra)} genes are extra (e.g. "
+        f"{list(extra[:3])}). Select the model's genes first: "
+        "`adata = adata[:, model.var_names].copy()`."
     )
 
 

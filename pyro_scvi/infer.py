@@ -46,7 +46,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
+import signal
+import sys
+import threading
 import time
 import warnings
 import weakref
@@ -79,10 +83,85 @@ from .model import parameters_held
 class TrainingError(RuntimeError):
     """Training hit a non-finite loss; the parameters were restored to the last good epoch.
 
-    ``history`` holds the rows of the epochs completed before the failure.
+    ``history`` holds the rows of the epochs completed before the failure (none: the run
+    failed in its first epoch, and the parameters are back where the run started).
     """
 
     history: pd.DataFrame | None = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped cleanly on SIGINT or SIGTERM, after finishing the step in progress.
+
+    A :class:`KeyboardInterrupt`, so code that does not know it stops as on Ctrl-C.
+    ``signal`` is the signal's number, ``epoch`` and ``step`` where the run stopped (the
+    next minibatch to run), ``checkpoint`` the folder written (``None``: none asked for)
+    and ``history`` the epochs completed. ``SCVI.resume()`` or ``train()`` continue.
+    """
+
+    def __init__(self, message: str, *, signal: int, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.signal, self.epoch, self.step = signal, epoch, step
+        self.checkpoint: str | None = None
+        self.history: pd.DataFrame | None = None
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything that continues a training run exactly where it stopped.
+
+    Held by :class:`~pyro_scvi.SCVI` between ``train()`` calls and written in checkpoints,
+    so that a continued or resumed run draws the same minibatches and random numbers and
+    takes the same Adam steps as one that never stopped.
+
+    Attributes
+    ----------
+    rng
+        The minibatch-order stream.
+    batches, step, total, seconds
+        The epoch in progress when the run stopped inside one: its minibatches, the next
+        one to run, the loss summed so far and the seconds spent; ``batches`` is ``None``
+        between epochs.
+    best, since_best
+        Early stopping's best monitored ELBO and epochs since it improved.
+    optim
+        The optimizer's state: ``{"kind": "fused_adam" | "pyro", "state": ...}``.
+    rng_states
+        Pyro's random states (torch, numpy's and Python's global) when the run stopped.
+    good_state
+        Parameters at the end of the last complete epoch, kept while inside an epoch.
+    """
+
+    rng: np.random.Generator
+    batches: list[np.ndarray] | None = None
+    step: int = 0
+    total: float = 0.0
+    seconds: float = 0.0
+    best: float = -math.inf
+    since_best: int = 0
+    optim: dict | None = None
+    rng_states: dict | None = None
+    good_state: list[dict] | None = None
+
+    @classmethod
+    def new(cls, seed: int | None) -> TrainState:
+        """A fresh state whose minibatch order comes from ``seed``."""
+        return cls(rng=np.random.default_rng(seed))
+
+    def to_dict(self) -> dict:
+        """Plain values for ``torch.save``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["rng"] = self.rng.bit_generator.state
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainState:
+        """The inverse of :meth:`to_dict`."""
+        values = dict(values)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = values.pop("rng")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(rng=rng, **{k: v for k, v in values.items() if k in known})
 
 
 def kl_weight(epoch: int, kl_warmup_epochs: int) -> float:
@@ -222,6 +301,46 @@ class FusedAdam:
         #: A :class:`~pyro_scvi.distributed.DataParallel` group whose ranks' gradients and
         #: losses are averaged before each step (``None``: this process alone).
         self.data_parallel = None
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict | None:
+        """Adam's moments and step counts by parameter name (``None`` before a step)."""
+        if self.optim is None:
+            return self._pending
+        return {"names": list(self.names), "adam": self.optim.state_dict()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue from :meth:`state_dict`: Adam's moments and step counts carry over.
+
+        The parameters are found in the first step, so the state waits for it. It is
+        matched by parameter name (another ELBO may meet the parameters in another
+        order); a parameter that is new, or has changed shape, starts afresh. The
+        settings (``lr``, ``eps``, ``weight_decay``) stay this object's own.
+        """
+        self._pending = state
+        if self.optim is not None:
+            self._load_pending()
+
+    def _load_pending(self) -> None:
+        saved, self._pending = self._pending, None
+        if saved is None:
+            return
+        where = {name: i for i, name in enumerate(saved["names"])}
+        old = saved["adam"]["state"]
+        state = {}
+        for i, (name, param) in enumerate(zip(self.names, self.params, strict=True)):
+            moments = old.get(where.get(name, -1))
+            # the fused kernel does not check shapes: a mismatch must never reach it
+            if moments is not None and all(
+                not torch.is_tensor(v) or v.dim() == 0 or v.shape == param.shape
+                for v in moments.values()
+            ):
+                state[i] = moments
+        current = self.optim.state_dict()
+        current["state"] = state
+        self.optim.load_state_dict(current)
 
     def __call__(self, elbo: ELBO, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Compute the loss and its gradients, then update the parameters; return the loss."""
@@ -246,15 +365,26 @@ class FusedAdam:
         self, elbo: ELBO, model: Callable, guide: Callable, *args, **kwargs
     ) -> float:
         """The loss, with its gradients left in the parameters' ``.grad`` (no update)."""
+        plain = type(elbo) in (Trace_ELBO, TraceMeanField_ELBO)
         if self.optim is None:
             with poutine.trace(param_only=True) as capture:
-                loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
-            params = {
-                id(p): p
-                for p in (s["value"].unconstrained() for s in capture.trace.nodes.values())
-            }
-            self.optim = _adam(list(params.values()), **self.settings)
-        elif type(elbo) in (Trace_ELBO, TraceMeanField_ELBO):
+                if plain:
+                    # the same computation as the later steps' below, so that a run's
+                    # first step (e.g. after resuming) gives the same loss to the last bit
+                    surrogate = elbo.differentiable_loss(model, guide, *args, **kwargs)
+                    surrogate.backward()
+                    loss = float(surrogate.detach())
+                else:
+                    loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+            named: dict[int, tuple[str, torch.Tensor]] = {}
+            for name, site in capture.trace.nodes.items():
+                p = site["value"].unconstrained()
+                named.setdefault(id(p), (name, p))
+            self.names = [name for name, _ in named.values()]
+            self.params = [p for _, p in named.values()]
+            self.optim = _adam(self.params, **self.settings)
+            self._load_pending()
+        elif plain:
             # The optimizer holds the parameters now, so registering them again is pure
             # cost. Without param sites their loss_and_grads would skip backward, hence
             # differentiable_loss (its value is the loss, its gradient the surrogate's).
@@ -337,6 +467,10 @@ def train_svi(
     seed: int | None = None,
     progress_bar: bool = True,
     first_epoch: int = 0,
+    state: TrainState | None = None,
+    checkpoint: Callable[[TrainState, pd.DataFrame], str | None] | None = None,
+    checkpoint_every: int = 0,
+    stop: Callable[[], int] | None = None,
 ) -> pd.DataFrame:
     """Train ``model`` and ``guide`` with SVI on minibatches of the cells ``train_idx``.
 
@@ -376,6 +510,19 @@ def train_svi(
         Show a tqdm bar with the epoch and ELBOs.
     first_epoch
         Epoch number to start counting from (continuing a previous run's warm-up).
+    state
+        Where the run starts and what it leaves for the next (:class:`TrainState`,
+        updated in place): pass the state a previous call left to continue its minibatch
+        stream, random streams and Adam's moments exactly; ``None`` starts afresh from
+        ``seed``. A state stopped inside an epoch finishes that epoch first (it counts as
+        one of ``max_epochs``).
+    checkpoint, checkpoint_every
+        ``checkpoint(state, history)`` is called after every ``checkpoint_every``-th epoch
+        (0: never) and when the run is interrupted; it writes them somewhere and returns
+        where (or ``None``).
+    stop
+        Polled after every step: a non-zero value (a signal's number) stops the run
+        cleanly there, with :class:`TrainingInterrupted`.
 
     Returns
     -------
@@ -391,7 +538,10 @@ def train_svi(
     Raises
     ------
     TrainingError
-        On a non-finite loss, after restoring the parameters of the last completed epoch.
+        On a non-finite loss, after restoring the parameters of the last completed epoch
+        and re-estimating batch norm's statistics for them.
+    TrainingInterrupted
+        When ``stop`` asked, after the step in progress (and the checkpoint).
     """
     n_train = len(train_idx)
     full_size = min(batch_size, n_train)
@@ -439,8 +589,10 @@ def train_svi(
             f"{type(elbo).__name__} does not give; use Trace_ELBO (the default) or "
             "another ELBO that sums the sites' log-densities."
         )
+    optim_settings = {"lr": lr, "eps": 0.01 * n_scale, "weight_decay": 1e-6 * n_scale}
+    optim_made_here = optim is None
     if run.fused_adam:
-        fused = FusedAdam(lr=lr, eps=0.01 * n_scale, weight_decay=1e-6 * n_scale)
+        fused = FusedAdam(**optim_settings)
         fused.data_parallel = group
 
         def step(*args, **kwargs):
@@ -450,16 +602,46 @@ def train_svi(
             return fused(tail_elbo, tail_model, tail_guide, *args)
     else:
         if optim is None:
-            optim = default_optim(lr, eps=0.01 * n_scale, weight_decay=1e-6 * n_scale)
+            optim = default_optim(**optim_settings)
         step = SVI(step_model, step_guide, optim, loss=elbo).step
         if tail_elbo is not None:
             tail_step = SVI(tail_model, tail_guide, optim, loss=tail_elbo).step
+    if state is None:
+        state = TrainState.new(seed)
+    if state.rng_states is not None:
+        # a continued run: the random streams go on from where the last run stopped, not
+        # from whatever other code drew since
+        pyro.util.set_rng_state(state.rng_states)
+        if state.rng_states.get("cuda") is not None and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state_all(state.rng_states["cuda"])
+    if group is not None:
+        group.broadcast(model, guide)  # one starting point
+        if state.rng_states is None:
+            group.seed_rank()  # ... and each rank its own draws
+    optim_kind = "fused_adam" if run.fused_adam else "pyro"
+    saved_optim = state.optim if state.optim and state.optim.get("kind") == optim_kind else None
+    if saved_optim is not None and run.fused_adam:
+        fused.load_state_dict(saved_optim["state"])
+    elif saved_optim is not None:
+        waiting = copy.copy(saved_optim["state"])
+        if optim_made_here:
+            # the new call's settings win over the saved ones (e.g. another lr)
+            for name, value in waiting.items():
+                waiting[name] = {
+                    **value,
+                    "param_groups": [{**g, **optim_settings} for g in value["param_groups"]],
+                }
+        optim.set_state(waiting)
+
+    def optim_state() -> dict:
+        if run.fused_adam:
+            return {"kind": optim_kind, "state": copy.deepcopy(fused.state_dict())}
+        return {"kind": optim_kind, "state": copy.deepcopy(optim.get_state())}
+
     # Validate the first step of each run (shapes, supports, arguments); after that the
     # checks only cost time: the data were validated on the way in.
     validate_first = pyro.infer.util.is_validation_enabled()
-    rng = np.random.default_rng(seed)
     rows: list[dict] = []
-    best, since_best = -math.inf, 0
     # Validation runs the networks in eval mode, on batch norm's running statistics: an
     # average over the last ~100 steps (momentum 0.01). Early in a run Adam moves each
     # weight by about lr per step whatever its gradient, so the first layer's activations
@@ -479,17 +661,61 @@ def train_svi(
         unit="epoch",
         disable=not progress_bar,
     )
+    # The parameters at the end of the last complete epoch: those a failure restores.
+    good_state = state.good_state or _snapshot(model, guide)
+    # A snapshot taken at the end of an epoch holds the statistics of a validation pass
+    # (a sample of cells), which a failure re-estimates; one taken when this call started
+    # holds those that the end of the previous call re-estimated already.
+    stale_norms = state.good_state is not None
+    state.good_state = None
+    completed_before = first_epoch  # epochs of earlier calls
 
     def fail(loss: float, where: str) -> TrainingError:
         _restore(model, guide, good_state)
-        err = TrainingError(_failure_message(loss, where))
+        if rows or stale_norms:
+            # As at the end of a normal run: batch norm's statistics of the restored weights
+            # (the snapshot's are a validation pass's, from a sample of cells). Should the
+            # pass itself fail, the snapshot's statistics stay.
+            try:
+                with pyro.validation_enabled(False):
+                    refresh_batch_norm(
+                        model, guide, data, train_idx, batch_size=batch_size, device=device
+                    )
+            except Exception:  # noqa: BLE001 - the training error is the one to report
+                _restore(model, guide, good_state)
+        last = rows[-1]["epoch"] if rows else completed_before - 1
+        err = TrainingError(_failure_message(loss, where, last))
         err.history = _history(rows, history_attrs)
         return err
 
-    if group is not None:
-        group.broadcast(model, guide)  # one starting point
-        group.seed_rank()  # ... and each rank its own draws
-    good_state = _snapshot(model, guide)
+    def capture(mid_epoch: bool) -> None:
+        state.optim = optim_state()
+        state.rng_states = pyro.util.get_rng_state()
+        if torch.device(device).type == "cuda":
+            state.rng_states["cuda"] = torch.cuda.get_rng_state_all()
+        state.good_state = good_state if mid_epoch else None
+
+    def stop_now(epoch: int) -> TrainingInterrupted:
+        mid_epoch = state.batches is not None
+        capture(mid_epoch)
+        signum = int(stop_signal())
+        where = f"epoch {epoch}, step {state.step}" if mid_epoch else f"the end of epoch {epoch}"
+        err = TrainingInterrupted(
+            f"Training interrupted by {_signal_name(signum)} at {where}.",
+            signal=signum,
+            epoch=epoch if mid_epoch else epoch + 1,
+            step=state.step if mid_epoch else 0,
+        )
+        err.history = _history(rows, history_attrs)
+        if checkpoint is not None:
+            # statistics of the current weights, so the checkpoint is a usable model too;
+            # they do not change the rest of the run (see TrainState)
+            refresh_batch_norm(model, guide, data, train_idx, batch_size=batch_size, device=device)
+            err.checkpoint = checkpoint(state, err.history)
+        return err
+
+    stop_signal = stop if stop is not None else (lambda: 0)
+    compiled_sizes: set[int] = set()
     threads.start()
     precision_before = run.set_matmul_precision()
     try:
@@ -498,14 +724,21 @@ def train_svi(
             w = kl_weight(epoch, kl_warmup_epochs)
             w_tensor = torch.tensor(w, device=device) if jit else None  # a graph's input
             model.train(), guide.train()
-            total = 0.0
-            if group is None:
-                chunks = data.minibatches(
-                    train_idx, batch_size, shuffle=True, rng=rng, drop_singleton=True
-                )
-            else:  # global minibatches, the same on every rank; each takes its own slice
-                chunks = group.global_minibatches(rng.permutation(train_idx), batch_size)
-            for step_no, chunk in enumerate(chunks):
+            if state.batches is None:
+                if group is None:
+                    state.batches = list(
+                        data.minibatches(
+                            train_idx, batch_size, shuffle=True, rng=state.rng, drop_singleton=True
+                        )
+                    )
+                else:  # global minibatches, the same on every rank; each takes its own share
+                    state.batches = group.global_minibatches(
+                        state.rng.permutation(train_idx), batch_size
+                    )
+                state.step, state.total, state.seconds = 0, 0.0, 0.0
+            first_step = state.step
+            for step_no in range(first_step, len(state.batches)):
+                chunk = state.batches[step_no]
                 idx = chunk if group is None else group.shard(chunk)
                 cell_index = torch.as_tensor(idx, device=device)
                 x, b = (
@@ -522,7 +755,10 @@ def train_svi(
                         (x, b, cell_index, num_cells, w),
                         {},
                     )
-                first = epoch == first_epoch and step_no == 0
+                first = epoch == first_epoch and step_no == first_step
+                if call is step and jit and len(idx) not in compiled_sizes:
+                    compiled_sizes.add(len(idx))
+                    _compile_aside(elbo, step_model, step_guide, (model, guide), args, kwargs)
                 with (
                     pyro.validation_enabled(validate_first and first),
                     _quiet_jit() if jit and epoch == first_epoch else contextlib.nullcontext(),
@@ -531,7 +767,14 @@ def train_svi(
                 if not math.isfinite(loss):
                     raise fail(loss, f"epoch {epoch}, step {step_no}")
                 # A subsampled minibatch's loss is scaled by n_train / len(idx); undo that.
-                total += loss * len(chunk) / n_train if num_cells else loss
+                state.total += loss * len(chunk) / n_train if num_cells else loss
+                state.step = step_no + 1
+                if stop_signal() and state.step < len(state.batches):
+                    state.seconds += time.perf_counter() - start
+                    raise stop_now(epoch)
+            total = state.total
+            seconds = state.seconds
+            state.batches, state.step, state.total, state.seconds = None, 0, 0.0, 0.0
             row = {"epoch": epoch, "train_elbo": -total / n_train, "kl_weight": w}
             row["validation_elbo"] = float("nan")
             if len(val_idx):
@@ -563,7 +806,7 @@ def train_svi(
                         row["validation_elbo"] = group.sum(share) / len(val_idx)
                 if not math.isfinite(row["validation_elbo"]):
                     raise fail(row["validation_elbo"], f"epoch {epoch}, validation")
-            row["seconds"] = time.perf_counter() - start
+            row["seconds"] = seconds + time.perf_counter() - start
             row["threads"] = threads.current
             rows.append(row)
             good_state = _snapshot(model, guide, into=good_state)
@@ -572,15 +815,21 @@ def train_svi(
                 train_elbo=f"{row['train_elbo']:.1f}", val_elbo=f"{row['validation_elbo']:.1f}"
             )
             monitored = row["validation_elbo"] if len(val_idx) else row["train_elbo"]
-            if monitored > best + min_delta:
-                best, since_best = monitored, 0
+            if monitored > state.best + min_delta:
+                state.best, state.since_best = monitored, 0
             else:
-                since_best += 1
-            if early_stopping and since_best >= patience:
+                state.since_best += 1
+            if stop_signal():
+                raise stop_now(epoch)
+            if checkpoint is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+                capture(False)
+                checkpoint(state, _history(rows, history_attrs))
+            if early_stopping and state.since_best >= patience:
                 epochs.write(
                     f"Early stopping at epoch {epoch}: no ELBO improvement for {patience} epochs."
                 )
                 break
+        capture(False)
         # still under the run's threads: a pass over every training cell
         own_train = train_idx if group is None else group.shard(train_idx)
         refresh_batch_norm(model, guide, data, own_train, batch_size=batch_size, device=device)
@@ -650,6 +899,31 @@ def refresh_batch_norm(
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training[0]), guide.train(was_training[1])
+
+
+def _compile_aside(
+    elbo: ELBO, model: Callable, guide: Callable, modules: Sequence[nn.Module], args, kwargs
+) -> None:
+    """Compile a JIT ELBO's graph for these arguments without touching the run's state.
+
+    Pyro's JIT ELBOs run the model and guide three times in their first call (to find
+    the parameters, to trace, then the compiled graph), drawing three sets of random
+    numbers. Done here under a forked random stream, with the gradients dropped, the run's
+    first real step draws one set like every later one: so a run that is resumed, and
+    compiles again, continues the same random stream as one that never stopped.
+    """
+    with torch.random.fork_rng(devices=_cuda_devices(modules)), _quiet_jit():
+        with pyro.validation_enabled(False):
+            elbo.loss_and_grads(model, guide, *args, **kwargs)
+    for module in modules:
+        for p in module.parameters():
+            p.grad = None
+
+
+def _cuda_devices(modules: Sequence[nn.Module]) -> list:
+    return sorted(
+        {p.device.index or 0 for m in modules for p in m.parameters() if p.device.type == "cuda"}
+    )
 
 
 #: JIT ELBO objects that a training run has compiled.
@@ -727,12 +1001,62 @@ def _history(rows: list[dict], attrs: dict | None = None) -> pd.DataFrame:
     return history
 
 
-def _failure_message(loss: float, where: str) -> str:
+def _failure_message(loss: float, where: str, last_epoch: int) -> str:
+    if last_epoch < 0:
+        restored = (
+            "no epoch had completed, so the model is untrained (its parameters are back at "
+            "their initial values)"
+        )
+    else:
+        restored = (
+            f"the parameters were restored to the end of epoch {last_epoch}, the last complete one"
+        )
     return (
-        f"The loss became {loss} at {where}; the parameters were restored to the end of the "
-        "last complete epoch. Try a smaller learning rate (lr), a longer KL warm-up, or check "
-        "the counts for extreme outliers."
+        f"The loss became {loss} at {where}; {restored}. Try a smaller learning rate (lr), a "
+        "longer KL warm-up, or check the counts for extreme outliers."
     )
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
+    """Turn SIGINT and SIGTERM into a request to stop, polled by :func:`train_svi`.
+
+    Yields a function returning the number of the first signal received (0: none). A
+    second SIGINT raises :class:`KeyboardInterrupt` at once, for a user who will not wait
+    for the step to finish. Outside the main thread (where Python cannot handle signals)
+    nothing is installed and the function always returns 0.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
+        return
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not received:
+            received.append(signum)
+            print(
+                f"\n{_signal_name(signum)} received: stopping after the current step "
+                "(Ctrl-C again to abort at once).",
+                file=sys.stderr,
+            )
+
+    previous = {}
+    for signum in signums:
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield lambda: received[0] if received else 0
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _nan_on_invalid(fn: Callable, modules: tuple[nn.Module, ...], *args, **kwargs) -> float:

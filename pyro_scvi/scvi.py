@@ -8,11 +8,10 @@ or SVI loop.
 from __future__ import annotations
 
 import copy
-import json
+import hashlib
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,15 +28,21 @@ from pyro.optim import PyroOptim
 from . import posterior
 from .data import CountData, InputError, check_batch_sizes, from_anndata
 from .engine import Engine
-from .files import _umask
+from .files import check_free_space, check_output_dir, make_temp_dir, replace_dir
 from .gap import amortization_gap
 from .guide import GuideFactory, ScviGuide, build_guide
-from .infer import HISTORY_COLUMNS, TrainingError, train_svi
+from .infer import (
+    HISTORY_COLUMNS,
+    TrainingError,
+    TrainingInterrupted,
+    TrainState,
+    stop_on_signals,
+    train_svi,
+)
+from .io import ModelFileError, is_model_dir, new_run_id, read_model_dir, write_model_dir
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
 from .priors import LogNormalLibrary, Prior, VampPrior, as_library_prior, as_prior
-
-_SAVE_FILE = "model.pt"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -258,6 +263,11 @@ class SCVI:
         self.train_indices = np.arange(0)
         self.validation_indices = np.arange(0)
         self.is_trained = False
+        # what continues training (train() again, resume()): see pyro_scvi.infer.TrainState
+        self._train_state: TrainState | None = None
+        self._run: dict | None = None
+        #: The manifest of the folder this model was loaded from (``None``: not loaded).
+        self.manifest: dict | None = None
 
     @classmethod
     def load_query_data(cls, adata: AnnData, reference_model: SCVI | str | os.PathLike) -> SCVI:
@@ -358,8 +368,15 @@ class SCVI:
         device: str | torch.device = "auto",
         seed: int | None = 0,
         progress_bar: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
     ) -> SCVI:
         """Fit the model with SVI (Adam) on minibatches; see :mod:`pyro_scvi.infer`.
+
+        Calling ``train`` again continues the same run: the epochs, KL warm-up, Adam's
+        moments, the minibatch order and the random streams go on where they stopped, so
+        ``train(2); train(3)`` is ``train(5)`` (with the same engine). SIGINT (Ctrl-C) or
+        SIGTERM stop it cleanly after the step in progress.
 
         Parameters
         ----------
@@ -369,7 +386,8 @@ class SCVI:
         batch_size, lr
             Cells per minibatch and Adam's learning rate.
         train_size
-            Fraction of cells to train on; the rest give the validation ELBO.
+            Fraction of cells to train on; the rest give the validation ELBO. Fixed by the
+            first run.
         early_stopping, patience
             Stop when the validation ELBO has not improved for ``patience`` epochs.
         kl_warmup_epochs
@@ -387,9 +405,15 @@ class SCVI:
         device
             ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         seed
-            Seeds the split, the minibatch order and Pyro; CPU runs are then reproducible.
+            Seeds a new run: the split, the initial parameters, the minibatch order and
+            Pyro; CPU runs are then reproducible. A continued run keeps its own streams.
         progress_bar
             Show a progress bar.
+        checkpoint_dir, checkpoint_every
+            Write a checkpoint (a model folder plus the training state; see
+            :mod:`pyro_scvi.io`) to ``checkpoint_dir`` every ``checkpoint_every`` epochs
+            (0: never) and when the run is interrupted. :meth:`load_checkpoint` and
+            :meth:`resume` continue from it.
 
         Returns
         -------
@@ -399,7 +423,24 @@ class SCVI:
         Raises
         ------
         pyro_scvi.infer.TrainingError
-            On a non-finite loss; the parameters of the last complete epoch are kept.
+            On a non-finite loss; the parameters of the last complete epoch are kept (none
+            completed: the model stays untrained, ``is_trained`` False).
+        pyro_scvi.infer.TrainingInterrupted
+            On SIGINT or SIGTERM, after the step in progress and the checkpoint; the model
+            holds the parameters of that step (usable for queries), and :meth:`resume`
+            or ``train`` continue.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=60, n_genes=10, seed=0)
+        >>> import numpy as np
+        >>> a, b = (pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8) for _ in range(2))
+        >>> kw = dict(progress_bar=False, engine=pyro_scvi.Engine(threads=1))
+        >>> _ = a.train(1, **kw).train(2, **kw)  # in two calls
+        >>> _ = b.train(3, **kw)  # in one
+        >>> np.array_equal(a.get_latent_representation(), b.get_latent_representation())
+        True
         """
         n = self.data.n_cells
         if max_epochs is None:
@@ -416,26 +457,63 @@ class SCVI:
                 "per cell and cannot score validation cells it is not trained on; pass "
                 "train_size=1.0 (held-out cells: pyro_scvi.gap.refine)."
             )
+        if checkpoint_every < 0:
+            raise InputError(f"checkpoint_every={checkpoint_every}; use 0 (never) or more.")
         check_batch_sizes(self.data, batch_size)
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        if not self.is_trained:
-            if seed is not None and getattr(self, "_reset_on_first_train", True):
-                # Initialize the networks from the seed too, so a fresh model trained with
-                # the same seed gives the same result whatever ran before it.
-                _reset_parameters(self.model, self.guide)
-            perm = np.random.default_rng(seed).permutation(n)
-            n_train = max(2, int(round(train_size * n)))
-            if n_train > n:
-                raise InputError(f"Only {n} cells: training needs at least 2.")
-            self.train_indices = np.sort(perm[:n_train])
-            self.validation_indices = np.sort(perm[n_train:])
+        if checkpoint_dir is not None:
+            check_output_dir(checkpoint_dir, owned=is_model_dir, what="checkpoint folder")
+            check_free_space({checkpoint_dir: self._checkpoint_bytes()})
+        continuing = self._train_state is not None
+        if not continuing:
+            if seed is not None:
+                pyro.set_rng_seed(seed)
+            if not self.is_trained:
+                if seed is not None and getattr(self, "_reset_on_first_train", True):
+                    # Initialize the networks from the seed too, so a fresh model trained
+                    # with the same seed gives the same result whatever ran before it (a
+                    # query model keeps its reference's weights).
+                    _reset_parameters(self.model, self.guide)
+                perm = np.random.default_rng(seed).permutation(n)
+                n_train = max(2, int(round(train_size * n)))
+                if n_train > n:
+                    raise InputError(f"Only {n} cells: training needs at least 2.")
+                self.train_indices = np.sort(perm[:n_train])
+                self.validation_indices = np.sort(perm[n_train:])
+        state = self._train_state or TrainState.new(seed)
         self.device = resolve_device(device)
         self.model.to(self.device), self.guide.to(self.device)
         first_epoch = int(self.history["epoch"].iloc[-1]) + 1 if len(self.history) else 0
+        self._run = {
+            "target_epoch": first_epoch + int(max_epochs),
+            "batch_size": int(batch_size),
+            "lr": float(lr),
+            "train_size": float(train_size),
+            "early_stopping": bool(early_stopping),
+            "patience": int(patience),
+            "kl_warmup_epochs": int(kl_warmup_epochs),
+            "elbo": None if elbo is None else type(elbo).__name__,
+            "optim": None if optim is None else type(optim).__name__,
+            "engine": None,
+            "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
+            "checkpoint_every": int(checkpoint_every),
+        }
+
+        def write_checkpoint(state: TrainState, history: pd.DataFrame) -> str:
+            self._run["engine"] = history.attrs.get("engine")
+            merged = self._merged_history(history)
+            extra = {"state": state.to_dict(), "run": dict(self._run), "data": self._fingerprint()}
+            tmp = self._stage(
+                checkpoint_dir,
+                history=merged,
+                is_trained=self.is_trained or bool(len(history)),
+                train_state=extra,
+            )
+            replace_dir(tmp, checkpoint_dir, owned=is_model_dir)
+            return str(checkpoint_dir)
+
         # A private parameter store: two SCVI objects in one process would otherwise
         # share Pyro's global store and silently train each other's parameters.
-        with pyro.get_param_store().scope():
+        with pyro.get_param_store().scope(), stop_on_signals() as stop:
             try:
                 history = train_svi(
                     self.model,
@@ -456,13 +534,129 @@ class SCVI:
                     seed=seed,
                     progress_bar=progress_bar,
                     first_epoch=first_epoch,
+                    state=state,
+                    checkpoint=write_checkpoint if checkpoint_dir is not None else None,
+                    checkpoint_every=checkpoint_every,
+                    stop=stop,
                 )
             except TrainingError as err:
-                # the parameters are those of the last complete epoch: keep its history too
+                # the parameters are those of the last complete epoch: keep its history too;
+                # the optimizer's and streams' state ran past them, so a next train() starts
+                # those afresh
                 self._append_history(err.history)
+                self._train_state, self._run = None, None
+                raise
+            except TrainingInterrupted as err:
+                self._append_history(err.history)
+                self._train_state = state
+                self._run["engine"] = self.engine
                 raise
         self._append_history(history)
+        self._train_state, self._run = state, None
         return self
+
+    def resume(
+        self,
+        *,
+        elbo: ELBO | None = None,
+        optim: PyroOptim | None = None,
+        device: str | torch.device = "auto",
+        progress_bar: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+    ) -> SCVI:
+        """Finish an interrupted run: its remaining epochs, with its own settings.
+
+        After :class:`~pyro_scvi.infer.TrainingInterrupted` in this process, or on a model
+        from :meth:`load_checkpoint`. The result equals the run that was never
+        interrupted: on CPU with the same threads and an uncompiled engine, bit for bit;
+        a compiled ELBO is recompiled, which may change the last bits.
+
+        Parameters
+        ----------
+        elbo, optim
+            Pass again the ELBO or optimizer the run was started with, if it was not the
+            default (they are objects, not saved).
+        device
+            Where to train.
+        progress_bar
+            Show a progress bar.
+        checkpoint_dir, checkpoint_every
+            Default: as the interrupted run.
+        """
+        run = self._run
+        if run is None or self._train_state is None:
+            raise InputError(
+                "Nothing to resume: this model has no interrupted training run (call train(), "
+                "or load one with SCVI.load_checkpoint)."
+            )
+        for name, given in (("elbo", elbo), ("optim", optim)):
+            if run[name] is not None and type(given).__name__ != run[name]:
+                raise InputError(
+                    f"The run was started with {name}={run[name]}(); pass {name}= a new "
+                    f"{run[name]} with the same settings to resume it."
+                )
+        first_epoch = int(self.history["epoch"].iloc[-1]) + 1 if len(self.history) else 0
+        remaining = run["target_epoch"] - first_epoch
+        if remaining < 1:
+            self._run = None
+            return self
+        done = run["engine"] or {}
+        threads = done.get("threads")
+        engine = Engine(
+            compiled=done.get("compiled"),
+            fused_kernel=done.get("fused_kernel"),
+            fused_adam=done.get("fused_adam"),
+            threads=None if threads in (None, "auto") else int(threads),
+        )
+        if elbo is not None or optim is not None:
+            # the ELBO fixes compiled, an optim fused_adam: leave those fields to them
+            engine = Engine(threads=engine.threads, fused_kernel=engine.fused_kernel)
+        folder = checkpoint_dir if checkpoint_dir is not None else run["checkpoint_dir"]
+        return self.train(
+            remaining,
+            batch_size=run["batch_size"],
+            lr=run["lr"],
+            train_size=run["train_size"],
+            early_stopping=run["early_stopping"],
+            patience=run["patience"],
+            kl_warmup_epochs=run["kl_warmup_epochs"],
+            elbo=elbo,
+            optim=optim,
+            engine=engine,
+            device=device,
+            progress_bar=progress_bar,
+            checkpoint_dir=folder,
+            checkpoint_every=run["checkpoint_every"]
+            if checkpoint_every is None
+            else checkpoint_every,
+        )
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the model holds an interrupted training run that :meth:`resume` finishes."""
+        return self._run is not None and self._train_state is not None
+
+    def _merged_history(self, history: pd.DataFrame) -> pd.DataFrame:
+        if not len(history):
+            return self.history
+        merged = (
+            pd.concat([self.history, history], ignore_index=True) if len(self.history) else history
+        )
+        merged.attrs.update(
+            engine=history.attrs.get("engine"),
+            engines=[*self.history.attrs.get("engines", []), history.attrs.get("engine")],
+        )
+        return merged
+
+    def _fingerprint(self) -> dict:
+        """What a checkpoint checks the data against: the cells, in order, and the counts."""
+        names = "\n".join(map(str, self.data.obs_names)).encode()
+        return {
+            "n_cells": int(self.data.n_cells),
+            "obs_names_sha256": hashlib.sha256(names).hexdigest(),
+            "total_counts": float(self.data.X.sum()),
+        }
 
     def _append_history(self, history: pd.DataFrame | None) -> None:
         if history is None:
@@ -1234,14 +1428,45 @@ class SCVI:
 
     # ------------------------------------------------------------------ persistence
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Save parameters, settings and history to ``dir_path``, atomically.
+        """Save parameters, settings and history to the folder ``dir_path``, atomically.
 
-        The directory is written under a temporary name and renamed into place, so an
-        interrupted save never leaves a half-written model (nor destroys an old one).
+        The folder is written under a temporary name and swapped into place in one rename
+        (where the system allows; see :func:`pyro_scvi.files.replace_dir`), so an
+        interrupted save never leaves a half-written model nor loses the old one. With
+        ``overwrite=True`` an existing folder is replaced only if it holds a pyro_scvi
+        model and nothing else (or is empty): other files are never deleted. The folder
+        holds a ``manifest.json`` (format version, package version, settings, engine,
+        checksums) and ``model.pt``; see :mod:`pyro_scvi.io`.
+
+        Examples
+        --------
+        >>> import tempfile, pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=10, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> folder = tempfile.mkdtemp() + "/model"
+        >>> model.save(folder)
+        >>> pyro_scvi.SCVI.load(folder, adata, device="cpu").var_names.equals(model.var_names)
+        True
         """
         target = Path(dir_path)
-        if target.exists() and not overwrite:
+        if os.path.lexists(target) and not overwrite:
             raise InputError(f"{target} exists; pass overwrite=True or choose another path.")
+        check_output_dir(target, owned=is_model_dir, what="model folder")
+        tmp = self._stage(target)
+        try:
+            replace_dir(tmp, target, owned=is_model_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _model_bytes(self) -> int:
+        tensors = [*self.model.state_dict().values(), *self.guide.state_dict().values()]
+        return sum(t.numel() * t.element_size() for t in tensors) + 256 * 2**10
+
+    def _checkpoint_bytes(self) -> int:
+        # parameters, Adam's two moments, the last good epoch's copy, the epoch's order
+        return 4 * self._model_bytes() + 8 * self.data.n_cells
+
+    def _check_picklable(self) -> None:
         for name in ("prior", "library_prior"):
             try:
                 pickle.dumps(getattr(self.model, name))
@@ -1251,9 +1476,28 @@ class SCVI:
                     "the model cannot be saved: define its function at module level, or "
                     "subclass pyro_scvi.Prior / LibraryPrior."
                 ) from err
-        _warn_unimportable(self)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+    def _stage(
+        self,
+        target: str | os.PathLike,
+        *,
+        history: pd.DataFrame | None = None,
+        is_trained: bool | None = None,
+        train_state: dict | None = None,
+        run_id: str | None = None,
+    ) -> Path:
+        """Write the model to a temporary folder beside ``target``; return the folder.
+
+        With ``train_state``, a checkpoint. The caller moves it into place or removes it.
+        """
+        self._check_picklable()
+        if train_state is None:
+            _warn_unimportable(self)  # a checkpoint is resumed in this process, mostly
+        check_free_space(
+            {target: self._checkpoint_bytes() if train_state else self._model_bytes()}
+        )
+        history = self.history if history is None else history
+        tmp = make_temp_dir(target)
         try:
             state = {
                 "settings": self.settings,
@@ -1264,58 +1508,105 @@ class SCVI:
                 if type(self.guide) is ScviGuide
                 else copy.deepcopy(self.guide).cpu(),
                 "likelihood": self.model.likelihood,
-                "prior": self.model.prior.cpu(),
+                "prior": copy.deepcopy(self.model.prior).cpu(),
                 "library_prior": (
-                    None if self.model.library_prior is None else self.model.library_prior.cpu()
+                    None
+                    if self.model.library_prior is None
+                    else copy.deepcopy(self.model.library_prior).cpu()
                 ),
                 "var_names": list(self.var_names),
                 "batch_categories": list(self.batch_categories),
-                "history": self.history.to_dict(orient="list"),
-                "engine": self.engine,
-                "engines": self.history.attrs.get("engines", []),
+                "history": history.to_dict(orient="list"),
+                "engine": history.attrs.get("engine", self.engine),
+                "engines": history.attrs.get("engines", []),
                 "train_indices": self.train_indices,
                 "validation_indices": self.validation_indices,
-                "is_trained": self.is_trained,
+                "is_trained": self.is_trained if is_trained is None else is_trained,
             }
-            torch.save(state, tmp / _SAVE_FILE)
-            with open(tmp / "settings.json", "w") as f:
-                json.dump(
-                    {
-                        **self.settings,
-                        "n_genes": len(self.var_names),
-                        "batch_categories": list(self.batch_categories),
-                        "engine": self.engine,
-                    },
-                    f,
-                    indent=2,
-                )
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-        finally:
+            write_model_dir(
+                tmp,
+                state,
+                manifest={
+                    "run_id": run_id or new_run_id(),
+                    "settings": self.settings,
+                    "engine": state["engine"],
+                    "n_genes": len(self.var_names),
+                    "batch_categories": list(self.batch_categories),
+                    "is_trained": state["is_trained"],
+                    "epochs": len(history),
+                },
+                train_state=train_state,
+            )
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.model.prior.to(self.device)
-        if self.model.library_prior is not None:
-            self.model.library_prior.to(self.device)
+            raise
+        return tmp
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto") -> SCVI:
-        """Load a model saved with :meth:`save`, set up on ``adata``.
+        """Load a model saved with :meth:`save` (or a checkpoint), set up on ``adata``.
 
-        ``adata`` must have the model's genes, in order, and only known batches; the
-        library prior is the saved one, not recomputed from ``adata``.
-        Load only directories you trust: the file is a pickle.
+        ``adata`` must have the model's genes (in any order: they are matched by name)
+        and only known batches; the library prior is the saved one, not recomputed from
+        ``adata``. The folder is checked first (:func:`pyro_scvi.io.read_model_dir`): a
+        missing, damaged, foreign or newer-format model raises
+        :class:`pyro_scvi.io.ModelFileError` (an ``InputError``); folders of an older
+        format are migrated. Load only folders you trust: ``model.pt`` is a pickle.
         """
-        path = Path(dir_path) / _SAVE_FILE
-        if not path.exists():
-            raise InputError(f"No saved model at {path}; pass the directory given to save().")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        manifest, state, _ = read_model_dir(dir_path)
+        self = cls._from_state(state, adata, device=device, where=Path(dir_path))
+        self.manifest = manifest
+        return self
+
+    @classmethod
+    def load_checkpoint(
+        cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto"
+    ) -> SCVI:
+        """Load a training checkpoint (see :meth:`train`), ready for :meth:`resume`.
+
+        ``adata`` must hold the cells the run trained on, in the same order, with the
+        same counts.
+
+        Examples
+        --------
+        >>> import tempfile, pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=60, n_genes=10, seed=0)
+        >>> folder = tempfile.mkdtemp() + "/ckpt"
+        >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> _ = m.train(2, checkpoint_dir=folder, checkpoint_every=1, progress_bar=False)
+        >>> again = pyro_scvi.SCVI.load_checkpoint(folder, adata, device="cpu")
+        >>> len(again.history), again.interrupted  # the run had finished: nothing to resume
+        (2, False)
+        >>> len(again.train(1, progress_bar=False).history)  # but training goes on from it
+        3
+        """
+        manifest, state, extra = read_model_dir(dir_path, train_state=True)
+        self = cls._from_state(state, adata, device=device, where=Path(dir_path))
+        self.manifest = manifest
+        try:
+            saved, run = extra["data"], extra["run"]
+            train_state = TrainState.from_dict(extra["state"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFileError(
+                f"{dir_path} holds a damaged training state ({type(err).__name__}: {err})."
+            ) from err
+        now = self._fingerprint()
+        if saved != now:
+            what = [k for k in now if saved.get(k) != now[k]]
+            raise InputError(
+                f"adata is not the data the checkpoint in {dir_path} was trained on "
+                f"({', '.join(what)} differ); resume with the same AnnData, cells in the same "
+                "order."
+            )
+        self._train_state = train_state
+        next_epoch = int(self.history["epoch"].iloc[-1]) + 1 if len(self.history) else 0
+        finished = train_state.batches is None and next_epoch >= run.get("target_epoch", 0)
+        # a finished run's checkpoint continues with train(), not resume()
+        self._run = None if finished else run
+        return self
+
+    @classmethod
+    def _from_state(cls, state: dict, adata: AnnData, *, device: str, where: Path) -> SCVI:
         s = state["settings"]
         self = cls.__new__(cls)
         self.adata = adata
@@ -1329,47 +1620,66 @@ class SCVI:
             allow_empty_cells=True,
         )
         self.settings = s
-        arch = {k: s[k] for k in ("n_latent", "n_hidden", "n_layers")}
-        lib = state["model_state"]
-        self.model = ScviModel(
-            len(state["var_names"]),
-            len(state["batch_categories"]),
-            None
-            if s["use_observed_lib_size"]
-            # older saves hold the library prior's buffers only
-            else state.get("library_prior")
-            or LogNormalLibrary(lib["library_prior.loc"], lib["library_prior.scale"]),
-            prior=state["prior"],
-            likelihood=state["likelihood"],
-            dispersion=s["dispersion"],
-            use_observed_lib_size=s["use_observed_lib_size"],
-            **arch,
-        )
-        self.guide = state.get("guide")
-        if self.guide is None:
-            self.guide = ScviGuide(
+        try:
+            arch = {k: int(s[k]) for k in ("n_latent", "n_hidden", "n_layers")}
+            lib = state["model_state"]
+            self.model = ScviModel(
                 len(state["var_names"]),
                 len(state["batch_categories"]),
-                dropout_rate=s["dropout_rate"],
+                None
+                if s["use_observed_lib_size"]
+                # older saves hold the library prior's buffers only
+                else state.get("library_prior")
+                or LogNormalLibrary(lib["library_prior.loc"], lib["library_prior.scale"]),
+                prior=state["prior"],
+                likelihood=state["likelihood"],
+                dispersion=s["dispersion"],
                 use_observed_lib_size=s["use_observed_lib_size"],
                 **arch,
             )
+            self.guide = state.get("guide")
+            if self.guide is None:
+                self.guide = ScviGuide(
+                    len(state["var_names"]),
+                    len(state["batch_categories"]),
+                    dropout_rate=s["dropout_rate"],
+                    use_observed_lib_size=s["use_observed_lib_size"],
+                    **arch,
+                )
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+            raise ModelFileError(
+                f"The model in {where} cannot be rebuilt from its settings "
+                f"({type(err).__name__}: {_one_line(err)}); the file is damaged or edited."
+            ) from err
         if getattr(self.guide, "n_cells", self.data.n_cells) != self.data.n_cells:
             raise InputError(
                 f"The saved {type(self.guide).__name__} has parameters for "
                 f"{self.guide.n_cells} cells, but adata has {self.data.n_cells}; load it with "
                 "the AnnData it was trained on."
             )
-        self.model.load_state_dict(state["model_state"])
-        self.guide.load_state_dict(state["guide_state"])
+        try:
+            self.model.load_state_dict(state["model_state"])
+            self.guide.load_state_dict(state["guide_state"])
+        except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+            raise ModelFileError(
+                f"The parameters in {where} do not fit the architecture its settings describe "
+                f"({_one_line(err)}); the file was written for another architecture or edited."
+            ) from err
         if isinstance(self.model.prior, VampPrior):
             _attach_vamp_prior(self.model.prior, self.guide, self.data)
-        self.history = pd.DataFrame(state["history"])
+        self.history = pd.DataFrame(state["history"], columns=None)
+        if not len(self.history):
+            self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
         self.engine = state.get("engine")
         self.history.attrs.update(engine=self.engine, engines=state.get("engines", []))
-        self.train_indices = state["train_indices"]
-        self.validation_indices = state["validation_indices"]
-        self.is_trained = state["is_trained"]
+        self.train_indices = np.asarray(state["train_indices"])
+        self.validation_indices = np.asarray(state["validation_indices"])
+        self.is_trained = bool(state["is_trained"])
+        self._train_state, self._run, self.manifest = None, None, None
         self.device = resolve_device(device)
         self.model.to(self.device), self.guide.to(self.device)
         return self
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    return " ".join(str(err).split())[:limit]

@@ -124,8 +124,8 @@ def test_fit_writes_a_png_training_curve(fitted):
 
 def test_fit_saves_a_loadable_model_with_the_stored_latent_space(fitted):
     model_dir = fitted["out"].with_name("out_model")
-    settings = json.loads((model_dir / "settings.json").read_text())
-    assert settings["n_genes"] == N_GENES and settings["n_latent"] == 3
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["n_genes"] == N_GENES and manifest["settings"]["n_latent"] == 3
     adata = fitted["adata"]
     model = SCVI.load(model_dir, adata, device="cpu")
     assert model.is_trained and len(model.history) == 2
@@ -341,16 +341,40 @@ def test_infinite_learning_rate_is_refused(h5ad, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")  # the point of the test
-def test_diverging_training_exits_1_with_the_last_good_model(h5ad, tmp_path):
+def test_training_that_fails_in_its_first_epoch_writes_nothing(h5ad, tmp_path):
+    # before: the untrained initialization was saved as "the last good model", exit 1
     out = tmp_path / "out.h5ad"
     status, stderr = _run(["fit", h5ad, "-o", out, "--lr", "1e10", *FAST])
     assert status == 1
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
-    assert "last good model" in stderr
-    assert not out.exists()
-    model = SCVI.load(tmp_path / "out_model", anndata.read_h5ad(h5ad), device="cpu")
+    assert "no epoch had completed" in stderr and "Nothing was written" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_training_that_fails_later_writes_the_last_complete_epoch(h5ad, tmp_path, monkeypatch):
+    import pyro_scvi.infer as infer
+
+    real, calls = infer._nan_on_invalid, []
+
+    def poison_second_epoch(*args, **kwargs):
+        calls.append(1)  # 3 steps and a validation pass per epoch
+        return float("nan") if len(calls) == 6 else real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "_nan_on_invalid", poison_second_epoch)
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, *FAST])
+    assert status == 1, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert "end of epoch 0" in stderr
+    result = anndata.read_h5ad(out)
+    assert "epoch 1, step 1" in result.uns["pyro_scvi"]["params"]["stopped"]
+    model = SCVI.load(tmp_path / "out_model", result, device="cpu")
+    assert model.is_trained and list(model.history["epoch"]) == [0]
     assert np.isfinite(model.get_latent_representation()).all()
+    manifest = json.loads((tmp_path / "out_model" / "manifest.json").read_text())
+    assert manifest["run_id"] == result.uns["pyro_scvi"]["params"]["run_id"]
 
 
 def test_output_equal_to_a_shipped_dataset_is_refused(tmp_path, monkeypatch):
@@ -458,7 +482,7 @@ def test_fit_engine_options_are_recorded_with_the_run(h5ad, tmp_path):
     recorded = anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["engine"]
     assert not recorded["fused_adam"] and not recorded["compiled"]
     assert int(recorded["threads"]) == 1
-    saved = json.loads((tmp_path / "out_model" / "settings.json").read_text())
+    saved = json.loads((tmp_path / "out_model" / "manifest.json").read_text())
     assert saved["engine"]["fused_adam"] is False
 
 

@@ -306,16 +306,45 @@ def test_missing_batch_values_raise(kind):
 def test_different_genes_raise():
     adata = _make(COUNTS)
     known = ["gene0", "gene1", "gene2", "other"]
-    with pytest.raises(
-        InputError, match=r"1 of the model's 4 genes are missing.*'other'.*model\.var_names"
-    ):
+    with pytest.raises(InputError, match=r"1 of its 4 genes are missing.*'other'"):
         from_anndata(adata, var_names=known)
 
 
-def test_same_genes_in_another_order_raise():
+def test_extra_genes_raise_with_a_fix_that_works():
     adata = _make(COUNTS)
-    with pytest.raises(InputError, match=r"another order.*adata\[:, model\.var_names\]"):
-        from_anndata(adata, var_names=list(reversed(adata.var_names)))
+    known = ["gene3", "gene2", "gene1"]
+    with pytest.raises(InputError, match=r"extra.*adata\[:, model\.var_names\]\.copy\(\)") as info:
+        from_anndata(adata, var_names=known)
+    # the fix the message names, run as written (model.var_names is a pandas Index)
+    fix = str(info.value).split("`")[1]
+    scope = {"adata": adata, "model": type("M", (), {"var_names": pd.Index(known)})}
+    exec(fix, scope)
+    data = from_anndata(scope["adata"], var_names=known, allow_empty_cells=True)
+    assert list(data.var_names) == known
+
+
+def test_same_genes_in_another_order_are_matched_by_name():
+    adata = _make(COUNTS)
+    order = list(reversed(adata.var_names))
+    data = from_anndata(adata, var_names=order)
+    assert list(data.var_names) == order
+    np.testing.assert_array_equal(np.asarray(data.X), np.asarray(COUNTS)[:, ::-1])
+    assert list(adata.var_names) == [f"gene{i}" for i in range(COUNTS.shape[1])]  # untouched
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_duplicated_gene_names_are_refused_with_the_fix():
+    adata = _make(COUNTS)
+    adata.var_names = ["gene0", "gene1", "gene0"][: adata.n_vars] + [
+        f"g{i}" for i in range(3, adata.n_vars)
+    ]
+    with pytest.raises(
+        InputError, match=r"duplicated gene names.*adata\.var_names_make_unique\(\)"
+    ):
+        from_anndata(adata)
+    fixed = adata.copy()
+    fixed.var_names_make_unique()
+    assert from_anndata(fixed).n_genes == adata.n_vars
 
 
 def test_unseen_batch_raises():
@@ -621,10 +650,16 @@ def test_block_shuffled_minibatches_visit_every_cell_once_from_few_blocks(backed
     batches = list(streamed.minibatches(cells, 40, shuffle=True, rng=rng, drop_singleton=True))
     np.testing.assert_array_equal(np.sort(np.concatenate(batches)), cells)
     assert all(len(b) == 40 for b in batches[:-1]) and 1 < len(batches[-1]) <= 41
-    # each minibatch is read from the blocks in memory (or carried over from the last group)
+    # listed ahead (as a resumable run does), read a group of blocks at a time
+    reads = []
+    read = streamed.read
+    streamed.read = lambda a, b: reads.append((a, b)) or read(a, b)
     for b in batches:
         x, _ = streamed.tensors(b)
         assert torch.equal(x, loaded.tensors(b)[0])
+    n_blocks = -(-n // 32)
+    assert all(b - a <= 32 for a, b in reads)  # block reads, no scattered rows
+    assert len(reads) <= 2 * n_blocks  # each block about once (twice where groups meet)
     # shuffled: consecutive minibatches differ from the file order, and epochs differ
     again = list(streamed.minibatches(cells, 40, shuffle=True, rng=rng))
     assert not np.array_equal(np.concatenate(batches), np.concatenate(again))

@@ -251,8 +251,8 @@ def test_the_choice_is_recorded_in_history_model_and_saved_files(small_adata, tm
     assert [e["fused_adam"] for e in m.history.attrs["engines"]] == [False, True]
     assert list(m.history["threads"][:2]) == [1, 1]
     m.save(tmp_path / "m")
-    settings = json.loads((tmp_path / "m" / "settings.json").read_text())
-    assert settings["engine"] == m.engine
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["engine"] == m.engine
     loaded = SCVI.load(tmp_path / "m", small_adata)
     assert loaded.engine == m.engine
     assert loaded.history.attrs["engines"][0]["reasons"]["fused_adam"] == "off: asked for"

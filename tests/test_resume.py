@@ -1,0 +1,218 @@
+"""Continuing training: train() twice, checkpoints, interrupts by signal, resume.
+
+The promise under test: a run that stops (a second train() call, SIGINT/SIGTERM, a
+checkpoint loaded in a new object) and continues ends with the same parameters, bit for
+bit on CPU with the same threads and an uncompiled engine, as one that never stopped.
+"""
+
+import os
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pyro_scvi.infer as infer
+from pyro_scvi import SCVI, Engine, InputError
+from pyro_scvi.datasets import synthetic_zinb
+from pyro_scvi.infer import TrainingInterrupted
+
+EPOCHS = 4
+# 300 cells, train_size 0.9: 270 training cells, minibatches of 64 -> 5 steps per epoch
+STEPS_PER_EPOCH = 5
+
+
+@pytest.fixture(scope="module")
+def adata():
+    return synthetic_zinb(n_cells=300, n_genes=40, n_clusters=3, n_batches=2, seed=0)
+
+
+def _new(adata):
+    return SCVI(adata, batch_key="batch", n_latent=3, n_hidden=16)
+
+
+def _kw(engine="eager"):
+    return dict(
+        batch_size=64,
+        kl_warmup_epochs=3,
+        progress_bar=False,
+        engine=Engine.preset(engine, threads=1),
+        seed=3,
+    )
+
+
+def _state(m):
+    return {
+        **{f"model.{k}": v for k, v in m.model.state_dict().items()},
+        **{f"guide.{k}": v for k, v in m.guide.state_dict().items()},
+    }
+
+
+def _assert_same_run(a, b):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"parameters differ: {different[:5]}"
+    cols = ["epoch", "train_elbo", "validation_elbo", "kl_weight"]
+    pd.testing.assert_frame_equal(
+        a.history[cols].reset_index(drop=True), b.history[cols].reset_index(drop=True)
+    )
+
+
+def _signal_at_step(monkeypatch, step, signum=signal.SIGINT):
+    """Send ``signum`` to this process from inside training step number ``step`` (from 1)."""
+    real, calls = infer._nan_on_invalid, []
+
+    def hooked(fn, *args, **kwargs):
+        if fn is not infer.evaluate_elbo:
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signum)  # handled at once, in the middle of the step
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "_nan_on_invalid", hooked)
+
+
+@pytest.fixture(scope="module")
+def reference(adata):
+    return _new(adata).train(EPOCHS, **_kw())
+
+
+# Interrupt at random steps (drawn once, reproducibly) and at an epoch's last step, so
+# the run stops mid-epoch and at an epoch boundary.
+_rng = np.random.default_rng(16)
+RANDOM_STEPS = sorted(_rng.choice(np.arange(1, EPOCHS * STEPS_PER_EPOCH), 3, replace=False))
+
+
+@pytest.mark.parametrize("step", [*map(int, RANDOM_STEPS), STEPS_PER_EPOCH])
+def test_a_resumed_run_equals_an_uninterrupted_one(adata, reference, tmp_path, monkeypatch, step):
+    """SIGINT at ``step``; the checkpoint is loaded into a new object and resumed; the
+    parameters, batch-norm buffers and history equal the uninterrupted run's exactly."""
+    _signal_at_step(monkeypatch, step)
+    m = _new(adata)
+    with pytest.raises(TrainingInterrupted) as info:
+        m.train(EPOCHS, checkpoint_dir=tmp_path / "ckpt", **_kw())
+    stop = info.value
+    assert stop.signal == signal.SIGINT and stop.checkpoint == str(tmp_path / "ckpt")
+    assert (stop.epoch, stop.step) == divmod(step, STEPS_PER_EPOCH)
+    monkeypatch.undo()
+    resumed = SCVI.load_checkpoint(tmp_path / "ckpt", adata, device="cpu")
+    assert resumed.interrupted
+    resumed.resume(progress_bar=False)
+    _assert_same_run(resumed, reference)
+    assert not resumed.interrupted
+
+
+def test_resume_in_the_same_process_after_an_interrupt(adata, reference, monkeypatch):
+    _signal_at_step(monkeypatch, 7, signal.SIGTERM)
+    m = _new(adata)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at epoch 1, step 2"):
+        m.train(EPOCHS, **_kw())
+    monkeypatch.undo()
+    # the interrupted model answers queries (one complete epoch, then two steps)
+    assert m.is_trained and len(m.history) == 1
+    assert np.isfinite(m.get_latent_representation()).all()
+    m.resume(progress_bar=False)
+    _assert_same_run(m, reference)
+
+
+def test_an_interrupt_in_the_first_epoch_leaves_an_untrained_but_resumable_model(
+    adata, reference, monkeypatch
+):
+    _signal_at_step(monkeypatch, 2)
+    m = _new(adata)
+    with pytest.raises(TrainingInterrupted):
+        m.train(EPOCHS, **_kw())
+    monkeypatch.undo()
+    assert not m.is_trained and len(m.history) == 0
+    m.resume(progress_bar=False)
+    _assert_same_run(m, reference)
+
+
+@pytest.mark.parametrize("engine", ["eager", "pyro"])
+def test_train_twice_is_one_longer_run(adata, engine):
+    """Adam's moments and the minibatch stream continue across train() calls (they
+    restarted before: the first epochs' minibatch order repeated)."""
+    one = _new(adata).train(EPOCHS, **_kw(engine))
+    two = _new(adata).train(1, **_kw(engine))
+    # queries between the calls draw random numbers: the run must not see them
+    two.get_latent_representation()
+    two.get_normalized_expression(n_samples=2)
+    two.train(EPOCHS - 1, **_kw(engine))
+    _assert_same_run(two, one)
+
+
+def test_train_twice_continues_adam_state(adata):
+    m = _new(adata).train(1, **_kw())
+    steps = m._train_state.optim["state"]["adam"]["state"][0]["step"]
+    assert float(steps) == STEPS_PER_EPOCH
+    m.train(1, **_kw())
+    assert float(m._train_state.optim["state"]["adam"]["state"][0]["step"]) == 2 * STEPS_PER_EPOCH
+
+
+def test_adam_state_is_matched_by_name_across_elbos(adata):
+    """A compiled ELBO meets the parameters in another order than the eager one: the
+    moments follow the names (mapping them by position crashed fused Adam)."""
+    m = _new(adata).train(1, **_kw("eager"))
+    before = m._train_state.optim["state"]
+    m.train(1, **_kw("compiled"))
+    after = m._train_state.optim["state"]
+    assert float(after["adam"]["state"][0]["step"]) == 2 * STEPS_PER_EPOCH
+    assert sorted(before["names"]) == sorted(after["names"])
+    assert np.isfinite(m.history["train_elbo"]).all()
+
+
+def test_a_resumed_compiled_run_matches_within_float_tolerance(adata, tmp_path, monkeypatch):
+    # The compiled graph is traced again on resuming, which may change the last bits.
+    one = _new(adata).train(3, **_kw("compiled"))
+    _signal_at_step(monkeypatch, 6)
+    m = _new(adata)
+    with pytest.raises(TrainingInterrupted):
+        m.train(3, checkpoint_dir=tmp_path / "c", **_kw("compiled"))
+    monkeypatch.undo()
+    m = SCVI.load_checkpoint(tmp_path / "c", adata, device="cpu").resume(progress_bar=False)
+    for key, value in _state(one).items():
+        torch.testing.assert_close(_state(m)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_periodic_checkpoints(adata, tmp_path):
+    m = _new(adata).train(EPOCHS, checkpoint_dir=tmp_path / "c", checkpoint_every=2, **_kw())
+    saved = SCVI.load_checkpoint(tmp_path / "c", adata, device="cpu")
+    assert len(saved.history) == EPOCHS and not saved.interrupted  # the run had finished
+    manifest = saved.manifest
+    assert manifest["kind"] == "checkpoint" and "train_state.pt" in manifest["files"]
+    # a checkpoint is a model too
+    as_model = SCVI.load(tmp_path / "c", adata, device="cpu")
+    assert as_model.is_trained and len(as_model.history) == EPOCHS
+    with pytest.raises(InputError, match="Nothing to resume"):
+        saved.resume()
+    assert len(m.history) == EPOCHS
+
+
+def test_a_checkpoint_refuses_other_data(adata, tmp_path, monkeypatch):
+    _signal_at_step(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
+        _new(adata).train(EPOCHS, checkpoint_dir=tmp_path / "c", **_kw())
+    monkeypatch.undo()
+    shuffled = adata[::-1].copy()
+    with pytest.raises(InputError, match="not the data the checkpoint"):
+        SCVI.load_checkpoint(tmp_path / "c", shuffled, device="cpu")
+    with pytest.raises(InputError, match="not a training checkpoint|holds no checkpoint"):
+        _new(adata).save(tmp_path / "m") or SCVI.load_checkpoint(tmp_path / "m", adata)
+
+
+def test_resume_needs_the_runs_own_elbo(adata, monkeypatch):
+    from pyro.infer import TraceMeanField_ELBO
+
+    _signal_at_step(monkeypatch, 3)
+    m = _new(adata)
+    kw = _kw()
+    kw.pop("engine")
+    with pytest.raises(TrainingInterrupted):
+        m.train(2, elbo=TraceMeanField_ELBO(), engine=Engine(threads=1), **kw)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="TraceMeanField_ELBO"):
+        m.resume(progress_bar=False)
+    m.resume(elbo=TraceMeanField_ELBO(), progress_bar=False)
+    assert len(m.history) == 2
