@@ -715,6 +715,9 @@ def train_svi(
         return err
 
     stop_signal = stop if stop is not None else (lambda: 0)
+    if checkpoint is not None and group is not None and not group.is_main:
+        checkpoint = None  # rank 0 writes the run's checkpoints
+    written = None  # the epoch of the last periodic checkpoint
     compiled_sizes: set[int] = set()
     threads.start()
     precision_before = run.set_matmul_precision()
@@ -821,9 +824,11 @@ def train_svi(
                 state.since_best += 1
             if stop_signal():
                 raise stop_now(epoch)
-            if checkpoint is not None and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+            due = checkpoint_every and (epoch + 1) % checkpoint_every == 0
+            if checkpoint is not None and due:
                 capture(False)
                 checkpoint(state, _history(rows, history_attrs))
+                written = epoch
             if early_stopping and state.since_best >= patience:
                 epochs.write(
                     f"Early stopping at epoch {epoch}: no ELBO improvement for {patience} epochs."
@@ -835,6 +840,9 @@ def train_svi(
         refresh_batch_norm(model, guide, data, own_train, batch_size=batch_size, device=device)
         if group is not None:
             group.average_buffers(model, guide)
+        if checkpoint is not None and checkpoint_every and rows and written != rows[-1]["epoch"]:
+            # the run's end too: a finished run can be continued from its folder later
+            checkpoint(state, _history(rows, history_attrs))
     finally:
         torch.set_float32_matmul_precision(precision_before)
         threads.close()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -156,17 +155,15 @@ def _load_reference(path: str | os.PathLike, adata: AnnData) -> SCVI:
     :meth:`SCVI.load` sets a model up on data of known batches, and the query's batches
     are new; only the reference's parameters and settings are used.
     """
-    import json
-
     import anndata
     import scipy.sparse as sp
 
+    from .io import read_model_dir
     from .scvi import SCVI
 
-    settings_file = Path(path) / "settings.json"
-    if not settings_file.exists():
-        raise InputError(f"No saved model at {path}; pass the directory given to save().")
-    settings = json.loads(settings_file.read_text())
+    # the settings and batches the folder was saved with (any format version)
+    _, state, _ = read_model_dir(path)
+    settings = dict(state["settings"], batch_categories=state["batch_categories"])
     counts = sp.csr_matrix(np.ones((1, adata.n_vars), dtype=np.float32))
     obs = pd.DataFrame(index=["placeholder"])
     if settings.get("batch_key") is not None:
@@ -265,4 +262,6 @@ def load_query_data(cls: type[SCVI], adata: AnnData, reference: SCVI | str | os.
     self._reset_on_first_train = False
     #: The batches of the reference; the others are the query's, whose weights train.
     self.reference_batches = tuple(known)
+    # no interrupted run to continue (see SCVI.train)
+    self._train_state, self._run = None, None
     return self
