@@ -655,7 +655,8 @@ class SCVI:
         return {
             "n_cells": int(self.data.n_cells),
             "obs_names_sha256": hashlib.sha256(names).hexdigest(),
-            "total_counts": float(self.data.X.sum()),
+            # from each cell's total: streamed counts have no X in memory
+            "total_counts": float(self.data.total_counts().sum()),
         }
 
     def _append_history(self, history: pd.DataFrame | None) -> None:

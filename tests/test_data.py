@@ -693,11 +693,15 @@ def test_the_engine_streams_a_backed_file_only_when_it_would_not_fit(backed, mon
     assert isinstance(from_anndata(backed), StreamedCounts)
 
 
-def test_a_model_trains_and_answers_queries_from_a_streamed_file(backed):
+def test_a_model_trains_and_answers_queries_from_a_streamed_file(backed, tmp_path):
     model = SCVI(backed, batch_key="batch", n_hidden=16, n_latent=3, streamed=True)
     model.data.block_cells = 64
     model.train(3, progress_bar=False, seed=0, engine="eager")
     assert model.engine["reasons"]["data_source"] == "streamed: asked for"
+    # a checkpoint of a streamed model, continued: the data check reads totals, not X
+    model.train(1, progress_bar=False, checkpoint_dir=tmp_path / "ck", checkpoint_every=1)
+    again = SCVI.load_checkpoint(tmp_path / "ck", backed, device="cpu")
+    assert len(again.history) == 4 and not again.interrupted
     assert np.isfinite(model.history["validation_elbo"]).all()
     z = model.get_latent_representation()
     assert z.shape == (backed.n_obs, 3) and np.isfinite(z).all()
