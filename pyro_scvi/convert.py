@@ -82,9 +82,9 @@ def to_inference_data(
         the largest group; the posterior and the per-cell log-likelihood (summed over
         *all* genes) are kept whole.
     thin
-        Keep every ``thin``-th draw in ``posterior_predictive`` (its ``draw`` coordinate
-        keeps the original draw numbers); the posterior and the log-likelihood keep all
-        ``n_samples`` draws, which PSIS needs.
+        Keep every ``thin``-th draw in ``posterior`` and ``posterior_predictive`` (their
+        ``draw`` coordinate keeps the original draw numbers); the log-likelihood keeps all
+        ``n_samples`` draws, which PSIS-LOO needs, at ``8 x cells`` bytes per draw.
     dtype
         Of the replicated and observed counts: ``"float32"`` (default, as the model sees
         them), ``"int32"``, or ``"auto"``: the smallest unsigned integer type holding the
@@ -159,9 +159,10 @@ def to_inference_data(
     replicated = draws["x"][:: int(thin)][..., gene_idx]
     count_type = _count_dtype(dtype, max(float(observed.max()), float(replicated.max())))
     observed, replicated = observed.astype(count_type), replicated.astype(count_type)
-    posterior_vars = {"z": draws["z"][None]}
+    step = int(thin)
+    posterior_vars = {"z": draws["z"][::step][None]}
     if latent_library:
-        posterior_vars["l"] = draws["l"][None]
+        posterior_vars["l"] = draws["l"][::step][None]
     coords = {
         "cells": np.asarray(data.obs_names[idx], dtype=str),
         "genes": np.asarray(data.var_names, dtype=str)[gene_idx],
@@ -189,10 +190,11 @@ def to_inference_data(
         # ArviZ reads the inference library from the posterior group's attributes.
         posterior_attrs=attrs,
     )
-    if int(thin) > 1:
-        # label the kept draws with their numbers among the posterior's draws
-        pp = idata.posterior_predictive.assign_coords(draw=np.arange(0, int(n_samples), int(thin)))
-        idata.posterior_predictive = pp
+    if step > 1:
+        # label the kept draws with their numbers among the log-likelihood's draws
+        kept = np.arange(0, int(n_samples), step)
+        idata.posterior = idata.posterior.assign_coords(draw=kept)
+        idata.posterior_predictive = idata.posterior_predictive.assign_coords(draw=kept)
     return idata
 
 
