@@ -256,23 +256,15 @@ def test_cli_ppc_writes_the_criticism_page(tmp_path, zinb_fit, overdispersed):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        status = main(
-            [
-                "ppc",
-                str(model_dir),
-                str(data_path),
-                "-o",
-                str(out),
-                "--n-samples",
-                "5",
-                "--device",
-                "cpu",
-            ]
-        )
-    assert status == 0
+        args = ["ppc", str(model_dir), str(data_path), "-o", str(out), "--n-samples", "5"]
+        status = main([*args, "--device", "cpu", "--compare", f"again={model_dir}"])
+        bad = main([*args, "--compare", "no-equals-sign"])
+    assert status == 0 and bad == 2
     page = tmp_path / "check_criticism.png"
     assert page.read_bytes()[:8] == PNG_MAGIC
     summary = pd.read_csv(tmp_path / "check_criticism.csv", index_col=0)
     assert summary.loc["model", "cells"] == "held-out"
     assert summary.loc["model", "n_cells"] == len(zinb_fit.validation_indices)
+    # the same fit twice, side by side, on the same cells and draws
+    assert summary.loc["again", "pit_tv"] == summary.loc["model", "pit_tv"]
     assert "PIT" in buf.getvalue()
