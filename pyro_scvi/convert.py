@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import pyro
 import torch
 from anndata import AnnData
@@ -56,6 +57,9 @@ def to_inference_data(
     indices: Sequence[int] | np.ndarray | None = None,
     batch_size: int = 256,
     seed: int | None = None,
+    genes: Sequence[str] | Sequence[int] | np.ndarray | None = None,
+    thin: int = 1,
+    dtype: str = "float32",
 ) -> az.InferenceData:
     """Posterior, posterior predictive, observed data and log-likelihood as InferenceData.
 
@@ -76,12 +80,25 @@ def to_inference_data(
         Cells per forward pass; memory grows with ``batch_size x n_samples x genes``.
     seed
         Seed of the draws; the global torch random state is left as it was.
+    genes
+        Names (or positions) of the genes whose replicated and observed counts to keep
+        (default: all). The replicated counts are ``draws x cells x genes`` values, by far
+        the largest group; the posterior and the per-cell log-likelihood (summed over
+        *all* genes) are kept whole.
+    thin
+        Keep every ``thin``-th draw in ``posterior`` and ``posterior_predictive`` (their
+        ``draw`` coordinate keeps the original draw numbers); the log-likelihood keeps all
+        ``n_samples`` draws, which PSIS-LOO needs, at ``8 x cells`` bytes per draw.
+    dtype
+        Of the replicated and observed counts: ``"float32"`` (default, as the model sees
+        them), ``"int32"``, or ``"auto"``: the smallest unsigned integer type holding the
+        largest count (``uint8``, ``uint16`` or ``uint32``), which also compresses best.
 
     Returns
     -------
     arviz.InferenceData
-        See the module docstring for the groups, dims and coords. Counts are ``float32``, as
-        the model sees them. Save it with ``idata.to_netcdf(path)``, read it back with
+        See the module docstring for the groups, dims and coords. Save it with
+        ``idata.to_netcdf(path)`` (zlib-compressed), read it back with
         ``arviz.from_netcdf(path)``.
 
     Examples
@@ -96,6 +113,9 @@ def to_inference_data(
     {'chain': 1, 'draw': 5, 'cells': 60, 'genes': 12}
     >>> idata.log_likelihood["x"].dims
     ('chain', 'draw', 'cells')
+    >>> small = to_inference_data(m, n_samples=6, seed=0, genes=["gene3"], thin=2, dtype="auto")
+    >>> dict(small.posterior_predictive["x"].sizes), small.observed_data["x"].dtype.kind
+    ({'chain': 1, 'draw': 3, 'cells': 60, 'genes': 1}, 'u')
     """
     from . import __version__
 
@@ -103,9 +123,14 @@ def to_inference_data(
         raise InputError(f"n_samples={n_samples}; draw at least one sample.")
     if int(batch_size) < 1:
         raise InputError(f"batch_size={batch_size}; it must be a positive integer.")
+    if int(thin) < 1 or int(thin) > int(n_samples):
+        raise InputError(f"thin={thin}; it must be between 1 and n_samples ({n_samples}).")
+    if dtype not in ("float32", "int32", "auto"):
+        raise InputError(f"dtype={dtype!r}; use 'float32', 'int32' or 'auto'.")
     data = model.data_for(adata)
     idx = _check_indices(indices, data.n_cells)
     require_unique_obs_names(data.obs_names[idx], "the InferenceData's cells coordinate")
+    gene_idx = _check_genes(genes, data.var_names)
     latent_library = not model.model.use_observed_lib_size
     sites = ("z", "l", "x") if latent_library else ("z", "x")
     devices = [model.device] if model.device.type == "cuda" else []
@@ -133,13 +158,19 @@ def to_inference_data(
         batch_size=int(batch_size),
         device=model.device,
     )
-    observed = np.vstack([data.tensors(i)[0].numpy() for i in data.minibatches(idx, 4096)])
-    posterior_vars = {"z": draws["z"][None]}
+    observed = np.vstack(
+        [data.tensors(i)[0].numpy()[:, gene_idx] for i in data.minibatches(idx, 4096)]
+    )
+    replicated = draws["x"][:: int(thin)][..., gene_idx]
+    count_type = _count_dtype(dtype, max(float(observed.max()), float(replicated.max())))
+    observed, replicated = observed.astype(count_type), replicated.astype(count_type)
+    step = int(thin)
+    posterior_vars = {"z": draws["z"][::step][None]}
     if latent_library:
-        posterior_vars["l"] = draws["l"][None]
+        posterior_vars["l"] = draws["l"][::step][None]
     coords = {
         "cells": np.asarray(data.obs_names[idx], dtype=str),
-        "genes": np.asarray(data.var_names, dtype=str),
+        "genes": np.asarray(data.var_names, dtype=str)[gene_idx],
         "latent": np.arange(draws["z"].shape[-1]),
     }
     # The log-likelihood reuses x's dims; ArviZ drops the trailing ``genes`` dim for it
@@ -152,9 +183,9 @@ def to_inference_data(
         "model": f"pyro_scvi.{type(model).__name__}",
         "settings": json.dumps(model.settings, default=str),
     }
-    return az.from_dict(
+    idata = az.from_dict(
         posterior=posterior_vars,
-        posterior_predictive={"x": draws["x"][None]},
+        posterior_predictive={"x": replicated[None]},
         observed_data={"x": observed},
         log_likelihood={"x": log_lik[None]},
         constant_data={"batch": np.asarray(data.batch_categories)[data.batch_index[idx]]},
@@ -164,6 +195,38 @@ def to_inference_data(
         # ArviZ reads the inference library from the posterior group's attributes.
         posterior_attrs=attrs,
     )
+    if step > 1:
+        # label the kept draws with their numbers among the log-likelihood's draws
+        kept = np.arange(0, int(n_samples), step)
+        idata.posterior = idata.posterior.assign_coords(draw=kept)
+        idata.posterior_predictive = idata.posterior_predictive.assign_coords(draw=kept)
+    return idata
+
+
+def _count_dtype(dtype: str, largest: float) -> np.dtype:
+    if dtype != "auto":
+        return np.dtype(dtype)
+    for candidate in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(candidate).max:
+            return np.dtype(candidate)
+    return np.dtype(np.float32)
+
+
+def _check_genes(genes, var_names) -> np.ndarray:
+    if genes is None:
+        return np.arange(len(var_names))
+    genes = np.atleast_1d(np.asarray(genes))
+    if len(genes) == 0:
+        raise InputError("genes is empty; pass at least one gene, or None for all.")
+    if np.issubdtype(genes.dtype, np.integer):
+        if genes.min() < 0 or genes.max() >= len(var_names):
+            raise InputError(f"gene positions out of range for {len(var_names)} genes.")
+        return genes
+    positions = pd.Index(var_names).get_indexer(genes.astype(str))
+    if (positions < 0).any():
+        missing = list(genes[positions < 0][:5])
+        raise InputError(f"genes {missing} are not among the model's genes.")
+    return positions
 
 
 def log_likelihood(

@@ -421,3 +421,135 @@ def plot_embedding(
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     return _save(fig, path)
+
+
+#: Panels of :func:`plot_criticism` after the PIT and coverage panels: (table, statistic).
+_CRITICISM_PANELS = [
+    ("gene", "mean"),
+    ("gene", "cv"),
+    ("gene", "zero_fraction"),
+    ("cell", "library_size"),
+    ("cell", "detected_genes"),
+]
+
+
+def plot_criticism(results, path: str | os.PathLike | None = None, *, max_points: int = 1500):
+    """One page of model criticism for one fit or several side by side.
+
+    Panels: the randomized PIT histogram of every entry (flat at 1 when calibrated; the
+    title gives each fit's TV distance from uniform and the noise floor); coverage of
+    central predictive intervals against their nominal level (on the diagonal when
+    calibrated); observed against replicated gene mean, CV and zero fraction and cell
+    library size and detected genes (on the diagonal when reproduced; the legend gives
+    ``r2`` about the diagonal); and each cell's Pareto ``k`` of the held-out PSIS estimate
+    (reliable below 0.7).
+
+    Parameters
+    ----------
+    results
+        A :class:`pyro_scvi.criticism.Criticism`, or a mapping name -> Criticism
+        (:func:`pyro_scvi.criticism.compare`).
+    path
+        If given, save the figure there (PNG), atomically, and close it.
+    max_points
+        At most this many points per fit and scatter panel (a fixed random subset).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Eight panels (closed if it was saved).
+    """
+    from .criticism import PARETO_K_THRESHOLD, Criticism, pit_histogram
+
+    if isinstance(results, Criticism):
+        results = {results.name: results}
+    fig, axes = plt.subplots(2, 4, figsize=(17, 8), dpi=110)
+    ax_pit, ax_cov, *ax_stats = axes.flat
+    ax_k = ax_stats.pop()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    rng = np.random.default_rng(0)
+    first = next(iter(results.values()))
+    bounds = {key: [np.inf, -np.inf] for key in _CRITICISM_PANELS}
+    for i, (name, c) in enumerate(results.items()):
+        color = colors[i % len(colors)]
+        s = c.summary
+        h = pit_histogram(c.pit, c.n_bins) * c.n_bins
+        edges = np.linspace(0, 1, c.n_bins + 1)
+        ax_pit.stairs(h, edges, color=color, lw=1.5, label=f"{name}: TV {s['pit_tv']:.3f}")
+        ax_cov.plot(
+            c.coverage["nominal"],
+            c.coverage["coverage"],
+            "o-",
+            ms=3,
+            color=color,
+            label=f"{name}: error {s['calibration_error']:.3f}",
+        )
+        for ax, (level, statistic) in zip(ax_stats, _CRITICISM_PANELS, strict=True):
+            table = c.gene_table if level == "gene" else c.cell_table
+            rows = table[table["statistic"] == statistic]
+            obs = rows["observed"].to_numpy(float)
+            rep = rows["replicated_mean"].to_numpy(float)
+            ok = np.isfinite(obs) & np.isfinite(rep)
+            if statistic in _LOG_STATISTICS | {"cv"}:
+                ok &= (obs > 0) & (rep > 0)
+            keep = np.flatnonzero(ok)
+            if len(keep) > max_points:
+                keep = np.sort(rng.choice(keep, max_points, replace=False))
+            if len(keep):
+                b = bounds[(level, statistic)]
+                b[0] = min(b[0], obs[keep].min(), rep[keep].min())
+                b[1] = max(b[1], obs[keep].max(), rep[keep].max())
+            ax.scatter(
+                obs[keep],
+                rep[keep],
+                s=5,
+                alpha=0.5,
+                color=color,
+                label=f"{name}: r2 {s.get(f'r2_{statistic}', np.nan):.2f}",
+            )
+        # k far above 1 says no more than "unreliable": pile those up at the right edge
+        k = np.clip(c.elpd["pareto_k"].to_numpy(float), None, 2.0)
+        ax_k.hist(
+            k[np.isfinite(k)],
+            bins=np.linspace(-0.5, 2.0, 26),
+            histtype="step",
+            lw=1.5,
+            color=color,
+            label=f"{name}: {s['frac_pareto_k_high']:.0%} > {PARETO_K_THRESHOLD}",
+        )
+    ax_pit.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax_pit.set(
+        xlim=(0, 1),
+        xlabel="randomized PIT",
+        ylabel="density",
+        title=f"Per-entry PIT ({first.cells} cells; floor {first.summary['pit_tv_null']:.3f})",
+    )
+    ax_cov.plot([0, 1], [0, 1], color="k", ls="--", lw=0.8)
+    ax_cov.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="nominal level of central interval",
+        ylabel="coverage",
+        title="Predictive interval coverage",
+    )
+    for ax, (level, statistic) in zip(ax_stats, _CRITICISM_PANELS, strict=True):
+        lo, hi = bounds[(level, statistic)]
+        if statistic in _LOG_STATISTICS | {"cv"}:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        if np.isfinite(lo):
+            ax.plot([lo, hi], [lo, hi], color="k", ls="--", lw=0.8)
+        ax.set(
+            xlabel="observed",
+            ylabel="replicated (posterior predictive mean)",
+            title=f"{level} {statistic.replace('_', ' ')}",
+        )
+    ax_k.axvline(PARETO_K_THRESHOLD, color="tab:red", ls="--", lw=0.8)
+    ax_k.set(
+        xlabel="Pareto k (2 = 2 or more)",
+        ylabel="cells",
+        title="PSIS reliability of held-out log p(x)",
+    )
+    for ax in axes.flat:
+        ax.legend(fontsize="small")
+    return _save(fig, path)

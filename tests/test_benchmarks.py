@@ -150,3 +150,18 @@ def test_query_mapping_smoke(tmp_path):
         assert 0 <= row[side]["label_transfer_accuracy"] <= 1
     assert set(row["criteria_met"]) == {"ari", "entropy_donors", "entropy_query", "heldout_ll_rel"}
     assert (tmp_path / "query_mapping_smoke.md").exists() and "mapped / full" in proc.stdout
+
+
+def test_criticism_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "criticism.py"), "--smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "criticism_smoke.json").read_text())
+    assert results["settings"]["smoke"]
+    runs = results["runs"]
+    assert [r["likelihood"] for r in runs] == ["zinb", "nb"]
+    for run in runs:
+        assert run["cells"] == "held-out" and run["n_cells"] == 20
+        assert 0 <= run["pit_tv"] <= 1 and 0 <= run["calibration_error"] <= 1
+        assert math.isfinite(run["r2_mean"]) and math.isfinite(run["elpd_mean"])
+    assert "PIT TV" in (tmp_path / "criticism_smoke.md").read_text()

@@ -188,3 +188,33 @@ def test_adata_without_the_model_genes_is_refused(model):
     other = synthetic_zinb(n_cells=20, n_genes=N_GENES + 1, seed=0)
     with pytest.raises(InputError):
         to_inference_data(model, other, n_samples=2)
+
+
+def test_export_of_chosen_genes_thinned_and_as_integers_keeps_the_values():
+    import pyro_scvi
+    from pyro_scvi.convert import to_inference_data
+
+    adata = pyro_scvi.datasets.synthetic_zinb(n_cells=50, n_genes=10, seed=0)
+    m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8).train(max_epochs=1, progress_bar=False)
+    full = to_inference_data(m, n_samples=6, seed=0)
+    small = to_inference_data(
+        m, n_samples=6, seed=0, genes=["gene2", "gene7"], thin=3, dtype="auto"
+    )
+    pp = small.posterior_predictive["x"]
+    assert list(pp["genes"].values) == ["gene2", "gene7"]
+    assert list(pp["draw"].values) == [0, 3] and pp.dtype.kind == "u"
+    expected = full.posterior_predictive["x"].sel(genes=["gene2", "gene7"]).isel(draw=[0, 3])
+    np.testing.assert_array_equal(pp.values, expected.values)
+    np.testing.assert_array_equal(
+        small.observed_data["x"].values, full.observed_data["x"].values[:, [2, 7]]
+    )
+    # thinned posterior draws are the same draws; the log-likelihood (over all genes)
+    # keeps every draw
+    np.testing.assert_array_equal(small.posterior["z"].values, full.posterior["z"].values[:, ::3])
+    assert list(small.posterior["draw"].values) == [0, 3]
+    np.testing.assert_allclose(small.log_likelihood["x"].values, full.log_likelihood["x"].values)
+    by_position = to_inference_data(m, n_samples=6, seed=0, genes=[2, 7], dtype="int32")
+    assert by_position.observed_data["x"].dtype == np.int32
+    for bad in ({"genes": ["nope"]}, {"genes": [10]}, {"thin": 7}, {"dtype": "float16"}):
+        with pytest.raises(pyro_scvi.InputError):
+            to_inference_data(m, n_samples=6, **bad)

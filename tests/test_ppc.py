@@ -269,6 +269,8 @@ def test_cli_writes_netcdf_csv_and_png(saved):
         "check.csv",
         "check.nc",
         "check_calibration.csv",
+        "check_criticism.csv",
+        "check_criticism.png",
         "check_ppp.png",
         "check_scatter.png",
     ]
