@@ -5,8 +5,8 @@
 #    no package index), else pip installs the package's test extra and scvi-tools 1.4.2.
 #    On a CUDA image that has torch, numpy, scipy, pandas, h5py, sklearn, matplotlib,
 #    lightning, jax and numba but no index, these py3.12 wheels (pip download --no-deps
-#    --only-binary=:all: --python-version 3.12 ...; docrep has no wheel: pip wheel it) were
-#    what was missing: pyro-ppl 1.9.2, pyro-api 0.1.2, anndata 0.12.19, array-api-compat
+#    --only-binary=:all: --python-version 3.12 ...; docrep has no wheel: pip wheel it) are
+#    what its package list lacks (not yet tried there): pyro-ppl 1.9.2, pyro-api 0.1.2, anndata 0.12.19, array-api-compat
 #    1.16.0, legacy-api-wrap 1.5, natsort 8.4.0, scverse-misc 0.0.3, zarr 3.1.6, numcodecs
 #    0.16.6, donfig 0.8.1.post1, google-crc32c 1.9.0, arviz 0.23.4, h5netcdf 1.8.2,
 #    xarray-einstats 0.9.1, platformdirs 4.14.8, scvi-tools 1.4.2, docrep 0.3.2,
