@@ -180,12 +180,48 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     False
     """
     path = Path(path)
-    if path.is_symlink() or not path.is_dir():
-        return False
-    names = {p.name for p in path.iterdir()}
+    # A concurrent save may swap the folder while it is read (its old copy is then being
+    # deleted): read one folder through a descriptor, and trust the answer only if that
+    # folder is still the one at ``path``; otherwise look again at its replacement.
+    for _ in range(20):
+        if path.is_symlink() or not path.is_dir():
+            return False
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        try:
+            answer = _is_model_dir_at(fd, path)
+            here = os.stat(path)
+            mine = os.fstat(fd)
+            same = (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev)
+        except FileNotFoundError:
+            same = False
+        finally:
+            os.close(fd)
+        if same:
+            return answer
+    return False
+
+
+def _read_text_at(fd: int, path: Path, name: str) -> str:
+    if os.open in os.supports_dir_fd:
+        file = os.open(name, os.O_RDONLY, dir_fd=fd)
+        with os.fdopen(file, encoding="utf-8") as f:
+            return f.read()
+    return (path / name).read_text()
+
+
+def _is_model_dir_at(fd: int, path: Path) -> bool:
+    """:func:`is_model_dir` for the folder open as ``fd`` (FileNotFoundError: it went)."""
+    names = set(os.listdir(fd) if os.listdir in os.supports_fd else os.listdir(path))
     if MANIFEST in names:
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            manifest = json.loads(_read_text_at(fd, path, MANIFEST))
+        except FileNotFoundError:
+            raise
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return False
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -195,7 +231,9 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     if names != {MODEL_FILE, _LEGACY_SETTINGS}:
         return False
     try:
-        settings = json.loads((path / _LEGACY_SETTINGS).read_text())
+        settings = json.loads(_read_text_at(fd, path, _LEGACY_SETTINGS))
+    except FileNotFoundError:
+        raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(settings, dict) and set(SETTINGS_KEYS) <= set(settings)
