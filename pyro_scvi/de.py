@@ -49,6 +49,7 @@ and reduced at once; what is kept is ``n_samples x genes`` values per group.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -95,7 +96,11 @@ COLUMNS = (
     "comparison",
     "group1",
     "group2",
+    "n_cells1",
+    "n_cells2",
 )
+#: Groups smaller than this get a warning: their results speak for a handful of cells.
+SMALL_GROUP = 10
 
 
 def differential_expression(
@@ -192,7 +197,7 @@ def differential_expression(
     >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
     >>> de = differential_expression(model, groupby="cell_type", group1="type0", n_samples=50)
     >>> de.shape, de["comparison"].iloc[0]
-    ((12, 19), 'type0 vs rest')
+    ((12, 21), 'type0 vs rest')
     >>> bool(((de["proba_de"] > 0) & (de["proba_de"] < 1)).all())
     True
     """
@@ -215,19 +220,23 @@ def differential_expression(
         draws = sampler(model, data, cells, n_samples, codes, batch_size, rng)
     raw = _raw_statistics(data, cells)
 
+    _warn_small_groups(cells, tested, reference, groupby)
+
     frames = []
     for g in tested:
         others = [h for h in needed if h != g] if reference is None else [reference]
         weights = np.array([len(cells[h]) for h in others], dtype=float)
         weights /= weights.sum()
+        n_other = sum(raw[h][0] for h in others)
+        # no more certainty than the smaller group's cells resolve (see _floor)
+        floor = _floor(n_samples, min(len(cells[g]), n_other))
         if mode == "change":
             # The rest's mean is the cell-weighted mixture of the other groups' means.
             b = sum(w * draws[h] for w, h in zip(weights, others, strict=True))
-            columns = _change_columns(draws[g], b, delta, pseudocount, credible_level)
+            columns = _change_columns(draws[g], b, delta, pseudocount, credible_level, floor)
         else:
             b = _mixture_pool(draws, others, weights, n_samples, rng)
-            columns = _vanilla_columns(draws[g], b, pseudocount, credible_level)
-        n_other = sum(raw[h][0] for h in others)
+            columns = _vanilla_columns(draws[g], b, pseudocount, credible_level, floor)
         columns.update(
             scale1=draws[g].mean(0),
             scale2=b.mean(0),
@@ -236,6 +245,7 @@ def differential_expression(
             non_zeros_proportion1=raw[g][2] / raw[g][0],
             non_zeros_proportion2=sum(raw[h][2] for h in others) / n_other,
         )
+        columns.update(n_cells1=len(cells[g]), n_cells2=n_other)
         frames.append(_finish(columns, data.var_names, g, reference, fdr_target))
     result = pd.concat(frames)
     result.attrs["params"] = {
@@ -339,11 +349,10 @@ def _bootstrap_means(
 ) -> dict[str, np.ndarray]:
     """``n_samples`` posterior samples of each group's mean expression, ``(n_samples, genes)``.
 
-    Sample ``s`` is a Bayesian bootstrap of the group's cells: Dirichlet(1, ..., 1)
-    weights ``w`` over the cells, each contributing one posterior draw of its ``rho``
-    plus count noise, so ``sum_i w_i (rho_i + e_i)`` with ``e_i`` of variance ``v_i``
-    (see :func:`_decode`). The noise enters through its sum, ``sum_i w_i**2 v_i``, as a
-    log-normal factor with that variance, which keeps the mean positive.
+    Sample ``s`` is ``c * sum_i w_i rho_i``: a Bayesian bootstrap of the group's cells
+    (Dirichlet(1, ..., 1) weights ``w``, each cell contributing one posterior draw of its
+    ``rho``) times a correction factor ``c`` of the decoder from the group's observed
+    counts (see :func:`_count_correction`).
     """
     n_draws = min(n_samples, DRAWS_PER_CELL)
     out = {}
@@ -353,41 +362,81 @@ def _bootstrap_means(
     zeros = {"dtype": torch.float64, "device": model.device}
     for name, idx in cells.items():
         sums = torch.zeros((n_samples, data.n_genes), **zeros)
-        noise = torch.zeros((n_samples, data.n_genes), **zeros)
         totals = torch.zeros(n_samples, **zeros)
+        expected = torch.zeros((n_draws, data.n_genes), **zeros)
+        variance = torch.zeros((n_draws, data.n_genes), **zeros)
+        observed = torch.zeros(data.n_genes, **zeros)
         for chunk in data.minibatches(idx, batch_size):
-            rho, var = _decode(model, data, chunk, n_draws, codes)
+            rho, mean, var, x = _decode(model, data, chunk, n_draws, codes)
             # Unnormalized Dirichlet(1, ..., 1) weights: the Bayesian bootstrap of the
             # group's cells, normalized over the whole group below.
             w = torch.as_tensor(rng.standard_exponential((n_samples, len(chunk))), **zeros)
             for d in range(n_draws):
                 # sample s takes draw s % n_draws of every cell
                 sums[d::n_draws] += w[d::n_draws] @ rho[d]
-                noise[d::n_draws] += w[d::n_draws].square() @ var[d]
             totals += w.sum(1)
-        mean = (sums / totals[:, None]).cpu().numpy()
-        noise = (noise / totals[:, None] ** 2).cpu().numpy()
-        rel = np.log1p(noise / np.maximum(mean, 1e-30) ** 2)
-        out[name] = mean * np.exp(np.sqrt(rel) * rng.standard_normal(mean.shape) - rel / 2)
+            expected += mean.sum(1)
+            variance += var.sum(1)
+            observed += x.sum(0)
+        mean_rho = (sums / totals[:, None]).cpu().numpy()
+        factor = _count_correction(
+            observed.cpu().numpy(), expected.cpu().numpy(), variance.cpu().numpy(), n_samples, rng
+        )
+        out[name] = mean_rho * factor
     return out
+
+
+#: Weight, in counts, of the decoder's own estimate of a group's expression against the
+#: group's observed counts: the prior ``Gamma(PRIOR_COUNTS, PRIOR_COUNTS)`` of the
+#: correction factor (mean 1). Half a count, as in Jeffreys' prior for a Poisson rate.
+PRIOR_COUNTS = 0.5
+
+
+def _count_correction(
+    observed: np.ndarray,
+    expected: np.ndarray,
+    variance: np.ndarray,
+    n_samples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Posterior samples of the factor ``c`` between a group's true and decoded expression.
+
+    The decoder is a point estimate that smooths over genes: a gene that moves in a group
+    without moving the latent space much is decoded with too small a change. The group's
+    counts say by how much: summed over the group's cells, ``observed`` counts against
+    the likelihood's ``expected`` counts (in each cell's own batch) with model
+    ``variance``. Taken as ``n = expected**2 / variance`` effective Poisson counts (a
+    quasi-Poisson likelihood, so the negative binomial's extra variance counts), the
+    observed total gives ``c`` a likelihood ``c**(k X) exp(-c k E)`` with ``k = E / V``,
+    and with the prior ``Gamma(a, a)`` (``a = PRIOR_COUNTS``) the posterior is
+    ``Gamma(a + k X, a + k E)``.
+
+    Where the decoder agrees with the counts, ``c`` is about 1 with relative variance
+    ``1 / n``: the counts' sampling noise, which the decoded means alone do not carry.
+    Where a group barely expresses a gene, ``X`` is near 0 and the posterior puts ``c``
+    firmly below a known bound (few counts seen in many expected) instead of making the
+    group's mean maximally uncertain in log space, as a symmetric noise term does.
+
+    ``expected`` and ``variance`` are ``(draws, genes)``; sample ``s`` uses draw
+    ``s % draws``. Returns ``(n_samples, genes)``.
+    """
+    n_draws = expected.shape[0]
+    k = expected / np.maximum(variance, 1e-30)
+    shape = PRIOR_COUNTS + k * observed
+    rate = PRIOR_COUNTS + k * expected
+    draw = np.arange(n_samples) % n_draws
+    return rng.gamma(shape[draw], 1.0 / rate[draw])
 
 
 def _decode(
     model: SCVI, data: CountData, idx: np.ndarray, n_draws: int, codes: list[int] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior draws of ``rho`` and its count-noise variance, each ``(draws, cells, genes)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Posterior draws of ``rho`` and of the counts' likelihood mean and variance.
 
-    ``rho`` is decoded under each batch in ``codes`` and averaged (``None``: each cell's
-    own batch). The variance is that of the normalized count ``y = x * rho / E[x]``
-    (``E[y] = rho``), with ``x`` drawn from the likelihood in the cell's own batch, where it
-    was measured; ``y`` scales with ``rho``, so under batch correction it keeps the
-    squared coefficient of variation ``Var[x] / E[x]**2`` of the own-batch count.
-
-    A group mean of ``rho`` alone would only carry the uncertainty in ``z``: the decoder is
-    a point estimate, fitted to counts, and its estimate of a group's expression is off by
-    about the counts' sampling noise -- many times the spread from ``z`` once a group has
-    hundreds of cells. Adding each cell's count noise (like a parametric bootstrap of the
-    group mean) makes the LFC posterior about as wide as that error.
+    Returns ``rho`` decoded under each batch in ``codes`` and averaged (``None``: each
+    cell's own batch), the mean and variance of the likelihood of ``x`` in the cell's own
+    batch, where it was measured (each ``(draws, cells, genes)``), and the observed
+    counts ``x`` (``(cells, genes)``).
     """
     latent = posterior.sample_posterior(
         model.model,
@@ -404,8 +453,9 @@ def _decode(
     if "l" in latent:
         conditioned["l"] = torch.as_tensor(latent["l"], device=model.device).unsqueeze(-1)
     model_fn = poutine.condition(model.model, data=conditioned)
+    log_total = x.sum(-1, keepdim=True).clamp_min(1).log()  # use_observed_lib_size's l
     rho = 0.0
-    cv2 = None
+    own_mean = own_var = None
     with (
         torch.no_grad(),
         posterior._eval_mode(model.model, model.guide),
@@ -415,19 +465,26 @@ def _decode(
             batch = own if code is None else torch.full_like(own, code)
             with pyro.plate("_de_draws", n_draws, dim=-3):
                 trace = poutine.trace(model_fn).get_trace(x, batch)
-            rho = rho + trace.nodes["rho"]["value"]
+            shape = trace.nodes["rho"]["value"].shape
+            fn = trace.nodes["x"]["fn"]
+            mean = fn.mean.expand(shape)
+            # The expected share of the cell's library (rho, times 1 - gate under zero
+            # inflation): a ZINB decoder may put part of a real change into its gate.
+            library = trace.nodes["l"]["value"] if "l" in trace.nodes else log_total
+            rho = rho + mean / library.exp().clamp_min(1e-30)
             mine = torch.ones_like(own, dtype=torch.bool) if code is None else own == code
             if mine.any():
-                fn = trace.nodes["x"]["fn"]
-                mean = fn.mean.expand(trace.nodes["rho"]["value"].shape)
                 try:
                     var = fn.variance.expand(mean.shape)
                 except NotImplementedError:  # a likelihood without a variance: Poisson's
                     var = mean
-                own_cv2 = var / mean.clamp_min(1e-30) ** 2
-                cv2 = own_cv2 if cv2 is None else torch.where(mine[:, None], own_cv2, cv2)
+                if own_mean is None:
+                    own_mean, own_var = mean, var
+                else:
+                    own_mean = torch.where(mine[:, None], mean, own_mean)
+                    own_var = torch.where(mine[:, None], var, own_var)
     rho = (rho / (1 if codes is None else len(codes))).double()
-    return rho, cv2.double() * rho**2
+    return rho, own_mean.double(), own_var.double(), x.double()
 
 
 def _cell_pools(
@@ -498,6 +555,37 @@ def _smoothed(hits: np.ndarray, n: int) -> np.ndarray:
     return (hits + 0.5) / (n + 1)
 
 
+def _floor(n_samples: int, n_cells: int) -> float:
+    """Least ``proba_not_de`` (and ``proba_de``) that ``n_samples`` and ``n_cells`` resolve.
+
+    ``1/2 / (n + 1)``, as :func:`_smoothed` gives for 0 hits in ``n`` tries, with ``n``
+    the number of Monte-Carlo samples or of cells in the smaller group, whichever is
+    fewer. ``n`` cells of a group say nothing about the share of its population that they
+    did not sample, which under the Jeffreys-smoothed count is ``1/2 / (n + 1)`` at least:
+    one cell cannot make a gene more than 75 % likely DE, and since the posterior FDR of a
+    list is its mean ``proba_not_de``, no group of fewer than 10 cells can be called at a
+    5 % target. The bootstrap of a group's cells cannot see this: with one cell it has
+    nothing to resample.
+    """
+    return 0.5 / (min(n_samples, n_cells) + 1)
+
+
+def _warn_small_groups(
+    cells: dict[str, np.ndarray], tested: list[str], reference: str | None, groupby: str
+) -> None:
+    compared = tested if reference is None else [*tested, reference]
+    small = [f"{g!r} ({len(cells[g])})" for g in compared if len(cells[g]) < SMALL_GROUP]
+    if small:
+        warnings.warn(
+            f"Groups of adata.obs[{groupby!r}] with fewer than {SMALL_GROUP} cells: "
+            f"{', '.join(small)}. Their results speak for those cells more than for the "
+            "population, and proba_de stays below 1 - 1/(2 (n + 1)) for n cells, so they "
+            "get no calls at a 5 % target; merge or drop them, or treat them as anecdotes.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _lfc_columns(lfc: np.ndarray, credible_level: float) -> dict[str, np.ndarray]:
     tail = (1 - credible_level) / 2
     s = posterior.summarize(lfc, quantiles=(tail, 0.5, 1 - tail))
@@ -511,12 +599,10 @@ def _lfc_columns(lfc: np.ndarray, credible_level: float) -> dict[str, np.ndarray
 
 
 def _change_columns(
-    a: np.ndarray, b: np.ndarray, delta: float, eps: float, credible_level: float
+    a: np.ndarray, b: np.ndarray, delta: float, eps: float, credible_level: float, floor: float
 ) -> dict[str, np.ndarray]:
     lfc = _lfc_columns(np.log2(a + eps) - np.log2(b + eps), credible_level)
     proba = shrinkage_proba_de(lfc["lfc_mean"], lfc["lfc_std"], delta)
-    # no more certainty than len(a) samples resolve, as in _smoothed
-    floor = 0.5 / (len(a) + 1)
     proba = np.clip(proba, floor, 1 - floor)
     return {
         "proba_de": proba,
@@ -607,9 +693,9 @@ def shrinkage_proba_de(
 
 
 def _vanilla_columns(
-    a: np.ndarray, b: np.ndarray, eps: float, credible_level: float
+    a: np.ndarray, b: np.ndarray, eps: float, credible_level: float, floor: float
 ) -> dict[str, np.ndarray]:
-    p = _smoothed((a > b).sum(0), len(a))
+    p = np.clip(_smoothed((a > b).sum(0), len(a)), floor, 1 - floor)
     proba = np.maximum(p, 1 - p)
     return {
         "proba_de": proba,
@@ -655,15 +741,42 @@ def posterior_fdr(proba_de: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- scanpy layout
+def rank_score(results: pd.DataFrame) -> np.ndarray:
+    """Signed scores that order genes as scanpy users read ``rank_genes_groups``.
+
+    ``direction * (-log proba_not_de + |lfc_mean| / 1000)``: the direction of the change
+    (the sign of ``lfc_mean`` in change mode, of the Bayes factor in vanilla mode) times
+    the evidence, which is near 0 for genes unlikely to be DE and grows to
+    ``log(2 n + 1)`` at the ceiling of ``proba_de``. The small effect-size term breaks the
+    ties between genes at that ceiling, larger changes first. Sorted from high to low,
+    genes up in the group come first, the genes that do not change in the middle and the
+    genes down in the group last.
+
+    Examples
+    --------
+    >>> r = pd.DataFrame({"proba_not_de": [0.001, 0.001, 0.6, 0.001],
+    ...                   "lfc_mean": [1.0, 3.0, 0.1, -2.0],
+    ...                   "bayes_factor": [6.9, 6.9, -0.4, 6.9]})
+    >>> rank_score(r).round(3).tolist()
+    [6.909, 6.911, 0.511, -6.91]
+    """
+    mode = results.attrs.get("params", {}).get("mode", "change")
+    effect = results["lfc_mean"].to_numpy()
+    direction = np.sign(results["bayes_factor"].to_numpy() if mode == "vanilla" else effect)
+    evidence = -np.log(results["proba_not_de"].to_numpy())
+    return np.where(direction == 0, 1.0, direction) * (evidence + np.abs(effect) / 1000)
+
+
 def to_rank_genes_groups(results: pd.DataFrame, var_names: Sequence[str]) -> dict:
     """The results in the layout of scanpy's ``adata.uns["rank_genes_groups"]``.
 
-    One field per tested group (``group1``) in record arrays, genes in each comparison's
-    order: ``names``, ``scores`` (the Bayes factor), ``logfoldchanges`` (``lfc_mean``,
-    log2), ``pvals`` (``proba_not_de``) and ``pvals_adj`` (``posterior_fdr``), with
-    ``pts`` and ``pts_rest`` (fractions of cells expressing each gene) and ``params``.
-    ``pvals`` and ``pvals_adj`` are posterior probabilities, not frequentist p-values,
-    stored under those names so that scanpy's tools read them:
+    One field per tested group (``group1``) in record arrays, genes sorted by
+    :func:`rank_score` from high to low, so that genes up in the group come first, as in
+    scanpy's own tests: ``names``, ``scores`` (:func:`rank_score`), ``logfoldchanges``
+    (``lfc_mean``, log2), ``pvals`` (``proba_not_de``) and ``pvals_adj``
+    (``posterior_fdr``), with ``pts`` and ``pts_rest`` (fractions of cells expressing each
+    gene) and ``params``. ``pvals`` and ``pvals_adj`` are posterior probabilities, not
+    frequentist p-values, stored under those names so that scanpy's tools read them:
     ``sc.get.rank_genes_groups_df(adata, None, key=key, pval_cutoff=fdr_target)`` lists
     the genes with ``is_de_fdr``.
 
@@ -682,16 +795,21 @@ def to_rank_genes_groups(results: pd.DataFrame, var_names: Sequence[str]) -> dic
     Examples
     --------
     >>> import pandas as pd
-    >>> r = pd.DataFrame({"group1": ["A", "A"], "bayes_factor": [3.0, -0.1],
-    ...                   "lfc_mean": [1.2, 0.0], "proba_not_de": [0.05, 0.5],
-    ...                   "posterior_fdr": [0.05, 0.275], "non_zeros_proportion1": [0.9, 0.4],
-    ...                   "non_zeros_proportion2": [0.1, 0.4]}, index=["g2", "g1"])
+    >>> r = pd.DataFrame({"group1": ["A", "A"], "bayes_factor": [3.0, 3.0],
+    ...                   "lfc_mean": [-1.2, 0.9], "proba_not_de": [0.05, 0.05],
+    ...                   "posterior_fdr": [0.05, 0.05], "non_zeros_proportion1": [0.1, 0.9],
+    ...                   "non_zeros_proportion2": [0.9, 0.1]}, index=["g2", "g1"])
     >>> uns = to_rank_genes_groups(r, ["g1", "g2"])
-    >>> uns["names"]["A"].tolist(), uns["pts"]["A"].tolist()
-    (['g2', 'g1'], [0.4, 0.9])
+    >>> uns["names"]["A"].tolist(), uns["scores"]["A"].round(2).tolist()
+    (['g1', 'g2'], [3.0, -3.0])
     """
     groups = list(dict.fromkeys(results["group1"]))
-    blocks = [results[results["group1"] == g] for g in groups]
+    blocks = []
+    for g in groups:
+        block = results[results["group1"] == g]
+        block.attrs = results.attrs
+        score = rank_score(block)
+        blocks.append(block.assign(_score=score).iloc[np.argsort(-score, kind="stable")])
 
     def rec(column: str | None, dtype) -> np.recarray:
         arrays = [(b.index if column is None else b[column]).to_numpy(dtype=dtype) for b in blocks]
@@ -710,7 +828,7 @@ def to_rank_genes_groups(results: pd.DataFrame, var_names: Sequence[str]) -> dic
     return {
         "params": params,
         "names": rec(None, str),
-        "scores": rec("bayes_factor", np.float32),
+        "scores": rec("_score", np.float32),
         "logfoldchanges": rec("lfc_mean", np.float32),
         "pvals": rec("proba_not_de", np.float64),
         "pvals_adj": rec("posterior_fdr", np.float64),

@@ -112,8 +112,8 @@ def test_null_halves_call_almost_nothing(trained, mode):
     )
     assert res["is_de_fdr"].sum() <= 1
     if mode == "change":
-        # halves of one population differ by far less than delta = 0.25
-        assert res["lfc_mean"].abs().max() < 0.25
+        # halves of one population differ only by the noise their LFC posterior carries
+        assert (res["lfc_mean"].abs() / res["lfc_std"]).max() < 3.5
     # cells outside both halves (type B, missing label) take no part
     a = trained.adata
     # Reference in float64 (a float32 mean is only as good as its summation order): counts
@@ -175,8 +175,16 @@ def test_one_vs_rest_over_every_group(trained):
     rtol = 4 * np.finfo(np.float64).eps
     np.testing.assert_allclose(b0["raw_mean2"], counts[in_b1].mean(0, dtype=np.float64), rtol=rtol)
     np.testing.assert_allclose(b0["non_zeros_proportion2"], (counts[in_b1] > 0).mean(0))
-    # mean rho sums to 1, up to the Monte-Carlo noise of the count-noise term
-    np.testing.assert_allclose(b0["scale1"].sum(), 1.0, rtol=1e-2)
+    # scale1 is the group's mean share of a cell's counts, corrected by the group's own
+    # counts: decoded in their own batches, times the mean library, it gives back the
+    # mean count of the well-expressed genes
+    own = trained.differential_expression(
+        groupby="cell_type", group1="A", n_samples=100, batch_correction=False
+    ).loc[a.var_names]
+    in_a = (a.obs["cell_type"] == "A").to_numpy()
+    high = own["raw_mean1"] > 2
+    expected = own["scale1"][high] * counts[in_a].sum(1).mean()
+    np.testing.assert_allclose(expected, own["raw_mean1"][high], rtol=0.1)
 
 
 def test_rest_is_the_cell_weighted_mixture_of_the_other_groups(trained):
@@ -253,8 +261,8 @@ def test_adata_is_written_only_with_key_added(trained, tmp_path):
     assert set(a.uns) == before and "de_pyro" in copy.uns
     uns = copy.uns["de_pyro"]
     assert uns["names"].dtype.names == ("A", "B")
-    a_vs_rest = res[res["group1"] == "A"]
-    assert list(uns["names"]["A"]) == list(a_vs_rest.index)
+    a_vs_rest = res[res["group1"] == "A"].loc[list(uns["names"]["A"])]
+    assert set(uns["names"]["A"]) == set(a_vs_rest.index)
     np.testing.assert_allclose(uns["logfoldchanges"]["A"], a_vs_rest["lfc_mean"], rtol=1e-6)
     np.testing.assert_allclose(uns["pvals_adj"]["A"], a_vs_rest["posterior_fdr"])
     assert uns["params"]["groupby"] == "cell_type" and uns["params"]["reference"] == "rest"

@@ -362,7 +362,7 @@ def plant_fold_changes(
     >>> pbmc = pbmc8k_200hvg()
     >>> b_cells = np.flatnonzero(pbmc.obs["cell_type"] == "B-cells")
     >>> planted = plant_fold_changes(pbmc, cells=b_cells, seed=0)
-    >>> int(planted.uns["truth"]["is_de"].sum()), planted.obs["group"].value_counts()["other"]
+    >>> int(planted.uns["truth"]["is_de"].sum()), int((planted.obs["group"] == "other").sum())
     (20, 6281)
     """
     rng = np.random.default_rng(seed)
