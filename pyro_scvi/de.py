@@ -349,11 +349,30 @@ def _bootstrap_means(
 ) -> dict[str, np.ndarray]:
     """``n_samples`` posterior samples of each group's mean expression, ``(n_samples, genes)``.
 
-    Sample ``s`` is ``c * sum_i w_i rho_i``: a Bayesian bootstrap of the group's cells
-    (Dirichlet(1, ..., 1) weights ``w``, each cell contributing one posterior draw of its
-    ``rho``) times a correction factor ``c`` of the decoder from the group's observed
-    counts (see :func:`_count_correction`).
+    Within a batch, sample ``s`` of a group's mean is ``c * sum_i w_i rho_i``: a Bayesian
+    bootstrap of the group's cells there (Dirichlet(1, ..., 1) weights ``w``, each cell
+    contributing one posterior draw of its expected share ``rho`` in its own batch) times
+    a correction factor ``c`` of the decoder from those cells' observed counts (see
+    :func:`_count_correction`). Without batch correction (``codes`` is ``None``) all the
+    group's cells form one such stratum.
+
+    With batch correction the group's mean is the average of its batches' means with
+    weights shared by every group, each batch's share of all the compared cells (direct
+    standardization). Each group is then compared with the others within the batches
+    they share: a batch effect, whether or not the decoder models it, moves every group
+    in a batch alike and cancels, where a group's own mix of batches, or the decoder's
+    counterfactual decoding of a cell in a batch it was not measured in (its ``z`` may
+    still carry the batch when groups and batches are confounded), would carry it into
+    the comparison. A group with fewer than ``SMALL_GROUP`` cells in a batch is decoded
+    there counterfactually, all its cells under that batch, with the correction factor
+    of all its cells.
     """
+    strata = [None] if codes is None else list(codes)
+    if codes is None:
+        standard = np.ones(1)
+    else:
+        everyone = data.batch_index[np.concatenate(list(cells.values()))]
+        standard = np.bincount(everyone, minlength=data.n_batch)[codes] / len(everyone)
     n_draws = min(n_samples, DRAWS_PER_CELL)
     out = {}
     # Reduce in torch, where the draws are: it keeps them on the model's device and
@@ -361,29 +380,92 @@ def _bootstrap_means(
     # for 100x their cost on busy machines).
     zeros = {"dtype": torch.float64, "device": model.device}
     for name, idx in cells.items():
-        sums = torch.zeros((n_samples, data.n_genes), **zeros)
-        totals = torch.zeros(n_samples, **zeros)
-        expected = torch.zeros((n_draws, data.n_genes), **zeros)
-        variance = torch.zeros((n_draws, data.n_genes), **zeros)
-        observed = torch.zeros(data.n_genes, **zeros)
+        own = np.zeros(len(idx), dtype=int) if codes is None else data.batch_index[idx]
+        sizes = np.bincount(own, minlength=data.n_batch if codes else 1)
+        measured = [k for k, b in enumerate(strata) if sizes[b or 0] >= min(SMALL_GROUP, len(idx))]
+        missing = [k for k in range(len(strata)) if k not in measured]
+        stats = {
+            "sums": torch.zeros((len(strata), n_samples, data.n_genes), **zeros),
+            "totals": torch.zeros((len(strata), n_samples), **zeros),
+            "expected": torch.zeros((len(strata), n_draws, data.n_genes), **zeros),
+            "variance": torch.zeros((len(strata), n_draws, data.n_genes), **zeros),
+            "observed": torch.zeros((len(strata), data.n_genes), **zeros),
+            "squares": torch.zeros((len(strata), data.n_genes), **zeros),
+        }
+        counted = np.zeros(len(strata))
         for chunk in data.minibatches(idx, batch_size):
-            rho, mean, var, x = _decode(model, data, chunk, n_draws, codes)
+            rho, mean, var, x = _decode(model, data, chunk, n_draws, None)
             # Unnormalized Dirichlet(1, ..., 1) weights: the Bayesian bootstrap of the
-            # group's cells, normalized over the whole group below.
+            # group's cells, normalized over each stratum below.
             w = torch.as_tensor(rng.standard_exponential((n_samples, len(chunk))), **zeros)
-            for d in range(n_draws):
-                # sample s takes draw s % n_draws of every cell
-                sums[d::n_draws] += w[d::n_draws] @ rho[d]
-            totals += w.sum(1)
-            expected += mean.sum(1)
-            variance += var.sum(1)
-            observed += x.sum(0)
-        mean_rho = (sums / totals[:, None]).cpu().numpy()
-        factor = _count_correction(
-            observed.cpu().numpy(), expected.cpu().numpy(), variance.cpu().numpy(), n_samples, rng
+            here = np.zeros(len(chunk), dtype=int) if codes is None else data.batch_index[chunk]
+            for k in measured:
+                mine = here == (strata[k] or 0)
+                if not mine.any():
+                    continue
+                m = torch.as_tensor(mine, device=model.device)
+                _accumulate(stats, k, w[:, m], rho[:, m], n_draws)
+                stats["expected"][k] += mean[:, m].sum(1)
+                stats["variance"][k] += var[:, m].sum(1)
+                stats["observed"][k] += x[m].sum(0)
+                stats["squares"][k] += (x[m] - mean[:, m]).square().mean(0).sum(0)
+                counted[k] += int(mine.sum())
+        for k in missing:  # counterfactual: all the group's cells decoded in batch k
+            for chunk in data.minibatches(idx, batch_size):
+                rho = _decode(model, data, chunk, n_draws, strata[k])[0]
+                w = torch.as_tensor(rng.standard_exponential((n_samples, len(chunk))), **zeros)
+                _accumulate(stats, k, w, rho, n_draws)
+        numpy = {key: value.cpu().numpy() for key, value in stats.items()}
+        variance = (
+            numpy["variance"]
+            * _dispersion(numpy["squares"], numpy["variance"].mean(1), counted)[:, None, :]
         )
-        out[name] = mean_rho * factor
+        corrections = [
+            _count_correction(
+                numpy["observed"][k], numpy["expected"][k], variance[k], n_samples, rng
+            )
+            for k in measured
+        ]
+        pooled = None
+        if missing:
+            pooled = _count_correction(
+                numpy["observed"].sum(0), numpy["expected"].sum(0), variance.sum(0), n_samples, rng
+            )
+        total = 0.0
+        for k in range(len(strata)):
+            factor = corrections[measured.index(k)] if k in measured else pooled
+            total = total + standard[k] * factor * numpy["sums"][k] / numpy["totals"][k][:, None]
+        out[name] = total
     return out
+
+
+def _accumulate(stats: dict, k: int, w: torch.Tensor, rho: torch.Tensor, n_draws: int) -> None:
+    for d in range(n_draws):
+        # sample s takes draw s % n_draws of every cell
+        stats["sums"][k, d::n_draws] += w[d::n_draws] @ rho[d]
+    stats["totals"][k] += w.sum(1)
+
+
+#: Weight, in cells, of the likelihood's variance against the residuals' own in
+#: :func:`_dispersion`.
+PRIOR_CELLS = 10.0
+
+
+def _dispersion(squares: np.ndarray, variance: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
+    """Ratio of the counts' spread around the decoder to the likelihood's variance.
+
+    ``squares`` is ``sum_i (x_i - E[x_i])**2`` over a group's cells, ``variance`` the
+    likelihood's ``sum_i Var[x_i]`` and ``n_cells`` the cells, per batch and gene. The
+    variance of a group's total around what the decoder expects is best told by the
+    residuals themselves (a sandwich estimate): a likelihood whose dispersion is fitted
+    to all cells, or that misses some biological variation, would otherwise make a
+    group's mean look surer than its counts allow. The ratio is moderated towards 1 with
+    the weight of ``PRIOR_CELLS`` cells, so that a few cells do not swing it, and a
+    group whose counts fit better than the likelihood says gains from it too.
+    """
+    n = n_cells[:, None]
+    ratio = squares / np.maximum(variance, 1e-30)
+    return (PRIOR_CELLS + ratio * n) / (PRIOR_CELLS + n) if n.size else ratio
 
 
 #: Weight, in counts, of the decoder's own estimate of a group's expression against the
@@ -429,14 +511,16 @@ def _count_correction(
 
 
 def _decode(
-    model: SCVI, data: CountData, idx: np.ndarray, n_draws: int, codes: list[int] | None
+    model: SCVI, data: CountData, idx: np.ndarray, n_draws: int, code: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Posterior draws of ``rho`` and of the counts' likelihood mean and variance.
+    """Posterior draws of the expected share ``rho``, and of the likelihood's mean and variance.
 
-    Returns ``rho`` decoded under each batch in ``codes`` and averaged (``None``: each
-    cell's own batch), the mean and variance of the likelihood of ``x`` in the cell's own
-    batch, where it was measured (each ``(draws, cells, genes)``), and the observed
-    counts ``x`` (``(cells, genes)``).
+    Decodes the cells ``idx`` in batch ``code`` (``None``: each cell's own batch) and
+    returns ``rho``, the mean and variance of the likelihood of ``x`` (each ``(draws,
+    cells, genes)``) and the observed counts ``x`` (``(cells, genes)``). ``rho`` is the
+    expected share of the cell's library, ``E[x] / library``: the decoder's softmax
+    output times ``1 - gate`` under zero inflation, since a ZINB decoder may put part of
+    a real change into its gate.
     """
     latent = posterior.sample_posterior(
         model.model,
@@ -453,38 +537,24 @@ def _decode(
     if "l" in latent:
         conditioned["l"] = torch.as_tensor(latent["l"], device=model.device).unsqueeze(-1)
     model_fn = poutine.condition(model.model, data=conditioned)
-    log_total = x.sum(-1, keepdim=True).clamp_min(1).log()  # use_observed_lib_size's l
-    rho = 0.0
-    own_mean = own_var = None
+    batch = own if code is None else torch.full_like(own, code)
     with (
         torch.no_grad(),
         posterior._eval_mode(model.model, model.guide),
         pyro.get_param_store().scope(),
+        pyro.plate("_de_draws", n_draws, dim=-3),
     ):
-        for code in [None] if codes is None else codes:
-            batch = own if code is None else torch.full_like(own, code)
-            with pyro.plate("_de_draws", n_draws, dim=-3):
-                trace = poutine.trace(model_fn).get_trace(x, batch)
-            shape = trace.nodes["rho"]["value"].shape
-            fn = trace.nodes["x"]["fn"]
-            mean = fn.mean.expand(shape)
-            # The expected share of the cell's library (rho, times 1 - gate under zero
-            # inflation): a ZINB decoder may put part of a real change into its gate.
-            library = trace.nodes["l"]["value"] if "l" in trace.nodes else log_total
-            rho = rho + mean / library.exp().clamp_min(1e-30)
-            mine = torch.ones_like(own, dtype=torch.bool) if code is None else own == code
-            if mine.any():
-                try:
-                    var = fn.variance.expand(mean.shape)
-                except NotImplementedError:  # a likelihood without a variance: Poisson's
-                    var = mean
-                if own_mean is None:
-                    own_mean, own_var = mean, var
-                else:
-                    own_mean = torch.where(mine[:, None], mean, own_mean)
-                    own_var = torch.where(mine[:, None], var, own_var)
-    rho = (rho / (1 if codes is None else len(codes))).double()
-    return rho, own_mean.double(), own_var.double(), x.double()
+        trace = poutine.trace(model_fn).get_trace(x, batch)
+    fn = trace.nodes["x"]["fn"]
+    mean = fn.mean.expand(trace.nodes["rho"]["value"].shape)
+    try:
+        var = fn.variance.expand(mean.shape)
+    except NotImplementedError:  # a likelihood without a variance: Poisson's
+        var = mean
+    # use_observed_lib_size has no "l" site: its library is the observed total
+    library = trace.nodes["l"]["value"] if "l" in trace.nodes else x.sum(-1, keepdim=True).log()
+    rho = mean / library.exp().clamp_min(1e-30)
+    return rho.double(), mean.double(), var.double(), x.double()
 
 
 def _cell_pools(
