@@ -162,13 +162,14 @@ def differential_expression(
     key_added
         If given, also store the results in ``adata.uns[key_added]`` (``adata``, or the
         model's AnnData when ``adata`` is ``None``) in the layout of scanpy's
-        ``rank_genes_groups``. Nothing is written to any AnnData otherwise.
+        ``rank_genes_groups`` (:func:`to_rank_genes_groups`: genes up in the group first).
+        Nothing is written to any AnnData otherwise.
 
     Returns
     -------
     pandas.DataFrame
         One row per gene and comparison, indexed by gene, sorted within each comparison
-        by ``proba_de`` (ties by ``|lfc_mean|``), most significant first. Columns:
+        by ``proba_de`` (ties by ``|lfc_mean| / lfc_std``), most significant first. Columns:
 
         - ``proba_de``, ``proba_not_de``, ``bayes_factor`` (natural log; signed in vanilla
           mode, ``log proba_de - log proba_not_de`` in change mode);
@@ -176,11 +177,14 @@ def differential_expression(
           posterior of the log2 fold change of group 1 over group 2 (in vanilla mode, of
           random cell pairs);
         - ``posterior_fdr`` (expected FDR of the list down to this gene) and ``is_de_fdr``;
-        - ``scale1``, ``scale2``: mean normalized expression ``rho`` of each group;
+        - ``scale1``, ``scale2``: each group's mean expression, the expected share of a
+          cell's counts (change mode: corrected by the group's counts; vanilla mode: the
+          decoder's ``rho``);
         - ``raw_mean1``, ``raw_mean2``, ``non_zeros_proportion1``,
           ``non_zeros_proportion2``: mean raw count and fraction of cells with a non-zero
           count in each group;
-        - ``comparison`` (``"A vs B"``), ``group1``, ``group2`` (``"rest"`` for one-vs-rest).
+        - ``comparison`` (``"A vs B"``), ``group1``, ``group2`` (``"rest"`` for
+          one-vs-rest), ``n_cells1``, ``n_cells2``: the groups' numbers of cells.
 
         ``DataFrame.attrs`` holds the parameters.
 
@@ -189,6 +193,11 @@ def differential_expression(
     InputError
         For an unknown ``groupby`` column or group, a group compared with itself, a group
         with no cells, and out-of-range arguments.
+
+    Warns
+    -----
+    UserWarning
+        When a compared group has fewer than 10 cells (it names them, with their sizes).
 
     Examples
     --------
@@ -783,7 +792,11 @@ def _finish(
     fdr_target: float,
 ) -> pd.DataFrame:
     frame = pd.DataFrame(columns, index=pd.Index(var_names, name=None))
-    order = np.lexsort((-np.abs(frame["lfc_mean"].to_numpy()), -frame["proba_de"].to_numpy()))
+    # Ties in proba_de (at its floor and ceiling) are broken by the evidence of a change,
+    # |lfc_mean| / lfc_std: it orders the many genes at the floor, unlike |lfc_mean|,
+    # which is largest for the noisiest, least expressed genes.
+    evidence = np.abs(frame["lfc_mean"].to_numpy()) / np.maximum(frame["lfc_std"], 1e-12)
+    order = np.lexsort((-evidence, -frame["proba_de"].to_numpy()))
     frame = frame.iloc[order]
     frame["posterior_fdr"] = posterior_fdr(frame["proba_de"].to_numpy())
     frame["is_de_fdr"] = frame["posterior_fdr"] <= fdr_target
