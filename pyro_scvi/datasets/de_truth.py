@@ -244,8 +244,9 @@ def poisson_lognormal_samples(
     samples_per_condition
         Replicates per condition.
     de_fraction, lfc_range
-        Fraction of the genes that differ between A and B, and the range of the magnitude
-        of their log2 fold changes (random sign).
+        Fraction of the genes that differ between A and B (in pairs, one up and one down by
+        the same amount from the same base), and the range of the magnitude of their log2
+        fold changes.
     sample_sd, cell_sd
         Standard deviations (natural log) of the sample and cell-level terms.
     log_mean_loc, log_mean_scale
@@ -273,8 +274,16 @@ def poisson_lognormal_samples(
     rng = np.random.default_rng(seed)
     base = rng.normal(log_mean_loc, log_mean_scale, n_genes)
     lfc = np.zeros(n_genes)
-    genes = rng.choice(n_genes, int(round(de_fraction * n_genes)), replace=False)
-    lfc[genes] = _de_factors(rng, genes, lfc_range)
+    n_pairs = int(round(de_fraction * n_genes / 2))
+    genes = rng.choice(n_genes, 2 * n_pairs, replace=False)
+    up, down = genes[:n_pairs], genes[n_pairs:]
+    # DE genes come in pairs of one base level, one up and one down by the same amount,
+    # so that A's and B's libraries have the same make-up and every other gene keeps its
+    # share (log-normal means are heavy-tailed: one unpaired high expresser moving 4-fold
+    # would shift the share of all others by a third of a log2 unit).
+    size = rng.uniform(*lfc_range, n_pairs)
+    lfc[up], lfc[down] = size, -size
+    base[down] = base[up]
     n_samples = 2 * samples_per_condition
     condition = np.repeat(["A", "B"], samples_per_condition)
     sample_names = np.array(
