@@ -102,7 +102,14 @@ METHODS = (
     "Wilcoxon",
     "pseudobulk PyDESeq2",
 )
-SMOKE = {"cells": 300, "genes": 120, "max_epochs": 2, "seeds": 1, "n_samples": 100}
+SMOKE = {
+    "cells": 300,
+    "genes": 120,
+    "max_epochs": 2,
+    "seeds": 1,
+    "n_samples": 100,
+    "pbmc_epochs": 1,
+}
 
 
 # ---------------------------------------------------------------------------- data
@@ -450,6 +457,58 @@ def targets(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, bool | No
     return out
 
 
+# ---------------------------------------------------------------------------- pbmc8k
+def pbmc_checks(args: argparse.Namespace) -> dict[str, Any]:
+    """The issue's real-data symptoms on the shipped pbmc8k_200hvg: small groups, the scanpy
+    record, vanilla mode between CD4+ and CD8+ T-cells."""
+    adata = pyro_scvi.datasets.pbmc8k_200hvg()
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    if args.smoke:
+        adata = adata[np.sort(np.random.default_rng(0).choice(adata.n_obs, 1500, False))].copy()
+    cache = None if args.cache is None else args.cache / "pbmc8k"
+    model, seconds = train_pyro(adata, args.pbmc_epochs, 0, cache)
+    out: dict[str, Any] = {"epochs": args.pbmc_epochs, "train_seconds": seconds}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rest = model.differential_expression(groupby="cell_type", n_samples=args.n_samples)
+    out["small_group_warnings"] = [
+        str(w.message) for w in caught if "fewer than" in str(w.message)
+    ]
+    out["one_vs_rest"] = {
+        str(g): {"n_cells": int(block["n_cells1"].iloc[0]), "calls": int(block["is_de_fdr"].sum())}
+        for g, block in rest.groupby("group1", observed=True)
+    }
+    key = adata.copy()
+    model.differential_expression(
+        key, groupby="cell_type", n_samples=args.n_samples, key_added="de"
+    )
+    uns = key.uns["de"]
+    record = {}
+    for group in uns["names"].dtype.names:
+        scores = np.asarray(uns["scores"][group], dtype=float)
+        lfc = np.asarray(uns["logfoldchanges"][group], dtype=float)
+        record[group] = {
+            "tied_scores": int(len(scores) - len(np.unique(scores))),
+            "top10": list(uns["names"][group][:10]),
+            "top10_lfc_min": float(lfc[:10].min()),
+        }
+    out["record"] = record
+    for mode in ("change", "vanilla"):
+        res = model.differential_expression(
+            groupby="cell_type",
+            group1="CD4+ T-cells",
+            group2="CD8+ T-cells",
+            mode=mode,
+            n_samples=args.n_samples,
+        )
+        out[f"cd4_vs_cd8_{mode}"] = {
+            "calls": int(res["is_de_fdr"].sum()),
+            "max_proba_de": float(res["proba_de"].max()),
+            "genes_with_proba_de_over_0.9": int((res["proba_de"] > 0.9).sum()),
+        }
+    return out
+
+
 # ---------------------------------------------------------------------------- output
 def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
@@ -492,6 +551,30 @@ def markdown(results: dict[str, Any]) -> str:
     for name, t in results["targets"].items():
         marks = ["-" if v is None else ("yes" if v else "**no**") for v in t.values()]
         lines.append(f"| {name} | " + " | ".join(marks) + " |")
+    if "pbmc8k" in results:
+        pb = results["pbmc8k"]
+        lines += [
+            "",
+            f"## pbmc8k_200hvg (pyro_scvi trained {pb['epochs']} epochs)",
+            "",
+            "| group (one vs rest) | cells | calls at 5 % | record: tied scores | "
+            "record: least LFC of the top 10 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for g, row in pb["one_vs_rest"].items():
+            rec = pb["record"][g]
+            lines.append(
+                f"| {g} | {row['n_cells']} | {row['calls']} | {rec['tied_scores']} | "
+                f"{rec['top10_lfc_min']:.2f} |"
+            )
+        lines += [""]
+        for mode in ("change", "vanilla"):
+            r = pb[f"cd4_vs_cd8_{mode}"]
+            lines.append(
+                f"- CD4+ vs CD8+ T-cells, {mode} mode: {r['calls']} calls, max proba_de "
+                f"{r['max_proba_de']:.3f}, {r['genes_with_proba_de_over_0.9']} genes over 0.9."
+            )
+        lines += [f"- Warnings: {' / '.join(pb['small_group_warnings']) or 'none'}"]
     lines += [
         "",
         "- Truth: the designed DE genes (|log2 FC| 0.6-2.0); every other gene has a designed "
@@ -526,6 +609,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-epochs", type=int, default=150)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--n-samples", type=int, default=1000, help="pyro_scvi n_samples")
+    p.add_argument("--pbmc-epochs", type=int, default=100, help="0: no pbmc8k checks")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=None, help="folder of trained models")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
@@ -565,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets(summary),
         "replicates": replicates,
     }
+    if args.pbmc_epochs:
+        results["pbmc8k"] = pbmc_checks(args)
     results["total_seconds"] = time.perf_counter() - start
     table = markdown(results)
     print(table)
