@@ -162,6 +162,7 @@ def differential_expression(
     batch_size: int = 256,
     seed: int | None = 0,
     key_added: str | None = None,
+    sample_key: str | None = None,
 ) -> pd.DataFrame:
     """Differential expression between groups of cells, gene by gene.
 
@@ -206,6 +207,11 @@ def differential_expression(
         model's AnnData when ``adata`` is ``None``) in the layout of scanpy's
         ``rank_genes_groups`` (:func:`to_rank_genes_groups`: genes up in the group first).
         Nothing is written to any AnnData otherwise.
+    sample_key
+        Column of ``adata.obs`` naming each cell's replicate (donor, sample). Change mode
+        then resamples replicates as well as cells, so that differences between
+        replicates are not taken for differences between groups (pseudoreplication).
+        Without it, the cells of a group are taken as one population.
 
     Returns
     -------
@@ -266,9 +272,14 @@ def differential_expression(
         library = np.asarray(data.X.sum(axis=1)).ravel()
         pseudocount = 0.1 / max(float(np.median(library)), 1.0)
     rng = np.random.default_rng(seed)
-    sampler = _bootstrap_means if mode == "change" else _cell_pools
+    samples = _sample_codes(target, sample_key, mode)
     with posterior.seeded(seed, model.device):
-        draws = sampler(model, data, cells, n_samples, codes, batch_size, rng)
+        if mode == "change":
+            draws = _bootstrap_means(
+                model, data, cells, n_samples, codes, batch_size, rng, samples
+            )
+        else:
+            draws = _cell_pools(model, data, cells, n_samples, codes, batch_size, rng)
     raw = _raw_statistics(data, cells)
 
     _warn_small_groups(cells, tested, reference, groupby)
@@ -310,6 +321,7 @@ def differential_expression(
         "pseudocount": float(pseudocount),
         "credible_level": float(credible_level),
         "seed": "None" if seed is None else int(seed),
+        "sample_key": "None" if sample_key is None else sample_key,
         "layer": "None" if model.layer is None else model.layer,
     }
     if key_added is not None:
@@ -333,6 +345,20 @@ def _check_arguments(mode, delta, fdr_target, n_samples, credible_level, batch_s
         raise InputError(f"batch_size={batch_size}; it must be a positive integer.")
     if eps is not None and not (math.isfinite(eps) and eps >= 0):
         raise InputError(f"pseudocount={eps}; it must be a finite number >= 0.")
+
+
+def _sample_codes(adata: AnnData, sample_key: str | None, mode: str) -> np.ndarray | None:
+    """Each cell's replicate as an integer code, or ``None``."""
+    if sample_key is None:
+        return None
+    if mode != "change":
+        raise InputError("sample_key applies to mode='change'; vanilla mode compares cells.")
+    if not isinstance(sample_key, str) or sample_key not in adata.obs:
+        raise InputError(
+            f"sample_key={sample_key!r} is not a column of adata.obs; pass the column that "
+            "names each cell's replicate (donor, sample), or None."
+        )
+    return pd.factorize(adata.obs[sample_key].astype(str))[0]
 
 
 def _labels(adata: AnnData, groupby: str) -> tuple[np.ndarray, list[str]]:
@@ -397,6 +423,7 @@ def _bootstrap_means(
     codes: list[int] | None,
     batch_size: int,
     rng: np.random.Generator,
+    samples: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """``n_samples`` posterior samples of each group's mean expression, ``(n_samples, genes)``.
 
@@ -417,6 +444,11 @@ def _bootstrap_means(
     the comparison. A group with fewer than ``SMALL_GROUP`` cells in a batch is decoded
     there counterfactually, all its cells under that batch, with the correction factor
     of all its cells.
+
+    With ``samples`` (each cell's replicate, as integer codes) the bootstrap is
+    hierarchical: within a batch, each replicate's mean (its cells' bootstrap and its own
+    correction factor) gets a Dirichlet(1, ..., 1) weight over the replicates, so that
+    the replicate-to-replicate variation enters the posterior, as in a pseudobulk test.
     """
     strata = [None] if codes is None else list(codes)
     if codes is None:
@@ -436,68 +468,87 @@ def _bootstrap_means(
         # a batch with fewer than SMALL_GROUP of the group's cells (all of them, for a
         # smaller group) is decoded counterfactually
         enough = min(SMALL_GROUP, len(idx))
-        measured = [k for k, b in enumerate(strata) if sizes[b or 0] >= enough]
-        missing = [k for k in range(len(strata)) if k not in measured]
-        stats = {
-            "sums": torch.zeros((len(strata), n_samples, data.n_genes), **zeros),
-            "totals": torch.zeros((len(strata), n_samples), **zeros),
-            "expected": torch.zeros((len(strata), n_draws, data.n_genes), **zeros),
-            "variance": torch.zeros((len(strata), n_draws, data.n_genes), **zeros),
-            "observed": torch.zeros((len(strata), data.n_genes), **zeros),
-            "squares": torch.zeros((len(strata), data.n_genes), **zeros),
-        }
-        counted = np.zeros(len(strata))
-        for chunk in data.minibatches(idx, batch_size):
-            rho, mean, var, x = _decode(model, data, chunk, n_draws, None)
-            # Unnormalized Dirichlet(1, ..., 1) weights: the Bayesian bootstrap of the
-            # group's cells, normalized over each stratum below.
-            w = torch.as_tensor(rng.standard_exponential((n_samples, len(chunk))), **zeros)
-            here = np.zeros(len(chunk), dtype=int) if codes is None else data.batch_index[chunk]
-            for k in measured:
-                mine = here == (strata[k] or 0)
-                if not mine.any():
-                    continue
-                m = torch.as_tensor(mine, device=model.device)
-                _accumulate(stats, k, w[:, m], rho[:, m], n_draws)
-                stats["expected"][k] += mean[:, m].sum(1)
-                stats["variance"][k] += var[:, m].sum(1)
-                stats["observed"][k] += x[m].sum(0)
-                stats["squares"][k] += (x[m] - mean[:, m]).square().mean(0).sum(0)
-                counted[k] += int(mine.sum())
-        for k in missing:  # counterfactual: all the group's cells decoded in batch k
-            for chunk in data.minibatches(idx, batch_size):
-                rho = _decode(model, data, chunk, n_draws, strata[k])[0]
-                w = torch.as_tensor(rng.standard_exponential((n_samples, len(chunk))), **zeros)
-                _accumulate(stats, k, w, rho, n_draws)
-        numpy = {key: value.cpu().numpy() for key, value in stats.items()}
-        variance = (
-            numpy["variance"]
-            * _dispersion(numpy["squares"], numpy["variance"].mean(1), counted)[:, None, :]
-        )
-        corrections = [
-            _count_correction(
-                numpy["observed"][k], numpy["expected"][k], variance[k], n_samples, rng
-            )
-            for k in measured
-        ]
-        pooled = None
+        unit = np.zeros(len(idx), dtype=int) if samples is None else samples[idx]
+        pooled_counts = [0.0, 0.0, 0.0]  # observed, expected, variance over all cells
+        numerator = np.zeros((len(strata), n_samples, data.n_genes))
+        denominator = np.zeros((len(strata), n_samples))
+        missing = []
+        for k, b in enumerate(strata):
+            here = own == (b or 0)
+            if sizes[b or 0] < enough:
+                missing.append(k)
+                continue
+            for u in np.unique(unit[here]):
+                members = idx[here & (unit == u)]
+                mean_rho, sums = _unit_mean(
+                    model, data, members, n_samples, n_draws, batch_size, rng, zeros
+                )
+                pooled_counts = [p + q for p, q in zip(pooled_counts, sums, strict=True)]
+                factor = _count_correction(*sums, n_samples, rng)
+                # a replicate's weight: Dirichlet(1, ..., 1) over the batch's replicates
+                weight = (
+                    np.ones(n_samples) if samples is None else rng.standard_exponential(n_samples)
+                )
+                numerator[k] += weight[:, None] * factor * mean_rho
+                denominator[k] += weight
         if missing:
-            pooled = _count_correction(
-                numpy["observed"].sum(0), numpy["expected"].sum(0), variance.sum(0), n_samples, rng
+            pooled = _count_correction(*pooled_counts, n_samples, rng)
+        for k in missing:  # counterfactual: all the group's cells decoded in batch k
+            numerator[k] = (
+                pooled
+                * _unit_mean(
+                    model, data, idx, n_samples, n_draws, batch_size, rng, zeros, strata[k]
+                )[0]
             )
-        total = 0.0
-        for k in range(len(strata)):
-            factor = corrections[measured.index(k)] if k in measured else pooled
-            total = total + standard[k] * factor * numpy["sums"][k] / numpy["totals"][k][:, None]
-        out[name] = total
+            denominator[k] = 1.0
+        out[name] = sum(
+            standard[k] * numerator[k] / denominator[k][:, None] for k in range(len(strata))
+        )
     return out
 
 
-def _accumulate(stats: dict, k: int, w: torch.Tensor, rho: torch.Tensor, n_draws: int) -> None:
-    for d in range(n_draws):
-        # sample s takes draw s % n_draws of every cell
-        stats["sums"][k, d::n_draws] += w[d::n_draws] @ rho[d]
-    stats["totals"][k] += w.sum(1)
+def _unit_mean(
+    model: SCVI,
+    data: CountData,
+    idx: np.ndarray,
+    n_samples: int,
+    n_draws: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    zeros: dict,
+    code: int | None = None,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Bayesian bootstrap of the mean ``rho`` of the cells ``idx``, and their count sums.
+
+    Returns the ``(n_samples, genes)`` bootstrap samples of the mean, decoded in batch
+    ``code`` (``None``: the cells' own), and, summed over the cells in their own batch:
+    the observed counts ``(genes,)``, the likelihood's expected counts and its variance
+    scaled by :func:`_dispersion` (each ``(draws, genes)``).
+    """
+    sums = torch.zeros((n_samples, data.n_genes), **zeros)
+    totals = torch.zeros(n_samples, **zeros)
+    expected = torch.zeros((n_draws, data.n_genes), **zeros)
+    variance = torch.zeros((n_draws, data.n_genes), **zeros)
+    observed = torch.zeros(data.n_genes, **zeros)
+    squares = torch.zeros(data.n_genes, **zeros)
+    for chunk in data.minibatches(idx, batch_size):
+        rho, mean, var, x = _decode(model, data, chunk, n_draws, code)
+        # Unnormalized Dirichlet(1, ..., 1) weights: the Bayesian bootstrap of the cells,
+        # normalized over all of them below.
+        w = torch.as_tensor(rng.standard_exponential((n_samples, len(chunk))), **zeros)
+        for d in range(n_draws):
+            # sample s takes draw s % n_draws of every cell
+            sums[d::n_draws] += w[d::n_draws] @ rho[d]
+        totals += w.sum(1)
+        if code is None:
+            expected += mean.sum(1)
+            variance += var.sum(1)
+            observed += x.sum(0)
+            squares += (x - mean).square().mean(0).sum(0)
+    mean_rho = (sums / totals[:, None]).cpu().numpy()
+    variance = variance.cpu().numpy()
+    variance = variance * _dispersion(squares.cpu().numpy(), variance.mean(0), len(idx))
+    return mean_rho, (observed.cpu().numpy(), expected.cpu().numpy(), variance)
 
 
 #: Weight, in cells, of the likelihood's variance against the residuals' own in
@@ -505,11 +556,11 @@ def _accumulate(stats: dict, k: int, w: torch.Tensor, rho: torch.Tensor, n_draws
 PRIOR_CELLS = 10.0
 
 
-def _dispersion(squares: np.ndarray, variance: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
+def _dispersion(squares: np.ndarray, variance: np.ndarray, n_cells: int) -> np.ndarray:
     """Ratio of the counts' spread around the decoder to the likelihood's variance.
 
     ``squares`` is ``sum_i (x_i - E[x_i])**2`` over a group's cells, ``variance`` the
-    likelihood's ``sum_i Var[x_i]`` and ``n_cells`` the cells, per batch and gene. The
+    likelihood's ``sum_i Var[x_i]`` and ``n_cells`` the number of cells, per gene. The
     variance of a group's total around what the decoder expects is best told by the
     residuals themselves (a sandwich estimate): a likelihood whose dispersion is fitted
     to all cells, or that misses some biological variation, would otherwise make a
@@ -517,9 +568,8 @@ def _dispersion(squares: np.ndarray, variance: np.ndarray, n_cells: np.ndarray) 
     the weight of ``PRIOR_CELLS`` cells, so that a few cells do not swing it, and a
     group whose counts fit better than the likelihood says gains from it too.
     """
-    n = n_cells[:, None]
     ratio = squares / np.maximum(variance, 1e-30)
-    return (PRIOR_CELLS + ratio * n) / (PRIOR_CELLS + n) if n.size else ratio
+    return (PRIOR_CELLS + ratio * n_cells) / (PRIOR_CELLS + n_cells)
 
 
 #: Weight, in counts, of the decoder's own estimate of a group's expression against the
