@@ -447,8 +447,11 @@ def _bootstrap_means(
 
     With ``samples`` (each cell's replicate, as integer codes) the bootstrap is
     hierarchical: within a batch, each replicate's mean (its cells' bootstrap and its own
-    correction factor) gets a Dirichlet(1, ..., 1) weight over the replicates, so that
-    the replicate-to-replicate variation enters the posterior, as in a pseudobulk test.
+    correction factor) gets a Dirichlet weight over the ``n`` replicates, so that the
+    replicate-to-replicate variation enters the posterior, as in a pseudobulk test. The
+    Dirichlet's concentration ``(n - 2) / n`` (at least ``1 / (2 n)``) makes the variance
+    of the weighted mean the unbiased ``s**2 / n``: with a handful of replicates, the
+    plain Bayesian bootstrap's ``(n - 1) / (n + 1)`` of it is far too sure.
     """
     strata = [None] if codes is None else list(codes)
     if codes is None:
@@ -478,7 +481,13 @@ def _bootstrap_means(
             if sizes[b or 0] < enough:
                 missing.append(k)
                 continue
-            for u in np.unique(unit[here]):
+            replicates = np.unique(unit[here])
+            # Dirichlet(a, ..., a) weights over the replicates with a = (n - 2) / n give
+            # their weighted mean the unbiased variance s**2 / n; Dirichlet(1, ...)
+            # gives (n - 1) / (n + 1) of it, half for 3 replicates, and calls
+            # differences between a few replicates significant.
+            concentration = max(len(replicates) - 2, 0.5) / len(replicates)
+            for u in replicates:
                 members = idx[here & (unit == u)]
                 mean_rho, sums = _unit_mean(
                     model, data, members, n_samples, n_draws, batch_size, rng, zeros
@@ -487,7 +496,9 @@ def _bootstrap_means(
                 factor = _count_correction(*sums, n_samples, rng)
                 # a replicate's weight: Dirichlet(1, ..., 1) over the batch's replicates
                 weight = (
-                    np.ones(n_samples) if samples is None else rng.standard_exponential(n_samples)
+                    np.ones(n_samples)
+                    if samples is None
+                    else rng.gamma(concentration, size=n_samples)
                 )
                 numerator[k] += weight[:, None] * factor * mean_rho
                 denominator[k] += weight

@@ -467,3 +467,27 @@ def test_rank_genes_groups_record_lists_up_regulated_genes_first(trained):
     sc = pytest.importorskip("scanpy")
     df = sc.get.rank_genes_groups_df(a, "A", key="de")
     assert set(df["names"][:N_DE]) == up and (df["logfoldchanges"][:N_DE] > 0).all()
+
+
+# ---------------------------------------------------------------------- replicates
+def test_sample_key_takes_replicate_variation_into_account():
+    from pyro_scvi.datasets.de_truth import poisson_lognormal_samples
+
+    # replicates differ a lot (sd 0.4 per gene and sample), conditions on 10 % of genes
+    adata = poisson_lognormal_samples(n_cells=600, n_genes=100, sample_sd=0.4, seed=1)
+    model = SCVI(adata, n_latent=4, n_hidden=32)
+    model.train(max_epochs=40, progress_bar=False, seed=0)
+    truth = adata.uns["truth"]["is_de"]
+    kw = dict(groupby="group", group1="A", group2="B", n_samples=300)
+    cells = model.differential_expression(**kw).loc[adata.var_names]
+    replicates = model.differential_expression(sample_key="sample", **kw).loc[adata.var_names]
+    # taking cells as the units, genes that differ only between replicates are called
+    false_cells = int((cells["is_de_fdr"] & ~truth).sum())
+    false_replicates = int((replicates["is_de_fdr"] & ~truth).sum())
+    assert false_cells >= 5 and false_replicates <= false_cells // 3
+    assert (replicates["lfc_std"] > cells["lfc_std"]).mean() > 0.9
+    assert replicates.attrs["params"]["sample_key"] == "sample"
+    with pytest.raises(InputError, match="sample_key applies to mode='change'"):
+        model.differential_expression(sample_key="sample", mode="vanilla", **kw)
+    with pytest.raises(InputError, match="'donor' is not a column"):
+        model.differential_expression(sample_key="donor", **kw)
