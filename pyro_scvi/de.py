@@ -468,19 +468,20 @@ def _bootstrap_means(
     for name, idx in cells.items():
         own = np.zeros(len(idx), dtype=int) if codes is None else data.batch_index[idx]
         sizes = np.bincount(own, minlength=max(data.n_batch, 1))
-        # a batch with fewer than SMALL_GROUP of the group's cells (all of them, for a
-        # smaller group) is decoded counterfactually
-        enough = min(SMALL_GROUP, len(idx))
+        # A batch with fewer than SMALL_GROUP of the group's cells is decoded
+        # counterfactually; the batch with most of them never is.
+        enough = min(SMALL_GROUP, sizes.max())
         unit = np.zeros(len(idx), dtype=int) if samples is None else samples[idx]
         pooled_counts = [0.0, 0.0, 0.0]  # observed, expected, variance over all cells
-        numerator = np.zeros((len(strata), n_samples, data.n_genes))
-        denominator = np.zeros((len(strata), n_samples))
+        total = np.zeros((n_samples, data.n_genes))
         missing = []
         for k, b in enumerate(strata):
             here = own == (b or 0)
             if sizes[b or 0] < enough:
                 missing.append(k)
                 continue
+            numerator = np.zeros((n_samples, data.n_genes))
+            denominator = np.zeros(n_samples)
             replicates = np.unique(unit[here])
             # Dirichlet(a, ..., a) weights over the replicates with a = (n - 2) / n give
             # their weighted mean the unbiased variance s**2 / n; Dirichlet(1, ...)
@@ -494,27 +495,23 @@ def _bootstrap_means(
                 )
                 pooled_counts = [p + q for p, q in zip(pooled_counts, sums, strict=True)]
                 factor = _count_correction(*sums, n_samples, rng)
-                # a replicate's weight: Dirichlet(1, ..., 1) over the batch's replicates
+                # a replicate's weight: Dirichlet(a, ..., a) over the batch's replicates
                 weight = (
                     np.ones(n_samples)
                     if samples is None
                     else rng.gamma(concentration, size=n_samples)
                 )
-                numerator[k] += weight[:, None] * factor * mean_rho
-                denominator[k] += weight
+                numerator += weight[:, None] * factor * mean_rho
+                denominator += weight
+            total += standard[k] * numerator / denominator[:, None]
         if missing:
             pooled = _count_correction(*pooled_counts, n_samples, rng)
         for k in missing:  # counterfactual: all the group's cells decoded in batch k
-            numerator[k] = (
-                pooled
-                * _unit_mean(
-                    model, data, idx, n_samples, n_draws, batch_size, rng, zeros, strata[k]
-                )[0]
-            )
-            denominator[k] = 1.0
-        out[name] = sum(
-            standard[k] * numerator[k] / denominator[k][:, None] for k in range(len(strata))
-        )
+            mean_rho = _unit_mean(
+                model, data, idx, n_samples, n_draws, batch_size, rng, zeros, strata[k]
+            )[0]
+            total += standard[k] * pooled * mean_rho
+        out[name] = total
     return out
 
 

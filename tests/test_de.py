@@ -491,3 +491,20 @@ def test_sample_key_takes_replicate_variation_into_account():
         model.differential_expression(sample_key="sample", mode="vanilla", **kw)
     with pytest.raises(InputError, match="'donor' is not a column"):
         model.differential_expression(sample_key="donor", **kw)
+
+
+def test_a_small_group_spread_over_batches_is_compared_where_it_has_cells(trained):
+    # 11 cells of A in b0 and 1 in b1: b1 is decoded counterfactually for this group
+    a = trained.adata.copy()
+    in_a = (a.obs["cell_type"] == "A").to_numpy()
+    b0 = np.flatnonzero(in_a & (a.obs["batch"] == "b0").to_numpy())[:11]
+    b1 = np.flatnonzero(in_a & (a.obs["batch"] == "b1").to_numpy())[:1]
+    label = np.where(a.obs["cell_type"] == "B", "B", None).astype(object)
+    label[np.r_[b0, b1]] = "few"
+    a.obs["few"] = pd.Categorical(label)
+    res = trained.differential_expression(a, groupby="few", group1="few", group2="B")
+    assert np.isfinite(res.select_dtypes(float).to_numpy()).all()
+    assert (res["n_cells1"] == 12).all()
+    # the DE genes still lead, with at most the certainty 12 cells allow
+    assert len(set(res.index[:N_DE]) & DE_GENES) >= N_DE - 1
+    assert res["proba_de"].max() <= 1 - 0.5 / 13 + 1e-12
