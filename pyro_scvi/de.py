@@ -59,7 +59,7 @@ with a variance checked against the residuals), the prior on LFCs is fitted to a
 genes, and only the comparison within shared batches enters. On simulations from outside
 the model (``benchmarks/de_truth.py``: Splatter-style, multi-sample Poisson-lognormal,
 fold changes planted in real counts by binomial thinning, with and without confounded
-batches) the empirical FDR of the calls at a 5 % target was 5-8 %, with power 0.84-0.97
+batches) the empirical FDR of the calls at a 5 % target was 5-7 %, with power 0.84-0.97
 (scvi-tools 1.4.2: 0.13-0.25), and two random halves of one group called nothing. Where
 cells come from a few replicates (samples, donors), pass ``sample_key``: taking the cells
 as independent, differences between replicates pass for differences between groups (FDR
