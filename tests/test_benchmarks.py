@@ -165,3 +165,34 @@ def test_criticism_smoke(tmp_path):
         assert 0 <= run["pit_tv"] <= 1 and 0 <= run["calibration_error"] <= 1
         assert math.isfinite(run["r2_mean"]) and math.isfinite(run["elpd_mean"])
     assert "PIT TV" in (tmp_path / "criticism_smoke.md").read_text()
+
+
+def test_de_truth_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "de_truth.py"), "--smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "de_truth_smoke.json").read_text())
+    assert results["settings"]["smoke"]
+    summary = results["summary"]
+    assert set(summary) == {
+        "splatter",
+        "splatter, confounded",
+        "poisson-lognormal",
+        "poisson-lognormal, confounded",
+        "thinned real counts",
+    }
+    for name, methods in summary.items():
+        for method in ("pyro_scvi change", "pyro_scvi vanilla", "Wilcoxon"):
+            row = methods[method]
+            assert 0 <= row["auroc_all"] <= 1 and 0 <= row["null_fraction"] <= 1, (name, row)
+        # replicates exist only in the Poisson-lognormal designs
+        pseudobulk = methods["pseudobulk PyDESeq2"]
+        if not name.startswith("poisson"):
+            assert pseudobulk == {"skipped": "no replicates"}
+    for replicate in results["replicates"]:
+        assert replicate["n_de"] > 0 and replicate["group_sizes"]["A"] > 0
+    # a rank-sum test finds planted fold changes even on this tiny data
+    assert summary["poisson-lognormal"]["Wilcoxon"]["auroc_all"] > 0.8
+    if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
+        assert "skipped: scvi-tools not installed" in proc.stdout
+    assert "Targets (pyro_scvi change mode)" in proc.stdout

@@ -112,8 +112,8 @@ def test_null_halves_call_almost_nothing(trained, mode):
     )
     assert res["is_de_fdr"].sum() <= 1
     if mode == "change":
-        # halves of one population differ by far less than delta = 0.25
-        assert res["lfc_mean"].abs().max() < 0.25
+        # halves of one population differ only by the noise their LFC posterior carries
+        assert (res["lfc_mean"].abs() / res["lfc_std"]).max() < 3.5
     # cells outside both halves (type B, missing label) take no part
     a = trained.adata
     # Reference in float64 (a float32 mean is only as good as its summation order): counts
@@ -175,8 +175,16 @@ def test_one_vs_rest_over_every_group(trained):
     rtol = 4 * np.finfo(np.float64).eps
     np.testing.assert_allclose(b0["raw_mean2"], counts[in_b1].mean(0, dtype=np.float64), rtol=rtol)
     np.testing.assert_allclose(b0["non_zeros_proportion2"], (counts[in_b1] > 0).mean(0))
-    # mean rho sums to 1, up to the Monte-Carlo noise of the count-noise term
-    np.testing.assert_allclose(b0["scale1"].sum(), 1.0, rtol=1e-2)
+    # scale1 is the group's mean share of a cell's counts, corrected by the group's own
+    # counts: decoded in their own batches, times the mean library, it gives back the
+    # mean count of the well-expressed genes
+    own = trained.differential_expression(
+        groupby="cell_type", group1="A", n_samples=100, batch_correction=False
+    ).loc[a.var_names]
+    in_a = (a.obs["cell_type"] == "A").to_numpy()
+    high = own["raw_mean1"] > 2
+    expected = own["scale1"][high] * counts[in_a].sum(1).mean()
+    np.testing.assert_allclose(expected, own["raw_mean1"][high], rtol=0.1)
 
 
 def test_rest_is_the_cell_weighted_mixture_of_the_other_groups(trained):
@@ -253,8 +261,8 @@ def test_adata_is_written_only_with_key_added(trained, tmp_path):
     assert set(a.uns) == before and "de_pyro" in copy.uns
     uns = copy.uns["de_pyro"]
     assert uns["names"].dtype.names == ("A", "B")
-    a_vs_rest = res[res["group1"] == "A"]
-    assert list(uns["names"]["A"]) == list(a_vs_rest.index)
+    a_vs_rest = res[res["group1"] == "A"].loc[list(uns["names"]["A"])]
+    assert set(uns["names"]["A"]) == set(a_vs_rest.index)
     np.testing.assert_allclose(uns["logfoldchanges"]["A"], a_vs_rest["lfc_mean"], rtol=1e-6)
     np.testing.assert_allclose(uns["pvals_adj"]["A"], a_vs_rest["posterior_fdr"])
     assert uns["params"]["groupby"] == "cell_type" and uns["params"]["reference"] == "rest"
@@ -350,3 +358,153 @@ def test_cli_output_must_be_csv_and_model_dir_must_exist(saved, capsys):
     missing = ["de", str(saved / "none"), str(saved / "data.h5ad"), "--groupby", "cell_type"]
     assert main(missing + ["-o", str(saved / "x.csv")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- truth from elsewhere
+@pytest.fixture(scope="module")
+def splatter():
+    """A Splatter-style dataset (not scVI's generative model) and a model trained on it.
+
+    Gene ``OFF`` (up in A) is switched off in every B cell: the "obvious" DE gene whose
+    group mean is near zero.
+    """
+    from pyro_scvi.datasets.de_truth import splatter_like
+
+    adata = splatter_like(n_cells=900, n_genes=200, de_fraction=0.1, seed=3)
+    truth = adata.uns["truth"]["log2_fold_change"]
+    counts = adata.X.toarray()
+    in_b = (adata.obs["group"] == "B").to_numpy()
+    mean_a = counts[(adata.obs["group"] == "A").to_numpy()].mean(0)
+    # a non-DE gene expressed in most cells; B loses it entirely
+    off = int(np.argmax(np.where(truth == 0, mean_a, 0)))
+    counts[in_b, off] = 0
+    truth = truth.copy()
+    truth[off] = np.inf
+    adata.X = sp.csr_matrix(counts)
+    adata.uns["truth"]["log2_fold_change"] = truth
+    adata.uns["off"] = adata.var_names[off]
+    rng = np.random.default_rng(0)
+    halves = np.where(rng.random(adata.n_obs) < 0.5, "h1", "h2")
+    adata.obs["halves"] = pd.Categorical(np.where(adata.obs["group"] == "C", halves, None))
+    model = SCVI(adata, n_latent=5, n_hidden=64)
+    model.train(max_epochs=80, kl_warmup_epochs=20, progress_bar=False, seed=0)
+    return model
+
+
+def test_change_mode_ranks_and_calibrates_on_a_splatter_simulation(splatter):
+    from sklearn.metrics import roc_auc_score
+
+    a = splatter.adata
+    table = splatter.differential_expression(groupby="group", group1="A", group2="B")
+    res = table.loc[a.var_names]
+    truth = a.uns["truth"]["log2_fold_change"] != 0
+    compared = a.obs["group"].isin(["A", "B"]).to_numpy()
+    expressed = np.asarray((a.X[compared] > 0).mean(0)).ravel() >= 0.05
+    # the table's own order is the ranking
+    rank = -pd.Series(np.arange(len(table)), index=table.index).loc[a.var_names].to_numpy()
+    assert roc_auc_score(truth[expressed], rank[expressed]) >= 0.95
+    calls = res["is_de_fdr"].to_numpy()
+    assert calls.sum() >= 0.5 * truth.sum()  # power
+    assert (calls & ~truth).sum() <= max(2, 0.15 * calls.sum())  # empirical FDR
+
+
+def test_a_gene_switched_off_in_one_group_is_among_the_surest(splatter):
+    # A symmetric noise term on a group mean near zero made such genes the least certain.
+    res = splatter.differential_expression(groupby="group", group1="A", group2="B")
+    off = splatter.adata.uns["off"]
+    assert res.loc[off, "proba_de"] >= res["proba_de"].max() - 1e-12
+    assert res.loc[off, "lfc_mean"] > 2 and res.loc[off, "is_de_fdr"]
+    assert list(res.index).index(off) < 0.1 * len(res)
+
+
+def test_null_halves_of_a_splatter_group_call_nothing(splatter):
+    res = splatter.differential_expression(groupby="halves", group1="h1", group2="h2")
+    assert res["is_de_fdr"].sum() <= 1  # <= 0.5 % of 200 genes
+
+
+# ---------------------------------------------------------------------- small groups
+def test_a_group_of_one_cell_gets_a_warning_its_size_and_no_confident_call(trained):
+    a = trained.adata.copy()
+    single = np.where(a.obs["cell_type"] == "B", "B", None).astype(object)
+    single[np.flatnonzero(a.obs["cell_type"] == "A")[0]] = "one"
+    a.obs["single"] = pd.Categorical(single)
+    with pytest.warns(UserWarning, match=r"fewer than 10 cells: 'one' \(1\)"):
+        res = trained.differential_expression(a, groupby="single", group1="one", group2="B")
+    assert (res["n_cells1"] == 1).all() and (
+        res["n_cells2"] == (a.obs["single"] == "B").sum()
+    ).all()
+    assert res["proba_de"].max() <= 0.75 and not res["is_de_fdr"].any()
+
+
+def test_pbmc8k_erythrocytes_a_group_of_one_cell_gets_no_calls():
+    from pyro_scvi.datasets import pbmc8k_200hvg
+
+    adata = pbmc8k_200hvg()
+    model = SCVI(adata, n_latent=5, n_hidden=32)
+    model.train(max_epochs=2, progress_bar=False, seed=0)
+    with pytest.warns(UserWarning, match=r"'Erythrocytes' \(1\)"):
+        res = model.differential_expression(
+            groupby="cell_type", group1="Erythrocytes", n_samples=200
+        )
+    assert res["is_de_fdr"].sum() == 0 and res["proba_de"].max() <= 0.75
+    assert (res["n_cells1"] == 1).all() and (res["n_cells2"] == adata.n_obs - 1).all()
+
+
+# ---------------------------------------------------------------------- scanpy record
+def test_rank_genes_groups_record_lists_up_regulated_genes_first(trained):
+    a = trained.adata.copy()
+    trained.differential_expression(
+        a, groupby="cell_type", group1="A", group2="B", n_samples=500, key_added="de"
+    )
+    uns = a.uns["de"]
+    names, scores = list(uns["names"]["A"]), np.asarray(uns["scores"]["A"], dtype=float)
+    lfc = np.asarray(uns["logfoldchanges"]["A"], dtype=float)
+    # sorted high to low, no ties (the DE genes saturate proba_de), direction in the sign
+    assert (np.diff(scores) < 0).all()
+    assert np.array_equal(np.sign(scores[np.abs(lfc) > 0.5]), np.sign(lfc[np.abs(lfc) > 0.5]))
+    up, down = {f"g{i}" for i in range(N_DE)}, {f"g{i}" for i in range(N_DE, 2 * N_DE)}
+    assert set(names[:N_DE]) == up and set(names[-N_DE:]) == down
+    sc = pytest.importorskip("scanpy")
+    df = sc.get.rank_genes_groups_df(a, "A", key="de")
+    assert set(df["names"][:N_DE]) == up and (df["logfoldchanges"][:N_DE] > 0).all()
+
+
+# ---------------------------------------------------------------------- replicates
+def test_sample_key_takes_replicate_variation_into_account():
+    from pyro_scvi.datasets.de_truth import poisson_lognormal_samples
+
+    # replicates differ a lot (sd 0.4 per gene and sample), conditions on 10 % of genes
+    adata = poisson_lognormal_samples(n_cells=600, n_genes=100, sample_sd=0.4, seed=1)
+    model = SCVI(adata, n_latent=4, n_hidden=32)
+    model.train(max_epochs=40, progress_bar=False, seed=0)
+    truth = adata.uns["truth"]["is_de"]
+    kw = dict(groupby="group", group1="A", group2="B", n_samples=300)
+    cells = model.differential_expression(**kw).loc[adata.var_names]
+    replicates = model.differential_expression(sample_key="sample", **kw).loc[adata.var_names]
+    # taking cells as the units, genes that differ only between replicates are called
+    false_cells = int((cells["is_de_fdr"] & ~truth).sum())
+    false_replicates = int((replicates["is_de_fdr"] & ~truth).sum())
+    assert false_cells >= 5 and false_replicates <= false_cells // 3
+    assert (replicates["lfc_std"] > cells["lfc_std"]).mean() > 0.9
+    assert replicates.attrs["params"]["sample_key"] == "sample"
+    with pytest.raises(InputError, match="sample_key applies to mode='change'"):
+        model.differential_expression(sample_key="sample", mode="vanilla", **kw)
+    with pytest.raises(InputError, match="'donor' is not a column"):
+        model.differential_expression(sample_key="donor", **kw)
+
+
+def test_a_small_group_spread_over_batches_is_compared_where_it_has_cells(trained):
+    # 11 cells of A in b0 and 1 in b1: b1 is decoded counterfactually for this group
+    a = trained.adata.copy()
+    in_a = (a.obs["cell_type"] == "A").to_numpy()
+    b0 = np.flatnonzero(in_a & (a.obs["batch"] == "b0").to_numpy())[:11]
+    b1 = np.flatnonzero(in_a & (a.obs["batch"] == "b1").to_numpy())[:1]
+    label = np.where(a.obs["cell_type"] == "B", "B", None).astype(object)
+    label[np.r_[b0, b1]] = "few"
+    a.obs["few"] = pd.Categorical(label)
+    res = trained.differential_expression(a, groupby="few", group1="few", group2="B")
+    assert np.isfinite(res.select_dtypes(float).to_numpy()).all()
+    assert (res["n_cells1"] == 12).all()
+    # the DE genes still lead, with at most the certainty 12 cells allow
+    assert len(set(res.index[:N_DE]) & DE_GENES) >= N_DE - 1
+    assert res["proba_de"].max() <= 1 - 0.5 / 13 + 1e-12
