@@ -233,6 +233,9 @@ class StreamedCounts:
     ) -> Iterator[np.ndarray]:
         """As :meth:`CountData.minibatches`, block-shuffled when ``shuffle`` is true."""
         if not shuffle:
+            # an in-order pass reads spans (tensors); a past shuffled pass's groups of
+            # random blocks would make each of its minibatches read 32 blocks
+            self._group_of_block = None
             yield from CountData.minibatches(self, indices, batch_size)
             return
         rng = rng or np.random.default_rng()
@@ -296,8 +299,12 @@ class StreamedCounts:
             rows = self._window[np.searchsorted(self._window_rows, idx)]
         else:
             lo, hi = int(idx.min()), int(idx.max()) + 1
-            if hi - lo <= 4 * len(idx) + self.block_cells:  # a span: one contiguous read
-                rows = self.read(lo, hi)[idx - lo]
+            if hi - lo <= 4 * len(idx) + self.block_cells:
+                # a span of an in-order pass (validation, queries): read ahead as far as a
+                # shuffled pass does, so the next minibatches come from memory
+                stop = min(self.n_cells, max(hi, lo + self.block_cells * self.read_ahead_blocks))
+                self._window_rows, self._window = np.arange(lo, stop), self.read(lo, stop)
+                rows = self._window[idx - lo]
             else:  # scattered cells: read them sorted, then put them in order
                 order = np.argsort(idx)
                 rows = self.matrix[idx[order]]
