@@ -328,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode each cell in its own batch instead of averaging over all batches",
     )
+    de.add_argument(
+        "--sample-key",
+        metavar="KEY",
+        help=(
+            "obs column naming each cell's replicate (sample, donor); change mode then "
+            "resamples replicates as well as cells, so differences between replicates are "
+            "not called DE (use it when cells come from a few replicates per group)"
+        ),
+    )
     de.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
     _add_run_options(de)
     de.add_argument("-o", "--output", required=True, metavar="OUTPUT.csv")
@@ -914,6 +923,7 @@ def differential(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         batch_size=args.batch_size,
         seed=args.seed,
+        sample_key=args.sample_key,
     )
     with atomic_path(output) as tmp:
         results.to_csv(tmp, index_label="gene")

@@ -329,10 +329,36 @@ def test_cli_writes_csv_and_volcano_png(saved, capsys):
     assert f"A vs B: {len(called)}." in capsys.readouterr().out
 
 
+def test_cli_sample_key_gives_the_api_table(saved, trained, capsys):
+    out = saved / "de_samples.csv"
+    args = ["de", str(saved / "model"), str(saved / "data.h5ad"), "--groupby", "cell_type"]
+    args += ["--group1", "A", "--group2", "B", "--n-samples", "200", "--seed", "3"]
+    assert main(args + ["--sample-key", "batch", "-o", str(out)]) == 0
+    table = pd.read_csv(out, index_col="gene")
+    api = differential_expression(
+        trained,
+        groupby="cell_type",
+        group1="A",
+        group2="B",
+        n_samples=200,
+        seed=3,
+        sample_key="batch",
+    )
+    plain = differential_expression(
+        trained, groupby="cell_type", group1="A", group2="B", n_samples=200, seed=3
+    )
+    np.testing.assert_allclose(
+        table.loc[api.index, "proba_de"].to_numpy(), api["proba_de"].to_numpy(), rtol=1e-6
+    )
+    # the option reaches the analysis: replicates resampled give other probabilities
+    assert not np.allclose(table.loc[plain.index, "proba_de"], plain["proba_de"])
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [
         (["--groupby", "nope"], "'nope' is not a column"),
+        (["--groupby", "cell_type", "--sample-key", "donor"], "sample_key='donor'"),
         (["--groupby", "cell_type", "--group1", "Z"], "'Z' is not a group"),
         (["--groupby", "cell_type", "--mode", "bayes"], "invalid choice"),
         (["--groupby", "cell_type", "--fdr-target", "2"], "fdr_target=2.0"),
