@@ -16,7 +16,7 @@ log_likelihood         x         (chain, draw, cells)                 sum_g log 
 constant_data          batch     (cells)                              each cell's batch
 ====================== ========= ==================================== =====================
 
-[1] only when the model has a latent library (not ``use_observed_lib_size``).
+[1] only when the model has a latent library (not ``ObservedLibrary``).
 
 Coordinates: ``cells`` are the cells' ``obs_names``, ``genes`` the model's ``var_names`` and
 ``latent`` ``0 .. n_latent - 1``; there is one chain (``chain = 0``) of independent draws.
@@ -39,6 +39,7 @@ from pyro import poutine
 from . import posterior
 from .data import CountData, InputError, require_unique_obs_names
 from .infer import _eval_mode
+from .priors import is_latent_library
 
 if TYPE_CHECKING:
     from .fitted import Fitted
@@ -131,7 +132,7 @@ def to_inference_data(
     idx = _check_indices(indices, data.n_cells)
     require_unique_obs_names(data.obs_names[idx], "the InferenceData's cells coordinate")
     gene_idx = _check_genes(genes, data.var_names)
-    latent_library = not model.model.use_observed_lib_size
+    latent_library = is_latent_library(model.model.library_prior)
     sites = ("z", "l", "x") if latent_library else ("z", "x")
     devices = [model.device] if model.device.type == "cuda" else []
     # A private random stream: a seed makes the export reproducible without resetting the

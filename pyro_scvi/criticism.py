@@ -75,6 +75,7 @@ from .distributions import ZeroInflatedNegativeBinomialMeanDispersion
 from .infer import _eval_mode
 from .posterior import _per_cell, iterate_indexed_cells, seeded
 from .ppc import ppp_values
+from .priors import is_latent_library
 
 #: Nominal levels of the central predictive intervals whose coverage is reported.
 COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -734,8 +735,11 @@ def simulate(
 
     if latent not in ("posterior", "prior"):
         raise InputError(f"latent={latent!r}; use 'posterior' or 'prior'.")
-    if latent == "prior" and model.model.use_observed_lib_size:
-        raise InputError("latent='prior' needs a latent library (not use_observed_lib_size).")
+    if latent == "prior" and not is_latent_library(model.model.library_prior):
+        raise InputError(
+            "latent='prior' needs a latent library (not ObservedLibrary / "
+            "use_observed_lib_size=True)."
+        )
     data = model.data_for(adata)
     source = model.adata if adata is None else adata
     idx = np.arange(data.n_cells)

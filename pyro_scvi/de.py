@@ -666,7 +666,7 @@ def _decode(
         var = fn.variance.expand(mean.shape)
     except NotImplementedError:  # a likelihood without a variance: Poisson's
         var = mean
-    # use_observed_lib_size has no "l" site: its library is the observed total
+    # an observed library (ObservedLibrary) has no "l" site: its library is the observed total
     library = trace.nodes["l"]["value"] if "l" in trace.nodes else x.sum(-1, keepdim=True).log()
     rho = mean / library.exp().clamp_min(1e-30)
     return rho.double(), mean.double(), var.double(), x.double()

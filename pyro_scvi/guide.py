@@ -30,13 +30,14 @@ from torch import nn
 from .data import CountData
 from .model import cells_plate, register_module
 from .nn import Encoder
+from .priors import ObservedLibrary, is_latent_library
 
 
 class LatentParams(TypedDict, total=False):
     """What :meth:`Guide.encode` returns: ``(cells, n_latent)`` and ``(cells, 1)`` tensors.
 
     ``z_loc`` and ``z_scale`` always; ``l_loc`` and ``l_scale`` when the model has a latent
-    library (not ``use_observed_lib_size``).
+    library (not :class:`~pyro_scvi.priors.ObservedLibrary`).
     """
 
     z_loc: torch.Tensor
@@ -131,8 +132,10 @@ class ScviGuide(Guide):
         Data dimensions.
     n_latent, n_hidden, n_layers, dropout_rate
         Encoder architecture (paper: 10, 128, 1, 0.1).
-    use_observed_lib_size
-        If true the model observes the library, so there is no ``l`` site to guide.
+    library
+        The model's library object; the guide covers ``l`` when it is latent
+        (:func:`~pyro_scvi.priors.is_latent_library`): ``None`` (the default) or a library
+        prior. With :class:`~pyro_scvi.priors.ObservedLibrary` there is no ``l`` site.
     l_loc_init
         Initial mean of q(l); :class:`~pyro_scvi.SCVI` passes the data's mean log-library.
 
@@ -160,14 +163,15 @@ class ScviGuide(Guide):
         n_hidden: int = 128,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
-        use_observed_lib_size: bool = False,
+        library: nn.Module | None = None,
         l_loc_init: float = 0.0,
     ) -> None:
         super().__init__()
         arch = dict(n_hidden=n_hidden, n_layers=n_layers, dropout_rate=dropout_rate)
         self.n_latent = int(n_latent)
         self.z_encoder = Encoder(n_genes, n_latent, n_batch, **arch)
-        self.l_encoder = None if use_observed_lib_size else Encoder(n_genes, 1, n_batch, **arch)
+        latent = is_latent_library(library)
+        self.l_encoder = Encoder(n_genes, 1, n_batch, **arch) if latent else None
         self.l_loc_init = float(l_loc_init)
         self.reset_parameters()
 
@@ -227,8 +231,9 @@ class PerCellGuide(Guide):
         Number of cells (rows of parameters).
     n_latent
         Dimension of ``z``.
-    use_observed_lib_size
-        If true the model observes the library, so there is no ``l`` site to guide.
+    library
+        The model's library object, as for :class:`ScviGuide`: no ``q(l)`` with
+        :class:`~pyro_scvi.priors.ObservedLibrary`.
     l_loc_init
         Initial mean of q(l): one value, or one per cell (:meth:`from_data` uses each
         cell's observed log library size).
@@ -257,7 +262,7 @@ class PerCellGuide(Guide):
         n_cells: int,
         n_latent: int = 10,
         *,
-        use_observed_lib_size: bool = False,
+        library: nn.Module | None = None,
         l_loc_init: float | np.ndarray | torch.Tensor = 0.0,
         init_scale: float = 0.1,
     ) -> None:
@@ -272,7 +277,7 @@ class PerCellGuide(Guide):
         self.z_loc = nn.Parameter(torch.zeros(self.n_cells, self.n_latent))
         self.z_log_scale = nn.Parameter(torch.zeros(self.n_cells, self.n_latent))
         self.l_loc = self.l_log_scale = None
-        if not use_observed_lib_size:
+        if is_latent_library(library):
             init = torch.as_tensor(l_loc_init, dtype=torch.float32).reshape(-1, 1)
             if init.shape[0] not in (1, self.n_cells):
                 raise ValueError(
@@ -290,7 +295,7 @@ class PerCellGuide(Guide):
         data: CountData,
         *,
         n_latent: int = 10,
-        use_observed_lib_size: bool = False,
+        library: nn.Module | None = None,
         init_scale: float = 0.1,
     ) -> PerCellGuide:
         """A guide for every cell of ``data``, q(l) starting at each observed log library.
@@ -310,7 +315,7 @@ class PerCellGuide(Guide):
         return cls(
             data.n_cells,
             n_latent,
-            use_observed_lib_size=use_observed_lib_size,
+            library=library,
             l_loc_init=log_lib,
             init_scale=init_scale,
         )
@@ -359,7 +364,7 @@ class PerCellGuide(Guide):
         new = cls(
             len(indices),
             q["z_loc"].shape[-1],
-            use_observed_lib_size="l_loc" not in q,
+            library=None if "l_loc" in q else ObservedLibrary(),
             init_scale=1.0,
         ).to(q["z_loc"].device)
         with torch.no_grad():
@@ -418,7 +423,8 @@ class PerCellGuide(Guide):
 
 
 #: What :class:`~pyro_scvi.SCVI` accepts as ``guide=``: a guide module, or a factory
-#: ``factory(data, n_latent=..., use_observed_lib_size=...)`` returning one.
+#: ``factory(data, n_latent=..., library=...)`` returning one, ``library`` the model's
+#: library object (ask it :func:`~pyro_scvi.priors.is_latent_library`).
 GuideFactory = Callable[..., nn.Module]
 
 
@@ -427,17 +433,22 @@ def build_guide(
     data: CountData,
     *,
     n_latent: int,
-    use_observed_lib_size: bool,
+    library: nn.Module | None = None,
 ) -> nn.Module:
     """Resolve a user's ``guide=`` (module or factory) and check it fits ``data``.
+
+    A factory is called as ``guide(data, n_latent=n_latent, library=library)``, ``library``
+    the model's library object (``None``: a latent library).
 
     Examples
     --------
     >>> import pyro_scvi
     >>> data = pyro_scvi.from_anndata(pyro_scvi.datasets.synthetic_zinb(n_cells=30, seed=0))
-    >>> build_guide(PerCellGuide.from_data, data, n_latent=2, use_observed_lib_size=False)
+    >>> build_guide(PerCellGuide.from_data, data, n_latent=2)
     PerCellGuide(n_cells=30, n_latent=2)
-    >>> build_guide(PerCellGuide(10, 2), data, n_latent=2, use_observed_lib_size=False)
+    >>> from pyro_scvi.priors import ObservedLibrary
+    >>> build_guide(PerCellGuide.from_data, data, n_latent=2, library=ObservedLibrary()).l_loc
+    >>> build_guide(PerCellGuide(10, 2), data, n_latent=2)
     ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -449,7 +460,7 @@ def build_guide(
                 f"guide={guide!r}: pass a guide module (e.g. PerCellGuide(n_cells, n_latent)) "
                 "or a factory such as PerCellGuide.from_data."
             )
-        guide = guide(data, n_latent=n_latent, use_observed_lib_size=use_observed_lib_size)
+        guide = guide(data, n_latent=n_latent, library=library)
         if not isinstance(guide, nn.Module):
             raise TypeError(f"The guide factory returned {type(guide).__name__}, not a Module.")
     n_cells = getattr(guide, "n_cells", None)

@@ -35,6 +35,7 @@ from .priors import (
     as_prior,
     check_library_prior,
     check_prior,
+    is_latent_library,
 )
 
 Dispersion = Literal["gene", "gene-batch", "gene-cell"]
@@ -96,9 +97,11 @@ class ScviModel(nn.Module):
     n_genes, n_batch
         Data dimensions.
     library_prior
-        Prior of the log-library per batch; required unless ``use_observed_lib_size``. A
-        :class:`~pyro_scvi.priors.LibraryPrior` (e.g. ``LogNormalLibrary``) or a function
-        of the cells' batch codes returning a distribution with ``batch_shape (cells, 1)``.
+        The library ``l``: a :class:`~pyro_scvi.priors.LibraryPrior` (e.g.
+        ``LogNormalLibrary``, a per-batch prior of the log-library) or a function of the
+        cells' batch codes returning a distribution with ``batch_shape (cells, 1)``; or
+        :class:`~pyro_scvi.priors.ObservedLibrary` to plug in ``log(sum_g x_ng)`` instead
+        of a latent variable (no ``l`` site).
     n_latent, n_hidden, n_layers
         Decoder architecture (paper: 10, 128, 1).
     prior
@@ -109,8 +112,6 @@ class ScviModel(nn.Module):
         Observation model (default :class:`~pyro_scvi.likelihoods.ZINB`).
     dispersion
         ``"gene"`` (one ``theta`` per gene), ``"gene-batch"`` or ``"gene-cell"`` (decoded).
-    use_observed_lib_size
-        Use ``log(sum_g x_ng)`` for ``l`` instead of a latent variable.
 
     Examples
     --------
@@ -121,13 +122,21 @@ class ScviModel(nn.Module):
     >>> tr = pyro.poutine.trace(m).get_trace(x, torch.zeros(8, dtype=torch.long))
     >>> tuple(tr.nodes["z"]["value"].shape), tuple(tr.nodes["x"]["value"].shape)
     ((8, 1, 10), (8, 20))
+
+    With the library observed there is no ``l`` site:
+
+    >>> from pyro_scvi.priors import ObservedLibrary
+    >>> m = ScviModel(20, 1, ObservedLibrary())
+    >>> tr = pyro.poutine.trace(m).get_trace(x + 1, torch.zeros(8, dtype=torch.long))
+    >>> "l" in tr.nodes, m.use_observed_lib_size
+    (False, True)
     """
 
     def __init__(
         self,
         n_genes: int,
         n_batch: int,
-        library_prior: LibraryPrior | Callable | None,
+        library_prior: LibraryPrior | Callable,
         *,
         n_latent: int = 10,
         n_hidden: int = 128,
@@ -135,29 +144,29 @@ class ScviModel(nn.Module):
         prior: Prior | Callable | None = None,
         likelihood: Likelihood | None = None,
         dispersion: Dispersion = "gene",
-        use_observed_lib_size: bool = False,
     ) -> None:
         super().__init__()
         if dispersion not in ("gene", "gene-batch", "gene-cell"):
             raise ValueError(
                 f"dispersion={dispersion!r}; use 'gene', 'gene-batch' or 'gene-cell'."
             )
-        if library_prior is None and not use_observed_lib_size:
-            raise ValueError("A latent library needs library_prior (or use_observed_lib_size).")
+        if library_prior is None:
+            raise ValueError(
+                "ScviModel needs library_prior: e.g. LogNormalLibrary(loc, scale) for a latent "
+                "library, or ObservedLibrary() for the observed one."
+            )
         self.n_genes, self.n_batch, self.n_latent = n_genes, max(n_batch, 1), n_latent
         self.dispersion = dispersion
-        self.use_observed_lib_size = use_observed_lib_size
         self.likelihood = likelihood if likelihood is not None else ZINB()
         self.prior = as_prior(prior)
         if hasattr(self.prior, "setup"):
             self.prior.setup(n_latent)
         check_prior(self.prior, n_latent)
-        self.library_prior = None
-        if not use_observed_lib_size:
-            if not isinstance(library_prior, nn.Module):
-                library_prior = CallableLibraryPrior(library_prior)
+        if not isinstance(library_prior, nn.Module):
+            library_prior = CallableLibraryPrior(library_prior)
+        if is_latent_library(library_prior):
             check_library_prior(library_prior, self.n_batch)
-            self.library_prior = library_prior
+        self.library_prior = library_prior
         uses_theta = self.likelihood.uses_dispersion
         self.decoder = Decoder(
             n_latent,
@@ -181,10 +190,16 @@ class ScviModel(nn.Module):
         Its own code is static, so it is when its prior, library prior and likelihood
         declare ``static_structure``.
         """
-        parts = [self.prior, self.likelihood]
-        if self.library_prior is not None:
-            parts.append(self.library_prior)
+        parts = [self.prior, self.likelihood, self.library_prior]
         return all(getattr(part, "static_structure", False) for part in parts)
+
+    @property
+    def use_observed_lib_size(self) -> bool:
+        """Whether the library is observed (:class:`~pyro_scvi.priors.ObservedLibrary`).
+
+        Read from the library object; kept for code that reads the scvi-tools name.
+        """
+        return not is_latent_library(self.library_prior)
 
     def theta(self, batch_index: torch.Tensor, decoded: dict) -> torch.Tensor | None:
         """Inverse dispersion, broadcastable to ``(cells, genes)``."""
@@ -213,12 +228,10 @@ class ScviModel(nn.Module):
         register_module("model", self)
         with cells_plate(batch_index, cell_index, num_cells):
             z = pyro.sample("z", self.prior())
-            if self.use_observed_lib_size:
-                if x is None:
-                    raise ValueError("use_observed_lib_size needs the observed counts x.")
-                l = torch.log(x.sum(-1, keepdim=True))
-            else:
+            if is_latent_library(self.library_prior):
                 l = pyro.sample("l", self.library_prior(batch_index))
+            else:
+                l = self.library_prior.observed(x)
             decoded = self.decoder(z.squeeze(-2), batch_index)
             with pyro.plate("genes", self.n_genes, dim=-1):
                 rho = pyro.deterministic("rho", torch.softmax(decoded["rho_logits"], -1), 0)

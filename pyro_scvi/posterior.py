@@ -33,6 +33,7 @@ from pyro.infer import Predictive
 
 from .data import CountData
 from .infer import _eval_mode
+from .priors import is_latent_library
 
 
 def iterate_cells(
@@ -82,7 +83,7 @@ def sample_guide(
     ``l`` of shape ``(n_samples, cells, 1)``. ``cell_index`` (the cells' rows in the data)
     is passed on for guides with per-cell parameters.
     """
-    sites = ["z"] if getattr(model, "use_observed_lib_size", False) else ["z", "l"]
+    sites = ["z", "l"] if is_latent_library(getattr(model, "library_prior", None)) else ["z"]
     predictive = Predictive(
         model, guide=guide, num_samples=n_samples, return_sites=sites, parallel=True
     )
@@ -226,12 +227,13 @@ def latent_library_size(
 
     ``give_mean``: the posterior mean ``E_q[exp(l)] = exp(l_loc + l_scale**2 / 2)`` (q(l)
     is Normal, so exp(l) is log-normal); otherwise one draw. A model that observes the
-    library size (``use_observed_lib_size``) returns each cell's total count.
+    library size (:class:`~pyro_scvi.priors.ObservedLibrary`) returns each cell's total
+    count.
     """
     out = []
     with torch.no_grad(), _eval_mode(model, guide):
         for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
-            if getattr(model, "use_observed_lib_size", False):
+            if not is_latent_library(getattr(model, "library_prior", None)):
                 size = x.sum(-1)
             else:
                 q = guide.encode(x, b, cells)

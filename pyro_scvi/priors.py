@@ -22,7 +22,10 @@ Per batch: :class:`LogNormalLibrary` is ``l ~ Normal(loc[batch], scale[batch])``
 and ``scale`` the mean and standard deviation of the log total counts of each batch's cells
 (Lopez et al., 2018). Any :class:`LibraryPrior` (a module called with the cells' batch codes,
 returning a distribution with ``batch_shape (cells, 1)``) replaces it; see
-:func:`as_library_prior`.
+:func:`as_library_prior`. :class:`ObservedLibrary` makes ``l`` observed instead, the log of
+each cell's total count (scvi-tools' ``use_observed_lib_size=True``): the model then has no
+``l`` site and the guide none to cover. The model and the guides ask the library object
+(:attr:`LibraryPrior.latent`, :func:`is_latent_library`) which of the two it is.
 
 References
 ----------
@@ -375,6 +378,9 @@ class LibraryPrior(nn.Module):
 
     #: As :attr:`Prior.static_structure`.
     static_structure: bool = False
+    #: Whether ``l`` is a latent variable: a sample site of the model that the guide covers.
+    #: :class:`ObservedLibrary` sets it to False.
+    latent: bool = True
 
     def forward(self, batch_index: torch.Tensor) -> dist.TorchDistribution:  # noqa: D102
         raise NotImplementedError
@@ -413,6 +419,65 @@ class LogNormalLibrary(LibraryPrior):
         return dist.Normal(
             self.loc[batch_index].unsqueeze(-1), self.scale[batch_index].unsqueeze(-1)
         )
+
+
+class ObservedLibrary(LibraryPrior):
+    """The library observed, not latent: ``l_n = log(sum_g x_ng)``, each cell's log total count.
+
+    Pass it where a library prior goes (``SCVI(adata, library_prior=ObservedLibrary())``,
+    which ``use_observed_lib_size=True`` stands for): the model conditions on
+    :meth:`observed` of the counts, so it has no ``l`` site and the guide has none to
+    cover (:attr:`latent` is False). It has no parameters, so a model saved with it has the
+    state of one saved with ``use_observed_lib_size=True`` before this class existed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lib = ObservedLibrary()
+    >>> lib.latent, is_latent_library(lib)
+    (False, False)
+    >>> lib.observed(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).exp().round().ravel().tolist()
+    [3.0, 7.0]
+    """
+
+    static_structure = True
+    latent = False
+
+    def observed(self, x: torch.Tensor | None) -> torch.Tensor:
+        """``log(sum_g x_ng)`` of the counts ``x`` ``(cells, genes)``, shape ``(cells, 1)``."""
+        if x is None:
+            raise ValueError(
+                "An observed library (ObservedLibrary, use_observed_lib_size=True) needs the "
+                "observed counts x; to sample counts from the model use a latent library "
+                "prior such as LogNormalLibrary."
+            )
+        return torch.log(x.sum(-1, keepdim=True))
+
+    def forward(self, batch_index: torch.Tensor) -> dist.TorchDistribution:  # noqa: D102
+        raise TypeError(
+            "ObservedLibrary has no distribution of l: the library is observed; the model "
+            "calls its observed(x)."
+        )
+
+    def __repr__(self) -> str:
+        return "ObservedLibrary()"
+
+
+def is_latent_library(library: object) -> bool:
+    """Whether ``library`` (a library prior, or ``None`` for the default) makes ``l`` latent.
+
+    It asks the object's ``latent`` attribute; any library prior without one (a plain module
+    or function of the batch codes) is latent, as is ``None``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> is_latent_library(None), is_latent_library(ObservedLibrary())
+    (True, False)
+    >>> is_latent_library(LogNormalLibrary(torch.tensor([7.0]), torch.tensor([0.5])))
+    True
+    """
+    return bool(getattr(library, "latent", True))
 
 
 class CallableLibraryPrior(LibraryPrior):

@@ -39,7 +39,7 @@ from .data import InputError, from_anndata
 from .guide import ScviGuide
 from .infer import HISTORY_COLUMNS
 from .nn import Decoder, Encoder
-from .priors import LogNormalLibrary, VampPrior
+from .priors import LogNormalLibrary, VampPrior, is_latent_library
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -200,7 +200,7 @@ def load_query_data(cls: type[SCVI], adata: AnnData, reference: SCVI | str | os.
             f"Query mapping needs the amortized ScviGuide; the reference has a "
             f"{type(reference.guide).__name__}."
         )
-    if not reference.model.use_observed_lib_size and not isinstance(
+    if is_latent_library(reference.model.library_prior) and not isinstance(
         reference.model.library_prior, LogNormalLibrary
     ):
         raise InputError(
@@ -237,7 +237,7 @@ def load_query_data(cls: type[SCVI], adata: AnnData, reference: SCVI | str | os.
         if net is not None:
             _extend_batch_input(net, n_ref, n_batch)
     model.n_batch = n_batch
-    if model.library_prior is not None:
+    if is_latent_library(model.library_prior):
         # the new batches' prior from their cells, as SCVI() sets the reference's from its own
         log_lib = np.log(np.maximum(np.asarray(data.X.sum(axis=1)).ravel(), 1.0))
         stats = [log_lib[data.batch_index == b] for b in range(n_ref, n_batch)]

@@ -42,7 +42,15 @@ from .infer import (
 from .io import ModelFileError, is_model_dir, new_run_id, read_model_dir, write_model_dir
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
-from .priors import LogNormalLibrary, Prior, VampPrior, as_library_prior, as_prior
+from .priors import (
+    LogNormalLibrary,
+    ObservedLibrary,
+    Prior,
+    VampPrior,
+    as_library_prior,
+    as_prior,
+    is_latent_library,
+)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -92,6 +100,85 @@ def _attach_vamp_prior(prior: VampPrior, guide: torch.nn.Module, data: CountData
     prior.attach_encoder(encoder, torch.log1p(x), b)
 
 
+def _library_object(
+    library_prior: torch.nn.Module | Callable | None,
+    use_observed_lib_size: bool | None,
+    loc: np.ndarray,
+    scale: np.ndarray,
+) -> torch.nn.Module:
+    """The library object of ``SCVI(library_prior=..., use_observed_lib_size=...)``.
+
+    ``use_observed_lib_size`` is a thin alias, mapped here once: ``True`` stands for
+    :class:`~pyro_scvi.priors.ObservedLibrary`, ``False`` insists on a latent library,
+    ``None`` leaves it to ``library_prior``. A contradicting pair is an error.
+    """
+    spec = library_prior
+    if use_observed_lib_size and library_prior is None:
+        spec = ObservedLibrary()
+    library = as_library_prior(spec, torch.from_numpy(loc), torch.from_numpy(scale))
+    if use_observed_lib_size is not None and bool(use_observed_lib_size) == is_latent_library(
+        library
+    ):
+        raise InputError(
+            f"use_observed_lib_size={use_observed_lib_size!r} contradicts "
+            f"library_prior={library!r}, which makes the library "
+            f"{'latent' if is_latent_library(library) else 'observed'}. Pass one of the two: "
+            "library_prior=pyro_scvi.ObservedLibrary() is what use_observed_lib_size=True "
+            "stands for, and any other library prior makes the library latent."
+        )
+    return library
+
+
+def _build_components(
+    settings: dict,
+    data: CountData,
+    *,
+    library_prior: torch.nn.Module | Callable,
+    prior: torch.nn.Module,
+    likelihood: Likelihood | None,
+    guide: torch.nn.Module | GuideFactory | None,
+    l_loc_init: float = 0.0,
+) -> tuple[ScviModel, torch.nn.Module]:
+    """The model and guide that ``settings`` describe, set up for ``data``.
+
+    The one place settings become modules: :class:`SCVI` builds with it, and
+    :meth:`SCVI.load` and :meth:`SCVI.load_checkpoint` rebuild with it (then load the saved
+    parameters); a query model (:meth:`SCVI.load_query_data`) copies the reference's. The
+    components that settings name only by ``repr`` (library prior, prior, likelihood, a
+    guide other than the default) come as objects. ``guide=None`` is the default
+    :class:`~pyro_scvi.guide.ScviGuide`, with ``q(l)`` starting at ``l_loc_init``.
+    """
+    arch = {k: int(settings[k]) for k in ("n_latent", "n_hidden", "n_layers")}
+    model = ScviModel(
+        data.n_genes,
+        data.n_batch,
+        library_prior,
+        prior=prior,
+        likelihood=likelihood,
+        dispersion=settings["dispersion"],
+        **arch,
+    )
+    if guide is None:
+        guide = ScviGuide(
+            data.n_genes,
+            data.n_batch,
+            dropout_rate=float(settings["dropout_rate"]),
+            library=model.library_prior,
+            l_loc_init=l_loc_init,
+            **arch,
+        )
+    else:
+        try:
+            guide = build_guide(
+                guide, data, n_latent=arch["n_latent"], library=model.library_prior
+            )
+        except (TypeError, ValueError) as err:
+            raise InputError(str(err)) from err
+    if isinstance(model.prior, VampPrior):
+        _attach_vamp_prior(model.prior, guide, data)
+    return model, guide
+
+
 def _warn_unimportable(model: SCVI) -> None:
     """Warn when a saved component's class or function lives in ``__main__``."""
     from .pickling import main_module_names
@@ -134,20 +221,27 @@ class SCVI:
         codes, or a factory called with the data's per-batch ``(loc, scale)`` of the log
         library size that returns one; default
         :class:`~pyro_scvi.priors.LogNormalLibrary` at those values. See
-        :func:`~pyro_scvi.priors.as_library_prior`.
+        :func:`~pyro_scvi.priors.as_library_prior`. :class:`~pyro_scvi.priors.ObservedLibrary`
+        makes ``l`` the observed log total count instead (no ``l`` to guide).
     n_latent, n_hidden, n_layers, dropout_rate
         Architecture (paper defaults 10, 128, 1, 0.1).
     dispersion
         ``"gene"``, ``"gene-batch"`` or ``"gene-cell"``.
     use_observed_lib_size
-        Plug in the observed library size instead of the latent ``l`` of the paper.
+        A thin alias kept for scvi-tools users: ``True`` stands for
+        ``library_prior=pyro_scvi.ObservedLibrary()`` (plug in the observed library size
+        instead of the latent ``l`` of the paper), ``False`` insists on a latent library,
+        ``None`` (default) leaves it to ``library_prior``. A ``library_prior`` that
+        contradicts it is an ``InputError``. ``settings["use_observed_lib_size"]`` records
+        which the model has.
     drop_empty_cells
         Set the model up on the cells with non-zero total counts only (``self.adata`` is
         then a view of those cells); otherwise such cells are an error.
     guide
         The variational family; default the amortized
         :class:`~pyro_scvi.guide.ScviGuide`. A guide module with the model's signature, or
-        a factory ``f(data, n_latent=..., use_observed_lib_size=...)`` returning one, e.g.
+        a factory ``f(data, n_latent=..., library=...)`` returning one (``library``: the
+        model's library object), e.g.
         ``guide=PerCellGuide.from_data`` for non-amortized per-cell mean-field inference
         (then train with ``train_size=1.0``; queries answer for the training cells only).
     streamed
@@ -164,6 +258,14 @@ class SCVI:
     >>> model = model.train(max_epochs=2, progress_bar=False)
     >>> model.get_latent_representation().shape
     (200, 4)
+
+    The observed library size, as an object or by its scvi-tools name:
+
+    >>> observed = pyro_scvi.SCVI(adata, library_prior=pyro_scvi.ObservedLibrary())
+    >>> observed.model.library_prior, observed.settings["use_observed_lib_size"]
+    (ObservedLibrary(), True)
+    >>> pyro_scvi.SCVI(adata, use_observed_lib_size=True).model.library_prior
+    ObservedLibrary()
     """
 
     def __init__(
@@ -180,7 +282,7 @@ class SCVI:
         n_layers: int = 1,
         dropout_rate: float = 0.1,
         dispersion: Dispersion = "gene",
-        use_observed_lib_size: bool = False,
+        use_observed_lib_size: bool | None = None,
         drop_empty_cells: bool = False,
         guide: torch.nn.Module | GuideFactory | None = None,
         streamed: bool | None = None,
@@ -208,6 +310,7 @@ class SCVI:
         self.data = from_anndata(adata, layer=layer, batch_key=batch_key, streamed=streamed)
         loc, scale = self.data.library_log_stats()
         prior = as_prior(prior)
+        library = _library_object(library_prior, use_observed_lib_size, loc, scale)
         self.settings = {
             "layer": layer,
             "batch_key": batch_key,
@@ -216,47 +319,21 @@ class SCVI:
             "n_layers": int(n_layers),
             "dropout_rate": float(dropout_rate),
             "dispersion": dispersion,
-            "use_observed_lib_size": bool(use_observed_lib_size),
+            "use_observed_lib_size": not is_latent_library(library),
             "likelihood": repr(likelihood or ZINB()),
             "prior": repr(prior),
         }
-        self.model = ScviModel(
-            self.data.n_genes,
-            self.data.n_batch,
-            as_library_prior(library_prior, torch.from_numpy(loc), torch.from_numpy(scale)),
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
+        self.model, self.guide = _build_components(
+            self.settings,
+            self.data,
+            library_prior=library,
             prior=prior,
             likelihood=likelihood,
-            dispersion=dispersion,
-            use_observed_lib_size=use_observed_lib_size,
+            guide=guide,
+            l_loc_init=float(np.mean(loc)),
         )
-        if guide is None:
-            self.guide = ScviGuide(
-                self.data.n_genes,
-                self.data.n_batch,
-                n_latent=n_latent,
-                n_hidden=n_hidden,
-                n_layers=n_layers,
-                dropout_rate=dropout_rate,
-                use_observed_lib_size=use_observed_lib_size,
-                l_loc_init=float(np.mean(loc)),
-            )
-        else:
-            try:
-                self.guide = build_guide(
-                    guide,
-                    self.data,
-                    n_latent=int(n_latent),
-                    use_observed_lib_size=bool(use_observed_lib_size),
-                )
-            except (TypeError, ValueError) as err:
-                raise InputError(str(err)) from err
         self.settings["guide"] = type(self.guide).__name__
         self.device = torch.device("cpu")
-        if isinstance(self.model.prior, VampPrior):
-            _attach_vamp_prior(self.model.prior, self.guide, self.data)
         self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
         #: How the last training run stepped (:meth:`pyro_scvi.engine.RunEngine.as_dict`).
         self.engine: dict | None = None
@@ -1510,11 +1587,7 @@ class SCVI:
                 else copy.deepcopy(self.guide).cpu(),
                 "likelihood": self.model.likelihood,
                 "prior": copy.deepcopy(self.model.prior).cpu(),
-                "library_prior": (
-                    None
-                    if self.model.library_prior is None
-                    else copy.deepcopy(self.model.library_prior).cpu()
-                ),
+                "library_prior": copy.deepcopy(self.model.library_prior).cpu(),
                 "var_names": list(self.var_names),
                 "batch_categories": list(self.batch_categories),
                 "history": history.to_dict(orient="list"),
@@ -1621,43 +1694,44 @@ class SCVI:
             allow_empty_cells=True,
         )
         self.settings = s
+        saved_guide = state.get("guide")
+        if getattr(saved_guide, "n_cells", self.data.n_cells) != self.data.n_cells:
+            raise InputError(
+                f"The saved {type(saved_guide).__name__} has parameters for "
+                f"{saved_guide.n_cells} cells, but adata has {self.data.n_cells}; load it with "
+                "the AnnData it was trained on."
+            )
         try:
-            arch = {k: int(s[k]) for k in ("n_latent", "n_hidden", "n_layers")}
-            lib = state["model_state"]
-            self.model = ScviModel(
-                len(state["var_names"]),
-                len(state["batch_categories"]),
-                None
-                if s["use_observed_lib_size"]
-                # older saves hold the library prior's buffers only
-                else state.get("library_prior")
-                or LogNormalLibrary(lib["library_prior.loc"], lib["library_prior.scale"]),
+            library = state.get("library_prior")
+            if library is None:
+                # older saves hold no object for an observed library, and some only the
+                # latent library prior's buffers
+                library = (
+                    ObservedLibrary()
+                    if s["use_observed_lib_size"]
+                    else LogNormalLibrary(
+                        state["model_state"]["library_prior.loc"],
+                        state["model_state"]["library_prior.scale"],
+                    )
+                )
+            if bool(s["use_observed_lib_size"]) == is_latent_library(library):
+                raise ValueError(
+                    f"settings say use_observed_lib_size={s['use_observed_lib_size']} but the "
+                    f"saved library is {library!r}"
+                )
+            self.model, self.guide = _build_components(
+                s,
+                self.data,
+                library_prior=library,
                 prior=state["prior"],
                 likelihood=state["likelihood"],
-                dispersion=s["dispersion"],
-                use_observed_lib_size=s["use_observed_lib_size"],
-                **arch,
+                guide=saved_guide,
             )
-            self.guide = state.get("guide")
-            if self.guide is None:
-                self.guide = ScviGuide(
-                    len(state["var_names"]),
-                    len(state["batch_categories"]),
-                    dropout_rate=s["dropout_rate"],
-                    use_observed_lib_size=s["use_observed_lib_size"],
-                    **arch,
-                )
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
             raise ModelFileError(
                 f"The model in {where} cannot be rebuilt from its settings "
                 f"({type(err).__name__}: {_one_line(err)}); the file is damaged or edited."
             ) from err
-        if getattr(self.guide, "n_cells", self.data.n_cells) != self.data.n_cells:
-            raise InputError(
-                f"The saved {type(self.guide).__name__} has parameters for "
-                f"{self.guide.n_cells} cells, but adata has {self.data.n_cells}; load it with "
-                "the AnnData it was trained on."
-            )
         try:
             self.model.load_state_dict(state["model_state"])
             self.guide.load_state_dict(state["guide_state"])
@@ -1666,8 +1740,6 @@ class SCVI:
                 f"The parameters in {where} do not fit the architecture its settings describe "
                 f"({_one_line(err)}); the file was written for another architecture or edited."
             ) from err
-        if isinstance(self.model.prior, VampPrior):
-            _attach_vamp_prior(self.model.prior, self.guide, self.data)
         self.history = pd.DataFrame(state["history"], columns=None)
         if not len(self.history):
             self.history = pd.DataFrame(columns=HISTORY_COLUMNS)

@@ -16,7 +16,7 @@ from pyro_scvi.guide import PerCellGuide, ScviGuide, build_guide
 from pyro_scvi.infer import KLWeight
 from pyro_scvi.model import ScviModel
 from pyro_scvi.posterior import fit_statistics
-from pyro_scvi.priors import LogNormalLibrary
+from pyro_scvi.priors import LogNormalLibrary, ObservedLibrary
 
 N_CELLS, N_GENES, N_LATENT = 12, 9, 3
 
@@ -30,10 +30,12 @@ def data():
 
 
 def make_model(observed=False):
-    lib = LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.4, 0.6]))
-    return ScviModel(
-        N_GENES, 2, lib, n_latent=N_LATENT, n_hidden=16, use_observed_lib_size=observed
+    lib = (
+        ObservedLibrary()
+        if observed
+        else LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.4, 0.6]))
     )
+    return ScviModel(N_GENES, 2, lib, n_latent=N_LATENT, n_hidden=16)
 
 
 @pytest.mark.parametrize("observed", [False, True])
@@ -41,7 +43,7 @@ def test_per_cell_guide_sites_match_the_model(data, observed):
     x, b = data
     model, guide = (
         make_model(observed),
-        PerCellGuide(N_CELLS, N_LATENT, use_observed_lib_size=observed),
+        PerCellGuide(N_CELLS, N_LATENT, library=ObservedLibrary() if observed else None),
     )
     idx = torch.tensor([2, 5, 7])
     g = poutine.trace(guide).get_trace(x[idx], b[idx], idx, N_CELLS)
@@ -121,13 +123,13 @@ def test_from_guide_starts_exactly_at_the_encoder(data):
 def test_build_guide_checks_cells_and_latent_dimension():
     data = SCVI(synthetic_zinb(n_cells=30, n_genes=10, seed=0)).data
     with pytest.raises(ValueError, match="10 cells but the data have 30"):
-        build_guide(PerCellGuide(10, 2), data, n_latent=2, use_observed_lib_size=False)
+        build_guide(PerCellGuide(10, 2), data, n_latent=2)
     with pytest.raises(ValueError, match="n_latent=4, the model 2"):
-        build_guide(PerCellGuide(30, 4), data, n_latent=2, use_observed_lib_size=False)
+        build_guide(PerCellGuide(30, 4), data, n_latent=2)
     with pytest.raises(TypeError, match="factory"):
-        build_guide("per-cell", data, n_latent=2, use_observed_lib_size=False)
+        build_guide("per-cell", data, n_latent=2)
     amortized = ScviGuide(10, 1, n_latent=2)
-    assert build_guide(amortized, data, n_latent=2, use_observed_lib_size=False) is amortized
+    assert build_guide(amortized, data, n_latent=2) is amortized
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pyro_scvi.data import CountData
 from pyro_scvi.guide import PerCellGuide
 from pyro_scvi.mcmc import agreement, compare_to_nuts, sample_nuts
 from pyro_scvi.model import cells_plate
+from pyro_scvi.priors import ObservedLibrary
 
 N_CELLS, N_GENES, N_LATENT, SIGMA = 3, 6, 2, 1.0
 
@@ -69,7 +70,7 @@ def make_problem(kind):
 
 def fit_guide(model, data):
     x, b = data.tensors(np.arange(N_CELLS))
-    guide = PerCellGuide(N_CELLS, N_LATENT, use_observed_lib_size=True)
+    guide = PerCellGuide(N_CELLS, N_LATENT, library=ObservedLibrary())
     elbo = TraceMeanField_ELBO(num_particles=16, vectorize_particles=True, max_plate_nesting=2)
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.99}), elbo)
     for _ in range(400):

@@ -12,13 +12,17 @@ from pyro_scvi.guide import ScviGuide
 from pyro_scvi.infer import KLWeight
 from pyro_scvi.likelihoods import NB, ZINB, Poisson
 from pyro_scvi.model import ScviModel
-from pyro_scvi.priors import LogNormalLibrary, Prior, StandardNormal
+from pyro_scvi.priors import LogNormalLibrary, ObservedLibrary, Prior, StandardNormal
 
 N_CELLS, N_GENES, N_BATCH, N_LATENT = 12, 9, 2, 3
 
 
 def make_pair(likelihood=None, dispersion="gene", observed=False, prior=None):
-    lib = LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.4, 0.6]))
+    lib = (
+        ObservedLibrary()
+        if observed
+        else LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.4, 0.6]))
+    )
     model = ScviModel(
         N_GENES,
         N_BATCH,
@@ -27,12 +31,9 @@ def make_pair(likelihood=None, dispersion="gene", observed=False, prior=None):
         n_hidden=16,
         likelihood=likelihood,
         dispersion=dispersion,
-        use_observed_lib_size=observed,
         prior=prior,
     )
-    guide = ScviGuide(
-        N_GENES, N_BATCH, n_latent=N_LATENT, n_hidden=16, use_observed_lib_size=observed
-    )
+    guide = ScviGuide(N_GENES, N_BATCH, n_latent=N_LATENT, n_hidden=16, library=lib)
     return model, guide
 
 

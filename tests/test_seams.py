@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pyro import poutine
 
 import pyro_scvi
 from pyro_scvi import SCVI, ScviGuide, ScviModel, from_anndata
 from pyro_scvi.convert import to_inference_data
+from pyro_scvi.datasets import synthetic_zinb
 from pyro_scvi.fitted import Fitted, FittedModel
-from pyro_scvi.priors import LogNormalLibrary
+from pyro_scvi.priors import LogNormalLibrary, ObservedLibrary
 
 PACKAGE = Path(pyro_scvi.__file__).parent
 ANALYSES = ["de.py", "convert.py", "ppc.py", "posterior.py", "gap.py", "mcmc.py", "metrics.py"]
@@ -102,3 +104,143 @@ def test_saving_importable_components_does_not_warn(small_adata, tmp_path):
         model.save(tmp_path / "m")
     assert (tmp_path / "m" / "model.pt").exists()
     assert np.isfinite(SCVI.load(tmp_path / "m", small_adata).get_latent_representation()).all()
+
+
+# ------------------------------------------------------------------ the library object
+
+DATA = Path(__file__).parent / "data"
+FIT = dict(max_epochs=2, batch_size=32, progress_bar=False, engine="eager", seed=0)
+
+
+def _fit(adata, **kwargs):
+    return SCVI(adata, batch_key="batch", n_latent=2, n_hidden=8, **kwargs).train(**FIT)
+
+
+def _elbos(model):
+    return model.history[["train_elbo", "validation_elbo"]].to_numpy(dtype=float)
+
+
+def test_observed_library_object_is_what_the_flag_stands_for(small_adata):
+    by_flag = _fit(small_adata, use_observed_lib_size=True)
+    by_object = _fit(small_adata, library_prior=ObservedLibrary())
+    assert isinstance(by_flag.model.library_prior, ObservedLibrary)
+    assert by_flag.settings == by_object.settings
+    assert by_object.settings["use_observed_lib_size"] is True
+    np.testing.assert_array_equal(_elbos(by_flag), _elbos(by_object))
+    np.testing.assert_array_equal(
+        by_flag.get_latent_representation(), by_object.get_latent_representation()
+    )
+    assert by_object.guide.l_encoder is None  # the guide asked the object: no q(l)
+    x, b = by_object.data.tensors(np.arange(5))
+    trace = poutine.trace(by_object.model).get_trace(x, b)
+    assert "l" not in trace.nodes
+    # the default is still the paper's latent library
+    latent = SCVI(small_adata, n_latent=2, n_hidden=8)
+    assert isinstance(latent.model.library_prior, LogNormalLibrary)
+    assert latent.settings["use_observed_lib_size"] is False
+
+
+def test_a_model_of_the_old_flag_code_loads_and_is_refitted_exactly():
+    """tests/data/model_observed_library was saved before ObservedLibrary existed."""
+    adata = synthetic_zinb(n_cells=60, n_genes=12, n_batches=2, seed=3)
+    old = SCVI.load(DATA / "model_observed_library", adata, device="cpu")
+    assert isinstance(old.model.library_prior, ObservedLibrary)
+    assert old.guide.l_encoder is None and old.settings["use_observed_lib_size"] is True
+    expected_latent = np.load(DATA / "model_observed_library_latent.npy")
+    np.testing.assert_allclose(
+        old.get_latent_representation(), expected_latent, rtol=1e-5, atol=1e-6
+    )
+    # the same recipe through the object gives the old code's numbers: no numerical change
+    new = _fit(adata, library_prior=ObservedLibrary())
+    np.testing.assert_allclose(_elbos(new), _elbos(old), rtol=1e-5)
+    np.testing.assert_allclose(
+        new.get_latent_representation(), expected_latent, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["latent", "observed"])
+def test_both_library_modes_survive_save_and_load(small_adata, tmp_path, observed):
+    model = _fit(small_adata, use_observed_lib_size=observed)
+    model.save(tmp_path / "m")
+    again = SCVI.load(tmp_path / "m", small_adata, device="cpu")
+    assert type(again.model.library_prior) is type(model.model.library_prior)
+    assert again.settings["use_observed_lib_size"] is observed
+    assert (again.guide.l_encoder is None) is observed
+    np.testing.assert_array_equal(
+        again.get_latent_representation(), model.get_latent_representation()
+    )
+
+
+class WideLibrary(LogNormalLibrary):
+    """A user's library prior: the data's per-batch prior, three times as wide."""
+
+    def __init__(self, loc, scale):
+        super().__init__(loc, 3 * torch.as_tensor(scale))
+
+
+class HalfLibrary(ObservedLibrary):
+    """A user's observed library: half of each cell's total count."""
+
+    def observed(self, x):
+        return super().observed(x) - np.log(2.0)
+
+
+def test_user_library_objects_are_used_and_saved(small_adata, tmp_path):
+    plain = SCVI(small_adata, batch_key="batch", n_latent=2, n_hidden=8)
+    wide = SCVI(small_adata, batch_key="batch", n_latent=2, n_hidden=8, library_prior=WideLibrary)
+    assert isinstance(wide.model.library_prior, WideLibrary)
+    b = torch.tensor([0, 1])
+    torch.testing.assert_close(
+        wide.model.library_prior(b).scale, 3 * plain.model.library_prior(b).scale
+    )
+    wide.save(tmp_path / "wide")
+    assert isinstance(SCVI.load(tmp_path / "wide", small_adata).model.library_prior, WideLibrary)
+
+    half = SCVI(small_adata, n_latent=2, n_hidden=8, library_prior=HalfLibrary())
+    assert half.settings["use_observed_lib_size"] is True and half.guide.l_encoder is None
+    x, b = half.data.tensors(np.arange(4))
+    trace = poutine.trace(half.model).get_trace(x, b)
+    rho, fn = trace.nodes["rho"]["value"], trace.nodes["x"]["fn"]
+    nb_mean = fn.mean / (1 - torch.sigmoid(fn.gate_logits))
+    torch.testing.assert_close(nb_mean, x.sum(-1, keepdim=True) / 2 * rho, rtol=1e-4, atol=1e-4)
+
+
+def test_a_contradicting_alias_is_refused(small_adata):
+    with pytest.raises(pyro_scvi.InputError, match="contradicts.*ObservedLibrary"):
+        SCVI(small_adata, use_observed_lib_size=True, library_prior=WideLibrary)
+    with pytest.raises(pyro_scvi.InputError, match="use_observed_lib_size=False contradicts"):
+        SCVI(small_adata, use_observed_lib_size=False, library_prior=ObservedLibrary())
+    with pytest.raises(ValueError, match="ObservedLibrary"):
+        ScviModel(10, 1, None)
+
+
+# ------------------------------------------------------------------ one builder
+
+
+def test_init_and_every_loader_build_through_one_function(small_adata, tmp_path, monkeypatch):
+    from pyro_scvi import scvi as scvi_module
+
+    calls = []
+    real = scvi_module._build_components
+
+    def counting(settings, data, **kwargs):
+        calls.append(type(kwargs["library_prior"]).__name__)
+        return real(settings, data, **kwargs)
+
+    monkeypatch.setattr(scvi_module, "_build_components", counting)
+    model = SCVI(
+        small_adata, batch_key="batch", n_latent=2, n_hidden=8, use_observed_lib_size=True
+    )
+    assert calls == ["ObservedLibrary"]
+    model.train(1, progress_bar=False, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+    model.save(tmp_path / "m")
+    SCVI.load(tmp_path / "m", small_adata)
+    SCVI.load_checkpoint(tmp_path / "ckpt", small_adata)
+    assert calls == ["ObservedLibrary"] * 3
+    # a query model copies the reference's components, loaded through the builder
+    is_query = (small_adata.obs["batch"] == "batch1").to_numpy()
+    reference = _fit(small_adata[~is_query].copy())
+    reference.save(tmp_path / "ref")
+    calls.clear()
+    SCVI.load_query_data(small_adata[is_query].copy(), tmp_path / "ref")
+    assert calls == ["LogNormalLibrary"]
