@@ -32,6 +32,7 @@ from pyro import poutine
 from pyro.infer import Predictive
 
 from .data import CountData
+from .distributions import EPS
 from .infer import _eval_mode
 from .priors import is_latent_library
 
@@ -169,6 +170,38 @@ class _RecordingLikelihood:
         return self.inner(mu, theta, gate_logits)
 
 
+def _likelihood_arguments(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int,
+    batch_size: int,
+    device,
+) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]]:
+    """Per minibatch: the counts ``x`` and what the model hands its likelihood.
+
+    For ``n_samples`` draws of ``z`` (and ``l``) from the guide the model is run and the
+    arguments ``(mu, theta, gate_logits)`` of its ``likelihood`` call are recorded (each
+    ``None`` or broadcastable to ``(n_samples, cells, genes)``), so this works for any
+    :class:`~pyro_scvi.likelihoods.Likelihood`. The caller consumes each minibatch before
+    asking for the next.
+    """
+    original = model.likelihood
+    recording = _RecordingLikelihood(original)
+    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+        model.likelihood = recording
+        try:
+            for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
+                latent = sample_guide(model, guide, x, b, n_samples, cells)
+                recording.calls.clear()
+                decode(model, latent, x, b, ("x",))
+                yield x, recording.calls[-1]
+        finally:
+            model.likelihood = original
+
+
 def likelihood_parameters(
     model,
     guide,
@@ -194,23 +227,120 @@ def likelihood_parameters(
     """
     keys = ("mean", "dispersions", "dropout")
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    original = model.likelihood
-    recording = _RecordingLikelihood(original)
-    calls = recording.calls
-    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
-        model.likelihood = recording
-        try:
-            for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
-                latent = sample_guide(model, guide, x, b, n_samples, cells)
-                calls.clear()
-                decode(model, latent, x, b, ("x",))
-                mu = calls[-1][0]
-                for key, value in zip(keys, calls[-1], strict=True):
-                    if value is not None:
-                        out[key].append(value.expand_as(mu).cpu().numpy())
-        finally:
-            model.likelihood = original
+    for _, call in _likelihood_arguments(
+        model, guide, data, indices, n_samples=n_samples, batch_size=batch_size, device=device
+    ):
+        mu = call[0]
+        for key, value in zip(keys, call, strict=True):
+            if value is not None:
+                out[key].append(value.expand_as(mu).cpu().numpy())
     return {k: np.concatenate(v, axis=1) for k, v in out.items() if v}
+
+
+def dropout_probability_given_zero(
+    mu: torch.Tensor, theta: torch.Tensor | None, gate_logits: torch.Tensor
+) -> torch.Tensor:
+    """P(a zero count is a technical dropout | x = 0) under ZINB or ZIP, elementwise.
+
+    With ``pi = sigmoid(gate_logits)`` and ``p0`` the probability that the count
+    distribution without the gate gives 0, Bayes' rule gives
+    ``pi / (pi + (1 - pi) p0) = sigmoid(gate_logits - log p0)``, computed in that form so
+    that neither a tiny ``pi`` nor a tiny ``p0`` loses precision. ``p0`` is
+    ``(theta / (theta + mu))**theta`` for the negative binomial (ZINB) and ``exp(-mu)``
+    for the Poisson (ZIP; pass ``theta=None``).
+
+    Parameters
+    ----------
+    mu
+        Mean of the count distribution before zero inflation (``>= 0``).
+    theta
+        Inverse dispersion of the negative binomial, or ``None`` for a Poisson.
+    gate_logits
+        Logits of the zero-inflation probability ``pi``.
+
+    Returns
+    -------
+    torch.Tensor
+        The broadcast of the arguments, in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> mu, theta, gate_logits = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.0)
+    >>> round(float(dropout_probability_given_zero(mu, theta, gate_logits)), 4)  # .5 / .608
+    0.8224
+    >>> round(float(dropout_probability_given_zero(mu, None, gate_logits)), 4)  # Poisson
+    0.8808
+    """
+    if theta is None:
+        log_p0 = -mu
+    else:
+        # the NB's log-probability of a zero, as in distributions.zinb_log_prob
+        log_p0 = theta * (torch.log(theta + EPS) - torch.log(theta + mu + EPS))
+    return torch.sigmoid(gate_logits - log_p0)
+
+
+def dropout_probability(
+    model,
+    guide,
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    n_samples: int = 25,
+    genes: np.ndarray | None = None,
+    zeros_only: bool = True,
+    batch_size: int = 256,
+    device="cpu",
+) -> np.ndarray:
+    """Posterior probability that each zero count is a technical dropout, ``(cells, genes)``.
+
+    ``P(dropout | x) = E_q(z, l | x)[dropout_probability_given_zero(mu, theta, gate)]``,
+    averaged over ``n_samples`` guide draws; the guide conditions on the cell's counts,
+    zeros included, so the average is the posterior probability of the mixture component.
+
+    Parameters
+    ----------
+    model, guide
+        A model whose likelihood is zero-inflated (``uses_gate``): ZINB or ZIP.
+    data, indices
+        The cells to query, by position in ``data``.
+    n_samples
+        Guide draws per cell.
+    genes
+        Column positions of the genes to return (default: all).
+    zeros_only
+        Entries with ``x > 0`` are ``NaN`` (the question is about zeros, and a positive
+        count cannot be a dropout); ``False`` gives every entry the probability that it
+        would be a dropout were it zero.
+    batch_size, device
+        Cells per pass, and where to compute.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(len(indices), len(genes))`` in [0, 1], ``NaN`` where ``x > 0`` when
+        ``zeros_only``.
+    """
+    likelihood = model.likelihood
+    if not getattr(likelihood, "uses_gate", False):
+        raise ValueError(
+            f"The model's likelihood {likelihood!r} has no zero-inflation gate, so no zero "
+            "is a dropout; fit with likelihood=pyro_scvi.ZINB() or pyro_scvi.ZIP()."
+        )
+    out = []
+    for x, (mu, theta, gate_logits) in _likelihood_arguments(
+        model, guide, data, indices, n_samples=n_samples, batch_size=batch_size, device=device
+    ):
+        if not likelihood.uses_dispersion:
+            theta = None
+        p = dropout_probability_given_zero(mu, theta, gate_logits).mean(0)
+        p = p.expand(x.shape)
+        if zeros_only:
+            p = torch.where(x == 0, p, torch.nan)
+        if genes is not None:
+            p = p[:, torch.as_tensor(genes, device=p.device)]
+        out.append(p.float().cpu().numpy())
+    return np.concatenate(out)
 
 
 def latent_library_size(

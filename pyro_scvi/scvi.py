@@ -1262,6 +1262,110 @@ class SCVI:
             return {k: v.mean(0) for k, v in params.items()}
         return params
 
+    def get_dropout_probability(
+        self,
+        adata: AnnData | None = None,
+        *,
+        indices: Sequence[int] | np.ndarray | None = None,
+        n_samples: int = 25,
+        gene_list: Sequence[str] | None = None,
+        zeros_only: bool = True,
+        batch_size: int = 256,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Posterior probability that each zero count is a technical dropout (zero decomposition).
+
+        Under zero inflation a zero comes either from the gate (a technical dropout, with
+        probability ``pi``) or from the count distribution itself (a gene not expressed,
+        or expressed and not sampled). Given ``x = 0``, Bayes' rule gives
+        ``pi / (pi + (1 - pi) NB(0 | mu, theta))`` (ZINB; ``exp(-mu)`` in place of the NB
+        term for ZIP), averaged here over posterior draws of ``z`` and ``l``
+        (Lopez et al. 2018, supplementary figure 14). See
+        :func:`pyro_scvi.posterior.dropout_probability`.
+
+        Parameters
+        ----------
+        adata
+            Cells to query (default: the training AnnData).
+        indices
+            Positions of the cells of ``adata`` to query (default: all).
+        n_samples
+            Posterior draws of ``z`` (and ``l``) per cell.
+        gene_list
+            Genes to return (default: all), in the order given.
+        zeros_only
+            ``True``: entries with ``x > 0`` are ``NaN``. A positive count is certainly
+            not a dropout, so the answer there is not informative, and ``NaN`` keeps
+            ``numpy.nanmean`` over a gene or cell an average over its zeros. ``False``:
+            every entry holds the probability that it would be a dropout were it zero,
+            which describes the model's gate against its count distribution everywhere.
+        batch_size
+            Cells per pass.
+        seed
+            Seed for the draws; the global random state is left as it was.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(cells, genes)`` with values in [0, 1] (``NaN`` where ``x > 0`` when
+            ``zeros_only``).
+
+        Raises
+        ------
+        InputError
+            When the likelihood has no zero-inflation gate (NB, Poisson), for unknown
+            genes, and for out-of-range ``indices``.
+
+        Examples
+        --------
+        >>> import numpy as np, pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> p = model.get_dropout_probability(n_samples=5, seed=0)
+        >>> zero = adata.X.toarray() == 0
+        >>> p.shape, bool(((p[zero] >= 0) & (p[zero] <= 1)).all()), bool(np.isnan(p[~zero]).all())
+        ((40, 15), True, True)
+        """
+        _check_positive(n_samples=n_samples, batch_size=batch_size)
+        likelihood = self.model.likelihood
+        if not getattr(likelihood, "uses_gate", False):
+            raise InputError(
+                f"get_dropout_probability needs a zero-inflated likelihood, and this model "
+                f"uses {likelihood!r}, under which no zero is a dropout. Fit with "
+                "likelihood=pyro_scvi.ZINB() (the default) or pyro_scvi.ZIP()."
+            )
+        data = self.data_for(adata)
+        if indices is None:
+            idx = np.arange(data.n_cells)
+        else:
+            idx = np.asarray(indices)
+            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+                raise InputError("indices must be a 1-D array of integer cell positions.")
+            if len(idx) and (idx.min() < -data.n_cells or idx.max() >= data.n_cells):
+                raise InputError(
+                    f"indices must lie in [0, {data.n_cells}); the AnnData has "
+                    f"{data.n_cells} cells."
+                )
+            idx = idx % data.n_cells
+        columns = None
+        if gene_list is not None:
+            unknown = [g for g in gene_list if g not in data.var_names]
+            if unknown:
+                raise InputError(f"gene_list has genes the model does not know: {unknown[:5]}.")
+            columns = data.var_names.get_indexer(list(gene_list))
+        with posterior.seeded(seed, self.device):
+            return posterior.dropout_probability(
+                self.model,
+                self.guide,
+                data,
+                idx,
+                n_samples=n_samples,
+                genes=columns,
+                zeros_only=zeros_only,
+                batch_size=batch_size,
+                device=self.device,
+            )
+
     def get_latent_library_size(
         self,
         adata: AnnData | None = None,

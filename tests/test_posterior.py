@@ -480,3 +480,102 @@ def test_posterior_predictive_sample_is_sparse_counts_like_the_data(trained):
     np.testing.assert_array_equal(sub.toarray(), x[:, [5, 2]].toarray())
     with pytest.raises(InputError, match="does not know"):
         trained.posterior_predictive_sample(gene_list=["nope"])
+
+
+# ---------------------------------------------------------------------- zero decomposition
+def test_dropout_probability_given_zero_matches_scipy(rng):
+    from scipy import stats
+
+    mu = rng.gamma(1.0, 3.0, 50)
+    theta = rng.gamma(2.0, 1.0, 50)
+    gate_logits = rng.normal(0.0, 2.0, 50)
+    pi = 1 / (1 + np.exp(-gate_logits))
+    t = {k: torch.tensor(v) for k, v in dict(mu=mu, theta=theta, g=gate_logits).items()}
+    nb0 = stats.nbinom.pmf(0, theta, theta / (theta + mu))  # scipy: n failures, p success
+    expected = pi / (pi + (1 - pi) * nb0)
+    got = posterior.dropout_probability_given_zero(t["mu"], t["theta"], t["g"]).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    poisson0 = stats.poisson.pmf(0, mu)
+    got = posterior.dropout_probability_given_zero(t["mu"], None, t["g"]).numpy()
+    np.testing.assert_allclose(got, pi / (pi + (1 - pi) * poisson0), rtol=1e-6)
+    # gate limits: no gate -> no dropout; a sure gate -> every zero is one
+    limits = torch.tensor([-200.0, 200.0])
+    out = posterior.dropout_probability_given_zero(torch.tensor(2.0), torch.tensor(3.0), limits)
+    assert out.tolist() == [0.0, 1.0]
+
+
+def test_get_dropout_probability_averages_the_formula_over_posterior_draws(trained):
+    from scipy import stats
+
+    p = trained.get_dropout_probability(n_samples=4, seed=0)
+    x = trained.adata.X.toarray()
+    assert p.shape == x.shape and p.dtype == np.float32
+    assert np.isnan(p[x > 0]).all() and ((p[x == 0] >= 0) & (p[x == 0] <= 1)).all()
+    # the same seed draws the same (z, l): recompute from the likelihood's parameters
+    params = trained.get_likelihood_parameters(n_samples=4, seed=0)
+    mu, theta = params["mean"].astype(float), params["dispersions"].astype(float)
+    pi = 1 / (1 + np.exp(-params["dropout"].astype(float)))
+    nb0 = stats.nbinom.pmf(0, theta, theta / (theta + mu))
+    expected = (pi / (pi + (1 - pi) * nb0)).mean(0)
+    np.testing.assert_allclose(p[x == 0], expected[x == 0], rtol=1e-4, atol=1e-6)
+    every = trained.get_dropout_probability(n_samples=4, seed=0, zeros_only=False)
+    assert np.isfinite(every).all()
+    np.testing.assert_allclose(every, expected, rtol=1e-4, atol=1e-6)
+    genes = list(trained.var_names[[5, 0, 7]])
+    sub = trained.get_dropout_probability(n_samples=4, seed=0, gene_list=genes)
+    np.testing.assert_array_equal(sub, p[:, [5, 0, 7]])
+    idx = np.array([3, 10, 42, 7])
+    rows = trained.get_dropout_probability(indices=idx, n_samples=4, seed=1)
+    view = trained.get_dropout_probability(trained.adata[idx], n_samples=4, seed=1)
+    np.testing.assert_array_equal(rows, view)
+    assert rows.shape == (4, x.shape[1])
+
+
+def test_dropout_probability_needs_a_zero_inflated_likelihood(small_adata):
+    from pyro_scvi import NB, ZIP, Poisson
+
+    for likelihood in (NB(), Poisson()):
+        m = SCVI(small_adata, likelihood=likelihood, n_latent=2, n_hidden=8)
+        with pytest.raises(InputError, match="zero-inflated likelihood.*ZINB.*ZIP"):
+            m.get_dropout_probability()
+    m = SCVI(small_adata, likelihood=ZIP(), n_latent=2, n_hidden=8)
+    p = m.get_dropout_probability(n_samples=2, seed=0)
+    x = small_adata.X.toarray()
+    assert ((p[x == 0] >= 0) & (p[x == 0] <= 1)).all() and np.isnan(p[x > 0]).all()
+    with pytest.raises(InputError, match="genes the model does not know"):
+        m.get_dropout_probability(gene_list=["nope"])
+    with pytest.raises(InputError, match="indices must lie in"):
+        m.get_dropout_probability(indices=[0, 10_000])
+    with pytest.raises(InputError, match="n_samples"):
+        m.get_dropout_probability(n_samples=0)
+
+
+def test_dropout_probability_tracks_the_true_share_of_structural_zeros():
+    """ZINB data with a known gate per gene: among each gene's zeros, the share that the
+    gate made is known; the model's mean P(dropout | x = 0) must rank genes by it."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    n_cells, n_genes = 600, 40
+    cluster = rng.integers(0, 3, n_cells)
+    logits = rng.normal(0, 1, n_genes) + rng.normal(0, 1, (3, n_genes))[cluster]
+    freq = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    mu = np.exp(rng.normal(np.log(20 * n_genes), 0.3, n_cells))[:, None] * freq
+    theta = np.exp(rng.normal(1.0, 0.3, n_genes))
+    counts = rng.poisson(rng.gamma(theta, mu / theta))
+    structural = rng.random(counts.shape) < rng.uniform(0, 0.7, n_genes)
+    counts[structural] = 0
+    zeros = counts == 0
+    true_share = (structural & zeros).sum(0) / zeros.sum(0)
+    adata = anndata.AnnData(sp.csr_matrix(counts.astype(np.int32)))
+    model = SCVI(adata, n_latent=3, n_hidden=32)
+    model.train(max_epochs=60, lr=1e-2, batch_size=128, train_size=1.0, progress_bar=False)
+    estimate = np.nanmean(model.get_dropout_probability(n_samples=10, seed=0), axis=0)
+    rho = stats.spearmanr(estimate, true_share).statistic
+    shuffled = [
+        stats.spearmanr(rng.permutation(estimate), true_share).statistic for _ in range(200)
+    ]
+    assert rho > 0.5, rho
+    assert rho > np.quantile(shuffled, 0.95) + 0.3, (rho, np.quantile(shuffled, 0.95))
+    # and on the probability scale, not only in rank
+    assert np.abs(estimate - true_share).mean() < 0.15
