@@ -10,7 +10,16 @@ peak resident memory (``ru_maxrss``: fit and latent together), training cells pe
 (the epochs after the first, else the first) and seconds for the latent space, for the
 streamed run and, up to ``--max-in-memory`` cells, the in-memory run beside it.
 
-The issue's targets: peak RSS <= 3 GiB for 1,000,000 x 2,000 streamed; epoch time linear
+Then the command line end to end, in a new process per size:
+``python -m pyro_scvi fit BIG.h5ad -o out.h5ad --max-epochs E --data-source streamed``
+(``--cli-data-source``; run as ``pyro_scvi.cli.main`` in a small wrapper that reads the
+process's own peak RSS when it returns): training, latent space and writing the output
+``.h5ad`` (at these sizes without the dense normalized layer, which ``--normalized auto``
+leaves out above 50 million entries; ``--cli-normalized-genes N`` also asks for N genes'
+normalized expression). It reports peak RSS, wall seconds and the output's size.
+
+The issue's targets: peak RSS <= 3 GiB for 1,000,000 x 2,000 streamed (fit + latent,
+and the CLI with its output); epoch time linear
 in cells (cells/s flat from 10k to 1M). Results: ``benchmarks/results/out_of_core.{json,md}``.
 ``--smoke``: tiny sizes for the test suite.
 """
@@ -63,6 +72,55 @@ def worker(path: str, streamed: bool, epochs: int, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def cli_worker(out: str, argv: list[str]) -> None:
+    """Run ``pyro-scvi argv`` here as ``python -m pyro_scvi`` does; status, peak RSS to ``out``."""
+    from pyro_scvi.cli import main as cli_main
+
+    status = cli_main(argv)
+    Path(out).write_text(json.dumps({"status": status, "peak_rss_mib": peak_rss_mib()}))
+
+
+def run_cli(path: Path, epochs: int, data_source: str, n_genes_out: int) -> dict[str, Any]:
+    """The CLI's fit on ``path`` in a new process: peak RSS, seconds, output size."""
+    import anndata
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / "out.h5ad"
+        argv = ["fit", str(path), "-o", str(out), "--max-epochs", str(epochs)]
+        argv += ["--batch-key", "batch", "--data-source", data_source, "--quiet"]
+        if n_genes_out:
+            backed = anndata.read_h5ad(path, backed="r")
+            argv += ["--normalized-genes", *map(str, backed.var_names[:n_genes_out])]
+            backed.file.close()
+        report = Path(tmp) / "r.json"
+        cmd = [sys.executable, __file__, "--cli-worker", str(report), *argv]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0 or not report.exists():
+            return {"error": done.stderr[-2000:]}
+        result = json.loads(report.read_text())
+        written = anndata.read_h5ad(out, backed="r")
+        params = written.uns["pyro_scvi"]["params"]
+        shown = ["python -m pyro_scvi", *argv[:2], "-o out.h5ad", *argv[4:]]
+        if n_genes_out:
+            shown = [*shown[:-n_genes_out], f"[{n_genes_out} genes]"]
+        result.update(
+            wall_seconds=wall,
+            output_mib=out.stat().st_size / 2**20,
+            data_source=str(params["data_source"]),
+            normalized=str(params["normalized_reason"]),
+            latent_finite=bool(np.isfinite(written.obsm["X_pyro_scvi"]).all()),
+            validation_elbo_per_cell=float(
+                written.uns["pyro_scvi"]["history"]["validation_elbo"][-1]
+            ),
+            command=" ".join(shown),
+        )
+        written.file.close()
+        return result
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (``VmHWM``), MiB.
 
@@ -113,6 +171,31 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['epochs']} | {r['train_cells_per_second']:,.0f} | {r['latent_seconds']:.1f} | "
             f"{r['peak_rss_mib']:,.0f} | {r['validation_elbo_per_cell']:.2f} |"
         )
+    cli = results.get("cli", [])
+    if cli:
+        lines += [
+            "",
+            "The command line end to end (training, latent space, writing the output), one "
+            "process per size; peak RSS of that process:",
+            "",
+            "| cells | genes | epochs | data | wall s | peak RSS MiB | output MiB | normalized "
+            "expression |",
+            "|---:|---:|---:|---|---:|---:|---:|---|",
+        ]
+        for r in cli:
+            if "error" in r:
+                lines.append(
+                    f"| {r['cells']:,} | {r['genes']:,} | {r['epochs']} | failed | | | | |"
+                )
+                continue
+            lines.append(
+                f"| {r['cells']:,} | {r['genes']:,} | {r['epochs']} | {r['data_source']} | "
+                f"{r['wall_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | "
+                f"{r['normalized']} |"
+            )
+        lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in cli if "command" in r)]
+    if results["args"].get("note"):
+        lines += ["", results["args"]["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -125,10 +208,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-in-memory", type=int, default=100_000)
     p.add_argument("--data-dir", type=Path, help="keep the .h5ad files here (default: temp)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--cli-data-source",
+        choices=["auto", "memory", "streamed", "skip"],
+        default="streamed",
+        help="--data-source of the CLI runs (skip: no CLI runs)",
+    )
+    p.add_argument(
+        "--cli-normalized-genes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the CLI runs also write the first N genes' normalized expression",
+    )
+    p.add_argument("--note", default="", help="a line for the results, e.g. on the load")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.epochs, args.max_in_memory = [600, 1200], 40, 2, 1200
+        args.cli_normalized_genes = 2
     return args
 
 
@@ -137,11 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         path, streamed, epochs, out = sys.argv[2:6]
         worker(path, bool(int(streamed)), int(epochs), out)
         return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--cli-worker":
+        cli_worker(sys.argv[2], sys.argv[3:])
+        return 0
     args = parse_args(argv)
     from pyro_scvi.datasets.synthetic_large import write_synthetic_h5ad
 
     meta = _common.run_metadata(argv, None, script="out_of_core.py")
-    results: dict[str, Any] = {"meta": meta, "args": vars(args), "runs": []}
+    results: dict[str, Any] = {"meta": meta, "args": vars(args), "runs": [], "cli": []}
     stem = "out_of_core_smoke" if args.smoke else "out_of_core"
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data_dir or Path(tmp)
@@ -172,7 +273,22 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 _common.write_results(args.out, stem, results, markdown(results))
-    return 1 if any("error" in r for r in results["runs"]) else 0
+            if args.cli_data_source != "skip":
+                row = {"cells": n, "genes": args.genes, "epochs": epochs}
+                row.update(run_cli(path, epochs, args.cli_data_source, args.cli_normalized_genes))
+                results["cli"].append(row)
+                print(
+                    f"{n:>9,}       CLI: "
+                    + (
+                        f"{row['wall_seconds']:,.0f} s, peak RSS {row['peak_rss_mib']:,.0f} MiB"
+                        if "error" not in row
+                        else row["error"][-800:]
+                    ),
+                    file=sys.stderr,
+                )
+                _common.write_results(args.out, stem, results, markdown(results))
+    failed = [r for r in results["runs"] + results["cli"] if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,19 @@ INPUT is an ``.h5ad`` of raw counts, or the name of a dataset shipped with the p
 
 - ``obsm["X_pyro_scvi"]``: posterior mean of ``z``;
 - ``layers["pyro_scvi_normalized"]``: normalized expression (posterior mean of ``rho``,
-  scaled to the median library size);
-- ``uns["pyro_scvi"]``: ``params`` (the settings) and ``history`` (per-epoch ELBOs).
+  scaled to the median library size), dense cells x genes float32, written by default only
+  up to 50 million entries (``pyro_scvi.outputs.DENSE_NORMALIZED_MAX_ENTRIES``; 200 MB):
+  ``--normalized all`` writes it at any size, ``--normalized none`` never;
+  ``--normalized-genes GENE ...`` (or ``--normalized-genes-file FILE``, one name a line)
+  writes only those genes, as the DataFrame ``obsm["pyro_scvi_normalized_genes"]``;
+- ``uns["pyro_scvi"]``: ``params`` (the settings, the normalized-expression decision and
+  why, how the counts were read) and ``history`` (per-epoch ELBOs).
+
+INPUT is opened in anndata's backed mode; its counts are loaded when they fit in memory
+and otherwise streamed from the file as training goes (``--data-source``; the rule is
+``pyro_scvi.engine.choose_data_source``). A streamed run never loads the counts: OUTPUT is
+a byte copy of INPUT with the results added, and the normalized expression is computed and
+written a chunk of cells at a time.
 
 The model is saved to ``--model-dir`` (default: ``OUTPUT`` without ``.h5ad``, plus
 ``_model``) and the training curves to ``OUTPUT`` without ``.h5ad``, plus ``_training.png``.
@@ -142,6 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=10,
         help="posterior samples averaged for the normalized expression (default 10)",
+    )
+    fit.add_argument(
+        "--normalized",
+        choices=["auto", "all", "none"],
+        default="auto",
+        help="the dense normalized layer: auto (default: written when cells x genes <= 50 "
+        "million, pyro_scvi.outputs.DENSE_NORMALIZED_MAX_ENTRIES), all (at any size) or none",
+    )
+    fit.add_argument(
+        "--normalized-genes",
+        nargs="+",
+        metavar="GENE",
+        help="write only these genes' normalized expression, as the DataFrame "
+        "obsm['pyro_scvi_normalized_genes'] (cells x genes), instead of the dense layer",
+    )
+    fit.add_argument(
+        "--normalized-genes-file",
+        metavar="FILE",
+        help="as --normalized-genes, the names read from FILE (one a line; # comments)",
+    )
+    fit.add_argument(
+        "--data-source",
+        choices=["auto", "memory", "streamed"],
+        default="auto",
+        help="load INPUT's counts into memory, or stream them from the file: auto (default: "
+        "streamed when they would take more than half the available memory; recorded)",
     )
     fit.add_argument(
         "--drop-empty-cells",
@@ -412,6 +449,60 @@ def _read_input(text: str):
     )
 
 
+def _read_fit_input(args: argparse.Namespace):
+    """``fit``'s input: ``(adata, streamed, reason)``, the file opened backed when streamed.
+
+    A file is opened in backed mode first (nothing of the counts is read), and
+    :func:`pyro_scvi.engine.choose_data_source` decides from their size whether to load them
+    (``adata.to_memory()``) or stream them; ``--data-source`` decides instead when given.
+    """
+    import anndata
+
+    from .engine import choose_data_source
+
+    asked = {"auto": None, "memory": False, "streamed": True}[args.data_source]
+    path = Path(args.input)
+    if not path.exists():
+        if asked:
+            raise InputError(
+                "--data-source streamed reads an .h5ad file; INPUT is a shipped dataset, which "
+                "is loaded into memory."
+            )
+        adata, _ = _read_input(args.input)
+        return adata, False, "memory: a shipped dataset"
+    try:
+        backed = anndata.read_h5ad(path, backed="r")
+    except Exception as err:  # h5py/anndata raise many types for a bad file
+        reason = " ".join(str(err).split())  # one line
+        raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})") from err
+    if args.layer is not None and args.layer not in backed.layers:
+        known = ", ".join(map(repr, backed.layers.keys())) or "none"
+        raise InputError(
+            f"Layer {args.layer!r} not found in INPUT's layers (available: {known}); pass "
+            "--layer naming the layer holding raw counts, or leave it out for .X."
+        )
+    streamed, reason = choose_data_source(backed, layer=args.layer, asked=asked)
+    if streamed:
+        return backed, True, reason
+    try:
+        adata = backed.to_memory()
+    finally:
+        backed.file.close()
+    return adata, False, reason
+
+
+def _normalized_plan(args: argparse.Namespace, adata):
+    """The one decision on normalized expression (pyro_scvi.outputs.plan_normalized)."""
+    from .outputs import plan_normalized, read_gene_file
+
+    genes = list(args.normalized_genes or [])
+    if args.normalized_genes_file is not None:
+        genes += read_gene_file(args.normalized_genes_file)
+    return plan_normalized(
+        adata.n_obs, adata.n_vars, mode=args.normalized, genes=genes, var_names=adata.var_names
+    )
+
+
 def _check_fit_outputs(
     input_path: Path | None, output: Path, png: Path, model_dir: Path, checkpoint_dir: Path
 ) -> None:
@@ -448,22 +539,55 @@ def _nbytes(matrix) -> int:
     return int(getattr(matrix, "nbytes", 0))
 
 
-def _h5ad_bytes(adata, n_latent: int = 0) -> int:
-    """A generous estimate of ``adata``'s size as ``.h5ad`` once the results are added."""
-    n = _nbytes(adata.X)
-    n += sum(_nbytes(m) for m in adata.layers.values())
-    n += sum(_nbytes(m) for m in adata.obsm.values())
+def _h5ad_bytes(adata, n_latent: int = 0, dense_columns: int | None = None) -> int:
+    """A generous estimate of ``adata``'s size as ``.h5ad`` once the results are added.
+
+    ``dense_columns``: float32 values per cell of normalized expression written (default:
+    the dense layer, all genes). A backed AnnData counts as its file's size.
+    """
+    if adata.isbacked:
+        n = os.path.getsize(adata.filename)
+    else:
+        n = _nbytes(adata.X)
+        n += sum(_nbytes(m) for m in adata.layers.values())
+        n += sum(_nbytes(m) for m in adata.obsm.values())
     n += int(adata.obs.memory_usage(deep=True).sum() + adata.var.memory_usage(deep=True).sum())
-    if "pyro_scvi_normalized" not in adata.layers:
-        n += 4 * adata.n_obs * (adata.n_vars + n_latent)
+    dense_columns = adata.n_vars if dense_columns is None else dense_columns
+    n += 4 * adata.n_obs * (dense_columns + n_latent)
     return n + 2**20
 
 
-def _write_fit_outputs(model, adata, *, output: Path, model_dir: Path, png: Path, run_id: str):
+def _write_h5ad(model, adata, path: Path, *, plan, library: float, n_samples: int) -> None:
+    """Write fit's ``.h5ad`` to ``path``: ``adata``, its results, the normalized expression.
+
+    The normalized expression is added a chunk of cells at a time (pyro_scvi.outputs). A
+    streamed (backed) ``adata`` is never loaded: its file is copied byte for byte and the
+    latent space and ``uns`` are added to the copy.
+    """
+    from .outputs import append_elements, copy_h5ad, write_normalized
+
+    if adata.isbacked:
+        copy_h5ad(adata.filename, path)
+        append_elements(
+            path,
+            {
+                "obsm": {"X_pyro_scvi": adata.obsm["X_pyro_scvi"]},
+                "uns": {"pyro_scvi": adata.uns["pyro_scvi"]},
+            },
+        )
+    else:
+        adata.write_h5ad(path)
+    write_normalized(path, model, plan, library_size=library, n_samples=n_samples)
+
+
+def _write_fit_outputs(
+    model, *, output: Path, model_dir: Path, png: Path, run_id: str, write, n_bytes: int
+):
     """Write the model folder, curves and .h5ad under temporary names, then move them in.
 
-    The old .h5ad goes aside first and the new one comes last, so that at no moment do an
-    .h5ad and a model of two different runs sit side by side.
+    ``write(path)`` writes the .h5ad (about ``n_bytes``). The old .h5ad goes aside first and
+    the new one comes last, so that at no moment do an .h5ad and a model of two different
+    runs sit side by side.
     """
     import matplotlib.pyplot as plt
 
@@ -483,9 +607,9 @@ def _write_fit_outputs(model, adata, *, output: Path, model_dir: Path, png: Path
         fig.savefig(tmp_png, format="png")
         plt.close(fig)
         # HDF5 can crash the process on a full disk: make sure the file fits first.
-        check_free_space({output: _h5ad_bytes(adata)})
+        check_free_space({output: n_bytes})
         tmp_h5ad = temp_name(output)
-        adata.write_h5ad(tmp_h5ad)
+        write(tmp_h5ad)
         for tmp in (tmp_png, tmp_h5ad):
             os.chmod(tmp, 0o666 & ~_umask())
         if output.exists():
@@ -571,13 +695,23 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from .infer import TrainingError, TrainingInterrupted
     from .io import new_run_id
     from .likelihoods import LIKELIHOODS
+    from .outputs import GENES_KEY, LAYER_KEY
     from .scvi import SCVI, resolve_device
     from .tl import write_results
 
     resolve_device(args.device)  # fail before reading data
     # launched by torchrun: join the group; only rank 0 writes (pyro_scvi.distributed)
     group = distributed.init_from_env(resolve_device(args.device))
-    adata, _ = _read_input(args.input)
+    adata, streamed, data_source = _read_fit_input(args)
+    plan = _normalized_plan(args, adata)
+    if not plan.layer and args.normalized == "auto" and not plan.genes:
+        print(f"{PROG}: {plan.reason}", file=sys.stderr)  # known before a long training
+    if args.drop_empty_cells and streamed:
+        raise InputError(
+            "--drop-empty-cells needs the counts in memory, and INPUT is streamed "
+            f"({data_source}); remove the empty cells from the file, or pass "
+            "--data-source memory."
+        )
     if args.drop_empty_cells:
         counts = adata.layers[args.layer] if args.layer in adata.layers else adata.X
         keep = np.asarray(counts.sum(axis=1)).ravel() > 0
@@ -596,9 +730,11 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             batch_key=args.batch_key,
             likelihood=LIKELIHOODS[args.likelihood](),
             n_latent=args.n_latent,
+            streamed=True if streamed else None,
         )
     # room for everything this run writes, checked before a long training
-    needs = {output: _h5ad_bytes(adata, args.n_latent), model_dir: model._model_bytes()}
+    h5ad_bytes = _h5ad_bytes(adata, args.n_latent, plan.dense_columns(adata.n_vars))
+    needs = {output: h5ad_bytes, model_dir: model._model_bytes()}
     needs[png] = 2**19
     if explicit_checkpoints:
         needs[checkpoint_dir] = model._checkpoint_bytes()
@@ -665,12 +801,12 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     threads = ThreadPolicy(args.threads)
     threads.start()
     try:
+        # latent space and uns here; the normalized expression as the .h5ad is written
         write_results(
             model,
             adata,
-            normalized_key="pyro_scvi_normalized",
+            normalized_key=None,
             library_size=library,
-            n_samples=args.n_samples,
             params=dict(
                 max_epochs=len(model.history),
                 batch_size=args.batch_size,
@@ -680,16 +816,36 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                 input=str(args.input),
                 run_id=run_id,
                 resumed=bool(args.resume),
+                data_source=data_source,
+                **plan.record(),
+                **(
+                    {"normalized_key": LAYER_KEY} if plan.layer else {}
+                ),  # as tl.write_results records it
+                normalized_library_size=library,
+                normalized_n_samples=args.n_samples,
                 **({"stopped": stopped} if stopped else {}),
             ),
         )
+        _write_fit_outputs(
+            model,
+            output=output,
+            model_dir=model_dir,
+            png=png,
+            run_id=run_id,
+            write=lambda path: _write_h5ad(
+                model, adata, path, plan=plan, library=library, n_samples=args.n_samples
+            ),
+            n_bytes=h5ad_bytes,
+        )
     finally:
         threads.close()
-    _write_fit_outputs(model, adata, output=output, model_dir=model_dir, png=png, run_id=run_id)
     last = model.history.iloc[-1]
+    written = ["obsm['X_pyro_scvi']"]
+    written += [f"layers[{LAYER_KEY!r}]"] if plan.layer else []
+    written += [f"obsm[{GENES_KEY!r}] ({len(plan.genes)} genes)"] if plan.genes else []
     print(
-        f"{PROG}: wrote {output} (obsm['X_pyro_scvi'], layers['pyro_scvi_normalized'], "
-        f"uns['pyro_scvi']); model in {model_dir}; curves in {png}; "
+        f"{PROG}: wrote {output} ({', '.join(written)}, uns['pyro_scvi']; normalized "
+        f"expression -- {plan.reason}); model in {model_dir}; curves in {png}; "
         f"final validation ELBO {last['validation_elbo']:.2f} per cell.{note}",
         file=sys.stderr,
     )

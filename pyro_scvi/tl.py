@@ -86,10 +86,16 @@ def write_results(
         **(params or {}),
     )
     if normalized_key is not None:
-        normalized = model.get_normalized_expression(
-            adata, library_size=library_size, n_samples=n_samples
-        )
-        adata.layers[normalized_key] = normalized.to_numpy(dtype=np.float32)
+        from .outputs import normalized_chunks
+
+        # a chunk of cells at a time: the posterior samples are never held for all cells
+        data = model.data_for(adata)
+        normalized = np.empty((data.n_cells, data.n_genes), dtype=np.float32)
+        for rows, values in normalized_chunks(
+            model, data, library_size=library_size, n_samples=n_samples
+        ):
+            normalized[rows] = values
+        adata.layers[normalized_key] = normalized
         entries.update(normalized_key=normalized_key, normalized_library_size=library_size)
     adata.uns[_uns_key(key_added)] = {
         "params": _plain(entries),

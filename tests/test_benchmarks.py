@@ -131,6 +131,12 @@ def test_out_of_core_smoke(tmp_path):
         assert r["latent_finite"] and r["peak_rss_mib"] > 0
         expected = "streamed: asked for" if r["mode"] == "streamed" else "memory: asked for"
         assert r["data_source"] == expected
+    cli = json.loads((tmp_path / "out_of_core_smoke.json").read_text())["cli"]
+    assert [r["cells"] for r in cli] == [600, 1200]
+    for r in cli:
+        assert r["status"] == 0 and r["latent_finite"] and r["peak_rss_mib"] > 0
+        assert r["data_source"] == "streamed: asked for"
+        assert r["normalized"].startswith("chosen genes only: 2 gene(s)")
 
 
 def test_query_mapping_smoke(tmp_path):
