@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-key", help="obs column with each cell's batch")
     fit.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, default="zinb")
     fit.add_argument("--n-latent", type=_positive_int, default=10)
+    fit.add_argument(
+        "--observed-library",
+        action="store_true",
+        help=(
+            "condition on each cell's observed total count (scvi-tools' default, "
+            "use_observed_lib_size=True) instead of the paper's latent library l"
+        ),
+    )
     fit.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
     fit.add_argument("--batch-size", type=_positive_int, default=128)
     fit.add_argument("--lr", type=_positive_float, default=1e-3)
@@ -648,6 +656,10 @@ def _check_resume_options(model, args: argparse.Namespace) -> None:
     expected = {
         "--likelihood": (repr(LIKELIHOODS[args.likelihood]()), model.settings["likelihood"]),
         "--n-latent": (args.n_latent, model.settings["n_latent"]),
+        "--observed-library": (
+            args.observed_library,
+            bool(model.settings.get("use_observed_lib_size", False)),
+        ),
         "--layer": (args.layer, model.settings["layer"]),
         "--batch-key": (args.batch_key, model.settings["batch_key"]),
         "--batch-size": (args.batch_size, run.get("batch_size")),
@@ -730,6 +742,7 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             batch_key=args.batch_key,
             likelihood=LIKELIHOODS[args.likelihood](),
             n_latent=args.n_latent,
+            use_observed_lib_size=True if args.observed_library else None,
             streamed=True if streamed else None,
         )
     # room for everything this run writes, checked before a long training

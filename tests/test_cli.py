@@ -486,6 +486,20 @@ def test_fit_engine_options_are_recorded_with_the_run(h5ad, tmp_path):
     assert saved["engine"]["fused_adam"] is False
 
 
+def test_fit_observed_library_option_conditions_on_the_totals(h5ad, tmp_path):
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, *FAST, "--observed-library"])
+    assert status == 0, stderr
+    saved = json.loads((tmp_path / "out_model" / "manifest.json").read_text())
+    assert saved["settings"]["use_observed_lib_size"] is True
+    model = SCVI.load(tmp_path / "out_model", anndata.read_h5ad(h5ad))
+    assert not model.model.library_prior.latent  # no l site: the totals are observed
+    default = tmp_path / "default.h5ad"
+    assert _run(["fit", h5ad, "-o", default, *FAST])[0] == 0
+    saved = json.loads((tmp_path / "default_model" / "manifest.json").read_text())
+    assert saved["settings"]["use_observed_lib_size"] is False
+
+
 def test_help_imports_nothing_heavy():
     """`pyro-scvi --help` answers without importing torch, Pyro, numpy or AnnData."""
     code = (
