@@ -37,6 +37,7 @@ _NAMES = {
     "VampPrior": "priors",
     "LibraryPrior": "priors",
     "LogNormalLibrary": "priors",
+    "BayesianDecoder": "schemes",
     "CountData": "data",
     "InputError": "errors",
     "TrainingError": "infer",
@@ -69,12 +70,13 @@ _SUBMODULES = (
     "posterior",
     "ppc",
     "priors",
+    "schemes",
     "scvi",
     "tl",
 )
 
 __all__ = [*_NAMES, "convert", "datasets", "de", "engine", "kernels", "mcmc", "metrics"]
-__all__ += ["posterior", "ppc", "plotting", "tl", "distributed", "files", "io"]
+__all__ += ["posterior", "ppc", "plotting", "tl", "distributed", "files", "io", "schemes"]
 
 
 def __getattr__(name: str) -> Any:
@@ -107,6 +109,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         plotting,
         posterior,
         ppc,
+        schemes,
         tl,
     )
     from .data import CountData, from_anndata  # noqa: F401
@@ -125,4 +128,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         StandardNormal,
         VampPrior,
     )
+    from .schemes import BayesianDecoder  # noqa: F401
     from .scvi import SCVI  # noqa: F401

@@ -43,6 +43,7 @@ from .io import ModelFileError, is_model_dir, new_run_id, read_model_dir, write_
 from .likelihoods import ZINB, Likelihood
 from .model import Dispersion, ScviModel
 from .priors import LogNormalLibrary, Prior, VampPrior, as_library_prior, as_prior
+from .schemes import Scheme
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -97,6 +98,7 @@ def _warn_unimportable(model: SCVI) -> None:
     from .pickling import main_module_names
 
     pickled = [model.model.prior, model.model.library_prior, model.model.likelihood]
+    pickled.append(getattr(model, "scheme", None))
     if type(model.guide) is not ScviGuide:
         pickled.append(model.guide)
     names = main_module_names(pickled)
@@ -155,6 +157,10 @@ class SCVI:
         from the file as training goes (:class:`~pyro_scvi.data.StreamedCounts`) instead
         of loading them; ``None`` lets the engine decide from their size and the free
         memory (:func:`pyro_scvi.engine.choose_data_source`).
+    scheme
+        How the global parameters are inferred; default ``None``, point estimates of the
+        decoder and ``theta``. :class:`~pyro_scvi.schemes.BayesianDecoder` puts a prior and
+        a Normal posterior on the decoder's output layer and ``theta`` instead.
 
     Examples
     --------
@@ -184,6 +190,7 @@ class SCVI:
         drop_empty_cells: bool = False,
         guide: torch.nn.Module | GuideFactory | None = None,
         streamed: bool | None = None,
+        scheme: Scheme | None = None,
     ) -> None:
         for name, value in [("n_latent", n_latent), ("n_hidden", n_hidden)]:
             if int(value) < 1:
@@ -253,6 +260,14 @@ class SCVI:
                 )
             except (TypeError, ValueError) as err:
                 raise InputError(str(err)) from err
+        #: The inference scheme (``None``: point-estimated globals).
+        self.scheme = scheme
+        if scheme is not None:
+            try:
+                self.guide = scheme.setup(self.model, self.guide)
+            except (TypeError, ValueError) as err:
+                raise InputError(str(err)) from err
+        self.settings["scheme"] = repr(scheme)
         self.settings["guide"] = type(self.guide).__name__
         self.device = torch.device("cpu")
         if isinstance(self.model.prior, VampPrior):
@@ -1509,6 +1524,7 @@ class SCVI:
                 if type(self.guide) is ScviGuide
                 else copy.deepcopy(self.guide).cpu(),
                 "likelihood": self.model.likelihood,
+                "scheme": getattr(self, "scheme", None),
                 "prior": copy.deepcopy(self.model.prior).cpu(),
                 "library_prior": (
                     None
@@ -1638,6 +1654,9 @@ class SCVI:
                 use_observed_lib_size=s["use_observed_lib_size"],
                 **arch,
             )
+            self.scheme = state.get("scheme")
+            if self.scheme is not None:  # the guide, pickled whole, has the globals' q
+                self.scheme.setup_model(self.model)
             self.guide = state.get("guide")
             if self.guide is None:
                 self.guide = ScviGuide(
