@@ -40,6 +40,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InputError
 from .guide import Guide, LatentParams, _sample_latents
 from .model import ScviModel, register_module
 
@@ -50,6 +51,19 @@ GLOBAL = "pyro_scvi_global"
 def is_global(site: dict) -> bool:
     """Whether a trace node is a global site of an inference scheme (not per cell)."""
     return bool(site.get("infer", {}).get(GLOBAL, False))
+
+
+def require_point_globals(model: nn.Module, what: str) -> None:
+    """Refuse a model with a scheme's global sites where only point estimates are handled.
+
+    ``what`` names the procedure, for the message.
+    """
+    if getattr(model, "globals", None) is not None:
+        raise InputError(
+            f"{what} holds the model's parameters fixed and does not draw an inference "
+            f"scheme's global sites ({', '.join(model.globals.sites)}); use a model "
+            "trained without scheme= (point-estimated decoder and theta)."
+        )
 
 
 class Scheme(Protocol):

@@ -465,3 +465,13 @@ def test_bayesian_decoder_refuses_what_it_does_not_support(tiny_adata):
     query.obs["batch"] = "new"
     with pytest.raises(InputError, match="GlobalsGuide"):
         SCVI.load_query_data(query, ref)
+
+
+def test_bayesian_decoder_is_refused_where_the_model_is_held_fixed(tiny_adata):
+    from pyro_scvi.mcmc import sample_nuts
+
+    m = bayesian(tiny_adata).train(max_epochs=1, train_size=0.75, progress_bar=False)
+    with pytest.raises(InputError, match="rho_weight, rho_bias, log_theta"):
+        m.get_amortization_gap(n_steps=2)
+    with pytest.raises(InputError, match="without scheme="):
+        sample_nuts(m.model, m.data, np.arange(2), num_samples=2, warmup_steps=2)
