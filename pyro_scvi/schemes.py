@@ -23,6 +23,12 @@ datasets of a posterior predictive check carry the globals' uncertainty. Per-cel
 statistics (ELBO, marginal log-likelihood) leave the globals' density out: they estimate
 ``log p(x_n)`` under the posterior predictive ``E_q(globals)[p(x_n | globals)]``.
 
+Training's history: the per-cell ``train_elbo`` and ``validation_elbo`` include the
+globals' KL divided by the cells they sum over (all training cells; the validation cells),
+so a Bayesian-decoder fit's ``validation_elbo`` sits below a point fit's by about
+``KL / n_validation``; compare fits with :meth:`~pyro_scvi.SCVI.get_elbo` or
+:meth:`~pyro_scvi.SCVI.get_marginal_ll`, which leave the globals' density out.
+
 The remaining layers of the decoder, the encoder and the library prior stay point
 estimates. The sites are ``rho_weight`` ``(genes, n_hidden)``, ``rho_bias`` ``(genes,)``
 and, when the likelihood has a per-gene dispersion, ``log_theta`` ``(genes,)``.
@@ -168,7 +174,7 @@ class GlobalsGuide(Guide):
         inner: nn.Module,
         globals_module: DecoderGlobals,
         *,
-        init_scale: float = 0.01,
+        init_scale: float = 0.1,
     ) -> None:
         super().__init__()
         self.inner = inner
@@ -285,8 +291,12 @@ class BayesianDecoder:
         Standard deviation of the Normal(0, ·) prior of each gene's ``log theta`` (1.0:
         theta's prior median 1, 95 % within [0.14, 7.1]).
     init_scale
-        Starting posterior standard deviation of every global (small, so that training
-        starts near the point-estimate model's noise level).
+        Starting posterior standard deviation of every global (0.1, as Pyro's autoguides).
+        Start wide: the default Adam's ``eps`` is scaled to the number of cells (see
+        :func:`~pyro_scvi.infer.train_svi`), and the entropy's pull on a log-scale is
+        O(1), so a scale grows very slowly, while a too-wide scale meets a data gradient
+        that grows with the cells and shrinks fast. (Measured on PBMC, 400 epochs: from
+        0.01 the scales ended at 0.013.)
 
     Examples
     --------
@@ -300,7 +310,7 @@ class BayesianDecoder:
     """
 
     def __init__(
-        self, prior_scale: float = 1.0, log_theta_scale: float = 1.0, init_scale: float = 0.01
+        self, prior_scale: float = 1.0, log_theta_scale: float = 1.0, init_scale: float = 0.1
     ) -> None:
         for name, value in (
             ("prior_scale", prior_scale),
