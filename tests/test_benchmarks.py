@@ -219,3 +219,17 @@ def test_bayesian_decoder_smoke(tmp_path):
         assert all(0 <= v <= 1 for v in row["frac_outside"].values()), row
         assert 0 <= row["criticism"]["pit_tv"] <= 1
     assert "calibration" in (tmp_path / "bayesian_decoder_smoke.md").read_text()
+
+
+def test_bayesian_decoder_scales_smoke(tmp_path):
+    script = BENCHMARKS / "bayesian_decoder_scales.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bayesian_decoder_scales_smoke.json").read_text())
+    steps = [row["step"] for row in results["trajectory"]]
+    assert steps == [0, 2, 4]
+    first, last = results["trajectory"][0], results["trajectory"][-1]
+    for site in ("rho_weight", "rho_bias", "log_theta"):
+        assert first[site] > 0 and last[site] != first[site]  # only the scales train
+    assert "log theta" in (tmp_path / "bayesian_decoder_scales_smoke.md").read_text()
