@@ -71,9 +71,10 @@ def _globals_summary(model) -> dict:
     guide = model.guide
     if not hasattr(guide, "sample_globals"):
         return {}
-    return {site: float(guide.posterior(site).scale.mean()) for site in guide.sites} | {
-        "theta_median": float(guide.loc["log_theta"].exp().median())
-    }
+    out = {site: float(guide.posterior(site).scale.mean().detach()) for site in guide.sites}
+    if "log_theta" in guide.sites:
+        out["theta_median"] = float(guide.loc["log_theta"].exp().median().detach())
+    return out
 
 
 def main(argv=None) -> int:

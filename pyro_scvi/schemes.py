@@ -73,10 +73,18 @@ def require_point_globals(model: nn.Module, what: str) -> None:
 
 
 class Scheme(Protocol):
-    """What ``SCVI(adata, scheme=...)`` accepts: an object with ``setup``."""
+    """What ``SCVI(adata, scheme=...)`` accepts.
+
+    ``setup`` runs when the model is set up; ``setup_model`` when a saved model is loaded
+    (the scheme is pickled with it, the guide whole), to give the rebuilt model the same
+    sites before its parameters are restored.
+    """
 
     def setup(self, model: ScviModel, guide: nn.Module) -> nn.Module:
         """Change ``model`` in place and return the guide to train with it."""
+
+    def setup_model(self, model: ScviModel) -> nn.Module:
+        """Change ``model`` in place, as :meth:`setup` does."""
 
 
 class DecoderGlobals(nn.Module):

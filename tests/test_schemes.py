@@ -475,3 +475,14 @@ def test_bayesian_decoder_is_refused_where_the_model_is_held_fixed(tiny_adata):
         m.get_amortization_gap(n_steps=2)
     with pytest.raises(InputError, match="without scheme="):
         sample_nuts(m.model, m.data, np.arange(2), num_samples=2, warmup_steps=2)
+
+
+def test_bayesian_decoder_without_a_dispersion_has_no_theta_site(tiny_adata):
+    m = SCVI(
+        tiny_adata, likelihood=Poisson(), n_latent=N_LATENT, n_hidden=8, scheme=BayesianDecoder()
+    )
+    assert m.guide.sites == ("rho_weight", "rho_bias")
+    m.train(max_epochs=2, progress_bar=False)
+    assert np.isfinite(m.history["train_elbo"]).all()
+    mean = m.get_likelihood_parameters(n_samples=3, seed=0)["mean"]
+    assert not np.allclose(mean[0], mean[1])
