@@ -38,6 +38,7 @@ _NAMES = {
     "LibraryPrior": "priors",
     "LogNormalLibrary": "priors",
     "ObservedLibrary": "priors",
+    "BayesianDecoder": "schemes",
     "CountData": "data",
     "InputError": "errors",
     "TrainingError": "infer",
@@ -70,12 +71,13 @@ _SUBMODULES = (
     "posterior",
     "ppc",
     "priors",
+    "schemes",
     "scvi",
     "tl",
 )
 
 __all__ = [*_NAMES, "convert", "datasets", "de", "engine", "kernels", "mcmc", "metrics"]
-__all__ += ["posterior", "ppc", "plotting", "tl", "distributed", "files", "io"]
+__all__ += ["posterior", "ppc", "plotting", "tl", "distributed", "files", "io", "schemes"]
 
 
 def __getattr__(name: str) -> Any:
@@ -108,6 +110,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         plotting,
         posterior,
         ppc,
+        schemes,
         tl,
     )
     from .data import CountData, from_anndata  # noqa: F401
@@ -127,4 +130,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         StandardNormal,
         VampPrior,
     )
+    from .schemes import BayesianDecoder  # noqa: F401
     from .scvi import SCVI  # noqa: F401

@@ -140,16 +140,18 @@ def to_inference_data(
     with torch.random.fork_rng(devices=devices):
         if seed is not None:
             torch.manual_seed(seed)
-        draws = posterior.sample_posterior(
-            model.model,
-            model.guide,
-            data,
-            idx,
-            n_samples=int(n_samples),
-            sites=sites,
-            batch_size=int(batch_size),
-            device=model.device,
-        )
+        # a guide's global sites: one draw per sample, for the replicates and log_lik alike
+        with posterior.shared_globals(model.guide, int(n_samples)) as shared:
+            draws = posterior.sample_posterior(
+                model.model,
+                model.guide,
+                data,
+                idx,
+                n_samples=int(n_samples),
+                sites=sites,
+                batch_size=int(batch_size),
+                device=model.device,
+            )
     log_lik = log_likelihood(
         model.model,
         data,
@@ -158,6 +160,7 @@ def to_inference_data(
         draws.get("l"),
         batch_size=int(batch_size),
         device=model.device,
+        global_draws=shared,
     )
     observed = np.vstack(
         [data.tensors(i)[0].numpy()[:, gene_idx] for i in data.minibatches(idx, 4096)]
@@ -239,6 +242,7 @@ def log_likelihood(
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    global_draws: dict[str, torch.Tensor] | None = None,
 ) -> np.ndarray:
     """``log p(x_n | z_sn, l_sn)`` of each cell at each posterior draw, summed over genes.
 
@@ -258,6 +262,9 @@ def log_likelihood(
         Cells per forward pass; memory grows with ``batch_size x S x genes``.
     device
         Where the model lives.
+    global_draws
+        Draws of a scheme's global sites (:func:`pyro_scvi.posterior.shared_globals`), one
+        per draw of ``z``; required when the model has global sites.
 
     Returns
     -------
@@ -282,6 +289,11 @@ def log_likelihood(
             f"of indices ({len(indices)})."
         )
     n_draws = z.shape[0]
+    if getattr(model, "globals", None) is not None and not global_draws:
+        raise ValueError(
+            "The model has global sites (an inference scheme's); pass their draws as "
+            "global_draws (pyro_scvi.posterior.shared_globals gives them)."
+        )
     out = []
     start = 0
     with torch.no_grad(), _eval_mode(model), pyro.get_param_store().scope():
@@ -290,7 +302,8 @@ def log_likelihood(
             rows = slice(start, start + len(idx))
             start += len(idx)
             # Shapes the model's sites have: z (S, cells, 1, K), l (S, cells, 1).
-            values = {"z": torch.as_tensor(z[:, rows], device=device).unsqueeze(-2)}
+            values = dict(global_draws or {})
+            values["z"] = torch.as_tensor(z[:, rows], device=device).unsqueeze(-2)
             if l is not None:
                 values["l"] = torch.as_tensor(l[:, rows], device=device).unsqueeze(-1)
             with pyro.plate("draws", n_draws, dim=-3):

@@ -73,9 +73,10 @@ from scipy import special
 from .data import CountData, InputError
 from .distributions import ZeroInflatedNegativeBinomialMeanDispersion
 from .infer import _eval_mode
-from .posterior import _per_cell, iterate_indexed_cells, seeded
+from .posterior import _SHARED_GLOBALS, _per_cell, iterate_indexed_cells, seeded, shared_globals
 from .ppc import ppp_values
 from .priors import is_latent_library
+from .schemes import is_global
 
 #: Nominal levels of the central predictive intervals whose coverage is reported.
 COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -376,15 +377,20 @@ def _choose_cells(model, adata: AnnData | None, indices, cells: str) -> tuple:
 def _draws_and_distribution(model, guide, x, b, cells, n_samples):
     """Guide draws for one minibatch, the model's ``x`` distribution at them, and ``log w``."""
     args = (x, b, cells)
+    # a guide's global sites: the query's shared draws (see posterior.shared_globals)
+    shared = _SHARED_GLOBALS.get() or {}
     with pyro.plate(_DRAWS_PLATE, n_samples, dim=-3):
-        guide_tr = poutine.trace(guide).get_trace(*args)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
+        guide_tr = poutine.trace(poutine.condition(guide, data=shared)).get_trace(*args)
+        model_fn = poutine.replay(poutine.condition(model, data=shared), trace=guide_tr)
+        model_tr = poutine.trace(model_fn).get_trace(*args)
     n_cells = x.shape[0]
     log_w = x.new_zeros(n_samples, n_cells)
     for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
         tr.compute_log_prob()
         for site in tr.nodes.values():
             if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue
+            if is_global(site):  # a dataset-level term, not a cell's
                 continue
             log_w = log_w + sign * _per_cell(site["log_prob"], n_samples, n_cells)
     return model_tr.nodes["x"]["fn"], log_w
@@ -464,6 +470,7 @@ def criticize(
         torch.no_grad(),
         _eval_mode(model.model, model.guide),
         pyro.get_param_store().scope(),
+        shared_globals(model.guide, s),
     ):
         for x, b, cell_index in iterate_indexed_cells(data, idx, batch_size, device):
             fn, log_w = _draws_and_distribution(model.model, model.guide, x, b, cell_index, s)

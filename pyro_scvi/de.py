@@ -468,53 +468,55 @@ def _bootstrap_means(
     # follows torch's thread setting (small multi-threaded BLAS calls from numpy stalled
     # for 100x their cost on busy machines).
     zeros = {"dtype": torch.float64, "device": model.device}
-    for name, idx in cells.items():
-        own = np.zeros(len(idx), dtype=int) if codes is None else data.batch_index[idx]
-        sizes = np.bincount(own, minlength=max(data.n_batch, 1))
-        # A batch with fewer than SMALL_GROUP of the group's cells is decoded
-        # counterfactually; the batch with most of them never is.
-        enough = min(SMALL_GROUP, sizes.max())
-        unit = np.zeros(len(idx), dtype=int) if samples is None else samples[idx]
-        pooled_counts = [0.0, 0.0, 0.0]  # observed, expected, variance over all cells
-        total = np.zeros((n_samples, data.n_genes))
-        missing = []
-        for k, b in enumerate(strata):
-            here = own == (b or 0)
-            if sizes[b or 0] < enough:
-                missing.append(k)
-                continue
-            numerator = np.zeros((n_samples, data.n_genes))
-            denominator = np.zeros(n_samples)
-            replicates = np.unique(unit[here])
-            # Dirichlet(a, ..., a) weights over the replicates with a = (n - 2) / n give
-            # their weighted mean the unbiased variance s**2 / n; Dirichlet(1, ...)
-            # gives (n - 1) / (n + 1) of it, half for 3 replicates, and calls
-            # differences between a few replicates significant.
-            concentration = max(len(replicates) - 2, 0.5) / len(replicates)
-            for u in replicates:
-                members = idx[here & (unit == u)]
-                mean_rho, sums = _unit_mean(
-                    model, data, members, n_samples, n_draws, batch_size, rng, zeros
-                )
-                pooled_counts = [p + q for p, q in zip(pooled_counts, sums, strict=True)]
-                factor = _count_correction(*sums, n_samples, rng)
-                # a replicate's weight: Dirichlet(a, ..., a) over the batch's replicates
-                weight = (
-                    np.ones(n_samples)
-                    if samples is None
-                    else rng.gamma(concentration, size=n_samples)
-                )
-                numerator += weight[:, None] * factor * mean_rho
-                denominator += weight
-            total += standard[k] * numerator / denominator[:, None]
-        if missing:
-            pooled = _count_correction(*pooled_counts, n_samples, rng)
-        for k in missing:  # counterfactual: all the group's cells decoded in batch k
-            mean_rho = _unit_mean(
-                model, data, idx, n_samples, n_draws, batch_size, rng, zeros, strata[k]
-            )[0]
-            total += standard[k] * pooled * mean_rho
-        out[name] = total
+    # one draw of a Bayesian decoder's globals per draw index, shared by every group
+    with posterior.shared_globals(model.guide, n_draws):
+        for name, idx in cells.items():
+            own = np.zeros(len(idx), dtype=int) if codes is None else data.batch_index[idx]
+            sizes = np.bincount(own, minlength=max(data.n_batch, 1))
+            # A batch with fewer than SMALL_GROUP of the group's cells is decoded
+            # counterfactually; the batch with most of them never is.
+            enough = min(SMALL_GROUP, sizes.max())
+            unit = np.zeros(len(idx), dtype=int) if samples is None else samples[idx]
+            pooled_counts = [0.0, 0.0, 0.0]  # observed, expected, variance over all cells
+            total = np.zeros((n_samples, data.n_genes))
+            missing = []
+            for k, b in enumerate(strata):
+                here = own == (b or 0)
+                if sizes[b or 0] < enough:
+                    missing.append(k)
+                    continue
+                numerator = np.zeros((n_samples, data.n_genes))
+                denominator = np.zeros(n_samples)
+                replicates = np.unique(unit[here])
+                # Dirichlet(a, ..., a) weights over the replicates with a = (n - 2) / n give
+                # their weighted mean the unbiased variance s**2 / n; Dirichlet(1, ...)
+                # gives (n - 1) / (n + 1) of it, half for 3 replicates, and calls
+                # differences between a few replicates significant.
+                concentration = max(len(replicates) - 2, 0.5) / len(replicates)
+                for u in replicates:
+                    members = idx[here & (unit == u)]
+                    mean_rho, sums = _unit_mean(
+                        model, data, members, n_samples, n_draws, batch_size, rng, zeros
+                    )
+                    pooled_counts = [p + q for p, q in zip(pooled_counts, sums, strict=True)]
+                    factor = _count_correction(*sums, n_samples, rng)
+                    # a replicate's weight: Dirichlet(a, ..., a) over the batch's replicates
+                    weight = (
+                        np.ones(n_samples)
+                        if samples is None
+                        else rng.gamma(concentration, size=n_samples)
+                    )
+                    numerator += weight[:, None] * factor * mean_rho
+                    denominator += weight
+                total += standard[k] * numerator / denominator[:, None]
+            if missing:
+                pooled = _count_correction(*pooled_counts, n_samples, rng)
+            for k in missing:  # counterfactual: all the group's cells decoded in batch k
+                mean_rho = _unit_mean(
+                    model, data, idx, n_samples, n_draws, batch_size, rng, zeros, strata[k]
+                )[0]
+                total += standard[k] * pooled * mean_rho
+            out[name] = total
     return out
 
 
@@ -637,18 +639,21 @@ def _decode(
     output times ``1 - gate`` under zero inflation, since a ZINB decoder may put part of
     a real change into its gate.
     """
-    latent = posterior.sample_posterior(
-        model.model,
-        model.guide,
-        data,
-        idx,
-        n_samples=n_draws,
-        sites=("z", "l"),
-        batch_size=len(idx),
-        device=model.device,
-    )
+    with posterior.shared_globals(model.guide, n_draws) as shared:
+        latent = posterior.sample_posterior(
+            model.model,
+            model.guide,
+            data,
+            idx,
+            n_samples=n_draws,
+            sites=("z", "l"),
+            batch_size=len(idx),
+            device=model.device,
+        )
     x, own = data.tensors(idx, model.device)
-    conditioned = {"z": torch.as_tensor(latent["z"], device=model.device).unsqueeze(-2)}
+    # the global sites (a BayesianDecoder's) at the draws the latents were sampled with
+    conditioned = dict(shared)
+    conditioned["z"] = torch.as_tensor(latent["z"], device=model.device).unsqueeze(-2)
     if "l" in latent:
         conditioned["l"] = torch.as_tensor(latent["l"], device=model.device).unsqueeze(-1)
     model_fn = poutine.condition(model.model, data=conditioned)

@@ -30,6 +30,7 @@ from torch import nn
 from . import posterior
 from .data import CountData
 from .guide import PerCellGuide
+from .schemes import require_point_globals
 
 
 @contextmanager
@@ -139,6 +140,7 @@ def refine(
     >>> bool((m.model.decoder.rho_logits.weight == before).all())  # the decoder is fixed
     True
     """
+    require_point_globals(model, "Refining q with the model fixed")
     indices = np.asarray(indices)
     if len(indices) != guide.n_cells:
         raise ValueError(f"{len(indices)} cells for a guide with {guide.n_cells} rows.")

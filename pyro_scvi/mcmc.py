@@ -32,6 +32,7 @@ from torch import nn
 from . import posterior
 from .data import CountData
 from .gap import frozen
+from .schemes import require_point_globals
 
 
 def sample_nuts(
@@ -88,6 +89,7 @@ def sample_nuts(
     >>> s["z"].shape, s["l"].shape
     ((10, 3, 2), (10, 3))
     """
+    require_point_globals(model, "NUTS on the cells' latents")
     indices = np.asarray(indices)
     x, b = data.tensors(indices, device)
     with frozen(model), posterior.seeded(seed, device), pyro.get_param_store().scope():

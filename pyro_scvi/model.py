@@ -12,7 +12,10 @@ Plates: ``cells`` (dim -2, subsampled for minibatches so that the minibatch ELBO
 unbiased estimate of the full-data ELBO) and ``genes`` (dim -1). Cell-level sites therefore
 carry a singleton gene axis: ``z`` is ``(cells, 1, n_latent)`` and ``l`` is ``(cells, 1)``.
 
-Sites (public API): ``z``, ``l``, ``rho`` (deterministic) and ``x`` (observed).
+Sites (public API): ``z``, ``l``, ``rho`` (deterministic) and ``x`` (observed). An
+inference scheme may add global sites outside the ``cells`` plate, e.g.
+:class:`~pyro_scvi.schemes.BayesianDecoder`'s ``rho_weight``, ``rho_bias`` and
+``log_theta`` in the ``genes`` plate (see :meth:`ScviModel.set_globals`).
 """
 
 from __future__ import annotations
@@ -182,6 +185,22 @@ class ScviModel(nn.Module):
             self.log_theta = nn.Parameter(torch.zeros(n_genes))
         elif uses_theta and dispersion == "gene-batch":
             self.log_theta = nn.Parameter(torch.zeros(self.n_batch, n_genes))
+        #: Global sites with a prior, set by an inference scheme (:meth:`set_globals`).
+        self.globals: nn.Module | None = None
+
+    def set_globals(self, globals_module: nn.Module) -> None:
+        """Hand the decoder's output layer (and ``theta``) to ``globals_module``'s sample sites.
+
+        ``globals_module(genes_plate)`` samples the global sites and returns their values
+        as a dict; ``globals_module.rho_logits(hidden, values)`` maps the decoder's last
+        hidden layer to ``rho_logits``; a ``"log_theta"`` value, if returned, replaces the
+        ``log_theta`` parameter. The point-estimated parameters it replaces are removed, so
+        none is left unused. See :class:`pyro_scvi.schemes.BayesianDecoder`, which calls this.
+        """
+        self.globals = globals_module
+        self.decoder.rho_logits = None
+        if "log_theta" in getattr(globals_module, "sites", ()):
+            self.log_theta = None
 
     @property
     def static_structure(self) -> bool:
@@ -191,6 +210,8 @@ class ScviModel(nn.Module):
         declare ``static_structure``.
         """
         parts = [self.prior, self.likelihood, self.library_prior]
+        if self.globals is not None:
+            parts.append(self.globals)
         return all(getattr(part, "static_structure", False) for part in parts)
 
     @property
@@ -201,10 +222,17 @@ class ScviModel(nn.Module):
         """
         return not is_latent_library(self.library_prior)
 
-    def theta(self, batch_index: torch.Tensor, decoded: dict) -> torch.Tensor | None:
-        """Inverse dispersion, broadcastable to ``(cells, genes)``."""
+    def theta(
+        self, batch_index: torch.Tensor, decoded: dict, sampled: dict | None = None
+    ) -> torch.Tensor | None:
+        """Inverse dispersion, broadcastable to ``(cells, genes)``.
+
+        ``sampled``: the values of the global sites (:meth:`set_globals`), if any.
+        """
         if not self.likelihood.uses_dispersion:
             return None
+        if sampled and "log_theta" in sampled:
+            return sampled["log_theta"].exp()
         if self.dispersion == "gene-cell":
             return decoded["log_theta"].exp()
         if self.dispersion == "gene-batch":
@@ -226,6 +254,9 @@ class ScviModel(nn.Module):
         :class:`pyro_scvi.infer.KLWeight`.
         """
         register_module("model", self)
+        # one plate object, entered twice: a second pyro.plate("genes") would clash
+        genes = pyro.plate("genes", self.n_genes, dim=-1)
+        sampled = self.globals(genes) if self.globals is not None else {}
         with cells_plate(batch_index, cell_index, num_cells):
             z = pyro.sample("z", self.prior())
             if is_latent_library(self.library_prior):
@@ -233,8 +264,11 @@ class ScviModel(nn.Module):
             else:
                 l = self.library_prior.observed(x)
             decoded = self.decoder(z.squeeze(-2), batch_index)
-            with pyro.plate("genes", self.n_genes, dim=-1):
-                rho = pyro.deterministic("rho", torch.softmax(decoded["rho_logits"], -1), 0)
+            rho_logits = decoded["rho_logits"]
+            if self.globals is not None:
+                rho_logits = self.globals.rho_logits(decoded["hidden"], sampled)
+            with genes:
+                rho = pyro.deterministic("rho", torch.softmax(rho_logits, -1), 0)
                 mu = torch.exp(l) * rho
-                theta = self.theta(batch_index, decoded)
+                theta = self.theta(batch_index, decoded, sampled)
                 pyro.sample("x", self.likelihood(mu, theta, decoded["gate_logits"]), obs=x)

@@ -131,7 +131,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.n_batch = n_batch if n_batch > 1 else 0
         self.body = make_fc(n_latent + self.n_batch, n_hidden, n_layers, dropout_rate=0.0)
-        self.rho_logits = nn.Linear(n_hidden, n_output)
+        # None when an inference scheme holds the output layer (pyro_scvi.schemes)
+        self.rho_logits: nn.Linear | None = nn.Linear(n_hidden, n_output)
         self.gate_logits = nn.Linear(n_hidden, n_output) if gate else None
         self.log_theta = nn.Linear(n_hidden, n_output) if cell_dispersion else None
 
@@ -153,4 +154,6 @@ class Decoder(nn.Module):
             "rho_logits": head(self.rho_logits),
             "gate_logits": head(self.gate_logits),
             "log_theta": head(self.log_theta),
+            # the last hidden layer, for an output layer held outside (BayesianDecoder)
+            "hidden": h.reshape(*lead, -1),
         }

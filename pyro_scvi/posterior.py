@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import pyro
@@ -35,6 +36,7 @@ from .data import CountData
 from .distributions import EPS
 from .infer import _eval_mode
 from .priors import is_latent_library
+from .schemes import is_global
 
 
 def iterate_cells(
@@ -70,6 +72,54 @@ def latent_mean(
     return np.concatenate(out)
 
 
+_SHARED_GLOBALS: ContextVar[dict[str, torch.Tensor] | None] = ContextVar(
+    "pyro_scvi_shared_globals", default=None
+)
+
+
+@contextmanager
+def shared_globals(guide, n_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Draw a guide's global sites once for a whole query; yield the draws.
+
+    A guide with global sites (:class:`~pyro_scvi.schemes.GlobalsGuide`) would otherwise
+    draw them anew for every minibatch of cells, so replicate ``s`` of a dataset would mix
+    several draws of the decoder and ``theta``, and statistics over all cells (a gene's
+    mean) would lose the globals' spread. Inside this block :func:`sample_guide` and the
+    queries built on it use draw ``s`` of these for sample ``s`` of every minibatch. A
+    guide without globals yields ``{}``; an enclosing block's draws are kept.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> from pyro_scvi.schemes import BayesianDecoder
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=6, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=4, scheme=BayesianDecoder())
+    >>> with shared_globals(m.guide, 5) as draws:
+    ...     {k: tuple(v.shape) for k, v in draws.items()}
+    {'rho_weight': (5, 1, 6, 4), 'rho_bias': (5, 1, 6), 'log_theta': (5, 1, 6)}
+    """
+    current = _SHARED_GLOBALS.get()
+    draw = getattr(guide, "sample_globals", None)
+    if current is not None:
+        size = next(iter(current.values())).shape[0]
+        if size != int(n_samples):
+            raise ValueError(
+                f"A query with {n_samples} samples inside one with {size} shared global draws."
+            )
+        yield current
+        return
+    if draw is None:
+        yield {}
+        return
+    with torch.no_grad():
+        values = draw(int(n_samples))
+    token = _SHARED_GLOBALS.set(values)
+    try:
+        yield values
+    finally:
+        _SHARED_GLOBALS.reset(token)
+
+
 def sample_guide(
     model,
     guide,
@@ -81,14 +131,17 @@ def sample_guide(
     """``n_samples`` draws of the guide's latent sites for one minibatch of cells.
 
     Returns ``z`` of shape ``(n_samples, cells, 1, n_latent)`` and, for a latent library,
-    ``l`` of shape ``(n_samples, cells, 1)``. ``cell_index`` (the cells' rows in the data)
-    is passed on for guides with per-cell parameters.
+    ``l`` of shape ``(n_samples, cells, 1)``; a guide with global sites adds their draws
+    (those of an enclosing :func:`shared_globals` block, if any). ``cell_index`` (the
+    cells' rows in the data) is passed on for guides with per-cell parameters.
     """
     sites = ["z", "l"] if is_latent_library(getattr(model, "library_prior", None)) else ["z"]
     predictive = Predictive(
         model, guide=guide, num_samples=n_samples, return_sites=sites, parallel=True
     )
-    return predictive(x, batch_index, cell_index)
+    # a guide's global sites: the enclosing query's draws, else this minibatch's own
+    with shared_globals(guide, n_samples) as shared:
+        return {**predictive(x, batch_index, cell_index), **shared}
 
 
 def decode(
@@ -140,7 +193,12 @@ def sample_posterior(
         raise ValueError(f"Unknown sites {sorted(unknown)}; choose from z, l, rho, x.")
     out: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     model_sites = [s for s in sites if s in ("rho", "x")]
-    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+    with (
+        torch.no_grad(),
+        _eval_mode(model, guide),
+        pyro.get_param_store().scope(),
+        shared_globals(guide, n_samples),
+    ):
         for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
             latent = sample_guide(model, guide, x, b, n_samples, cells)
             decoded = {}
@@ -190,7 +248,12 @@ def _likelihood_arguments(
     """
     original = model.likelihood
     recording = _RecordingLikelihood(original)
-    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+    with (
+        torch.no_grad(),
+        _eval_mode(model, guide),
+        pyro.get_param_store().scope(),
+        shared_globals(guide, n_samples),
+    ):
         model.likelihood = recording
         try:
             for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
@@ -393,20 +456,22 @@ def posterior_predictive_counts(
     the non-zero counts.
     """
     parts: list[list[sp.csr_matrix]] = [[] for _ in range(n_samples)]
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        x = sample_posterior(
-            model,
-            guide,
-            data,
-            chunk,
-            n_samples=n_samples,
-            sites=("x",),
-            batch_size=batch_size,
-            device=device,
-        )["x"]
-        for s in range(n_samples):
-            parts[s].append(sp.csr_matrix(x[s].astype(np.float32)))
+    # one draw of the globals (if any) per replicate, shared by every chunk of cells
+    with shared_globals(guide, n_samples):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            x = sample_posterior(
+                model,
+                guide,
+                data,
+                chunk,
+                n_samples=n_samples,
+                sites=("x",),
+                batch_size=batch_size,
+                device=device,
+            )["x"]
+            for s in range(n_samples):
+                parts[s].append(sp.csr_matrix(x[s].astype(np.float32)))
     return [sp.vstack(p, format="csr") for p in parts]
 
 
@@ -429,7 +494,12 @@ def normalized_expression(
     with ``library_size="latent"``, multiplied by the cell's library ``exp(l)``.
     """
     out = []
-    with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
+    with (
+        torch.no_grad(),
+        _eval_mode(model, guide),
+        pyro.get_param_store().scope(),
+        shared_globals(guide, n_samples),
+    ):
         for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
             samples = sample_guide(model, guide, x, b, n_samples, cells)
             codes = [None] if transform_batch is None else list(transform_batch)
@@ -478,7 +548,10 @@ def _log_densities(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log w, log p(x | z, l))``, each ``(n_samples, cells)``, for one minibatch.
 
-    The caller sets eval mode, ``no_grad`` and the parameter-store scope.
+    The caller sets eval mode, ``no_grad`` and the parameter-store scope. Global sites
+    (:func:`pyro_scvi.schemes.is_global`) are drawn with the cells' latents but their
+    density is left out: a cell's weight is ``log p(x, z, l | globals) - log q(z, l)``
+    at a draw of the globals from ``q``.
     """
     n_cells = x.shape[0]
     args = (x, batch_index, cell_index)
@@ -492,6 +565,8 @@ def _log_densities(
         for site in tr.nodes.values():
             # pyro.deterministic sites (rho) are masked Deltas: no density to add.
             if site["type"] != "sample" or site["infer"].get("_deterministic"):
+                continue
+            if is_global(site):
                 continue
             lp = _per_cell(site["log_prob"], n_samples, n_cells)
             log_w = log_w + sign * lp

@@ -253,6 +253,7 @@ def load_query_data(cls: type[SCVI], adata: AnnData, reference: SCVI | str | os.
     self.layer, self.batch_key = reference.layer, batch_key
     self.settings = dict(reference.settings)
     self.model, self.guide = model, guide
+    self.scheme = None  # a reference with an inference scheme is refused above
     self.device = torch.device("cpu")
     self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
     self.engine = None

@@ -51,6 +51,7 @@ from .priors import (
     as_prior,
     is_latent_library,
 )
+from .schemes import Scheme
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -138,6 +139,8 @@ def _build_components(
     likelihood: Likelihood | None,
     guide: torch.nn.Module | GuideFactory | None,
     l_loc_init: float = 0.0,
+    scheme: Scheme | None = None,
+    restore: bool = False,
 ) -> tuple[ScviModel, torch.nn.Module]:
     """The model and guide that ``settings`` describe, set up for ``data``.
 
@@ -147,6 +150,9 @@ def _build_components(
     components that settings name only by ``repr`` (library prior, prior, likelihood, a
     guide other than the default) come as objects. ``guide=None`` is the default
     :class:`~pyro_scvi.guide.ScviGuide`, with ``q(l)`` starting at ``l_loc_init``.
+    An inference ``scheme`` (e.g. :class:`~pyro_scvi.schemes.BayesianDecoder`) then changes
+    the model and wraps the guide; with ``restore`` the guide is a saved one that already
+    holds the scheme's part, so only the model is changed.
     """
     arch = {k: int(settings[k]) for k in ("n_latent", "n_hidden", "n_layers")}
     model = ScviModel(
@@ -176,6 +182,14 @@ def _build_components(
             raise InputError(str(err)) from err
     if isinstance(model.prior, VampPrior):
         _attach_vamp_prior(model.prior, guide, data)
+    if scheme is not None:
+        if restore:
+            scheme.setup_model(model)
+        else:
+            try:
+                guide = scheme.setup(model, guide)
+            except (TypeError, ValueError) as err:
+                raise InputError(str(err)) from err
     return model, guide
 
 
@@ -184,6 +198,7 @@ def _warn_unimportable(model: SCVI) -> None:
     from .pickling import main_module_names
 
     pickled = [model.model.prior, model.model.library_prior, model.model.likelihood]
+    pickled.append(getattr(model, "scheme", None))
     if type(model.guide) is not ScviGuide:
         pickled.append(model.guide)
     names = main_module_names(pickled)
@@ -249,6 +264,10 @@ class SCVI:
         from the file as training goes (:class:`~pyro_scvi.data.StreamedCounts`) instead
         of loading them; ``None`` lets the engine decide from their size and the free
         memory (:func:`pyro_scvi.engine.choose_data_source`).
+    scheme
+        How the global parameters are inferred; default ``None``, point estimates of the
+        decoder and ``theta``. :class:`~pyro_scvi.schemes.BayesianDecoder` puts a prior and
+        a Normal posterior on the decoder's output layer and ``theta`` instead.
 
     Examples
     --------
@@ -286,6 +305,7 @@ class SCVI:
         drop_empty_cells: bool = False,
         guide: torch.nn.Module | GuideFactory | None = None,
         streamed: bool | None = None,
+        scheme: Scheme | None = None,
     ) -> None:
         for name, value in [("n_latent", n_latent), ("n_hidden", n_hidden)]:
             if int(value) < 1:
@@ -331,7 +351,11 @@ class SCVI:
             likelihood=likelihood,
             guide=guide,
             l_loc_init=float(np.mean(loc)),
+            scheme=scheme,
         )
+        #: The inference scheme (``None``: point-estimated globals).
+        self.scheme = scheme
+        self.settings["scheme"] = repr(scheme)
         self.settings["guide"] = type(self.guide).__name__
         self.device = torch.device("cpu")
         self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
@@ -1690,6 +1714,7 @@ class SCVI:
                 if type(self.guide) is ScviGuide
                 else copy.deepcopy(self.guide).cpu(),
                 "likelihood": self.model.likelihood,
+                "scheme": getattr(self, "scheme", None),
                 "prior": copy.deepcopy(self.model.prior).cpu(),
                 "library_prior": copy.deepcopy(self.model.library_prior).cpu(),
                 "var_names": list(self.var_names),
@@ -1830,7 +1855,10 @@ class SCVI:
                 prior=state["prior"],
                 likelihood=state["likelihood"],
                 guide=saved_guide,
+                scheme=state.get("scheme"),
+                restore=True,
             )
+            self.scheme = state.get("scheme")
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
             raise ModelFileError(
                 f"The model in {where} cannot be rebuilt from its settings "

@@ -202,3 +202,40 @@ def test_de_truth_smoke(tmp_path):
     if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
         assert "skipped: scvi-tools not installed" in proc.stdout
     assert "Targets (pyro_scvi change mode)" in proc.stdout
+
+
+def test_bayesian_decoder_smoke(tmp_path):
+    script = BENCHMARKS / "bayesian_decoder.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bayesian_decoder_smoke.json").read_text())
+    assert results["settings"]["smoke"] and "BayesianDecoder" in results["settings"]["scheme"]
+    fits = results["fits"]
+    assert set(fits) == {"point", "bd", "bd_sim"}
+    assert fits["point"]["globals_posterior_sd"] == {}  # point estimates have none
+    for name in ("bd", "bd_sim"):
+        sds = fits[name]["globals_posterior_sd"]
+        assert all(sds[s] > 0 for s in ("rho_weight", "rho_bias", "log_theta")), sds
+    for fit in fits.values():
+        assert fit["heldout_log_px"] >= fit["heldout_elbo"]  # same draws: Jensen
+    cases = [(r["case"], r["cells"]) for r in results["checks"]]
+    assert len(cases) == 8 and ("bd_sim, sim", "held-out") in cases
+    for row in results["checks"]:
+        assert all(0 <= v <= 1 for v in row["frac_outside"].values()), row
+        assert 0 <= row["criticism"]["pit_tv"] <= 1
+    assert "calibration" in (tmp_path / "bayesian_decoder_smoke.md").read_text()
+
+
+def test_bayesian_decoder_scales_smoke(tmp_path):
+    script = BENCHMARKS / "bayesian_decoder_scales.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bayesian_decoder_scales_smoke.json").read_text())
+    steps = [row["step"] for row in results["trajectory"]]
+    assert steps == [0, 2, 4]
+    first, last = results["trajectory"][0], results["trajectory"][-1]
+    for site in ("rho_weight", "rho_bias", "log_theta"):
+        assert first[site] > 0 and last[site] != first[site]  # only the scales train
+    assert "log theta" in (tmp_path / "bayesian_decoder_scales_smoke.md").read_text()

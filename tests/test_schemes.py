@@ -1,4 +1,4 @@
-"""Inference schemes: every prior x likelihood x ELBO trains; analytic KL; IW bound; JIT."""
+"""Inference schemes: prior x likelihood x ELBO; analytic KL; IW bound; JIT; BayesianDecoder."""
 
 import math
 
@@ -17,7 +17,7 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
-from pyro_scvi import SCVI, InputError
+from pyro_scvi import SCVI, Engine, InputError
 from pyro_scvi.datasets import synthetic_zinb
 from pyro_scvi.guide import ScviGuide
 from pyro_scvi.infer import _Annealed, _jit_pair
@@ -25,6 +25,7 @@ from pyro_scvi.likelihoods import NB, ZINB, ZIP, Poisson
 from pyro_scvi.model import ScviModel
 from pyro_scvi.posterior import fit_statistics
 from pyro_scvi.priors import LogNormalLibrary, MixtureOfGaussians, StandardNormal, VampPrior
+from pyro_scvi.schemes import BayesianDecoder, is_global
 
 # torch 2.13 deprecates torch.jit.trace, which Pyro's JIT ELBOs are built on
 pytestmark = pytest.mark.filterwarnings(
@@ -336,3 +337,152 @@ def test_default_adam_is_scaled_to_the_cells_a_step_sums_over(tiny_adata, monkey
     n = len(m.train_indices) if elbo == "trace" else 16
     assert made[0]["eps"] == pytest.approx(0.01 * n)
     assert made[0]["weight_decay"] == pytest.approx(1e-6 * n)
+
+
+# ---------------------------------------------------------------- BayesianDecoder
+
+GLOBAL_SITES = ("rho_weight", "rho_bias", "log_theta")
+
+
+def bayesian(adata, **kwargs):
+    return SCVI(adata, n_latent=N_LATENT, n_hidden=8, scheme=BayesianDecoder(), **kwargs)
+
+
+def test_bayesian_decoder_globals_are_sample_sites_outside_the_cells_plate(tiny_adata):
+    m = bayesian(tiny_adata, batch_key="batch")
+    x, b = m.data.tensors(np.arange(8))
+    cells = torch.arange(8)
+    guide_tr = poutine.trace(m.guide).get_trace(x, b, cells, 40)
+    model_tr = poutine.trace(poutine.replay(m.model, trace=guide_tr)).get_trace(x, b, cells, 40)
+    n_genes, n_hidden = tiny_adata.n_vars, 8
+    shapes = {"rho_weight": (n_genes, n_hidden), "rho_bias": (n_genes,), "log_theta": (n_genes,)}
+    for tr in (guide_tr, model_tr):
+        for site, shape in shapes.items():
+            node = tr.nodes[site]
+            assert node["type"] == "sample" and not node["is_observed"] and is_global(node)
+            assert tuple(node["value"].shape) == shape
+            assert [f.name for f in node["cond_indep_stack"]] == ["genes"]
+            assert node["scale"] == 1.0  # not rescaled with the subsampled cells
+        assert tr.nodes["z"]["scale"] == pytest.approx(40 / 8)
+    for site in shapes:  # the model uses the guide's draw
+        assert torch.equal(model_tr.nodes[site]["value"], guide_tr.nodes[site]["value"])
+    # the point-estimated parameters it replaces are gone, not left unused
+    assert m.model.log_theta is None and m.model.decoder.rho_logits is None
+    assert not any("rho_logits" in n or n == "log_theta" for n, _ in m.model.named_parameters())
+
+
+def test_bayesian_decoder_globals_kl_is_analytic_and_counted_once(tiny_adata):
+    # TraceMeanField_ELBO: loss(N) = (N / B) * cells' terms + KL(globals). Two values of
+    # N with the same draws separate the two; the constant part must be the globals' KL.
+    m = bayesian(tiny_adata)
+    with torch.no_grad():
+        for site in GLOBAL_SITES:  # a posterior away from the prior
+            m.guide.loc[site].normal_(0.3, 0.5)
+            m.guide.log_scale[site].uniform_(-2.0, 0.5)
+    x, b = m.data.tensors(np.arange(8))
+    losses = {}
+    for n in (40, 400):
+        pyro.set_rng_seed(0)
+        elbo = TraceMeanField_ELBO()
+        loss = elbo.differentiable_loss(m.model, m.guide, x, b, torch.arange(8), n)
+        losses[n] = float(loss.detach())
+    a1, a2 = 40 / 8, 400 / 8
+    constant = (a2 * losses[40] - a1 * losses[400]) / (a2 - a1)
+    prior = {"rho_weight": 1.0, "rho_bias": 1.0, "log_theta": 1.0}
+    with torch.no_grad():
+        expected = sum(
+            float(
+                torch.distributions.kl_divergence(
+                    torch.distributions.Normal(m.guide.loc[s], m.guide.log_scale[s].exp()),
+                    torch.distributions.Normal(torch.zeros(()), prior[s]),
+                ).sum()
+            )
+            for s in GLOBAL_SITES
+        )
+    assert expected > 10  # the test has power: a KL scaled by N / B would give 0 here
+    assert constant == pytest.approx(expected, rel=1e-3)
+
+
+def test_bayesian_decoder_posterior_draws_carry_the_globals(tiny_adata):
+    point = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8).train(max_epochs=2, progress_bar=False)
+    m = bayesian(tiny_adata).train(max_epochs=2, progress_bar=False)
+    # small query minibatches: draw s of theta must be the same for every cell
+    theta = m.get_likelihood_parameters(n_samples=4, batch_size=7, seed=0)["dispersions"]
+    assert np.allclose(theta, theta[:, :1, :])  # one draw of the globals per sample
+    assert not np.allclose(theta[0], theta[1])  # differs across draws
+    spread = theta[:, 0, :].std(0) / theta[:, 0, :].mean(0)
+    assert spread.min() > 1e-3
+    fixed = point.get_likelihood_parameters(n_samples=4, seed=0)["dispersions"]
+    assert np.allclose(fixed, fixed[:1])  # point estimates: the same in every draw
+
+
+def test_bayesian_decoder_per_cell_fit_leaves_out_the_globals_density(tiny_adata):
+    m = bayesian(tiny_adata)
+    before = m.get_elbo(per_cell=True, n_samples=5, seed=0)
+    m.model.globals.prior_scale.fill_(1e-3)  # a prior the globals' draws are far outside
+    after = m.get_elbo(per_cell=True, n_samples=5, seed=0)
+    np.testing.assert_allclose(after, before, rtol=1e-6)
+
+
+def test_bayesian_decoder_trains_on_every_engine_path(tiny_adata):
+    results = {}
+    for name, engine in (
+        ("eager", Engine(compiled=False, fused_adam=True)),
+        ("compiled", Engine(compiled=True, fused_adam=True)),
+        ("pyro-optim", Engine(compiled=False, fused_adam=False)),
+    ):
+        m = bayesian(tiny_adata)
+        m.train(max_epochs=3, batch_size=16, progress_bar=False, engine=engine)
+        h = m.history
+        assert np.isfinite(h["train_elbo"]).all() and np.isfinite(h["validation_elbo"]).all()
+        moved = (m.guide.log_scale["log_theta"] - math.log(m.guide.init_scale)).abs().max()
+        assert float(moved.detach()) > 0  # the posterior's scales train
+        results[name] = float(h["train_elbo"].iloc[-1])
+    assert results["compiled"] == pytest.approx(results["eager"], rel=1e-4)
+    assert results["pyro-optim"] == pytest.approx(results["eager"], rel=1e-4)
+
+
+def test_bayesian_decoder_save_load_round_trip(tiny_adata, tmp_path):
+    m = bayesian(tiny_adata).train(max_epochs=2, progress_bar=False)
+    m.save(tmp_path / "bd")
+    loaded = SCVI.load(tmp_path / "bd", tiny_adata)
+    assert isinstance(loaded.scheme, BayesianDecoder)
+    assert loaded.settings["scheme"] == repr(BayesianDecoder())
+    for site in GLOBAL_SITES:
+        assert torch.equal(loaded.guide.loc[site], m.guide.loc[site])
+    a = m.posterior_predictive_sample(n_samples=2, seed=1)
+    b = loaded.posterior_predictive_sample(n_samples=2, seed=1)
+    assert all((p != q).nnz == 0 for p, q in zip(a, b, strict=True))
+
+
+def test_bayesian_decoder_refuses_what_it_does_not_support(tiny_adata):
+    with pytest.raises(InputError, match="dispersion='gene'"):
+        SCVI(tiny_adata, dispersion="gene-batch", batch_key="batch", scheme=BayesianDecoder())
+    with pytest.raises(ValueError, match="prior_scale"):
+        BayesianDecoder(prior_scale=0)
+    ref = bayesian(tiny_adata, batch_key="batch").train(max_epochs=1, progress_bar=False)
+    query = tiny_adata[:10].copy()
+    query.obs["batch"] = "new"
+    with pytest.raises(InputError, match="GlobalsGuide"):
+        SCVI.load_query_data(query, ref)
+
+
+def test_bayesian_decoder_is_refused_where_the_model_is_held_fixed(tiny_adata):
+    from pyro_scvi.mcmc import sample_nuts
+
+    m = bayesian(tiny_adata).train(max_epochs=1, train_size=0.75, progress_bar=False)
+    with pytest.raises(InputError, match="rho_weight, rho_bias, log_theta"):
+        m.get_amortization_gap(n_steps=2)
+    with pytest.raises(InputError, match="without scheme="):
+        sample_nuts(m.model, m.data, np.arange(2), num_samples=2, warmup_steps=2)
+
+
+def test_bayesian_decoder_without_a_dispersion_has_no_theta_site(tiny_adata):
+    m = SCVI(
+        tiny_adata, likelihood=Poisson(), n_latent=N_LATENT, n_hidden=8, scheme=BayesianDecoder()
+    )
+    assert m.guide.sites == ("rho_weight", "rho_bias")
+    m.train(max_epochs=2, progress_bar=False)
+    assert np.isfinite(m.history["train_elbo"]).all()
+    mean = m.get_likelihood_parameters(n_samples=3, seed=0)["mean"]
+    assert not np.allclose(mean[0], mean[1])
