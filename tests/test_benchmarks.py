@@ -158,6 +158,22 @@ def test_query_mapping_smoke(tmp_path):
     assert (tmp_path / "query_mapping_smoke.md").exists() and "mapped / full" in proc.stdout
 
 
+def test_criticism_side_by_side_smoke(tmp_path):
+    script = BENCHMARKS / "criticism_side_by_side.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "criticism_side_by_side_smoke.json").read_text())
+    fits = [row["fit"] for row in results["rows"]]
+    assert fits[:3] == ["pyro_scvi ZINB", "pyro_scvi NB", "pyro_scvi ZINB + BayesianDecoder"]
+    for row in results["rows"]:
+        assert 0 <= row["pit_tv"] <= 1 and 0 <= row["calibration_error"] <= 1
+        assert row["elpd_elpd_diff"] >= 0  # against the best of the fits
+    assert min(row["elpd_elpd_diff"] for row in results["rows"]) == 0
+    png = tmp_path / "criticism_side_by_side_smoke.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_criticism_smoke(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "criticism.py"), "--smoke", "--out-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
