@@ -129,6 +129,9 @@ def main(argv=None) -> int:
             "train_seconds": float(model.history["seconds"].sum()),
             "epochs": len(model.history),
             "engine": (model.engine or {}).get("reasons"),
+            # Adam's settings and the param groups the guide declared (q of the globals:
+            # their own eps); absent for a fit loaded from a folder without it
+            "optim": model.history.attrs.get("optim"),
             "globals_posterior_sd": _globals_summary(model),
             **_heldout_fit(model, n_is),
         }

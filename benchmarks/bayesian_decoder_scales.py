@@ -1,9 +1,11 @@
 """Are a BayesianDecoder fit's posterior scales at the ELBO's optimum, or where Adam left them?
 
-Training steps every parameter with one Adam whose ``eps`` is scaled to the number of
+Training steps the networks with an Adam whose ``eps`` is scaled to the number of
 training cells (scvi-tools' settings for a per-cell mean loss, see ``pyro_scvi.infer``).
-The gradient of a global's log-scale has an O(1) entropy part, far below that ``eps``, so a
-scale may stop short of its optimum. This script takes a fitted model, freezes everything
+The gradient of a global's log-scale has an O(1) entropy part, far below that ``eps``, so
+with it a scale stops short of its optimum; q's parameters therefore have a param group of
+their own (``GlobalsGuide.optim_groups``: ``eps`` 1e-8, no weight decay), and this checks
+that a fit's scales have settled. This script takes a fitted model, freezes everything
 but q's log-scales, and trains those alone with a plain Adam (``eps`` 1e-8, ``--lr``) on
 the same minibatch ELBO, reporting the mean posterior standard deviation of each site as it
 goes. A scale that keeps moving was not at its optimum.

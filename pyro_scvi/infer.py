@@ -257,13 +257,117 @@ def scaled_lr(batch_size: int, base_lr: float = 1e-3, base_batch_size: int = 128
     return base_lr * math.sqrt(batch_size / base_batch_size)
 
 
-def default_optim(lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6) -> PyroOptim:
+def default_optim(
+    lr: float = 1e-3,
+    eps: float = 0.01,
+    weight_decay: float = 1e-6,
+    groups: list[dict] | None = None,
+    named: dict[str, torch.Tensor] | None = None,
+) -> PyroOptim:
     """Adam with scvi-tools' settings (``eps=0.01``, ``weight_decay=1e-6``), as a Pyro optim.
 
     :func:`train_svi` scales ``eps`` and ``weight_decay`` by the number of training cells,
-    as for :class:`FusedAdam`.
+    as for :class:`FusedAdam`. ``groups`` (see :func:`declared_optim_groups`) give their
+    parameters their own settings, through Pyro's per-parameter ``optim_args`` callable;
+    ``named`` maps parameter-store names to tensors (else the store is searched).
     """
-    return pyro.optim.Adam({"lr": lr, "eps": eps, "weight_decay": weight_decay})
+    settings = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
+    if not groups:
+        return pyro.optim.Adam(settings)
+    return pyro.optim.Adam(_PerParamSettings(settings, groups, named))
+
+
+def declared_optim_groups(*modules) -> list[dict]:
+    """Parameters that ``modules`` declare to need their own optimizer settings.
+
+    A module (a guide, a model) may define ``optim_groups()``, returning a list of dicts
+    with ``"params"`` (tensors), ``"reason"`` (a sentence for the run's record) and the
+    Adam settings that differ from the run's (e.g. ``"eps"``, ``"weight_decay"``);
+    e.g. :class:`~pyro_scvi.schemes.GlobalsGuide` for ``q``'s parameters of the globals.
+    A parameter declared twice keeps its first group.
+    """
+    out, seen = [], set()
+    for module in modules:
+        declare = getattr(module, "optim_groups", None)
+        if not callable(declare):
+            continue
+        for group in declare():
+            params = [p for p in group["params"] if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                out.append({**group, "params": params})
+    return out
+
+
+def _group_settings(group: dict) -> dict:
+    """A declared group's optimizer settings (without its params and reason)."""
+    return {k: v for k, v in group.items() if k not in ("params", "reason")}
+
+
+def describe_optim_groups(settings: dict, groups: list[dict], reason: str) -> dict:
+    """The record of a run's optimizer settings and its declared groups (plain values)."""
+    return {
+        "settings": dict(settings),
+        "groups": [
+            {
+                "n_tensors": len(g["params"]),
+                "n_values": int(sum(p.numel() for p in g["params"])),
+                "settings": {**settings, **_group_settings(g)},
+                "reason": g.get("reason", ""),
+            }
+            for g in groups
+        ],
+        "groups_reason": reason,
+    }
+
+
+class _PerParamSettings:
+    """Pyro's per-parameter ``optim_args``: a declared group's settings, else the run's.
+
+    ``named`` maps parameter-store names (``"guide$$$loc.rho_weight"``, as
+    :func:`~pyro_scvi.model.register_module` registers them) to the tensors; a name not in
+    it is looked up in the parameter store.
+    """
+
+    def __init__(
+        self, settings: dict, groups: list[dict], named: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        self.settings = settings
+        self.groups = groups
+        self.named = dict(named or {})
+
+    def for_tensor(self, tensor: torch.Tensor | None) -> dict:
+        for group in self.groups:
+            if any(p is tensor for p in group["params"]):
+                return {**self.settings, **_group_settings(group)}
+        return dict(self.settings)
+
+    def for_store_name(self, name: str) -> dict:
+        """Settings of the parameter store's parameter ``name`` (unnormalized)."""
+        if name in self.named:
+            return self.for_tensor(self.named[name])
+        store = pyro.get_param_store()
+        if name not in store:
+            return dict(self.settings)
+        return self.for_tensor(store[name].unconstrained())
+
+    def __call__(self, normal_name: str) -> dict:
+        from pyro.optim.optim import normalize_param_name
+
+        for name in [*self.named, *pyro.get_param_store().keys()]:
+            if normalize_param_name(name) == normal_name:
+                return self.for_store_name(name)
+        return dict(self.settings)
+
+
+def _store_names(**modules: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter-store names of the modules' parameters, as ``pyro.module(key, module)``."""
+    return {
+        f"{key}$$${path}": p
+        for key, module in modules.items()
+        if isinstance(module, nn.Module)
+        for path, p in module.named_parameters()
+    }
 
 
 class FusedAdam:
@@ -295,8 +399,17 @@ class FusedAdam:
     True
     """
 
-    def __init__(self, lr: float = 1e-3, eps: float = 0.01, weight_decay: float = 1e-6) -> None:
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        eps: float = 0.01,
+        weight_decay: float = 1e-6,
+        groups: list[dict] | None = None,
+    ) -> None:
         self.settings = {"lr": lr, "eps": eps, "weight_decay": weight_decay}
+        #: Declared parameter groups (:func:`declared_optim_groups`): their parameters get
+        #: a torch param group of their own, with their settings over ``settings``.
+        self.groups = list(groups or [])
         self.optim: torch.optim.Optimizer | None = None
         #: A :class:`~pyro_scvi.distributed.DataParallel` group whose ranks' gradients and
         #: losses are averaged before each step (``None``: this process alone).
@@ -382,7 +495,7 @@ class FusedAdam:
                 named.setdefault(id(p), (name, p))
             self.names = [name for name, _ in named.values()]
             self.params = [p for _, p in named.values()]
-            self.optim = _adam(self.params, **self.settings)
+            self.optim = self._make_optim()
             self._load_pending()
         elif plain:
             # The optimizer holds the parameters now, so registering them again is pure
@@ -397,8 +510,35 @@ class FusedAdam:
             loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
         return loss
 
+    def _make_optim(self) -> torch.optim.Optimizer:
+        """One Adam; declared groups' parameters in param groups of their own, after the rest.
 
-def _adam(params: list[torch.Tensor], **settings) -> torch.optim.Adam:
+        ``names`` and ``params`` are reordered to the optimizer's order (its state is
+        indexed by it); without declared groups they keep the ELBO's order.
+        """
+        if not self.groups:
+            return _adam(self.params, **self.settings)
+        where = {}
+        for g, group in enumerate(self.groups):
+            for p in group["params"]:
+                where.setdefault(id(p), g)
+        pairs = list(zip(self.names, self.params, strict=True))
+        members: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(len(self.groups) + 1)]
+        for name, p in pairs:
+            members[where.get(id(p), -1) + 1].append((name, p))
+        param_groups = []
+        self.names, self.params = [], []
+        for g, pairs_g in enumerate(members):
+            if not pairs_g:
+                continue
+            self.names += [name for name, _ in pairs_g]
+            self.params += [p for _, p in pairs_g]
+            extra = {} if g == 0 else _group_settings(self.groups[g - 1])
+            param_groups.append({"params": [p for _, p in pairs_g], **extra})
+        return _adam(param_groups, **self.settings)
+
+
+def _adam(params: list, **settings) -> torch.optim.Adam:
     """Adam as one fused kernel where torch has it, else the multi-tensor (``foreach``) one."""
     try:
         return torch.optim.Adam(params, fused=True, **settings)
@@ -459,6 +599,7 @@ def train_svi(
     lr: float = 1e-3,
     elbo: ELBO | None = None,
     engine: Engine | str | None = None,
+    param_groups: bool = True,
     kl_warmup_epochs: int = 400,
     early_stopping: bool = False,
     patience: int = 45,
@@ -497,6 +638,12 @@ def train_svi(
         How the run steps (:class:`pyro_scvi.engine.Engine`, a preset name such as
         ``"eager"``, or ``None`` to decide); the resolved choice is returned in
         ``history.attrs["engine"]``.
+    param_groups
+        Give parameters that the guide or model declare through ``optim_groups()``
+        (:func:`declared_optim_groups`) their own Adam settings, in a param group of their
+        own (``False``: every parameter gets the run's cell-scaled settings). Not applied
+        to a Pyro optimizer passed in. The settings, groups and reason are in
+        ``history.attrs["optim"]``.
     kl_warmup_epochs
         Length of the KL warm-up ramp (see the module docstring); 0 disables it.
     early_stopping, patience, min_delta
@@ -591,8 +738,22 @@ def train_svi(
         )
     optim_settings = {"lr": lr, "eps": 0.01 * n_scale, "weight_decay": 1e-6 * n_scale}
     optim_made_here = optim is None
+    # Parameters the guide or model declare to need their own settings (e.g. q of a
+    # Bayesian decoder's globals: their gradients are far below the cell-scaled eps).
+    groups = declared_optim_groups(guide, model) if param_groups else []
+    if not param_groups:
+        groups_reason = "off: asked for (param_groups=False)"
+    elif not groups:
+        groups_reason = "none declared by the guide or model"
+    elif not run.fused_adam and not optim_made_here:
+        groups, groups_reason = [], "off: a Pyro optimizer was passed (its own settings)"
+    else:
+        groups_reason = "on: declared by the guide or model (optim_groups())"
+    # (a resumed Pyro optimizer's saved state is keyed by these names, before the store
+    # of this call holds them)
+    store_names = _store_names(model=model, guide=guide) if groups else {}
     if run.fused_adam:
-        fused = FusedAdam(**optim_settings)
+        fused = FusedAdam(**optim_settings, groups=groups)
         fused.data_parallel = group
 
         def step(*args, **kwargs):
@@ -602,7 +763,7 @@ def train_svi(
             return fused(tail_elbo, tail_model, tail_guide, *args)
     else:
         if optim is None:
-            optim = default_optim(**optim_settings)
+            optim = default_optim(**optim_settings, groups=groups, named=store_names)
         step = SVI(step_model, step_guide, optim, loss=elbo).step
         if tail_elbo is not None:
             tail_step = SVI(tail_model, tail_guide, optim, loss=tail_elbo).step
@@ -626,10 +787,12 @@ def train_svi(
         waiting = copy.copy(saved_optim["state"])
         if optim_made_here:
             # the new call's settings win over the saved ones (e.g. another lr)
+            per_param = _PerParamSettings(optim_settings, groups, store_names)
             for name, value in waiting.items():
+                own = per_param.for_store_name(name)
                 waiting[name] = {
                     **value,
-                    "param_groups": [{**g, **optim_settings} for g in value["param_groups"]],
+                    "param_groups": [{**g, **own} for g in value["param_groups"]],
                 }
         optim.set_state(waiting)
 
@@ -654,7 +817,10 @@ def train_svi(
     # see refresh_batch_norm).
     norm_cells = np.random.default_rng(0).permutation(train_idx)[:VALIDATION_NORM_CELLS]
     threads = run.thread_policy()
-    history_attrs = {"engine": run.as_dict()}
+    history_attrs = {
+        "engine": run.as_dict(),
+        "optim": describe_optim_groups(optim_settings, groups, groups_reason),
+    }
     epochs = tqdm(
         range(first_epoch, first_epoch + max_epochs),
         desc="Training",

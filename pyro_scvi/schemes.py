@@ -175,6 +175,11 @@ class GlobalsGuide(Guide):
         Starting standard deviation of every global. The means start as a fresh
         ``nn.Linear`` layer does (uniform within ``1 / sqrt(n_hidden)``), ``log_theta``'s
         at 0, as the point-estimate model's.
+    optim_eps
+        Adam's ``eps`` for ``q``'s ``loc`` and ``log_scale`` (:meth:`optim_groups`; no weight
+        decay on them). :func:`~pyro_scvi.infer.train_svi` scales the networks' ``eps`` by
+        the number of cells (0.01 per cell, as scvi-tools' mean loss); the log-scales'
+        gradients are far below that, so with it Adam would barely move them.
     """
 
     def __init__(
@@ -183,11 +188,13 @@ class GlobalsGuide(Guide):
         globals_module: DecoderGlobals,
         *,
         init_scale: float = 0.1,
+        optim_eps: float = 1e-8,
     ) -> None:
         super().__init__()
         self.inner = inner
         self.sites = tuple(globals_module.sites)
         self.init_scale = float(init_scale)
+        self.optim_eps = float(optim_eps)
         shapes = {
             "rho_weight": (globals_module.n_genes, globals_module.n_hidden),
             "rho_bias": (globals_module.n_genes,),
@@ -224,6 +231,24 @@ class GlobalsGuide(Guide):
             if name in ("inner", "loc", "log_scale"):
                 raise
             return getattr(super().__getattr__("inner"), name)
+
+    def optim_groups(self) -> list[dict]:
+        """``q``'s parameters, which need Adam settings of their own (see ``optim_eps``).
+
+        Read by :func:`~pyro_scvi.infer.declared_optim_groups`: unscaled ``eps``, no weight
+        decay (the priors regularize the globals; decay would pull the log-scales to 0).
+        """
+        return [
+            {
+                "params": [*self.loc.values(), *self.log_scale.values()],
+                "eps": self.optim_eps,
+                "weight_decay": 0.0,
+                "reason": (
+                    f"q of the decoder's globals: eps {self.optim_eps:g}, unscaled (their "
+                    "gradients are far below the cell-scaled eps), no weight decay"
+                ),
+            }
+        ]
 
     def reset_parameters(self) -> None:
         """Fresh starting means (see ``init_scale``); standard deviations ``init_scale``."""

@@ -216,3 +216,32 @@ def test_resume_needs_the_runs_own_elbo(adata, monkeypatch):
         m.resume(progress_bar=False)
     m.resume(elbo=TraceMeanField_ELBO(), progress_bar=False)
     assert len(m.history) == 2
+
+
+@pytest.mark.parametrize("engine", ["eager", "pyro"])
+def test_bayesian_decoder_train_twice_and_checkpoint_resume(adata, tmp_path, engine):
+    """q of the globals has a param group of its own (its own eps): Adam's state of both
+    groups carries over a second train() call and a checkpoint loaded in a new object."""
+    from pyro_scvi.schemes import BayesianDecoder
+
+    def new():
+        return SCVI(adata, batch_key="batch", n_latent=3, n_hidden=16, scheme=BayesianDecoder())
+
+    one = new().train(2, **_kw(engine))
+    two = new().train(1, **_kw(engine))
+    two.train(1, **_kw(engine))
+    _assert_same_run(two, one)
+    if engine == "eager":
+        saved = two._train_state.optim["state"]["adam"]
+        assert len(saved["param_groups"]) == 2
+        assert saved["param_groups"][1]["eps"] == 1e-8
+    else:
+        store = two._train_state.optim["state"]
+        eps = {name: s["param_groups"][0]["eps"] for name, s in store.items()}
+        assert sorted(set(eps.values())) == [1e-8, pytest.approx(0.01 * len(two.train_indices))]
+    # a checkpoint written after the first epoch, resumed in a new object
+    ckpt = tmp_path / "ckpt"
+    new().train(1, checkpoint_dir=ckpt, checkpoint_every=1, **_kw(engine))
+    resumed = SCVI.load_checkpoint(ckpt, adata, device="cpu")
+    resumed.train(1, **_kw(engine))
+    _assert_same_run(resumed, one)

@@ -486,3 +486,89 @@ def test_bayesian_decoder_without_a_dispersion_has_no_theta_site(tiny_adata):
     assert np.isfinite(m.history["train_elbo"]).all()
     mean = m.get_likelihood_parameters(n_samples=3, seed=0)["mean"]
     assert not np.allclose(mean[0], mean[1])
+
+
+def _train_directly(adata, param_groups, engine="eager", epochs=3, batch_size=16, scheme=None):
+    """Train a BayesianDecoder model through train_svi (seed 0); return it and the history."""
+    from pyro_scvi.infer import train_svi
+
+    m = SCVI(adata, n_latent=N_LATENT, n_hidden=8, scheme=scheme or BayesianDecoder())
+    cells = np.random.default_rng(0).permutation(adata.n_obs)
+    n_val = max(adata.n_obs // 10, 1)
+    m.train_indices, val = np.sort(cells[n_val:]), np.sort(cells[:n_val])
+    with pyro.get_param_store().scope():
+        history = train_svi(
+            m.model,
+            m.guide,
+            m.data,
+            m.train_indices,
+            val,
+            max_epochs=epochs,
+            batch_size=batch_size,
+            engine=engine,
+            param_groups=param_groups,
+            seed=0,
+            progress_bar=False,
+        )
+    return m, history
+
+
+def test_bayesian_decoder_q_parameters_get_their_own_adam_group(tiny_adata, monkeypatch):
+    import pyro_scvi.infer as infer
+
+    made = []
+    real = infer._adam
+
+    def spy(params, **settings):
+        opt = real(params, **settings)
+        made.append(opt)
+        return opt
+
+    monkeypatch.setattr(infer, "_adam", spy)
+    m, history = _train_directly(tiny_adata, param_groups=True, epochs=1)
+    groups = made[-1].param_groups
+    assert len(groups) == 2
+    q_params = {id(p) for p in (*m.guide.loc.values(), *m.guide.log_scale.values())}
+    assert {id(p) for p in groups[1]["params"]} == q_params
+    assert groups[1]["eps"] == 1e-8 and groups[1]["weight_decay"] == 0.0
+    n = len(m.train_indices)
+    assert groups[0]["eps"] == pytest.approx(0.01 * n)
+    assert not q_params & {id(p) for p in groups[0]["params"]}
+    record = history.attrs["optim"]
+    assert record["groups_reason"].startswith("on")
+    assert record["groups"][0]["settings"]["eps"] == 1e-8
+    assert record["groups"][0]["n_tensors"] == len(q_params)
+
+    # a model without a scheme: one group, nothing declared
+    made.clear()
+    plain = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
+    plain.train(max_epochs=1, batch_size=16, progress_bar=False, engine="eager")
+    assert len(made[-1].param_groups) == 1
+    assert plain.history.attrs["optim"]["groups"] == []
+    assert plain.history.attrs["optim"]["groups_reason"].startswith("none declared")
+
+
+@pytest.mark.parametrize("engine", ["eager", Engine(compiled=False, fused_adam=False)])
+def test_bayesian_decoder_log_scales_move_with_their_own_eps(engine):
+    # q far narrower than the prior-dominated posterior (sd 1e-4): the globals' KL pulls
+    # each log-scale up with a gradient of about -1, and the likelihood's part (sd times
+    # a draw times dL/dw) is small. With the cell-scaled eps (0.01 x 900 cells = 9) Adam
+    # takes about lr / 10 per step; with q's own group (eps 1e-8) about lr.
+    adata = synthetic_zinb(n_cells=1000, n_genes=12, n_batches=1, seed=0)
+    scheme = BayesianDecoder(init_scale=1e-4)
+
+    def moved(param_groups):
+        m, history = _train_directly(
+            adata, param_groups, engine=engine, epochs=3, batch_size=100, scheme=scheme
+        )
+        start = math.log(m.guide.init_scale)
+        shift = [(m.guide.log_scale[s].detach() - start).mean() for s in GLOBAL_SITES]
+        return float(torch.stack(shift).mean()), history
+
+    own, history = moved(True)
+    scaled, history_off = moved(False)
+    assert history_off.attrs["optim"]["groups_reason"].startswith("off")
+    assert len(history.attrs["optim"]["groups"]) == 1
+    # 3 epochs x 9 steps at lr 1e-3: at most about 0.027
+    assert own > 0.02
+    assert own > 5 * scaled
