@@ -124,7 +124,7 @@ def _table(results: dict) -> str:
         "# Calibration and fit on held-out cells, per shared dataset",
         "",
         f"Defaults except the fit's settings; {length}; at most {settings['max_cells']} "
-        "random cells per dataset, 10 % held out, "
+        "random cells per dataset (fewer where the cells column says so), 10 % held out, "
         f"{settings['n_samples']} posterior draws per cell. PIT TV: distance of the "
         "randomized-PIT histogram (20 bins) from uniform (goal <= 0.03); floor: its value "
         "for as many uniform values; cal. error: mean |coverage - nominal| over central "
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     path = args.out_dir / f"{stem}.json"
     if args.append and path.exists():
         old = json.loads(path.read_text())
-        if old["settings"] != settings:
+        same = ("epochs", "n_samples", "smoke")
+        if any(old["settings"][k] != settings[k] for k in same):
             raise SystemExit(f"--append: {path} has settings {old['settings']}, not {settings}")
         kept = old["runs"]
     results = {"meta": _common.run_metadata(argv, None), "settings": settings, "runs": kept}
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
                 "fit": spec,
                 "likelihood": lik,
                 "settings": {**model_kw, **train_kw},
+                "max_cells": args.max_cells,
                 "epochs": len(model.history),
                 "train_seconds": train_seconds,
                 "criticize_seconds": time.perf_counter() - start - train_seconds,
