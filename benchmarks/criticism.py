@@ -133,7 +133,7 @@ def _table(results: dict) -> str:
         "| dataset | cells x genes | fit | epochs | " + " | ".join(h for _, h in COLUMNS) + " |",
         "|---|---|---|---|" + "---|" * len(COLUMNS),
     ]
-    for run in results["runs"]:
+    for run in sorted(results["runs"], key=lambda r: (r["dataset"], r["fit"] != "zinb", r["fit"])):
         values = []
         for key, _ in COLUMNS:
             v = run[key]
