@@ -85,6 +85,9 @@ def _worker(rank, world, init_file, out_dir):
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # Tear down together: a rank destroying its gloo pairs while the other still runs
+        # can abort the other's process at exit (seen once on a loaded machine).
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
