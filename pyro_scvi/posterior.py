@@ -27,13 +27,14 @@ from contextvars import ContextVar
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import scipy.sparse as sp
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
 
 from .data import CountData
-from .distributions import EPS
+from .distributions import nb_logits
 from .infer import _eval_mode
 from .priors import is_latent_library
 from .schemes import is_global
@@ -335,11 +336,13 @@ def dropout_probability_given_zero(
     >>> round(float(dropout_probability_given_zero(mu, None, gate_logits)), 4)  # Poisson
     0.8808
     """
+    zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
     if theta is None:
-        log_p0 = -mu
+        log_p0 = dist.Poisson(mu).log_prob(zero)
     else:
-        # the NB's log-probability of a zero, as in distributions.zinb_log_prob
-        log_p0 = theta * (torch.log(theta + EPS) - torch.log(theta + mu + EPS))
+        log_p0 = dist.NegativeBinomial(total_count=theta, logits=nb_logits(mu, theta)).log_prob(
+            zero
+        )
     return torch.sigmoid(gate_logits - log_p0)
 
 

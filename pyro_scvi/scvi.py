@@ -193,6 +193,16 @@ def _build_components(
     return model, guide
 
 
+def _gene_columns(data: CountData, gene_list: Sequence[str] | None) -> np.ndarray | None:
+    """Column positions of ``gene_list`` in ``data`` (``None``: all genes), or an InputError."""
+    if gene_list is None:
+        return None
+    unknown = [g for g in gene_list if g not in data.var_names]
+    if unknown:
+        raise InputError(f"gene_list has genes the model does not know: {unknown[:5]}.")
+    return data.var_names.get_indexer(list(gene_list))
+
+
 def _warn_unimportable(model: SCVI) -> None:
     """Warn when a saved component's class or function lives in ``__main__``."""
     from .pickling import main_module_names
@@ -1358,25 +1368,11 @@ class SCVI:
                 f"uses {likelihood!r}, under which no zero is a dropout. Fit with "
                 "likelihood=pyro_scvi.ZINB() (the default) or pyro_scvi.ZIP()."
             )
+        from .convert import _check_indices
+
         data = self.data_for(adata)
-        if indices is None:
-            idx = np.arange(data.n_cells)
-        else:
-            idx = np.asarray(indices)
-            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-                raise InputError("indices must be a 1-D array of integer cell positions.")
-            if len(idx) and (idx.min() < -data.n_cells or idx.max() >= data.n_cells):
-                raise InputError(
-                    f"indices must lie in [0, {data.n_cells}); the AnnData has "
-                    f"{data.n_cells} cells."
-                )
-            idx = idx % data.n_cells
-        columns = None
-        if gene_list is not None:
-            unknown = [g for g in gene_list if g not in data.var_names]
-            if unknown:
-                raise InputError(f"gene_list has genes the model does not know: {unknown[:5]}.")
-            columns = data.var_names.get_indexer(list(gene_list))
+        idx = _check_indices(indices, data.n_cells)
+        columns = _gene_columns(data, gene_list)
         with posterior.seeded(seed, self.device):
             return posterior.dropout_probability(
                 self.model,
@@ -1483,12 +1479,7 @@ class SCVI:
         """
         _check_positive(n_samples=n_samples, batch_size=batch_size)
         data = self.data_for(adata)
-        columns = None
-        if gene_list is not None:
-            unknown = [g for g in gene_list if g not in data.var_names]
-            if unknown:
-                raise InputError(f"gene_list has genes the model does not know: {unknown[:5]}.")
-            columns = data.var_names.get_indexer(list(gene_list))
+        columns = _gene_columns(data, gene_list)
         with posterior.seeded(seed, self.device):
             draws = posterior.posterior_predictive_counts(
                 self.model,
