@@ -120,11 +120,13 @@ def _table(results: dict) -> str:
         if epochs == "default"
         else f"{epochs} epochs (KL warm-up {max(1, epochs // 3)} unless the fit sets it)"
     )
+    caps = sorted({r.get("max_cells", settings["max_cells"]) for r in results["runs"]})
+    cap = " or ".join(str(c) for c in caps)
     lines = [
         "# Calibration and fit on held-out cells, per shared dataset",
         "",
-        f"Defaults except the fit's settings; {length}; at most {settings['max_cells']} "
-        "random cells per dataset (fewer where the cells column says so), 10 % held out, "
+        f"Defaults except the fit's settings; {length}; at most {cap} random cells per "
+        "dataset (each run's cap is in the JSON, its cells in the cells column), 10 % held out, "
         f"{settings['n_samples']} posterior draws per cell. PIT TV: distance of the "
         "randomized-PIT histogram (20 bins) from uniform (goal <= 0.03); floor: its value "
         "for as many uniform values; cal. error: mean |coverage - nominal| over central "
