@@ -37,6 +37,7 @@ that resumes the run (``--resume``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -677,7 +678,16 @@ def _check_resume_options(model, args: argparse.Namespace) -> None:
 
 
 def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    """Run ``pyro-scvi fit``; return the exit status."""
+    """Run ``pyro-scvi fit``; return the exit status.
+
+    A process group that fit starts (under torchrun) is destroyed when it ends, however it
+    ends (:func:`pyro_scvi.distributed.process_group`).
+    """
+    with contextlib.ExitStack() as stack:
+        return _fit(args, argv, stack)
+
+
+def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitStack) -> int:
     output = Path(args.output)
     if output.suffix != ".h5ad":
         raise InputError(f"OUTPUT {output} must end in .h5ad.")
@@ -713,7 +723,7 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
     resolve_device(args.device)  # fail before reading data
     # launched by torchrun: join the group; only rank 0 writes (pyro_scvi.distributed)
-    group = distributed.init_from_env(resolve_device(args.device))
+    group = stack.enter_context(distributed.process_group(resolve_device(args.device)))
     adata, streamed, data_source = _read_fit_input(args)
     plan = _normalized_plan(args, adata)
     if not plan.layer and args.normalized == "auto" and not plan.genes:
