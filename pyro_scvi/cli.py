@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--max-cells",
         type=_positive_int,
-        help="check a random subset of this many cells (default: all)",
+        help="check a random subset of this many cells (default: all), and at most this many "
+        "of the criticism page's cells; needed with --data-source streamed",
     )
     check.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
     check.add_argument(
