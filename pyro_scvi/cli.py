@@ -37,6 +37,7 @@ that resumes the run (``--resume``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -181,13 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="as --normalized-genes, the names read from FILE (one a line; # comments)",
     )
-    fit.add_argument(
-        "--data-source",
-        choices=["auto", "memory", "streamed"],
-        default="auto",
-        help="load INPUT's counts into memory, or stream them from the file: auto (default: "
-        "streamed when they would take more than half the available memory; recorded)",
-    )
+    _add_data_source_option(fit, "stream them from the file as training goes")
     fit.add_argument(
         "--drop-empty-cells",
         action="store_true",
@@ -285,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write each cell's values to PATH (.csv, or .h5ad: the scored cells)",
     )
+    _add_data_source_option(ev, "stream them from the file a minibatch at a time")
     _add_run_options(ev)
 
     check = sub.add_parser(
@@ -316,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--max-cells",
         type=_positive_int,
-        help="check a random subset of this many cells (default: all)",
+        help="check a random subset of this many cells (default: all), and at most this many "
+        "of the criticism page's cells; needed with --data-source streamed",
     )
     check.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
     check.add_argument(
@@ -332,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=MODEL_DIR",
         help="another saved fit to put side by side on the criticism page; repeatable",
+    )
+    _add_data_source_option(
+        check,
+        "stream them from the file (then --max-cells is needed: the draws of every "
+        "checked cell are held in memory)",
     )
     _add_run_options(check)
 
@@ -383,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     de.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
+    _add_data_source_option(de, "stream them from the file a minibatch at a time")
     _add_run_options(de)
     de.add_argument("-o", "--output", required=True, metavar="OUTPUT.csv")
 
@@ -406,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="obs columns, one panel each (default: cell_type and batch where present)",
     )
+    _add_data_source_option(pl, "leave them in the file (plot reads only obs and obsm)")
     _add_run_options(pl)
 
     mq = sub.add_parser(
@@ -428,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--lr", type=_positive_float, default=1e-3)
     mq.add_argument("--model-dir", help="where to save the query model")
     mq.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_source_option(mq, "stream them from the file as training goes")
     _add_run_options(mq)
     return parser
 
@@ -457,12 +462,14 @@ def _read_input(text: str):
     )
 
 
-def _read_fit_input(args: argparse.Namespace):
-    """``fit``'s input: ``(adata, streamed, reason)``, the file opened backed when streamed.
+def _read_data(args: argparse.Namespace, *, layer: str | None = None):
+    """A command's INPUT: ``(adata, streamed, reason)``, the file opened backed when streamed.
 
     A file is opened in backed mode first (nothing of the counts is read), and
-    :func:`pyro_scvi.engine.choose_data_source` decides from their size whether to load them
-    (``adata.to_memory()``) or stream them; ``--data-source`` decides instead when given.
+    :func:`pyro_scvi.engine.choose_data_source` decides from the size of its counts
+    (``layer``, default ``.X``) whether to load them (``adata.to_memory()``) or stream them;
+    ``--data-source`` decides instead when given. Every command that reads INPUT reads it
+    here, and reports ``reason``.
     """
     import anndata
 
@@ -483,13 +490,13 @@ def _read_fit_input(args: argparse.Namespace):
     except Exception as err:  # h5py/anndata raise many types for a bad file
         reason = " ".join(str(err).split())  # one line
         raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})") from err
-    if args.layer is not None and args.layer not in backed.layers:
+    if layer is not None and layer not in backed.layers:
         known = ", ".join(map(repr, backed.layers.keys())) or "none"
         raise InputError(
-            f"Layer {args.layer!r} not found in INPUT's layers (available: {known}); pass "
+            f"Layer {layer!r} not found in INPUT's layers (available: {known}); pass "
             "--layer naming the layer holding raw counts, or leave it out for .X."
         )
-    streamed, reason = choose_data_source(backed, layer=args.layer, asked=asked)
+    streamed, reason = choose_data_source(backed, layer=layer, asked=asked)
     if streamed:
         return backed, True, reason
     try:
@@ -497,6 +504,16 @@ def _read_fit_input(args: argparse.Namespace):
     finally:
         backed.file.close()
     return adata, False, reason
+
+
+def _add_data_source_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--data-source",
+        choices=["auto", "memory", "streamed"],
+        default="auto",
+        help=f"load INPUT's counts into memory, or {what}: auto (default: streamed when they "
+        "would take more than half the available memory; reported), memory or streamed",
+    )
 
 
 def _normalized_plan(args: argparse.Namespace, adata):
@@ -572,7 +589,19 @@ def _write_h5ad(model, adata, path: Path, *, plan, library: float, n_samples: in
     streamed (backed) ``adata`` is never loaded: its file is copied byte for byte and the
     latent space and ``uns`` are added to the copy.
     """
-    from .outputs import append_elements, copy_h5ad, write_normalized
+    from .outputs import write_normalized
+
+    _write_results_h5ad(adata, path)
+    write_normalized(path, model, plan, library_size=library, n_samples=n_samples)
+
+
+def _write_results_h5ad(adata, path: Path) -> None:
+    """Write ``adata`` with its results (``obsm["X_pyro_scvi"]``, ``uns["pyro_scvi"]``).
+
+    A streamed (backed) ``adata`` is never loaded: its file is copied byte for byte and the
+    results are added to the copy.
+    """
+    from .outputs import append_elements, copy_h5ad
 
     if adata.isbacked:
         copy_h5ad(adata.filename, path)
@@ -585,7 +614,6 @@ def _write_h5ad(model, adata, path: Path, *, plan, library: float, n_samples: in
         )
     else:
         adata.write_h5ad(path)
-    write_normalized(path, model, plan, library_size=library, n_samples=n_samples)
 
 
 def _write_fit_outputs(
@@ -677,7 +705,16 @@ def _check_resume_options(model, args: argparse.Namespace) -> None:
 
 
 def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    """Run ``pyro-scvi fit``; return the exit status."""
+    """Run ``pyro-scvi fit``; return the exit status.
+
+    A process group that fit starts (under torchrun) is destroyed when it ends, however it
+    ends (:func:`pyro_scvi.distributed.process_group`).
+    """
+    with contextlib.ExitStack() as stack:
+        return _fit(args, argv, stack)
+
+
+def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitStack) -> int:
     output = Path(args.output)
     if output.suffix != ".h5ad":
         raise InputError(f"OUTPUT {output} must end in .h5ad.")
@@ -713,8 +750,8 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
     resolve_device(args.device)  # fail before reading data
     # launched by torchrun: join the group; only rank 0 writes (pyro_scvi.distributed)
-    group = distributed.init_from_env(resolve_device(args.device))
-    adata, streamed, data_source = _read_fit_input(args)
+    group = stack.enter_context(distributed.process_group(resolve_device(args.device)))
+    adata, streamed, data_source = _read_data(args, layer=args.layer)
     plan = _normalized_plan(args, adata)
     if not plan.layer and args.normalized == "auto" and not plan.genes:
         print(f"{PROG}: {plan.reason}", file=sys.stderr)  # known before a long training
@@ -731,7 +768,9 @@ def fit(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             print(f"{PROG}: dropping {int((~keep).sum())} cells with zero counts", file=sys.stderr)
             adata = adata[keep].copy()
     if args.resume:
-        model = SCVI.load_checkpoint(checkpoint_dir, adata, device=args.device)
+        model = SCVI.load_checkpoint(
+            checkpoint_dir, adata, device=args.device, streamed=True if streamed else None
+        )
         _check_resume_options(model, args)
         if not model.interrupted:
             raise InputError(f"the checkpoint in {checkpoint_dir} has no run left to resume.")
@@ -912,8 +951,15 @@ def ppc(args: argparse.Namespace) -> int:
     from .scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
-    adata, _ = _read_input(args.input)
-    model = SCVI.load(args.model_dir, adata, device=args.device)
+    adata, streamed, data_source = _read_data(args)
+    if streamed and args.max_cells is None:
+        raise InputError(
+            f"INPUT is streamed ({data_source}), and ppc holds {args.n_samples} replicates of "
+            "every checked cell in memory; pass --max-cells N to check a random subset, or "
+            "--data-source memory."
+        )
+    streamed = True if streamed else None
+    model = SCVI.load(args.model_dir, adata, device=args.device, streamed=streamed)
     n_cells = model.data.n_cells
     indices = None
     if args.max_cells is not None and args.max_cells < n_cells:
@@ -936,8 +982,16 @@ def ppc(args: argparse.Namespace) -> int:
     plot_ppp_histograms(table, paths["ppp"])
     plot_ppc_scatter(table, paths["scatter"])
     fits = {"model": model}
-    fits.update({n: SCVI.load(d, adata, device=args.device) for n, d in others.items()})
-    pages = compare(fits, cells=args.cells, n_samples=max(args.n_samples, 2), seed=args.seed)
+    fits.update(
+        {n: SCVI.load(d, adata, device=args.device, streamed=streamed) for n, d in others.items()}
+    )
+    pages = compare(
+        fits,
+        cells=args.cells,
+        max_cells=args.max_cells,
+        n_samples=max(args.n_samples, 2),
+        seed=args.seed,
+    )
     criticism = summary_table(pages)
     with atomic_path(paths["criticism"]) as tmp:
         criticism.to_csv(tmp)
@@ -966,7 +1020,8 @@ def ppc(args: argparse.Namespace) -> int:
         f"{PROG} ppc: checked {idata.observed_data.sizes['cells']} cells x "
         f"{idata.observed_data.sizes['genes']} genes of {args.input} under the model in "
         f"{args.model_dir}, with {args.n_samples} posterior predictive draws (seed "
-        f"{args.seed}). Fraction of posterior predictive p-values outside [0.025, 0.975]: "
+        f"{args.seed}; counts {data_source}). Fraction of posterior predictive p-values "
+        "outside [0.025, 0.975]: "
         f"{outside}. Gene-wise p-values over many cells are narrower than 5% suggests: "
         "refitted to counts simulated from itself, the PBMC model still puts about a third "
         "of gene means outside, because its decoder and dispersions are point estimates; "
@@ -991,12 +1046,23 @@ def evaluate(args: argparse.Namespace) -> int:
     if per_cell is not None and input_path.exists() and per_cell.resolve() == input_path.resolve():
         raise InputError("--per-cell is the INPUT file; choose another path.")
 
+    import numpy as np
+
     from .files import atomic_path
     from .scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
-    adata, _ = _read_input(args.input)
-    model = SCVI.load(args.model_dir, adata, device=args.device)
+    adata, streamed, data_source = _read_data(args)
+    if streamed and per_cell is not None and per_cell.suffix == ".h5ad" and args.cells == "all":
+        raise InputError(
+            f"INPUT is streamed ({data_source}), and --per-cell .h5ad with --cells all would "
+            "load every cell's counts to write them; write a .csv, or pass --data-source "
+            "memory."
+        )
+    model = SCVI.load(
+        args.model_dir, adata, device=args.device, streamed=True if streamed else None
+    )
+    indices = None  # every cell
     if args.cells == "heldout":
         n_fitted = len(model.train_indices) + len(model.validation_indices)
         if model.data.n_cells != n_fitted:
@@ -1009,21 +1075,22 @@ def evaluate(args: argparse.Namespace) -> int:
             raise InputError(
                 "The model held out no cells (trained with train_size=1); pass --cells all."
             )
-        scored = model.heldout_adata
-    else:
-        scored = model.adata
+        indices = np.asarray(model.validation_indices)
+    names = model.data.obs_names if indices is None else model.data.obs_names[indices]
     if per_cell is not None:  # keyed by cell name
         from .data import require_unique_obs_names
 
-        require_unique_obs_names(scored.obs_names, "the per-cell output")
+        require_unique_obs_names(names, "the per-cell output")
+    # the model's own cells, read where the counts are (streamed: a minibatch at a time)
     stats = model.get_fit_statistics(
-        scored, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
+        indices=indices, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
     )
     result = {
         "cells": args.cells,
         "n_cells": len(stats),
         "n_samples": args.n_samples,
         "seed": args.seed,
+        "data_source": data_source,
     }
     for column in stats.columns:
         values = stats[column].to_numpy(dtype=float)
@@ -1036,7 +1103,9 @@ def evaluate(args: argparse.Namespace) -> int:
             if per_cell.suffix == ".csv":
                 stats.to_csv(tmp, index_label="cell")
             else:
-                out = scored.copy()  # INPUT's cells, never the caller's object
+                # INPUT's scored cells, never the caller's object (streamed: only those cells)
+                scored = adata if indices is None else adata[indices]
+                out = scored.to_memory() if scored.isbacked else scored.copy()
                 for column in stats.columns:
                     out.obs[f"pyro_scvi_{column}"] = stats[column].to_numpy()
                 out.uns["pyro_scvi_evaluate"] = {
@@ -1079,8 +1148,10 @@ def differential(args: argparse.Namespace) -> int:
     from .scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
-    adata, _ = _read_input(args.input)
-    model = SCVI.load(args.model_dir, adata, device=args.device)
+    adata, streamed, data_source = _read_data(args)
+    model = SCVI.load(
+        args.model_dir, adata, device=args.device, streamed=True if streamed else None
+    )
     results = model.differential_expression(
         groupby=args.groupby,
         group1=args.group1,
@@ -1101,7 +1172,8 @@ def differential(args: argparse.Namespace) -> int:
     listed = "; ".join(f"{name}: {int(n)}" for name, n in calls.items())
     print(
         f"{PROG} de ({args.mode} mode): genes called DE at posterior expected FDR "
-        f"{args.fdr_target:g} -- {listed}. Wrote {output} and {volcano}."
+        f"{args.fdr_target:g} -- {listed}. Wrote {output} and {volcano} (counts "
+        f"{data_source})."
     )
     return 0
 
@@ -1119,7 +1191,8 @@ def plot(args: argparse.Namespace) -> int:
     from .plotting import plot_embedding
     from .tl import EMBEDDINGS, embedding, embedding_method
 
-    adata, _ = _read_input(args.input)
+    # streamed: the file stays open backed; only obs and obsm are read
+    adata, _, data_source = _read_data(args)
     if args.use_rep not in adata.obsm:
         raise InputError(
             f"INPUT has no obsm[{args.use_rep!r}] (it has {list(adata.obsm.keys())}); pass "
@@ -1135,7 +1208,10 @@ def plot(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise InputError(str(err)) from err
     plot_embedding(adata, output, basis=basis, color=args.color)
-    print(f"{PROG} plot: wrote {output} ({method} of obsm[{args.use_rep!r}], {adata.n_obs} cells)")
+    print(
+        f"{PROG} plot: wrote {output} ({method} of obsm[{args.use_rep!r}], {adata.n_obs} cells; "
+        f"counts {data_source})"
+    )
     return 0
 
 
@@ -1156,8 +1232,8 @@ def map_query(args: argparse.Namespace) -> int:
     from .tl import write_results
 
     resolve_device(args.device)  # fail before reading data
-    adata, _ = _read_input(args.input)
-    model = SCVI.load_query_data(adata, args.reference)
+    adata, streamed, data_source = _read_data(args)
+    model = SCVI.load_query_data(adata, args.reference, streamed=True if streamed else None)
     model.train(
         args.max_epochs,
         batch_size=args.batch_size,
@@ -1168,14 +1244,15 @@ def map_query(args: argparse.Namespace) -> int:
     )
     model.save(model_dir, overwrite=True)
     params = dict(reference=str(args.reference), model_dir=str(model_dir), seed=args.seed)
-    params.update(max_epochs=len(model.history), input=str(args.input))
+    params.update(max_epochs=len(model.history), input=str(args.input), data_source=data_source)
     write_results(model, adata, params=params)
     with atomic_path(output) as tmp:
-        adata.write_h5ad(tmp)
+        _write_results_h5ad(adata, tmp)
     new = [b for b in model.batch_categories if b not in model.reference_batches]
     print(
         f"{PROG} map-query: mapped {adata.n_obs} cells of batches {new} onto {args.reference}; "
-        f"wrote {output} (obsm['X_pyro_scvi']); query model in {model_dir}",
+        f"wrote {output} (obsm['X_pyro_scvi']); query model in {model_dir}; counts "
+        f"{data_source}",
         file=sys.stderr,
     )
     return 0

@@ -667,20 +667,30 @@ def compare_elpd(results: Mapping[str, Criticism]) -> pd.DataFrame:
 
 
 def compare(
-    models: Mapping[str, object], adata: AnnData | None = None, **kwargs
+    models: Mapping[str, object],
+    adata: AnnData | None = None,
+    *,
+    max_cells: int | None = None,
+    **kwargs,
 ) -> dict[str, Criticism]:
     """:func:`criticize` each fit in ``models`` (name -> trained SCVI) on the same cells.
 
     With ``adata=None`` the cells are the first model's held-out cells, used for every fit
     (the models must share their AnnData; fits trained with the same ``seed`` and
     ``train_size`` share their split, and each result's ``cells`` says whether the cells
-    were held out from that fit). Other keyword arguments go to :func:`criticize`.
+    were held out from that fit). ``max_cells`` caps the cells so chosen at a random subset
+    of that many (drawn with ``seed``): the page holds its cells' counts and replicates in
+    memory. Other keyword arguments go to :func:`criticize`.
     """
     if not models:
         raise InputError("compare needs at least one model.")
     first = next(iter(models.values()))
     if adata is None and kwargs.get("indices") is None:
-        kwargs["indices"] = _choose_cells(first, None, None, kwargs.pop("cells", "held-out"))[1]
+        chosen = _choose_cells(first, None, None, kwargs.pop("cells", "held-out"))[1]
+        if max_cells is not None and len(chosen) > max_cells:
+            rng = np.random.default_rng(kwargs.get("seed", 0))
+            chosen = np.sort(rng.choice(chosen, int(max_cells), replace=False))
+        kwargs["indices"] = chosen
     return {name: criticize(m, adata, name=name, **kwargs) for name, m in models.items()}
 
 

@@ -101,7 +101,6 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 import pyro
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from pyro import poutine
@@ -272,7 +271,7 @@ def differential_expression(
     cells = {g: np.flatnonzero(labels == g) for g in needed}
     codes = list(range(data.n_batch)) if batch_correction else None
     if pseudocount is None:
-        library = np.asarray(data.X.sum(axis=1)).ravel()
+        library = data.total_counts()  # streamed counts have no X in memory
         pseudocount = 0.1 / max(float(np.median(library)), 1.0)
     rng = np.random.default_rng(seed)
     samples = _sample_codes(target, sample_key, mode)
@@ -724,18 +723,25 @@ def _mixture_pool(
 
 
 def _raw_statistics(data: CountData, cells: dict[str, np.ndarray]) -> dict[str, tuple]:
-    """Per group: number of cells, summed counts and cells with a non-zero count, per gene."""
+    """Per group: number of cells, summed counts and cells with a non-zero count, per gene.
+
+    Read a chunk of cells at a time through ``data.tensors``, so streamed counts
+    (:class:`~pyro_scvi.data.StreamedCounts`) are never all in memory.
+    """
     out = {}
     for name, idx in cells.items():
-        rows = data.X[idx]
-        nonzero = rows > 0
-        if sp.issparse(rows):
-            sums = np.asarray(rows.sum(0)).ravel()
-            nnz = np.asarray(nonzero.sum(0)).ravel()
-        else:
-            sums, nnz = rows.sum(0), nonzero.sum(0)
-        out[name] = (len(idx), sums.astype(np.float64), nnz.astype(np.float64))
+        sums = np.zeros(data.n_genes, dtype=np.float64)
+        nnz = np.zeros(data.n_genes, dtype=np.float64)
+        for chunk in data.minibatches(np.sort(idx), _RAW_CHUNK):
+            rows = data.tensors(chunk)[0].numpy()
+            sums += rows.sum(0, dtype=np.float64)
+            nnz += (rows > 0).sum(0)
+        out[name] = (len(idx), sums, nnz)
     return out
+
+
+#: Cells per read in :func:`_raw_statistics`.
+_RAW_CHUNK = 4096
 
 
 # ---------------------------------------------------------------------- statistics

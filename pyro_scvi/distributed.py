@@ -23,14 +23,17 @@ README). Each process (rank) trains on its own share of every global minibatch:
 * rank 0 writes the outputs (:attr:`DataParallel.is_main`).
 
 The backend is gloo on CPUs and NCCL on GPUs; :func:`init_from_env` starts the process
-group from torchrun's environment variables. The engine
+group from torchrun's environment variables, and :func:`process_group` also ends it (every
+rank at a barrier, then ``destroy_process_group``). The engine
 (:class:`~pyro_scvi.engine.Engine`, field ``data_parallel``) turns this on when a process
 group of more than one rank is running, and records it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -151,3 +154,40 @@ def init_from_env(device: torch.device | str = "cpu") -> DataParallel | None:
                 "with torchrun, e.g. `torchrun --nproc_per_node=2 -m pyro_scvi fit ...`."
             ) from err
     return current()
+
+
+def shutdown(*, barrier: bool = True) -> None:
+    """Destroy the default process group, if one is running; with ``barrier``, meet first.
+
+    A rank that destroys its gloo pairs while another still uses them can bring that rank
+    down (SIGABRT at teardown), so on a normal exit every rank waits at a barrier first.
+    After an error the barrier is skipped: the other ranks may never reach it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device | str = "cpu") -> Iterator[DataParallel | None]:
+    """:func:`init_from_env` for the ``with`` block, the group it started ended after it.
+
+    Yields what :func:`init_from_env` returns. A group this call started is destroyed
+    at the end (:func:`shutdown`: at a barrier on a normal exit, at once after an
+    error); a group that was already running is left to whoever started it.
+    """
+    started = not (dist.is_available() and dist.is_initialized())
+    group = init_from_env(device)
+    started = started and dist.is_available() and dist.is_initialized()
+    try:
+        yield group
+    except BaseException:
+        if started:
+            shutdown(barrier=False)
+        raise
+    if started:
+        shutdown()

@@ -174,7 +174,13 @@ def _load_reference(path: str | os.PathLike, adata: AnnData) -> SCVI:
     return SCVI.load(path, placeholder, device="cpu")
 
 
-def load_query_data(cls: type[SCVI], adata: AnnData, reference: SCVI | str | os.PathLike) -> SCVI:
+def load_query_data(
+    cls: type[SCVI],
+    adata: AnnData,
+    reference: SCVI | str | os.PathLike,
+    *,
+    streamed: bool | None = None,
+) -> SCVI:
     """Set up a model of ``adata``'s cells from ``reference``, its new batches appended.
 
     See :meth:`pyro_scvi.SCVI.load_query_data`.
@@ -228,6 +234,7 @@ def load_query_data(cls: type[SCVI], adata: AnnData, reference: SCVI | str | os.
         batch_key=batch_key,
         batch_categories=categories,
         var_names=reference.var_names,
+        streamed=streamed,
     )
     n_ref, n_batch = len(known), len(categories)
 
@@ -239,7 +246,8 @@ def load_query_data(cls: type[SCVI], adata: AnnData, reference: SCVI | str | os.
     model.n_batch = n_batch
     if is_latent_library(model.library_prior):
         # the new batches' prior from their cells, as SCVI() sets the reference's from its own
-        log_lib = np.log(np.maximum(np.asarray(data.X.sum(axis=1)).ravel(), 1.0))
+        # each cell's total: streamed counts have no X in memory
+        log_lib = np.log(np.maximum(data.total_counts(), 1.0))
         stats = [log_lib[data.batch_index == b] for b in range(n_ref, n_batch)]
         loc = torch.tensor([v.mean() for v in stats], dtype=torch.float32)
         scale = torch.tensor([max(v.std(), 1e-3) for v in stats], dtype=torch.float32)

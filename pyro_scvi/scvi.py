@@ -381,7 +381,13 @@ class SCVI:
         self.manifest: dict | None = None
 
     @classmethod
-    def load_query_data(cls, adata: AnnData, reference_model: SCVI | str | os.PathLike) -> SCVI:
+    def load_query_data(
+        cls,
+        adata: AnnData,
+        reference_model: SCVI | str | os.PathLike,
+        *,
+        streamed: bool | None = None,
+    ) -> SCVI:
         """A model of new batches mapped onto a trained reference (scArches-style).
 
         The query's batches are appended to the reference's; every reference weight is
@@ -397,6 +403,9 @@ class SCVI:
         reference_model
             A trained :class:`SCVI` set up with a ``batch_key``, or the directory it was
             saved to. It is not modified.
+        streamed
+            For a backed ``adata``: stream its counts from the file (``None``: the engine
+            decides), as in :class:`SCVI`.
 
         Returns
         -------
@@ -423,7 +432,7 @@ class SCVI:
         """
         from .query import load_query_data
 
-        return load_query_data(cls, adata, reference_model)
+        return load_query_data(cls, adata, reference_model, streamed=streamed)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -924,6 +933,7 @@ class SCVI:
         self,
         adata: AnnData | None = None,
         *,
+        indices: Sequence[int] | np.ndarray | None = None,
         n_samples: int = 100,
         batch_size: int = 64,
         seed: int | None = None,
@@ -937,6 +947,11 @@ class SCVI:
         ----------
         adata
             Cells to evaluate (default: the training AnnData), e.g. held-out cells.
+        indices
+            Positions (or a boolean mask) of the cells of ``adata`` to evaluate, in this
+            order (default: all), e.g. ``model.validation_indices``. Unlike a view such as
+            :attr:`heldout_adata`, these read the cells where the counts are: a streamed
+            model's from its file, a minibatch at a time.
         n_samples
             Importance samples ``K`` per cell.
         batch_size
@@ -958,19 +973,22 @@ class SCVI:
         >>> list(model.get_fit_statistics(n_samples=5, seed=0).columns)
         ['elbo', 'marginal_ll', 'reconstruction_error']
         """
+        from .convert import _check_indices
+
         _check_positive(n_samples=n_samples, batch_size=batch_size)
         data = self.data_for(adata)
+        idx = _check_indices(indices, data.n_cells)  # None: every cell
         with posterior.seeded(seed, self.device):
             stats = posterior.fit_statistics(
                 self.model,
                 self.guide,
                 data,
-                np.arange(data.n_cells),
+                idx,
                 n_samples=n_samples,
                 batch_size=batch_size,
                 device=self.device,
             )
-        return pd.DataFrame(stats, index=data.obs_names)
+        return pd.DataFrame(stats, index=data.obs_names[idx])
 
     def _fit_statistic(
         self, name: str, adata, n_samples, batch_size, per_cell, seed
@@ -1737,29 +1755,45 @@ class SCVI:
         return tmp
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto") -> SCVI:
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData,
+        *,
+        device: str = "auto",
+        streamed: bool | None = None,
+    ) -> SCVI:
         """Load a model saved with :meth:`save` (or a checkpoint), set up on ``adata``.
 
         ``adata`` must have the model's genes (in any order: they are matched by name)
         and only known batches; the library prior is the saved one, not recomputed from
-        ``adata``. The folder is checked first (:func:`pyro_scvi.io.read_model_dir`): a
+        ``adata``. A backed ``adata`` (``anndata.read_h5ad(path, backed="r")``) is
+        streamed or loaded as ``streamed`` says (``None``: the engine decides), as in
+        :class:`SCVI`. The folder is checked first (:func:`pyro_scvi.io.read_model_dir`): a
         missing, damaged, foreign or newer-format model raises
         :class:`pyro_scvi.io.ModelFileError` (an ``InputError``); folders of an older
         format are migrated. Load only folders you trust: ``model.pt`` is a pickle.
         """
         manifest, state, _ = read_model_dir(dir_path)
-        self = cls._from_state(state, adata, device=device, where=Path(dir_path))
+        self = cls._from_state(
+            state, adata, device=device, where=Path(dir_path), streamed=streamed
+        )
         self.manifest = manifest
         return self
 
     @classmethod
     def load_checkpoint(
-        cls, dir_path: str | os.PathLike, adata: AnnData, *, device: str = "auto"
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData,
+        *,
+        device: str = "auto",
+        streamed: bool | None = None,
     ) -> SCVI:
         """Load a training checkpoint (see :meth:`train`), ready for :meth:`resume`.
 
         ``adata`` must hold the cells the run trained on, in the same order, with the
-        same counts.
+        same counts; ``streamed`` as in :meth:`load`.
 
         Examples
         --------
@@ -1775,7 +1809,9 @@ class SCVI:
         3
         """
         manifest, state, extra = read_model_dir(dir_path, train_state=True)
-        self = cls._from_state(state, adata, device=device, where=Path(dir_path))
+        self = cls._from_state(
+            state, adata, device=device, where=Path(dir_path), streamed=streamed
+        )
         self.manifest = manifest
         try:
             saved, run = extra["data"], extra["run"]
@@ -1800,7 +1836,15 @@ class SCVI:
         return self
 
     @classmethod
-    def _from_state(cls, state: dict, adata: AnnData, *, device: str, where: Path) -> SCVI:
+    def _from_state(
+        cls,
+        state: dict,
+        adata: AnnData,
+        *,
+        device: str,
+        where: Path,
+        streamed: bool | None = None,
+    ) -> SCVI:
         s = state["settings"]
         self = cls.__new__(cls)
         self.adata = adata
@@ -1812,6 +1856,7 @@ class SCVI:
             batch_categories=state["batch_categories"],
             var_names=state["var_names"],
             allow_empty_cells=True,
+            streamed=streamed,
         )
         self.settings = s
         saved_guide = state.get("guide")

@@ -217,3 +217,49 @@ def test_torchrun_fit_trains_on_two_processes_and_rank_0_writes(tmp_path):
     engine = result.uns["pyro_scvi"]["params"]["engine"]
     assert bool(engine["data_parallel"]) and "of 2 (gloo)" in engine["reasons"]["data_parallel"]
     assert result.obsm["X_pyro_scvi"].shape == (200, 10)
+
+
+def _start_one_rank_group(init_file):
+    """A one-process gloo group, as init_from_env starts a torchrun group."""
+
+    def start(device="cpu"):
+        if not torch.distributed.is_initialized():  # as init_from_env: join a running one
+            torch.distributed.init_process_group(
+                "gloo", init_method=f"file://{init_file}", rank=0, world_size=1
+            )
+        return None  # one rank: no data parallelism, as init_from_env says
+
+    return start
+
+
+def test_process_group_ends_the_group_it_started_and_only_that(tmp_path, monkeypatch):
+    from pyro_scvi import distributed
+
+    dist = torch.distributed
+    monkeypatch.setattr(distributed, "init_from_env", _start_one_rank_group(tmp_path / "a"))
+    with distributed.process_group():
+        assert dist.is_initialized()
+    assert not dist.is_initialized()
+    monkeypatch.setattr(distributed, "init_from_env", _start_one_rank_group(tmp_path / "b"))
+    with pytest.raises(KeyError), distributed.process_group():  # ended after an error too
+        raise KeyError("boom")
+    assert not dist.is_initialized()
+    _start_one_rank_group(tmp_path / "c")()  # a group the caller started is theirs to end
+    with distributed.process_group():
+        pass
+    assert dist.is_initialized()
+    distributed.shutdown()
+    assert not dist.is_initialized()
+    distributed.shutdown()  # no group: nothing to do
+
+
+def test_fit_destroys_the_process_group_it_started(tmp_path, monkeypatch):
+    from pyro_scvi import distributed
+    from pyro_scvi.cli import main
+
+    src = tmp_path / "in.h5ad"
+    synthetic_zinb(n_cells=60, n_genes=10, seed=0).write_h5ad(src)
+    monkeypatch.setattr(distributed, "init_from_env", _start_one_rank_group(tmp_path / "init"))
+    argv = ["fit", src, "-o", tmp_path / "out.h5ad", "--max-epochs", "1", "--quiet"]
+    assert main([str(a) for a in [*argv, "--n-latent", "2", "--n-samples", "1"]]) == 0
+    assert not torch.distributed.is_initialized()

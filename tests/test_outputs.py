@@ -3,10 +3,12 @@
 import contextlib
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -269,3 +271,185 @@ def test_drop_empty_cells_with_a_streamed_input_is_refused(src, tmp_path):
     status, stderr = _run(argv)
     assert status == 2 and "--data-source memory" in stderr
     assert not out.exists()
+
+
+# ------------------------------------------------ the query commands on a streamed input
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Spy on ``AnnData.to_memory``: the number of cells of each load, in order."""
+    calls = []
+    original = anndata.AnnData.to_memory
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.n_obs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(anndata.AnnData, "to_memory", spy)
+    return calls
+
+
+def _run_out(argv, capsys):
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status, stderr = _run(argv)
+    return status, capsys.readouterr().out, stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(dense_run):
+    return dense_run.uns["pyro_scvi"]["params"]["model_dir"]
+
+
+def test_evaluate_streamed_equals_in_memory_and_loads_no_counts(
+    src, model_dir, tmp_path, capsys, loads
+):
+    results = {}
+    for source in ("memory", "streamed"):
+        per_cell = tmp_path / f"{source}.csv"
+        argv = ["evaluate", model_dir, src, "--n-samples", "5", "--seed", "3", "--device", "cpu"]
+        loads.clear()
+        status, out, stderr = _run_out(
+            [*argv, "--per-cell", per_cell, "--data-source", source], capsys
+        )
+        assert status == 0, stderr
+        results[source] = (json.loads(out), pd.read_csv(per_cell, index_col="cell"), list(loads))
+    memory, streamed = results["memory"], results["streamed"]
+    assert memory[2] == [N_CELLS] and streamed[2] == []  # only the memory run loaded the file
+    assert memory[0]["data_source"] == "memory: asked for"
+    assert streamed[0]["data_source"] == "streamed: asked for"
+    assert streamed[0]["n_cells"] == memory[0]["n_cells"] == len(memory[1]) > 0
+    pd.testing.assert_frame_equal(streamed[1], memory[1], rtol=1e-6)
+
+
+def test_evaluate_streamed_per_cell_h5ad_loads_only_the_scored_cells(
+    src, model_dir, tmp_path, loads
+):
+    out = tmp_path / "cells.h5ad"
+    argv = ["evaluate", model_dir, src, "--n-samples", "2", "--data-source", "streamed"]
+    status, stderr = _run([*argv, "--per-cell", out])
+    assert status == 0, stderr
+    scored = anndata.read_h5ad(out)
+    assert loads == [scored.n_obs] and scored.n_obs < N_CELLS  # the held-out cells only
+    assert "pyro_scvi_elbo" in scored.obs
+    # every cell's counts would be loaded: refused, naming the options
+    status, stderr = _run([*argv, "--per-cell", out, "--cells", "all"])
+    assert status == 2 and ".csv" in stderr and "--data-source memory" in stderr
+
+
+def test_ppc_streamed_equals_in_memory_and_needs_max_cells(src, model_dir, tmp_path, loads):
+    argv = ["ppc", model_dir, src, "--n-samples", "4", "--seed", "2", "--device", "cpu"]
+    status, stderr = _run([*argv, "-o", tmp_path / "x.nc", "--data-source", "streamed"])
+    assert status == 2 and "--max-cells" in stderr and "--data-source memory" in stderr
+    assert not (tmp_path / "x.nc").exists()
+    tables = {}
+    for source in ("memory", "streamed"):
+        loads.clear()
+        out = tmp_path / f"{source}.nc"
+        status, stderr = _run([*argv, "-o", out, "--max-cells", "20", "--data-source", source])
+        assert status == 0, stderr
+        assert loads == ([N_CELLS] if source == "memory" else [])
+        tables[source] = [
+            pd.read_csv(tmp_path / f"{source}{suffix}.csv") for suffix in ("", "_criticism")
+        ]
+    for streamed, memory in zip(tables["streamed"], tables["memory"], strict=True):
+        pd.testing.assert_frame_equal(streamed, memory, rtol=1e-5)
+    table, criticism = tables["streamed"]
+    assert table["ppp"].notna().any()
+    assert (criticism["n_cells"] <= 20).all()  # --max-cells caps the criticism page too
+
+
+def test_de_streamed_equals_in_memory(src, model_dir, tmp_path, capsys, loads):
+    results = {}
+    for source in ("memory", "streamed"):
+        loads.clear()
+        out = tmp_path / f"{source}.csv"
+        argv = ["de", model_dir, src, "--groupby", "cell_type", "--n-samples", "40"]
+        status, stdout, stderr = _run_out(
+            [*argv, "--seed", "4", "-o", out, "--data-source", source], capsys
+        )
+        assert status == 0, stderr
+        assert loads == ([N_CELLS] if source == "memory" else [])
+        assert f"counts {source}: asked for" in stdout
+        results[source] = pd.read_csv(out, index_col="gene")
+    assert len(results["memory"]) >= N_GENES
+    pd.testing.assert_frame_equal(results["streamed"], results["memory"], rtol=1e-5)
+
+
+def test_plot_streamed_reads_only_obsm(dense_run, tmp_path, capsys, loads, monkeypatch):
+    from pyro_scvi import plotting
+
+    fitted = tmp_path / "fitted.h5ad"
+    dense_run.write_h5ad(fitted)
+    drawn = {}
+
+    def capture(adata, path, *, basis, **kwargs):
+        drawn[source] = (adata.isbacked, np.array(adata.obsm[basis]))
+        Path(path).write_bytes(b"")
+
+    monkeypatch.setattr(plotting, "plot_embedding", capture)
+    for source in ("memory", "streamed"):
+        status, stdout, stderr = _run_out(
+            ["plot", fitted, "-o", tmp_path / "e.png", "--method", "pca", "--data-source", source],
+            capsys,
+        )
+        assert status == 0, stderr
+        assert f"counts {source}: asked for" in stdout
+    assert loads == [N_CELLS]  # the memory run's
+    assert drawn["streamed"][0] and not drawn["memory"][0]
+    assert drawn["memory"][1].shape == (N_CELLS, 2)
+    np.testing.assert_array_equal(drawn["streamed"][1], drawn["memory"][1])
+
+
+def test_map_query_streamed_equals_in_memory(tmp_path, loads):
+    sim = synthetic_zinb(n_cells=240, n_genes=N_GENES, n_batches=3, seed=5)
+    is_query = (sim.obs["batch"] == "batch2").to_numpy()
+    ref, query = tmp_path / "ref.h5ad", tmp_path / "query.h5ad"
+    sim[~is_query].copy().write_h5ad(ref)
+    sim[is_query].copy().write_h5ad(query)
+    status, stderr = _run(
+        ["fit", ref, "-o", tmp_path / "ref_out.h5ad", *FAST, "--batch-key", "batch"]
+    )
+    assert status == 0, stderr
+    digest = _sha256(query)
+    mapped = {}
+    for source in ("memory", "streamed"):
+        loads.clear()
+        out = tmp_path / f"{source}.h5ad"
+        argv = ["map-query", tmp_path / "ref_out_model", query, "-o", out]
+        status, stderr = _run(
+            [*argv, "--max-epochs", "2", "--seed", "1", "--quiet", "--data-source", source]
+        )
+        assert status == 0, stderr
+        assert f"counts {source}: asked for" in stderr
+        assert loads == ([int(is_query.sum())] if source == "memory" else [])
+        mapped[source] = anndata.read_h5ad(out)
+    assert _sha256(query) == digest
+    streamed, memory = mapped["streamed"], mapped["memory"]
+    assert streamed.uns["pyro_scvi"]["params"]["data_source"] == "streamed: asked for"
+    assert (streamed.X != memory.X).nnz == 0  # the query's counts, copied
+    assert streamed.obsm["X_pyro_scvi"].shape == (int(is_query.sum()), 3)
+    np.testing.assert_allclose(
+        streamed.obsm["X_pyro_scvi"], memory.obsm["X_pyro_scvi"], rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("command", ["evaluate", "ppc", "de", "plot", "map-query"])
+def test_streamed_shipped_dataset_is_refused_as_by_fit(command, tmp_path):
+    first = {"plot": [], "map-query": [tmp_path]}.get(command, [tmp_path])
+    argv = [command, *first, "pbmc8k_200hvg", "--data-source", "streamed"]
+    extra = {
+        "ppc": ["-o", tmp_path / "x.nc", "--max-cells", "5"],
+        "de": ["--groupby", "cell_type", "-o", tmp_path / "x.csv"],
+        "plot": ["-o", tmp_path / "x.png"],
+        "map-query": ["-o", tmp_path / "x.h5ad"],
+    }.get(command, [])
+    status, stderr = _run([*argv, *extra])
+    fit_status, fit_stderr = _run(
+        ["fit", "pbmc8k_200hvg", "-o", tmp_path / "f.h5ad", "--data-source", "streamed"]
+    )
+    assert status == fit_status == 2
+    message = "--data-source streamed reads an .h5ad file; INPUT is a shipped dataset"
+    assert message in stderr and message in fit_stderr
+    assert len(stderr.strip().splitlines()) == 1
