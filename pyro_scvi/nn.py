@@ -108,6 +108,10 @@ class Decoder(nn.Module):
         Build the zero-inflation head (``gate_logits``).
     cell_dispersion
         Build a head for a per-cell-and-gene ``log_theta``.
+    gate_init_logit
+        Initial bias of the zero-inflation head: every cell and gene starts with dropout
+        probability ``sigmoid(gate_init_logit)``. The likelihood chooses it
+        (:attr:`pyro_scvi.likelihoods.ZINB.initial_dropout`).
 
     Examples
     --------
@@ -127,14 +131,23 @@ class Decoder(nn.Module):
         n_layers: int = 1,
         gate: bool = True,
         cell_dispersion: bool = False,
+        gate_init_logit: float = 0.0,
     ) -> None:
         super().__init__()
+        self.gate_init_logit = float(gate_init_logit)
         self.n_batch = n_batch if n_batch > 1 else 0
         self.body = make_fc(n_latent + self.n_batch, n_hidden, n_layers, dropout_rate=0.0)
         # None when an inference scheme holds the output layer (pyro_scvi.schemes)
         self.rho_logits: nn.Linear | None = nn.Linear(n_hidden, n_output)
         self.gate_logits = nn.Linear(n_hidden, n_output) if gate else None
         self.log_theta = nn.Linear(n_hidden, n_output) if cell_dispersion else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start the zero-inflation head at ``gate_init_logit`` (after its layer's own reset)."""
+        if self.gate_logits is not None:
+            with torch.no_grad():
+                self.gate_logits.bias.fill_(self.gate_init_logit)
 
     def forward(
         self, z: torch.Tensor, batch_index: torch.Tensor

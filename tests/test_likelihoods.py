@@ -77,3 +77,35 @@ def test_a_new_likelihood_written_from_the_recipe_trains(small_adata):
     assert model.model.decoder.gate_logits is None and model.model.log_theta is not None
     model.train(max_epochs=1, progress_bar=False)
     assert np.isfinite(model.history["train_elbo"]).all()
+
+
+@pytest.mark.parametrize("likelihood", [pyro_scvi.ZINB(), ZIP(), pyro_scvi.ZINB(0.3)])
+def test_zero_inflation_gate_starts_at_initial_dropout(small_adata, likelihood):
+    model = pyro_scvi.SCVI(small_adata, likelihood=likelihood, n_latent=2, n_hidden=16)
+    model.train(max_epochs=1, seed=3, progress_bar=False)  # a new run resets the parameters
+    fresh = pyro_scvi.SCVI(small_adata, likelihood=likelihood, n_latent=2, n_hidden=16)
+    head = fresh.model.decoder.gate_logits
+    expected = torch.logit(torch.tensor(likelihood.initial_dropout, dtype=torch.float64))
+    np.testing.assert_allclose(head.bias.detach().double().numpy(), float(expected), rtol=1e-6)
+    # the weights keep their own random start, so the gate varies around the bias
+    z = torch.randn(64, 2)
+    with torch.no_grad():
+        gate = torch.sigmoid(fresh.model.decoder.eval()(z, torch.zeros(64))["gate_logits"])
+    assert 0.5 * likelihood.initial_dropout < gate.median() < 2 * likelihood.initial_dropout
+
+
+def test_initial_dropout_is_validated_saved_and_defaults_for_old_pickles(small_adata, tmp_path):
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="initial_dropout"):
+            pyro_scvi.ZINB(initial_dropout=bad)
+    model = pyro_scvi.SCVI(small_adata, likelihood=pyro_scvi.ZINB(0.2), n_latent=2, n_hidden=8)
+    model.train(max_epochs=1, progress_bar=False)
+    model.save(tmp_path / "m")
+    loaded = pyro_scvi.SCVI.load(tmp_path / "m", small_adata)
+    assert loaded.model.likelihood.initial_dropout == 0.2
+    assert repr(loaded.model.likelihood) == "ZINB(initial_dropout=0.2)"
+    # a ZINB pickled before the option existed has no instance attribute: the class default
+    old = pyro_scvi.ZINB.__new__(pyro_scvi.ZINB)
+    assert old.initial_dropout == 0.05 and repr(old) == "ZINB()"
+    # a user's own gated likelihood keeps a layer's usual zero start
+    assert Likelihood.initial_dropout == 0.5 and Likelihood().gate_init_logit == 0.0
