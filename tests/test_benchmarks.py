@@ -255,3 +255,19 @@ def test_bayesian_decoder_scales_smoke(tmp_path):
     for site in ("rho_weight", "rho_bias", "log_theta"):
         assert first[site] > 0 and last[site] != first[site]  # only the scales train
     assert "log theta" in (tmp_path / "bayesian_decoder_scales_smoke.md").read_text()
+
+
+def test_gate_init_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "gate_init.py"), "--smoke", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gate_init_smoke.json").read_text())
+    (dataset,) = results["datasets"]
+    assert sorted(r["initial_dropout"] for r in dataset["runs"]) == [0.05, 0.5]
+    for run in dataset["runs"]:
+        assert math.isfinite(run["heldout_log_px_per_cell"]) and -1 <= run["ari"] <= 1
+        assert 0 <= run["depth_r2_within_types"] <= 1
+    # the two starts train different fits from the same seed
+    a, b = dataset["runs"]
+    assert a["heldout_log_px_per_cell"] != b["heldout_log_px_per_cell"]
+    assert "initial dropout" in proc.stdout
