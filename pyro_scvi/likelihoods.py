@@ -56,8 +56,9 @@ class Likelihood:
 
     uses_dispersion: bool = False
     uses_gate: bool = False
-    #: Dropout probability every cell and gene starts with (zero-inflated likelihoods).
-    initial_dropout: float = 0.5
+    #: Dropout probability every cell and gene starts with (zero-inflated likelihoods);
+    #: None leaves the gate head's bias at its layer's random initialization.
+    initial_dropout: float | None = None
     #: Whether ``__call__`` builds the same distribution structure on every call (no
     #: Python control flow on tensor values), so that a compiled (JIT) ELBO may hold it.
     static_structure: bool = False
@@ -74,8 +75,10 @@ class Likelihood:
         raise NotImplementedError
 
     @property
-    def gate_init_logit(self) -> float:
+    def gate_init_logit(self) -> float | None:
         """``logit(initial_dropout)``: the initial bias of the decoder's zero-inflation head."""
+        if self.initial_dropout is None:
+            return None
         p = float(self.initial_dropout)
         return math.log(p) - math.log1p(-p)
 
@@ -91,11 +94,11 @@ class _ZeroInflated(Likelihood):
 
     The gate starts at ``initial_dropout`` (default 0.05) for every cell and gene, so a
     fit starts close to its count distribution without zero inflation and gives zeros to
-    the gate where the data call for it. Starting at the midpoint, 0.5 (the zero bias of
-    a freshly initialised layer), makes half of every gene's mass a dropout at first, and
-    the latent library and the gate can then trade the cells' depth between them for the
-    rest of the fit; on some data (the Zeisel cortex subset) that start gave clearly worse
-    clusters (``benchmarks/results/accuracy_defaults.md``).
+    the gate where the data call for it. A freshly initialised layer (``None``, the start
+    before this option existed) puts the gate near 0.5: half of every gene's mass is a
+    dropout at first, and the latent library and the gate can then trade the cells' depth
+    between them for the rest of the fit; on some data (the Zeisel cortex subset) that
+    start gave clearly worse clusters (``benchmarks/results/gate_init.md``).
 
     Examples
     --------
@@ -104,16 +107,17 @@ class _ZeroInflated(Likelihood):
     """
 
     uses_gate = True
-    initial_dropout: float = 0.05
+    initial_dropout: float | None = 0.05
 
-    def __init__(self, initial_dropout: float = 0.05) -> None:
-        p = float(initial_dropout)
-        if not 0.0 < p < 1.0:
-            raise ValueError(
-                f"initial_dropout={initial_dropout!r}; it is a probability strictly between "
-                "0 and 1, e.g. 0.05."
-            )
-        self.initial_dropout = p
+    def __init__(self, initial_dropout: float | None = 0.05) -> None:
+        if initial_dropout is not None:
+            if not 0.0 < float(initial_dropout) < 1.0:
+                raise ValueError(
+                    f"initial_dropout={initial_dropout!r}; it is a probability strictly "
+                    "between 0 and 1, e.g. 0.05 (or None: the layer's random start)."
+                )
+            initial_dropout = float(initial_dropout)
+        self.initial_dropout = initial_dropout
 
 
 class ZINB(_ZeroInflated):

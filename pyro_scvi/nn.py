@@ -110,8 +110,9 @@ class Decoder(nn.Module):
         Build a head for a per-cell-and-gene ``log_theta``.
     gate_init_logit
         Initial bias of the zero-inflation head: every cell and gene starts with dropout
-        probability ``sigmoid(gate_init_logit)``. The likelihood chooses it
-        (:attr:`pyro_scvi.likelihoods.ZINB.initial_dropout`).
+        probability about ``sigmoid(gate_init_logit)``. The likelihood chooses it
+        (:attr:`pyro_scvi.likelihoods.ZINB.initial_dropout`); None keeps the layer's
+        random bias.
 
     Examples
     --------
@@ -131,10 +132,10 @@ class Decoder(nn.Module):
         n_layers: int = 1,
         gate: bool = True,
         cell_dispersion: bool = False,
-        gate_init_logit: float = 0.0,
+        gate_init_logit: float | None = None,
     ) -> None:
         super().__init__()
-        self.gate_init_logit = float(gate_init_logit)
+        self.gate_init_logit = gate_init_logit
         self.n_batch = n_batch if n_batch > 1 else 0
         self.body = make_fc(n_latent + self.n_batch, n_hidden, n_layers, dropout_rate=0.0)
         # None when an inference scheme holds the output layer (pyro_scvi.schemes)
@@ -145,7 +146,7 @@ class Decoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """Start the zero-inflation head at ``gate_init_logit`` (after its layer's own reset)."""
-        if self.gate_logits is not None:
+        if self.gate_logits is not None and self.gate_init_logit is not None:
             with torch.no_grad():
                 self.gate_logits.bias.fill_(self.gate_init_logit)
 

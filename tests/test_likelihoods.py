@@ -107,5 +107,11 @@ def test_initial_dropout_is_validated_saved_and_defaults_for_old_pickles(small_a
     # a ZINB pickled before the option existed has no instance attribute: the class default
     old = pyro_scvi.ZINB.__new__(pyro_scvi.ZINB)
     assert old.initial_dropout == 0.05 and repr(old) == "ZINB()"
-    # a user's own gated likelihood keeps a layer's usual zero start
-    assert Likelihood.initial_dropout == 0.5 and Likelihood().gate_init_logit == 0.0
+    # a user's own gated likelihood, and initial_dropout=None, keep the layer's random start
+    assert Likelihood.initial_dropout is None and Likelihood().gate_init_logit is None
+    random_start = pyro_scvi.SCVI(
+        small_adata, likelihood=pyro_scvi.ZINB(initial_dropout=None), n_latent=2, n_hidden=8
+    )
+    bias = random_start.model.decoder.gate_logits.bias.detach()
+    assert repr(random_start.model.likelihood) == "ZINB(initial_dropout=None)"
+    assert bias.std() > 0 and bias.abs().max() <= 8**-0.5  # nn.Linear's U(-1/sqrt(8), ...)
