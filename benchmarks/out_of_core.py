@@ -404,8 +404,10 @@ TABLES = {"api": "runs", "cli": "cli", "queries": "queries"}
 def merged(results: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
     """``results`` plus the rows of ``earlier`` that this run does not redo (``--merge``).
 
-    A row is redone when this run runs its table (``--only``) at its number of cells. Kept
-    rows carry ``from_run``: the date, commit, command and note of the run that made them.
+    A row is redone once this run has measured a row of its table at its number of cells:
+    an earlier row stays until then, and beside a failed row.
+    Kept rows carry ``from_run``: the date, commit, command and note of the run that made
+    them.
     """
     if not earlier:
         return results
@@ -417,12 +419,12 @@ def merged(results: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str,
         "note": str(earlier["args"].get("note") or ""),
     }
     out = dict(results)
-    for table, key in TABLES.items():
-        rerun = table in results["args"]["only"]
+    for key in TABLES.values():
+        redone = {r["cells"] for r in results.get(key, []) if "error" not in r}
         kept = [
             {**r, "from_run": r.get("from_run", provenance)}
             for r in earlier.get(key, [])
-            if not (rerun and r["cells"] in results["args"]["cells"])
+            if r["cells"] not in redone
         ]
         # stable: a size's rows keep their order (streamed before in memory; the queries)
         out[key] = sorted(kept + results.get(key, []), key=lambda r: r["cells"])

@@ -164,18 +164,26 @@ def test_out_of_core_merge_keeps_rows_not_redone(monkeypatch):
     }
     now = {
         "meta": {},
-        "args": {"cells": [20], "only": ["cli", "queries"]},
+        "args": {"cells": [10, 20], "only": ["cli", "queries"]},
         "runs": [],
         "cli": [{"cells": 20, "new": True}],
         "queries": [{"cells": 20, "query": "evaluate"}],
     }
     out = out_of_core.merged(now, earlier)
-    # the api table was not run: both earlier rows stay; the cli row at 20 cells is redone
+    # no api rows now: both earlier rows stay; the cli row at 20 cells is redone, the one at
+    # 10 not yet
     assert [r["cells"] for r in out["runs"]] == [10, 20]
     assert all(r["from_run"]["commit"] == "abc" for r in out["runs"])
     assert out["cli"][0]["from_run"]["note"] == "under load"
     assert out["cli"][1] == {"cells": 20, "new": True}
     assert out["queries"] == now["queries"]
+    # a failed row does not replace the measured one
+    failed = out_of_core.merged({**now, "cli": [{"cells": 10, "error": "x"}]}, earlier)
+    assert [("error" in r, "from_run" in r) for r in failed["cli"]] == [
+        (False, True),
+        (True, False),
+        (False, True),
+    ]
     # merged again, rows keep the run that made them
     again = out_of_core.merged({**now, "cli": []}, {**out, "meta": {"date": "later"}})
     assert again["runs"][0]["from_run"]["date"] == "then"
