@@ -137,6 +137,56 @@ def test_out_of_core_smoke(tmp_path):
         assert r["status"] == 0 and r["latent_finite"] and r["peak_rss_mib"] > 0
         assert r["data_source"] == "streamed: asked for"
         assert r["normalized"].startswith("chosen genes only: 2 gene(s)")
+    queries = json.loads((tmp_path / "out_of_core_smoke.json").read_text())["queries"]
+    names = ["evaluate", "de", "ppc", "plot", "map-query"]
+    assert [(r["cells"], r["query"]) for r in queries] == [
+        (n, q) for n in (600, 1200) for q in names
+    ]
+    for r in queries:
+        assert "error" not in r, r
+        assert r["status"] == 0 and r["check_finite"], r
+        assert math.isfinite(r["peak_rss_mib"]) and r["peak_rss_mib"] > 0
+        assert "--data-source streamed" in r["command"]
+    assert all(0 < r["n_cells"] <= 200 for r in queries if r["query"] == "map-query")
+    assert "| map-query |" in (tmp_path / "out_of_core_smoke.md").read_text()
+
+
+def test_out_of_core_merge_keeps_rows_not_redone(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("out_of_core", BENCHMARKS / "out_of_core.py")
+    out_of_core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(out_of_core)
+    earlier = {
+        "meta": {"date": "then", "command": "old", "git": {"pyro_scvi_commit": "abc"}},
+        "args": {"note": "under load"},
+        "runs": [{"cells": 10, "mode": "streamed"}, {"cells": 20, "mode": "streamed"}],
+        "cli": [{"cells": 10}, {"cells": 20}],
+    }
+    now = {
+        "meta": {},
+        "args": {"cells": [10, 20], "only": ["cli", "queries"]},
+        "runs": [],
+        "cli": [{"cells": 20, "new": True}],
+        "queries": [{"cells": 20, "query": "evaluate"}],
+    }
+    out = out_of_core.merged(now, earlier)
+    # no api rows now: both earlier rows stay; the cli row at 20 cells is redone, the one at
+    # 10 not yet
+    assert [r["cells"] for r in out["runs"]] == [10, 20]
+    assert all(r["from_run"]["commit"] == "abc" for r in out["runs"])
+    assert out["cli"][0]["from_run"]["note"] == "under load"
+    assert out["cli"][1] == {"cells": 20, "new": True}
+    assert out["queries"] == now["queries"]
+    # a failed row does not replace the measured one
+    failed = out_of_core.merged({**now, "cli": [{"cells": 10, "error": "x"}]}, earlier)
+    assert [("error" in r, "from_run" in r) for r in failed["cli"]] == [
+        (False, True),
+        (True, False),
+        (False, True),
+    ]
+    # merged again, rows keep the run that made them
+    again = out_of_core.merged({**now, "cli": []}, {**out, "meta": {"date": "later"}})
+    assert again["runs"][0]["from_run"]["date"] == "then"
 
 
 def test_query_mapping_smoke(tmp_path):
