@@ -13,10 +13,9 @@ training cells), on every shared dataset and several seeds:
   mixing (multi-batch data), from :func:`pyro_scvi.metrics.score_latent`;
 * held-out log p(x) per cell (``get_marginal_ll`` on the validation cells, at most
   ``--ll-cells``, ``--ll-samples`` importance draws);
-* how much of the cells' log library size z still explains within a cell type (the median
-  over cell types of the R² of a linear regression of log library size on z): a gate that
-  starts at 0.5 lets the latent library and the gate trade depth between them, and the
-  part the gate takes is a function of z.
+* how much of the cells' log library size z explains within a cell type (the median over
+  cell types of the R² of a linear regression of log library size on z), a diagnostic of
+  how much sequencing depth z carries.
 
 ::
 

@@ -96,9 +96,8 @@ class _ZeroInflated(Likelihood):
     fit starts close to its count distribution without zero inflation and gives zeros to
     the gate where the data call for it. A freshly initialised layer (``None``, the start
     before this option existed) puts the gate near 0.5: half of every gene's mass is a
-    dropout at first, and the latent library and the gate can then trade the cells' depth
-    between them for the rest of the fit; on some data (the Zeisel cortex subset) that
-    start gave clearly worse clusters (``benchmarks/results/gate_init.md``).
+    dropout at first; on some data (the Zeisel cortex subset) that start gave clearly
+    worse clusters, at the same held-out fit (``benchmarks/results/gate_init.md``).
 
     Examples
     --------
