@@ -134,6 +134,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ll-samples", type=int, default=100, help="importance samples, log p(x)")
     p.add_argument("--out-dir", type=Path, default=cst.DEFAULT_OUT_DIR, help="Results folder")
     p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the datasets of the results already in --out-dir that this run does not "
+        "redo (each marked with the run that measured it)",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help=f"Quick check: {SMOKE['dataset']} (or synthetic:300x100) subsampled to "
@@ -386,6 +392,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         "datasets": [],
     }
     stem = "accuracy_defaults" + ("_smoke" if args.smoke else "")
+    if args.merge:
+        results["datasets"] = earlier_datasets(
+            args.out_dir / f"{stem}.json", {ds["name"] for ds in args.dataset_specs}
+        )
     prep = argparse.Namespace(
         data_dir=args.data_dir, subsample=args.subsample, seed=0, threads=args.threads_setting
     )
@@ -414,6 +424,26 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     print(table)
     _common.write_results(args.out_dir, stem, results, table)
     return exit_code(results)
+
+
+def earlier_datasets(path: Path, redone: set[str]) -> list[dict[str, Any]]:
+    """The datasets of the results file ``path`` that are not in ``redone``, each with
+    ``from_run`` (the date, command and commit of the run that measured it)."""
+    if not path.exists():
+        return []
+    import json
+
+    earlier = json.loads(path.read_text())
+    provenance = {
+        "date": earlier["date"],
+        "command": earlier["command"],
+        "commit": earlier["git"]["pyro_scvi_commit"],
+    }
+    kept = []
+    for d in earlier["datasets"]:
+        if d["name"] not in redone:
+            kept.append({**d, "from_run": d.get("from_run", provenance)})
+    return kept
 
 
 def exit_code(results: dict[str, Any]) -> int:
@@ -509,8 +539,9 @@ def markdown_table(results: dict[str, Any]) -> str:
             return f"{fmt(a, spec)} | {fmt(b, spec)} | {fmt(diff, '+' + spec)}"
 
         multi = d["n_batches"] > 1
+        name = d["name"] + (" (earlier run†)" if "from_run" in d else "")
         lines.append(
-            f"| {d['name']} | {d['n_cells']} x {d['n_genes']} | {d['n_batches']} "
+            f"| {name} | {d['n_cells']} x {d['n_genes']} | {d['n_batches']} "
             f"| {mine['n_ok']} / {theirs['n_ok']} | {pair('ari', '.3f')} "
             f"| {pair('entropy_batch_mixing', '.3f') if multi else '— | — | —'} "
             f"| {pair('heldout_log_px_per_cell', '.2f')} "
@@ -520,7 +551,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines += [
         "",
         "\\* scvi-tools' default model conditions on the observed library size (log p(x | "
-        "library)); pyro_scvi's integrates over a latent library (log p(x)).",
+        "library)); pyro_scvi's integrates over a latent library (log p(x)). † kept from an "
+        "earlier run by --merge; see the notes.",
         "",
         "## Criteria (pyro_scvi against scvi-tools, medians over seeds)",
         "",
@@ -541,7 +573,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     failed = failures(results)
     lines += ["", "## Failures", ""]
     lines += [f"- {f}" for f in failed] if failed else ["None: every run finished and scored."]
-    lines += ["", "## Notes", "", *(f"- {note}" for note in results["notes"]), ""]
+    merged = [d for d in results["datasets"] if "from_run" in d]
+    lines += ["", "## Notes", "", *(f"- {note}" for note in results["notes"])]
+    lines += [
+        f"- {d['name']}: kept from an earlier run (--merge): `{d['from_run']['command']}` "
+        f"at commit {str(d['from_run']['commit'])[:7]}, {d['from_run']['date']}."
+        for d in merged
+    ]
+    lines.append("")
     return "\n".join(lines)
 
 

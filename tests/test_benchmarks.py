@@ -93,6 +93,21 @@ def test_accuracy_defaults_smoke(tmp_path):
         assert math.isfinite(theirs[0]["heldout_log_px_per_cell"])
     assert "held-out log p(x)" in proc.stdout
 
+    # --merge keeps a dataset of the earlier results that this run does not redo
+    earlier = dict(results, datasets=[dict(dataset, name="an_earlier_dataset")])
+    (tmp_path / "accuracy_defaults_smoke.json").write_text(json.dumps(earlier))
+    proc = subprocess.run(
+        [*cmd, "--out-dir", str(tmp_path), "--merge"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode in (0, 2), proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
+    names = [d["name"] for d in merged["datasets"]]
+    assert names == ["an_earlier_dataset", dataset["name"]]
+    assert merged["datasets"][0]["from_run"]["date"] == results["date"]
+    assert "from_run" not in merged["datasets"][1]
+    assert "an_earlier_dataset (earlier run†)" in proc.stdout
+    assert "kept from an earlier run (--merge)" in proc.stdout
+
 
 def test_data_parallel_smoke(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "data_parallel.py"), "--smoke", "--out", str(tmp_path)]
