@@ -160,6 +160,28 @@ def run_metadata(
     }
 
 
+def keep_not_redone(
+    rows: Sequence[dict[str, Any]],
+    redone: set[Any],
+    key: str,
+    meta: dict[str, Any],
+    note: str = "",
+) -> list[dict[str, Any]]:
+    """``--merge``: the earlier ``rows`` whose ``row[key]`` this run does not redo.
+
+    Each kept row carries ``from_run``, the date, commit, command (and ``note``) of the
+    run that measured it, from that run's :func:`run_metadata` ``meta``; a row kept
+    before keeps its own.
+    """
+    provenance = {
+        "date": str(meta.get("date")),
+        "commit": str((meta.get("git") or {}).get("pyro_scvi_commit")),
+        "command": str(meta.get("command")),
+        "note": note,
+    }
+    return [{**r, "from_run": r.get("from_run", provenance)} for r in rows if r[key] not in redone]
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process, MiB (``getrusage(RUSAGE_SELF).ru_maxrss``).
 

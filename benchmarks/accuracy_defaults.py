@@ -434,16 +434,7 @@ def earlier_datasets(path: Path, redone: set[str]) -> list[dict[str, Any]]:
     import json
 
     earlier = json.loads(path.read_text())
-    provenance = {
-        "date": earlier["date"],
-        "command": earlier["command"],
-        "commit": earlier["git"]["pyro_scvi_commit"],
-    }
-    kept = []
-    for d in earlier["datasets"]:
-        if d["name"] not in redone:
-            kept.append({**d, "from_run": d.get("from_run", provenance)})
-    return kept
+    return _common.keep_not_redone(earlier["datasets"], redone, "name", earlier)
 
 
 def exit_code(results: dict[str, Any]) -> int:

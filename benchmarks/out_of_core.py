@@ -411,21 +411,13 @@ def merged(results: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str,
     """
     if not earlier:
         return results
-    meta = earlier["meta"]
-    provenance = {
-        "date": str(meta.get("date")),
-        "commit": str((meta.get("git") or {}).get("pyro_scvi_commit")),
-        "command": str(meta.get("command")),
-        "note": str(earlier["args"].get("note") or ""),
-    }
+    note = str(earlier["args"].get("note") or "")
     out = dict(results)
     for key in TABLES.values():
         redone = {r["cells"] for r in results.get(key, []) if "error" not in r}
-        kept = [
-            {**r, "from_run": r.get("from_run", provenance)}
-            for r in earlier.get(key, [])
-            if r["cells"] not in redone
-        ]
+        kept = _common.keep_not_redone(
+            earlier.get(key, []), redone, "cells", earlier["meta"], note
+        )
         # stable: a size's rows keep their order (streamed before in memory; the queries)
         out[key] = sorted(kept + results.get(key, []), key=lambda r: r["cells"])
     return out
