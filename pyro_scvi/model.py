@@ -179,7 +179,7 @@ class ScviModel(nn.Module):
             n_layers,
             gate=self.likelihood.uses_gate,
             cell_dispersion=uses_theta and dispersion == "gene-cell",
-            gate_init_logit=self.likelihood.gate_init_logit if self.likelihood.uses_gate else None,
+            gate_init_logit=self.likelihood.gate_init_logit,
         )
         self.log_theta = None
         if uses_theta and dispersion == "gene":
