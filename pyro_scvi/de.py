@@ -732,7 +732,7 @@ def _raw_statistics(data: CountData, cells: dict[str, np.ndarray]) -> dict[str, 
     for name, idx in cells.items():
         sums = np.zeros(data.n_genes, dtype=np.float64)
         nnz = np.zeros(data.n_genes, dtype=np.float64)
-        for chunk in data.minibatches(np.sort(idx), _RAW_CHUNK):
+        for chunk in data.minibatches(np.sort(idx), max(1, _RAW_CHUNK_ENTRIES // data.n_genes)):
             rows = data.tensors(chunk)[0].numpy()
             sums += rows.sum(0, dtype=np.float64)
             nnz += (rows > 0).sum(0)
@@ -740,8 +740,8 @@ def _raw_statistics(data: CountData, cells: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-#: Cells per read in :func:`_raw_statistics`.
-_RAW_CHUNK = 4096
+#: Dense entries (cells x genes, float32: 32 MiB) per read in :func:`_raw_statistics`.
+_RAW_CHUNK_ENTRIES = 2**23
 
 
 # ---------------------------------------------------------------------- statistics

@@ -534,3 +534,21 @@ def test_a_small_group_spread_over_batches_is_compared_where_it_has_cells(traine
     # the DE genes still lead, with at most the certainty 12 cells allow
     assert len(set(res.index[:N_DE]) & DE_GENES) >= N_DE - 1
     assert res["proba_de"].max() <= 1 - 0.5 / 13 + 1e-12
+
+
+def test_raw_statistics_read_in_chunks_equal_the_direct_sums(small_adata, monkeypatch):
+    import pyro_scvi.de as de
+    from pyro_scvi import from_anndata
+
+    data = from_anndata(small_adata)
+    rng = np.random.default_rng(0)
+    cells = {"a": rng.permutation(200)[:77], "b": np.arange(150, 300)}
+    # 3 cells per read: many chunks, the last one short
+    monkeypatch.setattr(de, "_RAW_CHUNK_ENTRIES", 3 * data.n_genes)
+    got = de._raw_statistics(data, cells)
+    x = small_adata.X.toarray() if sp.issparse(small_adata.X) else small_adata.X
+    for name, idx in cells.items():
+        n, sums, nnz = got[name]
+        assert n == len(idx)
+        np.testing.assert_array_equal(sums, x[idx].sum(0))
+        np.testing.assert_array_equal(nnz, (x[idx] > 0).sum(0))
