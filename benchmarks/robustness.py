@@ -164,6 +164,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=cst.DEFAULT_DATA_DIR, help=".h5ad folder")
     p.add_argument("--out", type=Path, default=cst.DEFAULT_OUT_DIR, help="results folder")
     p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the datasets (and their runs) of the earlier results file in --out that "
+        "this run does not redo, each marked with the run that measured it",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="2 tiny stress cases (100 genes), seed 0, paths eager and fused, 1 thread, "
@@ -528,6 +534,10 @@ def run_matrix(args: argparse.Namespace, argv: list[str] | None) -> int:
         "runs": [],
     }
     stem = "robustness" + ("_smoke" if args.smoke else "")
+    if args.merge:
+        results["datasets"], results["runs"] = earlier_results(
+            args.out / f"{stem}.json", set(args.datasets)
+        )
     n_total = len(args.datasets) * len(args.seeds) * len(args.paths) * len(args.threads)
     with tempfile.TemporaryDirectory(prefix="robustness_") as tmp:
         spec = {"datasets": args.datasets, "data_dir": str(args.data_dir), "tmp": tmp}
@@ -548,11 +558,15 @@ def run_matrix(args: argparse.Namespace, argv: list[str] | None) -> int:
                 for seed in args.seeds:
                     for path in args.paths:
                         k += 1
+                        results["planned_runs"] = {"done": k - 1, "total": n_total}
                         run = run_one(ds, seed, path, threads, args, Path(tmp))
                         results["runs"].append(cst._finite(run))
                         print(progress_line(run, k, n_total), file=sys.stderr, flush=True)
+            results["planned_runs"] = {"done": k, "total": n_total}
             results["summary"] = summarize(results)
-            _common.write_atomic(args.out / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+            results["total_seconds"] = time.perf_counter() - start
+            # Both files after every dataset, so that a run cut short leaves its tables.
+            _common.write_results(args.out, stem, results, markdown_table(results))
     results["total_seconds"] = time.perf_counter() - start
     results["summary"] = summarize(results)
     table = markdown_table(results)
@@ -562,6 +576,17 @@ def run_matrix(args: argparse.Namespace, argv: list[str] | None) -> int:
     if s["n_failed"] or any("error" in d for d in results["datasets"]):
         return 1
     return 0 if s["paths_agree"] else 2
+
+
+def earlier_results(path: Path, redone: set[str]) -> tuple[list[dict], list[dict]]:
+    """``--merge``: the datasets of the results file ``path`` not in ``redone``, and their
+    runs, each marked ``from_run`` with the run that measured it."""
+    if not path.exists():
+        return [], []
+    earlier = json.loads(path.read_text())
+    datasets = _common.keep_not_redone(earlier["datasets"], redone, "name", earlier)
+    runs = _common.keep_not_redone(earlier["runs"], redone, "dataset", earlier)
+    return datasets, runs
 
 
 # ---------------------------------------------------------------------------- output
@@ -726,7 +751,21 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"- {r['status']}: {r['dataset']}, seed {r['seed']}, path {r['path']}, threads "
             f"{r['threads']}: {str(r.get('message')).replace(chr(10), ' ')}"
         )
-    lines += ["", "## Notes", "", *(f"- {note}" for note in results["notes"]), ""]
+    planned = results.get("planned_runs")
+    if planned and planned["done"] < planned["total"]:
+        lines.insert(
+            lines.index("## Runs finished, per path") - 1,
+            f"\n**In progress**: {planned['done']} of this command's {planned['total']} runs "
+            "so far; the tables hold what has finished.",
+        )
+    merged = [d for d in results["datasets"] if "from_run" in d]
+    extra = [
+        f"{d['name']}: kept from an earlier run (--merge): `{d['from_run']['command']}` at "
+        f"commit {d['from_run']['commit']}, {d['from_run']['date']}."
+        for d in merged
+    ]
+    notes = [*results["notes"], *extra]
+    lines += ["", "## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)
 
 

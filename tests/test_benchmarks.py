@@ -336,3 +336,23 @@ def test_gate_init_smoke(tmp_path):
     a, b = dataset["runs"]
     assert a["heldout_log_px_per_cell"] != b["heldout_log_px_per_cell"]
     assert "initial dropout" in proc.stdout
+
+
+def test_robustness_merge_keeps_datasets_not_redone(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("robustness", BENCHMARKS / "robustness.py")
+    robustness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robustness)
+    earlier = {
+        "date": "then",
+        "command": "old",
+        "git": {"pyro_scvi_commit": "abc"},
+        "datasets": [{"name": "a"}, {"name": "b"}],
+        "runs": [{"dataset": "a", "seed": 0}, {"dataset": "b", "seed": 0}],
+    }
+    path = tmp_path / "robustness.json"
+    assert robustness.earlier_results(path, {"a"}) == ([], [])  # no earlier file
+    path.write_text(json.dumps(earlier))
+    datasets, runs = robustness.earlier_results(path, {"a"})
+    assert [d["name"] for d in datasets] == ["b"] and [r["dataset"] for r in runs] == ["b"]
+    assert datasets[0]["from_run"]["commit"] == "abc" and runs[0]["from_run"]["command"] == "old"
