@@ -761,13 +761,26 @@ def common_elbo(model: Any, indices: np.ndarray, n_samples: int, seed: int) -> f
 
 
 def common_marginal_ll(
-    model: Any, adata: anndata.AnnData, cells: np.ndarray, n_samples: int, seed: int
+    model: Any,
+    adata: anndata.AnnData,
+    cells: np.ndarray,
+    n_samples: int,
+    seed: int,
+    observed_library: bool = False,
 ) -> float:
-    """Mean per-cell ``SCVI.get_marginal_ll`` (K = ``n_samples``) of ``cells``."""
+    """Mean per-cell ``SCVI.get_marginal_ll`` (K = ``n_samples``) of ``cells``;
+    ``observed_library``: ``log p(x | observed library)`` instead."""
     import pyro
 
     with pyro.get_param_store().scope():
-        return float(model.get_marginal_ll(adata[cells].copy(), n_samples=n_samples, seed=seed))
+        return float(
+            model.get_marginal_ll(
+                adata[cells].copy(),
+                n_samples=n_samples,
+                seed=seed,
+                observed_library=observed_library,
+            )
+        )
 
 
 def imputation_run(

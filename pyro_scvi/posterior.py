@@ -16,6 +16,14 @@ For ``K`` draws ``(z_k, l_k) ~ q(z, l | x)`` the importance weights
 
 The ``K`` draws are vectorized by a plate over samples at dim -3, outside the model's
 ``cells`` (-2) and ``genes`` (-1) plates.
+
+With ``observed_library=True`` the same estimators condition on each cell's observed
+library, ``l = log sum_g x_g``: the site ``l`` is fixed there in the model and the guide
+and its densities are left out, so ``log w_k = log p(x | z_k, l) + log p(z_k) -
+log q(z_k | x, l)`` and ``log mean_k w_k`` estimates ``log p(x | l)``. That is the number
+a model with an observed library (:class:`~pyro_scvi.priors.ObservedLibrary`, scvi-tools'
+default) reports as its ``log p(x)``, so the two kinds of model compare like for like;
+it assumes, as scVI's model does, that ``z`` and ``l`` are independent a priori.
 """
 
 from __future__ import annotations
@@ -548,16 +556,22 @@ def _log_densities(
     batch_index: torch.Tensor,
     n_samples: int,
     cell_index: torch.Tensor | None = None,
+    observed_library: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log w, log p(x | z, l))``, each ``(n_samples, cells)``, for one minibatch.
 
     The caller sets eval mode, ``no_grad`` and the parameter-store scope. Global sites
     (:func:`pyro_scvi.schemes.is_global`) are drawn with the cells' latents but their
     density is left out: a cell's weight is ``log p(x, z, l | globals) - log q(z, l)``
-    at a draw of the globals from ``q``.
+    at a draw of the globals from ``q``. ``observed_library``: see the module docstring.
     """
     n_cells = x.shape[0]
     args = (x, batch_index, cell_index)
+    skip = set()
+    if observed_library:
+        fixed = {"l": torch.log(x.sum(-1, keepdim=True))}
+        model, guide = poutine.condition(model, data=fixed), poutine.condition(guide, data=fixed)
+        skip.add("l")
     with pyro.plate(_SAMPLES_PLATE, n_samples, dim=-3):
         guide_tr = poutine.trace(guide).get_trace(*args)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
@@ -569,7 +583,7 @@ def _log_densities(
             # pyro.deterministic sites (rho) are masked Deltas: no density to add.
             if site["type"] != "sample" or site["infer"].get("_deterministic"):
                 continue
-            if is_global(site):
+            if is_global(site) or site["name"] in skip:
                 continue
             lp = _per_cell(site["log_prob"], n_samples, n_cells)
             log_w = log_w + sign * lp
@@ -587,6 +601,7 @@ def log_importance_weights(
     *,
     batch_size: int | None = None,
     cell_index: torch.Tensor | None = None,
+    observed_library: bool = False,
 ) -> torch.Tensor:
     """Per-cell log importance weights ``log p(x, z, l) - log q(z, l | x)``.
 
@@ -604,6 +619,9 @@ def log_importance_weights(
         Cells per pass (default: all); memory grows as ``batch_size x K x genes``.
     cell_index
         The cells' rows in the data, for a guide with per-cell parameters.
+    observed_library
+        Condition on each cell's observed library instead (see the module docstring):
+        ``log p(x | z, l) + log p(z) - log q(z | x, l)``.
 
     Returns
     -------
@@ -630,7 +648,10 @@ def log_importance_weights(
         for start in range(0, n_cells, step):
             sl = slice(start, start + step)
             cells = None if cell_index is None else cell_index[sl]
-            out.append(_log_densities(model, guide, x[sl], batch_index[sl], n_samples, cells)[0])
+            log_w, _ = _log_densities(
+                model, guide, x[sl], batch_index[sl], n_samples, cells, observed_library
+            )
+            out.append(log_w)
     return torch.cat(out, dim=1)
 
 
@@ -643,11 +664,14 @@ def fit_statistics(
     n_samples: int = 100,
     batch_size: int = 64,
     device="cpu",
+    observed_library: bool = False,
 ) -> dict[str, np.ndarray]:
     """ELBO, marginal log-likelihood and reconstruction error of each cell, in one pass.
 
     All three come from the same ``n_samples`` guide draws per cell (see the module
     docstring), so ``marginal_ll >= elbo`` holds cell by cell (Jensen's inequality).
+    ``observed_library=True`` conditions all three on each cell's observed library (the
+    module docstring says how).
 
     Returns
     -------
@@ -668,7 +692,9 @@ def fit_statistics(
     log_k = math.log(n_samples)
     with torch.no_grad(), _eval_mode(model, guide), pyro.get_param_store().scope():
         for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
-            log_w, log_px = _log_densities(model, guide, x, b, n_samples, cells)
+            log_w, log_px = _log_densities(
+                model, guide, x, b, n_samples, cells, observed_library=observed_library
+            )
             out["elbo"].append(log_w.mean(0).cpu().numpy())
             out["marginal_ll"].append((torch.logsumexp(log_w, 0) - log_k).cpu().numpy())
             out["reconstruction_error"].append((-log_px.mean(0)).cpu().numpy())

@@ -937,6 +937,7 @@ class SCVI:
         n_samples: int = 100,
         batch_size: int = 64,
         seed: int | None = None,
+        observed_library: bool = False,
     ) -> pd.DataFrame:
         """ELBO, marginal log-likelihood and reconstruction error of each cell, in one pass.
 
@@ -958,6 +959,13 @@ class SCVI:
             Cells per pass; memory grows as ``batch_size x n_samples x genes``.
         seed
             Seed for the draws; the global random state is left as it was.
+        observed_library
+            Condition on each cell's observed library ``l = log sum_g x_g`` instead of
+            integrating over the latent ``l``: ``marginal_ll`` then estimates
+            ``log p(x | l)``, the quantity a model with an observed library (scvi-tools'
+            default) reports, so the two compare like for like. A model that observes its
+            library (:class:`~pyro_scvi.priors.ObservedLibrary`) gives the same numbers
+            either way.
 
         Returns
         -------
@@ -987,6 +995,7 @@ class SCVI:
                 n_samples=n_samples,
                 batch_size=batch_size,
                 device=self.device,
+                observed_library=observed_library,
             )
         return pd.DataFrame(stats, index=data.obs_names[idx])
 
@@ -1045,6 +1054,7 @@ class SCVI:
         batch_size: int = 32,
         per_cell: bool = False,
         seed: int | None = None,
+        observed_library: bool = False,
     ) -> float | np.ndarray:
         """Importance-sampled marginal log-likelihood ``log p(x)`` per cell.
 
@@ -1060,6 +1070,10 @@ class SCVI:
             As in :meth:`get_fit_statistics`.
         per_cell
             Return one value per cell instead of the mean over cells.
+        observed_library
+            Estimate ``log p(x | l)`` at each cell's observed library ``l = log sum_g x_g``
+            instead, the number scvi-tools' default model (an observed library) reports;
+            see :meth:`get_fit_statistics`.
 
         Returns
         -------
@@ -1073,8 +1087,16 @@ class SCVI:
         >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
         >>> model.get_marginal_ll(n_samples=20, seed=0) >= model.get_elbo(n_samples=20, seed=0)
         True
+        >>> given_library = model.get_marginal_ll(n_samples=20, seed=0, observed_library=True)
         """
-        return self._fit_statistic("marginal_ll", adata, n_samples, batch_size, per_cell, seed)
+        values = self.get_fit_statistics(
+            adata,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=seed,
+            observed_library=observed_library,
+        )["marginal_ll"].to_numpy()
+        return values if per_cell else float(values.mean())
 
     def get_reconstruction_error(
         self,

@@ -82,6 +82,9 @@ def test_accuracy_defaults_smoke(tmp_path):
     assert mine[0]["epochs_run"] == 1 and mine[0]["split_matches_make_split"]
     assert 0 < mine[0]["heldout_ll_cells"] < dataset["n_cells"]
     assert math.isfinite(mine[0]["heldout_log_px_per_cell"]) and -1 <= mine[0]["ari"] <= 1
+    # conditioning on the observed library drops log p(l) - log q(l): another number
+    given = mine[0]["heldout_log_px_given_library_per_cell"]
+    assert math.isfinite(given) and given != mine[0]["heldout_log_px_per_cell"]
     assert dataset["verdict"]["fit_finishes"]["passed"]
     theirs = [r for r in dataset["runs"] if r["implementation"] == "scvi-tools"]
     if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
@@ -91,6 +94,11 @@ def test_accuracy_defaults_smoke(tmp_path):
         assert theirs[0]["n_train"] == mine[0]["n_train"]
         assert theirs[0]["heldout_ll_cells"] == mine[0]["heldout_ll_cells"]
         assert math.isfinite(theirs[0]["heldout_log_px_per_cell"])
+        # its default observes the library: its log p(x) is already log p(x | library)
+        assert theirs[0]["heldout_log_px_given_library_per_cell"] == (
+            theirs[0]["heldout_log_px_per_cell"]
+        )
+        assert "like_for_like_log_px" in dataset["verdict"]
     assert "held-out log p(x)" in proc.stdout
 
     # --merge keeps a dataset of the earlier results that this run does not redo

@@ -579,3 +579,34 @@ def test_dropout_probability_tracks_the_true_share_of_structural_zeros():
     assert rho > np.quantile(shuffled, 0.95) + 0.3, (rho, np.quantile(shuffled, 0.95))
     # and on the probability scale, not only in rank
     assert np.abs(estimate - true_share).mean() < 0.15
+
+
+def test_observed_library_weights_equal_an_observed_library_twins():
+    """``observed_library=True`` on a latent-library model gives the weights of the model
+    that observes its library, with the same networks: ``log p(x | z, l_obs) + log p(z) -
+    log q(z | x)``, computed there without any conditioning."""
+    from pyro_scvi import ScviGuide, ScviModel
+    from pyro_scvi.priors import LogNormalLibrary, ObservedLibrary
+
+    torch.manual_seed(0)
+    n_genes, n_batch = 12, 2
+    prior = LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.5, 0.3]))
+    latent = ScviModel(n_genes, n_batch, prior, n_latent=3, n_hidden=8)
+    latent_guide = ScviGuide(n_genes, n_batch, n_latent=3, n_hidden=8)
+    twin = ScviModel(n_genes, n_batch, ObservedLibrary(), n_latent=3, n_hidden=8)
+    missing, unexpected = twin.load_state_dict(latent.state_dict(), strict=False)
+    assert not missing and all(k.startswith("library_prior.") for k in unexpected)
+    twin_guide = ScviGuide(n_genes, n_batch, n_latent=3, n_hidden=8, library=ObservedLibrary())
+    twin_guide.load_state_dict(latent_guide.state_dict(), strict=False)
+    x = torch.poisson(torch.full((9, n_genes), 3.0)) + 1.0
+    b = torch.tensor([0, 1] * 4 + [0])
+
+    def weights(model, guide, **kw):
+        pyro.set_rng_seed(1)
+        return posterior.log_importance_weights(model, guide, x, b, 5, **kw)
+
+    given = weights(latent, latent_guide, observed_library=True)
+    torch.testing.assert_close(given, weights(twin, twin_guide))
+    torch.testing.assert_close(weights(twin, twin_guide, observed_library=True), given)
+    # integrating over l is a different number (it adds log p(l) - log q(l) at a draw of l)
+    assert not torch.allclose(weights(latent, latent_guide), given)
