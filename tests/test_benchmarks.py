@@ -95,9 +95,8 @@ def test_accuracy_defaults_smoke(tmp_path):
         assert theirs[0]["heldout_ll_cells"] == mine[0]["heldout_ll_cells"]
         assert math.isfinite(theirs[0]["heldout_log_px_per_cell"])
         # its default observes the library: its log p(x) is already log p(x | library)
-        assert theirs[0]["heldout_log_px_given_library_per_cell"] == (
-            theirs[0]["heldout_log_px_per_cell"]
-        )
+        own = theirs[0]["heldout_log_px_per_cell"]
+        assert theirs[0]["heldout_log_px_given_library_per_cell"] == own
         assert "like_for_like_log_px" in dataset["verdict"]
     assert "held-out log p(x)" in proc.stdout
 
