@@ -280,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write each cell's values to PATH (.csv, or .h5ad: the scored cells)",
     )
+    ev.add_argument(
+        "--observed-library",
+        action="store_true",
+        help="condition on each cell's observed library (log total count) instead of "
+        "integrating over the latent one: log p(x | library), the number a model with an "
+        "observed library, such as scvi-tools' default, reports",
+    )
     _add_data_source_option(ev, "stream them from the file a minibatch at a time")
     _add_run_options(ev)
 
@@ -1083,13 +1090,18 @@ def evaluate(args: argparse.Namespace) -> int:
         require_unique_obs_names(names, "the per-cell output")
     # the model's own cells, read where the counts are (streamed: a minibatch at a time)
     stats = model.get_fit_statistics(
-        indices=indices, n_samples=args.n_samples, batch_size=args.batch_size, seed=args.seed
+        indices=indices,
+        n_samples=args.n_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        observed_library=args.observed_library,
     )
     result = {
         "cells": args.cells,
         "n_cells": len(stats),
         "n_samples": args.n_samples,
         "seed": args.seed,
+        "observed_library": args.observed_library,
         "data_source": data_source,
     }
     for column in stats.columns:

@@ -382,6 +382,15 @@ def test_evaluate_cli_prints_a_summary_of_all_cells(saved, trained, tmp_path):
     np.testing.assert_allclose(table["marginal_ll"], api["marginal_ll"], rtol=1e-6)
     assert result["elbo_mean"] == pytest.approx(api["elbo"].mean(), rel=1e-6)
     assert result["elbo_sem"] == pytest.approx(api["elbo"].std() / np.sqrt(n), rel=1e-6)
+    assert result["observed_library"] is False
+    # --observed-library: the API's log p(x | library)
+    status, out, err = _run([*argv, "--observed-library"])
+    assert status == 0, err
+    given = json.loads(out)
+    api = trained.get_fit_statistics(n_samples=20, seed=0, observed_library=True)
+    assert given["observed_library"] is True
+    assert given["marginal_ll_mean"] == pytest.approx(api["marginal_ll"].mean(), rel=1e-6)
+    assert given["marginal_ll_mean"] != pytest.approx(result["marginal_ll_mean"], rel=1e-6)
 
 
 def test_evaluate_cli_scores_heldout_cells_by_default(tmp_path):
