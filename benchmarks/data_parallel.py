@@ -6,7 +6,10 @@ alternating, ``--repeats`` times:
 * one process, the default engine, minibatch ``--batch-size x --procs`` (the global batch);
 * ``torchrun --nproc_per_node=--procs``: each rank ``--batch-size`` cells (the same global
   batch), gloo on CPU;
-* one process at the default minibatch ``--batch-size`` (what a user gets without asking).
+* one process at the default minibatch ``--batch-size`` (what a user gets without asking);
+* one process, one thread, the global batch: what one core does alone, so that the
+  ``torchrun`` row (one thread per rank) reads as scaling over cores; the default one-process
+  row already uses every core.
 
 Every run has the same learning rate (``scaled_lr`` of the global batch), seed and epochs.
 Throughput is training cells per second over the epochs after the first (compilation).
@@ -33,8 +36,12 @@ import _common
 RESULTS = _common.REPO / "benchmarks" / "results"
 
 
-def train_once(args: argparse.Namespace, batch_size: int, out: Path) -> None:
-    """Train on the synthetic data (also as one torchrun rank); rank 0 writes ``out``."""
+def train_once(
+    args: argparse.Namespace, batch_size: int, out: Path, threads: int | None = None
+) -> None:
+    """Train on the synthetic data (also as one torchrun rank); rank 0 writes ``out``.
+
+    ``threads``: pin the engine's CPU threads (default: the engine decides)."""
     import numpy as np
     import torch
 
@@ -49,6 +56,7 @@ def train_once(args: argparse.Namespace, batch_size: int, out: Path) -> None:
     start = time.perf_counter()
     model.train(
         max_epochs=args.epochs,
+        engine=pyro_scvi.Engine.preset("auto", threads=threads),
         batch_size=batch_size,
         lr=scaled_lr(args.global_batch),
         seed=0,
@@ -73,7 +81,9 @@ def train_once(args: argparse.Namespace, batch_size: int, out: Path) -> None:
     _common.write_atomic(out, json.dumps(result, default=str))
 
 
-def launch(args: argparse.Namespace, procs: int, batch_size: int) -> dict[str, Any]:
+def launch(
+    args: argparse.Namespace, procs: int, batch_size: int, threads: int | None = None
+) -> dict[str, Any]:
     """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -83,6 +93,7 @@ def launch(args: argparse.Namespace, procs: int, batch_size: int) -> dict[str, A
             str(out),
             "--worker-batch-size",
             str(batch_size),
+            *(["--worker-threads", str(threads)] if threads else []),
             *_shared_args(args),
         ]
         if procs > 1:
@@ -127,16 +138,31 @@ def markdown(results: dict[str, Any]) -> str:
         f"epochs, {args['repeats']} alternating repeats; throughput over the epochs after "
         "the first; medians over repeats.",
         "",
-        "| run | processes | minibatch per process | global minibatch | train cells/s | "
-        "vs one process, same global batch | validation ELBO/cell |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | processes | threads per process | minibatch per process | global minibatch "
+        "| train cells/s | vs one process, same global batch | vs one process on one thread "
+        "| validation ELBO/cell |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in s.items():
+        threads = row.get("threads_per_process")
         lines.append(
-            f"| {name} | {row['processes']} | {row['per_process']} | {row['global']} | "
-            f"{row['cells_per_second']:,.0f} | {row['ratio']:.2f}x | {row['elbo']:.2f} |"
+            f"| {name} | {row['processes']} | {'—' if threads is None else f'{threads:g}'} "
+            f"| {row['per_process']} | {row['global']} | {row['cells_per_second']:,.0f} "
+            f"| {row['ratio']:.2f}x | {_ratio(row.get('ratio_vs_one_thread'))} "
+            f"| {row['elbo']:.2f} |"
         )
+    lines += [
+        "",
+        "Threads per process: the engine's per epoch (median). On a machine with as many "
+        "cores as processes each rank runs one thread, so the torchrun row against the "
+        "one-thread row is the scaling over cores; against the default one-process row it "
+        "is the gain over what one process already gets from every core.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -151,6 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny run (for the test suite)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-batch-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.epochs, args.repeats = 400, 40, 2, 1
@@ -162,18 +189,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
-        train_once(args, args.worker_batch_size, args.worker)
+        train_once(args, args.worker_batch_size, args.worker, args.worker_threads)
         return 0
     meta = _common.run_metadata(argv, None, script="data_parallel.py")
-    runs = {
-        "one process, global minibatch": (1, args.global_batch),
-        f"torchrun, {args.procs} processes": (args.procs, args.batch_size),
-        "one process, default minibatch": (1, args.batch_size),
+    runs = {  # name: (processes, minibatch per process, pinned threads)
+        "one process, global minibatch": (1, args.global_batch, None),
+        f"torchrun, {args.procs} processes": (args.procs, args.batch_size, None),
+        "one process, default minibatch": (1, args.batch_size, None),
+        "one process, one thread, global minibatch": (1, args.global_batch, 1),
     }
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
     for repeat in range(args.repeats):
-        for name, (procs, bs) in runs.items():
-            result = launch(args, procs, bs)
+        for name, (procs, bs, threads) in runs.items():
+            result = launch(args, procs, bs, threads)
             raw[name].append(result)
             rate = result.get("train_cells_per_second")
             print(
@@ -187,10 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     base = statistics.median(r["train_cells_per_second"] for r in raw[next(iter(runs))])
     summary = {}
-    for name, (procs, bs) in runs.items():
+    one_core = statistics.median(
+        r["train_cells_per_second"] for r in raw["one process, one thread, global minibatch"]
+    )
+    for name, (procs, bs, _) in runs.items():
         rate = statistics.median(r["train_cells_per_second"] for r in raw[name])
         summary[name] = {
             "processes": procs,
+            "threads_per_process": statistics.median(
+                statistics.median(r["threads_per_epoch"]) for r in raw[name]
+            ),
+            "ratio_vs_one_thread": rate / one_core,
             "per_process": bs,
             "global": bs * procs,
             "cells_per_second": rate,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -129,6 +131,11 @@ def test_data_parallel_smoke(tmp_path):
     one = results["runs"]["one process, global minibatch"][0]
     assert one["engine"]["data_parallel"] is False
     assert results["summary"]["one process, global minibatch"]["ratio"] == 1.0
+    pinned = results["runs"]["one process, one thread, global minibatch"][0]
+    assert set(pinned["threads_per_epoch"]) == {1}
+    assert results["summary"]["one process, one thread, global minibatch"][
+        "ratio_vs_one_thread"
+    ] == pytest.approx(1.0)
 
 
 def test_gpu_throughput_smoke_on_cpu(tmp_path):
