@@ -372,3 +372,19 @@ def test_robustness_merge_keeps_datasets_not_redone(monkeypatch, tmp_path):
     datasets, runs = robustness.earlier_results(path, {"a"})
     assert [d["name"] for d in datasets] == ["b"] and [r["dataset"] for r in runs] == ["b"]
     assert datasets[0]["from_run"]["commit"] == "abc" and runs[0]["from_run"]["command"] == "old"
+
+
+def test_allocator_rss_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / "allocator_rss.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "allocator_rss_smoke.json").read_text())["rows"]
+    assert [r["env"] for r in rows] == [{}, {"MALLOC_MMAP_THRESHOLD_": "4194304"}]
+    for r in rows:
+        assert r["data_source"] == "streamed" and 0 < r["n_scored"] < r["n_cells"]
+        peaks = [step["peak_rss_mib"] for step in r["steps"].values()]
+        assert peaks == sorted(peaks) and peaks[0] > 0  # cumulative peaks
+        assert math.isfinite(r["elbo_mean"])
+    # the allocator moves memory, not numbers
+    assert rows[0]["latent_checksum"] == rows[1]["latent_checksum"]
+    assert rows[0]["elbo_mean"] == rows[1]["elbo_mean"]
