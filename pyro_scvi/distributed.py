@@ -82,9 +82,10 @@ class DataParallel:
     def average_gradients(self, params: list[torch.Tensor], loss: float) -> float:
         """Average the parameters' gradients and ``loss`` over the ranks; return the loss.
 
-        One ``all_reduce`` of a flat buffer. A parameter without a gradient counts as
-        zeros. A rank whose loss is not finite makes the average not finite, so every
-        rank skips the step together.
+        One ``all_reduce`` of a flat buffer, so ``params`` must come in the same order on
+        every rank (:class:`~pyro_scvi.infer.FusedAdam` sorts them by name). A parameter
+        without a gradient counts as zeros. A rank whose loss is not finite makes the
+        average not finite, so every rank skips the step together.
         """
         grads = [torch.zeros_like(p).ravel() if p.grad is None else p.grad.ravel() for p in params]
         device = params[0].device if params else torch.device("cpu")

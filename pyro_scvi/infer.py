@@ -467,8 +467,11 @@ class FusedAdam:
                 if self.optim is None:
                     raise
                 loss = float("nan")
-            params = [p for group in self.optim.param_groups for p in group["params"]]
-            loss = self.data_parallel.average_gradients(params, loss)
+            # One order on every rank: the order the first step met the parameters in can
+            # differ between processes (a compiled ELBO's follows string hashing, which
+            # Python randomizes per process), and the all-reduce adds them up by position.
+            order = sorted(range(len(self.names)), key=self.names.__getitem__)
+            loss = self.data_parallel.average_gradients([self.params[i] for i in order], loss)
         if math.isfinite(loss):
             self.optim.step()
         self.optim.zero_grad(set_to_none=True)

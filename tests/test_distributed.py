@@ -263,3 +263,37 @@ def test_fit_destroys_the_process_group_it_started(tmp_path, monkeypatch):
     argv = ["fit", src, "-o", tmp_path / "out.h5ad", "--max-epochs", "1", "--quiet"]
     assert main([str(a) for a in [*argv, "--n-latent", "2", "--n-samples", "1"]]) == 0
     assert not torch.distributed.is_initialized()
+
+
+def test_fused_adam_hands_the_all_reduce_its_parameters_in_name_order():
+    """The all-reduce adds gradients by position, so every rank must list the parameters
+    in one order. The order a first step meets them in may differ between processes (a
+    compiled ELBO's follows Python's per-process string hashing); sorting by name does not.
+    """
+
+    class Recorder:
+        world_size = 1
+
+        def __init__(self):
+            self.calls = []
+
+        def average_gradients(self, params, loss):
+            self.calls.append([id(p) for p in params])
+            return loss
+
+    pyro.clear_param_store()
+    prior = LogNormalLibrary(torch.tensor([2.0]), torch.tensor([0.5]))
+    model, guide = (
+        ScviModel(12, 1, prior, n_latent=2, n_hidden=4),
+        ScviGuide(12, 1, n_latent=2, n_hidden=4),
+    )
+    x, b = torch.poisson(torch.full((8, 12), 2.0)), torch.zeros(8, dtype=torch.long)
+    step = FusedAdam()
+    step(Trace_ELBO(), model, guide, x, b)  # the first step finds the parameters
+    step.data_parallel = recorder = Recorder()
+    by_name = [id(p) for _, p in sorted(zip(step.names, step.params, strict=True))]
+    step(Trace_ELBO(), model, guide, x, b)
+    # the same parameters met in another order (another process's first step)
+    step.names, step.params = step.names[::-1], step.params[::-1]
+    step(Trace_ELBO(), model, guide, x, b)
+    assert recorder.calls == [by_name, by_name]
