@@ -44,7 +44,7 @@ from pyro.infer import Predictive
 from .data import CountData
 from .distributions import nb_logits
 from .infer import _eval_mode
-from .priors import is_latent_library
+from .priors import ObservedLibrary, is_latent_library
 from .schemes import is_global
 
 
@@ -569,7 +569,7 @@ def _log_densities(
     args = (x, batch_index, cell_index)
     skip = set()
     if observed_library:
-        fixed = {"l": torch.log(x.sum(-1, keepdim=True))}
+        fixed = {"l": ObservedLibrary().observed(x)}
         model, guide = poutine.condition(model, data=fixed), poutine.condition(guide, data=fixed)
         skip.add("l")
     with pyro.plate(_SAMPLES_PLATE, n_samples, dim=-3):

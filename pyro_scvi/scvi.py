@@ -1000,10 +1000,14 @@ class SCVI:
         return pd.DataFrame(stats, index=data.obs_names[idx])
 
     def _fit_statistic(
-        self, name: str, adata, n_samples, batch_size, per_cell, seed
+        self, name: str, adata, n_samples, batch_size, per_cell, seed, observed_library=False
     ) -> float | np.ndarray:
         values = self.get_fit_statistics(
-            adata, n_samples=n_samples, batch_size=batch_size, seed=seed
+            adata,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=seed,
+            observed_library=observed_library,
         )[name].to_numpy()
         return values if per_cell else float(values.mean())
 
@@ -1087,16 +1091,10 @@ class SCVI:
         >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
         >>> model.get_marginal_ll(n_samples=20, seed=0) >= model.get_elbo(n_samples=20, seed=0)
         True
-        >>> given_library = model.get_marginal_ll(n_samples=20, seed=0, observed_library=True)
         """
-        values = self.get_fit_statistics(
-            adata,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            seed=seed,
-            observed_library=observed_library,
-        )["marginal_ll"].to_numpy()
-        return values if per_cell else float(values.mean())
+        return self._fit_statistic(
+            "marginal_ll", adata, n_samples, batch_size, per_cell, seed, observed_library
+        )
 
     def get_reconstruction_error(
         self,
