@@ -171,6 +171,8 @@ def _build_components(
             dropout_rate=float(settings["dropout_rate"]),
             library=model.library_prior,
             l_loc_init=l_loc_init,
+            # saves from before the option hold no key: the paper's guide
+            library_residual=bool(settings.get("library_residual", False)),
             **arch,
         )
     else:
@@ -274,6 +276,11 @@ class SCVI:
         from the file as training goes (:class:`~pyro_scvi.data.StreamedCounts`) instead
         of loading them; ``None`` lets the engine decide from their size and the free
         memory (:func:`pyro_scvi.engine.choose_data_source`).
+    library_residual
+        Centre the default guide's q(l) on each cell's observed log library size, so its
+        encoder learns only the residual (:class:`~pyro_scvi.guide.ScviGuide`); default
+        ``False``, the paper's guide. The model is unchanged. Needs a latent library and
+        the default guide.
     scheme
         How the global parameters are inferred; default ``None``, point estimates of the
         decoder and ``theta``. :class:`~pyro_scvi.schemes.BayesianDecoder` puts a prior and
@@ -316,6 +323,7 @@ class SCVI:
         guide: torch.nn.Module | GuideFactory | None = None,
         streamed: bool | None = None,
         scheme: Scheme | None = None,
+        library_residual: bool = False,
     ) -> None:
         for name, value in [("n_latent", n_latent), ("n_hidden", n_hidden)]:
             if int(value) < 1:
@@ -341,6 +349,16 @@ class SCVI:
         loc, scale = self.data.library_log_stats()
         prior = as_prior(prior)
         library = _library_object(library_prior, use_observed_lib_size, loc, scale)
+        if library_residual and (guide is not None or not is_latent_library(library)):
+            raise InputError(
+                "library_residual=True centres the default guide's q(l), but "
+                + (
+                    "guide= replaces that guide"
+                    if guide is not None
+                    else "the library is observed"
+                )
+                + "; drop library_residual, or use the default guide with a latent library."
+            )
         self.settings = {
             "layer": layer,
             "batch_key": batch_key,
@@ -350,6 +368,7 @@ class SCVI:
             "dropout_rate": float(dropout_rate),
             "dispersion": dispersion,
             "use_observed_lib_size": not is_latent_library(library),
+            "library_residual": bool(library_residual),
             "likelihood": repr(likelihood or ZINB()),
             "prior": repr(prior),
         }
