@@ -388,3 +388,26 @@ def test_allocator_rss_smoke(tmp_path):
     # the allocator moves memory, not numbers
     assert rows[0]["latent_checksum"] == rows[1]["latent_checksum"]
     assert rows[0]["elbo_mean"] == rows[1]["elbo_mean"]
+
+
+def test_library_residual_smoke(tmp_path):
+    script = BENCHMARKS / "library_residual.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path), "--merge"]
+    # --merge keeps another run's datasets that this run does not redo
+    other = {"name": "elsewhere", "n_cells": 1, "n_genes": 1, "runs": []}
+    earlier = {"date": "d", "git": {"pyro_scvi_commit": "abc1234"}, "command": "c"}
+    (tmp_path / "library_residual_smoke.json").write_text(
+        json.dumps({**earlier, "datasets": [other]})
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "library_residual_smoke.json").read_text())
+    dataset, kept = results["datasets"]
+    assert kept["name"] == "elsewhere" and kept["from_run"]["commit"] == "abc1234"
+    assert [r["library_residual"] for r in dataset["runs"]] == [False, True]
+    for run in dataset["runs"]:
+        assert math.isfinite(run["heldout_log_px_per_cell"]) and -1 <= run["ari"] <= 1
+    # the two guides train different fits from the same seed
+    a, b = dataset["runs"]
+    assert a["heldout_log_px_per_cell"] != b["heldout_log_px_per_cell"]
+    assert "Paired by seed" in (tmp_path / "library_residual_smoke.md").read_text()
