@@ -252,8 +252,10 @@ def test_library_residual_centres_q_l_on_the_observed_log_library(data):
     x, b = data
     x[3] = 0.0  # a cell without counts: log 1 = 0 as its floor, not -inf
     lib = LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.4, 0.6]))
-    paper = ScviGuide(N_GENES, 2, n_latent=N_LATENT, library=lib, l_loc_init=3.2)
-    residual = ScviGuide(N_GENES, 2, n_latent=N_LATENT, library=lib, library_residual=True)
+    paper = ScviGuide(
+        N_GENES, 2, n_latent=N_LATENT, library=lib, l_loc_init=3.2, library_residual=False
+    )
+    residual = ScviGuide(N_GENES, 2, n_latent=N_LATENT, library=lib)  # the default
     # starts at the observed depth (the residual's bias at 0), the paper's at l_loc_init
     assert float(residual.l_encoder.loc.bias.detach()) == 0.0
     assert float(paper.l_encoder.loc.bias.detach()) == pytest.approx(3.2)
@@ -270,9 +272,15 @@ def test_library_residual_centres_q_l_on_the_observed_log_library(data):
 
 
 def test_scvi_library_residual_is_recorded_saved_and_validated(small_adata, tmp_path):
-    m = SCVI(small_adata, batch_key="batch", n_latent=2, n_hidden=8, library_residual=True)
+    m = SCVI(small_adata, batch_key="batch", n_latent=2, n_hidden=8)  # on by default
     assert m.guide.library_residual and m.settings["library_residual"] is True
-    assert SCVI(small_adata, n_latent=2).settings["library_residual"] is False
+    paper = SCVI(small_adata, n_latent=2, library_residual=False)
+    assert not paper.guide.library_residual and paper.settings["library_residual"] is False
+    # where it does not apply, the default leaves it off and says so
+    observed = SCVI(small_adata, use_observed_lib_size=True)
+    assert observed.settings["library_residual"] is False
+    per_cell = SCVI(small_adata, guide=PerCellGuide.from_data)
+    assert per_cell.settings["library_residual"] is False
     m.train(max_epochs=2, progress_bar=False, seed=0)
     assert np.isfinite(m.history["validation_elbo"]).all()
     m.save(tmp_path / "m")
@@ -288,7 +296,7 @@ def test_scvi_library_residual_is_recorded_saved_and_validated(small_adata, tmp_
 
 
 def test_saves_from_before_library_residual_load_as_the_papers_guide(small_adata, tmp_path):
-    m = SCVI(small_adata, n_latent=2, n_hidden=8)
+    m = SCVI(small_adata, n_latent=2, n_hidden=8, library_residual=False)
     m.train(max_epochs=1, progress_bar=False, seed=0)
     m.settings.pop("library_residual")  # as a save from before the option
     m.save(tmp_path / "m")
