@@ -145,6 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "redo (each marked with the run that measured it)",
     )
     p.add_argument(
+        "--reuse-reference",
+        action="store_true",
+        help="take each (dataset, seed)'s scvi-tools run from the results already in "
+        "--out-dir when it was measured with the same settings on the same held-out cells "
+        "(scvi-tools is unchanged; only pyro_scvi is re-run); otherwise run it",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help=f"Quick check: {SMOKE['dataset']} (or synthetic:300x100) subsampled to "
@@ -303,9 +310,18 @@ RUNNERS = {"pyro_scvi": run_pyro_scvi, "scvi-tools": run_scvi_tools}
 
 # ---------------------------------------------------------------------------- parent
 def run_dataset(
-    ds: dict[str, Any], args: argparse.Namespace, skipped: dict[str, str], tmp: Path
+    ds: dict[str, Any],
+    args: argparse.Namespace,
+    skipped: dict[str, str],
+    tmp: Path,
+    reference: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Every seed of both implementations on one prepared dataset; medians and verdict."""
+    """Every seed of both implementations on one prepared dataset; medians and verdict.
+
+    ``reference``: scvi-tools runs of this dataset by seed from an earlier results file
+    (``--reuse-reference``), each used instead of a new run when this seed's pyro_scvi run
+    held out the same cells (see :func:`reusable_reference`).
+    """
     runs: list[dict[str, Any]] = [
         {"implementation": impl, "seed": None, "error": reason} for impl, reason in skipped.items()
     ]
@@ -328,6 +344,17 @@ def run_dataset(
                 "result": str(tmp / f"result_{ds['name']}_{impl}_{seed}.json"),
             }
             run = {"implementation": impl, "seed": seed}
+            earlier = (reference or {}).get(seed)
+            if (
+                impl == "scvi-tools"
+                and earlier is not None
+                and same_split(runs, seed)
+                and earlier["reused_from"].get("n_cells") == ds["n_cells"]
+                and earlier["reused_from"].get("n_genes") == ds["n_genes"]
+            ):
+                runs.append(earlier)
+                print(f"  seed {seed} {impl:10s}: reused, {describe(earlier)}", file=sys.stderr)
+                continue
             run |= cst.spawn_worker(spec, args.threads_setting, SCRIPT)
             if impl == "pyro_scvi" and "heldout_indices" in run:
                 heldout = run.pop("heldout_indices")
@@ -335,6 +362,75 @@ def run_dataset(
             print(f"  seed {seed} {impl:10s}: {describe(run)}", file=sys.stderr, flush=True)
     summary = cst.summarize(runs, list(IMPLEMENTATIONS), SUMMARY_KEYS)
     return {"runs": runs, "summary": summary, "verdict": verdict(summary, runs, ds, skipped)}
+
+
+def same_split(runs: list[dict[str, Any]], seed: int) -> bool:
+    """Whether this run's pyro_scvi run of ``seed`` held out ``make_split``'s cells, the
+    cells an earlier run's scvi-tools was scored on (checked in :func:`reusable_reference`)."""
+    return any(
+        r["implementation"] == "pyro_scvi"
+        and r["seed"] == seed
+        and r.get("split_matches_make_split")
+        for r in runs
+    )
+
+
+def reusable_reference(
+    path: Path, args: argparse.Namespace
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """``--reuse-reference``: the earlier file's finished scvi-tools runs, by dataset and seed.
+
+    Only runs measured as this run would measure them (as many epochs, importance samples
+    and metric cells, the same thread setting; the same cells, checked by
+    :func:`run_dataset`) on the held-out cells of
+    ``make_split`` (that seed's pyro_scvi run held them out), so that scvi-tools trained
+    and was scored on the cells this run holds out. Each reused run carries
+    ``reused_from``: the date, commit and command that measured it.
+    """
+    if not path.exists():
+        return {}
+    import json
+
+    earlier = json.loads(path.read_text())
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for d in earlier.get("datasets", []):
+        source = d.get("from_run") or {
+            "date": str(earlier.get("date")),
+            "commit": str((earlier.get("git") or {}).get("pyro_scvi_commit")),
+            "command": str(earlier.get("command")),
+        }
+        runs = d.get("runs", [])
+        split_ok = {
+            r["seed"]
+            for r in runs
+            if r["implementation"] == "pyro_scvi" and r.get("split_matches_make_split")
+        }
+        for r in runs:
+            same = (
+                r["implementation"] == "scvi-tools"
+                and "error" not in r
+                and not r.get("errors")
+                and r["seed"] in split_ok
+                and r.get("epochs_run") == args.epochs
+                and r.get("ll_samples") == args.ll_samples
+                and r.get("metric_cells") == min(d.get("n_cells", -1), args.metric_cells)
+                and r.get("heldout_ll_cells", args.ll_cells + 1) <= args.ll_cells
+                and (
+                    args.threads_setting is None or r.get("threads_after") == args.threads_setting
+                )
+            )
+            if not same:
+                continue
+            shape = {"n_cells": d.get("n_cells"), "n_genes": d.get("n_genes")}
+            reused = {**r, "reused_from": r.get("reused_from", {**source, **shape})}
+            if reused.get("use_observed_lib_size") and "heldout_log_px_per_cell" in reused:
+                # runs from before the like-for-like column: with its observed library
+                # scvi-tools' log p(x) is already log p(x | library)
+                reused.setdefault(
+                    "heldout_log_px_given_library_per_cell", reused["heldout_log_px_per_cell"]
+                )
+            out.setdefault(d["name"], {})[r["seed"]] = reused
+    return out
 
 
 def verdict(
@@ -420,6 +516,9 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         results["datasets"] = earlier_datasets(
             args.out_dir / f"{stem}.json", {ds["name"] for ds in args.dataset_specs}
         )
+    reference = (
+        reusable_reference(args.out_dir / f"{stem}.json", args) if args.reuse_reference else {}
+    )
     prep = argparse.Namespace(
         data_dir=args.data_dir, subsample=args.subsample, seed=0, threads=args.threads_setting
     )
@@ -437,7 +536,9 @@ def run_benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
         for ds, info in prepared:
             print(f"{ds['name']}:", file=sys.stderr, flush=True)
             entry = {"name": ds["name"], **info}
-            entry |= run_dataset({**ds, **info}, args, skipped, Path(tmp))
+            entry |= run_dataset(
+                {**ds, **info}, args, skipped, Path(tmp), reference.get(ds["name"])
+            )
             entry.pop("h5ad")
             Path(info["h5ad"]).unlink(missing_ok=True)
             results["datasets"].append(entry)
@@ -609,6 +710,15 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"at commit {str(d['from_run']['commit'])[:7]}, {d['from_run']['date']}."
         for d in merged
     ]
+    for d in results["datasets"]:
+        reused = [r for r in d.get("runs", []) if "reused_from" in r]
+        lines += [
+            f"- {d['name']}: scvi-tools' run of seed {r['seed']} reused (--reuse-reference; "
+            "same settings and held-out cells, scvi-tools unchanged) from "
+            f"`{r['reused_from']['command']}` at commit {str(r['reused_from']['commit'])[:7]}, "
+            f"{r['reused_from']['date']}."
+            for r in reused
+        ]
     lines.append("")
     return "\n".join(lines)
 

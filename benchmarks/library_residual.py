@@ -1,7 +1,8 @@
-"""Where q(l) is centred: the paper's encoder against ``SCVI(library_residual=True)``.
+"""Where q(l) is centred: the paper's encoder against ``library_residual=True`` (the default).
 
-The paper's guide has an encoder output the whole mean of q(l), the cell's log-library.
-With ``library_residual=True`` (:class:`pyro_scvi.guide.ScviGuide`) the mean is the cell's
+The paper's guide has an encoder output the whole mean of q(l), the cell's log-library
+(``SCVI(library_residual=False)``). With ``library_residual=True``
+(:class:`pyro_scvi.guide.ScviGuide`, the default since this comparison) the mean is the cell's
 observed log library size plus the encoder's output, so the encoder learns only a residual
 and starts at the observed depth. The model and its ELBO are the same; only the variational
 family's parametrization differs. This script measures what that changes, side by side in
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from gate_init import DATA_DIR, depth_r2, load, median  # noqa: E402
 
-VARIANTS = (False, True)  # library_residual; False is the paper's guide (the default)
+VARIANTS = (False, True)  # library_residual; False is the paper's guide, True the default
 
 
 def run_one(adata: Any, residual: bool, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -82,8 +83,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['ll_samples']} importance samples on at most {s['ll_cells']} validation cells"
     )
     lines = [
-        "# Where q(l) is centred: the paper's encoder (library_residual=False, the default) "
-        "vs library_residual=True",
+        "# Where q(l) is centred: the paper's encoder (library_residual=False) vs "
+        "library_residual=True (the default since 2026-11-30)",
         "",
         f"{results['date']}; {_common.machine_line(results)}; pyro_scvi commit "
         f"{str(results['git']['pyro_scvi_commit'])[:7]}."

@@ -151,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
             "use_observed_lib_size=True) instead of the paper's latent library l"
         ),
     )
+    fit.add_argument(
+        "--library-residual",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "centre q(l) on each cell's observed log library, the encoder learning the "
+            "residual (default: on with a latent library); --no-library-residual is the "
+            "paper's guide"
+        ),
+    )
     fit.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
     fit.add_argument("--batch-size", type=_positive_int, default=128)
     fit.add_argument("--lr", type=_positive_float, default=1e-3)
@@ -697,6 +707,12 @@ def _check_resume_options(model, args: argparse.Namespace) -> None:
         ),
         "--layer": (args.layer, model.settings["layer"]),
         "--batch-key": (args.batch_key, model.settings["batch_key"]),
+        "--library-residual": (
+            model.settings.get("library_residual", False)
+            if args.library_residual is None
+            else args.library_residual,
+            model.settings.get("library_residual", False),
+        ),
         "--batch-size": (args.batch_size, run.get("batch_size")),
         "--lr": (args.lr, run.get("lr")),
     }
@@ -789,6 +805,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
             likelihood=LIKELIHOODS[args.likelihood](),
             n_latent=args.n_latent,
             use_observed_lib_size=True if args.observed_library else None,
+            library_residual=args.library_residual,
             streamed=True if streamed else None,
         )
     # room for everything this run writes, checked before a long training

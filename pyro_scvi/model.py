@@ -8,6 +8,10 @@ For cell ``n`` in batch ``s_n`` and gene ``g`` (Lopez et al., 2018)::
     mu_ng    = exp(l_n) * rho_ng
     x_ng     ~ likelihood(mu_ng, theta_g, f_gate(z_n, s_n)_g)   (default ZINB)
 
+``exp(l_n)`` is taken at ``min(l_n, L_MAX)``: float32 overflows above ``e^88.7``, and a
+draw of ``l`` that far out (a library of more than ``e^80 = 5.5e34`` counts, where neither
+prior nor data put mass) would otherwise make the loss NaN instead of merely very poor.
+
 Plates: ``cells`` (dim -2, subsampled for minibatches so that the minibatch ELBO is an
 unbiased estimate of the full-data ELBO) and ``genes`` (dim -1). Cell-level sites therefore
 carry a singleton gene axis: ``z`` is ``(cells, 1, n_latent)`` and ``l`` is ``(cells, 1)``.
@@ -42,6 +46,10 @@ from .priors import (
 )
 
 Dispersion = Literal["gene", "gene-batch", "gene-cell"]
+
+#: The largest log library ``exp`` is taken at: ``e^80`` leaves float32 (largest value
+#: ``e^88.7``) four orders of magnitude for ``theta + mu`` and the likelihood's products.
+L_MAX = 80.0
 
 
 def cells_plate(
@@ -270,6 +278,6 @@ class ScviModel(nn.Module):
                 rho_logits = self.globals.rho_logits(decoded["hidden"], sampled)
             with genes:
                 rho = pyro.deterministic("rho", torch.softmax(rho_logits, -1), 0)
-                mu = torch.exp(l) * rho
+                mu = torch.exp(l.clamp(max=L_MAX)) * rho
                 theta = self.theta(batch_index, decoded, sampled)
                 pyro.sample("x", self.likelihood(mu, theta, decoded["gate_logits"]), obs=x)

@@ -278,9 +278,13 @@ class SCVI:
         memory (:func:`pyro_scvi.engine.choose_data_source`).
     library_residual
         Centre the default guide's q(l) on each cell's observed log library size, so its
-        encoder learns only the residual (:class:`~pyro_scvi.guide.ScviGuide`); default
-        ``False``, the paper's guide. The model is unchanged. Needs a latent library and
-        the default guide.
+        encoder learns only the residual (:class:`~pyro_scvi.guide.ScviGuide`). ``None``
+        (default): on wherever it applies, the default guide with a latent library;
+        ``False``: the paper's guide, whose encoder outputs the whole mean of q(l) (the
+        default before 2026-11-30; ``benchmarks/library_residual.py`` compares the two).
+        The model is the same either way. ``True`` with an observed library or a guide
+        of your own is an ``InputError``. ``settings["library_residual"]`` records which
+        the model has.
     scheme
         How the global parameters are inferred; default ``None``, point estimates of the
         decoder and ``theta``. :class:`~pyro_scvi.schemes.BayesianDecoder` puts a prior and
@@ -323,7 +327,7 @@ class SCVI:
         guide: torch.nn.Module | GuideFactory | None = None,
         streamed: bool | None = None,
         scheme: Scheme | None = None,
-        library_residual: bool = False,
+        library_residual: bool | None = None,
     ) -> None:
         for name, value in [("n_latent", n_latent), ("n_hidden", n_hidden)]:
             if int(value) < 1:
@@ -349,7 +353,8 @@ class SCVI:
         loc, scale = self.data.library_log_stats()
         prior = as_prior(prior)
         library = _library_object(library_prior, use_observed_lib_size, loc, scale)
-        if library_residual and (guide is not None or not is_latent_library(library)):
+        applies = guide is None and is_latent_library(library)
+        if library_residual and not applies:
             raise InputError(
                 "library_residual=True centres the default guide's q(l), but "
                 + (
@@ -368,7 +373,7 @@ class SCVI:
             "dropout_rate": float(dropout_rate),
             "dispersion": dispersion,
             "use_observed_lib_size": not is_latent_library(library),
-            "library_residual": bool(library_residual),
+            "library_residual": applies if library_residual is None else bool(library_residual),
             "likelihood": repr(likelihood or ZINB()),
             "prior": repr(prior),
         }

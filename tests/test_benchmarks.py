@@ -388,3 +388,63 @@ def test_allocator_rss_smoke(tmp_path):
     # the allocator moves memory, not numbers
     assert rows[0]["latent_checksum"] == rows[1]["latent_checksum"]
     assert rows[0]["elbo_mean"] == rows[1]["elbo_mean"]
+
+
+def test_library_residual_smoke(tmp_path):
+    script = BENCHMARKS / "library_residual.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path), "--merge"]
+    # --merge keeps another run's datasets that this run does not redo
+    other = {"name": "elsewhere", "n_cells": 1, "n_genes": 1, "runs": []}
+    earlier = {"date": "d", "git": {"pyro_scvi_commit": "abc1234"}, "command": "c"}
+    (tmp_path / "library_residual_smoke.json").write_text(
+        json.dumps({**earlier, "datasets": [other]})
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "library_residual_smoke.json").read_text())
+    dataset, kept = results["datasets"]
+    assert kept["name"] == "elsewhere" and kept["from_run"]["commit"] == "abc1234"
+    assert [r["library_residual"] for r in dataset["runs"]] == [False, True]
+    for run in dataset["runs"]:
+        assert math.isfinite(run["heldout_log_px_per_cell"]) and -1 <= run["ari"] <= 1
+    # the two guides train different fits from the same seed
+    a, b = dataset["runs"]
+    assert a["heldout_log_px_per_cell"] != b["heldout_log_px_per_cell"]
+    assert "Paired by seed" in (tmp_path / "library_residual_smoke.md").read_text()
+
+
+def test_accuracy_defaults_reuses_only_a_reference_measured_the_same_way(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("acc", BENCHMARKS / "accuracy_defaults.py")
+    acc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acc)
+    args = acc.parse_args(["--datasets", "d", "--seeds", "0", "1", "2", "3", "--out-dir", "x"])
+
+    def theirs(seed, **changes):
+        run = {"implementation": "scvi-tools", "seed": seed, "epochs_run": 100, "ll_samples": 100}
+        run |= {"metric_cells": 50, "heldout_ll_cells": 5, "threads_after": 1}
+        run |= {"use_observed_lib_size": True, "heldout_log_px_per_cell": -10.0 - seed}
+        return run | changes
+
+    ours = [
+        {"implementation": "pyro_scvi", "seed": s, "split_matches_make_split": s != 2}
+        for s in range(4)
+    ]
+    runs = [theirs(0), theirs(1, ll_samples=10), theirs(2), theirs(3, errors={"x": "y"})]
+    earlier = {"date": "d0", "git": {"pyro_scvi_commit": "abc1234"}, "command": "c0"}
+    dataset = {"name": "d", "n_cells": 50, "n_genes": 7, "runs": ours + runs}
+    path = tmp_path / "accuracy_defaults.json"
+    path.write_text(json.dumps({**earlier, "datasets": [dataset]}))
+    reused = acc.reusable_reference(path, args)
+    # seed 1: other importance samples; seed 2: pyro_scvi held out other cells; 3: failed
+    assert list(reused) == ["d"] and list(reused["d"]) == [0]
+    run = reused["d"][0]
+    assert run["reused_from"] == {"date": "d0", "commit": "abc1234", "command": "c0"} | {
+        "n_cells": 50,
+        "n_genes": 7,
+    }
+    # before the like-for-like column: an observed library's log p(x) is log p(x | library)
+    assert run["heldout_log_px_given_library_per_cell"] == -10.0
+    assert acc.same_split(ours, 0) and not acc.same_split(ours, 2)
+    other = acc.parse_args(["--datasets", "d", "--epochs", "50", "--out-dir", "x"])
+    assert acc.reusable_reference(path, other) == {}

@@ -500,6 +500,22 @@ def test_fit_observed_library_option_conditions_on_the_totals(h5ad, tmp_path):
     assert saved["settings"]["use_observed_lib_size"] is False
 
 
+def test_fit_library_residual_option_reaches_the_guide_and_the_record(h5ad, tmp_path):
+    adata = anndata.read_h5ad(h5ad)
+    for flag, expected in ((None, True), ("--no-library-residual", False)):
+        out = tmp_path / f"{expected}.h5ad"
+        status, stderr = _run(["fit", h5ad, "-o", out, *FAST, *([flag] if flag else [])])
+        assert status == 0, stderr
+        assert anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["library_residual"] == expected
+        model = SCVI.load(tmp_path / f"{expected}_model", adata)
+        assert model.guide.library_residual is expected
+    # it centres q(l) on the observed library, which an observed library does not have
+    status, stderr = _run(
+        ["fit", h5ad, "-o", tmp_path / "o.h5ad", *FAST, "--observed-library", "--library-residual"]
+    )
+    assert status != 0 and "library_residual" in stderr
+
+
 def test_help_imports_nothing_heavy():
     """`pyro-scvi --help` answers without importing torch, Pyro, numpy or AnnData."""
     code = (

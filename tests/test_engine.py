@@ -260,17 +260,19 @@ def test_the_choice_is_recorded_in_history_model_and_saved_files(small_adata, tm
 
 # --- one estimator ----------------------------------------------------------------------
 
-# (likelihood, dispersion, prior) cases: every likelihood and dispersion with the default
-# prior, and every shipped prior with the default likelihood.
+# (likelihood, dispersion, prior, other SCVI arguments) cases: every likelihood and
+# dispersion with the default prior, every shipped prior with the default likelihood, and
+# the paper's q(l) (the default guide centres it on the observed library).
 CASES = [
-    (ZINB, "gene", StandardNormal),
-    (ZINB, "gene-batch", StandardNormal),
-    (ZINB, "gene-cell", StandardNormal),
-    (NB, "gene", StandardNormal),
-    (Poisson, "gene", StandardNormal),
-    (ZIP, "gene", StandardNormal),
-    (ZINB, "gene", lambda: MixtureOfGaussians(3)),
-    (ZINB, "gene", lambda: VampPrior(4)),
+    (ZINB, "gene", StandardNormal, {}),
+    (ZINB, "gene-batch", StandardNormal, {}),
+    (ZINB, "gene-cell", StandardNormal, {}),
+    (NB, "gene", StandardNormal, {}),
+    (Poisson, "gene", StandardNormal, {}),
+    (ZIP, "gene", StandardNormal, {}),
+    (ZINB, "gene", lambda: MixtureOfGaussians(3), {}),
+    (ZINB, "gene", lambda: VampPrior(4), {}),
+    (ZINB, "gene", StandardNormal, {"library_residual": False}),
 ]
 
 
@@ -289,9 +291,9 @@ def _loss_and_grads(step, params, buffers, *args, **kwargs):
 
 
 @pytest.mark.parametrize("n_batches", [1, 3])
-@pytest.mark.parametrize("likelihood, dispersion, prior", CASES)
+@pytest.mark.parametrize("likelihood, dispersion, prior, other", CASES)
 def test_every_engine_path_is_the_same_estimator_as_plain_svi(
-    likelihood, dispersion, prior, n_batches
+    likelihood, dispersion, prior, other, n_batches
 ):
     # In float64, so that the comparison is about the estimator, not rounding. On the same
     # random draws (seeded before each call; a compiled graph draws in the traced order,
@@ -313,6 +315,7 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
         prior=prior(),
         n_hidden=16,
         n_latent=3,
+        **other,
     )
     m.model.double(), m.guide.double()
     # called with the KL weight as the engine calls them

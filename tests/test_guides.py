@@ -245,3 +245,63 @@ def test_a_guide_of_ones_own_works_everywhere(small_adata, tmp_path):
 def test_guide_base_needs_encode():
     with pytest.raises(NotImplementedError):
         pyro_scvi.Guide()(torch.ones(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+# ------------------------------------------------------------- q(l) centred on the library
+def test_library_residual_centres_q_l_on_the_observed_log_library(data):
+    x, b = data
+    x[3] = 0.0  # a cell without counts: log 1 = 0 as its floor, not -inf
+    lib = LogNormalLibrary(torch.tensor([3.0, 3.5]), torch.tensor([0.4, 0.6]))
+    paper = ScviGuide(
+        N_GENES, 2, n_latent=N_LATENT, library=lib, l_loc_init=3.2, library_residual=False
+    )
+    residual = ScviGuide(N_GENES, 2, n_latent=N_LATENT, library=lib)  # the default
+    # starts at the observed depth (the residual's bias at 0), the paper's at l_loc_init
+    assert float(residual.l_encoder.loc.bias.detach()) == 0.0
+    assert float(paper.l_encoder.loc.bias.detach()) == pytest.approx(3.2)
+    residual.load_state_dict(paper.state_dict())  # the same networks
+    paper.eval(), residual.eval()
+    q_paper, q_residual = paper.encode(x, b), residual.encode(x, b)
+    log_lib = np.log(np.maximum(x.numpy().sum(axis=1, keepdims=True), 1.0))
+    np.testing.assert_allclose(
+        (q_residual["l_loc"] - q_paper["l_loc"]).detach().numpy(), log_lib, rtol=1e-6
+    )
+    for k in ("z_loc", "z_scale", "l_scale"):
+        torch.testing.assert_close(q_residual[k], q_paper[k])
+    assert "library_residual=True" in repr(residual)
+
+
+def test_scvi_library_residual_is_recorded_saved_and_validated(small_adata, tmp_path):
+    m = SCVI(small_adata, batch_key="batch", n_latent=2, n_hidden=8)  # on by default
+    assert m.guide.library_residual and m.settings["library_residual"] is True
+    paper = SCVI(small_adata, n_latent=2, library_residual=False)
+    assert not paper.guide.library_residual and paper.settings["library_residual"] is False
+    # where it does not apply, the default leaves it off and says so
+    observed = SCVI(small_adata, use_observed_lib_size=True)
+    assert observed.settings["library_residual"] is False
+    per_cell = SCVI(small_adata, guide=PerCellGuide.from_data)
+    assert per_cell.settings["library_residual"] is False
+    m.train(max_epochs=2, progress_bar=False, seed=0)
+    assert np.isfinite(m.history["validation_elbo"]).all()
+    m.save(tmp_path / "m")
+    loaded = SCVI.load(tmp_path / "m", small_adata)
+    assert loaded.guide.library_residual
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), m.get_latent_representation()
+    )
+    with pytest.raises(InputError, match="the library is observed"):
+        SCVI(small_adata, use_observed_lib_size=True, library_residual=True)
+    with pytest.raises(InputError, match="guide= replaces"):
+        SCVI(small_adata, guide=PerCellGuide.from_data, library_residual=True)
+
+
+def test_saves_from_before_library_residual_load_as_the_papers_guide(small_adata, tmp_path):
+    m = SCVI(small_adata, n_latent=2, n_hidden=8, library_residual=False)
+    m.train(max_epochs=1, progress_bar=False, seed=0)
+    m.settings.pop("library_residual")  # as a save from before the option
+    m.save(tmp_path / "m")
+    loaded = SCVI.load(tmp_path / "m", small_adata)
+    assert loaded.guide.library_residual is False
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), m.get_latent_representation()
+    )

@@ -323,3 +323,33 @@ def test_deep_many_gene_batches_validate_finite_from_the_first_epoch():
     # Validation cells are like training cells: their ELBO is of the training ELBO's size
     # (it was 6x worse on stale statistics).
     assert (h["validation_elbo"] > 1.5 * h["train_elbo"]).all(), h
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_one_outlier_cell_in_sparse_many_gene_data_trains(seed):
+    # Regression (worm neurons, 13,488 genes at 98.6 % zeros, seed 2 of the default fit:
+    # NaN at epoch 0, step 5): one cell with 30x the median library and 16x the non-zero
+    # genes dominates its minibatch's batch-norm statistics, so its encoder activations
+    # are extreme and q(l) for it reached a scale of 81 within five steps; a draw of l
+    # above 88.7 overflowed exp(l). Here: the same character, simulated.
+    import scipy.sparse as sp
+
+    from pyro_scvi.datasets import synthetic_zinb
+
+    adata = synthetic_zinb(
+        n_cells=300, n_genes=13_000, library_log_mean=5.5, library_log_sd=0.5, seed=0
+    )
+    X = sp.csr_matrix(adata.X)
+    adata.X = sp.vstack([sp.csr_matrix(X[:30].sum(axis=0)), X[1:]]).tocsr()
+    depth = np.asarray(adata.X.sum(axis=1)).ravel()
+    assert depth[0] > 25 * np.median(depth) and 1 - adata.X.nnz / np.prod(adata.shape) > 0.98
+    m = SCVI(adata, library_residual=False)
+    x, b = m.data.tensors(np.arange(128))
+    linear, batch_norm = m.guide.l_encoder.body[:2]
+    with torch.no_grad():
+        h = batch_norm.train()(linear(torch.log1p(x))).abs().amax(dim=-1)
+    # normalized by its minibatch's statistics, the outlier's activations stand far out
+    # (what this test exercises; one cell of 128 can reach sqrt(127) = 11.3)
+    assert h[0] > 2 * h[1:].max()
+    m.train(max_epochs=1, seed=seed, progress_bar=False)
+    assert np.isfinite(m.history["validation_elbo"]).all()

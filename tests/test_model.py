@@ -1,5 +1,7 @@
 """The Pyro model and guide: sites, shapes, plates, subsampling and priors."""
 
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -211,3 +213,29 @@ def test_params_registered_under_model_and_guide(data):
     names = set(pyro.get_param_store().keys())
     assert "model$$$log_theta" in names
     assert any(n.startswith("guide$$$z_encoder") for n in names)
+
+
+@pytest.mark.parametrize("likelihood", [ZINB(), NB(), Poisson()], ids=repr)
+def test_a_draw_of_l_past_float32s_exp_gives_a_finite_loss(data, likelihood, monkeypatch):
+    # A guide far off (in training, one outlier cell's q(l) in a batch-norm minibatch) can
+    # draw l above 88.7, where exp(l) overflows float32: mu = inf made the loss NaN and
+    # training stopped. exp is taken at min(l, L_MAX), so the loss is finite and poor.
+    import pyro_scvi.model as model_module
+
+    x, b = data
+    model, guide = make_pair(likelihood)
+    with torch.no_grad():
+        guide.l_encoder.loc.weight.zero_()
+        guide.l_encoder.loc.bias.fill_(100.0)  # every draw of l near 100
+    pyro.set_rng_seed(0)
+    loss = Trace_ELBO().differentiable_loss(model, guide, x, b)
+    assert torch.isfinite(loss) and loss > 1e3
+    loss.backward()
+    params = [*model.parameters(), *guide.parameters()]
+    assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+    # without the bound, the same draws give NaN (this test would catch its removal)
+    monkeypatch.setattr(model_module, "L_MAX", float("inf"))
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro's "Encountered NaN"
+        assert not torch.isfinite(Trace_ELBO().differentiable_loss(model, guide, x, b))
