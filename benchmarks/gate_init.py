@@ -23,15 +23,15 @@ training cells), on every shared dataset and several seeds:
     python benchmarks/gate_init.py --datasets zeisel_cortex_subset_1464x1000 --seeds 0
     python benchmarks/gate_init.py --smoke              # seconds (the test suite runs it)
 
+``--merge`` keeps the results file's datasets this run does not redo (``_variants.run``).
+
 One thread per run (``torch.set_num_threads(1)``): this measures accuracy, not speed.
 Results: ``benchmarks/results/gate_init.{json,md}`` (``--smoke``: ``gate_init_smoke.*``).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,72 +39,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+import _variants  # noqa: E402
+from _variants import median  # noqa: E402
 
-DATA_DIR = _common.REPO.parent / "shared" / "data"
 STARTS = (0.05, None)  # None: the layer's random start, a gate near 0.5
-
-
-def depth_r2(latent: np.ndarray, counts: Any, labels: np.ndarray) -> float:
-    """Median over cell types of the R² of log library size regressed on ``latent``."""
-    from sklearn.linear_model import LinearRegression
-
-    log_lib = np.log(np.asarray(counts.sum(axis=1)).ravel())
-    scores = []
-    for label in np.unique(labels):
-        rows = labels == label
-        if rows.sum() > latent.shape[1] + 2:
-            fit = LinearRegression().fit(latent[rows], log_lib[rows])
-            scores.append(fit.score(latent[rows], log_lib[rows]))
-    return float(np.median(scores)) if scores else float("nan")
-
-
-def run_one(adata: Any, start: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train the default model with the gate starting at ``start``; score it."""
-    import pyro_scvi
-    from pyro_scvi.metrics import score_latent
-
-    multi = adata.obs["batch"].nunique() > 1
-    model = pyro_scvi.SCVI(
-        adata,
-        batch_key="batch" if multi else None,
-        likelihood=pyro_scvi.ZINB(initial_dropout=start),
-    )
-    t0 = time.perf_counter()
-    model.train(max_epochs=args.epochs, seed=seed, progress_bar=False)
-    seconds = time.perf_counter() - t0
-    z = model.get_latent_representation()
-    labels = adata.obs["cell_type"].astype(str).to_numpy()
-    scores = score_latent(z, labels, adata.obs["batch"].to_numpy() if multi else None, seed=0)
-    cells = model.validation_indices[: args.ll_cells]
-    log_px = model.get_marginal_ll(adata[cells], n_samples=args.ll_samples, seed=seed)
-    return {
-        "initial_dropout": start,
-        "seed": seed,
-        "ari": scores["ari"],
-        "entropy_batch_mixing": scores.get("entropy_batch_mixing"),
-        "heldout_log_px_per_cell": float(log_px),
-        "depth_r2_within_types": depth_r2(z, adata.X, labels),
-        "heldout_cells": int(len(cells)),
-        "train_seconds": seconds,
-    }
-
-
-def load(name: str, args: argparse.Namespace) -> Any:
-    """A shared dataset without empty cells, or the smoke test's synthetic data."""
-    if name == "synthetic":
-        import pyro_scvi
-
-        return pyro_scvi.datasets.synthetic_zinb(n_cells=200, n_genes=60, n_batches=2, seed=0)
-    import anndata
-
-    adata = anndata.read_h5ad(args.data_dir / (name if name.endswith(".h5ad") else f"{name}.h5ad"))
-    keep = np.asarray(adata.X.sum(axis=1)).ravel() > 0
-    return adata[keep].copy()
-
-
-def median(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return float(np.median(values)) if values else None
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -169,58 +107,27 @@ def markdown(results: dict[str, Any]) -> str:
         "and everything else at the defaults; only the gate head's initial bias differs "
         "(logit of the initial dropout).",
     ]
+    lines += [
+        f"- {d['name']}: kept from another run (--merge): `{d['from_run']['command']}` at "
+        f"commit {d['from_run']['commit'][:7]}, {d['from_run']['date']}."
+        for d in results["datasets"]
+        if "from_run" in d
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", nargs="+", help="names in --data-dir (default: every .h5ad)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--ll-cells", type=int, default=1000)
-    p.add_argument("--ll-samples", type=int, default=100)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    p.add_argument("--out-dir", type=Path, default=_common.REPO / "benchmarks" / "results")
-    p.add_argument("--smoke", action="store_true", help="synthetic data, 1 epoch, 1 seed")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.datasets, args.seeds, args.epochs, args.ll_samples = ["synthetic"], [0], 1, 5
-    names = args.datasets or sorted(p.stem for p in args.data_dir.glob("*.h5ad"))
-    if not names:
-        p.error(f"no .h5ad in {args.data_dir}; pass --data-dir or --smoke")
+    import pyro_scvi
 
-    import torch
-
-    torch.set_num_threads(1)
-    results = _common.run_metadata(argv, 1, script="gate_init.py")
-    results["settings"] = {
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "ll_samples": args.ll_samples,
-        "ll_cells": args.ll_cells,
-        "smoke": args.smoke,
-    }
-    results["datasets"] = []
-    stem = "gate_init_smoke" if args.smoke else "gate_init"
-    t0 = time.perf_counter()
-    for name in names:
-        adata = load(name, args)
-        entry = {"name": name, "n_cells": adata.n_obs, "n_genes": adata.n_vars, "runs": []}
-        results["datasets"].append(entry)
-        for seed in args.seeds:
-            for start in STARTS:
-                run = run_one(adata, start, seed, args)
-                entry["runs"].append(run)
-                print(
-                    f"{name} seed {seed} initial dropout {start}: ARI {run['ari']:.3f}, "
-                    f"log p(x) {run['heldout_log_px_per_cell']:.2f}",
-                    file=sys.stderr,
-                )
-        results["total_seconds"] = time.perf_counter() - t0
-        table = markdown(results)
-        _common.write_results(args.out_dir, stem, results, table)
-    print(table)
-    return 0
+    return _variants.run(
+        argv,
+        _variants.parser(__doc__.splitlines()[0]),
+        script="gate_init.py",
+        key="initial_dropout",
+        variants=STARTS,
+        scvi_kwargs=lambda start: {"likelihood": pyro_scvi.ZINB(initial_dropout=start)},
+        markdown=markdown,
+    )
 
 
 if __name__ == "__main__":

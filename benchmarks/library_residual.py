@@ -31,10 +31,7 @@ every write, so two runs on disjoint datasets may share one file. One thread per
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,37 +39,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from gate_init import DATA_DIR, depth_r2, load, median  # noqa: E402
+import _variants  # noqa: E402
+from _variants import median  # noqa: E402
 
 VARIANTS = (False, True)  # library_residual; False is the paper's guide, True the default
-
-
-def run_one(adata: Any, residual: bool, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Train the default model with ``library_residual=residual``; score it."""
-    import pyro_scvi
-    from pyro_scvi.metrics import score_latent
-
-    multi = adata.obs["batch"].nunique() > 1
-    model = pyro_scvi.SCVI(adata, batch_key="batch" if multi else None, library_residual=residual)
-    t0 = time.perf_counter()
-    model.train(max_epochs=args.epochs, seed=seed, progress_bar=False)
-    seconds = time.perf_counter() - t0
-    z = model.get_latent_representation()
-    labels = adata.obs["cell_type"].astype(str).to_numpy()
-    scores = score_latent(z, labels, adata.obs["batch"].to_numpy() if multi else None, seed=0)
-    cells = model.validation_indices[: args.ll_cells]
-    log_px = model.get_marginal_ll(adata[cells], n_samples=args.ll_samples, seed=seed)
-    return {
-        "library_residual": residual,
-        "seed": seed,
-        "ari": scores["ari"],
-        "entropy_batch_mixing": scores.get("entropy_batch_mixing"),
-        "heldout_log_px_per_cell": float(log_px),
-        "depth_r2_within_types": depth_r2(z, adata.X, labels),
-        "heldout_cells": int(len(cells)),
-        "train_seconds": seconds,
-        "final_validation_elbo": float(model.history["validation_elbo"].iloc[-1]),
-    }
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -183,73 +153,16 @@ def paired(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, A
     return [(by[s, False], by[s, True]) for s in seeds if (s, False) in by and (s, True) in by]
 
 
-def write(args: argparse.Namespace, stem: str, results: dict[str, Any]) -> str:
-    """Write both files; with ``--merge`` first add the file's datasets not redone here."""
-    out = dict(results)
-    path = args.out_dir / f"{stem}.json"
-    if args.merge and path.exists():
-        earlier = json.loads(path.read_text())
-        mine = {d["name"] for d in results["datasets"]}
-        out["datasets"] = results["datasets"] + _common.keep_not_redone(
-            earlier["datasets"], mine, "name", earlier
-        )
-    table = markdown(out)
-    _common.write_results(args.out_dir, stem, out, table)
-    return table
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", nargs="+", help="names in --data-dir (default: every .h5ad)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--ll-cells", type=int, default=1000)
-    p.add_argument("--ll-samples", type=int, default=100)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    p.add_argument("--out-dir", type=Path, default=_common.REPO / "benchmarks" / "results")
-    p.add_argument("--merge", action="store_true", help="keep the file's other datasets")
-    p.add_argument("--smoke", action="store_true", help="synthetic data, 1 epoch, 1 seed")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.datasets, args.seeds, args.epochs, args.ll_samples = ["synthetic"], [0], 1, 5
-    names = args.datasets or sorted(p.stem for p in args.data_dir.glob("*.h5ad"))
-    if not names:
-        p.error(f"no .h5ad in {args.data_dir}; pass --data-dir or --smoke")
-
-    import torch
-
-    torch.set_num_threads(1)
-    results = _common.run_metadata(argv, 1, script="library_residual.py")
-    results["settings"] = {
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "ll_samples": args.ll_samples,
-        "ll_cells": args.ll_cells,
-        "smoke": args.smoke,
-    }
-    results["datasets"] = []
-    stem = "library_residual_smoke" if args.smoke else "library_residual"
-    t0 = time.perf_counter()
-    table = ""
-    for name in names:
-        adata = load(name, args)
-        entry = {"name": name, "n_cells": adata.n_obs, "n_genes": adata.n_vars, "runs": []}
-        results["datasets"].append(entry)
-        for seed in args.seeds:
-            for residual in VARIANTS:
-                run = run_one(adata, residual, seed, args)
-                entry["runs"].append(run)
-                print(
-                    f"{name} seed {seed} library_residual {residual}: ARI {run['ari']:.3f}, "
-                    f"log p(x) {run['heldout_log_px_per_cell']:.2f}, "
-                    f"{run['train_seconds']:.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                results["total_seconds"] = time.perf_counter() - t0
-                table = write(args, stem, results)
-    print(table)
-    return 0
+    return _variants.run(
+        argv,
+        _variants.parser(__doc__.splitlines()[0]),
+        script="library_residual.py",
+        key="library_residual",
+        variants=VARIANTS,
+        scvi_kwargs=lambda residual: {"library_residual": residual},
+        markdown=markdown,
+    )
 
 
 if __name__ == "__main__":

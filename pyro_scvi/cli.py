@@ -707,17 +707,16 @@ def _check_resume_options(model, args: argparse.Namespace) -> None:
         ),
         "--layer": (args.layer, model.settings["layer"]),
         "--batch-key": (args.batch_key, model.settings["batch_key"]),
-        "--library-residual": (
-            model.settings.get("library_residual", False)
-            if args.library_residual is None
-            else args.library_residual,
-            model.settings.get("library_residual", False),
-        ),
         "--batch-size": (args.batch_size, run.get("batch_size")),
         "--lr": (args.lr, run.get("lr")),
     }
     if args.max_epochs is not None:
         expected["--max-epochs"] = (args.max_epochs, run.get("target_epoch"))
+    if args.library_residual is not None:  # not given: the checkpoint's own
+        expected["--library-residual"] = (
+            args.library_residual,
+            bool(model.settings.get("library_residual", False)),
+        )
     differ = [f"{k} {v[1]} (given: {v[0]})" for k, v in expected.items() if v[0] != v[1]]
     if differ:
         raise InputError(

@@ -395,6 +395,10 @@ def test_resume_with_other_training_options_is_refused(raw, tmp_path, monkeypatc
     status, stderr = _run([*argv, "--resume", "--lr", "0.01"])
     _one_line(status, stderr)
     assert "--lr 0.001 (given: 0.01)" in stderr
+    # the guide's q(l): the checkpoint's default, not the paper's
+    status, stderr = _run([*argv, "--resume", "--no-library-residual"])
+    _one_line(status, stderr)
+    assert "--library-residual True (given: False)" in stderr
     status, stderr = _run(
         [
             "fit",

@@ -330,8 +330,8 @@ def test_one_outlier_cell_in_sparse_many_gene_data_trains(seed):
     # Regression (worm neurons, 13,488 genes at 98.6 % zeros, seed 2 of the default fit:
     # NaN at epoch 0, step 5): one cell with 30x the median library and 16x the non-zero
     # genes dominates its minibatch's batch-norm statistics, so its encoder activations
-    # are extreme and q(l) for it reached a scale of 81 within five steps; a draw of l
-    # above 88.7 overflowed exp(l). Here: the same character, simulated.
+    # are extreme and its q(l) grew far wider than any other cell's within five steps; a
+    # draw of l above 88.7 overflowed exp(l). Here: the same character, simulated.
     import scipy.sparse as sp
 
     from pyro_scvi.datasets import synthetic_zinb
