@@ -107,7 +107,10 @@ def launch(
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         wall = time.perf_counter() - start
         if done.returncode != 0:
-            return {"error": done.stderr[-2000:], "wall_seconds": wall}
+            # a rank's own traceback comes first, torchrun's summary last: keep both ends
+            err = done.stderr
+            text = err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:]
+            return {"error": text, "wall_seconds": wall}
         result = json.loads(out.read_text())
         result["wall_seconds"] = wall
         return result
