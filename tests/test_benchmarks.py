@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -90,6 +91,14 @@ def test_accuracy_defaults_smoke(tmp_path):
     given = mine[0]["heldout_log_px_given_library_per_cell"]
     assert math.isfinite(given) and given != mine[0]["heldout_log_px_per_cell"]
     assert dataset["verdict"]["fit_finishes"]["passed"]
+    # pyro_scvi fitting scvi-tools' default model: same seed, same held-out cells, and its
+    # log p(x) is already log p(x | library)
+    (same,) = [r for r in dataset["runs"] if r["implementation"] == "pyro_scvi-observed-library"]
+    assert "error" not in same and same["split_matches_pyro_scvi"], same
+    assert same["heldout_ll_cells"] == mine[0]["heldout_ll_cells"]
+    own = same["heldout_log_px_per_cell"]
+    assert math.isfinite(own) and same["heldout_log_px_given_library_per_cell"] == own
+    assert own != mine[0]["heldout_log_px_per_cell"]
     theirs = [r for r in dataset["runs"] if r["implementation"] == "scvi-tools"]
     if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
         assert "skipped" in theirs[0]["error"] and "skipped" in proc.stdout
@@ -102,6 +111,11 @@ def test_accuracy_defaults_smoke(tmp_path):
         own = theirs[0]["heldout_log_px_per_cell"]
         assert theirs[0]["heldout_log_px_given_library_per_cell"] == own
         assert "like_for_like_log_px" in dataset["verdict"]
+        same_model = dataset["verdict"]["same_model"]["heldout_log_px_per_cell"]
+        assert same_model["difference"] == pytest.approx(
+            own - theirs[0]["heldout_log_px_per_cell"]
+        )
+        assert "The same model as scvi-tools' default" in proc.stdout
     assert "held-out log p(x)" in proc.stdout
 
     # --merge keeps a dataset of the earlier results that this run does not redo
@@ -449,3 +463,34 @@ def test_accuracy_defaults_reuses_only_a_reference_measured_the_same_way(monkeyp
     assert acc.same_split(ours, 0) and not acc.same_split(ours, 2)
     other = acc.parse_args(["--datasets", "d", "--epochs", "50", "--out-dir", "x"])
     assert acc.reusable_reference(path, other) == {}
+
+
+def test_derive_reads_amplifies_each_molecule_and_keeps_zeros(monkeypatch):
+    import scipy.sparse as sp
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("derive", BENCHMARKS / "derive_reads.py")
+    derive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive)
+    rng = np.random.default_rng(0)
+    umis = sp.csr_matrix(rng.poisson(2.0, size=(50, 40)) * (rng.random((50, 40)) < 0.5))
+    reads = derive.derive_reads(
+        umis, min_reads=1e5, max_reads=1e5, shape=1.0, rng=np.random.default_rng(1)
+    )
+    assert reads.shape == umis.shape and reads.dtype == np.float32
+    # no read without a molecule, and the reads are whole numbers
+    assert not (sp.csr_matrix(reads).multiply(umis == 0)).nnz
+    assert np.array_equal(reads.data, np.round(reads.data))
+    # a cell's reads: Gamma(k n, T / (k n)) around T = 1e5 with sd T / sqrt(k n), about 40
+    # UMIs per cell here; the mean of 50 cells' ratios to T has sd near 0.03: 0.15 is 5 sd
+    ratio = np.asarray(reads.sum(axis=1)).ravel() / 1e5
+    assert abs(ratio.mean() - 1) < 0.15, ratio
+    # the range of depths asked for: log-uniform targets between the bounds
+    spread = derive.derive_reads(
+        umis, min_reads=1e3, max_reads=1e6, shape=1.0, rng=np.random.default_rng(2)
+    )
+    totals = np.asarray(spread.sum(axis=1)).ravel()
+    assert totals.max() / totals.min() > 30
+    empty = sp.csr_matrix(np.vstack([umis.toarray(), np.zeros((1, 40))]))
+    with pytest.raises(ValueError, match="drop empty cells"):
+        derive.derive_reads(empty, min_reads=1e4, max_reads=1e5, shape=1.0, rng=rng)
