@@ -469,7 +469,7 @@ def test_derive_reads_amplifies_each_molecule_and_keeps_zeros(monkeypatch):
     import scipy.sparse as sp
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("derive", BENCHMARKS / "derive_reads.py")
+    spec = importlib.util.spec_from_file_location("derive", BENCHMARKS / "derive_data.py")
     derive = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(derive)
     rng = np.random.default_rng(0)
@@ -494,3 +494,26 @@ def test_derive_reads_amplifies_each_molecule_and_keeps_zeros(monkeypatch):
     empty = sp.csr_matrix(np.vstack([umis.toarray(), np.zeros((1, 40))]))
     with pytest.raises(ValueError, match="drop empty cells"):
         derive.derive_reads(empty, min_reads=1e4, max_reads=1e5, shape=1.0, rng=rng)
+
+
+def test_derive_zero_genes_keeps_every_count_in_its_gene(monkeypatch):
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("derive", BENCHMARKS / "derive_data.py")
+    derive = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive)
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, size=(30, 92)).astype(np.float32)
+    counts[:, 0] += 1  # no gene of the source is all zero
+    var = pd.DataFrame(index=[f"g{i}" for i in range(92)])
+    source = anndata.AnnData(X=sp.csr_matrix(counts), var=var)
+    out = derive.add_zero_genes(source, 0.08, np.random.default_rng(1))
+    assert out.n_vars == 100 and out.n_obs == 30
+    dense = out.X.toarray()
+    empty = dense.sum(axis=0) == 0
+    assert empty.sum() == 8 and all(n.startswith("zero_gene_") for n in out.var_names[empty])
+    # each source gene's column, found by name, holds exactly its counts
+    assert np.array_equal(out[:, list(var.index)].X.toarray(), counts)
