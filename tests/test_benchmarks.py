@@ -517,3 +517,34 @@ def test_derive_zero_genes_keeps_every_count_in_its_gene(monkeypatch):
     assert empty.sum() == 8 and all(n.startswith("zero_gene_") for n in out.var_names[empty])
     # each source gene's column, found by name, holds exactly its counts
     assert np.array_equal(out[:, list(var.index)].X.toarray(), counts)
+
+
+def test_data_parallel_runs_again_only_after_a_rank_died_by_a_signal(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("dp", BENCHMARKS / "data_parallel.py")
+    dp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp)
+    signal = {"error": "exitcode  : -6 (pid: 1)  (SIGABRT)\ntraceback : Signal 6 (SIGABRT)"}
+    python_error = {"error": "Traceback (most recent call last):\nValueError: bad"}
+    ok = {"train_cells_per_second": 10.0}
+
+    def runs(*results):
+        calls = iter(results)
+        monkeypatch.setattr(dp, "_launch_once", lambda *a: dict(next(calls)))
+        return dp.launch(None, 2, 128)
+
+    # a signal, then a good run: the good run, with the first failure kept
+    result = runs(signal, ok)
+    assert result["train_cells_per_second"] == 10.0
+    assert result["first_failure"] == signal["error"]
+    # two signals: the second failure is the result
+    assert runs(signal, signal)["error"] == signal["error"]
+    # a Python error, or a one-process run, is not run again
+    assert runs(python_error, ok) == python_error
+    monkeypatch.setattr(dp, "_launch_once", lambda *a: dict(signal))
+    assert "first_failure" not in dp.launch(None, 1, 128)
+    meta = {"machine": {"platform": "p", "cpu_count": 2}}
+    args = {"cells": 1, "genes": 1, "epochs": 1, "repeats": 1}
+    runs_kept = {"torchrun, 2 processes": [result]}
+    text = dp.markdown({"meta": meta, "args": args, "summary": {}, "runs": runs_kept})
+    assert "Run again after a rank died by a signal" in text
