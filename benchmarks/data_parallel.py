@@ -87,7 +87,7 @@ def launch(
     """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result.
 
     A torchrun run in which a rank was killed by a signal (rank 0 has died of SIGABRT in
-    about one fresh-clone test run in four, never when run alone, cause not found; the
+    two of seven fresh-clone test runs, never when run alone, cause not found; the
     ranks print no traceback) is run once more. The first failure's stderr stays in the
     result as ``first_failure`` and the table says so; a second failure is the result.
     """
