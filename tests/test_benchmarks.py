@@ -13,6 +13,15 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _load_script(name, monkeypatch):
+    """``benchmarks/<name>.py`` as a module, with the folder on sys.path as when it runs."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_speed_defaults_smoke(tmp_path):
     cmd = [sys.executable, str(BENCHMARKS / "speed_defaults.py"), "--smoke"]
     proc = subprocess.run(
@@ -198,10 +207,7 @@ def test_out_of_core_smoke(tmp_path):
 
 
 def test_out_of_core_merge_keeps_rows_not_redone(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("out_of_core", BENCHMARKS / "out_of_core.py")
-    out_of_core = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(out_of_core)
+    out_of_core = _load_script("out_of_core", monkeypatch)
     earlier = {
         "meta": {"date": "then", "command": "old", "git": {"pyro_scvi_commit": "abc"}},
         "args": {"note": "under load"},
@@ -370,10 +376,7 @@ def test_gate_init_smoke(tmp_path):
 
 
 def test_robustness_merge_keeps_datasets_not_redone(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("robustness", BENCHMARKS / "robustness.py")
-    robustness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(robustness)
+    robustness = _load_script("robustness", monkeypatch)
     earlier = {
         "date": "then",
         "command": "old",
@@ -429,10 +432,7 @@ def test_library_residual_smoke(tmp_path):
 
 
 def test_accuracy_defaults_reuses_only_a_reference_measured_the_same_way(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("acc", BENCHMARKS / "accuracy_defaults.py")
-    acc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(acc)
+    acc = _load_script("accuracy_defaults", monkeypatch)
     args = acc.parse_args(["--datasets", "d", "--seeds", "0", "1", "2", "3", "--out-dir", "x"])
 
     def theirs(seed, **changes):
@@ -468,10 +468,7 @@ def test_accuracy_defaults_reuses_only_a_reference_measured_the_same_way(monkeyp
 def test_derive_reads_amplifies_each_molecule_and_keeps_zeros(monkeypatch):
     import scipy.sparse as sp
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("derive", BENCHMARKS / "derive_data.py")
-    derive = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(derive)
+    derive = _load_script("derive_data", monkeypatch)
     rng = np.random.default_rng(0)
     umis = sp.csr_matrix(rng.poisson(2.0, size=(50, 40)) * (rng.random((50, 40)) < 0.5))
     reads = derive.derive_reads(
@@ -501,10 +498,7 @@ def test_derive_zero_genes_keeps_every_count_in_its_gene(monkeypatch):
     import pandas as pd
     import scipy.sparse as sp
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("derive", BENCHMARKS / "derive_data.py")
-    derive = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(derive)
+    derive = _load_script("derive_data", monkeypatch)
     rng = np.random.default_rng(0)
     counts = rng.poisson(1.0, size=(30, 92)).astype(np.float32)
     counts[:, 0] += 1  # no gene of the source is all zero
@@ -520,10 +514,7 @@ def test_derive_zero_genes_keeps_every_count_in_its_gene(monkeypatch):
 
 
 def test_data_parallel_runs_again_only_after_a_rank_died_by_a_signal(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("dp", BENCHMARKS / "data_parallel.py")
-    dp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dp)
+    dp = _load_script("data_parallel", monkeypatch)
     signal = {"error": "exitcode  : -6 (pid: 1)  (SIGABRT)\ntraceback : Signal 6 (SIGABRT)"}
     python_error = {"error": "Traceback (most recent call last):\nValueError: bad"}
     ok = {"train_cells_per_second": 10.0}
