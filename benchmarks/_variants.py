@@ -63,12 +63,12 @@ def fit_and_score(
     """Train ``SCVI(adata[, batch_key="batch"], **scvi_kwargs)`` at the defaults; score it.
 
     KMeans ARI and batch entropy of the posterior mean of z
-    (:func:`pyro_scvi.metrics.score_latent`), held-out log p(x) per cell on at most
+    (:func:`pyro_scvi.analysis.metrics.score_latent`), held-out log p(x) per cell on at most
     ``args.ll_cells`` validation cells with ``args.ll_samples`` importance draws, and
     :func:`depth_r2`.
     """
     import pyro_scvi
-    from pyro_scvi.metrics import score_latent
+    from pyro_scvi.analysis.metrics import score_latent
 
     multi = adata.obs["batch"].nunique() > 1
     model = pyro_scvi.SCVI(adata, batch_key="batch" if multi else None, **scvi_kwargs)

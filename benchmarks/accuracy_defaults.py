@@ -30,7 +30,7 @@ failure is recorded and the benchmark goes on:
 Metrics, the same function on the same cells for both implementations:
 
 * KMeans ARI (k = number of cell types) and batch-entropy mixing (multi-batch data) of
-  the posterior mean of z, from ``pyro_scvi.metrics.score_latent`` on at most
+  the posterior mean of z, from ``pyro_scvi.analysis.metrics.score_latent`` on at most
   ``--metric-cells`` (10,000) cells drawn from the seed (``compare_scvi_tools.
   latent_scores``; NMI, silhouettes and batch silhouette are in the JSON too);
 * held-out log p(x) per cell, importance sampled with ``--ll-samples`` (100) draws on the
@@ -634,7 +634,7 @@ NOTES = [
     "ARI (higher is better): KMeans (k = number of cell types) on the posterior mean of z "
     "vs obs['cell_type']; batch entropy (higher is better mixing; natural log, 50 "
     "neighbours, 100 random cells, 50 repeats; ln(number of batches) is perfect mixing): "
-    "pyro_scvi.metrics.score_latent on the same cells for both (at most --metric-cells, "
+    "pyro_scvi.analysis.metrics.score_latent on the same cells for both (at most --metric-cells, "
     "drawn from the seed).",
     "held-out log p(x): nats per cell, higher is better, importance sampled (K draws) on "
     "pyro_scvi's validation cells of the seed, which neither implementation trained on. "

@@ -100,8 +100,9 @@ def run_setting(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]
 
 def make_small(tmp: Path) -> tuple[Path, Path]:
     """``--smoke``: a 3,000-cell file and a model trained on it for one epoch, streamed."""
-    from pyro_scvi import SCVI
     from pyro_scvi.datasets.synthetic_large import write_synthetic_h5ad
+
+    from pyro_scvi import SCVI
 
     h5ad = write_synthetic_h5ad(tmp / "small.h5ad", 3000, 60, seed=0, chunk=1000)
     import anndata

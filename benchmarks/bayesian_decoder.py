@@ -3,7 +3,7 @@
 ``pbmc_ppc_diagnosis.py`` found that on pbmc8k_200hvg a third of the genes' means get
 posterior predictive p-values outside [0.025, 0.975], and that the check itself produces
 much of it even when the model is right (point-estimated globals, approximate q(z | x)).
-This script fits the same model with :class:`pyro_scvi.schemes.BayesianDecoder` (a Normal
+This script fits the same model with :class:`pyro_scvi.model.schemes.BayesianDecoder` (a Normal
 prior and a mean-field Normal posterior on the decoder's output layer and on log theta)
 and checks it beside the point-estimate fit.
 
@@ -48,9 +48,9 @@ import _common  # noqa: E402
 from pbmc_ppc_diagnosis import STATS, _extreme, _fit  # noqa: E402
 
 import pyro_scvi  # noqa: E402
-from pyro_scvi import criticism  # noqa: E402
+from pyro_scvi.analysis import criticism  # noqa: E402
+from pyro_scvi.model.schemes import BayesianDecoder  # noqa: E402
 from pyro_scvi.posterior import fit_statistics  # noqa: E402
-from pyro_scvi.schemes import BayesianDecoder  # noqa: E402
 
 
 def _heldout_fit(model, n_samples: int) -> dict:

@@ -1,7 +1,7 @@
 """Are a BayesianDecoder fit's posterior scales at the ELBO's optimum, or where Adam left them?
 
 Training steps the networks with an Adam whose ``eps`` is scaled to the number of
-training cells (scvi-tools' settings for a per-cell mean loss, see ``pyro_scvi.infer``).
+training cells (scvi-tools' settings for a per-cell mean loss, see ``pyro_scvi.train.loop``).
 The gradient of a global's log-scale has an O(1) entropy part, far below that ``eps``, so
 with it a scale stops short of its optimum; q's parameters therefore have a param group of
 their own (``GlobalsGuide.optim_groups``: ``eps`` 1e-8, no weight decay), and this checks
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import pyro_scvi  # noqa: E402
-from pyro_scvi.schemes import BayesianDecoder  # noqa: E402
+from pyro_scvi.model.schemes import BayesianDecoder  # noqa: E402
 
 
 def _sds(guide) -> dict[str, float]:

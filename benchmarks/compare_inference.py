@@ -17,7 +17,7 @@ What is measured, per combination and dataset
 * wall-clock training time (``SCVI.train``, including its per-epoch validation ELBO);
 * the amortization gap (amortized guides): the first ``--gap-cells`` held-out cells'
   q(z, l) are refined by SVI on per-cell parameters with the model fixed, starting at the
-  encoder's output (:func:`pyro_scvi.gap.amortization_gap`); the gain in ELBO is in nats
+  encoder's output (:func:`pyro_scvi.posterior.gap.amortization_gap`); the gain in ELBO is in nats
   per cell. The refinement runs ``--refine-steps`` steps, so the gap is a lower bound.
 
 Schemes
@@ -25,9 +25,9 @@ Schemes
 ``Trace_ELBO`` (default), ``TraceMeanField_ELBO`` (analytic KL where Pyro has one),
 ``RenyiELBO(alpha=0, num_particles=K, vectorize_particles=True)`` (the importance-weighted
 bound, "IWAE-K"), ``JitTrace_ELBO``; all with the amortized encoder. ``per-cell``: the
-non-amortized :class:`~pyro_scvi.guide.PerCellGuide` with ``Trace_ELBO``. It has no
+non-amortized :class:`~pyro_scvi.model.guides.PerCellGuide` with ``Trace_ELBO``. It has no
 encoder for new cells, so it is trained on the training cells only and its held-out cells
-get their own per-cell q fitted with the decoder fixed (:func:`pyro_scvi.gap.refine`,
+get their own per-cell q fitted with the decoder fixed (:func:`pyro_scvi.posterior.gap.refine`,
 from q(z) = N(0, 0.1) and q(l) at the observed log library, ``--refine-steps`` steps);
 that fit's time is the "held-out q s" column. Its local parameters train with
 ``--per-cell-lr`` (``pyro.optim.Adam`` with a per-parameter learning rate), since each
@@ -48,7 +48,7 @@ Datasets
 most variable genes (variance of ``log1p`` of counts per 10^4; 0 keeps all genes).
 
 A gold standard (``--nuts-cells``): on the default combination, NUTS
-(:mod:`pyro_scvi.mcmc`) samples p(z, l | x) of a few held-out cells with the model fixed,
+(:mod:`pyro_scvi.posterior.mcmc`) samples p(z, l | x) of a few held-out cells with the model fixed,
 and the amortized and the refined guides are compared with it: mean error in posterior
 standard deviations, variance ratio q / p, and the posterior mass inside q's central 50 %,
 90 % and 95 % intervals.
@@ -86,12 +86,13 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 import pyro_scvi
-from pyro_scvi import posterior, priors
-from pyro_scvi.engine import Engine
-from pyro_scvi.gap import amortization_gap, refine
-from pyro_scvi.guide import PerCellGuide
-from pyro_scvi.likelihoods import LIKELIHOODS
-from pyro_scvi.mcmc import agreement, compare_to_nuts, sample_nuts
+from pyro_scvi import posterior
+from pyro_scvi.model import priors
+from pyro_scvi.model.guides import PerCellGuide
+from pyro_scvi.model.likelihoods import LIKELIHOODS
+from pyro_scvi.posterior.gap import amortization_gap, refine
+from pyro_scvi.posterior.mcmc import agreement, compare_to_nuts, sample_nuts
+from pyro_scvi.train.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -497,7 +498,7 @@ NOTES = [
     "refinement by SVI with the model fixed starting at the encoder's output; a lower bound "
     "on the true gap (refinement is not run to convergence). Not defined for per-cell.",
     "IWAE-K: RenyiELBO(alpha=0) with K vectorized particles; its minibatches are not "
-    "rescaled (see pyro_scvi.infer). per-cell: PerCellGuide trained on the training cells "
+    "rescaled (see pyro_scvi.train.loop). per-cell: PerCellGuide trained on the training cells "
     "only (its library prior from those cells), held-out cells fitted with the decoder "
     "fixed; its 'held-out q s' is that fit.",
     "train s: wall time of SCVI.train on a machine shared with other jobs: compare within a "

@@ -43,7 +43,7 @@ What is measured, per run
   on Linux), so a transient of data loading does not count; "peak - baseline" is what the
   model, its data structures and training added at their peak. The floor's peak is read
   after ``run_torch_floor`` returns (its latent means included).
-* Latent space, via ``pyro_scvi.metrics.score_latent`` on the posterior mean of z of at
+* Latent space, via ``pyro_scvi.analysis.metrics.score_latent`` on the posterior mean of z of at
   most ``--metric-cells`` random cells: KMeans ARI / NMI against the cell types,
   silhouette by cell type and, on multi-batch data, batch entropy mixing (50 neighbours,
   100 random cells, 50 repeats, natural log) and batch silhouette.
@@ -56,10 +56,10 @@ What is measured, per run
   Not timed.
 * Imputation (real datasets by default; pyro_scvi and scvi-tools): a second model is
   trained, same settings, on the counts with 10 % of the non-zero entries of all cells set
-  to 0 (``pyro_scvi.metrics.corrupt_counts``, scheme "uniform"); it imputes the expected
+  to 0 (``pyro_scvi.analysis.metrics.corrupt_counts``, scheme "uniform"); it imputes the expected
   count ``exp(l) * rho`` at each cell's latent library (pyro_scvi ``impute()["mean"]``,
   scvi-tools ``get_normalized_expression(library_size="latent")``), and the score is the
-  median absolute error on the hidden entries (``pyro_scvi.metrics.imputation_error``).
+  median absolute error on the hidden entries (``pyro_scvi.analysis.metrics.imputation_error``).
   Not timed.
 
 With ``--repeats N`` the order of the implementations rotates from repeat to repeat (repeat
@@ -347,7 +347,6 @@ def make_synthetic(ds: dict[str, Any], seed: int) -> anndata.AnnData:
     """``pyro_scvi.datasets.synthetic_zinb`` with :data:`SYNTHETIC` settings, float32 CSR."""
     import numpy as np
     import scipy.sparse as sp
-
     from pyro_scvi.datasets import synthetic_zinb
 
     adata = synthetic_zinb(ds["n_cells"], ds["n_genes"], **SYNTHETIC, seed=seed)
@@ -420,7 +419,7 @@ def train_pyro_scvi(
     import torch
 
     import pyro_scvi
-    from pyro_scvi.engine import Engine
+    from pyro_scvi.train.engine import Engine
 
     torch.set_num_threads(threads)
     # SCVI(...) builds (initializes) the networks before train(seed=...) seeds anything,
@@ -707,7 +706,7 @@ def scvi_tools_as_pyro_scvi(model: Any, adata: anndata.AnnData, batch_key: str |
 def cluster_scores(latent: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """KMeans with k = number of labels on ``latent``; ARI and NMI against ``labels``.
 
-    Used only when ``pyro_scvi.metrics`` is not installed.
+    Used only when ``pyro_scvi.analysis.metrics`` is not installed.
     """
     import numpy as np
     from sklearn.cluster import KMeans
@@ -730,12 +729,14 @@ def latent_scores(
     cells: np.ndarray,
     seed: int,
 ) -> dict[str, Any]:
-    """``pyro_scvi.metrics.score_latent`` on ``cells`` (KMeans ARI/NMI if it is missing)."""
+    """``pyro_scvi.analysis.metrics.score_latent`` on ``cells`` (else KMeans ARI/NMI)."""
     try:
-        from pyro_scvi.metrics import score_latent
+        from pyro_scvi.analysis.metrics import score_latent
     except ImportError as err:
         out: dict[str, Any] = cluster_scores(latent[cells], labels[cells])
-        out["metrics_note"] = f"pyro_scvi.metrics not available ({err}); KMeans ARI/NMI only"
+        out["metrics_note"] = (
+            f"pyro_scvi.analysis.metrics not available ({err}); KMeans ARI/NMI only"
+        )
         return out
     return dict(
         score_latent(
@@ -749,7 +750,7 @@ def common_elbo(model: Any, indices: np.ndarray, n_samples: int, seed: int) -> f
     import numpy as np
     import pyro
 
-    from pyro_scvi.infer import evaluate_elbo
+    from pyro_scvi.train.loop import evaluate_elbo
 
     pyro.set_rng_seed(seed)
     # A private parameter store: pyro.module would otherwise tie the two models' weights.
@@ -800,7 +801,7 @@ def imputation_run(
     import numpy as np
     import scipy.sparse as sp
 
-    from pyro_scvi.metrics import corrupt_counts, imputation_error
+    from pyro_scvi.analysis.metrics import corrupt_counts, imputation_error
 
     x = np.asarray(adata.X.toarray(), dtype=np.float32)
     y, hidden = corrupt_counts(x, scheme=IMPUTATION["scheme"], rate=IMPUTATION["rate"], seed=seed)
@@ -1347,8 +1348,8 @@ def notes(args: argparse.Namespace) -> list[str]:
         "median of the others (steady state; scvi-tools' from a Lightning callback, epoch "
         "start to next epoch start, so with its validation). steady speed-up and steady "
         "÷ floor are ratios of those medians. fused ZINB kernel: whether pyro_scvi and the "
-        "floor (which decides by the same rule, pyro_scvi.engine.Engine.resolve) computed "
-        "the ZINB log-density with the fused kernel of pyro_scvi.kernels (pyro_scvi's "
+        "floor (which decides by the same rule, pyro_scvi.train.engine.Engine.resolve) computed "
+        "the ZINB log-density with the fused kernel of pyro_scvi.train.kernels (pyro_scvi's "
         "whole engine choice is in the JSON, runs[].engine). "
         "Before the runs, one subprocess compiles that kernel once "
         "(warm_kernel_cache_seconds in the JSON), so that every timed run finds torch's "
@@ -1364,7 +1365,7 @@ def notes(args: argparse.Namespace) -> list[str]:
         "higher is better) of the cell types; batch entropy (natural log, 50 neighbours, 100 "
         "random cells, 50 repeats; ln 2 = 0.693 is perfect mixing of 2 batches) and batch "
         "silhouette (1 - |ASW| within cell types, 1 = mixed) on multi-batch data only, higher "
-        f"is better mixing. All from pyro_scvi.metrics.score_latent on at most "
+        f"is better mixing. All from pyro_scvi.analysis.metrics.score_latent on at most "
         f"{args.metric_cells} random cells.",
         ELBO_NOTE,
         COMMON_ELBO_NOTE.format(elbo_samples=args.elbo_samples, eval_cells=args.eval_cells),
@@ -1391,7 +1392,7 @@ def warm_main() -> int:
     takes several times longer than loading it later. Doing it here, untimed by the runs,
     makes every timed run see the cache as any run after a user's first one does.
     """
-    from pyro_scvi import kernels
+    from pyro_scvi.train import kernels
 
     if not kernels.precompile():
         print("  no compiled kernel: the fused ZINB kernel runs uncompiled", file=sys.stderr)

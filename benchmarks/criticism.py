@@ -3,7 +3,7 @@
 For each ``.h5ad`` in the shared data folder (``--data-dir``; big ones subsampled to
 ``--max-cells`` random cells), each fit in ``--fits`` is trained with the package defaults
 (seed 0, 90 % / 10 % split) and criticized on the 10 % held-out cells with
-:func:`pyro_scvi.criticism.criticize`. A fit is a likelihood name, optionally followed by
+:func:`pyro_scvi.analysis.criticism.criticize`. A fit is a likelihood name, optionally followed by
 ``:key=value`` settings, comma-separated: ``dispersion`` (an :class:`~pyro_scvi.SCVI`
 argument) and ``kl_warmup_epochs`` (a :meth:`~pyro_scvi.SCVI.train` argument); e.g.
 ``zinb``, ``nb``, ``zinb:dispersion=gene-batch``. ``--epochs default`` (the default) trains
@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import pyro_scvi  # noqa: E402
-from pyro_scvi import criticism  # noqa: E402
-from pyro_scvi.likelihoods import LIKELIHOODS  # noqa: E402
+from pyro_scvi.analysis import criticism  # noqa: E402
+from pyro_scvi.model.likelihoods import LIKELIHOODS  # noqa: E402
 
 COLUMNS = [
     ("pit_tv", "PIT TV"),

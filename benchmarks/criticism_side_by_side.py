@@ -1,7 +1,7 @@
 """One criticism page for several fits of one dataset, scvi-tools' among them.
 
 Fits, all on the same 90 % / 10 % split (seed ``--seed``) and checked on the same held-out
-cells with :func:`pyro_scvi.criticism.compare`:
+cells with :func:`pyro_scvi.analysis.criticism.compare`:
 
 * ``pyro_scvi ZINB``: the package defaults (``SCVI(adata).train()``);
 * ``pyro_scvi NB``: the same with ``likelihood=pyro_scvi.NB()``;
@@ -14,7 +14,7 @@ cells with :func:`pyro_scvi.criticism.compare`:
 Epochs: the pyro_scvi default (``train(max_epochs=None)``), the same number for
 scvi-tools. Writes a table (PIT TV and its noise floor, calibration error, coverage, r2 of
 gene and cell statistics, held-out ELPD and its differences) and the page itself
-(:func:`pyro_scvi.plotting.plot_criticism`, one colour per fit).
+(:func:`pyro_scvi.analysis.plotting.plot_criticism`, one colour per fit).
 
 Run (the benchmark environment, for scvi-tools)::
 
@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import pyro_scvi  # noqa: E402
-from pyro_scvi import criticism  # noqa: E402
-from pyro_scvi.plotting import plot_criticism  # noqa: E402
-from pyro_scvi.schemes import BayesianDecoder  # noqa: E402
+from pyro_scvi.analysis import criticism  # noqa: E402
+from pyro_scvi.analysis.plotting import plot_criticism  # noqa: E402
+from pyro_scvi.model.schemes import BayesianDecoder  # noqa: E402
 
 COLUMNS = [
     ("pit_tv", "PIT TV"),

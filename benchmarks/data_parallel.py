@@ -44,11 +44,11 @@ def train_once(
     ``threads``: pin the engine's CPU threads (default: the engine decides)."""
     import numpy as np
     import torch
+    from pyro_scvi.datasets.synthetic_large import synthetic_counts
 
     import pyro_scvi
-    from pyro_scvi import distributed
-    from pyro_scvi.datasets.synthetic_large import synthetic_counts
-    from pyro_scvi.infer import scaled_lr
+    from pyro_scvi.train import distributed
+    from pyro_scvi.train.loop import scaled_lr
 
     group = distributed.init_from_env("cpu")
     adata = synthetic_counts(args.cells, args.genes, device="cpu", seed=0, chunk=5_000)

@@ -77,8 +77,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import pyro_scvi
-from pyro_scvi.de import posterior_fdr
-from pyro_scvi.engine import Engine
+from pyro_scvi.analysis.de import posterior_fdr
+from pyro_scvi.train.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402

@@ -71,13 +71,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from pyro_scvi.datasets import de_truth
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 import pyro_scvi
-from pyro_scvi.datasets import de_truth
-from pyro_scvi.de import posterior_fdr
-from pyro_scvi.engine import Engine
+from pyro_scvi.analysis.de import posterior_fdr
+from pyro_scvi.train.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402

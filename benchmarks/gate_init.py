@@ -3,14 +3,14 @@
 A decoder head left at a fresh ``torch.nn.Linear``'s random start (``initial_dropout=None``,
 pyro_scvi's start before the option existed) gives every cell and gene a dropout
 probability near 0.5 at the first step. pyro_scvi's ZINB starts it at 0.05
-instead (:class:`pyro_scvi.likelihoods.ZINB`, ``initial_dropout``), so the fit starts near
+instead (:class:`pyro_scvi.model.likelihoods.ZINB`, ``initial_dropout``), so the fit starts near
 the plain negative binomial and gives zeros to the gate where the data ask for it. This
 script measures what that start changes, at the user's defaults otherwise
 (``SCVI(adata[, batch_key="batch"]).train(max_epochs=E, seed=s)``, latent library, 90 %
 training cells), on every shared dataset and several seeds:
 
 * KMeans ARI of the posterior mean of z against ``obs["cell_type"]`` and batch-entropy
-  mixing (multi-batch data), from :func:`pyro_scvi.metrics.score_latent`;
+  mixing (multi-batch data), from :func:`pyro_scvi.analysis.metrics.score_latent`;
 * held-out log p(x) per cell (``get_marginal_ll`` on the validation cells, at most
   ``--ll-cells``, ``--ll-samples`` importance draws);
 * how much of the cells' log library size z explains within a cell type (the median over

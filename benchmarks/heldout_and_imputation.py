@@ -61,7 +61,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from pyro_scvi.metrics import corrupt_counts
+from pyro_scvi.analysis.metrics import corrupt_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -199,7 +199,7 @@ def imputation(adata: anndata.AnnData, batch_key: str | None, args: argparse.Nam
     split = cst.make_split(adata.n_obs, cst.TRAINING["train_size"], args.seed)
     out: dict[str, Any] = {}
     for scheme in SCHEMES:
-        # pyro_scvi.metrics draws exactly as this script always did ("zero" = "uniform").
+        # pyro_scvi.analysis.metrics draws exactly as this script always did ("zero" = "uniform").
         y, hidden = corrupt_counts(
             x, scheme=scheme, rate=HIDE_FRACTION, binomial_p=BINOMIAL_RATE, seed=args.seed
         )

@@ -2,16 +2,16 @@
 
 The paper's guide has an encoder output the whole mean of q(l), the cell's log-library
 (``SCVI(library_residual=False)``). With ``library_residual=True``
-(:class:`pyro_scvi.guide.ScviGuide`, the default since this comparison) the mean is the cell's
-observed log library size plus the encoder's output, so the encoder learns only a residual
-and starts at the observed depth. The model and its ELBO are the same; only the variational
-family's parametrization differs. This script measures what that changes, side by side in
-one run, at the user's defaults otherwise (``SCVI(adata[, batch_key="batch"]).train(
-max_epochs=E, seed=s)``, latent library, ZINB, 90 % training cells), on every shared
-dataset and several seeds:
+(:class:`pyro_scvi.model.guides.ScviGuide`, the default since this comparison) the mean is
+the cell's observed log library size plus the encoder's output, so the encoder learns only
+a residual and starts at the observed depth. The model and its ELBO are the same; only the
+variational family's parametrization differs. This script measures what that changes,
+side by side in one run, at the user's defaults otherwise
+(``SCVI(adata[, batch_key="batch"]).train(max_epochs=E, seed=s)``, latent library, ZINB,
+90 % training cells), on every shared dataset and several seeds:
 
 * KMeans ARI of the posterior mean of z against ``obs["cell_type"]`` and batch-entropy
-  mixing (multi-batch data), from :func:`pyro_scvi.metrics.score_latent`;
+  mixing (multi-batch data), from :func:`pyro_scvi.analysis.metrics.score_latent`;
 * held-out log p(x) per cell (``get_marginal_ll`` on the validation cells, at most
   ``--ll-cells``, ``--ll-samples`` importance draws);
 * the median over cell types of the R² of log library size regressed on z, a diagnostic

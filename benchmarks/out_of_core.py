@@ -156,7 +156,6 @@ def run_cli(
 def write_query_file(path: Path, n_cells: int, n_genes: int) -> Path:
     """A query for ``map-query``: the generator with seed 1, batches renamed to new names."""
     import anndata
-
     from pyro_scvi.datasets.synthetic_large import write_synthetic_h5ad
 
     if not path.exists():

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import pyro_scvi  # noqa: E402
-from pyro_scvi import criticism  # noqa: E402
-from pyro_scvi.ppc import calibration_summary, posterior_predictive_check  # noqa: E402
+from pyro_scvi.analysis import criticism  # noqa: E402
+from pyro_scvi.analysis.ppc import calibration_summary, posterior_predictive_check  # noqa: E402
 
 STATS = ["mean", "variance", "cv", "zero_fraction"]
 

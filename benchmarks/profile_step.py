@@ -2,7 +2,7 @@
 
 For each dataset (PBMC8k, 200 genes; Zeisel, 1,000 genes; synthetic 10,000 x 2,000) and
 minibatches of 128 cells, one torch thread, this times the phases of a pyro_scvi step as
-:class:`pyro_scvi.infer.FusedAdam` runs it (parameters held after the first step):
+:class:`pyro_scvi.train.loop.FusedAdam` runs it (parameters held after the first step):
 
 * ``gather``: the minibatch's dense counts from the CSR matrix (``CountData.tensors``);
 * ``guide``: running the guide under a Pyro trace (encoders, q(z), q(l), samples);
@@ -14,7 +14,7 @@ and the floor's step (``benchmarks/torch_floor.py``: same networks and ZINB, ana
 no Pyro) as ``forward``, ``backward`` and ``adam``, and the whole compiled step
 (``JitTrace_ELBO``, which ``train_svi`` uses by default on long runs). Each is measured
 twice: with the eager ZINB log-density and with the fused, compiled one of
-:mod:`pyro_scvi.kernels` (which long runs use from 500 genes). Each phase is the median
+:mod:`pyro_scvi.train.kernels` (which long runs use from 500 genes). Each phase is the median
 over steps of its wall time. Then ``torch.profiler`` lists the operators that take the
 most self CPU time in 50 (uncompiled) pyro_scvi steps, with the kernel a long run of that
 dataset would use.
@@ -49,9 +49,9 @@ from pyro import poutine
 from torch_floor import FloorLoss
 
 import pyro_scvi
-from pyro_scvi import kernels
-from pyro_scvi.engine import FUSED_MIN_GENES
 from pyro_scvi.model import parameters_held
+from pyro_scvi.train import kernels
+from pyro_scvi.train.engine import FUSED_MIN_GENES
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -158,7 +158,7 @@ def profile_floor(adata, batch_key, n_steps: int, *, fused: bool) -> dict[str, f
 
 def compiled_step(adata, batch_key, n_steps: int) -> float:
     """Median ms of a whole compiled step (JitTrace_ELBO + fused Adam, as on long runs)."""
-    from pyro_scvi.infer import FusedAdam, _JitCall
+    from pyro_scvi.train.loop import FusedAdam, _JitCall
 
     m = _fresh_model(adata, batch_key)
     m.model.train(), m.guide.train()
@@ -192,7 +192,7 @@ def top_operators(adata, batch_key, n_steps: int, top: int = 12) -> list[dict]:
     """torch.profiler: operators with the most self CPU time over ``n_steps`` SVI steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from pyro_scvi.infer import FusedAdam
+    from pyro_scvi.train.loop import FusedAdam
 
     m = _fresh_model(adata, batch_key)
     step = FusedAdam(lr=1e-4, eps=0.01 * m.data.n_cells)
@@ -238,7 +238,7 @@ def kernel_timings(adata, n_steps: int) -> dict[str, float]:
     kernel, and the ns per float32 element of torch's ``lgamma``, ``digamma`` and ``log``
     that the eager density calls.
     """
-    from pyro_scvi.distributions import zinb_log_prob
+    from pyro_scvi.model.distributions import zinb_log_prob
 
     x = torch.as_tensor(adata.X[:BATCH].toarray(), dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
@@ -266,7 +266,7 @@ def kernel_timings(adata, n_steps: int) -> dict[str, float]:
 
 
 def compile_seconds(cold: bool) -> float | None:
-    """Seconds of ``pyro_scvi.kernels.precompile()`` in a new process (imports excluded).
+    """Seconds of ``pyro_scvi.train.kernels.precompile()`` in a new process (imports excluded).
 
     ``cold``: with an empty on-disk compile cache (a temporary ``TORCHINDUCTOR_CACHE_DIR``),
     as the first run on a machine; otherwise with torch's own cache, as every later run.
@@ -301,7 +301,7 @@ def markdown(results: dict) -> str:
         "## The ZINB log-density alone",
         "",
         f"Forward + backward on the first {BATCH} cells, median ms; the fused kernel is "
-        "`pyro_scvi.kernels` (compiled). Compiling it (`kernels.precompile()` in a new "
+        "`pyro_scvi.train.kernels` (compiled). Compiling it (`kernels.precompile()` in a new "
         f"process): {_fmt_s(ck['warm'])} with torch's on-disk cache, {_fmt_s(ck['cold'])} "
         "with an empty one (the first run on a machine).",
         "",

@@ -7,7 +7,7 @@ reference. Its cells are split once (seeded) into mapping cells and test cells. 
   cells mapped onto it with ``SCVI.load_query_data`` (only the new batch's weights train);
 * **full**: one model trained on the other donors and the query's mapping cells together.
 
-Both are scored the same way, with ``pyro_scvi.metrics``: KMeans ARI of all the cells'
+Both are scored the same way, with ``pyro_scvi.analysis.metrics``: KMeans ARI of all the cells'
 latent space against the cell types (reference cells embedded by the reference model, query
 cells by the mapped one: the same latent space); the batch entropy of the paper, over the
 donors and over query-vs-reference; the accuracy of a 15-nearest-neighbour transfer of the
@@ -82,7 +82,7 @@ def load(name: str, args: argparse.Namespace):
 def evaluate(z: np.ndarray, adata, is_query: np.ndarray, seed: int) -> dict[str, float]:
     from sklearn.neighbors import KNeighborsClassifier
 
-    from pyro_scvi import metrics
+    from pyro_scvi.analysis import metrics
 
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     donors = adata.obs["batch"].astype(str).to_numpy()

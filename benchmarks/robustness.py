@@ -14,7 +14,7 @@ subprocess (``compare_scvi_tools.py``'s worker machinery), on:
   cells, a batch of 2 cells; and one more, 10,250 cells, whose 1,025 validation cells end
   in a validation minibatch of one cell.
 
-Engine paths (``pyro_scvi.engine.Engine.preset``): ``auto`` (the default: the engine
+Engine paths (``pyro_scvi.train.engine.Engine.preset``): ``auto`` (the default: the engine
 decides; the resolved choice, ``model.engine``, is recorded), ``eager``, ``compiled``,
 ``fused`` (compiled ELBO and the fused ZINB kernel) and ``pyro`` (``pyro.infer.SVI`` with
 Pyro's Adam). Threads: ``1`` and ``all`` (every core this process may use, pinned through
@@ -201,7 +201,6 @@ def simulate(name: str, smoke: bool = False) -> Any:
     """
     import numpy as np
     import scipy.sparse as sp
-
     from pyro_scvi.datasets import synthetic_zinb
 
     genes = 100 if smoke else 500
@@ -325,7 +324,7 @@ def run_matrix_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     import pyro_scvi
-    from pyro_scvi.engine import Engine
+    from pyro_scvi.train.engine import Engine
 
     adata = anndata.read_h5ad(spec["h5ad"])
     threads = engine_threads(spec["threads"])

@@ -4,7 +4,7 @@ A training step of scVI's small networks is a chain of short parallel regions, e
 waiting for its slowest thread; when another busy process holds one of the cores, one of
 torch's threads waits for the scheduler in every region, and a step takes several times
 as long. pyro_scvi's engine therefore lets torch's thread count follow the cores that
-other processes leave free (:class:`pyro_scvi.engine.ThreadPolicy`). This benchmark
+other processes leave free (:class:`pyro_scvi.train.engine.ThreadPolicy`). This benchmark
 measures the README's main job (``SCVI(pbmc8k_200hvg).train()`` at default settings, for
 ``--epochs`` epochs) with the cores idle and with one competitor (a Python busy loop,
 started before training), for:

@@ -81,7 +81,7 @@ SEED = 0  # pyro_scvi's default seed; the floor and its split use it too
 #: Speed-up goals (scvi-tools time / pyro_scvi time) by (dataset, epochs).
 SPEEDUP_GOALS = {("synthetic_10000x2000", 3): 1.5, ("synthetic_10000x2000", 20): 2.0}
 FLOOR_GOAL = 1.1  # pyro_scvi time / floor time, at most
-#: pyro_scvi.engine.FUSED_MIN_GENES (copied: this parent process imports no numerical
+#: pyro_scvi.train.engine.FUSED_MIN_GENES (copied: this parent process imports no numerical
 #: library); below it the engine never chooses the fused kernel, so no warm-up is needed.
 FUSED_MIN_GENES = 500
 SMOKE = {"datasets": ["synthetic:300x100=1"], "repeats": 1, "threads": ["default"]}
@@ -425,7 +425,7 @@ NOTES = [
     "before training -> after training (pyro_scvi: per epoch, from history['threads']). "
     "A number pins every worker (torch.set_num_threads and "
     "OMP/MKL/OPENBLAS_NUM_THREADS).",
-    "pyro_scvi engine: model.engine (pyro_scvi.engine.RunEngine.as_dict()) as the run "
+    "pyro_scvi engine: model.engine (pyro_scvi.train.engine.RunEngine.as_dict()) as the run "
     "chose it; the reasons for each choice are in the JSON, rows[].runs[].engine.",
     "script s: median wall seconds of a user's whole script in a new process, from before "
     "torch, anndata and the library are imported to the end of train(): the imports, "

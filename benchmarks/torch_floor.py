@@ -1,12 +1,12 @@
 """A pure-PyTorch floor for scVI training: the same networks and loss, no Pyro, no framework.
 
 It trains exactly pyro_scvi's encoder and decoder modules (plain ``torch.nn`` modules from
-:mod:`pyro_scvi.nn`, initialized from the same seed) with a hand-written loop:
+:mod:`pyro_scvi.model.nn`, initialized from the same seed) with a hand-written loop:
 
 * minibatches of 128 shuffled training cells, gathered by ``index_select`` from a dense
   float32 tensor of all counts built once before the clock starts (the cheapest gather);
 * the loss per cell: ``-log ZINB(x; exp(l) * rho, theta, gate)`` by
-  :func:`pyro_scvi.distributions.zinb_log_prob`, the plain torch function behind pyro_scvi's
+  :func:`pyro_scvi.model.distributions.zinb_log_prob`, the plain torch function behind pyro_scvi's
   ZINB distribution, plus the analytic KL of q(z) from N(0, I), scaled by the KL warm-up weight,
   plus the analytic KL of q(l) from the per-batch log-normal library prior; averaged over
   the minibatch;
@@ -34,17 +34,18 @@ import numpy as np
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from pyro_scvi import infer, kernels
-from pyro_scvi.distributions import zinb_log_prob
-from pyro_scvi.engine import Engine
+from pyro_scvi.model.distributions import zinb_log_prob
+from pyro_scvi.train import kernels
+from pyro_scvi.train import loop as infer
+from pyro_scvi.train.engine import Engine
 
 
 class FloorLoss:
     """Negative ELBO per cell of scVI for pyro_scvi's networks, in plain torch.
 
-    ``fused``: the ZINB log-density is :func:`pyro_scvi.kernels.zinb_log_prob_fused`,
+    ``fused``: the ZINB log-density is :func:`pyro_scvi.train.kernels.zinb_log_prob_fused`,
     called directly (compiled unless ``compiled=False``), else
-    :func:`pyro_scvi.distributions.zinb_log_prob`.
+    :func:`pyro_scvi.model.distributions.zinb_log_prob`.
     """
 
     def __init__(self, scvi: Any, fused: bool = False, *, compiled: bool = True) -> None:
@@ -110,8 +111,8 @@ def run_torch_floor(
     """Train the floor once; same outputs as ``run_pyro_scvi`` in ``compare_scvi_tools.py``.
 
     ``fused``: compute the ZINB log-density with pyro_scvi's fused kernel
-    (:mod:`pyro_scvi.kernels`); ``None`` decides as pyro_scvi's training engine does for
-    the same run (:meth:`pyro_scvi.engine.Engine.resolve`), so that both use the same
+    (:mod:`pyro_scvi.train.kernels`); ``None`` decides as pyro_scvi's training engine does for
+    the same run (:meth:`pyro_scvi.train.engine.Engine.resolve`), so that both use the same
     kernel. The engine also compiles the kernel when it is used (uncompiled where no C++
     compiler works), inside the clock, as in pyro_scvi's ``train()``.
 
@@ -220,7 +221,7 @@ def run_torch_floor(
 
 
 def _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size) -> None:
-    # One pass with cumulative averages, as pyro_scvi.infer.refresh_batch_norm does.
+    # One pass with cumulative averages, as pyro_scvi.train.loop.refresh_batch_norm does.
     norms = [m for net in modules for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     for m in norms:
         m.reset_running_stats()

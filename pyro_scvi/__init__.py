@@ -7,128 +7,98 @@ Quick start::
     model = pyro_scvi.SCVI(adata).train(max_epochs=50)
     adata.obsm["X_pyro_scvi"] = model.get_latent_representation()
 
+The subpackages follow the pipeline, and each imports only from those before it:
+:mod:`~pyro_scvi.data` → :mod:`~pyro_scvi.model` → :mod:`~pyro_scvi.train` →
+:mod:`~pyro_scvi.posterior` → :mod:`~pyro_scvi.io` → :mod:`~pyro_scvi.analysis` → the
+facade (:class:`SCVI`, :mod:`~pyro_scvi.tl`) → :mod:`~pyro_scvi.cli`.
+
 Names are imported on first use (PEP 562), so ``import pyro_scvi`` and ``pyro-scvi
 --help`` do not pay for torch and Pyro until something needs them.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from . import _moved
+from ._lazy import attach
+from ._version import __version__
 
-#: public name -> the submodule defining it
+#: public name -> the module defining it
 _NAMES = {
     "SCVI": "scvi",
-    "Engine": "engine",
+    "Engine": "train.engine",
     "ScviModel": "model",
-    "ScviGuide": "guide",
-    "PerCellGuide": "guide",
-    "Guide": "guide",
-    "Likelihood": "likelihoods",
-    "ZINB": "likelihoods",
-    "NB": "likelihoods",
-    "Poisson": "likelihoods",
-    "ZIP": "likelihoods",
-    "Prior": "priors",
-    "StandardNormal": "priors",
-    "MixtureOfGaussians": "priors",
-    "VampPrior": "priors",
-    "LibraryPrior": "priors",
-    "LogNormalLibrary": "priors",
-    "ObservedLibrary": "priors",
-    "BayesianDecoder": "schemes",
+    "ScviGuide": "model",
+    "PerCellGuide": "model",
+    "Guide": "model",
+    "Likelihood": "model",
+    "ZINB": "model",
+    "NB": "model",
+    "Poisson": "model",
+    "ZIP": "model",
+    "Prior": "model",
+    "StandardNormal": "model",
+    "MixtureOfGaussians": "model",
+    "VampPrior": "model",
+    "LibraryPrior": "model",
+    "LogNormalLibrary": "model",
+    "ObservedLibrary": "model",
+    "BayesianDecoder": "model.schemes",
     "CountData": "data",
-    "InputError": "errors",
-    "TrainingError": "infer",
-    "TrainingInterrupted": "infer",
-    "ModelFileError": "io",
     "from_anndata": "data",
-    "train_svi": "infer",
+    "InputError": "errors",
+    "TrainingError": "errors",
+    "TrainingInterrupted": "errors",
+    "ModelFileError": "errors",
+    "train_svi": "train.loop",
 }
-_SUBMODULES = (
-    "convert",
-    "data",
-    "datasets",
-    "de",
-    "distributions",
-    "distributed",
-    "engine",
-    "errors",
-    "files",
-    "gap",
-    "guide",
-    "infer",
-    "io",
-    "kernels",
-    "likelihoods",
-    "mcmc",
-    "metrics",
-    "model",
-    "nn",
-    "plotting",
-    "posterior",
-    "ppc",
-    "priors",
-    "schemes",
-    "scvi",
-    "tl",
-)
+_SUBPACKAGES = ("data", "model", "train", "posterior", "io", "analysis", "cli")
+_FACADE = ("scvi", "tl", "query", "errors")
 
-__all__ = [*_NAMES, "convert", "datasets", "de", "engine", "kernels", "mcmc", "metrics"]
-__all__ += ["posterior", "ppc", "plotting", "tl", "distributed", "files", "io", "schemes"]
+__all__ = [*_NAMES, *_SUBPACKAGES, "__version__", "datasets", "tl"]
+
+_getattr, __dir__ = attach(__name__, submodules=(*_SUBPACKAGES, *_FACADE), names=_NAMES)
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_NAMES, *_SUBMODULES})
+    if _moved.new_home(f"{__name__}.{name}") is not None:  # an old path, or datasets
+        value = _moved.resolve(f"{__name__}.{name}")
+        if name in _moved.ALIASES:
+            globals()[name] = value  # a public alias: later lookups skip this function
+        return value
+    return _getattr(name)
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from . import (  # noqa: F401
-        convert,
-        datasets,
-        de,
-        distributed,
-        engine,
-        files,
-        io,
-        kernels,
-        mcmc,
-        metrics,
-        plotting,
-        posterior,
-        ppc,
-        schemes,
-        tl,
+    from . import analysis, cli, data, io, model, posterior, query, scvi, tl, train  # noqa: F401
+    from .data import CountData, datasets, from_anndata  # noqa: F401
+    from .errors import (  # noqa: F401
+        InputError,
+        ModelFileError,
+        TrainingError,
+        TrainingInterrupted,
     )
-    from .data import CountData, from_anndata  # noqa: F401
-    from .engine import Engine  # noqa: F401
-    from .errors import InputError  # noqa: F401
-    from .guide import Guide, PerCellGuide, ScviGuide  # noqa: F401
-    from .infer import TrainingError, TrainingInterrupted, train_svi  # noqa: F401
-    from .io import ModelFileError  # noqa: F401
-    from .likelihoods import NB, ZINB, ZIP, Likelihood, Poisson  # noqa: F401
-    from .model import ScviModel  # noqa: F401
-    from .priors import (  # noqa: F401
+    from .model import (  # noqa: F401
+        NB,
+        ZINB,
+        ZIP,
+        Guide,
         LibraryPrior,
+        Likelihood,
         LogNormalLibrary,
         MixtureOfGaussians,
         ObservedLibrary,
+        PerCellGuide,
+        Poisson,
         Prior,
+        ScviGuide,
+        ScviModel,
         StandardNormal,
         VampPrior,
     )
-    from .schemes import BayesianDecoder  # noqa: F401
+    from .model.schemes import BayesianDecoder  # noqa: F401
     from .scvi import SCVI  # noqa: F401
+    from .train.engine import Engine  # noqa: F401
+    from .train.loop import train_svi  # noqa: F401

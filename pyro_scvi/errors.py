@@ -1,8 +1,50 @@
 """Exceptions of pyro_scvi, in a module that imports nothing heavy.
 
-The command line imports this at start-up, before it knows whether it needs torch.
+Every layer raises these and takes them from here only. The command line imports this at
+start-up, before it knows whether it needs torch.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class InputError(ValueError):
     """Raised when user input (AnnData, arguments) cannot be used; the message says the fix."""
+
+
+class OutputError(InputError):
+    """An output cannot be written where asked; the message says what to change."""
+
+
+class ModelFileError(InputError):
+    """A model folder cannot be read: missing, damaged, foreign or from a newer version."""
+
+
+class TrainingError(RuntimeError):
+    """Training hit a non-finite loss; the parameters were restored to the last good epoch.
+
+    ``history`` holds the rows of the epochs completed before the failure (none: the run
+    failed in its first epoch, and the parameters are back where the run started).
+    """
+
+    history: pd.DataFrame | None = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped cleanly on SIGINT or SIGTERM, after finishing the step in progress.
+
+    A :class:`KeyboardInterrupt`, so code that does not know it stops as on Ctrl-C.
+    ``signal`` is the signal's number, ``epoch`` and ``step`` where the run stopped (the
+    next minibatch to run), ``checkpoint`` the folder written (``None``: none asked for)
+    and ``history`` the epochs completed. ``SCVI.resume()`` or ``train()`` continue.
+    """
+
+    def __init__(self, message: str, *, signal: int, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.signal, self.epoch, self.step = signal, epoch, step
+        self.checkpoint: str | None = None
+        self.history: pd.DataFrame | None = None

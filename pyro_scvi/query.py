@@ -35,11 +35,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import InputError, from_anndata
-from .guide import ScviGuide
-from .infer import HISTORY_COLUMNS
-from .nn import Decoder, Encoder
-from .priors import LogNormalLibrary, VampPrior, is_latent_library
+from .data.counts import from_anndata
+from .errors import InputError
+from .model.guides import ScviGuide
+from .model.nn import Decoder, Encoder
+from .model.priors import LogNormalLibrary, VampPrior, is_latent_library
+from .train.loop import HISTORY_COLUMNS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -103,7 +104,7 @@ class FrozenBatchNorm1d(nn.Module):
 
     Every tensor is a buffer, named as in ``nn.BatchNorm1d`` (whose state it loads). It is
     not an ``nn.BatchNorm1d``, so the training loop's re-estimation of batch-norm
-    statistics (:func:`pyro_scvi.infer.refresh_batch_norm`) leaves it alone.
+    statistics (:func:`pyro_scvi.train.loop.refresh_batch_norm`) leaves it alone.
     """
 
     def __init__(self, bn: nn.BatchNorm1d) -> None:
@@ -158,7 +159,7 @@ def _load_reference(path: str | os.PathLike, adata: AnnData) -> SCVI:
     import anndata
     import scipy.sparse as sp
 
-    from .io import read_model_dir
+    from .io.model_dir import read_model_dir
     from .scvi import SCVI
 
     # the settings and batches the folder was saved with (any format version)

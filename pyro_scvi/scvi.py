@@ -25,24 +25,15 @@ from anndata import AnnData
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
-from . import posterior
-from .data import CountData, InputError, check_batch_sizes, from_anndata
-from .engine import Engine
-from .files import check_free_space, check_output_dir, make_temp_dir, replace_dir
-from .gap import amortization_gap
-from .guide import GuideFactory, ScviGuide, build_guide
-from .infer import (
-    HISTORY_COLUMNS,
-    TrainingError,
-    TrainingInterrupted,
-    TrainState,
-    stop_on_signals,
-    train_svi,
-)
-from .io import ModelFileError, is_model_dir, new_run_id, read_model_dir, write_model_dir
-from .likelihoods import ZINB, Likelihood
-from .model import Dispersion, ScviModel
-from .priors import (
+from .data.counts import CountData, check_batch_sizes, from_anndata, nonempty_cells
+from .errors import InputError, ModelFileError, TrainingError, TrainingInterrupted
+from .io.files import check_free_space, check_output_dir, make_temp_dir, replace_dir
+from .io.model_dir import is_model_dir, new_run_id, read_model_dir, write_model_dir
+from .model.generative import Dispersion, ScviModel
+from .model.guides import GuideFactory, ScviGuide, build_guide
+from .model.likelihoods import ZINB, Likelihood
+from .model.nn import eval_mode
+from .model.priors import (
     LogNormalLibrary,
     ObservedLibrary,
     Prior,
@@ -51,7 +42,11 @@ from .priors import (
     as_prior,
     is_latent_library,
 )
-from .schemes import Scheme
+from .model.schemes import Scheme
+from .posterior import queries as posterior
+from .posterior.gap import amortization_gap
+from .train.engine import Engine
+from .train.loop import HISTORY_COLUMNS, TrainState, stop_on_signals, train_svi
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -110,7 +105,7 @@ def _library_object(
     """The library object of ``SCVI(library_prior=..., use_observed_lib_size=...)``.
 
     ``use_observed_lib_size`` is a thin alias, mapped here once: ``True`` stands for
-    :class:`~pyro_scvi.priors.ObservedLibrary`, ``False`` insists on a latent library,
+    :class:`~pyro_scvi.model.priors.ObservedLibrary`, ``False`` insists on a latent library,
     ``None`` leaves it to ``library_prior``. A contradicting pair is an error.
     """
     spec = library_prior
@@ -149,8 +144,8 @@ def _build_components(
     parameters); a query model (:meth:`SCVI.load_query_data`) copies the reference's. The
     components that settings name only by ``repr`` (library prior, prior, likelihood, a
     guide other than the default) come as objects. ``guide=None`` is the default
-    :class:`~pyro_scvi.guide.ScviGuide`, with ``q(l)`` starting at ``l_loc_init``.
-    An inference ``scheme`` (e.g. :class:`~pyro_scvi.schemes.BayesianDecoder`) then changes
+    :class:`~pyro_scvi.model.guides.ScviGuide`, with ``q(l)`` starting at ``l_loc_init``.
+    An inference ``scheme`` (e.g. :class:`~pyro_scvi.model.schemes.BayesianDecoder`) then changes
     the model and wraps the guide; with ``restore`` the guide is a saved one that already
     holds the scheme's part, so only the model is changed.
     """
@@ -207,7 +202,7 @@ def _gene_columns(data: CountData, gene_list: Sequence[str] | None) -> np.ndarra
 
 def _warn_unimportable(model: SCVI) -> None:
     """Warn when a saved component's class or function lives in ``__main__``."""
-    from .pickling import main_module_names
+    from .io.pickling import main_module_names
 
     pickled = [model.model.prior, model.model.library_prior, model.model.likelihood]
     pickled.append(getattr(model, "scheme", None))
@@ -237,18 +232,20 @@ class SCVI:
     batch_key
         Column of ``adata.obs`` with each cell's batch; ``None`` for one batch.
     likelihood
-        Observation model object; default :class:`~pyro_scvi.likelihoods.ZINB`.
+        Observation model object; default :class:`~pyro_scvi.model.likelihoods.ZINB`.
     prior
-        Prior on ``z``; default :class:`~pyro_scvi.priors.StandardNormal`. Also
-        :class:`~pyro_scvi.priors.MixtureOfGaussians`, :class:`~pyro_scvi.priors.VampPrior`
-        (wired here to this model's encoder), your own :class:`~pyro_scvi.priors.Prior`,
+        Prior on ``z``; default :class:`~pyro_scvi.model.priors.StandardNormal`. Also
+        :class:`~pyro_scvi.model.priors.MixtureOfGaussians`,
+        :class:`~pyro_scvi.model.priors.VampPrior`
+        (wired here to this model's encoder), your own :class:`~pyro_scvi.model.priors.Prior`,
         or any callable returning a Pyro distribution with ``event_shape (n_latent,)``.
     library_prior
         Prior on the log-library ``l``: an ``nn.Module`` called with the cells' batch
         codes, or a factory called with the data's per-batch ``(loc, scale)`` of the log
         library size that returns one; default
-        :class:`~pyro_scvi.priors.LogNormalLibrary` at those values. See
-        :func:`~pyro_scvi.priors.as_library_prior`. :class:`~pyro_scvi.priors.ObservedLibrary`
+        :class:`~pyro_scvi.model.priors.LogNormalLibrary` at those values. See
+        :func:`~pyro_scvi.model.priors.as_library_prior`.
+        :class:`~pyro_scvi.model.priors.ObservedLibrary`
         makes ``l`` the observed log total count instead (no ``l`` to guide).
     n_latent, n_hidden, n_layers, dropout_rate
         Architecture (paper defaults 10, 128, 1, 0.1).
@@ -266,7 +263,7 @@ class SCVI:
         then a view of those cells); otherwise such cells are an error.
     guide
         The variational family; default the amortized
-        :class:`~pyro_scvi.guide.ScviGuide`. A guide module with the model's signature, or
+        :class:`~pyro_scvi.model.guides.ScviGuide`. A guide module with the model's signature, or
         a factory ``f(data, n_latent=..., library=...)`` returning one (``library``: the
         model's library object), e.g.
         ``guide=PerCellGuide.from_data`` for non-amortized per-cell mean-field inference
@@ -275,10 +272,10 @@ class SCVI:
         For a backed AnnData (``anndata.read_h5ad(path, backed="r")``): read the counts
         from the file as training goes (:class:`~pyro_scvi.data.StreamedCounts`) instead
         of loading them; ``None`` lets the engine decide from their size and the free
-        memory (:func:`pyro_scvi.engine.choose_data_source`).
+        memory (:func:`pyro_scvi.data.placement.choose_data_source`).
     library_residual
         Centre the default guide's q(l) on each cell's observed log library size, so its
-        encoder learns only the residual (:class:`~pyro_scvi.guide.ScviGuide`). ``None``
+        encoder learns only the residual (:class:`~pyro_scvi.model.guides.ScviGuide`). ``None``
         (default): on wherever it applies, the default guide with a latent library;
         ``False``: the paper's guide, whose encoder outputs the whole mean of q(l) (the
         default before 2026-11-30; ``benchmarks/library_residual.py`` compares the two).
@@ -287,7 +284,7 @@ class SCVI:
         the model has.
     scheme
         How the global parameters are inferred; default ``None``, point estimates of the
-        decoder and ``theta``. :class:`~pyro_scvi.schemes.BayesianDecoder` puts a prior and
+        decoder and ``theta``. :class:`~pyro_scvi.model.schemes.BayesianDecoder` puts a prior and
         a Normal posterior on the decoder's output layer and ``theta`` instead.
 
     Examples
@@ -342,10 +339,7 @@ class SCVI:
                 "pyro_scvi.NB() or pyro_scvi.Poisson()."
             )
         if drop_empty_cells:
-            counts = (
-                adata.layers[layer] if layer is not None and layer in adata.layers else adata.X
-            )
-            keep = np.asarray(counts.sum(axis=1)).ravel() > 0
+            keep = nonempty_cells(adata, layer)
             adata = adata[keep] if not keep.all() else adata
         self.adata = adata
         self.layer, self.batch_key = layer, batch_key
@@ -393,12 +387,12 @@ class SCVI:
         self.settings["guide"] = type(self.guide).__name__
         self.device = torch.device("cpu")
         self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
-        #: How the last training run stepped (:meth:`pyro_scvi.engine.RunEngine.as_dict`).
+        #: How the last training run stepped (:meth:`pyro_scvi.train.engine.RunEngine.as_dict`).
         self.engine: dict | None = None
         self.train_indices = np.arange(0)
         self.validation_indices = np.arange(0)
         self.is_trained = False
-        # what continues training (train() again, resume()): see pyro_scvi.infer.TrainState
+        # what continues training (train() again, resume()): see pyro_scvi.train.loop.TrainState
         self._train_state: TrainState | None = None
         self._run: dict | None = None
         #: The manifest of the folder this model was loaded from (``None``: not loaded).
@@ -515,7 +509,7 @@ class SCVI:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
     ) -> SCVI:
-        """Fit the model with SVI (Adam) on minibatches; see :mod:`pyro_scvi.infer`.
+        """Fit the model with SVI (Adam) on minibatches; see :mod:`pyro_scvi.train.loop`.
 
         Calling ``train`` again continues the same run: the epochs, KL warm-up, Adam's
         moments, the minibatch order and the random streams go on where they stopped, so
@@ -539,12 +533,12 @@ class SCVI:
         elbo, optim
             Pyro ELBO (default ``Trace_ELBO``, compiled on long runs by the engine) and
             optimizer (default: Adam with scvi-tools' settings, as one fused torch
-            optimizer; see :class:`pyro_scvi.infer.FusedAdam`). A ``pyro.optim`` optimizer
+            optimizer; see :class:`pyro_scvi.train.loop.FusedAdam`). A ``pyro.optim`` optimizer
             runs through :class:`pyro.infer.SVI` instead.
         engine
             How the run steps: compiled or eager ELBO, fused ZINB kernel, fused Adam, CPU
-            threads (:class:`pyro_scvi.engine.Engine` or a preset name such as ``"eager"``;
-            default: decided from the run, see :mod:`pyro_scvi.engine`). The choice made
+            threads (:class:`pyro_scvi.train.engine.Engine` or a preset name such as ``"eager"``;
+            default: decided from the run, see :mod:`pyro_scvi.train.engine`). The choice made
             is in :attr:`engine` and ``history.attrs["engine"]``, and is saved.
         device
             ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
@@ -566,10 +560,10 @@ class SCVI:
 
         Raises
         ------
-        pyro_scvi.infer.TrainingError
+        pyro_scvi.TrainingError
             On a non-finite loss; the parameters of the last complete epoch are kept (none
             completed: the model stays untrained, ``is_trained`` False).
-        pyro_scvi.infer.TrainingInterrupted
+        pyro_scvi.TrainingInterrupted
             On SIGINT or SIGTERM, after the step in progress and the checkpoint; the model
             holds the parameters of that step (usable for queries), and :meth:`resume`
             or ``train`` continue.
@@ -599,7 +593,7 @@ class SCVI:
             raise InputError(
                 f"train_size={train_size}, but a {type(self.guide).__name__} fits parameters "
                 "per cell and cannot score validation cells it is not trained on; pass "
-                "train_size=1.0 (held-out cells: pyro_scvi.gap.refine)."
+                "train_size=1.0 (held-out cells: pyro_scvi.posterior.gap.refine)."
             )
         if checkpoint_every < 0:
             raise InputError(f"checkpoint_every={checkpoint_every}; use 0 (never) or more.")
@@ -711,7 +705,7 @@ class SCVI:
     ) -> SCVI:
         """Finish an interrupted run: its remaining epochs, with its own settings.
 
-        After :class:`~pyro_scvi.infer.TrainingInterrupted` in this process, or on a model
+        After :class:`~pyro_scvi.TrainingInterrupted` in this process, or on a model
         from :meth:`load_checkpoint`. The result equals the run that was never
         interrupted: on CPU with the same threads and an uncompiled engine, bit for bit;
         a compiled ELBO is recompiled, which may change the last bits.
@@ -745,17 +739,9 @@ class SCVI:
         if remaining < 1:
             self._run = None
             return self
-        done = run["engine"] or {}
-        threads = done.get("threads")
-        engine = Engine(
-            compiled=done.get("compiled"),
-            fused_kernel=done.get("fused_kernel"),
-            fused_adam=done.get("fused_adam"),
-            threads=None if threads in (None, "auto") else int(threads),
+        engine = Engine.for_resume(
+            run["engine"], elbo_passed=elbo is not None, optim_passed=optim is not None
         )
-        if elbo is not None or optim is not None:
-            # the ELBO fixes compiled, an optim fused_adam: leave those fields to them
-            engine = Engine(threads=engine.threads, fused_kernel=engine.fused_kernel)
         folder = checkpoint_dir if checkpoint_dir is not None else run["checkpoint_dir"]
         return self.train(
             remaining,
@@ -823,7 +809,7 @@ class SCVI:
         """The counts of ``adata`` (default: the model's cells) coded as the model codes them.
 
         ``adata`` needs the model's genes, in order, and only batches it knows. This is
-        the :class:`pyro_scvi.fitted.Fitted` contract the analyses rely on.
+        the :class:`pyro_scvi.posterior.fitted.Fitted` contract the analyses rely on.
         """
         if adata is None or adata is self.adata:
             return self.data
@@ -891,7 +877,7 @@ class SCVI:
                 self.guide, data, idx, batch_size=batch_size, device=self.device
             )
         out = []
-        with torch.no_grad(), posterior._eval_mode(self.model, self.guide):
+        with torch.no_grad(), eval_mode(self.model, self.guide):
             with pyro.get_param_store().scope():
                 for x, b, cells in posterior.iterate_indexed_cells(
                     data, idx, batch_size, self.device
@@ -988,7 +974,7 @@ class SCVI:
             integrating over the latent ``l``: ``marginal_ll`` then estimates
             ``log p(x | l)``, the quantity a model with an observed library (scvi-tools'
             default) reports, so the two compare like for like. A model that observes its
-            library (:class:`~pyro_scvi.priors.ObservedLibrary`) gives the same numbers
+            library (:class:`~pyro_scvi.model.priors.ObservedLibrary`) gives the same numbers
             either way.
 
         Returns
@@ -1005,11 +991,11 @@ class SCVI:
         >>> list(model.get_fit_statistics(n_samples=5, seed=0).columns)
         ['elbo', 'marginal_ll', 'reconstruction_error']
         """
-        from .convert import _check_indices
+        from .data.counts import check_indices
 
         _check_positive(n_samples=n_samples, batch_size=batch_size)
         data = self.data_for(adata)
-        idx = _check_indices(indices, data.n_cells)  # None: every cell
+        idx = check_indices(indices, data.n_cells)  # None: every cell
         with posterior.seeded(seed, self.device):
             stats = posterior.fit_statistics(
                 self.model,
@@ -1167,7 +1153,7 @@ class SCVI:
         batch_size: int = 256,
         seed: int | None = 0,
     ) -> pd.DataFrame:
-        """How much ELBO the encoder leaves on held-out cells; see :mod:`pyro_scvi.gap`.
+        """How much ELBO the encoder leaves on held-out cells; see :mod:`pyro_scvi.posterior.gap`.
 
         Each cell's q(z, l) starts at the encoder's output and is refined by SVI on its own
         parameters with the model fixed; both are scored by one estimator.
@@ -1204,7 +1190,7 @@ class SCVI:
         if not getattr(self.guide, "amortized", True):
             raise InputError(
                 f"The {type(self.guide).__name__} is not amortized: it has no encoder output "
-                "to start from. Use pyro_scvi.gap.refine to fit held-out cells."
+                "to start from. Use pyro_scvi.posterior.gap.refine to fit held-out cells."
             )
         if adata is None:
             if not len(self.validation_indices):
@@ -1430,10 +1416,10 @@ class SCVI:
                 f"uses {likelihood!r}, under which no zero is a dropout. Fit with "
                 "likelihood=pyro_scvi.ZINB() (the default) or pyro_scvi.ZIP()."
             )
-        from .convert import _check_indices
+        from .data.counts import check_indices
 
         data = self.data_for(adata)
-        idx = _check_indices(indices, data.n_cells)
+        idx = check_indices(indices, data.n_cells)
         columns = _gene_columns(data, gene_list)
         with posterior.seeded(seed, self.device):
             return posterior.dropout_probability(
@@ -1655,7 +1641,7 @@ class SCVI:
         ``mode="vanilla"`` is the test of Lopez et al. (2018); ``mode="change"`` tests
         ``|LFC| >= delta`` and calls genes at a posterior expected FDR of ``fdr_target``.
         ``group2=None`` compares with all other cells; ``group1=None`` tests every group.
-        See :func:`pyro_scvi.de.differential_expression` for the method, the columns of
+        See :func:`pyro_scvi.analysis.de.differential_expression` for the method, the columns of
         the result and the other keyword arguments (``pseudocount``, ``credible_level``,
         ``batch_size``, ``seed``, ``key_added``). The AnnData is written to only when
         ``key_added`` is given.
@@ -1669,7 +1655,7 @@ class SCVI:
         >>> sorted(de["comparison"].unique())
         ['type0 vs rest', 'type1 vs rest']
         """
-        from .de import differential_expression
+        from .analysis.de import differential_expression
 
         return differential_expression(
             self,
@@ -1690,7 +1676,7 @@ class SCVI:
         """Save parameters, settings and history to the folder ``dir_path``, atomically.
 
         The folder is written under a temporary name and swapped into place in one rename
-        (where the system allows; see :func:`pyro_scvi.files.replace_dir`), so an
+        (where the system allows; see :func:`pyro_scvi.io.files.replace_dir`), so an
         interrupted save never leaves a half-written model nor loses the old one. With
         ``overwrite=True`` an existing folder is replaced only if it holds a pyro_scvi
         model and nothing else (or is empty): other files are never deleted. The folder

@@ -86,7 +86,7 @@ def write_results(
         **(params or {}),
     )
     if normalized_key is not None:
-        from .outputs import normalized_chunks
+        from .io.outputs import normalized_chunks
 
         # a chunk of cells at a time: the posterior samples are never held for all cells
         data = model.data_for(adata)

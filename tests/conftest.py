@@ -4,7 +4,6 @@ import numpy as np
 import pyro
 import pytest
 import torch
-
 from pyro_scvi.datasets import synthetic_zinb
 
 # The test networks are tiny: intra-op threads gain nothing, and on a busy 2-core machine

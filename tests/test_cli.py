@@ -12,10 +12,10 @@ import anndata
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import NB, SCVI, Poisson, datasets
 from pyro_scvi.cli import main
-from pyro_scvi.datasets import synthetic_zinb
 
 N_CELLS, N_GENES = 200, 30
 FAST = ["--max-epochs", "2", "--batch-size", "64", "--n-latent", "3", "--quiet"]
@@ -354,7 +354,7 @@ def test_training_that_fails_in_its_first_epoch_writes_nothing(h5ad, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_training_that_fails_later_writes_the_last_complete_epoch(h5ad, tmp_path, monkeypatch):
-    import pyro_scvi.infer as infer
+    import pyro_scvi.train.loop as infer
 
     real, calls = infer._nan_on_invalid, []
 
@@ -453,7 +453,7 @@ def test_fit_fused_kernel_option_switches_the_zinb_kernel(
     # The compiled kernels are swapped for counting eager ones (the switch is under test,
     # not the compiler), and the automatic rule is made to say "on" for this tiny run, so
     # that "off" has something to override.
-    from pyro_scvi import engine, kernels
+    from pyro_scvi.train import engine, kernels
 
     monkeypatch.setattr(engine, "FUSED_MIN_GENES", 1)
     monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
@@ -535,6 +535,6 @@ def test_help_imports_nothing_heavy():
 
 def test_likelihood_choices_match_the_likelihoods():
     from pyro_scvi.cli import LIKELIHOOD_NAMES
-    from pyro_scvi.likelihoods import LIKELIHOODS
+    from pyro_scvi.model.likelihoods import LIKELIHOODS
 
     assert sorted(LIKELIHOOD_NAMES) == sorted(LIKELIHOODS)

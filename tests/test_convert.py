@@ -1,15 +1,15 @@
-"""Export to ArviZ (pyro_scvi.convert): groups, dims, coords, netCDF round trip, log-likelihood."""
+"""Export to ArviZ (pyro_scvi.posterior.arviz): groups, dims, coords, netCDF, log-likelihood."""
 
 import arviz as az
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 from scipy import special, stats
 
 from pyro_scvi import SCVI, InputError
-from pyro_scvi.convert import to_inference_data
-from pyro_scvi.datasets import synthetic_zinb
+from pyro_scvi.posterior.arviz import to_inference_data
 
 N_CELLS, N_GENES, N_LATENT, N_SAMPLES = 120, 15, 3, 7
 
@@ -192,7 +192,7 @@ def test_adata_without_the_model_genes_is_refused(model):
 
 def test_export_of_chosen_genes_thinned_and_as_integers_keeps_the_values():
     import pyro_scvi
-    from pyro_scvi.convert import to_inference_data
+    from pyro_scvi.posterior.arviz import to_inference_data
 
     adata = pyro_scvi.datasets.synthetic_zinb(n_cells=50, n_genes=10, seed=0)
     m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8).train(max_epochs=1, progress_bar=False)

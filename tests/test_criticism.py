@@ -1,4 +1,4 @@
-"""Model criticism (pyro_scvi.criticism): count CDFs, randomized PIT, coverage, the page."""
+"""Model criticism (pyro_scvi.analysis.criticism): count CDFs, PIT, coverage, the page."""
 
 import contextlib
 import io
@@ -9,15 +9,15 @@ import pandas as pd
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 from scipy import stats
 
 from pyro_scvi import SCVI, Poisson
-from pyro_scvi import criticism as cr
+from pyro_scvi.analysis import criticism as cr
+from pyro_scvi.analysis.plotting import plot_criticism
 from pyro_scvi.cli import main
-from pyro_scvi.convert import to_inference_data
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion, nb_logits
-from pyro_scvi.plotting import plot_criticism
+from pyro_scvi.model.distributions import ZeroInflatedNegativeBinomialMeanDispersion, nb_logits
+from pyro_scvi.posterior.arviz import to_inference_data
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 K = torch.tensor([-1.0, 0.0, 1.0, 3.0, 10.0, 40.0])

@@ -690,14 +690,13 @@ def test_streamed_files_get_the_same_checks(tmp_path):
 
 
 def test_the_engine_streams_a_backed_file_only_when_it_would_not_fit(backed, monkeypatch):
-    from pyro_scvi import engine
-    from pyro_scvi.data import StreamedCounts
+    from pyro_scvi.data import StreamedCounts, placement
 
     nbytes = 8 * backed.X.group["data"].shape[0] + 8 * (backed.n_obs + 1)
-    monkeypatch.setattr(engine, "_available_memory", lambda: 4 * nbytes)
+    monkeypatch.setattr(placement, "available_memory", lambda: 4 * nbytes)
     loaded = from_anndata(backed)
     assert isinstance(loaded, CountData) and loaded.source_reason.startswith("memory: counts")
-    monkeypatch.setattr(engine, "_available_memory", lambda: nbytes)
+    monkeypatch.setattr(placement, "available_memory", lambda: nbytes)
     assert isinstance(from_anndata(backed), StreamedCounts)
 
 

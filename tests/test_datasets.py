@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from pyro_scvi.datasets import pbmc8k_200hvg, synthetic_zinb
 
 from pyro_scvi import datasets, from_anndata
-from pyro_scvi.datasets import pbmc8k_200hvg, synthetic_zinb
 
 
 def test_pbmc8k_200hvg_loads_raw_counts():

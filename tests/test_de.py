@@ -8,9 +8,9 @@ import pytest
 import scipy.sparse as sp
 
 from pyro_scvi import NB, SCVI, ZINB, InputError, Poisson
+from pyro_scvi.analysis.de import COLUMNS, differential_expression, posterior_fdr
+from pyro_scvi.analysis.plotting import plot_volcano
 from pyro_scvi.cli import main
-from pyro_scvi.de import COLUMNS, differential_expression, posterior_fdr
-from pyro_scvi.plotting import plot_volcano
 
 N_DE = 5  # genes up in A, and as many up in B
 N_GENES = 30
@@ -537,7 +537,7 @@ def test_a_small_group_spread_over_batches_is_compared_where_it_has_cells(traine
 
 
 def test_raw_statistics_read_in_chunks_equal_the_direct_sums(small_adata, monkeypatch):
-    import pyro_scvi.de as de
+    import pyro_scvi.analysis.de as de
     from pyro_scvi import from_anndata
 
     data = from_anndata(small_adata)

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from pyro.infer import Trace_ELBO
+from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import InputError, LogNormalLibrary, ScviGuide, ScviModel, from_anndata
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.distributed import DataParallel
-from pyro_scvi.engine import Engine
-from pyro_scvi.infer import FusedAdam, _Annealed, annealed_sites, kl_weight, train_svi
+from pyro_scvi.train.distributed import DataParallel
+from pyro_scvi.train.engine import Engine
+from pyro_scvi.train.loop import FusedAdam, _Annealed, annealed_sites, kl_weight, train_svi
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
@@ -94,7 +94,7 @@ def _worker(rank, world, init_file, out_dir):
 
 def _one_process_fed_the_same_minibatches(world):
     """The ranks' steps replayed in one process: each rank's share with that rank's random
-    numbers, gradients and losses averaged, one Adam step (as pyro_scvi.distributed does)."""
+    numbers, gradients and losses averaged, one Adam step (as pyro_scvi.train.distributed does)."""
     data, model, guide = _setup()
     n = data.n_cells
     sites = annealed_sites(model)
@@ -233,7 +233,7 @@ def _start_one_rank_group(init_file):
 
 
 def test_process_group_ends_the_group_it_started_and_only_that(tmp_path, monkeypatch):
-    from pyro_scvi import distributed
+    from pyro_scvi.train import distributed
 
     dist = torch.distributed
     monkeypatch.setattr(distributed, "init_from_env", _start_one_rank_group(tmp_path / "a"))
@@ -254,8 +254,8 @@ def test_process_group_ends_the_group_it_started_and_only_that(tmp_path, monkeyp
 
 
 def test_fit_destroys_the_process_group_it_started(tmp_path, monkeypatch):
-    from pyro_scvi import distributed
     from pyro_scvi.cli import main
+    from pyro_scvi.train import distributed
 
     src = tmp_path / "in.h5ad"
     synthetic_zinb(n_cells=60, n_genes=10, seed=0).write_h5ad(src)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from pyro_scvi.distributions import nb_logits
-from pyro_scvi.likelihoods import LIKELIHOODS, NB, ZINB, Poisson
+from pyro_scvi.model.distributions import nb_logits
+from pyro_scvi.model.likelihoods import LIKELIHOODS, NB, ZINB, Poisson
 
 MU = [0.05, 1.0, 7.3, 250.0]
 THETA = [0.1, 1.0, 12.0, 1e3]
@@ -100,7 +100,7 @@ def test_likelihood_shapes_and_flags(name):
 def test_fused_zinb_matches_pyro_mixture_values_and_gradients(gate_logit):
     import pyro.distributions as dist
 
-    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+    from pyro_scvi.model.distributions import ZeroInflatedNegativeBinomialMeanDispersion
 
     torch.manual_seed(0)
     mu = (torch.rand(6, 30, dtype=torch.float64) * 20 + 1e-3).requires_grad_()
@@ -120,7 +120,7 @@ def test_fused_zinb_matches_pyro_mixture_values_and_gradients(gate_logit):
 
 
 def test_fused_zinb_shapes_sampling_and_validation():
-    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+    from pyro_scvi.model.distributions import ZeroInflatedNegativeBinomialMeanDispersion
 
     d = ZeroInflatedNegativeBinomialMeanDispersion(torch.ones(4, 1), torch.ones(3), torch.zeros(1))
     assert d.batch_shape == (4, 3)
@@ -134,7 +134,7 @@ def test_fused_zinb_shapes_sampling_and_validation():
 
 
 def test_fused_zinb_accepts_an_underflowed_zero_mean():
-    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+    from pyro_scvi.model.distributions import ZeroInflatedNegativeBinomialMeanDispersion
 
     d = ZeroInflatedNegativeBinomialMeanDispersion(
         torch.tensor([0.0, 1.0]), torch.tensor([2.0, 2.0]), torch.zeros(2)
@@ -146,7 +146,7 @@ def test_fused_zinb_accepts_an_underflowed_zero_mean():
 def test_fused_zinb_expand_keeps_parameter_shapes():
     # Pyro's plates expand every site's distribution; a per-gene theta must stay per gene
     # (lgamma(theta) per gene, not per entry) while the values match a full expansion.
-    from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion
+    from pyro_scvi.model.distributions import ZeroInflatedNegativeBinomialMeanDispersion
 
     torch.manual_seed(0)
     mu, theta, pi = torch.rand(4, 3) * 5, torch.rand(3) + 0.5, torch.randn(4, 3)

@@ -20,12 +20,11 @@ from pyro_scvi import (
     Prior,
     StandardNormal,
     VampPrior,
-    engine,
-    kernels,
 )
-from pyro_scvi import infer as pyro_scvi_infer
-from pyro_scvi.engine import Engine, ThreadPolicy
-from pyro_scvi.infer import FusedAdam, _Annealed, _jit_pair
+from pyro_scvi.train import engine, kernels
+from pyro_scvi.train import loop as pyro_scvi_infer
+from pyro_scvi.train.engine import Engine, ThreadPolicy
+from pyro_scvi.train.loop import FusedAdam, _Annealed, _jit_pair
 
 # --- choices ----------------------------------------------------------------------------
 

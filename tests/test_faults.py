@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 
-import pyro_scvi.files as files
-import pyro_scvi.infer as infer
+import pyro_scvi.io.files as files
+import pyro_scvi.train.loop as infer
 from pyro_scvi import SCVI
 from pyro_scvi.cli import main
-from pyro_scvi.datasets import synthetic_zinb
 
 FAST = ["--max-epochs", "3", "--batch-size", "64", "--n-latent", "3", "--quiet"]
 EXACT = ["--engine", "eager", "--threads", "1"]

@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import SCVI, InputError
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.gap import amortization_gap, frozen, refine
-from pyro_scvi.guide import PerCellGuide
+from pyro_scvi.model.guides import PerCellGuide
+from pyro_scvi.posterior.gap import amortization_gap, frozen, refine
 
 
 @pytest.fixture(scope="module")

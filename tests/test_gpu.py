@@ -8,11 +8,12 @@ from a CPU (fused multiply-adds, other reduction orders), never by more than tha
 import numpy as np
 import pytest
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 from test_kernels import C_ROUND, EPS32, _zinb_inputs, _zinb_terms
 
-from pyro_scvi import SCVI, kernels
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.distributions import zinb_log_prob
+from pyro_scvi import SCVI
+from pyro_scvi.model.distributions import zinb_log_prob
+from pyro_scvi.train import kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -6,17 +6,17 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro_scvi.datasets import synthetic_zinb
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 import pyro_scvi
 from pyro_scvi import SCVI, InputError
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.guide import PerCellGuide, ScviGuide, build_guide
-from pyro_scvi.infer import KLWeight
 from pyro_scvi.model import ScviModel
+from pyro_scvi.model.guides import PerCellGuide, ScviGuide, build_guide
+from pyro_scvi.model.priors import LogNormalLibrary, ObservedLibrary
 from pyro_scvi.posterior import fit_statistics
-from pyro_scvi.priors import LogNormalLibrary, ObservedLibrary
+from pyro_scvi.train.loop import KLWeight
 
 N_CELLS, N_GENES, N_LATENT = 12, 9, 3
 
@@ -109,7 +109,7 @@ def test_from_guide_starts_exactly_at_the_encoder(data):
         torch.testing.assert_close(q_new[k], q_enc[k])
     # and so the same seed gives the same ELBO estimate, cell by cell
     # (the per-cell guide's rows are 0..19, so score it on those cells' own data)
-    from pyro_scvi.gap import _subset
+    from pyro_scvi.posterior.gap import _subset
 
     torch.manual_seed(0)
     amortized = fit_statistics(m.model, m.guide, m.data, cells, n_samples=10)["elbo"]

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from pyro_scvi import SCVI, ZINB, TrainingError
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.infer import _Annealed, evaluate_elbo, kl_weight
+from pyro_scvi.train.loop import _Annealed, evaluate_elbo, kl_weight
 
 
 @pytest.mark.parametrize(
@@ -168,7 +168,7 @@ def test_fused_adam_steps_match_pyro_svi_gradients_and_plain_adam(elbo_name):
     from pyro import infer as pinfer
 
     from pyro_scvi import LogNormalLibrary, MixtureOfGaussians, ScviGuide, ScviModel
-    from pyro_scvi.infer import FusedAdam
+    from pyro_scvi.train.loop import FusedAdam
 
     torch.manual_seed(0)
     lib = LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5]))
@@ -231,7 +231,7 @@ def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, m
     # train as the uncompiled Trace_ELBO does, batch-norm statistics included.
     import pyro
 
-    from pyro_scvi import infer
+    from pyro_scvi.train import loop as infer
 
     jits = []
     real = infer._jit_pair
@@ -265,7 +265,7 @@ def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, m
 
 def test_snapshot_reuses_its_buffers_and_restores_the_latest_state():
     from pyro_scvi import LogNormalLibrary, ScviGuide, ScviModel
-    from pyro_scvi.infer import _restore, _snapshot
+    from pyro_scvi.train.loop import _restore, _snapshot
 
     model = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
     guide = ScviGuide(20, 1)
@@ -287,8 +287,8 @@ def test_snapshot_reuses_its_buffers_and_restores_the_latest_state():
 
 
 def test_scaled_lr_follows_the_square_root_rule_and_rejects_bad_sizes():
-    from pyro_scvi.data import InputError
-    from pyro_scvi.infer import scaled_lr
+    from pyro_scvi.errors import InputError
+    from pyro_scvi.train.loop import scaled_lr
 
     assert scaled_lr(128) == pytest.approx(1e-3)
     assert scaled_lr(2048, base_lr=2e-3, base_batch_size=512) == pytest.approx(4e-3)
@@ -333,7 +333,6 @@ def test_one_outlier_cell_in_sparse_many_gene_data_trains(seed):
     # are extreme and its q(l) grew far wider than any other cell's within five steps; a
     # draw of l above 88.7 overflowed exp(l). Here: the same character, simulated.
     import scipy.sparse as sp
-
     from pyro_scvi.datasets import synthetic_zinb
 
     adata = synthetic_zinb(

@@ -1,5 +1,5 @@
 """Model folders: manifest, checks on loading, migration, safe replacement (pyro_scvi.io,
-pyro_scvi.files)."""
+pyro_scvi.io.files)."""
 
 import json
 import os
@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pyro_scvi import SCVI, InputError, files, io
 from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.files import OutputError
-from pyro_scvi.io import ModelFileError
+
+from pyro_scvi import SCVI, InputError, io
+from pyro_scvi.io import ModelFileError, files
+from pyro_scvi.io.files import OutputError
 
 DATA = Path(__file__).parent / "data"
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from scipy import special
 
-from pyro_scvi import SCVI, kernels
-from pyro_scvi.distributions import ZeroInflatedNegativeBinomialMeanDispersion, zinb_log_prob
-from pyro_scvi.engine import Engine
+from pyro_scvi import SCVI
+from pyro_scvi.model.distributions import ZeroInflatedNegativeBinomialMeanDispersion, zinb_log_prob
+from pyro_scvi.train import kernels
+from pyro_scvi.train.engine import Engine
 
 # From near 0 (where the recurrence does all the work) to large counts (the series alone).
 Y = np.concatenate([np.logspace(-4, 7, 500), np.linspace(0.05, 12, 500)])
@@ -170,7 +171,7 @@ def test_handler_swaps_the_density_of_zinb_sites_only(monkeypatch):
 def test_long_zinb_training_runs_switch_the_kernel_on_by_themselves(small_adata, monkeypatch):
     # Thresholds lowered to this tiny run; the "compiled" kernels swapped for counting eager
     # ones, so that the test checks the engine's choice, not the compiler.
-    from pyro_scvi import engine
+    from pyro_scvi.train import engine
 
     monkeypatch.setattr(engine, "FUSED_MIN_GENES", 10)
     monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
@@ -212,7 +213,7 @@ def test_compiled_operator_inside_jit_trace_elbo_matches_the_eager_density(small
     # The real thing: torch.compile'd kernels, recorded as one node of Pyro's JitTrace_ELBO
     # graph, give the loss and gradients of the same graph with the eager density. (Compared
     # JIT to JIT, on the same random draws: the JIT consumes the RNG in its own order.)
-    from pyro_scvi.infer import _JitCall
+    from pyro_scvi.train.loop import _JitCall
 
     assert kernels.precompile()  # a working compiler: the compiled kernels, not the fallback
     m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)

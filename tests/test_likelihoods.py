@@ -8,7 +8,7 @@ from scipy import stats
 
 import pyro_scvi
 from pyro_scvi.cli import build_parser
-from pyro_scvi.likelihoods import LIKELIHOODS, ZIP, Likelihood, Poisson
+from pyro_scvi.model.likelihoods import LIKELIHOODS, ZIP, Likelihood, Poisson
 
 X = np.arange(0, 60)
 

@@ -19,10 +19,10 @@ from scipy.stats import norm
 from torch import nn
 
 from pyro_scvi.data import CountData
-from pyro_scvi.guide import PerCellGuide
-from pyro_scvi.mcmc import agreement, compare_to_nuts, sample_nuts
 from pyro_scvi.model import cells_plate
-from pyro_scvi.priors import ObservedLibrary
+from pyro_scvi.model.guides import PerCellGuide
+from pyro_scvi.model.priors import ObservedLibrary
+from pyro_scvi.posterior.mcmc import agreement, compare_to_nuts, sample_nuts
 
 N_CELLS, N_GENES, N_LATENT, SIGMA = 3, 6, 2, 1.0
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import silhouette_samples, silhouette_score
 
-from pyro_scvi import metrics
+from pyro_scvi.analysis import metrics
 
 LOG2 = math.log(2.0)
 

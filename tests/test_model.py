@@ -10,11 +10,11 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
 
-from pyro_scvi.guide import ScviGuide
-from pyro_scvi.infer import KLWeight
-from pyro_scvi.likelihoods import NB, ZINB, Poisson
 from pyro_scvi.model import ScviModel
-from pyro_scvi.priors import LogNormalLibrary, ObservedLibrary, Prior, StandardNormal
+from pyro_scvi.model.guides import ScviGuide
+from pyro_scvi.model.likelihoods import NB, ZINB, Poisson
+from pyro_scvi.model.priors import LogNormalLibrary, ObservedLibrary, Prior, StandardNormal
+from pyro_scvi.train.loop import KLWeight
 
 N_CELLS, N_GENES, N_BATCH, N_LATENT = 12, 9, 2, 3
 
@@ -220,7 +220,7 @@ def test_a_draw_of_l_past_float32s_exp_gives_a_finite_loss(data, likelihood, mon
     # A guide far off (in training, one outlier cell's q(l) in a batch-norm minibatch) can
     # draw l above 88.7, where exp(l) overflows float32: mu = inf made the loss NaN and
     # training stopped. exp is taken at min(l, L_MAX), so the loss is finite and poor.
-    import pyro_scvi.model as model_module
+    from pyro_scvi.model import generative as model_module
 
     x, b = data
     model, guide = make_pair(likelihood)

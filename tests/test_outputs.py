@@ -1,4 +1,4 @@
-"""Tests of outputs at scale (pyro_scvi.outputs) and of ``pyro-scvi fit``'s use of them."""
+"""Tests of outputs at scale (pyro_scvi.io.outputs) and of ``pyro-scvi fit``'s use of them."""
 
 import contextlib
 import hashlib
@@ -11,12 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from pyro_scvi import SCVI, engine, outputs
-from pyro_scvi.cli import main
 from pyro_scvi.datasets import synthetic_zinb
+
+from pyro_scvi import SCVI
+from pyro_scvi.cli import main
+from pyro_scvi.data import placement
 from pyro_scvi.errors import InputError
-from pyro_scvi.outputs import (
+from pyro_scvi.io import outputs
+from pyro_scvi.io.outputs import (
     GENES_KEY,
     LAYER_KEY,
     normalized_chunks,
@@ -215,7 +217,7 @@ def test_streamed_input_is_never_loaded_and_gives_the_models_latent(src, tmp_pat
         raise AssertionError("the streamed CLI loaded the counts into memory")
 
     # the engine's own rule decides (counts above this share of free memory: streamed)
-    monkeypatch.setattr(engine, "STREAM_MEMORY_FRACTION", 1e-12)
+    monkeypatch.setattr(placement, "STREAM_MEMORY_FRACTION", 1e-12)
     monkeypatch.setattr(anndata.AnnData, "to_memory", refuse)
     out = tmp_path / "out.h5ad"
     status, stderr = _run(["fit", src, "-o", out, *FAST])
@@ -378,7 +380,7 @@ def test_de_streamed_equals_in_memory(src, model_dir, tmp_path, capsys, loads):
 
 
 def test_plot_streamed_reads_only_obsm(dense_run, tmp_path, capsys, loads, monkeypatch):
-    from pyro_scvi import plotting
+    from pyro_scvi.analysis import plotting
 
     fitted = tmp_path / "fitted.h5ad"
     dense_run.write_h5ad(fitted)

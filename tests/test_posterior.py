@@ -14,11 +14,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 from pyro import poutine
+from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import SCVI, InputError, posterior
 from pyro_scvi.cli import main
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.infer import _eval_mode, evaluate_elbo
+from pyro_scvi.model.nn import eval_mode
+from pyro_scvi.train.loop import evaluate_elbo
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_fit_queries_refuse_unknown_genes_and_batches(trained):
 def _quadrature_log_px(model, x, b, grid):
     """log ∫ p(x | z) N(z; 0, 1) dz by a Riemann sum on ``grid``, evaluating the joint
     through the model itself: z conditioned to every grid point at once (a plate at -3)."""
-    with torch.no_grad(), _eval_mode(model), pyro.get_param_store().scope():
+    with torch.no_grad(), eval_mode(model), pyro.get_param_store().scope():
         z = grid.reshape(-1, 1, 1, 1).expand(-1, x.shape[0], 1, 1)
         with pyro.plate("grid", len(grid), dim=-3):
             tr = poutine.trace(poutine.condition(model, data={"z": z})).get_trace(x, b)
@@ -595,7 +596,7 @@ def test_observed_library_weights_equal_an_observed_library_twins():
     that observes its library, with the same networks: ``log p(x | z, l_obs) + log p(z) -
     log q(z | x)``, computed there without any conditioning."""
     from pyro_scvi import ScviGuide, ScviModel
-    from pyro_scvi.priors import LogNormalLibrary, ObservedLibrary
+    from pyro_scvi.model.priors import LogNormalLibrary, ObservedLibrary
 
     torch.manual_seed(0)
     n_genes, n_batch = 12, 2

@@ -1,4 +1,4 @@
-"""Posterior predictive checks (pyro_scvi.ppc), their plots and the ``pyro-scvi ppc`` CLI."""
+"""Posterior predictive checks (pyro_scvi.analysis.ppc), their plots and ``pyro-scvi ppc``."""
 
 import contextlib
 import io
@@ -11,13 +11,11 @@ import pyro
 import pytest
 import scipy.sparse as sp
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import NB, SCVI
-from pyro_scvi.cli import main
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.model import ScviModel
-from pyro_scvi.plotting import plot_ppc_scatter, plot_ppp_histograms
-from pyro_scvi.ppc import (
+from pyro_scvi.analysis.plotting import plot_ppc_scatter, plot_ppp_histograms
+from pyro_scvi.analysis.ppc import (
     CELL_STATISTICS,
     GENE_STATISTICS,
     TABLE_COLUMNS,
@@ -28,7 +26,9 @@ from pyro_scvi.ppc import (
     ppc_table,
     ppp_values,
 )
-from pyro_scvi.priors import LogNormalLibrary
+from pyro_scvi.cli import main
+from pyro_scvi.model import ScviModel
+from pyro_scvi.model.priors import LogNormalLibrary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

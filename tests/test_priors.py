@@ -8,16 +8,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro_scvi.datasets import synthetic_zinb
 from sklearn.metrics import adjusted_rand_score, homogeneity_score
 from torch import nn
 
 import pyro_scvi
 from pyro_scvi import SCVI, InputError
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.guide import ScviGuide
 from pyro_scvi.model import ScviModel
-from pyro_scvi.nn import Encoder
-from pyro_scvi.priors import (
+from pyro_scvi.model.guides import ScviGuide
+from pyro_scvi.model.nn import Encoder
+from pyro_scvi.model.priors import (
     CallablePrior,
     LibraryPrior,
     LogNormalLibrary,
@@ -166,7 +166,7 @@ def test_vamp_prior_gradient_reaches_the_encoder():
 
 
 def test_vamp_prior_needs_an_encoder_in_the_guide(small_adata):
-    from pyro_scvi.guide import PerCellGuide
+    from pyro_scvi.model.guides import PerCellGuide
 
     with pytest.raises(InputError, match="z encoder"):
         SCVI(small_adata, prior=VampPrior(3), guide=PerCellGuide.from_data, **ARCH)

@@ -4,11 +4,11 @@ import anndata
 import numpy as np
 import pytest
 import torch
+from pyro_scvi.datasets import synthetic_zinb
 from sklearn.neighbors import KNeighborsClassifier
 
 from pyro_scvi import SCVI, InputError
 from pyro_scvi.cli import main
-from pyro_scvi.datasets import synthetic_zinb
 
 ARCH = dict(n_latent=4, n_hidden=32)
 

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import pyro_scvi.infer as infer
-from pyro_scvi import SCVI, Engine, InputError
 from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.infer import TrainingInterrupted
+
+import pyro_scvi.train.loop as infer
+from pyro_scvi import SCVI, Engine, InputError
+from pyro_scvi.errors import TrainingInterrupted
 
 EPOCHS = 4
 # 300 cells, train_size 0.9: 270 training cells, minibatches of 64 -> 5 steps per epoch
@@ -222,7 +222,7 @@ def test_resume_needs_the_runs_own_elbo(adata, monkeypatch):
 def test_bayesian_decoder_train_twice_and_checkpoint_resume(adata, tmp_path, engine):
     """q of the globals has a param group of its own (its own eps): Adam's state of both
     groups carries over a second train() call and a checkpoint loaded in a new object."""
-    from pyro_scvi.schemes import BayesianDecoder
+    from pyro_scvi.model.schemes import BayesianDecoder
 
     def new():
         return SCVI(adata, batch_key="batch", n_latent=3, n_hidden=16, scheme=BayesianDecoder())

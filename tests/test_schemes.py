@@ -16,16 +16,16 @@ from pyro.infer import (
     Trace_ELBO,
     TraceMeanField_ELBO,
 )
+from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import SCVI, Engine, InputError
-from pyro_scvi.datasets import synthetic_zinb
-from pyro_scvi.guide import ScviGuide
-from pyro_scvi.infer import _Annealed, _jit_pair
-from pyro_scvi.likelihoods import NB, ZINB, ZIP, Poisson
 from pyro_scvi.model import ScviModel
+from pyro_scvi.model.guides import ScviGuide
+from pyro_scvi.model.likelihoods import NB, ZINB, ZIP, Poisson
+from pyro_scvi.model.priors import LogNormalLibrary, MixtureOfGaussians, StandardNormal, VampPrior
+from pyro_scvi.model.schemes import BayesianDecoder, is_global
 from pyro_scvi.posterior import fit_statistics
-from pyro_scvi.priors import LogNormalLibrary, MixtureOfGaussians, StandardNormal, VampPrior
-from pyro_scvi.schemes import BayesianDecoder, is_global
+from pyro_scvi.train.loop import _Annealed, _jit_pair
 
 # torch 2.13 deprecates torch.jit.trace, which Pyro's JIT ELBOs are built on
 pytestmark = pytest.mark.filterwarnings(
@@ -322,7 +322,7 @@ def test_jit_training_matches_uncompiled_training(tiny_adata):
 def test_default_adam_is_scaled_to_the_cells_a_step_sums_over(tiny_adata, monkeypatch, elbo):
     # eps and weight decay follow scvi-tools' per-cell mean loss: times the number of cells
     # the loss sums over, all training cells (rescaled minibatches) or one minibatch (IWAE)
-    import pyro_scvi.infer as infer
+    import pyro_scvi.train.loop as infer
 
     made = []
     real = infer.FusedAdam.__init__
@@ -468,7 +468,7 @@ def test_bayesian_decoder_refuses_what_it_does_not_support(tiny_adata):
 
 
 def test_bayesian_decoder_is_refused_where_the_model_is_held_fixed(tiny_adata):
-    from pyro_scvi.mcmc import sample_nuts
+    from pyro_scvi.posterior.mcmc import sample_nuts
 
     m = bayesian(tiny_adata).train(max_epochs=1, train_size=0.75, progress_bar=False)
     with pytest.raises(InputError, match="rho_weight, rho_bias, log_theta"):
@@ -490,7 +490,7 @@ def test_bayesian_decoder_without_a_dispersion_has_no_theta_site(tiny_adata):
 
 def _train_directly(adata, param_groups, engine="eager", epochs=3, batch_size=16, scheme=None):
     """Train a BayesianDecoder model through train_svi (seed 0); return it and the history."""
-    from pyro_scvi.infer import train_svi
+    from pyro_scvi.train.loop import train_svi
 
     m = SCVI(adata, n_latent=N_LATENT, n_hidden=8, scheme=scheme or BayesianDecoder())
     cells = np.random.default_rng(0).permutation(adata.n_obs)
@@ -514,7 +514,7 @@ def _train_directly(adata, param_groups, engine="eager", epochs=3, batch_size=16
 
 
 def test_bayesian_decoder_q_parameters_get_their_own_adam_group(tiny_adata, monkeypatch):
-    import pyro_scvi.infer as infer
+    import pyro_scvi.train.loop as infer
 
     made = []
     real = infer._adam

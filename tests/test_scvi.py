@@ -5,11 +5,11 @@ import pyro
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from pyro_scvi.datasets import synthetic_zinb
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 from pyro_scvi import NB, SCVI, InputError
-from pyro_scvi.datasets import synthetic_zinb
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 
 import pyro_scvi
 from pyro_scvi import SCVI, tl
+from pyro_scvi.analysis.plotting import plot_embedding
 from pyro_scvi.cli import main
-from pyro_scvi.plotting import plot_embedding
 
 FAST = dict(max_epochs=2, progress_bar=False)
 ARCH = {"n_latent": 3, "n_hidden": 16}

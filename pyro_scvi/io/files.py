@@ -1,0 +1,345 @@
+"""Safe file output: check before work, write under temporary names, rename into place.
+
+Three promises, for every file and folder the package writes:
+
+- **Checked first.** :func:`check_output_file` and :func:`check_output_dir` find an output
+  that cannot be written (a folder where a file is expected, a read-only or missing
+  place, a folder holding someone else's files) before a long computation, and
+  :func:`check_free_space` a disk too small for a conservative estimate of the outputs.
+- **Never half-written.** A file is written to a temporary name beside its target and
+  moved there with one ``rename`` (:func:`atomic_path`); a folder is built under a
+  temporary name and exchanged with the old one in one ``rename`` where the system has
+  ``renameat2(RENAME_EXCHANGE)`` (Linux), else with two (:func:`replace_dir`). Temporary
+  names carry the writer's process id, so a later run removes the leftovers of a process
+  that was killed (:func:`sweep_stale`); every other exit removes them on the way out.
+- **Never destroys what it did not write.** :func:`replace_dir` replaces a folder only
+  when the caller's ``owned`` test recognizes it (for models: their manifest, see
+  :mod:`pyro_scvi.io`), and puts it back if another process swapped in something else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import OutputError
+
+#: Marks the temporary names this package writes: ``.NAME.pyro_scvi-tmp-PID-TOKEN``.
+TMP_TAG = ".pyro_scvi-tmp"
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """A fresh hidden name beside ``path``, tagged with this process's id.
+
+    Examples
+    --------
+    >>> name = temp_name("/data/out.h5ad").name
+    >>> name.startswith(".out.h5ad.pyro_scvi-tmp-") and name.endswith(".h5ad")
+    True
+    """
+    path = Path(path)
+    return path.with_name(
+        f".{path.name}{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` left by processes that no longer run; return them.
+
+    Only names of the form :func:`temp_name` gives, for this very target, are touched, and
+    only when their process id is gone (a killed run: SIGKILL, a power cut).
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}{TMP_TAG}-") + r"(\d+)-[0-9a-f]{8}")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match is None or _pid_alive(int(match.group(1))):
+                continue
+            remove_path(entry)
+            removed.append(entry)
+    return removed
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder at ``path``; nothing there is not an error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _probe(directory: Path) -> None:
+    """Create and remove a file in ``directory``; raise :class:`OutputError` if refused.
+
+    A real attempt, not ``os.access``: it also catches a read-only mount, and runs as the
+    same user with the same ACLs as the write that follows.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".probe{TMP_TAG}-{os.getpid()}-", dir=directory)
+    except OSError as err:
+        raise OutputError(
+            f"cannot write in {directory} ({err.strerror or err}); choose a writable place."
+        ) from err
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output_file(path: str | os.PathLike, *, what: str = "output") -> None:
+    """Check that ``path`` can be written as a file: not a folder, in a writable place.
+
+    Missing parent folders are fine (they are created on writing) if the nearest existing
+    one is writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name.")
+    anchor = _existing_ancestor(path.parent)
+    if not anchor.is_dir():
+        raise OutputError(f"{what} {path}: {anchor} is a file, not a folder.")
+    _probe(anchor)
+
+
+def check_output_dir(
+    path: str | os.PathLike,
+    *,
+    owned: Callable[[Path], bool],
+    what: str = "model folder",
+    protect: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Check that ``path`` can be (re)written as a folder this package owns.
+
+    Parameters
+    ----------
+    path
+        The folder.
+    owned
+        Recognizes a folder this package wrote (e.g. :func:`pyro_scvi.io.is_model_dir`);
+        an existing folder is replaced only if it is owned or empty.
+    what
+        Its name in messages.
+    protect
+        Files that must not end up inside it or be it (the input, the other outputs).
+    """
+    path = Path(path)
+    here = Path(os.path.abspath(path))
+    for other in protect:
+        other_abs = Path(os.path.abspath(other))
+        if other_abs == here or here in other_abs.parents:
+            raise OutputError(
+                f"{what} {path} would hold or replace {other}; choose another folder."
+            )
+    if path.is_symlink():
+        raise OutputError(f"{what} {path} is a symbolic link; pass the folder it points to.")
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"{what} {path} is a file, not a folder; choose another path.")
+        if not owned(path) and any(path.iterdir()):
+            names = sorted(p.name for p in path.iterdir())
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise OutputError(
+                f"{what} {path} holds files that pyro_scvi did not write ({shown}); it only "
+                "replaces a folder holding one of its own models. Choose a new folder."
+            )
+    _probe(_existing_ancestor(path.parent))
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds ``path`` (or would hold it)."""
+    return shutil.disk_usage(_existing_ancestor(Path(path))).free
+
+
+def check_free_space(needs: dict[str | os.PathLike, int], *, margin: float = 1.25) -> None:
+    """Check that each file system has room for what ``needs`` writes to it.
+
+    ``needs`` maps target paths to estimated bytes; estimates on one file system add up.
+    ``margin`` (and 8 MB) covers the estimates' error. A full disk found here costs
+    nothing; found by HDF5 half-way through a write it can crash the process.
+    """
+    by_device: dict[int, list] = {}
+    for target, n_bytes in needs.items():
+        anchor = _existing_ancestor(Path(target))
+        entry = by_device.setdefault(anchor.stat().st_dev, [anchor, 0, []])
+        entry[1] += int(n_bytes)
+        entry[2].append(str(target))
+    for anchor, n_bytes, targets in by_device.values():
+        want = int(n_bytes * margin) + 8 * 2**20
+        have = free_bytes(anchor)
+        if have < want:
+            raise OutputError(
+                f"not enough free space for {', '.join(targets)}: they need about "
+                f"{_mb(want)} (an estimate with margin) and {_mb(have)} are free on the disk "
+                f"holding {anchor}; free some space or write elsewhere."
+            )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} kB"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, min_free: int = 0) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds.
+
+    ``min_free`` bytes (an estimate of the file's size) are checked to be free first. The
+    temporary file is removed on any exit.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+    >>> with atomic_path(out) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> out.read_text(), sorted(p.name for p in out.parent.iterdir())
+    ('done', ['a.txt'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
+    if min_free:
+        check_free_space({path: min_free})
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if tmp.exists():
+            # Give the permissions a new file would have (mkstemp-style files are private).
+            os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        remove_path(tmp)
+
+
+def make_temp_dir(target: str | os.PathLike) -> Path:
+    """Create an empty folder under a temporary name beside ``target``; return it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(target)
+    tmp = temp_name(target)
+    tmp.mkdir(mode=0o777 & ~current_umask())
+    return tmp
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # an old kernel or a file system without it
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_LIBC: object | None = None
+
+
+def _libc() -> object:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except (OSError, TypeError):  # e.g. Windows: no C library to open by that name
+            _LIBC = object()  # has no renameat2: the two-rename fallback runs
+    return _LIBC
+
+
+def replace_dir(
+    tmp: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    owned: Callable[[Path], bool],
+    attempts: int = 20,
+) -> None:
+    """Move the folder ``tmp`` to ``target``, replacing an owned (or empty) folder there.
+
+    Where the system can, the two folders are exchanged in one atomic rename and the old
+    one is deleted afterwards, so ``target`` always names a complete folder, old or new;
+    elsewhere the old folder is renamed aside first (two renames). Concurrent writers of
+    one ``target`` each end with a complete folder in place (the last one's), never an
+    error; if what was swapped out is not owned (another program wrote there meanwhile),
+    it is put back and :class:`OutputError` is raised.
+    """
+    tmp, target = Path(tmp), Path(target)
+    for _ in range(attempts):
+        if not os.path.lexists(target):
+            try:
+                os.rename(tmp, target)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue  # another writer got there first: replace its folder instead
+        if target.is_symlink() or not target.is_dir():
+            raise OutputError(f"{target} is not a folder; it was not replaced.")
+        if not (owned(target) or not any(target.iterdir())):
+            raise OutputError(
+                f"{target} holds files that pyro_scvi did not write; it was not replaced."
+            )
+        try:
+            swapped = _exchange(tmp, target)
+        except FileNotFoundError:
+            continue  # another writer moved it away meanwhile
+        if swapped:
+            # tmp now names the old folder
+            if not (owned(tmp) or not any(tmp.iterdir())):
+                _exchange(tmp, target)
+                raise OutputError(
+                    f"{target} was changed by another program while writing; it was not replaced."
+                )
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        aside = temp_name(target)
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:
+            continue
+        try:
+            os.rename(tmp, target)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                os.rename(aside, target)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    raise OutputError(f"could not replace {target}: other processes kept writing it.")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (for modes of files made by hand)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

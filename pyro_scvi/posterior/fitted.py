@@ -1,0 +1,87 @@
+"""What the analyses need of a fitted scVI: a model, a guide, and the cells' data.
+
+Differential expression (:mod:`pyro_scvi.analysis.de`), the ArviZ export
+(:mod:`pyro_scvi.posterior.arviz`) and the posterior predictive checks
+(:mod:`pyro_scvi.analysis.ppc`) take any object with the attributes of :class:`Fitted`, so
+they depend on this small contract rather than on the :class:`~pyro_scvi.SCVI` facade.
+:class:`~pyro_scvi.SCVI` has them; :class:`FittedModel` holds them for a model and guide
+built or trained without the facade.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from ..data.counts import CountData, from_anndata
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from torch import nn
+
+
+@runtime_checkable
+class Fitted(Protocol):
+    """A fitted model, guide and data, as the analyses read them."""
+
+    #: The Pyro model (e.g. :class:`~pyro_scvi.model.ScviModel`).
+    model: nn.Module
+    #: The guide, with ``encode(x, batch_index, cell_index)`` and the model's signature.
+    guide: nn.Module
+    #: Where the model and guide live.
+    device: torch.device
+    #: Layer holding the raw counts (``None``: ``.X``).
+    layer: str | None
+    #: The AnnData the model was set up on.
+    adata: AnnData | None
+    #: Settings recorded with results.
+    settings: dict[str, Any]
+
+    def data_for(self, adata: AnnData | None = None) -> CountData:
+        """The counts of ``adata`` (default: the model's own cells) in the model's coding."""
+        ...
+
+
+@dataclass
+class FittedModel:
+    """A model, guide and data satisfying :class:`Fitted`, without the SCVI facade.
+
+    Examples
+    --------
+    >>> import torch, pyro_scvi
+    >>> from pyro_scvi.analysis import de
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=80, n_genes=10, n_clusters=2)
+    >>> data = pyro_scvi.from_anndata(adata)
+    >>> loc, scale = (torch.from_numpy(v) for v in data.library_log_stats())
+    >>> model = pyro_scvi.ScviModel(10, 1, pyro_scvi.LogNormalLibrary(loc, scale), n_latent=2)
+    >>> guide = pyro_scvi.ScviGuide(10, 1, n_latent=2)
+    >>> fitted = FittedModel(model, guide, data, adata=adata)
+    >>> table = de.differential_expression(fitted, groupby="cell_type", group1="type0",
+    ...                                    n_samples=20)
+    >>> len(table)
+    10
+    """
+
+    model: nn.Module
+    guide: nn.Module
+    data: CountData
+    adata: AnnData | None = None
+    batch_key: str | None = None
+    layer: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def data_for(self, adata: AnnData | None = None) -> CountData:
+        """``data`` for ``adata=None`` (or the same AnnData), else ``adata``'s counts."""
+        if adata is None or adata is self.adata:
+            return self.data
+        return from_anndata(
+            adata,
+            layer=self.layer,
+            batch_key=self.batch_key,
+            batch_categories=self.data.batch_categories,
+            var_names=self.data.var_names,
+            allow_empty_cells=True,
+        )

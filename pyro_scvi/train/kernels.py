@@ -1,0 +1,409 @@
+"""A fused, compiled ZINB log-density for training: one loop forward, one loop backward.
+
+Where a training step's time goes (``benchmarks/results/profile_step.md``): on 1,000 genes
+and more, the eager ZINB log-density, forward and backward, takes about 60% as long as a
+whole compiled step. Much of it is ``lgamma`` and its derivative ``digamma``, which torch
+evaluates one element at a time (the "ZINB log-density alone" table gives nanoseconds per
+float32 of ``torch.digamma``, ``torch.lgamma`` and ``torch.log``), the rest some twenty
+more elementwise passes over the cells x genes block.
+
+This module writes the density and its gradient out by hand and compiles each with
+``torch.compile`` into one vectorized loop:
+
+- ``lgamma`` and ``digamma`` of positive arguments by the recurrence
+  ``f(y) = f(y + 6) - (terms in y, ..., y + 5)`` and Stirling's asymptotic series at
+  ``y + 6 >= 6`` (:func:`lgamma_positive`, :func:`digamma_positive`; tested against torch);
+- the gradient with respect to the mean, the inverse dispersion and the gate logits in
+  closed form (:func:`zinb_log_prob_grads`; tested against autograd of
+  :func:`~pyro_scvi.model.distributions.zinb_log_prob`), so that backward is one pass that
+  needs no saved intermediates.
+
+Both are registered as a torch custom operator, ``torch.ops.pyro_scvi.zinb_log_prob``, so
+that Pyro's ``JitTrace_ELBO`` records it as one node of its compiled graph.
+
+:class:`FusedLogProb` is the Pyro handler that uses it: under it, the observed sites whose
+distribution is :class:`~pyro_scvi.model.distributions.ZeroInflatedNegativeBinomialMeanDispersion`
+compute float32 log-densities with the operator. Nothing else switches it on: the training
+engine (:mod:`pyro_scvi.train.engine`) applies the handler when it chooses the fused kernel,
+and records that choice. Compiling takes seconds the first time in a process (longer the
+first time on a machine; torch caches the result on disk) and needs a C++ compiler;
+:func:`precompile` pays the compilation up front and says whether it worked.
+
+Examples
+--------
+>>> import pyro, torch
+>>> from pyro_scvi.model.distributions import ZeroInflatedNegativeBinomialMeanDispersion as ZINB
+>>> d = ZINB(torch.full((2, 3), 2.0), torch.full((3,), 3.0), torch.zeros(2, 3))
+>>> x = torch.tensor([[0.0, 1, 2], [3, 0, 5]])
+>>> def model():
+...     return pyro.sample("x", d, obs=x)
+>>> with FusedLogProb(compile=False):  # the same kernels, uncompiled
+...     tr = pyro.poutine.trace(model).get_trace()
+>>> fused = tr.nodes["x"]["fn"].log_prob(x)
+>>> # float32 rounding of terms of up to ~10 nats, a few of them per entry
+>>> bool(torch.allclose(fused, d.log_prob(x), rtol=0, atol=64 * torch.finfo().eps * 10))
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+
+import pyro.distributions as dist
+import torch
+from pyro.poutine.messenger import Messenger
+
+from ..model import distributions
+from ..model.distributions import EPS
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def lgamma_positive(y: torch.Tensor) -> torch.Tensor:
+    """``lgamma(y)`` for ``y > 0`` from elementwise arithmetic, logarithms and divisions.
+
+    ``lgamma(y) = lgamma(y + 6) - log(y (y + 1) ... (y + 5))``, and at ``z = y + 6 >= 6``
+    Stirling's series ``(z - 1/2) log z - z + log(2 pi) / 2 + 1/(12 z) - 1/(360 z^3)
+    + 1/(1260 z^5) - 1/(1680 z^7)``, whose first omitted term is below ``1e-9``. Written
+    with torch operations only, it compiles into vectorized code, unlike ``torch.lgamma``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> y = torch.tensor([0.01, 1.0, 2.5, 1e4], dtype=torch.float64)
+    >>> bool(torch.allclose(lgamma_positive(y), torch.lgamma(y), rtol=1e-9, atol=1e-9))
+    True
+    """
+    z = y + 6.0
+    r = 1.0 / z
+    r2 = r * r
+    series = r * (1 / 12 - r2 * (1 / 360 - r2 * (1 / 1260 - r2 / 1680)))
+    # (z - 1/2)(log z - 1) - 1/2 == (z - 1/2) log z - z, without the large cancellation
+    stirling = (z - 0.5) * (torch.log(z) - 1.0) + (_HALF_LOG_2PI - 0.5) + series
+    # Two products of three factors: finite in float32 up to y ~ 1e12.
+    return stirling - torch.log(y * (y + 1) * (y + 2)) - torch.log((y + 3) * (y + 4) * (y + 5))
+
+
+def digamma_positive(y: torch.Tensor) -> torch.Tensor:
+    """``digamma(y)`` for ``y > 0``, as :func:`lgamma_positive`: recurrence, then series.
+
+    ``digamma(y) = digamma(y + 6) - sum_{k<6} 1/(y + k)`` and at ``z = y + 6``:
+    ``log z - 1/(2z) - 1/(12 z^2) + 1/(120 z^4) - 1/(252 z^6) + 1/(240 z^8)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> y = torch.tensor([0.01, 1.0, 2.5, 1e4], dtype=torch.float64)
+    >>> bool(torch.allclose(digamma_positive(y), torch.digamma(y), rtol=1e-9, atol=1e-9))
+    True
+    """
+    z = y + 6.0
+    r = 1.0 / z
+    r2 = r * r
+    series = torch.log(z) - 0.5 * r - r2 * (1 / 12 - r2 * (1 / 120 - r2 * (1 / 252 - r2 / 240)))
+    shift = 1 / y + 1 / (y + 1) + 1 / (y + 2) + 1 / (y + 3) + 1 / (y + 4) + 1 / (y + 5)
+    return series - shift
+
+
+def zinb_log_prob_forward(
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    lgamma_theta: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`~pyro_scvi.model.distributions.zinb_log_prob` with ``lgamma`` by series.
+
+    ``lgamma_theta`` is ``lgamma(theta)`` at ``theta``'s own shape (per gene), passed in
+    so that the elementwise loop does not repeat it per cell.
+    """
+    return distributions.zinb_log_prob(
+        value, mu, theta, gate_logits, lgamma=lgamma_positive, lgamma_theta=lgamma_theta
+    )
+
+
+def zinb_log_prob_grads(
+    grad: torch.Tensor,
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    digamma_theta: torch.Tensor,
+    digamma: Callable[[torch.Tensor], torch.Tensor] = digamma_positive,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grad`` times the ZINB log-density's derivatives in ``mu``, ``theta``, ``gate_logits``.
+
+    With ``s = theta + mu``, ``nb0 = theta log(theta / s)`` (the NB's log-probability of a
+    zero) and ``w = sigmoid(gate_logits - nb0)`` (the posterior probability that a zero
+    came from the gate):
+
+    - ``x == 0``: ``d/dmu = -(1 - w) theta / s``, ``d/dtheta = (1 - w) d nb0/d theta``,
+      ``d/d gate_logits = w - sigmoid(gate_logits)``;
+    - ``x > 0``: ``d/dmu = x / mu - (theta + x) / s``, ``d/dtheta = d nb0/d theta - x / s
+      + digamma(x + theta) - digamma(theta)``, ``d/d gate_logits = -sigmoid(gate_logits)``;
+
+    where ``d nb0/d theta = log(theta / s) + 1 - theta / s``, all with the same ``EPS``
+    inside logarithms and denominators as the density. Results have the broadcast shape;
+    the caller sums them to each parameter's shape.
+    """
+    s = theta + mu + EPS
+    log_ratio = torch.log(theta + EPS) - torch.log(s)
+    nb_zero = theta * log_ratio
+    dnb_zero_dtheta = log_ratio + theta / (theta + EPS) - theta / s
+    gate = torch.sigmoid(gate_logits)
+    w = torch.sigmoid(gate_logits - nb_zero)
+    zero = value == 0
+    d_gate = torch.where(zero, w - gate, -gate)
+    d_mu = torch.where(zero, (w - 1) * theta / s, value / (mu + EPS) - (theta + value) / s)
+    d_theta = torch.where(
+        zero,
+        (1 - w) * dnb_zero_dtheta,
+        dnb_zero_dtheta - value / s + digamma(value + theta) - digamma_theta,
+    )
+    return grad * d_mu, grad * d_theta, grad * d_gate
+
+
+# --- the operator -----------------------------------------------------------------------
+
+#: Kernels by ``compiled``: a cache. A compilation that failed leaves the eager kernels in
+#: the compiled slot (with a warning), so a process does not retry it on every step.
+_kernels: dict[bool, tuple[Callable, Callable]] = {}
+
+
+def _run(which: int, compiled: bool, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Kernel ``which`` (0 forward, 1 backward), compiled or not.
+
+    A compilation that fails (no working compiler for these inputs) warns once and
+    falls back to the eager formulas for the rest of the process. The training engine
+    compiles before a run (:func:`precompile`) and records a failure there, so a run does
+    not meet this fallback unawares.
+    """
+    with _outside_jit_trace():
+        if not compiled:
+            return _get_kernels(False)[which](*args)
+        try:
+            return _get_kernels(True)[which](*args)
+        except Exception as err:  # noqa: BLE001 - inductor raises many types
+            warnings.warn(
+                f"Compiling the fused ZINB kernel failed ({type(err).__name__}: "
+                f"{str(err)[:200]}); it runs uncompiled from now on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _kernels[True] = _get_kernels(False)
+            return _kernels[True][which](*args)
+
+
+def _get_kernels(compiled: bool) -> tuple[Callable, Callable]:
+    if compiled not in _kernels:
+        if compiled:
+            # dynamic: one compilation serves every minibatch size. dynamic_threads: the
+            # kernels' loops use torch's thread count at each call, not the count at
+            # compile time, so that the engine's thread policy applies to them too.
+            options = {"cpp.dynamic_threads": True}
+            _kernels[compiled] = (
+                torch.compile(zinb_log_prob_forward, dynamic=True, options=options),
+                torch.compile(zinb_log_prob_grads, dynamic=True, options=options),
+            )
+        else:
+            _kernels[compiled] = (zinb_log_prob_forward, zinb_log_prob_grads)
+    return _kernels[compiled]
+
+
+@contextlib.contextmanager
+def _outside_jit_trace() -> Iterator[None]:
+    # Pyro's JitTrace_ELBO runs torch.jit.trace, which records this operator as one node;
+    # torch.compile refuses to run while a trace is being recorded, so the kernel runs
+    # with the (thread-local) tracing state set aside. torch has no public API for this;
+    # without these two functions (another torch) the kernel runs inside the trace.
+    get_state = getattr(torch._C, "_get_tracing_state", None)
+    set_state = getattr(torch._C, "_set_tracing_state", None)
+    state = get_state() if get_state is not None else None
+    if state is None or set_state is None:
+        yield
+        return
+    set_state(None)
+    try:
+        yield
+    finally:
+        set_state(state)
+
+
+@torch.library.custom_op("pyro_scvi::zinb_log_prob", mutates_args=())
+def _zinb_op(
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    compiled: bool,
+) -> torch.Tensor:
+    return _run(0, compiled, value, mu, theta, gate_logits, torch.lgamma(theta))
+
+
+@_zinb_op.register_fake
+def _(value, mu, theta, gate_logits, compiled):
+    shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, gate_logits.shape)
+    return mu.new_empty(shape)
+
+
+@torch.library.custom_op("pyro_scvi::zinb_log_prob_backward", mutates_args=())
+def _zinb_backward_op(
+    grad: torch.Tensor,
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    compiled: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d_mu, d_theta, d_gate = _run(
+        1, compiled, grad, value, mu, theta, gate_logits, torch.digamma(theta)
+    )
+    # theta is usually one value per gene, broadcast over cells: sum its gradient back.
+    return (
+        d_mu.sum_to_size(mu.shape).contiguous(),
+        d_theta.sum_to_size(theta.shape).contiguous(),
+        d_gate.sum_to_size(gate_logits.shape).contiguous(),
+    )
+
+
+@_zinb_backward_op.register_fake
+def _(grad, value, mu, theta, gate_logits, compiled):
+    return (
+        mu.new_empty(mu.shape),
+        theta.new_empty(theta.shape),
+        gate_logits.new_empty(gate_logits.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:4])
+    ctx.compiled = inputs[4]
+
+
+def _backward(ctx, grad):
+    value, mu, theta, gate_logits = ctx.saved_tensors
+    d_mu, d_theta, d_gate = _zinb_backward_op(grad, value, mu, theta, gate_logits, ctx.compiled)
+    return None, d_mu, d_theta, d_gate, None
+
+
+_zinb_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def zinb_log_prob_fused(
+    value: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor,
+    *,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """The ZINB log-density as the fused operator, compiled unless ``compiled=False``.
+
+    Same result as :func:`~pyro_scvi.model.distributions.zinb_log_prob` to float32 rounding, and
+    differentiable in ``mu``, ``theta`` and ``gate_logits`` (not in ``value``).
+    """
+    return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits, compiled)
+
+
+def precompile(device: torch.device | str = "cpu") -> bool:
+    """Compile the fused kernel for ``device``, forward and backward, before its first use.
+
+    Returns whether the compiled kernel is available there: on a CPU a C++ compiler is on
+    the PATH, on a GPU Triton is installed, and compiling worked. The training engine
+    calls it when it chooses the compiled kernel; it also fills torch's on-disk cache
+    (later processes then load instead of compiling).
+
+    Examples
+    --------
+    >>> isinstance(precompile(), bool)  # doctest: +SKIP
+    True
+    """
+    device = torch.device(device)
+    if not compiler_available(device):
+        return False
+    # Every argument but the counts requires grad, as in training: the compiled backward is
+    # specialized on which gradients it computes.
+    mu = torch.full((8, 600), 2.0, device=device, requires_grad=True)
+    theta = torch.ones(600, device=device, requires_grad=True)
+    gate = torch.zeros(8, 600, device=device, requires_grad=True)
+    x = torch.ones(8, 600, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the answer says it
+        zinb_log_prob_fused(x, mu, theta, gate).sum().backward()
+    # a failed compilation leaves the eager kernels in the compiled slot
+    return _kernels[True] is not _kernels.get(False)
+
+
+def compiler_available(device: torch.device | str = "cpu") -> bool:
+    """Whether ``torch.compile`` has its compiler for ``device``'s kernels.
+
+    For a CPU a C++ compiler on the PATH; for a GPU the Triton package. A cheap check; a
+    compilation that fails all the same falls back to the eager formulas with a warning.
+    """
+    if torch.device(device).type == "cpu":
+        return any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+    return importlib.util.find_spec("triton") is not None
+
+
+# --- the handler ------------------------------------------------------------------------
+
+
+class FusedLogProb(Messenger):
+    """Pyro handler: ZINB sites compute their float32 log-density with the fused operator.
+
+    Every sample site whose distribution is a
+    :class:`~pyro_scvi.model.distributions.ZeroInflatedNegativeBinomialMeanDispersion` (directly
+    or inside ``.to_event``) gets it as its ``log_density``; other sites are untouched.
+    Use it around a model (``FusedLogProb()(model)``) or as a context.
+
+    Parameters
+    ----------
+    compile
+        Compile the kernels (the point); ``False`` runs the same formulas eagerly, which
+        is slower than the default log-density and meant for checking.
+    """
+
+    def __init__(self, compile: bool = True) -> None:
+        super().__init__()
+        self.compile = bool(compile)
+        self._log_density = functools.partial(zinb_log_prob_fused, compiled=self.compile)
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        fn = msg["fn"]
+        if isinstance(fn, dist.Independent) and isinstance(
+            fn.base_dist, distributions.ZeroInflatedNegativeBinomialMeanDispersion
+        ):
+            msg["fn"] = dist.Independent(
+                fn.base_dist.with_log_density(self._log_density),
+                fn.reinterpreted_batch_ndims,
+            )
+        elif isinstance(fn, distributions.ZeroInflatedNegativeBinomialMeanDispersion):
+            msg["fn"] = fn.with_log_density(self._log_density)
+
+
+def fused_log_prob(
+    enabled: bool = True, *, compile: bool = True
+) -> contextlib.AbstractContextManager:
+    """:class:`FusedLogProb` as a context, or a no-op context when ``enabled`` is false.
+
+    Examples
+    --------
+    >>> import pyro, torch
+    >>> from pyro_scvi.model import ZeroInflatedNegativeBinomialMeanDispersion as ZINB
+    >>> def model():
+    ...     return pyro.sample("x", ZINB(torch.tensor(2.0), torch.tensor(3.0), torch.tensor(0.0)),
+    ...                        obs=torch.tensor(0.0))
+    >>> with fused_log_prob(compile=False):
+    ...     tr = pyro.poutine.trace(model).get_trace()
+    >>> round(float(tr.log_prob_sum().exp()), 4)
+    0.608
+    """
+    return FusedLogProb(compile=compile) if enabled else contextlib.nullcontext()
