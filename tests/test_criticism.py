@@ -127,11 +127,12 @@ def test_r_squared_penalizes_bias_unlike_correlation():
 
 def test_psis_elpd_of_equal_weights_is_their_value():
     log_w = np.full((50, 3), -12.5)
-    out = cr._psis_elpd(log_w, np.array(["a", "b", "c"]))
+    out = cr.psis_elpd(log_w, np.array(["a", "b", "c"]))
     np.testing.assert_allclose(out["elpd"], -12.5)
+    assert out.index.tolist() == ["a", "b", "c"]
     # heavy-tailed weights: one draw dominates, k is high
     heavy = np.random.default_rng(0).standard_cauchy((200, 1)) * 30
-    assert cr._psis_elpd(heavy, np.array(["d"]))["pareto_k"].iloc[0] > 0.7
+    assert cr.psis_elpd(heavy, np.array(["d"]))["pareto_k"].iloc[0] > 0.7
 
 
 # ---------------------------------------------------------------------------- on fitted models

@@ -536,19 +536,33 @@ def test_a_small_group_spread_over_batches_is_compared_where_it_has_cells(traine
     assert res["proba_de"].max() <= 1 - 0.5 / 13 + 1e-12
 
 
-def test_raw_statistics_read_in_chunks_equal_the_direct_sums(small_adata, monkeypatch):
+def test_raw_columns_read_in_chunks_equal_the_direct_sums(small_adata, monkeypatch):
     import pyro_scvi.analysis.de as de
-    from pyro_scvi import from_anndata
+    from pyro_scvi.data import CountData
 
-    data = from_anndata(small_adata)
-    rng = np.random.default_rng(0)
-    cells = {"a": rng.permutation(200)[:77], "b": np.arange(150, 300)}
-    # 3 cells per read: many chunks, the last one short
-    monkeypatch.setattr(de, "_RAW_CHUNK_ENTRIES", 3 * data.n_genes)
-    got = de._raw_statistics(data, cells)
-    x = small_adata.X.toarray() if sp.issparse(small_adata.X) else small_adata.X
-    for name, idx in cells.items():
-        n, sums, nnz = got[name]
-        assert n == len(idx)
-        np.testing.assert_array_equal(sums, x[idx].sum(0))
-        np.testing.assert_array_equal(nnz, (x[idx] > 0).sum(0))
+    a = small_adata.copy()
+    a.obs["group"] = pd.Categorical(np.random.default_rng(0).choice(["a", "b", "c"], a.n_obs))
+    model = SCVI(a, n_latent=2, n_hidden=8)
+    reads, real = [], CountData.tensors
+
+    def spy(self, idx, *args, **kwargs):
+        reads.append(len(idx))
+        return real(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(CountData, "tensors", spy)
+    # 3 cells per read: many chunks per group, the last one short
+    monkeypatch.setattr(de, "RAW_CHUNK_ENTRIES", 3 * a.n_vars)
+    res = differential_expression(model, groupby="group", group1="a", n_samples=20, batch_size=64)
+    res = res.loc[a.var_names]
+    sizes = a.obs["group"].value_counts()
+    assert sizes.mod(3).ne(0).any()
+    assert reads.count(3) >= (sizes // 3).sum()  # the raw counts came 3 cells at a time
+    x = a.X.toarray() if sp.issparse(a.X) else a.X
+    for side, cells in ((1, a.obs["group"] == "a"), (2, a.obs["group"] != "a")):
+        rows = x[cells.to_numpy()]
+        np.testing.assert_allclose(
+            res[f"raw_mean{side}"], rows.sum(0, dtype=np.float64) / len(rows), rtol=1e-12
+        )
+        np.testing.assert_allclose(
+            res[f"non_zeros_proportion{side}"], (rows > 0).sum(0) / len(rows), rtol=1e-12
+        )

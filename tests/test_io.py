@@ -207,7 +207,7 @@ def test_replacing_a_model_folder_never_leaves_it_missing(trained, tmp_path):
     trained.save(target)
     probe = files.make_temp_dir(tmp_path / "x")
     (tmp_path / "y").mkdir()
-    if not files._exchange(probe, tmp_path / "y"):
+    if not files.exchange(probe, tmp_path / "y"):
         pytest.skip("no atomic exchange on this system (two renames are used)")
     done, missing = threading.Event(), []
 
@@ -250,9 +250,11 @@ def test_concurrent_saves_to_one_folder_do_not_raise(trained, tmp_path, adata):
 def test_replace_dir_without_exchange_falls_back_to_two_renames(
     trained, tmp_path, adata, monkeypatch
 ):
-    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    asked = []
+    monkeypatch.setattr(files, "exchange", lambda a, b: asked.append(Path(b)) or False)
     trained.save(tmp_path / "m")
     trained.save(tmp_path / "m", overwrite=True)
+    assert asked == [tmp_path / "m"]  # the replacing save asked, and renamed twice instead
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     SCVI.load(tmp_path / "m", adata, device="cpu")
 

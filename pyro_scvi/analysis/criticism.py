@@ -36,7 +36,7 @@ Held-out fit (PSIS)
     and their Pareto-smoothed estimate of each cell's log predictive density
     ``log p(x_n)`` (global parameters plugged in), with the Pareto ``k`` of the weights
     (Vehtari et al. 2024; Yao et al. 2018): below 0.7 the estimate is reliable; above it the
-    guide is too far from the posterior of that cell for ``S`` draws.
+    guide is too far from the posterior of that cell for ``S`` draws (:func:`psis_elpd`).
 
 Why held-out cells
     The fitted decoder and dispersions have seen the training cells. On cells outside
@@ -312,6 +312,51 @@ def r_squared(observed: np.ndarray, replicated: np.ndarray, log: bool = False) -
     return {"r2": r2, "pearson_r2": pearson, "n": int(len(o))}
 
 
+def psis_elpd(log_w: np.ndarray, obs_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Each cell's log predictive density by Pareto-smoothed importance sampling, and its ``k``.
+
+    With draws ``(z_s, l_s) ~ q(z, l | x)`` of the guide, ``log w_s = log p(x, z_s, l_s) -
+    log q(z_s, l_s | x)`` and ``log p(x) ~ log mean_s w_s``. PSIS (Vehtari et al. 2024)
+    replaces the largest weights by quantiles of a generalized Pareto distribution fitted to
+    their tail (:func:`arviz.psislw`), which steadies the estimate; the shape ``k`` of that
+    fit says whether to trust it: below :data:`PARETO_K_THRESHOLD` (0.7) the estimate is
+    reliable, above it the guide is too far from the cell's posterior for ``S`` draws.
+    :func:`criticize` reports it as ``Criticism.elpd``.
+
+    Parameters
+    ----------
+    log_w
+        Log importance weights, ``(S, cells)``: one row per draw, one column per cell.
+    obs_names
+        The cells' names, the index of the result (default ``0, 1, ...``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell: ``elpd`` (the estimate of ``log p(x_n)``, nats) and ``pareto_k``.
+
+    Examples
+    --------
+    >>> equal = np.full((50, 2), -12.5)  # equal weights: the estimate is their value
+    >>> psis_elpd(equal, ["a", "b"])["elpd"].round(6).tolist()
+    [-12.5, -12.5]
+    >>> heavy = np.random.default_rng(0).standard_cauchy((200, 1)) * 30  # one draw dominates
+    >>> bool(psis_elpd(heavy)["pareto_k"].iloc[0] > PARETO_K_THRESHOLD)
+    True
+    """
+    from ..posterior.arviz import az
+
+    log_w = np.asarray(log_w)
+    s = log_w.shape[0]
+    with warnings.catch_warnings():
+        # ArviZ warns per call when k is high; the table reports k for every cell instead
+        warnings.simplefilter("ignore")
+        smoothed, k = az.psislw(log_w.T.copy(), normalize=False)
+    # unnormalized smoothed weights are on the scale of log_w: average them
+    elpd = special.logsumexp(smoothed, axis=1) - math.log(s)
+    return pd.DataFrame({"elpd": elpd, "pareto_k": np.asarray(k)}, index=obs_names)
+
+
 # ------------------------------------------------------------------ the pass over cells
 @dataclass
 class Criticism:
@@ -521,7 +566,7 @@ def criticize(
         },
         obs_names,
     )
-    elpd = _psis_elpd(log_w, obs_names)
+    elpd = psis_elpd(log_w, obs_names)
     coverage = interval_coverage(pit)
     result = Criticism(
         name=name or getattr(model.model.likelihood, "name", "model"),
@@ -564,20 +609,6 @@ def _stat_table(
             )
         )
     return pd.concat(frames, ignore_index=True)
-
-
-def _psis_elpd(log_w: np.ndarray, obs_names: np.ndarray) -> pd.DataFrame:
-    """PSIS estimate of ``log p(x_n)`` and Pareto ``k`` per cell, from ``(S, cells)`` weights."""
-    from ..posterior.arviz import az
-
-    s = log_w.shape[0]
-    with warnings.catch_warnings():
-        # ArviZ warns per call when k is high; the table reports k for every cell instead
-        warnings.simplefilter("ignore")
-        smoothed, k = az.psislw(log_w.T.copy(), normalize=False)
-    # unnormalized smoothed weights are on the scale of log_w: average them
-    elpd = special.logsumexp(smoothed, axis=1) - math.log(s)
-    return pd.DataFrame({"elpd": elpd, "pareto_k": np.asarray(k)}, index=obs_names)
 
 
 def _summarize(c: Criticism) -> dict:

@@ -81,7 +81,9 @@ LFCs are ``log2(a + eps) - log2(b + eps)`` with a pseudocount ``eps`` that defau
 LFCs near 0 rather than ratios of two tiny numbers.
 
 Memory does not grow with the number of cells: cells are decoded ``batch_size`` at a time
-and reduced at once; what is kept is ``n_samples x genes`` values per group.
+and reduced at once; what is kept is ``n_samples x genes`` values per group. The raw
+counts behind ``raw_mean*`` and ``non_zeros_proportion*`` are read
+:data:`RAW_CHUNK_ENTRIES` entries at a time.
 
 References
 ----------
@@ -147,6 +149,10 @@ COLUMNS = (
 )
 #: Groups smaller than this get a warning: their results speak for a handful of cells.
 SMALL_GROUP = 10
+#: Count-matrix entries (cells x genes) read at a time for the raw columns (``raw_mean*``,
+#: ``non_zeros_proportion*``): ``2**23``, 32 MiB of dense float32, whatever the size of a
+#: group, so the counts of streamed data are never all in memory. Read at call time.
+RAW_CHUNK_ENTRIES = 2**23
 
 
 def differential_expression(
@@ -727,23 +733,19 @@ def _mixture_pool(
 def _raw_statistics(data: CountData, cells: dict[str, np.ndarray]) -> dict[str, tuple]:
     """Per group: number of cells, summed counts and cells with a non-zero count, per gene.
 
-    Read a chunk of cells at a time through ``data.tensors``, so streamed counts
-    (:class:`~pyro_scvi.data.StreamedCounts`) are never all in memory.
+    Read :data:`RAW_CHUNK_ENTRIES` entries (whole cells) at a time through ``data.tensors``,
+    so streamed counts (:class:`~pyro_scvi.data.StreamedCounts`) are never all in memory.
     """
     out = {}
     for name, idx in cells.items():
         sums = np.zeros(data.n_genes, dtype=np.float64)
         nnz = np.zeros(data.n_genes, dtype=np.float64)
-        for chunk in data.minibatches(np.sort(idx), max(1, _RAW_CHUNK_ENTRIES // data.n_genes)):
+        for chunk in data.minibatches(np.sort(idx), max(1, RAW_CHUNK_ENTRIES // data.n_genes)):
             rows = data.tensors(chunk)[0].numpy()
             sums += rows.sum(0, dtype=np.float64)
             nnz += (rows > 0).sum(0)
         out[name] = (len(idx), sums, nnz)
     return out
-
-
-#: Dense entries (cells x genes, float32: 32 MiB) per read in :func:`_raw_statistics`.
-_RAW_CHUNK_ENTRIES = 2**23
 
 
 # ---------------------------------------------------------------------- statistics

@@ -9,7 +9,8 @@ Three promises, for every file and folder the package writes:
 - **Never half-written.** A file is written to a temporary name beside its target and
   moved there with one ``rename`` (:func:`atomic_path`); a folder is built under a
   temporary name and exchanged with the old one in one ``rename`` where the system has
-  ``renameat2(RENAME_EXCHANGE)`` (Linux), else with two (:func:`replace_dir`). Temporary
+  ``renameat2(RENAME_EXCHANGE)`` (Linux: :func:`exchange`), else with two
+  (:func:`replace_dir`). Temporary
   names carry the writer's process id, so a later run removes the leftovers of a process
   that was killed (:func:`sweep_stale`); every other exit removes them on the way out.
 - **Never destroys what it did not write.** :func:`replace_dir` replaces a folder only
@@ -247,8 +248,40 @@ def make_temp_dir(target: str | os.PathLike) -> Path:
     return tmp
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap ``a`` and ``b`` in one atomic ``renameat2(RENAME_EXCHANGE)``; False if unsupported."""
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap the names ``a`` and ``b`` in one atomic rename, where the system can.
+
+    One ``renameat2(RENAME_EXCHANGE)`` call (Linux 3.15 and later, on most local file
+    systems): no process ever finds either name missing, or naming anything but the old or
+    the new entry. :func:`replace_dir` exchanges a finished folder with the one it replaces
+    this way, and falls back to two renames where this returns ``False``.
+
+    Parameters
+    ----------
+    a, b
+        Two existing files or folders, on one file system.
+
+    Returns
+    -------
+    bool
+        ``True`` once swapped; ``False``, with nothing changed, where the system or the file
+        system has no atomic exchange.
+
+    Raises
+    ------
+    OSError
+        When the exchange is supported but fails (e.g. ``FileNotFoundError``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "a").write_text("old"), (d / "b").write_text("new")
+    >>> swapped = exchange(d / "a", d / "b")
+    >>> (d / "a").read_text() == ("new" if swapped else "old")
+    True
+    >>> shutil.rmtree(d)
+    """
     fn = getattr(_libc(), "renameat2", None)
     if fn is None:
         return False
@@ -308,13 +341,13 @@ def replace_dir(
                 f"{target} holds files that pyro_scvi did not write; it was not replaced."
             )
         try:
-            swapped = _exchange(tmp, target)
+            swapped = exchange(tmp, target)
         except FileNotFoundError:
             continue  # another writer moved it away meanwhile
         if swapped:
             # tmp now names the old folder
             if not (owned(tmp) or not any(tmp.iterdir())):
-                _exchange(tmp, target)
+                exchange(tmp, target)
                 raise OutputError(
                     f"{target} was changed by another program while writing; it was not replaced."
                 )

@@ -1,0 +1,125 @@
+"""``pyro-scvi de``: differential expression between groups of cells under a saved model."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InputError
+from ._common import (
+    PROG,
+    _add_data_source_option,
+    _add_run_options,
+    _positive_float,
+    _positive_int,
+    _read_data,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``pyro-scvi de`` and its options to the sub-commands ``sub``."""
+    p = sub.add_parser(
+        "de",
+        help="differential expression between groups of cells under a saved model",
+        description=(
+            "Compare groups of INPUT's cells (a column of obs) gene by gene under the model "
+            "saved in MODEL_DIR, with Bayes factors: 'change' mode tests |log2 fold change| "
+            ">= --delta and calls genes at a posterior expected FDR of --fdr-target; "
+            "'vanilla' is the test of Lopez et al. (2018). Without --group1 every group is "
+            "tested; without --group2 against all other cells. Writes OUTPUT.csv (one row "
+            "per gene and comparison) and OUTPUT_volcano.png beside it; a summary goes to "
+            "stdout."
+        ),
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
+    p.add_argument("input", metavar="INPUT", help="raw-count .h5ad with the model's genes")
+    p.add_argument("--groupby", required=True, help="obs column holding each cell's group")
+    p.add_argument(
+        "--group1",
+        action="append",
+        metavar="A",
+        help="group to test; repeat for several (default: every group)",
+    )
+    p.add_argument("--group2", metavar="B", help="reference group (default: all other cells)")
+    p.add_argument("--mode", choices=["change", "vanilla"], default="change")
+    p.add_argument(
+        "--delta", type=_positive_float, default=0.25, help="log2 fold-change threshold"
+    )
+    p.add_argument(
+        "--fdr-target", type=_positive_float, default=0.05, help="in (0, 1); default 0.05"
+    )
+    p.add_argument(
+        "--n-samples", type=_positive_int, default=1000, help="posterior samples per group"
+    )
+    p.add_argument(
+        "--no-batch-correction",
+        action="store_true",
+        help="decode each cell in its own batch instead of averaging over all batches",
+    )
+    p.add_argument(
+        "--sample-key",
+        metavar="KEY",
+        help=(
+            "obs column naming each cell's replicate (sample, donor); change mode then "
+            "resamples replicates as well as cells, so differences between replicates are "
+            "not called DE (use it when cells come from a few replicates per group)"
+        ),
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
+    _add_data_source_option(p, "stream them from the file a minibatch at a time")
+    _add_run_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.csv")
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run ``pyro-scvi de``: write the DE table and volcano plot; return the status."""
+    output = Path(args.output)
+    if output.suffix != ".csv":
+        raise InputError(f"OUTPUT {output} must end in .csv.")
+    volcano = output.with_name(f"{output.stem}_volcano.png")
+    input_path = Path(args.input)
+    for path in (output, volcano):
+        if input_path.exists() and path.resolve() == input_path.resolve():
+            raise InputError(f"{path} is the INPUT file; choose another -o.")
+    if not Path(args.model_dir).is_dir():
+        raise InputError(f"MODEL_DIR {args.model_dir} is not a directory written by fit / save().")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # the CLI only writes files; no display needed
+
+    from ..analysis.plotting import plot_volcano
+    from ..io.files import atomic_path
+    from ..scvi import SCVI, resolve_device
+
+    resolve_device(args.device)  # fail before reading data
+    adata, streamed, data_source = _read_data(args)
+    model = SCVI.load(
+        args.model_dir, adata, device=args.device, streamed=True if streamed else None
+    )
+    results = model.differential_expression(
+        groupby=args.groupby,
+        group1=args.group1,
+        group2=args.group2,
+        mode=args.mode,
+        delta=args.delta,
+        fdr_target=args.fdr_target,
+        batch_correction=not args.no_batch_correction,
+        n_samples=args.n_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        sample_key=args.sample_key,
+    )
+    with atomic_path(output) as tmp:
+        results.to_csv(tmp, index_label="gene")
+    plot_volcano(results, volcano)
+    calls = results.groupby("comparison", sort=False)["is_de_fdr"].sum()
+    listed = "; ".join(f"{name}: {int(n)}" for name, n in calls.items())
+    print(
+        f"{PROG} de ({args.mode} mode): genes called DE at posterior expected FDR "
+        f"{args.fdr_target:g} -- {listed}. Wrote {output} and {volcano} (counts "
+        f"{data_source})."
+    )
+    return 0

@@ -1,0 +1,156 @@
+"""``pyro-scvi evaluate``: how well a saved model fits cells, as JSON on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InputError
+from ._common import _add_data_source_option, _add_run_options, _positive_int, _read_data
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``pyro-scvi evaluate`` and its options to the sub-commands ``sub``."""
+    p = sub.add_parser(
+        "evaluate",
+        help="held-out fit of a saved model on an .h5ad, a JSON summary on stdout",
+        description=(
+            "Print a JSON summary of the ELBO, the importance-sampled marginal "
+            "log-likelihood (both nats per cell, higher is better) and the reconstruction "
+            "error of INPUT's cells under the model saved in MODEL_DIR: their means, "
+            "standard deviations and standard errors over cells. Both estimates use the same "
+            "K draws of q(z, l | x). By default only the cells that training held out are "
+            "scored (INPUT must then be the data the model was fitted to); --cells all "
+            "scores every cell, e.g. of a file of new cells. --per-cell writes each cell's "
+            "values to a .csv or to an .h5ad (INPUT's scored cells with obs columns "
+            "pyro_scvi_elbo, pyro_scvi_marginal_ll, pyro_scvi_reconstruction_error)."
+        ),
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
+    p.add_argument("input", metavar="INPUT", help="raw-count .h5ad with the model's genes")
+    p.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=100,
+        help="importance samples K per cell (default 100)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="cells per pass")
+    p.add_argument(
+        "--cells",
+        choices=["heldout", "all"],
+        default="heldout",
+        help="score the validation cells training held out (default), or every cell",
+    )
+    p.add_argument(
+        "--per-cell",
+        metavar="PATH",
+        help="also write each cell's values to PATH (.csv, or .h5ad: the scored cells)",
+    )
+    p.add_argument(
+        "--observed-library",
+        action="store_true",
+        help="condition on each cell's observed library (log total count) instead of "
+        "integrating over the latent one: log p(x | library), the number a model with an "
+        "observed library, such as scvi-tools' default, reports",
+    )
+    _add_data_source_option(p, "stream them from the file a minibatch at a time")
+    _add_run_options(p)
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run ``pyro-scvi evaluate``: print a JSON summary of the fit; return the status."""
+    import json
+
+    per_cell = Path(args.per_cell) if args.per_cell else None
+    if per_cell is not None and per_cell.suffix not in (".csv", ".h5ad"):
+        raise InputError(f"--per-cell {per_cell} must end in .csv or .h5ad.")
+    input_path = Path(args.input)
+    if per_cell is not None and input_path.exists() and per_cell.resolve() == input_path.resolve():
+        raise InputError("--per-cell is the INPUT file; choose another path.")
+
+    import numpy as np
+
+    from ..io.files import atomic_path
+    from ..scvi import SCVI, resolve_device
+
+    resolve_device(args.device)  # fail before reading data
+    adata, streamed, data_source = _read_data(args)
+    if streamed and per_cell is not None and per_cell.suffix == ".h5ad" and args.cells == "all":
+        raise InputError(
+            f"INPUT is streamed ({data_source}), and --per-cell .h5ad with --cells all would "
+            "load every cell's counts to write them; write a .csv, or pass --data-source "
+            "memory."
+        )
+    model = SCVI.load(
+        args.model_dir, adata, device=args.device, streamed=True if streamed else None
+    )
+    indices = None  # every cell
+    if args.cells == "heldout":
+        n_fitted = len(model.train_indices) + len(model.validation_indices)
+        if model.data.n_cells != n_fitted:
+            raise InputError(
+                f"--cells heldout scores the cells training held out, but INPUT has "
+                f"{model.data.n_cells} cells and the model was fitted to {n_fitted}; pass "
+                "the data it was fitted to, or --cells all to score every cell of INPUT."
+            )
+        if not len(model.validation_indices):
+            raise InputError(
+                "The model held out no cells (trained with train_size=1); pass --cells all."
+            )
+        indices = np.asarray(model.validation_indices)
+    names = model.data.obs_names if indices is None else model.data.obs_names[indices]
+    if per_cell is not None:  # keyed by cell name
+        from ..data.counts import require_unique_obs_names
+
+        require_unique_obs_names(names, "the per-cell output")
+    # the model's own cells, read where the counts are (streamed: a minibatch at a time)
+    stats = model.get_fit_statistics(
+        indices=indices,
+        n_samples=args.n_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        observed_library=args.observed_library,
+    )
+    result = {
+        "cells": args.cells,
+        "n_cells": len(stats),
+        "n_samples": args.n_samples,
+        "seed": args.seed,
+        "observed_library": args.observed_library,
+        "data_source": data_source,
+    }
+    for column in stats.columns:
+        values = stats[column].to_numpy(dtype=float)
+        sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        result[f"{column}_mean"] = _json_number(values.mean())
+        result[f"{column}_sd"] = _json_number(sd)
+        result[f"{column}_sem"] = _json_number(sd / len(values) ** 0.5)
+    if per_cell is not None:
+        with atomic_path(per_cell) as tmp:
+            if per_cell.suffix == ".csv":
+                stats.to_csv(tmp, index_label="cell")
+            else:
+                # INPUT's scored cells, never the caller's object (streamed: only those cells)
+                scored = adata if indices is None else adata[indices]
+                out = scored.to_memory() if scored.isbacked else scored.copy()
+                for column in stats.columns:
+                    out.obs[f"pyro_scvi_{column}"] = stats[column].to_numpy()
+                out.uns["pyro_scvi_evaluate"] = {
+                    k: ("None" if v is None else v) for k, v in result.items()
+                }
+                out.write_h5ad(tmp)
+        result["per_cell"] = str(per_cell)
+    json.dump(result, sys.stdout, allow_nan=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _json_number(value) -> float | None:
+    """A float for JSON, or None: JSON has no NaN or infinity (e.g. a diverged model)."""
+    import math
+
+    value = float(value)
+    return value if math.isfinite(value) else None

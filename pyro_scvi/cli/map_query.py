@@ -1,0 +1,89 @@
+"""``pyro-scvi map-query``: map new batches onto a saved reference model and embed them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InputError
+from ._common import (
+    PROG,
+    _add_data_source_option,
+    _add_run_options,
+    _positive_float,
+    _positive_int,
+    _read_data,
+    _write_results_h5ad,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``pyro-scvi map-query`` and its options to the sub-commands ``sub``."""
+    p = sub.add_parser(
+        "map-query",
+        help="map new batches onto a saved reference model (scArches-style) and embed them",
+        description=(
+            "Append the batches of QUERY (obs[the reference's batch_key]) to the reference "
+            "model saved in REFERENCE_DIR, train only the weights the new batches feed, with "
+            "every reference weight fixed (pyro_scvi.SCVI.load_query_data), and write "
+            "OUTPUT.h5ad: QUERY plus obsm['X_pyro_scvi'] (in the reference's latent space) and "
+            "uns['pyro_scvi']. The query model is saved to --model-dir (default: OUTPUT "
+            "without .h5ad, plus _model)."
+        ),
+    )
+    p.add_argument("reference", metavar="REFERENCE_DIR", help="directory written by fit / save()")
+    p.add_argument("input", metavar="QUERY", help="raw-count .h5ad with the reference's genes")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
+    p.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--model-dir", help="where to save the query model")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_source_option(p, "stream them from the file as training goes")
+    _add_run_options(p)
+    return p
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Run ``pyro-scvi map-query``: map, train, write the query's embedding; return the status."""
+    output = Path(args.output)
+    if output.suffix != ".h5ad":
+        raise InputError(f"OUTPUT {output} must end in .h5ad.")
+    input_path = Path(args.input)
+    if input_path.exists() and output.resolve() == input_path.resolve():
+        raise InputError("OUTPUT is the QUERY file; choose another -o.")
+    if not Path(args.reference).is_dir():
+        raise InputError(f"REFERENCE_DIR {args.reference} is not a directory written by fit.")
+    model_dir = Path(args.model_dir) if args.model_dir else Path(f"{output.with_suffix('')}_model")
+
+    from ..io.files import atomic_path
+    from ..scvi import SCVI, resolve_device
+    from ..tl import write_results
+
+    resolve_device(args.device)  # fail before reading data
+    adata, streamed, data_source = _read_data(args)
+    model = SCVI.load_query_data(adata, args.reference, streamed=True if streamed else None)
+    model.train(
+        args.max_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        progress_bar=not args.quiet,
+    )
+    model.save(model_dir, overwrite=True)
+    params = dict(reference=str(args.reference), model_dir=str(model_dir), seed=args.seed)
+    params.update(max_epochs=len(model.history), input=str(args.input), data_source=data_source)
+    write_results(model, adata, params=params)
+    with atomic_path(output) as tmp:
+        _write_results_h5ad(adata, tmp)
+    new = [b for b in model.batch_categories if b not in model.reference_batches]
+    print(
+        f"{PROG} map-query: mapped {adata.n_obs} cells of batches {new} onto {args.reference}; "
+        f"wrote {output} (obsm['X_pyro_scvi']); query model in {model_dir}; counts "
+        f"{data_source}",
+        file=sys.stderr,
+    )
+    return 0
