@@ -440,6 +440,19 @@ def test_offline_through_the_environment_variable(monkeypatch, cache):
     assert adata.shape == datasets.REGISTRY["zeisel_cortex_subset"].shape
 
 
+@needs_shared
+def test_fetch_all_gathers_every_dataset_in_the_cache(monkeypatch, cache):
+    if not all((SHARED / d.filename).is_file() for d in datasets.REGISTRY.values()):
+        pytest.skip(f"not every dataset is in {SHARED}")
+    monkeypatch.setenv(datasets.DATA_ENV, str(SHARED))
+    assert datasets.fetch_all(download=False) == cache
+    for d in datasets.REGISTRY.values():
+        assert datasets.sha256(cache / d.filename) == d.sha256
+    monkeypatch.delenv(datasets.DATA_ENV)
+    cached = cache / "cellbench_3cl_2tech.h5ad"
+    assert datasets.fetch("cellbench_3cl_2tech", download=False) == cached
+
+
 #: An absolute path of this machine: a path under work, home, root or tmp, not inside a
 #: URL or a relative path (the character class keeps this line from matching itself).
 MACHINE_PATH = re.compile(r"(?<![\w.~/-])/(?:(?:work|home|tm[p])/|root\b)")

@@ -231,7 +231,7 @@ def baron_pancreas(*, data_dir: _Folder = None, download: bool = True) -> anndat
     ``library``: the five inDrop libraries. Shape 2,812 x 2,000 (gene symbols chosen by
     the NeuCA authors), 12,180,895 counts, 54.0 % zeros.
 
-    Source: the GitHub repository ``haoharryfeng/NeuCA`` (commit d3c40eb7), file
+    Source: the GitHub repository ``haoharryfeng/NeuCA`` (commit 239179ab), file
     ``data/Baron_scRNA.RData``, objects ``Baron_counts`` and ``Baron_true_cell_label``
     (read with the ``rdata`` package); GEO GSE84133.
 

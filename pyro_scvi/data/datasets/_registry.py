@@ -192,7 +192,7 @@ REGISTRY: dict[str, Dataset] = {
                 Source(
                     _raw(
                         "haoharryfeng/NeuCA",
-                        "d3c40eb7426f2daeb7d676e18fc9f6699f0650a0",
+                        "239179ab11b653164a599b3187e428799c74ce69",
                         "data/Baron_scRNA.RData",
                     ),
                     "89bfda1ced44a32701c5e675d808e8ae2178dc461bdc068f6d89c02a09e8076a",
@@ -341,7 +341,7 @@ def content_sha256(adata: anndata.AnnData) -> str:
 def cache_dir() -> Path:
     """The download cache: ``$PYRO_SCVI_CACHE``, else ``pooch.os_cache("pyro_scvi")``."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+        return Path(os.environ[CACHE_ENV]).expanduser()
     import pooch
 
     return Path(pooch.os_cache("pyro_scvi"))
@@ -351,9 +351,9 @@ def _folders(d: Dataset, data_dir: str | os.PathLike | None) -> list[tuple[str, 
     """``(what, folder)`` searched for a local copy, in order, the cache excluded."""
     found = []
     if data_dir is not None:
-        found.append(("data_dir", Path(data_dir)))
+        found.append(("data_dir", Path(data_dir).expanduser()))
     if os.environ.get(DATA_ENV):
-        found.append((f"${DATA_ENV}", Path(os.environ[DATA_ENV])))
+        found.append((f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser()))
     if d.shipped:
         found.append(("the package", Path(str(files(__package__)))))
     return found
