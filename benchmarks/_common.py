@@ -26,6 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 VERSIONS = ("torch", "pyro-ppl", "scvi-tools", "lightning", "anndata", "scikit-learn")
 
 
+def data_dir() -> Path:
+    """Default folder of the real datasets' ``.h5ad`` files.
+
+    ``$PYRO_SCVI_DATA`` where set, else pyro_scvi's download cache, which
+    ``python -c "from pyro_scvi import datasets; datasets.fetch_all()"`` fills once (see
+    ``pyro_scvi.datasets``).
+    """
+    from pyro_scvi.datasets import DATA_ENV, cache_dir
+
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else cache_dir()
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
     path = Path(path)

@@ -22,7 +22,7 @@ from typing import Any
 import _common
 import numpy as np
 
-DATA_DIR = _common.REPO.parent / "shared" / "data"
+DATA_DIR = _common.data_dir()
 
 
 def depth_r2(latent: np.ndarray, counts: Any, labels: np.ndarray) -> float:

@@ -65,8 +65,8 @@ per run avoids oversubscription. ``--threads default`` sets nothing.
 
 ::
 
-    /work/venv-bench/bin/python benchmarks/accuracy_defaults.py           # full run
-    /work/venv-bench/bin/python benchmarks/accuracy_defaults.py --smoke   # seconds
+    python benchmarks/accuracy_defaults.py           # full run
+    python benchmarks/accuracy_defaults.py --smoke   # seconds
 
 Results: ``benchmarks/results/accuracy_defaults.{json,md}`` (``--smoke``:
 ``accuracy_defaults_smoke.*``, ignored by git), rewritten after every dataset. Exit code

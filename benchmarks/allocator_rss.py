@@ -19,8 +19,8 @@ same latent space (the allocator changes where memory comes from, not the number
 
 ::
 
-    python benchmarks/allocator_rss.py --h5ad /tmp/oc_data/synthetic_1000000x2000.h5ad \\
-        --model-dir /tmp/oc_data/fit1m_trace/out_model
+    python benchmarks/allocator_rss.py --h5ad "$DATA/synthetic_1000000x2000.h5ad" \\
+        --model-dir "$DATA/fit1m_trace/out_model"   # $DATA: out_of_core.py's --data-dir
     python benchmarks/allocator_rss.py --smoke     # seconds: a small file and model it makes
 
 Results: ``benchmarks/results/allocator_rss.{json,md}`` (``--smoke``:

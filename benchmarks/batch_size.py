@@ -29,13 +29,13 @@ import anndata
 import numpy as np
 import pyro
 import torch
-from _common import machine_line, run_metadata, write_results
+from _common import data_dir, machine_line, run_metadata, write_results
 
 import pyro_scvi
 from pyro_scvi.train.engine import Engine
 from pyro_scvi.train.loop import scaled_lr
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = data_dir()
 OUT_DIR = Path(__file__).resolve().parent / "results"
 DATASETS = ("pbmc8k_200hvg.h5ad", "zeisel_cortex_subset_1464x1000.h5ad")
 SETTINGS = [(128, False), (512, False), (512, True), (1024, False), (1024, True)]

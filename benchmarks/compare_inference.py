@@ -97,7 +97,7 @@ from pyro_scvi.train.engine import Engine
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = _common.data_dir()
 OUT_DIR = Path(__file__).resolve().parent / "results"
 N_LATENT = 10
 TRAIN_SIZE = 0.9

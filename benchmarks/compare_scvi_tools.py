@@ -69,8 +69,8 @@ How to run
 ----------
 ::
 
-    /work/venv-bench/bin/python benchmarks/compare_scvi_tools.py            # full run
-    /work/venv-bench/bin/python benchmarks/compare_scvi_tools.py --smoke    # ~1 minute
+    python benchmarks/compare_scvi_tools.py            # full run
+    python benchmarks/compare_scvi_tools.py --smoke    # ~1 minute
 
 Results go to ``benchmarks/results/compare_scvi_tools.{json,md}`` (``--smoke``:
 ``compare_scvi_tools_smoke.{json,md}``), rewritten after every dataset, atomically.
@@ -102,7 +102,7 @@ if TYPE_CHECKING:  # the parent process imports no numerical library (see run_be
     import anndata
     import numpy as np
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA_DIR = _common.data_dir()
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_DATASETS = (
     "zeisel_cortex_subset_1464x1000.h5ad",

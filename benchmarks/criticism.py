@@ -149,7 +149,7 @@ def _table(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="/work/shared/data")
+    parser.add_argument("--data-dir", default=str(_common.data_dir()))
     parser.add_argument("--datasets", nargs="*", help="stems of the files to run (default all)")
     parser.add_argument(
         "--fits", nargs="*", default=["zinb", "nb"], help="LIKELIHOOD[:key=value,...] per fit"

@@ -18,7 +18,7 @@ gene and cell statistics, held-out ELPD and its differences) and the page itself
 
 Run (the benchmark environment, for scvi-tools)::
 
-    PYTHONPATH=. /work/venv-bench/bin/python benchmarks/criticism_side_by_side.py
+    PYTHONPATH=. python benchmarks/criticism_side_by_side.py
     PYTHONPATH=. python benchmarks/criticism_side_by_side.py --smoke   # seconds
 
 Results: ``benchmarks/results/criticism_side_by_side.{json,md,png}`` (``_smoke`` with
@@ -100,7 +100,7 @@ def fit_scvi_tools(adata, batch_key, epochs, split, args):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=str(_common.REPO.parent / "shared" / "data"))
+    p.add_argument("--data-dir", default=str(_common.data_dir()))
     p.add_argument("--dataset", default="zeisel_cortex_subset_1464x1000")
     p.add_argument("--max-cells", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=None, help="default: pyro_scvi's default")

@@ -50,8 +50,8 @@ Run
 ---
 ::
 
-    /work/venv-bench/bin/python benchmarks/de_calibration.py            # full run
-    /work/venv-bench/bin/python benchmarks/de_calibration.py --smoke    # < 1 minute check
+    python benchmarks/de_calibration.py            # full run
+    python benchmarks/de_calibration.py --smoke    # < 1 minute check
 
 (any environment with pyro_scvi, scvi-tools 1.4.2 and scanpy). Results go to
 ``benchmarks/results/de_calibration.{json,md}``, written atomically; ``--smoke`` writes

@@ -49,8 +49,8 @@ Run
 ---
 ::
 
-    /work/venv-bench/bin/python benchmarks/de_truth.py --cache /tmp/de_truth_models
-    /work/venv-bench/bin/python benchmarks/de_truth.py --smoke   # < 1 minute, any venv
+    python benchmarks/de_truth.py --cache "$(mktemp -d)"   # or a folder to reuse fits
+    python benchmarks/de_truth.py --smoke   # < 1 minute, any venv
 
 Results go to ``benchmarks/results/de_truth.{json,md}`` (``de_truth_smoke`` with --smoke).
 """
@@ -83,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = _common.data_dir()
 DELTA = 0.25
 FDR_TARGET = 0.05
 EXPRESSED = 0.05

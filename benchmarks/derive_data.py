@@ -27,8 +27,9 @@ label the derived one.
 
 ::
 
-    python benchmarks/derive_data.py --out-dir /tmp/pyro_scvi_reads
-    /work/venv-bench/bin/python benchmarks/accuracy_defaults.py --data-dir /tmp/pyro_scvi_reads \\
+    reads=$(mktemp -d)
+    python benchmarks/derive_data.py --out-dir "$reads"
+    python benchmarks/accuracy_defaults.py --data-dir "$reads" \\
         --seeds 0 1 --out-dir benchmarks/results/accuracy_reads
 
 Writes one file per ``--datasets`` entry (default: the Zeisel cortex subset and the Baron

@@ -22,9 +22,10 @@ RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
 mkdir -p "$RESULTS_DIR"
 PY=${PYTHON:-python3}
 if [ -d .whl ]; then
+    SITE=$(mktemp -d)
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        --target "$SITE" .whl/*.whl || exit 1
+    export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
     "$PY" -m pip install -q -e ".[test]" scvi-tools==1.4.2 || exit 1
 fi

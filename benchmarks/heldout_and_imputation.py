@@ -38,8 +38,8 @@ How to run
 ----------
 ::
 
-    /work/venv-bench/bin/python benchmarks/heldout_and_imputation.py           # full run
-    /work/venv-bench/bin/python benchmarks/heldout_and_imputation.py --smoke   # < 1 minute
+    python benchmarks/heldout_and_imputation.py           # full run
+    python benchmarks/heldout_and_imputation.py --smoke   # < 1 minute
 
 Results: ``benchmarks/results/heldout_and_imputation.{json,md}`` (``--smoke``:
 ``heldout_and_imputation_smoke.*``), written atomically; the table is printed.
@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import compare_scvi_tools as cst  # noqa: E402
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA_DIR = _common.data_dir()
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_DATASETS = (
     "zeisel_cortex_subset_1464x1000.h5ad",

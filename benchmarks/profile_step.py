@@ -53,19 +53,18 @@ from pyro_scvi.model import parameters_held
 from pyro_scvi.train import kernels
 from pyro_scvi.train.engine import FUSED_MIN_GENES
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT_DIR = Path(__file__).resolve().parent / "results"
 BATCH = 128
 
 
 def _datasets(smoke: bool) -> list[tuple[str, anndata.AnnData, str | None]]:
-    pbmc = anndata.read_h5ad(DATA_DIR / "pbmc8k_200hvg.h5ad")
+    pbmc = pyro_scvi.datasets.pbmc8k_200hvg()
     if smoke:
         return [("pbmc8k_200hvg", pbmc[:600].copy(), None)]
     synthetic = pyro_scvi.datasets.synthetic_zinb(
         n_cells=10_000, n_genes=2_000, n_clusters=5, n_batches=2, batch_effect=0.3, seed=0
     )
-    zeisel = anndata.read_h5ad(DATA_DIR / "zeisel_cortex_subset_1464x1000.h5ad")
+    zeisel = pyro_scvi.datasets.zeisel_cortex_subset()
     return [
         ("pbmc8k_200hvg", pbmc, None),
         ("zeisel_cortex_subset_1464x1000", zeisel, None),

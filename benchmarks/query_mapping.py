@@ -33,7 +33,7 @@ from typing import Any
 import _common
 import numpy as np
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA_DIR = _common.data_dir()
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 #: NAME or NAME:DONOR (default donor: the largest). Baron has two donors: both directions.
 DATASETS = (

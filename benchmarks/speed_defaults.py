@@ -41,8 +41,8 @@ cache as every run after a user's first does.
 
 ::
 
-    /work/venv-bench/bin/python benchmarks/speed_defaults.py            # full run
-    /work/venv-bench/bin/python benchmarks/speed_defaults.py --smoke    # seconds
+    python benchmarks/speed_defaults.py            # full run
+    python benchmarks/speed_defaults.py --smoke    # seconds
 
 Results: ``benchmarks/results/speed_defaults.{json,md}`` (``--smoke``:
 ``speed_defaults_smoke.{json,md}``), rewritten after every dataset, atomically.

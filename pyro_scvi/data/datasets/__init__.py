@@ -1,12 +1,29 @@
-"""Datasets: a small real dataset shipped with the package, and a ZINB simulator.
+"""Datasets: six small real datasets, a ZINB simulator and simulators with known truth.
 
-``pbmc8k_200hvg()`` loads 7,448 PBMCs x 200 highly variable genes (10x Genomics, Zheng et al.
-2017); provenance and license are in ``README.md`` beside this file.
-``synthetic_zinb()`` simulates counts from a ZINB model with known clusters and batches.
+Real data, each returned in the package's AnnData contract (raw integer counts in ``.X`` as
+CSR, ``obs["cell_type"]``, ``obs["batch"]``, a provenance note in ``uns["source"]``):
+
+- :func:`pbmc8k_200hvg`: 7,448 x 200, one batch (ships with the package);
+- :func:`cellbench_3cl_2tech`: 450 x 13,033, two technologies;
+- :func:`zeisel_cortex_subset`: 1,464 x 1,000, one batch;
+- :func:`baron_pancreas`: 2,812 x 2,000, two donors;
+- :func:`worm_neurons`: 4,186 x 13,488, one batch, 98.6 % zeros;
+- :func:`onek1k_pbmc_40donors`: 7,811 x 1,000, 40 donors.
+
+A dataset is read from the ``data_dir`` argument, else ``$PYRO_SCVI_DATA``, else the
+package (PBMC only), else the user cache; where it is in none of them, its original files
+are downloaded from their public repository at a pinned commit, checked against their
+SHA-256, converted and cached (see :mod:`pyro_scvi.data.datasets._registry`). A local
+``.h5ad`` must have the SHA-256 of the registry (:data:`REGISTRY`).
+
+``synthetic_zinb()`` simulates counts from a ZINB model with known clusters and batches;
+:mod:`~pyro_scvi.data.datasets.de_truth` and
+:mod:`~pyro_scvi.data.datasets.synthetic_large` hold more simulators.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -16,19 +33,98 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._registry import (
+    CACHE_ENV,
+    DATA_ENV,
+    REGISTRY,
+    ChecksumError,
+    Dataset,
+    DatasetError,
+    DatasetUnavailableError,
+    Source,
+    cache_dir,
+    content_sha256,
+    entry,
+    fetch,
+    fetch_all,
+    load,
+    names,
+    sha256,
+)
+
+__all__ = [
+    "CACHE_ENV",
+    "DATA_ENV",
+    "REGISTRY",
+    "SHIPPED",
+    "ChecksumError",
+    "Dataset",
+    "DatasetError",
+    "DatasetUnavailableError",
+    "Source",
+    "baron_pancreas",
+    "cache_dir",
+    "cellbench_3cl_2tech",
+    "content_sha256",
+    "entry",
+    "fetch",
+    "fetch_all",
+    "load",
+    "names",
+    "onek1k_pbmc_40donors",
+    "path",
+    "pbmc8k_200hvg",
+    "sha256",
+    "synthetic_zinb",
+    "worm_neurons",
+    "zeisel_cortex_subset",
+]
+
 #: Shipped datasets, by name.
 SHIPPED = {"pbmc8k_200hvg": "pbmc8k_200hvg.h5ad"}
 
+_Folder = str | os.PathLike | None
+
 
 def path(name: str = "pbmc8k_200hvg") -> Path:
-    """Path of a shipped dataset's ``.h5ad`` file."""
+    """Path of a shipped dataset's ``.h5ad`` file (see :func:`fetch` for all datasets)."""
     if name not in SHIPPED:
         raise KeyError(f"No shipped dataset {name!r}; available: {sorted(SHIPPED)}.")
     return Path(str(files(__name__) / SHIPPED[name]))
 
 
-def pbmc8k_200hvg() -> anndata.AnnData:
-    """7,448 PBMCs x 200 HVGs of raw UMI counts, with ``obs['cell_type']`` and ``obs['batch']``.
+def pbmc8k_200hvg(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
+    """7,448 PBMCs x 200 highly variable genes, raw UMI counts; ships with the package.
+
+    Source: the GitHub repository ``maren-ha/scVI.jl``, file ``data/pbmc.h5ad`` (commit
+    28963f7b), from 10x Genomics' PBMC8k, preprocessed with the Bioconductor OSCA workflow
+    (whose labels ``cell_type`` are) and cut to 200 highly variable genes; the 32 cells
+    labelled "NA" are dropped. ``batch``: one batch, ``"pbmc8k"``.
+
+    Shape 7,448 x 200, 1,947,145 counts, 81.8 % zeros. ``cell_type``: CD8+ T-cells 2,740,
+    Monocytes 1,583, CD4+ T-cells 1,541, B-cells 1,167, NK cells 408, HSC 8,
+    Erythrocytes 1.
+
+    Licence: scVI.jl is BSD-3-Clause; 10x Genomics' public datasets are CC BY 4.0.
+
+    Parameters
+    ----------
+    data_dir
+        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
+        the package, the user cache; else the source is downloaded (see :func:`fetch`).
+    download
+        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+
+    Returns
+    -------
+    anndata.AnnData
+        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
+        ``obs["batch"]``, ``uns["source"]``.
+
+    References
+    ----------
+    Zheng, G. X. Y. et al. (2017). Massively parallel digital transcriptional profiling of
+    single cells. Nat. Commun. 8:14049.
 
     Examples
     --------
@@ -36,7 +132,222 @@ def pbmc8k_200hvg() -> anndata.AnnData:
     >>> adata.shape
     (7448, 200)
     """
-    return anndata.read_h5ad(path("pbmc8k_200hvg"))
+    return load("pbmc8k_200hvg", data_dir=data_dir, download=download)
+
+
+def cellbench_3cl_2tech(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
+    """CellBench: three lung adenocarcinoma cell lines, each sequenced by two technologies.
+
+    A batch-correction dataset: ``cell_type`` is the cell line (H1975 182, HCC827 136,
+    H2228 132), ``batch`` the technology (CEL-seq2 240, Drop-seq 210), and every cell line
+    is in both batches. Shape 450 x 13,033 (gene symbols), 13,611,243 counts, 54.9 % zeros.
+
+    Source: the GitHub repository ``LuyiTian/sc_mixology`` (commit 19667e11), files
+    ``data/csv/sc_celseq2.count.csv.gz``, ``sc_celseq2.metadata.csv.gz``,
+    ``sc_dropseq.count.csv.gz`` and ``sc_dropseq.metadata.csv.gz`` (GEO GSE118767). Kept:
+    the cells that demuxlet calls singlets and that are not QC outliers; the genes
+    measured by both technologies. Their Ensembl IDs are mapped to symbols by the table
+    ``cellbench_genes.csv`` shipped with the package (Bioconductor ``org.Hs.eg.db``);
+    unmapped IDs are dropped and the counts of IDs sharing a symbol summed.
+
+    Licence: the sc_mixology repository is MIT.
+
+    Parameters
+    ----------
+    data_dir
+        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
+        the user cache; else the source is downloaded (see :func:`fetch`).
+    download
+        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+
+    Returns
+    -------
+    anndata.AnnData
+        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
+        ``obs["batch"]``, ``uns["source"]``.
+
+    References
+    ----------
+    Tian, L. et al. (2019). Benchmarking single cell RNA-sequencing analysis pipelines
+    using mixture control experiments. Nat. Methods 16:479-487.
+
+    Examples
+    --------
+    >>> adata = cellbench_3cl_2tech()  # doctest: +SKIP
+    >>> adata.obs.groupby(["batch", "cell_type"], observed=True).size()  # doctest: +SKIP
+    """
+    return load("cellbench_3cl_2tech", data_dir=data_dir, download=download)
+
+
+def zeisel_cortex_subset(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
+    """1,464 mouse cortex and hippocampus cells x 1,000 genes (Zeisel et al. 2015), UMIs.
+
+    A subset, not the full CORTEX set of the scVI paper (3,005 cells x 19,972 genes, 7
+    types): 3 cell types, ``cell_type``: pyramidal CA1 939, interneurons 290,
+    endothelial-mural 235. ``batch``: one batch, ``"zeisel2015"``. Shape 1,464 x 1,000,
+    2,369,066 counts, 56.1 % zeros.
+
+    Source: the example data of the R package ``descend``, GitHub repository
+    ``jingshuw/descend`` (commit 18afd4cf), file ``data/zeisel.rda``, object
+    ``count.matrix.large`` of the list ``zeisel`` (read with the ``rdata`` package). The
+    data are public in GEO (GSE60361).
+
+    Licence: descend is GPL (>= 2).
+
+    Parameters
+    ----------
+    data_dir
+        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
+        the user cache; else the source is downloaded (see :func:`fetch`).
+    download
+        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+
+    Returns
+    -------
+    anndata.AnnData
+        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
+        ``obs["batch"]``, ``uns["source"]``.
+
+    References
+    ----------
+    Zeisel, A. et al. (2015). Cell types in the mouse cortex and hippocampus revealed by
+    single-cell RNA-seq. Science 347:1138-1142.
+    Wang, J. et al. (2018). Gene expression distribution deconvolution in single-cell RNA
+    sequencing. PNAS 115:E6437-E6446 (descend).
+
+    Examples
+    --------
+    >>> zeisel_cortex_subset().shape  # doctest: +SKIP
+    (1464, 1000)
+    """
+    return load("zeisel_cortex_subset", data_dir=data_dir, download=download)
+
+
+def baron_pancreas(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
+    """2,812 human pancreas cells x 2,000 genes of two donors (Baron et al. 2016), inDrop UMIs.
+
+    ``cell_type``: alpha 960, beta 866, ductal 581, delta 226, gamma 149, endothelial 30.
+    ``batch``: the donor, read from the cell's name (human2 1,582, human4 1,230);
+    ``library``: the five inDrop libraries. Shape 2,812 x 2,000 (gene symbols chosen by
+    the NeuCA authors), 12,180,895 counts, 54.0 % zeros.
+
+    Source: the GitHub repository ``haoharryfeng/NeuCA`` (commit 239179ab), file
+    ``data/Baron_scRNA.RData``, objects ``Baron_counts`` and ``Baron_true_cell_label``
+    (read with the ``rdata`` package); GEO GSE84133.
+
+    Licence: NeuCA is GPL-2; no separate licence for the data is stated.
+
+    Parameters
+    ----------
+    data_dir
+        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
+        the user cache; else the source is downloaded (see :func:`fetch`).
+    download
+        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+
+    Returns
+    -------
+    anndata.AnnData
+        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
+        ``obs["batch"]``, ``obs["library"]``, ``uns["source"]``.
+
+    References
+    ----------
+    Baron, M. et al. (2016). A single-cell transcriptomic map of the human and mouse
+    pancreas reveals inter- and intra-cell population structure. Cell Systems 3:346-360.
+
+    Examples
+    --------
+    >>> baron_pancreas().obs["batch"].value_counts()  # doctest: +SKIP
+    """
+    return load("baron_pancreas", data_dir=data_dir, download=download)
+
+
+def worm_neurons(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
+    """4,186 C. elegans neurons x 13,488 genes, sci-RNA-seq (Cao et al. 2017); very sparse.
+
+    As preprocessed for scDeepCluster. The source names neither genes nor labels:
+    ``var_names`` are ``gene_00000``..., ``cell_type`` the source's integer labels
+    ``"1"``..``"10"`` (842, 334, 1,015, 443, 400, 314, 305, 224, 239, 70 cells).
+    ``batch``: one batch, ``"batch0"``. Shape 4,186 x 13,488, 1,376,141 counts, 98.6 %
+    zeros.
+
+    Source: the GitHub repository ``ttgump/scDeepCluster``, file
+    ``scRNA-seq data/worm_neuron_cell.h5`` of commit ae033d7e (since removed from the
+    repository's head), datasets ``X`` and ``Y`` (read with ``h5py``).
+
+    Licence: scDeepCluster is Apache-2.0; no separate licence for the data is stated.
+
+    Parameters
+    ----------
+    data_dir
+        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
+        the user cache; else the source is downloaded (see :func:`fetch`).
+    download
+        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+
+    Returns
+    -------
+    anndata.AnnData
+        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
+        ``obs["batch"]``, ``uns["source"]``.
+
+    References
+    ----------
+    Cao, J. et al. (2017). Comprehensive single-cell transcriptional profiling of a
+    multicellular organism. Science 357:661-667.
+    Tian, T., Wan, J., Song, Q. and Wei, Z. (2019). Clustering single-cell RNA-seq data
+    with a model-based deep learning approach. Nat. Mach. Intell. 1:191-198.
+
+    Examples
+    --------
+    >>> worm_neurons().shape  # doctest: +SKIP
+    (4186, 13488)
+    """
+    return load("worm_neurons", data_dir=data_dir, download=download)
+
+
+def onek1k_pbmc_40donors(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
+    """7,811 PBMCs x 1,000 genes of 40 donors from OneK1K (Yazar et al. 2022), 10x UMIs.
+
+    Many batches: ``batch`` is the donor (``SAMP1``..``SAMP40``, 85-318 cells each).
+    ``cell_type``: cd4nc 3,606, bmem 1,766, monoc 1,750, mononc 689 (OneK1K's labels: CD4
+    naive/central memory T, memory B, classical and non-classical monocytes). ``sex``
+    (coded 1/2 in the source, coding undocumented) and ``age`` as strings. Genes are
+    Ensembl IDs (the source has no symbols). Shape 7,811 x 1,000, 5,527,545 counts, 88.6 %
+    zeros.
+
+    Source: the GitHub repository ``chrisycd/scDesignPop`` (commit 2622d1d6), file
+    ``data/example_sce.rda``, the ``SingleCellExperiment`` ``example_sce``: its ``counts``
+    assay and ``colData`` (read with the ``rdata`` package).
+
+    Licence: scDesignPop is MIT; no separate licence for the data is stated.
+
+    Parameters
+    ----------
+    data_dir
+        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
+        the user cache; else the source is downloaded (see :func:`fetch`).
+    download
+        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+
+    Returns
+    -------
+    anndata.AnnData
+        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
+        ``obs["batch"]``, ``obs["sex"]``, ``obs["age"]``, ``uns["source"]``.
+
+    References
+    ----------
+    Yazar, S. et al. (2022). Single-cell eQTL mapping identifies cell type-specific
+    genetic control of autoimmune disease. Science 376:eabf3041.
+
+    Examples
+    --------
+    >>> onek1k_pbmc_40donors().obs["batch"].nunique()  # doctest: +SKIP
+    40
+    """
+    return load("onek1k_pbmc_40donors", data_dir=data_dir, download=download)
 
 
 def synthetic_zinb(
