@@ -1,5 +1,8 @@
 """Shared test setup: seeded, validated Pyro with a clean parameter store; small data."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pyro
 import pytest
@@ -9,6 +12,13 @@ from pyro_scvi.datasets import synthetic_zinb
 # The test networks are tiny: intra-op threads gain nothing, and on a busy 2-core machine
 # OpenMP threads contending with other processes made steps up to 10x slower.
 torch.set_num_threads(1)
+
+# The real datasets sit beside the repository in the developers' and CI's work area; the
+# notebooks' and benchmarks' smoke runs (subprocesses) use them when they are there, and
+# simulated stand-ins when not. An explicit PYRO_SCVI_DATA wins.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("PYRO_SCVI_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture(autouse=True)
