@@ -465,7 +465,8 @@ class SCVI:
         --------
         >>> import pyro_scvi
         >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=60, n_genes=10, seed=0)
-        >>>         >>> a, b = (pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8) for _ in range(2))
+        >>> import numpy as np
+        >>> a, b = (pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8) for _ in range(2))
         >>> kw = dict(progress_bar=False, engine=pyro_scvi.Engine(threads=1))
         >>> _ = a.train(1, **kw).train(2, **kw)  # in two calls
         >>> _ = b.train(3, **kw)  # in one

@@ -138,7 +138,8 @@ def as_method(function: Callable[Concatenate[Any, P], R]) -> Callable[Concatenat
 
     signature = inspect.signature(function)
     first, *rest = signature.parameters.values()
-    method.__signature__ = signature.replace(parameters=[first.replace(name="self"), *rest])
+    receiver = first.replace(name="self", annotation=inspect.Parameter.empty)
+    method.__signature__ = signature.replace(parameters=[receiver, *rest])
     method.__doc__ = _without_entry(function.__doc__ or "", first.name)
     return method
 
