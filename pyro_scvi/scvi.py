@@ -331,15 +331,15 @@ class SCVI:
         ...                  reference.get_latent_representation(ref), atol=1e-6))
         True
         """
-        if not isinstance(reference_model, cls):
-            cell = persistence.reference_placeholder(reference_model, adata.var_names)
-            reference_model = cls.load(reference_model, cell, device="cpu")
-        if not reference_model.is_trained:
+        reference = reference_model
+        if not isinstance(reference, cls):
+            cell = persistence.reference_placeholder(reference, adata.var_names)
+            reference = cls.load(reference, cell, device="cpu")
+        if not reference.is_trained:
             raise InputError("The reference model is not trained; train it (or load one) first.")
-        r = reference_model
-        reference = build.Components(r.settings, r.data, r.model, r.guide, r.scheme)
         parts = surgery.query_components(reference, adata, streamed=streamed)
-        return cls.__new__(cls)._set_up(adata, parts, reference_batches=r.batch_categories)
+        batches = reference.batch_categories
+        return cls.__new__(cls)._set_up(adata, parts, reference_batches=batches)
 
     # ------------------------------------------------------------------ properties
     @property

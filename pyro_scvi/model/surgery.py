@@ -27,22 +27,36 @@ Nature Biotechnology 40, 121-130 (2022).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data.counts import from_anndata
+from ..data.counts import CountData, from_anndata
 from ..errors import InputError
 from .build import Components
+from .generative import ScviModel
 from .guides import ScviGuide
 from .nn import Decoder, Encoder
 from .priors import LogNormalLibrary, VampPrior, is_latent_library
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+
+class Reference(Protocol):
+    """What query mapping reads of a reference model.
+
+    Its :class:`~pyro_scvi.model.build.Components`, or a model with their attributes, as
+    :class:`~pyro_scvi.SCVI` has.
+    """
+
+    settings: dict[str, Any]
+    data: CountData
+    model: ScviModel
+    guide: nn.Module
 
 
 class BatchExtendedLinear(nn.Module):
@@ -155,7 +169,7 @@ def _extend_batch_input(net: Encoder | Decoder, n_ref_batch: int, n_batch: int) 
 
 
 def query_components(
-    reference: Components, adata: AnnData, *, streamed: bool | None = None
+    reference: Reference, adata: AnnData, *, streamed: bool | None = None
 ) -> Components:
     """The components of a model of ``adata``'s cells: ``reference``'s, its new batches appended.
 
@@ -167,7 +181,7 @@ def query_components(
     Parameters
     ----------
     reference
-        A trained model's components, set up with a ``batch_key``.
+        A trained model (or its components), set up with a ``batch_key``.
     adata
         The query's raw counts: the reference's genes, in order, and its ``batch_key``
         column, with at least one batch the reference does not know.
