@@ -54,7 +54,7 @@ _NAMES = {
     "train_svi": "train.loop",
 }
 _SUBPACKAGES = ("data", "model", "train", "posterior", "io", "analysis", "cli")
-_FACADE = ("scvi", "tl", "query", "errors")
+_FACADE = ("scvi", "tl", "errors")
 
 __all__ = [*_NAMES, *_SUBPACKAGES, "__version__", "datasets", "tl"]
 
@@ -72,7 +72,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from . import analysis, cli, data, io, model, posterior, query, scvi, tl, train  # noqa: F401
+    from . import analysis, cli, data, io, model, posterior, scvi, tl, train  # noqa: F401
     from .data import CountData, datasets, from_anndata  # noqa: F401
     from .errors import (  # noqa: F401
         InputError,

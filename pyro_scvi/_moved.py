@@ -37,6 +37,7 @@ MOVED = {
     "plotting": "analysis.plotting",
     "ppc": "analysis.ppc",
     "priors": "model.priors",
+    "query": "model.surgery",
     "schemes": "model.schemes",
 }
 

@@ -25,6 +25,7 @@ import torch
 from pyro_scvi.datasets import synthetic_zinb
 
 import pyro_scvi.io.files as files
+import pyro_scvi.io.persistence as persistence
 import pyro_scvi.train.loop as infer
 from pyro_scvi import SCVI
 from pyro_scvi.cli import main
@@ -188,14 +189,14 @@ def test_free_space_is_checked_again_before_the_hdf5_write(fitted, tmp_path, mon
 
     shutil.copytree(fitted, folder)
     before = {p: _digest(folder / p) for p in _listing(folder) if (folder / p).is_file()}
-    real_stage = SCVI._stage
+    real_stage = persistence.stage
     writing = []
 
-    def stage(self, *args, **kwargs):
+    def stage(*args, **kwargs):
         writing.append(1)
-        return real_stage(self, *args, **kwargs)
+        return real_stage(*args, **kwargs)
 
-    monkeypatch.setattr(SCVI, "_stage", stage)
+    monkeypatch.setattr(persistence, "stage", stage)
     # plenty of space until the outputs are written, then the disk is (nearly) full
     monkeypatch.setattr(files, "free_bytes", lambda p: 2**20 if len(writing) else 2**40)
     status, stderr = _run(["fit", folder / "in.h5ad", "-o", folder / "out.h5ad", *FAST])

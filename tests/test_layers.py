@@ -1,6 +1,6 @@
 """The package's architecture: subpackages in pipeline order, imports pointing one way.
 
-data → model → train → posterior → io → analysis → facade (scvi, tl, query) → cli. A
+data → model → train → posterior → io → analysis → facade (scvi, tl) → cli. A
 module imports from its own layer or the layers below it; no two modules import each
 other in a circle; no ``_private`` name crosses from one subpackage into another.
 """
@@ -24,6 +24,7 @@ LAYERS = {
     "_lazy": 0,
     "_moved": 0,
     "_version": 0,
+    "_docs": 0,
     "data": 1,
     "model": 2,
     "train": 3,
@@ -32,7 +33,6 @@ LAYERS = {
     "analysis": 6,
     "scvi": 7,
     "tl": 7,
-    "query": 7,
     "cli": 8,
     "__main__": 9,
     "__init__": 9,

@@ -135,10 +135,32 @@ def test_vamp_prior_without_encoder_is_a_clear_error():
         p.attach_encoder(Encoder(5, 2), torch.rand(2, 5))  # 2 rows for 3 components
 
 
+def _assert_prior_follows_encoder(prior, encoder):
+    """The prior's components are ``encoder``'s q at the pseudo-inputs, and follow it when
+    its weights change: the prior uses that very encoder, not a copy. ``encoder`` is left
+    as it was."""
+    saved = {k: v.clone() for k, v in encoder.state_dict().items()}
+    was_training = encoder.training
+    locs = []
+    with torch.no_grad():
+        encoder.eval()
+        for shift in (0.0, 0.1):
+            for weight in encoder.parameters():
+                weight.add_(shift)
+            loc, scale = encoder(prior.pseudo_inputs, prior.pseudo_batch_index)
+            components = prior().component_distribution.base_dist
+            torch.testing.assert_close(components.loc, loc)
+            torch.testing.assert_close(components.scale, scale)
+            locs.append(loc)
+    assert not torch.allclose(*locs)  # the shift moved the encoder's output
+    encoder.load_state_dict(saved)
+    encoder.train(was_training)
+
+
 def test_scvi_wires_the_vamp_prior_to_its_guide(small_adata):
     m = SCVI(small_adata, batch_key="batch", prior=VampPrior(6), **ARCH)
     prior = m.model.prior
-    assert prior._encoder[0] is m.guide.z_encoder
+    _assert_prior_follows_encoder(prior, m.guide.z_encoder)
     assert prior.pseudo_inputs.shape == (6, small_adata.n_vars)
     # pseudo-inputs start at real cells' log1p counts, each with that cell's batch
     x = torch.log1p(torch.as_tensor(small_adata.X.toarray(), dtype=torch.float32))
@@ -234,7 +256,7 @@ def test_learned_priors_survive_save_and_load(small_adata, tmp_path, make_prior)
     for k in before:
         torch.testing.assert_close(after[k], before[k])
     if isinstance(loaded.model.prior, VampPrior):
-        assert loaded.model.prior._encoder[0] is loaded.guide.z_encoder
+        _assert_prior_follows_encoder(loaded.model.prior, loaded.guide.z_encoder)
     z = torch.randn(10, 3)
     m.guide.eval(), loaded.guide.eval()
     with torch.no_grad():

@@ -145,19 +145,22 @@ def test_train_twice_is_one_longer_run(adata, engine):
 
 def test_train_twice_continues_adam_state(adata):
     m = _new(adata).train(1, **_kw())
-    steps = m._train_state.optim["state"]["adam"]["state"][0]["step"]
+    steps = m.training_run.state.optim["state"]["adam"]["state"][0]["step"]
     assert float(steps) == STEPS_PER_EPOCH
     m.train(1, **_kw())
-    assert float(m._train_state.optim["state"]["adam"]["state"][0]["step"]) == 2 * STEPS_PER_EPOCH
+    assert (
+        float(m.training_run.state.optim["state"]["adam"]["state"][0]["step"])
+        == 2 * STEPS_PER_EPOCH
+    )
 
 
 def test_adam_state_is_matched_by_name_across_elbos(adata):
     """A compiled ELBO meets the parameters in another order than the eager one: the
     moments follow the names (mapping them by position crashed fused Adam)."""
     m = _new(adata).train(1, **_kw("eager"))
-    before = m._train_state.optim["state"]
+    before = m.training_run.state.optim["state"]
     m.train(1, **_kw("compiled"))
-    after = m._train_state.optim["state"]
+    after = m.training_run.state.optim["state"]
     assert float(after["adam"]["state"][0]["step"]) == 2 * STEPS_PER_EPOCH
     assert sorted(before["names"]) == sorted(after["names"])
     assert np.isfinite(m.history["train_elbo"]).all()
@@ -232,11 +235,11 @@ def test_bayesian_decoder_train_twice_and_checkpoint_resume(adata, tmp_path, eng
     two.train(1, **_kw(engine))
     _assert_same_run(two, one)
     if engine == "eager":
-        saved = two._train_state.optim["state"]["adam"]
+        saved = two.training_run.state.optim["state"]["adam"]
         assert len(saved["param_groups"]) == 2
         assert saved["param_groups"][1]["eps"] == 1e-8
     else:
-        store = two._train_state.optim["state"]
+        store = two.training_run.state.optim["state"]
         eps = {name: s["param_groups"][0]["eps"] for name, s in store.items()}
         assert sorted(set(eps.values())) == [1e-8, pytest.approx(0.01 * len(two.train_indices))]
     # a checkpoint written after the first epoch, resumed in a new object

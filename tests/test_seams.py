@@ -222,30 +222,71 @@ def test_a_contradicting_alias_is_refused(small_adata):
 # ------------------------------------------------------------------ one builder
 
 
-def test_init_and_every_loader_build_through_one_function(small_adata, tmp_path, monkeypatch):
-    from pyro_scvi import scvi as scvi_module
+def _built_alike(a, b):
+    """``a`` and ``b`` were built alike: the same settings, module trees, parameters (and
+    which of them train), history and split, and they answer queries the same."""
+    assert a.settings == b.settings
+    assert repr(a.model) == repr(b.model) and repr(a.guide) == repr(b.guide)
+    for module_a, module_b in ((a.model, b.model), (a.guide, b.guide)):
+        state_a, state_b = module_a.state_dict(), module_b.state_dict()
+        assert list(state_a) == list(state_b)
+        assert [k for k in state_a if not torch.equal(state_a[k], state_b[k])] == []
+        trained = [n for n, _ in module_a.named_parameters()]
+        assert trained == [n for n, _ in module_b.named_parameters()]
+    assert a.history["train_elbo"].tolist() == b.history["train_elbo"].tolist()
+    np.testing.assert_array_equal(a.validation_indices, b.validation_indices)
+    np.testing.assert_array_equal(a.get_latent_representation(), b.get_latent_representation())
+    assert a.get_elbo(n_samples=3, seed=0) == b.get_elbo(n_samples=3, seed=0)
 
-    calls = []
-    real = scvi_module._build_components
 
-    def counting(settings, data, **kwargs):
-        calls.append(type(kwargs["library_prior"]).__name__)
-        return real(settings, data, **kwargs)
-
-    monkeypatch.setattr(scvi_module, "_build_components", counting)
-    model = SCVI(
-        small_adata, batch_key="batch", n_latent=2, n_hidden=8, use_observed_lib_size=True
-    )
-    assert calls == ["ObservedLibrary"]
-    model.train(1, progress_bar=False, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=1)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(use_observed_lib_size=True),
+        dict(prior=pyro_scvi.VampPrior(4)),
+        dict(scheme=pyro_scvi.BayesianDecoder()),
+        dict(library_residual=False, dispersion="gene-batch"),
+        dict(guide=pyro_scvi.PerCellGuide.from_data),
+    ],
+    ids=["observed", "vamp", "bayesian-decoder", "paper-guide", "per-cell"],
+)
+def test_init_and_every_loader_build_alike(small_adata, tmp_path, kwargs):
+    """A model set up by SCVI(...) equals itself loaded by SCVI.load and by
+    SCVI.load_checkpoint, module for module and answer for answer: a loader that built a
+    part otherwise (a guide without the library residual, a prior not wired to the guide's
+    encoder, a scheme left out) fails here."""
+    model = SCVI(small_adata, batch_key="batch", n_latent=2, n_hidden=8, **kwargs)
+    train_size = 1.0 if "guide" in kwargs else 0.9
+    fit = dict(progress_bar=False, engine="eager", train_size=train_size)
+    # A VampPrior's pseudo-inputs cannot be pickled while a run is under way (a weakref on
+    # the parameter), so its model cannot be checkpointed: a known fault, not this test's.
+    ckpt = None if "prior" in kwargs else tmp_path / "ckpt"
+    model.train(1, checkpoint_dir=ckpt, checkpoint_every=1, **fit)
     model.save(tmp_path / "m")
-    SCVI.load(tmp_path / "m", small_adata)
-    SCVI.load_checkpoint(tmp_path / "ckpt", small_adata)
-    assert calls == ["ObservedLibrary"] * 3
-    # a query model copies the reference's components, loaded through the builder
+    _built_alike(SCVI.load(tmp_path / "m", small_adata, device="cpu"), model)
+    if ckpt is not None:
+        # the checkpoint holds the epoch's end, before the run's last batch-norm refresh:
+        # it is compared as a model folder, and then by training on as the model does
+        resumed = SCVI.load_checkpoint(ckpt, small_adata, device="cpu")
+        _built_alike(resumed, SCVI.load(ckpt, small_adata, device="cpu"))
+        _built_alike(resumed.train(1, **fit), model.train(1, **fit))
+
+
+def test_a_query_model_builds_alike_from_a_reference_or_its_folder(small_adata, tmp_path):
     is_query = (small_adata.obs["batch"] == "batch1").to_numpy()
     reference = _fit(small_adata[~is_query].copy())
     reference.save(tmp_path / "ref")
-    calls.clear()
-    SCVI.load_query_data(small_adata[is_query].copy(), tmp_path / "ref")
-    assert calls == ["LogNormalLibrary"]
+    query = small_adata[is_query].copy()
+    from_object = SCVI.load_query_data(query, reference)
+    from_folder = SCVI.load_query_data(query, tmp_path / "ref")
+    _built_alike(from_folder, from_object)
+    assert from_folder.reference_batches == from_object.reference_batches == ("batch0",)
+    assert not from_object.is_trained and from_object.training_run is None
+    # saved, a query model is rebuilt by the builder as an ordinary model of all batches
+    from_object.save(tmp_path / "q")
+    ordinary = SCVI.load(tmp_path / "q", query, device="cpu")
+    assert ordinary.settings == from_object.settings and ordinary.reference_batches is None
+    assert ordinary.batch_categories == from_object.batch_categories
+    np.testing.assert_allclose(
+        ordinary.get_latent_representation(), from_object.get_latent_representation(), atol=1e-6
+    )

@@ -4,6 +4,7 @@
 here), :mod:`~pyro_scvi.io.files` writes any output atomically and checks free space
 first, :mod:`~pyro_scvi.io.outputs` plans and writes normalized expression in chunks, and
 :mod:`~pyro_scvi.io.pickling` finds what a saved model could not re-import elsewhere.
+:mod:`~pyro_scvi.io.persistence` saves and loads whole models and training checkpoints.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "new_run_id",
     "outputs",
     "package_version",
+    "persistence",
     "pickling",
     "read_model_dir",
     "write_model_dir",
@@ -51,6 +53,6 @@ __all__ = [
 # lazy: the command line reads model folders' paths before it knows it needs torch
 __getattr__, __dir__ = attach(
     __name__,
-    submodules=["files", "model_dir", "outputs", "pickling"],
+    submodules=["files", "model_dir", "outputs", "persistence", "pickling"],
     names=dict.fromkeys(_MODEL_DIR_NAMES, "model_dir"),
 )

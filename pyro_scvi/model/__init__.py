@@ -2,7 +2,9 @@
 
 scVI's model reads as the paper's equations in :mod:`~pyro_scvi.model.generative`; what
 varies between analyses (the prior of ``z``, the library prior, the likelihood of ``x``,
-the guide, a Bayesian decoder) are objects passed in.
+the guide, a Bayesian decoder) are objects passed in. :mod:`~pyro_scvi.model.build` builds a
+model and guide from settings, and :mod:`~pyro_scvi.model.surgery` widens them for new
+batches (query mapping).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ __all__ = [
     "StandardNormal",
     "VampPrior",
     "ZeroInflatedNegativeBinomialMeanDispersion",
+    "build",
     "build_guide",
     "cells_plate",
     "eval_mode",
@@ -65,6 +68,7 @@ __all__ = [
     "parameters_held",
     "register_module",
     "schemes",
+    "surgery",
 ]
 
-__getattr__, __dir__ = attach(__name__, submodules=["schemes"])
+__getattr__, __dir__ = attach(__name__, submodules=["build", "schemes", "surgery"])

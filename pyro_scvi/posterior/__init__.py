@@ -5,13 +5,14 @@ expression, likelihood parameters and importance-sampled fit statistics; the fun
 are re-exported here. :mod:`~pyro_scvi.posterior.arviz` exports to ArviZ,
 :mod:`~pyro_scvi.posterior.gap` refines cells one by one (the amortization gap) and
 :mod:`~pyro_scvi.posterior.mcmc` runs NUTS on a few cells. :class:`Fitted` is what every
-analysis needs of a fitted model.
+analysis needs of a fitted model, and :mod:`~pyro_scvi.posterior.fitted_queries` asks the
+queries above of one (they are :class:`~pyro_scvi.SCVI`'s query methods).
 """
 
 from __future__ import annotations
 
 from .._lazy import attach
-from .fitted import Fitted, FittedModel
+from .fitted import Fitted, FittedModel, as_method
 from .queries import (
     SHARED_GLOBALS,
     decode,
@@ -40,10 +41,12 @@ __all__ = [
     "Fitted",
     "FittedModel",
     "arviz",
+    "as_method",
     "decode",
     "dropout_probability",
     "dropout_probability_given_zero",
     "fit_statistics",
+    "fitted_queries",
     "gap",
     "iterate_cells",
     "iterate_indexed_cells",
@@ -64,4 +67,6 @@ __all__ = [
     "summarize",
 ]
 
-__getattr__, __dir__ = attach(__name__, submodules=["arviz", "gap", "mcmc", "queries"])
+__getattr__, __dir__ = attach(
+    __name__, submodules=["arviz", "fitted_queries", "gap", "mcmc", "queries"]
+)

@@ -5,13 +5,18 @@ Differential expression (:mod:`pyro_scvi.analysis.de`), the ArviZ export
 (:mod:`pyro_scvi.analysis.ppc`) take any object with the attributes of :class:`Fitted`, so
 they depend on this small contract rather than on the :class:`~pyro_scvi.SCVI` facade.
 :class:`~pyro_scvi.SCVI` has them; :class:`FittedModel` holds them for a model and guide
-built or trained without the facade.
+built or trained without the facade. :func:`as_method` turns a function of a
+:class:`Fitted` into a method of a fitted model's class: the queries of
+:mod:`~pyro_scvi.posterior.fitted_queries` are :class:`~pyro_scvi.SCVI`'s methods that way.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -20,6 +25,9 @@ from ..data.counts import CountData, from_anndata
 if TYPE_CHECKING:
     from anndata import AnnData
     from torch import nn
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @runtime_checkable
@@ -85,3 +93,67 @@ class FittedModel:
             var_names=self.data.var_names,
             allow_empty_cells=True,
         )
+
+
+def as_method(function: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[Any, P], R]:
+    """``function(fitted, ...)`` as a method: ``model.name(...)`` is ``function(model, ...)``.
+
+    The method has the function's name and signature (its first parameter called
+    ``self``) and its docstring less the entry of that first parameter, so ``help()``,
+    Sphinx and an IDE show the method as if it had been written out in the class.
+
+    Parameters
+    ----------
+    function
+        A function whose first parameter is a :class:`Fitted`.
+
+    Returns
+    -------
+    callable
+        The method, to assign in a class body.
+
+    Examples
+    --------
+    >>> def n_cells(fitted, adata=None):
+    ...     '''Cells of ``adata``.
+    ...
+    ...     Parameters
+    ...     ----------
+    ...     fitted
+    ...         The model.
+    ...     adata
+    ...         Cells (default: the model's).
+    ...     '''
+    ...     return fitted.data_for(adata).n_cells
+    >>> class Counted(FittedModel):
+    ...     n_cells = as_method(n_cells)
+    >>> import inspect
+    >>> str(inspect.signature(Counted.n_cells)), "fitted" in Counted.n_cells.__doc__
+    ('(self, adata=None)', False)
+    """
+
+    @functools.wraps(function)
+    def method(self: Any, *args: P.args, **kwargs: P.kwargs) -> R:
+        return function(self, *args, **kwargs)
+
+    signature = inspect.signature(function)
+    first, *rest = signature.parameters.values()
+    receiver = first.replace(name="self", annotation=inspect.Parameter.empty)
+    method.__signature__ = signature.replace(parameters=[receiver, *rest])
+    method.__doc__ = _without_entry(function.__doc__ or "", first.name)
+    return method
+
+
+def _without_entry(doc: str, name: str) -> str:
+    """``doc`` less the numpydoc entry of parameter ``name`` (its line and description)."""
+    lines = doc.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.strip() == name:
+            indent = len(line) - len(line.lstrip())
+            end = i + 1
+            while end < len(lines) and lines[end].strip():
+                if len(lines[end]) - len(lines[end].lstrip()) <= indent:
+                    break
+                end += 1
+            return "".join(lines[:i] + lines[end:])
+    return doc

@@ -1,10 +1,11 @@
-"""Query mapping: new batches onto a trained reference model, scArches-style.
+"""Architecture surgery for query mapping: new batches onto a trained reference, scArches-style.
 
 Lotfollahi et al. (2022) map a query dataset onto a reference model by adding the query's
 batches to the model's batch covariate and training only the weights that the new
 batches feed, with every reference weight fixed ("architecture surgery"). The reference
 cells' embedding and decoding are then exactly what they were, and the query cells land in
-the reference's latent space.
+the reference's latent space. :meth:`pyro_scvi.SCVI.load_query_data` builds its model with
+:func:`query_components`.
 
 Here the surgery is structural rather than a mask on gradients: every reference
 parameter of the model, the guide and the prior becomes a buffer (so no optimizer, weight
@@ -26,26 +27,36 @@ Nature Biotechnology 40, 121-130 (2022).
 from __future__ import annotations
 
 import copy
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data.counts import from_anndata
-from .errors import InputError
-from .model.guides import ScviGuide
-from .model.nn import Decoder, Encoder
-from .model.priors import LogNormalLibrary, VampPrior, is_latent_library
-from .train.loop import HISTORY_COLUMNS
+from ..data.counts import CountData, from_anndata
+from ..errors import InputError
+from .build import Components
+from .generative import ScviModel
+from .guides import ScviGuide
+from .nn import Decoder, Encoder
+from .priors import LogNormalLibrary, VampPrior, is_latent_library
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from .scvi import SCVI
+
+class Reference(Protocol):
+    """What query mapping reads of a reference model.
+
+    Its :class:`~pyro_scvi.model.build.Components`, or a model with their attributes, as
+    :class:`~pyro_scvi.SCVI` has.
+    """
+
+    settings: dict[str, Any]
+    data: CountData
+    model: ScviModel
+    guide: nn.Module
 
 
 class BatchExtendedLinear(nn.Module):
@@ -124,6 +135,13 @@ def freeze(module: nn.Module) -> nn.Module:
     """Turn every parameter of ``module`` into a buffer and every batch norm into a frozen one.
 
     In place; returns ``module``. State-dict names are unchanged.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = freeze(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+    >>> list(net.parameters()), type(net[1]).__name__, sorted(net[0].state_dict())
+    ([], 'FrozenBatchNorm1d', ['bias', 'weight'])
     """
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -150,77 +168,75 @@ def _extend_batch_input(net: Encoder | Decoder, n_ref_batch: int, n_batch: int) 
     net.n_batch = n_batch
 
 
-def _load_reference(path: str | os.PathLike, adata: AnnData) -> SCVI:
-    """A saved reference model, loaded on a one-cell placeholder of its first batch.
+def query_components(
+    reference: Reference, adata: AnnData, *, streamed: bool | None = None
+) -> Components:
+    """The components of a model of ``adata``'s cells: ``reference``'s, its new batches appended.
 
-    :meth:`SCVI.load` sets a model up on data of known batches, and the query's batches
-    are new; only the reference's parameters and settings are used.
+    ``reference`` is not modified: its model and guide are copied, frozen and widened by
+    the batches of ``adata`` it does not know; only those batches' weights are
+    parameters. Raises :class:`~pyro_scvi.InputError` for a reference or query that
+    cannot be mapped, naming the fix.
+
+    Parameters
+    ----------
+    reference
+        A trained model (or its components), set up with a ``batch_key``.
+    adata
+        The query's raw counts: the reference's genes, in order, and its ``batch_key``
+        column, with at least one batch the reference does not know.
+    streamed
+        For a backed ``adata``: stream its counts from the file (``None``: the engine
+        decides).
+
+    Returns
+    -------
+    Components
+        A copy of the reference's settings, the query's data (coded with the reference's
+        batches first), and the widened model and guide.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> sim = pyro_scvi.datasets.synthetic_zinb(n_cells=60, n_genes=10, n_batches=2)
+    >>> ref, query = sim[sim.obs["batch"] == "batch0"].copy(), sim[sim.obs["batch"] == "batch1"]
+    >>> reference = pyro_scvi.SCVI(ref, batch_key="batch", n_latent=2, n_hidden=8)
+    >>> parts = query_components(reference, query.copy())
+    >>> parts.data.batch_categories, [n for n, _ in parts.guide.named_parameters()][:1]
+    (('batch0', 'batch1'), ['z_encoder.body.0.weight_new'])
     """
-    import anndata
-    import scipy.sparse as sp
-
-    from .io.model_dir import read_model_dir
-    from .scvi import SCVI
-
-    # the settings and batches the folder was saved with (any format version)
-    _, state, _ = read_model_dir(path)
-    settings = dict(state["settings"], batch_categories=state["batch_categories"])
-    counts = sp.csr_matrix(np.ones((1, adata.n_vars), dtype=np.float32))
-    obs = pd.DataFrame(index=["placeholder"])
-    if settings.get("batch_key") is not None:
-        obs[settings["batch_key"]] = [settings["batch_categories"][0]]
-    placeholder = anndata.AnnData(counts, obs=obs, var=pd.DataFrame(index=adata.var_names))
-    if settings.get("layer") is not None:
-        placeholder.layers[settings["layer"]] = counts
-    return SCVI.load(path, placeholder, device="cpu")
-
-
-def load_query_data(
-    cls: type[SCVI],
-    adata: AnnData,
-    reference: SCVI | str | os.PathLike,
-    *,
-    streamed: bool | None = None,
-) -> SCVI:
-    """Set up a model of ``adata``'s cells from ``reference``, its new batches appended.
-
-    See :meth:`pyro_scvi.SCVI.load_query_data`.
-    """
-    if not isinstance(reference, cls):
-        reference = _load_reference(reference, adata)
-    if not reference.is_trained:
-        raise InputError("The reference model is not trained; train it (or load one) first.")
-    if reference.batch_key is None:
+    settings, model, guide = reference.settings, reference.model, reference.guide
+    batch_key = settings["batch_key"]
+    if batch_key is None:
         raise InputError(
             "The reference was set up without batch_key, so it has no batch covariate to "
             "extend; set the reference up with SCVI(adata, batch_key=...)."
         )
-    if reference.model.dispersion == "gene-batch":
+    if model.dispersion == "gene-batch":
         raise InputError(
             "Query mapping of a model with dispersion='gene-batch' is not supported: the "
             "new batches would need dispersions of their own; use 'gene' or 'gene-cell'."
         )
-    if isinstance(reference.model.prior, VampPrior):
+    if isinstance(model.prior, VampPrior):
         raise InputError("Query mapping of a model with a VampPrior is not supported.")
-    if not isinstance(reference.guide, ScviGuide):
+    if not isinstance(guide, ScviGuide):
         raise InputError(
             f"Query mapping needs the amortized ScviGuide; the reference has a "
-            f"{type(reference.guide).__name__}."
+            f"{type(guide).__name__}."
         )
-    if is_latent_library(reference.model.library_prior) and not isinstance(
-        reference.model.library_prior, LogNormalLibrary
+    if is_latent_library(model.library_prior) and not isinstance(
+        model.library_prior, LogNormalLibrary
     ):
         raise InputError(
             "Query mapping sets the new batches' library prior from the data and needs a "
-            f"LogNormalLibrary; the reference has {reference.model.library_prior!r}."
+            f"LogNormalLibrary; the reference has {model.library_prior!r}."
         )
-    batch_key = reference.batch_key
     if batch_key not in adata.obs:
         raise InputError(
             f"The query has no obs[{batch_key!r}], the reference's batch_key; add each "
             "cell's batch there."
         )
-    known = list(reference.batch_categories)
+    known = list(reference.data.batch_categories)
     query_batches = list(dict.fromkeys(sorted(adata.obs[batch_key].astype(str))))
     new = [b for b in query_batches if b not in known]
     if not new:
@@ -231,16 +247,16 @@ def load_query_data(
     categories = known + new
     data = from_anndata(
         adata,
-        layer=reference.layer,
+        layer=settings["layer"],
         batch_key=batch_key,
         batch_categories=categories,
-        var_names=reference.var_names,
+        var_names=reference.data.var_names,
         streamed=streamed,
     )
     n_ref, n_batch = len(known), len(categories)
 
-    model = freeze(copy.deepcopy(reference.model).cpu())
-    guide = freeze(copy.deepcopy(reference.guide).cpu())
+    model = freeze(copy.deepcopy(model).cpu())
+    guide = freeze(copy.deepcopy(guide).cpu())
     for net in (model.decoder, guide.z_encoder, guide.l_encoder):
         if net is not None:
             _extend_batch_input(net, n_ref, n_batch)
@@ -256,22 +272,5 @@ def load_query_data(
         model.library_prior = LogNormalLibrary(
             torch.cat([ref_prior.loc, loc]), torch.cat([ref_prior.scale, scale])
         )
-
-    self = cls.__new__(cls)
-    self.adata, self.data = adata, data
-    self.layer, self.batch_key = reference.layer, batch_key
-    self.settings = dict(reference.settings)
-    self.model, self.guide = model, guide
-    self.scheme = None  # a reference with an inference scheme is refused above
-    self.device = torch.device("cpu")
-    self.history = pd.DataFrame(columns=HISTORY_COLUMNS)
-    self.engine = None
-    self.train_indices = self.validation_indices = np.arange(0)
-    self.is_trained = False
-    # Training must not re-initialize the reference's networks.
-    self._reset_on_first_train = False
-    #: The batches of the reference; the others are the query's, whose weights train.
-    self.reference_batches = tuple(known)
-    # no interrupted run to continue (see SCVI.train)
-    self._train_state, self._run = None, None
-    return self
+    # a reference with an inference scheme has no ScviGuide: refused above
+    return Components(dict(settings), data, model, guide, scheme=None)
