@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pandas as pd
 import pyro
@@ -677,18 +676,3 @@ class SCVI:
         True
         """
         persistence.save(self, dir_path, overwrite=overwrite)
-
-    # The command line calls these private names; they forward to io.persistence and
-    # training_run, and go once it calls those itself.
-    def _stage(self, target: str | os.PathLike, **kwargs) -> Path:
-        return persistence.stage(self, target, **kwargs)
-
-    def _model_bytes(self) -> int:
-        return persistence.model_bytes(self)
-
-    def _checkpoint_bytes(self) -> int:
-        return persistence.checkpoint_bytes(self)
-
-    @property
-    def _run(self) -> dict | None:
-        return self.training_run.settings.to_dict() if self.interrupted else None

@@ -224,6 +224,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     matplotlib.use("Agg")  # the CLI only writes files; no display needed
 
     from ..errors import TrainingError, TrainingInterrupted
+    from ..io import persistence
     from ..io.files import check_free_space
     from ..io.model_dir import new_run_id
     from ..io.outputs import GENES_KEY, LAYER_KEY
@@ -273,10 +274,10 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
         )
     # room for everything this run writes, checked before a long training
     h5ad_bytes = _h5ad_bytes(adata, args.n_latent, plan.dense_columns(adata.n_vars))
-    needs = {output: h5ad_bytes, model_dir: model._model_bytes()}
+    needs = {output: h5ad_bytes, model_dir: persistence.model_bytes(model)}
     needs[png] = 2**19
     if explicit_checkpoints:
-        needs[checkpoint_dir] = model._checkpoint_bytes()
+        needs[checkpoint_dir] = persistence.checkpoint_bytes(model)
     check_free_space(needs)
     every = args.checkpoint_every if explicit_checkpoints else 0
     status, stopped, note = 0, None, ""
@@ -499,6 +500,7 @@ def _write_fit_outputs(
     import matplotlib.pyplot as plt
 
     from ..analysis.plotting import plot_history
+    from ..io import persistence
     from ..io.files import (
         check_free_space,
         current_umask,
@@ -515,7 +517,7 @@ def _write_fit_outputs(
     tmp_model = tmp_png = tmp_h5ad = aside = None
     swapped = False
     try:
-        tmp_model = model._stage(model_dir, run_id=run_id)
+        tmp_model = persistence.stage(model, model_dir, run_id=run_id)
         tmp_png = temp_name(png)
         fig = plot_history(model.history)
         fig.savefig(tmp_png, format="png")
@@ -558,7 +560,7 @@ def _check_resume_options(model, args: argparse.Namespace) -> None:
     """The options that shape training must be the interrupted run's."""
     from ..model.likelihoods import LIKELIHOODS
 
-    run = model._run or {}
+    run = model.training_run.settings.to_dict() if model.interrupted else {}
     expected = {
         "--likelihood": (repr(LIKELIHOODS[args.likelihood]()), model.settings["likelihood"]),
         "--n-latent": (args.n_latent, model.settings["n_latent"]),
