@@ -22,9 +22,8 @@ from pyro_scvi import (
     VampPrior,
 )
 from pyro_scvi.train import engine, kernels
-from pyro_scvi.train import loop as pyro_scvi_infer
 from pyro_scvi.train.engine import Engine, ThreadPolicy
-from pyro_scvi.train.loop import FusedAdam, _Annealed, _jit_pair
+from pyro_scvi.train.kl import Annealed
 
 # --- choices ----------------------------------------------------------------------------
 
@@ -167,23 +166,14 @@ def test_gathering_on_the_device_trains_the_same_run_as_gathering_on_the_host(sm
     assert torch.equal(params[0], params[1])
 
 
-def test_the_matmul_precision_applies_during_the_run_only(small_adata, monkeypatch):
+def test_the_matmul_precision_applies_during_the_run_only(small_adata):
     seen = []
-    real = pyro_scvi_infer.train_svi
-
-    def spy(model, *args, **kwargs):
-        def forward_hook(module, inputs, output):
-            seen.append(torch.get_float32_matmul_precision())
-
-        handle = model.register_forward_hook(forward_hook)
-        try:
-            return real(model, *args, **kwargs)
-        finally:
-            handle.remove()
-
-    monkeypatch.setattr("pyro_scvi.scvi.train_svi", spy)
     before = torch.get_float32_matmul_precision()
     m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    # every forward of the model (training steps, validation) sees the run's precision
+    m.model.register_forward_hook(
+        lambda module, inputs, output: seen.append(torch.get_float32_matmul_precision())
+    )
     m.train(1, progress_bar=False, engine=Engine(matmul_precision="medium", threads=1))
     assert seen and set(seen) == {"medium"}
     assert torch.get_float32_matmul_precision() == before
@@ -289,10 +279,19 @@ def _loss_and_grads(step, params, buffers, *args, **kwargs):
     return loss, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
 
+def _steppers(m, *, compiled, fused, n_train, batch_size):
+    """A run engine's assembled step for ``m`` (eager fused Adam, compiled or not)."""
+    eng = Engine(compiled=compiled, fused_kernel=fused, fused_adam=True, threads=1)
+    run = eng.resolve(
+        m.model, m.guide, n_steps=10, batch_size=batch_size, n_genes=m.data.n_genes, device="cpu"
+    )
+    return run.stepper(m.model, m.guide, n_train=n_train, batch_size=batch_size)
+
+
 @pytest.mark.parametrize("n_batches", [1, 3])
 @pytest.mark.parametrize("likelihood, dispersion, prior, other", CASES)
 def test_every_engine_path_is_the_same_estimator_as_plain_svi(
-    likelihood, dispersion, prior, other, n_batches
+    likelihood, dispersion, prior, other, n_batches, monkeypatch
 ):
     # In float64, so that the comparison is about the estimator, not rounding. On the same
     # random draws (seeded before each call; a compiled graph draws in the traced order,
@@ -302,9 +301,12 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
     # per entry (test_kernels checks them against scipy): at most a few thousand entries
     # here, so 1e-9 (1e-6 fused) of the largest gradient entry bounds rounding and
     # truncation, while a wrong estimator (missing minibatch scale, KL weight, dispersion
-    # or prior term) is off by O(1) of it.
+    # or prior term) is off by O(1) of it. Each path is the step a run engine assembles
+    # (RunEngine.stepper), asked for its loss and gradients without the update.
     from pyro_scvi.datasets import synthetic_zinb
 
+    # the fused kernel's formulas uncompiled: float64, and no compiler needed
+    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": False)
     adata = synthetic_zinb(n_cells=100, n_genes=30, n_batches=n_batches, seed=1)
     m = SCVI(
         adata,
@@ -318,7 +320,7 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
     )
     m.model.double(), m.guide.double()
     # called with the KL weight as the engine calls them
-    model, guide = _Annealed(m.model), _Annealed(m.guide)
+    model, guide = Annealed(m.model), Annealed(m.guide)
     params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
     buffers = [(b.clone(), b) for mod in (m.model, m.guide) for b in mod.buffers()]
     fusable = likelihood is ZINB
@@ -329,37 +331,29 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
     for size, num_cells in ((64, 128), (36, 72)):
         x, b = m.data.tensors(np.arange(size))
         x, cells = x.double(), torch.arange(size)
-        eager_args = (x, b, cells, num_cells, 0.5)
-        jit_args = (x, b, cells, torch.tensor(0.5, dtype=torch.float64))
-        jit_kwargs = {"num_cells": num_cells, "n_cells": size}
-
         state = (params, buffers)
-        ref = _loss_and_grads(Trace_ELBO().loss_and_grads, *state, model, guide, *eager_args)
+        ref = _loss_and_grads(
+            Trace_ELBO().loss_and_grads, *state, model, guide, x, b, cells, num_cells, 0.5
+        )
         scale = max(float(g.abs().max()) for g in ref[1])
         paths = {}
         for fused in (False, True) if fusable else (False,):
-            run_model = kernels.FusedLogProb(compile=False)(m.model) if fused else m.model
             tag = "fused " if fused else ""
-            adam = FusedAdam()
-            for call in ("first", "held"):  # registers parameters, then holds them
-                paths[f"{tag}eager {call}"] = _loss_and_grads(
-                    adam.loss_and_grads,
-                    *state,
-                    Trace_ELBO(),
-                    _Annealed(run_model),
-                    guide,
-                    *eager_args,
+            for compiled in (False, True):
+                step = _steppers(
+                    m, compiled=compiled, fused=fused, n_train=num_cells, batch_size=size
                 )
-            jit = JitTrace_ELBO(ignore_jit_warnings=True)
-            jit_pair = _jit_pair(jit, run_model, m.guide)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                for call in ("compile", "run 1", "run 2"):
-                    out = _loss_and_grads(
-                        adam.loss_and_grads, *state, jit, *jit_pair, *jit_args, **jit_kwargs
-                    )
-                    if call != "compile":  # compiling runs the model more than once
-                        paths[f"{tag}compiled {call}"] = out
+                assert step.record["fused_kernel"] is fused and not step.record["compile_kernel"]
+                assert step.record["compiled"] is compiled
+                # eager: registers parameters, then holds them; compiled: compiles (which
+                # runs the model more than once, so it is not compared), then runs
+                calls = ("compile", "run 1", "run 2") if compiled else ("first", "held")
+                for call in calls:
+                    out = _loss_and_grads(step.loss_and_grads, *state, x, b, cells, 0.5)
+                    if call != "compile":
+                        paths[f"{tag}{'compiled' if compiled else 'eager'} {call}"] = out
+                assert step.record["compiled_sizes"] == ([size] if compiled else [])
+        assert len(paths) == (8 if fusable else 4)
         for name, (loss, grads) in paths.items():
             tol = 1e-6 if name.startswith("fused") else 1e-9
             assert loss == pytest.approx(ref[0], rel=tol), (name, size)
@@ -389,43 +383,27 @@ def test_a_compiled_graph_serves_minibatches_with_other_zero_patterns():
     m.model.double(), m.guide.double()
     params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
     buffers = [(b.clone(), b) for mod in (m.model, m.guide) for b in mod.buffers()]
-    jit = JitTrace_ELBO(ignore_jit_warnings=True)
-    jit_pair = _jit_pair(jit, m.model, m.guide)
-    adam = FusedAdam()
-    w = torch.tensor(1.0, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # the first call compiles on the first minibatch (and draws extra numbers)
-        for i, cells in enumerate((torch.arange(48), torch.arange(48), torch.arange(48, 96))):
-            x, b = m.data.tensors(cells.numpy())
-            x = x.double()
-            compiled = _loss_and_grads(
-                adam.loss_and_grads,
-                params,
-                buffers,
-                jit,
-                *jit_pair,
-                x,
-                b,
-                cells,
-                w,
-                num_cells=96,
-                n_cells=48,
-            )
-            eager = _loss_and_grads(
-                Trace_ELBO().loss_and_grads,
-                params,
-                buffers,
-                _Annealed(m.model),
-                _Annealed(m.guide),
-                x,
-                b,
-                cells,
-                96,
-                1.0,
-            )
-            if i > 0:
-                assert compiled[0] == pytest.approx(eager[0], rel=1e-9), i
+    step = _steppers(m, compiled=True, fused=False, n_train=96, batch_size=48)
+    # the first call compiles on the first minibatch (and draws extra numbers)
+    for i, cells in enumerate((torch.arange(48), torch.arange(48), torch.arange(48, 96))):
+        x, b = m.data.tensors(cells.numpy())
+        x = x.double()
+        compiled = _loss_and_grads(step.loss_and_grads, params, buffers, x, b, cells, 1.0)
+        eager = _loss_and_grads(
+            Trace_ELBO().loss_and_grads,
+            params,
+            buffers,
+            Annealed(m.model),
+            Annealed(m.guide),
+            x,
+            b,
+            cells,
+            96,
+            1.0,
+        )
+        if i > 0:
+            assert compiled[0] == pytest.approx(eager[0], rel=1e-9), i
+    assert step.record["compiled_sizes"] == [48]  # one graph served both minibatches
     assert (m.data.tensors(np.arange(48))[0] > 0).sum() != (
         m.data.tensors(np.arange(48, 96))[0] > 0
     ).sum()
@@ -439,20 +417,24 @@ def test_validation_runs_the_networks_in_eval_mode_on_every_path(monkeypatch):
 
     monkeypatch.setattr(kernels, "precompile", lambda device="cpu": False)  # eager formulas: fast
     adata = synthetic_zinb(n_cells=12, n_genes=20, seed=0)
-    modes = []
-    real = pyro_scvi_infer.evaluate_elbo
-
-    def spy(model, guide, *args, **kwargs):
-        modes.append(
-            [m.training for m in (getattr(guide, "fn", guide),)] + [m.training for m in nets]
-        )
-        return real(model, guide, *args, **kwargs)
-
-    monkeypatch.setattr(pyro_scvi_infer, "evaluate_elbo", spy)
     for preset in ("fused", "eager"):
+        # the step's own ELBO of cells (Stepper.loss, which validation calls): eval mode
         m = SCVI(adata, n_hidden=8, n_latent=2)
-        nets = (m.model, m.guide)
+        run = Engine.preset(preset, threads=1).resolve(
+            m.model, m.guide, n_steps=10, batch_size=11, n_genes=20, device="cpu"
+        )
+        step = run.stepper(m.model, m.guide, n_train=11, batch_size=11)
+        assert (step.run_model is not m.model) is (preset == "fused")  # under the handler
+        modes = []
+        for net in (m.model, m.guide, m.model.decoder):
+            net.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
+        m.model.train(), m.guide.train()
+        value = step.loss(m.data, np.array([3]))  # one cell: batch norm fails in train mode
+        assert np.isfinite(value) and modes and not any(modes)
+        assert m.model.training and m.guide.training  # restored afterwards
+        # and a whole run with one validation cell
+        m = SCVI(adata, n_hidden=8, n_latent=2)
         m.train(2, engine=preset, progress_bar=False)  # 11 training cells, 1 validation
         assert len(m.validation_indices) == 1
         assert np.isfinite(m.history["validation_elbo"]).all()
-    assert modes and not any(any(flags) for flags in modes)
+        assert m.engine["fused_kernel"] is (preset == "fused")
