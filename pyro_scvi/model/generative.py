@@ -104,14 +104,18 @@ def parameters_held(*modules: nn.Module) -> Iterator[None]:
     >>> m.parameters_held
     False
     """
-    before = [getattr(m, "parameters_held", False) for m in modules]
+    missing = object()
+    before = [vars(m).get("parameters_held", missing) for m in modules]
     for m in modules:
         m.parameters_held = True
     try:
         yield
     finally:
         for m, was in zip(modules, before, strict=True):
-            m.parameters_held = was
+            if was is missing:
+                del m.parameters_held  # back to the class's (or no) attribute
+            else:
+                m.parameters_held = was
 
 
 class ScviModel(nn.Module):
@@ -156,6 +160,10 @@ class ScviModel(nn.Module):
     >>> "l" in tr.nodes, m.use_observed_lib_size
     (False, True)
     """
+
+    #: Whether an optimizer holds the model's parameters, so that calling it skips
+    #: registering them with Pyro (set by :func:`parameters_held`).
+    parameters_held: bool = False
 
     def __init__(
         self,
