@@ -1,7 +1,6 @@
 """The training engine: its choices, their records, and that every path is one estimator."""
 
 import json
-import warnings
 
 import numpy as np
 import pyro
@@ -425,9 +424,13 @@ def test_validation_runs_the_networks_in_eval_mode_on_every_path(monkeypatch):
         )
         step = run.stepper(m.model, m.guide, n_train=11, batch_size=11)
         assert (step.run_model is not m.model) is (preset == "fused")  # under the handler
-        modes = []
+        modes: list[bool] = []
+
+        def record(module, inputs, output, modes=modes):
+            modes.append(module.training)
+
         for net in (m.model, m.guide, m.model.decoder):
-            net.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
+            net.register_forward_hook(record)
         m.model.train(), m.guide.train()
         value = step.loss(m.data, np.array([3]))  # one cell: batch norm fails in train mode
         assert np.isfinite(value) and modes and not any(modes)

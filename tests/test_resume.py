@@ -14,9 +14,11 @@ import pytest
 import torch
 from pyro_scvi.datasets import synthetic_zinb
 
-import pyro_scvi.train.loop as infer
 from pyro_scvi import SCVI, Engine, InputError
 from pyro_scvi.errors import TrainingInterrupted
+
+# Stepper.step is the documented fault-injection seam (pyro_scvi.train.stepper)
+from pyro_scvi.train.stepper import Stepper
 
 EPOCHS = 4
 # 300 cells, train_size 0.9: 270 training cells, minibatches of 64 -> 5 steps per epoch
@@ -62,16 +64,15 @@ def _assert_same_run(a, b):
 
 def _signal_at_step(monkeypatch, step, signum=signal.SIGINT):
     """Send ``signum`` to this process from inside training step number ``step`` (from 1)."""
-    real, calls = infer._nan_on_invalid, []
+    real, calls = Stepper.step, []
 
-    def hooked(fn, *args, **kwargs):
-        if fn is not infer.evaluate_elbo:
-            calls.append(1)
-            if len(calls) == step:
-                os.kill(os.getpid(), signum)  # handled at once, in the middle of the step
-        return real(fn, *args, **kwargs)
+    def hooked(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)  # handled at once, before the step runs
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(infer, "_nan_on_invalid", hooked)
+    monkeypatch.setattr(Stepper, "step", hooked)
 
 
 @pytest.fixture(scope="module")
