@@ -246,6 +246,150 @@ def test_the_choice_is_recorded_in_history_model_and_saved_files(small_adata, tm
     assert loaded.history.attrs["engines"][0]["reasons"]["fused_adam"] == "off: asked for"
 
 
+# --- capabilities -----------------------------------------------------------------------
+
+
+def test_elbo_capabilities_come_from_the_elbo_or_the_one_table():
+    from pyro.infer import JitTraceMeanField_ELBO, RenyiELBO, TraceGraph_ELBO
+
+    from pyro_scvi.train.engine import ElboCapabilities, elbo_capabilities
+
+    assert elbo_capabilities(Trace_ELBO()) == ElboCapabilities(differentiable_loss=True)
+    assert elbo_capabilities(TraceMeanField_ELBO()).differentiable_loss
+    jit = elbo_capabilities(JitTraceMeanField_ELBO())
+    assert jit.compiled and jit.sums_site_terms and not jit.differentiable_loss
+    assert not elbo_capabilities(RenyiELBO()).sums_site_terms
+    assert elbo_capabilities(TraceGraph_ELBO()) == ElboCapabilities()  # not in the table
+
+    class Sub(Trace_ELBO):  # may change the loss: not differentiable_loss
+        pass
+
+    class SubJit(JitTrace_ELBO):
+        pass
+
+    class Declared(RenyiELBO):
+        capabilities = ElboCapabilities(sums_site_terms=True)
+
+    assert elbo_capabilities(Sub()) == ElboCapabilities()
+    assert elbo_capabilities(SubJit()).compiled
+    assert elbo_capabilities(Declared()).sums_site_terms
+
+
+def test_the_engine_acts_on_declared_capabilities(small_adata):
+    from pyro.infer import RenyiELBO
+
+    from pyro_scvi.train.engine import ElboCapabilities
+
+    class Compiled(Trace_ELBO):
+        capabilities = ElboCapabilities(compiled=True)
+
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    assert _resolve(m, elbo=Compiled()).compiled  # declared, not read from its type
+    # the step asks the ELBO too: a sum of site terms is rescaled to the training cells,
+    # an IWAE bound is not; Trace_ELBO lets fused Adam hold the parameters
+    run = _resolve(m, Engine.preset("eager", threads=1))
+    plain = run.stepper(m.model, m.guide, n_train=100, batch_size=10)
+    iwae = run.stepper(m.model, m.guide, n_train=100, batch_size=10, elbo=RenyiELBO())
+    assert plain.num_cells == 100 and iwae.num_cells is None
+    assert plain.record["reasons"]["parameters"].startswith("held by fused Adam")
+    assert iwae.record["reasons"]["parameters"] == (
+        "registered every step (RenyiELBO reads param sites)"
+    )
+    assert plain.group is None and run.group is None  # one process: no group, decided once
+
+
+def test_fused_adam_tells_the_modules_that_it_holds_their_parameters(small_adata):
+    # The choice is explicit: the step's optimizer sets the modules' parameters_held while
+    # it holds them (not a process-wide switch), and the record says who registers them.
+    seen = {}
+    for preset in ("eager", "pyro"):
+        m = SCVI(small_adata, n_hidden=8, n_latent=2)
+        held = seen[preset] = []
+
+        def record(module, inputs, held=held):
+            held.append(module.parameters_held)
+
+        m.model.register_forward_pre_hook(record)
+        m.train(1, engine=Engine.preset(preset, threads=1), progress_bar=False)
+        assert m.model.parameters_held is False and m.guide.parameters_held is False
+        assert (
+            m.engine["reasons"]["parameters"]
+            == {
+                "eager": "held by fused Adam after the first step "
+                "(Trace_ELBO differentiates without param sites)",
+                "pyro": "registered every step (a Pyro optimizer reads the store)",
+            }[preset]
+        )
+    # the first step registers them; later steps hold them (validation and batch-norm
+    # passes, outside the step, register as any call does)
+    assert seen["eager"][0] is False and seen["eager"][1] is True
+    assert not any(seen["pyro"])
+
+
+# --- resume -------------------------------------------------------------------------------
+
+
+def test_resume_carries_every_field_of_the_interrupted_runs_engine(small_adata):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    asked = Engine(False, False, True, 2, "device", "high", False)
+    record = _resolve(m, asked, data_bytes=m.data.resident_bytes()).as_dict()
+    resumed = Engine.for_resume(record)
+    assert {f: getattr(resumed, f) for f in engine.FIELDS} == {f: record[f] for f in engine.FIELDS}
+    run = _resolve(m, resumed, n_steps=10, data_bytes=m.data.resident_bytes())
+    assert {f: getattr(run, f) for f in engine.FIELDS} == {f: record[f] for f in engine.FIELDS}
+    assert run.reasons["data_placement"] == "kept from the interrupted run (asked for)"
+    assert run.reasons["compiled"] == "off: kept from the interrupted run (off: asked for)"
+    # decided automatically the first time: kept, and the reason names the first decision
+    auto = _resolve(m, Engine(threads=1)).as_dict()
+    again = _resolve(m, Engine.for_resume(auto), n_steps=10)  # too short to compile now
+    assert again.compiled and again.reasons["compiled"] == (
+        "on: kept from the interrupted run (on: static model and guide, 10000 steps)"
+    )
+    # a second resume keeps the first run's reason
+    third = _resolve(m, Engine.for_resume(again.as_dict()), n_steps=10)
+    assert third.reasons["compiled"] == again.reasons["compiled"]
+    # an ELBO or optimizer passed again decides its own field, and only that one
+    elbo_again = Engine.for_resume(record, elbo_passed=True)
+    assert elbo_again.compiled is None and elbo_again.fused_adam is True
+    optim_again = Engine.for_resume(record, optim_passed=True)
+    assert optim_again.fused_adam is None and optim_again.compiled is False
+    assert optim_again.matmul_precision == "high"
+
+
+def test_resume_re_decides_only_what_this_machine_cannot_honour(small_adata):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    record = _resolve(m, Engine(threads=1)).as_dict()
+    # a GPU run of several ranks, resumed on this CPU in one process
+    record.update(device="cuda:0", data_placement="device", data_parallel=True)
+    run = _resolve(m, Engine.for_resume(record), data_bytes=m.data.resident_bytes())
+    assert run.data_placement == "host" and run.reasons["data_placement"] == (
+        "host: a CPU run reads the host's counts directly (re-decided on resume: the "
+        "interrupted run held the counts on cuda:0; this run is on cpu)"
+    )
+    assert not run.data_parallel and run.reasons["data_parallel"] == (
+        "off: re-decided on resume: no torch.distributed group of more than one process is running"
+    )
+    assert run.threads == 1 and run.matmul_precision == "highest"  # the rest is kept
+    # now streamed counts: they cannot be held on the device any more
+    record.update(device="cpu")
+    streamed = _resolve(m, Engine.for_resume(record), data_source="streamed: a big file")
+    assert streamed.data_placement == "host"
+    assert "re-decided on resume: the counts are streamed" in streamed.reasons["data_placement"]
+    # a likelihood without the kernel now
+    nb = SCVI(small_adata, likelihood=NB(), n_hidden=8, n_latent=2)
+    lost = _resolve(nb, Engine.for_resume({**record, "fused_kernel": True}))
+    assert not lost.fused_kernel and lost.reasons["fused_kernel"].startswith(
+        "off: re-decided on resume: the likelihood"
+    )
+    # asked for by a user (not a resume), the same fields are errors
+    with pytest.raises(InputError, match="torchrun"):
+        _resolve(m, Engine(data_parallel=True))
+    with pytest.raises(InputError, match="streamed from the file"):
+        _resolve(m, Engine(data_placement="device"), data_source="streamed: a big file")
+    with pytest.raises(InputError, match="has no fused kernel"):
+        _resolve(nb, Engine(fused_kernel=True))
+
+
 # --- one estimator ----------------------------------------------------------------------
 
 # (likelihood, dispersion, prior, other SCVI arguments) cases: every likelihood and

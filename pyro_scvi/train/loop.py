@@ -74,6 +74,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.counts import CountData
+from ..errors import InputError, TrainingError, TrainingInterrupted  # noqa: F401 - as before
 from .engine import Engine
 from .hooks import (
     HISTORY_COLUMNS,
