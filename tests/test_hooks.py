@@ -107,18 +107,19 @@ def test_validation_of_a_data_parallel_rank_sums_the_ranks_shares():
 
 
 def test_early_stopping_counts_epochs_without_improvement_in_the_state():
-    state = TrainState.new(0)
-    hook = EarlyStopping(state, enabled=True, patience=2, min_delta=0.5)
-    assert hook.update(-10.0) is False and state.best == -10.0
-    assert hook.update(-9.8) is False and state.since_best == 1  # not by more than min_delta
-    assert hook.update(-9.0) is False and state.since_best == 0 and state.best == -9.0
-    assert [hook.update(-9.0), hook.update(-9.1)] == [False, True]
+    state, said = TrainState.new(0), []
+    hook = EarlyStopping(state, enabled=True, patience=2, min_delta=0.5, say=said.append)
+    assert hook.update(0, -10.0) is False and state.best == -10.0
+    assert hook.update(1, -9.8) is False and state.since_best == 1  # not by > min_delta
+    assert hook.update(2, -9.0) is False and state.since_best == 0 and state.best == -9.0
+    assert [hook.update(3, -9.0), hook.update(4, -9.1)] == [False, True]
+    assert said == ["Early stopping at epoch 4: no ELBO improvement for 2 epochs."]
     # off: it never stops, but keeps counting for a later run that turns it on
-    off = EarlyStopping(TrainState.new(0), enabled=False, patience=1)
-    assert [off.update(v) for v in (-1.0, -2.0, -3.0)] == [False, False, False]
-    assert off.state.since_best == 2
+    off = EarlyStopping(TrainState.new(0), enabled=False, patience=1, say=said.append)
+    assert [off.update(e, v) for e, v in enumerate((-1.0, -2.0, -3.0))] == [False] * 3
+    assert off.state.since_best == 2 and len(said) == 1
     resumed = EarlyStopping(off.state, enabled=True, patience=3)
-    assert resumed.update(-4.0) is True
+    assert resumed.update(3, -4.0) is True
 
 
 # ----------------------------------------------------------------------- checkpoints

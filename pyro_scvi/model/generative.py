@@ -283,7 +283,7 @@ class ScviModel(nn.Module):
         ``batch_index`` holds each cell's batch code; ``cell_index`` and ``num_cells``
         subsample the ``cells`` plate (see :func:`cells_plate`). KL warm-up is not the
         model's business: training scales the ``z`` terms with the handler
-        :class:`pyro_scvi.train.loop.KLWeight`.
+        :class:`pyro_scvi.train.kl.KLWeight`.
         """
         register_module("model", self)
         # one plate object, entered twice: a second pyro.plate("genes") would clash

@@ -14,7 +14,7 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     :class:`~pyro_scvi.train.kernels.FusedLogProb`). Needs a likelihood that declares
     ``fused_kernel`` and, to pay off, a C++ compiler and enough work to amortize compiling.
 ``fused_adam``
-    One ``torch.optim.Adam`` over all parameters (:class:`~pyro_scvi.train.loop.FusedAdam`)
+    One ``torch.optim.Adam`` over all parameters (:class:`~pyro_scvi.train.optim.FusedAdam`)
     instead of a Pyro optimizer through :class:`pyro.infer.SVI`.
 ``data_placement``
     Where minibatches are gathered: ``"host"`` (rows sliced from the CSR matrix in host
@@ -49,6 +49,11 @@ one table :data:`PYRO_ELBOS`), the counts' ``resident_bytes()``.
 ``--fused-adam``, ``--threads``) take it; the resolved engine is stored in
 ``history.attrs["engine"]``, in ``SCVI.engine``, in the saved model and in the CLI's
 ``uns["pyro_scvi"]["params"]``, and the threads of each epoch in ``history["threads"]``.
+The record also holds what the run learned as it went (the stepper adds it): the minibatch
+sizes a compiled ELBO compiled graphs for (``compiled_sizes``), who registers the
+parameters (``reasons["parameters"]``), and a fused kernel whose compilation failed during
+the run (``compile_kernel`` false, ``reasons["fused_kernel"]`` says why). Nothing of one
+run's choices stays in the process for the next: each run decides for itself.
 
 Examples
 --------

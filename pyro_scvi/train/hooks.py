@@ -145,32 +145,44 @@ class EarlyStopping:
 
     :meth:`update` is called once per epoch with the monitored value (the validation ELBO,
     else the training ELBO) and says whether to stop: when it has not improved by more than
-    ``min_delta`` for ``patience`` epochs and ``enabled``. The best value and the epochs
-    since it are kept in the run's :class:`~pyro_scvi.train.loop.TrainState` (``best``,
-    ``since_best``), counted whether or not stopping is enabled, so a continued or
-    resumed run goes on counting.
+    ``min_delta`` for ``patience`` epochs and ``enabled`` (then ``say`` gets a sentence
+    for the user). The best value and the epochs since it are kept in the run's
+    :class:`~pyro_scvi.train.loop.TrainState` (``best``, ``since_best``), counted whether
+    or not stopping is enabled, so a continued or resumed run goes on counting.
 
     Examples
     --------
     >>> from pyro_scvi.train.loop import TrainState
-    >>> stopping = EarlyStopping(TrainState.new(0), enabled=True, patience=2)
-    >>> [stopping.update(v) for v in (-10.0, -9.0, -9.5, -9.2)]
+    >>> stopping = EarlyStopping(TrainState.new(0), enabled=True, patience=2, say=print)
+    >>> [stopping.update(e, v) for e, v in enumerate((-10.0, -9.0, -9.5, -9.2))]
+    Early stopping at epoch 3: no ELBO improvement for 2 epochs.
     [False, False, False, True]
     """
 
     def __init__(
-        self, state: TrainState, *, enabled: bool, patience: int, min_delta: float = 0.0
+        self,
+        state: TrainState,
+        *,
+        enabled: bool,
+        patience: int,
+        min_delta: float = 0.0,
+        say: Callable[[str], None] = lambda sentence: None,
     ) -> None:
-        self.state, self.enabled = state, enabled
+        self.state, self.enabled, self.say = state, enabled, say
         self.patience, self.min_delta = patience, min_delta
 
-    def update(self, monitored: float) -> bool:
-        """Record an epoch's monitored ELBO; return whether the run should stop now."""
+    def update(self, epoch: int, monitored: float) -> bool:
+        """Record epoch ``epoch``'s monitored ELBO; return whether the run should stop now."""
         if monitored > self.state.best + self.min_delta:
             self.state.best, self.state.since_best = monitored, 0
         else:
             self.state.since_best += 1
-        return bool(self.enabled and self.state.since_best >= self.patience)
+        stop = bool(self.enabled and self.state.since_best >= self.patience)
+        if stop:
+            self.say(
+                f"Early stopping at epoch {epoch}: no ELBO improvement for {self.patience} epochs."
+            )
+        return stop
 
 
 class Checkpoints:
@@ -187,14 +199,14 @@ class Checkpoints:
     Examples
     --------
     >>> written = []
-    >>> hook = Checkpoints(lambda state, h: written.append(h["epoch"].iloc[-1]), every=2)
+    >>> hook = Checkpoints(lambda state, h: written.append(len(h)), every=2)
     >>> h = RunHistory()
     >>> for epoch in range(3):
     ...     h.append({"epoch": epoch})
     ...     hook.after_epoch(epoch, h)
     >>> hook.at_end(h)
     >>> written
-    [1, 2]
+    [2, 3]
     """
 
     def __init__(

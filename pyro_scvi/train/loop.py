@@ -203,86 +203,51 @@ def train_svi(
 ) -> pd.DataFrame:
     """Train ``model`` and ``guide`` with SVI on minibatches of the cells ``train_idx``.
 
+    The run's engine assembles the step (:meth:`~pyro_scvi.train.engine.RunEngine.stepper`);
+    the loop calls the hooks of :mod:`pyro_scvi.train.hooks`, whose docstrings say more.
+
     Parameters
     ----------
-    model, guide
-        Pyro model and guide with signature ``(x, batch_index, cell_index, num_cells)``,
-        e.g. :class:`~pyro_scvi.model.ScviModel` and :class:`~pyro_scvi.model.ScviGuide`.
-    data, train_idx, val_idx
-        The counts; cells to train on and to score each epoch (may be empty).
-    max_epochs, batch_size
-        Passes over ``train_idx`` and cells per minibatch.
-    optim, lr, param_groups
-        A Pyro optimizer (run through :class:`pyro.infer.SVI`); by default Adam with
-        learning rate ``lr`` and scvi-tools' settings, declared parameter groups
-        (:func:`~pyro_scvi.train.optim.declared_optim_groups`) in groups of their own
-        unless ``param_groups=False``; recorded in ``history.attrs["optim"]``.
-    elbo, engine
-        Any Pyro ELBO (see the module docstring) and how the run steps
-        (:class:`~pyro_scvi.train.engine.Engine`, a preset name, or ``None`` to decide);
-        the resolved engine is ``history.attrs["engine"]``.
-    kl_warmup_epochs, first_epoch
-        The KL warm-up ramp (0: none) and the epoch to count from (continuing a warm-up).
+    model, guide, data, train_idx, val_idx
+        Pyro model and guide called as ``(x, batch_index, cell_index, num_cells)`` (e.g.
+        :class:`~pyro_scvi.model.ScviModel`); the counts; cells to train on and to score.
+    max_epochs, batch_size, kl_warmup_epochs, first_epoch
+        Passes, cells per step, the KL warm-up ramp (0: none), the epoch to count from.
+    optim, lr, param_groups, elbo, engine
+        A Pyro optimizer, else Adam at ``lr`` (declared parameter groups their own unless
+        ``param_groups=False``); any Pyro ELBO (see the module docstring); an
+        :class:`~pyro_scvi.train.engine.Engine`, a preset name or ``None`` (decide).
     early_stopping, patience, min_delta
-        Stop when the validation ELBO (else the train ELBO) has not improved by
-        ``min_delta`` for ``patience`` epochs (:class:`~pyro_scvi.train.hooks.EarlyStopping`).
-    device, seed, progress_bar
-        Where to train (``model`` and ``guide`` must be there); the minibatch order's
-        seed (Pyro's own RNG is seeded by the caller); a tqdm bar.
-    state
-        Where the run starts and what it leaves for the next (:class:`TrainState`, updated
-        in place): a previous call's state continues its minibatch stream, random streams
-        and Adam's moments exactly (a state stopped inside an epoch finishes that epoch
-        first, as one of ``max_epochs``); ``None`` starts afresh from ``seed``.
-    checkpoint, checkpoint_every
-        ``checkpoint(state, history)`` writes them and returns where, after every
-        ``checkpoint_every``-th epoch (0: never) and on an interrupt
-        (:class:`~pyro_scvi.train.hooks.Checkpoints`).
-    stop
-        Polled after every step: a signal's number stops the run cleanly there
-        (:class:`~pyro_scvi.train.hooks.Interrupts`).
+        Stop when the validation (else train) ELBO has not improved by ``min_delta`` for
+        ``patience`` epochs.
+    device, seed, progress_bar, state
+        Where the modules are; the minibatch order's seed; a tqdm bar; the
+        :class:`TrainState` to continue and update in place (``None``: new, from ``seed``).
+    checkpoint, checkpoint_every, stop
+        ``checkpoint(state, history)`` writes them and returns where, every
+        ``checkpoint_every``-th epoch (0: never) and on a stop; ``stop()`` returns a
+        signal's number to stop after the step (:func:`stop_on_signals`).
 
     Returns
     -------
     pandas.DataFrame
-        One row per epoch (:data:`HISTORY_COLUMNS`): ``train_elbo`` (per cell, with the
-        epoch's KL weight), ``validation_elbo`` (per cell, the true ELBO; NaN without
-        validation cells), ``kl_weight``, ``seconds`` and ``threads``. Batch norm's
-        statistics are re-estimated at the end from all training cells
-        (:func:`~pyro_scvi.train.passes.refresh_batch_norm`).
+        One row per epoch (:data:`HISTORY_COLUMNS`); ``attrs["engine"]`` and
+        ``attrs["optim"]`` record the run's engine and optimizer.
 
     Raises
     ------
     TrainingError
-        On a non-finite loss, the parameters of the last complete epoch restored
-        (:class:`~pyro_scvi.train.hooks.LastGoodEpoch`).
+        On a non-finite loss, the last complete epoch's parameters restored.
     TrainingInterrupted
         When ``stop`` asked, after the step in progress (and the checkpoint).
     """
-    n_train = len(train_idx)
-    full_size = min(batch_size, n_train)
+    n_train, full_size = len(train_idx), min(batch_size, len(train_idx))
+    sizes = _run_sizes(data, n_train, max_epochs, batch_size)
     run = Engine.coerce(engine).resolve(
-        model,
-        guide,
-        n_steps=max_epochs * math.ceil(n_train / max(batch_size, 1)),
-        batch_size=full_size,
-        n_genes=data.n_genes,
-        device=device,
-        elbo=elbo,
-        optim=optim,
-        data_bytes=data.resident_bytes(),
-        data_source=getattr(data, "source_reason", None),
+        model, guide, **sizes, device=device, elbo=elbo, optim=optim
     )
-    step = run.stepper(
-        model,
-        guide,
-        n_train=n_train,
-        batch_size=full_size,
-        elbo=elbo,
-        optim=optim,
-        lr=lr,
-        param_groups=param_groups,
-    )
+    optimizer = {"optim": optim, "lr": lr, "param_groups": param_groups}
+    step = run.stepper(model, guide, n_train=n_train, batch_size=full_size, elbo=elbo, **optimizer)
     data = step.place(data)  # minibatches, validation and batch-norm passes gather there
     state = state if state is not None else TrainState.new(seed)
     step.start(state)
@@ -294,18 +259,14 @@ def train_svi(
     guard = LastGoodEpoch(model, guide, state, refresh=refresh, completed_before=first_epoch)
     keep = functools.partial(_keep, step, guard, state)
     validation = Validation(step, data, train_idx, val_idx)
-    stopping = EarlyStopping(state, enabled=early_stopping, patience=patience, min_delta=min_delta)
-    main = run.group is None or run.group.is_main  # rank 0 writes the run's checkpoints
-    checkpoints = Checkpoints(
-        checkpoint if main else None, checkpoint_every, state=state, keep=keep
+    epoch_range = range(first_epoch, first_epoch + max_epochs)
+    epochs = tqdm(epoch_range, desc="Training", unit="epoch", disable=not progress_bar)
+    stopping = EarlyStopping(
+        state, enabled=early_stopping, patience=patience, min_delta=min_delta, say=epochs.write
     )
+    writer = checkpoint if run.group is None or run.group.is_main else None  # rank 0 writes
+    checkpoints = Checkpoints(writer, checkpoint_every, state=state, keep=keep)
     interrupts = Interrupts(stop, keep=keep, checkpoints=checkpoints, refresh=refresh)
-    epochs = tqdm(
-        range(first_epoch, first_epoch + max_epochs),
-        desc="Training",
-        unit="epoch",
-        disable=not progress_bar,
-    )
     threads = run.thread_policy()
     threads.start()
     precision_before = run.set_matmul_precision()
@@ -344,14 +305,11 @@ def train_svi(
             epochs.set_postfix(
                 train_elbo=f"{row['train_elbo']:.1f}", val_elbo=f"{row['validation_elbo']:.1f}"
             )
-            done = stopping.update(row["validation_elbo"] if len(val_idx) else row["train_elbo"])
+            done = stopping.update(epoch, row["validation_elbo" if len(val_idx) else "train_elbo"])
             if interrupts.requested():
                 raise interrupts.interrupt(epoch, 0, mid_epoch=False, history=history)
             checkpoints.after_epoch(epoch, history)
             if done:
-                epochs.write(
-                    f"Early stopping at epoch {epoch}: no ELBO improvement for {patience} epochs."
-                )
                 break
         keep(False)
         # still under the run's threads: a pass over every training cell
@@ -362,6 +320,17 @@ def train_svi(
         threads.close()
         epochs.close()
     return history.frame()
+
+
+def _run_sizes(data, n_train: int, max_epochs: int, batch_size: int) -> dict:
+    """What :meth:`Engine.resolve` needs to know of the run's length and its counts."""
+    return {
+        "n_steps": max_epochs * math.ceil(n_train / max(batch_size, 1)),
+        "batch_size": min(batch_size, n_train),
+        "n_genes": data.n_genes,
+        "data_bytes": data.resident_bytes(),  # every source of counts says (None: cannot)
+        "data_source": getattr(data, "source_reason", None),
+    }
 
 
 def _keep(step, guard: LastGoodEpoch, state: TrainState, mid_epoch: bool) -> None:

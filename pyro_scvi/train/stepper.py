@@ -144,12 +144,7 @@ class Stepper:
                 functools.partial(self.optim, elbo, *self._pair),
                 functools.partial(self.optim, tail_elbo, *self._tail_pair) if tail_elbo else None,
             )
-            reasons["parameters"] = (
-                "held by fused Adam after the first step "
-                f"({type(elbo).__name__} differentiates without param sites)"
-                if any(elbo is e for e in differentiable)
-                else f"registered every step ({type(elbo).__name__} reads param sites)"
-            )
+            reasons["parameters"] = _registration(elbo, tail_elbo, differentiable)
         else:
             self.optim = (
                 optim
@@ -350,6 +345,21 @@ class Stepper:
         )
         if self.group is not None:
             self.group.average_buffers(self.model, self.guide)
+
+
+def _registration(elbo: ELBO, tail_elbo: ELBO | None, differentiable: Sequence[ELBO]) -> str:
+    """Who registers the parameters in fused Adam's steps, for the run's record."""
+    name = type(elbo).__name__
+    if any(elbo is e for e in differentiable):
+        return (
+            f"held by fused Adam after the first step ({name} differentiates without param sites)"
+        )
+    held_tail = tail_elbo is not None and any(tail_elbo is e for e in differentiable)
+    return f"registered every step ({name} reads param sites)" + (
+        f"; held in the {type(tail_elbo).__name__} steps of smaller last minibatches"
+        if held_tail
+        else ""
+    )
 
 
 def _nan_on_invalid(fn: Callable, modules: tuple[nn.Module, ...], *args, **kwargs) -> float:
