@@ -133,7 +133,7 @@ def test_gpu_runs_hold_the_counts_on_the_device_when_they_fit(small_adata, monke
     m = SCVI(small_adata, n_hidden=8, n_latent=2)
     nbytes = m.data.resident_bytes()
     free = {"bytes": 4 * nbytes}
-    monkeypatch.setattr(engine, "_device_free_bytes", lambda device: free["bytes"])
+    monkeypatch.setattr(engine, "device_free_bytes", lambda device: free["bytes"])
     gpu = dict(device="cuda")
     eng = Engine(fused_kernel=False)
     fits = _resolve(m, eng, data_bytes=nbytes, **gpu)
@@ -182,29 +182,36 @@ def test_the_matmul_precision_applies_during_the_run_only(small_adata):
 # --- threads ----------------------------------------------------------------------------
 
 
-def _fake_cpu(monkeypatch, others_cores: float, n_cpus: int = 2):
-    """A /proc/stat whose other processes keep ``others_cores`` cores busy."""
-    clock = {"t": 0.0, "total": 0, "busy": 0}
+class _FakeCpu:
+    """A CpuMeter whose other processes keep ``others`` cores busy (mutable) of ``n_cpus``."""
 
-    def sample():
-        clock["t"] += 3.0
-        clock["total"] += 300 * n_cpus  # 3 s of jiffies on every cpu
-        clock["busy"] += int(300 * others_cores)
-        return clock["t"], clock["total"], clock["busy"], 0
+    def __init__(self, others: float, n_cpus: int = 2):
+        self.others, self.n_cpus = others, n_cpus
+        self.clock = {"t": 0.0, "total": 0, "busy": 0}
 
-    monkeypatch.setattr(engine, "_cpu_sample", sample)
-    monkeypatch.setattr(engine, "_system_cpus", lambda: n_cpus)
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(n_cpus)))
-    monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+    def sample(self):
+        c = self.clock
+        c["t"] += 3.0
+        c["total"] += 300 * self.n_cpus  # 3 s of jiffies on every cpu
+        c["busy"] += int(300 * self.others)
+        return c["t"], c["total"], c["busy"], 0
+
+    def cpus(self):
+        return self.n_cpus
+
+    def cores(self):
+        return self.n_cpus
+
+    def settle(self):
+        pass
 
 
 @pytest.mark.parametrize("others, expected", [(0.0, 2), (0.1, 2), (0.6, 1), (1.0, 1), (2.0, 1)])
-def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch, others, expected):
+def test_threads_follow_the_cores_other_processes_leave_free(others, expected):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _fake_cpu(monkeypatch, others)
-        policy = ThreadPolicy(None)
+        policy = ThreadPolicy(None, meter=_FakeCpu(others))
         assert policy.start() == expected == torch.get_num_threads()
         policy.close()
         assert torch.get_num_threads() == 2
@@ -212,17 +219,18 @@ def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch, others
         torch.set_num_threads(before)
 
 
-def test_threads_adapt_when_another_process_starts_during_the_run(monkeypatch):
+def test_threads_adapt_when_another_process_starts_during_the_run():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _fake_cpu(monkeypatch, 0.0)
-        policy = ThreadPolicy(None, min_interval=1.0)
+        meter = _FakeCpu(0.0)
+        policy = ThreadPolicy(None, min_interval=1.0, meter=meter)
         assert policy.start() == 2
-        _fake_cpu(monkeypatch, 1.0)  # a busy neighbour appears
-        policy._last = (0.0, 0, 0, 0)
+        meter.others = 1.0  # a busy neighbour appears
         assert policy.update() == 1
-        fixed = ThreadPolicy(2)
+        meter.others = 0.0  # ... and goes
+        assert policy.update() == 2
+        fixed = ThreadPolicy(2, meter=_FakeCpu(1.0))
         assert fixed.start() == 2 and fixed.update() == 2  # asked for: never changed
     finally:
         torch.set_num_threads(before)

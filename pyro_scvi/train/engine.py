@@ -524,7 +524,7 @@ class Engine:
             placement = "host"
             reasons["data_placement"] = "host: the counts' size on the device is unknown"
         else:
-            free = _device_free_bytes(device)
+            free = device_free_bytes(device)
             budget = RESIDENT_MAX_FRACTION * free if free is not None else 0.0
             placement = "device" if data_bytes <= budget else "host"
             reasons["data_placement"] = f"{placement}: counts {data_bytes / 2**30:.2f} GiB, " + (
@@ -735,16 +735,21 @@ class ThreadPolicy:
     """torch's CPU threads during a run: fixed, or following the free cores.
 
     With ``threads=None`` it counts the cores that other processes keep busy (from
-    ``/proc/stat`` less this process's own time in ``/proc/self/stat``) and uses the
-    rest, at least one and at most torch's thread count when the run started; it measures
-    for 0.1 s at the start and then over each epoch, and changes the count at most every
-    ``min_interval`` seconds. Where ``/proc`` is missing (not Linux) it keeps torch's
-    count. :meth:`close` restores the count the run found.
+    ``/proc/stat`` less this process's own time in ``/proc/self/stat``, as
+    :class:`CpuMeter` reads them) and uses the rest, at least one and at most torch's
+    thread count when the run started; it measures for 0.1 s at the start and then over
+    each epoch, and changes the count at most every ``min_interval`` seconds. Where
+    ``/proc`` is missing (not Linux) it keeps torch's count. :meth:`close` restores the
+    count the run found. ``meter`` measures something else than this machine (e.g. a
+    test's made-up load): an object with :class:`CpuMeter`'s four methods.
     """
 
-    def __init__(self, threads: int | None, *, min_interval: float = 2.0) -> None:
+    def __init__(
+        self, threads: int | None, *, min_interval: float = 2.0, meter: CpuMeter | None = None
+    ) -> None:
         self.fixed = threads
         self.min_interval = min_interval
+        self.meter = meter if meter is not None else CpuMeter()
         self.original = torch.get_num_threads()
         self.max_threads = self.original
         self.current = self.original
@@ -755,10 +760,10 @@ class ThreadPolicy:
         if self.fixed is not None:
             self._set(self.fixed)
             return self.current
-        sample = _cpu_sample()
+        sample = self.meter.sample()
         if sample is None:
             return self.current
-        time.sleep(0.1)
+        self.meter.settle()
         self._last = sample
         self._adjust(force=True)
         return self.current
@@ -774,7 +779,7 @@ class ThreadPolicy:
         self._set(self.original)
 
     def _adjust(self, *, force: bool) -> None:
-        now = _cpu_sample()
+        now = self.meter.sample()
         if now is None or self._last is None:
             return
         seconds = now[0] - self._last[0]
@@ -786,10 +791,9 @@ class ThreadPolicy:
         self._last = now
         if total <= 0:
             return
-        n_cpus = _system_cpus()
         # cores' worth of time that other processes used in the interval
-        others = max(0.0, (busy - own) / total * n_cpus)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n_cpus
+        others = max(0.0, (busy - own) / total * self.meter.cpus())
+        cores = self.meter.cores()
         # a core counts as taken once another process uses a quarter of it: a thread that
         # shares a core stalls every step, while one thread fewer costs at most 1/threads
         free = cores - math.ceil(others - 0.25) if others > 0.25 else cores
@@ -801,31 +805,47 @@ class ThreadPolicy:
         self.current = n
 
 
-def _device_free_bytes(device: torch.device) -> int | None:
-    """Free memory on an accelerator, or ``None`` where torch cannot say."""
+class CpuMeter:
+    """What :class:`ThreadPolicy` measures of this machine: CPU time, from ``/proc``."""
+
+    def sample(self) -> tuple[float, int, int, int] | None:
+        """(wall time, all cpus' jiffies, busy jiffies, this process's jiffies), or None."""
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                own_fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        total = sum(fields[:8])
+        idle = fields[3] + fields[4]
+        own = int(own_fields[11]) + int(own_fields[12])  # utime, stime
+        return time.monotonic(), total, total - idle, own
+
+    def cpus(self) -> int:
+        """The machine's CPUs (those ``/proc/stat`` counts)."""
+        return os.cpu_count() or 1
+
+    def cores(self) -> int:
+        """The CPUs this process may run on."""
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else self.cpus()
+
+    def settle(self) -> None:
+        """Let a first measurement's interval pass (0.1 s)."""
+        time.sleep(0.1)
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on an accelerator, or ``None`` where torch cannot say.
+
+    What :meth:`Engine.resolve` budgets a ``"device"`` data placement from
+    (:data:`RESIDENT_MAX_FRACTION` of it); a test that replaces this function runs the
+    decision for a GPU of any size.
+    """
     if device.type != "cuda":
         return None
     try:
         return int(torch.cuda.mem_get_info(device)[0])
     except (RuntimeError, AssertionError):  # no driver, or not initializable
         return None
-
-
-def _system_cpus() -> int:
-    return os.cpu_count() or 1
-
-
-def _cpu_sample() -> tuple[float, int, int, int] | None:
-    """(wall time, all cpus' jiffies, busy jiffies, this process's jiffies), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own_fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    # user nice system idle iowait irq softirq steal (guest time is inside user)
-    total = sum(fields[:8])
-    idle = fields[3] + fields[4]
-    own = int(own_fields[11]) + int(own_fields[12])  # utime, stime
-    return time.monotonic(), total, total - idle, own
