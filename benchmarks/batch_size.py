@@ -6,7 +6,7 @@ epoch. This trains pyro_scvi on the same cells, split and number of epochs with
 
 * 128 cells at 1e-3 (the default),
 * 512 and 1,024 cells at 1e-3, and
-* 512 and 1,024 cells at ``pyro_scvi.train.loop.scaled_lr(batch_size)`` (square-root rule),
+* 512 and 1,024 cells at ``pyro_scvi.train.optim.scaled_lr(batch_size)`` (square-root rule),
 
 and records, per run: seconds per epoch (wall time around ``.train()``), the final
 validation ELBO and the held-out log p(x) (importance sampling, ``get_marginal_ll``) of the
@@ -33,7 +33,7 @@ from _common import data_dir, machine_line, run_metadata, write_results
 
 import pyro_scvi
 from pyro_scvi.train.engine import Engine
-from pyro_scvi.train.loop import scaled_lr
+from pyro_scvi.train.optim import scaled_lr
 
 DATA_DIR = data_dir()
 OUT_DIR = Path(__file__).resolve().parent / "results"

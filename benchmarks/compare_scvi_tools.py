@@ -750,7 +750,7 @@ def common_elbo(model: Any, indices: np.ndarray, n_samples: int, seed: int) -> f
     import numpy as np
     import pyro
 
-    from pyro_scvi.train.loop import evaluate_elbo
+    from pyro_scvi.train.passes import evaluate_elbo
 
     pyro.set_rng_seed(seed)
     # A private parameter store: pyro.module would otherwise tie the two models' weights.

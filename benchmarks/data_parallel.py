@@ -48,7 +48,7 @@ def train_once(
 
     import pyro_scvi
     from pyro_scvi.train import distributed
-    from pyro_scvi.train.loop import scaled_lr
+    from pyro_scvi.train.optim import scaled_lr
 
     group = distributed.init_from_env("cpu")
     adata = synthetic_counts(args.cells, args.genes, device="cpu", seed=0, chunk=5_000)

@@ -7,7 +7,7 @@ between the implementations:
 
 * pyro_scvi at its defaults (``SCVI(adata, batch_key="batch").train(device="cuda")``:
   minibatch 128, the engine's choices) and tuned (a larger minibatch with the learning
-  rate scaled by :func:`pyro_scvi.train.loop.scaled_lr`; other engines);
+  rate scaled by :func:`pyro_scvi.train.optim.scaled_lr`; other engines);
 * scvi-tools 1.4.2 at its defaults (minibatch 128) and with the same larger minibatch
   (its learning rate scaled the same way);
 * on the smallest size, pyro_scvi under ``matmul_precision`` ``high`` (TF32) and
@@ -48,7 +48,7 @@ def run_pyro_scvi(adata, *, epochs, batch_size, engine, device, lr=None) -> dict
     import torch
 
     import pyro_scvi
-    from pyro_scvi.train.loop import scaled_lr
+    from pyro_scvi.train.optim import scaled_lr
 
     lr = lr if lr is not None else scaled_lr(batch_size)
     model = pyro_scvi.SCVI(adata, batch_key="batch")
@@ -86,7 +86,7 @@ def run_scvi_tools(adata, *, epochs, batch_size, device, lr=None) -> dict[str, A
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from pyro_scvi.train.loop import scaled_lr
+    from pyro_scvi.train.optim import scaled_lr
 
     class EpochTimer(Callback):
         def __init__(self) -> None:

@@ -2,7 +2,7 @@
 
 For each dataset (PBMC8k, 200 genes; Zeisel, 1,000 genes; synthetic 10,000 x 2,000) and
 minibatches of 128 cells, one torch thread, this times the phases of a pyro_scvi step as
-:class:`pyro_scvi.train.loop.FusedAdam` runs it (parameters held after the first step):
+:class:`pyro_scvi.train.optim.FusedAdam` runs it (parameters held after the first step):
 
 * ``gather``: the minibatch's dense counts from the CSR matrix (``CountData.tensors``);
 * ``guide``: running the guide under a Pyro trace (encoders, q(z), q(l), samples);
@@ -101,7 +101,7 @@ def profile_pyro_scvi(adata, batch_key, n_steps: int) -> dict[str, float]:
         x, b = data.tensors(idx)
         args = (x, b, torch.as_tensor(idx), n_cells, 0.5)
         t1 = _clock()
-        with parameters_held() if optim is not None else nullcontext():
+        with parameters_held(model, guide) if optim is not None else nullcontext():
             guide_trace = poutine.trace(guide).get_trace(*args)
             t2 = _clock()
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
@@ -157,12 +157,13 @@ def profile_floor(adata, batch_key, n_steps: int, *, fused: bool) -> dict[str, f
 
 def compiled_step(adata, batch_key, n_steps: int) -> float:
     """Median ms of a whole compiled step (JitTrace_ELBO + fused Adam, as on long runs)."""
-    from pyro_scvi.train.loop import FusedAdam, _JitCall
+    from pyro_scvi.train.kl import JitCall
+    from pyro_scvi.train.optim import FusedAdam
 
     m = _fresh_model(adata, batch_key)
     m.model.train(), m.guide.train()
     elbo = pyro.infer.JitTrace_ELBO(ignore_jit_warnings=True)
-    model, guide = _JitCall(m.model), _JitCall(m.guide)
+    model, guide = JitCall(m.model), JitCall(m.guide)
     step = FusedAdam(lr=1e-4, eps=0.01 * m.data.n_cells)
     rng = np.random.default_rng(0)
     w = torch.tensor(0.5)
@@ -191,18 +192,23 @@ def top_operators(adata, batch_key, n_steps: int, top: int = 12) -> list[dict]:
     """torch.profiler: operators with the most self CPU time over ``n_steps`` SVI steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from pyro_scvi.train.loop import FusedAdam
+    from pyro_scvi.train.kl import Annealed
+    from pyro_scvi.train.optim import FusedAdam
 
     m = _fresh_model(adata, batch_key)
-    step = FusedAdam(lr=1e-4, eps=0.01 * m.data.n_cells)
     elbo = pyro.infer.Trace_ELBO()
+    # as a run's step: the parameters held after the first step (RunEngine.stepper)
+    step = FusedAdam(
+        lr=1e-4, eps=0.01 * m.data.n_cells, hold=(m.model, m.guide), differentiable=[elbo]
+    )
+    model, guide = Annealed(m.model), Annealed(m.guide)
     rng = np.random.default_rng(0)
 
     def run(n):
         for _ in range(n):
             idx = rng.choice(m.data.n_cells, BATCH, replace=False)
             x, b = m.data.tensors(idx)
-            step(elbo, m.model, m.guide, x, b, torch.as_tensor(idx), m.data.n_cells, 0.5)
+            step(elbo, model, guide, x, b, torch.as_tensor(idx), m.data.n_cells, 0.5)
 
     run(5)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -35,8 +35,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from pyro_scvi.model.distributions import zinb_log_prob
-from pyro_scvi.train import kernels
-from pyro_scvi.train import loop as infer
+from pyro_scvi.train import hooks, kernels
 from pyro_scvi.train.engine import Engine
 
 
@@ -143,7 +142,7 @@ def run_torch_floor(
         dispersion=arch["dispersion"],
     )
     train_idx, val_idx = split
-    norm_cells = np.random.default_rng(0).permutation(train_idx)[: infer.VALIDATION_NORM_CELLS]
+    norm_cells = np.random.default_rng(0).permutation(train_idx)[: hooks.VALIDATION_NORM_CELLS]
     modules = (scvi.model, scvi.guide)
     x_all = torch.as_tensor(
         np.asarray(scvi.data.X.toarray() if hasattr(scvi.data.X, "toarray") else scvi.data.X),
@@ -184,7 +183,7 @@ def run_torch_floor(
             loss.backward()
             optim.step()
         if len(val_idx):
-            # As pyro_scvi does before each validation pass (infer.VALIDATION_NORM_CELLS).
+            # As pyro_scvi does before each validation pass (hooks.VALIDATION_NORM_CELLS).
             _refresh_batch_norm(loss_fn, modules, x_all, b_all, norm_cells, len(norm_cells))
             for m in modules:
                 m.eval()
@@ -221,7 +220,7 @@ def run_torch_floor(
 
 
 def _refresh_batch_norm(loss_fn, modules, x_all, b_all, train_idx, batch_size) -> None:
-    # One pass with cumulative averages, as pyro_scvi.train.loop.refresh_batch_norm does.
+    # One pass with cumulative averages, as pyro_scvi.train.passes.refresh_batch_norm does.
     norms = [m for net in modules for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     for m in norms:
         m.reset_running_stats()

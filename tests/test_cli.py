@@ -354,15 +354,16 @@ def test_training_that_fails_in_its_first_epoch_writes_nothing(h5ad, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_training_that_fails_later_writes_the_last_complete_epoch(h5ad, tmp_path, monkeypatch):
-    import pyro_scvi.train.loop as infer
+    # Stepper.step is the documented fault-injection seam (pyro_scvi.train.stepper)
+    from pyro_scvi.train.stepper import Stepper
 
-    real, calls = infer._nan_on_invalid, []
+    real, calls = Stepper.step, []
 
-    def poison_second_epoch(*args, **kwargs):
-        calls.append(1)  # 3 steps and a validation pass per epoch
-        return float("nan") if len(calls) == 6 else real(*args, **kwargs)
+    def poison_second_epoch(self, *args, **kwargs):
+        calls.append(1)  # 3 steps per epoch: the 5th is epoch 1, step 1
+        return float("nan") if len(calls) == 5 else real(self, *args, **kwargs)
 
-    monkeypatch.setattr(infer, "_nan_on_invalid", poison_second_epoch)
+    monkeypatch.setattr(Stepper, "step", poison_second_epoch)
     out = tmp_path / "out.h5ad"
     status, stderr = _run(["fit", h5ad, "-o", out, *FAST])
     assert status == 1, stderr
@@ -450,21 +451,19 @@ def test_threads_option_sets_torch_threads(h5ad, tmp_path):
 def test_fit_fused_kernel_option_switches_the_zinb_kernel(
     h5ad, tmp_path, monkeypatch, choice, expected_calls
 ):
-    # The compiled kernels are swapped for counting eager ones (the switch is under test,
-    # not the compiler), and the automatic rule is made to say "on" for this tiny run, so
-    # that "off" has something to override.
+    # The compiled kernels are swapped for counting eager ones through the documented seam
+    # kernels.compiled_kernels (the switch is under test, not the compiler), and the
+    # automatic rule is made to say "on" for this tiny run, so that "off" has something
+    # to override.
     from pyro_scvi.train import engine, kernels
 
     monkeypatch.setattr(engine, "FUSED_MIN_GENES", 1)
     monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
     monkeypatch.setattr(kernels, "precompile", lambda device="cpu": True)
     calls = []
-    forward = kernels.zinb_log_prob_forward
-    monkeypatch.setitem(
-        kernels._kernels,
-        True,
-        (lambda *a: calls.append(1) or forward(*a), kernels.zinb_log_prob_grads),
-    )
+    forward, grads = kernels.zinb_log_prob_forward, kernels.zinb_log_prob_grads
+    counting = (lambda *a: calls.append(1) or forward(*a), grads)
+    monkeypatch.setattr(kernels, "compiled_kernels", lambda: counting)
     out = tmp_path / "out.h5ad"
     status, stderr = _run(["fit", h5ad, "-o", out, *FAST, "--fused-kernel", choice])
     assert status == 0, stderr

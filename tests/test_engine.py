@@ -1,7 +1,6 @@
 """The training engine: its choices, their records, and that every path is one estimator."""
 
 import json
-import warnings
 
 import numpy as np
 import pyro
@@ -22,9 +21,8 @@ from pyro_scvi import (
     VampPrior,
 )
 from pyro_scvi.train import engine, kernels
-from pyro_scvi.train import loop as pyro_scvi_infer
 from pyro_scvi.train.engine import Engine, ThreadPolicy
-from pyro_scvi.train.loop import FusedAdam, _Annealed, _jit_pair
+from pyro_scvi.train.kl import Annealed
 
 # --- choices ----------------------------------------------------------------------------
 
@@ -135,7 +133,7 @@ def test_gpu_runs_hold_the_counts_on_the_device_when_they_fit(small_adata, monke
     m = SCVI(small_adata, n_hidden=8, n_latent=2)
     nbytes = m.data.resident_bytes()
     free = {"bytes": 4 * nbytes}
-    monkeypatch.setattr(engine, "_device_free_bytes", lambda device: free["bytes"])
+    monkeypatch.setattr(engine, "device_free_bytes", lambda device: free["bytes"])
     gpu = dict(device="cuda")
     eng = Engine(fused_kernel=False)
     fits = _resolve(m, eng, data_bytes=nbytes, **gpu)
@@ -167,23 +165,14 @@ def test_gathering_on_the_device_trains_the_same_run_as_gathering_on_the_host(sm
     assert torch.equal(params[0], params[1])
 
 
-def test_the_matmul_precision_applies_during_the_run_only(small_adata, monkeypatch):
+def test_the_matmul_precision_applies_during_the_run_only(small_adata):
     seen = []
-    real = pyro_scvi_infer.train_svi
-
-    def spy(model, *args, **kwargs):
-        def forward_hook(module, inputs, output):
-            seen.append(torch.get_float32_matmul_precision())
-
-        handle = model.register_forward_hook(forward_hook)
-        try:
-            return real(model, *args, **kwargs)
-        finally:
-            handle.remove()
-
-    monkeypatch.setattr("pyro_scvi.scvi.train_svi", spy)
     before = torch.get_float32_matmul_precision()
     m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    # every forward of the model (training steps, validation) sees the run's precision
+    m.model.register_forward_hook(
+        lambda module, inputs, output: seen.append(torch.get_float32_matmul_precision())
+    )
     m.train(1, progress_bar=False, engine=Engine(matmul_precision="medium", threads=1))
     assert seen and set(seen) == {"medium"}
     assert torch.get_float32_matmul_precision() == before
@@ -193,29 +182,36 @@ def test_the_matmul_precision_applies_during_the_run_only(small_adata, monkeypat
 # --- threads ----------------------------------------------------------------------------
 
 
-def _fake_cpu(monkeypatch, others_cores: float, n_cpus: int = 2):
-    """A /proc/stat whose other processes keep ``others_cores`` cores busy."""
-    clock = {"t": 0.0, "total": 0, "busy": 0}
+class _FakeCpu:
+    """A CpuMeter whose other processes keep ``others`` cores busy (mutable) of ``n_cpus``."""
 
-    def sample():
-        clock["t"] += 3.0
-        clock["total"] += 300 * n_cpus  # 3 s of jiffies on every cpu
-        clock["busy"] += int(300 * others_cores)
-        return clock["t"], clock["total"], clock["busy"], 0
+    def __init__(self, others: float, n_cpus: int = 2):
+        self.others, self.n_cpus = others, n_cpus
+        self.clock = {"t": 0.0, "total": 0, "busy": 0}
 
-    monkeypatch.setattr(engine, "_cpu_sample", sample)
-    monkeypatch.setattr(engine, "_system_cpus", lambda: n_cpus)
-    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda pid: set(range(n_cpus)))
-    monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+    def sample(self):
+        c = self.clock
+        c["t"] += 3.0
+        c["total"] += 300 * self.n_cpus  # 3 s of jiffies on every cpu
+        c["busy"] += int(300 * self.others)
+        return c["t"], c["total"], c["busy"], 0
+
+    def cpus(self):
+        return self.n_cpus
+
+    def cores(self):
+        return self.n_cpus
+
+    def settle(self):
+        pass
 
 
 @pytest.mark.parametrize("others, expected", [(0.0, 2), (0.1, 2), (0.6, 1), (1.0, 1), (2.0, 1)])
-def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch, others, expected):
+def test_threads_follow_the_cores_other_processes_leave_free(others, expected):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _fake_cpu(monkeypatch, others)
-        policy = ThreadPolicy(None)
+        policy = ThreadPolicy(None, meter=_FakeCpu(others))
         assert policy.start() == expected == torch.get_num_threads()
         policy.close()
         assert torch.get_num_threads() == 2
@@ -223,17 +219,18 @@ def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch, others
         torch.set_num_threads(before)
 
 
-def test_threads_adapt_when_another_process_starts_during_the_run(monkeypatch):
+def test_threads_adapt_when_another_process_starts_during_the_run():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _fake_cpu(monkeypatch, 0.0)
-        policy = ThreadPolicy(None, min_interval=1.0)
+        meter = _FakeCpu(0.0)
+        policy = ThreadPolicy(None, min_interval=1.0, meter=meter)
         assert policy.start() == 2
-        _fake_cpu(monkeypatch, 1.0)  # a busy neighbour appears
-        policy._last = (0.0, 0, 0, 0)
+        meter.others = 1.0  # a busy neighbour appears
         assert policy.update() == 1
-        fixed = ThreadPolicy(2)
+        meter.others = 0.0  # ... and goes
+        assert policy.update() == 2
+        fixed = ThreadPolicy(2, meter=_FakeCpu(1.0))
         assert fixed.start() == 2 and fixed.update() == 2  # asked for: never changed
     finally:
         torch.set_num_threads(before)
@@ -255,6 +252,150 @@ def test_the_choice_is_recorded_in_history_model_and_saved_files(small_adata, tm
     loaded = SCVI.load(tmp_path / "m", small_adata)
     assert loaded.engine == m.engine
     assert loaded.history.attrs["engines"][0]["reasons"]["fused_adam"] == "off: asked for"
+
+
+# --- capabilities -----------------------------------------------------------------------
+
+
+def test_elbo_capabilities_come_from_the_elbo_or_the_one_table():
+    from pyro.infer import JitTraceMeanField_ELBO, RenyiELBO, TraceGraph_ELBO
+
+    from pyro_scvi.train.engine import ElboCapabilities, elbo_capabilities
+
+    assert elbo_capabilities(Trace_ELBO()) == ElboCapabilities(differentiable_loss=True)
+    assert elbo_capabilities(TraceMeanField_ELBO()).differentiable_loss
+    jit = elbo_capabilities(JitTraceMeanField_ELBO())
+    assert jit.compiled and jit.sums_site_terms and not jit.differentiable_loss
+    assert not elbo_capabilities(RenyiELBO()).sums_site_terms
+    assert elbo_capabilities(TraceGraph_ELBO()) == ElboCapabilities()  # not in the table
+
+    class Sub(Trace_ELBO):  # may change the loss: not differentiable_loss
+        pass
+
+    class SubJit(JitTrace_ELBO):
+        pass
+
+    class Declared(RenyiELBO):
+        capabilities = ElboCapabilities(sums_site_terms=True)
+
+    assert elbo_capabilities(Sub()) == ElboCapabilities()
+    assert elbo_capabilities(SubJit()).compiled
+    assert elbo_capabilities(Declared()).sums_site_terms
+
+
+def test_the_engine_acts_on_declared_capabilities(small_adata):
+    from pyro.infer import RenyiELBO
+
+    from pyro_scvi.train.engine import ElboCapabilities
+
+    class Compiled(Trace_ELBO):
+        capabilities = ElboCapabilities(compiled=True)
+
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    assert _resolve(m, elbo=Compiled()).compiled  # declared, not read from its type
+    # the step asks the ELBO too: a sum of site terms is rescaled to the training cells,
+    # an IWAE bound is not; Trace_ELBO lets fused Adam hold the parameters
+    run = _resolve(m, Engine.preset("eager", threads=1))
+    plain = run.stepper(m.model, m.guide, n_train=100, batch_size=10)
+    iwae = run.stepper(m.model, m.guide, n_train=100, batch_size=10, elbo=RenyiELBO())
+    assert plain.num_cells == 100 and iwae.num_cells is None
+    assert plain.record["reasons"]["parameters"].startswith("held by fused Adam")
+    assert iwae.record["reasons"]["parameters"] == (
+        "registered every step (RenyiELBO reads param sites)"
+    )
+    assert plain.group is None and run.group is None  # one process: no group, decided once
+
+
+def test_fused_adam_tells_the_modules_that_it_holds_their_parameters(small_adata):
+    # The choice is explicit: the step's optimizer sets the modules' parameters_held while
+    # it holds them (not a process-wide switch), and the record says who registers them.
+    seen = {}
+    for preset in ("eager", "pyro"):
+        m = SCVI(small_adata, n_hidden=8, n_latent=2)
+        held = seen[preset] = []
+
+        def record(module, inputs, held=held):
+            held.append(module.parameters_held)
+
+        m.model.register_forward_pre_hook(record)
+        m.train(1, engine=Engine.preset(preset, threads=1), progress_bar=False)
+        assert m.model.parameters_held is False and m.guide.parameters_held is False
+        assert (
+            m.engine["reasons"]["parameters"]
+            == {
+                "eager": "held by fused Adam after the first step "
+                "(Trace_ELBO differentiates without param sites)",
+                "pyro": "registered every step (a Pyro optimizer reads the store)",
+            }[preset]
+        )
+    # the first step registers them; later steps hold them (validation and batch-norm
+    # passes, outside the step, register as any call does)
+    assert seen["eager"][0] is False and seen["eager"][1] is True
+    assert not any(seen["pyro"])
+
+
+# --- resume -------------------------------------------------------------------------------
+
+
+def test_resume_carries_every_field_of_the_interrupted_runs_engine(small_adata):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    asked = Engine(False, False, True, 2, "device", "high", False)
+    record = _resolve(m, asked, data_bytes=m.data.resident_bytes()).as_dict()
+    resumed = Engine.for_resume(record)
+    assert {f: getattr(resumed, f) for f in engine.FIELDS} == {f: record[f] for f in engine.FIELDS}
+    run = _resolve(m, resumed, n_steps=10, data_bytes=m.data.resident_bytes())
+    assert {f: getattr(run, f) for f in engine.FIELDS} == {f: record[f] for f in engine.FIELDS}
+    assert run.reasons["data_placement"] == "kept from the interrupted run (asked for)"
+    assert run.reasons["compiled"] == "off: kept from the interrupted run (off: asked for)"
+    # decided automatically the first time: kept, and the reason names the first decision
+    auto = _resolve(m, Engine(threads=1)).as_dict()
+    again = _resolve(m, Engine.for_resume(auto), n_steps=10)  # too short to compile now
+    assert again.compiled and again.reasons["compiled"] == (
+        "on: kept from the interrupted run (on: static model and guide, 10000 steps)"
+    )
+    # a second resume keeps the first run's reason
+    third = _resolve(m, Engine.for_resume(again.as_dict()), n_steps=10)
+    assert third.reasons["compiled"] == again.reasons["compiled"]
+    # an ELBO or optimizer passed again decides its own field, and only that one
+    elbo_again = Engine.for_resume(record, elbo_passed=True)
+    assert elbo_again.compiled is None and elbo_again.fused_adam is True
+    optim_again = Engine.for_resume(record, optim_passed=True)
+    assert optim_again.fused_adam is None and optim_again.compiled is False
+    assert optim_again.matmul_precision == "high"
+
+
+def test_resume_re_decides_only_what_this_machine_cannot_honour(small_adata):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    record = _resolve(m, Engine(threads=1)).as_dict()
+    # a GPU run of several ranks, resumed on this CPU in one process
+    record.update(device="cuda:0", data_placement="device", data_parallel=True)
+    run = _resolve(m, Engine.for_resume(record), data_bytes=m.data.resident_bytes())
+    assert run.data_placement == "host" and run.reasons["data_placement"] == (
+        "host: a CPU run reads the host's counts directly (re-decided on resume: the "
+        "interrupted run held the counts on cuda:0; this run is on cpu)"
+    )
+    assert not run.data_parallel and run.reasons["data_parallel"] == (
+        "off: re-decided on resume: no torch.distributed group of more than one process is running"
+    )
+    assert run.threads == 1 and run.matmul_precision == "highest"  # the rest is kept
+    # now streamed counts: they cannot be held on the device any more
+    record.update(device="cpu")
+    streamed = _resolve(m, Engine.for_resume(record), data_source="streamed: a big file")
+    assert streamed.data_placement == "host"
+    assert "re-decided on resume: the counts are streamed" in streamed.reasons["data_placement"]
+    # a likelihood without the kernel now
+    nb = SCVI(small_adata, likelihood=NB(), n_hidden=8, n_latent=2)
+    lost = _resolve(nb, Engine.for_resume({**record, "fused_kernel": True}))
+    assert not lost.fused_kernel and lost.reasons["fused_kernel"].startswith(
+        "off: re-decided on resume: the likelihood"
+    )
+    # asked for by a user (not a resume), the same fields are errors
+    with pytest.raises(InputError, match="torchrun"):
+        _resolve(m, Engine(data_parallel=True))
+    with pytest.raises(InputError, match="streamed from the file"):
+        _resolve(m, Engine(data_placement="device"), data_source="streamed: a big file")
+    with pytest.raises(InputError, match="has no fused kernel"):
+        _resolve(nb, Engine(fused_kernel=True))
 
 
 # --- one estimator ----------------------------------------------------------------------
@@ -289,10 +430,19 @@ def _loss_and_grads(step, params, buffers, *args, **kwargs):
     return loss, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
 
+def _steppers(m, *, compiled, fused, n_train, batch_size):
+    """A run engine's assembled step for ``m`` (eager fused Adam, compiled or not)."""
+    eng = Engine(compiled=compiled, fused_kernel=fused, fused_adam=True, threads=1)
+    run = eng.resolve(
+        m.model, m.guide, n_steps=10, batch_size=batch_size, n_genes=m.data.n_genes, device="cpu"
+    )
+    return run.stepper(m.model, m.guide, n_train=n_train, batch_size=batch_size)
+
+
 @pytest.mark.parametrize("n_batches", [1, 3])
 @pytest.mark.parametrize("likelihood, dispersion, prior, other", CASES)
 def test_every_engine_path_is_the_same_estimator_as_plain_svi(
-    likelihood, dispersion, prior, other, n_batches
+    likelihood, dispersion, prior, other, n_batches, monkeypatch
 ):
     # In float64, so that the comparison is about the estimator, not rounding. On the same
     # random draws (seeded before each call; a compiled graph draws in the traced order,
@@ -302,9 +452,12 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
     # per entry (test_kernels checks them against scipy): at most a few thousand entries
     # here, so 1e-9 (1e-6 fused) of the largest gradient entry bounds rounding and
     # truncation, while a wrong estimator (missing minibatch scale, KL weight, dispersion
-    # or prior term) is off by O(1) of it.
+    # or prior term) is off by O(1) of it. Each path is the step a run engine assembles
+    # (RunEngine.stepper), asked for its loss and gradients without the update.
     from pyro_scvi.datasets import synthetic_zinb
 
+    # the fused kernel's formulas uncompiled: float64, and no compiler needed
+    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": False)
     adata = synthetic_zinb(n_cells=100, n_genes=30, n_batches=n_batches, seed=1)
     m = SCVI(
         adata,
@@ -318,7 +471,7 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
     )
     m.model.double(), m.guide.double()
     # called with the KL weight as the engine calls them
-    model, guide = _Annealed(m.model), _Annealed(m.guide)
+    model, guide = Annealed(m.model), Annealed(m.guide)
     params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
     buffers = [(b.clone(), b) for mod in (m.model, m.guide) for b in mod.buffers()]
     fusable = likelihood is ZINB
@@ -329,37 +482,29 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
     for size, num_cells in ((64, 128), (36, 72)):
         x, b = m.data.tensors(np.arange(size))
         x, cells = x.double(), torch.arange(size)
-        eager_args = (x, b, cells, num_cells, 0.5)
-        jit_args = (x, b, cells, torch.tensor(0.5, dtype=torch.float64))
-        jit_kwargs = {"num_cells": num_cells, "n_cells": size}
-
         state = (params, buffers)
-        ref = _loss_and_grads(Trace_ELBO().loss_and_grads, *state, model, guide, *eager_args)
+        ref = _loss_and_grads(
+            Trace_ELBO().loss_and_grads, *state, model, guide, x, b, cells, num_cells, 0.5
+        )
         scale = max(float(g.abs().max()) for g in ref[1])
         paths = {}
         for fused in (False, True) if fusable else (False,):
-            run_model = kernels.FusedLogProb(compile=False)(m.model) if fused else m.model
             tag = "fused " if fused else ""
-            adam = FusedAdam()
-            for call in ("first", "held"):  # registers parameters, then holds them
-                paths[f"{tag}eager {call}"] = _loss_and_grads(
-                    adam.loss_and_grads,
-                    *state,
-                    Trace_ELBO(),
-                    _Annealed(run_model),
-                    guide,
-                    *eager_args,
+            for compiled in (False, True):
+                step = _steppers(
+                    m, compiled=compiled, fused=fused, n_train=num_cells, batch_size=size
                 )
-            jit = JitTrace_ELBO(ignore_jit_warnings=True)
-            jit_pair = _jit_pair(jit, run_model, m.guide)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                for call in ("compile", "run 1", "run 2"):
-                    out = _loss_and_grads(
-                        adam.loss_and_grads, *state, jit, *jit_pair, *jit_args, **jit_kwargs
-                    )
-                    if call != "compile":  # compiling runs the model more than once
-                        paths[f"{tag}compiled {call}"] = out
+                assert step.record["fused_kernel"] is fused and not step.record["compile_kernel"]
+                assert step.record["compiled"] is compiled
+                # eager: registers parameters, then holds them; compiled: compiles (which
+                # runs the model more than once, so it is not compared), then runs
+                calls = ("compile", "run 1", "run 2") if compiled else ("first", "held")
+                for call in calls:
+                    out = _loss_and_grads(step.loss_and_grads, *state, x, b, cells, 0.5)
+                    if call != "compile":
+                        paths[f"{tag}{'compiled' if compiled else 'eager'} {call}"] = out
+                assert step.record["compiled_sizes"] == ([size] if compiled else [])
+        assert len(paths) == (8 if fusable else 4)
         for name, (loss, grads) in paths.items():
             tol = 1e-6 if name.startswith("fused") else 1e-9
             assert loss == pytest.approx(ref[0], rel=tol), (name, size)
@@ -389,43 +534,27 @@ def test_a_compiled_graph_serves_minibatches_with_other_zero_patterns():
     m.model.double(), m.guide.double()
     params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
     buffers = [(b.clone(), b) for mod in (m.model, m.guide) for b in mod.buffers()]
-    jit = JitTrace_ELBO(ignore_jit_warnings=True)
-    jit_pair = _jit_pair(jit, m.model, m.guide)
-    adam = FusedAdam()
-    w = torch.tensor(1.0, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # the first call compiles on the first minibatch (and draws extra numbers)
-        for i, cells in enumerate((torch.arange(48), torch.arange(48), torch.arange(48, 96))):
-            x, b = m.data.tensors(cells.numpy())
-            x = x.double()
-            compiled = _loss_and_grads(
-                adam.loss_and_grads,
-                params,
-                buffers,
-                jit,
-                *jit_pair,
-                x,
-                b,
-                cells,
-                w,
-                num_cells=96,
-                n_cells=48,
-            )
-            eager = _loss_and_grads(
-                Trace_ELBO().loss_and_grads,
-                params,
-                buffers,
-                _Annealed(m.model),
-                _Annealed(m.guide),
-                x,
-                b,
-                cells,
-                96,
-                1.0,
-            )
-            if i > 0:
-                assert compiled[0] == pytest.approx(eager[0], rel=1e-9), i
+    step = _steppers(m, compiled=True, fused=False, n_train=96, batch_size=48)
+    # the first call compiles on the first minibatch (and draws extra numbers)
+    for i, cells in enumerate((torch.arange(48), torch.arange(48), torch.arange(48, 96))):
+        x, b = m.data.tensors(cells.numpy())
+        x = x.double()
+        compiled = _loss_and_grads(step.loss_and_grads, params, buffers, x, b, cells, 1.0)
+        eager = _loss_and_grads(
+            Trace_ELBO().loss_and_grads,
+            params,
+            buffers,
+            Annealed(m.model),
+            Annealed(m.guide),
+            x,
+            b,
+            cells,
+            96,
+            1.0,
+        )
+        if i > 0:
+            assert compiled[0] == pytest.approx(eager[0], rel=1e-9), i
+    assert step.record["compiled_sizes"] == [48]  # one graph served both minibatches
     assert (m.data.tensors(np.arange(48))[0] > 0).sum() != (
         m.data.tensors(np.arange(48, 96))[0] > 0
     ).sum()
@@ -439,20 +568,28 @@ def test_validation_runs_the_networks_in_eval_mode_on_every_path(monkeypatch):
 
     monkeypatch.setattr(kernels, "precompile", lambda device="cpu": False)  # eager formulas: fast
     adata = synthetic_zinb(n_cells=12, n_genes=20, seed=0)
-    modes = []
-    real = pyro_scvi_infer.evaluate_elbo
-
-    def spy(model, guide, *args, **kwargs):
-        modes.append(
-            [m.training for m in (getattr(guide, "fn", guide),)] + [m.training for m in nets]
-        )
-        return real(model, guide, *args, **kwargs)
-
-    monkeypatch.setattr(pyro_scvi_infer, "evaluate_elbo", spy)
     for preset in ("fused", "eager"):
+        # the step's own ELBO of cells (Stepper.loss, which validation calls): eval mode
         m = SCVI(adata, n_hidden=8, n_latent=2)
-        nets = (m.model, m.guide)
+        run = Engine.preset(preset, threads=1).resolve(
+            m.model, m.guide, n_steps=10, batch_size=11, n_genes=20, device="cpu"
+        )
+        step = run.stepper(m.model, m.guide, n_train=11, batch_size=11)
+        assert (step.run_model is not m.model) is (preset == "fused")  # under the handler
+        modes: list[bool] = []
+
+        def record(module, inputs, output, modes=modes):
+            modes.append(module.training)
+
+        for net in (m.model, m.guide, m.model.decoder):
+            net.register_forward_hook(record)
+        m.model.train(), m.guide.train()
+        value = step.loss(m.data, np.array([3]))  # one cell: batch norm fails in train mode
+        assert np.isfinite(value) and modes and not any(modes)
+        assert m.model.training and m.guide.training  # restored afterwards
+        # and a whole run with one validation cell
+        m = SCVI(adata, n_hidden=8, n_latent=2)
         m.train(2, engine=preset, progress_bar=False)  # 11 training cells, 1 validation
         assert len(m.validation_indices) == 1
         assert np.isfinite(m.history["validation_elbo"]).all()
-    assert modes and not any(any(flags) for flags in modes)
+        assert m.engine["fused_kernel"] is (preset == "fused")

@@ -26,9 +26,12 @@ from pyro_scvi.datasets import synthetic_zinb
 
 import pyro_scvi.io.files as files
 import pyro_scvi.io.persistence as persistence
-import pyro_scvi.train.loop as infer
 from pyro_scvi import SCVI
 from pyro_scvi.cli import main
+from pyro_scvi.errors import TrainingError
+
+# Stepper.step is the documented fault-injection seam (pyro_scvi.train.stepper)
+from pyro_scvi.train.stepper import Stepper
 
 FAST = ["--max-epochs", "3", "--batch-size", "64", "--n-latent", "3", "--quiet"]
 EXACT = ["--engine", "eager", "--threads", "1"]
@@ -324,16 +327,15 @@ def test_a_damaged_model_gives_one_line_and_status_2(fitted, tmp_path, command, 
 
 
 def _signal_at_step(monkeypatch, step, signum):
-    real, calls = infer._nan_on_invalid, []
+    real, calls = Stepper.step, []
 
-    def hooked(fn, *args, **kwargs):
-        if fn is not infer.evaluate_elbo:
-            calls.append(1)
-            if len(calls) == step:
-                os.kill(os.getpid(), signum)
-        return real(fn, *args, **kwargs)
+    def hooked(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(infer, "_nan_on_invalid", hooked)
+    monkeypatch.setattr(Stepper, "step", hooked)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -463,16 +465,15 @@ class _PoisonAfter:
     """Make the step loss NaN from the ``n``-th call on (training steps only)."""
 
     def __init__(self, monkeypatch, n):
-        real, calls = infer._nan_on_invalid, []
+        real, calls = Stepper.step, []
 
-        def hooked(fn, *args, **kwargs):
-            if fn is not infer.evaluate_elbo:
-                calls.append(1)
-                if len(calls) >= n:
-                    return float("nan")
-            return real(fn, *args, **kwargs)
+        def hooked(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) >= n:
+                return float("nan")
+            return real(self, *args, **kwargs)
 
-        monkeypatch.setattr(infer, "_nan_on_invalid", hooked)
+        monkeypatch.setattr(Stepper, "step", hooked)
 
 
 def test_after_a_mid_run_failure_batch_norm_is_re_estimated(monkeypatch):
@@ -480,7 +481,7 @@ def test_after_a_mid_run_failure_batch_norm_is_re_estimated(monkeypatch):
     adata = synthetic_zinb(n_cells=300, n_genes=40, n_clusters=3, seed=0)
     model = SCVI(adata, n_latent=3, n_hidden=16)
     _PoisonAfter(monkeypatch, 12)  # 5 steps an epoch: fails in epoch 2
-    with pytest.raises(infer.TrainingError, match="end of epoch 1"):
+    with pytest.raises(TrainingError, match="end of epoch 1"):
         model.train(5, batch_size=64, progress_bar=False)
     linear, norm = model.guide.z_encoder.body[0], model.guide.z_encoder.body[1]
     x, _ = model.data.tensors(model.train_indices)
@@ -493,7 +494,7 @@ def test_a_failure_in_the_first_epoch_leaves_an_untrained_model(monkeypatch):
     adata = synthetic_zinb(n_cells=100, n_genes=10, seed=0)
     model = SCVI(adata, n_latent=2, n_hidden=8)
     _PoisonAfter(monkeypatch, 1)
-    with pytest.raises(infer.TrainingError, match="no epoch had completed.*untrained"):
+    with pytest.raises(TrainingError, match="no epoch had completed.*untrained"):
         model.train(3, progress_bar=False)
     assert not model.is_trained and len(model.history) == 0
 

@@ -8,7 +8,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from pyro_scvi import SCVI, ZINB, TrainingError
-from pyro_scvi.train.loop import _Annealed, evaluate_elbo, kl_weight
+from pyro_scvi.train.kl import Annealed, kl_weight
+from pyro_scvi.train.passes import evaluate_elbo
 
 
 @pytest.mark.parametrize(
@@ -159,16 +160,17 @@ def test_a_failed_run_keeps_the_history_of_its_completed_epochs(small_adata):
 
 @pytest.mark.parametrize("elbo_name", ["Trace_ELBO", "TraceMeanField_ELBO"])
 def test_fused_adam_steps_match_pyro_svi_gradients_and_plain_adam(elbo_name):
-    # FusedAdam skips re-registering parameters after its first step and differentiates
-    # the ELBO itself: every parameter (the prior's too) must follow the update that
-    # Pyro's loss_and_grads with a plain torch Adam gives.
+    # FusedAdam holding the model's and guide's parameters (as a run's step does with these
+    # ELBOs) skips re-registering them after its first step and differentiates the ELBO
+    # itself: every parameter (the prior's too) must follow the update that Pyro's
+    # loss_and_grads with a plain torch Adam gives.
     import copy
 
     import pyro
     from pyro import infer as pinfer
 
     from pyro_scvi import LogNormalLibrary, MixtureOfGaussians, ScviGuide, ScviModel
-    from pyro_scvi.train.loop import FusedAdam
+    from pyro_scvi.train.optim import FusedAdam
 
     torch.manual_seed(0)
     lib = LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5]))
@@ -189,17 +191,21 @@ def test_fused_adam_steps_match_pyro_svi_gradients_and_plain_adam(elbo_name):
     n_steps = 4
     elbo = getattr(pinfer, elbo_name)()
 
-    fused, losses_a = FusedAdam(**settings), []
+    fused = FusedAdam(**settings, hold=(model_a, guide_a), differentiable=[elbo])
+    losses_a, held = [], []
+    model_a.register_forward_pre_hook(lambda module, inputs: held.append(module.parameters_held))
     with pyro.get_param_store().scope():
         for step in range(n_steps):
             pyro.set_rng_seed(step)
-            losses_a.append(fused(elbo, _Annealed(model_a), _Annealed(guide_a), *args))
+            losses_a.append(fused(elbo, Annealed(model_a), Annealed(guide_a), *args))
+    # the first step registers the parameters; from then on the model is told it is held
+    assert held == [False] + [True] * (n_steps - 1) and model_a.parameters_held is False
     params_b = [p for m in (model_b, guide_b) for p in m.parameters()]
     adam, losses_b, max_grad = torch.optim.Adam(params_b, foreach=True, **settings), [], 0.0
     with pyro.get_param_store().scope():
         for step in range(n_steps):
             pyro.set_rng_seed(step)
-            losses_b.append(elbo.loss_and_grads(_Annealed(model_b), _Annealed(guide_b), *args))
+            losses_b.append(elbo.loss_and_grads(Annealed(model_b), Annealed(guide_b), *args))
             max_grad = max([max_grad] + [p.grad.abs().max().item() for p in params_b])
             adam.step()
             adam.zero_grad()
@@ -226,21 +232,11 @@ def test_fused_adam_steps_match_pyro_svi_gradients_and_plain_adam(elbo_name):
     assert not torch.equal(guide_a.z_encoder.loc.weight, z_loc_weight_init)
 
 
-def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, monkeypatch):
+def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata):
     # The default ELBO of a long run is JitTrace_ELBO: the same estimator, compiled. It must
     # train as the uncompiled Trace_ELBO does, batch-norm statistics included.
     import pyro
 
-    from pyro_scvi.train import loop as infer
-
-    jits = []
-    real = infer._jit_pair
-
-    def spy(elbo, *args):
-        jits.append(elbo)
-        return real(elbo, *args)
-
-    monkeypatch.setattr(infer, "_jit_pair", spy)
     fits = {}
     for name, elbo in (("default", None), ("eager", pyro.infer.Trace_ELBO())):
         m = SCVI(small_adata, batch_key="batch", n_hidden=16, n_latent=3)
@@ -249,9 +245,10 @@ def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, m
     assert fits["default"].engine["compiled"]  # 60 epochs x 9 steps
     assert fits["default"].engine["reasons"]["compiled"].startswith("on: static")
     assert not fits["eager"].engine["compiled"]
-    assert [type(e).__name__ for e in jits] == ["JitTrace_ELBO"]
     # One graph: 270 training cells = 8 x 32 + 14, and the 14-cell minibatch runs uncompiled.
-    assert len(jits[0]._loss_and_surrogate_loss.compiled) == 1
+    assert fits["default"].engine["compiled_sizes"] == [32]
+    assert fits["default"].history.attrs["engine"]["compiled_sizes"] == [32]
+    assert fits["eager"].engine["compiled_sizes"] == []
     a, b = fits["default"].history, fits["eager"].history
     assert a["validation_elbo"].iloc[-1] > a["validation_elbo"].iloc[0] + 5
     # Per-epoch validation uses the running batch-norm statistics: were they not updated
@@ -263,32 +260,9 @@ def test_long_default_runs_are_compiled_and_train_like_trace_elbo(small_adata, m
     assert abs(elbo_a - elbo_b) < 0.03 * abs(elbo_b)
 
 
-def test_snapshot_reuses_its_buffers_and_restores_the_latest_state():
-    from pyro_scvi import LogNormalLibrary, ScviGuide, ScviModel
-    from pyro_scvi.train.loop import _restore, _snapshot
-
-    model = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
-    guide = ScviGuide(20, 1)
-    first = _snapshot(model, guide)
-    buffers = [id(v) for state in first for v in state.values()]
-    with torch.no_grad():
-        model.log_theta.add_(1.0)
-        guide.z_encoder.loc.bias.add_(2.0)
-    latest = _snapshot(model, guide, into=first)
-    assert latest is first and [id(v) for s in latest for v in s.values()] == buffers
-    expected = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, guide)]
-    with torch.no_grad():  # a failed epoch
-        model.log_theta.fill_(float("nan"))
-        guide.z_encoder.loc.bias.fill_(float("nan"))
-    _restore(model, guide, latest)
-    for m, state in zip((model, guide), expected, strict=True):
-        for k, v in m.state_dict().items():
-            torch.testing.assert_close(v, state[k])
-
-
 def test_scaled_lr_follows_the_square_root_rule_and_rejects_bad_sizes():
     from pyro_scvi.errors import InputError
-    from pyro_scvi.train.loop import scaled_lr
+    from pyro_scvi.train.optim import scaled_lr
 
     assert scaled_lr(128) == pytest.approx(1e-3)
     assert scaled_lr(2048, base_lr=2e-3, base_batch_size=512) == pytest.approx(4e-3)

@@ -134,12 +134,7 @@ def test_operator_passes_gradcheck_uncompiled():
     )
 
 
-def test_handler_swaps_the_density_of_zinb_sites_only(monkeypatch):
-    calls = []
-    real = kernels.zinb_log_prob_fused
-    monkeypatch.setattr(
-        kernels, "zinb_log_prob_fused", lambda *a, **k: calls.append(k) or real(*a, **k)
-    )
+def test_handler_swaps_the_density_of_zinb_sites_only():
     x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
 
     def model():
@@ -148,12 +143,21 @@ def test_handler_swaps_the_density_of_zinb_sites_only(monkeypatch):
         pyro.sample("x_event", d.to_event(1), obs=x)
         pyro.sample("other", pyro.distributions.Poisson(mu), obs=x)
 
+    def density_of(trace, name):
+        fn = trace.nodes[name]["fn"]
+        return getattr(getattr(fn, "base_dist", fn), "log_density", None)
+
     eager = pyro.poutine.trace(model).get_trace()
     eager.compute_log_prob()
-    assert calls == []  # no handler, no operator: nothing global switches it on
-    fused = pyro.poutine.trace(kernels.FusedLogProb(compile=False)(model)).get_trace()
+    # no handler, no operator: nothing global switches it on
+    assert density_of(eager, "x") is None and density_of(eager, "x_event") is None
+    handler = kernels.FusedLogProb(compile=False)
+    fused = pyro.poutine.trace(handler(model)).get_trace()
     fused.compute_log_prob()
-    assert calls == [{"compiled": False}, {"compiled": False}]  # x and x_event, not other
+    # x and x_event (inside to_event) compute theirs with the handler's operator, not other
+    assert density_of(fused, "x") == handler.log_density
+    assert density_of(fused, "x_event") == handler.log_density
+    assert density_of(fused, "other") is None
     # Within float32 rounding of the density's terms; x_event sums 11 of them (a float32
     # sum of n terms: at most n * EPS32 times their summed magnitude more).
     terms = _zinb_terms(x, mu, theta, gate)
@@ -162,31 +166,43 @@ def test_handler_swaps_the_density_of_zinb_sites_only(monkeypatch):
         diff = fused.nodes[name]["log_prob"].double() - eager.nodes[name]["log_prob"].double()
         assert (diff.abs() <= EPS32 * bound).all(), name
     torch.testing.assert_close(fused.nodes["other"]["log_prob"], eager.nodes["other"]["log_prob"])
-    calls.clear()
     with kernels.fused_log_prob(False):  # the disabled form is a no-op context
-        pyro.poutine.trace(model).get_trace().compute_log_prob()
-    assert calls == []
+        assert density_of(pyro.poutine.trace(model).get_trace(), "x") is None
+
+
+def _counting_kernels(calls, fail=False):
+    """Stand-ins for the compiled kernels (the documented seam ``kernels.compiled_kernels``):
+    the eager formulas, counted; or, with ``fail``, kernels that raise as a broken compiler."""
+
+    def wrap(fn):
+        def kernel(*args):
+            calls.append(fn.__name__)
+            if fail:
+                raise RuntimeError("no compiler for you")
+            return fn(*args)
+
+        return kernel
+
+    kernel_pair = (wrap(kernels.zinb_log_prob_forward), wrap(kernels.zinb_log_prob_grads))
+    return lambda: kernel_pair
 
 
 def test_long_zinb_training_runs_switch_the_kernel_on_by_themselves(small_adata, monkeypatch):
     # Thresholds lowered to this tiny run; the "compiled" kernels swapped for counting eager
-    # ones, so that the test checks the engine's choice, not the compiler.
+    # ones through the documented seam, so that the test checks the engine's choice, not
+    # the compiler.
     from pyro_scvi.train import engine
 
     monkeypatch.setattr(engine, "FUSED_MIN_GENES", 10)
     monkeypatch.setattr(engine, "FUSED_MIN_ELEMENTS", 1)
-    monkeypatch.setattr(kernels, "precompile", lambda device="cpu": True)
+    monkeypatch.setattr(kernels, "compiler_available", lambda device="cpu": True)
     calls = []
-
-    def counting(fn):
-        return lambda *a, **k: calls.append(fn.__name__) or fn(*a, **k)
-
-    eager = (kernels.zinb_log_prob_forward, kernels.zinb_log_prob_grads)
-    monkeypatch.setitem(kernels._kernels, True, tuple(counting(f) for f in eager))
+    monkeypatch.setattr(kernels, "compiled_kernels", _counting_kernels(calls))
     m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
     m.train(2, batch_size=64, progress_bar=False, seed=0)
     assert {"zinb_log_prob_forward", "zinb_log_prob_grads"} <= set(calls)
     assert m.engine["fused_kernel"] and m.history.attrs["engine"]["fused_kernel"]
+    assert m.engine["compile_kernel"] and m.engine["reasons"]["fused_kernel"].startswith("on: ")
     calls.clear()
     m.train(1, batch_size=64, progress_bar=False, seed=0, engine=Engine(fused_kernel=False))
     assert calls == []
@@ -195,17 +211,74 @@ def test_long_zinb_training_runs_switch_the_kernel_on_by_themselves(small_adata,
 
 
 def test_a_failing_compilation_falls_back_to_the_eager_formulas(monkeypatch):
-    def broken(*args):
-        raise RuntimeError("no compiler for you")
-
-    monkeypatch.setitem(kernels._kernels, True, (broken, broken))
+    calls = []
+    monkeypatch.setattr(kernels, "compiled_kernels", _counting_kernels(calls, fail=True))
     monkeypatch.setattr(kernels, "compiler_available", lambda device="cpu": True)
     x, mu, theta, gate = _zinb_inputs((11,), dtype=torch.float32)
-    with pytest.warns(RuntimeWarning, match="runs uncompiled"):
+    expected = zinb_log_prob(x, mu, theta, gate).double()
+    bound = C_ROUND * EPS32 * _zinb_terms(x, mu, theta, gate)
+    # a call outside a handler: the eager formulas for that call, with a warning
+    with pytest.warns(RuntimeWarning, match="this call runs uncompiled"):
         got = kernels.zinb_log_prob_fused(x, mu, theta, gate)
-    diff = got.double() - zinb_log_prob(x, mu, theta, gate).double()
-    assert (diff.abs() <= C_ROUND * EPS32 * _zinb_terms(x, mu, theta, gate)).all()
-    assert kernels.precompile() is False  # the eager kernels now hold the compiled slot
+    assert ((got.double() - expected).abs() <= bound).all()
+    assert kernels.precompile() is False  # and precompile says so
+    # a handler (one run) falls back for the rest of its run, once, and says why
+    handler = kernels.FusedLogProb()
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="compiling it failed"):
+        first = handler.log_density(x, mu, theta, gate)
+    second = handler.log_density(x, mu, theta, gate)
+    assert calls == ["zinb_log_prob_forward"]  # tried once, then uncompiled
+    assert ((first.double() - expected).abs() <= bound).all() and torch.equal(first, second)
+    assert not handler.compile and "no compiler for you" in handler.fallback
+    # ... and nothing of it stays in the process: with a working compiler, a new handler
+    # (the next run) and precompile use the compiled kernels again
+    monkeypatch.setattr(kernels, "compiled_kernels", _counting_kernels(calls))
+    calls.clear()
+    later = kernels.FusedLogProb()
+    later.log_density(x, mu, theta, gate)
+    assert calls == ["zinb_log_prob_forward"] and later.compile and later.fallback is None
+    assert handler.fallback is not None and not handler.compile  # the failed run's own
+    assert kernels.precompile() is True
+
+
+def test_a_run_whose_kernel_stops_compiling_records_it_and_the_next_run_compiles(
+    small_adata, monkeypatch
+):
+    # precompile works (the kernels compile on its inputs), then the run's kernels fail:
+    # the run finishes on the eager formulas and its engine record says so; a later run
+    # in the same process decides for itself and compiles.
+    monkeypatch.setattr(kernels, "compiler_available", lambda device="cpu": True)
+    calls, broken = [], []
+    good = _counting_kernels(calls)
+    monkeypatch.setattr(kernels, "compiled_kernels", good)
+    real_precompile = kernels.precompile
+
+    def precompile_then_break(device="cpu"):
+        ok = real_precompile(device)
+        monkeypatch.setattr(kernels, "compiled_kernels", _counting_kernels(broken, fail=True))
+        return ok
+
+    monkeypatch.setattr(kernels, "precompile", precompile_then_break)
+    eager = Engine(compiled=False, fused_kernel=True, threads=1)
+    m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
+    with pytest.warns(RuntimeWarning, match="compiling it failed"):
+        m.train(2, batch_size=64, progress_bar=False, seed=0, engine=eager)
+    assert len(broken) == 1  # one failed try; the rest of the run uncompiled
+    assert np.isfinite(m.history["train_elbo"]).all()
+    for record in (m.engine, m.history.attrs["engine"]):
+        assert record["fused_kernel"] and record["compile_kernel"] is False
+        assert (
+            "compiling it failed (RuntimeError: no compiler for you)"
+            in (record["reasons"]["fused_kernel"])
+        )
+    monkeypatch.setattr(kernels, "precompile", real_precompile)
+    monkeypatch.setattr(kernels, "compiled_kernels", good)
+    calls.clear()
+    m.train(1, batch_size=64, progress_bar=False, seed=0, engine=eager)
+    assert "zinb_log_prob_grads" in calls  # compiled again
+    assert m.engine["compile_kernel"] is True
+    assert m.engine["reasons"]["fused_kernel"] == "on: asked for"
 
 
 @needs_compiler
@@ -213,7 +286,7 @@ def test_compiled_operator_inside_jit_trace_elbo_matches_the_eager_density(small
     # The real thing: torch.compile'd kernels, recorded as one node of Pyro's JitTrace_ELBO
     # graph, give the loss and gradients of the same graph with the eager density. (Compared
     # JIT to JIT, on the same random draws: the JIT consumes the RNG in its own order.)
-    from pyro_scvi.train.loop import _JitCall
+    from pyro_scvi.train.kl import JitCall
 
     assert kernels.precompile()  # a working compiler: the compiled kernels, not the fallback
     m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
@@ -221,10 +294,10 @@ def test_compiled_operator_inside_jit_trace_elbo_matches_the_eager_density(small
     args = (x, b, torch.arange(64), torch.tensor(1.0))
     kwargs = {"num_cells": None, "n_cells": 64}
     params = [p for mod in (m.model, m.guide) for p in mod.parameters()]
-    results, graphs = {}, {}
+    results = {}
     for fused in (False, True):
         jit = pyro.infer.JitTrace_ELBO(ignore_jit_warnings=True)
-        model, guide = _JitCall(m.model), _JitCall(m.guide)  # the graph cache keys on them
+        model, guide = JitCall(m.model), JitCall(m.guide)  # the graph cache keys on them
         with (
             kernels.fused_log_prob(fused),
             torch.jit.optimized_execution(False),  # run the graph as traced
@@ -237,10 +310,16 @@ def test_compiled_operator_inside_jit_trace_elbo_matches_the_eager_density(small
                 pyro.set_rng_seed(5)
                 loss = jit.loss_and_grads(model, guide, *args, **kwargs)
         results[fused] = loss, [p.grad.clone() for p in params]
-        (compiled,) = jit._loss_and_surrogate_loss.compiled.values()
-        graphs[fused] = str(compiled.graph)
-    assert "pyro_scvi::zinb_log_prob" in graphs[True]
-    assert "pyro_scvi::zinb_log_prob" not in graphs[False]
+    # torch.jit.trace, as the JIT ELBO uses it, records the operator as one node
+    handler = kernels.FusedLogProb()
+    mu, theta = torch.full((4, 600), 2.0), torch.ones(600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(
+            lambda mu, theta, gate: handler.log_density(torch.ones(4, 600), mu, theta, gate),
+            (mu, theta, torch.zeros(4, 600)),
+        )
+    assert "pyro_scvi::zinb_log_prob" in str(traced.graph)
     # float32, both: the loss and each gradient entry sum at most n = x.numel() per-count
     # terms through the same networks, and two float32 sums of n terms differ by at most
     # n * EPS32 * (sum of |terms|), taken as |loss| and as the largest gradient entry (this

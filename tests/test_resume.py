@@ -14,9 +14,11 @@ import pytest
 import torch
 from pyro_scvi.datasets import synthetic_zinb
 
-import pyro_scvi.train.loop as infer
 from pyro_scvi import SCVI, Engine, InputError
 from pyro_scvi.errors import TrainingInterrupted
+
+# Stepper.step is the documented fault-injection seam (pyro_scvi.train.stepper)
+from pyro_scvi.train.stepper import Stepper
 
 EPOCHS = 4
 # 300 cells, train_size 0.9: 270 training cells, minibatches of 64 -> 5 steps per epoch
@@ -62,16 +64,15 @@ def _assert_same_run(a, b):
 
 def _signal_at_step(monkeypatch, step, signum=signal.SIGINT):
     """Send ``signum`` to this process from inside training step number ``step`` (from 1)."""
-    real, calls = infer._nan_on_invalid, []
+    real, calls = Stepper.step, []
 
-    def hooked(fn, *args, **kwargs):
-        if fn is not infer.evaluate_elbo:
-            calls.append(1)
-            if len(calls) == step:
-                os.kill(os.getpid(), signum)  # handled at once, in the middle of the step
-        return real(fn, *args, **kwargs)
+    def hooked(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)  # handled at once, before the step runs
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(infer, "_nan_on_invalid", hooked)
+    monkeypatch.setattr(Stepper, "step", hooked)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +249,33 @@ def test_bayesian_decoder_train_twice_and_checkpoint_resume(adata, tmp_path, eng
     resumed = SCVI.load_checkpoint(ckpt, adata, device="cpu")
     resumed.train(1, **_kw(engine))
     _assert_same_run(resumed, one)
+
+
+def test_a_resumed_run_keeps_every_field_of_its_engine(adata, tmp_path, monkeypatch):
+    # Resume once rebuilt the engine from 4 of its 7 fields: data placement, matmul
+    # precision and data parallelism were decided anew. Now every field carries over,
+    # in this process and from a checkpoint, and the reasons say where each came from.
+    from pyro_scvi.train.engine import FIELDS
+
+    engine = Engine(compiled=False, threads=1, data_placement="device", matmul_precision="high")
+    kw = {**_kw(), "engine": engine}
+    _signal_at_step(monkeypatch, 3)
+    m = _new(adata)
+    with pytest.raises(TrainingInterrupted):
+        m.train(2, checkpoint_dir=tmp_path / "c", **kw)
+    monkeypatch.undo()
+    first = dict(m.engine)
+    assert first["data_placement"] == "device" and first["matmul_precision"] == "high"
+    loaded = SCVI.load_checkpoint(tmp_path / "c", adata, device="cpu")
+    for model in (m, loaded):
+        model.resume(progress_bar=False)
+        assert {f: model.engine[f] for f in FIELDS} == {f: first[f] for f in FIELDS}
+        reasons = model.engine["reasons"]
+        assert reasons["data_placement"] == "kept from the interrupted run (asked for)"
+        assert reasons["matmul_precision"] == "kept from the interrupted run (asked for)"
+        assert (
+            reasons["data_parallel"]
+            == "off: kept from the interrupted run (off: a single process)"
+        )
+        assert len(model.history) == 2
+    _assert_same_run(loaded, m)

@@ -25,7 +25,7 @@ from pyro_scvi.model.likelihoods import NB, ZINB, ZIP, Poisson
 from pyro_scvi.model.priors import LogNormalLibrary, MixtureOfGaussians, StandardNormal, VampPrior
 from pyro_scvi.model.schemes import BayesianDecoder, is_global
 from pyro_scvi.posterior import fit_statistics
-from pyro_scvi.train.loop import _Annealed, _jit_pair
+from pyro_scvi.train.kl import Annealed, JitCall
 
 # torch 2.13 deprecates torch.jit.trace, which Pyro's JIT ELBOs are built on
 pytestmark = pytest.mark.filterwarnings(
@@ -243,7 +243,7 @@ def test_jit_elbo_applies_the_kl_weight_it_is_given(counts, jit_cls):
     model, guide = (m.double() for m in make_pair())
     rel = x.numel() * torch.finfo(torch.float64).eps
     elbo = jit_cls(ignore_jit_warnings=True)
-    jit_model, jit_guide = _jit_pair(elbo, model, guide)
+    jit_model, jit_guide = JitCall(model), JitCall(guide)
     cells = torch.arange(20)
 
     def jit_loss(w):
@@ -257,7 +257,7 @@ def test_jit_elbo_applies_the_kl_weight_it_is_given(counts, jit_cls):
         compiled = jit_loss(w)
         pyro.set_rng_seed(3)
         reference = Trace_ELBO().loss_and_grads(
-            _Annealed(model), _Annealed(guide), x, b, cells, 40, w
+            Annealed(model), Annealed(guide), x, b, cells, 40, w
         )
         assert compiled == pytest.approx(reference, rel=rel, abs=0)
         losses[w] = compiled
@@ -291,15 +291,31 @@ def test_train_svi_passes_the_kl_weight_to_jit_elbos_as_a_tensor(monkeypatch):
     assert {kw["n_cells"] for _, kw in seen} == {16, n_train - 32}
 
 
-def test_a_jit_elbo_serves_one_training_run(tiny_adata):
+def test_a_jit_elbo_passed_to_several_runs_compiles_for_each(tiny_adata):
+    # Pyro's JIT ELBOs keep the model, guide and parameters they first compiled: a run
+    # compiles its own copy of the ELBO passed, so the object may serve several runs, each
+    # training its own model (it once trained the first model again, or failed).
     elbo = JitTrace_ELBO(ignore_jit_warnings=True)
-    a = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
-    a.train(max_epochs=1, elbo=elbo, progress_bar=False)
-    for m in (a, SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)):  # continue, or another model
-        with pytest.raises(InputError, match="new JitTrace_ELBO"):
-            m.train(max_epochs=1, elbo=elbo, progress_bar=False)
-    a.train(max_epochs=1, elbo=JitTrace_ELBO(ignore_jit_warnings=True), progress_bar=False)
+
+    def new():
+        return SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
+
+    a = new().train(max_epochs=1, elbo=elbo, progress_bar=False, seed=0)
+    a.train(max_epochs=1, elbo=elbo, progress_bar=False)  # continue, the same object
     assert len(a.history) == 2 and np.isfinite(a.history["train_elbo"]).all()
+    assert a.engine["compiled"] and a.engine["compiled_sizes"]
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
+    shared = new().train(max_epochs=2, elbo=elbo, progress_bar=False, seed=1)  # another model
+    fresh = new().train(
+        max_epochs=2, elbo=JitTrace_ELBO(ignore_jit_warnings=True), progress_bar=False, seed=1
+    )
+    assert all(torch.equal(v, before[k]) for k, v in a.model.state_dict().items())
+    # the shared ELBO trained the new model as a new ELBO does (recompiled: float tolerance)
+    np.testing.assert_allclose(
+        shared.history["train_elbo"], fresh.history["train_elbo"], rtol=1e-5
+    )
+    for key, value in fresh.model.state_dict().items():
+        torch.testing.assert_close(shared.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_jit_training_matches_uncompiled_training(tiny_adata):
@@ -322,21 +338,16 @@ def test_jit_training_matches_uncompiled_training(tiny_adata):
 def test_default_adam_is_scaled_to_the_cells_a_step_sums_over(tiny_adata, monkeypatch, elbo):
     # eps and weight decay follow scvi-tools' per-cell mean loss: times the number of cells
     # the loss sums over, all training cells (rescaled minibatches) or one minibatch (IWAE)
-    import pyro_scvi.train.loop as infer
-
-    made = []
-    real = infer.FusedAdam.__init__
-
-    def spy(self, **settings):
-        made.append(settings)
-        real(self, **settings)
-
-    monkeypatch.setattr(infer.FusedAdam, "__init__", spy)
     m = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
     m.train(max_epochs=1, batch_size=16, elbo=ELBOS[elbo](), progress_bar=False)
     n = len(m.train_indices) if elbo == "trace" else 16
-    assert made[0]["eps"] == pytest.approx(0.01 * n)
-    assert made[0]["weight_decay"] == pytest.approx(1e-6 * n)
+    assert m.engine["fused_adam"]
+    settings = m.history.attrs["optim"]["settings"]
+    assert settings["eps"] == pytest.approx(0.01 * n)
+    assert settings["weight_decay"] == pytest.approx(1e-6 * n)
+    # ... and the optimizer that stepped had them (its saved state)
+    (group,) = m._train_state.optim["state"]["adam"]["param_groups"]
+    assert group["eps"] == pytest.approx(0.01 * n)
 
 
 # ---------------------------------------------------------------- BayesianDecoder
@@ -488,14 +499,18 @@ def test_bayesian_decoder_without_a_dispersion_has_no_theta_site(tiny_adata):
     assert not np.allclose(mean[0], mean[1])
 
 
-def _train_directly(adata, param_groups, engine="eager", epochs=3, batch_size=16, scheme=None):
-    """Train a BayesianDecoder model through train_svi (seed 0); return it and the history."""
-    from pyro_scvi.train.loop import train_svi
+def _train_directly(
+    adata, param_groups, engine="eager", epochs=3, batch_size=16, scheme=None, with_state=False
+):
+    """Train a BayesianDecoder model through train_svi (seed 0); return it and the history
+    (and, ``with_state``, the TrainState the run left)."""
+    from pyro_scvi.train.loop import TrainState, train_svi
 
     m = SCVI(adata, n_latent=N_LATENT, n_hidden=8, scheme=scheme or BayesianDecoder())
     cells = np.random.default_rng(0).permutation(adata.n_obs)
     n_val = max(adata.n_obs // 10, 1)
     m.train_indices, val = np.sort(cells[n_val:]), np.sort(cells[:n_val])
+    state = TrainState.new(0)
     with pyro.get_param_store().scope():
         history = train_svi(
             m.model,
@@ -509,41 +524,38 @@ def _train_directly(adata, param_groups, engine="eager", epochs=3, batch_size=16
             param_groups=param_groups,
             seed=0,
             progress_bar=False,
+            state=state,
         )
-    return m, history
+    return (m, history, state) if with_state else (m, history)
 
 
-def test_bayesian_decoder_q_parameters_get_their_own_adam_group(tiny_adata, monkeypatch):
-    import pyro_scvi.train.loop as infer
-
-    made = []
-    real = infer._adam
-
-    def spy(params, **settings):
-        opt = real(params, **settings)
-        made.append(opt)
-        return opt
-
-    monkeypatch.setattr(infer, "_adam", spy)
-    m, history = _train_directly(tiny_adata, param_groups=True, epochs=1)
-    groups = made[-1].param_groups
+def test_bayesian_decoder_q_parameters_get_their_own_adam_group(tiny_adata):
+    # read from the optimizer's saved state (TrainState.optim): its torch param groups,
+    # the parameters by name
+    m, history, state = _train_directly(tiny_adata, param_groups=True, epochs=1, with_state=True)
+    saved = state.optim["state"]
+    groups = saved["adam"]["param_groups"]
     assert len(groups) == 2
-    q_params = {id(p) for p in (*m.guide.loc.values(), *m.guide.log_scale.values())}
-    assert {id(p) for p in groups[1]["params"]} == q_params
+    names = [[saved["names"][i] for i in g["params"]] for g in groups]
+    q_names = {
+        f"guide$$${name}"
+        for name, _ in m.guide.named_parameters()
+        if name.startswith(("loc.", "log_scale."))
+    }
+    assert len(q_names) == 3 * 2 and set(names[1]) == q_names
     assert groups[1]["eps"] == 1e-8 and groups[1]["weight_decay"] == 0.0
     n = len(m.train_indices)
     assert groups[0]["eps"] == pytest.approx(0.01 * n)
-    assert not q_params & {id(p) for p in groups[0]["params"]}
+    assert not q_names & set(names[0])
     record = history.attrs["optim"]
     assert record["groups_reason"].startswith("on")
     assert record["groups"][0]["settings"]["eps"] == 1e-8
-    assert record["groups"][0]["n_tensors"] == len(q_params)
+    assert record["groups"][0]["n_tensors"] == len(q_names)
 
     # a model without a scheme: one group, nothing declared
-    made.clear()
     plain = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
     plain.train(max_epochs=1, batch_size=16, progress_bar=False, engine="eager")
-    assert len(made[-1].param_groups) == 1
+    assert len(plain._train_state.optim["state"]["adam"]["param_groups"]) == 1
     assert plain.history.attrs["optim"]["groups"] == []
     assert plain.history.attrs["optim"]["groups_reason"].startswith("none declared")
 

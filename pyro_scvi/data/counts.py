@@ -106,8 +106,12 @@ class CountData:
             chunks[-1] = np.concatenate([chunks[-1], last])
         yield from chunks
 
-    def resident_bytes(self) -> int:
-        """Bytes that :meth:`to_device` would place on a device (counts and batch codes)."""
+    def resident_bytes(self) -> int | None:
+        """Bytes that :meth:`to_device` would place on a device (counts and batch codes).
+
+        Every source of counts has this method (``None``: it cannot be held on a device);
+        the training engine asks it when it decides where minibatches are gathered.
+        """
         if sp.issparse(self.X):
             return int(self.X.nnz * (4 + 4) + (self.n_cells + 1) * 8 + self.n_cells * 8)
         return int(self.X.size * 4 + self.n_cells * 8)
@@ -158,7 +162,8 @@ class StreamedCounts:
     to load (:func:`pyro_scvi.data.placement.choose_data_source`). The checks of
     :func:`from_anndata` run over the file in one streamed pass, which also records each
     cell's total count. Offers :class:`CountData`'s interface (``minibatches``,
-    ``tensors``, ``library_log_stats``, ``total_counts``, names and sizes) except ``X``.
+    ``tensors``, ``library_log_stats``, ``total_counts``, ``resident_bytes``, names and
+    sizes) except ``X``.
     """
 
     def __init__(
@@ -210,6 +215,10 @@ class StreamedCounts:
     def library_log_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of ``log(total counts)`` per batch."""
         return _library_log_stats(self._totals, self.batch_index, self.n_batch)
+
+    def resident_bytes(self) -> None:
+        """``None``: streamed counts are never held whole on a device (see :class:`CountData`)."""
+        return None
 
     def total_counts(self) -> np.ndarray:
         """Each cell's total count (library size), ``float64``."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Literal
 
 import pyro
@@ -71,33 +70,52 @@ def cells_plate(
     return pyro.plate("cells", num_cells, subsample=cell_index, dim=-2)
 
 
-_REGISTER_PARAMS: ContextVar[bool] = ContextVar("pyro_scvi_register_params", default=True)
-
-
 def register_module(name: str, module: nn.Module) -> None:
-    """``pyro.module(name, module)``, unless inside :func:`parameters_held`.
+    """``pyro.module(name, module)``, unless an optimizer holds ``module``'s parameters.
 
     Registering sends every parameter through Pyro's effect stack on every call: per-step
-    Python work that a training loop already holding the parameters can skip.
+    Python work that a training step whose optimizer already holds the parameters can skip.
+    Whether it does is the module's own attribute ``parameters_held``, set by
+    :func:`parameters_held` (false when absent).
     """
-    if _REGISTER_PARAMS.get():
+    if not getattr(module, "parameters_held", False):
         pyro.module(name, module)
 
 
 @contextmanager
-def parameters_held() -> Iterator[None]:
-    """Skip :func:`register_module` in this block.
+def parameters_held(*modules: nn.Module) -> Iterator[None]:
+    """Tell ``modules`` that an optimizer holds their parameters in this block.
 
-    For a training loop whose optimizer already holds every parameter, after a first step
-    that registered them (:class:`~pyro_scvi.train.loop.FusedAdam`). Nothing that reads ``param``
-    sites from a trace may run inside: ``pyro.infer.SVI`` with a Pyro optimizer and the
-    JIT ELBOs, which compile from the parameters a trace shows them, do.
+    Sets each module's ``parameters_held`` attribute, which :func:`register_module` reads,
+    and restores it afterwards. For a training step whose optimizer found every parameter
+    in a first step that registered them (:class:`~pyro_scvi.train.optim.FusedAdam` with
+    ``hold=``). Nothing that reads ``param`` sites from a trace may run inside:
+    ``pyro.infer.SVI`` with a Pyro optimizer and the JIT ELBOs, which compile from the
+    parameters a trace shows them, do.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from pyro_scvi.model.priors import LogNormalLibrary
+    >>> m = ScviModel(5, 1, LogNormalLibrary(torch.tensor([1.0]), torch.tensor([0.5])))
+    >>> with parameters_held(m):
+    ...     m.parameters_held
+    True
+    >>> m.parameters_held
+    False
     """
-    token = _REGISTER_PARAMS.set(False)
+    missing = object()
+    before = [vars(m).get("parameters_held", missing) for m in modules]
+    for m in modules:
+        m.parameters_held = True
     try:
         yield
     finally:
-        _REGISTER_PARAMS.reset(token)
+        for m, was in zip(modules, before, strict=True):
+            if was is missing:
+                del m.parameters_held  # back to the class's (or no) attribute
+            else:
+                m.parameters_held = was
 
 
 class ScviModel(nn.Module):
@@ -142,6 +160,10 @@ class ScviModel(nn.Module):
     >>> "l" in tr.nodes, m.use_observed_lib_size
     (False, True)
     """
+
+    #: Whether an optimizer holds the model's parameters, so that calling it skips
+    #: registering them with Pyro (set by :func:`parameters_held`).
+    parameters_held: bool = False
 
     def __init__(
         self,
@@ -261,7 +283,7 @@ class ScviModel(nn.Module):
         ``batch_index`` holds each cell's batch code; ``cell_index`` and ``num_cells``
         subsample the ``cells`` plate (see :func:`cells_plate`). KL warm-up is not the
         model's business: training scales the ``z`` terms with the handler
-        :class:`pyro_scvi.train.loop.KLWeight`.
+        :class:`pyro_scvi.train.kl.KLWeight`.
         """
         register_module("model", self)
         # one plate object, entered twice: a second pyro.plate("genes") would clash

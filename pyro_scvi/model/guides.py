@@ -76,6 +76,9 @@ class Guide(nn.Module):
         (JIT) ELBO may hold it; declare it only when it is true.
     n_latent
         Dimension of ``z``.
+    parameters_held
+        Whether an optimizer holds the guide's parameters, so that calling it skips
+        registering them with Pyro (set by :func:`~pyro_scvi.model.parameters_held`).
 
     Examples
     --------
@@ -100,6 +103,7 @@ class Guide(nn.Module):
 
     amortized: bool = True
     static_structure: bool = False
+    parameters_held: bool = False
     n_latent: int
 
     def encode(

@@ -235,7 +235,7 @@ class GlobalsGuide(Guide):
     def optim_groups(self) -> list[dict]:
         """``q``'s parameters, which need Adam settings of their own (see ``optim_eps``).
 
-        Read by :func:`~pyro_scvi.train.loop.declared_optim_groups`: unscaled ``eps``, no weight
+        Read by :func:`~pyro_scvi.train.optim.declared_optim_groups`: unscaled ``eps``, no weight
         decay (the priors regularize the globals; decay would pull the log-scales to 0).
         """
         return [

@@ -83,7 +83,7 @@ class DataParallel:
         """Average the parameters' gradients and ``loss`` over the ranks; return the loss.
 
         One ``all_reduce`` of a flat buffer, so ``params`` must come in the same order on
-        every rank (:class:`~pyro_scvi.train.loop.FusedAdam` sorts them by name). A parameter
+        every rank (:class:`~pyro_scvi.train.optim.FusedAdam` sorts them by name). A parameter
         without a gradient counts as zeros. A rank whose loss is not finite makes the
         average not finite, so every rank skips the step together.
         """

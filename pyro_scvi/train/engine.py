@@ -14,7 +14,7 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     :class:`~pyro_scvi.train.kernels.FusedLogProb`). Needs a likelihood that declares
     ``fused_kernel`` and, to pay off, a C++ compiler and enough work to amortize compiling.
 ``fused_adam``
-    One ``torch.optim.Adam`` over all parameters (:class:`~pyro_scvi.train.loop.FusedAdam`)
+    One ``torch.optim.Adam`` over all parameters (:class:`~pyro_scvi.train.optim.FusedAdam`)
     instead of a Pyro optimizer through :class:`pyro.infer.SVI`.
 ``data_placement``
     Where minibatches are gathered: ``"host"`` (rows sliced from the CSR matrix in host
@@ -37,11 +37,23 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     busy process makes every step several times slower (``benchmarks/shared_cores.py``).
 
 :class:`Engine` holds the user's wishes (``None``: decide); :meth:`Engine.resolve` turns
-them into a :class:`RunEngine` with every field decided and the reason for each.
+them into a :class:`RunEngine` with every field decided and the reason for each, and
+:meth:`RunEngine.stepper` assembles the run's training step from it
+(:class:`~pyro_scvi.train.stepper.Stepper`: the ELBO, the optimizer, the kernel handler and
+the data-parallel group). What the engine needs to know of a component it asks the
+component: ``static_structure`` and ``fused_kernel`` of the model's parts, an ELBO's
+:class:`ElboCapabilities` (Pyro's own ELBO classes, which cannot declare anything, from the
+one table :data:`PYRO_ELBOS`), the counts' ``resident_bytes()``.
+:meth:`Engine.for_resume` rebuilds the engine of an interrupted run from its record.
 ``SCVI.train(engine=...)`` and the CLI (``--compile``, ``--fused-kernel``,
 ``--fused-adam``, ``--threads``) take it; the resolved engine is stored in
 ``history.attrs["engine"]``, in ``SCVI.engine``, in the saved model and in the CLI's
 ``uns["pyro_scvi"]["params"]``, and the threads of each epoch in ``history["threads"]``.
+The record also holds what the run learned as it went (the stepper adds it): the minibatch
+sizes a compiled ELBO compiled graphs for (``compiled_sizes``), who registers the
+parameters (``reasons["parameters"]``), and a fused kernel whose compilation failed during
+the run (``compile_kernel`` false, ``reasons["fused_kernel"]`` says why). Nothing of one
+run's choices stays in the process for the next: each run decides for itself.
 
 Examples
 --------
@@ -58,12 +70,13 @@ Examples
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pyro.infer import (
@@ -72,10 +85,17 @@ from pyro.infer import (
     JitTraceEnum_ELBO,
     JitTraceGraph_ELBO,
     JitTraceMeanField_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
 )
 
 from ..errors import InputError
 from . import distributed, kernels
+from .stepper import Stepper
+
+if TYPE_CHECKING:
+    from .distributed import DataParallel
 
 #: Runs of at least this many steps compile the ELBO by default: tracing costs about a
 #: second, and ``benchmarks/profile_step.py`` measured a compiled step 14-22% shorter.
@@ -97,7 +117,86 @@ RESIDENT_MAX_FRACTION = 0.5
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
-_JIT_ELBOS = (JitTrace_ELBO, JitTraceMeanField_ELBO, JitTraceGraph_ELBO, JitTraceEnum_ELBO)
+#: The fields of an engine, in order.
+FIELDS = (
+    "compiled",
+    "fused_kernel",
+    "fused_adam",
+    "threads",
+    "data_placement",
+    "matmul_precision",
+    "data_parallel",
+)
+
+#: How a reason says that a field came from the record of the run being resumed.
+KEPT = "kept from the interrupted run"
+
+
+@dataclasses.dataclass(frozen=True)
+class ElboCapabilities:
+    """What training needs to know of an ELBO, declared rather than read from its type.
+
+    An ELBO of one's own declares them with a ``capabilities`` attribute holding one of
+    these; Pyro's classes, which cannot, have theirs in :data:`PYRO_ELBOS`
+    (:func:`elbo_capabilities` looks them up).
+
+    Attributes
+    ----------
+    compiled
+        It compiles its loss at first use (Pyro's JIT ELBOs): positional arguments are the
+        graph's inputs, keywords its cache key, and one object serves one run's model.
+    sums_site_terms
+        It is linear in each site's log-density scale, so a minibatch rescaled to the full
+        data is an unbiased estimate and ranks' estimates can be averaged (``RenyiELBO``,
+        a log-mean-exp over particles, is not).
+    differentiable_loss
+        Its ``differentiable_loss`` is its loss and needs no ``param`` sites: an optimizer
+        that holds the parameters may stop registering them
+        (:class:`~pyro_scvi.train.optim.FusedAdam`'s ``hold``).
+    """
+
+    compiled: bool = False
+    sums_site_terms: bool = True
+    differentiable_loss: bool = False
+
+
+#: Pyro's ELBO classes and their capabilities: the one place the engine reads an ELBO's type.
+PYRO_ELBOS: dict[type, ElboCapabilities] = {
+    Trace_ELBO: ElboCapabilities(differentiable_loss=True),
+    TraceMeanField_ELBO: ElboCapabilities(differentiable_loss=True),
+    RenyiELBO: ElboCapabilities(sums_site_terms=False),
+    JitTrace_ELBO: ElboCapabilities(compiled=True),
+    JitTraceMeanField_ELBO: ElboCapabilities(compiled=True),
+    JitTraceGraph_ELBO: ElboCapabilities(compiled=True),
+    JitTraceEnum_ELBO: ElboCapabilities(compiled=True),
+}
+
+
+def elbo_capabilities(elbo: ELBO) -> ElboCapabilities:
+    """The capabilities ``elbo`` declares, else those :data:`PYRO_ELBOS` gives its class.
+
+    A subclass of a class in the table gets the nearest one's ``compiled`` and
+    ``sums_site_terms`` but not ``differentiable_loss`` (it may change the loss); any other
+    ELBO the defaults: uncompiled, a sum of site terms, registering its parameters.
+
+    Examples
+    --------
+    >>> elbo_capabilities(RenyiELBO()).sums_site_terms, elbo_capabilities(JitTrace_ELBO()).compiled
+    (False, True)
+    >>> class Mine(Trace_ELBO):
+    ...     capabilities = ElboCapabilities(differentiable_loss=True)
+    >>> elbo_capabilities(Mine()).differentiable_loss
+    True
+    """
+    declared = getattr(elbo, "capabilities", None)
+    if isinstance(declared, ElboCapabilities):
+        return declared
+    if type(elbo) in PYRO_ELBOS:
+        return PYRO_ELBOS[type(elbo)]
+    for cls in type(elbo).__mro__[1:]:
+        if cls in PYRO_ELBOS:
+            return dataclasses.replace(PYRO_ELBOS[cls], differentiable_loss=False)
+    return ElboCapabilities()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +222,10 @@ class Engine:
     data_parallel
         Train as one rank of the running ``torch.distributed`` group (``None``: when one
         of more than one process is running).
+    resumed_from
+        The record (:meth:`RunEngine.as_dict`) of the interrupted run this engine finishes
+        (set by :meth:`for_resume`): a field this machine cannot honour is then decided
+        anew, and its reason says why, instead of an error.
 
     Examples
     --------
@@ -138,6 +241,9 @@ class Engine:
     data_placement: str | None = None
     matmul_precision: str | None = None
     data_parallel: bool | None = None
+    resumed_from: Mapping[str, Any] | None = dataclasses.field(
+        default=None, compare=False, repr=False, kw_only=True
+    )
 
     #: Named engines: ``auto`` decides everything; the others fix the stepping path.
     PRESETS = ("auto", "eager", "compiled", "fused", "pyro")
@@ -194,11 +300,11 @@ class Engine:
         if isinstance(engine, str):
             return cls.preset(engine)
         if isinstance(engine, Mapping):
-            unknown = set(engine) - {f.name for f in dataclasses.fields(cls)}
+            unknown = set(engine) - set(FIELDS)
             if unknown:
                 raise InputError(
                     f"engine has unknown fields {sorted(unknown)}; the fields are "
-                    f"{', '.join(f.name for f in dataclasses.fields(cls))}."
+                    f"{', '.join(FIELDS)}."
                 )
             return cls(**engine)
         raise InputError(
@@ -217,27 +323,51 @@ class Engine:
         """The engine that finishes an interrupted run, from the run's engine record.
 
         ``record`` is :meth:`RunEngine.as_dict` of the interrupted run (``None``: decide
-        everything). An ELBO passed again fixes ``compiled`` and an optimizer
-        ``fused_adam``, so those fields are then left to them.
+        everything). Every field is carried over: compiled, fused_kernel, fused_adam,
+        threads, data_placement, matmul_precision and data_parallel. An ELBO passed again
+        fixes ``compiled`` and an optimizer ``fused_adam``, so those fields are then left to
+        them. What this machine cannot honour (a ``"device"`` placement recorded on another
+        kind of device or for streamed counts, data parallelism with no process group, a
+        kernel or compilation the components no longer allow) :meth:`resolve` decides anew,
+        saying so in the reasons; the rest keeps the record's value and says where it came
+        from (``"kept from the interrupted run (...)"``).
 
         Examples
         --------
-        >>> Engine.for_resume({"compiled": False, "fused_kernel": False, "fused_adam": True,
-        ...                    "threads": 2}).threads
-        2
+        >>> old = {"compiled": False, "fused_kernel": False, "fused_adam": True, "threads": 2,
+        ...        "data_placement": "host", "matmul_precision": "high", "data_parallel": False}
+        >>> e = Engine.for_resume(old)
+        >>> e.threads, e.data_placement, e.matmul_precision, e.data_parallel
+        (2, 'host', 'high', False)
+        >>> Engine.for_resume(old, elbo_passed=True).compiled is None
+        True
         """
         done = dict(record or {})
-        threads = done.get("threads")
-        engine = cls(
-            compiled=done.get("compiled"),
-            fused_kernel=done.get("fused_kernel"),
-            fused_adam=done.get("fused_adam"),
-            threads=None if threads in (None, "auto") else int(threads),
-        )
-        if elbo_passed or optim_passed:
-            # the ELBO fixes compiled, an optim fused_adam: leave those fields to them
-            engine = cls(threads=engine.threads, fused_kernel=engine.fused_kernel)
-        return engine
+        fields = {name: done.get(name) for name in FIELDS}
+        if fields["threads"] in ("auto",):
+            fields["threads"] = None
+        elif fields["threads"] is not None:
+            fields["threads"] = int(fields["threads"])
+        for name in ("compiled", "fused_kernel", "fused_adam", "data_parallel"):
+            if fields[name] is not None:
+                fields[name] = bool(fields[name])  # e.g. numpy booleans read from AnnData
+        for name in ("data_placement", "matmul_precision"):
+            if fields[name] is not None:
+                fields[name] = str(fields[name])
+        if elbo_passed:
+            fields["compiled"] = None  # the ELBO fixes it
+        if optim_passed:
+            fields["fused_adam"] = None  # the optimizer fixes it
+        return cls(**fields, resumed_from=done)
+
+    def _given(self, name: str) -> str:
+        """Why a field that was given holds: asked for, or kept from the resumed run."""
+        if self.resumed_from is None:
+            return "asked for"
+        old = str((self.resumed_from.get("reasons") or {}).get(name, ""))
+        if KEPT in old:  # resumed before: keep the first run's reason
+            return old[old.index(KEPT) :]
+        return f"{KEPT} ({old})" if old else KEPT
 
     def resolve(
         self,
@@ -276,6 +406,9 @@ class Engine:
         """
         reasons: dict[str, str] = {}
         device = torch.device(device)
+        kept = self._given
+        # On resume a field this machine cannot honour is decided anew (else: an error).
+        resuming = self.resumed_from is not None
         # optimizer
         if optim is not None:
             if self.fused_adam:
@@ -286,13 +419,13 @@ class Engine:
             fused_adam, reasons["fused_adam"] = False, "off: a Pyro optimizer was passed"
         elif self.fused_adam is not None:
             fused_adam = self.fused_adam
-            reasons["fused_adam"] = f"{'on' if fused_adam else 'off'}: asked for"
+            reasons["fused_adam"] = f"{'on' if fused_adam else 'off'}: {kept('fused_adam')}"
         else:
             fused_adam, reasons["fused_adam"] = True, "on: default optimizer"
         # compiled ELBO
         static, why_not = static_structure(model, guide)
         if elbo is not None:
-            compiled = isinstance(elbo, _JIT_ELBOS)
+            compiled = elbo_capabilities(elbo).compiled
             if self.compiled is not None and self.compiled != compiled:
                 raise InputError(
                     f"Engine(compiled={self.compiled}) contradicts elbo={type(elbo).__name__}(); "
@@ -301,6 +434,8 @@ class Engine:
             reasons["compiled"] = f"{'on' if compiled else 'off'}: the ELBO passed is " + (
                 "a JIT ELBO" if compiled else type(elbo).__name__
             )
+        elif self.compiled and not static and resuming:
+            compiled, reasons["compiled"] = False, f"off: re-decided on resume: {why_not}"
         elif self.compiled is not None:
             compiled = self.compiled
             if compiled and not static:
@@ -309,7 +444,7 @@ class Engine:
                     "first call. Declare static_structure = True on a component whose "
                     "structure does not change between calls, or use compiled=False."
                 )
-            reasons["compiled"] = f"{'on' if compiled else 'off'}: asked for"
+            reasons["compiled"] = f"{'on' if compiled else 'off'}: {kept('compiled')}"
         elif not static:
             compiled, reasons["compiled"] = False, f"off: {why_not}"
         elif n_steps < COMPILE_MIN_STEPS:
@@ -322,19 +457,23 @@ class Engine:
         likelihood = getattr(model, "likelihood", None)
         can_fuse = bool(getattr(likelihood, "fused_kernel", False))
         fused_kernel, compile_kernel = False, False
+        no_kernel = f"the likelihood {likelihood!r} has no fused kernel"
         if self.fused_kernel is False:
-            reasons["fused_kernel"] = "off: asked for"
+            reasons["fused_kernel"] = f"off: {kept('fused_kernel')}"
         elif not can_fuse:
-            if self.fused_kernel:
+            if self.fused_kernel and resuming:
+                reasons["fused_kernel"] = f"off: re-decided on resume: {no_kernel}"
+            elif self.fused_kernel:
                 raise InputError(
                     f"Engine(fused_kernel=True), but the likelihood {likelihood!r} has no fused "
                     "kernel (only ZINB has); use fused_kernel=None or False."
                 )
-            reasons["fused_kernel"] = f"off: the likelihood {likelihood!r} has no fused kernel"
+            else:
+                reasons["fused_kernel"] = f"off: {no_kernel}"
         elif self.fused_kernel:
             fused_kernel = True
             compile_kernel = kernels.precompile(device)
-            reasons["fused_kernel"] = "on: asked for" + (
+            reasons["fused_kernel"] = f"on: {kept('fused_kernel')}" + (
                 "" if compile_kernel else f" (uncompiled: no working compiler for {device.type})"
             )
         else:
@@ -357,21 +496,27 @@ class Engine:
             # the accelerator does the work: keep torch's CPU threads as they are, fixed
             threads = self.threads or torch.get_num_threads()
             reasons["threads"] = (
-                "asked for" if self.threads else f"torch's count, held ({device.type} run)"
+                kept("threads") if self.threads else f"torch's count, held ({device.type} run)"
             )
         elif self.threads is not None:
-            threads, reasons["threads"] = self.threads, "asked for"
+            threads, reasons["threads"] = self.threads, kept("threads")
         else:
             threads, reasons["threads"] = None, "follow the cores that other processes leave free"
         reasons["data_source"] = data_source or "memory: in-memory counts"
         # data placement
-        if reasons["data_source"].startswith("streamed") and self.data_placement == "device":
-            raise InputError(
-                "data_placement='device' holds all counts on the device, but they are "
-                "streamed from the file; use data_placement='host' or None."
-            )
-        if self.data_placement is not None:
-            placement, reasons["data_placement"] = self.data_placement, "asked for"
+        streamed = reasons["data_source"].startswith("streamed")
+        asked_placement, why = self.data_placement, None
+        if asked_placement == "device":
+            why = self._placement_elsewhere(device, streamed)
+            if why is not None:
+                asked_placement = None  # decided below, and the reason says why
+            elif streamed:
+                raise InputError(
+                    "data_placement='device' holds all counts on the device, but they are "
+                    "streamed from the file; use data_placement='host' or None."
+                )
+        if asked_placement is not None:
+            placement, reasons["data_placement"] = asked_placement, kept("data_placement")
         elif device.type == "cpu":
             placement = "host"
             reasons["data_placement"] = "host: a CPU run reads the host's counts directly"
@@ -379,7 +524,7 @@ class Engine:
             placement = "host"
             reasons["data_placement"] = "host: the counts' size on the device is unknown"
         else:
-            free = _device_free_bytes(device)
+            free = device_free_bytes(device)
             budget = RESIDENT_MAX_FRACTION * free if free is not None else 0.0
             placement = "device" if data_bytes <= budget else "host"
             reasons["data_placement"] = f"{placement}: counts {data_bytes / 2**30:.2f} GiB, " + (
@@ -387,10 +532,15 @@ class Engine:
                 if free is not None
                 else f"free {device.type} memory unknown"
             )
-        # data parallelism
+        if why is not None:
+            reasons["data_placement"] += f" (re-decided on resume: {why})"
+        # data parallelism: the group is read here, once, and travels in the RunEngine
         group = distributed.current()
+        alone = "no torch.distributed group of more than one process is running"
         if self.data_parallel is False:
-            data_parallel, reasons["data_parallel"] = False, "off: asked for"
+            data_parallel, reasons["data_parallel"] = False, f"off: {kept('data_parallel')}"
+        elif group is None and self.data_parallel and resuming:
+            data_parallel, reasons["data_parallel"] = False, f"off: re-decided on resume: {alone}"
         elif group is None:
             if self.data_parallel:
                 raise InputError(
@@ -412,7 +562,8 @@ class Engine:
             )
         # matrix products
         if self.matmul_precision is not None:
-            precision, reasons["matmul_precision"] = self.matmul_precision, "asked for"
+            precision = self.matmul_precision
+            reasons["matmul_precision"] = kept("matmul_precision")
         else:
             precision = "highest"
             reasons["matmul_precision"] = "highest: float32 products (torch's default)"
@@ -425,8 +576,25 @@ class Engine:
             data_placement=placement,
             matmul_precision=precision,
             data_parallel=data_parallel,
+            device=str(device),
             reasons=reasons,
+            group=group if data_parallel else None,
         )
+
+    def _placement_elsewhere(self, device: torch.device, streamed: bool) -> str | None:
+        """On resume: why a recorded ``"device"`` placement cannot hold here (else ``None``)."""
+        if self.resumed_from is None:
+            return None
+        if streamed:
+            return "the counts are streamed from the file now"
+        before = self.resumed_from.get("device")
+        if before is None:
+            if device.type == "cpu":
+                return "the interrupted run's device is not recorded, and this run is on cpu"
+            return None
+        if torch.device(before).type != device.type:
+            return f"the interrupted run held the counts on {before}; this run is on {device}"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,7 +602,10 @@ class RunEngine:
     """An :class:`Engine` with every choice made, and why (see :meth:`Engine.resolve`).
 
     ``threads`` is ``None`` when the run follows the free cores (:class:`ThreadPolicy`);
-    the threads of each epoch are then in the run's ``history["threads"]``.
+    the threads of each epoch are then in the run's ``history["threads"]``. ``device`` is
+    the run's device; ``group`` the data-parallel group this process trains in
+    (:class:`~pyro_scvi.train.distributed.DataParallel`, ``None`` unless
+    ``data_parallel``), read once by :meth:`Engine.resolve` and handed to the step.
     """
 
     compiled: bool
@@ -445,20 +616,95 @@ class RunEngine:
     data_placement: str
     matmul_precision: str
     data_parallel: bool
+    device: str
     reasons: dict[str, str]
+    group: DataParallel | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for ``history.attrs``, saved settings and AnnData's ``uns``."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del out["group"]
         out["threads"] = "auto" if self.threads is None else int(self.threads)
         out["reasons"] = dict(self.reasons)
         return out
 
-    def wrap_model(self, model: Callable) -> Callable:
-        """The model under the handlers this engine applies (the fused kernel, if on)."""
-        if not self.fused_kernel:
-            return model
-        return kernels.FusedLogProb(compile=self.compile_kernel)(model)
+    def stepper(
+        self,
+        model: Callable,
+        guide: Callable,
+        *,
+        n_train: int,
+        batch_size: int,
+        elbo: ELBO | None = None,
+        optim: Any = None,
+        lr: float = 1e-3,
+        param_groups: bool = True,
+    ) -> Stepper:
+        """The run's training step, assembled as this engine decided.
+
+        The ELBO (``elbo``, else ``Trace_ELBO``, compiled as ``JitTrace_ELBO`` when
+        ``compiled``, with an uncompiled one for the epoch's smaller last minibatch), its
+        capabilities (:func:`elbo_capabilities`), the fused kernel's handler, the optimizer
+        (:class:`~pyro_scvi.train.optim.FusedAdam` over the cell-scaled settings, or ``optim``
+        or :func:`~pyro_scvi.train.optim.default_optim` through ``pyro.infer.SVI``) and the
+        data-parallel group. ``n_train`` training cells, full minibatches of ``batch_size``.
+        A compiled ELBO passed in is copied, so that each run compiles its own graphs
+        (Pyro's JIT ELBOs keep the model they first compiled); the object passed in stays
+        unused and may be passed to another run.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from pyro_scvi import ScviGuide, ScviModel, LogNormalLibrary
+        >>> m = ScviModel(30, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
+        >>> g = ScviGuide(30, 1)
+        >>> run = Engine.preset("eager", threads=1).resolve(
+        ...     m, g, n_steps=10, batch_size=8, n_genes=30, device="cpu")
+        >>> step = run.stepper(m, g, n_train=64, batch_size=8)
+        >>> step.record["reasons"]["parameters"]
+        'held by fused Adam after the first step (Trace_ELBO differentiates without param sites)'
+        """
+        tail_elbo = None
+        if elbo is None:
+            elbo = JitTrace_ELBO(ignore_jit_warnings=True) if self.compiled else Trace_ELBO()
+            if self.compiled:
+                # One compiled graph, for full minibatches: the smaller last minibatch of
+                # each epoch runs uncompiled (the same estimator) instead of compiling again.
+                tail_elbo = Trace_ELBO()
+        capabilities = elbo_capabilities(elbo)
+        if capabilities.compiled:
+            elbo = copy.copy(elbo)  # this run's own compiled graphs
+        if self.group is not None and not capabilities.sums_site_terms:
+            raise InputError(
+                f"Data-parallel training averages the ranks' full-data ELBO estimates, which "
+                f"{type(elbo).__name__} does not give; use Trace_ELBO (the default) or "
+                "another ELBO that sums the sites' log-densities."
+            )
+        kernel = kernels.FusedLogProb(compile=self.compile_kernel) if self.fused_kernel else None
+        return Stepper(
+            model,
+            guide,
+            elbo=elbo,
+            tail_elbo=tail_elbo,
+            capabilities=capabilities,
+            # the ELBOs whose differentiable_loss an optimizer holding the parameters may use
+            differentiable=[
+                e
+                for e in (elbo, tail_elbo)
+                if e is not None and elbo_capabilities(e).differentiable_loss
+            ],
+            kernel=kernel,
+            group=self.group,
+            device=self.device,
+            data_placement=self.data_placement,
+            fused_adam=self.fused_adam,
+            optim=optim,
+            lr=lr,
+            param_groups=param_groups,
+            n_train=n_train,
+            batch_size=batch_size,
+            record=self.as_dict(),
+        )
 
     def set_matmul_precision(self) -> str:
         """Set torch's float32 matrix-product precision to this engine's; return the old one."""
@@ -489,16 +735,21 @@ class ThreadPolicy:
     """torch's CPU threads during a run: fixed, or following the free cores.
 
     With ``threads=None`` it counts the cores that other processes keep busy (from
-    ``/proc/stat`` less this process's own time in ``/proc/self/stat``) and uses the
-    rest, at least one and at most torch's thread count when the run started; it measures
-    for 0.1 s at the start and then over each epoch, and changes the count at most every
-    ``min_interval`` seconds. Where ``/proc`` is missing (not Linux) it keeps torch's
-    count. :meth:`close` restores the count the run found.
+    ``/proc/stat`` less this process's own time in ``/proc/self/stat``, as
+    :class:`CpuMeter` reads them) and uses the rest, at least one and at most torch's
+    thread count when the run started; it measures for 0.1 s at the start and then over
+    each epoch, and changes the count at most every ``min_interval`` seconds. Where
+    ``/proc`` is missing (not Linux) it keeps torch's count. :meth:`close` restores the
+    count the run found. ``meter`` measures something else than this machine (e.g. a
+    test's made-up load): an object with :class:`CpuMeter`'s four methods.
     """
 
-    def __init__(self, threads: int | None, *, min_interval: float = 2.0) -> None:
+    def __init__(
+        self, threads: int | None, *, min_interval: float = 2.0, meter: CpuMeter | None = None
+    ) -> None:
         self.fixed = threads
         self.min_interval = min_interval
+        self.meter = meter if meter is not None else CpuMeter()
         self.original = torch.get_num_threads()
         self.max_threads = self.original
         self.current = self.original
@@ -509,10 +760,10 @@ class ThreadPolicy:
         if self.fixed is not None:
             self._set(self.fixed)
             return self.current
-        sample = _cpu_sample()
+        sample = self.meter.sample()
         if sample is None:
             return self.current
-        time.sleep(0.1)
+        self.meter.settle()
         self._last = sample
         self._adjust(force=True)
         return self.current
@@ -528,7 +779,7 @@ class ThreadPolicy:
         self._set(self.original)
 
     def _adjust(self, *, force: bool) -> None:
-        now = _cpu_sample()
+        now = self.meter.sample()
         if now is None or self._last is None:
             return
         seconds = now[0] - self._last[0]
@@ -540,10 +791,9 @@ class ThreadPolicy:
         self._last = now
         if total <= 0:
             return
-        n_cpus = _system_cpus()
         # cores' worth of time that other processes used in the interval
-        others = max(0.0, (busy - own) / total * n_cpus)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n_cpus
+        others = max(0.0, (busy - own) / total * self.meter.cpus())
+        cores = self.meter.cores()
         # a core counts as taken once another process uses a quarter of it: a thread that
         # shares a core stalls every step, while one thread fewer costs at most 1/threads
         free = cores - math.ceil(others - 0.25) if others > 0.25 else cores
@@ -555,31 +805,47 @@ class ThreadPolicy:
         self.current = n
 
 
-def _device_free_bytes(device: torch.device) -> int | None:
-    """Free memory on an accelerator, or ``None`` where torch cannot say."""
+class CpuMeter:
+    """What :class:`ThreadPolicy` measures of this machine: CPU time, from ``/proc``."""
+
+    def sample(self) -> tuple[float, int, int, int] | None:
+        """(wall time, all cpus' jiffies, busy jiffies, this process's jiffies), or None."""
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                own_fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        total = sum(fields[:8])
+        idle = fields[3] + fields[4]
+        own = int(own_fields[11]) + int(own_fields[12])  # utime, stime
+        return time.monotonic(), total, total - idle, own
+
+    def cpus(self) -> int:
+        """The machine's CPUs (those ``/proc/stat`` counts)."""
+        return os.cpu_count() or 1
+
+    def cores(self) -> int:
+        """The CPUs this process may run on."""
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else self.cpus()
+
+    def settle(self) -> None:
+        """Let a first measurement's interval pass (0.1 s)."""
+        time.sleep(0.1)
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """Free memory on an accelerator, or ``None`` where torch cannot say.
+
+    What :meth:`Engine.resolve` budgets a ``"device"`` data placement from
+    (:data:`RESIDENT_MAX_FRACTION` of it); a test that replaces this function runs the
+    decision for a GPU of any size.
+    """
     if device.type != "cuda":
         return None
     try:
         return int(torch.cuda.mem_get_info(device)[0])
     except (RuntimeError, AssertionError):  # no driver, or not initializable
         return None
-
-
-def _system_cpus() -> int:
-    return os.cpu_count() or 1
-
-
-def _cpu_sample() -> tuple[float, int, int, int] | None:
-    """(wall time, all cpus' jiffies, busy jiffies, this process's jiffies), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own_fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    # user nice system idle iowait irq softirq steal (guest time is inside user)
-    total = sum(fields[:8])
-    idle = fields[3] + fields[4]
-    own = int(own_fields[11]) + int(own_fields[12])  # utime, stime
-    return time.monotonic(), total, total - idle, own

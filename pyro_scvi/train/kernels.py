@@ -50,9 +50,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import itertools
 import math
 import shutil
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 
 import pyro.distributions as dist
@@ -169,51 +171,64 @@ def zinb_log_prob_grads(
     return grad * d_mu, grad * d_theta, grad * d_gate
 
 
-# --- the operator -----------------------------------------------------------------------
-
-#: Kernels by ``compiled``: a cache. A compilation that failed leaves the eager kernels in
-#: the compiled slot (with a warning), so a process does not retry it on every step.
-_kernels: dict[bool, tuple[Callable, Callable]] = {}
+# --- the operator ---------------------------------------------------------------------
 
 
-def _run(which: int, compiled: bool, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
+@functools.cache
+def compiled_kernels() -> tuple[Callable, Callable]:
+    """The forward and backward kernels under ``torch.compile`` (compiled at first call).
+
+    ``dynamic``: one compilation serves every minibatch size. ``cpp.dynamic_threads``: the
+    kernels' loops use torch's thread count at each call, not the count at compile time, so
+    that the engine's thread policy applies to them too. The wrappers are made once per
+    process and torch keeps what compiled; a compilation that fails is not remembered, so
+    the next run that asks compiles again (:class:`FusedLogProb` records a failure for its
+    own run only).
+
+    This function is also the package's documented fault-injection seam for the compiler:
+    a test that replaces it (``monkeypatch.setattr(kernels, "compiled_kernels", ...)``)
+    with kernels that raise exercises the fallback, and with counting eager kernels checks
+    the engine's switch without compiling anything.
+    """
+    options = {"cpp.dynamic_threads": True}
+    return (
+        torch.compile(zinb_log_prob_forward, dynamic=True, options=options),
+        torch.compile(zinb_log_prob_grads, dynamic=True, options=options),
+    )
+
+
+#: The live :class:`FusedLogProb` handlers by key: the operator reaches its handler through
+#: the key it is called with (an operator's arguments are tensors and numbers).
+_HANDLERS: weakref.WeakValueDictionary[int, FusedLogProb] = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def _run(which: int, compiled: bool, handler: int, *args) -> torch.Tensor | tuple:
     """Kernel ``which`` (0 forward, 1 backward), compiled or not.
 
-    A compilation that fails (no working compiler for these inputs) warns once and
-    falls back to the eager formulas for the rest of the process. The training engine
-    compiles before a run (:func:`precompile`) and records a failure there, so a run does
-    not meet this fallback unawares.
+    A compiled kernel that fails (no working compiler for these inputs) runs the eager
+    formulas instead: for the rest of the run when the call comes from a
+    :class:`FusedLogProb` handler (which records why), else for this call only, with a
+    warning. Nothing is remembered for other handlers: each run decides for itself.
     """
     with _outside_jit_trace():
-        if not compiled:
-            return _get_kernels(False)[which](*args)
-        try:
-            return _get_kernels(True)[which](*args)
-        except Exception as err:  # noqa: BLE001 - inductor raises many types
-            warnings.warn(
-                f"Compiling the fused ZINB kernel failed ({type(err).__name__}: "
-                f"{str(err)[:200]}); it runs uncompiled from now on.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            _kernels[True] = _get_kernels(False)
-            return _kernels[True][which](*args)
-
-
-def _get_kernels(compiled: bool) -> tuple[Callable, Callable]:
-    if compiled not in _kernels:
-        if compiled:
-            # dynamic: one compilation serves every minibatch size. dynamic_threads: the
-            # kernels' loops use torch's thread count at each call, not the count at
-            # compile time, so that the engine's thread policy applies to them too.
-            options = {"cpp.dynamic_threads": True}
-            _kernels[compiled] = (
-                torch.compile(zinb_log_prob_forward, dynamic=True, options=options),
-                torch.compile(zinb_log_prob_grads, dynamic=True, options=options),
-            )
-        else:
-            _kernels[compiled] = (zinb_log_prob_forward, zinb_log_prob_grads)
-    return _kernels[compiled]
+        owner = _HANDLERS.get(handler) if handler else None
+        if compiled and (owner is None or owner.compile):
+            try:
+                return compiled_kernels()[which](*args)
+            except Exception as err:  # noqa: BLE001 - inductor raises many types
+                why = f"{type(err).__name__}: {str(err)[:200]}"
+                if owner is not None:
+                    owner.compile_failed(why)
+                else:
+                    warnings.warn(
+                        f"Compiling the fused ZINB kernel failed ({why}); this call runs "
+                        "uncompiled.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        kernel = zinb_log_prob_forward if which == 0 else zinb_log_prob_grads
+        return kernel(*args)
 
 
 @contextlib.contextmanager
@@ -242,12 +257,13 @@ def _zinb_op(
     theta: torch.Tensor,
     gate_logits: torch.Tensor,
     compiled: bool,
+    handler: int,
 ) -> torch.Tensor:
-    return _run(0, compiled, value, mu, theta, gate_logits, torch.lgamma(theta))
+    return _run(0, compiled, handler, value, mu, theta, gate_logits, torch.lgamma(theta))
 
 
 @_zinb_op.register_fake
-def _(value, mu, theta, gate_logits, compiled):
+def _(value, mu, theta, gate_logits, compiled, handler):
     shape = torch.broadcast_shapes(value.shape, mu.shape, theta.shape, gate_logits.shape)
     return mu.new_empty(shape)
 
@@ -260,9 +276,10 @@ def _zinb_backward_op(
     theta: torch.Tensor,
     gate_logits: torch.Tensor,
     compiled: bool,
+    handler: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     d_mu, d_theta, d_gate = _run(
-        1, compiled, grad, value, mu, theta, gate_logits, torch.digamma(theta)
+        1, compiled, handler, grad, value, mu, theta, gate_logits, torch.digamma(theta)
     )
     # theta is usually one value per gene, broadcast over cells: sum its gradient back.
     return (
@@ -273,7 +290,7 @@ def _zinb_backward_op(
 
 
 @_zinb_backward_op.register_fake
-def _(grad, value, mu, theta, gate_logits, compiled):
+def _(grad, value, mu, theta, gate_logits, compiled, handler):
     return (
         mu.new_empty(mu.shape),
         theta.new_empty(theta.shape),
@@ -283,13 +300,15 @@ def _(grad, value, mu, theta, gate_logits, compiled):
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:4])
-    ctx.compiled = inputs[4]
+    ctx.compiled, ctx.handler = inputs[4], inputs[5]
 
 
 def _backward(ctx, grad):
     value, mu, theta, gate_logits = ctx.saved_tensors
-    d_mu, d_theta, d_gate = _zinb_backward_op(grad, value, mu, theta, gate_logits, ctx.compiled)
-    return None, d_mu, d_theta, d_gate, None
+    d_mu, d_theta, d_gate = _zinb_backward_op(
+        grad, value, mu, theta, gate_logits, ctx.compiled, ctx.handler
+    )
+    return None, d_mu, d_theta, d_gate, None, None
 
 
 _zinb_op.register_autograd(_backward, setup_context=_setup_context)
@@ -306,18 +325,21 @@ def zinb_log_prob_fused(
     """The ZINB log-density as the fused operator, compiled unless ``compiled=False``.
 
     Same result as :func:`~pyro_scvi.model.distributions.zinb_log_prob` to float32 rounding, and
-    differentiable in ``mu``, ``theta`` and ``gate_logits`` (not in ``value``).
+    differentiable in ``mu``, ``theta`` and ``gate_logits`` (not in ``value``). Outside a
+    :class:`FusedLogProb` handler, a compiled kernel that fails runs the eager formulas for
+    that call, with a warning.
     """
-    return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits, compiled)
+    return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits, compiled, 0)
 
 
 def precompile(device: torch.device | str = "cpu") -> bool:
     """Compile the fused kernel for ``device``, forward and backward, before its first use.
 
-    Returns whether the compiled kernel is available there: on a CPU a C++ compiler is on
-    the PATH, on a GPU Triton is installed, and compiling worked. The training engine
-    calls it when it chooses the compiled kernel; it also fills torch's on-disk cache
-    (later processes then load instead of compiling).
+    Returns whether the compiled kernel works there: on a CPU a C++ compiler is on the
+    PATH, on a GPU Triton is installed, and compiling worked. The training engine calls it
+    when it chooses the compiled kernel, for each run (a failure here says nothing about
+    later runs, which try again); it also fills torch's on-disk cache (later processes then
+    load instead of compiling).
 
     Examples
     --------
@@ -333,11 +355,11 @@ def precompile(device: torch.device | str = "cpu") -> bool:
     theta = torch.ones(600, device=device, requires_grad=True)
     gate = torch.zeros(8, 600, device=device, requires_grad=True)
     x = torch.ones(8, 600, device=device)
+    probe = FusedLogProb(compile=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the answer says it
-        zinb_log_prob_fused(x, mu, theta, gate).sum().backward()
-    # a failed compilation leaves the eager kernels in the compiled slot
-    return _kernels[True] is not _kernels.get(False)
+        probe.log_density(x, mu, theta, gate).sum().backward()
+    return probe.fallback is None
 
 
 def compiler_available(device: torch.device | str = "cpu") -> bool:
@@ -360,7 +382,10 @@ class FusedLogProb(Messenger):
     Every sample site whose distribution is a
     :class:`~pyro_scvi.model.distributions.ZeroInflatedNegativeBinomialMeanDispersion` (directly
     or inside ``.to_event``) gets it as its ``log_density``; other sites are untouched.
-    Use it around a model (``FusedLogProb()(model)``) or as a context.
+    Use it around a model (``FusedLogProb()(model)``) or as a context. One handler serves
+    one training run (the engine makes it): should the compiled kernels fail under it, it
+    runs the eager formulas from then on, warns once and says why in :attr:`fallback`,
+    which the run copies into its engine record. Another handler compiles afresh.
 
     Parameters
     ----------
@@ -371,8 +396,28 @@ class FusedLogProb(Messenger):
 
     def __init__(self, compile: bool = True) -> None:
         super().__init__()
+        #: Whether the compiled kernels run under this handler (now).
         self.compile = bool(compile)
-        self._log_density = functools.partial(zinb_log_prob_fused, compiled=self.compile)
+        #: Why they stopped running (``None``: they did not stop), e.g. a failed compilation.
+        self.fallback: str | None = None
+        self.key = next(_KEYS)
+        _HANDLERS[self.key] = self
+
+    def log_density(self, value, mu, theta, gate_logits) -> torch.Tensor:
+        """The fused operator's ZINB log-density, as this handler computes it."""
+        return _zinb_op(value.to(mu.dtype), mu, theta, gate_logits, self.compile, self.key)
+
+    def compile_failed(self, why: str) -> None:
+        """Run the eager formulas from now on, because the compiled kernels failed: ``why``."""
+        self.compile = False
+        if self.fallback is None:
+            self.fallback = f"compiling it failed ({why})"
+            warnings.warn(
+                f"The fused ZINB kernel's {self.fallback}; this run computes it uncompiled "
+                "from now on (recorded in its engine's reasons).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample":
@@ -382,11 +427,11 @@ class FusedLogProb(Messenger):
             fn.base_dist, distributions.ZeroInflatedNegativeBinomialMeanDispersion
         ):
             msg["fn"] = dist.Independent(
-                fn.base_dist.with_log_density(self._log_density),
+                fn.base_dist.with_log_density(self.log_density),
                 fn.reinterpreted_batch_ndims,
             )
         elif isinstance(fn, distributions.ZeroInflatedNegativeBinomialMeanDispersion):
-            msg["fn"] = fn.with_log_density(self._log_density)
+            msg["fn"] = fn.with_log_density(self.log_density)
 
 
 def fused_log_prob(

@@ -1,0 +1,249 @@
+"""The training loop's hooks, each alone: validation, early stopping, checkpoints,
+interrupts, the last good epoch (pyro_scvi.train.hooks)."""
+
+import os
+import signal
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from pyro_scvi.datasets import synthetic_zinb
+
+from pyro_scvi import LogNormalLibrary, ScviGuide, ScviModel, TrainingError, from_anndata
+from pyro_scvi.errors import TrainingInterrupted
+from pyro_scvi.train.hooks import (
+    HISTORY_COLUMNS,
+    Checkpoints,
+    EarlyStopping,
+    Interrupts,
+    LastGoodEpoch,
+    RunHistory,
+    Validation,
+    stop_on_signals,
+)
+from pyro_scvi.train.loop import TrainState
+
+
+def _modules(n_genes=20):
+    model = ScviModel(n_genes, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
+    return model, ScviGuide(n_genes, 1)
+
+
+def _history(*epochs):
+    h = RunHistory({"engine": {"compiled": False}})
+    for e in epochs:
+        h.append({"epoch": e, "train_elbo": -1.0, "validation_elbo": -1.0, "kl_weight": 1.0})
+    return h
+
+
+# --------------------------------------------------------------------------- history
+
+
+def test_run_history_is_a_frame_with_the_columns_and_attrs():
+    h = _history(0, 1)
+    frame = h.frame()
+    assert list(frame.columns) == HISTORY_COLUMNS and list(frame["epoch"]) == [0, 1]
+    assert frame.attrs == {"engine": {"compiled": False}} and h.last_epoch == 1
+    assert RunHistory().last_epoch is None and len(RunHistory().frame()) == 0
+
+
+# ------------------------------------------------------------------------ validation
+
+
+class _FakeStep:
+    """The parts of a Stepper that Validation uses; records the networks' modes."""
+
+    def __init__(self, model, guide, group=None, value=-7.0):
+        self.model, self.guide, self.device, self.group = model, guide, torch.device("cpu"), group
+        self.value, self.calls = value, []
+
+    def shard(self, cells):
+        return cells if self.group is None else self.group.shard(cells)
+
+    def loss(self, data, cells):
+        self.calls.append((list(cells), self.model.training, self.guide.training))
+        return self.value
+
+
+def test_validation_scores_the_cells_in_eval_mode_on_fresh_batch_norm_statistics():
+    adata = synthetic_zinb(n_cells=60, n_genes=20, seed=0)
+    data = from_anndata(adata)
+    model, guide = _modules()
+    norm = guide.z_encoder.body[1]
+    with torch.no_grad():
+        norm.running_mean.fill_(100.0)  # stale statistics
+    step = _FakeStep(model, guide)
+    hook = Validation(step, data, np.arange(50), np.arange(50, 60), norm_cells=30)
+    assert len(hook.norm_cells) == 30 and set(hook.norm_cells) <= set(range(50))
+    model.train(), guide.train()
+    assert hook() == -7.0
+    assert step.calls == [(list(range(50, 60)), False, False)]  # eval mode, every cell
+    assert model.training and guide.training  # restored
+    assert norm.running_mean.abs().max() < 100.0  # re-estimated before scoring
+    # no validation cells: NaN, and nothing is computed
+    empty = Validation(step, data, np.arange(50), np.array([], dtype=int))
+    assert np.isnan(empty()) and len(step.calls) == 1
+
+
+def test_validation_of_a_data_parallel_rank_sums_the_ranks_shares():
+    adata = synthetic_zinb(n_cells=60, n_genes=20, seed=0)
+    data = from_anndata(adata)
+    model, guide = _modules()
+    seen = []
+    group = SimpleNamespace(
+        shard=lambda cells: cells[:4],  # this rank's share: 4 of 10 cells
+        broadcast=lambda *modules: seen.append("broadcast"),
+        sum=lambda value: seen.append(value) or value + 3 * (-2.0),  # another rank: 6 x -1
+    )
+    hook = Validation(_FakeStep(model, guide, group=group, value=-2.0), data, np.arange(50),
+                      np.arange(50, 60))  # fmt: skip
+    # per cell over all 10: (4 cells x -2 + 6 cells x -1) / 10
+    assert hook() == pytest.approx((4 * -2.0 - 6.0) / 10)
+    assert seen == ["broadcast", 4 * -2.0]
+
+
+# -------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_counts_epochs_without_improvement_in_the_state():
+    state, said = TrainState.new(0), []
+    hook = EarlyStopping(state, enabled=True, patience=2, min_delta=0.5, say=said.append)
+    assert hook.update(0, -10.0) is False and state.best == -10.0
+    assert hook.update(1, -9.8) is False and state.since_best == 1  # not by > min_delta
+    assert hook.update(2, -9.0) is False and state.since_best == 0 and state.best == -9.0
+    assert [hook.update(3, -9.0), hook.update(4, -9.1)] == [False, True]
+    assert said == ["Early stopping at epoch 4: no ELBO improvement for 2 epochs."]
+    # off: it never stops, but keeps counting for a later run that turns it on
+    off = EarlyStopping(TrainState.new(0), enabled=False, patience=1, say=said.append)
+    assert [off.update(e, v) for e, v in enumerate((-1.0, -2.0, -3.0))] == [False] * 3
+    assert off.state.since_best == 2 and len(said) == 1
+    resumed = EarlyStopping(off.state, enabled=True, patience=3)
+    assert resumed.update(3, -4.0) is True
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_are_written_every_few_epochs_and_at_the_end():
+    written, kept = [], []
+    state = TrainState.new(0)
+
+    def write(st, history):
+        assert st is state
+        written.append(int(history["epoch"].iloc[-1]))
+        return "here"
+
+    hook = Checkpoints(write, every=2, state=state, keep=kept.append)
+    h = RunHistory()
+    for epoch in range(5):
+        h.append({"epoch": epoch})
+        hook.after_epoch(epoch, h)
+    assert written == [1, 3] and kept == [False, False] and hook.written == 3
+    hook.at_end(h)  # epoch 4 was not written yet
+    assert written == [1, 3, 4]
+    h2 = _history(0, 1)
+    done = Checkpoints(write, every=2, state=state)
+    done.after_epoch(1, h2)
+    done.at_end(h2)  # the last epoch was written: not again
+    assert written == [1, 3, 4, 1]
+    assert done.now(h2.frame()) == "here"
+    # none: on a rank other than 0, or no folder; every=0: only now()
+    off = Checkpoints(None, every=1, state=state)
+    off.after_epoch(0, h2), off.at_end(h2)
+    assert not off.enabled and off.now(h2.frame()) is None
+    never = Checkpoints(write, every=0, state=state)
+    never.after_epoch(0, h2), never.at_end(h2)
+    assert written == [1, 3, 4, 1, 1]
+
+
+# ------------------------------------------------------------------------ interrupts
+
+
+def test_an_interrupt_keeps_the_state_refreshes_and_writes_a_checkpoint():
+    calls = []
+    state = TrainState.new(0)
+    checkpoints = Checkpoints(
+        lambda st, h: calls.append(("write", len(h))) or "ckpt", every=0, state=state
+    )
+    hook = Interrupts(
+        lambda: signal.SIGINT,
+        keep=lambda mid: calls.append(("keep", mid)),
+        checkpoints=checkpoints,
+        refresh=lambda: calls.append(("refresh",)),
+    )
+    assert hook.requested() == signal.SIGINT
+    err = hook.interrupt(2, 3, mid_epoch=True, history=_history(0, 1))
+    assert isinstance(err, TrainingInterrupted)
+    assert str(err) == "Training interrupted by SIGINT at epoch 2, step 3."
+    assert (err.signal, err.epoch, err.step, err.checkpoint) == (signal.SIGINT, 2, 3, "ckpt")
+    assert calls == [("keep", True), ("refresh",), ("write", 2)]
+    assert list(err.history["epoch"]) == [0, 1]
+    # at an epoch's end: resumes at the next epoch; no checkpoints, no refresh
+    calls.clear()
+    quiet = Interrupts(lambda: 15, keep=lambda mid: calls.append(("keep", mid)))
+    err = quiet.interrupt(2, 0, mid_epoch=False, history=_history(0, 1, 2))
+    assert str(err) == "Training interrupted by SIGTERM at the end of epoch 2."
+    assert (err.epoch, err.step) == (3, 0) and calls == [("keep", False)]
+    assert Interrupts().requested() == 0  # no stop function: never
+
+
+def test_stop_on_signals_turns_the_first_signal_into_a_request():
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as stop:
+        assert stop() == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM: still the first request
+        assert stop() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # ... but a second SIGINT aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------ last good epoch
+
+
+def test_the_last_good_epoch_is_saved_in_place_and_restored_on_failure():
+    model, guide = _modules()
+    refreshed = []
+    state = TrainState.new(0)
+    guard = LastGoodEpoch(model, guide, state, refresh=lambda: refreshed.append(1))
+    buffers = [id(v) for s in guard.snapshot for v in s.values()]
+    with torch.no_grad():
+        model.log_theta.add_(1.0)
+        guide.z_encoder.loc.bias.add_(2.0)
+    guard.save()  # the end of a good epoch
+    assert [id(v) for s in guard.snapshot for v in s.values()] == buffers  # same buffers
+    expected = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, guide)]
+    with torch.no_grad():  # a failed epoch
+        model.log_theta.fill_(float("nan"))
+        guide.z_encoder.loc.bias.fill_(float("nan"))
+    err = guard.fail(float("nan"), "epoch 1, step 2", _history(0))
+    assert isinstance(err, TrainingError) and "epoch 1, step 2" in str(err)
+    assert "restored to the end of epoch 0" in str(err) and list(err.history["epoch"]) == [0]
+    for m, saved in zip((model, guide), expected, strict=True):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(v, saved[k])
+    assert refreshed == [1]  # batch norm's statistics of the restored weights
+
+
+def test_a_failure_before_any_epoch_says_the_model_is_untrained():
+    model, guide = _modules()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken_refresh():
+        raise RuntimeError("the refresh fails too")
+
+    # a state stopped inside an epoch carries the snapshot; its statistics are stale
+    carried = TrainState.new(0)
+    carried.good_state = LastGoodEpoch(model, guide, TrainState.new(0), refresh=None).snapshot
+    guard = LastGoodEpoch(model, guide, carried, refresh=broken_refresh, completed_before=3)
+    assert guard.stale_norms and carried.good_state is None
+    with torch.no_grad():
+        model.log_theta.fill_(float("nan"))
+    err = guard.fail(float("inf"), "epoch 3, step 0", RunHistory())
+    assert "restored to the end of epoch 2" in str(err)  # the earlier call's last epoch
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+    fresh = LastGoodEpoch(model, guide, TrainState.new(0), refresh=broken_refresh)
+    assert "no epoch had completed" in str(fresh.fail(float("nan"), "epoch 0", RunHistory()))
