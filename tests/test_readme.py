@@ -169,7 +169,9 @@ def run_page(path: Path, capsys) -> tuple[dict, list, list]:
     for line in cli_lines(path):
         argv = shlex.split(line, comments=True)[1:]
         status = cli.main(argv)
-        assert status == 0, f"{page_id(path)}: {line!r} exited with {status}:\n{capsys.readouterr().err}"
+        assert status == 0, (
+            f"{page_id(path)}: {line!r} exited with {status}:\n{capsys.readouterr().err}"
+        )
         ran.append(line)
     _RAN.add(page_id(path))
     return namespace, ran, skipped
@@ -199,7 +201,9 @@ CHECKS = {
         (d / "ref_model").is_dir() and ns["query"].obsm["X_pyro_scvi"].shape[1] == 10
     ),
     "docs/guide/data-checks.md": lambda ns, d: "count" in ns["message"].lower(),
-    "docs/guide/cli.md": lambda ns, d: (d / "pbmc.h5ad").exists() and (d / "pbmc_umap.png").exists(),
+    "docs/guide/cli.md": lambda ns, d: (
+        (d / "pbmc.h5ad").exists() and (d / "pbmc_umap.png").exists()
+    ),
 }
 
 
@@ -250,7 +254,9 @@ def test_readme_test_command_is_what_ci_runs():
 def test_getting_started_quotes_the_readme_set_up_commands():
     """The two set-up commands are the project's contract: the docs show them unchanged."""
     readme = [code for _, code in blocks(README, "bash") if "pip install" in code]
-    docs = [code for _, code in blocks(DOCS / "getting-started.md", "bash") if "pip install" in code]
+    docs = [
+        code for _, code in blocks(DOCS / "getting-started.md", "bash") if "pip install" in code
+    ]
     assert len(readme) == 2 and docs == readme
 
 

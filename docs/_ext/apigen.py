@@ -25,7 +25,18 @@ from typing import Any
 
 PACKAGE = "pyro_scvi"
 #: the top-level subpackages and modules in pipeline order; a new one is appended after them
-PIPELINE = ("errors", "data", "model", "train", "posterior", "io", "analysis", "scvi", "tl", "query")
+PIPELINE = (
+    "errors",
+    "data",
+    "model",
+    "train",
+    "posterior",
+    "io",
+    "analysis",
+    "scvi",
+    "tl",
+    "query",
+)
 PIPELINE += ("cli",)
 OUT = "api/generated"
 
@@ -46,7 +57,9 @@ def walk(name: str) -> list[str]:
     module = importlib.import_module(name)
     found = [name]
     if hasattr(module, "__path__"):
-        subs = [m.name for m in pkgutil.iter_modules(module.__path__) if not m.name.startswith("_")]
+        subs = [
+            m.name for m in pkgutil.iter_modules(module.__path__) if not m.name.startswith("_")
+        ]
         if name == PACKAGE:
             subs.sort(key=lambda s: (PIPELINE.index(s) if s in PIPELINE else len(PIPELINE), s))
         for sub in subs:
@@ -113,11 +126,17 @@ class Reference:
     def __init__(self) -> None:
         self.modules = walk(PACKAGE)
         self.pages = {
-            name: Page(name, importlib.import_module(name), hasattr(importlib.import_module(name), "__path__"))
+            name: Page(
+                name,
+                importlib.import_module(name),
+                hasattr(importlib.import_module(name), "__path__"),
+            )
             for name in self.modules
         }
         self.assigned = {name: assigned_names(p.module) for name, p in self.pages.items()}
-        self.home: dict[int, str] = {}  # id(obj) -> the full name it is documented under
+        #: (id(obj), name) -> the full name it is documented under; the name too, since
+        #: equal small constants of two modules may be one object
+        self.home: dict[tuple[int, str], str] = {}
         self.aliases: dict[str, list[tuple[str, str]]] = {}  # home -> [(alias, kind)]
         self.public: dict[str, str] = {}  # every public dotted name -> its kind
         self.module_aliases: dict[str, str] = {}  # pyro_scvi.datasets -> pyro_scvi.data.datasets
@@ -127,8 +146,8 @@ class Reference:
                     page.submodules.append(sub)
             page.own = self._own(page)
             for member in page.own:
-                self.home[id(getattr(page.module, member))] = f"{name}.{member}"
-        for name, page in self.pages.items():
+                self.home[id(getattr(page.module, member)), member] = f"{name}.{member}"
+        for page in self.pages.values():
             for member in self._declared(page.module):
                 self._alias(page, member)
 
@@ -141,9 +160,10 @@ class Reference:
     def _defined_here(self, page: Page, member: str) -> bool:
         obj = getattr(page.module, member, None)
         if kind(obj) in ("class", "exception", "function"):
-            return getattr(obj, "__module__", None) == page.name and getattr(
-                obj, "__qualname__", ""
-            ) == member
+            return (
+                getattr(obj, "__module__", None) == page.name
+                and getattr(obj, "__qualname__", "") == member
+            )
         return member in self.assigned[page.name] and kind(obj) == "data"
 
     def _own(self, page: Page) -> list[str]:
@@ -171,10 +191,10 @@ class Reference:
             if obj.__name__ != path:
                 self.module_aliases[path] = obj.__name__
             return
-        home = self.home.get(id(obj))
+        home = self.home.get((id(obj), member))
         if home is None:  # defined somewhere undocumented: document it here
             page.own.append(member)
-            self.home[id(obj)] = path
+            self.home[id(obj), member] = path
         elif home != path:
             self.aliases.setdefault(home, []).append((path, what))
 
@@ -185,7 +205,7 @@ class Reference:
         modname, _, member = path.rpartition(".")
         obj = getattr(importlib.import_module(modname), member)
         if kind(obj) == "data":
-            home = self.home.get(id(obj), path)
+            home = self.home.get((id(obj), member), path)
             from sphinx.pycode import ModuleAnalyzer
 
             hmod, _, hname = home.rpartition(".")
@@ -201,6 +221,7 @@ class Reference:
         return first or "(undocumented)"
 
     def page_text(self, page: Page) -> str:
+        """The reStructuredText of a module's page."""
         title = f"``{page.name}``"
         out = [title, "=" * len(title), "", f".. automodule:: {page.name}", ""]
         declared = self._declared(page.module)
@@ -224,6 +245,7 @@ class Reference:
         return "\n".join(out) + "\n"
 
     def member_text(self, page: Page, member: str) -> list[str]:
+        """The directives documenting one member, after the targets of its other paths."""
         path = f"{page.name}.{member}"
         obj = getattr(page.module, member)
         what = kind(obj)
@@ -320,7 +342,7 @@ def _register_aliases(app, env) -> None:
                 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module_imports(modname: str) -> dict[str, str]:
     """Local name -> dotted origin of every import in a module (TYPE_CHECKING ones too)."""
     try:
@@ -333,7 +355,9 @@ def _module_imports(modname: str) -> dict[str, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                names[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                names[a.asname or a.name.split(".")[0]] = (
+                    a.name if a.asname else a.name.split(".")[0]
+                )
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -366,20 +390,23 @@ def _external_name(app, env, node, contnode):
         return None
     full = f"{origin}.{rest}" if rest else origin
     for domain_pattern, pattern in app.config.nitpick_ignore_regex:
-        if re.fullmatch(domain_pattern, f"py:{node.get('reftype')}") and re.fullmatch(pattern, full):
+        if re.fullmatch(domain_pattern, f"py:{node.get('reftype')}") and re.fullmatch(
+            pattern, full
+        ):
             return contnode
     return None
 
 
 def _public_bases(app, name, obj, options, bases: list) -> None:
     """Show a class's nearest public ancestors instead of a private base class."""
-    out = []
-    for base in bases:
-        if getattr(base, "__name__", "").startswith("_") and isinstance(base, type):
-            out.extend(b for b in base.__bases__ if b is not object)
-        else:
+    out, todo = [], list(bases)
+    while todo:
+        base = todo.pop(0)
+        if isinstance(base, type) and base.__name__.startswith("_"):
+            todo[:0] = [b for b in base.__bases__ if b is not object]
+        elif base not in out:
             out.append(base)
-    bases[:] = out or bases
+    bases[:] = out or [object]
 
 
 def _undocumented_override(app, what, name, obj, skip, options):
@@ -398,7 +425,9 @@ def _undocumented_override(app, what, name, obj, skip, options):
     owner = getattr(importlib.import_module(modname), qualname.split(".")[0], None)
     for base in getattr(owner, "__mro__", ())[1:]:
         inherited = base.__dict__.get(name)
-        if inherited is not None and getattr(getattr(inherited, "fget", inherited), "__doc__", None):
+        if inherited is not None and getattr(
+            getattr(inherited, "fget", inherited), "__doc__", None
+        ):
             return True if not base.__module__.startswith(PACKAGE) else None
     return None
 

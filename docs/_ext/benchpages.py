@@ -35,13 +35,16 @@ def provenance(table: Path, root: Path) -> list[str]:
     lines = ["", "## How this table was made", ""]
     if command:
         lines += ["```bash", str(command), "```", ""]
-    made = [f"every run's figures are in `{rel.as_posix()}`"]
+    made = [f"every run's numbers are in `{rel.as_posix()}`"]
     if commit:
         made.append(f"pyro_scvi commit `{commit}`")
     if date:
         made.append(f"{date}")
     lines.append("Written by the command above; " * bool(command) + "; ".join(made) + ".")
-    lines += ["", "The scripts and their options: {doc}`/benchmarks/scripts`."]
+    lines += [
+        "",
+        "What each script does: {doc}`the benchmark scripts </benchmarks/scripts>`.",
+    ]
     return lines
 
 

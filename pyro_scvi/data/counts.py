@@ -200,7 +200,7 @@ class StreamedCounts:
 
     @property
     def X(self):  # noqa: N802 -- CountData's name
-        """Not available: the counts stay on disk (raises :class:`~pyro_scvi.errors.InputError`)."""
+        """Not available: the counts stay on disk (:class:`~pyro_scvi.errors.InputError`)."""
         raise InputError(
             "This analysis needs the counts in memory, and they are streamed from the "
             "backed .h5ad; load them with `adata = adata.to_memory()` (if they fit) and "

@@ -432,8 +432,9 @@ class ObservedLibrary(LibraryPrior):
     Pass it where a library prior goes (``SCVI(adata, library_prior=ObservedLibrary())``,
     which ``use_observed_lib_size=True`` stands for): the model conditions on
     :meth:`observed` of the counts, so it has no ``l`` site and the guide has none to
-    cover (:attr:`~LibraryPrior.latent` is False). It has no parameters, so a model saved with it has the
-    state of one saved with ``use_observed_lib_size=True`` before this class existed.
+    cover (:attr:`~LibraryPrior.latent` is False). It has no parameters, so a model saved
+    with it has the state of one saved with ``use_observed_lib_size=True`` before this
+    class existed.
 
     Examples
     --------
