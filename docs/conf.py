@@ -89,3 +89,7 @@ nitpick_ignore_regex = [(r"py:.*", rf"({'|'.join(_EXTERNAL)})(\..+)?")]
 html_theme = "furo"
 html_title = f"pyro_scvi {release}"
 html_static_path: list[str] = []
+
+# copying an example from a docstring leaves its prompts behind
+copybutton_prompt_text = r">>> |\.\.\. "
+copybutton_prompt_is_regexp = True
