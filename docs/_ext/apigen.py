@@ -369,15 +369,17 @@ def _module_imports(modname: str) -> dict[str, str]:
     return names
 
 
-def _external_name(app, env, node, contnode):
-    """Leave a reference into a third-party library unchecked, as conf.py explains.
+def _imported_name(app, env, node, contnode):
+    """Resolve a reference by what its module imported under that name.
 
-    String annotations name what a module imported, often only under ``TYPE_CHECKING``
-    (``AnnData``, ``nn.Module``), so the reference is not a dotted third-party path that
-    ``nitpick_ignore_regex`` recognizes. The module's own imports say what it is; when that
-    is a third-party (or standard-library) name matched by ``nitpick_ignore_regex``, the
-    reference is shown as plain code, as any other third-party reference is here. Package
-    names are never passed over: their breakage is reported.
+    A docstring may name an object as its module sees it: ``:class:`OutputError``` in a
+    module that does ``from ..errors import OutputError``, or, in a string annotation,
+    ``AnnData`` or ``nn.Module`` imported (often under ``TYPE_CHECKING``) from a library.
+    Sphinx does not read imports, so the module's own imports say what the name is: a
+    package object is linked to its documentation (a reference to a name the module does not
+    import, or to one not documented, still fails); a third-party (or standard-library) name
+    matched by ``nitpick_ignore_regex`` is shown as plain code, as every other third-party
+    reference is here (``docs/conf.py`` says why).
     """
     if node.get("refdomain") != "py":
         return None
@@ -386,9 +388,16 @@ def _external_name(app, env, node, contnode):
         return None
     head, _, rest = target.partition(".")
     origin = _module_imports(modname).get(head)
-    if origin is None or origin.split(".")[0] == PACKAGE:
+    if origin is None:
         return None
     full = f"{origin}.{rest}" if rest else origin
+    if full.split(".")[0] == PACKAGE:
+        if full == target:
+            return None
+        domain = env.get_domain("py")
+        return domain.resolve_xref(
+            env, node["refdoc"], app.builder, node["reftype"], full, node, contnode
+        )
     for domain_pattern, pattern in app.config.nitpick_ignore_regex:
         if re.fullmatch(domain_pattern, f"py:{node.get('reftype')}") and re.fullmatch(
             pattern, full
@@ -443,7 +452,7 @@ def setup(app) -> dict[str, Any]:
     """Sphinx extension entry point."""
     app.connect("builder-inited", _builder_inited)
     app.connect("env-updated", _register_aliases)
-    app.connect("missing-reference", _external_name)
+    app.connect("missing-reference", _imported_name)
     app.connect("autodoc-process-bases", _public_bases)
     app.connect("autodoc-process-signature", _signature)
     app.connect("autodoc-skip-member", _undocumented_override)
