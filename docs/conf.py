@@ -59,7 +59,8 @@ numpydoc_validation_checks: set[str] = set()
 # short names are the package's import aliases (``import numpy as np``). A string annotation
 # that names what a module imported (``AnnData``, ``nn.Module``, often under TYPE_CHECKING)
 # is looked up in that module's imports by ``_ext/apigen.py`` and passes only when it leads
-# to one of these prefixes.
+# to one of these prefixes; a name imported from the package itself (``OutputError`` in
+# ``pyro_scvi.io.files``) is linked to that object's documentation, or reported if it has none.
 _EXTERNAL = (
     "torch",
     "pyro",
