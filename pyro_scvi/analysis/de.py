@@ -16,8 +16,8 @@ Two tests compare the expression of two groups of cells, gene by gene:
       sampling of cells;
     * times the decoder's correction factor ``c`` from the group's own counts: with the
       summed counts ``X``, the likelihood's expected sum ``E`` and its variance ``V``
-      (scaled by the residuals' own spread, :func:`_dispersion`), ``c`` has the
-      posterior ``Gamma(1/2 + k X, 1/2 + k E)``, ``k = E / V`` (:func:`_count_correction`).
+      (scaled by the residuals' own spread, ``_dispersion``), ``c`` has the
+      posterior ``Gamma(1/2 + k X, 1/2 + k E)``, ``k = E / V`` (``_count_correction``).
 
     The decoder is a point estimate that smooths across genes: a gene that moves in a
     group without moving the latent space is decoded with too small a change, and its
@@ -441,7 +441,7 @@ def _bootstrap_means(
     bootstrap of the group's cells there (Dirichlet(1, ..., 1) weights ``w``, each cell
     contributing one posterior draw of its expected share ``rho`` in its own batch) times
     a correction factor ``c`` of the decoder from those cells' observed counts (see
-    :func:`_count_correction`). Without batch correction (``codes`` is ``None``) all the
+    ``_count_correction``). Without batch correction (``codes`` is ``None``) all the
     group's cells form one such stratum.
 
     With batch correction the group's mean is the average of its batches' means with
@@ -543,7 +543,7 @@ def _unit_mean(
     Returns the ``(n_samples, genes)`` bootstrap samples of the mean, decoded in batch
     ``code`` (``None``: the cells' own), and, summed over the cells in their own batch:
     the observed counts ``(genes,)``, the likelihood's expected counts and its variance
-    scaled by :func:`_dispersion` (each ``(draws, genes)``).
+    scaled by ``_dispersion`` (each ``(draws, genes)``).
     """
     sums = torch.zeros((n_samples, data.n_genes), **zeros)
     totals = torch.zeros(n_samples, **zeros)
@@ -572,7 +572,7 @@ def _unit_mean(
 
 
 #: Weight, in cells, of the likelihood's variance against the residuals' own in
-#: :func:`_dispersion`.
+#: ``_dispersion``.
 PRIOR_CELLS = 10.0
 
 

@@ -17,7 +17,7 @@ def plot_history(history: pd.DataFrame, path: str | os.PathLike | None = None):
     Parameters
     ----------
     history
-        :attr:`pyro_scvi.SCVI.history`.
+        A fitted model's ``history`` (:class:`~pyro_scvi.SCVI`), one row per epoch.
     path
         If given, save the figure there (PNG), atomically, and close it.
 

@@ -120,7 +120,7 @@ class CountData:
         """These counts as tensors on ``device``, gathered there per minibatch.
 
         See :class:`ResidentCounts`; the training engine decides whether a run uses it
-        (:attr:`pyro_scvi.train.engine.Engine.data_placement`).
+        (``data_placement`` of :class:`~pyro_scvi.train.engine.Engine`).
         """
         return ResidentCounts(self, device)
 
@@ -205,7 +205,7 @@ class StreamedCounts:
 
     @property
     def X(self):  # noqa: N802 -- CountData's name
-        """Not available: the counts stay on disk (raises :class:`InputError`)."""
+        """Not available: the counts stay on disk (:class:`~pyro_scvi.errors.InputError`)."""
         raise InputError(
             "This analysis needs the counts in memory, and they are streamed from the "
             "backed .h5ad; load them with `adata = adata.to_memory()` (if they fit) and "

@@ -204,7 +204,8 @@ class ZeroInflatedNegativeBinomialMeanDispersion(TorchDistribution):
     def variance(self) -> torch.Tensor:  # noqa: D102
         return self._pyro_zinb().variance
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log-density of the counts ``value``: the closed form above, or ``log_density``."""
         if self._validate_args:
             self._validate_sample(value)
         if self.log_density is not None:

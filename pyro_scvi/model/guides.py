@@ -122,14 +122,17 @@ class Guide(nn.Module):
         cell_index: torch.Tensor | None = None,
         num_cells: int | None = None,
     ) -> None:
-        """Sample ``z`` and ``l`` for the cells of ``x``; see :meth:`ScviModel.forward`."""
+        """Sample ``z`` and ``l`` for the cells of ``x``.
+
+        The arguments are the model's: see :meth:`pyro_scvi.model.ScviModel.forward`.
+        """
         register_module("guide", self)
         q = self.encode(x, batch_index, cell_index)
         _sample_latents(q, batch_index, cell_index, num_cells)
 
 
 class ScviGuide(Guide):
-    """Amortized mean-field guide; call it with the same arguments as :class:`ScviModel`.
+    """Amortized mean-field guide; call it as the model, :class:`~pyro_scvi.model.ScviModel`.
 
     Parameters
     ----------

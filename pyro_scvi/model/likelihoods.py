@@ -128,7 +128,8 @@ class ZINB(_ZeroInflated):
     Parameters
     ----------
     initial_dropout
-        The gate's starting value for every cell and gene (see :class:`_ZeroInflated`).
+        The gate's starting value for every cell and gene (``None``: a fresh layer's
+        random start, near 0.5; ``benchmarks/results/gate_init.md`` compares the two).
 
     Examples
     --------

@@ -111,7 +111,7 @@ class Decoder(nn.Module):
     gate_init_logit
         Initial bias of the zero-inflation head: every cell and gene starts with dropout
         probability about ``sigmoid(gate_init_logit)``. The likelihood chooses it
-        (:attr:`pyro_scvi.model.likelihoods.ZINB.initial_dropout`); None keeps the layer's
+        (``initial_dropout`` of :class:`~pyro_scvi.model.likelihoods.ZINB`); None keeps the layer's
         random bias.
 
     Examples

@@ -58,7 +58,12 @@ class Prior(nn.Module):
         """Fix the latent dimension; learnable priors create their parameters here."""
         self.n_latent = int(n_latent)
 
-    def forward(self) -> dist.TorchDistribution:  # noqa: D102
+    def forward(self) -> dist.TorchDistribution:
+        """The distribution of one cell's ``z``: ``event_shape (n_latent,)``, no batch shape.
+
+        Called with no arguments; the model samples each cell's ``z`` from it inside the
+        ``cells`` plate, which adds the cell dimension.
+        """
         raise NotImplementedError
 
     def _require_setup(self) -> int:
@@ -427,8 +432,9 @@ class ObservedLibrary(LibraryPrior):
     Pass it where a library prior goes (``SCVI(adata, library_prior=ObservedLibrary())``,
     which ``use_observed_lib_size=True`` stands for): the model conditions on
     :meth:`observed` of the counts, so it has no ``l`` site and the guide has none to
-    cover (:attr:`latent` is False). It has no parameters, so a model saved with it has the
-    state of one saved with ``use_observed_lib_size=True`` before this class existed.
+    cover (:attr:`~LibraryPrior.latent` is False). It has no parameters, so a model saved
+    with it has the state of one saved with ``use_observed_lib_size=True`` before this
+    class existed.
 
     Examples
     --------

@@ -208,7 +208,7 @@ def compare_to_nuts(
 
 
 def agreement(table: pd.DataFrame) -> pd.DataFrame:
-    """Per site: mean |mean error|, median variance ratio and mean coverage at each level.
+    """Per site: mean absolute mean error, median variance ratio and mean coverage at each level.
 
     Examples
     --------
