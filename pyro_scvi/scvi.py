@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyro
@@ -40,6 +41,10 @@ from .posterior.fitted import as_method
 from .train.device import resolve_device
 from .train.engine import Engine
 from .train.loop import TrainState, stop_on_signals, train_svi
+
+if TYPE_CHECKING:
+    import numpy as np
+
 from .train.run import (
     RunSettings,
     TrainingRecord,
@@ -133,6 +138,44 @@ class SCVI:
     ObservedLibrary()
     """
 
+    # What a model holds, set in one place (``_set_up``) by __init__ and every loader.
+    #: The AnnData the model was set up on; it is only read, never modified.
+    adata: AnnData
+    #: Its counts, batch codes and gene names as the model reads them.
+    data: CountData
+    #: The settings the model was built with; saved, and recorded with every result.
+    settings: dict
+    #: Layer holding the raw counts (``None``: ``adata.X``).
+    layer: str | None
+    #: Column of ``adata.obs`` with each cell's batch (``None``: one batch).
+    batch_key: str | None
+    #: The Pyro model (:class:`~pyro_scvi.model.generative.ScviModel`).
+    model: torch.nn.Module
+    #: The guide, with the model's signature.
+    guide: torch.nn.Module
+    #: The inference scheme of the global parameters (``None``: point estimates).
+    scheme: Scheme | None
+    #: One row per epoch trained: ``epoch``, ``train_elbo``, ``validation_elbo``,
+    #: ``kl_weight``, ``seconds``, ``threads``; ``attrs`` hold the engine and optimizer.
+    history: pd.DataFrame
+    #: Whether the model has been trained.
+    is_trained: bool
+    #: How the last training run stepped (:meth:`pyro_scvi.train.engine.RunEngine.as_dict`):
+    #: every automatic choice and its reason.
+    engine: dict | None
+    #: Positions of the training cells (``None``: not trained yet).
+    train_indices: np.ndarray | None
+    #: Positions of the held-out validation cells (``None``: not trained yet).
+    validation_indices: np.ndarray | None
+    #: What continues training: ``train()`` again, or :meth:`resume` when interrupted.
+    training_run: TrainingRun | None
+    #: The manifest of the folder this model was loaded from (``None``: not loaded).
+    manifest: dict | None
+    #: A query model's reference batches (:meth:`load_query_data`); ``None`` otherwise.
+    reference_batches: tuple[str, ...] | None
+    #: Where the model and guide live.
+    device: torch.device
+
     def __init__(
         self,
         adata: AnnData,
@@ -196,19 +239,14 @@ class SCVI:
         self.adata, self.data, self.settings = adata, parts.data, parts.settings
         self.layer, self.batch_key = parts.settings["layer"], parts.settings["batch_key"]
         self.model, self.guide = parts.model, parts.guide
-        #: The inference scheme (``None``: point-estimated globals).
         self.scheme = parts.scheme
         record = record or TrainingRecord()
         self.history, self.is_trained = record.history, record.is_trained
-        #: How the last training run stepped (:meth:`pyro_scvi.train.engine.RunEngine.as_dict`).
-        self.engine: dict | None = record.engine
+        self.engine = record.engine
         self.train_indices = record.train_indices
         self.validation_indices = record.validation_indices
-        #: What continues training: ``train()`` again, or :meth:`resume` when interrupted.
-        self.training_run: TrainingRun | None = record.run
-        #: The manifest of the folder this model was loaded from (``None``: not loaded).
+        self.training_run = record.run
         self.manifest = manifest
-        #: A query model's reference batches (:meth:`load_query_data`); ``None`` otherwise.
         self.reference_batches = reference_batches
         self.device = resolve_device(device)
         self.model.to(self.device), self.guide.to(self.device)

@@ -215,7 +215,8 @@ def differential_expression(
     key_added
         If given, also store the results in ``adata.uns[key_added]`` (``adata``, or the
         model's AnnData when ``adata`` is ``None``) in the layout of scanpy's
-        ``rank_genes_groups`` (:func:`to_rank_genes_groups`: genes up in the group first).
+        ``rank_genes_groups`` (:func:`~pyro_scvi.analysis.de.to_rank_genes_groups`: genes up
+        in the group first).
         Nothing is written to any AnnData otherwise.
     sample_key
         Column of ``adata.obs`` naming each cell's replicate (donor, sample). Change mode

@@ -17,7 +17,7 @@ text, and ``run(args, argv)``, which does the work and returns the exit status (
 command line as given, is quoted by ``fit`` in the command that resumes a run). What
 several commands share (option types, ``--seed``/``--device``/``--threads``,
 ``--data-source``, reading INPUT, adding results to an ``.h5ad``) is in
-:mod:`pyro_scvi.cli._common`; :func:`main` parses the command line, runs the command and
+``pyro_scvi/cli/_common.py``; :func:`main` parses the command line, runs the command and
 turns its errors into exit statuses. The user documentation of ``fit`` (its outputs, the
 checks before training, a failed or interrupted run) is the docstring of
 :mod:`pyro_scvi.cli.fit`, which ``pyro-scvi fit --help`` prints.

@@ -16,7 +16,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -25,9 +25,6 @@ from ..data.counts import CountData, from_anndata
 if TYPE_CHECKING:
     from anndata import AnnData
     from torch import nn
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 @runtime_checkable
@@ -95,7 +92,7 @@ class FittedModel:
         )
 
 
-def as_method(function: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[Any, P], R]:
+def as_method(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function(fitted, ...)`` as a method: ``model.name(...)`` is ``function(model, ...)``.
 
     The method has the function's name and signature (its first parameter called
@@ -133,7 +130,7 @@ def as_method(function: Callable[Concatenate[Any, P], R]) -> Callable[Concatenat
     """
 
     @functools.wraps(function)
-    def method(self: Any, *args: P.args, **kwargs: P.kwargs) -> R:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
         return function(self, *args, **kwargs)
 
     signature = inspect.signature(function)

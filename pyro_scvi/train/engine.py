@@ -402,7 +402,8 @@ class Engine:
             GPU run gathers on the host unless ``data_placement="device"``.
         data_source
             Where the counts come from and why (``"memory: ..."`` or ``"streamed: ..."``,
-            decided when the data were read: :func:`choose_data_source`); recorded.
+            decided when the data were read:
+            :func:`~pyro_scvi.data.placement.choose_data_source`); recorded.
         """
         reasons: dict[str, str] = {}
         device = torch.device(device)

@@ -1,4 +1,4 @@
-"""The training loop's named hooks: each a small object that :func:`train_svi` calls.
+"""The training loop's named hooks: small objects that the training loop calls.
 
 - :class:`Validation` scores the validation cells after each epoch;
 - :class:`EarlyStopping` says when the monitored ELBO stopped improving;
@@ -11,7 +11,7 @@
 it is made (a stepper, the run's state, functions to call), so each can be used and
 tested alone (``tests/test_hooks.py``).
 
-:func:`train_svi` is :func:`pyro_scvi.train.loop.train_svi`.
+The loop is :func:`pyro_scvi.train.loop.train_svi`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ only asks it for the epoch's minibatches (:meth:`Stepper.minibatches`,
 :meth:`Stepper.batch`), to step (:meth:`Stepper.step`) and for the ELBO of cells
 (:meth:`Stepper.loss`): which path runs (compiled or not, fused kernel, fused Adam or
 Pyro's SVI, one process or a data-parallel rank) is the stepper's business alone, and
-what it learns as it runs goes into the run's engine record (:attr:`Stepper.record`).
+what it learns as it runs goes into the run's engine record (``Stepper.record``).
 
 Fault injection: :meth:`Stepper.step` is the package's documented seam for tests that need
 a training step to fail or to be interrupted. Wrapping it
@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 
 
 class Stepper:
-    """One run's training step, as its engine assembled it (:meth:`RunEngine.stepper`).
+    """One run's training step, as its engine assembled it.
+
+    Made by :meth:`~pyro_scvi.train.engine.RunEngine.stepper`.
 
     Attributes
     ----------
@@ -70,7 +72,8 @@ class Stepper:
         The plate size minibatches are rescaled to (all training cells), or ``None`` for an
         ELBO that does not sum site terms (minibatches then stay minibatches).
     record
-        The run's engine record (:meth:`RunEngine.as_dict`) with what the run learned:
+        The run's engine record (:meth:`~pyro_scvi.train.engine.RunEngine.as_dict`) with
+        what the run learned:
         ``compiled_sizes`` (the minibatch sizes a compiled ELBO compiled a graph for),
         a compiled kernel that failed (``compile_kernel`` then false and the fused
         kernel's reason says why), and ``reasons["parameters"]`` (who registers them).

@@ -13,7 +13,7 @@ CSR, ``obs["cell_type"]``, ``obs["batch"]``, a provenance note in ``uns["source"
 A dataset is read from the ``data_dir`` argument, else ``$PYRO_SCVI_DATA``, else the
 package (PBMC only), else the user cache; where it is in none of them, its original files
 are downloaded from their public repository at a pinned commit, checked against their
-SHA-256, converted and cached (see :mod:`pyro_scvi.data.datasets._registry`). A local
+SHA-256, converted and cached (see ``_registry.py`` beside this file). A local
 ``.h5ad`` must have the SHA-256 of the registry (:data:`REGISTRY`).
 
 ``synthetic_zinb()`` simulates counts from a ZINB model with known clusters and batches;

@@ -340,7 +340,7 @@ def plant_fold_changes(
     halves. A random ``de_fraction`` of the genes with mean count at least ``min_mean`` in
     those cells gets a log2 fold change of random sign and magnitude uniform in
     ``lfc_range``: every count of the gene in the half that goes *down* is replaced by a
-    Binomial(count, 2**-|lfc|) draw. Thinning a count keeps its kind of noise (a Poisson
+    ``Binomial(count, 2**-|lfc|)`` draw. Thinning a count keeps its kind of noise (a Poisson
     stays Poisson, a negative binomial stays negative binomial with the same shape), so
     apart from the planted changes everything is the data's own variation. Cells outside
     ``cells`` keep their counts and get the group ``"other"``.
