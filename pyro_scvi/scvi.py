@@ -37,7 +37,7 @@ from .model.likelihoods import Likelihood
 from .model.priors import Prior
 from .model.schemes import Scheme
 from .posterior import fitted_queries as queries
-from .posterior.fitted import as_method
+from .posterior.fitted import as_method, counts_for
 from .train.device import resolve_device
 from .train.engine import Engine
 from .train.loop import TrainState, stop_on_signals, train_svi
@@ -155,13 +155,11 @@ class SCVI:
     guide: torch.nn.Module
     #: The inference scheme of the global parameters (``None``: point estimates).
     scheme: Scheme | None
-    #: One row per epoch trained: ``epoch``, ``train_elbo``, ``validation_elbo``,
-    #: ``kl_weight``, ``seconds``, ``threads``; ``attrs`` hold the engine and optimizer.
+    #: One row per epoch trained; ``attrs`` hold the engine and the optimizer's settings.
     history: pd.DataFrame
     #: Whether the model has been trained.
     is_trained: bool
-    #: How the last training run stepped (:meth:`pyro_scvi.train.engine.RunEngine.as_dict`):
-    #: every automatic choice and its reason.
+    #: Every automatic choice of the last run, and why (``RunEngine.as_dict``).
     engine: dict | None
     #: Positions of the training cells (``None``: not trained yet).
     train_indices: np.ndarray | None
@@ -653,26 +651,10 @@ class SCVI:
     def data_for(self, adata: AnnData | None = None) -> CountData:
         """The counts of ``adata`` (default: the model's cells) coded as the model codes them.
 
-        ``adata`` needs the model's genes, in order, and only batches it knows. This is
-        the :class:`pyro_scvi.posterior.fitted.Fitted` contract the analyses rely on.
+        The :class:`pyro_scvi.posterior.fitted.Fitted` contract the analyses rely on; see
+        :func:`pyro_scvi.posterior.fitted.counts_for`.
         """
-        if adata is None or adata is self.adata:
-            return self.data
-        if not getattr(self.guide, "amortized", True):
-            raise InputError(
-                f"The {type(self.guide).__name__} has parameters only for the model's own "
-                f"{self.data.n_cells} cells; query those with adata=None, or score other "
-                "cells with an amortized guide or with SCVI.get_amortization_gap's refined "
-                "per-cell fit."
-            )
-        return from_anndata(
-            adata,
-            layer=self.layer,
-            batch_key=self.batch_key,
-            batch_categories=self.batch_categories,
-            var_names=self.var_names,
-            allow_empty_cells=True,
-        )
+        return counts_for(self, adata)
 
     # Each query is the function of the same name with this model as its Fitted: its
     # documentation and argument checks live there.

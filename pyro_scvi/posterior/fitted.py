@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from ..data.counts import CountData, from_anndata
+from ..errors import InputError
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -80,16 +81,43 @@ class FittedModel:
 
     def data_for(self, adata: AnnData | None = None) -> CountData:
         """``data`` for ``adata=None`` (or the same AnnData), else ``adata``'s counts."""
-        if adata is None or adata is self.adata:
-            return self.data
-        return from_anndata(
-            adata,
-            layer=self.layer,
-            batch_key=self.batch_key,
-            batch_categories=self.data.batch_categories,
-            var_names=self.data.var_names,
-            allow_empty_cells=True,
+        return counts_for(self, adata)
+
+
+def counts_for(fitted: Any, adata: AnnData | None = None) -> CountData:
+    """The counts of ``adata`` coded as ``fitted`` codes them (``None``: its own cells).
+
+    ``fitted`` has ``data``, ``adata``, ``layer``, ``batch_key`` and ``guide`` (a
+    :class:`FittedModel`, an :class:`~pyro_scvi.SCVI`); this is how both answer
+    :meth:`Fitted.data_for`. ``adata`` needs the model's genes (matched by name) and only
+    batches it knows; a guide that is not amortized can answer for its own cells only.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=30, n_genes=8, n_batches=2)
+    >>> fitted = FittedModel(None, None, pyro_scvi.from_anndata(adata, batch_key="batch"),
+    ...                      adata=adata, batch_key="batch")
+    >>> counts_for(fitted, adata[:5].copy()).n_cells
+    5
+    """
+    if adata is None or adata is fitted.adata:
+        return fitted.data
+    if not getattr(fitted.guide, "amortized", True):
+        raise InputError(
+            f"The {type(fitted.guide).__name__} has parameters only for the model's own "
+            f"{fitted.data.n_cells} cells; query those with adata=None, or score other "
+            "cells with an amortized guide or with SCVI.get_amortization_gap's refined "
+            "per-cell fit."
         )
+    return from_anndata(
+        adata,
+        layer=fitted.layer,
+        batch_key=fitted.batch_key,
+        batch_categories=fitted.data.batch_categories,
+        var_names=fitted.data.var_names,
+        allow_empty_cells=True,
+    )
 
 
 def as_method(function: Callable[..., Any]) -> Callable[..., Any]:
