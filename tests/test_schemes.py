@@ -346,7 +346,7 @@ def test_default_adam_is_scaled_to_the_cells_a_step_sums_over(tiny_adata, monkey
     assert settings["eps"] == pytest.approx(0.01 * n)
     assert settings["weight_decay"] == pytest.approx(1e-6 * n)
     # ... and the optimizer that stepped had them (its saved state)
-    (group,) = m._train_state.optim["state"]["adam"]["param_groups"]
+    (group,) = m.training_run.state.optim["state"]["adam"]["param_groups"]
     assert group["eps"] == pytest.approx(0.01 * n)
 
 
@@ -555,7 +555,7 @@ def test_bayesian_decoder_q_parameters_get_their_own_adam_group(tiny_adata):
     # a model without a scheme: one group, nothing declared
     plain = SCVI(tiny_adata, n_latent=N_LATENT, n_hidden=8)
     plain.train(max_epochs=1, batch_size=16, progress_bar=False, engine="eager")
-    assert len(plain._train_state.optim["state"]["adam"]["param_groups"]) == 1
+    assert len(plain.training_run.state.optim["state"]["adam"]["param_groups"]) == 1
     assert plain.history.attrs["optim"]["groups"] == []
     assert plain.history.attrs["optim"]["groups_reason"].startswith("none declared")
 
