@@ -233,9 +233,9 @@ def test_hierarchical_user_prior_end_to_end(small_adata, tmp_path):
     torch.testing.assert_close(loaded.model.prior.log_s, prior.log_s)
 
 
-def test_readme_extending_example_runs(small_adata):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = readme.split("## Extending")[1].split("```python\n")[1].split("```")[0]
+def test_the_guides_prior_example_runs(small_adata):
+    page = (Path(__file__).parents[1] / "docs" / "guide" / "extending.md").read_text()
+    code = page.split("## Priors")[1].split("```python\n")[1].split("```")[0]
     namespace = {"pyro_scvi": pyro_scvi, "adata": small_adata}
     exec(code, namespace)
     prior = namespace["hier"].model.prior
