@@ -407,7 +407,7 @@ def test_evaluate_cli_scores_heldout_cells_by_default(tmp_path):
     assert status == 0, err
     result = json.loads(out)
     heldout = trained.adata.obs_names[trained.validation_indices]
-    assert result["cells"] == "heldout" and result["n_cells"] == len(heldout) > 0
+    assert result["cells"] == "held-out" and result["n_cells"] == len(heldout) > 0
     scored = anndata.read_h5ad(out_h5ad)
     assert list(scored.obs_names) == list(heldout)
     api = trained.get_fit_statistics(trained.heldout_adata, n_samples=20, seed=0)

@@ -15,12 +15,15 @@
 Each command module has ``add_parser(sub)``, which declares the command's options and help
 text, and ``run(args, argv)``, which does the work and returns the exit status (``argv``, the
 command line as given, is quoted by ``fit`` in the command that resumes a run). What
-several commands share (option types, ``--seed``/``--device``/``--threads``,
-``--data-source``, reading INPUT, adding results to an ``.h5ad``) is in
-``pyro_scvi/cli/_common.py``; :func:`main` parses the command line, runs the command and
-turns its errors into exit statuses. The user documentation of ``fit`` (its outputs, the
-checks before training, a failed or interrupted run) is the docstring of
-:mod:`pyro_scvi.cli.fit`, which ``pyro-scvi fit --help`` prints.
+several commands share is in ``pyro_scvi/cli/_common.py``: the vocabulary (``VOCABULARY``:
+one option string, ``dest`` and set of values per idea -- INPUT, MODEL_DIR, ``-o``,
+``--model-dir``, ``--cells``, ``--n-samples``, ``--batch-size``, the obs keys,
+``--data-source``, ``--seed``, ``--device``, ``--threads`` -- which every command takes
+from there, a replaced spelling accepted with a note on stderr until 0.3), option types,
+reading INPUT and adding results to an ``.h5ad``; :func:`main` parses the command line,
+runs the command and turns its errors into exit statuses. The user documentation of
+``fit`` (its outputs, the checks before training, a failed or interrupted run) is the
+docstring of :mod:`pyro_scvi.cli.fit`, which ``pyro-scvi fit --help`` prints.
 
 Every command: bad arguments or input give one line on stderr and exit status 2; a failed
 write exits with status 1 and removes unfinished files; Ctrl-C exits with status 130;

@@ -1,4 +1,12 @@
-"""What the sub-commands share: option types, common options, reading INPUT, writing results.
+"""What the sub-commands share: the vocabulary, option types, reading INPUT, writing results.
+
+The command line has one vocabulary (:data:`VOCABULARY`): an idea that several commands
+express (the cells to score, the data source, the device, threads, INPUT, OUTPUT, the
+model folder, ...) has one option string, one ``dest`` and one set of values in every
+command, and every command declares it through :func:`add_idea` (or a helper here built on
+it), never by its own ``add_argument``; ``tests/test_cli_vocabulary.py`` walks the parsers
+and checks it. A spelling replaced by the vocabulary keeps working for one release: it is
+not listed by ``--help`` and prints a deprecation note on stderr (:data:`DEPRECATED_IN`).
 
 Every command reads its INPUT through :func:`_read_data` (backed first; loaded or streamed
 by :func:`pyro_scvi.data.placement.choose_data_source`, or as ``--data-source`` says) and
@@ -10,11 +18,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 
 PROG = "pyro-scvi"
+
+#: The release that removes the spellings the vocabulary replaced (as the flat import paths).
+DEPRECATED_IN = "0.3"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,12 +79,202 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# ------------------------------------------------------------------ the vocabulary
+@dataclass(frozen=True, eq=False)
+class Idea:
+    """One idea of the command line and its one spelling, in every command that has it.
+
+    Attributes
+    ----------
+    flags
+        The option strings (``()``: a positional argument).
+    dest
+        The attribute of the parsed arguments that holds it.
+    metavar
+        Its name in usage and help (``None``: argparse's, from ``dest`` or ``choices``); a
+        file's is this name plus the suffix the command writes (``OUTPUT.h5ad``).
+    choices
+        The values it takes (``None``: any value its type accepts).
+    deprecated
+        Old value -> its spelling now: still accepted, with a note on stderr, until
+        :data:`DEPRECATED_IN`; ``--help`` lists only the new ones.
+    meaning
+        What it is, in the words of the help.
+    """
+
+    flags: tuple[str, ...]
+    dest: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    deprecated: Mapping[str, str] = field(default_factory=dict)
+    meaning: str = ""
+
+
+#: Idea -> its spelling. Every command that expresses an idea declares it with
+#: :func:`add_idea` (directly or through the helpers below), so the option string, ``dest``,
+#: metavar and values are these in every command. Obs and obsm columns take scanpy's and
+#: scvi-tools' names (``--batch-key``, ``--groupby``, ``--color``, ``--use-rep``), each a KEY.
+VOCABULARY: dict[str, Idea] = {
+    # what a command reads and writes
+    "input": Idea((), "input", "INPUT", meaning="the cells: an .h5ad, or a shipped dataset"),
+    "saved_model": Idea((), "model_dir", "MODEL_DIR", meaning="a folder written by fit / save()"),
+    "output": Idea(("-o", "--output"), "output", "OUTPUT", meaning="the file the command writes"),
+    "model_dir": Idea(("--model-dir",), "model_dir", "DIR", meaning="where the model is saved"),
+    # which cells, how many draws, how many at a time
+    "cells": Idea(
+        ("--cells",),
+        "cells",
+        choices=("held-out", "training", "all"),
+        deprecated={"heldout": "held-out"},
+        meaning="the model's validation cells, its training cells, or every cell of INPUT",
+    ),
+    "n_samples": Idea(("--n-samples",), "n_samples", meaning="posterior draws per cell"),
+    "batch_size": Idea(("--batch-size",), "batch_size", meaning="cells per minibatch"),
+    "observed_library": Idea(
+        ("--observed-library",), "observed_library", meaning="condition on the observed library"
+    ),
+    # columns of obs and obsm
+    "batch_key": Idea(("--batch-key",), "batch_key", "KEY", meaning="obs column of batches"),
+    "groupby": Idea(("--groupby",), "groupby", "KEY", meaning="obs column of groups"),
+    "sample_key": Idea(("--sample-key",), "sample_key", "KEY", meaning="obs column of replicates"),
+    "color": Idea(("--color",), "color", "KEY", meaning="obs columns to colour by"),
+    "use_rep": Idea(("--use-rep",), "use_rep", "KEY", meaning="obsm key of a representation"),
+    # training
+    "max_epochs": Idea(("--max-epochs",), "max_epochs", meaning="passes over the cells"),
+    "lr": Idea(("--lr",), "lr", meaning="learning rate"),
+    "quiet": Idea(("--quiet",), "quiet", meaning="no progress bar"),
+    # where and how it runs
+    "data_source": Idea(
+        ("--data-source",),
+        "data_source",
+        choices=("auto", "memory", "streamed"),
+        meaning="load INPUT's counts, or read them from the file",
+    ),
+    "seed": Idea(("--seed",), "seed", meaning="random seed"),
+    "device": Idea(("--device",), "device", choices=("auto", "cpu", "cuda"), meaning="device"),
+    "threads": Idea(("--threads",), "threads", meaning="CPU threads for torch"),
+}
+
+
+def add_idea(p: argparse.ArgumentParser, name: str, **kwargs) -> argparse.Action:
+    """Add the idea ``name`` of :data:`VOCABULARY` to ``p``, spelled as the table says.
+
+    ``kwargs`` are ``add_argument``'s (type, default, help, ...), never the spelling: the
+    option strings, ``dest`` and values are the table's. A file's ``metavar`` may add the
+    suffix the command writes. The action records the idea as ``action.idea``.
+    """
+    idea = VOCABULARY[name]
+    metavar = kwargs.pop("metavar", idea.metavar)
+    if metavar != idea.metavar and not str(metavar).startswith(f"{idea.metavar}."):
+        raise ValueError(f"{name}'s metavar is {idea.metavar} (plus a file suffix), not {metavar}")
+    if metavar is not None:
+        kwargs["metavar"] = metavar
+    if idea.choices is not None:
+        kwargs.update(choices=list(idea.choices), type=_value_of(name, idea))
+    if idea.flags:
+        action = p.add_argument(*idea.flags, dest=idea.dest, **kwargs)
+    else:
+        action = p.add_argument(idea.dest, **kwargs)
+    action.idea = name
+    return action
+
+
+def _value_of(name: str, idea: Idea):
+    """The ``type`` of an idea with choices: a deprecated value becomes its new spelling."""
+
+    def value(text: str) -> str:
+        new = idea.deprecated.get(text)
+        if new is None:
+            return text
+        flag = idea.flags[0] if idea.flags else idea.metavar
+        print(
+            f"{PROG}: {flag} {text} is deprecated and will be removed in {DEPRECATED_IN}; "
+            f"use {flag} {new}",
+            file=sys.stderr,
+        )
+        return new
+
+    value.__name__ = name  # argparse names the type in its messages
+    return value
+
+
+def _add_input(p: argparse.ArgumentParser, what: str, shipped: bool = True) -> None:
+    """INPUT, the positional argument every command reads its cells from."""
+    also = ", or a shipped dataset (pbmc8k_200hvg)" if shipped else ""
+    add_idea(p, "input", help=f"{what}{also}")
+
+
+def _add_saved_model(p: argparse.ArgumentParser) -> None:
+    """MODEL_DIR, the positional argument naming the saved model a command reads."""
+    add_idea(p, "saved_model", help="directory written by fit / save()")
+
+
+def _add_output(p: argparse.ArgumentParser, suffix: str, what: str) -> None:
+    """``-o/--output OUTPUT<suffix>``, the file the command writes (required)."""
+    add_idea(p, "output", required=True, metavar=f"OUTPUT{suffix}", help=what)
+
+
+def _add_model_dir(p: argparse.ArgumentParser, what: str) -> None:
+    """``--model-dir DIR``: where a command that trains saves its model."""
+    add_idea(
+        p,
+        "model_dir",
+        help=f"where to save the {what} (default: OUTPUT without .h5ad, plus _model)",
+    )
+
+
+def _add_cells(p: argparse.ArgumentParser, what: str) -> None:
+    """``--cells held-out|training|all``: which cells a command scores or checks."""
+    add_idea(
+        p,
+        "cells",
+        default="held-out",
+        help=f"{what}: held-out (default: the validation cells training held out), training "
+        "(the cells it trained on) -- both need INPUT to be the data the model was fitted to "
+        "-- or all (every cell of INPUT, e.g. of a file of new cells)",
+    )
+
+
+def _add_n_samples(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    """``--n-samples``: posterior draws per cell (or per group)."""
+    add_idea(
+        p, "n_samples", type=_positive_int, default=default, help=f"{what} (default {default})"
+    )
+
+
+def _add_batch_size(
+    p: argparse.ArgumentParser, default: int, what: str = "cells per pass"
+) -> None:
+    """``--batch-size``: cells per minibatch."""
+    add_idea(
+        p, "batch_size", type=_positive_int, default=default, help=f"{what} (default {default})"
+    )
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """``--max-epochs``, ``--batch-size`` and ``--lr`` of the commands that train."""
+    add_idea(p, "max_epochs", type=_positive_int, help="default: as scvi-tools")
+    _add_batch_size(p, 128, "cells per training minibatch")
+    add_idea(p, "lr", type=_positive_float, default=1e-3, help="learning rate (default 0.001)")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress bar."""
+    add_idea(p, "quiet", action="store_true", help="no progress bar")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """``--seed``, ``--device`` and ``--threads``, which every command takes."""
-    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0..2**32-1 (default 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument(
-        "--threads",
+    add_idea(p, "seed", type=_seed, default=0, help="random seed, 0..2**32-1 (default 0)")
+    add_idea(
+        p,
+        "device",
+        default="auto",
+        help="auto (default: cuda when a GPU is visible, else cpu), cpu or cuda",
+    )
+    add_idea(
+        p,
+        "threads",
         type=_positive_int,
         help="CPU threads for torch (default: training follows the cores that other "
         "processes leave free, re-measured as it goes; other commands use torch's default)",
@@ -79,13 +283,63 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _add_data_source_option(p: argparse.ArgumentParser, what: str) -> None:
     """``--data-source``; ``what`` says what not loading the counts means for the command."""
-    p.add_argument(
-        "--data-source",
-        choices=["auto", "memory", "streamed"],
+    add_idea(
+        p,
+        "data_source",
         default="auto",
         help=f"load INPUT's counts into memory, or {what}: auto (default: streamed when they "
         "would take more than half the available memory; reported), memory or streamed",
     )
+
+
+def _output_path(args: argparse.Namespace, suffix: str, note: str = "") -> Path:
+    """``-o``'s path, refused (one line, status 2) unless it ends in ``suffix``."""
+    output = Path(args.output)
+    if output.suffix != suffix:
+        raise InputError(f"OUTPUT {output} must end in {suffix}{note}.")
+    return output
+
+
+def _refuse_input(args: argparse.Namespace, *paths: Path) -> None:
+    """Refuse to write any of ``paths`` over INPUT (the input is never overwritten)."""
+    input_path = Path(args.input)
+    if not input_path.exists():
+        return
+    for path in paths:
+        if path.resolve() == input_path.resolve():
+            name = "OUTPUT" if path == Path(args.output) else str(path)
+            raise InputError(
+                f"{name} is the INPUT file; choose another -o: the input is never overwritten."
+            )
+
+
+def _check_fitted_cells(model, cells: str) -> None:
+    """``--cells held-out`` and ``training`` name cells of the data the model was fitted to.
+
+    Refuse (one line, status 2) when INPUT has another number of cells than that data.
+    """
+    n_fitted = len(model.train_indices) + len(model.validation_indices)
+    if cells != "all" and model.data.n_cells != n_fitted:
+        raise InputError(
+            f"--cells {cells} names cells of the data the model was fitted to, but INPUT has "
+            f"{model.data.n_cells} cells and the model was fitted to {n_fitted}; pass the data "
+            "it was fitted to, or --cells all to use every cell of INPUT."
+        )
+
+
+def _cell_indices(model, cells: str):
+    """The indices of ``--cells`` in the model's data (``None``: every cell)."""
+    import numpy as np
+
+    _check_fitted_cells(model, cells)
+    if cells == "all":
+        return None
+    if cells == "held-out" and not len(model.validation_indices):
+        raise InputError(
+            "The model held out no cells (trained with train_size=1); pass --cells training "
+            "or --cells all."
+        )
+    return np.asarray(model.validation_indices if cells == "held-out" else model.train_indices)
 
 
 def _read_input(text: str):

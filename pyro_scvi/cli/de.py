@@ -9,11 +9,18 @@ from pathlib import Path
 from ..errors import InputError
 from ._common import (
     PROG,
+    _add_batch_size,
     _add_data_source_option,
+    _add_input,
+    _add_n_samples,
+    _add_output,
     _add_run_options,
+    _add_saved_model,
+    _output_path,
     _positive_float,
-    _positive_int,
     _read_data,
+    _refuse_input,
+    add_idea,
 )
 
 
@@ -32,9 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "stdout."
         ),
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
-    p.add_argument("input", metavar="INPUT", help="raw-count .h5ad with the model's genes")
-    p.add_argument("--groupby", required=True, help="obs column holding each cell's group")
+    _add_saved_model(p)
+    _add_input(p, "raw-count .h5ad with the model's genes")
+    _add_output(p, ".csv", "the DE table; the volcano plot goes beside it")
+    add_idea(p, "groupby", required=True, help="obs column holding each cell's group")
     p.add_argument(
         "--group1",
         action="append",
@@ -49,40 +57,34 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--fdr-target", type=_positive_float, default=0.05, help="in (0, 1); default 0.05"
     )
+    _add_n_samples(p, 1000, "posterior samples per group")
     p.add_argument(
-        "--n-samples", type=_positive_int, default=1000, help="posterior samples per group"
+        "--batch-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="average each cell's decoding over all batches, or (--no-batch-correction) "
+        "decode each cell in its own batch",
     )
-    p.add_argument(
-        "--no-batch-correction",
-        action="store_true",
-        help="decode each cell in its own batch instead of averaging over all batches",
-    )
-    p.add_argument(
-        "--sample-key",
-        metavar="KEY",
+    add_idea(
+        p,
+        "sample_key",
         help=(
             "obs column naming each cell's replicate (sample, donor); change mode then "
             "resamples replicates as well as cells, so differences between replicates are "
             "not called DE (use it when cells come from a few replicates per group)"
         ),
     )
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
+    _add_batch_size(p, 256)
     _add_data_source_option(p, "stream them from the file a minibatch at a time")
     _add_run_options(p)
-    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.csv")
     return p
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``pyro-scvi de``: write the DE table and volcano plot; return the status."""
-    output = Path(args.output)
-    if output.suffix != ".csv":
-        raise InputError(f"OUTPUT {output} must end in .csv.")
+    output = _output_path(args, ".csv")
     volcano = output.with_name(f"{output.stem}_volcano.png")
-    input_path = Path(args.input)
-    for path in (output, volcano):
-        if input_path.exists() and path.resolve() == input_path.resolve():
-            raise InputError(f"{path} is the INPUT file; choose another -o.")
+    _refuse_input(args, output, volcano)
     if not Path(args.model_dir).is_dir():
         raise InputError(f"MODEL_DIR {args.model_dir} is not a directory written by fit / save().")
 
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         mode=args.mode,
         delta=args.delta,
         fdr_target=args.fdr_target,
-        batch_correction=not args.no_batch_correction,
+        batch_correction=args.batch_correction,
         n_samples=args.n_samples,
         batch_size=args.batch_size,
         seed=args.seed,

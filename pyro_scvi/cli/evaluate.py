@@ -8,7 +8,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import _add_data_source_option, _add_run_options, _positive_int, _read_data
+from ._common import (
+    _add_batch_size,
+    _add_cells,
+    _add_data_source_option,
+    _add_input,
+    _add_n_samples,
+    _add_run_options,
+    _add_saved_model,
+    _cell_indices,
+    _read_data,
+    add_idea,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,34 +33,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "error of INPUT's cells under the model saved in MODEL_DIR: their means, "
             "standard deviations and standard errors over cells. Both estimates use the same "
             "K draws of q(z, l | x). By default only the cells that training held out are "
-            "scored (INPUT must then be the data the model was fitted to); --cells all "
-            "scores every cell, e.g. of a file of new cells. --per-cell writes each cell's "
+            "scored (INPUT must then be the data the model was fitted to); --cells training "
+            "scores the cells it trained on, and --cells all every cell, e.g. of a file of "
+            "new cells. --per-cell writes each cell's "
             "values to a .csv or to an .h5ad (INPUT's scored cells with obs columns "
             "pyro_scvi_elbo, pyro_scvi_marginal_ll, pyro_scvi_reconstruction_error)."
         ),
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
-    p.add_argument("input", metavar="INPUT", help="raw-count .h5ad with the model's genes")
-    p.add_argument(
-        "--n-samples",
-        type=_positive_int,
-        default=100,
-        help="importance samples K per cell (default 100)",
-    )
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="cells per pass")
-    p.add_argument(
-        "--cells",
-        choices=["heldout", "all"],
-        default="heldout",
-        help="score the validation cells training held out (default), or every cell",
-    )
+    _add_saved_model(p)
+    _add_input(p, "raw-count .h5ad with the model's genes")
+    _add_n_samples(p, 100, "importance samples K per cell")
+    _add_batch_size(p, 64)
+    _add_cells(p, "the cells scored")
     p.add_argument(
         "--per-cell",
         metavar="PATH",
         help="also write each cell's values to PATH (.csv, or .h5ad: the scored cells)",
     )
-    p.add_argument(
-        "--observed-library",
+    add_idea(
+        p,
+        "observed_library",
         action="store_true",
         help="condition on each cell's observed library (log total count) instead of "
         "integrating over the latent one: log p(x | library), the number a model with an "
@@ -71,36 +74,26 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if per_cell is not None and input_path.exists() and per_cell.resolve() == input_path.resolve():
         raise InputError("--per-cell is the INPUT file; choose another path.")
 
-    import numpy as np
-
     from ..io.files import atomic_path
     from ..scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
     adata, streamed, data_source = _read_data(args)
-    if streamed and per_cell is not None and per_cell.suffix == ".h5ad" and args.cells == "all":
+    if (
+        streamed
+        and per_cell is not None
+        and per_cell.suffix == ".h5ad"
+        and args.cells != "held-out"
+    ):
         raise InputError(
-            f"INPUT is streamed ({data_source}), and --per-cell .h5ad with --cells all would "
-            "load every cell's counts to write them; write a .csv, or pass --data-source "
+            f"INPUT is streamed ({data_source}), and --per-cell .h5ad with --cells {args.cells} "
+            "would load most cells' counts to write them; write a .csv, or pass --data-source "
             "memory."
         )
     model = SCVI.load(
         args.model_dir, adata, device=args.device, streamed=True if streamed else None
     )
-    indices = None  # every cell
-    if args.cells == "heldout":
-        n_fitted = len(model.train_indices) + len(model.validation_indices)
-        if model.data.n_cells != n_fitted:
-            raise InputError(
-                f"--cells heldout scores the cells training held out, but INPUT has "
-                f"{model.data.n_cells} cells and the model was fitted to {n_fitted}; pass "
-                "the data it was fitted to, or --cells all to score every cell of INPUT."
-            )
-        if not len(model.validation_indices):
-            raise InputError(
-                "The model held out no cells (trained with train_size=1); pass --cells all."
-            )
-        indices = np.asarray(model.validation_indices)
+    indices = _cell_indices(model, args.cells)  # None: every cell
     names = model.data.obs_names if indices is None else model.data.obs_names[indices]
     if per_cell is not None:  # keyed by cell name
         from ..data.counts import require_unique_obs_names

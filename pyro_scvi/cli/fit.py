@@ -48,12 +48,19 @@ from ..errors import InputError
 from ._common import (
     PROG,
     _add_data_source_option,
+    _add_input,
+    _add_model_dir,
+    _add_n_samples,
+    _add_output,
+    _add_quiet,
     _add_run_options,
+    _add_training_options,
     _non_negative_int,
-    _positive_float,
+    _output_path,
     _positive_int,
     _read_data,
     _write_results_h5ad,
+    add_idea,
 )
 
 #: ``--likelihood`` choices: the keys of :data:`pyro_scvi.model.likelihoods.LIKELIHOODS`, listed
@@ -69,14 +76,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", metavar="INPUT", help="raw-count .h5ad, or 'pbmc8k_200hvg'")
-    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
+    _add_input(p, "raw-count .h5ad")
+    _add_output(p, ".h5ad", "INPUT with the latent space and normalized expression")
     p.add_argument("--layer", help="layer with raw counts (default: .X)")
-    p.add_argument("--batch-key", help="obs column with each cell's batch")
+    add_idea(p, "batch_key", help="obs column with each cell's batch")
     p.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, default="zinb")
     p.add_argument("--n-latent", type=_positive_int, default=10)
-    p.add_argument(
-        "--observed-library",
+    add_idea(
+        p,
+        "observed_library",
         action="store_true",
         help=(
             "condition on each cell's observed total count (scvi-tools' default, "
@@ -93,18 +101,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "paper's guide"
         ),
     )
-    p.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    _add_training_options(p)
     _add_run_options(p)
-    p.add_argument("--model-dir", help="where to save the model")
+    _add_model_dir(p, "model")
     p.add_argument("--early-stopping", action="store_true", help="stop on validation ELBO")
-    p.add_argument(
-        "--n-samples",
-        type=_positive_int,
-        default=10,
-        help="posterior samples averaged for the normalized expression (default 10)",
-    )
+    _add_n_samples(p, 10, "posterior samples averaged for the normalized expression")
     p.add_argument(
         "--normalized",
         choices=["auto", "all", "none"],
@@ -185,7 +186,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="continue the interrupted run whose checkpoint is in --checkpoint-dir (same "
         "INPUT and training options)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(p)
     return p
 
 
@@ -200,9 +201,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
 
 def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitStack) -> int:
-    output = Path(args.output)
-    if output.suffix != ".h5ad":
-        raise InputError(f"OUTPUT {output} must end in .h5ad.")
+    output = _output_path(args, ".h5ad")
     stem = output.with_suffix("")
     model_dir = Path(args.model_dir) if args.model_dir else Path(f"{stem}_model")
     png = Path(f"{stem}_training.png")

@@ -11,10 +11,15 @@ from ..errors import InputError
 from ._common import (
     PROG,
     _add_data_source_option,
+    _add_input,
+    _add_model_dir,
+    _add_output,
+    _add_quiet,
     _add_run_options,
-    _positive_float,
-    _positive_int,
+    _add_training_options,
+    _output_path,
     _read_data,
+    _refuse_input,
     _write_results_h5ad,
 )
 
@@ -25,22 +30,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "map-query",
         help="map new batches onto a saved reference model (scArches-style) and embed them",
         description=(
-            "Append the batches of QUERY (obs[the reference's batch_key]) to the reference "
-            "model saved in REFERENCE_DIR, train only the weights the new batches feed, with "
-            "every reference weight fixed (pyro_scvi.SCVI.load_query_data), and write "
-            "OUTPUT.h5ad: QUERY plus obsm['X_pyro_scvi'] (in the reference's latent space) and "
-            "uns['pyro_scvi']. The query model is saved to --model-dir (default: OUTPUT "
-            "without .h5ad, plus _model)."
+            "Append the batches of INPUT, the query (obs[the reference's batch_key]), to the "
+            "reference model saved in REFERENCE_DIR, train only the weights the new batches "
+            "feed, with every reference weight fixed (pyro_scvi.SCVI.load_query_data), and "
+            "write OUTPUT.h5ad: INPUT plus obsm['X_pyro_scvi'] (in the reference's latent "
+            "space) and uns['pyro_scvi']. The query model is saved to --model-dir (default: "
+            "OUTPUT without .h5ad, plus _model)."
         ),
     )
     p.add_argument("reference", metavar="REFERENCE_DIR", help="directory written by fit / save()")
-    p.add_argument("input", metavar="QUERY", help="raw-count .h5ad with the reference's genes")
-    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.h5ad")
-    p.add_argument("--max-epochs", type=_positive_int, help="default: as scvi-tools")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--model-dir", help="where to save the query model")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_input(p, "the query: raw-count .h5ad with the reference's genes", shipped=False)
+    _add_output(p, ".h5ad", "INPUT with the query's latent space")
+    _add_training_options(p)
+    _add_model_dir(p, "query model")
+    _add_quiet(p)
     _add_data_source_option(p, "stream them from the file as training goes")
     _add_run_options(p)
     return p
@@ -48,12 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``pyro-scvi map-query``: map, train, write the query's embedding; return the status."""
-    output = Path(args.output)
-    if output.suffix != ".h5ad":
-        raise InputError(f"OUTPUT {output} must end in .h5ad.")
-    input_path = Path(args.input)
-    if input_path.exists() and output.resolve() == input_path.resolve():
-        raise InputError("OUTPUT is the QUERY file; choose another -o.")
+    output = _output_path(args, ".h5ad")
+    _refuse_input(args, output)
     if not Path(args.reference).is_dir():
         raise InputError(f"REFERENCE_DIR {args.reference} is not a directory written by fit.")
     model_dir = Path(args.model_dir) if args.model_dir else Path(f"{output.with_suffix('')}_model")

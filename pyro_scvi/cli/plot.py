@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..errors import InputError
-from ._common import PROG, _add_data_source_option, _add_run_options, _read_data
+from ._common import (
+    PROG,
+    _add_data_source_option,
+    _add_input,
+    _add_output,
+    _add_run_options,
+    _output_path,
+    _read_data,
+    add_idea,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,14 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "is installed (pip install umap-learn) and t-SNE (scikit-learn) otherwise."
         ),
     )
-    p.add_argument("input", metavar="INPUT", help=".h5ad holding obsm[--use-rep]")
-    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.png")
-    p.add_argument("--use-rep", default="X_pyro_scvi", help="obsm key (default X_pyro_scvi)")
+    _add_input(p, ".h5ad holding obsm[--use-rep]", shipped=False)
+    _add_output(p, ".png", "the picture")
+    add_idea(p, "use_rep", default="X_pyro_scvi", help="obsm key (default X_pyro_scvi)")
     p.add_argument("--method", choices=["auto", "umap", "tsne", "pca"], default="auto")
-    p.add_argument(
-        "--color",
+    add_idea(
+        p,
+        "color",
         nargs="+",
-        metavar="KEY",
         help="obs columns, one panel each (default: cell_type and batch where present)",
     )
     _add_data_source_option(p, "leave them in the file (plot reads only obs and obsm)")
@@ -39,9 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``pyro-scvi plot``: write a 2-D embedding picture; return the status."""
-    output = Path(args.output)
-    if output.suffix != ".png":
-        raise InputError(f"OUTPUT {output} must end in .png.")
+    output = _output_path(args, ".png")
 
     import matplotlib
 

@@ -9,10 +9,19 @@ from pathlib import Path
 from ..errors import InputError
 from ._common import (
     PROG,
+    _add_batch_size,
+    _add_cells,
     _add_data_source_option,
+    _add_input,
+    _add_n_samples,
+    _add_output,
     _add_run_options,
+    _add_saved_model,
+    _check_fitted_cells,
+    _output_path,
     _positive_int,
     _read_data,
+    _refuse_input,
 )
 
 
@@ -35,29 +44,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "held-out ELPD). A summary goes to stdout."
         ),
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by fit / save()")
-    p.add_argument("input", metavar="INPUT", help="raw-count .h5ad with the model's genes")
-    p.add_argument("-o", "--output", required=True, metavar="OUTPUT.nc")
-    p.add_argument(
-        "--n-samples",
-        type=_positive_int,
-        default=50,
-        help="posterior draws S per cell (default 50); p-values have resolution 1/S",
-    )
+    _add_saved_model(p)
+    _add_input(p, "raw-count .h5ad with the model's genes")
+    _add_output(p, ".nc", "the ArviZ InferenceData (netCDF); the tables and plots go beside it")
+    _add_n_samples(p, 50, "posterior draws S per cell; p-values have resolution 1/S")
     p.add_argument(
         "--max-cells",
         type=_positive_int,
         help="check a random subset of this many cells (default: all), and at most this many "
         "of the criticism page's cells; needed with --data-source streamed",
     )
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="cells per pass")
-    p.add_argument(
-        "--cells",
-        choices=["held-out", "training", "all"],
-        default="held-out",
-        help="cells of the criticism page (default: the model's validation cells; use 'all' "
-        "when INPUT is not the file the model was trained on)",
-    )
+    _add_batch_size(p, 256)
+    _add_cells(p, "the cells of the criticism page")
     p.add_argument(
         "--compare",
         action="append",
@@ -76,9 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``pyro-scvi ppc``: write the InferenceData, PPC table and plots; return the status."""
-    output = Path(args.output)
-    if output.suffix != ".nc":
-        raise InputError(f"OUTPUT {output} must end in .nc (a netCDF file).")
+    output = _output_path(args, ".nc", " (a netCDF file)")
     if not Path(args.model_dir).is_dir():
         raise InputError(f"MODEL_DIR {args.model_dir} is not a directory written by fit / save().")
     stem = output.with_suffix("")
@@ -101,10 +97,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                 "and NAME unique (and not 'model')."
             )
         others[name] = other_dir
-    input_path = Path(args.input)
-    for path in [output, *paths.values()]:
-        if input_path.exists() and path.resolve() == input_path.resolve():
-            raise InputError(f"{path} is the INPUT file; choose another -o.")
+    _refuse_input(args, output, *paths.values())
 
     import textwrap
 
@@ -130,6 +123,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         )
     streamed = True if streamed else None
     model = SCVI.load(args.model_dir, adata, device=args.device, streamed=streamed)
+    _check_fitted_cells(model, args.cells)  # before the draws
     n_cells = model.data.n_cells
     indices = None
     if args.max_cells is not None and args.max_cells < n_cells:
@@ -155,6 +149,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     fits.update(
         {n: SCVI.load(d, adata, device=args.device, streamed=streamed) for n, d in others.items()}
     )
+    for fit in fits.values():
+        _check_fitted_cells(fit, args.cells)  # each --compare fit's own cells
     pages = compare(
         fits,
         cells=args.cells,
