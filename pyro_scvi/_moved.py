@@ -14,6 +14,8 @@ import sys
 import warnings
 from types import ModuleType
 
+from ._version import REMOVED_IN
+
 #: old module (under ``pyro_scvi.``) -> its home now
 MOVED = {
     "convert": "posterior.arviz",
@@ -74,7 +76,7 @@ def resolve(old: str, *, stacklevel: int = 3) -> ModuleType:
     new, deprecated = new_home(old)  # type: ignore[misc]
     if deprecated:
         warnings.warn(
-            f"{old} moved to {new}; import it from there (the old path goes in 0.3).",
+            f"{old} moved to {new}; import it from there (the old path goes in {REMOVED_IN}).",
             DeprecationWarning,
             stacklevel=stacklevel,
         )

@@ -23,12 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._version import REMOVED_IN
 from ..errors import InputError
 
 PROG = "pyro-scvi"
 
 #: The release that removes the spellings the vocabulary replaced (as the flat import paths).
-DEPRECATED_IN = "0.3"
+DEPRECATED_IN = REMOVED_IN
 
 
 class _Parser(argparse.ArgumentParser):
