@@ -40,7 +40,7 @@ from pyro_scvi.cli import COMMANDS
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = _version.__version__
 #: what the build reads: the project file, the texts it ships, the package
-SOURCES = ("pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in", "pyro_scvi")
+SOURCES = ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", "MANIFEST.in", "pyro_scvi")
 DATA_FILES = (
     "pyro_scvi/data/datasets/pbmc8k_200hvg.h5ad",
     "pyro_scvi/data/datasets/cellbench_genes.csv",
@@ -99,12 +99,13 @@ def test_the_wheel_carries_the_package_its_data_and_the_command(dist):
     assert not [n for n in names if n.split("/")[0] in ("tests", "benchmarks", "docs")]
     assert f"\nVersion: {VERSION}\n" in metadata
     assert "pyro-scvi = pyro_scvi.cli:main" in entry_points
+    assert f"{info}/licenses/LICENSE" in names and "License-Expression: BSD-3-Clause" in metadata
 
 
 def test_the_sdist_carries_what_a_build_needs(dist):
     with tarfile.open(dist["sdist"]) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", *DATA_FILES):
+    for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", *DATA_FILES):
         assert name in names
 
 
