@@ -16,6 +16,18 @@ class InputError(ValueError):
     """Raised when user input (AnnData, arguments) cannot be used; the message says the fix."""
 
 
+class DatasetError(InputError):
+    """A dataset cannot be had as registered; the message says what to do."""
+
+
+class ChecksumError(DatasetError):
+    """A dataset file or a downloaded source file is not the one the registry names."""
+
+
+class DatasetUnavailableError(DatasetError):
+    """A dataset is in none of the folders searched, and downloading it was not possible."""
+
+
 class OutputError(InputError):
     """An output cannot be written where asked; the message says what to change."""
 

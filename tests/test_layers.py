@@ -220,3 +220,18 @@ def test_old_import_paths_warn_and_give_the_same_module():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pyro_scvi.datasets is importlib.import_module("pyro_scvi.data.datasets")
+
+
+def test_exceptions_are_defined_in_errors_only():
+    # one place to find every error a user can catch (InputError and friends)
+    defined = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                getattr(base, "id", getattr(base, "attr", "")).endswith(
+                    ("Error", "Exception", "Interrupt", "Interrupted")
+                )
+                for base in node.bases
+            ):
+                defined.append(f"{path.relative_to(PACKAGE)}:{node.name}")
+    assert defined and all(d.startswith("errors.py:") for d in defined), defined

@@ -32,25 +32,13 @@ import anndata
 import numpy as np
 import scipy.sparse as sp
 
-from ...errors import InputError
+from ...errors import ChecksumError, DatasetError, DatasetUnavailableError
 from . import _convert
 
 #: Environment variable naming a folder of the datasets' ``.h5ad`` files.
 DATA_ENV = "PYRO_SCVI_DATA"
 #: Environment variable naming the download cache (default: ``pooch.os_cache("pyro_scvi")``).
 CACHE_ENV = "PYRO_SCVI_CACHE"
-
-
-class DatasetError(InputError):
-    """A dataset cannot be had as registered; the message says what to do."""
-
-
-class ChecksumError(DatasetError):
-    """A dataset file or a downloaded source file is not the one the registry names."""
-
-
-class DatasetUnavailableError(DatasetError):
-    """A dataset is in none of the folders searched, and downloading it was not possible."""
 
 
 @dataclass(frozen=True)
