@@ -252,18 +252,24 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             f"## {ds['name']} ({ds['cells']} cells x {ds['genes']} genes; {ds['note']})",
             "",
-            f"{ds['epochs']} epochs (KL warm-up {ds['kl_warmup_epochs']}), batch size 128, lr 1e-3, "
+            f"{ds['epochs']} epochs (KL warm-up {ds['kl_warmup_epochs']}), batch size 128, lr "
+            "1e-3, "
             f"n_latent {N_LATENT}; {ds['n_train']} training and {ds['n_heldout']} held-out cells; "
-            f"held-out scores from {s['is_samples']} importance samples per cell; amortization gap "
+            f"held-out scores from {s['is_samples']} importance samples per cell; amortization "
+            "gap "
             f"on {ds['gap_cells']} held-out cells after {s['refine_steps']} refinement steps.",
             "",
         ]
         rows = [
-            f"{r['prior']} | {r['likelihood']} | {r['scheme']} | failed: {r['error'].splitlines()[0][:80]} | | | | | | |"
+            f"{r['prior']} | {r['likelihood']} | {r['scheme']} | failed: "
+            f"{r['error'].splitlines()[0][:80]} | | | | | | |"
             if "error" in r
-            else f"{r['prior']} | {r['likelihood']} | {r['scheme']} | {fmt(r['heldout_marginal_ll'], '.2f')} | "
-            f"{fmt(r['heldout_elbo'], '.2f')} | {fmt(r.get('amortization_gap'), '.2f')} | {fmt(r['ari'])} | "
-            f"{fmt(r['nmi'])} | {fmt(r['train_seconds'], '.0f')} | {fmt(r['heldout_q_seconds'], '.1f')}"
+            else f"{r['prior']} | {r['likelihood']} | {r['scheme']} | "
+            f"{fmt(r['heldout_marginal_ll'], '.2f')} | "
+            f"{fmt(r['heldout_elbo'], '.2f')} | {fmt(r.get('amortization_gap'), '.2f')} | "
+            f"{fmt(r['ari'])} | "
+            f"{fmt(r['nmi'])} | {fmt(r['train_seconds'], '.0f')} | "
+            f"{fmt(r['heldout_q_seconds'], '.1f')}"
             for r in ds["runs"]
         ]
         lines += results.md_table(
@@ -275,8 +281,10 @@ def markdown(res: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"Amortization gap of the default combination: {d['amortization_gap']:.2f} "
-                f"nats per cell (ELBO {d['gap_elbo_amortized']:.2f} -> {d['gap_elbo_refined']:.2f}; "
-                f"log p(x) with the amortized / refined proposal {d['gap_marginal_ll_amortized']:.2f} "
+                f"nats per cell (ELBO {d['gap_elbo_amortized']:.2f} -> "
+                f"{d['gap_elbo_refined']:.2f}; "
+                "log p(x) with the amortized / refined proposal "
+                f"{d['gap_marginal_ll_amortized']:.2f} "
                 f"/ {d['gap_marginal_ll_refined']:.2f}; improved in "
                 f"{100 * d['gap_fraction_of_cells_improved']:.0f}% of cells).",
             ]
@@ -314,7 +322,8 @@ NOTES = [
     "on the training cells only, held-out cells fitted with the decoder fixed ('held-out q s'). "
     "train s: wall time on a shared machine, compare within a table.",
     "- NUTS: mean error |mean_q - mean_NUTS| / sd_NUTS averaged over coordinates; variance ratio "
-    "the median of var_q / var_NUTS; coverage the NUTS posterior mass inside q's central interval.",
+    "the median of var_q / var_NUTS; coverage the NUTS posterior mass inside q's central "
+    "interval.",
 ]
 
 
@@ -373,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.design == "oat"
         else "full product"
     )
-    note += f"; priors {prior_names}, likelihoods {likelihoods()}, schemes {list(schemes(args.iwae_k))}"
+    names = list(schemes(args.iwae_k))
+    note += f"; priors {prior_names}, likelihoods {likelihoods()}, schemes {names}"
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     res: dict[str, Any] = {"meta": results.metadata(STUDY, argv, threads=args.threads)}
     res |= {"settings": settings | {"design_note": note, "n_latent": N_LATENT}, "datasets": []}

@@ -268,7 +268,8 @@ def markdown(res: dict[str, Any]) -> str:
     if timings := res.get("timings"):
         methods = list(timings[0]["one_vs_rest_seconds"])
         rows = [
-            f"{t['dataset']} | {t['n_cells']} x {t['n_genes']} | {t['n_groups']} | {t['n_batches']} | "
+            f"{t['dataset']} | {t['n_cells']} x {t['n_genes']} | {t['n_groups']} | "
+            f"{t['n_batches']} | "
             f"{t['epochs']} | " + " | ".join(f"{v:.1f}" for v in t["one_vs_rest_seconds"].values())
             for t in timings
         ]

@@ -322,7 +322,8 @@ def markdown(res: dict[str, Any]) -> str:
                 if "skipped" in m
                 else (
                     f"{name} | {method} | {fmt(m['auroc_all'])} | {fmt(m['auroc_expressed'])} | "
-                    f"{m['empirical_fdr']:.3f} | {m['power']:.3f} | {m['calls']} | {m['null_fraction']:.4f}"
+                    f"{m['empirical_fdr']:.3f} | {m['power']:.3f} | {m['calls']} | "
+                    f"{m['null_fraction']:.4f}"
                 )
             )
     lines += results.md_table(

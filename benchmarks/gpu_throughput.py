@@ -99,7 +99,8 @@ def engine_text(r: dict[str, Any]) -> str:
 
 def markdown(res: dict[str, Any]) -> str:
     how = (
-        f"Device: {res['meta'].get('gpu') or 'cpu'}. Train cells/s over the epochs after the first "
+        f"Device: {res['meta'].get('gpu') or 'cpu'}. Train cells/s over the epochs after the "
+        "first "
         "(with one epoch: that epoch, compilation included). Ratio: pyro_scvi / scvi-tools at the "
         "same size and minibatch."
     )
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             else f"{row['train_cells_per_second']:,.0f} cells/s"
         )
         print(
-            f"{row['impl']:>10} {n:>9,} bs {row['batch_size']:>5} {row.get('engine', '')!s:>10}: {done}",
+            f"{row['impl']:>10} {n:>9,} bs {row['batch_size']:>5} {row.get('engine', '')!s:>10}: "
+            f"{done}",
             file=sys.stderr,
         )
         results.write(args.out, args.stem, res, markdown(res))

@@ -143,71 +143,23 @@ def run_queries(
     import numpy as np
     import pandas as pd
 
-    model, source = str(work / "out_model"), ["--data-source", "streamed"]
+    model, data, src = str(work / "out_model"), str(path), "--data-source streamed".split()
+    de = "--groupby cell_type --group1 type0 --group2 type1 --n-samples".split()
+    ppc, plot = ["-o", str(work / "ppc.nc"), "--max-cells", str(args.ppc_cells)], ["-o"]
+    plot += [str(work / "plot.png"), "--method", "pca"]
+    mapped = ["-o", str(work / "mapped.h5ad"), "--max-epochs", "1", "--quiet"]
     commands = {  # name: (argv, settings)
-        "evaluate": (
-            ["evaluate", model, str(path), *source, "--n-samples", str(args.evaluate_samples)],
-            f"held-out cells, K = {args.evaluate_samples}",
-        ),
-        "de": (
-            [
-                "de",
-                model,
-                str(path),
-                "--groupby",
-                "cell_type",
-                "--group1",
-                "type0",
-                "--group2",
-                "type1",
-                "--n-samples",
-                str(args.de_samples),
-                *source,
-                "-o",
-                str(work / "de.csv"),
-            ],
-            f"type0 vs type1 (no cap on cells; these two of 10 types), {args.de_samples} samples",
-        ),
-        "ppc": (
-            [
-                "ppc",
-                model,
-                str(path),
-                "-o",
-                str(work / "ppc.nc"),
-                "--max-cells",
-                str(args.ppc_cells),
-                *source,
-            ],
-            f"{args.ppc_cells:,} cells, 50 draws (default)",
-        ),
-        "plot": (
-            [
-                "plot",
-                str(work / "out.h5ad"),
-                "-o",
-                str(work / "plot.png"),
-                "--method",
-                "pca",
-                *source,
-            ],
-            "PCA of the fit's obsm['X_pyro_scvi'], all cells",
-        ),
-        "map-query": (
-            [
-                "map-query",
-                model,
-                str(query),
-                "-o",
-                str(work / "mapped.h5ad"),
-                "--max-epochs",
-                "1",
-                "--quiet",
-                *source,
-            ],
-            f"{args.query_cells:,}-cell query, 1 epoch",
-        ),
-    }
+        "evaluate": (["evaluate", model, data, *src, "--n-samples", str(args.evaluate_samples)],
+                     f"held-out cells, K = {args.evaluate_samples}"),
+        "de": (["de", model, data, *de, str(args.de_samples), *src, "-o", str(work / "de.csv")],
+               f"type0 vs type1 (no cap on cells; these two of 10 types), {args.de_samples} "
+               "samples"),
+        "ppc": (["ppc", model, data, *ppc, *src], f"{args.ppc_cells:,} cells, 50 draws (default)"),
+        "plot": (["plot", str(work / "out.h5ad"), *plot, *src],
+                 "PCA of the fit's obsm['X_pyro_scvi'], all cells"),
+        "map-query": (["map-query", model, str(query), *mapped, *src],
+                      f"{args.query_cells:,}-cell query, 1 epoch"),
+    }  # fmt: skip
     rows = []
     for name, (argv, settings) in commands.items():
         report = work / f"{name}_report.json"
@@ -314,7 +266,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{cells(r)} | {r['genes']:,} | | {r['mode']} | | failed | | | |"
         if "error" in r
         else f"{cells(r)} | {r['genes']:,} | {r['file_mib']:,.0f} | {r['mode']} | {r['epochs']} | "
-        f"{r['train_cells_per_second']:,.0f} | {r['latent_seconds']:.1f} | {r['peak_rss_mib']:,.0f} | "
+        f"{r['train_cells_per_second']:,.0f} | {r['latent_seconds']:.1f} | "
+        f"{r['peak_rss_mib']:,.0f} | "
         f"{r['validation_elbo_per_cell']:.2f}"
         for r in res["runs"]
     ]
@@ -327,7 +280,8 @@ def markdown(res: dict[str, Any]) -> str:
         rows = [
             f"{cells(r)} | {r['genes']:,} | {r['epochs']} | failed | | | | "
             if "error" in r
-            else f"{cells(r)} | {r['genes']:,} | {r['epochs']} | {r['data_source']} | {r['wall_seconds']:,.0f} | "
+            else f"{cells(r)} | {r['genes']:,} | {r['epochs']} | {r['data_source']} | "
+            f"{r['wall_seconds']:,.0f} | "
             f"{r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | {r['normalized']}"
             for r in cli
         ]
@@ -344,16 +298,19 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in cli if "command" in r)]
     if queries := res.get("queries"):
         rows = [
-            f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | | | | {r.get('status', 'failed')} (failed)"
+            f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | | | | "
+            f"{r.get('status', 'failed')} (failed)"
             if "error" in r
-            else f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | {r.get('n_cells', 0):,} | "
+            else f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | "
+            f"{r.get('n_cells', 0):,} | "
             f"{r['wall_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['status']}"
             for r in queries
         ]
         lines += [
             "",
             "The query commands end to end on the streamed file, one new process each, after "
-            "that size's CLI fit above wrote `out.h5ad` and its model folder `out_model`; peak RSS "
+            "that size's CLI fit above wrote `out.h5ad` and its model folder `out_model`; peak "
+            "RSS "
             "of that process (target: <= 3 GiB = 3,072 MiB at 1,000,000 cells):",
             "",
         ]
@@ -371,8 +328,10 @@ def markdown(res: dict[str, Any]) -> str:
     for mark, run in zip(MARKS, earlier_runs(res), strict=False):
         lines += [
             "",
-            f"{mark} From an earlier run ({run['date']}, pyro_scvi commit {run['commit']}, command "
-            f"`{run['command']}`), kept by `--merge`: this run did not redo these rows. {run.get('note', '')}",
+            f"{mark} From an earlier run ({run['date']}, pyro_scvi commit {run['commit']}, "
+            "command "
+            f"`{run['command']}`), kept by `--merge`: this run did not redo these rows. "
+            f"{run.get('note', '')}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -476,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                 done = (
                     row["error"][-800:]
                     if "error" in row
-                    else f"{row['train_cells_per_second']:,.0f} cells/s, peak RSS {row['peak_rss_mib']:,.0f} MiB"
+                    else f"{row['train_cells_per_second']:,.0f} cells/s, peak RSS "
+                    f"{row['peak_rss_mib']:,.0f} MiB"
                 )
                 print(f"{n:>9,} {mode:>9}: {done}", file=sys.stderr)
                 write()

@@ -242,7 +242,8 @@ def compile_seconds(cold: bool) -> float | None:
     an empty on-disk compile cache, as the first run on a machine."""
     code = (
         "import time, torch; torch.set_num_threads(1); from pyro_scvi.train import kernels; "
-        "t = time.perf_counter(); ok = kernels.precompile(); print(time.perf_counter() - t if ok else 'none')"
+        "t = time.perf_counter(); ok = kernels.precompile(); print(time.perf_counter() - t if ok "
+        "else 'none')"
     )
     with tempfile.TemporaryDirectory() as cache:
         env = os.environ | ({"TORCHINDUCTOR_CACHE_DIR": cache} if cold else {})
@@ -259,7 +260,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = results.header(
         res,
         "Where a training step's time goes",
-        f"Minibatch of {BATCH} cells, 1 torch thread; median ms per step over {res['n_steps']} steps.",
+        f"Minibatch of {BATCH} cells, 1 torch thread; median ms per step over {res['n_steps']} "
+        "steps.",
     )
     lines += [
         "## The ZINB log-density alone",
@@ -271,8 +273,10 @@ def markdown(res: dict[str, Any]) -> str:
         "",
     ]
     rows = [
-        f"{d['name']} | {k['eager_ms']:.2f} | {k['fused_ms']:.2f} | {k['eager_ms'] / k['fused_ms']:.2f}x | "
-        f"{k['saved_ns_per_element']:.1f} | {k['torch_lgamma_ns']:.2f} | {k['torch_digamma_ns']:.2f} | "
+        f"{d['name']} | {k['eager_ms']:.2f} | {k['fused_ms']:.2f} | "
+        f"{k['eager_ms'] / k['fused_ms']:.2f}x | "
+        f"{k['saved_ns_per_element']:.1f} | {k['torch_lgamma_ns']:.2f} | "
+        f"{k['torch_digamma_ns']:.2f} | "
         f"{k['torch_log_ns']:.2f}"
         for d in res["datasets"]
         for k in [d["kernel"]]
@@ -333,11 +337,13 @@ def markdown(res: dict[str, Any]) -> str:
             f"pyro_scvi / floor per step, same kernel: {ratios}. Fused kernel speed-up of the "
             f"compiled step: {speedup:.2f}x.",
             "",
-            f"Top operators by self CPU time (pyro_scvi, {d['top_operators_kernel']} kernel, torch.profiler):",
+            f"Top operators by self CPU time (pyro_scvi, {d['top_operators_kernel']} kernel, "
+            "torch.profiler):",
             "",
         ]
         rows = [
-            f"`{o['operator']}` | {o['calls_per_step']:.1f} | {o['self_ms_per_step']:.2f} | {o['share']:.0%}"
+            f"`{o['operator']}` | {o['calls_per_step']:.1f} | {o['self_ms_per_step']:.2f} | "
+            f"{o['share']:.0%}"
             for o in d["top_operators"]
         ]
         lines += [*results.md_table("operator|calls / step:|self ms / step:|share:", rows), ""]

@@ -114,7 +114,8 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     how = (
-        f"{s['epochs']} epochs for every training (defaults otherwise), seed {s['seed']}. mapped = "
+        f"{s['epochs']} epochs for every training (defaults otherwise), seed {s['seed']}. mapped "
+        "= "
         "reference model of the other donors + the held-out donor mapped onto it (only its "
         "batch's weights train); full = one model of all donors. ARI and entropies over every "
         "cell but the test cells; label transfer: 15-NN of the reference labels, on the query "
@@ -135,14 +136,16 @@ def markdown(res: dict[str, Any]) -> str:
         rows.append(
             f"{r['dataset']} | {r['query_donor']} ({r['query_cells']} + {r['test_cells']} test) | "
             f"{pairs} | {m['label_transfer_accuracy']:.3f} / {f['label_transfer_accuracy']:.3f} | "
-            f"{m['heldout_ll']:.1f} / {f['heldout_ll']:.1f} ({100 * d['heldout_ll_rel']:+.2f} %) | "
-            f"{r['seconds_reference']:.0f} + {r['seconds_mapping']:.0f} / {r['seconds_full']:.0f} | "
-            + ("all met" if not unmet else "not met: " + ", ".join(unmet))
+            f"{m['heldout_ll']:.1f} / {f['heldout_ll']:.1f} ({100 * d['heldout_ll_rel']:+.2f} %) "
+            "| "
+            f"{r['seconds_reference']:.0f} + {r['seconds_mapping']:.0f} / {r['seconds_full']:.0f} "
+            "| " + ("all met" if not unmet else "not met: " + ", ".join(unmet))
         )
     lines = results.header(res, "Query mapping vs training on everything", how)
     lines += results.md_table(
         "dataset|query donor (cells)|ARI mapped / full|batch entropy, donors|batch entropy, query "
-        "vs reference|label transfer|held-out log p(x)|train s: reference + mapping / full|criteria",
+        "vs reference|label transfer|held-out log p(x)|train s: reference + mapping / "
+        "full|criteria",
         rows,
     )
     return "\n".join(lines) + "\n"

@@ -390,11 +390,11 @@ def markdown(res: dict[str, Any]) -> str:
         f"≤ {100 * TOLERANCE:g} %",
         rows,
     )
-    for over, keys, title in SPREADS:
+    for over, keys, title in SPREADS:  # over: "seed" or "threads"
         rows = [
             f"{' | '.join(str(r[k]) for k in keys)} | {', '.join(map(str, r[over]))} | "
             f"{pct(r['validation_elbo_spread'])} | {pct(r['heldout_elbo_spread'])}"
-            for r in sm[f"across_{over}s"]
+            for r in sm[f"across_{over.removesuffix('s')}s"]
             if len(r[over]) > 1
         ]
         if rows or over == "seed":
@@ -423,7 +423,8 @@ def markdown(res: dict[str, Any]) -> str:
     for d in (d for d in res["datasets"] if "from_run" in d):
         r = d["from_run"]
         lines.append(
-            f"- {d['name']}: kept from an earlier run (--merge): `{r['command']}` at commit {r['commit']}, {r['date']}."
+            f"- {d['name']}: kept from an earlier run (--merge): `{r['command']}` at commit "
+            f"{r['commit']}, {r['date']}."
         )
     return "\n".join([*lines, ""])
 
