@@ -54,9 +54,11 @@ def profile_pyro_scvi(adata: Any, batch_key: str | None, n_steps: int) -> dict[s
     from pyro import poutine
 
     from pyro_scvi.model import parameters_held
+    from pyro_scvi.train.kl import Annealed
 
     m = fresh_model(adata, batch_key)
     model, guide, cells = m.model, m.guide, m.data
+    annealed_model, annealed_guide = Annealed(model), Annealed(guide)  # as a training step
     model.train(), guide.train()
     rng, phases, optim = np.random.default_rng(0), {k: [] for k in PHASES}, None
     for _ in range(n_steps + 5):
@@ -66,11 +68,11 @@ def profile_pyro_scvi(adata: Any, batch_key: str | None, n_steps: int) -> dict[s
         step_args = (x, b, torch.as_tensor(idx), cells.n_cells, 0.5)
         t.append(time.perf_counter())
         with parameters_held(model, guide) if optim is not None else nullcontext():
-            guide_trace = poutine.trace(guide).get_trace(*step_args)
+            guide_trace = poutine.trace(annealed_guide).get_trace(*step_args)
             t.append(time.perf_counter())
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *step_args
-            )
+            model_trace = poutine.trace(
+                poutine.replay(annealed_model, trace=guide_trace)
+            ).get_trace(*step_args)
         t.append(time.perf_counter())
         model_trace.compute_log_prob()
         guide_trace.compute_score_parts()
@@ -84,7 +86,7 @@ def profile_pyro_scvi(adata: Any, batch_key: str | None, n_steps: int) -> dict[s
         optim.step()
         optim.zero_grad(set_to_none=True)
         t.append(time.perf_counter())
-        for k, a, b in zip(PHASES, t, t[1:], strict=True):
+        for k, a, b in zip(PHASES, t[:-1], t[1:], strict=True):
             phases[k].append((b - a) * 1e3)
     return medians(phases)
 
@@ -119,7 +121,7 @@ def profile_floor(
         optim.step()
         optim.zero_grad(set_to_none=True)
         t.append(time.perf_counter())
-        for k, a, b in zip(phases, t, t[1:], strict=True):
+        for k, a, b in zip(phases, t[:-1], t[1:], strict=True):
             phases[k].append((b - a) * 1e3)
     return medians(phases)
 

@@ -1,27 +1,13 @@
-"""One adapter per implementation of scVI, each fitting and scoring through one interface.
+"""One adapter per implementation of scVI, fitting and scoring through one interface.
 
-``Adapter(adata, batch_key, matched=..., seed=..., threads=..., **options).fit(epochs,
-split)``, then :meth:`~Adapter.latent`, :meth:`~Adapter.elbo` and
-:meth:`~Adapter.marginal_ll` (the implementation's own estimators),
-:meth:`~Adapter.common_elbo` and :meth:`~Adapter.common_marginal_ll` (pyro_scvi's estimators
-for every fit, through :meth:`~Adapter.as_pyro_scvi`) and :meth:`~Adapter.impute`.
-``adapter.run`` holds what the fit measured: ``train_seconds`` (wall time of the training
-call), ``epoch_seconds``, ``epochs_run``, ``n_train``, the validation ELBO curve, ...
-
-- :class:`PyroScvi`: ``pyro_scvi.SCVI(adata, batch_key).train(max_epochs=E, ...)``;
-- :class:`ScviTools`: scvi-tools 1.4.2, ``scvi.model.SCVI`` (its weights renamed into a
-  pyro_scvi model for the common estimators);
-- :class:`TorchFloor`: pyro_scvi's own networks trained by a hand-written PyTorch loop, no
-  Pyro (closed-form ZINB, analytic KLs, fused Adam): what scVI costs on the machine without
-  a framework, so pyro_scvi time / floor time is what Pyro and pyro_scvi's loop add.
-
-``matched=False`` (the default) is each implementation at its defaults, where only the
-data, the epochs (and ``seed`` when given) are set. ``matched=True`` sets what
-``compare_scvi_tools`` matches: :data:`MATCHED` (architecture, a latent library),
-:data:`TRAINING` (Adam, minibatch, KL warm-up), no early stopping, validation every epoch,
-on the CPU; and scvi-tools' encoders see the batch (``encode_covariates``), as
-pyro_scvi's do. ``split``: the (training, held-out) cells, given to scvi-tools and the
-floor and checked against pyro_scvi's own split rule.
+``Adapter(adata, batch_key, matched=, seed=, threads=, **options).fit(epochs, split)``; then
+``latent()``, ``elbo()`` / ``marginal_ll()`` (the implementation's own estimators),
+``common_elbo()`` / ``common_marginal_ll()`` (pyro_scvi's, through ``as_pyro_scvi()``) and
+``impute()``; ``run`` holds what the fit measured. ``matched=False``: each implementation at
+its defaults (only the data, the epochs and ``seed`` set); ``matched=True``: the settings
+``compare_scvi_tools`` matches (:data:`MATCHED`, :data:`TRAINING`, no early stopping,
+validation every epoch, CPU; scvi-tools' encoders see the batch, as pyro_scvi's do).
+``split``: the (training, held-out) cells, checked against pyro_scvi's own split rule.
 """
 
 from __future__ import annotations
@@ -34,13 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-MATCHED = {
-    "n_latent": 10,
-    "n_hidden": 128,
-    "n_layers": 1,
-    "dropout_rate": 0.1,
-    "dispersion": "gene",
-}
+MATCHED = dict(n_latent=10, n_hidden=128, n_layers=1, dropout_rate=0.1, dispersion="gene")
 TRAINING = {"batch_size": 128, "lr": 1e-3, "train_size": 0.9, "kl_warmup_epochs": 400}
 #: The module each implementation imports (checked without importing it).
 MODULES = {"pyro_scvi": "pyro_scvi", "scvi-tools": "scvi", "torch-floor": "torch"}
@@ -113,13 +93,9 @@ class Adapter:
         return np.asarray(self.model.impute(adata, n_samples=n_samples, seed=seed)["mean"])
 
     def _history(self, epoch_seconds: list[float], curve: list[float], n_train: int) -> None:
-        self.run |= {
-            "epochs_run": len(epoch_seconds),
-            "epoch_seconds": epoch_seconds,
-            "n_train": n_train,
-            "validation_elbo_curve": curve,
-            "validation_elbo_per_cell": curve[-1] if curve else None,
-        }
+        self.run |= {"epochs_run": len(epoch_seconds), "epoch_seconds": epoch_seconds}
+        self.run |= {"n_train": n_train, "validation_elbo_curve": curve}
+        self.run["validation_elbo_per_cell"] = curve[-1] if curve else None
 
 
 class PyroScvi(Adapter):
@@ -413,13 +389,12 @@ def minibatches(indices: Any, batch_size: int, rng: Any) -> list[Any]:
 
 
 class TorchFloor(Adapter):
-    """pyro_scvi's default networks (an :class:`pyro_scvi.SCVI` holds them, initialized as
-    pyro_scvi's run of the same seed) trained by a hand-written loop: shuffled minibatches
-    gathered from a dense tensor of all counts (made before the clock starts), Adam(lr,
-    eps=0.01, weight_decay=1e-6, fused), the validation ELBO after every epoch and the
-    batch-norm statistics re-estimated at the end, as pyro_scvi does. No checks, no logging.
-    Option ``fused``: the ZINB kernel (default: pyro_scvi's engine decides for the run, and
-    compiles it inside the clock, as its ``train()`` does)."""
+    """pyro_scvi's default networks (held by an :class:`pyro_scvi.SCVI`, initialized as
+    pyro_scvi's run of the seed) trained by a hand-written loop with no Pyro, no checks, no
+    logging: minibatches from a dense tensor of all counts (made before the clock starts),
+    fused Adam, the validation ELBO every epoch and the batch-norm statistics re-estimated at
+    the end, as pyro_scvi does. pyro_scvi time / floor time is what Pyro and pyro_scvi's loop
+    add. Option ``fused``: the ZINB kernel (default: pyro_scvi's engine decides)."""
 
     name = "torch-floor"
 
