@@ -1,11 +1,10 @@
 """Accuracy at the user's defaults: pyro_scvi vs scvi-tools 1.4.2 on every shared dataset.
 
-Per dataset and seed, each in its own process: pyro_scvi at its defaults, scvi-tools at
-its defaults trained on pyro_scvi's training cells of the seed, and pyro_scvi fitting
-scvi-tools' default model (an observed library; reported, not judged). Criteria on medians
-over seeds: the fit finishes, KMeans ARI >= scvi-tools' - 0.02, batch entropy >=
-scvi-tools' - 0.05, held-out log p(x) >= scvi-tools'. Details: ``benchmarks/README.md``.
-Exit code 0: all met; 2: a criterion not met; 1: a run failed.
+Per dataset and seed, each run in its own process: pyro_scvi at its defaults, scvi-tools at
+its defaults on pyro_scvi's training cells, and pyro_scvi fitting scvi-tools' default model
+(reported, not judged). Criteria on medians over seeds: the fit finishes, KMeans ARI >=
+scvi-tools' - 0.02, batch entropy >= scvi-tools' - 0.05, held-out log p(x) >= scvi-tools'.
+Exit code 0: all met; 2: a criterion not met; 1: a failure. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.accuracy_defaults            # every dataset x seeds 0 1 2
     python -m benchmarks.accuracy_defaults --smoke    # about 30 s

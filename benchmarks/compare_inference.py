@@ -1,14 +1,10 @@
 """Priors x likelihoods x inference schemes, scored on one yardstick: held-out log p(x).
 
-Every combination of a prior on z, a likelihood and a scheme (a Pyro ELBO and a guide) is
-trained on the same 90 % of the cells and scored on the other 10 % by
-:func:`pyro_scvi.posterior.fit_statistics` (importance-sampled log p(x) and the ELBO),
-with KMeans ARI/NMI, training time and the amortization gap; ``per-cell`` is the
-non-amortized :class:`~pyro_scvi.model.guides.PerCellGuide`, its held-out cells fitted with
-the decoder fixed. ``--design oat``: the default combination and each factor varied alone;
-``factorial``: the full product. NUTS on a few held-out cells checks the default guide.
-Datasets: ``pbmc8k_200hvg`` and ``cellbench_3cl_2tech`` (its ``--cellbench-genes`` most
-variable genes). Details: ``benchmarks/README.md``.
+Each combination trains on the same 90 % of the cells and is scored on the other 10 % by
+:func:`pyro_scvi.posterior.fit_statistics`, with KMeans ARI/NMI, training time and the
+amortization gap; NUTS on a few held-out cells checks the default guide. ``--design oat``:
+the default and each factor varied alone; ``factorial``: the full product. Details:
+``benchmarks/README.md``.
 
     python -m benchmarks.compare_inference            # about 12 minutes on 2 cores
     python -m benchmarks.compare_inference --smoke    # under a minute

@@ -1,14 +1,10 @@
 """Differential expression on truth from outside the method: pyro_scvi vs scvi-tools vs
 Wilcoxon vs pseudobulk, on simulators unlike scVI's generative model and on real counts.
 
-Benchmarks (:mod:`pyro_scvi.datasets.de_truth`, ``--seeds`` each): Splatter-style counts,
-with and without confounded batches; Poisson-lognormal counts with 3 replicate samples per
-condition, with and without confounded runs; fold changes planted by binomial thinning in
-the CA1 pyramidal cells of the shared Zeisel subset (the shipped PBMC B-cells where it is
-absent). Methods: pyro_scvi change (and with ``sample_key`` on replicates) and vanilla,
-scvi-tools 1.4.2 change and vanilla, Wilcoxon, PyDESeq2 pseudobulk. Scores: AUROC (all and
-expressed genes), empirical FDR and power at a 5 % target, the fraction called between two
-random halves of group A. ``--cache DIR`` keeps the fits. Details: ``benchmarks/README.md``.
+Splatter-style and multi-sample Poisson-lognormal counts (each with and without confounded
+batches) and fold changes planted in real counts (:mod:`pyro_scvi.datasets.de_truth`);
+AUROC, empirical FDR and power at 5 %, calls between random halves. ``--cache DIR`` keeps
+the fits. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.de_truth --cache "$(mktemp -d)"
     python -m benchmarks.de_truth --smoke   # < 1 minute, any environment

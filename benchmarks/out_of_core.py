@@ -1,21 +1,10 @@
 """Memory and speed from disk: training, the latent space and the CLI on a backed .h5ad.
 
-For each ``--cells`` size a synthetic ``.h5ad`` (``--genes`` genes, NB counts, about 10 %
-non-zero, written chunk by chunk by
-:func:`pyro_scvi.datasets.synthetic_large.write_synthetic_h5ad`), three tables (``--only``):
-
-* ``api``: a new process per run, ``SCVI(anndata.read_h5ad(path, backed="r"),
-  batch_key="batch", streamed=...)``, ``train`` and ``get_latent_representation()``,
-  streamed and (up to ``--max-in-memory`` cells) in memory: peak RSS, cells/s;
-* ``cli``: ``pyro-scvi fit`` end to end in a new process (``--cli-worker``, which reads
-  the process's own peak RSS): peak RSS, wall seconds, the output's size;
-* ``queries``: ``evaluate``, ``de`` (type0 vs type1), ``ppc --max-cells``, ``plot --method
-  pca`` and ``map-query`` (a small query of new batches) on the streamed file after that
-  size's CLI fit, each in a new process.
-
-With ``--data-dir`` the CLI fit's output stays in ``cli_<cells>x<genes>/`` (``--only
-queries`` reuses it); ``--merge`` keeps the results file's rows this run does not redo.
-Target: peak RSS <= 3 GiB at 1,000,000 x 2,000.
+Per ``--cells`` size, a synthetic ``.h5ad`` and three tables (``--only``), every run in a
+new process: ``api`` (fit and latent space, streamed and in memory), ``cli`` (``pyro-scvi
+fit`` end to end) and ``queries`` (``evaluate``, ``de``, ``ppc``, ``plot``, ``map-query`` after
+that fit); peak RSS, seconds, output sizes. Target: peak RSS <= 3 GiB at 1,000,000 x 2,000.
+Details: ``benchmarks/README.md``.
 
     python -m benchmarks.out_of_core --cells 100000 1000000 --data-dir "$DATA"
     python -m benchmarks.out_of_core --smoke

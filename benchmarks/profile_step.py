@@ -1,13 +1,9 @@
 """Where one SVI training step's time goes: pyro_scvi against the PyTorch floor.
 
-On PBMC8k (200 genes), Zeisel (1,000 genes) and simulated 10,000 x 2,000, minibatches of 128,
-one thread: the phases of a pyro_scvi step (gather, guide trace, model replay,
-log-densities, backward, fused Adam), the floor's (gather, forward, backward, Adam;
-:class:`benchmarks.lib.adapters.FloorLoss`) and the whole compiled step, each with the
-eager and the fused ZINB kernel (median ms over steps); ``torch.profiler``'s top operators
-of 50 steps; the ZINB log-density alone (eager against fused, ns per element of ``lgamma``,
-``digamma``, ``log``) and the seconds of compiling the kernel, with and without torch's
-on-disk cache.
+Per dataset (PBMC8k, Zeisel, simulated 10,000 x 2,000; minibatches of 128, one thread): the
+phases of a pyro_scvi step and of the floor's, the whole compiled step, each with the eager
+and the fused ZINB kernel; ``torch.profiler``'s top operators; the ZINB log-density alone and
+the seconds of compiling its kernel. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.profile_step            # about 1.5 minutes
     python -m benchmarks.profile_step --smoke    # seconds

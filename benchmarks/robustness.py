@@ -1,11 +1,10 @@
 """Robustness matrix: every dataset x seed x engine path x thread setting must train.
 
-Each run, in its own process: ``pyro_scvi.SCVI(adata[, batch_key]).train(max_epochs=E,
+Each run, in its own process, ``SCVI(adata[, batch_key]).train(max_epochs=E,
 engine=Engine.preset(path, threads=t), seed=s)`` on the shared datasets and simulated stress
-cases; it *finished* (both held-out ELBOs finite), was *rejected* (``InputError``) or
-*failed*. The paths must agree on the held-out ELBO within 1 %. Details:
-``benchmarks/README.md``. Exit code 0: all finished or rejected and the paths agree; 2: a
-spread above 1 %; 1: a failure.
+cases, *finished* (both held-out ELBOs finite), was *rejected* (``InputError``) or *failed*;
+the paths must agree on the held-out ELBO within 1 %. Exit code 0: all finished or rejected
+and the paths agree; 2: a spread above 1 %; 1: a failure. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.robustness            # the full matrix (hours)
     python -m benchmarks.robustness --smoke    # about a minute
