@@ -1,20 +1,14 @@
 """Data-parallel training throughput: torchrun processes against one process, same global batch.
 
-On synthetic counts (``--cells`` x ``--genes``, the generator of ``gpu_throughput.py``),
-alternating, ``--repeats`` times:
+On synthetic counts (``--cells`` x ``--genes``), alternating, ``--repeats`` times: one
+process at the global minibatch (``--batch-size`` x ``--procs``); ``torchrun`` with
+``--procs`` ranks of ``--batch-size`` cells each (gloo, CPU); one process at the default
+minibatch; one process on one thread at the global minibatch (so that the torchrun row, one
+thread per rank, reads as scaling over cores). Same learning rate (``scaled_lr`` of the
+global batch), seed and epochs; throughput over the epochs after the first.
 
-* one process, the default engine, minibatch ``--batch-size x --procs`` (the global batch);
-* ``torchrun --nproc_per_node=--procs``: each rank ``--batch-size`` cells (the same global
-  batch), gloo on CPU;
-* one process at the default minibatch ``--batch-size`` (what a user gets without asking);
-* one process, one thread, the global batch: what one core does alone, so that the
-  ``torchrun`` row (one thread per rank) reads as scaling over cores; the default one-process
-  row already uses every core.
-
-Every run has the same learning rate (``scaled_lr`` of the global batch), seed and epochs.
-Throughput is training cells per second over the epochs after the first (compilation).
-Results: ``benchmarks/results/data_parallel.{json,md}``. ``--smoke``: a tiny run for the
-test suite.
+    python -m benchmarks.data_parallel
+    python -m benchmarks.data_parallel --smoke   # a tiny run (the test suite's)
 """
 
 from __future__ import annotations
@@ -31,17 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common
+from .lib import results
 
-RESULTS = _common.REPO / "benchmarks" / "results"
+STUDY = "data_parallel"
 
 
-def train_once(
-    args: argparse.Namespace, batch_size: int, out: Path, threads: int | None = None
-) -> None:
-    """Train on the synthetic data (also as one torchrun rank); rank 0 writes ``out``.
-
-    ``threads``: pin the engine's CPU threads (default: the engine decides)."""
+def train_once(args: argparse.Namespace) -> None:
+    """Train on the synthetic data (also as one torchrun rank); rank 0 writes ``--worker``."""
     import numpy as np
     import torch
     from pyro_scvi.datasets.synthetic_large import synthetic_counts
@@ -56,8 +46,8 @@ def train_once(
     start = time.perf_counter()
     model.train(
         max_epochs=args.epochs,
-        engine=pyro_scvi.Engine.preset("auto", threads=threads),
-        batch_size=batch_size,
+        engine=pyro_scvi.Engine.preset("auto", threads=args.worker_threads),
+        batch_size=args.worker_batch_size,
         lr=scaled_lr(args.global_batch),
         seed=0,
         progress_bar=False,
@@ -65,124 +55,119 @@ def train_once(
     seconds = time.perf_counter() - start
     if group is not None and not group.is_main:
         return
-    epochs = [float(v) for v in model.history["seconds"]]
+    h = model.history
+    epochs = [float(v) for v in h["seconds"]]
     steady = epochs[1:] or epochs
     result = {
         "train_seconds": seconds,
         "epoch_seconds": epochs,
         "train_cells_per_second": len(model.train_indices) * len(steady) / sum(steady),
-        "validation_elbo_per_cell": float(model.history["validation_elbo"].iloc[-1]),
-        "threads_per_epoch": [int(v) for v in model.history["threads"]],
+        "validation_elbo_per_cell": float(h["validation_elbo"].iloc[-1]),
+        "threads_per_epoch": [int(v) for v in h["threads"]],
         "engine": model.engine,
         "processes": 1 if group is None else group.world_size,
         "torch_threads_at_start": torch.get_num_threads(),
-        "finite": bool(np.isfinite(model.history["validation_elbo"]).all()),
+        "finite": bool(np.isfinite(h["validation_elbo"]).all()),
     }
-    _common.write_atomic(out, json.dumps(result, default=str))
+    results.write_text(args.worker, json.dumps(result, default=str))
 
 
 def launch(
     args: argparse.Namespace, procs: int, batch_size: int, threads: int | None = None
-) -> dict[str, Any]:
+) -> dict:
     """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result.
 
-    A torchrun run in which a rank was killed by a signal (rank 0 has died of SIGABRT in
-    two of seven fresh-clone test runs, never when run alone, cause not found; the
-    ranks print no traceback) is run once more. The first failure's stderr stays in the
-    result as ``first_failure`` and the table says so; a second failure is the result.
+    A torchrun run in which a rank died by a signal (rank 0 has died of SIGABRT in two of
+    seven fresh-clone test runs, never alone, cause not found) runs once more; the first
+    failure's stderr stays as ``first_failure``; a second failure is the result.
     """
     result = _launch_once(args, procs, batch_size, threads)
     if procs > 1 and "error" in result and "Signal" in result["error"]:
         first = result
-        result = _launch_once(args, procs, batch_size, threads)
-        result["first_failure"] = first["error"]
+        result = _launch_once(args, procs, batch_size, threads) | {"first_failure": first["error"]}
     return result
 
 
 def _launch_once(
     args: argparse.Namespace, procs: int, batch_size: int, threads: int | None
-) -> dict[str, Any]:
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         worker = [
-            str(Path(__file__)),
+            "-m",
+            f"benchmarks.{STUDY}",
             "--worker",
             str(out),
             "--worker-batch-size",
             str(batch_size),
-            *(["--worker-threads", str(threads)] if threads else []),
-            *_shared_args(args),
+        ]
+        worker += ["--worker-threads", str(threads)] if threads else []
+        worker += [
+            f"--{k}={getattr(args, k.replace('-', '_'))}"
+            for k in ("cells", "genes", "epochs", "batch-size", "procs")
         ]
         if procs > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
             cmd = [
-                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                f"--master_port={_free_port()}", *worker,
-            ]  # fmt: skip
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={procs}",
+                f"--master_port={port}",
+            ]
+            cmd += ["--no-python", sys.executable, *worker]
         else:
             cmd = [sys.executable, *worker]
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            # a rank's own traceback comes first, torchrun's summary last: keep both ends
-            err = done.stderr
-            text = err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:]
-            return {"error": text, "wall_seconds": wall}
-        result = json.loads(out.read_text())
-        result["wall_seconds"] = wall
-        return result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _shared_args(args: argparse.Namespace) -> list[str]:
-    return [
-        "--cells", str(args.cells), "--genes", str(args.genes), "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size), "--procs", str(args.procs),
-    ]  # fmt: skip
-
-
-def markdown(results: dict[str, Any]) -> str:
-    meta, s = results["meta"], results["summary"]
-    args = results["args"]
-    lines = [
-        "# Data-parallel training on CPU: torchrun processes against one process",
-        "",
-        f"Machine: {_common.machine_line(meta)}. Command: `{meta.get('command')}`",
-        "",
-        f"{args['cells']:,} cells x {args['genes']:,} genes (synthetic), {args['epochs']} "
-        f"epochs, {args['repeats']} alternating repeats; throughput over the epochs after "
-        "the first; medians over repeats.",
-        "",
-        "| run | processes | threads per process | minibatch per process | global minibatch "
-        "| train cells/s | vs one process, same global batch | vs one process on one thread "
-        "| validation ELBO/cell |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in s.items():
-        threads = row.get("threads_per_process")
-        lines.append(
-            f"| {name} | {row['processes']} | {'—' if threads is None else f'{threads:g}'} "
-            f"| {row['per_process']} | {row['global']} | {row['cells_per_second']:,.0f} "
-            f"| {row['ratio']:.2f}x | {_ratio(row.get('ratio_vs_one_thread'))} "
-            f"| {row['elbo']:.2f} |"
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=dict(os.environ), cwd=results.REPO
         )
+        wall = time.perf_counter() - start
+        if done.returncode != 0:  # a rank's traceback comes first, torchrun's summary last
+            err = done.stderr
+            return {
+                "error": err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:],
+                "wall_seconds": wall,
+            }
+        return json.loads(out.read_text()) | {"wall_seconds": wall}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    a = res["args"]
+    how = (
+        f"{a['cells']:,} cells x {a['genes']:,} genes (synthetic), {a['epochs']} epochs, "
+        f"{a['repeats']} alternating repeats; throughput over the epochs after the first; medians "
+        "over repeats."
+    )
+    lines = results.header(
+        res, "Data-parallel training on CPU: torchrun processes against one process", how
+    )
+    rows = [
+        f"{name} | {r['processes']} | {results.fmt(r['threads_per_process'], 'g')} | "
+        f"{r['per_process']} | {r['global']} | {r['cells_per_second']:,.0f} | {r['ratio']:.2f}x | "
+        f"{results.fmt(r.get('ratio_vs_one_thread'), '.2f')}x | {r['elbo']:.2f}"
+        for name, r in res["summary"].items()
+    ]
+    lines += results.md_table(
+        "run|processes:|threads per process:|minibatch per process:|global minibatch:|"
+        "train cells/s:|vs one process, same global batch:|vs one process on one "
+        "thread:|validation ELBO/cell:",
+        rows,
+    )
     lines += [
         "",
         "Threads per process: the engine's per epoch (median). On a machine with as many "
-        "cores as processes each rank runs one thread, so the torchrun row against the "
-        "one-thread row is the scaling over cores; against the default one-process row it "
-        "is the gain over what one process already gets from every core.",
+        "cores as processes each rank runs one thread, so the torchrun row against the one-thread "
+        "row is the scaling over cores; against the default one-process row it is the gain over "
+        "what one process already gets from every core.",
     ]
     retried = [
-        f"{name}, repeat {i}"
-        for name, runs in results.get("runs", {}).items()
-        for i, run in enumerate(runs)
-        if "first_failure" in run
+        f"{n}, repeat {i}"
+        for n, runs in res["runs"].items()
+        for i, r in enumerate(runs)
+        if "first_failure" in r
     ]
     if retried:
         lines += [
@@ -193,37 +178,30 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}x"
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cells", type=int, default=20_000)
-    p.add_argument("--genes", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
-    p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (
+        ("cells", 20_000),
+        ("genes", 2000),
+        ("epochs", 4),
+        ("batch-size", 128),
+        ("procs", 2),
+        ("repeats", 2),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--smoke", action="store_true", help="a tiny run (for the test suite)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-batch-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.cells, args.genes, args.epochs, args.repeats = 400, 40, 2, 1
-        args.batch_size = 32
+        args.cells, args.genes, args.epochs, args.repeats, args.batch_size = 400, 40, 2, 1, 32
     args.global_batch = args.batch_size * args.procs
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     if args.worker is not None:
-        train_once(args, args.worker_batch_size, args.worker, args.worker_threads)
+        train_once(args)
         return 0
-    meta = _common.run_metadata(argv, None, script="data_parallel.py")
+    meta = results.metadata(STUDY, argv)
     runs = {  # name: (processes, minibatch per process, pinned threads)
         "one process, global minibatch": (1, args.global_batch, None),
         f"torchrun, {args.procs} processes": (args.procs, args.batch_size, None),
@@ -233,48 +211,46 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
     for repeat in range(args.repeats):
         for name, (procs, bs, threads) in runs.items():
-            result = launch(args, procs, bs, threads)
-            raw[name].append(result)
-            rate = result.get("train_cells_per_second")
+            raw[name].append(result := launch(args, procs, bs, threads))
             if "first_failure" in result:
                 print(
-                    f"repeat {repeat} {name}: a rank died by a signal; run again. First "
-                    f"failure's stderr:\n{result['first_failure']}",
+                    f"repeat {repeat} {name}: a rank died by a signal; run again. First failure's "
+                    f"stderr:\n{result['first_failure']}",
                     file=sys.stderr,
                 )
-            # a failure in full: a rank's own message comes first (see _launch_once)
+            rate = result.get("train_cells_per_second")  # a failure in full: the rank's first
             print(
                 f"repeat {repeat} {name}: "
                 + (f"{rate:,.0f} cells/s" if rate else result["error"]),
                 file=sys.stderr,
             )
-    failed = {name: r for name, rs in raw.items() for r in rs if "error" in r}
-    if failed:
-        print(f"failed runs: {list(failed)}", file=sys.stderr)
+    if failed := [name for name, rs in raw.items() for r in rs if "error" in r]:
+        print(f"failed runs: {failed}", file=sys.stderr)
         return 1
-    base = statistics.median(r["train_cells_per_second"] for r in raw[next(iter(runs))])
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in raw[name])
+
+    base = median("one process, global minibatch", "train_cells_per_second")
+    one_core = median("one process, one thread, global minibatch", "train_cells_per_second")
     summary = {}
-    one_core = statistics.median(
-        r["train_cells_per_second"] for r in raw["one process, one thread, global minibatch"]
-    )
     for name, (procs, bs, _) in runs.items():
-        rate = statistics.median(r["train_cells_per_second"] for r in raw[name])
+        rate = median(name, "train_cells_per_second")
+        threads = statistics.median(statistics.median(r["threads_per_epoch"]) for r in raw[name])
         summary[name] = {
             "processes": procs,
-            "threads_per_process": statistics.median(
-                statistics.median(r["threads_per_epoch"]) for r in raw[name]
-            ),
+            "threads_per_process": threads,
             "ratio_vs_one_thread": rate / one_core,
             "per_process": bs,
             "global": bs * procs,
             "cells_per_second": rate,
             "ratio": rate / base,
-            "elbo": statistics.median(r["validation_elbo_per_cell"] for r in raw[name]),
+            "elbo": median(name, "validation_elbo_per_cell"),
         }
-    results = {"meta": meta, "args": vars(args), "runs": raw, "summary": summary}
-    stem = "data_parallel_smoke" if args.smoke else "data_parallel"
-    _common.write_results(args.out, stem, results, markdown(results))
-    print(markdown(results))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    res = {"meta": meta, "args": settings, "runs": raw, "summary": summary}
+    results.write(args.out, results.stem(STUDY, args.smoke), res, markdown(res))
+    print(markdown(res))
     return 0
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, on a machine with a CUDA GPU:
-#   bash benchmarks/gpu_check.sh [gpu_throughput.py options]
+#   bash benchmarks/gpu_check.sh [benchmarks.gpu_throughput options]
 # 1. installs what is missing: wheels from ./.whl when that folder exists (a machine with
-#    no package index), else pip installs the package's test extra and scvi-tools 1.4.2.
+#    no package index), else pip installs the package's test and bench extras.
 #    On a CUDA image that has torch, numpy, scipy, pandas, h5py, sklearn, matplotlib,
 #    lightning, jax and numba but no index, these py3.12 wheels (pip download --no-deps
 #    --only-binary=:all: --python-version 3.12 ...; docrep has no wheel: pip wheel it) are
@@ -13,7 +13,7 @@
 #    ml_collections 1.1.0, mudata 0.3.10, session-info2 0.4.1, sparse 0.19.3, scanpy
 #    1.11.5, pynndescent 0.7.0, umap-learn 0.5.12 (16 MB together);
 # 2. runs the GPU tests (tests/test_gpu.py, skipped on machines without a GPU);
-# 3. runs benchmarks/gpu_throughput.py (pyro_scvi and scvi-tools on 100k and 1M x 2,000).
+# 3. runs python -m benchmarks.gpu_throughput (pyro_scvi and scvi-tools, 100k and 1M x 2,000).
 # Results go to $RESULTS_DIR (default benchmarks/results): gpu_tests.log,
 # gpu_throughput.json and gpu_throughput.md.
 set -uo pipefail
@@ -27,14 +27,14 @@ if [ -d .whl ]; then
         --target "$SITE" .whl/*.whl || exit 1
     export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-    "$PY" -m pip install -q -e ".[test]" scvi-tools==1.4.2 || exit 1
+    "$PY" -m pip install -q -e ".[test,bench]" || exit 1
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS_DIR/gpu_tests.log"
 "$PY" -c "import torch, pyro, pyro_scvi; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'pyro', pyro.__version__)" | tee -a "$RESULTS_DIR/gpu_tests.log"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$RESULTS_DIR/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-"$PY" benchmarks/gpu_throughput.py --out "$RESULTS_DIR" "$@"
+"$PY" -m benchmarks.gpu_throughput --out "$RESULTS_DIR" "$@"
 bench=$?
 echo "gpu tests exit $tests, throughput exit $bench"
 exit $(( tests != 0 || bench != 0 ))

@@ -111,7 +111,7 @@ class SCVI:
         encoder learns only the residual (:class:`~pyro_scvi.model.guides.ScviGuide`). ``None``
         (default): on wherever it applies, the default guide with a latent library;
         ``False``: the paper's guide, whose encoder outputs the whole mean of q(l) (the
-        default before 2026-11-30; ``benchmarks/library_residual.py`` compares the two).
+        default before 2026-11-30; ``benchmarks/results/library_residual.md`` compares the two).
         The model is the same either way. ``True`` with an observed library or a guide
         of your own is an ``InputError``. ``settings["library_residual"]`` records which
         the model has.

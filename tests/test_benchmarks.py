@@ -1,5 +1,7 @@
-"""Benchmark scripts run end to end in smoke mode (without scvi-tools, in the test venv)."""
+"""Benchmark studies run end to end in smoke mode (without scvi-tools, in the test venv),
+as a user runs them: ``python -m benchmarks.<study>`` from the repository root."""
 
+import importlib
 import importlib.util
 import json
 import math
@@ -10,23 +12,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _study(name, *args):
+    """``python -m benchmarks.<name> ARGS`` from the repository root."""
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
 def _load_script(name, monkeypatch):
-    """``benchmarks/<name>.py`` as a module, with the folder on sys.path as when it runs."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks.<name>`` as a module (the repository root on sys.path, as when it runs)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_benchmarks_are_a_package_without_path_hacks():
+    scripts = sorted(BENCHMARKS.rglob("*.py"))
+    assert (BENCHMARKS / "__init__.py") in scripts and (
+        BENCHMARKS / "lib" / "__init__.py"
+    ) in scripts
+    hacks = [p.name for p in scripts if "sys.path" in p.read_text()]
+    assert not hacks, f"run studies as python -m benchmarks.<study>, no sys.path edits: {hacks}"
 
 
 def test_speed_defaults_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "speed_defaults.py"), "--smoke"]
-    proc = subprocess.run(
-        [*cmd, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
+    proc = _study("speed_defaults", "--smoke", "--out-dir", tmp_path)
     assert (tmp_path / "speed_defaults_smoke.md").exists(), proc.stderr[-3000:]
     results = json.loads((tmp_path / "speed_defaults_smoke.json").read_text())
     assert results["settings"]["smoke"] and results["rows"]
@@ -47,8 +59,7 @@ def test_speed_defaults_smoke(tmp_path):
 
 
 def test_robustness_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "robustness.py"), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = _study("robustness", "--smoke", "--out", tmp_path)
     # 0: all finished and the paths agree; 2: all finished, but after 2 epochs on 6-19
     # validation cells the paths may differ by more than 1 %; 1: a run failed.
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
@@ -65,27 +76,8 @@ def test_robustness_smoke(tmp_path):
     assert "Runs finished, per path" in proc.stdout
 
 
-def test_shared_cores_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "shared_cores.py"), "--smoke"]
-    proc = subprocess.run(
-        [*cmd, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "shared_cores_smoke.json").read_text())
-    runs = results["runs"]
-    assert {(r["setting"], r["busy"]) for r in runs} == {("auto", False), ("auto", True)}
-    for run in runs:
-        assert run["median_epoch_seconds"] > 0 and len(run["epoch_seconds"]) == 2
-        assert run["engine"]["threads"] == "auto"
-        assert all(t >= 1 for t in run["threads"])
-    assert results["summary"]["auto"]["ratio"] > 0
-
-
 def test_accuracy_defaults_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "accuracy_defaults.py"), "--smoke"]
-    proc = subprocess.run(
-        [*cmd, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
+    proc = _study("accuracy_defaults", "--smoke", "--out-dir", tmp_path)
     # 0: all criteria met; 2: a criterion is not met (after 1 epoch on 300 cells); 1: a failure.
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     results = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
@@ -130,22 +122,19 @@ def test_accuracy_defaults_smoke(tmp_path):
     # --merge keeps a dataset of the earlier results that this run does not redo
     earlier = dict(results, datasets=[dict(dataset, name="an_earlier_dataset")])
     (tmp_path / "accuracy_defaults_smoke.json").write_text(json.dumps(earlier))
-    proc = subprocess.run(
-        [*cmd, "--out-dir", str(tmp_path), "--merge"], capture_output=True, text=True, timeout=600
-    )
+    proc = _study("accuracy_defaults", "--smoke", "--out-dir", tmp_path, "--merge")
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     merged = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
     names = [d["name"] for d in merged["datasets"]]
     assert names == ["an_earlier_dataset", dataset["name"]]
-    assert merged["datasets"][0]["from_run"]["date"] == results["date"]
+    assert merged["datasets"][0]["from_run"]["date"] == results["meta"]["date"]
     assert "from_run" not in merged["datasets"][1]
     assert "an_earlier_dataset (earlier run†)" in proc.stdout
     assert "kept from an earlier run (--merge)" in proc.stdout
 
 
 def test_data_parallel_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "data_parallel.py"), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = _study("data_parallel", "--smoke", "--out", tmp_path)
     # a failed rank's traceback and torchrun's summary both (see data_parallel.launch)
     assert proc.returncode == 0, proc.stderr[-8000:]
     results = json.loads((tmp_path / "data_parallel_smoke.json").read_text())
@@ -163,9 +152,7 @@ def test_data_parallel_smoke(tmp_path):
 
 
 def test_gpu_throughput_smoke_on_cpu(tmp_path):
-    script = BENCHMARKS / "gpu_throughput.py"
-    cmd = [sys.executable, str(script), "--smoke", "--no-scvi-tools", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = _study("gpu_throughput", "--smoke", "--no-scvi-tools", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_throughput.json").read_text())
     assert not [r for r in results["runs"] if "error" in r]
@@ -177,8 +164,7 @@ def test_gpu_throughput_smoke_on_cpu(tmp_path):
 
 
 def test_out_of_core_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "out_of_core.py"), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = _study("out_of_core", "--smoke", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads((tmp_path / "out_of_core_smoke.json").read_text())["runs"]
     assert [r["mode"] for r in runs] == ["streamed", "in memory"] * 2
@@ -242,10 +228,7 @@ def test_out_of_core_merge_keeps_rows_not_redone(monkeypatch):
 
 
 def test_query_mapping_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "query_mapping.py"), "--smoke"]
-    proc = subprocess.run(
-        [*cmd, "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
+    proc = _study("query_mapping", "--smoke", "--out-dir", tmp_path)
     # 0: criteria met; 2: not met (2 epochs on 300 cells); 1: a failure
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     results = json.loads((tmp_path / "query_mapping_smoke.json").read_text())
@@ -261,9 +244,7 @@ def test_query_mapping_smoke(tmp_path):
 
 
 def test_criticism_side_by_side_smoke(tmp_path):
-    script = BENCHMARKS / "criticism_side_by_side.py"
-    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = _study("criticism_side_by_side", "--smoke", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "criticism_side_by_side_smoke.json").read_text())
     fits = [row["fit"] for row in results["rows"]]
@@ -277,8 +258,7 @@ def test_criticism_side_by_side_smoke(tmp_path):
 
 
 def test_criticism_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "criticism.py"), "--smoke", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = _study("criticism", "--smoke", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "criticism_smoke.json").read_text())
     assert results["settings"]["smoke"]
@@ -292,8 +272,7 @@ def test_criticism_smoke(tmp_path):
 
 
 def test_de_truth_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "de_truth.py"), "--smoke", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = _study("de_truth", "--smoke", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "de_truth_smoke.json").read_text())
     assert results["settings"]["smoke"]
@@ -322,113 +301,25 @@ def test_de_truth_smoke(tmp_path):
     assert "Targets (pyro_scvi change mode)" in proc.stdout
 
 
-def test_bayesian_decoder_smoke(tmp_path):
-    script = BENCHMARKS / "bayesian_decoder.py"
-    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "bayesian_decoder_smoke.json").read_text())
-    assert results["settings"]["smoke"] and "BayesianDecoder" in results["settings"]["scheme"]
-    fits = results["fits"]
-    assert set(fits) == {"point", "bd", "bd_sim"}
-    assert fits["point"]["globals_posterior_sd"] == {}  # point estimates have none
-    for name in ("bd", "bd_sim"):
-        sds = fits[name]["globals_posterior_sd"]
-        assert all(sds[s] > 0 for s in ("rho_weight", "rho_bias", "log_theta")), sds
-    for fit in fits.values():
-        assert fit["heldout_log_px"] >= fit["heldout_elbo"]  # same draws: Jensen
-    cases = [(r["case"], r["cells"]) for r in results["checks"]]
-    assert len(cases) == 8 and ("bd_sim, sim", "held-out") in cases
-    for row in results["checks"]:
-        assert all(0 <= v <= 1 for v in row["frac_outside"].values()), row
-        assert 0 <= row["criticism"]["pit_tv"] <= 1
-    assert "calibration" in (tmp_path / "bayesian_decoder_smoke.md").read_text()
-
-
-def test_bayesian_decoder_scales_smoke(tmp_path):
-    script = BENCHMARKS / "bayesian_decoder_scales.py"
-    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "bayesian_decoder_scales_smoke.json").read_text())
-    steps = [row["step"] for row in results["trajectory"]]
-    assert steps == [0, 2, 4]
-    first, last = results["trajectory"][0], results["trajectory"][-1]
-    for site in ("rho_weight", "rho_bias", "log_theta"):
-        assert first[site] > 0 and last[site] != first[site]  # only the scales train
-    assert "log theta" in (tmp_path / "bayesian_decoder_scales_smoke.md").read_text()
-
-
-def test_gate_init_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "gate_init.py"), "--smoke", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "gate_init_smoke.json").read_text())
-    (dataset,) = results["datasets"]
-    assert [r["initial_dropout"] for r in dataset["runs"]] == [0.05, None]
-    for run in dataset["runs"]:
-        assert math.isfinite(run["heldout_log_px_per_cell"]) and -1 <= run["ari"] <= 1
-        assert 0 <= run["depth_r2_within_types"] <= 1
-    # the two starts train different fits from the same seed
-    a, b = dataset["runs"]
-    assert a["heldout_log_px_per_cell"] != b["heldout_log_px_per_cell"]
-    assert "initial dropout" in proc.stdout
-
-
-def test_robustness_merge_keeps_datasets_not_redone(monkeypatch, tmp_path):
-    robustness = _load_script("robustness", monkeypatch)
+def test_merge_keeps_rows_not_redone_with_the_run_that_made_them(monkeypatch):
+    results = _load_script("lib.results", monkeypatch)
     earlier = {
-        "date": "then",
-        "command": "old",
-        "git": {"pyro_scvi_commit": "abc"},
+        "meta": {"date": "then", "command": "old", "git": {"pyro_scvi_commit": "abc"}},
         "datasets": [{"name": "a"}, {"name": "b"}],
-        "runs": [{"dataset": "a", "seed": 0}, {"dataset": "b", "seed": 0}],
     }
-    path = tmp_path / "robustness.json"
-    assert robustness.earlier_results(path, {"a"}) == ([], [])  # no earlier file
-    path.write_text(json.dumps(earlier))
-    datasets, runs = robustness.earlier_results(path, {"a"})
-    assert [d["name"] for d in datasets] == ["b"] and [r["dataset"] for r in runs] == ["b"]
-    assert datasets[0]["from_run"]["commit"] == "abc" and runs[0]["from_run"]["command"] == "old"
-
-
-def test_allocator_rss_smoke(tmp_path):
-    cmd = [sys.executable, str(BENCHMARKS / "allocator_rss.py"), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "allocator_rss_smoke.json").read_text())["rows"]
-    assert [r["env"] for r in rows] == [{}, {"MALLOC_MMAP_THRESHOLD_": "4194304"}]
-    for r in rows:
-        assert r["data_source"] == "streamed" and 0 < r["n_scored"] < r["n_cells"]
-        peaks = [step["peak_rss_mib"] for step in r["steps"].values()]
-        assert peaks == sorted(peaks) and peaks[0] > 0  # cumulative peaks
-        assert math.isfinite(r["elbo_mean"])
-    # the allocator moves memory, not numbers
-    assert rows[0]["latent_checksum"] == rows[1]["latent_checksum"]
-    assert rows[0]["elbo_mean"] == rows[1]["elbo_mean"]
-
-
-def test_library_residual_smoke(tmp_path):
-    script = BENCHMARKS / "library_residual.py"
-    cmd = [sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path), "--merge"]
-    # --merge keeps another run's datasets that this run does not redo
-    other = {"name": "elsewhere", "n_cells": 1, "n_genes": 1, "runs": []}
-    earlier = {"date": "d", "git": {"pyro_scvi_commit": "abc1234"}, "command": "c"}
-    (tmp_path / "library_residual_smoke.json").write_text(
-        json.dumps({**earlier, "datasets": [other]})
-    )
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "library_residual_smoke.json").read_text())
-    dataset, kept = results["datasets"]
-    assert kept["name"] == "elsewhere" and kept["from_run"]["commit"] == "abc1234"
-    assert [r["library_residual"] for r in dataset["runs"]] == [False, True]
-    for run in dataset["runs"]:
-        assert math.isfinite(run["heldout_log_px_per_cell"]) and -1 <= run["ari"] <= 1
-    # the two guides train different fits from the same seed
-    a, b = dataset["runs"]
-    assert a["heldout_log_px_per_cell"] != b["heldout_log_px_per_cell"]
-    assert "Paired by seed" in (tmp_path / "library_residual_smoke.md").read_text()
+    kept = results.keep_not_redone(earlier["datasets"], {"a"}, "name", earlier)
+    assert [d["name"] for d in kept] == ["b"]
+    assert kept[0]["from_run"] == {"date": "then", "commit": "abc", "command": "old"}
+    # older files hold the header at their top level; a row kept before keeps its own mark
+    older = {"date": "d0", "command": "c0", "git": {"pyro_scvi_commit": "f00"}, "rows": kept}
+    again = results.keep_not_redone(older["rows"], set(), "name", older, note="n")
+    assert again[0]["from_run"]["commit"] == "abc"
+    assert results.keep_not_redone([{"name": "c"}], set(), "name", older, "n")[0]["from_run"] == {
+        "date": "d0",
+        "commit": "f00",
+        "command": "c0",
+        "note": "n",
+    }
 
 
 def test_accuracy_defaults_reuses_only_a_reference_measured_the_same_way(monkeypatch, tmp_path):
@@ -534,7 +425,7 @@ def test_data_parallel_runs_again_only_after_a_rank_died_by_a_signal(monkeypatch
     assert runs(python_error, ok) == python_error
     monkeypatch.setattr(dp, "_launch_once", lambda *a: dict(signal))
     assert "first_failure" not in dp.launch(None, 1, 128)
-    meta = {"machine": {"platform": "p", "cpu_count": 2}}
+    meta = _load_script("lib.results", monkeypatch).metadata("data_parallel", [])
     args = {"cells": 1, "genes": 1, "epochs": 1, "repeats": 1}
     runs_kept = {"torchrun, 2 processes": [result]}
     text = dp.markdown({"meta": meta, "args": args, "summary": {}, "runs": runs_kept})

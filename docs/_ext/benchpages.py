@@ -1,8 +1,9 @@
 """A page for every benchmark results table, written at each build.
 
-Every ``benchmarks/results/**/*.md`` (written by a script of ``benchmarks/``, never edited
-by hand) gets a page under ``benchmarks/results/`` that includes it as it is, followed by
-the command that made it, read from the JSON beside it (``command`` or ``meta.command``),
+Every ``benchmarks/results/**/*.md`` (written by a study of ``benchmarks/``; a decided
+study's file, whose script is gone, starts with a header naming the decision) gets a page
+under ``benchmarks/results/`` that includes it as it is, followed by the command that made
+it, read from the JSON beside it (``command`` or ``meta.command``),
 and the figure of the same name where there is one. New results files get pages without
 any change here; the pages are generated, and git ignores them.
 """

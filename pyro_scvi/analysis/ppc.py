@@ -31,7 +31,7 @@ the decoder and the dispersions are point estimates and q(z | x) is approximate,
 gene's mean over thousands of cells has a replicate spread smaller than their errors. On
 pbmc8k_200hvg (default model, 400 epochs, 7,448 cells) 36.5 % of gene means are outside
 [0.025, 0.975]; a model refitted to counts simulated from the fitted one, so right by
-construction, gives 34.5 % (``benchmarks/pbmc_ppc_diagnosis.py``). So the gene-wise
+construction, gives 34.5 % (``benchmarks/results/pbmc_ppc_diagnosis.md``). So the gene-wise
 p-values rank the genes the model reproduces worst but are not calibrated tests; per-entry
 calibration on held-out cells (:mod:`pyro_scvi.analysis.criticism`) is.
 """

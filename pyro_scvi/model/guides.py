@@ -153,7 +153,7 @@ class ScviGuide(Guide):
         (starting at 0) instead of the whole log-library. ``False`` is the paper's
         guide: the encoder's output is the mean. The model and its ELBO are the same
         either way; only the variational family's parametrization differs
-        (``benchmarks/library_residual.py`` compares the two on every shared dataset).
+        (``benchmarks/results/library_residual.md`` compares the two on every shared dataset).
 
     Examples
     --------

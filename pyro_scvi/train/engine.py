@@ -34,7 +34,7 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     CPU threads for torch. By default they follow the cores that other processes leave
     free (:class:`ThreadPolicy`), re-measured as the run goes: a training step of scVI's
     networks waits for its slowest thread, so a thread that shares a core with another
-    busy process makes every step several times slower (``benchmarks/shared_cores.py``).
+    busy process makes every step several times slower (``benchmarks/results/shared_cores.md``).
 
 :class:`Engine` holds the user's wishes (``None``: decide); :meth:`Engine.resolve` turns
 them into a :class:`RunEngine` with every field decided and the reason for each, and

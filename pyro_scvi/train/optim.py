@@ -31,7 +31,7 @@ def scaled_lr(batch_size: int, base_lr: float = 1e-3, base_batch_size: int = 128
     square root of the batch size keeps the training dynamics approximately the same
     (Malladi et al., "On the SDEs and scaling rules for adaptive gradient algorithms",
     NeurIPS 2022), from scVI's defaults of 1e-3 at 128 cells. The trade-off on real data
-    is measured by ``benchmarks/batch_size.py``.
+    is measured in ``benchmarks/results/batch_size.md``.
 
     Examples
     --------

@@ -1,0 +1,196 @@
+"""Results files: the header every run records, markdown tables, atomic writes, ``--merge``."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pyro_scvi.io.files import atomic_path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+#: Distributions whose versions every results file records.
+VERSIONS = ("pyro-scvi", "torch", "pyro-ppl", "scvi-tools", "lightning", "anndata", "scikit-learn")
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def git(*cmd: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.rstrip() if done.returncode == 0 else None
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured; ``dirty`` when ``pyro_scvi/`` has uncommitted changes (then
+    ``pyro_scvi_diff_sha256`` identifies them)."""
+    changed = git("status", "--porcelain", "--", "pyro_scvi")
+    diff = git("diff", "HEAD", "--", "pyro_scvi")
+    bench = git("status", "--porcelain", "--", "benchmarks")
+    return {
+        "pyro_scvi_commit": git("rev-parse", "HEAD"),
+        "dirty": bool(changed),
+        "pyro_scvi_uncommitted_changes": None if changed is None else changed.splitlines(),
+        "pyro_scvi_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+        "benchmarks_uncommitted_changes": None if bench is None else bench.splitlines(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Platform, CPU model and count, total RAM, Python."""
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    try:
+        ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        ram = None
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "ram_gib": ram,
+    }
+
+
+def machine_line(meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    ram = f", {m['ram_gib']:.0f} GiB RAM" if m.get("ram_gib") else ""
+    return f"{m.get('cpu_model') or m['platform']}, {m['cpu_count']} CPUs{ram} ({m['platform']})"
+
+
+def metadata(
+    study: str, argv: Sequence[str] | None, *, threads: Any = None, versions: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The header of a results file: date, command, machine, threads, versions, git state."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    found = {n: package_version(n) for n in (*VERSIONS, *versions)}
+    found["pyro_scvi"] = found.pop("pyro-scvi")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m", f"benchmarks.{study}", *args]),
+        "machine": machine(),
+        "threads": threads,
+        "versions": found,
+        "git": git_state(),
+    }
+
+
+def meta_of(results: dict[str, Any]) -> dict[str, Any]:
+    """A results file's header: under ``meta``, or (older files) at its top level."""
+    return results.get("meta") or results
+
+
+def header(results: dict[str, Any], title: str, how: str = "") -> list[str]:
+    """A table's title, then date, machine, versions and commit, the command and ``how``."""
+    meta = meta_of(results)
+    v, g = meta["versions"], meta["git"]
+    commit = str(g["pyro_scvi_commit"])[:7] + (" + uncommitted changes" if g["dirty"] else "")
+    shown = ", ".join(f"{k} {v[k]}" for k in v if k != "pyro_scvi" and v[k] != "not installed")
+    smoke = (results.get("settings") or {}).get("smoke")
+    return [
+        f"# {title}",
+        "",
+        f"{meta['date']}; {machine_line(meta)}; {shown}; pyro_scvi {v['pyro_scvi']} at commit "
+        f"{commit}." + (" SMOKE RUN: numbers are meaningless." if smoke else ""),
+        "",
+        f"Command: `{meta['command']}`." + (f" {how}" if how else ""),
+        "",
+    ]
+
+
+def md_table(columns: str | Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """Markdown table lines. ``columns``: a list, or one string ``"a|b:|c"``; a name ending
+    in ``:`` is right-aligned. A row: a list of cells, or a string ``"a | b | c"``."""
+    columns = columns.split("|") if isinstance(columns, str) else columns
+    names = [c.removesuffix(":") for c in columns]
+    align = ["---:" if c.endswith(":") else "---" for c in columns]
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(align) + "|"]
+    return lines + [
+        f"| {row if isinstance(row, str) else ' | '.join(map(str, row))} |" for row in rows
+    ]
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """``value`` formatted; ``—`` for None and non-finite numbers."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def finite(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become None, numpy scalars Python numbers."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if hasattr(value, "item") and not hasattr(value, "__len__"):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path``, atomically (:func:`pyro_scvi.io.files.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write(out_dir: Path, stem: str, results: dict[str, Any], table: str | None = None) -> None:
+    """``out_dir/stem.json`` (every number) and ``out_dir/stem.md`` (the tables)."""
+    write_text(Path(out_dir) / f"{stem}.json", json.dumps(finite(results), indent=2, default=str))
+    if table is not None:
+        write_text(Path(out_dir) / f"{stem}.md", table)
+        print(f"Wrote {Path(out_dir) / stem}.json and .md", file=sys.stderr)
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    return json.loads(Path(path).read_text()) if Path(path).exists() else None
+
+
+def provenance(results: dict[str, Any], note: str = "") -> dict[str, str]:
+    """Date, commit and command of the run that wrote ``results`` (marks kept rows)."""
+    meta = meta_of(results)
+    commit = str((meta.get("git") or {}).get("pyro_scvi_commit"))
+    return {
+        "date": str(meta.get("date")),
+        "commit": commit,
+        "command": str(meta.get("command")),
+    } | ({"note": note} if note else {})
+
+
+def keep_not_redone(
+    rows: Sequence[dict[str, Any]], redone: set[Any], key: str, earlier: dict[str, Any], note=""
+) -> list[dict[str, Any]]:
+    """``--merge``: the earlier rows whose ``row[key]`` this run does not redo, each marked
+    ``from_run`` with the run that measured it (a row kept before keeps its own)."""
+    source = provenance(earlier, note)
+    return [{**r, "from_run": r.get("from_run", source)} for r in rows if r[key] not in redone]
+
+
+def stem(study: str, smoke: bool) -> str:
+    return study + ("_smoke" if smoke else "")

@@ -1,0 +1,189 @@
+"""Runs in processes of their own, memory readings, and medians over repeated runs.
+
+A study's parent spawns ``python -m benchmarks.<study> --worker SPEC`` (or ``--prepare``,
+``--warm-kernel``) per run: :func:`spawn` starts it, :func:`main` answers it. A worker
+writes its result (or its error) to ``spec["result"]``, so one failure is recorded and the
+study goes on. The parent imports no numerical library: on Linux a child's ``ru_maxrss``
+starts at its parent's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import data, results
+
+
+def spawn(
+    study: str, mode: str, spec: dict[str, Any], threads: int | None = None
+) -> dict[str, Any]:
+    """``python -m benchmarks.<study> <mode> SPEC`` in a new process; its result file (when
+    ``spec`` names one) with the wall time and the load average around it.
+
+    ``threads``: ``OMP/MKL/OPENBLAS_NUM_THREADS`` of the child (``None``: as they are).
+    """
+    env = dict(os.environ)
+    if threads is not None:
+        env |= {
+            v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+        }
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", f"benchmarks.{study}", mode, json.dumps(spec)]
+    # the child's stdout (libraries' notices) goes to stderr: stdout is the table
+    rc = subprocess.run(cmd, env=env, stdout=sys.stderr, cwd=results.REPO).returncode
+    out = {"exit_code": rc}
+    path = Path(spec["result"]) if "result" in spec else None
+    if path is not None:
+        if path.exists():
+            out = json.loads(path.read_text())
+            path.unlink()
+        else:
+            out = {"error": f"worker exited with code {rc} and wrote no result"}
+    wall = time.perf_counter() - start
+    return out | {
+        "worker_wall_seconds": wall,
+        "loadavg_1min_before": load,
+        "loadavg_1min_after": os.getloadavg()[0],
+    }
+
+
+def main(argv: Sequence[str] | None, **modes: Callable[[dict[str, Any]], Any]) -> int | None:
+    """Answer ``--worker SPEC`` (and the other ``modes``, e.g. ``prepare=...``) in a worker
+    process; ``None`` when ``argv`` is a study's own command line.
+
+    A mode's return value (an error as ``{"error": ...}``) goes to ``spec["result"]``.
+    """
+    raw = list(sys.argv[1:] if argv is None else argv)
+    modes = {"warm_kernel": warm_kernel, "prepare": data.prepare, **modes}
+    if len(raw) != 2 or raw[0].removeprefix("--").replace("-", "_") not in modes:
+        return None
+    spec = json.loads(raw[1])
+    try:
+        out = modes[raw[0].removeprefix("--").replace("-", "_")](spec)
+    except Exception as err:  # the parent records it and goes on
+        traceback.print_exc()
+        out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    if "result" in spec:
+        results.write_text(Path(spec["result"]), json.dumps(results.finite(out)) + "\n")
+    return 0
+
+
+def prepare(study: str, dataset: str, tmp: Path, threads: int | None = None, **spec: Any) -> dict:
+    """The dataset written to ``tmp`` by a ``--prepare`` process (:func:`.data.prepare`,
+    ``spec``: its ``data_dir``, ``subsample``, ``seed``): its description and ``h5ad``, or
+    ``{"error": ...}``."""
+    name = data.parse(dataset)["name"]
+    spec |= {"dataset": dataset, "h5ad": str(tmp / f"{name}.h5ad")}
+    out = spawn(study, "--prepare", spec | {"result": str(tmp / f"{name}.json")}, threads)
+    return {k: v for k, v in out.items() if not k.startswith(("worker_", "loadavg"))}
+
+
+def attempt(errors: dict[str, str], stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; on an exception ``None``, its message kept as ``errors[stage]``, so
+    that one failed stage of a run is recorded and the others go on."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        errors[stage] = f"{type(err).__name__}: {err}"
+        return None
+
+
+def warm_kernel(spec: dict[str, Any]) -> None:
+    """Compile pyro_scvi's fused ZINB kernel once, untimed, so that timed runs find torch's
+    on-disk compile cache as every run after a user's first does."""
+    from pyro_scvi.train import kernels
+
+    if not kernels.precompile():
+        print("  no compiled kernel: the fused ZINB kernel runs uncompiled", file=sys.stderr)
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process (``ru_maxrss``), MiB; see :func:`reset_peak_rss`."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS
+
+
+def status_mib(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (this process's own peak) in MiB; Linux only."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) / 2**10 for ln in f if ln.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``True`` if done.
+
+    Afterwards ``VmHWM`` is the peak since the reset, and so is ``ru_maxrss`` unless the
+    parent's peak at spawn time is larger.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def steady_state(epoch_seconds: Sequence[float]) -> dict[str, float | None]:
+    """The first epoch (it carries compilation and set-up) and the median of the others."""
+    if not epoch_seconds:
+        return {"first_epoch_seconds": None, "median_epoch_seconds": None}
+    rest = epoch_seconds[1:] or epoch_seconds
+    return {
+        "first_epoch_seconds": epoch_seconds[0],
+        "median_epoch_seconds": statistics.median(rest),
+    }
+
+
+def rotate(items: Sequence[str], repeat: int) -> list[str]:
+    """``items`` rotated by ``repeat``, so that none always runs first."""
+    k = repeat % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def summarize(runs: list[dict[str, Any]], impls: Sequence[str], keys: Sequence[str]) -> dict:
+    """Medians of ``keys`` over runs per implementation, the runs that failed, and the speed
+    ratios of pyro_scvi, scvi-tools and the floor (by ``seconds_per_epoch``, or
+    ``train_seconds``, and the steady state)."""
+    out: dict[str, Any] = {}
+    for impl in impls:
+        mine = [r for r in runs if r["implementation"] == impl]
+        ok = [r for r in mine if "error" not in r]
+        out[impl] = {
+            k: statistics.median(v) if (v := [r[k] for r in ok if r.get(k) is not None]) else None
+            for k in keys
+        }
+        out[impl] |= {"n_ok": len(ok), "n_failed": len(mine) - len(ok)}
+        if len(ok) < len(mine):
+            out[impl]["error"] = next(r["error"] for r in mine if "error" in r)
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        x, y = out.get(a, {}).get(key), out.get(b, {}).get(key)
+        return x / y if x is not None and y else None
+
+    time = "seconds_per_epoch" if "seconds_per_epoch" in keys else "train_seconds"
+    return out | {
+        "time_ratio_pyro_over_scvi_tools": ratio("pyro_scvi", "scvi-tools", time),
+        "speedup_pyro_vs_scvi_tools": ratio("scvi-tools", "pyro_scvi", time),
+        "time_ratio_pyro_over_torch_floor": ratio("pyro_scvi", "torch-floor", time),
+        "time_ratio_scvi_tools_over_torch_floor": ratio("scvi-tools", "torch-floor", time),
+        "steady_speedup_pyro_vs_scvi_tools": ratio(
+            "scvi-tools", "pyro_scvi", "median_epoch_seconds"
+        ),
+        "steady_time_ratio_pyro_over_torch_floor": ratio(
+            "pyro_scvi", "torch-floor", "median_epoch_seconds"
+        ),
+    }
