@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 OUT = "benchmarks/results"
+#: an absolute path in a recorded command: a folder of the machine that ran it
+ABSOLUTE = re.compile(r"(--data-dir[ =])?(?<![\w.])/\S*/([^/\s]+)")
+
+
+def _portable(match: re.Match) -> str:
+    """A recorded machine's folder as the reader's: the data folder or a scratch one."""
+    if match.group(1):
+        return f"{match.group(1)}$PYRO_SCVI_DATA"
+    return f"$SCRATCH/{match.group(2)}"
 
 
 def provenance(table: Path, root: Path) -> list[str]:
@@ -35,7 +45,14 @@ def provenance(table: Path, root: Path) -> list[str]:
     rel = data_file.relative_to(root)
     lines = ["", "## How this table was made", ""]
     if command:
-        lines += ["```bash", str(command), "```", ""]
+        shown, n = ABSOLUTE.subn(_portable, str(command))
+        lines += ["```bash", shown, "```", ""]
+        if n:
+            lines += [
+                "(The run's own folders are shown as `$PYRO_SCVI_DATA`, its data, and "
+                "`$SCRATCH`, a scratch folder of your choice.)",
+                "",
+            ]
     made = [f"every run's numbers are in `{rel.as_posix()}`"]
     if commit:
         made.append(f"pyro_scvi commit `{commit}`")
