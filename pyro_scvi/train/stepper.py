@@ -214,8 +214,8 @@ class Stepper:
         (a distribution refusing its arguments) is NaN. The documented fault-injection
         seam (see the module docstring).
         """
-        which, args, kwargs = self._call(x, batch_index, cell_index, kl_weight)
-        with pyro.validation_enabled(validate), self._quiet():
+        which, args, kwargs, fresh = self._call(x, batch_index, cell_index, kl_weight)
+        with pyro.validation_enabled(validate), self._quiet(fresh):
             loss = _nan_on_invalid(self._steps[which], (self.model, self.guide), *args, **kwargs)
         self._note_kernel()
         return loss
@@ -232,9 +232,9 @@ class Stepper:
         The same ELBO, wrappers, compiled graphs and (with fused Adam) parameter handling
         as :meth:`step`: for checking that every path is the same estimator.
         """
-        which, args, kwargs = self._call(x, batch_index, cell_index, kl_weight)
+        which, args, kwargs, fresh = self._call(x, batch_index, cell_index, kl_weight)
         elbo, pair = (self.elbo, self._pair) if which == 0 else (self.tail_elbo, self._tail_pair)
-        with self._quiet():
+        with self._quiet(fresh):
             if self.fused_adam:
                 return self.optim.loss_and_grads(elbo, *pair, *args, **kwargs)
             return elbo.loss_and_grads(*pair, *args, **kwargs)
@@ -261,18 +261,24 @@ class Stepper:
         self._note_kernel()
         return value
 
-    def _call(self, x, batch_index, cell_index, kl_weight) -> tuple[int, tuple, dict]:
-        """Which step function (0: the ELBO's, 1: the uncompiled tail's) and its arguments."""
+    def _call(self, x, batch_index, cell_index, kl_weight) -> tuple[int, tuple, dict, bool]:
+        """The step function to call, its arguments, and whether a graph was just compiled.
+
+        The function is 0 (the ELBO's) or 1 (the uncompiled tail's); a compiled run compiles
+        one graph per new minibatch size.
+        """
         n = len(cell_index)
         if self.jit and (self.tail_elbo is None or n == self.full_size):
             args = (x, batch_index, cell_index, self._weight_tensor(kl_weight))
             kwargs = {"num_cells": self.num_cells, "n_cells": n}
-            if n not in self.compiled_sizes:
+            fresh = n not in self.compiled_sizes
+            if fresh:
                 self.compiled_sizes.append(n)
                 _compile_aside(self.elbo, *self._pair, (self.model, self.guide), args, kwargs)
-            return 0, args, kwargs
+            return 0, args, kwargs, fresh
         # uncompiled, or a default compiled run's smaller last minibatch
-        return (1 if self.jit else 0), (x, batch_index, cell_index, self.num_cells, kl_weight), {}
+        args = (x, batch_index, cell_index, self.num_cells, kl_weight)
+        return (1 if self.jit else 0), args, {}, False
 
     def _weight_tensor(self, w: float) -> torch.Tensor:
         # A compiled graph's input: warm-up changes it without recompiling (a Python float
@@ -281,8 +287,10 @@ class Stepper:
             self._weight = (w, torch.tensor(w, device=self.device))
         return self._weight[1]
 
-    def _quiet(self) -> contextlib.AbstractContextManager:
-        return _quiet_jit() if self.jit else contextlib.nullcontext()
+    def _quiet(self, fresh: bool) -> contextlib.AbstractContextManager:
+        # only a step that meets a new graph can raise torch's tracing notice; catching
+        # warnings on every step would be per-step work for nothing
+        return _quiet_jit() if fresh else contextlib.nullcontext()
 
     def _note_kernel(self) -> None:
         """Copy a compiled kernel's failure into the record (once)."""
