@@ -430,3 +430,17 @@ def test_data_parallel_runs_again_only_after_a_rank_died_by_a_signal(monkeypatch
     runs_kept = {"torchrun, 2 processes": [result]}
     text = dp.markdown({"meta": meta, "args": args, "summary": {}, "runs": runs_kept})
     assert "Run again after a rank died by a signal" in text
+
+
+def test_same_result_fingerprints_a_fit_and_tells_a_change_apart(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for out in (a, b):
+        proc = _study("same_result", "--smoke", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    same = _study("same_result", "--compare", str(a), str(b))
+    assert same.returncode == 0 and "the same results" in same.stdout  # one seed: one fit
+    changed = json.loads(b.read_text())
+    changed["fits"]["synthetic"]["history"]["train_elbo"][-1] += 1e-9
+    b.write_text(json.dumps(changed))
+    differ = _study("same_result", "--compare", str(a), str(b))
+    assert differ.returncode == 1 and "history differs" in differ.stdout
