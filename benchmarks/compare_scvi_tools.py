@@ -34,7 +34,8 @@ KEYS = (
     "seconds_per_epoch first_epoch_seconds median_epoch_seconds train_cells_per_second "
     "peak_rss_mib peak_minus_baseline_mib ari nmi silhouette_label entropy_batch_mixing "
     "batch_silhouette validation_elbo_per_cell common_validation_elbo_per_cell "
-    "common_train_elbo_per_cell marginal_ll_per_cell imputation_median_l1"
+    "common_train_elbo_per_cell marginal_ll_per_cell own_marginal_ll_per_cell "
+    "imputation_median_l1 imputation_knn_median_l1"
 ).split()
 
 RATIOS = (
@@ -134,9 +135,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         )
     cells = data.some_cells(split[1], spec["ll_cells"], seed)
     run |= {"marginal_ll_cells": len(cells), "marginal_ll_samples": spec["ll_samples"]}
-    run["marginal_ll_per_cell"] = workers.attempt(
-        errors, "marginal_ll", fit.common_marginal_ll, cells, spec["ll_samples"], seed
-    )
+    for key, estimate in (("", fit.common_marginal_ll), ("own_", fit.marginal_ll)):
+        run[f"{key}marginal_ll_per_cell"] = (  # only scvi-tools' own estimator is another
+            workers.attempt(errors, f"{key}marginal_ll", estimate, cells, spec["ll_samples"], seed)
+            if key == "" or impl == "scvi-tools"
+            else run["marginal_ll_per_cell"]
+        )
     run["scoring_seconds"] = time.perf_counter() - t
     if spec["imputation"] and impl != "torch-floor":
         run |= workers.attempt(errors, "imputation", imputation, impl, adata, spec, split) or {}
@@ -148,7 +152,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def imputation(impl: str, adata: Any, spec: dict[str, Any], split: Any) -> dict[str, Any]:
     """A second fit on the counts with 10 % of the non-zero entries set to 0; median L1 of
-    its expected counts exp(l) * rho at the latent library on those entries."""
+    its expected counts exp(l) * rho at the latent library on those entries, and of kNN
+    smoothing in PCA space (:func:`.score.knn_impute`) on the same entries."""
     seed, start = spec["seed"], time.perf_counter()
     hidden_data, x, hidden = score.corrupted(adata, "uniform", 0.1, seed)
     fit = adapters.ADAPTERS[impl](hidden_data, spec["batch_key"], matched=True, seed=seed)
@@ -157,6 +162,9 @@ def imputation(impl: str, adata: Any, spec: dict[str, Any], split: Any) -> dict[
     return {
         "imputation_median_l1": errors["median_abs_error"],
         "imputation_mean_l1": errors["mean_abs_error"],
+        "imputation_knn_median_l1": score.imputation_errors(
+            score.knn_impute(hidden_data.X.toarray(), seed), x, hidden
+        )["median_abs_error"],
         "imputation_hidden_entries": len(hidden[0]),
         "imputation_train_seconds": fit.run["train_seconds"],
         "imputation_seconds": time.perf_counter() - start,
@@ -270,7 +278,7 @@ RATIO_COLUMNS = (
 ACCURACY = (
     "dataset|implementation|ARI:|NMI:|silhouette (label):|batch entropy:|batch silhouette:|"
     "val ELBO (own):|val ELBO (common):|train ELBO (common):|val log p(x) (common):|"
-    "imputation median L1:"
+    "val log p(x) (own):|imputation median L1:|kNN (PCA) median L1:"
 )
 
 

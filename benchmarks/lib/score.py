@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: DE settings of both DE studies: change-mode threshold and target FDR.
+#: DE settings of `de_truth`: change-mode threshold and target FDR.
 DELTA, FDR_TARGET = 0.25, 0.05
 
 

@@ -481,8 +481,8 @@ def corrupt_counts(
     every returned entry is non-zero in ``x`` and, for "uniform", really hidden, so the
     error is measured only where there was something to recover. ``binomial_p=0.2`` is the
     paper's value (the benchmark harness uses 0.1). The draws are made in the same order as
-    the harness's ``corrupt()`` (``benchmarks/heldout_and_imputation.py``) made them, so the
-    same ``seed``, ``rate`` and ``binomial_p`` give the same corrupted matrix.
+    the harness's ``corrupt()`` made them (``benchmarks/results/heldout_and_imputation.md``),
+    so the same ``seed``, ``rate`` and ``binomial_p`` give the same corrupted matrix.
 
     Parameters
     ----------

@@ -98,12 +98,12 @@ if TYPE_CHECKING:
     from .distributed import DataParallel
 
 #: Runs of at least this many steps compile the ELBO by default: tracing costs about a
-#: second, and ``benchmarks/profile_step.py`` measured a compiled step 14-22% shorter.
+#: second, and ``benchmarks/results/profile_step.md`` measured a compiled step 14-22% shorter.
 COMPILE_MIN_STEPS = 300
 
-#: The fused kernel is chosen by default from this many genes: ``benchmarks/profile_step.py``
-#: measured it making a compiled step 1.49-1.72x faster on 1,000 and 2,000 genes but 1.06x
-#: on 200, where the rest of the step dominates.
+#: The fused kernel is chosen by default from this many genes: a step's profile
+#: (``benchmarks/results/profile_step.md``) measured it making a compiled step 1.49-1.72x
+#: faster on 1,000 and 2,000 genes but 1.06x on 200, where the rest of the step dominates.
 FUSED_MIN_GENES = 500
 
 #: ... and from this many (steps x cells per minibatch x genes): compiling costs 3-4 s in
