@@ -96,10 +96,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["seconds_per_epoch"] = out["train_seconds"] / out["epochs_run"]
     errors: dict[str, str] = {}
     cells = data.some_cells(np.arange(adata.n_obs), spec["metric_cells"], seed)
-    scores = workers.attempt(
-        errors, "metrics", score.latent_scores, fit.latent(), adata, cells, seed
+    latent = fit.latent()
+    out |= (
+        workers.attempt(errors, "metrics", score.latent_scores, latent, adata, cells, seed) or {}
     )
-    out |= (scores or {}) | {"metric_cells": len(cells)}
+    out["metric_cells"] = len(cells)
     use, k = data.some_cells(held, spec["ll_cells"], seed), spec["ll_samples"]
     out |= {"heldout_ll_cells": len(use), "ll_samples": k}
     value = out["heldout_log_px_per_cell"] = workers.attempt(
@@ -110,9 +111,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:  # conditioned on the observed library, log p(x) is log p(x | library)
         given = value if out.get("use_observed_lib_size", True) else None
     out["heldout_log_px_given_library_per_cell"] = given
-    return (
-        out | ({"errors": errors} if errors else {}) | {"threads_after": torch.get_num_threads()}
-    )
+    out |= {"errors": errors} if errors else {}
+    return out | {"threads_after": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------- parent
@@ -129,22 +129,17 @@ def run_dataset(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, re
         held = None  # pyro_scvi's held-out cells of this seed, once it has run
         for impl in (i for i in impls if i not in skipped):
             earlier = (reference or {}).get(seed)
-            if impl == "scvi-tools" and earlier and same_split(runs, seed):
-                if {k: earlier["reused_from"].get(k) for k in shape} == shape:
-                    runs.append(earlier)
-                    print(
-                        f"  seed {seed} {impl:10s}: reused, {describe(earlier)}", file=sys.stderr
-                    )
-                    continue
+            alike = earlier and {k: earlier["reused_from"].get(k) for k in shape} == shape
+            if impl == "scvi-tools" and alike and same_split(runs, seed):
+                runs.append(earlier)
+                print(f"  seed {seed} {impl:10s}: reused, {describe(earlier)}", file=sys.stderr)
+                continue
             spec = {"implementation": impl, "seed": seed, "heldout_indices": held}
             spec |= {k: ds[k] for k in ("h5ad", "batch_key")} | {"threads": args.thread_count}
-            spec |= {
-                k: getattr(args, k) for k in ("epochs", "metric_cells", "ll_cells", "ll_samples")
-            }
+            spec |= {k: getattr(args, k) for k in ("epochs", "metric_cells", "ll_cells")}
+            spec |= {"ll_samples": args.ll_samples, "result": str(tmp / "r.json")}
             run = {"implementation": impl, "seed": seed}
-            run |= workers.spawn(
-                STUDY, "--worker", spec | {"result": str(tmp / "r.json")}, args.thread_count
-            )
+            run |= workers.spawn(STUDY, "--worker", spec, args.thread_count)
             if impl == "pyro_scvi" and "heldout_indices" in run:
                 held = run.pop("heldout_indices")
             elif impl == OBSERVED and "heldout_indices" in run:  # same seed, same split
@@ -406,10 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
     }
     earlier = results.read(path) if args.merge else None
+    redone = set(args.datasets)
     res["datasets"] = (
-        results.keep_not_redone(earlier["datasets"], set(args.datasets), "name", earlier)
-        if earlier
-        else []
+        earlier and results.keep_not_redone(earlier["datasets"], redone, "name", earlier) or []
     )
     reference = reusable_reference(path, args) if args.reuse_reference else {}
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as tmp:
@@ -430,16 +424,11 @@ def main(argv: list[str] | None = None) -> int:
             res["elapsed_seconds"] = time.perf_counter() - start
             results.write(args.out_dir, stem, res, markdown(res))
     res["total_seconds"] = time.perf_counter() - start
-    table = markdown(res)
-    print(table)
-    results.write(args.out_dir, stem, res, table)
+    results.publish(args.out_dir, stem, res, markdown(res))
     if failures(res):
         return 1
-    return (
-        2
-        if False in [d["verdict"]["all_passed"] for d in res["datasets"] if "verdict" in d]
-        else 0
-    )
+    passed = [d["verdict"]["all_passed"] for d in res["datasets"] if "verdict" in d]
+    return 2 if False in passed else 0
 
 
 if __name__ == "__main__":

@@ -315,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             res["datasets"].append(run_dataset(ds, args, Path(tmp)))
             results.write(args.out_dir, stem, res)  # partial results survive a crash
     res["total_seconds"] = time.perf_counter() - start
-    table = markdown(res)
-    print(table)
-    results.write(args.out_dir, stem, res, table)
+    results.publish(args.out_dir, stem, res, markdown(res))
     return 1 if any("error" in d for d in res["datasets"]) else 0
 
 

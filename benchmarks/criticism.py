@@ -38,9 +38,7 @@ def parse_fit(spec: str) -> tuple[str, dict, dict]:
 
     lik, _, rest = spec.partition(":")
     if lik not in LIKELIHOODS:
-        raise SystemExit(
-            f"fit {spec!r}: unknown likelihood {lik!r}; use one of {list(LIKELIHOODS)}"
-        )
+        raise SystemExit(f"fit {spec!r}: unknown likelihood {lik!r}; use {list(LIKELIHOODS)}")
     model_kw, train_kw = {}, {}
     for key, _, value in (item.partition("=") for item in rest.split(",") if item):
         if key not in SETTINGS:
@@ -57,9 +55,7 @@ def table(res: dict) -> str:
         if epochs == "default"
         else f"{epochs} epochs (KL warm-up {max(1, epochs // 3)} unless the fit sets it)"
     )
-    caps = " or ".join(
-        str(c) for c in sorted({r.get("max_cells", s["max_cells"]) for r in res["runs"]})
-    )
+    caps = " or ".join(map(str, sorted({r.get("max_cells", s["max_cells"]) for r in res["runs"]})))
     rows = [
         f"{r['dataset']} | {r['shape'][0]} x {r['shape'][1]} | {r['fit']} | {r['epochs']} | "
         + " | ".join(f"{r[k]:.1f}" if k == "elpd_mean" else f"{r[k]:.3f}" for k in COLUMNS)
@@ -73,15 +69,10 @@ def table(res: dict) -> str:
         "10-95 %; r2 about the identity line (log10 for mean, CV, library)."
     )
     lines = results.header(res, "Calibration and fit on held-out cells, per shared dataset", how)
-    return (
-        "\n".join(
-            lines
-            + results.md_table(
-                ["dataset", "cells x genes", "fit", "epochs", *COLUMNS.values()], rows
-            )
-        )
-        + "\n"
+    lines += results.md_table(
+        ["dataset", "cells x genes", "fit", "epochs", *COLUMNS.values()], rows
     )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,11 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     old = results.read(args.out_dir / f"{stem}.json") if args.append else None
     if old and any(old["settings"][k] != settings[k] for k in ("epochs", "n_samples", "smoke")):
         raise SystemExit(f"--append: the file has settings {old['settings']}, not {settings}")
-    res = {
-        "meta": results.metadata(STUDY, argv),
-        "settings": settings,
-        "runs": old["runs"] if old else [],
-    }
+    res = {"meta": results.metadata(STUDY, argv), "settings": settings}
+    res["runs"] = old["runs"] if old else []
     names = ["synthetic"] if args.smoke else args.datasets or data.default_names(args.data_dir)
     for name in names:
         if args.smoke:
@@ -138,18 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             model.train(max_epochs=epochs, seed=0, progress_bar=False, **train_kw)
             trained = time.perf_counter()
             c = criticism.criticize(model, n_samples=n_samples, seed=0, name=spec)
-            run = {
-                "dataset": name,
-                "shape": list(adata.shape),
-                "batch_key": batch_key,
-                "fit": spec,
-            }
-            run |= {
-                "likelihood": lik,
-                "settings": model_kw | train_kw,
-                "max_cells": args.max_cells,
-            }
-            run |= {"epochs": len(model.history), "train_seconds": trained - start}
+            run = {"dataset": name, "shape": list(adata.shape), "batch_key": batch_key}
+            run |= {"fit": spec, "likelihood": lik, "settings": model_kw | train_kw}
+            run |= {"max_cells": args.max_cells, "epochs": len(model.history)}
+            run["train_seconds"] = trained - start
             run |= {"criticize_seconds": time.perf_counter() - trained}
             run |= {k: v for k, v in c.summary.items() if k != "name"}
             res["runs"] = [r for r in res["runs"] if (r["dataset"], r.get("fit")) != (name, spec)]

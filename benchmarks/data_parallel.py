@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -72,9 +71,7 @@ def train_once(args: argparse.Namespace) -> None:
     results.write_text(args.worker, json.dumps(result, default=str))
 
 
-def launch(
-    args: argparse.Namespace, procs: int, batch_size: int, threads: int | None = None
-) -> dict:
+def launch(args: argparse.Namespace, procs: int, batch_size: int, threads=None) -> dict:
     """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result.
 
     A torchrun run in which a rank died by a signal (rank 0 has died of SIGABRT in two of
@@ -88,42 +85,22 @@ def launch(
     return result
 
 
-def _launch_once(
-    args: argparse.Namespace, procs: int, batch_size: int, threads: int | None
-) -> dict:
+def _launch_once(args: argparse.Namespace, procs: int, batch_size: int, threads) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        worker = [
-            "-m",
-            f"benchmarks.{STUDY}",
-            "--worker",
-            str(out),
-            "--worker-batch-size",
-            str(batch_size),
-        ]
-        worker += ["--worker-threads", str(threads)] if threads else []
-        worker += [
-            f"--{k}={getattr(args, k.replace('-', '_'))}"
-            for k in ("cells", "genes", "epochs", "batch-size", "procs")
-        ]
+        worker = ["-m", f"benchmarks.{STUDY}", "--worker", str(out)]
+        worker += [f"--worker-batch-size={batch_size}", f"--batch-size={args.batch_size}"]
+        worker += [f"--{k}={getattr(args, k)}" for k in ("cells", "genes", "epochs", "procs")]
+        worker += [f"--worker-threads={threads}"] if threads else []
+        cmd = [sys.executable, *worker]
         if procs > 1:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={procs}",
-                f"--master_port={port}",
-            ]
-            cmd += ["--no-python", sys.executable, *worker]
-        else:
-            cmd = [sys.executable, *worker]
+            run = f"-m torch.distributed.run --nproc_per_node={procs} --master_port={port}"
+            cmd = [sys.executable, *run.split(), "--no-python", *cmd]
         start = time.perf_counter()
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, env=dict(os.environ), cwd=results.REPO
-        )
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=results.REPO)
         wall = time.perf_counter() - start
         if done.returncode != 0:  # a rank's traceback comes first, torchrun's summary last
             err = done.stderr
@@ -163,11 +140,9 @@ def markdown(res: dict[str, Any]) -> str:
         "row is the scaling over cores; against the default one-process row it is the gain over "
         "what one process already gets from every core.",
     ]
+    runs = res["runs"].items()
     retried = [
-        f"{n}, repeat {i}"
-        for n, runs in res["runs"].items()
-        for i, r in enumerate(runs)
-        if "first_failure" in r
+        f"{n}, repeat {i}" for n, rs in runs for i, r in enumerate(rs) if "first_failure" in r
     ]
     if retried:
         lines += [
@@ -180,14 +155,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in (
-        ("cells", 20_000),
-        ("genes", 2000),
-        ("epochs", 4),
-        ("batch-size", 128),
-        ("procs", 2),
-        ("repeats", 2),
-    ):
+    defaults = {"cells": 20_000, "genes": 2000, "epochs": 4, "batch-size": 128, "procs": 2}
+    for name, default in (defaults | {"repeats": 2}).items():
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--smoke", action="store_true", help="a tiny run (for the test suite)")
@@ -212,18 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         for name, (procs, bs, threads) in runs.items():
             raw[name].append(result := launch(args, procs, bs, threads))
-            if "first_failure" in result:
-                print(
-                    f"repeat {repeat} {name}: a rank died by a signal; run again. First failure's "
-                    f"stderr:\n{result['first_failure']}",
-                    file=sys.stderr,
-                )
+            again = "a rank died by a signal; run again. First failure's stderr:\n"
             rate = result.get("train_cells_per_second")  # a failure in full: the rank's first
-            print(
-                f"repeat {repeat} {name}: "
-                + (f"{rate:,.0f} cells/s" if rate else result["error"]),
-                file=sys.stderr,
-            )
+            done = f"{rate:,.0f} cells/s" if rate else result["error"]
+            if "first_failure" in result:
+                done = f"{again}{result['first_failure']}\nrepeat {repeat} {name}: {done}"
+            print(f"repeat {repeat} {name}: {done}", file=sys.stderr)
     if failed := [name for name, rs in raw.items() for r in rs if "error" in r]:
         print(f"failed runs: {failed}", file=sys.stderr)
         return 1
@@ -237,20 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (procs, bs, _) in runs.items():
         rate = median(name, "train_cells_per_second")
         threads = statistics.median(statistics.median(r["threads_per_epoch"]) for r in raw[name])
-        summary[name] = {
-            "processes": procs,
-            "threads_per_process": threads,
-            "ratio_vs_one_thread": rate / one_core,
-            "per_process": bs,
-            "global": bs * procs,
-            "cells_per_second": rate,
-            "ratio": rate / base,
-            "elbo": median(name, "validation_elbo_per_cell"),
-        }
+        summary[name] = {"processes": procs, "threads_per_process": threads}
+        summary[name] |= {"ratio_vs_one_thread": rate / one_core, "per_process": bs}
+        summary[name] |= {"global": bs * procs, "cells_per_second": rate, "ratio": rate / base}
+        summary[name]["elbo"] = median(name, "validation_elbo_per_cell")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     res = {"meta": meta, "args": settings, "runs": raw, "summary": summary}
-    results.write(args.out, results.stem(STUDY, args.smoke), res, markdown(res))
-    print(markdown(res))
+    results.publish(args.out, results.stem(STUDY, args.smoke), res, markdown(res))
     return 0
 
 

@@ -34,18 +34,10 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             runs.append(size | {"impl": "pyro_scvi", "batch_size": bs, "engine": "auto"})
             runs += [size | {"impl": "scvi-tools", "batch_size": bs}] * (not args.no_scvi_tools)
         if n == smallest:
-            runs += [
-                size | {"impl": "pyro_scvi", "batch_size": 128, "engine": e} for e in args.engines
-            ]
-            runs += [
-                size
-                | {
-                    "impl": "pyro_scvi",
-                    "batch_size": max(args.batch_sizes),
-                    "engine": {"matmul_precision": p},
-                }
-                for p in ("high", "medium")
-            ]
+            mine = size | {"impl": "pyro_scvi"}
+            runs += [mine | {"batch_size": 128, "engine": e} for e in args.engines]
+            large = mine | {"batch_size": max(args.batch_sizes)}
+            runs += [large | {"engine": {"matmul_precision": p}} for p in ("high", "medium")]
     return runs
 
 
@@ -68,9 +60,8 @@ def run(adata: Any, spec: dict[str, Any], device: str) -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.synchronize()
     steady = fit.run["epoch_seconds"][1:] or fit.run["epoch_seconds"]
-    out = {
-        k: fit.run.get(k) for k in ("train_seconds", "epoch_seconds", "validation_elbo_per_cell")
-    }
+    out = {k: fit.run.get(k) for k in ("train_seconds", "epoch_seconds")}
+    out["validation_elbo_per_cell"] = fit.run.get("validation_elbo_per_cell")
     out |= {"train_cells_per_second": fit.run["n_train"] * len(steady) / sum(steady), "lr": lr}
     out |= {"engine_used": fit.run.get("engine")} if spec["impl"] == "pyro_scvi" else {}
     out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
@@ -86,23 +77,16 @@ def engine_text(r: dict[str, Any]) -> str:
     if r["impl"] != "pyro_scvi":
         return ""
     e = r.get("engine_used") or {}
-    used = (
-        (
-            f" (compiled={e.get('compiled')}, fused={e.get('fused_kernel')}, data="
-            f"{e.get('data_placement')}, matmul={e.get('matmul_precision')})"
-        )
-        if e
-        else ""
-    )
-    return f"{r['engine']}{used}"
+    keys = {"compiled": "compiled", "fused": "fused_kernel", "data": "data_placement"}
+    used = ", ".join(f"{k}={e.get(v)}" for k, v in (keys | {"matmul": "matmul_precision"}).items())
+    return f"{r['engine']} ({used})" if e else str(r["engine"])
 
 
 def markdown(res: dict[str, Any]) -> str:
     how = (
         f"Device: {res['meta'].get('gpu') or 'cpu'}. Train cells/s over the epochs after the "
-        "first "
-        "(with one epoch: that epoch, compilation included). Ratio: pyro_scvi / scvi-tools at the "
-        "same size and minibatch."
+        "first (with one epoch: that epoch, compilation included). Ratio: pyro_scvi / "
+        "scvi-tools at the same size and minibatch."
     )
     lines = results.header(res, "Training throughput on one GPU: pyro_scvi and scvi-tools", how)
     ref = {
@@ -112,9 +96,8 @@ def markdown(res: dict[str, Any]) -> str:
     }
     rows = []
     for r in res["runs"]:
-        head = (
-            f"{r['cells']:,} | {r['impl']} | {r['batch_size']} | {engine_text(r)} | {r['epochs']}"
-        )
+        head = f"{r['cells']:,} | {r['impl']} | {r['batch_size']} | {engine_text(r)} | "
+        head += str(r["epochs"])
         if "error" in r:
             rows.append(f"{head} | failed: {r['error'][:80]} | | | |")
             continue
@@ -148,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-scvi-tools", action="store_true")
     p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--stem", default=STUDY)
-    p.add_argument(
-        "--smoke", action="store_true", help="tiny sizes on the CPU (for the test suite)"
-    )
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the tests')")
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.batch_sizes = [300, 400], 50, [32, 64]
@@ -171,13 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             data[n] = synthetic_counts(n, args.genes, device=args.device)
             density = data[n].X.nnz / math.prod(data[n].shape)
+            seconds = time.perf_counter() - start
             res["data"].append(
-                {
-                    "cells": n,
-                    "genes": args.genes,
-                    "density": density,
-                    "seconds": time.perf_counter() - start,
-                }
+                {"cells": n, "genes": args.genes, "density": density} | {"seconds": seconds}
             )
             print(f"data {n:,} x {args.genes}: {density:.3f} non-zero", file=sys.stderr)
         try:
@@ -185,16 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # one failed run must not lose the others
             row = spec | {"error": f"{type(err).__name__}: {err}"}
         res["runs"].append(row)
-        done = (
-            row["error"][:200]
-            if "error" in row
-            else f"{row['train_cells_per_second']:,.0f} cells/s"
-        )
-        print(
-            f"{row['impl']:>10} {n:>9,} bs {row['batch_size']:>5} {row.get('engine', '')!s:>10}: "
-            f"{done}",
-            file=sys.stderr,
-        )
+        done = row.get("error", "")[:200] or f"{row['train_cells_per_second']:,.0f} cells/s"
+        head = f"{row['impl']:>10} {n:>9,} bs {row['batch_size']:>5} {row.get('engine', '')!s:>10}"
+        print(f"{head}: {done}", file=sys.stderr)
         results.write(args.out, args.stem, res, markdown(res))
     return 0
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def run_cli(path: Path, work: Path, epochs: int, args: argparse.Namespace) -> di
 
 def run_queries(
     path: Path, work: Path, query: Path, args: argparse.Namespace
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """Each query command in a new process after the CLI fit; a row per command."""
     import anndata
     import numpy as np
@@ -149,7 +150,6 @@ def run_queries(
         "map-query": (["map-query", model, str(query), *mapped, *src],
                       f"{args.query_cells:,}-cell query, 1 epoch"),
     }  # fmt: skip
-    rows = []
     for name, (argv, settings) in commands.items():
         report = work / f"{name}_report.json"
         row = {"query": name, "settings": settings} | process(
@@ -160,39 +160,23 @@ def run_queries(
         stdout = row.pop("stdout", "")
         if "error" not in row:
             if name == "evaluate":
-                summary = json.loads(stdout.strip().splitlines()[-1])
-                row |= {
-                    "n_cells": summary["n_cells"],
-                    "check_finite": summary["elbo_mean"] is not None,
-                }
+                n = json.loads(stdout.strip().splitlines()[-1])
+                row |= {"n_cells": n["n_cells"], "check_finite": n["elbo_mean"] is not None}
             elif name == "de":
-                table = pd.read_csv(work / "de.csv")
-                row |= {
-                    "n_cells": int(table["n_cells1"].iloc[0] + table["n_cells2"].iloc[0]),
-                    "check_finite": bool(np.isfinite(table["lfc_mean"]).all()),
-                }
+                t = pd.read_csv(work / "de.csv")
+                n_cells = int(t["n_cells1"].iloc[0] + t["n_cells2"].iloc[0])
+                row |= {"n_cells": n_cells, "check_finite": bool(np.isfinite(t["lfc_mean"]).all())}
             elif name == "ppc":
                 row |= {"n_cells": args.ppc_cells, "check_finite": (work / "ppc.nc").exists()}
                 row["output_mib"] = (work / "ppc.nc").stat().st_size / 2**20
             else:
-                written = anndata.read_h5ad(
-                    work / ("out.h5ad" if name == "plot" else "mapped.h5ad"), backed="r"
-                )
-                ok = (
-                    (work / "plot.png").exists()
-                    if name == "plot"
-                    else np.isfinite(written.obsm["X_pyro_scvi"]).all()
-                )
+                out = work / f"{'out' if name == 'plot' else 'mapped'}.h5ad"
+                written = anndata.read_h5ad(out, backed="r")
+                finite = np.isfinite(written.obsm["X_pyro_scvi"]).all()
+                ok = (work / "plot.png").exists() if name == "plot" else finite
                 row |= {"n_cells": written.n_obs, "check_finite": bool(ok)}
                 written.file.close()
-        rows.append(row)
-        done = (
-            row["error"][-800:]
-            if "error" in row
-            else f"{row['wall_seconds']:,.0f} s, peak RSS {row['peak_rss_mib']:,.0f} MiB"
-        )
-        print(f"{'':>9} {name:>9}: {done}", file=sys.stderr)
-    return rows
+        yield row
 
 
 def write_query_file(path: Path, n_cells: int, n_genes: int) -> Path:
@@ -274,12 +258,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | {r['normalized']}"
             for r in cli
         ]
-        lines += [
-            "",
-            "The command line end to end (training, latent space, writing the output), one "
-            "process per size; peak RSS of that process:",
-            "",
-        ]
+        lines += ["", CLI_NOTE, ""]
         lines += results.md_table(
             "cells:|genes:|epochs:|data|wall s:|peak RSS MiB:|output MiB:|normalized expression",
             rows,
@@ -287,22 +266,16 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in cli if "command" in r)]
     if queries := res.get("queries"):
         rows = [
-            f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | | | | "
-            f"{r.get('status', 'failed')} (failed)"
-            if "error" in r
-            else f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | "
-            f"{r.get('n_cells', 0):,} | "
-            f"{r['wall_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['status']}"
+            f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | "
+            + (
+                f"| | | {r.get('status', 'failed')} (failed)"
+                if "error" in r
+                else f"{r.get('n_cells', 0):,} | {r['wall_seconds']:,.0f} | "
+                f"{r['peak_rss_mib']:,.0f} | {r['status']}"
+            )
             for r in queries
         ]
-        lines += [
-            "",
-            "The query commands end to end on the streamed file, one new process each, after "
-            "that size's CLI fit above wrote `out.h5ad` and its model folder `out_model`; peak "
-            "RSS "
-            "of that process (target: <= 3 GiB = 3,072 MiB at 1,000,000 cells):",
-            "",
-        ]
+        lines += ["", QUERIES_NOTE, ""]
         lines += results.md_table(
             "cells:|genes:|command|settings|cells used:|wall s:|peak RSS MiB:|exit status:", rows
         )
@@ -318,11 +291,21 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"{mark} From an earlier run ({run['date']}, pyro_scvi commit {run['commit']}, "
-            "command "
-            f"`{run['command']}`), kept by `--merge`: this run did not redo these rows. "
+            f"command `{run['command']}`), kept by `--merge`: this run did not redo these rows. "
             f"{run.get('note', '')}",
         ]
     return "\n".join(lines) + "\n"
+
+
+CLI_NOTE = (
+    "The command line end to end (training, latent space, writing the output), one process per "
+    "size; peak RSS of that process:"
+)
+QUERIES_NOTE = (
+    "The query commands end to end on the streamed file, one new process each, after that size's "
+    "CLI fit above wrote `out.h5ad` and its model folder `out_model`; peak RSS of that process "
+    "(target: <= 3 GiB = 3,072 MiB at 1,000,000 cells):"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -335,42 +318,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--max-in-memory", type=int, default=100_000)
     add("--data-dir", type=Path, help="keep the .h5ad files here (default: temporary)")
     add("--out", type=Path, default=results.RESULTS)
-    add("--cli-data-source", choices=["auto", "memory", "streamed", "skip"], default="streamed")
-    add(
-        "--cli-normalized-genes",
-        type=int,
-        default=0,
-        metavar="N",
-        help="N genes' normalized expression",
-    )
+    add("--cli-data-source", choices=["auto", "memory", "streamed"], default="streamed")
+    add("--cli-normalized-genes", type=int, default=0, metavar="N", help="N genes' normalized")
     add("--only", nargs="+", choices=list(TABLES), default=list(TABLES), help="the tables to run")
-    add(
-        "--queries", action=argparse.BooleanOptionalAction, default=True, help="the queries' table"
-    )
-    for name, default in (
-        ("evaluate-samples", 10),
-        ("de-samples", 100),
-        ("ppc-cells", 2000),
-        ("query-cells", 10_000),
-    ):
+    for name, default in (("evaluate-samples", 10), ("de-samples", 100), ("ppc-cells", 2000)):
         add(f"--{name}", type=int, default=default)
+    add("--query-cells", type=int, default=10_000)
     add("--merge", action="store_true", help="keep the results' rows this run does not redo")
     add("--note", default="", help="a line for the results, e.g. on the load")
     add("--smoke", action="store_true")
     args = p.parse_args(argv)
-    args.only = [
-        t
-        for t in args.only
-        if (t != "queries" or args.queries) and (t != "cli" or args.cli_data_source != "skip")
-    ]
     if args.smoke:
         args.cells, args.genes, args.epochs, args.max_in_memory = [600, 1200], 40, 2, 1200
-        args.cli_normalized_genes, args.ppc_cells, args.query_cells, args.de_samples = (
-            2,
-            50,
-            200,
-            20,
-        )
+        vars(args).update(cli_normalized_genes=2, ppc_cells=50, query_cells=200, de_samples=20)
     return args
 
 
@@ -386,17 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     from pyro_scvi.datasets.synthetic_large import write_synthetic_h5ad
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    res: dict[str, Any] = {
-        "meta": results.metadata(STUDY, argv),
-        "args": settings,
-        "runs": [],
-        "cli": [],
-        "queries": [],
-    }
+    res: dict[str, Any] = {"meta": results.metadata(STUDY, argv), "args": settings}
+    res |= {key: [] for key in TABLES.values()}
     stem = results.stem(STUDY, args.smoke)
     earlier = results.read(args.out / f"{stem}.json") if args.merge else None
 
-    def write() -> None:
+    def write(key: str, label: str, row: dict[str, Any]) -> None:
+        res[key].append(row)
+        done = row.get("error", "")[-800:] or f"peak RSS {row['peak_rss_mib']:,.0f} MiB, " + (
+            f"{row['train_cells_per_second']:,.0f} cells/s"
+            if key == "runs"
+            else f"{row['wall_seconds']:,.0f} s"
+        )
+        print(f"{row['cells']:>9,} {label:>9}: {done}", file=sys.stderr)
         both = merged(res, earlier)
         results.write(args.out, stem, both, markdown(both))
 
@@ -409,56 +371,29 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 write_synthetic_h5ad(path, n, args.genes, seed=0, chunk=10_000)
                 print(f"wrote {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-            epochs, base = (
-                args.epochs_1m if n >= 1_000_000 else args.epochs,
-                {"cells": n, "genes": args.genes},
-            )
+            epochs = args.epochs_1m if n >= 1_000_000 else args.epochs
+            base = {"cells": n, "genes": args.genes, "epochs": epochs}
             modes = [("streamed", True)] + [("in memory", False)] * (n <= args.max_in_memory)
             for mode, streamed in modes if "api" in args.only else []:
-                row = base | {
-                    "mode": mode,
-                    "epochs": epochs,
-                    "file_mib": path.stat().st_size / 2**20,
-                }
-                res["runs"].append(row := row | run_api(path, streamed, epochs))
-                done = (
-                    row["error"][-800:]
-                    if "error" in row
-                    else f"{row['train_cells_per_second']:,.0f} cells/s, peak RSS "
-                    f"{row['peak_rss_mib']:,.0f} MiB"
-                )
-                print(f"{n:>9,} {mode:>9}: {done}", file=sys.stderr)
-                write()
-            work = (
-                folder / f"cli_{n}x{args.genes}"
-            )  # the CLI fit, kept with the data for the queries
+                row = base | {"mode": mode, "file_mib": path.stat().st_size / 2**20}
+                row |= run_api(path, streamed, epochs)
+                write("runs", mode, row)
+            work = folder / f"cli_{n}x{args.genes}"  # the CLI fit, kept for the queries
             if "cli" in args.only:
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir()
-                res["cli"].append(
-                    row := base | {"epochs": epochs} | run_cli(path, work, epochs, args)
-                )
-                done = (
-                    row["error"][-800:]
-                    if "error" in row
-                    else f"{row['wall_seconds']:,.0f} s, peak RSS {row['peak_rss_mib']:,.0f} MiB"
-                )
-                print(f"{n:>9,}       CLI: {done}", file=sys.stderr)
-                write()
+                write("cli", "CLI", base | run_cli(path, work, epochs, args))
             if "queries" in args.only:
-                base |= {"input": str(path)}
+                base = {"cells": n, "genes": args.genes, "input": str(path)}
                 if not (work / "out_model").is_dir():
                     error = f"no CLI fit in {work} to query; run with --only cli queries"
-                    res["queries"].append(base | {"query": "all", "settings": "", "error": error})
-                    print(f"{n:>9,}   queries: {error}", file=sys.stderr)
+                    row = base | {"query": "all", "settings": "", "error": error}
+                    write("queries", "queries", row)
                 else:
-                    query = write_query_file(
-                        folder / f"query_{args.query_cells}x{args.genes}.h5ad",
-                        args.query_cells,
-                        args.genes,
-                    )
-                    res["queries"] += [base | row for row in run_queries(path, work, query, args)]
-                write()
+                    query = folder / f"query_{args.query_cells}x{args.genes}.h5ad"
+                    write_query_file(query, args.query_cells, args.genes)
+                    for row in run_queries(path, work, query, args):
+                        write("queries", row["query"], base | row)
             if args.data_dir is None:
                 shutil.rmtree(work, ignore_errors=True)  # the output is as big as the data
     return 1 if any("error" in r for key in TABLES.values() for r in res[key]) else 0

@@ -57,10 +57,8 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
     name, _, donor = spec.partition(":")
     if args.smoke:
-        adata = datasets.synthetic_zinb(
-            n_cells=400, n_genes=50, n_batches=3, batch_effect=0.5, seed=args.seed
-        )
-        donor = "batch2"
+        sim = {"n_batches": 3, "batch_effect": 0.5, "seed": args.seed}
+        adata, donor = datasets.synthetic_zinb(n_cells=400, n_genes=50, **sim), "batch2"
     else:
         adata = data.load(name, args.data_dir)
     donors = adata.obs["batch"].astype(str)
@@ -76,11 +74,8 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     train |= {"engine": Engine(threads=args.threads)} if args.threads else {}
     row = {"dataset": spec, "shape": list(adata.shape), "n_donors": int(donors.nunique())}
     row |= {"query_donor": donor, "n_query_donor_cells": int(is_query.sum())}
-    row |= {
-        "reference_cells": ref.n_obs,
-        "query_cells": query.n_obs,
-        "test_cells": test_cells.n_obs,
-    }
+    row |= {"reference_cells": ref.n_obs, "query_cells": query.n_obs}
+    row["test_cells"] = test_cells.n_obs
     t = time.perf_counter()
     reference = SCVI(ref, batch_key="batch").train(**train)
     t, row["seconds_reference"] = time.perf_counter(), time.perf_counter() - t
@@ -91,22 +86,17 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     z_mapped = np.zeros((cells.n_obs, mapped.model.n_latent), dtype=np.float32)
     z_mapped[~in_query] = reference.get_latent_representation()
     z_mapped[in_query] = mapped.get_latent_representation()
-    for side, model, z in (
-        ("mapped", mapped, z_mapped),
-        ("full", full, full.get_latent_representation()),
-    ):
+    z_full, ll = full.get_latent_representation(), {"n_samples": args.ll_samples}
+    for side, model, z in (("mapped", mapped, z_mapped), ("full", full, z_full)):
         row[side] = evaluate(z, cells, in_query, args.seed)
-        row[side]["heldout_ll"] = model.get_marginal_ll(
-            test_cells, n_samples=args.ll_samples, seed=args.seed
-        )
+        row[side]["heldout_ll"] = model.get_marginal_ll(test_cells, **ll, seed=args.seed)
     # the reference part of the mapped model is the reference, exactly
     z_ref = mapped.get_latent_representation(ref)
     row["reference_cells_unchanged"] = bool(np.allclose(z_ref, z_mapped[~in_query], atol=1e-5))
     m, f = row["mapped"], row["full"]
     row["differences"] = {k: m[k] - f[k] for k in ("ari", "entropy_donors", "entropy_query")}
-    row["differences"]["heldout_ll_rel"] = (m["heldout_ll"] - f["heldout_ll"]) / abs(
-        f["heldout_ll"]
-    )
+    relative = (m["heldout_ll"] - f["heldout_ll"]) / abs(f["heldout_ll"])
+    row["differences"]["heldout_ll_rel"] = relative
     row["criteria_met"] = {k: bool(abs(v) <= TOLERANCES[k]) for k, v in row["differences"].items()}
     return row
 
@@ -114,10 +104,9 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     how = (
-        f"{s['epochs']} epochs for every training (defaults otherwise), seed {s['seed']}. mapped "
-        "= "
-        "reference model of the other donors + the held-out donor mapped onto it (only its "
-        "batch's weights train); full = one model of all donors. ARI and entropies over every "
+        f"{s['epochs']} epochs for every training (defaults otherwise), seed {s['seed']}. "
+        "mapped = reference model of the other donors + the held-out donor mapped onto it (only "
+        "its batch's weights train); full = one model of all donors. ARI and entropies over every "
         "cell but the test cells; label transfer: 15-NN of the reference labels, on the query "
         "cells; held-out log p(x): the query donor's test cells (neither trained on them), nats "
         "per cell. Criteria: |difference| <= 0.05 (ARI, entropies), log p(x) within 1 %."
@@ -133,13 +122,13 @@ def markdown(res: dict[str, Any]) -> str:
             for k in ("ari", "entropy_donors", "entropy_query")
         )
         unmet = [k for k, ok in r["criteria_met"].items() if not ok]
+        met = "not met: " + ", ".join(unmet) if unmet else "all met"
         rows.append(
             f"{r['dataset']} | {r['query_donor']} ({r['query_cells']} + {r['test_cells']} test) | "
             f"{pairs} | {m['label_transfer_accuracy']:.3f} / {f['label_transfer_accuracy']:.3f} | "
-            f"{m['heldout_ll']:.1f} / {f['heldout_ll']:.1f} ({100 * d['heldout_ll_rel']:+.2f} %) "
-            "| "
-            f"{r['seconds_reference']:.0f} + {r['seconds_mapping']:.0f} / {r['seconds_full']:.0f} "
-            "| " + ("all met" if not unmet else "not met: " + ", ".join(unmet))
+            f"{m['heldout_ll']:.1f} / {f['heldout_ll']:.1f} ({100 * d['heldout_ll_rel']:+.2f} %)"
+            f" | {r['seconds_reference']:.0f} + {r['seconds_mapping']:.0f} / "
+            f"{r['seconds_full']:.0f} | {met}"
         )
     lines = results.header(res, "Query mapping vs training on everything", how)
     lines += results.md_table(

@@ -198,17 +198,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["traceback"] = None if rejected else traceback.format_exc()
         if fit.model is None or not hasattr(fit.model, "history"):
             return out
-    run, model = fit.run, fit.model
-    out |= {
-        k: run[k]
-        for k in ("train_seconds", "engine", "epoch_seconds", "threads_per_epoch")
-        if k in run
-    }
-    h = model.history
-    out |= {
-        "epochs_run": len(h),
-        "validation_elbo_curve": [float(v) for v in h["validation_elbo"]],
-    }
+    run, model, h = fit.run, fit.model, fit.model.history
+    keep = ("train_seconds", "engine", "epoch_seconds", "threads_per_epoch")
+    out |= {k: run[k] for k in keep if k in run} | {"epochs_run": len(h)}
+    out["validation_elbo_curve"] = [float(v) for v in h["validation_elbo"]]
     out["n_validation"] = len(model.validation_indices)
     if len(h):
         out["validation_elbo"] = float(h["validation_elbo"].iloc[-1])
@@ -226,10 +219,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     values = [out.get("validation_elbo", math.nan), out["heldout_elbo"]]
     if np.isfinite(values).all():
         return out | {"status": "finished"}
-    return out | {
-        "status": "failed",
-        "message": f"non-finite ELBO: validation, held-out = {values}",
-    }
+    return out | {"status": "failed", "message": f"non-finite ELBO: val, held-out = {values}"}
 
 
 # ---------------------------------------------------------------------------- summaries
@@ -260,11 +250,8 @@ def auto_matches(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each finished ``auto`` run beside the preset run it resolved to (same seed, threads)."""
     presets = {"eager": (False, False, True), "compiled": (True, False, True)}
     presets |= {"fused": (True, True, True), "pyro": (False, False, False)}
-    done = {
-        (r["dataset"], r["seed"], r["threads"], r["path"]): r
-        for r in runs
-        if r["status"] == "finished"
-    }
+    keys = ("dataset", "seed", "threads", "path")
+    done = {tuple(r[k] for k in keys): r for r in runs if r["status"] == "finished"}
     out = []
     for (dataset, seed, threads, path), r in done.items():
         if path == "auto":
@@ -446,12 +433,8 @@ def run_one(ds: dict, seed: int, path: str, threads: str, args, tmp: Path) -> di
     """One worker process and its outcome."""
     spec = {"h5ad": ds["h5ad"], "seed": seed, "path": path, "threads": threads}
     spec |= {"epochs": args.epochs, "elbo_samples": args.elbo_samples}
-    run = workers.spawn(
-        STUDY,
-        "--worker",
-        spec | {"result": str(tmp / "r.json")},
-        int(threads) if threads.isdigit() else None,
-    )
+    pinned = int(threads) if threads.isdigit() else None
+    run = workers.spawn(STUDY, "--worker", spec | {"result": str(tmp / "r.json")}, pinned)
     if "error" in run:  # the worker died or raised outside worker()
         run |= {"status": "failed", "message": run["error"]}
     return results.finite(
@@ -492,20 +475,14 @@ def main(argv: list[str] | None = None) -> int:
                 k += 1
                 if "error" not in ds:
                     res["planned_runs"] = {"done": k - 1, "total": n_total}
-                    res["runs"].append(run_one(ds, seed, path, threads, args, Path(tmp)))
-                    print(
-                        f"  [{k}/{n_total}] {progress(res['runs'][-1])}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    res["runs"].append(run := run_one(ds, seed, path, threads, args, Path(tmp)))
+                    print(f"  [{k}/{n_total}] {progress(run)}", file=sys.stderr, flush=True)
             res["planned_runs"] = {"done": k, "total": n_total}
             res["summary"] = summarize(res["runs"])
             results.write(args.out, stem, res, markdown(res))  # after every dataset
     res["total_seconds"] = time.perf_counter() - start
     res["summary"] = sm = summarize(res["runs"])
-    table = markdown(res)
-    print(table)
-    results.write(args.out, stem, res, table)
+    results.publish(args.out, stem, res, markdown(res))
     if sm["n_failed"] or any("error" in d for d in res["datasets"]):
         return 1
     return 0 if sm["paths_agree"] else 2

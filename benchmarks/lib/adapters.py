@@ -402,6 +402,7 @@ class TorchFloor(Adapter):
         import numpy as np
         import pyro
         import torch
+        from torch.nn import BatchNorm1d
 
         import pyro_scvi
         from pyro_scvi.train import hooks
@@ -415,18 +416,14 @@ class TorchFloor(Adapter):
         train_idx, val_idx = split if split is not None else self._split()
         modules, genes = (scvi.model, scvi.guide), self.adata.n_vars
         x = scvi.data.X
-        x_all = torch.as_tensor(
-            np.asarray(x.toarray() if hasattr(x, "toarray") else x), dtype=torch.float32
-        )
+        x_all = torch.as_tensor(x.toarray() if hasattr(x, "toarray") else x, dtype=torch.float32)
         b_all = torch.as_tensor(scvi.data.batch_index, dtype=torch.long)
         norm_cells = np.random.default_rng(0).permutation(train_idx)[: hooks.VALIDATION_NORM_CELLS]
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
         rng, curve, epoch_seconds = np.random.default_rng(seed), [], []
 
         def refresh_batch_norm(cells: Any, size: int) -> None:  # as passes.refresh_batch_norm
-            norms = [
-                m for net in modules for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d)
-            ]
+            norms = [m for net in modules for m in net.modules() if isinstance(m, BatchNorm1d)]
             for m in norms:
                 m.reset_running_stats()
                 m.momentum = None  # cumulative averages over one pass
@@ -434,7 +431,7 @@ class TorchFloor(Adapter):
                 net.train()
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 for idx in minibatches(cells, size, np.random.default_rng(0)):
-                    loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), 1.0)
+                    loss(idx, 1.0)
             for m in norms:
                 m.momentum = 0.01
 
@@ -445,6 +442,10 @@ class TorchFloor(Adapter):
             scvi.model, scvi.guide, n_steps=steps, batch_size=size, n_genes=genes, device="cpu"
         )
         loss_fn = FloorLoss(scvi, fused=engine.fused_kernel, compiled=engine.compile_kernel)
+
+        def loss(idx: Any, kl_weight: float) -> Any:  # negative ELBO per cell of a minibatch
+            return loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), kl_weight)
+
         # inside the clock too: a process's first torch optimizer imports torch._dynamo
         optim = torch.optim.Adam(
             params, lr=TRAINING["lr"], eps=0.01, weight_decay=1e-6, fused=True
@@ -455,21 +456,16 @@ class TorchFloor(Adapter):
             for m in modules:
                 m.train()
             for idx in minibatches(train_idx, bs, rng):
-                loss = loss_fn(x_all.index_select(0, idx), b_all.index_select(0, idx), w).mean()
                 optim.zero_grad(set_to_none=True)
-                loss.backward()
+                loss(idx, w).mean().backward()
                 optim.step()
             if len(val_idx):
                 refresh_batch_norm(norm_cells, len(norm_cells))
                 for m in modules:
                     m.eval()
                 with torch.no_grad():
-                    total = sum(
-                        float(
-                            loss_fn(x_all.index_select(0, i), b_all.index_select(0, i), 1.0).sum()
-                        )
-                        for i in torch.split(torch.as_tensor(val_idx, dtype=torch.long), 1024)
-                    )
+                    passes = torch.split(torch.as_tensor(val_idx, dtype=torch.long), 1024)
+                    total = sum(float(loss(i, 1.0).sum()) for i in passes)
                 curve.append(-total / len(val_idx))
             epoch_seconds.append(time.perf_counter() - epoch_start)
         refresh_batch_norm(train_idx, bs)

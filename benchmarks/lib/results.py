@@ -168,6 +168,12 @@ def write(out_dir: Path, stem: str, results: dict[str, Any], table: str | None =
         print(f"Wrote {Path(out_dir) / stem}.json and .md", file=sys.stderr)
 
 
+def publish(out_dir: Path, stem: str, results: dict[str, Any], table: str) -> None:
+    """:func:`write` both files and print ``table``."""
+    write(out_dir, stem, results, table)
+    print(table)
+
+
 def read(path: Path) -> dict[str, Any] | None:
     return json.loads(Path(path).read_text()) if Path(path).exists() else None
 
