@@ -57,6 +57,30 @@ def test_speed_defaults_smoke(tmp_path):
     assert "pyro_scvi" in proc.stdout and "speed-up" in proc.stdout
 
 
+def test_compare_scvi_tools_smoke(tmp_path):
+    # the shipped PBMCs (300 of them) and synthetic:300x100
+    proc = _study(
+        "compare_scvi_tools", "--smoke", "--datasets", "pbmc8k_200hvg", "--out-dir", tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "compare_scvi_tools_smoke.json").read_text())
+    real, synthetic = results["datasets"]
+    assert real["imputation"] and not synthetic["imputation"]  # auto: real data only
+    runs = {r["implementation"]: r for r in real["runs"]}
+    mine = runs["pyro_scvi"]
+    assert not mine.get("errors") and mine["split_matches"], mine
+    # pyro_scvi's own estimator is the common one; the kNN baseline is scored beside it
+    assert mine["own_marginal_ll_per_cell"] == mine["marginal_ll_per_cell"]
+    assert math.isfinite(mine["marginal_ll_per_cell"])
+    assert 0 < mine["imputation_knn_median_l1"] and 0 < mine["imputation_median_l1"]
+    assert "imputation_median_l1" not in runs["torch-floor"]
+    if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
+        assert "skipped" in runs["scvi-tools"]["error"] and "skipped" in proc.stdout
+    else:  # its own importance sampler beside the common one
+        assert math.isfinite(runs["scvi-tools"]["own_marginal_ll_per_cell"])
+    assert "kNN (PCA) median L1" in proc.stdout
+
+
 def test_robustness_smoke(tmp_path):
     proc = _study("robustness", "--smoke", "--out", tmp_path)
     # 0: all finished and the paths agree; 2: all finished, but after 2 epochs on 6-19
