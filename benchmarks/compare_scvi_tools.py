@@ -240,7 +240,8 @@ def markdown(res: dict[str, Any]) -> str:
             speed.append(
                 [*head, impl, f"{t:.3f}", *cols, *(fmt(b and t / b, ".2f") for b in base)]
             )
-            values = [fmt(m[k], ".2f" if "elbo" in k or "_ll" in k else ".3f") for k in KEYS[6:]]
+            specs = [".2f" if "elbo" in k or "_ll" in k else ".3f" for k in KEYS[6:]]
+            values = [fmt(m.get(k), f) for k, f in zip(KEYS[6:], specs, strict=True)]
             accuracy.append([d["name"], impl, *values])
         fused = [
             [r.get("fused_kernel_used") for r in d["runs"] if r["implementation"] == i]
