@@ -20,6 +20,7 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import pytest
 import torch
 from pyro_scvi.datasets import synthetic_zinb
@@ -27,7 +28,7 @@ from pyro_scvi.datasets import synthetic_zinb
 import pyro_scvi
 from pyro_scvi import SCVI, ModelFileError
 from pyro_scvi.cli import COMMANDS, build_parser, main
-from pyro_scvi.errors import TrainingInterrupted
+from pyro_scvi.errors import TrainingInterrupted, UnsafeModelFileError
 from pyro_scvi.io import pickling, write_model_dir
 from pyro_scvi.model.schemes import BayesianDecoder
 
@@ -119,8 +120,9 @@ def test_a_crafted_model_file_runs_nothing_under_scvi_load(fitted, adata, tmp_pa
     folder = _craft(fitted / "out_model", tmp_path / "m", marker)
     _assert_the_file_runs_code(folder / "model.pt", marker)
     data = anndata.read_h5ad(fitted / "in.h5ad")
-    with pytest.raises(ModelFileError, match="builtins.exec") as err:
+    with pytest.raises(UnsafeModelFileError, match="builtins.exec") as err:
         SCVI.load(folder, data)
+    assert isinstance(err.value, ModelFileError) and err.value.names == ["builtins.exec"]
     message = str(err.value)
     assert "trust=True" in message and "--trust-model" in message and "\n" not in message
     with pytest.raises(ModelFileError, match="--trust-model"):
@@ -270,6 +272,48 @@ def test_own_models_and_checkpoints_load_with_weights_only(adata, tmp_path, opti
     loaded = SCVI.load(tmp_path / "m", adata, device="cpu")
     np.testing.assert_allclose(
         loaded.get_latent_representation(), resumed.get_latent_representation(), atol=1e-6
+    )
+
+
+class FlowGuide(pyro_scvi.Guide):
+    """A guide with a Pyro normalizing flow on z's mean, as a later guide class may have."""
+
+    def __init__(self, n_genes, n_latent):
+        super().__init__()
+        self.n_latent = n_latent
+        self.loc = torch.nn.Linear(n_genes, n_latent)
+        self.flow = T.affine_autoregressive(n_latent)  # pyro.nn layers, slices, masks
+        self.l_log_scale = torch.nn.Parameter(torch.tensor(-2.0))
+
+    def encode(self, x, batch_index, cell_index=None):
+        z_loc = self.flow(self.loc(torch.log1p(x)))
+        l_loc = torch.log(x.sum(-1, keepdim=True).clamp(min=1.0))
+        return {
+            "z_loc": z_loc,
+            "z_scale": torch.full_like(z_loc, 0.1),
+            "l_loc": l_loc,
+            "l_scale": self.l_log_scale.exp().expand_as(l_loc),
+        }
+
+
+def test_a_component_class_added_to_pyro_scvi_model_loads_without_listing(
+    adata, tmp_path, monkeypatch
+):
+    """The allow-list is read off the file: a guide class that lands in
+    pyro_scvi.model.guides later (here put there by the test) needs no registration."""
+    import pyro_scvi.model.guides
+
+    monkeypatch.setattr(FlowGuide, "__module__", "pyro_scvi.model.guides")
+    monkeypatch.setattr(pyro_scvi.model.guides, "FlowGuide", FlowGuide, raising=False)
+    model = SCVI(adata, guide=FlowGuide(adata.n_vars, 2), n_latent=2, n_hidden=8)
+    model.train(2, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "needs trust=True" warning
+        model.save(tmp_path / "m")
+        loaded = SCVI.load(tmp_path / "m", adata, device="cpu")
+    assert type(loaded.guide) is FlowGuide
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
     )
 
 

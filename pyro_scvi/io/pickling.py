@@ -8,7 +8,7 @@ Loading runs no code from the file
 Full unpickling runs whatever a pickle names (``os.system`` included), and whoever writes
 a ``model.pt`` also writes its manifest and checksum. So every ``model.pt`` and
 ``train_state.pt`` is read with ``torch.load(..., weights_only=True)``: tensors, numbers,
-strings, lists, dicts, numpy arrays of numbers, and only those classes that
+strings, lists, dicts, slices, numpy arrays of numbers, and only those classes that
 :func:`safe_global` allows (the allow-list is built for each file, from the names its
 pickle holds; nothing is listed by hand):
 
@@ -16,8 +16,9 @@ pickle holds; nothing is listed by hand):
   likelihoods, guides, schemes and their networks), also under the module paths of
   before 0.2 (``pyro_scvi.priors.StandardNormal``), and a component class added there
   later;
-- the network layers of :mod:`torch.nn` and :mod:`pyro.nn` (``nn.Module`` subclasses)
-  and the constraint classes of distributions, which a pickled guide may hold;
+- the layers of :mod:`torch.nn` and :mod:`pyro.nn` and Pyro's flows (``nn.Module``
+  subclasses) and the constraint classes of distributions, which a pickled guide may
+  hold;
 - whatever the user registered with ``torch.serialization.add_safe_globals``.
 
 Such a class is built by ``cls.__new__`` and given its saved attributes; no function of
@@ -43,17 +44,22 @@ import io
 import os
 import pickle
 import re
+import threading
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, UnsafeModelFileError
 
 #: The subpackage whose classes load without trust: where the components are defined.
 COMPONENT_PACKAGE = "pyro_scvi.model"
-#: Packages whose ``nn.Module`` subclasses (layers) and distribution constraints load too.
-_LAYER_PACKAGES = ("torch.nn.", "pyro.nn.", "pyro.distributions.", "torch.distributions.")
+#: Modules whose ``nn.Module`` subclasses (layers, flows) load too: plain layers only, not
+#: e.g. ``torch.nn.parallel``'s wrappers, whose unpickling joins a process group.
+_LAYER_PACKAGES = ("torch.nn.modules.", "pyro.nn.", "pyro.distributions.")
+#: Modules whose distribution constraints load too.
+_CONSTRAINT_MODULES = ("torch.distributions.constraints", "pyro.distributions.constraints")
+#: torch's allow-list is global state: one safe load at a time in this process.
+_LOADING = threading.Lock()
 #: The command-line flag and the argument that allow full unpickling, for messages.
 TRUST_FLAG = "--trust-model"
 TRUST_ARGUMENT = "trust=True"
@@ -104,8 +110,8 @@ def main_module_names(obj: Any) -> list[str]:
 
 # ------------------------------------------------------------------ loading safely
 @functools.lru_cache(maxsize=1)
-def _numpy_globals() -> dict[str, Any]:
-    """The names through which numpy arrays and scalars of numbers pickle (numpy 1 and 2)."""
+def _data_globals() -> dict[str, Any]:
+    """Plain values beyond torch's own list: numpy arrays and scalars (numpy 1 and 2), bytes."""
     import numpy as np
 
     try:
@@ -117,8 +123,10 @@ def _numpy_globals() -> dict[str, Any]:
         found[f"{package}._reconstruct"] = multiarray._reconstruct
         found[f"{package}.scalar"] = multiarray.scalar
     found["numpy.ndarray"] = np.ndarray
-    # protocol 2 pickles empty bytes (an empty array's data) as a call of bytes()
-    found["builtins.bytes"] = bytes
+    # protocol 2 pickles empty bytes (an empty array's data) as a call of bytes(); slices
+    # (Pyro's autoregressive networks hold some), ranges and frozensets are plain values
+    for plain in (bytes, slice, range, frozenset):
+        found[f"builtins.{plain.__name__}"] = plain
     found["numpy.dtype"] = np.dtype
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles a dtype's class by name
     for name in dir(dtypes) if dtypes is not None else ():
@@ -153,9 +161,12 @@ def _is_layer(obj: Any) -> bool:
     """A layer or constraint class of torch or pyro (what a pickled guide holds)."""
     import torch
 
-    if not isinstance(obj, type) or not obj.__module__.startswith(_LAYER_PACKAGES):
+    if not isinstance(obj, type):
         return False
-    return issubclass(obj, torch.nn.Module | torch.distributions.constraints.Constraint)
+    if obj.__module__.startswith(_LAYER_PACKAGES) and issubclass(obj, torch.nn.Module):
+        return True
+    constraint = issubclass(obj, torch.distributions.constraints.Constraint)
+    return constraint and obj.__module__ in _CONSTRAINT_MODULES
 
 
 def safe_global(name: str) -> Any:
@@ -163,9 +174,10 @@ def safe_global(name: str) -> Any:
 
     ``None`` when ``name`` is not allowed: it is allowed if it is a class defined in
     :mod:`pyro_scvi.model` (under any module path that imports it, as the old flat ones
-    do), a layer or constraint class of torch or pyro, or a name numpy pickles arrays and
-    scalars through. Only modules of ``pyro_scvi``, ``torch`` and ``pyro`` are imported to
-    decide, never one the name points elsewhere.
+    do), a layer or constraint class of torch or pyro, a name numpy pickles arrays and
+    scalars through, or a plain builtin value type (bytes, slice, range, frozenset). Only
+    modules of ``pyro_scvi``, ``torch`` and ``pyro`` are imported to decide, never one the
+    name points elsewhere.
 
     Examples
     --------
@@ -180,7 +192,7 @@ def safe_global(name: str) -> Any:
     >>> safe_global("pyro_scvi.io.files.remove_path") is None  # a function, not a class
     True
     """
-    numpy_names = _numpy_globals()
+    numpy_names = _data_globals()
     if name in numpy_names:
         return numpy_names[name]
     root = name.split(".", 1)[0]
@@ -202,19 +214,12 @@ def _globals_in(path: Path) -> list[str]:
     return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
 
 
-class UnsafePickle(Exception):
-    """``path`` holds names outside the allow-list; ``names`` lists them."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self.names = list(names)
-        super().__init__(", ".join(self.names))
-
-
 def load_safely(path: str | os.PathLike) -> Any:
     """``torch.load`` of ``path`` with ``weights_only=True`` and :func:`safe_global`'s classes.
 
-    Raises :class:`UnsafePickle` naming what the file needs beyond them (nothing of the
-    file has then been unpickled); any other exception means the file is damaged.
+    Raises :class:`~pyro_scvi.errors.UnsafeModelFileError` naming what the file needs
+    beyond them (nothing of the file has then been unpickled; the message names
+    ``trust=True`` and ``--trust-model``); any other exception means the file is damaged.
 
     Examples
     --------
@@ -231,19 +236,30 @@ def load_safely(path: str | os.PathLike) -> Any:
     allowed = {name: safe_global(name) for name in needed}
     foreign = [name for name, obj in allowed.items() if obj is None]
     if foreign:
-        raise UnsafePickle(foreign)
-    if any(name in _numpy_globals() for name in needed):
+        raise _unsafe(path, foreign)
+    if any(name in _data_globals() for name in needed):
         # an array's dtype is built as an instance of its numpy.dtypes class, a name the
         # pickle does not hold
-        allowed.update(_numpy_globals())
-    with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
+        allowed.update(_data_globals())
+    registered = [(obj, name) for name, obj in allowed.items()]
+    with _LOADING, torch.serialization.safe_globals(registered):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             # a name pushed while unpickling, which the scan above cannot see
             if "Weights only load failed" in str(err):
-                raise UnsafePickle([_refused_name(err)]) from err
+                raise _unsafe(path, [_refused_name(err)]) from err
             raise
+
+
+def _unsafe(path: Path, names: list[str]) -> UnsafeModelFileError:
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return UnsafeModelFileError(
+        f"{path} needs {shown}, which loading it safely does not allow: full unpickling "
+        "would run code from the file. Only if you trust the folder (you or a colleague "
+        f"wrote it), load it with {TRUST_ARGUMENT} (command line: {TRUST_FLAG}).",
+        names,
+    )
 
 
 def _refused_name(err: BaseException) -> str:
@@ -270,9 +286,11 @@ def load_file(path: str | os.PathLike, what: str, *, trust: bool = False) -> Any
 
     Raises
     ------
-    ModelFileError
+    UnsafeModelFileError
         The file needs classes or functions outside the allow-list and ``trust`` is
-        False (nothing of it was unpickled), or it is damaged.
+        False (nothing of it was unpickled). A :class:`~pyro_scvi.errors.ModelFileError`.
+    ModelFileError
+        The file is damaged.
 
     Examples
     --------
@@ -296,15 +314,10 @@ def load_file(path: str | os.PathLike, what: str, *, trust: bool = False) -> Any
     path = Path(path)
     try:
         return load_safely(path)
-    except UnsafePickle as unsafe:
-        names = ", ".join(unsafe.names[:4]) + (", ..." if len(unsafe.names) > 4 else "")
+    except UnsafeModelFileError as unsafe:
         if not trust:
-            raise ModelFileError(
-                f"{path} needs {names}, which loading it safely does not allow: full "
-                "unpickling would run code from the file. Only if you trust the folder (you "
-                f"or a colleague wrote it), load it with {TRUST_ARGUMENT} (command line: "
-                f"{TRUST_FLAG})."
-            ) from None
+            raise
+        names = ", ".join(unsafe.names[:4]) + (", ..." if len(unsafe.names) > 4 else "")
         warnings.warn(
             f"{path} was loaded with full unpickling ({TRUST_ARGUMENT} / {TRUST_FLAG}) for "
             f"{names}: the file can run any code, so do this only for folders you trust. A "
