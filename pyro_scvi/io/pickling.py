@@ -24,8 +24,8 @@ pickle holds; nothing is listed by hand):
 Such a class is built by ``cls.__new__`` and given its saved attributes; no function of
 the file runs. A file that names anything else (a prior class of your own module, a
 function) loads only with ``trust=True`` (``--trust-model`` on the command line), with a
-warning: :func:`load_file` raises :class:`~pyro_scvi.errors.ModelFileError` otherwise,
-before anything of the file is unpickled.
+warning: :func:`load_file` raises :class:`~pyro_scvi.errors.UnsafeModelFileError` (a
+``ModelFileError``) otherwise, before anything of the file is unpickled.
 
 Components from ``__main__``
 ----------------------------
@@ -58,6 +58,8 @@ COMPONENT_PACKAGE = "pyro_scvi.model"
 _LAYER_PACKAGES = ("torch.nn.modules.", "pyro.nn.", "pyro.distributions.")
 #: Modules whose distribution constraints load too.
 _CONSTRAINT_MODULES = ("torch.distributions.constraints", "pyro.distributions.constraints")
+#: Where a name must point for :func:`safe_global` to import its module and look.
+_RESOLVED = ("pyro_scvi.", *_LAYER_PACKAGES, *(f"{m}." for m in _CONSTRAINT_MODULES))
 #: torch's allow-list is global state: one safe load at a time in this process.
 _LOADING = threading.Lock()
 #: The command-line flag and the argument that allow full unpickling, for messages.
@@ -146,7 +148,7 @@ def _resolve(name: str) -> Any:
                 # (pyro_scvi._moved); loading it is not the user's use of a deprecated path
                 warnings.simplefilter("ignore", DeprecationWarning)
                 obj: Any = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
+        except Exception:  # no such module, or it fails to import: try a shorter one
             continue
         try:
             for attr in parts[cut:]:
@@ -192,11 +194,11 @@ def safe_global(name: str) -> Any:
     >>> safe_global("pyro_scvi.io.files.remove_path") is None  # a function, not a class
     True
     """
-    numpy_names = _data_globals()
-    if name in numpy_names:
-        return numpy_names[name]
-    root = name.split(".", 1)[0]
-    if root not in ("pyro_scvi", "torch", "pyro"):
+    data_names = _data_globals()
+    if name in data_names:
+        return data_names[name]
+    # only modules that may hold an allowed class are imported to look
+    if not name.startswith(_RESOLVED):
         return None
     obj = _resolve(name)
     if not isinstance(obj, type):
@@ -323,7 +325,7 @@ def load_file(path: str | os.PathLike, what: str, *, trust: bool = False) -> Any
             f"{names}: the file can run any code, so do this only for folders you trust. A "
             "model of pyro_scvi's own components loads without it.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=6,  # the caller of SCVI.load (via read_model_dir, persistence.load)
         )
         return _load_damaged_as(path, what, lambda: torch.load(path, weights_only=False))
     except Exception as err:  # torch/zip/pickle raise many types for a bad file
