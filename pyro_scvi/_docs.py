@@ -58,7 +58,15 @@ PARAMETERS: dict[str, str] = {
     The model folder (see :mod:`pyro_scvi.io`). It is checked first
     (:func:`pyro_scvi.io.read_model_dir`): a missing, damaged, foreign or newer-format
     model raises :class:`pyro_scvi.io.ModelFileError` (an ``InputError``); folders of an
-    older format are migrated. Load only folders you trust: ``model.pt`` is a pickle.""",
+    older format are migrated. Its files are read with ``weights_only=True``: nothing in
+    them runs (:mod:`pyro_scvi.io.pickling`).""",
+    "trust": """trust
+    Allow full unpickling of a folder that needs classes or functions beyond pyro_scvi's
+    own components (e.g. a prior class of your own module, or an edited file), with a
+    warning. Its pickle can then run any code: pass it only for a folder you trust (you or
+    a colleague wrote it). Without it such a folder raises
+    :class:`~pyro_scvi.ModelFileError` and nothing of it runs; the command line's flag is
+    ``--trust-model``.""",
 }
 
 _PLACEHOLDER = re.compile(r"^( *)\{(\w+)\}$", re.MULTILINE)

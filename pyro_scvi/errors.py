@@ -36,6 +36,19 @@ class ModelFileError(InputError):
     """A model folder cannot be read: missing, damaged, foreign or from a newer version."""
 
 
+class UnsafeModelFileError(ModelFileError):
+    """A model file needs full unpickling, which runs code from it; ``names`` lists why.
+
+    Raised when a ``model.pt`` or ``train_state.pt`` names classes or functions beyond
+    pyro_scvi's allow-list (:mod:`pyro_scvi.io.pickling`) and ``trust`` was not given;
+    nothing of the file has been unpickled.
+    """
+
+    def __init__(self, message: str, names: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.names = list(names or [])
+
+
 class TrainingError(RuntimeError):
     """Training hit a non-finite loss; the parameters were restored to the last good epoch.
 

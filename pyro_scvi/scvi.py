@@ -260,6 +260,7 @@ class SCVI:
         *,
         device: str = "auto",
         streamed: bool | None = None,
+        trust: bool = False,
     ) -> SCVI:
         """Load a model saved with :meth:`save` (or a checkpoint), set up on ``adata``.
 
@@ -271,8 +272,9 @@ class SCVI:
             batches. The library prior is the saved one, not recomputed from ``adata``.
         {device}
         {streamed}
+        {trust}
         """
-        loaded = persistence.load(dir_path, adata, streamed=streamed)
+        loaded = persistence.load(dir_path, adata, streamed=streamed, trust=trust)
         return cls.__new__(cls)._set_up(
             adata, loaded.components, loaded.record, device=device, manifest=loaded.manifest
         )
@@ -286,6 +288,7 @@ class SCVI:
         *,
         device: str = "auto",
         streamed: bool | None = None,
+        trust: bool = False,
     ) -> SCVI:
         """Load a training checkpoint (see :meth:`train`), ready for :meth:`resume`.
 
@@ -296,6 +299,7 @@ class SCVI:
             The cells the run trained on, in the same order, with the same counts.
         {device}
         {streamed}
+        {trust}
 
         Examples
         --------
@@ -310,7 +314,7 @@ class SCVI:
         >>> len(again.train(1, progress_bar=False).history)  # but training goes on from it
         3
         """
-        loaded = persistence.load(dir_path, adata, streamed=streamed, checkpoint=True)
+        loaded = persistence.load(dir_path, adata, streamed=streamed, checkpoint=True, trust=trust)
         return cls.__new__(cls)._set_up(
             adata, loaded.components, loaded.record, device=device, manifest=loaded.manifest
         )
@@ -323,6 +327,7 @@ class SCVI:
         reference_model: SCVI | str | os.PathLike,
         *,
         streamed: bool | None = None,
+        trust: bool = False,
     ) -> SCVI:
         """A model of new batches mapped onto a trained reference (scArches-style).
 
@@ -341,6 +346,8 @@ class SCVI:
             A trained :class:`SCVI` set up with a ``batch_key``, or the directory it was
             saved to. It is not modified.
         {streamed}
+        {trust}
+            (For a reference given as a folder.)
 
         Returns
         -------
@@ -368,8 +375,8 @@ class SCVI:
         """
         reference = reference_model
         if not isinstance(reference, cls):
-            cell = persistence.reference_placeholder(reference, adata.var_names)
-            reference = cls.load(reference, cell, device="cpu")
+            cell = persistence.reference_placeholder(reference, adata.var_names, trust=trust)
+            reference = cls.load(reference, cell, device="cpu", trust=trust)
         if not reference.is_trained:
             raise InputError("The reference model is not trained; train it (or load one) first.")
         parts = surgery.query_components(reference, adata, streamed=streamed)

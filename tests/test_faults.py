@@ -284,6 +284,148 @@ def test_a_read_only_folder_is_refused_before_training(raw, tmp_path, no_trainin
     _one_line(status, stderr)
 
 
+# ------------------------------- 3b. every command protects its inputs, checks outputs first
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command reads a model or computes an embedding: checks come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started its work before checking its outputs")
+
+    for name in ("load", "load_query_data", "load_checkpoint"):
+        monkeypatch.setattr(SCVI, name, refuse)
+    import pyro_scvi.tl
+
+    monkeypatch.setattr(pyro_scvi.tl, "embedding", refuse)
+
+
+def _into_the_model(fitted, tmp_path, case):
+    """argv of a command asked to write into the model folder it reads (issue 27, item 6)."""
+    ref, data = fitted / "out_model", fitted / "in.h5ad"
+    return {
+        # before: map-query replaced its own reference model with the query model (exit 0)
+        "map-query --model-dir REF": [
+            "map-query",
+            ref,
+            data,
+            "-o",
+            tmp_path / "q.h5ad",
+            "--model-dir",
+            ref,
+        ],
+        "map-query --model-dir REF spelled otherwise": [
+            "map-query",
+            ref,
+            data,
+            "-o",
+            tmp_path / "q.h5ad",
+            "--model-dir",
+            ref / ".." / ref.name,
+        ],
+        "map-query --model-dir inside REF": [
+            "map-query",
+            ref,
+            data,
+            "-o",
+            tmp_path / "q.h5ad",
+            "--model-dir",
+            ref / "query",
+        ],
+        "map-query -o inside REF": ["map-query", ref, data, "-o", ref / "q.h5ad"],
+        "evaluate --per-cell inside MODEL_DIR": [
+            "evaluate",
+            ref,
+            data,
+            "--per-cell",
+            ref / "cells.csv",
+        ],
+        "de -o inside MODEL_DIR": ["de", ref, data, "--groupby", "batch", "-o", ref / "de.csv"],
+        "ppc -o inside MODEL_DIR": ["ppc", ref, data, "-o", ref / "ppc.nc"],
+        "ppc -o inside a --compare model": [
+            "ppc",
+            ref,
+            data,
+            "-o",
+            tmp_path / "other" / "p.nc",
+            "--compare",
+            f"other={tmp_path / 'other'}",
+        ],
+    }[case]
+
+
+CASES_INTO_THE_MODEL = [
+    "map-query --model-dir REF",
+    "map-query --model-dir REF spelled otherwise",
+    "map-query --model-dir inside REF",
+    "map-query -o inside REF",
+    "evaluate --per-cell inside MODEL_DIR",
+    "de -o inside MODEL_DIR",
+    "ppc -o inside MODEL_DIR",
+    "ppc -o inside a --compare model",
+]
+
+
+@pytest.mark.parametrize("case", CASES_INTO_THE_MODEL)
+def test_no_command_writes_into_the_model_it_reads(fitted, tmp_path, case, no_work):
+    if "--compare" in case:
+        import shutil
+
+        shutil.copytree(fitted / "out_model", tmp_path / "other")
+    before = {p: _digest(fitted / "out_model" / p) for p in os.listdir(fitted / "out_model")}
+    status, stderr = _run(_into_the_model(fitted, tmp_path, case))
+    _one_line(status, stderr)
+    assert "never overwritten" in stderr or "would hold or replace" in stderr, stderr
+    after = {p: _digest(fitted / "out_model" / p) for p in os.listdir(fitted / "out_model")}
+    assert after == before  # the reference/model folder is untouched
+
+
+def _unwritable_argv(fitted, out):
+    ref, data = fitted / "out_model", fitted / "in.h5ad"
+    return {
+        "evaluate": ["evaluate", ref, data, "--per-cell", out / "cells.csv"],
+        "de": ["de", ref, data, "--groupby", "batch", "-o", out / "de.csv"],
+        "ppc": ["ppc", ref, data, "-o", out / "p.nc"],
+        "plot": ["plot", fitted / "out.h5ad", "-o", out / "u.png"],
+        "map-query": ["map-query", ref, data, "-o", out / "q.h5ad"],
+    }
+
+
+@pytest.mark.parametrize("command", ["evaluate", "de", "ppc", "plot", "map-query"])
+def test_every_command_checks_its_outputs_before_its_work(
+    fitted, tmp_path, monkeypatch, command, no_work
+):
+    # before: de, ppc, evaluate and map-query found an unwritable output after the work
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    status, stderr = _run(_unwritable_argv(fitted, tmp_path)[command])
+    _one_line(status, stderr)
+    assert "cannot write in" in stderr and "Read-only" in stderr
+
+
+@pytest.mark.parametrize("command", ["evaluate", "de", "ppc", "plot", "map-query"])
+def test_an_output_naming_a_folder_is_refused_before_the_work(fitted, tmp_path, command, no_work):
+    argv = _unwritable_argv(fitted, tmp_path)[command]
+    target = Path(argv[argv.index("--per-cell" if command == "evaluate" else "-o") + 1])
+    target.mkdir()
+    status, stderr = _run(argv)
+    _one_line(status, stderr)
+    assert "is a folder" in stderr
+
+
+def test_map_query_refuses_a_model_dir_of_foreign_files_before_training(fitted, tmp_path, no_work):
+    # before: found by save() after the query had been trained
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("lab notes")
+    argv = ["map-query", fitted / "out_model", fitted / "in.h5ad", "-o", tmp_path / "q.h5ad"]
+    status, stderr = _run([*argv, "--model-dir", tmp_path / "mine"])
+    _one_line(status, stderr)
+    assert "--model-dir" in stderr and "notes.txt" in stderr
+
+
 # -------------------------------------------------------- 4. damaged or foreign model files
 
 

@@ -232,8 +232,10 @@ def test_a_guide_of_ones_own_works_everywhere(small_adata, tmp_path):
     np.testing.assert_allclose(z, expected.numpy(), rtol=1e-5, atol=1e-5)
     assert m.get_likelihood_parameters(seed=0)["mean"].shape == small_adata.shape
     assert np.isfinite(m.get_marginal_ll(n_samples=5, seed=0))
-    m.save(tmp_path / "m")
-    loaded = SCVI.load(tmp_path / "m", small_adata)
+    with pytest.warns(UserWarning, match="trust=True"):  # a guide of the user's module
+        m.save(tmp_path / "m")
+    with pytest.warns(UserWarning, match="full unpickling"):
+        loaded = SCVI.load(tmp_path / "m", small_adata, trust=True)
     assert type(loaded.guide) is LinearGuide
     np.testing.assert_allclose(loaded.get_latent_representation(), z, rtol=1e-6)
 

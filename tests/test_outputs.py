@@ -439,7 +439,8 @@ def test_map_query_streamed_equals_in_memory(tmp_path, loads):
 
 @pytest.mark.parametrize("command", ["evaluate", "ppc", "de", "plot", "map-query"])
 def test_streamed_shipped_dataset_is_refused_as_by_fit(command, tmp_path):
-    first = {"plot": [], "map-query": [tmp_path]}.get(command, [tmp_path])
+    (tmp_path / "model").mkdir()  # a folder of its own: outputs never go into a model read
+    first = {"plot": []}.get(command, [tmp_path / "model"])
     argv = [command, *first, "pbmc8k_200hvg", "--data-source", "streamed"]
     extra = {
         "ppc": ["-o", tmp_path / "x.nc", "--max-cells", "5"],

@@ -13,7 +13,7 @@ from sklearn.metrics import adjusted_rand_score, homogeneity_score
 from torch import nn
 
 import pyro_scvi
-from pyro_scvi import SCVI, InputError
+from pyro_scvi import SCVI, InputError, ModelFileError
 from pyro_scvi.model import ScviModel
 from pyro_scvi.model.guides import ScviGuide
 from pyro_scvi.model.nn import Encoder
@@ -227,8 +227,13 @@ def test_hierarchical_user_prior_end_to_end(small_adata, tmp_path):
     assert prior.m.abs().sum() > 0 and prior.log_s.abs().sum() > 0  # learned
     assert np.isfinite(m.history["validation_elbo"]).all()
     assert m.get_latent_representation().shape == (300, 3)
-    m.save(tmp_path / "h")
-    loaded = SCVI.load(tmp_path / "h", small_adata)
+    # a class of the user's module: saved with a warning, loaded only with trust=True
+    with pytest.warns(UserWarning, match="trust=True"):
+        m.save(tmp_path / "h")
+    with pytest.raises(ModelFileError, match="--trust-model"):
+        SCVI.load(tmp_path / "h", small_adata)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        loaded = SCVI.load(tmp_path / "h", small_adata, trust=True)
     torch.testing.assert_close(loaded.model.prior.m, prior.m)
     torch.testing.assert_close(loaded.model.prior.log_s, prior.log_s)
 
@@ -312,8 +317,11 @@ def test_learnable_library_prior_object_trains_saves_and_loads(small_adata, tmp_
     m.train(max_epochs=2, progress_bar=False)
     shift = m.model.library_prior.shift.detach().clone()
     assert shift != 0
-    m.save(tmp_path / "lib")
-    loaded = SCVI.load(tmp_path / "lib", small_adata)
+    with pytest.warns(UserWarning, match="add_safe_globals"):
+        m.save(tmp_path / "lib")
+    # a class the user registered with torch as safe loads without trust=True
+    with torch.serialization.safe_globals([LearnableLibrary]):
+        loaded = SCVI.load(tmp_path / "lib", small_adata)
     assert isinstance(loaded.model.library_prior, LearnableLibrary)
     torch.testing.assert_close(loaded.model.library_prior.shift.detach(), shift)
 

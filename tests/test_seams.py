@@ -198,8 +198,11 @@ def test_user_library_objects_are_used_and_saved(small_adata, tmp_path):
     torch.testing.assert_close(
         wide.model.library_prior(b).scale, 3 * plain.model.library_prior(b).scale
     )
-    wide.save(tmp_path / "wide")
-    assert isinstance(SCVI.load(tmp_path / "wide", small_adata).model.library_prior, WideLibrary)
+    with pytest.warns(UserWarning, match="trust=True"):  # a class of the user's module
+        wide.save(tmp_path / "wide")
+    with pytest.warns(UserWarning, match="full unpickling"):
+        loaded = SCVI.load(tmp_path / "wide", small_adata, trust=True)
+    assert isinstance(loaded.model.library_prior, WideLibrary)
 
     half = SCVI(small_adata, n_latent=2, n_hidden=8, library_prior=HalfLibrary())
     assert half.settings["use_observed_lib_size"] is True and half.guide.l_encoder is None

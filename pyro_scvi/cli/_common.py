@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -121,6 +122,11 @@ VOCABULARY: dict[str, Idea] = {
     "saved_model": Idea((), "model_dir", "MODEL_DIR", meaning="a folder written by fit / save()"),
     "output": Idea(("-o", "--output"), "output", "OUTPUT", meaning="the file the command writes"),
     "model_dir": Idea(("--model-dir",), "model_dir", "DIR", meaning="where the model is saved"),
+    "trust_model": Idea(
+        ("--trust-model",),
+        "trust_model",
+        meaning="load a model folder that needs full unpickling (only one you trust)",
+    ),
     # which cells, how many draws, how many at a time
     "cells": Idea(
         ("--cells",),
@@ -208,6 +214,19 @@ def _add_input(p: argparse.ArgumentParser, what: str, shipped: bool = True) -> N
 def _add_saved_model(p: argparse.ArgumentParser) -> None:
     """MODEL_DIR, the positional argument naming the saved model a command reads."""
     add_idea(p, "saved_model", help="directory written by fit / save()")
+
+
+def _add_trust_model(p: argparse.ArgumentParser) -> None:
+    """``--trust-model``: allow full unpickling of the model folders the command reads."""
+    add_idea(
+        p,
+        "trust_model",
+        action="store_true",
+        help="load a model folder whose files need more than pyro_scvi's own components "
+        "(e.g. a prior class of your own module) by full unpickling, which runs code from "
+        "the files: only for folders you trust. Without it nothing in a folder runs, and "
+        "such a folder is refused (pyro_scvi.io.pickling)",
+    )
 
 
 def _add_output(p: argparse.ArgumentParser, suffix: str, what: str) -> None:
@@ -312,6 +331,64 @@ def _refuse_input(args: argparse.Namespace, *paths: Path) -> None:
             raise InputError(
                 f"{name} is the INPUT file; choose another -o: the input is never overwritten."
             )
+
+
+def _same_or_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (as written, or after links)."""
+    for a, b in (
+        (Path(os.path.abspath(path)), Path(os.path.abspath(folder))),
+        (path.resolve(), folder.resolve()),
+    ):
+        if a == b or b in a.parents:
+            return True
+    return False
+
+
+def _check_outputs(
+    args: argparse.Namespace,
+    files: Mapping[str, Path],
+    *,
+    models: Mapping[str, Path] | None = None,
+    folders: Mapping[str, Path] | None = None,
+) -> None:
+    """Every check on a command's outputs that can be made before it reads anything.
+
+    ``files`` and ``folders`` name the outputs (``{"-o": path}``; a folder is a model
+    folder the command saves), ``models`` the model folders it reads
+    (``{"MODEL_DIR": path}``). Each output must not be INPUT, nor be, hold or lie inside a
+    model folder read (the inputs are never overwritten), and must be writable: a file not
+    a folder in a writable place, a folder empty or holding only a pyro_scvi model
+    (:func:`pyro_scvi.io.files.check_output_file`, ``check_output_dir``). The first
+    failure raises :class:`~pyro_scvi.errors.OutputError`, one line naming the option.
+    """
+    from ..errors import OutputError
+    from ..io.files import check_output_dir, check_output_file
+
+    models, folders = models or {}, folders or {}
+    input_path = Path(args.input)
+    inputs = [input_path] if input_path.exists() else []
+    outputs = {**files, **folders}
+    for name, path in outputs.items():
+        for model_name, model in models.items():
+            if _same_or_inside(path, model) or _same_or_inside(model, path):
+                raise OutputError(
+                    f"{name} {path} would write into {model_name} {model}, which this command "
+                    f"reads; choose another {name}: a model the command reads is never "
+                    "overwritten."
+                )
+        if inputs and _same_or_inside(input_path, path):
+            raise OutputError(
+                f"{name} {path} is the INPUT file; choose another {name}: the input is never "
+                "overwritten."
+            )
+    for name, path in files.items():
+        check_output_file(path, what=name)
+    if folders:
+        from ..io.model_dir import is_model_dir
+
+        for name, path in folders.items():
+            others = [p for n, p in outputs.items() if n != name]
+            check_output_dir(path, owned=is_model_dir, what=name, protect=[*inputs, *others])
 
 
 def _check_fitted_cells(model, cells: str) -> None:

@@ -16,6 +16,8 @@ from ._common import (
     _add_output,
     _add_run_options,
     _add_saved_model,
+    _add_trust_model,
+    _check_outputs,
     _output_path,
     _positive_float,
     _read_data,
@@ -76,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     _add_batch_size(p, 256)
     _add_data_source_option(p, "stream them from the file a minibatch at a time")
+    _add_trust_model(p)
     _add_run_options(p)
     return p
 
@@ -87,6 +90,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     _refuse_input(args, output, volcano)
     if not Path(args.model_dir).is_dir():
         raise InputError(f"MODEL_DIR {args.model_dir} is not a directory written by fit / save().")
+    _check_outputs(
+        args,
+        {"OUTPUT": output, "the volcano plot": volcano},
+        models={"MODEL_DIR": Path(args.model_dir)},
+    )
 
     import matplotlib
 
@@ -99,7 +107,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     resolve_device(args.device)  # fail before reading data
     adata, streamed, data_source = _read_data(args)
     model = SCVI.load(
-        args.model_dir, adata, device=args.device, streamed=True if streamed else None
+        args.model_dir,
+        adata,
+        device=args.device,
+        streamed=True if streamed else None,
+        trust=args.trust_model,
     )
     results = model.differential_expression(
         groupby=args.groupby,

@@ -16,7 +16,9 @@ from ._common import (
     _add_n_samples,
     _add_run_options,
     _add_saved_model,
+    _add_trust_model,
     _cell_indices,
+    _check_outputs,
     _read_data,
     add_idea,
 )
@@ -59,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "observed library, such as scvi-tools' default, reports",
     )
     _add_data_source_option(p, "stream them from the file a minibatch at a time")
+    _add_trust_model(p)
     _add_run_options(p)
     return p
 
@@ -73,6 +76,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     input_path = Path(args.input)
     if per_cell is not None and input_path.exists() and per_cell.resolve() == input_path.resolve():
         raise InputError("--per-cell is the INPUT file; choose another path.")
+    # before the model is read and the cells are scored
+    _check_outputs(
+        args,
+        {} if per_cell is None else {"--per-cell": per_cell},
+        models={"MODEL_DIR": Path(args.model_dir)},
+    )
 
     from ..io.files import atomic_path
     from ..scvi import SCVI, resolve_device
@@ -91,7 +100,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             "memory."
         )
     model = SCVI.load(
-        args.model_dir, adata, device=args.device, streamed=True if streamed else None
+        args.model_dir,
+        adata,
+        device=args.device,
+        streamed=True if streamed else None,
+        trust=args.trust_model,
     )
     indices = _cell_indices(model, args.cells)  # None: every cell
     names = model.data.obs_names if indices is None else model.data.obs_names[indices]

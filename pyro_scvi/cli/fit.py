@@ -55,6 +55,7 @@ from ._common import (
     _add_quiet,
     _add_run_options,
     _add_training_options,
+    _add_trust_model,
     _non_negative_int,
     _output_path,
     _positive_int,
@@ -186,6 +187,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="continue the interrupted run whose checkpoint is in --checkpoint-dir (same "
         "INPUT and training options)",
     )
+    _add_trust_model(p)
     _add_quiet(p)
     return p
 
@@ -255,7 +257,11 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
             adata = adata[keep].copy()
     if args.resume:
         model = SCVI.load_checkpoint(
-            checkpoint_dir, adata, device=args.device, streamed=True if streamed else None
+            checkpoint_dir,
+            adata,
+            device=args.device,
+            streamed=True if streamed else None,
+            trust=args.trust_model,
         )
         _check_resume_options(model, args)
         if not model.interrupted:

@@ -17,6 +17,8 @@ from ._common import (
     _add_quiet,
     _add_run_options,
     _add_training_options,
+    _add_trust_model,
+    _check_outputs,
     _output_path,
     _read_data,
     _refuse_input,
@@ -45,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_model_dir(p, "query model")
     _add_quiet(p)
     _add_data_source_option(p, "stream them from the file as training goes")
+    _add_trust_model(p)
     _add_run_options(p)
     return p
 
@@ -56,6 +59,13 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if not Path(args.reference).is_dir():
         raise InputError(f"REFERENCE_DIR {args.reference} is not a directory written by fit.")
     model_dir = Path(args.model_dir) if args.model_dir else Path(f"{output.with_suffix('')}_model")
+    # before any reading or training: the reference is never overwritten
+    _check_outputs(
+        args,
+        {"OUTPUT": output},
+        models={"REFERENCE_DIR": Path(args.reference)},
+        folders={"--model-dir": model_dir},
+    )
 
     from ..io.files import atomic_path
     from ..scvi import SCVI, resolve_device
@@ -63,7 +73,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
     resolve_device(args.device)  # fail before reading data
     adata, streamed, data_source = _read_data(args)
-    model = SCVI.load_query_data(adata, args.reference, streamed=True if streamed else None)
+    model = SCVI.load_query_data(
+        adata, args.reference, streamed=True if streamed else None, trust=args.trust_model
+    )
     model.train(
         args.max_epochs,
         batch_size=args.batch_size,

@@ -12,6 +12,7 @@ from ._common import (
     _add_input,
     _add_output,
     _add_run_options,
+    _check_outputs,
     _output_path,
     _read_data,
     add_idea,
@@ -48,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Run ``pyro-scvi plot``: write a 2-D embedding picture; return the status."""
     output = _output_path(args, ".png")
+    _check_outputs(args, {"OUTPUT": output})  # before the embedding is computed
 
     import matplotlib
 

@@ -17,7 +17,9 @@ from ._common import (
     _add_output,
     _add_run_options,
     _add_saved_model,
+    _add_trust_model,
     _check_fitted_cells,
+    _check_outputs,
     _output_path,
     _positive_int,
     _read_data,
@@ -68,8 +70,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "stream them from the file (then --max-cells is needed: the draws of every "
         "checked cell are held in memory)",
     )
+    _add_trust_model(p)
     _add_run_options(p)
     return p
+
+
+#: What each file beside OUTPUT is, for messages.
+_LABELS = {
+    "table": "PPC table",
+    "calibration": "calibration table",
+    "ppp": "p-value plot",
+    "scatter": "scatter plot",
+    "criticism": "criticism table",
+    "page": "criticism page",
+}
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -98,6 +112,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             )
         others[name] = other_dir
     _refuse_input(args, output, *paths.values())
+    _check_outputs(
+        args,
+        {"OUTPUT": output, **{f"the {_LABELS[key]}": path for key, path in paths.items()}},
+        models={
+            "MODEL_DIR": Path(args.model_dir),
+            **{f"--compare {n}": Path(d) for n, d in others.items()},
+        },
+    )
 
     import textwrap
 
@@ -122,7 +144,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             "--data-source memory."
         )
     streamed = True if streamed else None
-    model = SCVI.load(args.model_dir, adata, device=args.device, streamed=streamed)
+    trust = args.trust_model
+    model = SCVI.load(args.model_dir, adata, device=args.device, streamed=streamed, trust=trust)
     _check_fitted_cells(model, args.cells)  # before the draws
     n_cells = model.data.n_cells
     indices = None
@@ -147,7 +170,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     plot_ppc_scatter(table, paths["scatter"])
     fits = {"model": model}
     fits.update(
-        {n: SCVI.load(d, adata, device=args.device, streamed=streamed) for n, d in others.items()}
+        {
+            n: SCVI.load(d, adata, device=args.device, streamed=streamed, trust=trust)
+            for n, d in others.items()
+        }
     )
     for fit in fits.values():
         _check_fitted_cells(fit, args.cells)  # each --compare fit's own cells

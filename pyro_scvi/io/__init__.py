@@ -3,7 +3,9 @@
 :mod:`~pyro_scvi.io.model_dir` reads and writes model folders (its names are re-exported
 here), :mod:`~pyro_scvi.io.files` writes any output atomically and checks free space
 first, :mod:`~pyro_scvi.io.outputs` plans and writes normalized expression in chunks, and
-:mod:`~pyro_scvi.io.pickling` finds what a saved model could not re-import elsewhere.
+:mod:`~pyro_scvi.io.pickling` reads model files without running code from them
+(``weights_only=True`` and an allow-list of pyro_scvi's components; ``trust=True`` for
+anything else) and finds what a saved model could not re-import elsewhere.
 :mod:`~pyro_scvi.io.persistence` saves and loads whole models and training checkpoints.
 """
 

@@ -9,8 +9,8 @@ A model folder (written by :meth:`pyro_scvi.SCVI.save`, and by training checkpoi
     ``batch_categories``, a ``run_id`` shared with the outputs of the same run, and every
     other file with its size and SHA-256.
 ``model.pt``
-    Parameters, the pickled likelihood, priors and (non-default) guide, the genes, batches,
-    history and the training/validation split (``torch.save``).
+    Parameters, the pickled likelihood, priors, scheme and (non-default) guide, the genes,
+    batches, history and the training/validation split (``torch.save``).
 ``train_state.pt``
     Checkpoints only: what continues the run (:class:`pyro_scvi.train.loop.TrainState`).
 
@@ -18,8 +18,13 @@ A model folder (written by :meth:`pyro_scvi.SCVI.save`, and by training checkpoi
 problem: a folder without a model, a damaged file (empty, truncated, text; the checksum or
 unpickling fails), a foreign one (another format, or not our keys), a future format, or
 settings with keys missing. Folders of format 0 (``model.pt`` and ``settings.json``, no
-manifest: pyro_scvi before versioned files) are migrated on reading. Load only folders you
-trust: ``model.pt`` is a pickle.
+manifest: pyro_scvi before versioned files) are migrated on reading.
+
+Both files are read with ``torch.load(..., weights_only=True)``: plain values, tensors,
+numpy arrays and pyro_scvi's own component classes (:mod:`pyro_scvi.io.pickling` says
+which), so loading a folder runs no code from it, whoever wrote it; the checksums only
+catch damage. A folder whose pickle needs more (a component class of your own module)
+loads only with ``trust=True`` (``--trust-model``), with a warning.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ import hashlib
 import json
 import os
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ModelFileError
+from .pickling import load_file
 
 FORMAT = "pyro_scvi model"
 #: The format this version writes. 0: no manifest (read and migrated); 1: manifest.
@@ -236,28 +241,21 @@ def _is_model_dir_at(fd: int, path: Path) -> bool:
     return isinstance(settings, dict) and set(SETTINGS_KEYS) <= set(settings)
 
 
-def _load(path: Path, what: str) -> Any:
-    try:
-        with warnings.catch_warnings():
-            # a model saved before 0.2 names its classes by their old module paths; loading
-            # it is not the user's use of a deprecated path
-            warnings.filterwarnings("ignore", "pyro_scvi\\.\\w+ moved to", DeprecationWarning)
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch/pickle raise many types for a bad file
-        reason = " ".join(str(err).split())[:200]
-        raise ModelFileError(
-            f"{path} cannot be read as {what} ({type(err).__name__}: {reason}); the file is "
-            "damaged or was not written by pyro_scvi. Save the model again."
-        ) from err
+def _load(path: Path, what: str, trust: bool) -> Any:
+    """``path`` unpickled safely (:func:`pyro_scvi.io.pickling.load_file`)."""
+    return load_file(path, what, trust=trust)
 
 
 def read_model_dir(
-    path: str | os.PathLike, *, train_state: bool = False
+    path: str | os.PathLike, *, train_state: bool = False, trust: bool = False
 ) -> tuple[dict, dict, dict | None]:
     """Read and check a model folder: ``(manifest, state, train_state or None)``.
 
     The state is migrated to the current format; a format-0 folder gets a manifest built
-    from its contents (``format_version`` 0).
+    from its contents (``format_version`` 0). ``model.pt`` (and ``train_state.pt``) are
+    read with ``weights_only=True`` and the allow-list of :mod:`pyro_scvi.io.pickling`;
+    a file that needs more raises :class:`ModelFileError` unless ``trust`` (then it is
+    fully unpickled, with a warning: only for folders you trust).
     """
     directory = Path(path)
     model_path = directory / MODEL_FILE
@@ -294,7 +292,7 @@ def read_model_dir(
                 )
     elif train_state:
         raise ModelFileError(f"{directory} is a saved model of an old format, not a checkpoint.")
-    state = _load(model_path, "a pyro_scvi model")
+    state = _load(model_path, "a pyro_scvi model", trust)
     version = 0 if manifest is None else manifest["format_version"]
     state = migrate(state, version, where=str(model_path))
     if manifest is None:
@@ -306,7 +304,7 @@ def read_model_dir(
             "settings": state["settings"],
             "engine": state.get("engine"),
         }
-    extra = _load(directory / STATE_FILE, "a training checkpoint") if train_state else None
+    extra = _load(directory / STATE_FILE, "a training checkpoint", trust) if train_state else None
     if train_state and not isinstance(extra, dict):
         raise ModelFileError(f"{directory / STATE_FILE} is not a pyro_scvi training checkpoint.")
     return manifest, state, extra

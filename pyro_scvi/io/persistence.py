@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..data.counts import CountData, from_anndata
 from ..errors import InputError, ModelFileError
@@ -41,8 +42,8 @@ from ..train.run import (
     next_epoch,
 )
 from .files import check_free_space, check_output_dir, make_temp_dir, replace_dir
-from .model_dir import is_model_dir, new_run_id, read_model_dir, write_model_dir
-from .pickling import main_module_names
+from .model_dir import MODEL_FILE, is_model_dir, new_run_id, read_model_dir, write_model_dir
+from .pickling import main_module_names, needs_trust
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -113,20 +114,37 @@ def checkpoint_bytes(model: Saveable) -> int:
     return 4 * model_bytes(model) + 8 * model.data.n_cells
 
 
-def _check_picklable(model: Saveable) -> None:
+def _portable(module: nn.Module) -> nn.Module:
+    """A CPU copy of ``module`` to pickle, without Pyro's links to its param store.
+
+    While a run trains, Pyro gives each parameter an ``unconstrained`` weak reference
+    (``pyro.module``), which no pickle can hold: a checkpoint written mid-run with a
+    learnable prior (MixtureOfGaussians, VampPrior) failed on it.
+    """
+    copied = copy.deepcopy(module).cpu()
+    for param in copied.parameters():
+        vars(param).pop("unconstrained", None)
+    return copied
+
+
+def _index_tensor(indices: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(indices, dtype=np.int64))
+
+
+def _check_picklable(components: dict[str, Any]) -> None:
     for name in ("prior", "library_prior"):
         try:
-            pickle.dumps(getattr(model.model, name))
+            pickle.dumps(components[name])
         except (pickle.PicklingError, AttributeError, TypeError) as err:
             raise InputError(
-                f"The {name} {getattr(model.model, name)!r} cannot be pickled ({err}), so "
+                f"The {name} {components[name]!r} cannot be pickled ({err}), so "
                 "the model cannot be saved: define its function at module level, or "
                 "subclass pyro_scvi.Prior / LibraryPrior."
             ) from err
 
 
-def _warn_unimportable(model: Saveable) -> None:
-    """Warn when a saved component's class or function lives in ``__main__``."""
+def _warn_unimportable(model: Saveable) -> list[str]:
+    """Warn when a saved component's class or function lives in ``__main__``; return them."""
     pickled = [model.model.prior, model.model.library_prior, model.model.likelihood]
     pickled.append(model.scheme)
     if type(model.guide) is not ScviGuide:
@@ -138,6 +156,21 @@ def _warn_unimportable(model: Saveable) -> None:
             "notebook or `python -c`), so no other process can load it: pickle stores it by "
             "module and name. Move it to a module you can import (e.g. my_priors.py) and "
             "import it from there before saving.",
+            UserWarning,
+            stacklevel=5,  # the caller of SCVI.save
+        )
+    return names
+
+
+def _warn_needs_trust(path: Path, reported: list[str]) -> None:
+    """Warn when the saved ``path`` will load only with ``trust=True``."""
+    names = [n for n in needs_trust(path) if n not in reported]
+    if names:
+        warnings.warn(
+            f"The model is saved, but it pickles {', '.join(names)}, which is not part of "
+            "pyro_scvi.model: loading it runs code from the file, so SCVI.load will need "
+            "trust=True (command line: --trust-model), or the loading process to register "
+            "the class first (torch.serialization.add_safe_globals([TheClass])).",
             UserWarning,
             stacklevel=5,  # the caller of SCVI.save
         )
@@ -185,9 +218,17 @@ def stage(
     ['manifest.json', 'model.pt']
     >>> shutil.rmtree(tmp)
     """
-    _check_picklable(model)
-    if train_state is None:
-        _warn_unimportable(model)  # a checkpoint is resumed in this process, mostly
+    pickled = {
+        # Another guide than the default is pickled whole, as the prior is.
+        "guide": None if type(model.guide) is ScviGuide else _portable(model.guide),
+        "likelihood": model.model.likelihood,
+        "scheme": model.scheme,
+        "prior": _portable(model.model.prior),
+        "library_prior": _portable(model.model.library_prior),
+    }
+    _check_picklable(pickled)
+    # a checkpoint is resumed in this process, mostly
+    reported = _warn_unimportable(model) if train_state is None else []
     check_free_space({target: checkpoint_bytes(model) if train_state else model_bytes(model)})
     history = model.history if history is None else history
     var_names, batches = list(model.data.var_names), list(model.data.batch_categories)
@@ -197,19 +238,15 @@ def stage(
             "settings": model.settings,
             "model_state": {k: v.cpu() for k, v in model.model.state_dict().items()},
             "guide_state": {k: v.cpu() for k, v in model.guide.state_dict().items()},
-            # Another guide than the default is pickled whole, as the prior is.
-            "guide": None if type(model.guide) is ScviGuide else copy.deepcopy(model.guide).cpu(),
-            "likelihood": model.model.likelihood,
-            "scheme": model.scheme,
-            "prior": copy.deepcopy(model.model.prior).cpu(),
-            "library_prior": copy.deepcopy(model.model.library_prior).cpu(),
+            **pickled,
             "var_names": var_names,
             "batch_categories": batches,
             "history": history.to_dict(orient="list"),
             "engine": history.attrs.get("engine", model.engine),
             "engines": history.attrs.get("engines", []),
-            "train_indices": model.train_indices,
-            "validation_indices": model.validation_indices,
+            # tensors, not numpy arrays: plain values for a weights_only load
+            "train_indices": _index_tensor(model.train_indices),
+            "validation_indices": _index_tensor(model.validation_indices),
             "is_trained": model.is_trained if is_trained is None else is_trained,
         }
         write_model_dir(
@@ -226,6 +263,8 @@ def stage(
             },
             train_state=train_state,
         )
+        if train_state is None:
+            _warn_needs_trust(tmp / MODEL_FILE, reported)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -314,13 +353,15 @@ def load(
     *,
     streamed: bool | None = None,
     checkpoint: bool = False,
+    trust: bool = False,
 ) -> Loaded:
     """Read the model folder ``dir_path`` and set the model up on ``adata``.
 
     ``adata`` must have the model's genes (matched by name) and only known batches. With
     ``checkpoint``, the folder must be a training checkpoint of ``adata``'s cells, in the
     same order; its run continues from ``record.run`` (``settings`` ``None`` when the run
-    had finished). See :meth:`pyro_scvi.SCVI.load` for the checks.
+    had finished). See :meth:`pyro_scvi.SCVI.load` for the checks, and for ``trust``
+    (nothing of the folder runs unless it is given: :mod:`pyro_scvi.io.pickling`).
 
     Examples
     --------
@@ -332,7 +373,7 @@ def load(
     >>> loaded.components.settings["n_latent"], loaded.manifest["kind"]
     (2, 'model')
     """
-    manifest, state, extra = read_model_dir(dir_path, train_state=checkpoint)
+    manifest, state, extra = read_model_dir(dir_path, train_state=checkpoint, trust=trust)
     components = _rebuild(state, adata, Path(dir_path), streamed)
     history = pd.DataFrame(state["history"], columns=None)
     if not len(history):
@@ -425,12 +466,14 @@ def _rebuild(state: dict, adata: AnnData, where: Path, streamed: bool | None) ->
     return parts
 
 
-def reference_placeholder(dir_path: str | os.PathLike, var_names: Sequence[str]) -> AnnData:
+def reference_placeholder(
+    dir_path: str | os.PathLike, var_names: Sequence[str], *, trust: bool = False
+) -> AnnData:
     """One cell of the first batch of the model in ``dir_path``, with genes ``var_names``.
 
     :func:`load` sets a model up on data of batches it knows; a query's batches are new,
     so a saved reference of query mapping is loaded on this placeholder instead (only its
-    parameters and settings are used).
+    parameters and settings are used). ``trust`` as in :func:`load`.
 
     Examples
     --------
@@ -446,7 +489,7 @@ def reference_placeholder(dir_path: str | os.PathLike, var_names: Sequence[str])
     import scipy.sparse as sp
 
     # the settings and batches the folder was saved with (any format version)
-    _, state, _ = read_model_dir(dir_path)
+    _, state, _ = read_model_dir(dir_path, trust=trust)
     settings = dict(state["settings"], batch_categories=state["batch_categories"])
     counts = sp.csr_matrix(np.ones((1, len(var_names)), dtype=np.float32))
     obs = pd.DataFrame(index=["placeholder"])
