@@ -103,6 +103,7 @@ def _compare(candidate, reference, cells):
 @settings(
     max_examples=6,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(

@@ -17,7 +17,12 @@ INPUT is opened in anndata's backed mode; its counts are loaded when they fit in
 and otherwise streamed from the file as training goes (``--data-source``; the rule is
 ``pyro_scvi.data.placement.choose_data_source``). A streamed run never loads the counts: OUTPUT is
 a byte copy of INPUT with the results added, and the normalized expression is computed and
-written a chunk of cells at a time.
+written a chunk of cells at a time. A streamed INPUT is pinned when training starts (device,
+inode, size and modification time, ``pyro_scvi.data.identity``): replaced, rewritten or
+deleted before the outputs are written, the run writes none, keeps the trained model as a
+checkpoint and says the ``--resume`` command that writes them once INPUT is back. Results
+are keyed by name: INPUT's genes may be in another order than the model's (``--resume``),
+and every per-gene output follows INPUT's ``var_names``.
 
 The model is saved to ``--model-dir`` (default: ``OUTPUT`` without ``.h5ad``, plus
 ``_model``) and the training curves to ``OUTPUT`` without ``.h5ad``, plus ``_training.png``.
@@ -184,7 +189,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the interrupted run whose checkpoint is in --checkpoint-dir (same "
-        "INPUT and training options)",
+        "INPUT and training options; --seed, if given, must be the run's); a finished run's "
+        "checkpoint writes the outputs without training",
     )
     _add_quiet(p)
     return p
