@@ -216,3 +216,17 @@ def test_an_interrupted_fit_resumed_on_reversed_genes_matches_the_whole_run(
     status, stderr = _run(command[1:])
     assert status == 0, stderr
     _same_by_name(tmp_path / "out.h5ad", whole / "out.h5ad")
+
+
+@pytest.mark.parametrize("source", ["memory", "streamed"])
+def test_fit_resume_on_other_genes_is_one_line(whole, tmp_path, source):
+    # a different set of genes is not a permutation: refused, naming the fix
+    fewer = tmp_path / "fewer.h5ad"
+    anndata.read_h5ad(whole / "in.h5ad")[:, 1:].copy().write_h5ad(fewer)
+    argv = ["fit", fewer, "-o", tmp_path / "out.h5ad", *FAST, *EXACT]
+    status, stderr = _run(
+        [*argv, "--data-source", source, "--checkpoint-dir", whole / "ck", "--resume"]
+    )
+    assert status == 2 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "genes are missing" in stderr
+    assert not (tmp_path / "out.h5ad").exists()

@@ -98,7 +98,7 @@ def output_genes(
     model's AnnData, ``fitted.adata``) in that AnnData's order, matched by name, so a
     cells x genes result lines up with the ``var_names`` of the AnnData it was asked for
     even when the model knows its genes in another order. ``None``: the model's own
-    order, which is the AnnData's.
+    order (the AnnData's, or the model's AnnData has other genes than its data).
 
     Examples
     --------
@@ -111,10 +111,15 @@ def output_genes(
     """
     if gene_list is not None:
         return gene_columns(data, gene_list)
-    target = adata if adata is not None else getattr(fitted, "adata", None)
-    if target is None:
+    if adata is not None:
+        return gene_order(data.var_names, adata.var_names)
+    own = getattr(fitted, "adata", None)
+    if own is None:
         return None
-    return gene_order(data.var_names, target.var_names)
+    try:
+        return gene_order(data.var_names, own.var_names)
+    except InputError:  # a model's data taken from a gene subset of its AnnData
+        return None
 
 
 def _genes_last(values: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
