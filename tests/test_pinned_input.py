@@ -174,3 +174,26 @@ def test_resume_records_the_seed_the_run_used(tmp_path, monkeypatch, cells):
         result.layers["pyro_scvi_normalized"],
         anndata.read_h5ad(whole).layers["pyro_scvi_normalized"],
     )
+
+
+def test_a_streamed_input_replaced_just_before_it_is_copied_writes_nothing(
+    tmp_path, monkeypatch, cells
+):
+    # the last window: INPUT replaced after the check before the outputs, just as the
+    # output .h5ad is copied from it; the copy is checked again before anything moves in
+    import pyro_scvi.io.outputs as outputs
+
+    src = tmp_path / "in.h5ad"
+    cells.write_h5ad(src)
+    real = outputs.copy_h5ad
+
+    def replace_then_copy(a, b):
+        _replace(src, cells[::-1].copy())()
+        real(a, b)
+
+    monkeypatch.setattr(outputs, "copy_h5ad", replace_then_copy)
+    status, stderr = _run(["fit", src, "-o", tmp_path / "out.h5ad", *FAST, *EXACT, *STREAMED])
+    monkeypatch.undo()
+    assert status == 1 and "changed while the run used it" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out_checkpoint"]
