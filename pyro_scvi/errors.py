@@ -28,6 +28,14 @@ class DatasetUnavailableError(DatasetError):
     """A dataset is in none of the folders searched, and downloading it was not possible."""
 
 
+class InputChanged(InputError):
+    """An input file was replaced, changed or deleted while a run was reading it.
+
+    Nothing is written from it; the message says what changed. ``pyro-scvi fit`` keeps the
+    trained model as a checkpoint and says the command that writes the outputs from it.
+    """
+
+
 class OutputError(InputError):
     """An output cannot be written where asked; the message says what to change."""
 

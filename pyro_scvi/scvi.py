@@ -56,6 +56,12 @@ from .train.run import (
 )
 
 
+def _run_seed(run: TrainingRun) -> int | None:
+    """The seed a training run was started with (``None``: not recorded)."""
+    settings = run.settings if run.settings is not None else run.last
+    return None if settings is None else settings.seed
+
+
 @fill_doc
 class SCVI:
     """scVI (Lopez et al., 2018) fitted by stochastic variational inference in Pyro.
@@ -532,6 +538,8 @@ class SCVI:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             guide=self.guide,
+            # a continued run goes on with the streams of the seed it was started with
+            seed=seed if self.training_run is None else _run_seed(self.training_run),
         )
         check_batch_sizes(self.data, batch_size)
         if checkpoint_dir is not None:
@@ -596,7 +604,7 @@ class SCVI:
                 self.training_run = run
                 raise
         self._append_history(history)
-        self.training_run = TrainingRun(state)
+        self.training_run = TrainingRun(state, last=settings)
         return self
 
     @fill_doc
@@ -636,7 +644,7 @@ class SCVI:
         run.settings.check_components(elbo=elbo, optim=optim)
         remaining = run.settings.remaining(next_epoch(self.history))
         if remaining < 1:
-            self.training_run = TrainingRun(run.state)
+            self.training_run = TrainingRun(run.state, last=run.settings)
             return self
         engine = Engine.for_resume(
             run.settings.engine, elbo_passed=elbo is not None, optim_passed=optim is not None
@@ -655,6 +663,26 @@ class SCVI:
             self.is_trained = True
 
     # ------------------------------------------------------------------ queries
+    @property
+    def run_settings(self) -> RunSettings | None:
+        """The settings the last training call used (its ``seed``, ``lr`` ...), or ``None``.
+
+        For a resumed run, those it was started with. ``None`` for a model never trained
+        here nor loaded from a checkpoint.
+
+        Examples
+        --------
+        >>> import pyro_scvi
+        >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=10, seed=0)
+        >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+        >>> model.train(1, seed=3, progress_bar=False).run_settings.seed
+        3
+        """
+        run = self.training_run
+        if run is None:
+            return None
+        return run.settings if run.settings is not None else run.last
+
     def data_for(self, adata: AnnData | None = None) -> CountData:
         """The counts of ``adata`` (default: the model's cells) coded as the model codes them.
 

@@ -50,8 +50,9 @@ def write_results(
 ) -> None:
     """Write a fitted model's latent space (and normalized expression) into ``adata``.
 
-    ``adata`` must hold the model's cells, in order. This is the output step shared by
-    :func:`scvi` and ``pyro-scvi fit``.
+    ``adata`` must hold the model's cells, in order, and its genes in any order: per-gene
+    results are written by name, in ``adata``'s gene order. This is the output step shared
+    by :func:`scvi` and ``pyro-scvi fit``.
 
     Parameters
     ----------
@@ -86,15 +87,18 @@ def write_results(
         **(params or {}),
     )
     if normalized_key is not None:
+        from .data import gene_order
         from .io.outputs import normalized_chunks
 
         # a chunk of cells at a time: the posterior samples are never held for all cells
         data = model.data_for(adata)
+        # the model computes its genes in its own order; the layer follows adata's by name
+        order = gene_order(data.var_names, adata.var_names)
         normalized = np.empty((data.n_cells, data.n_genes), dtype=np.float32)
         for rows, values in normalized_chunks(
             model, data, library_size=library_size, n_samples=n_samples
         ):
-            normalized[rows] = values
+            normalized[rows] = values if order is None else values[:, order]
         adata.layers[normalized_key] = normalized
         entries.update(normalized_key=normalized_key, normalized_library_size=library_size)
     adata.uns[_uns_key(key_added)] = {

@@ -17,7 +17,12 @@ INPUT is opened in anndata's backed mode; its counts are loaded when they fit in
 and otherwise streamed from the file as training goes (``--data-source``; the rule is
 ``pyro_scvi.data.placement.choose_data_source``). A streamed run never loads the counts: OUTPUT is
 a byte copy of INPUT with the results added, and the normalized expression is computed and
-written a chunk of cells at a time.
+written a chunk of cells at a time. A streamed INPUT is pinned when training starts (device,
+inode, size and modification time, ``pyro_scvi.data.identity``): replaced, rewritten or
+deleted before the outputs are written, the run writes none, keeps the trained model as a
+checkpoint and says the ``--resume`` command that writes them once INPUT is back. Results
+are keyed by name: INPUT's genes may be in another order than the model's (``--resume``),
+and every per-gene output follows INPUT's ``var_names``.
 
 The model is saved to ``--model-dir`` (default: ``OUTPUT`` without ``.h5ad``, plus
 ``_model``) and the training curves to ``OUTPUT`` without ``.h5ad``, plus ``_training.png``.
@@ -44,7 +49,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputChanged, InputError
 from ._common import (
     PROG,
     _add_data_source_option,
@@ -185,7 +190,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the interrupted run whose checkpoint is in --checkpoint-dir (same "
-        "INPUT and training options)",
+        "INPUT and training options; --seed, if given, must be the run's); a finished run's "
+        "checkpoint writes the outputs without training",
     )
     _add_trust_model(p)
     _add_quiet(p)
@@ -224,6 +230,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
 
     matplotlib.use("Agg")  # the CLI only writes files; no display needed
 
+    from ..data.identity import FileIdentity
     from ..errors import TrainingError, TrainingInterrupted
     from ..io import persistence
     from ..io.files import check_free_space
@@ -239,6 +246,10 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     # launched by torchrun: join the group; only rank 0 writes (pyro_scvi.train.distributed)
     group = stack.enter_context(distributed.process_group(resolve_device(args.device)))
     adata, streamed, data_source = _read_data(args, layer=args.layer)
+    # A streamed input is read again when the outputs are written: pin the file it was
+    # (pyro_scvi.data.identity), so that a file replaced meanwhile is never paired with
+    # this run's rows.
+    pinned = FileIdentity.of(adata.filename) if streamed else None
     plan = _normalized_plan(args, adata)
     if not plan.layer and args.normalized == "auto" and not plan.genes:
         print(f"{PROG}: {plan.reason}", file=sys.stderr)  # known before a long training
@@ -263,8 +274,8 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
             streamed=True if streamed else None,
             trust=args.trust_model,
         )
-        _check_resume_options(model, args)
-        if not model.interrupted:
+        _check_resume_options(model, args, argv)
+        if not model.interrupted and model.run_settings is None:
             raise InputError(f"the checkpoint in {checkpoint_dir} has no run left to resume.")
     else:
         model = SCVI(
@@ -287,7 +298,9 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     every = args.checkpoint_every if explicit_checkpoints else 0
     status, stopped, note = 0, None, ""
     try:
-        if args.resume:
+        if args.resume and not model.interrupted:
+            pass  # a finished run's checkpoint (one whose outputs were not written): write them
+        elif args.resume:
             model.resume(
                 device=args.device,
                 progress_bar=not args.quiet,
@@ -338,8 +351,16 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     if group is not None and not group.is_main:
         return status  # rank 0 writes the outputs
 
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
+    # the seed the run used: a resumed run's own (given --seed was checked against it)
+    ran = model.run_settings
+    seed = ran.seed if args.resume and ran is not None and ran.seed is not None else args.seed
+    if seed is not None:
+        torch.manual_seed(seed)
+    if pinned is not None:
+        try:
+            pinned.check()  # before the latent space is read from it
+        except InputChanged as err:
+            return _keep_the_model(model, err, argv, checkpoint_dir)
     library = float(np.median(model.data.total_counts()))
     run_id = new_run_id()
     # The queries follow the free cores as training did (pyro_scvi.train.engine.ThreadPolicy).
@@ -356,7 +377,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
                 max_epochs=len(model.history),
                 batch_size=args.batch_size,
                 lr=args.lr,
-                seed=args.seed,
+                seed=seed,
                 model_dir=str(model_dir),
                 input=str(args.input),
                 run_id=run_id,
@@ -378,10 +399,18 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
             png=png,
             run_id=run_id,
             write=lambda path: _write_h5ad(
-                model, adata, path, plan=plan, library=library, n_samples=args.n_samples
+                model,
+                adata,
+                path,
+                plan=plan,
+                library=library,
+                n_samples=args.n_samples,
+                pinned=pinned,
             ),
             n_bytes=h5ad_bytes,
         )
+    except InputChanged as err:  # the streamed INPUT, checked again once copied
+        return _keep_the_model(model, err, argv, checkpoint_dir)
     finally:
         threads.close()
     last = model.history.iloc[-1]
@@ -480,17 +509,50 @@ def _h5ad_bytes(adata, n_latent: int = 0, dense_columns: int | None = None) -> i
     return n + 2**20
 
 
-def _write_h5ad(model, adata, path: Path, *, plan, library: float, n_samples: int) -> None:
+def _write_h5ad(
+    model, adata, path: Path, *, plan, library: float, n_samples: int, pinned=None
+) -> None:
     """Write fit's ``.h5ad`` to ``path``: ``adata``, its results, the normalized expression.
 
     The normalized expression is added a chunk of cells at a time (pyro_scvi.io.outputs). A
     streamed (backed) ``adata`` is never loaded: its file is copied byte for byte and the
-    latent space and ``uns`` are added to the copy.
+    latent space and ``uns`` are added to the copy; ``pinned`` (its
+    :class:`~pyro_scvi.data.identity.FileIdentity` when training started) is checked again
+    once it is copied, so the copy is of the file the model was trained on.
     """
     from ..io.outputs import write_normalized
 
     _write_results_h5ad(adata, path)
+    if pinned is not None:
+        pinned.check()
     write_normalized(path, model, plan, library_size=library, n_samples=n_samples)
+
+
+def _keep_the_model(model, err: Exception, argv: Sequence[str], checkpoint_dir: Path) -> int:
+    """INPUT changed under a trained run: keep the model as a checkpoint, say how to go on.
+
+    Nothing is written from the changed file. The checkpoint is of the run as it stands (a
+    finished run's, or an interrupted one's), so ``fit --resume`` with INPUT as it was
+    writes the outputs (and finishes the run, if it was interrupted); with another file,
+    the checkpoint's check of the cells refuses it.
+    """
+    from ..io import persistence
+    from ..train.run import empty_history
+
+    run = model.training_run
+    settings = model.run_settings
+    if run is None or settings is None or not model.is_trained:
+        print(f"{PROG} fit: error: {err}; no outputs were written.", file=sys.stderr)
+        return 1
+    persistence.write_checkpoint(model, checkpoint_dir, run.state, settings, empty_history())
+    print(
+        f"{PROG} fit: error: {err}; no outputs were written, so no result is paired with "
+        f"another file's cells. The trained model is kept as a checkpoint in "
+        f"{checkpoint_dir}; put INPUT back as it was and write the outputs with: "
+        f"{_resume_command(argv, checkpoint_dir)}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _write_fit_outputs(
@@ -561,11 +623,16 @@ def _resume_command(argv: Sequence[str], checkpoint_dir: Path) -> str:
     return shlex.join(words)
 
 
-def _check_resume_options(model, args: argparse.Namespace) -> None:
-    """The options that shape training must be the interrupted run's."""
+def _check_resume_options(model, args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
+    """The options that shape training must be the interrupted run's.
+
+    ``--seed`` too when given (``argv``): a resumed run goes on with the streams of the seed
+    it was started with, and that seed is the one recorded.
+    """
     from ..model.likelihoods import LIKELIHOODS
 
-    run = model.training_run.settings.to_dict() if model.interrupted else {}
+    settings = model.run_settings
+    run = settings.to_dict() if settings is not None else {}
     expected = {
         "--likelihood": (repr(LIKELIHOODS[args.likelihood]()), model.settings["likelihood"]),
         "--n-latent": (args.n_latent, model.settings["n_latent"]),
@@ -580,6 +647,9 @@ def _check_resume_options(model, args: argparse.Namespace) -> None:
     }
     if args.max_epochs is not None:
         expected["--max-epochs"] = (args.max_epochs, run.get("target_epoch"))
+    given_seed = any(w == "--seed" or w.startswith("--seed=") for w in argv)
+    if given_seed and run.get("seed") is not None:
+        expected["--seed"] = (args.seed, run.get("seed"))
     if args.library_residual is not None:  # not given: the checkpoint's own
         expected["--library-residual"] = (
             args.library_residual,

@@ -17,6 +17,7 @@ from .counts import (
     check_batch_sizes,
     check_indices,
     from_anndata,
+    gene_order,
     nonempty_cells,
     require_unique_obs_names,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "choose_data_source",
     "datasets",
     "from_anndata",
+    "gene_order",
     "nonempty_cells",
     "require_unique_obs_names",
 ]

@@ -178,8 +178,12 @@ class StreamedCounts:
         reason: str = "",
         block_cells: int = BLOCK_CELLS,
         read_ahead_blocks: int = READ_AHEAD_BLOCKS,
+        columns: np.ndarray | None = None,
     ) -> None:
         self._adata = adata
+        # the file's columns holding var_names, in order (None: the file's own order);
+        # every read goes through _columns, so the model sees its genes whatever the file's
+        self._columns = columns
         self.batch_index = batch_index
         self.batch_categories = batch_categories
         self.obs_names = obs_names
@@ -200,7 +204,7 @@ class StreamedCounts:
         return self._adata.X
 
     n_cells = property(lambda self: self.matrix.shape[0])
-    n_genes = property(lambda self: self.matrix.shape[1])
+    n_genes = property(lambda self: len(self.var_names))
     n_batch = property(lambda self: len(self.batch_categories))
 
     @property
@@ -226,10 +230,13 @@ class StreamedCounts:
 
     def read(self, start: int, stop: int) -> sp.csr_matrix | np.ndarray:
         """Cells ``start:stop`` from the file, as float32 CSR (or dense)."""
-        rows = self.matrix[start:stop]
-        if sp.issparse(rows):
-            return sp.csr_matrix(rows, dtype=np.float32)
-        return np.asarray(rows, dtype=np.float32)
+        return self._columns_of(self.matrix[start:stop])
+
+    def _columns_of(self, rows) -> sp.csr_matrix | np.ndarray:
+        """Rows read from the file as float32, their genes in :attr:`var_names` order."""
+        rows = sp.csr_matrix(rows, dtype=np.float32) if sp.issparse(rows) else np.asarray(rows)
+        rows = rows if self._columns is None else rows[:, self._columns]
+        return rows if sp.issparse(rows) else np.asarray(rows, dtype=np.float32)
 
     def minibatches(
         self,
@@ -316,8 +323,7 @@ class StreamedCounts:
                 rows = self._window[idx - lo]
             else:  # scattered cells: read them sorted, then put them in order
                 order = np.argsort(idx)
-                rows = self.matrix[idx[order]]
-                rows = sp.csr_matrix(rows, dtype=np.float32) if sp.issparse(rows) else rows
+                rows = self._columns_of(self.matrix[idx[order]])
                 rows = rows[np.argsort(order)]
         x = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
         x = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
@@ -420,7 +426,8 @@ def from_anndata(
         Known batches (for a trained model): every cell's batch must be one of them.
     var_names
         Known genes, in order (for a trained model): ``adata`` must have exactly these, in
-        any order; the counts come out in this order.
+        any order; the counts come out in this order (streamed counts too: each read is
+        reordered). Results per gene go back to ``adata``'s order with :func:`gene_order`.
     allow_empty_cells
         Accept cells with zero total counts (used for queries, never for training).
     streamed
@@ -462,13 +469,15 @@ def from_anndata(
 
         stream, source_reason = choose_data_source(adata, layer=layer, asked=streamed)
         if stream:
-            if columns is not None:
-                raise InputError(
-                    "The backed file has the model's genes in another order; streaming reads "
-                    "the file as it is. Load it (`adata = adata.to_memory()`) to reorder."
-                )
             return _streamed(
-                adata, layer, batch_key, batch_categories, allow_empty_cells, source_reason
+                adata,
+                layer,
+                batch_key,
+                batch_categories,
+                allow_empty_cells,
+                source_reason,
+                columns=columns,
+                var_names=var_names,
             )
         adata = adata.to_memory()
     else:
@@ -520,6 +529,9 @@ def _streamed(
     batch_categories: Sequence[str] | None,
     allow_empty_cells: bool,
     reason: str,
+    *,
+    columns: np.ndarray | None = None,
+    var_names: Sequence[str] | None = None,
 ) -> StreamedCounts:
     """:class:`StreamedCounts` of a backed AnnData, after one streamed pass of checks."""
     if layer is not None:
@@ -549,9 +561,10 @@ def _streamed(
         batch_index,
         categories,
         adata.obs_names.copy(),
-        adata.var_names.copy(),
+        adata.var_names.copy() if columns is None else pd.Index(var_names),
         totals,
         reason=reason,
+        columns=columns,
     )
 
 
@@ -701,6 +714,43 @@ def _gene_columns(adata: AnnData, var_names: Sequence[str]) -> np.ndarray | None
         f"{list(extra[:3])}). Select the model's genes first: "
         "`adata = adata[:, model.var_names].copy()`."
     )
+
+
+def gene_order(model_genes: Sequence[str], genes: Sequence[str]) -> np.ndarray | None:
+    """Where each of ``genes`` is among ``model_genes``: how per-gene results follow ``genes``.
+
+    A model computes per-gene values in its own gene order (``model_genes``, its
+    ``var_names``); ``values[..., gene_order(model_genes, genes)]`` puts them in the order
+    of ``genes`` (an AnnData's ``var_names``), so that results are keyed by name whatever
+    the order of the AnnData's genes. ``None`` when the orders are the same (nothing to
+    do).
+
+    Raises
+    ------
+    InputError
+        ``genes`` are not the model's genes (some missing or extra), naming the fix.
+
+    Examples
+    --------
+    >>> gene_order(["a", "b", "c"], ["c", "a", "b"]).tolist()
+    [2, 0, 1]
+    >>> gene_order(["a", "b"], ["a", "b"]) is None
+    True
+    """
+    model_genes = pd.Index(model_genes)
+    genes = pd.Index(genes)
+    if genes.equals(model_genes):
+        return None
+    if len(genes) != len(model_genes) or not genes.isin(model_genes).all():
+        missing = model_genes.difference(genes)
+        extra = genes.difference(model_genes)
+        raise InputError(
+            f"the AnnData's genes are not the model's ({len(missing)} missing, e.g. "
+            f"{list(missing[:3])}; {len(extra)} extra, e.g. {list(extra[:3])}); results are "
+            "written per gene by name, so give the model's genes: "
+            "`adata = adata[:, model.var_names].copy()`."
+        )
+    return model_genes.get_indexer(genes)
 
 
 def check_batch_sizes(data: CountData, batch_size: int) -> None:

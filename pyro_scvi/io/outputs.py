@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 
 #: Cells x genes above which ``"auto"`` writes no dense normalized layer: 50 million
 #: entries, 200 MB of float32 (e.g. 25,000 cells x 2,000 genes). At about 10 % non-zero,
@@ -297,6 +298,13 @@ def copy_h5ad(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfileobj(fin, fout, length=16 * 2**20)
 
 
+def _index(f: Any, slot: str) -> pd.Index:
+    """The names of an ``.h5ad``'s ``obs`` or ``var`` (its dataframe's index), as strings."""
+    group = f[slot]
+    values = group[group.attrs["_index"]][()]
+    return pd.Index([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+
+
 def _drop(group: Any, key: str) -> None:
     if key in group:
         del group[key]
@@ -343,7 +351,8 @@ def write_normalized(
     Parameters
     ----------
     path
-        An ``.h5ad`` holding the model's cells, in order.
+        An ``.h5ad`` holding the model's cells, in order, and its genes in any order: the
+        dense layer's columns follow the file's ``var_names`` by name.
     model
         The fitted :class:`~pyro_scvi.SCVI`.
     plan
@@ -356,13 +365,22 @@ def write_normalized(
     import h5py
     from anndata.io import write_elem
 
+    from ..data import gene_order
+
     data = model.data if data is None else data
     n, n_genes = data.n_cells, data.n_genes
     var_names = [str(v) for v in data.var_names]
     columns = np.array([var_names.index(g) for g in plan.genes], dtype=np.int64)
     with h5py.File(path, "r+") as f:
-        if int(f["obs"][f["obs"].attrs["_index"]].shape[0]) != n:
-            raise ValueError(f"{path} does not hold the model's {n} cells.")
+        # Rows and columns are matched by name to what the file holds: the model's values
+        # come in its own cell and gene order, the file may have its genes in another.
+        cells = _index(f, "obs")
+        if len(cells) != n or not cells.equals(pd.Index(data.obs_names).astype(str)):
+            raise OutputError(
+                f"{path} does not hold the model's {n} cells in its order; nothing of the "
+                "normalized expression was written (write it from the model's own AnnData)."
+            )
+        order = gene_order(data.var_names.astype(str), _index(f, "var")) if plan.layer else None
         layers, obsm = f.require_group("layers"), f.require_group("obsm")
         for group in (layers, obsm):
             if "encoding-type" not in group.attrs:
@@ -401,7 +419,7 @@ def write_normalized(
             batch_size=batch_size,
         ):
             if dense is not None:
-                dense[rows] = values
+                dense[rows] = values if order is None else values[:, order]
             if gene_sets is not None:
                 picked = values[:, columns]
                 for j, column in enumerate(gene_sets):

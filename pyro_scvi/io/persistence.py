@@ -399,7 +399,7 @@ def load(
         done = next_epoch(history) >= settings.target_epoch
         # a finished run's checkpoint continues with train(), not resume()
         finished = train_state.batches is None and done
-        record.run = TrainingRun(train_state, None if finished else settings)
+        record.run = TrainingRun(train_state, None if finished else settings, last=settings)
     return Loaded(components, record, manifest)
 
 

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from .._docs import fill_doc
-from ..data.counts import CountData, check_indices
+from ..data.counts import CountData, check_indices, gene_order
 from ..errors import InputError
 from ..model.nn import eval_mode
 from . import gap
@@ -87,6 +87,43 @@ def gene_columns(data: CountData, gene_list: Sequence[str] | None) -> np.ndarray
     if unknown:
         raise InputError(f"gene_list has genes the model does not know: {unknown[:5]}.")
     return data.var_names.get_indexer(list(gene_list))
+
+
+def output_genes(
+    fitted: Fitted, adata: AnnData | None, data: CountData, gene_list: Sequence[str] | None = None
+) -> np.ndarray | None:
+    """Columns of the model's per-gene values that a query returns, in the order it returns.
+
+    ``gene_list`` when given (its order); otherwise the genes of ``adata`` (default: the
+    model's AnnData, ``fitted.adata``) in that AnnData's order, matched by name, so a
+    cells x genes result lines up with the ``var_names`` of the AnnData it was asked for
+    even when the model knows its genes in another order. ``None``: the model's own
+    order (the AnnData's, or the model's AnnData has other genes than its data).
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=5, n_genes=4)
+    >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+    >>> reversed_genes = adata[:, ::-1].copy()
+    >>> output_genes(model, reversed_genes, model.data_for(reversed_genes)).tolist()
+    [3, 2, 1, 0]
+    """
+    if gene_list is not None:
+        return gene_columns(data, gene_list)
+    if adata is not None:
+        return gene_order(data.var_names, adata.var_names)
+    own = getattr(fitted, "adata", None)
+    if own is None:
+        return None
+    try:
+        return gene_order(data.var_names, own.var_names)
+    except InputError:  # a model's data taken from a gene subset of its AnnData
+        return None
+
+
+def _genes_last(values: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
+    return values if columns is None else values[..., columns]
 
 
 @fill_doc
@@ -191,9 +228,11 @@ def get_normalized_expression(
         batch_size=batch_size,
         device=fitted.device,
     )
+    columns = output_genes(fitted, adata, data)
+    names = data.var_names if columns is None else data.var_names[columns]
     if not return_mean:
-        return samples
-    return pd.DataFrame(samples.mean(0), index=data.obs_names, columns=data.var_names)
+        return _genes_last(samples, columns)
+    return pd.DataFrame(_genes_last(samples.mean(0), columns), index=data.obs_names, columns=names)
 
 
 @fill_doc
@@ -588,6 +627,9 @@ def get_likelihood_parameters(
             batch_size=batch_size,
             device=fitted.device,
         )
+    # (cells, genes) values in the genes' order of the AnnData asked about
+    columns = output_genes(fitted, adata, data)
+    params = {k: _genes_last(v, columns) for k, v in params.items()}
     if give_mean or n_samples == 1:
         return {k: v.mean(0) for k, v in params.items()}
     return params
@@ -664,7 +706,7 @@ def get_dropout_probability(
         )
     data = fitted.data_for(adata)
     idx = check_indices(indices, data.n_cells)
-    columns = gene_columns(data, gene_list)
+    columns = output_genes(fitted, adata, data, gene_list)
     with q.seeded(seed, fitted.device):
         return q.dropout_probability(
             fitted.model,
@@ -773,7 +815,7 @@ def posterior_predictive_sample(
     """
     check_positive(n_samples=n_samples, batch_size=batch_size)
     data = fitted.data_for(adata)
-    columns = gene_columns(data, gene_list)
+    columns = output_genes(fitted, adata, data, gene_list)
     with q.seeded(seed, fitted.device):
         draws = q.posterior_predictive_counts(
             fitted.model,
@@ -862,7 +904,11 @@ def impute(
             parts["mean"].append(summary["mean"])
             parts["lower"].append(summary[keys["lower"]])
             parts["upper"].append(summary[keys["upper"]])
+    columns = output_genes(fitted, adata, data)
+    names = data.var_names if columns is None else data.var_names[columns]
     return {
-        k: pd.DataFrame(np.concatenate(v), index=data.obs_names, columns=data.var_names)
+        k: pd.DataFrame(
+            _genes_last(np.concatenate(v), columns), index=data.obs_names, columns=names
+        )
         for k, v in parts.items()
     }

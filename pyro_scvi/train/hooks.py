@@ -193,8 +193,8 @@ class Checkpoints:
     checkpoints, e.g. on a rank other than 0). ``keep(mid_epoch)`` fills the state in
     before a periodic write (optimizer, random streams). Written after every
     ``every``-th epoch (0: only when interrupted, :meth:`now`) and at the end of the run
-    when its last epoch was not written yet, so a finished run can be continued from its
-    checkpoint later.
+    (after batch norm's statistics are re-estimated), so a finished run can be continued
+    from its checkpoint later and its outputs written from it.
 
     Examples
     --------
@@ -234,9 +234,13 @@ class Checkpoints:
             self.written = epoch
 
     def at_end(self, history: RunHistory) -> None:
-        """At the end of the run (the state kept): write, unless its last epoch was."""
-        last = history.last_epoch
-        if self.enabled and self.every and last is not None and self.written != last:
+        """At the end of the run (the state kept): write, even if its last epoch was.
+
+        The run's end re-estimates batch norm's statistics after the last epoch's
+        checkpoint, so that checkpoint is not the finished model; this one is (``fit
+        --resume`` of a finished run writes its outputs from it).
+        """
+        if self.enabled and self.every and history.last_epoch is not None:
             self.write(self.state, history.frame())
 
     def now(self, history: pd.DataFrame) -> str | None:

@@ -59,6 +59,10 @@ class RunSettings:
         How the run stepped (:meth:`pyro_scvi.train.engine.RunEngine.as_dict`), once known.
     checkpoint_dir, checkpoint_every
         Where and how often the run writes checkpoints.
+    seed
+        The seed the run was started with (its split, initial parameters and streams; a
+        continued call keeps the run's own); ``None``: unseeded, or a checkpoint written
+        before the seed was recorded.
 
     Examples
     --------
@@ -80,6 +84,7 @@ class RunSettings:
     engine: dict | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a checkpoint's ``"run"`` entry."""
@@ -112,6 +117,7 @@ class RunSettings:
         checkpoint_dir: str | os.PathLike | None,
         checkpoint_every: int,
         guide: object,
+        seed: int | None = None,
     ) -> RunSettings:
         """The settings of a ``train()`` call from its arguments, checked first.
 
@@ -156,6 +162,7 @@ class RunSettings:
             optim=component_name(optim),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             checkpoint_every=int(checkpoint_every),
+            seed=None if seed is None else int(seed),
         )
 
     def train_arguments(
@@ -216,6 +223,10 @@ class TrainingRun:
     settings
         The settings of the ``train()`` call under way, or of one that was interrupted
         before its last epoch (``resume()`` finishes it); ``None`` once the call ended.
+    last
+        The settings of the last call, also once it ended: what the run used (its seed,
+        learning rate ...), for the record of its results. ``None``: not known (a model
+        loaded from a folder, not a checkpoint).
 
     Examples
     --------
@@ -226,6 +237,7 @@ class TrainingRun:
 
     state: TrainState
     settings: RunSettings | None = None
+    last: RunSettings | None = None
 
     @property
     def interrupted(self) -> bool:
