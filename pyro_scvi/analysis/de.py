@@ -166,6 +166,7 @@ def differential_expression(
     delta: float = 0.25,
     fdr_target: float = 0.05,
     batch_correction: bool = True,
+    composition_correction: bool = True,
     n_samples: int = 1000,
     pseudocount: float | None = None,
     credible_level: float = 0.95,
@@ -199,6 +200,13 @@ def differential_expression(
         Posterior expected false discovery rate that ``is_de_fdr`` controls, in (0, 1).
     batch_correction
         Average ``rho`` over all batches (``True``) or decode each cell in its own batch.
+    composition_correction
+        Change mode: measure each LFC against the genes that do not change (``True``, see
+        :func:`composition_factor`) rather than as a ratio of shares of the counts
+        (``False``). It assumes that most expressed genes do not change between the
+        groups; turn it off where that is wrong (a global shift in transcription that
+        should count as DE). Vanilla mode compares the decoded shares of single cells
+        and ignores it.
     n_samples
         Posterior samples per group: random cells (vanilla) or bootstrap group means
         (change). Probabilities stay ``1 / (2 n_samples + 2)`` or more away from 0 and 1.
@@ -295,7 +303,7 @@ def differential_expression(
 
     _warn_small_groups(cells, tested, reference, groupby)
 
-    frames = []
+    frames, composition = [], {}
     for g in tested:
         others = [h for h in needed if h != g] if reference is None else [reference]
         weights = np.array([len(cells[h]) for h in others], dtype=float)
@@ -303,15 +311,29 @@ def differential_expression(
         n_other = sum(raw[h][0] for h in others)
         # no more certainty than the smaller group's cells resolve (see _floor)
         floor = _floor(n_samples, min(len(cells[g]), n_other))
+        name = f"{g} vs {REST if reference is None else reference}"
         if mode == "change":
             # The rest's mean is the cell-weighted mixture of the other groups' means.
             b = sum(w * draws[h] for w, h in zip(weights, others, strict=True))
-            columns = _change_columns(draws[g], b, delta, pseudocount, credible_level, floor)
+            a = draws[g]
+            if composition_correction:
+                factor, reference_genes = composition_factor(a, b, pseudocount, delta)
+                composition[name] = {
+                    "log2_factor": float(factor.mean()),
+                    "log2_factor_sd": float(factor.std()),
+                    "n_reference_genes": int(reference_genes.sum()),
+                }
+                # half of the factor on each side, so swapping the groups flips the signs
+                a = a * 2.0 ** (-factor[:, None] / 2)
+                b_lfc = b * 2.0 ** (factor[:, None] / 2)
+            else:
+                b_lfc = b
+            columns = _change_columns(a, b_lfc, delta, pseudocount, credible_level, floor)
         else:
             b = _mixture_pool(draws, others, weights, n_samples, rng)
             columns = _vanilla_columns(draws[g], b, pseudocount, credible_level, floor)
         columns.update(
-            scale1=draws[g].mean(0),
+            scale1=draws[g].mean(0),  # shares of the counts, before composition_correction
             scale2=b.mean(0),
             raw_mean1=raw[g][1] / raw[g][0],
             raw_mean2=sum(raw[h][1] for h in others) / n_other,
@@ -319,7 +341,7 @@ def differential_expression(
             non_zeros_proportion2=sum(raw[h][2] for h in others) / n_other,
         )
         columns.update(n_cells1=len(cells[g]), n_cells2=n_other)
-        frames.append(_finish(columns, data.var_names, g, reference, fdr_target))
+        frames.append(_finish(columns, data.var_names, g, reference, fdr_target, mode))
     result = pd.concat(frames)
     result.attrs["params"] = {
         "groupby": groupby,
@@ -328,13 +350,17 @@ def differential_expression(
         "delta": float(delta),
         "fdr_target": float(fdr_target),
         "batch_correction": bool(batch_correction),
+        "composition_correction": bool(composition_correction and mode == "change"),
         "n_samples": int(n_samples),
         "pseudocount": float(pseudocount),
         "credible_level": float(credible_level),
         "seed": "None" if seed is None else int(seed),
         "sample_key": "None" if sample_key is None else sample_key,
         "layer": "None" if model.layer is None else model.layer,
+        "calls": "is_de_fdr" if mode == "change" else "none (vanilla mode makes no calls)",
     }
+    # per comparison: the log2 factor the LFCs were measured against (composition_factor)
+    result.attrs["composition"] = composition
     if key_added is not None:
         target.uns[key_added] = to_rank_genes_groups(result, data.var_names)
     return result
@@ -813,6 +839,84 @@ def _change_columns(
     }
 
 
+#: Least half-width (log2) of the window around the centre of the LFCs whose genes set
+#: the composition factor (:func:`composition_factor`); ``delta`` when that is wider.
+REFERENCE_WINDOW = 0.25
+
+
+def composition_factor(
+    a: np.ndarray, b: np.ndarray, eps: float, delta: float = 0.25, *, max_iter: int = 50
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per posterior sample, the log2 factor between two groups' shares of unchanged genes.
+
+    ``a`` and ``b`` are posterior samples ``(n_samples, genes)`` of two groups' mean
+    expression as shares of a cell's counts. When many genes go up in one group, the
+    share of every other gene falls there, and the ratio of shares calls them down
+    (likewise when many go down). Assuming that most expressed genes do not change, the
+    centre of the genes' LFC distribution measures that shift, as the median of ratios
+    does for bulk libraries (Anders and Huber, 2010):
+
+    1. reference genes: expressed in both groups (posterior mean share ``>= eps``; all
+       genes if none is);
+    2. the median ``c`` of their posterior mean LFCs ``log2 a - log2 b``, then, until it
+       settles, the median over those within ``max(delta, REFERENCE_WINDOW)`` of ``c``:
+       genes that move by more than the DE threshold leave the reference, so a one-sided
+       programme does not drag the centre towards itself;
+    3. per posterior sample, the median LFC of the reference genes: the factor carries
+       its own uncertainty into every gene's LFC.
+
+    :func:`differential_expression` divides ``a`` by ``2**(factor / 2)`` and multiplies
+    ``b`` by it before taking LFCs, so the LFC, its interval, ``proba_de`` and the
+    posterior FDR are all measured against the reference genes.
+
+    Parameters
+    ----------
+    a, b
+        Posterior samples of the two groups' mean shares, ``(n_samples, genes)``.
+    eps
+        Least mean share of a reference gene (the DE pseudocount).
+    delta
+        The DE threshold (log2); genes further than ``max(delta, REFERENCE_WINDOW)`` from
+        the centre are left out of it.
+    max_iter
+        Iterations of step 2 at most.
+
+    Returns
+    -------
+    factor : numpy.ndarray
+        ``(n_samples,)`` log2 factors, A's share of an unchanged gene over B's.
+    reference : numpy.ndarray
+        Boolean mask of the reference genes.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.gamma(5.0, 1.0, (200, 100)) / 500
+    >>> a = b * np.r_[np.full(20, 8.0), np.ones(80)]  # 20 of 100 genes up 8-fold in A...
+    >>> a /= a.sum(1, keepdims=True) / b.sum(1, keepdims=True)  # ...at equal library sizes
+    >>> factor, reference = composition_factor(a, b, eps=1e-4)
+    >>> round(float(factor.mean()), 1), int(reference.sum())  # log2(100 / 240) = -1.26
+    (-1.3, 80)
+    """
+    lfc = np.log2(np.maximum(a, 1e-300)) - np.log2(np.maximum(b, 1e-300))
+    expressed = np.minimum(a.mean(0), b.mean(0)) >= eps
+    if not expressed.any():
+        expressed = np.ones(lfc.shape[1], dtype=bool)
+    mean = lfc.mean(0)
+    window = max(delta, REFERENCE_WINDOW)
+    centre, reference = float(np.median(mean[expressed])), expressed
+    for _ in range(max_iter):
+        near = expressed & (np.abs(mean - centre) < window)
+        if not near.any():
+            break
+        reference = near
+        new = float(np.median(mean[reference]))
+        if new == centre:
+            break
+        centre = new
+    return np.median(lfc[:, reference], axis=1), reference
+
+
 def shrinkage_proba_de(
     lfc_mean: np.ndarray,
     lfc_std: np.ndarray,
@@ -912,6 +1016,7 @@ def _finish(
     group1: str,
     group2: str | None,
     fdr_target: float,
+    mode: str = "change",
 ) -> pd.DataFrame:
     frame = pd.DataFrame(columns, index=pd.Index(var_names, name=None))
     # Ties in proba_de (at its floor and ceiling) are broken by the evidence of a change,
@@ -920,8 +1025,13 @@ def _finish(
     evidence = np.abs(frame["lfc_mean"].to_numpy()) / np.maximum(frame["lfc_std"], 1e-12)
     order = np.lexsort((-evidence, -frame["proba_de"].to_numpy()))
     frame = frame.iloc[order]
-    frame["posterior_fdr"] = posterior_fdr(frame["proba_de"].to_numpy())
-    frame["is_de_fdr"] = frame["posterior_fdr"] <= fdr_target
+    if mode == "change":
+        frame["posterior_fdr"] = posterior_fdr(frame["proba_de"].to_numpy())
+        frame["is_de_fdr"] = frame["posterior_fdr"] <= fdr_target
+    else:
+        # vanilla's proba_de is an effect size, not a probability of DE: no FDR, no calls
+        frame["posterior_fdr"] = np.nan
+        frame["is_de_fdr"] = False
     name2 = REST if group2 is None else group2
     frame["comparison"] = f"{group1} vs {name2}"
     frame["group1"], frame["group2"] = group1, name2
