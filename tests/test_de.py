@@ -8,7 +8,12 @@ import pytest
 import scipy.sparse as sp
 
 from pyro_scvi import NB, SCVI, ZINB, InputError, Poisson
-from pyro_scvi.analysis.de import COLUMNS, differential_expression, posterior_fdr
+from pyro_scvi.analysis.de import (
+    COLUMNS,
+    composition_factor,
+    differential_expression,
+    posterior_fdr,
+)
 from pyro_scvi.analysis.plotting import plot_volcano
 from pyro_scvi.cli import main
 
@@ -631,7 +636,7 @@ def test_composition_correction_finds_the_unchanged_genes_unchanged(shifted):
     assert off.attrs["params"]["composition_correction"] is False
     assert off.attrs["composition"] == {}
     record = on.attrs["composition"]["A vs B"]
-    assert abs(record["log2_factor"] - shift) < 0.2
+    assert record["applied"] and abs(record["log2_factor"] - shift) < 0.2
     assert 0.5 * (~truth).sum() <= record["n_reference_genes"] <= (~truth).sum()
     # calls: the shift passes for DE in shares, not against the unchanged genes
     false_on = int((on.loc[shifted.adata.var_names, "is_de_fdr"] & ~truth).sum())
@@ -650,3 +655,21 @@ def test_composition_correction_off_gives_the_ratio_of_shares(shifted):
     np.testing.assert_allclose(off["lfc_mean"] - on["lfc_mean"], factor, atol=1e-9)
     np.testing.assert_allclose(off["scale1"], on["scale1"])
     assert not np.allclose(off["proba_de"], on["proba_de"])
+
+
+def test_no_composition_factor_where_most_genes_change():
+    # 70 of 100 genes move by 1-3 log2 units either way: no centre stands for the
+    # unchanged genes, so the factor is not applied; with 10 movers it is.
+    rng = np.random.default_rng(1)
+    b = rng.gamma(20.0, 1.0, (300, 100)) / 2000
+    for movers, applied in ((70, False), (10, True)):
+        lfc = np.r_[
+            rng.uniform(1, 3, movers) * rng.choice([-1, 1], movers), np.zeros(100 - movers)
+        ]
+        a = b * 2.0**lfc * 2.0**-0.5  # plus a composition shift of -0.5
+        factor, reference, done = composition_factor(a, b, eps=1e-4)
+        assert done is applied
+        if applied:
+            assert abs(factor.mean() + 0.5) < 0.01 and reference[movers:].all()
+        else:
+            assert (factor == 0).all()

@@ -44,10 +44,12 @@ Two tests compare the expression of two groups of cells, gene by gene:
     before the logs, so the LFC, its interval, ``proba_de`` and the posterior FDR all
     follow, and swapping the groups flips the signs. The factor per comparison is in
     ``DataFrame.attrs["composition"]``. It assumes that most expressed genes do not
-    change between the groups; where that is wrong (a global rise in transcription that
-    should count as DE, or a few hundred genes that all differ between unrelated cell
-    types), pass ``composition_correction=False`` for ratios of shares, the tables of
-    earlier versions. On simulations in which 5-20 % of the genes go up 2-8 fold in one
+    change between the groups: where fewer than half of them lie near the centre (two
+    unrelated cell types on a few hundred highly variable genes), the factor is not
+    applied (``"applied": False`` there). Where the assumption is wrong in a way the
+    data cannot show (a global rise in transcription that should count as DE), pass
+    ``composition_correction=False`` for ratios of shares, the tables of earlier
+    versions. On simulations in which 5-20 % of the genes go up 2-8 fold in one
     group (``benchmarks/de_truth.py``), ratios of shares gave unchanged genes a median
     LFC of -0.2 to -1 and empirical FDRs of 20-80 %; measured against the unchanged
     genes, the median was within 0.03 of 0 and the FDR at most 10 %.
@@ -276,9 +278,9 @@ def differential_expression(
           one-vs-rest), ``n_cells1``, ``n_cells2``: the groups' numbers of cells.
 
         ``DataFrame.attrs["params"]`` holds the parameters; ``attrs["composition"]``,
-        per comparison, the log2 factor the LFCs were measured against (its posterior
-        mean and sd, and the number of reference genes; empty without
-        ``composition_correction``).
+        per comparison, the log2 factor the LFCs were measured against (whether it was
+        ``applied``, its posterior mean and sd, and the number of reference genes;
+        empty without ``composition_correction``).
 
     Raises
     ------
@@ -342,8 +344,9 @@ def differential_expression(
             b = sum(w * draws[h] for w, h in zip(weights, others, strict=True))
             a = draws[g]
             if composition_correction:
-                factor, reference_genes = composition_factor(a, b, pseudocount, delta)
+                factor, reference_genes, applied = composition_factor(a, b, pseudocount, delta)
                 composition[name] = {
+                    "applied": applied,
                     "log2_factor": float(factor.mean()),
                     "log2_factor_sd": float(factor.std()),
                     "n_reference_genes": int(reference_genes.sum()),
@@ -865,13 +868,17 @@ def _change_columns(
 
 
 #: Least half-width (log2) of the window around the centre of the LFCs whose genes set
-#: the composition factor (:func:`composition_factor`); ``delta`` when that is wider.
+#: the composition factor (:func:`composition_factor`); ``delta``, or twice the median
+#: posterior sd of the expressed genes' LFCs, when that is wider.
 REFERENCE_WINDOW = 0.25
+#: Least share of the expressed genes that must lie in that window for the composition
+#: factor to be applied: "most genes do not change", as the correction assumes.
+MIN_REFERENCE_SHARE = 0.5
 
 
 def composition_factor(
     a: np.ndarray, b: np.ndarray, eps: float, delta: float = 0.25, *, max_iter: int = 50
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Per posterior sample, the log2 factor between two groups' shares of unchanged genes.
 
     ``a`` and ``b`` are posterior samples ``(n_samples, genes)`` of two groups' mean
@@ -881,14 +888,21 @@ def composition_factor(
     centre of the genes' LFC distribution measures that shift, as the median of ratios
     does for bulk libraries (Anders and Huber, 2010):
 
-    1. reference genes: expressed in both groups (posterior mean share ``>= eps``; all
-       genes if none is);
+    1. expressed genes: posterior mean share ``>= eps`` in both groups (all genes if
+       none is);
     2. the median ``c`` of their posterior mean LFCs ``log2 a - log2 b``, then, until it
-       settles, the median over those within ``max(delta, REFERENCE_WINDOW)`` of ``c``:
-       genes that move by more than the DE threshold leave the reference, so a one-sided
-       programme does not drag the centre towards itself;
+       settles, the median over the reference genes, those within a window of ``c``
+       (half-width the largest of ``delta``, :data:`REFERENCE_WINDOW` and twice the
+       median posterior sd of the expressed genes' LFCs): genes that move by more than
+       the DE threshold leave the reference, so a one-sided programme does not drag the
+       centre towards itself, and unchanged genes stay in it despite their noise;
     3. per posterior sample, the median LFC of the reference genes: the factor carries
        its own uncertainty into every gene's LFC.
+
+    If fewer than :data:`MIN_REFERENCE_SHARE` of the expressed genes are reference genes,
+    most genes change and no centre stands for the unchanged ones (two unrelated cell
+    types on a few hundred highly variable genes): the factor is then 0 and ``applied``
+    is ``False``.
 
     :func:`differential_expression` divides ``a`` by ``2**(factor / 2)`` and multiplies
     ``b`` by it before taking LFCs, so the LFC, its interval, ``proba_de`` and the
@@ -899,10 +913,9 @@ def composition_factor(
     a, b
         Posterior samples of the two groups' mean shares, ``(n_samples, genes)``.
     eps
-        Least mean share of a reference gene (the DE pseudocount).
+        Least mean share of an expressed gene (the DE pseudocount).
     delta
-        The DE threshold (log2); genes further than ``max(delta, REFERENCE_WINDOW)`` from
-        the centre are left out of it.
+        The DE threshold (log2), the least half-width of the window.
     max_iter
         Iterations of step 2 at most.
 
@@ -912,6 +925,8 @@ def composition_factor(
         ``(n_samples,)`` log2 factors, A's share of an unchanged gene over B's.
     reference : numpy.ndarray
         Boolean mask of the reference genes.
+    applied : bool
+        Whether the reference genes were enough (else ``factor`` is 0).
 
     Examples
     --------
@@ -919,16 +934,17 @@ def composition_factor(
     >>> b = rng.gamma(5.0, 1.0, (200, 100)) / 500
     >>> a = b * np.r_[np.full(20, 8.0), np.ones(80)]  # 20 of 100 genes up 8-fold in A...
     >>> a /= a.sum(1, keepdims=True) / b.sum(1, keepdims=True)  # ...at equal library sizes
-    >>> factor, reference = composition_factor(a, b, eps=1e-4)
-    >>> round(float(factor.mean()), 1), int(reference.sum())  # log2(100 / 240) = -1.26
-    (-1.3, 80)
+    >>> factor, reference, applied = composition_factor(a, b, eps=1e-4)
+    >>> round(float(factor.mean()), 1), int(reference.sum()), applied  # log2(100/240)=-1.26
+    (-1.3, 80, True)
     """
     lfc = np.log2(np.maximum(a, 1e-300)) - np.log2(np.maximum(b, 1e-300))
     expressed = np.minimum(a.mean(0), b.mean(0)) >= eps
     if not expressed.any():
         expressed = np.ones(lfc.shape[1], dtype=bool)
     mean = lfc.mean(0)
-    window = max(delta, REFERENCE_WINDOW)
+    spread = float(np.median(lfc[:, expressed].std(0)))
+    window = max(delta, REFERENCE_WINDOW, 2 * spread)
     centre, reference = float(np.median(mean[expressed])), expressed
     for _ in range(max_iter):
         near = expressed & (np.abs(mean - centre) < window)
@@ -939,7 +955,9 @@ def composition_factor(
         if new == centre:
             break
         centre = new
-    return np.median(lfc[:, reference], axis=1), reference
+    if reference.sum() < MIN_REFERENCE_SHARE * expressed.sum():
+        return np.zeros(len(lfc)), reference, False
+    return np.median(lfc[:, reference], axis=1), reference, True
 
 
 def shrinkage_proba_de(
