@@ -370,7 +370,9 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     lines += [
         "",
-        "## Targets (pyro_scvi change mode; '-': no reference or no DE gene in the stratum)",
+        "## Targets (pyro_scvi change mode)",
+        "",
+        "'-': scvi-tools did not run, or the stratum holds no DE gene.",
         "",
         *results.md_table(["benchmark", "method", *checks], marks),
     ]
