@@ -247,7 +247,7 @@ def summarize(replicates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         reps = [r for r in replicates if r["benchmark"] == name]
         out[name] = {}
         for method in METHODS:
-            rows = [r["methods"][method] for r in reps]
+            rows = [r["methods"].get(method, {"skipped": "not in that run"}) for r in reps]
             if any("skipped" in x for x in rows):
                 out[name][method] = {"skipped": rows[0]["skipped"]}
                 continue
