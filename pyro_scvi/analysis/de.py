@@ -228,12 +228,14 @@ def differential_expression(
     batch_correction
         Average ``rho`` over all batches (``True``) or decode each cell in its own batch.
     composition_correction
-        Change mode: measure each LFC against the genes that do not change (``True``, see
-        :func:`composition_factor`) rather than as a ratio of shares of the counts
-        (``False``). It assumes that most expressed genes do not change between the
-        groups; turn it off where that is wrong (a global shift in transcription that
-        should count as DE). Vanilla mode compares the decoded shares of single cells
-        and ignores it.
+        Change mode: measure each LFC against the genes that do not change (``True``,
+        see :func:`~pyro_scvi.analysis.de.composition_factor`) rather than as a ratio
+        of shares of the counts (``False``). It assumes that most expressed genes do not
+        change between the groups (where fewer than half of them lie near the centre,
+        the factor is not applied, and ``attrs["composition"]`` says so); turn it off
+        where the assumption is wrong in a way the data cannot show (a global shift in
+        transcription that should count as DE). Vanilla mode compares the decoded
+        shares of single cells and ignores it.
     n_samples
         Posterior samples per group: random cells (vanilla) or bootstrap group means
         (change). Probabilities stay ``1 / (2 n_samples + 2)`` or more away from 0 and 1.
