@@ -292,6 +292,13 @@ def test_de_truth_smoke(tmp_path):
         "poisson-lognormal",
         "poisson-lognormal, confounded",
         "thinned real counts",
+        "asymmetric",
+        "asymmetric, batches",
+        "high expressers",
+        "high expressers, batches",
+        "balanced",
+        "balanced, batches",
+        "thinned real counts, up-regulation",
     }
     for name, methods in summary.items():
         for method in ("pyro_scvi change", "pyro_scvi vanilla", "Wilcoxon"):
@@ -305,6 +312,11 @@ def test_de_truth_smoke(tmp_path):
         assert replicate["n_de"] > 0 and replicate["group_sizes"]["A"] > 0
     # a rank-sum test finds planted fold changes even on this tiny data
     assert summary["poisson-lognormal"]["Wilcoxon"]["auroc_all"] > 0.8
+    # before and after the composition correction, on the same fits
+    for method in ("pyro_scvi change", "pyro_scvi change, uncorrected"):
+        assert "median_null_lfc" in summary["asymmetric"][method]
+        assert "auroc > 20 %" in summary["asymmetric"][method]
+    assert summary["asymmetric"]["pyro_scvi vanilla"]["calls"] == 0  # vanilla makes no calls
     if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
         assert "skipped: scvi-tools not installed" in proc.stdout
     assert "Targets (pyro_scvi change mode)" in proc.stdout

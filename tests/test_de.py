@@ -8,7 +8,12 @@ import pytest
 import scipy.sparse as sp
 
 from pyro_scvi import NB, SCVI, ZINB, InputError, Poisson
-from pyro_scvi.analysis.de import COLUMNS, differential_expression, posterior_fdr
+from pyro_scvi.analysis.de import (
+    COLUMNS,
+    composition_factor,
+    differential_expression,
+    posterior_fdr,
+)
 from pyro_scvi.analysis.plotting import plot_volcano
 from pyro_scvi.cli import main
 
@@ -159,8 +164,12 @@ def test_batch_correction_removes_a_pure_batch_effect(trained, mode):
     kw = dict(groupby="batch", group1="b0", group2="b1", mode=mode, n_samples=500)
     corrected = trained.differential_expression(**kw)
     raw = trained.differential_expression(batch_correction=False, **kw)
-    assert corrected["is_de_fdr"].sum() <= 1
-    assert raw["is_de_fdr"].sum() >= 10
+    if mode == "change":
+        assert corrected["is_de_fdr"].sum() <= 1
+        assert raw["is_de_fdr"].sum() >= 10
+    else:  # vanilla makes no calls; its Bayes factors tell the batches apart
+        assert (corrected["bayes_factor"].abs() > 3).sum() <= 1
+        assert (raw["bayes_factor"].abs() > 3).sum() >= 10
 
 
 def test_one_vs_rest_over_every_group(trained):
@@ -210,8 +219,11 @@ def test_every_likelihood_and_observed_library_size(likelihood, observed_library
     )
     for mode in ("change", "vanilla"):
         res = model.differential_expression(groupby="cell_type", mode=mode, n_samples=20)
-        values = res.select_dtypes(float).to_numpy()
-        assert values.shape == (2 * N_GENES, 15) and np.isfinite(values).all()
+        values = res.select_dtypes(float)
+        assert values.shape == (2 * N_GENES, 15)
+        # vanilla mode has no posterior FDR (it makes no calls)
+        finite = values.drop(columns=["posterior_fdr"] if mode == "vanilla" else [])
+        assert np.isfinite(finite.to_numpy()).all()
         assert ((res["proba_de"] > 0) & (res["proba_de"] < 1)).all()
 
 
@@ -566,3 +578,98 @@ def test_raw_columns_read_in_chunks_equal_the_direct_sums(small_adata, monkeypat
         np.testing.assert_allclose(
             res[f"non_zeros_proportion{side}"], (rows > 0).sum(0) / len(rows), rtol=1e-12
         )
+
+
+def test_vanilla_mode_ranks_but_makes_no_calls(trained):
+    res = trained.differential_expression(
+        groupby="cell_type", group1="A", group2="B", mode="vanilla", n_samples=500
+    )
+    # p = P(rho1 > rho2) is an effect size, not a probability that the means differ:
+    # no FDR can be controlled with it, so no gene is called and no FDR reported ...
+    assert not res["is_de_fdr"].any() and res["posterior_fdr"].isna().all()
+    assert res.attrs["params"]["calls"].startswith("none")
+    # ... but the signed Bayes factors still rank and orient the DE genes
+    bf = res["bayes_factor"]
+    assert set(res.index[: 2 * N_DE]) == DE_GENES
+    assert (bf[[f"g{i}" for i in range(N_DE)]] > 2).all()
+    assert (bf[[f"g{i}" for i in range(N_DE, 2 * N_DE)]] < -2).all()
+    change = trained.differential_expression(groupby="cell_type", group1="A", group2="B")
+    assert change.attrs["params"]["calls"] == "is_de_fdr" and change["is_de_fdr"].sum() >= 10
+
+
+# ---------------------------------------------------------------------- composition shifts
+@pytest.fixture(scope="module")
+def shifted():
+    """20 % of the genes 2-8 fold up in A at the same sequencing depth: every other gene's
+    share of A's counts falls by the factor ``uns["truth"]["composition_shift_log2"]``."""
+    from pyro_scvi.datasets.de_truth import composition_shift
+
+    adata = composition_shift(n_cells=600, n_genes=100, up_fraction=0.2, down_fraction=0.0)
+    adata.X = adata.X.astype(np.float32)
+    model = SCVI(adata, n_latent=4, n_hidden=32)
+    model.train(max_epochs=40, kl_warmup_epochs=10, progress_bar=False, seed=0)
+    return model
+
+
+def _unchanged_lfc(model, **kw):
+    a = model.adata
+    res = model.differential_expression(
+        groupby="group", group1="A", group2="B", n_samples=300, **kw
+    )
+    truth = a.uns["truth"]["is_de"]
+    expressed = np.asarray((a.X > 0).mean(0)).ravel() >= 0.05
+    lfc = res.loc[a.var_names, "lfc_mean"].to_numpy()
+    return res, float(np.median(lfc[expressed & ~truth])), truth
+
+
+def test_composition_correction_finds_the_unchanged_genes_unchanged(shifted):
+    shift = shifted.adata.uns["truth"]["composition_shift_log2"]
+    assert shift < -0.5  # the programme moves every other gene's share by this much
+    on, centred, truth = _unchanged_lfc(shifted)
+    off, shares, _ = _unchanged_lfc(shifted, composition_correction=False)
+    # as ratios of shares, the unchanged genes go down by about the shift ...
+    assert shares < 0.5 * shift
+    # ... measured against the unchanged genes, they do not change
+    assert abs(centred) < 0.1
+    # the factor is recorded per comparison, with the setting
+    assert on.attrs["params"]["composition_correction"] is True
+    assert off.attrs["params"]["composition_correction"] is False
+    assert off.attrs["composition"] == {}
+    record = on.attrs["composition"]["A vs B"]
+    assert record["applied"] and abs(record["log2_factor"] - shift) < 0.2
+    assert 0.5 * (~truth).sum() <= record["n_reference_genes"] <= (~truth).sum()
+    # calls: the shift passes for DE in shares, not against the unchanged genes
+    false_on = int((on.loc[shifted.adata.var_names, "is_de_fdr"] & ~truth).sum())
+    false_off = int((off.loc[shifted.adata.var_names, "is_de_fdr"] & ~truth).sum())
+    assert false_off >= 10 and false_on <= max(2, 0.1 * on["is_de_fdr"].sum())
+
+
+def test_composition_correction_off_gives_the_ratio_of_shares(shifted):
+    # Without a pseudocount, the LFC samples differ by exactly the per-sample factor, so the
+    # mean LFCs differ by its mean: both use the same draws, one measured against the
+    # unchanged genes and one as the ratio of shares (the tables before the correction).
+    kw = dict(groupby="group", group1="A", group2="B", n_samples=200, pseudocount=0.0, seed=4)
+    on = shifted.differential_expression(**kw)
+    off = shifted.differential_expression(composition_correction=False, **kw).loc[on.index]
+    factor = on.attrs["composition"]["A vs B"]["log2_factor"]
+    np.testing.assert_allclose(off["lfc_mean"] - on["lfc_mean"], factor, atol=1e-9)
+    np.testing.assert_allclose(off["scale1"], on["scale1"])
+    assert not np.allclose(off["proba_de"], on["proba_de"])
+
+
+def test_no_composition_factor_where_most_genes_change():
+    # 70 of 100 genes move by 1-3 log2 units either way: no centre stands for the
+    # unchanged genes, so the factor is not applied; with 10 movers it is.
+    rng = np.random.default_rng(1)
+    b = rng.gamma(20.0, 1.0, (300, 100)) / 2000
+    for movers, applied in ((70, False), (10, True)):
+        lfc = np.r_[
+            rng.uniform(1, 3, movers) * rng.choice([-1, 1], movers), np.zeros(100 - movers)
+        ]
+        a = b * 2.0**lfc * 2.0**-0.5  # plus a composition shift of -0.5
+        factor, reference, done = composition_factor(a, b, eps=1e-4)
+        assert done is applied
+        if applied:
+            assert abs(factor.mean() + 0.5) < 0.01 and reference[movers:].all()
+        else:
+            assert (factor == 0).all()

@@ -35,6 +35,27 @@ Two tests compare the expression of two groups of cells, gene by gene:
     was not measured in is used only where a group has fewer than 10 cells in a batch:
     when groups and batches are confounded, ``z`` still carries some of the batch.
 
+    Shares move together: when a programme switches many genes on in one group (a
+    stimulation, a cell cycle), every other gene's share of that group's counts falls,
+    and a ratio of shares calls them all down. With ``composition_correction`` (the
+    default) each posterior sample's LFCs are measured against the genes that do not
+    change: the median LFC of the expressed genes near the centre of the LFC
+    distribution (:func:`composition_factor`), half of it taken from each group's mean
+    before the logs, so the LFC, its interval, ``proba_de`` and the posterior FDR all
+    follow, and swapping the groups flips the signs. The factor per comparison is in
+    ``DataFrame.attrs["composition"]``. It assumes that most expressed genes do not
+    change between the groups: where fewer than half of them lie near the centre (two
+    unrelated cell types on a few hundred highly variable genes), the factor is not
+    applied (``"applied": False`` there). Where the assumption is wrong in a way the
+    data cannot show (a global rise in transcription that should count as DE), pass
+    ``composition_correction=False`` for ratios of shares, the tables of earlier
+    versions. On the composition benchmarks of ``benchmarks/de_truth.py`` (5-20 % of
+    the genes up 2-8 fold in one group, a programme among the high expressers, a
+    balanced one, a one-sided programme thinned into real counts), ratios of shares gave
+    the unchanged genes a median LFC of -0.16 to -0.90 and empirical FDRs of 13-91 % at
+    a 5 % target; measured against the unchanged genes, the median was within 0.006 of 0
+    and the FDR 3-7 %, at the same power.
+
     The LFC samples give ``lfc_mean``, ``lfc_std`` and the credible interval;
     ``proba_de = P(|LFC| >= delta)`` comes from those estimates under a prior on the LFCs
     fitted to all the genes (:func:`shrinkage_proba_de`), which knows that most genes are
@@ -50,8 +71,11 @@ Two tests compare the expression of two groups of cells, gene by gene:
     Between two similar cell types (CD4+ and CD8+ T-cells of pbmc8k) whose cells overlap
     on every gene, ``p`` stays below about 0.9, so the FDR rule below calls nothing,
     however many cells there are; the decoder's small but consistent shifts, on the other
-    hand, can push ``p`` towards 1 for genes that do not change. Use change mode for calls;
-    vanilla mode ranks genes by how well they separate single cells.
+    hand, can push ``p`` towards 1 for genes that do not change. Vanilla mode therefore
+    makes no calls: ``is_de_fdr`` is ``False`` and ``posterior_fdr`` is NaN for every
+    gene (its calls had empirical FDRs of 17-25 % on ``benchmarks/de_truth.py``, and no
+    rule on an effect size controls an FDR). Its ``proba_de`` and signed Bayes factors
+    rank genes by how well they separate single cells; use change mode for calls.
 
 Why change mode's calls are calibrated: every source of error in a group's mean is in its
 posterior (cells, the latent posterior, the decoder's error measured against the counts,
@@ -59,14 +83,16 @@ with a variance checked against the residuals), the prior on LFCs is fitted to a
 genes, and only the comparison within shared batches enters. On simulations from outside
 the model (``benchmarks/de_truth.py``: Splatter-style, multi-sample Poisson-lognormal,
 fold changes planted in real counts by binomial thinning, with and without confounded
-batches) the empirical FDR of the calls at a 5 % target was 5-7 %, with power 0.84-0.97
-(scvi-tools 1.4.2: 0.13-0.25), and two random halves of one group called nothing. Where
-cells come from a few replicates (samples, donors), pass ``sample_key``: taking the cells
-as independent, differences between replicates pass for differences between groups (FDR
-13-14 % on the Poisson-lognormal design with 3 replicates per group; 1-8 % with it).
+batches, and the composition designs above) the empirical FDR of the calls at a 5 %
+target was 3-10 %, with power 0.79-1.0 (scvi-tools 1.4.2, in an earlier run of the
+first five designs: 0.13-0.42), and two random halves of one group called nothing.
+Where cells come from a few replicates (samples, donors), pass ``sample_key``: taking
+the cells as independent, differences between replicates pass for differences between
+groups (FDR 9-14 % on the Poisson-lognormal design with 3 replicates per group; 1-7 %
+with it).
 
-Either way genes are called DE by controlling the posterior expected false discovery
-rate: sort genes by ``proba_de`` and take the longest list whose mean ``1 - proba_de``
+Change mode calls genes DE by controlling the posterior expected false discovery rate:
+sort genes by ``proba_de`` and take the longest list whose mean ``1 - proba_de``
 (``posterior_fdr``) is at most ``fdr_target``.
 
 Probabilities rest on ``S = n_samples`` Monte-Carlo samples and on the ``n`` cells of the
@@ -166,6 +192,7 @@ def differential_expression(
     delta: float = 0.25,
     fdr_target: float = 0.05,
     batch_correction: bool = True,
+    composition_correction: bool = True,
     n_samples: int = 1000,
     pseudocount: float | None = None,
     credible_level: float = 0.95,
@@ -196,9 +223,19 @@ def differential_expression(
     delta
         LFC threshold (log2 units, positive) of change mode.
     fdr_target
-        Posterior expected false discovery rate that ``is_de_fdr`` controls, in (0, 1).
+        Posterior expected false discovery rate that ``is_de_fdr`` controls, in (0, 1)
+        (change mode; vanilla mode makes no calls).
     batch_correction
         Average ``rho`` over all batches (``True``) or decode each cell in its own batch.
+    composition_correction
+        Change mode: measure each LFC against the genes that do not change (``True``,
+        see :func:`~pyro_scvi.analysis.de.composition_factor`) rather than as a ratio
+        of shares of the counts (``False``). It assumes that most expressed genes do not
+        change between the groups (where fewer than half of them lie near the centre,
+        the factor is not applied, and ``attrs["composition"]`` says so); turn it off
+        where the assumption is wrong in a way the data cannot show (a global shift in
+        transcription that should count as DE). Vanilla mode compares the decoded
+        shares of single cells and ignores it.
     n_samples
         Posterior samples per group: random cells (vanilla) or bootstrap group means
         (change). Probabilities stay ``1 / (2 n_samples + 2)`` or more away from 0 and 1.
@@ -235,7 +272,8 @@ def differential_expression(
         - ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_lower``, ``lfc_upper``: the
           posterior of the log2 fold change of group 1 over group 2 (in vanilla mode, of
           random cell pairs);
-        - ``posterior_fdr`` (expected FDR of the list down to this gene) and ``is_de_fdr``;
+        - ``posterior_fdr`` (expected FDR of the list down to this gene) and ``is_de_fdr``
+          (change mode; NaN and ``False`` in vanilla mode, which makes no calls);
         - ``scale1``, ``scale2``: each group's mean expression, the expected share of a
           cell's counts (change mode: corrected by the group's counts; vanilla mode: the
           decoder's ``rho``);
@@ -245,7 +283,10 @@ def differential_expression(
         - ``comparison`` (``"A vs B"``), ``group1``, ``group2`` (``"rest"`` for
           one-vs-rest), ``n_cells1``, ``n_cells2``: the groups' numbers of cells.
 
-        ``DataFrame.attrs`` holds the parameters.
+        ``DataFrame.attrs["params"]`` holds the parameters; ``attrs["composition"]``,
+        per comparison, the log2 factor the LFCs were measured against (whether it was
+        ``applied``, its posterior mean and sd, and the number of reference genes;
+        empty without ``composition_correction``).
 
     Raises
     ------
@@ -295,7 +336,7 @@ def differential_expression(
 
     _warn_small_groups(cells, tested, reference, groupby)
 
-    frames = []
+    frames, composition = [], {}
     for g in tested:
         others = [h for h in needed if h != g] if reference is None else [reference]
         weights = np.array([len(cells[h]) for h in others], dtype=float)
@@ -303,15 +344,30 @@ def differential_expression(
         n_other = sum(raw[h][0] for h in others)
         # no more certainty than the smaller group's cells resolve (see _floor)
         floor = _floor(n_samples, min(len(cells[g]), n_other))
+        name = f"{g} vs {REST if reference is None else reference}"
         if mode == "change":
             # The rest's mean is the cell-weighted mixture of the other groups' means.
             b = sum(w * draws[h] for w, h in zip(weights, others, strict=True))
-            columns = _change_columns(draws[g], b, delta, pseudocount, credible_level, floor)
+            a = draws[g]
+            if composition_correction:
+                factor, reference_genes, applied = composition_factor(a, b, pseudocount, delta)
+                composition[name] = {
+                    "applied": applied,
+                    "log2_factor": float(factor.mean()),
+                    "log2_factor_sd": float(factor.std()),
+                    "n_reference_genes": int(reference_genes.sum()),
+                }
+                # half of the factor on each side, so swapping the groups flips the signs
+                a = a * 2.0 ** (-factor[:, None] / 2)
+                b_lfc = b * 2.0 ** (factor[:, None] / 2)
+            else:
+                b_lfc = b
+            columns = _change_columns(a, b_lfc, delta, pseudocount, credible_level, floor)
         else:
             b = _mixture_pool(draws, others, weights, n_samples, rng)
             columns = _vanilla_columns(draws[g], b, pseudocount, credible_level, floor)
         columns.update(
-            scale1=draws[g].mean(0),
+            scale1=draws[g].mean(0),  # shares of the counts, before composition_correction
             scale2=b.mean(0),
             raw_mean1=raw[g][1] / raw[g][0],
             raw_mean2=sum(raw[h][1] for h in others) / n_other,
@@ -319,7 +375,7 @@ def differential_expression(
             non_zeros_proportion2=sum(raw[h][2] for h in others) / n_other,
         )
         columns.update(n_cells1=len(cells[g]), n_cells2=n_other)
-        frames.append(_finish(columns, data.var_names, g, reference, fdr_target))
+        frames.append(_finish(columns, data.var_names, g, reference, fdr_target, mode))
     result = pd.concat(frames)
     result.attrs["params"] = {
         "groupby": groupby,
@@ -328,13 +384,17 @@ def differential_expression(
         "delta": float(delta),
         "fdr_target": float(fdr_target),
         "batch_correction": bool(batch_correction),
+        "composition_correction": bool(composition_correction and mode == "change"),
         "n_samples": int(n_samples),
         "pseudocount": float(pseudocount),
         "credible_level": float(credible_level),
         "seed": "None" if seed is None else int(seed),
         "sample_key": "None" if sample_key is None else sample_key,
         "layer": "None" if model.layer is None else model.layer,
+        "calls": "is_de_fdr" if mode == "change" else "none (vanilla mode makes no calls)",
     }
+    # per comparison: the log2 factor the LFCs were measured against (composition_factor)
+    result.attrs["composition"] = composition
     if key_added is not None:
         target.uns[key_added] = to_rank_genes_groups(result, data.var_names)
     return result
@@ -813,6 +873,99 @@ def _change_columns(
     }
 
 
+#: Least half-width (log2) of the window around the centre of the LFCs whose genes set
+#: the composition factor (:func:`composition_factor`); ``delta``, or twice the median
+#: posterior sd of the expressed genes' LFCs, when that is wider.
+REFERENCE_WINDOW = 0.25
+#: Least share of the expressed genes that must lie in that window for the composition
+#: factor to be applied: "most genes do not change", as the correction assumes.
+MIN_REFERENCE_SHARE = 0.5
+
+
+def composition_factor(
+    a: np.ndarray, b: np.ndarray, eps: float, delta: float = 0.25, *, max_iter: int = 50
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per posterior sample, the log2 factor between two groups' shares of unchanged genes.
+
+    ``a`` and ``b`` are posterior samples ``(n_samples, genes)`` of two groups' mean
+    expression as shares of a cell's counts. When many genes go up in one group, the
+    share of every other gene falls there, and the ratio of shares calls them down
+    (likewise when many go down). Assuming that most expressed genes do not change, the
+    centre of the genes' LFC distribution measures that shift, as the median of ratios
+    does for bulk libraries (Anders and Huber, 2010):
+
+    1. expressed genes: posterior mean share ``>= eps`` in both groups (all genes if
+       none is);
+    2. the median ``c`` of their posterior mean LFCs ``log2 a - log2 b``, then, until it
+       settles, the median over the reference genes, those within a window of ``c``
+       (half-width the largest of ``delta``, :data:`REFERENCE_WINDOW` and twice the
+       median posterior sd of the expressed genes' LFCs): genes that move by more than
+       the DE threshold leave the reference, so a one-sided programme does not drag the
+       centre towards itself, and unchanged genes stay in it despite their noise;
+    3. per posterior sample, the median LFC of the reference genes: the factor carries
+       its own uncertainty into every gene's LFC.
+
+    If fewer than :data:`MIN_REFERENCE_SHARE` of the expressed genes are reference genes,
+    most genes change and no centre stands for the unchanged ones (two unrelated cell
+    types on a few hundred highly variable genes): the factor is then 0 and ``applied``
+    is ``False``.
+
+    :func:`differential_expression` divides ``a`` by ``2**(factor / 2)`` and multiplies
+    ``b`` by it before taking LFCs, so the LFC, its interval, ``proba_de`` and the
+    posterior FDR are all measured against the reference genes.
+
+    Parameters
+    ----------
+    a, b
+        Posterior samples of the two groups' mean shares, ``(n_samples, genes)``.
+    eps
+        Least mean share of an expressed gene (the DE pseudocount).
+    delta
+        The DE threshold (log2), the least half-width of the window.
+    max_iter
+        Iterations of step 2 at most.
+
+    Returns
+    -------
+    factor : numpy.ndarray
+        ``(n_samples,)`` log2 factors, A's share of an unchanged gene over B's.
+    reference : numpy.ndarray
+        Boolean mask of the reference genes.
+    applied : bool
+        Whether the reference genes were enough (else ``factor`` is 0).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> b = rng.gamma(5.0, 1.0, (200, 100)) / 500
+    >>> a = b * np.r_[np.full(20, 8.0), np.ones(80)]  # 20 of 100 genes up 8-fold in A...
+    >>> a /= a.sum(1, keepdims=True) / b.sum(1, keepdims=True)  # ...at equal library sizes
+    >>> factor, reference, applied = composition_factor(a, b, eps=1e-4)
+    >>> round(float(factor.mean()), 1), int(reference.sum()), applied  # log2(100/240)=-1.26
+    (-1.3, 80, True)
+    """
+    lfc = np.log2(np.maximum(a, 1e-300)) - np.log2(np.maximum(b, 1e-300))
+    expressed = np.minimum(a.mean(0), b.mean(0)) >= eps
+    if not expressed.any():
+        expressed = np.ones(lfc.shape[1], dtype=bool)
+    mean = lfc.mean(0)
+    spread = float(np.median(lfc[:, expressed].std(0)))
+    window = max(delta, REFERENCE_WINDOW, 2 * spread)
+    centre, reference = float(np.median(mean[expressed])), expressed
+    for _ in range(max_iter):
+        near = expressed & (np.abs(mean - centre) < window)
+        if not near.any():
+            break
+        reference = near
+        new = float(np.median(mean[reference]))
+        if new == centre:
+            break
+        centre = new
+    if reference.sum() < MIN_REFERENCE_SHARE * expressed.sum():
+        return np.zeros(len(lfc)), reference, False
+    return np.median(lfc[:, reference], axis=1), reference, True
+
+
 def shrinkage_proba_de(
     lfc_mean: np.ndarray,
     lfc_std: np.ndarray,
@@ -912,6 +1065,7 @@ def _finish(
     group1: str,
     group2: str | None,
     fdr_target: float,
+    mode: str = "change",
 ) -> pd.DataFrame:
     frame = pd.DataFrame(columns, index=pd.Index(var_names, name=None))
     # Ties in proba_de (at its floor and ceiling) are broken by the evidence of a change,
@@ -920,8 +1074,13 @@ def _finish(
     evidence = np.abs(frame["lfc_mean"].to_numpy()) / np.maximum(frame["lfc_std"], 1e-12)
     order = np.lexsort((-evidence, -frame["proba_de"].to_numpy()))
     frame = frame.iloc[order]
-    frame["posterior_fdr"] = posterior_fdr(frame["proba_de"].to_numpy())
-    frame["is_de_fdr"] = frame["posterior_fdr"] <= fdr_target
+    if mode == "change":
+        frame["posterior_fdr"] = posterior_fdr(frame["proba_de"].to_numpy())
+        frame["is_de_fdr"] = frame["posterior_fdr"] <= fdr_target
+    else:
+        # vanilla's proba_de is an effect size, not a probability of DE: no FDR, no calls
+        frame["posterior_fdr"] = np.nan
+        frame["is_de_fdr"] = False
     name2 = REST if group2 is None else group2
     frame["comparison"] = f"{group1} vs {name2}"
     frame["group1"], frame["group2"] = group1, name2

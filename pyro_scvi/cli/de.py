@@ -67,6 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="average each cell's decoding over all batches, or (--no-batch-correction) "
         "decode each cell in its own batch",
     )
+    p.add_argument(
+        "--composition-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="change mode: measure LFCs against the genes that do not change (assumes most "
+        "genes do not), or (--no-composition-correction) as ratios of shares of the counts",
+    )
     add_idea(
         p,
         "sample_key",
@@ -121,6 +128,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         delta=args.delta,
         fdr_target=args.fdr_target,
         batch_correction=args.batch_correction,
+        composition_correction=args.composition_correction,
         n_samples=args.n_samples,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -131,9 +139,13 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     plot_volcano(results, volcano)
     calls = results.groupby("comparison", sort=False)["is_de_fdr"].sum()
     listed = "; ".join(f"{name}: {int(n)}" for name, n in calls.items())
+    summary = (
+        f"genes called DE at posterior expected FDR {args.fdr_target:g} -- {listed}"
+        if args.mode == "change"
+        else "no calls (vanilla mode ranks genes; use change mode for calls)"
+    )
     print(
-        f"{PROG} de ({args.mode} mode): genes called DE at posterior expected FDR "
-        f"{args.fdr_target:g} -- {listed}. Wrote {output} and {volcano} (counts "
+        f"{PROG} de ({args.mode} mode): {summary}. Wrote {output} and {volcano} (counts "
         f"{data_source})."
     )
     return 0

@@ -15,10 +15,17 @@ says little about data that are not. These generators build truth from other fam
     log-normal noise (Poisson-lognormal, not Gamma-Poisson), sample-specific depth, and
     optionally sequencing runs (batches) partly confounded with the condition. Samples are
     replicates, so pseudobulk tests apply.
+:func:`composition_shift`
+    Programmes that move the make-up of the libraries: many genes up (2-8 fold) in one
+    group and few down, optionally among the most expressed genes, with sequencing depth
+    independent of the group, so every unchanged gene's share of a cell's counts moves
+    by one common factor. Comparing shares then turns the programme into a fold change
+    of every other gene.
 :func:`plant_fold_changes`
     Semi-synthetic: split real cells of one type at random into two halves and plant known
     fold changes by binomial thinning of chosen genes in one half; all other variation is
-    the data's own.
+    the data's own. With ``up_share`` near 1 the planted programme is one-sided and moves
+    the libraries too.
 
 Every generator returns an :class:`~anndata.AnnData` of integer counts with
 ``obs["group"]`` (the groups compared), ``obs["batch"]`` and, in ``uns["truth"]``,
@@ -42,15 +49,25 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["plant_fold_changes", "poisson_lognormal_samples", "splatter_like"]
+__all__ = [
+    "composition_shift",
+    "plant_fold_changes",
+    "poisson_lognormal_samples",
+    "splatter_like",
+]
 
 
 def _de_factors(
-    rng: np.random.Generator, genes: np.ndarray, lfc_range: tuple[float, float]
+    rng: np.random.Generator,
+    genes: np.ndarray,
+    lfc_range: tuple[float, float],
+    up_share: float = 0.5,
 ) -> np.ndarray:
-    """Signed log2 fold changes, uniform in magnitude over ``lfc_range``, half of them down."""
+    """Signed log2 fold changes, uniform in magnitude over ``lfc_range``; ``up_share`` up."""
     size = rng.uniform(*lfc_range, len(genes))
-    return np.where(rng.random(len(genes)) < 0.5, -size, size)
+    # down where the uniform draw is below 1 - up_share: the draws of up_share=0.5 are those
+    # of the earlier "half of them down", so seeded data sets did not change
+    return np.where(rng.random(len(genes)) < 1 - up_share, -size, size)
 
 
 def _assemble(
@@ -325,6 +342,112 @@ def poisson_lognormal_samples(
     )
 
 
+def composition_shift(
+    n_cells: int = 3000,
+    n_genes: int = 2000,
+    *,
+    up_fraction: float = 0.15,
+    down_fraction: float = 0.01,
+    lfc_range: tuple[float, float] = (1.0, 3.0),
+    among_top: float = 1.0,
+    n_batches: int = 1,
+    batch_factor_sd: float = 0.2,
+    mean_shape: float = 0.6,
+    mean_rate: float = 0.3,
+    theta_median: float = 3.0,
+    library_size: float = 3000.0,
+    library_log_sd: float = 0.3,
+    seed: int = 0,
+) -> anndata.AnnData:
+    """Negative binomial counts whose DE programme shifts the libraries' composition.
+
+    Gene means are Gamma(``mean_shape``, ``mean_rate``) (Splatter's defaults). In group
+    ``"A"`` an ``up_fraction`` of the genes is multiplied by ``2**lfc`` and a
+    ``down_fraction`` divided by it, ``lfc`` uniform in ``lfc_range`` (default 2-8
+    fold); the DE genes are drawn from the ``among_top`` most expressed fraction of the
+    genes (``1``: from all; ``0.2`` with ``up_fraction=0.1``: a large programme among
+    the high expressers). A cell's depth is log-normal around ``library_size`` whatever
+    its group, so the expected count of gene ``g`` is ``depth * m_g / sum(m)``: an
+    unchanged gene's share of the counts in A is that of B times
+    ``2**composition_shift_log2`` (negative when A's programme is mostly up). Counts are
+    negative binomial with a log-normal inverse dispersion per gene around
+    ``theta_median``. With ``n_batches > 1``, batches are crossed with the groups (each
+    cell's batch at random, independent of its group) and every gene gets a log-normal
+    factor per batch.
+
+    The truth is the designed fold change of a gene's expression per cell (0 for genes
+    outside the programme): what a method that reads shares must correct for the
+    composition to find.
+
+    Parameters
+    ----------
+    n_cells, n_genes
+        Size of the count matrix; the cells are split at random between A and B.
+    up_fraction, down_fraction
+        Fractions of all the genes moved up and down in A.
+    lfc_range
+        Range of the magnitude of the log2 fold changes.
+    among_top
+        The DE genes are drawn from this top fraction of the genes by mean; it must hold
+        ``up_fraction + down_fraction`` of them.
+    n_batches, batch_factor_sd
+        Batches crossed with the groups, and the sd of their per-gene log factors.
+    mean_shape, mean_rate
+        Gamma distribution of the genes' means.
+    theta_median
+        Median inverse dispersion of the negative binomial (log-sd 0.5 across genes).
+    library_size, library_log_sd
+        Median and log-scale spread of the cells' depth.
+    seed
+        Random seed.
+
+    Returns
+    -------
+    anndata.AnnData
+        CSR integer counts; ``obs["group"]`` (``"A"``, ``"B"``), ``obs["batch"]``;
+        ``uns["truth"]`` with ``log2_fold_change`` (A over B), ``is_de`` and
+        ``composition_shift_log2`` (log2 of A's over B's share of an unchanged gene).
+
+    Examples
+    --------
+    >>> adata = composition_shift(n_cells=200, n_genes=100, seed=0)
+    >>> lfc = adata.uns["truth"]["log2_fold_change"]
+    >>> int((lfc > 0).sum()), int((lfc < 0).sum())
+    (15, 1)
+    >>> bool(adata.uns["truth"]["composition_shift_log2"] < -0.2)
+    True
+    """
+    n_up, n_down = int(round(up_fraction * n_genes)), int(round(down_fraction * n_genes))
+    pool = int(round(among_top * n_genes))
+    if n_up + n_down > pool:
+        raise ValueError(
+            f"up_fraction + down_fraction = {up_fraction + down_fraction} exceeds "
+            f"among_top={among_top}: not enough genes to draw the programme from."
+        )
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(mean_shape, 1 / mean_rate, n_genes)
+    top = np.argsort(-base)[:pool]
+    genes = rng.choice(top, n_up + n_down, replace=False)
+    lfc = np.zeros(n_genes)
+    lfc[genes] = rng.uniform(*lfc_range, len(genes)) * np.r_[np.ones(n_up), -np.ones(n_down)]
+    group = np.where(rng.random(n_cells) < 0.5, "A", "B")
+    batch = _batches(rng, group, n_batches, 0.0)
+    batch_log = rng.normal(0.0, batch_factor_sd, (n_batches, n_genes))
+    means = base * 2.0 ** (np.where(group == "A", 1.0, 0.0)[:, None] * lfc)
+    means = means * np.exp(batch_log[batch])
+    depth = library_size * np.exp(rng.normal(0.0, library_log_sd, n_cells))
+    mu = depth[:, None] * means / means.sum(1, keepdims=True)
+    theta = theta_median * np.exp(rng.normal(0.0, 0.5, n_genes))
+    counts = rng.poisson(rng.gamma(theta, mu / theta))
+    shift = float(np.log2(base.sum() / (base * 2.0**lfc).sum()))
+    return _assemble(
+        counts,
+        {"group": group, "batch": np.array([f"batch{b}" for b in batch])},
+        lfc,
+        {"composition_shift_log2": shift, "design": "composition_shift"},
+    )
+
+
 def plant_fold_changes(
     adata: anndata.AnnData,
     *,
@@ -332,18 +455,25 @@ def plant_fold_changes(
     de_fraction: float = 0.1,
     lfc_range: tuple[float, float] = (0.6, 2.0),
     min_mean: float = 0.0,
+    up_share: float = 0.5,
     seed: int = 0,
 ) -> anndata.AnnData:
     """Semi-synthetic DE: halves ``"A"``/``"B"`` of real ``cells``, fold changes by thinning.
 
     ``cells`` (indices into ``adata``, one cell type say) are split at random into two
     halves. A random ``de_fraction`` of the genes with mean count at least ``min_mean`` in
-    those cells gets a log2 fold change of random sign and magnitude uniform in
-    ``lfc_range``: every count of the gene in the half that goes *down* is replaced by a
-    ``Binomial(count, 2**-|lfc|)`` draw. Thinning a count keeps its kind of noise (a Poisson
-    stays Poisson, a negative binomial stays negative binomial with the same shape), so
-    apart from the planted changes everything is the data's own variation. Cells outside
+    those cells gets a log2 fold change, up in A with probability ``up_share`` (down
+    otherwise) and of magnitude uniform in ``lfc_range``: every count of the gene in the
+    half that goes *down* is replaced by a ``Binomial(count, 2**-|lfc|)`` draw. Thinning a
+    count keeps its kind of noise (a Poisson stays Poisson, a negative binomial stays
+    negative binomial with the same shape), so apart from the planted changes everything
+    is the data's own variation. Cells outside
     ``cells`` keep their counts and get the group ``"other"``.
+
+    A one-sided programme (``up_share`` near 1) thins B's counts of many genes, so B's
+    libraries shrink and every unchanged gene's share of B's counts grows, as when a
+    stimulation switches genes on in A: ``uns["truth"]["composition_shift_log2"]`` is the
+    log2 ratio of A's to B's mean share of the unchanged genes' counts.
 
     Parameters
     ----------
@@ -356,6 +486,8 @@ def plant_fold_changes(
         changes (A over B).
     min_mean
         Only genes with at least this mean count in ``cells`` are made DE.
+    up_share
+        Probability that a DE gene goes up in A (0.5: balanced).
     seed
         Random seed.
 
@@ -382,7 +514,7 @@ def plant_fold_changes(
     eligible = np.flatnonzero(counts[cells].mean(0) >= min_mean)
     genes = rng.choice(eligible, int(round(de_fraction * len(eligible))), replace=False)
     lfc = np.zeros(adata.n_vars)
-    lfc[genes] = _de_factors(rng, genes, lfc_range)
+    lfc[genes] = _de_factors(rng, genes, lfc_range, up_share)
     half = rng.permutation(len(cells)) < len(cells) // 2
     a_cells, b_cells = cells[half], cells[~half]
     for g in genes:
@@ -396,5 +528,12 @@ def plant_fold_changes(
         var=pd.DataFrame(index=adata.var_names.copy()),
     )
     out.obs["group"] = pd.Categorical(group, categories=["A", "B", "other"])
-    out.uns["truth"] = {"log2_fold_change": lfc, "is_de": lfc != 0, "design": "binomial_thinning"}
+    share = counts[:, lfc == 0].sum(1) / np.maximum(counts.sum(1), 1)
+    shift = float(np.log2(share[a_cells].mean() / share[b_cells].mean()))
+    out.uns["truth"] = {
+        "log2_fold_change": lfc,
+        "is_de": lfc != 0,
+        "composition_shift_log2": shift,
+        "design": "binomial_thinning",
+    }
     return out
