@@ -37,7 +37,9 @@ class ModelFileError(InputError):
 
 
 class TrainingError(RuntimeError):
-    """Training hit a non-finite loss; the parameters were restored to the last good epoch.
+    """Training hit a non-finite loss (or batch-norm statistics); the last good epoch is back.
+
+    The parameters were restored to the end of the last complete epoch.
 
     ``history`` holds the rows of the epochs completed before the failure (none: the run
     failed in its first epoch, and the parameters are back where the run started).

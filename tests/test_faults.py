@@ -126,6 +126,30 @@ def test_model_dir_dot_is_refused_before_training(raw, monkeypatch, no_training)
     assert _listing(raw) == ["in.h5ad", "notes.txt"]
 
 
+@pytest.mark.parametrize("option", ["--model-dir", "--checkpoint-dir"])
+def test_the_current_folder_as_a_model_folder_is_refused(raw, tmp_path, monkeypatch, option):
+    # before (issue 27): in an empty folder, training ran, then a traceback
+    # "PosixPath('.') has an empty name"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    monkeypatch.setattr(SCVI, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    status, stderr = _run(["fit", raw / "in.h5ad", "-o", tmp_path / "o.h5ad", *FAST, option, "."])
+    _one_line(status, stderr)
+    assert f"{option} . is the current folder" in stderr
+    assert _listing(empty) == [] and not (tmp_path / "o.h5ad").exists()
+
+
+def test_saving_into_the_current_folder_is_refused(tmp_path, monkeypatch):
+    from pyro_scvi.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    model = SCVI(synthetic_zinb(n_cells=20, n_genes=10, seed=0), n_latent=2, n_hidden=8)
+    with pytest.raises(OutputError, match="current folder"):
+        model.save(".", overwrite=True)
+    assert _listing(tmp_path) == []
+
+
 def test_output_inside_the_model_dir_is_refused(raw, tmp_path, no_training):
     status, stderr = _run(
         [
@@ -497,6 +521,44 @@ def test_a_failure_in_the_first_epoch_leaves_an_untrained_model(monkeypatch):
     with pytest.raises(TrainingError, match="no epoch had completed.*untrained"):
         model.train(3, progress_bar=False)
     assert not model.is_trained and len(model.history) == 0
+
+
+def _poison_the_last_norm_pass(monkeypatch):
+    """Leave NaN statistics from the pass after the last epoch, as an overflow does."""
+    real = Stepper.refresh_batch_norm
+
+    def hooked(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        for net in (self.model, self.guide):
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm1d):
+                    m.running_var.fill_(float("nan"))
+
+    monkeypatch.setattr(Stepper, "refresh_batch_norm", hooked)
+
+
+def test_non_finite_statistics_after_the_last_epoch_keep_the_last_good_model(monkeypatch):
+    # before (issue 27, --lr 0.17): a 49-line traceback from the end-of-training pass
+    adata = synthetic_zinb(n_cells=200, n_genes=30, seed=0)
+    model = SCVI(adata, n_latent=3, n_hidden=16)
+    _poison_the_last_norm_pass(monkeypatch)
+    with pytest.raises(TrainingError, match=r"statistics became nan.*end of epoch 2.*--lr"):
+        model.train(3, batch_size=64, progress_bar=False, engine="eager")
+    assert model.is_trained and list(model.history["epoch"]) == [0, 1, 2]
+    norms = [m for m in model.guide.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(torch.isfinite(m.running_var).all() for m in norms)
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_non_finite_statistics_after_the_last_epoch_in_the_cli(raw, tmp_path, monkeypatch):
+    _poison_the_last_norm_pass(monkeypatch)
+    out = tmp_path / "o.h5ad"
+    status, stderr = _run(["fit", raw / "in.h5ad", "-o", out, *FAST, *EXACT])
+    _one_line(status, stderr, code=1)
+    assert "--lr" in stderr and "end of epoch 2" in stderr and "outputs hold" in stderr
+    result = anndata.read_h5ad(out)
+    assert np.isfinite(result.obsm["X_pyro_scvi"]).all()
+    assert "statistics became nan" in result.uns["pyro_scvi"]["params"]["stopped"]
 
 
 # ------------------------------------------------------- 8. seeds, pipes

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 #: Training cells whose activations give batch norm's statistics for a validation pass.
 VALIDATION_NORM_CELLS = 512
 
+#: How messages name the learning rate: the argument, and the command line's option.
+LR_SETTING = "lr=; --lr on the command line"
+
 #: Columns of a training history, one row per epoch.
 HISTORY_COLUMNS = ["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds", "threads"]
 
@@ -343,24 +346,56 @@ class LastGoodEpoch:
         """The current parameters become the last good ones (end of a complete epoch)."""
         self.snapshot = _snapshot(*self.modules, into=self.snapshot)
 
-    def fail(self, loss: float, where: str, history: RunHistory) -> TrainingError:
-        """Restore the last good parameters; the error that says so, with the history."""
+    def fail(
+        self, loss: float, where: str, history: RunHistory, *, what: str = "The loss"
+    ) -> TrainingError:
+        """Restore the last good parameters; the error that says so, with the history.
+
+        ``what`` became ``loss`` (non-finite) at ``where``.
+        """
         _restore(*self.modules, self.snapshot)
         if history.rows or self.stale_norms:
             try:
                 with pyro.validation_enabled(False):
                     self.refresh()
+                ok = norms_finite(*self.modules)
             except Exception:  # noqa: BLE001 - the training error is the one to report
+                ok = False
+            if not ok:  # the pass failed too: the snapshot's statistics stay
                 _restore(*self.modules, self.snapshot)
         last = history.last_epoch
         err = TrainingError(
-            _failure_message(loss, where, self.completed_before - 1 if last is None else last)
+            _failure_message(
+                f"{what} became {loss} at {where}",
+                self.completed_before - 1 if last is None else last,
+            )
         )
         err.history = history.frame()
         return err
 
 
-def _failure_message(loss: float, where: str, last_epoch: int) -> str:
+def norms_finite(*modules: nn.Module) -> bool:
+    """Whether every batch-norm running statistic of ``modules`` is finite.
+
+    Examples
+    --------
+    >>> norm = nn.BatchNorm1d(2)
+    >>> before = norms_finite(norm)
+    >>> _ = norm.running_var.fill_(float("inf"))
+    >>> before, norms_finite(norm)
+    (True, False)
+    """
+    return all(
+        bool(torch.isfinite(buffer).all())
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+        for buffer in (m.running_mean, m.running_var)
+        if buffer is not None
+    )
+
+
+def _failure_message(event: str, last_epoch: int) -> str:
     if last_epoch < 0:
         restored = (
             "no epoch had completed, so the model is untrained (its parameters are back at "
@@ -371,8 +406,8 @@ def _failure_message(loss: float, where: str, last_epoch: int) -> str:
             f"the parameters were restored to the end of epoch {last_epoch}, the last complete one"
         )
     return (
-        f"The loss became {loss} at {where}; {restored}. Try a smaller learning rate (lr), a "
-        "longer KL warm-up, or check the counts for extreme outliers."
+        f"{event}; {restored}. Try a smaller learning rate ({LR_SETTING}), a longer KL "
+        "warm-up (kl_warmup_epochs=), or check the counts for extreme outliers."
     )
 
 

@@ -85,6 +85,7 @@ from .hooks import (
     LastGoodEpoch,
     RunHistory,
     Validation,
+    norms_finite,
     stop_on_signals,
 )
 from .kl import KLWeight, annealed_sites, kl_weight
@@ -237,7 +238,8 @@ def train_svi(
     Raises
     ------
     TrainingError
-        On a non-finite loss, the last complete epoch's parameters restored.
+        On a non-finite loss, or non-finite batch-norm statistics from the pass over the
+        training cells after the last epoch; the last complete epoch's parameters restored.
     TrainingInterrupted
         When ``stop`` asked, after the step in progress (and the checkpoint).
     """
@@ -313,7 +315,13 @@ def train_svi(
                 break
         keep(False)
         # still under the run's threads: a pass over every training cell
-        step.refresh_batch_norm(data, train_idx, batch_size)
+        if not _refresh_at_end(step, data, train_idx, batch_size):
+            raise guard.fail(
+                float("nan"),
+                "the pass over the training cells after the last epoch",
+                history,
+                what="Batch norm's statistics",
+            )
         checkpoints.at_end(history)  # a finished run can be continued from its folder later
     finally:
         torch.set_float32_matmul_precision(precision_before)
@@ -331,6 +339,25 @@ def _run_sizes(data, n_train: int, max_epochs: int, batch_size: int) -> dict:
         "data_bytes": data.resident_bytes(),  # every source of counts says (None: cannot)
         "data_source": getattr(data, "source_reason", None),
     }
+
+
+def _refresh_at_end(step, data, train_idx: np.ndarray, batch_size: int) -> bool:
+    """Batch norm's statistics from every training cell; whether they came out finite.
+
+    Weights on the edge of overflowing (a high learning rate) can give some training cell
+    infinite activations that the validation sample did not meet; the loop then fails as
+    on a non-finite loss, with the last epoch's parameters and statistics restored.
+    """
+    try:
+        # NaN parameters of a distribution would raise inside Pyro's checks: the
+        # statistics are checked below instead, one way for every failure
+        with pyro.validation_enabled(False):
+            step.refresh_batch_norm(data, train_idx, batch_size)
+    except (ValueError, RuntimeError):
+        if step.group is not None:
+            raise  # the other ranks wait in the pass: no quiet way out
+        return False
+    return norms_finite(step.model, step.guide)
 
 
 def _keep(step, guard: LastGoodEpoch, state: TrainState, mid_epoch: bool) -> None:
