@@ -48,6 +48,14 @@ class TrainingError(RuntimeError):
     history: pd.DataFrame | None = None
 
 
+class TrainingWarning(UserWarning):
+    """Training finished, but its result is suspect (e.g. a diverged ELBO).
+
+    The message says which setting to change; the run's engine record
+    (``SCVI.engine["diverged"]``) keeps it.
+    """
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped cleanly on SIGINT or SIGTERM, after finishing the step in progress.
 

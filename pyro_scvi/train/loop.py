@@ -62,6 +62,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -74,12 +75,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.counts import CountData
-from ..errors import InputError, TrainingError, TrainingInterrupted  # noqa: F401 - as before
+from ..errors import (  # noqa: F401 - as before
+    InputError,
+    TrainingError,
+    TrainingInterrupted,
+    TrainingWarning,
+)
 from .engine import Engine
 from .hooks import (
     HISTORY_COLUMNS,
     VALIDATION_NORM_CELLS,
     Checkpoints,
+    Divergence,
     EarlyStopping,
     Interrupts,
     LastGoodEpoch,
@@ -233,7 +240,14 @@ def train_svi(
     -------
     pandas.DataFrame
         One row per epoch (:data:`HISTORY_COLUMNS`); ``attrs["engine"]`` and
-        ``attrs["optim"]`` record the run's engine and optimizer.
+        ``attrs["optim"]`` record the run's engine and optimizer, and
+        ``attrs["engine"]["diverged"]`` whether its ELBO diverged (``None``, or the warning).
+
+    Warns
+    -----
+    TrainingWarning
+        When the monitored ELBO diverged (:class:`~pyro_scvi.train.hooks.Divergence`); the
+        message says which setting to change.
 
     Raises
     ------
@@ -322,6 +336,7 @@ def train_svi(
                 history,
                 what="Batch norm's statistics",
             )
+        _check_divergence(step, data, train_idx, val_idx, history, lr=None if optim else lr)
         checkpoints.at_end(history)  # a finished run can be continued from its folder later
     finally:
         torch.set_float32_matmul_precision(precision_before)
@@ -339,6 +354,18 @@ def _run_sizes(data, n_train: int, max_epochs: int, batch_size: int) -> dict:
         "data_bytes": data.resident_bytes(),  # every source of counts says (None: cannot)
         "data_source": getattr(data, "source_reason", None),
     }
+
+
+def _check_divergence(step, data, train_idx, val_idx, history: RunHistory, *, lr) -> None:
+    """Record in the run's engine record whether its ELBO diverged, and warn if it did.
+
+    ``record["diverged"]``: ``None``, or the warning given (:class:`Divergence`).
+    """
+    cells, column = (val_idx, "validation_elbo") if len(val_idx) else (train_idx, "train_elbo")
+    verdict = Divergence(data, cells, column=column, lr=lr, device=step.device).check(history)
+    step.record["diverged"] = verdict
+    if verdict is not None:
+        warnings.warn(verdict, TrainingWarning, stacklevel=3)
 
 
 def _refresh_at_end(step, data, train_idx: np.ndarray, batch_size: int) -> bool:
