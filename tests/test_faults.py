@@ -745,3 +745,21 @@ def test_plot_of_too_few_cells_says_the_minimum(embedded, tmp_path, method, fewe
             ["plot", tmp_path / "enough.h5ad", "-o", tmp_path / "p.png", "--method", method]
         )
         assert status == 0, stderr
+
+
+@pytest.mark.parametrize("cells", ["all-zero", "one"])
+def test_ppc_of_cells_without_positive_statistics_draws_its_pages(fitted, tmp_path, cells):
+    # before: a 51-line traceback from matplotlib ("Data cannot be log-scaled because all
+    # values are <= 0") after the checks had run
+    adata = anndata.read_h5ad(fitted / "in.h5ad")
+    if cells == "one":
+        adata = adata[:1].copy()
+    else:
+        adata.X = adata.X * 0
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = tmp_path / "p.nc"
+    argv = ["ppc", fitted / "out_model", tmp_path / "in.h5ad", "-o", out, "--cells", "all"]
+    status, stderr = _run([*argv, "--n-samples", "2"])
+    assert status == 0 and stderr == "", stderr
+    assert out.stat().st_size > 0
+    assert [p for p in tmp_path.iterdir() if p.suffix == ".png"]
