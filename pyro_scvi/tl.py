@@ -215,6 +215,11 @@ def _check_embeddable(adata: AnnData, x: np.ndarray, use_rep: str, method: str) 
     """Refuse (one line) what the embedding methods would fail on with their own errors."""
     from .errors import InputError
 
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise InputError(
+            f"obsm[{use_rep!r}] has shape {x.shape}, no coordinates to embed; pass a "
+            "representation with at least one column (the latent space of a fit)."
+        )
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         # scanpy refuses them too (sc.pp.neighbors: "Input contains NaN"): a cell without

@@ -730,6 +730,17 @@ def test_plot_of_non_finite_coordinates_is_refused_in_one_line(embedded, tmp_pat
     assert not (tmp_path / "p.png").exists()
 
 
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_plot_of_a_representation_without_columns_is_refused(embedded, tmp_path, method):
+    # before: t-SNE, a ValueError traceback; PCA, a picture of zeros
+    embedded.obsm["X_pyro_scvi"] = np.zeros((30, 0))
+    embedded.write_h5ad(tmp_path / "none.h5ad")
+    argv = ["plot", tmp_path / "none.h5ad", "-o", tmp_path / "p.png", "--method", method]
+    status, stderr = _run(argv)
+    _one_line(status, stderr)
+    assert "(30, 0)" in stderr and not (tmp_path / "p.png").exists()
+
+
 @pytest.mark.parametrize(("method", "fewest"), [("umap", 4), ("tsne", 3), ("pca", 2)])
 def test_plot_of_too_few_cells_says_the_minimum(embedded, tmp_path, method, fewest):
     # before (issue 27): 3 cells with UMAP, a TypeError traceback from its eigensolver
