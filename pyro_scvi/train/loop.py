@@ -336,7 +336,8 @@ def train_svi(
                 history,
                 what="Batch norm's statistics",
             )
-        _check_divergence(step, data, train_idx, val_idx, history, lr=None if optim else lr)
+        quoted_lr = lr if optim is None else None  # a Pyro optimizer carries its own
+        _check_divergence(step, data, train_idx, val_idx, history, lr=quoted_lr)
         checkpoints.at_end(history)  # a finished run can be continued from its folder later
     finally:
         torch.set_float32_matmul_precision(precision_before)
