@@ -50,6 +50,7 @@ _NAMES = {
     "InputError": "errors",
     "TrainingError": "errors",
     "TrainingInterrupted": "errors",
+    "TrainingWarning": "errors",
     "ModelFileError": "errors",
     "train_svi": "train.loop",
 }
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         ModelFileError,
         TrainingError,
         TrainingInterrupted,
+        TrainingWarning,
     )
     from .model import (  # noqa: F401
         NB,

@@ -58,13 +58,23 @@ class UnsafeModelFileError(ModelFileError):
 
 
 class TrainingError(RuntimeError):
-    """Training hit a non-finite loss; the parameters were restored to the last good epoch.
+    """Training hit a non-finite loss (or batch-norm statistics); the last good epoch is back.
+
+    The parameters were restored to the end of the last complete epoch.
 
     ``history`` holds the rows of the epochs completed before the failure (none: the run
     failed in its first epoch, and the parameters are back where the run started).
     """
 
     history: pd.DataFrame | None = None
+
+
+class TrainingWarning(UserWarning):
+    """Training finished, but its result is suspect (e.g. a diverged ELBO).
+
+    The message says which setting to change; the run's engine record
+    (``SCVI.engine["diverged"]``) keeps it.
+    """
 
 
 class TrainingInterrupted(KeyboardInterrupt):

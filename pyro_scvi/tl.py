@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 #: 2-D embeddings that :func:`embedding` computes, and the obsm key each writes by default.
 EMBEDDINGS = {"umap": "X_umap", "tsne": "X_tsne", "pca": "X_pca2"}
 
+#: The fewest cells each embedding places. UMAP's spectral start takes 3 eigenvectors of the
+#: cells' graph, which needs 4 cells (umap-learn fails with 2 or 3, and its answer for 1 is
+#: meaningless); t-SNE's perplexity, at least 2 here, must be below the number of cells.
+MIN_CELLS = {"umap": 4, "tsne": 3, "pca": 2}
+
 
 def _uns_key(key_added: str) -> str:
     # scanpy pairs obsm["X_umap"] with uns["umap"]: the same name without the prefix
@@ -210,6 +215,34 @@ def embedding_method(method: str = "auto") -> str:
     return "umap" if importlib.util.find_spec("umap") is not None else "tsne"
 
 
+def _check_embeddable(adata: AnnData, x: np.ndarray, use_rep: str, method: str) -> None:
+    """Refuse (one line) what the embedding methods would fail on with their own errors."""
+    from .errors import InputError
+
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise InputError(
+            f"obsm[{use_rep!r}] has shape {x.shape}, no coordinates to embed; pass a "
+            "representation with at least one column (the latent space of a fit)."
+        )
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        # scanpy refuses them too (sc.pp.neighbors: "Input contains NaN"): a cell without
+        # coordinates has no place in the picture, and dropping it would hide a failed fit
+        raise InputError(
+            f"obsm[{use_rep!r}] has NaN or infinite values in {int(bad.sum())} of {len(x)} "
+            f"cells (first: {str(adata.obs_names[int(np.argmax(bad))])!r}), which cannot be "
+            "embedded: refit (a diverged or failed fit leaves them), or embed the other cells, "
+            f"adata[np.isfinite(adata.obsm[{use_rep!r}]).all(axis=1)]."
+        )
+    if len(x) < MIN_CELLS[method]:
+        name = {"umap": "UMAP", "tsne": "t-SNE", "pca": "PCA"}[method]
+        fewer = " (method='pca', --method pca)" if method != "pca" else ""
+        raise InputError(
+            f"{name} needs at least {MIN_CELLS[method]} cells and obsm[{use_rep!r}] has "
+            f"{len(x)}; " + (f"use PCA{fewer} for so few." if fewer else "add cells.")
+        )
+
+
 def embedding(
     adata: AnnData,
     *,
@@ -245,6 +278,12 @@ def embedding(
         and ``uns[key]["params"]`` (``use_rep``, ``method``, ``seed``), ``key`` being
         ``key_added`` without ``X_``.
 
+    Raises
+    ------
+    pyro_scvi.InputError
+        When ``obsm[use_rep]`` has NaN or infinite values (as scanpy, no cell is dropped
+        quietly), or fewer cells than the method places (:data:`MIN_CELLS`).
+
     Examples
     --------
     >>> import anndata, numpy as np
@@ -260,8 +299,9 @@ def embedding(
             "first, e.g. pyro_scvi.tl.scvi(adata)."
         )
     method = embedding_method(method)
-    adata = adata.copy() if copy else adata
     x = np.asarray(adata.obsm[use_rep], dtype=np.float64)
+    _check_embeddable(adata, x, use_rep, method)
+    adata = adata.copy() if copy else adata
     if method == "umap":
         try:
             import umap

@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata
@@ -24,11 +25,12 @@ import pytest
 import torch
 from pyro_scvi.datasets import synthetic_zinb
 
+import pyro_scvi
 import pyro_scvi.io.files as files
 import pyro_scvi.io.persistence as persistence
 from pyro_scvi import SCVI
 from pyro_scvi.cli import main
-from pyro_scvi.errors import TrainingError
+from pyro_scvi.errors import TrainingError, TrainingWarning
 
 # Stepper.step is the documented fault-injection seam (pyro_scvi.train.stepper)
 from pyro_scvi.train.stepper import Stepper
@@ -124,6 +126,30 @@ def test_model_dir_dot_is_refused_before_training(raw, monkeypatch, no_training)
     status, stderr = _run(["fit", "in.h5ad", "-o", "o.h5ad", *FAST, "--model-dir", "."])
     _one_line(status, stderr)
     assert _listing(raw) == ["in.h5ad", "notes.txt"]
+
+
+@pytest.mark.parametrize("option", ["--model-dir", "--checkpoint-dir"])
+def test_the_current_folder_as_a_model_folder_is_refused(raw, tmp_path, monkeypatch, option):
+    # before (issue 27): in an empty folder, training ran, then a traceback
+    # "PosixPath('.') has an empty name"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    monkeypatch.setattr(SCVI, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    status, stderr = _run(["fit", raw / "in.h5ad", "-o", tmp_path / "o.h5ad", *FAST, option, "."])
+    _one_line(status, stderr)
+    assert f"{option} . is the current folder" in stderr
+    assert _listing(empty) == [] and not (tmp_path / "o.h5ad").exists()
+
+
+def test_saving_into_the_current_folder_is_refused(tmp_path, monkeypatch):
+    from pyro_scvi.errors import OutputError
+
+    monkeypatch.chdir(tmp_path)
+    model = SCVI(synthetic_zinb(n_cells=20, n_genes=10, seed=0), n_latent=2, n_hidden=8)
+    with pytest.raises(OutputError, match="current folder"):
+        model.save(".", overwrite=True)
+    assert _listing(tmp_path) == []
 
 
 def test_output_inside_the_model_dir_is_refused(raw, tmp_path, no_training):
@@ -641,6 +667,87 @@ def test_a_failure_in_the_first_epoch_leaves_an_untrained_model(monkeypatch):
     assert not model.is_trained and len(model.history) == 0
 
 
+def _poison_the_last_norm_pass(monkeypatch):
+    """Leave NaN statistics from the pass after the last epoch, as an overflow does."""
+    real = Stepper.refresh_batch_norm
+
+    def hooked(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        for net in (self.model, self.guide):
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm1d):
+                    m.running_var.fill_(float("nan"))
+
+    monkeypatch.setattr(Stepper, "refresh_batch_norm", hooked)
+
+
+def test_non_finite_statistics_after_the_last_epoch_keep_the_last_good_model(monkeypatch):
+    # before (issue 27, --lr 0.17): a 49-line traceback from the end-of-training pass
+    adata = synthetic_zinb(n_cells=200, n_genes=30, seed=0)
+    model = SCVI(adata, n_latent=3, n_hidden=16)
+    _poison_the_last_norm_pass(monkeypatch)
+    with pytest.raises(TrainingError, match=r"statistics became nan.*end of epoch 2.*--lr"):
+        model.train(3, batch_size=64, progress_bar=False, engine="eager")
+    assert model.is_trained and list(model.history["epoch"]) == [0, 1, 2]
+    norms = [m for m in model.guide.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(torch.isfinite(m.running_var).all() for m in norms)
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_non_finite_statistics_after_the_last_epoch_in_the_cli(raw, tmp_path, monkeypatch):
+    _poison_the_last_norm_pass(monkeypatch)
+    out = tmp_path / "o.h5ad"
+    status, stderr = _run(["fit", raw / "in.h5ad", "-o", out, *FAST, *EXACT])
+    _one_line(status, stderr, code=1)
+    assert "--lr" in stderr and "end of epoch 2" in stderr and "outputs hold" in stderr
+    result = anndata.read_h5ad(out)
+    assert np.isfinite(result.obsm["X_pyro_scvi"]).all()
+    assert "statistics became nan" in result.uns["pyro_scvi"]["params"]["stopped"]
+
+
+def _pbmc(n_cells, seed):
+    adata = pyro_scvi.datasets.pbmc8k_200hvg()
+    return adata[np.random.default_rng(seed).choice(adata.n_obs, n_cells, replace=False)].copy()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dataset", ["synthetic", "pbmc"])
+def test_a_sane_fit_does_not_warn_of_divergence(dataset, seed):
+    adata = _pbmc(600, seed) if dataset == "pbmc" else synthetic_zinb(300, 40, seed=seed)
+    model = SCVI(adata, n_latent=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrainingWarning)
+        model.train(3, seed=seed, progress_bar=False)
+    assert model.engine["diverged"] is None
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+@pytest.mark.parametrize(
+    ("dataset", "seed", "lr"),
+    [("synthetic", 0, 0.15), ("synthetic", 1, 0.15), ("pbmc", 0, 0.05), ("pbmc", 1, 0.05)],
+)
+def test_a_diverging_fit_warns_and_records_it(dataset, seed, lr):
+    # before (issue 27): --lr 0.15 ended with a validation ELBO of -9e21 per cell, silently
+    adata = _pbmc(600, seed) if dataset == "pbmc" else synthetic_zinb(200, 30, seed=seed)
+    model = SCVI(adata)
+    with pytest.warns(TrainingWarning, match=r"diverged.*smaller learning rate.*--lr") as got:
+        model.train(1, lr=lr, seed=seed, progress_bar=False)
+    assert model.engine["diverged"] == str(got[0].message)
+    assert model.history.attrs["engine"]["diverged"] == model.engine["diverged"]
+
+
+def test_a_diverging_fit_in_the_cli_warns_in_one_line_and_records_it(raw, tmp_path):
+    out = tmp_path / "o.h5ad"
+    argv = ["fit", raw / "in.h5ad", "-o", out, *FAST, "--max-epochs", "1", "--lr", "0.15"]
+    status, stderr = _run(argv)
+    assert status == 0 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("pyro-scvi fit: warning: The validation ELBO")
+    assert "--lr" in lines[0] and "0.15" in lines[0] and lines[1].startswith("pyro-scvi: wrote")
+    recorded = anndata.read_h5ad(out).uns["pyro_scvi"]["params"]["engine"]["diverged"]
+    assert recorded in lines[0]
+
+
 # ------------------------------------------------------- 8. seeds, pipes
 
 
@@ -708,3 +815,104 @@ def test_a_closed_pipe_ends_quietly_in_a_real_process(fitted):
     os.close(write_end)
     assert proc.returncode == 141
     assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_evaluate_with_stdout_closed_says_so_in_one_line(fitted, tmp_path):
+    # before (issue 27): `pyro-scvi evaluate ... >&-` ended in an AttributeError traceback
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [
+        sys.executable, "-m", "pyro_scvi", "evaluate", str(fitted / "out_model"),
+        str(fitted / "in.h5ad"), "--n-samples", "2", "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", *command],
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "stdout is closed" in lines[0], proc.stderr
+
+
+def test_other_commands_work_with_stdout_closed_and_drop_their_summary(fitted, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = tmp_path / "e.png"
+    command = [
+        sys.executable, "-m", "pyro_scvi", "plot", str(fitted / "out.h5ad"), "-o", str(out),
+        "--method", "pca", "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", *command], stderr=subprocess.PIPE, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stderr == b"" and out.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------- 9. plot
+
+
+@pytest.fixture
+def embedded():
+    adata = synthetic_zinb(n_cells=30, n_genes=10, seed=0)
+    adata.obsm["X_pyro_scvi"] = np.random.default_rng(0).normal(size=(30, 3))
+    return adata
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+def test_plot_of_non_finite_coordinates_is_refused_in_one_line(embedded, tmp_path, method):
+    # before (issue 27): LinAlgError (pca), ValueError (tsne, umap) tracebacks
+    embedded.obsm["X_pyro_scvi"][[3, 7]] = np.nan
+    embedded.obsm["X_pyro_scvi"][9, 0] = np.inf
+    embedded.write_h5ad(tmp_path / "nan.h5ad")
+    status, stderr = _run(
+        ["plot", tmp_path / "nan.h5ad", "-o", tmp_path / "p.png", "--method", method]
+    )
+    _one_line(status, stderr)
+    assert "3 of 30 cells" in stderr and "'cell3'" in stderr and "refit" in stderr
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_plot_of_a_representation_without_columns_is_refused(embedded, tmp_path, method):
+    # before: t-SNE, a ValueError traceback; PCA, a picture of zeros
+    embedded.obsm["X_pyro_scvi"] = np.zeros((30, 0))
+    embedded.write_h5ad(tmp_path / "none.h5ad")
+    argv = ["plot", tmp_path / "none.h5ad", "-o", tmp_path / "p.png", "--method", method]
+    status, stderr = _run(argv)
+    _one_line(status, stderr)
+    assert "(30, 0)" in stderr and not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize(("method", "fewest"), [("umap", 4), ("tsne", 3), ("pca", 2)])
+def test_plot_of_too_few_cells_says_the_minimum(embedded, tmp_path, method, fewest):
+    # before (issue 27): 3 cells with UMAP, a TypeError traceback from its eigensolver
+    embedded[: fewest - 1].copy().write_h5ad(tmp_path / "few.h5ad")
+    status, stderr = _run(
+        ["plot", tmp_path / "few.h5ad", "-o", tmp_path / "p.png", "--method", method]
+    )
+    _one_line(status, stderr)
+    assert f"at least {fewest} cells" in stderr and f"has {fewest - 1}" in stderr
+    embedded[:fewest].copy().write_h5ad(tmp_path / "enough.h5ad")
+    if method != "umap":  # umap-learn is an extra, not installed everywhere
+        status, stderr = _run(
+            ["plot", tmp_path / "enough.h5ad", "-o", tmp_path / "p.png", "--method", method]
+        )
+        assert status == 0, stderr
+
+
+@pytest.mark.parametrize("cells", ["all-zero", "one"])
+def test_ppc_of_cells_without_positive_statistics_draws_its_pages(fitted, tmp_path, cells):
+    # before: a 51-line traceback from matplotlib ("Data cannot be log-scaled because all
+    # values are <= 0") after the checks had run
+    adata = anndata.read_h5ad(fitted / "in.h5ad")
+    if cells == "one":
+        adata = adata[:1].copy()
+    else:
+        adata.X = adata.X * 0
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = tmp_path / "p.nc"
+    argv = ["ppc", fitted / "out_model", tmp_path / "in.h5ad", "-o", out, "--cells", "all"]
+    status, stderr = _run([*argv, "--n-samples", "2"])
+    assert status == 0 and stderr == "", stderr
+    assert out.stat().st_size > 0
+    assert [p for p in tmp_path.iterdir() if p.suffix == ".png"]

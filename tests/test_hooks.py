@@ -13,8 +13,11 @@ from pyro_scvi.datasets import synthetic_zinb
 from pyro_scvi import LogNormalLibrary, ScviGuide, ScviModel, TrainingError, from_anndata
 from pyro_scvi.errors import TrainingInterrupted
 from pyro_scvi.train.hooks import (
+    DIVERGED_RATIO,
+    DROP_FROM_BEST,
     HISTORY_COLUMNS,
     Checkpoints,
+    Divergence,
     EarlyStopping,
     Interrupts,
     LastGoodEpoch,
@@ -23,6 +26,7 @@ from pyro_scvi.train.hooks import (
     stop_on_signals,
 )
 from pyro_scvi.train.loop import TrainState
+from pyro_scvi.train.passes import poisson_null_loglik
 
 
 def _modules(n_genes=20):
@@ -248,3 +252,37 @@ def test_a_failure_before_any_epoch_says_the_model_is_untrained():
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
     fresh = LastGoodEpoch(model, guide, TrainState.new(0), refresh=broken_refresh)
     assert "no epoch had completed" in str(fresh.fail(float("nan"), "epoch 0", RunHistory()))
+
+
+# ------------------------------------------------------------------------ divergence
+
+
+def _elbos(*values):
+    h = RunHistory()
+    for epoch, value in enumerate(values):
+        h.append({"epoch": epoch, "validation_elbo": value})
+    return h
+
+
+@pytest.mark.parametrize("depth", [1.0, 30.0])  # the rule has no scale of its own
+def test_divergence_is_judged_in_units_of_the_data_s_poisson_likelihood(depth):
+    adata = synthetic_zinb(n_cells=60, n_genes=15, seed=0)
+    adata.X = adata.X * int(depth)
+    data = from_anndata(adata)
+    cells = np.arange(60)
+    unit = -poisson_null_loglik(data, cells)
+    x = data.X.toarray()
+    n, share = x.sum(1, keepdims=True), x.sum(0) / x.sum()
+    from scipy.stats import poisson
+
+    assert unit == pytest.approx(-poisson.logpmf(x, n * share).sum(1).mean())
+    hook = Divergence(data, cells, column="validation_elbo", lr=0.15)
+    fine = [-1.5 * unit, -0.6 * unit, -0.65 * unit, -0.55 * unit]
+    assert hook.check(_elbos(*fine)) is None
+    # an early excursion that comes back is not a divergence
+    assert hook.check(_elbos(-1e3 * unit, -0.9 * unit, -0.6 * unit)) is None
+    grown = hook.check(_elbos(*fine, -1.01 * DIVERGED_RATIO * unit))
+    assert grown.startswith("The validation ELBO diverged") and "--lr" in grown
+    assert "0.15" in grown
+    fell = hook.check(_elbos(*fine, -(0.55 + 1.01 * DROP_FROM_BEST) * unit))
+    assert "down from" in fell and "epoch 3" in fell and "--lr" in fell

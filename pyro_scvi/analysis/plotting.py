@@ -124,7 +124,8 @@ def plot_ppp_histograms(
     for (level, statistic), ax in panels:
         p = table.loc[(table["level"] == level) & (table["statistic"] == statistic), "ppp"]
         p = p.dropna().to_numpy(dtype=float)
-        ax.hist(p, bins=bins, range=(0, 1), density=True, color="tab:blue", alpha=0.8)
+        if len(p):  # a density of nothing divides by zero (e.g. every count zero)
+            ax.hist(p, bins=bins, range=(0, 1), density=True, color="tab:blue", alpha=0.8)
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="Uniform(0, 1)")
         ax.axvspan(0, lower, color="tab:red", alpha=0.12, lw=0)
         ax.axvspan(upper, 1, color="tab:red", alpha=0.12, lw=0)
@@ -534,11 +535,15 @@ def plot_criticism(results, path: str | os.PathLike | None = None, *, max_points
     )
     for ax, (level, statistic) in zip(ax_stats, _CRITICISM_PANELS, strict=True):
         lo, hi = bounds[(level, statistic)]
-        if statistic in _LOG_STATISTICS | {"cv"}:
+        if np.isfinite(lo) and statistic in _LOG_STATISTICS | {"cv"}:
+            # only with points to show: an empty log axis fails when the figure is laid
+            # out (all-zero counts, a single cell)
             ax.set_xscale("log")
             ax.set_yscale("log")
         if np.isfinite(lo):
             ax.plot([lo, hi], [lo, hi], color="k", ls="--", lw=0.8)
+        else:
+            ax.text(0.5, 0.5, "no positive values", ha="center", transform=ax.transAxes)
         ax.set(
             xlabel="observed",
             ylabel="replicated (posterior predictive mean)",

@@ -27,9 +27,12 @@ docstring of :mod:`pyro_scvi.cli.fit`, which ``pyro-scvi fit --help`` prints.
 
 Every command: bad arguments or input give one line on stderr and exit status 2; a failed
 write exits with status 1 and removes unfinished files; Ctrl-C exits with status 130;
-status 141 when stdout's reader has gone (``... | head``). ``fit`` adds its own statuses
-for a non-finite loss and for SIGINT or SIGTERM. ``--help`` imports no torch: the command
-modules import the package's numerical parts inside ``run``.
+status 141 when stdout's reader has gone (``... | head``). Started with stdout closed
+(``>&-``), a command whose result goes to stdout (``evaluate``'s JSON: its module's
+``STDOUT_RESULT``) refuses before the work, one line and status 1, as ``cat`` does; the
+others do their work and drop the summary line they would print there. ``fit`` adds its
+own statuses for a non-finite loss and for SIGINT or SIGTERM. ``--help`` imports no
+torch: the command modules import the package's numerical parts inside ``run``.
 """
 
 from __future__ import annotations
@@ -69,7 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-scvi`` console script."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    closed = _guard_closed_streams()
     args = build_parser().parse_args(argv)
+    result = getattr(COMMANDS[args.command], "STDOUT_RESULT", None)
+    if "stdout" in closed and result:
+        # as cat or ls do (`cat f >&-`: "write error: Bad file descriptor", status 1), but
+        # before the work rather than after it
+        print(
+            f"{PROG} {args.command}: error: stdout is closed, and {args.command} writes "
+            f"{result} there; redirect it to a file or to /dev/null instead.",
+            file=sys.stderr,
+        )
+        return 1
     if args.threads is not None:
         import torch
 
@@ -97,6 +111,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _guard_closed_streams() -> list[str]:
+    """The standard streams (``"stdout"``, ``"stderr"``) the process was started without.
+
+    Started with one closed (``>&-``), Python sets it to ``None``; its descriptor is then
+    the next one a file gets, and a library writing there would write into that file. It
+    is pointed at /dev/null instead, and a closed stderr gets a Python stream on it too:
+    ``print(..., file=None)`` would write the messages meant for it to stdout.
+    """
+    closed = []
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        closed.append(name)
+        try:
+            os.fstat(fd)
+        except OSError:  # nothing holds the descriptor: put /dev/null there
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            except OSError:
+                pass
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return closed
 
 
 def _detach_stdout() -> None:

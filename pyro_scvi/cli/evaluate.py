@@ -23,6 +23,9 @@ from ._common import (
     add_idea,
 )
 
+#: What this command writes to stdout: ``pyro-scvi`` refuses to run it with stdout closed.
+STDOUT_RESULT = "its JSON summary"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``pyro-scvi evaluate`` and its options to the sub-commands ``sub``."""

@@ -31,9 +31,12 @@ Outputs are checked before training (writable, not a folder, not the input, room
 disk); each is written under a temporary name and renamed into place at the end, the
 ``.h5ad`` last, so a run leaves all of its outputs or none beside another run's. The input
 is never overwritten, and a model folder is replaced only if it holds a pyro_scvi model.
-Bad arguments give one line on stderr and exit status 2. A non-finite loss exits with
-status 1: after at least one complete epoch the outputs hold that epoch's model, else
-nothing is written. SIGINT (Ctrl-C) or SIGTERM stop training after the current step, write
+Bad arguments give one line on stderr and exit status 2. A non-finite loss (or non-finite
+batch-norm statistics after the last epoch) exits with status 1: after at least one
+complete epoch the outputs hold that epoch's model, else nothing is written. A run whose
+validation ELBO diverged (``pyro_scvi.train.hooks.Divergence``) writes its outputs and
+adds a warning line that says to lower ``--lr``; ``uns["pyro_scvi"]["params"]["engine"]
+["diverged"]`` keeps it. SIGINT (Ctrl-C) or SIGTERM stop training after the current step, write
 a checkpoint (``--checkpoint-dir``, default ``OUTPUT`` without ``.h5ad``, plus
 ``_checkpoint``) and the outputs so far, and exit with status 130 or 143 and the command
 that resumes the run (``--resume``).
@@ -46,6 +49,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -231,7 +235,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     matplotlib.use("Agg")  # the CLI only writes files; no display needed
 
     from ..data.identity import FileIdentity
-    from ..errors import TrainingError, TrainingInterrupted
+    from ..errors import TrainingError, TrainingInterrupted, TrainingWarning
     from ..io import persistence
     from ..io.files import check_free_space
     from ..io.model_dir import new_run_id
@@ -298,6 +302,11 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     every = args.checkpoint_every if explicit_checkpoints else 0
     status, stopped, note = 0, None, ""
     try:
+        # what these warnings say, the run's one-line messages say (a TrainingError's, or
+        # the divergence warning below, from the run's record)
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", category=TrainingWarning)
+        warnings.filterwarnings("ignore", message="Encountered NaN")
         if args.resume and not model.interrupted:
             pass  # a finished run's checkpoint (one whose outputs were not written): write them
         elif args.resume:
@@ -417,6 +426,9 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     written = ["obsm['X_pyro_scvi']"]
     written += [f"layers[{LAYER_KEY!r}]"] if plan.layer else []
     written += [f"obsm[{GENES_KEY!r}] ({len(plan.genes)} genes)"] if plan.genes else []
+    diverged = (model.engine or {}).get("diverged")
+    if diverged:
+        print(f"{PROG} fit: warning: {diverged}", file=sys.stderr)
     print(
         f"{PROG}: wrote {output} ({', '.join(written)}, uns['pyro_scvi']; normalized "
         f"expression -- {plan.reason}); model in {model_dir}; curves in {png}; "

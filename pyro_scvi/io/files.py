@@ -149,9 +149,22 @@ def check_output_dir(
         Its name in messages.
     protect
         Files that must not end up inside it or be it (the input, the other outputs).
+
+    The current folder (``"."``), or one holding it, is refused: the folder written
+    replaces it whole.
     """
     path = Path(path)
     here = Path(os.path.abspath(path))
+    cwd, real = Path(os.path.realpath(os.getcwd())), Path(os.path.realpath(path))
+    if real == cwd or real in cwd.parents:
+        # The folder is replaced whole (built beside it, renamed over it): the current
+        # folder would vanish from under the user's shell, and "." has no name to build
+        # beside.
+        raise OutputError(
+            f"{what} {path} is the current folder{'' if real == cwd else ' or holds it'}, "
+            "and it is replaced whole by the folder written; name a new folder instead, such "
+            f"as {path / ('checkpoint' if 'checkpoint' in what else 'model')}."
+        )
     for other in protect:
         other_abs = Path(os.path.abspath(other))
         if other_abs == here or here in other_abs.parents:

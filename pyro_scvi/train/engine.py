@@ -52,7 +52,9 @@ one table :data:`PYRO_ELBOS`), the counts' ``resident_bytes()``.
 The record also holds what the run learned as it went (the stepper adds it): the minibatch
 sizes a compiled ELBO compiled graphs for (``compiled_sizes``), who registers the
 parameters (``reasons["parameters"]``), and a fused kernel whose compilation failed during
-the run (``compile_kernel`` false, ``reasons["fused_kernel"]`` says why). Nothing of one
+the run (``compile_kernel`` false, ``reasons["fused_kernel"]`` says why), and, once it
+has finished, whether its ELBO diverged (``diverged``: ``None`` or the warning given, see
+:class:`~pyro_scvi.train.hooks.Divergence`). Nothing of one
 run's choices stays in the process for the next: each run decides for itself.
 
 Examples

@@ -5,7 +5,8 @@
 - :class:`Checkpoints` writes the run's state every few epochs and at its end;
 - :class:`Interrupts` turns a signal (:func:`stop_on_signals`) into a clean stop;
 - :class:`LastGoodEpoch` keeps the parameters of the last complete epoch and restores them
-  when the loss goes non-finite.
+  when the loss goes non-finite;
+- :class:`Divergence` says, at the end of a run, whether its ELBO diverged.
 
 :class:`RunHistory` holds the rows they report into. Each takes what it works on when
 it is made (a stepper, the run's state, functions to call), so each can be used and
@@ -32,7 +33,7 @@ from torch import nn
 
 from ..errors import TrainingError, TrainingInterrupted
 from ..model.nn import eval_mode
-from .passes import refresh_batch_norm
+from .passes import poisson_null_loglik, refresh_batch_norm
 
 if TYPE_CHECKING:
     from .loop import TrainState
@@ -40,6 +41,15 @@ if TYPE_CHECKING:
 
 #: Training cells whose activations give batch norm's statistics for a validation pass.
 VALIDATION_NORM_CELLS = 512
+
+#: How messages name the learning rate: the argument, and the command line's option.
+LR_SETTING = "lr=; --lr on the command line"
+
+#: :class:`Divergence`: a last ELBO below this many times the Poisson null log-likelihood.
+DIVERGED_RATIO = 10.0
+
+#: :class:`Divergence`: a last ELBO below its best by more than this many null log-likelihoods.
+DROP_FROM_BEST = 1.0
 
 #: Columns of a training history, one row per epoch.
 HISTORY_COLUMNS = ["epoch", "train_elbo", "validation_elbo", "kl_weight", "seconds", "threads"]
@@ -303,6 +313,101 @@ class Interrupts:
         return err
 
 
+class Divergence:
+    """The divergence hook: whether the run's monitored ELBO ran away, judged at its end.
+
+    A learning rate too high can leave a run that never produced a non-finite loss with an
+    ELBO of -1e21 per cell. The yardstick is the data's own: the log-likelihood per cell
+    of a Poisson model of each gene's share of the counts, which learns no structure
+    (:func:`~pyro_scvi.train.passes.poisson_null_loglik`, on up to ``cells`` of the
+    monitored cells). In units of it, a fit that learned anything ends near or below 1
+    (an untrained model 1.3-1.6, trained ones 0.2-1.0 on the shipped and shared data; a
+    high learning rate's first epochs may pass 1,000 and come back). The run diverged when
+    its last monitored ELBO (validation, else training)
+
+    - is below :data:`DIVERGED_RATIO` (10) times the null: an order of magnitude worse
+      than knowing nothing of the cells; or
+    - fell below its best of the run by more than :data:`DROP_FROM_BEST` (1) times the
+      null's magnitude: the run lost more than all its structure could give.
+
+    Both are ratios of log-likelihoods of the same cells, so no depth, gene count or
+    dataset sets the scale. :meth:`check` returns the warning to give (``None``: none).
+
+    Parameters
+    ----------
+    data, cells
+        The counts and the monitored cells (the validation cells, else the training ones).
+    column
+        The history column monitored.
+    lr
+        The run's learning rate, quoted in the warning (``None``: a Pyro optimizer's).
+    device
+        Where the counts' tensors are gathered.
+
+    Examples
+    --------
+    >>> import numpy as np, pyro_scvi
+    >>> data = pyro_scvi.from_anndata(pyro_scvi.datasets.synthetic_zinb(n_cells=50, seed=0))
+    >>> hook = Divergence(data, np.arange(50), column="validation_elbo", lr=0.15)
+    >>> h = RunHistory()
+    >>> for epoch, value in enumerate((-300.0, -200.0, -9e21)):
+    ...     h.append({"epoch": epoch, "validation_elbo": value})
+    >>> hook.check(h).startswith("The validation ELBO diverged")
+    True
+    >>> h.rows[-1]["validation_elbo"] = -190.0
+    >>> hook.check(h) is None
+    True
+    """
+
+    def __init__(
+        self,
+        data,
+        cells: np.ndarray,
+        *,
+        column: str,
+        lr: float | None = None,
+        device: torch.device | str = "cpu",
+        max_cells: int = 4096,
+    ) -> None:
+        sample = np.random.default_rng(0).permutation(np.asarray(cells))[:max_cells]
+        self.data, self.cells, self.device = data, np.sort(sample), device
+        self.column, self.lr = column, lr
+        self._null: float | None = None
+
+    @property
+    def null(self) -> float:
+        """The null log-likelihood per monitored cell (computed once, when first asked)."""
+        if self._null is None:
+            self._null = poisson_null_loglik(self.data, self.cells, device=self.device)
+        return self._null
+
+    def check(self, history: RunHistory) -> str | None:
+        """The warning for the run's rows (``None``: it did not diverge)."""
+        values = [(row["epoch"], row.get(self.column, np.nan)) for row in history.rows]
+        values = [(e, float(v)) for e, v in values if np.isfinite(v)]
+        if not values or not len(self.cells) or not self.null < 0:
+            return None
+        unit = -self.null
+        last_epoch, last = values[-1]
+        best_epoch, best = max(values, key=lambda ev: ev[1])
+        name = self.column.replace("_elbo", " ELBO")
+        lr = "" if self.lr is None else f"; this run's was {self.lr:g}"
+        advice = f"Train again with a smaller learning rate ({LR_SETTING}{lr})."
+        if -last > DIVERGED_RATIO * unit:
+            return (
+                f"The {name} diverged: {last:.4g} per cell at epoch {last_epoch}, "
+                f"{-last / unit:.3g} times the log-likelihood of a Poisson model that learns no "
+                f"structure ({self.null:.4g}); the model is not usable. {advice}"
+            )
+        if best - last > DROP_FROM_BEST * unit:
+            return (
+                f"The {name} diverged: {last:.4g} per cell at epoch {last_epoch}, down from "
+                f"{best:.4g} at epoch {best_epoch}, a fall larger than the whole log-likelihood "
+                f"of a Poisson model that learns no structure ({self.null:.4g}). {advice}"
+            )
+        return None
+
+
 class LastGoodEpoch:
     """The failure hook: the parameters of the last complete epoch, restored on a bad loss.
 
@@ -347,24 +452,56 @@ class LastGoodEpoch:
         """The current parameters become the last good ones (end of a complete epoch)."""
         self.snapshot = _snapshot(*self.modules, into=self.snapshot)
 
-    def fail(self, loss: float, where: str, history: RunHistory) -> TrainingError:
-        """Restore the last good parameters; the error that says so, with the history."""
+    def fail(
+        self, loss: float, where: str, history: RunHistory, *, what: str = "The loss"
+    ) -> TrainingError:
+        """Restore the last good parameters; the error that says so, with the history.
+
+        ``what`` became ``loss`` (non-finite) at ``where``.
+        """
         _restore(*self.modules, self.snapshot)
         if history.rows or self.stale_norms:
             try:
                 with pyro.validation_enabled(False):
                     self.refresh()
+                ok = norms_finite(*self.modules)
             except Exception:  # noqa: BLE001 - the training error is the one to report
+                ok = False
+            if not ok:  # the pass failed too: the snapshot's statistics stay
                 _restore(*self.modules, self.snapshot)
         last = history.last_epoch
         err = TrainingError(
-            _failure_message(loss, where, self.completed_before - 1 if last is None else last)
+            _failure_message(
+                f"{what} became {loss} at {where}",
+                self.completed_before - 1 if last is None else last,
+            )
         )
         err.history = history.frame()
         return err
 
 
-def _failure_message(loss: float, where: str, last_epoch: int) -> str:
+def norms_finite(*modules: nn.Module) -> bool:
+    """Whether every batch-norm running statistic of ``modules`` is finite.
+
+    Examples
+    --------
+    >>> norm = nn.BatchNorm1d(2)
+    >>> before = norms_finite(norm)
+    >>> _ = norm.running_var.fill_(float("inf"))
+    >>> before, norms_finite(norm)
+    (True, False)
+    """
+    return all(
+        bool(torch.isfinite(buffer).all())
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+        for buffer in (m.running_mean, m.running_var)
+        if buffer is not None
+    )
+
+
+def _failure_message(event: str, last_epoch: int) -> str:
     if last_epoch < 0:
         restored = (
             "no epoch had completed, so the model is untrained (its parameters are back at "
@@ -375,8 +512,8 @@ def _failure_message(loss: float, where: str, last_epoch: int) -> str:
             f"the parameters were restored to the end of epoch {last_epoch}, the last complete one"
         )
     return (
-        f"The loss became {loss} at {where}; {restored}. Try a smaller learning rate (lr), a "
-        "longer KL warm-up, or check the counts for extreme outliers."
+        f"{event}; {restored}. Try a smaller learning rate ({LR_SETTING}), a longer KL "
+        "warm-up (kl_warmup_epochs=), or check the counts for extreme outliers."
     )
 
 

@@ -62,6 +62,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -74,17 +75,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.counts import CountData
-from ..errors import InputError, TrainingError, TrainingInterrupted  # noqa: F401 - as before
+from ..errors import (  # noqa: F401 - as before
+    InputError,
+    TrainingError,
+    TrainingInterrupted,
+    TrainingWarning,
+)
 from .engine import Engine
 from .hooks import (
     HISTORY_COLUMNS,
     VALIDATION_NORM_CELLS,
     Checkpoints,
+    Divergence,
     EarlyStopping,
     Interrupts,
     LastGoodEpoch,
     RunHistory,
     Validation,
+    norms_finite,
     stop_on_signals,
 )
 from .kl import KLWeight, annealed_sites, kl_weight
@@ -232,12 +240,20 @@ def train_svi(
     -------
     pandas.DataFrame
         One row per epoch (:data:`HISTORY_COLUMNS`); ``attrs["engine"]`` and
-        ``attrs["optim"]`` record the run's engine and optimizer.
+        ``attrs["optim"]`` record the run's engine and optimizer, and
+        ``attrs["engine"]["diverged"]`` whether its ELBO diverged (``None``, or the warning).
+
+    Warns
+    -----
+    TrainingWarning
+        When the monitored ELBO diverged (:class:`~pyro_scvi.train.hooks.Divergence`); the
+        message says which setting to change.
 
     Raises
     ------
     TrainingError
-        On a non-finite loss, the last complete epoch's parameters restored.
+        On a non-finite loss, or non-finite batch-norm statistics from the pass over the
+        training cells after the last epoch; the last complete epoch's parameters restored.
     TrainingInterrupted
         When ``stop`` asked, after the step in progress (and the checkpoint).
     """
@@ -313,7 +329,15 @@ def train_svi(
                 break
         keep(False)
         # still under the run's threads: a pass over every training cell
-        step.refresh_batch_norm(data, train_idx, batch_size)
+        if not _refresh_at_end(step, data, train_idx, batch_size):
+            raise guard.fail(
+                float("nan"),
+                "the pass over the training cells after the last epoch",
+                history,
+                what="Batch norm's statistics",
+            )
+        quoted_lr = lr if optim is None else None  # a Pyro optimizer carries its own
+        _check_divergence(step, data, train_idx, val_idx, history, lr=quoted_lr)
         checkpoints.at_end(history)  # a finished run can be continued from its folder later
     finally:
         torch.set_float32_matmul_precision(precision_before)
@@ -331,6 +355,37 @@ def _run_sizes(data, n_train: int, max_epochs: int, batch_size: int) -> dict:
         "data_bytes": data.resident_bytes(),  # every source of counts says (None: cannot)
         "data_source": getattr(data, "source_reason", None),
     }
+
+
+def _check_divergence(step, data, train_idx, val_idx, history: RunHistory, *, lr) -> None:
+    """Record in the run's engine record whether its ELBO diverged, and warn if it did.
+
+    ``record["diverged"]``: ``None``, or the warning given (:class:`Divergence`).
+    """
+    cells, column = (val_idx, "validation_elbo") if len(val_idx) else (train_idx, "train_elbo")
+    verdict = Divergence(data, cells, column=column, lr=lr, device=step.device).check(history)
+    step.record["diverged"] = verdict
+    if verdict is not None:
+        warnings.warn(verdict, TrainingWarning, stacklevel=3)
+
+
+def _refresh_at_end(step, data, train_idx: np.ndarray, batch_size: int) -> bool:
+    """Batch norm's statistics from every training cell; whether they came out finite.
+
+    Weights on the edge of overflowing (a high learning rate) can give some training cell
+    infinite activations that the validation sample did not meet; the loop then fails as
+    on a non-finite loss, with the last epoch's parameters and statistics restored.
+    """
+    try:
+        # NaN parameters of a distribution would raise inside Pyro's checks: the
+        # statistics are checked below instead, one way for every failure
+        with pyro.validation_enabled(False):
+            step.refresh_batch_norm(data, train_idx, batch_size)
+    except (ValueError, RuntimeError):
+        if step.group is not None:
+            raise  # the other ranks wait in the pass: no quiet way out
+        return False
+    return norms_finite(step.model, step.guide)
 
 
 def _keep(step, guard: LastGoodEpoch, state: TrainState, mid_epoch: bool) -> None:

@@ -12,7 +12,9 @@ Fault injection: :meth:`Stepper.step` is the package's documented seam for tests
 a training step to fail or to be interrupted. Wrapping it
 (``monkeypatch.setattr(Stepper, "step", wrapper)``) to return NaN from the n-th call, or
 to send the process a signal before stepping, exercises the loop's failure and interrupt
-hooks without touching the step's arithmetic.
+hooks without touching the step's arithmetic. :meth:`Stepper.refresh_batch_norm`, the pass
+over the training cells after the last epoch, is the seam for a failure there (wrapped to
+leave non-finite statistics, as weights on the edge of overflowing do).
 """
 
 from __future__ import annotations
