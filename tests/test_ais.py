@@ -67,31 +67,16 @@ def exact_likelihood(model, z, l, x, b):
 
 
 def exact_log_px(model, data: CountData, observed_library: bool = False):
-    """log p(x) per cell by a Riemann sum over a fine (z, l) grid (float64), and the
-    posterior's means and sds of z and l, ``(cells, 2)`` each."""
-    zs = torch.linspace(-8, 8, 801, dtype=torch.float64)
-    ls = torch.linspace(3.0 - 4.0, 3.0 + 4.0, 401, dtype=torch.float64)
-    out, means, sds = [], [], []
-    for i in range(data.n_cells):
-        x = torch.as_tensor(data.X[i], dtype=torch.float64)
-        grid_l = torch.log(x.sum()).reshape(1) if observed_library else ls
-        z, l = torch.meshgrid(zs, grid_l, indexing="ij")
-        z, l = z.reshape(-1, 1), l.reshape(-1, 1)
-        b = torch.zeros(len(z), dtype=torch.long)
-        with torch.no_grad():
-            lp = exact_likelihood(model, z, l, None, b).log_prob(x).sum(-1)
-            lp = lp + torch.distributions.Normal(0.0, 1.0).log_prob(z[:, 0])
-            cell = 1.0
-            if not observed_library:
-                lp = lp + torch.distributions.Normal(3.0, 0.5).log_prob(l[:, 0])
-                cell = float(ls[1] - ls[0])
-        out.append(float(torch.logsumexp(lp, 0)) + math.log(float(zs[1] - zs[0]) * cell))
-        w = torch.softmax(lp, 0)
-        v = torch.cat([z, l], 1)
-        m = (w[:, None] * v).sum(0)
-        means.append(m.numpy())
-        sds.append((w[:, None] * (v - m) ** 2).sum(0).sqrt().numpy())
-    return np.asarray(out), np.asarray(means), np.asarray(sds)
+    """log p(x) per cell by quadrature on a fine grid, and the posterior's moments."""
+    x, b = data.tensors(np.arange(data.n_cells))
+    out = ais.quadrature_log_px(
+        model,
+        x,
+        b,
+        torch.linspace(-8, 8, 801, dtype=torch.float64),
+        None if observed_library else torch.linspace(-1.0, 7.0, 401, dtype=torch.float64),
+    )
+    return out["log_px"].numpy(), out["mean"].numpy(), out["sd"].numpy()
 
 
 def guide_at(model, data, moments, loc_shift: float = 0.0, scale_factor: float = 1.0):
