@@ -389,6 +389,8 @@ def quadrature_log_px(
     batch_index: torch.Tensor,
     z_grid: torch.Tensor,
     l_grid: torch.Tensor | None = None,
+    *,
+    refine: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Exact ``log p(x)`` of a model with a 1-d ``z``, by a sum over a fine grid.
 
@@ -410,6 +412,10 @@ def quadrature_log_px(
     z_grid, l_grid
         Uniform 1-d grids; ``l_grid`` may also be ``(cells, points)``, a grid per cell
         (around each cell's own log library).
+    refine
+        If positive, sum a second time over a grid of as many points spanning the first
+        sum's posterior mean +- ``refine`` posterior sds, per cell: a posterior narrow
+        against the first grid, or near its edge, is then resolved (10 is ample).
 
     Returns
     -------
@@ -439,30 +445,46 @@ def quadrature_log_px(
     dtype = next(model.decoder.parameters()).dtype  # the model's precision, not the data's
     x = x.to(dtype)
     z_grid = torch.as_tensor(z_grid, dtype=dtype)
-    dz = float(z_grid[1] - z_grid[0])
     log_px, means, sds = [], [], []
     with torch.no_grad(), eval_mode(model):
         for i in range(x.shape[0]):
             xi, bi = x[i], batch_index[i : i + 1]
+            grid_z = z_grid
             if latent_l:
                 grid_l = torch.as_tensor(l_grid, dtype=dtype)
                 grid_l = grid_l[i] if grid_l.dim() == 2 else grid_l
-                cell = dz * float(grid_l[1] - grid_l[0])
             else:
-                grid_l, cell = model.library_prior.observed(xi[None]).reshape(1), dz
-            z, l = (g.reshape(-1, 1) for g in torch.meshgrid(z_grid, grid_l, indexing="ij"))
-            b = bi.expand(len(z))
-            decoded = model.decoder(z, b)
-            mu = torch.exp(l.clamp(max=80.0)) * torch.softmax(decoded["rho_logits"], -1)
-            theta = model.theta(b, decoded)
-            lp = model.likelihood(mu, theta, decoded["gate_logits"]).log_prob(xi).sum(-1)
-            lp = lp + model.prior().log_prob(z)
-            if latent_l:
-                lp = lp + model.library_prior(b).log_prob(l).reshape(-1)
-            log_px.append(torch.logsumexp(lp, 0) + math.log(cell))
-            w = torch.softmax(lp, 0)[:, None]
-            v = torch.cat([z, l], 1) if latent_l else z
-            m = (w * v).sum(0)
-            means.append(m)
-            sds.append((w * (v - m) ** 2).sum(0).sqrt())
+                grid_l = model.library_prior.observed(xi[None]).reshape(1)
+            for sweep in range(2 if refine else 1):
+                if sweep:  # again, on a box of +-refine sds around the first sweep's mean
+                    half = refine * sds.pop()
+                    centre = means.pop()
+                    log_px.pop()
+                    grid_z = centre[0] + half[0] * torch.linspace(-1, 1, len(z_grid), dtype=dtype)
+                    if latent_l:
+                        grid_l = centre[1] + half[1] * torch.linspace(
+                            -1, 1, len(grid_l), dtype=dtype
+                        )
+                _quadrature_sweep(model, xi, bi, grid_z, grid_l, latent_l, log_px, means, sds)
     return {"log_px": torch.stack(log_px), "mean": torch.stack(means), "sd": torch.stack(sds)}
+
+
+def _quadrature_sweep(model, xi, bi, z_grid, grid_l, latent_l, log_px, means, sds) -> None:
+    """One grid's log p(x) and posterior moments for one cell, appended to the lists."""
+    dz = float(z_grid[1] - z_grid[0])
+    cell = dz * float(grid_l[1] - grid_l[0]) if latent_l else dz
+    z, l = (g.reshape(-1, 1) for g in torch.meshgrid(z_grid, grid_l, indexing="ij"))
+    b = bi.expand(len(z))
+    decoded = model.decoder(z, b)
+    mu = torch.exp(l.clamp(max=80.0)) * torch.softmax(decoded["rho_logits"], -1)
+    theta = model.theta(b, decoded)
+    lp = model.likelihood(mu, theta, decoded["gate_logits"]).log_prob(xi).sum(-1)
+    lp = lp + model.prior().log_prob(z)
+    if latent_l:
+        lp = lp + model.library_prior(b).log_prob(l).reshape(-1)
+    log_px.append(torch.logsumexp(lp, 0) + math.log(cell))
+    w = torch.softmax(lp, 0)[:, None]
+    v = torch.cat([z, l], 1) if latent_l else z
+    m = (w * v).sum(0)
+    means.append(m)
+    sds.append((w * (v - m) ** 2).sum(0).sqrt())
