@@ -302,7 +302,7 @@ class FullCovarianceGuide(ScviGuide):
         """The guide for ``data``: ``SCVI(adata, guide=FullCovarianceGuide.from_data)``.
 
         ``kwargs`` go to the constructor (e.g. ``n_hidden``; bind them with
-        :func:`functools.partial`).
+        ``functools.partial``).
         """
         return cls(data.n_genes, data.n_batch, n_latent=n_latent, library=library, **kwargs)
 

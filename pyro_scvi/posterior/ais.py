@@ -15,7 +15,7 @@ steps; the more steps, the smaller its variance. Several independent chains per 
 ``log p(x) ~ log mean_c w_c`` and, by the delta method, the standard error
 ``sd_c(w_c) / (sqrt(C) mean_c w_c)`` of that log.
 
-The transitions are Hamiltonian Monte Carlo (:func:`hmc_step`; one leapfrog step is
+The transitions are Hamiltonian Monte Carlo (one leapfrog step is
 the Metropolis-adjusted Langevin algorithm) in coordinates scaled by q's spread per cell
 and coordinate, with a step size per cell tuned during the run towards an acceptance rate:
 each transition is still exact for its ``f_t`` given the step size chosen before it, so the
@@ -171,7 +171,7 @@ def _where(accept: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.where(accept.reshape(accept.shape + (1,) * (a.dim() - 2)), a, b)
 
 
-def hmc_step(
+def _hmc_step(
     target: _Target,
     u: dict[str, torch.Tensor],
     scale: dict[str, torch.Tensor],
@@ -291,7 +291,7 @@ def ais_log_weights(
         for t in range(1, len(betas)):
             beta = float(betas[t])
             log_w = log_w + float(betas[t] - betas[t - 1]) * (state.log_p - state.log_q)
-            u, state, accept = hmc_step(target, u, scale, beta, eps, n_leapfrog, state)
+            u, state, accept = _hmc_step(target, u, scale, beta, eps, n_leapfrog, state)
             rate = accept.to(x.dtype).mean(0)
             accepted = accepted + rate
             # a step per cell: larger while its chains accept more often than the target
