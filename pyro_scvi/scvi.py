@@ -698,6 +698,7 @@ class SCVI:
     get_fit_statistics = as_method(queries.get_fit_statistics)
     get_elbo = as_method(queries.get_elbo)
     get_marginal_ll = as_method(queries.get_marginal_ll)
+    get_marginal_ll_ais = as_method(queries.get_marginal_ll_ais)
     get_reconstruction_error = as_method(queries.get_reconstruction_error)
     get_amortization_gap = as_method(queries.get_amortization_gap)
     posterior_samples = as_method(queries.posterior_samples)

@@ -19,7 +19,16 @@ from .generative import (
     parameters_held,
     register_module,
 )
-from .guides import Guide, GuideFactory, LatentParams, PerCellGuide, ScviGuide, build_guide
+from .guides import (
+    FlowGuide,
+    FullCovarianceGuide,
+    Guide,
+    GuideFactory,
+    LatentParams,
+    PerCellGuide,
+    ScviGuide,
+    build_guide,
+)
 from .likelihoods import LIKELIHOODS, NB, ZINB, ZIP, Likelihood, Poisson
 from .nn import Decoder, Encoder, eval_mode
 from .priors import (
@@ -43,6 +52,8 @@ __all__ = [
     "Decoder",
     "Dispersion",
     "Encoder",
+    "FlowGuide",
+    "FullCovarianceGuide",
     "Guide",
     "GuideFactory",
     "LatentParams",

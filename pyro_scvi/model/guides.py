@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..data.counts import CountData
+from .flows import LOG_SCALE_BOUND, ConditionalAffineAutoregressive
 from .generative import cells_plate, register_module
 from .nn import Encoder
 from .priors import ObservedLibrary, is_latent_library
@@ -233,6 +234,254 @@ class ScviGuide(Guide):
                 l_loc = l_loc + torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
             out["l_loc"] = l_loc
         return out
+
+    def encode_with_hidden(
+        self, x: torch.Tensor, batch_index: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`encode`'s parameters and the encoders' hidden layers ``h_z`` (and ``h_l``).
+
+        One pass of each encoder (one dropout mask in training), for guides that build
+        more on the hidden layers.
+        """
+        x_log1p = torch.log1p(x)
+        h, _ = self.z_encoder.hidden(x_log1p, batch_index)
+        z_loc, z_scale = self.z_encoder.heads(h)
+        out = {"z_loc": z_loc, "z_scale": z_scale, "h_z": h}
+        if self.l_encoder is not None:
+            h_l, _ = self.l_encoder.hidden(x_log1p, batch_index)
+            l_loc, out["l_scale"] = self.l_encoder.heads(h_l)
+            if self.library_residual:
+                l_loc = l_loc + torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
+            out["l_loc"], out["h_l"] = l_loc, h_l
+        return out
+
+
+class FullCovarianceGuide(ScviGuide):
+    """Amortized guide with a full-covariance Gaussian ``q(z | x, s)``; ``q(l)`` as ScviGuide.
+
+    ``q(z | x, s) = MultivariateNormal(mu_z, L L^T)`` with the Cholesky factor
+    ``L = diag(sigma_z) (I + M)``: ``sigma_z > 0`` is :class:`ScviGuide`'s scale head and the
+    strictly lower triangle ``M`` a further head on the same hidden layer, started at zero,
+    so a new guide is the mean-field one and learns the correlations of ``z``. Its
+    :meth:`encode` returns ``z_scale_tril`` beside the marginal ``z_scale``.
+
+    Parameters
+    ----------
+    n_genes, n_batch, **kwargs
+        As :class:`ScviGuide`.
+
+    Examples
+    --------
+    >>> import torch, pyro
+    >>> g = FullCovarianceGuide(20, 1, n_latent=3)
+    >>> x = torch.poisson(torch.full((8, 20), 2.0))
+    >>> tr = pyro.poutine.trace(g).get_trace(x, torch.zeros(8, dtype=torch.long))
+    >>> tuple(tr.nodes["z"]["value"].shape), type(tr.nodes["z"]["fn"]).__name__
+    ((8, 1, 3), 'MultivariateNormal')
+    >>> tuple(g.encode(x, torch.zeros(8, dtype=torch.long))["z_scale_tril"].shape)
+    (8, 3, 3)
+    """
+
+    static_structure = False
+    #: Recorded with a run's engine: why it trains uncompiled.
+    static_structure_reason = (
+        "its compiled (JIT) ELBO does not reproduce the eager ELBO on the same draws "
+        "(tests/test_engine.py), so it runs uncompiled"
+    )
+
+    def __init__(self, n_genes: int, n_batch: int, **kwargs) -> None:
+        super().__init__(n_genes, n_batch, **kwargs)
+        d = self.n_latent
+        self.z_tril = nn.Linear(self.z_encoder.loc.in_features, d * d)
+        self.reset_parameters()
+
+    @classmethod
+    def from_data(
+        cls, data: CountData, *, n_latent: int = 10, library: nn.Module | None = None, **kwargs
+    ) -> FullCovarianceGuide:
+        """The guide for ``data``: ``SCVI(adata, guide=FullCovarianceGuide.from_data)``.
+
+        ``kwargs`` go to the constructor (e.g. ``n_hidden``; bind them with
+        ``functools.partial``).
+        """
+        return cls(data.n_genes, data.n_batch, n_latent=n_latent, library=library, **kwargs)
+
+    def reset_parameters(self) -> None:
+        """The mean-field start: ``M = 0``; q(l) as :meth:`ScviGuide.reset_parameters`."""
+        super().reset_parameters()
+        if hasattr(self, "z_tril"):
+            with torch.no_grad():
+                self.z_tril.weight.zero_()
+                self.z_tril.bias.zero_()
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+    ) -> LatentParams:
+        """:meth:`ScviGuide.encode`, plus the Cholesky factor ``z_scale_tril``.
+
+        ``z_scale_tril`` is ``(cells, n_latent, n_latent)``; ``z_scale`` is then the
+        marginal standard deviation (row norms of ``L``).
+        """
+        out = self.encode_with_hidden(x, batch_index)
+        h = out.pop("h_z")
+        out.pop("h_l", None)
+        d = self.n_latent
+        # a d x d head masked to its strict lower triangle (no in-place indexing: a
+        # compiled graph holds it)
+        m = torch.tril(self.z_tril(h).reshape(-1, d, d), diagonal=-1)
+        eye = torch.eye(d, dtype=h.dtype, device=h.device)
+        tril = out["z_scale"].unsqueeze(-1) * (eye + m)
+        out["z_scale_tril"] = tril
+        out["z_scale"] = tril.pow(2).sum(-1).sqrt()
+        return out
+
+    def forward(self, x, batch_index, cell_index=None, num_cells=None) -> None:  # noqa: D102
+        register_module("guide", self)
+        q = self.encode(x, batch_index, cell_index)
+        with cells_plate(batch_index, cell_index, num_cells):
+            z_dist = dist.MultivariateNormal(
+                q["z_loc"].unsqueeze(-2), scale_tril=q["z_scale_tril"].unsqueeze(-3)
+            )
+            pyro.sample("z", z_dist)
+            if "l_loc" in q:
+                pyro.sample("l", dist.Normal(q["l_loc"], q["l_scale"]))
+
+
+class FlowGuide(ScviGuide):
+    """Amortized guide whose ``q(z, l | x, s)`` is a conditional normalizing flow.
+
+    ``z = mu_z + sigma_z * f_K(... f_1(eps; h))``, ``eps ~ Normal(0, I)``: the layers ``f_k``
+    (default :class:`~pyro_scvi.model.flows.ConditionalAffineAutoregressive`, alternating
+    their order) are conditioned on ``h``, the z encoder's hidden layer, and stand between
+    a standard Normal and :class:`ScviGuide`'s Gaussian. Then
+    ``l | z ~ Normal(mu_l + a(u, h_l), sigma_l exp(b(u, h_l)))`` with ``u = (z - mu_z) /
+    sigma_z`` and a small network ``(a, b)``: the last, affine step of an autoregressive
+    flow over ``(z, l)``, which lets ``q(l)`` depend on ``z`` and so be non-Gaussian in
+    its marginal. Every layer starts as the identity and ``(a, b)`` at zero: a new guide is
+    the mean-field one.
+
+    :meth:`encode` (what the queries that want a Gaussian summary read: the latent mean,
+    refinement, NUTS comparisons) returns q's moments from :attr:`N_MOMENT_DRAWS` fixed
+    draws, so it is deterministic.
+
+    Parameters
+    ----------
+    n_genes, n_batch
+        Data dimensions.
+    n_flows, flow_hidden
+        Number of default layers and their hidden units.
+    layers
+        Your own layers instead: modules with ``transform(context)`` returning a bijective
+        :class:`torch.distributions.Transform` on ``n_latent``-vectors (``context``: the
+        hidden layer, ``n_hidden`` wide, with a singleton axis before it).
+    **kwargs
+        As :class:`ScviGuide`.
+
+    Examples
+    --------
+    >>> import torch, pyro
+    >>> g = FlowGuide(20, 1, n_latent=3)
+    >>> x = torch.poisson(torch.full((8, 20), 2.0))
+    >>> tr = pyro.poutine.trace(g).get_trace(x, torch.zeros(8, dtype=torch.long))
+    >>> tuple(tr.nodes["z"]["value"].shape), tuple(tr.nodes["l"]["value"].shape)
+    ((8, 1, 3), (8, 1))
+    >>> sorted(g.encode(x, torch.zeros(8, dtype=torch.long)))
+    ['l_loc', 'l_scale', 'z_loc', 'z_scale']
+    """
+
+    #: Fixed draws behind :meth:`encode`'s moments.
+    N_MOMENT_DRAWS = 256
+    static_structure = False
+    #: Recorded with a run's engine: why it trains uncompiled.
+    static_structure_reason = FullCovarianceGuide.static_structure_reason
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_batch: int,
+        *,
+        n_flows: int = 2,
+        flow_hidden: int = 32,
+        layers: list[nn.Module] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(n_genes, n_batch, **kwargs)
+        d, hidden = self.n_latent, self.z_encoder.loc.in_features
+        if layers is None:
+            layers = [
+                ConditionalAffineAutoregressive(d, hidden, flow_hidden, reverse=bool(i % 2))
+                for i in range(int(n_flows))
+            ]
+        self.flows = nn.ModuleList(layers)
+        self.l_net = None
+        if self.l_encoder is not None:
+            self.l_net = nn.Sequential(
+                nn.Linear(d + hidden, flow_hidden), nn.Tanh(), nn.Linear(flow_hidden, 2)
+            )
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("moment_draws", torch.randn(self.N_MOMENT_DRAWS, d, generator=gen))
+        self.reset_parameters()
+
+    from_data = classmethod(FullCovarianceGuide.from_data.__func__)
+
+    def reset_parameters(self) -> None:
+        """The mean-field start: ``(a, b)`` at zero (the layers reset themselves)."""
+        super().reset_parameters()
+        if getattr(self, "l_net", None) is not None:
+            with torch.no_grad():
+                self.l_net[-1].weight.zero_()
+                self.l_net[-1].bias.zero_()
+
+    def z_distribution(self, b: dict[str, torch.Tensor]) -> dist.TransformedDistribution:
+        """``q(z | x)`` with batch shape ``(cells, 1)``, as the ``z`` site takes it."""
+        loc, scale = b["z_loc"].unsqueeze(-2), b["z_scale"].unsqueeze(-2)
+        context = b["h_z"].unsqueeze(-2)
+        base = dist.Normal(torch.zeros_like(loc), torch.ones_like(scale)).to_event(1)
+        steps = [f.transform(context) for f in self.flows]
+        steps.append(dist.transforms.AffineTransform(loc, scale, event_dim=1))
+        return dist.TransformedDistribution(base, steps)
+
+    def l_distribution(self, b: dict[str, torch.Tensor], z: torch.Tensor) -> dist.Normal:
+        """``q(l | z, x)`` at ``z`` shaped as the ``z`` site; batch shape ``(..., cells, 1)``."""
+        u = (z - b["z_loc"].unsqueeze(-2)) / b["z_scale"].unsqueeze(-2)
+        h = b["h_l"].unsqueeze(-2)
+        out = self.l_net(torch.cat([u, h.expand(u.shape[:-1] + h.shape[-1:])], -1))
+        stretch = LOG_SCALE_BOUND * torch.tanh(out[..., 1] / LOG_SCALE_BOUND)
+        return dist.Normal(b["l_loc"] + out[..., 0], b["l_scale"] * torch.exp(stretch))
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+    ) -> LatentParams:
+        """Means and standard deviations of q's ``z`` (and ``l``) from fixed draws."""
+        b = self.encode_with_hidden(x, batch_index)
+        eps = self.moment_draws.to(b["z_loc"].dtype)[:, None, None, :]
+        eps = eps.expand(-1, x.shape[0], 1, -1)
+        z = eps
+        context = b["h_z"].unsqueeze(-2)
+        for f in self.flows:
+            z = f.transform(context)(z)
+        z = b["z_loc"].unsqueeze(-2) + b["z_scale"].unsqueeze(-2) * z
+        out = {"z_loc": z.mean(0).squeeze(-2), "z_scale": z.std(0).squeeze(-2)}
+        if self.l_net is not None:
+            q_l = self.l_distribution(b, z)
+            m = q_l.loc.mean(0)
+            out["l_loc"] = m
+            out["l_scale"] = (q_l.scale.pow(2).mean(0) + q_l.loc.var(0)).sqrt()
+        return out
+
+    def forward(self, x, batch_index, cell_index=None, num_cells=None) -> None:  # noqa: D102
+        register_module("guide", self)
+        b = self.encode_with_hidden(x, batch_index)
+        with cells_plate(batch_index, cell_index, num_cells):
+            z = pyro.sample("z", self.z_distribution(b))
+            if self.l_net is not None:
+                pyro.sample("l", self.l_distribution(b, z))
 
 
 class PerCellGuide(Guide):

@@ -83,16 +83,28 @@ class Encoder(nn.Module):
         self, x_log1p: torch.Tensor, batch_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(loc, scale)`` of q for log1p-transformed counts."""
+        h, lead = self.hidden(x_log1p, batch_index)
+        loc, scale = self.heads(h)
+        return loc.reshape(*lead, -1), scale.reshape(*lead, -1)
+
+    def hidden(
+        self, x_log1p: torch.Tensor, batch_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Size]:
+        """The last hidden layer ``(N, n_hidden)``, leading axes flattened, and those axes.
+
+        Richer guides condition on it too.
+        """
         h = x_log1p
         if self.n_batch:
             h = torch.cat([h, one_hot(batch_index, self.n_batch)], dim=-1)
         h, lead = _flat(h)
-        h = self.body(h)
-        loc = self.loc(h)
+        return self.body(h), lead
+
+    def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` from the hidden layer."""
         # exp keeps the variance positive; the 1e-4 floor (as in scvi-tools) stops q from
         # collapsing to a point mass, which would make log q(z) blow up.
-        scale = torch.sqrt(torch.exp(self.raw_var(h)) + 1e-4)
-        return loc.reshape(*lead, -1), scale.reshape(*lead, -1)
+        return self.loc(h), torch.sqrt(torch.exp(self.raw_var(h)) + 1e-4)
 
 
 class Decoder(nn.Module):

@@ -3,7 +3,9 @@
 :mod:`~pyro_scvi.posterior.queries` answers latent, normalized and batch-corrected
 expression, likelihood parameters and importance-sampled fit statistics; the functions
 are re-exported here. :mod:`~pyro_scvi.posterior.arviz` exports to ArviZ,
-:mod:`~pyro_scvi.posterior.gap` refines cells one by one (the amortization gap) and
+:mod:`~pyro_scvi.posterior.ais` estimates ``log p(x)`` with a standard
+error by annealed importance sampling, :mod:`~pyro_scvi.posterior.gap` refines cells one
+by one (the amortization gap) and
 :mod:`~pyro_scvi.posterior.mcmc` runs NUTS on a few cells. :class:`Fitted` is what every
 analysis needs of a fitted model, and :mod:`~pyro_scvi.posterior.fitted_queries` asks the
 queries above of one (they are :class:`~pyro_scvi.SCVI`'s query methods).
@@ -40,6 +42,7 @@ __all__ = [
     "SHARED_GLOBALS",
     "Fitted",
     "FittedModel",
+    "ais",
     "arviz",
     "as_method",
     "decode",
@@ -68,5 +71,5 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = attach(
-    __name__, submodules=["arviz", "fitted_queries", "gap", "mcmc", "queries"]
+    __name__, submodules=["ais", "arviz", "fitted_queries", "gap", "mcmc", "queries"]
 )

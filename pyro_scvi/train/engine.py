@@ -726,11 +726,14 @@ def static_structure(model: Callable, guide: Callable) -> tuple[bool, str]:
     A component declares it with a true ``static_structure`` attribute: the same sample
     sites, shapes and Python control flow on every call, given tensors of the same shapes.
     :class:`~pyro_scvi.model.ScviModel` declares it when its prior, library prior and
-    likelihood do. Returns ``(ok, why_not)``.
+    likelihood do. Returns ``(ok, why_not)``; a component that says why it is not static
+    (``static_structure_reason``) has its reason in ``why_not``.
     """
     for role, part in (("the model", model), ("the guide", guide)):
         if not getattr(part, "static_structure", False):
-            return False, f"{role} ({type(part).__name__}) does not declare static_structure"
+            why = f"{role} ({type(part).__name__}) does not declare static_structure"
+            reason = getattr(part, "static_structure_reason", None)
+            return False, why + (f": {reason}" if reason else "")
     return True, ""
 
 

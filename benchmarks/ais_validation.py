@@ -1,0 +1,184 @@
+"""The log p(x) yardsticks against the truth: exact (quadrature) vs AIS vs IS.
+
+Two models whose ``log p(x)`` is exact by quadrature over a 1-d ``z`` and the latent
+library ``l`` (:func:`pyro_scvi.posterior.ais.quadrature_log_px`):
+
+- ``tiny``: a random 8-gene decoder, cells simulated from it, two per-cell Normal
+  proposals: the posterior's moments (``good``) and one 3 sds off and 3 times too narrow
+  (``bad``);
+- ``fitted``: scVI with ``n_latent=1`` trained on pbmc8k_200hvg, its held-out cells, and its
+  own amortized guide as proposal.
+
+For each: IS with ``K`` draws (estimate and PSIS Pareto ``k``) and AIS at several numbers of
+steps (estimate, standard error, z-score against the truth).
+
+    python -m benchmarks.ais_validation            # about 5 minutes on 2 busy cores
+    python -m benchmarks.ais_validation --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .lib import data, results
+
+STUDY = "ais_validation"
+
+
+def score(model, guide, x, b, exact, steps, k_is, chains, seed=0):
+    import torch
+
+    from pyro_scvi.analysis.criticism import psis_elpd
+    from pyro_scvi.posterior import ais, log_importance_weights
+
+    cells = torch.arange(len(x))
+    torch.manual_seed(seed)
+    log_w = log_importance_weights(model, guide, x, b, k_is, batch_size=16, cell_index=cells)
+    est = ais.log_mean_exp_se(log_w)[0].numpy()
+    k = psis_elpd(log_w.numpy())["pareto_k"].to_numpy()
+    out = {"exact": exact.tolist(), "is": est.tolist(), "k": k.tolist(), "ais": {}}
+    for n in steps:
+        torch.manual_seed(seed)
+        a = ais.ais_log_weights(model, guide, x, b, cell_index=cells, n_chains=chains, n_steps=n)
+        e, se, _ = ais.log_mean_exp_se(a["log_w"])
+        out["ais"][str(n)] = {"est": e.tolist(), "se": se.tolist()}
+    return out
+
+
+def tiny(n_cells: int, steps, k_is, chains):
+    import torch
+
+    import pyro_scvi
+    from pyro_scvi.model.guides import PerCellGuide
+    from pyro_scvi.model.priors import LogNormalLibrary
+    from pyro_scvi.posterior import ais
+
+    torch.manual_seed(0)
+    lib = LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5]))
+    model = pyro_scvi.ScviModel(8, 1, lib, n_latent=1, n_hidden=4).double().eval()
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.mul_(3.0)
+        model.log_theta.fill_(1.0)
+        z, l = torch.randn(n_cells, 1, dtype=torch.float64), 3 + 0.5 * torch.randn(n_cells, 1)
+        out = model.decoder(z, torch.zeros(n_cells, dtype=torch.long))
+        mu = torch.exp(l.double()) * torch.softmax(out["rho_logits"], -1)
+        x = model.likelihood(mu, model.log_theta.exp(), out["gate_logits"]).sample()
+    b = torch.zeros(n_cells, dtype=torch.long)
+    zs, ls = torch.linspace(-8, 8, 801).double(), torch.linspace(-1, 7, 401).double()
+    truth = ais.quadrature_log_px(model, x, b, zs, ls)
+    runs = {}
+    for name, shift, factor in (("good", 0.0, 1.0), ("bad", 3.0, 1 / 3)):
+        g = PerCellGuide(n_cells, 1, library=lib).double()
+        m, sd = truth["mean"], truth["sd"] * factor
+        with torch.no_grad():
+            g.z_loc.copy_(m[:, :1] + shift * truth["sd"][:, :1])
+            g.l_loc.copy_(m[:, 1:] + shift * truth["sd"][:, 1:])
+            g.z_log_scale.copy_(sd[:, :1].log())
+            g.l_log_scale.copy_(sd[:, 1:].log())
+        runs[name] = score(model, g, x, b, truth["log_px"].numpy(), steps, k_is, chains)
+    return runs
+
+
+def fitted(n_cells: int, epochs: int, steps, k_is, chains):
+    import torch
+
+    import pyro_scvi
+    from pyro_scvi.posterior import ais
+
+    adata = data.load("pbmc8k_200hvg", subsample=n_cells, seed=0)
+    model = pyro_scvi.SCVI(adata, n_latent=1)
+    model.train(max_epochs=epochs, train_size=0.9, progress_bar=False, seed=0)
+    held = np.sort(model.validation_indices)[:100]
+    x, b = model.data.tensors(held)
+    loglib = torch.log(x.sum(-1, keepdim=True))
+    ls = loglib + torch.linspace(-3.0, 3.0, 241)  # a grid per cell around its library,
+    # then one on +-10 posterior sds around the posterior mean (refine)
+    truth = ais.quadrature_log_px(model.model, x, b, torch.linspace(-8, 8, 401), ls, refine=10)
+    out = score(model.model, model.guide, x, b, truth["log_px"].numpy(), steps, k_is, chains)
+    out["l_offset_max"] = float((truth["mean"][:, 1:] - loglib).abs().max())  # l's posterior
+    out["z_posterior_sd_min"] = float(truth["sd"][:, 0].min())
+    return {"amortized": out}
+
+
+def table(res: dict) -> str:
+    rows = []
+    for model_name, runs in res["runs"].items():
+        for name, r in runs.items():
+            exact, k = np.asarray(r["exact"]), np.asarray(r["k"])
+            is_err = np.asarray(r["is"]) - exact
+            for n, a in r["ais"].items():
+                err, se = np.asarray(a["est"]) - exact, np.asarray(a["se"])
+                rows.append(
+                    [model_name, name, len(exact), f"{np.mean(k > 0.7):.2f}",
+                     f"{np.mean(np.abs(is_err)):.3f}", f"{np.max(np.abs(is_err)):.3f}", n,
+                     f"{np.mean(np.abs(err)):.3f}", f"{np.max(np.abs(err)):.3f}",
+                     f"{np.median(se):.3f}", f"{np.max(np.abs(err / se)):.2f}",
+                     f"{np.mean(np.abs(err) < 2 * se):.2f}"]
+                )  # fmt: skip
+    s = res["settings"]
+    how = (
+        f"IS: {s['k_is']} draws of the proposal per cell; AIS: {s['chains']} chains per cell, "
+        "sigmoid schedule, 4 leapfrog steps per transition. Errors are estimate - exact "
+        "(nats); |z| = |error| / AIS standard error; 'within 2 se': share of cells."
+    )
+    cols = "model|proposal|cells:|IS k>0.7:|IS mean abs err:|IS max abs err:|AIS steps:|"
+    cols += "AIS mean abs err:|AIS max abs err:|AIS median se:|max abs z:|within 2 se:"
+    return "\n".join(
+        results.header(res, "log p(x) against the truth: exact vs AIS vs IS", how)
+        + results.md_table(cols, rows)
+        + ["", f"Figure: `{STUDY}.png` (errors against IS's Pareto k, AIS with 2 se).", ""]
+    )
+
+
+def figure(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, n, r) for m, runs in res["runs"].items() for n, r in runs.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (m, n, r) in zip(np.atleast_1d(axes), panels, strict=True):
+        exact, k = np.asarray(r["exact"]), np.asarray(r["k"])
+        ax.scatter(k, np.asarray(r["is"]) - exact, s=12, c="tab:red", label="IS")
+        last = list(r["ais"])[-1]
+        a = r["ais"][last]
+        ax.errorbar(k, np.asarray(a["est"]) - exact, yerr=2 * np.asarray(a["se"]), fmt="o",
+                    ms=3, c="tab:blue", label=f"AIS {last} steps, ±2 se")  # fmt: skip
+        ax.axhline(0, c="k", lw=0.5)
+        ax.axvline(0.7, c="grey", ls=":", lw=0.8)
+        ax.set(title=f"{m}: {n} proposal", xlabel="IS Pareto k", ylabel="estimate - exact (nats)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    steps, k_is, chains = ((5,), 50, 4) if a.smoke else ((10, 30, 100), 1000, 16)
+    res = {
+        "meta": results.metadata(STUDY, argv),
+        "settings": {"smoke": a.smoke, "k_is": k_is, "chains": chains, "steps": list(steps)},
+        "runs": {"tiny": tiny(6 if a.smoke else 40, steps, k_is, chains)},
+    }
+    res["runs"]["fitted"] = fitted(300 if a.smoke else 3000, 2 if a.smoke else 30, steps,
+                                   k_is, chains)  # fmt: skip
+    stem = results.stem(STUDY, a.smoke)
+    results.write(Path(a.out_dir), stem, res, table(res))
+    figure(res, Path(a.out_dir) / f"{stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
