@@ -304,9 +304,12 @@ def write_h5ad(adata: Any, path: str | os.PathLike) -> None:
     --------
     >>> import tempfile, anndata, numpy as np
     >>> out = Path(tempfile.mkdtemp()) / "a.h5ad"
-    >>> write_h5ad(anndata.AnnData(np.ones((2, 3), dtype=np.float32)), out)
-    >>> anndata.read_h5ad(out).shape
-    (2, 3)
+    >>> adata = anndata.AnnData(np.ones((2, 3), dtype=np.float32))
+    >>> adata.raw = adata
+    >>> write_h5ad(adata, out)
+    >>> back = anndata.read_h5ad(out)
+    >>> back.shape, back.raw.shape
+    ((2, 3), (2, 3))
     """
     from anndata.io import write_elem
 
@@ -314,7 +317,16 @@ def write_h5ad(adata: Any, path: str | os.PathLike) -> None:
     if adata.raw is not None:
         adata.strings_to_categoricals(adata.raw.var)
     with h5_file(path, "w") as f:
-        write_elem(f, "/", adata)
+        # the elements anndata's own write_h5ad writes, in its order
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        if adata.X is not None:
+            write_elem(f, "X", adata.X)
+        if adata.raw is not None:
+            write_elem(f, "raw", adata.raw)
+        for key in ("obs", "var"):
+            write_elem(f, key, getattr(adata, key))
+        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(f, key, dict(getattr(adata, key)))
 
 
 def copy_h5ad(src: str | os.PathLike, dst: str | os.PathLike) -> None:
