@@ -77,17 +77,33 @@ class TrainingWarning(UserWarning):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; ``signal`` is its number (exit status ``128 + signal``).
+
+    A :class:`KeyboardInterrupt`, so that code which does not know it stops as on Ctrl-C,
+    running its ``finally`` blocks (temporary files are removed on the way out). The
+    command line raises it for SIGTERM too (:mod:`pyro_scvi.cli`), where the default
+    would end the process on the spot.
+    """
+
+    def __init__(self, message: str = "", *, signal: int = 2) -> None:
+        super().__init__(message)
+        self.signal = signal
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped cleanly on SIGINT or SIGTERM, after finishing the step in progress.
 
     A :class:`KeyboardInterrupt`, so code that does not know it stops as on Ctrl-C.
     ``signal`` is the signal's number, ``epoch`` and ``step`` where the run stopped (the
-    next minibatch to run), ``checkpoint`` the folder written (``None``: none asked for)
-    and ``history`` the epochs completed. ``SCVI.resume()`` or ``train()`` continue.
+    next minibatch to run), ``checkpoint`` the folder written (``None``: none asked for,
+    or it could not be written: ``checkpoint_error`` says why) and ``history`` the epochs
+    completed. ``SCVI.resume()`` or ``train()`` continue.
     """
 
     def __init__(self, message: str, *, signal: int, epoch: int, step: int) -> None:
         super().__init__(message)
         self.signal, self.epoch, self.step = signal, epoch, step
         self.checkpoint: str | None = None
+        self.checkpoint_error: str | None = None
         self.history: pd.DataFrame | None = None

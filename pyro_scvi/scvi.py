@@ -603,8 +603,9 @@ class SCVI:
                 run.settings.engine = self.engine
                 self.training_run = run
                 raise
-        self._append_history(history)
-        self.training_run = TrainingRun(state, last=settings)
+            # inside the block: a signal passed on as it ends finds the model complete
+            self._append_history(history)
+            self.training_run = TrainingRun(state, last=settings)
         return self
 
     @fill_doc

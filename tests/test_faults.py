@@ -27,6 +27,7 @@ from pyro_scvi.datasets import synthetic_zinb
 
 import pyro_scvi
 import pyro_scvi.io.files as files
+import pyro_scvi.io.outputs as outputs
 import pyro_scvi.io.persistence as persistence
 from pyro_scvi import SCVI
 from pyro_scvi.cli import main
@@ -198,11 +199,12 @@ def test_a_disk_that_fills_while_writing_leaves_the_old_outputs_whole(
     h5ad_id, model_id = _outputs(folder)
     assert h5ad_id == model_id
 
-    def write_half_then_fail(self, path, *args, **kwargs):
+    def write_half_then_fail(adata, path, *args, **kwargs):
         Path(path).write_bytes(b"\x89HDF\r\n" + b"\0" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(anndata.AnnData, "write_h5ad", write_half_then_fail)
+    # the .h5ad writer (a real full disk: tests/test_faults_after_training.py)
+    monkeypatch.setattr(outputs, "write_h5ad", write_half_then_fail)
     status, stderr = _run(["fit", folder / "in.h5ad", "-o", folder / "out.h5ad", *FAST])
     _one_line(status, stderr, code=1)
     assert "No space left on device" in stderr

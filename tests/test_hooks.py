@@ -286,3 +286,22 @@ def test_divergence_is_judged_in_units_of_the_data_s_poisson_likelihood(depth):
     assert "0.15" in grown
     fell = hook.check(_elbos(*fine, -(0.55 + 1.01 * DROP_FROM_BEST) * unit))
     assert "down from" in fell and "epoch 3" in fell and "--lr" in fell
+
+
+def test_stop_on_signals_passes_on_a_signal_nobody_looked_at():
+    """A signal after the loop's last look (the end-of-run pass) is sent again on the way
+    out, to the handler that was there before: never dropped (issue 27, item 4)."""
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with stop_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives, nobody polls
+            assert got == []  # held while the block runs
+        assert got == [signal.SIGTERM]
+        got.clear()
+        with stop_on_signals() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop() == signal.SIGTERM  # seen: the caller acts on it, not sent again
+        assert got == []
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -26,9 +26,10 @@ runs the command and turns its errors into exit statuses. The user documentation
 docstring of :mod:`pyro_scvi.cli.fit`, which ``pyro-scvi fit --help`` prints.
 
 Every command: bad arguments or input give one line on stderr and exit status 2; a failed
-write exits with status 1 and removes unfinished files; Ctrl-C exits with status 130;
-status 141 when stdout's reader has gone (``... | head``). Started with stdout closed
-(``>&-``), a command whose result goes to stdout (``evaluate``'s JSON: its module's
+write exits with status 1 and removes unfinished files; SIGINT (Ctrl-C) and SIGTERM
+remove unfinished files and exit with status 130 and 143 (``pyro_scvi.cli._signals``),
+never 0; status 141 when stdout's reader has gone (``... | head``). Started with stdout
+closed (``>&-``), a command whose result goes to stdout (``evaluate``'s JSON: its module's
 ``STDOUT_RESULT``) refuses before the work, one line and status 1, as ``cat`` does; the
 others do their work and drop the summary line they would print there. ``fit`` adds its
 own statuses for a non-finite loss and for SIGINT or SIGTERM. ``--help`` imports no
@@ -39,12 +40,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from ..errors import InputError
 from . import de, evaluate, fit, map_query, plot, ppc
 from ._common import PROG, _Parser
+from ._signals import handling_signals, signal_name
 from .fit import LIKELIHOOD_NAMES
 
 __all__ = ["COMMANDS", "LIKELIHOOD_NAMES", "PROG", "build_parser", "main"]
@@ -88,6 +91,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    with handling_signals() as received:
+        status = _run_command(args, argv)
+        if received and status == 0:
+            # the exception of the signal was swallowed where Python ignores them (a
+            # weakref callback): the command finished, but never exit 0 after a signal
+            print(
+                f"{PROG} {args.command}: {signal_name(received[0])} arrived as the command "
+                "finished; its outputs are complete.",
+                file=sys.stderr,
+            )
+            status = 128 + received[0]
+    return status
+
+
+def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         return COMMANDS[args.command].run(args, argv)
     except InputError as err:
@@ -98,11 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # as Unix tools do, and keep Python from complaining when it flushes at exit
         _detach_stdout()
         return 128 + 13  # as if killed by SIGPIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signal", signal.SIGINT)
         print(
-            f"{PROG} {args.command}: interrupted; unfinished files were removed.", file=sys.stderr
+            f"{PROG} {args.command}: interrupted by {signal_name(signum)}; unfinished files "
+            "were removed.",
+            file=sys.stderr,
         )
-        return 130
+        return 128 + signum
     except OSError as err:  # a write failed (disk full, permissions changed meanwhile)
         where = f" ({err.filename})" if err.filename else ""
         print(

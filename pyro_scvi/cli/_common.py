@@ -496,7 +496,7 @@ def _write_results_h5ad(adata, path: Path) -> None:
     A streamed (backed) ``adata`` is never loaded: its file is copied byte for byte and the
     results are added to the copy.
     """
-    from ..io.outputs import append_elements, copy_h5ad
+    from ..io.outputs import append_elements, copy_h5ad, write_h5ad
 
     if adata.isbacked:
         copy_h5ad(adata.filename, path)
@@ -508,4 +508,4 @@ def _write_results_h5ad(adata, path: Path) -> None:
             },
         )
     else:
-        adata.write_h5ad(path)
+        write_h5ad(adata, path)  # a full disk: one OSError, never a crash

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     )
 
     from ..io.files import atomic_path
+    from ..io.outputs import write_h5ad
     from ..scvi import SCVI, resolve_device
 
     resolve_device(args.device)  # fail before reading data
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                 out.uns["pyro_scvi_evaluate"] = {
                     k: ("None" if v is None else v) for k, v in result.items()
                 }
-                out.write_h5ad(tmp)
+                write_h5ad(out, tmp)  # a full disk: one OSError, never a crash
         result["per_cell"] = str(per_cell)
     json.dump(result, sys.stdout, allow_nan=False)
     sys.stdout.write("\n")

@@ -39,7 +39,13 @@ adds a warning line that says to lower ``--lr``; ``uns["pyro_scvi"]["params"]["e
 ["diverged"]`` keeps it. SIGINT (Ctrl-C) or SIGTERM stop training after the current step, write
 a checkpoint (``--checkpoint-dir``, default ``OUTPUT`` without ``.h5ad``, plus
 ``_checkpoint``) and the outputs so far, and exit with status 130 or 143 and the command
-that resumes the run (``--resume``).
+that resumes the run (``--resume``). After training, until the last output is in place,
+they leave either the complete outputs or the trained model, kept as a checkpoint, and the
+command that writes the outputs from it (``--resume`` of a finished run only writes its
+outputs); never a silent exit 0. Two runs finishing at once on the same outputs take
+turns to move them in: the ``.h5ad`` and model in place are always one run's. A disk that
+fills while writing ends the run with one line and status 1, the old outputs intact; one
+that fills at a checkpoint only costs that checkpoint (a warning), not the run.
 """
 
 from __future__ import annotations
@@ -301,127 +307,141 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     check_free_space(needs)
     every = args.checkpoint_every if explicit_checkpoints else 0
     status, stopped, note = 0, None, ""
+    # What a signal after training finds: whether the trained model is safe in a checkpoint
+    # already (an interrupted run's), and whether the outputs are all in place.
+    after = {"epochs": len(model.history), "kept": None, "writing": False, "published": False}
     try:
-        # what these warnings say, the run's one-line messages say (a TrainingError's, or
-        # the divergence warning below, from the run's record)
-        stack.enter_context(warnings.catch_warnings())
-        warnings.filterwarnings("ignore", category=TrainingWarning)
-        warnings.filterwarnings("ignore", message="Encountered NaN")
-        if args.resume and not model.interrupted:
-            pass  # a finished run's checkpoint (one whose outputs were not written): write them
-        elif args.resume:
-            model.resume(
-                device=args.device,
-                progress_bar=not args.quiet,
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_every=every,
-            )
-        else:
-            model.train(
-                args.max_epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                early_stopping=args.early_stopping,
-                engine=_engine(args),
-                device=args.device,
-                seed=args.seed,
-                progress_bar=not args.quiet,
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_every=every,
-            )
-    except TrainingError as err:
-        if group is not None and not group.is_main:
-            return 1
-        if not model.is_trained:
-            print(
-                f"{PROG} fit: error: {err} Nothing was written: there is no trained model.",
-                file=sys.stderr,
-            )
-            return 1
-        status, stopped = 1, str(err)
-        note = f" Training failed: {err} The outputs hold the model of that epoch."
-    except TrainingInterrupted as err:
-        status = 128 + err.signal
-        if group is not None and not group.is_main:
-            return status
-        resume = f" Resume with: {_resume_command(argv, checkpoint_dir)}" if err.checkpoint else ""
-        if not model.is_trained:
-            print(
-                f"{PROG} fit: {err} No epoch had completed, so no outputs were written; the "
-                f"checkpoint is in {checkpoint_dir}.{resume}",
-                file=sys.stderr,
-            )
-            return status
-        stopped = str(err)
-        note = (
-            f" {err} The outputs hold the model at that point; checkpoint in "
-            f"{checkpoint_dir}.{resume}"
-        )
-    if group is not None and not group.is_main:
-        return status  # rank 0 writes the outputs
-
-    # the seed the run used: a resumed run's own (given --seed was checked against it)
-    ran = model.run_settings
-    seed = ran.seed if args.resume and ran is not None and ran.seed is not None else args.seed
-    if seed is not None:
-        torch.manual_seed(seed)
-    if pinned is not None:
         try:
-            pinned.check()  # before the latent space is read from it
-        except InputChanged as err:
-            return _keep_the_model(model, err, argv, checkpoint_dir)
-    library = float(np.median(model.data.total_counts()))
-    run_id = new_run_id()
-    # The queries follow the free cores as training did (pyro_scvi.train.engine.ThreadPolicy).
-    threads = ThreadPolicy(args.threads)
-    threads.start()
-    try:
-        # latent space and uns here; the normalized expression as the .h5ad is written
-        write_results(
-            model,
-            adata,
-            normalized_key=None,
-            library_size=library,
-            params=dict(
-                max_epochs=len(model.history),
-                batch_size=args.batch_size,
-                lr=args.lr,
-                seed=seed,
-                model_dir=str(model_dir),
-                input=str(args.input),
-                run_id=run_id,
-                resumed=bool(args.resume),
-                data_source=data_source,
-                **plan.record(),
-                **(
-                    {"normalized_key": LAYER_KEY} if plan.layer else {}
-                ),  # as tl.write_results records it
-                normalized_library_size=library,
-                normalized_n_samples=args.n_samples,
-                **({"stopped": stopped} if stopped else {}),
-            ),
-        )
-        _write_fit_outputs(
-            model,
-            output=output,
-            model_dir=model_dir,
-            png=png,
-            run_id=run_id,
-            write=lambda path: _write_h5ad(
+            # what these warnings say, the run's one-line messages say (a TrainingError's, or
+            # the divergence warning below, from the run's record)
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", category=TrainingWarning)
+            warnings.filterwarnings("ignore", message="Encountered NaN")
+            if args.resume and not model.interrupted:
+                pass  # a finished run's checkpoint (its outputs were not written): write them
+            elif args.resume:
+                model.resume(
+                    device=args.device,
+                    progress_bar=not args.quiet,
+                    checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=every,
+                )
+            else:
+                model.train(
+                    args.max_epochs,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    early_stopping=args.early_stopping,
+                    engine=_engine(args),
+                    device=args.device,
+                    seed=args.seed,
+                    progress_bar=not args.quiet,
+                    checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=every,
+                )
+        except TrainingError as err:
+            if group is not None and not group.is_main:
+                return 1
+            if not model.is_trained:
+                print(
+                    f"{PROG} fit: error: {err} Nothing was written: there is no trained model.",
+                    file=sys.stderr,
+                )
+                return 1
+            status, stopped = 1, str(err)
+            note = f" Training failed: {err} The outputs hold the model of that epoch."
+        except TrainingInterrupted as err:
+            status = 128 + err.signal
+            if group is not None and not group.is_main:
+                return status
+            if err.checkpoint:
+                resume = f" Resume with: {_resume_command(argv, checkpoint_dir)}"
+                where = f"checkpoint in {checkpoint_dir}.{resume}"
+                after["kept"] = checkpoint_dir
+            else:  # a full disk, say: the outputs still hold what was trained
+                where = f"no checkpoint could be written ({err.checkpoint_error})."
+            if not model.is_trained:
+                print(
+                    f"{PROG} fit: {err} No epoch had completed, so no outputs were written; "
+                    f"{where}",
+                    file=sys.stderr,
+                )
+                return status
+            stopped = str(err)
+            note = f" {err} The outputs hold the model at that point; {where}"
+        if group is not None and not group.is_main:
+            return status  # rank 0 writes the outputs
+        after["writing"] = True
+
+        # the seed the run used: a resumed run's own (given --seed was checked against it)
+        ran = model.run_settings
+        seed = ran.seed if args.resume and ran is not None and ran.seed is not None else args.seed
+        if seed is not None:
+            torch.manual_seed(seed)
+        if pinned is not None:
+            try:
+                pinned.check()  # before the latent space is read from it
+            except InputChanged as err:
+                return _keep_the_model(model, err, argv, checkpoint_dir)
+        library = float(np.median(model.data.total_counts()))
+        run_id = new_run_id()
+        # The queries follow the free cores as training did (pyro_scvi.train.engine.ThreadPolicy).
+        threads = ThreadPolicy(args.threads)
+        threads.start()
+        try:
+            # latent space and uns here; the normalized expression as the .h5ad is written
+            write_results(
                 model,
                 adata,
-                path,
-                plan=plan,
-                library=library,
-                n_samples=args.n_samples,
-                pinned=pinned,
-            ),
-            n_bytes=h5ad_bytes,
-        )
-    except InputChanged as err:  # the streamed INPUT, checked again once copied
-        return _keep_the_model(model, err, argv, checkpoint_dir)
-    finally:
-        threads.close()
+                normalized_key=None,
+                library_size=library,
+                params=dict(
+                    max_epochs=len(model.history),
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    seed=seed,
+                    model_dir=str(model_dir),
+                    input=str(args.input),
+                    run_id=run_id,
+                    resumed=bool(args.resume),
+                    data_source=data_source,
+                    **plan.record(),
+                    **(
+                        {"normalized_key": LAYER_KEY} if plan.layer else {}
+                    ),  # as tl.write_results records it
+                    normalized_library_size=library,
+                    normalized_n_samples=args.n_samples,
+                    **({"stopped": stopped} if stopped else {}),
+                ),
+            )
+            _write_fit_outputs(
+                model,
+                output=output,
+                model_dir=model_dir,
+                png=png,
+                run_id=run_id,
+                write=lambda path: _write_h5ad(
+                    model,
+                    adata,
+                    path,
+                    plan=plan,
+                    library=library,
+                    n_samples=args.n_samples,
+                    pinned=pinned,
+                ),
+                n_bytes=h5ad_bytes,
+                after=after,
+            )
+        except InputChanged as err:  # the streamed INPUT, checked again once copied
+            return _keep_the_model(model, err, argv, checkpoint_dir)
+        finally:
+            threads.close()
+    except KeyboardInterrupt as err:
+        if group is not None and not group.is_main:
+            raise  # rank 0 keeps the model
+        # SIGINT or SIGTERM after the last training step (raised by the command line's
+        # handler, pyro_scvi.cli._signals): keep the trained model and say how to finish
+        return _interrupted_after_training(model, err, argv, checkpoint_dir, after)
     last = model.history.iloc[-1]
     written = ["obsm['X_pyro_scvi']"]
     written += [f"layers[{LAYER_KEY!r}]"] if plan.layer else []
@@ -568,13 +588,23 @@ def _keep_the_model(model, err: Exception, argv: Sequence[str], checkpoint_dir: 
 
 
 def _write_fit_outputs(
-    model, *, output: Path, model_dir: Path, png: Path, run_id: str, write, n_bytes: int
+    model,
+    *,
+    output: Path,
+    model_dir: Path,
+    png: Path,
+    run_id: str,
+    write,
+    n_bytes: int,
+    after: dict | None = None,
 ):
     """Write the model folder, curves and .h5ad under temporary names, then move them in.
 
-    ``write(path)`` writes the .h5ad (about ``n_bytes``). The old .h5ad goes aside first and
-    the new one comes last, so that at no moment do an .h5ad and a model of two different
-    runs sit side by side.
+    ``write(path)`` writes the .h5ad (about ``n_bytes``). The three move in together
+    (:func:`pyro_scvi.io.files.publish`): under a lock that two runs finishing at once
+    take in turn, with signals held for the renames, the old .h5ad aside first and the
+    new one last, so that at no moment do an .h5ad and a model of two different runs sit
+    side by side. ``after["published"]`` is set once they are in place.
     """
     import matplotlib.pyplot as plt
 
@@ -583,18 +613,20 @@ def _write_fit_outputs(
     from ..io.files import (
         check_free_space,
         current_umask,
+        deferred_signals,
+        publish,
         remove_path,
-        replace_dir,
         sweep_stale,
         temp_name,
     )
     from ..io.model_dir import is_model_dir
+    from ._signals import check
 
+    after = {} if after is None else after
     for path in (output, png):
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(path)
-    tmp_model = tmp_png = tmp_h5ad = aside = None
-    swapped = False
+    tmp_model = tmp_png = tmp_h5ad = None
     try:
         tmp_model = persistence.stage(model, model_dir, run_id=run_id)
         tmp_png = temp_name(png)
@@ -607,21 +639,78 @@ def _write_fit_outputs(
         write(tmp_h5ad)
         for tmp in (tmp_png, tmp_h5ad):
             os.chmod(tmp, 0o666 & ~current_umask())
-        if output.exists():
-            aside = temp_name(output)
-            os.replace(output, aside)
-        replace_dir(tmp_model, model_dir, owned=is_model_dir)
-        swapped = True
-        os.replace(tmp_png, png)
-        os.replace(tmp_h5ad, output)
+        check()  # a signal whose exception was swallowed on the way: stop before moving in
+        with deferred_signals():
+            publish(
+                [(tmp_png, png), (tmp_h5ad, output)],
+                folders=[(tmp_model, model_dir)],
+                owned=is_model_dir,
+            )
+            after["published"] = True
     finally:
-        if aside is not None and not swapped and not output.exists():
-            # nothing of this run moved in: the old .h5ad goes back beside its model
-            # (once the new model is in, the old .h5ad no longer belongs there)
-            os.replace(aside, output)
-        for tmp in (tmp_model, tmp_png, tmp_h5ad, aside):
+        for tmp in (tmp_model, tmp_png, tmp_h5ad):
             if tmp is not None:
                 remove_path(Path(tmp))
+
+
+def _interrupted_after_training(
+    model, err: KeyboardInterrupt, argv: Sequence[str], checkpoint_dir: Path, after: dict
+) -> int:
+    """SIGINT or SIGTERM between the last training step and the last output written.
+
+    Leaves the complete outputs (the signal came as they moved in), or the trained model
+    kept as a checkpoint in ``checkpoint_dir`` and the command that writes the outputs
+    from it (``--resume``); the exit status is ``128 + signal``, never 0. A signal that
+    came before training ended (a second Ctrl-C inside a step) is passed on as it was.
+    """
+    import signal
+
+    from ..io import persistence
+    from ..io.files import deferred_signals
+    from ..train.run import empty_history
+    from ._signals import signal_name
+
+    signum = getattr(err, "signal", signal.SIGINT)
+    name, status = signal_name(signum), 128 + signum
+    if after["published"]:
+        print(
+            f"{PROG} fit: {name} arrived as the outputs were moved into place; they are complete.",
+            file=sys.stderr,
+        )
+        return status
+    finished = len(model.history) > after["epochs"] and not model.interrupted
+    if after["kept"] is None and not finished and not after["writing"]:
+        raise err  # training had not ended: nothing trained to keep
+    command = _resume_command(argv, checkpoint_dir)
+    if after["kept"] is not None:  # an interrupted run's checkpoint: resuming writes them
+        print(
+            f"{PROG} fit: interrupted by {name} before the outputs were written (old ones "
+            f"are untouched); the checkpoint is in {checkpoint_dir}. Resume with: {command}",
+            file=sys.stderr,
+        )
+        return status
+    lost = (
+        f"{PROG} fit: interrupted by {name} after training, before the outputs were "
+        "written (old ones are untouched), and the trained model could not be kept"
+    )
+    run, settings = model.training_run, model.run_settings
+    if run is None or settings is None:  # a run that failed (non-finite loss): no state
+        print(f"{lost}: the run has no state to resume from.", file=sys.stderr)
+        return status
+    try:
+        with deferred_signals():  # a few seconds; a second signal must not cut them short
+            kept = empty_history()  # the model's history holds the run's rows already
+            persistence.write_checkpoint(model, checkpoint_dir, run.state, settings, kept)
+    except (OSError, InputError) as keep_err:
+        print(f"{lost} in {checkpoint_dir} ({keep_err}).", file=sys.stderr)
+        return status
+    print(
+        f"{PROG} fit: interrupted by {name} after training, before the outputs were written "
+        f"(old ones are untouched); the trained model is kept in {checkpoint_dir}. Write the "
+        f"outputs from it with: {command}",
+        file=sys.stderr,
+    )
+    return status
 
 
 def _resume_command(argv: Sequence[str], checkpoint_dir: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "randomized PIT, interval coverage, gene mean / CV / zero fraction and cell "
             "library size / detected genes observed vs replicated, Pareto k) and "
             "OUTPUT_criticism.csv (one row per fit: PIT TV, calibration error, coverage, r2, "
-            "held-out ELPD). A summary goes to stdout."
+            "held-out ELPD). A summary goes to stdout. The files are written under temporary "
+            "names and moved in together at the end: an interrupt (SIGINT, SIGTERM) or a "
+            "failure leaves the old set whole, never a mix of two runs' files."
         ),
     )
     _add_saved_model(p)
@@ -131,9 +134,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from ..analysis.criticism import compare, summary_table
     from ..analysis.plotting import plot_criticism, plot_ppc_scatter, plot_ppp_histograms
     from ..analysis.ppc import calibration_summary, ppc_table
-    from ..io.files import atomic_path
+    from ..io.files import current_umask, publish, remove_path, sweep_stale, temp_name
     from ..posterior.arviz import to_inference_data
     from ..scvi import SCVI, resolve_device
+    from ._signals import check
 
     resolve_device(args.device)  # fail before reading data
     adata, streamed, data_source = _read_data(args)
@@ -161,13 +165,6 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     )
     table = ppc_table(idata)
     calibration = calibration_summary(table)
-    with atomic_path(output) as tmp:
-        idata.to_netcdf(str(tmp))
-    for key in ("table", "calibration"):
-        with atomic_path(paths[key]) as tmp:
-            (table if key == "table" else calibration).to_csv(tmp, index=False)
-    plot_ppp_histograms(table, paths["ppp"])
-    plot_ppc_scatter(table, paths["scatter"])
     fits = {"model": model}
     fits.update(
         {
@@ -185,9 +182,29 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         seed=args.seed,
     )
     criticism = summary_table(pages)
-    with atomic_path(paths["criticism"]) as tmp:
-        criticism.to_csv(tmp)
-    plot_criticism(pages, paths["page"])
+    # Every file under a temporary name first, then all moved in together (the .nc last):
+    # an interrupt or a failure leaves the old set whole, never a mix of two runs' files.
+    targets = [*paths.values(), output]
+    temps: dict[Path, Path] = {}
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(target)
+            temps[target] = temp_name(target)
+        idata.to_netcdf(str(temps[output]))
+        table.to_csv(temps[paths["table"]], index=False)
+        calibration.to_csv(temps[paths["calibration"]], index=False)
+        plot_ppp_histograms(table, temps[paths["ppp"]])
+        plot_ppc_scatter(table, temps[paths["scatter"]])
+        criticism.to_csv(temps[paths["criticism"]])
+        plot_criticism(pages, temps[paths["page"]])
+        for tmp in temps.values():
+            os.chmod(tmp, 0o666 & ~current_umask())
+        check()  # a signal whose exception was swallowed on the way: keep the old set
+        publish([(temps[target], target) for target in targets])
+    finally:
+        for tmp in temps.values():
+            remove_path(tmp)
     page_line = " ".join(
         f"{name} on {r.n_cells} {r.cells} cells: PIT TV {r.pit_tv:.3f} (noise floor "
         f"{r.pit_tv_null:.3f}), interval calibration error {r.calibration_error:.3f}, "

@@ -16,6 +16,14 @@ Three promises, for every file and folder the package writes:
 - **Never destroys what it did not write.** :func:`replace_dir` replaces a folder only
   when the caller's ``owned`` test recognizes it (for models: their manifest, see
   :mod:`pyro_scvi.io`), and puts it back if another process swapped in something else.
+
+Outputs that belong together (fit's ``.h5ad``, model folder and curves; ppc's files) are
+written under temporary names and moved in by :func:`publish` as one set: under an
+exclusive lock on their folders (:func:`publish_lock`), so that of two processes finishing
+at once one wins whole, and with SIGINT and SIGTERM held until the moves are done
+(:func:`deferred_signals`). HDF5 files are written through :func:`h5_file`, which keeps a
+full disk from ever reaching HDF5 (where it can crash the process) and raises it as one
+:class:`OSError` instead.
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ import errno
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputError
 
@@ -200,7 +211,9 @@ def check_free_space(needs: dict[str | os.PathLike, int], *, margin: float = 1.2
     """
     by_device: dict[int, list] = {}
     for target, n_bytes in needs.items():
-        anchor = _existing_ancestor(Path(target))
+        # the folder that holds it, where its temporary is written and renamed: a target
+        # itself can vanish meanwhile (another run moving its own outputs in)
+        anchor = _existing_ancestor(Path(target).parent)
         entry = by_device.setdefault(anchor.stat().st_dev, [anchor, 0, []])
         entry[1] += int(n_bytes)
         entry[2].append(str(target))
@@ -389,3 +402,257 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ------------------------------------------------------------ publishing a set of outputs
+#: The signals :func:`deferred_signals` holds.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def deferred_signals(signums: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM while the block runs, and deliver them when it ends.
+
+    For short steps that must not stop half-way (a few renames, moving a model folder
+    into place): a signal received meanwhile is recorded in the yielded list and sent
+    again to the process once the previous handlers are back, so it then acts as it
+    would have (raises :class:`KeyboardInterrupt`, ends the process, ...), just later.
+    Outside the main thread (where Python cannot handle signals) nothing changes.
+
+    Examples
+    --------
+    >>> seen = []
+    >>> try:
+    ...     with deferred_signals() as held:
+    ...         signal.raise_signal(signal.SIGINT)  # held, not raised here
+    ...         seen.append(list(held))
+    ... except KeyboardInterrupt:
+    ...     seen.append("raised after the block")
+    >>> seen
+    [[2], 'raised after the block']
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    received: list[int] = []
+
+    def hold(signum, frame):
+        received.append(signum)
+
+    previous = {}
+    for signum in signums:
+        previous[signum] = signal.signal(signum, hold)
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            # None: a handler not set from Python, which Python cannot put back
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(received[0])
+
+
+@contextmanager
+def publish_lock(*targets: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the folders of ``targets`` while the block runs.
+
+    An advisory ``flock`` on each folder itself (no lock file is left behind), taken in a
+    fixed order so that two processes locking the same folders never wait on each other.
+    Every :func:`publish` takes it, so that two processes publishing to the same outputs
+    take turns. Where the system has no ``flock`` (Windows) or the folder refuses it
+    (some network file systems), the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    folders = sorted({os.path.realpath(_existing_ancestor(Path(t).parent)) for t in targets})
+    fds = []
+    try:
+        for folder in folders:
+            try:
+                fd = os.open(folder, os.O_RDONLY)
+            except OSError:
+                continue
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # not supported here: go on without
+                pass
+        yield
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)  # closing the last descriptor releases the lock
+
+
+def publish(
+    files: Sequence[tuple[str | os.PathLike, str | os.PathLike]],
+    *,
+    folders: Sequence[tuple[str | os.PathLike, str | os.PathLike]] = (),
+    owned: Callable[[Path], bool] = lambda path: False,
+) -> None:
+    """Move finished temporaries to their targets as one set; the last file names the set.
+
+    ``files`` and ``folders`` are ``(temporary, target)`` pairs. The last file (e.g. fit's
+    ``.h5ad``) is the one readers look for: an old one is moved aside first and the new one
+    comes in last, so at no moment does it sit beside members of another set; if nothing
+    of the new set could be moved in, the old one is put back. Folders are replaced with
+    :func:`replace_dir` (``owned`` as there). It all runs under :func:`publish_lock` (two
+    processes publishing the same targets take turns, so the set in place is one
+    process's) and :func:`deferred_signals` (a signal waits for the renames).
+
+    Examples
+    --------
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for name in ("a.csv", "a.nc"):
+    ...     _ = temp_name(d / name).write_text("new")
+    >>> publish([(p, d / p.name.split(TMP_TAG)[0][1:]) for p in sorted(d.iterdir())])
+    >>> sorted(p.name for p in d.iterdir())
+    ['a.csv', 'a.nc']
+    >>> shutil.rmtree(d)
+    """
+    pairs = [(Path(tmp), Path(target)) for tmp, target in files]
+    dirs = [(Path(tmp), Path(target)) for tmp, target in folders]
+    *others, (key_tmp, key) = pairs
+    targets = [target for _, target in [*pairs, *dirs]]
+    with deferred_signals(), publish_lock(*targets):
+        aside, moved = None, False
+        try:
+            if os.path.lexists(key):
+                aside = temp_name(key)
+                os.replace(key, aside)
+            for tmp, target in dirs:
+                replace_dir(tmp, target, owned=owned)
+                moved = True
+            for tmp, target in others:
+                os.replace(tmp, target)
+                moved = True
+            os.replace(key_tmp, key)
+        finally:
+            if aside is not None:
+                if not moved and not os.path.lexists(key):
+                    os.replace(aside, key)  # nothing new moved in: the old set stays whole
+                else:
+                    remove_path(aside)  # it no longer belongs beside what moved in
+
+
+# --------------------------------------------------------------- HDF5 on a full disk
+class _GuardedFile:
+    """A file object for h5py's ``fileobj`` driver on which HDF5 never sees a failed write.
+
+    The first write that fails (a full disk, a file size limit) is recorded in ``error``,
+    and from then on writes are accepted and dropped, the file's end kept as HDF5 expects
+    it: HDF5 closes the file cleanly, and :func:`h5_file` raises ``error``. (HDF5 given the
+    error itself leaves a half-flushed file open, whose finalizers can crash the process.)
+    """
+
+    def __init__(self, path: Path, mode: str) -> None:
+        self.path = path
+        # unbuffered, as HDF5's own driver: a write fails where it is made, never later in
+        # a seek or read that flushes a buffer
+        self.file = open(path, mode, buffering=0)  # noqa: SIM115 - closed by h5_file
+        self.error: OSError | None = None
+        self.virtual_end = 0
+
+    def _fail(self, err: OSError) -> None:
+        if self.error is None:
+            self.error = err if err.filename else OSError(err.errno, err.strerror, str(self.path))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2 and self.error is not None:
+            end = max(self.virtual_end, os.fstat(self.file.fileno()).st_size)
+            return self.file.seek(end + offset)
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = 0
+        while n < len(view):
+            got = self.file.readinto(view[n:])
+            if not got:
+                break
+            n += got
+        if self.error is not None and n < len(view):  # past what reached the disk
+            view[n:] = bytes(len(view) - n)
+            n = len(view)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        return self.file.read(size)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        start, done = self.file.tell(), 0
+        if self.error is None:
+            try:
+                while done < len(view):
+                    done += self.file.write(view[done:])
+                return done
+            except OSError as err:
+                self._fail(err)
+        self.virtual_end = max(self.virtual_end, start + len(view))
+        self.file.seek(start + len(view))
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.file.truncate(size)
+            except OSError as err:
+                self._fail(err)
+        self.virtual_end = self.file.tell() if size is None else size
+        return self.virtual_end
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError as err:
+            self._fail(err)
+
+
+@contextmanager
+def h5_file(path: str | os.PathLike, mode: str = "r+") -> Iterator[Any]:
+    """Open the HDF5 file ``path`` (``mode`` ``"w"`` or ``"r+"``) so that a full disk is safe.
+
+    Yields an ``h5py.File``. A write that fails (``ENOSPC``, ``EFBIG``, ...) never reaches
+    HDF5 (see ``_GuardedFile``): the file is closed cleanly and the first failure is
+    raised as :class:`OSError` when the block ends, whatever HDF5 made of the dropped
+    writes meanwhile. The file is then garbage; the caller, who wrote it under a
+    temporary name, removes it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> out = Path(tempfile.mkdtemp()) / "a.h5"
+    >>> with h5_file(out, "w") as f:
+    ...     _ = f.create_dataset("x", data=np.arange(3))
+    >>> with h5_file(out) as f:
+    ...     f["x"][:].tolist()
+    [0, 1, 2]
+    """
+    import h5py
+
+    if mode not in ("w", "r+"):
+        raise ValueError(f"h5_file writes; mode must be 'w' or 'r+', not {mode!r}")
+    guard = _GuardedFile(Path(path), "w+b" if mode == "w" else "r+b")
+    try:
+        with h5py.File(guard, mode) as f:
+            yield f
+    except Exception as err:
+        guard.close()
+        if guard.error is not None:  # what HDF5 made of the dropped writes: the disk's fault
+            raise guard.error from err
+        raise
+    except BaseException:
+        guard.close()
+        raise
+    guard.close()
+    if guard.error is not None:
+        raise guard.error

@@ -22,6 +22,7 @@ import copy
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ import pyro
 import torch
 from torch import nn
 
-from ..errors import TrainingError, TrainingInterrupted
+from ..errors import OutputError, TrainingError, TrainingInterrupted
 from ..model.nn import eval_mode
 from .passes import poisson_null_loglik, refresh_batch_norm
 
@@ -204,7 +205,10 @@ class Checkpoints:
     before a periodic write (optimizer, random streams). Written after every
     ``every``-th epoch (0: only when interrupted, :meth:`now`) and at the end of the run
     (after batch norm's statistics are re-estimated), so a finished run can be continued
-    from its checkpoint later and its outputs written from it.
+    from its checkpoint later and its outputs written from it. A checkpoint that cannot be
+    written (a full disk, a folder gone) does not end the run: a warning says why,
+    ``failed`` records it, and training goes on, so that its result is not lost for want
+    of a copy on the way.
 
     Examples
     --------
@@ -230,6 +234,8 @@ class Checkpoints:
         self.write, self.every, self.state, self.keep = write, every, state, keep
         #: The epoch of the last periodic checkpoint (``None``: none yet).
         self.written: int | None = None
+        #: Why the last checkpoint could not be written (``None``: it was, or none was due).
+        self.failed: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -240,8 +246,8 @@ class Checkpoints:
         """Write after every ``every``-th epoch."""
         if self.enabled and self.every and (epoch + 1) % self.every == 0:
             self.keep(False)
-            self.write(self.state, history.frame())
-            self.written = epoch
+            if self._write(history.frame()) is not None:
+                self.written = epoch
 
     def at_end(self, history: RunHistory) -> None:
         """At the end of the run (the state kept): write, even if its last epoch was.
@@ -251,11 +257,26 @@ class Checkpoints:
         --resume`` of a finished run writes its outputs from it).
         """
         if self.enabled and self.every and history.last_epoch is not None:
-            self.write(self.state, history.frame())
+            self._write(history.frame())
 
     def now(self, history: pd.DataFrame) -> str | None:
-        """Write at once (the state kept already); return where."""
-        return self.write(self.state, history) if self.enabled else None
+        """Write at once (the state kept already); return where (``None``: not written)."""
+        return self._write(history) if self.enabled else None
+
+    def _write(self, history: pd.DataFrame) -> str | None:
+        try:
+            where = self.write(self.state, history)
+        except (OSError, OutputError) as err:
+            self.failed = " ".join(str(err).split()) or type(err).__name__
+            warnings.warn(
+                f"A training checkpoint could not be written ({self.failed}); training goes "
+                "on without it. Free some space or choose another checkpoint folder.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        self.failed = None
+        return where if where is not None else ""
 
 
 class Interrupts:
@@ -309,7 +330,8 @@ class Interrupts:
         err.history = history.frame()
         if self.checkpoints is not None and self.checkpoints.enabled:
             self.refresh()
-            err.checkpoint = self.checkpoints.now(err.history)
+            err.checkpoint = self.checkpoints.now(err.history) or None
+            err.checkpoint_error = self.checkpoints.failed
         return err
 
 
@@ -532,6 +554,12 @@ def stop_on_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
     second SIGINT raises :class:`KeyboardInterrupt` at once, for a user who will not wait
     for the step to finish. Outside the main thread (where Python cannot handle signals)
     nothing is installed and the function always returns 0.
+
+    A signal that nobody saw (it came after the loop's last look, in the end-of-run pass or
+    checkpoint) is never dropped: when the block ends without an error, it is sent
+    again to the process once the previous handlers are back, so that it acts as it would
+    have outside training (:class:`KeyboardInterrupt` for SIGINT, the end of the process
+    for SIGTERM, or what the caller installed -- the command line's orderly stop).
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -552,11 +580,26 @@ def stop_on_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
     previous = {}
     for signum in signums:
         previous[signum] = signal.signal(signum, handler)
-    try:
-        yield lambda: received[0] if received else 0
-    finally:
+
+    def restore():
         for signum, old in previous.items():
-            signal.signal(signum, old)
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+    seen = []
+
+    def poll() -> int:
+        if received:
+            seen.append(True)  # the caller knows now: it acts on it
+        return received[0] if received else 0
+
+    try:
+        yield poll
+    except BaseException:  # an interrupt raised (acted on), or a failure: no second delivery
+        restore()
+        raise
+    restore()
+    if received and not seen:
+        signal.raise_signal(received[0])
 
 
 def _snapshot(*modules: nn.Module, into: list[dict] | None = None) -> list[dict]:

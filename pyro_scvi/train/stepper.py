@@ -13,8 +13,9 @@ a training step to fail or to be interrupted. Wrapping it
 (``monkeypatch.setattr(Stepper, "step", wrapper)``) to return NaN from the n-th call, or
 to send the process a signal before stepping, exercises the loop's failure and interrupt
 hooks without touching the step's arithmetic. :meth:`Stepper.refresh_batch_norm`, the pass
-over the training cells after the last epoch, is the seam for a failure there (wrapped to
-leave non-finite statistics, as weights on the edge of overflowing do).
+over the training cells after the last epoch (after the loop's last look for a signal),
+is the seam for a failure there (wrapped to leave non-finite statistics, as weights on the
+edge of overflowing do) and for a signal that arrives as training ends.
 """
 
 from __future__ import annotations
