@@ -8,9 +8,8 @@ Scores: held-out ELBO per cell (``get_elbo`` on the validation cells, 10 draws) 
 KMeans ARI on ``obs["cell_type"]`` (:func:`benchmarks.lib.score.latent_scores`).
 ``--report`` gathers the runs' files into ``results/stopping_rule.{md,json}``.
 
-    python -m benchmarks.stopping_rule --run rule --dataset zeisel_cortex_subset_1464x1000 \
-        --seed 0 --out /tmp/stop    # one run; then --run today ...
-    python -m benchmarks.stopping_rule --report /tmp/stop
+    python -m benchmarks.stopping_rule --run rule --dataset pbmc8k_200hvg --seed 0 --out RUNS
+    python -m benchmarks.stopping_rule --report RUNS    # after --run rule and --run today
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .lib import data, results, score
 from .lib.results import fmt
 
@@ -27,8 +28,6 @@ STUDY = "stopping_rule"
 
 
 def scores(model, adata, seed: int) -> dict:
-    import numpy as np
-
     held = model.validation_indices
     elbo = model.get_elbo(adata[held].copy(), n_samples=10, seed=seed)
     cells = data.some_cells(np.arange(adata.n_obs), 10000, seed)
@@ -91,6 +90,16 @@ def report(folder: Path, argv: list[str]) -> None:
     how += " default: 400 epochs, 400 of warm-up. 1 thread; one run at a time."
     lines = results.header(res, "The default stopping rule: where it stops", how)
     lines += results.md_table(cols, rows)
+    marks = list(range(49, 400, 50))
+    lines += ["", "Validation ELBO per cell (5-epoch mean) by epoch; * the rule's stop.", ""]
+    curves = []
+    for r in runs:
+        v, stop = r["validation_elbo"], (r.get("stopping") or {}).get("epoch")
+        at = sorted({*marks, *([stop] if stop is not None else [])})
+        cells = [f"{np.mean(v[max(0, e - 4) : e + 1]):.1f}" for e in at]
+        cells = [f"{c} (*{e + 1})" if e == stop else c for c, e in zip(cells, at, strict=True)]
+        curves.append([r["dataset"], r["seed"], r["mode"], " · ".join(cells)])
+    lines += results.md_table("dataset|seed|run|epochs 50 · 100 · … · 400", curves)
     results.publish(results.RESULTS, STUDY, res, "\n".join(lines) + "\n")
 
 
@@ -102,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--report", type=Path)
     args = p.parse_args(argv)
-    if args.report:
-        report(args.report, argv)
-    else:
-        run(args.run, args.dataset, args.seed, args.out)
+    report(args.report, argv) if args.report else run(args.run, args.dataset, args.seed, args.out)
     return 0
 
 
