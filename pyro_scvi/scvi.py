@@ -440,9 +440,10 @@ class SCVI:
         batch_size: int = 128,
         lr: float = 1e-3,
         train_size: float = 0.9,
-        early_stopping: bool = False,
+        early_stopping: bool = True,
         patience: int = 45,
-        kl_warmup_epochs: int = 400,
+        min_delta: float | None = None,
+        kl_warmup_epochs: int = 100,
         elbo: ELBO | None = None,
         optim: PyroOptim | None = None,
         engine: Engine | str | None = None,
@@ -462,17 +463,26 @@ class SCVI:
         Parameters
         ----------
         max_epochs
-            Passes over the training cells; default ``min(400, round(400 * 20000 / n_cells))``
-            as in scvi-tools.
+            The most passes over the training cells; default
+            ``min(400, round(400 * 20000 / n_cells))`` as in scvi-tools. With
+            ``early_stopping`` (the default) the run ends sooner once the held-out ELBO
+            stops improving; ``early_stopping=False`` runs exactly ``max_epochs``.
         batch_size, lr
             Cells per minibatch and Adam's learning rate.
         train_size
             Fraction of cells to train on; the rest give the validation ELBO. Fixed by the
             first run.
-        early_stopping, patience
-            Stop when the validation ELBO has not improved for ``patience`` epochs.
+        early_stopping, patience, min_delta
+            Stop when the validation ELBO (a mean over 5 epochs) has not improved by more
+            than ``min_delta`` nats per cell for ``patience`` epochs, counted from the end
+            of the KL warm-up; ``min_delta=None`` (default): by more than its own
+            epoch-to-epoch noise (:class:`pyro_scvi.train.hooks.EarlyStopping`). On by
+            default; the last epoch and the reason the run ended are in
+            ``history.attrs["stopping"]``, the settings in the saved run.
         kl_warmup_epochs
-            Epochs of linear KL warm-up (0: none).
+            Epochs of linear KL warm-up (0: none); early stopping never stops before it
+            ends. Default 100 (scvi-tools: 400), so that convergence can end a 400-epoch
+            run (``benchmarks/results/stopping_rule.md``).
         elbo, optim
             Pyro ELBO (default ``Trace_ELBO``, compiled on long runs by the engine) and
             optimizer (default: Adam with scvi-tools' settings, as one fused torch
@@ -533,6 +543,7 @@ class SCVI:
             early_stopping=early_stopping,
             patience=patience,
             kl_warmup_epochs=kl_warmup_epochs,
+            min_delta=min_delta,
             elbo=elbo,
             optim=optim,
             checkpoint_dir=checkpoint_dir,
@@ -582,6 +593,7 @@ class SCVI:
                     kl_warmup_epochs=kl_warmup_epochs,
                     early_stopping=early_stopping,
                     patience=patience,
+                    min_delta=min_delta,
                     device=self.device,
                     seed=seed,
                     progress_bar=progress_bar,

@@ -537,3 +537,19 @@ def test_likelihood_choices_match_the_likelihoods():
     from pyro_scvi.model.likelihoods import LIKELIHOODS
 
     assert sorted(LIKELIHOOD_NAMES) == sorted(LIKELIHOODS)
+
+
+def test_fit_records_how_training_ended(fitted):
+    params = fitted["adata"].uns["pyro_scvi"]["params"]
+    # early stopping is on by default; --max-epochs 2 ends the run first
+    assert bool(params["stopping_early_stopping"]) is True
+    assert int(params["stopped_epoch"]) == 1 and params["stop_reason"].startswith("max_epochs")
+    assert "after 2 epochs (max_epochs)" in fitted["stderr"]
+
+
+def test_fit_no_early_stopping_is_recorded(h5ad, tmp_path):
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, *FAST, "--no-early-stopping"])
+    assert status == 0, stderr
+    params = anndata.read_h5ad(out).uns["pyro_scvi"]["params"]
+    assert bool(params["stopping_early_stopping"]) is False

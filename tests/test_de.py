@@ -59,7 +59,7 @@ def simulate(n_cells=400, lfc=1.5, batch_effect=1.0, seed=0):
 def trained():
     adata = simulate()
     model = SCVI(adata, batch_key="batch", n_latent=4, n_hidden=32)
-    model.train(max_epochs=100, kl_warmup_epochs=10, progress_bar=False)
+    model.train(max_epochs=100, kl_warmup_epochs=10, early_stopping=False, progress_bar=False)
     return model
 
 
@@ -425,7 +425,9 @@ def splatter():
     halves = np.where(rng.random(adata.n_obs) < 0.5, "h1", "h2")
     adata.obs["halves"] = pd.Categorical(np.where(adata.obs["group"] == "C", halves, None))
     model = SCVI(adata, n_latent=5, n_hidden=64)
-    model.train(max_epochs=80, kl_warmup_epochs=20, progress_bar=False, seed=0)
+    model.train(
+        max_epochs=80, kl_warmup_epochs=20, early_stopping=False, progress_bar=False, seed=0
+    )
     return model
 
 

@@ -140,6 +140,7 @@ def per_cell_fit():
         lr=1e-2,
         train_size=1.0,
         kl_warmup_epochs=0,
+        early_stopping=False,
         progress_bar=False,
     )
     return model

@@ -112,18 +112,47 @@ def test_validation_of_a_data_parallel_rank_sums_the_ranks_shares():
 
 def test_early_stopping_counts_epochs_without_improvement_in_the_state():
     state, said = TrainState.new(0), []
-    hook = EarlyStopping(state, enabled=True, patience=2, min_delta=0.5, say=said.append)
+    hook = EarlyStopping(state, enabled=True, patience=2, min_delta=0.5, window=1, say=said.append)
     assert hook.update(0, -10.0) is False and state.best == -10.0
     assert hook.update(1, -9.8) is False and state.since_best == 1  # not by > min_delta
     assert hook.update(2, -9.0) is False and state.since_best == 0 and state.best == -9.0
     assert [hook.update(3, -9.0), hook.update(4, -9.1)] == [False, True]
-    assert said == ["Early stopping at epoch 4: no ELBO improvement for 2 epochs."]
+    assert said == [
+        "Early stopping at epoch 4: the ELBO has not improved by more than 0.5 for 2 epochs."
+    ]
+    assert hook.record(4, 10)["reason"].startswith("converged")
     # off: it never stops, but keeps counting for a later run that turns it on
-    off = EarlyStopping(TrainState.new(0), enabled=False, patience=1, say=said.append)
+    off = EarlyStopping(TrainState.new(0), enabled=False, patience=1, window=1)
     assert [off.update(e, v) for e, v in enumerate((-1.0, -2.0, -3.0))] == [False] * 3
-    assert off.state.since_best == 2 and len(said) == 1
-    resumed = EarlyStopping(off.state, enabled=True, patience=3)
+    assert off.state.since_best == 2 and off.record(2, 3)["reason"].startswith("max_epochs")
+    resumed = EarlyStopping(off.state, enabled=True, patience=3, window=1)
     assert resumed.update(3, -4.0) is True
+
+
+def test_early_stopping_never_counts_the_epochs_of_the_kl_warm_up():
+    # an ELBO that only gets worse: it stops exactly `patience` epochs after the warm-up
+    hook = EarlyStopping(TrainState.new(0), enabled=True, patience=3, warmup_end=10)
+    stops = [hook.update(e, -float(e)) for e in range(20)]
+    assert stops.index(True) == 12  # epochs 10, 11, 12 without improvement
+
+
+def _noisy_plateau(n=200, turn=60):
+    """An ELBO that rises until epoch ``turn``, then stays flat, with epoch-to-epoch noise."""
+    noise = np.random.default_rng(0).normal(0, 1.0, n)
+    return np.minimum(np.arange(n), turn) * 0.5 + noise
+
+
+def test_early_stopping_threshold_is_the_elbos_own_noise_so_it_is_scale_free():
+    stops = []
+    for scale, shift in [(1.0, 0.0), (1000.0, -5e5), (0.01, 3.0)]:
+        hook = EarlyStopping(TrainState.new(0), enabled=True, patience=20, warmup_end=5)
+        values = shift + scale * _noisy_plateau()
+        stop = next(e for e, v in enumerate(values) if hook.update(e, v))
+        # a mean of 5 epochs of unit noise: standard error about 1 / sqrt(5)
+        assert hook.threshold / scale == pytest.approx(1 / np.sqrt(5), rel=0.5)
+        stops.append(stop)
+    # the same epoch whatever the ELBO's units; after the rise ends, within ~patience
+    assert len(set(stops)) == 1 and 60 + 20 <= stops[0] < 60 + 50
 
 
 # ----------------------------------------------------------------------- checkpoints

@@ -94,7 +94,14 @@ def test_training_is_reproducible_under_a_seed(small_adata):
 def test_early_stopping_stops_before_max_epochs(small_adata):
     # a learning rate this small cannot improve the validation ELBO by 1e3 nats per epoch
     model = SCVI(small_adata, n_latent=3, n_hidden=16)
-    model.train(max_epochs=50, lr=1e-6, early_stopping=True, patience=3, progress_bar=False)
+    model.train(
+        max_epochs=50,
+        lr=1e-6,
+        early_stopping=True,
+        patience=3,
+        kl_warmup_epochs=0,
+        progress_bar=False,
+    )
     assert len(model.history) < 50
 
 

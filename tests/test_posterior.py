@@ -321,6 +321,7 @@ def test_imputation_beats_the_gene_mean_on_hidden_entries():
         batch_size=128,
         kl_warmup_epochs=10,
         train_size=1.0,
+        early_stopping=False,
         progress_bar=False,
     )
     rows, cols = np.unravel_index(hidden, truth.shape)

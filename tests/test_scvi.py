@@ -136,7 +136,7 @@ def test_batch_correction():
     )
     batches = adata.obs["batch"].cat.codes.to_numpy()
     model = SCVI(adata, batch_key="batch", n_latent=5)
-    model.train(max_epochs=80, kl_warmup_epochs=20, progress_bar=False)
+    model.train(max_epochs=80, kl_warmup_epochs=20, early_stopping=False, progress_bar=False)
     pca = PCA(5, random_state=0).fit_transform(np.log1p(adata.X.toarray()))
     mixed = _same_batch_fraction(model.get_latent_representation(), batches)
     assert mixed < _same_batch_fraction(pca, batches) - 0.15
@@ -194,3 +194,40 @@ def test_model_and_guide_run_in_a_users_svi_loop(small_adata):
 def test_bad_constructor_arguments(small_adata, kwargs, match):
     with pytest.raises(InputError, match=match):
         SCVI(small_adata, **kwargs)
+
+
+# ------------------------------------------------------------------- when training ends
+
+
+def _quick(n_cells=100):
+    adata = synthetic_zinb(n_cells=n_cells, n_genes=20, seed=0)
+    return SCVI(adata, n_latent=2, n_hidden=8)
+
+
+def test_default_training_stops_once_converged_and_records_why(tmp_path):
+    # the default rule, with a short warm-up and patience so that it converges quickly
+    model = _quick().train(kl_warmup_epochs=5, patience=5, progress_bar=False)
+    stopping = model.history.attrs["stopping"]
+    assert 5 + 5 <= len(model.history) < 400  # not before the warm-up ends; under the cap
+    assert stopping["early_stopping"] is True and stopping["max_epochs"] == 400
+    assert stopping["epoch"] == model.history["epoch"].iloc[-1]
+    assert stopping["reason"].startswith("converged") and stopping["threshold"] > 0
+    assert (stopping["warmup_end"], stopping["patience"]) == (5, 5)
+    model.save(tmp_path / "m")  # the record goes with the model
+    assert SCVI.load(tmp_path / "m", model.adata).history.attrs["stopping"] == stopping
+
+
+def test_without_early_stopping_exactly_max_epochs_run():
+    model = _quick().train(
+        30, kl_warmup_epochs=0, patience=1, early_stopping=False, progress_bar=False
+    )
+    stopping = model.history.attrs["stopping"]
+    assert len(model.history) == 30 and stopping["early_stopping"] is False
+    assert stopping["reason"].startswith("max_epochs") and stopping["epoch"] == 29
+
+
+def test_early_stopping_arguments_are_checked():
+    with pytest.raises(InputError, match="patience"):
+        _quick().train(2, patience=0, progress_bar=False)
+    with pytest.raises(InputError, match="min_delta"):
+        _quick().train(2, min_delta=-1.0, progress_bar=False)

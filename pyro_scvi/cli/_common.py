@@ -273,7 +273,13 @@ def _add_batch_size(
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """``--max-epochs``, ``--batch-size`` and ``--lr`` of the commands that train."""
-    add_idea(p, "max_epochs", type=_positive_int, help="default: as scvi-tools")
+    add_idea(
+        p,
+        "max_epochs",
+        type=_positive_int,
+        help="the most epochs (default: as scvi-tools); training stops sooner once the "
+        "held-out ELBO has converged",
+    )
     _add_batch_size(p, 128, "cells per training minibatch")
     add_idea(p, "lr", type=_positive_float, default=1e-3, help="learning rate (default 0.001)")
 

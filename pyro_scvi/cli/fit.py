@@ -120,7 +120,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_training_options(p)
     _add_run_options(p)
     _add_model_dir(p, "model")
-    p.add_argument("--early-stopping", action="store_true", help="stop on validation ELBO")
+    p.add_argument(
+        "--early-stopping",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stop when the held-out ELBO stops improving, after the KL warm-up (default: "
+        "on, as SCVI.train); --no-early-stopping runs exactly --max-epochs",
+    )
     _add_n_samples(p, 10, "posterior samples averaged for the normalized expression")
     p.add_argument(
         "--normalized",
@@ -331,7 +337,12 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
                     args.max_epochs,
                     batch_size=args.batch_size,
                     lr=args.lr,
-                    early_stopping=args.early_stopping,
+                    # not given: train()'s default, the one place it is decided
+                    **(
+                        {}
+                        if args.early_stopping is None
+                        else {"early_stopping": args.early_stopping}
+                    ),
                     engine=_engine(args),
                     device=args.device,
                     seed=args.seed,
@@ -412,6 +423,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
                     normalized_library_size=library,
                     normalized_n_samples=args.n_samples,
                     **({"stopped": stopped} if stopped else {}),
+                    **_stopping_params(model.history),
                 ),
             )
             _write_fit_outputs(
@@ -452,10 +464,25 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     print(
         f"{PROG}: wrote {output} ({', '.join(written)}, uns['pyro_scvi']; normalized "
         f"expression -- {plan.reason}); model in {model_dir}; curves in {png}; "
-        f"final validation ELBO {last['validation_elbo']:.2f} per cell.{note}",
+        f"final validation ELBO {last['validation_elbo']:.2f} per cell after "
+        f"{len(model.history)} epochs ({_ended(model.history)}).{note}",
         file=sys.stderr,
     )
     return status
+
+
+def _stopping_params(history) -> dict:
+    """How training ended, for ``uns["pyro_scvi"]["params"]`` (plain values, no ``None``)."""
+    stopping = history.attrs.get("stopping") or {}
+    names = ("early_stopping", "patience", "warmup_end", "threshold", "min_delta")
+    out = {f"stopping_{k}": stopping[k] for k in names if stopping.get(k) is not None}
+    if stopping:
+        out |= {"stopped_epoch": int(stopping["epoch"]), "stop_reason": stopping["reason"]}
+    return out
+
+
+def _ended(history) -> str:
+    return (history.attrs.get("stopping") or {}).get("reason", "run ended").split(":")[0]
 
 
 def _engine(args: argparse.Namespace):
@@ -751,6 +778,8 @@ def _check_resume_options(model, args: argparse.Namespace, argv: Sequence[str] =
     given_seed = any(w == "--seed" or w.startswith("--seed=") for w in argv)
     if given_seed and run.get("seed") is not None:
         expected["--seed"] = (args.seed, run.get("seed"))
+    if args.early_stopping is not None:
+        expected["--early-stopping"] = (args.early_stopping, run.get("early_stopping"))
     if args.library_residual is not None:  # not given: the checkpoint's own
         expected["--library-residual"] = (
             args.library_residual,

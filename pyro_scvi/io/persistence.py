@@ -244,6 +244,7 @@ def stage(
             "history": history.to_dict(orient="list"),
             "engine": history.attrs.get("engine", model.engine),
             "engines": history.attrs.get("engines", []),
+            "stopping": history.attrs.get("stopping"),  # how the last run ended
             # tensors, not numpy arrays: plain values for a weights_only load
             "train_indices": _index_tensor(model.train_indices),
             "validation_indices": _index_tensor(model.validation_indices),
@@ -379,6 +380,8 @@ def load(
     if not len(history):
         history = empty_history()
     history.attrs.update(engine=state.get("engine"), engines=state.get("engines", []))
+    if state.get("stopping") is not None:
+        history.attrs["stopping"] = state["stopping"]
     record = TrainingRecord(
         history=history,
         engine=state.get("engine"),

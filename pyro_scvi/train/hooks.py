@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import signal
 import sys
 import threading
@@ -151,22 +152,41 @@ class Validation:
         return value
 
 
+#: Epochs averaged into the value that early stopping monitors (a spike of one epoch
+#: neither sets nor beats the best).
+STOPPING_WINDOW = 5
+
+
 class EarlyStopping:
     """The early-stopping hook: stop when the monitored ELBO stops improving.
 
     :meth:`update` is called once per epoch with the monitored value (the validation ELBO,
-    else the training ELBO) and says whether to stop: when it has not improved by more than
-    ``min_delta`` for ``patience`` epochs and ``enabled`` (then ``say`` gets a sentence
-    for the user). The best value and the epochs since it are kept in the run's
-    :class:`~pyro_scvi.train.loop.TrainState` (``best``, ``since_best``), counted whether
-    or not stopping is enabled, so a continued or resumed run goes on counting.
+    else the training ELBO) and says whether to stop. The rule (the default of
+    :meth:`pyro_scvi.SCVI.train`; evidence in ``benchmarks/results/stopping_rule.md``):
+
+    - the value monitored is the mean of the last :data:`STOPPING_WINDOW` epochs' ELBOs;
+    - it improves when it beats the best so far by more than a threshold: ``min_delta``
+      nats per cell when given, else (``None``) the standard error of that mean, estimated
+      from the epoch-to-epoch noise of the recent ELBOs (a robust spread of their
+      differences, so a trend does not count as noise). The threshold is thus in the
+      ELBO's own units, whatever the dataset's size, genes or depth;
+    - epochs before ``warmup_end`` (the end of the KL warm-up, whose rising weight changes
+      the objective) never count: the best is the current value until then;
+    - the run stops after ``patience`` epochs without an improvement, when ``enabled``
+      (then ``say`` gets a sentence for the user).
+
+    The recent values, the best and the epochs since it are kept in the run's
+    :class:`~pyro_scvi.train.loop.TrainState` (``recent``, ``best``, ``since_best``),
+    counted whether or not stopping is enabled, so a continued or resumed run goes on
+    counting. :attr:`reason` says why the run ended (:meth:`record`).
 
     Examples
     --------
     >>> from pyro_scvi.train.loop import TrainState
-    >>> stopping = EarlyStopping(TrainState.new(0), enabled=True, patience=2, say=print)
+    >>> stopping = EarlyStopping(TrainState.new(0), enabled=True, patience=2, min_delta=0.0,
+    ...                          window=1, say=print)
     >>> [stopping.update(e, v) for e, v in enumerate((-10.0, -9.0, -9.5, -9.2))]
-    Early stopping at epoch 3: no ELBO improvement for 2 epochs.
+    Early stopping at epoch 3: the ELBO has not improved by more than 0 for 2 epochs.
     [False, False, False, True]
     """
 
@@ -176,24 +196,81 @@ class EarlyStopping:
         *,
         enabled: bool,
         patience: int,
-        min_delta: float = 0.0,
+        min_delta: float | None = None,
+        warmup_end: int = 0,
+        window: int = STOPPING_WINDOW,
         say: Callable[[str], None] = lambda sentence: None,
     ) -> None:
         self.state, self.enabled, self.say = state, enabled, say
         self.patience, self.min_delta = patience, min_delta
+        self.warmup_end, self.window = warmup_end, max(1, int(window))
+        #: The threshold of the last update (nats per cell; NaN: too few epochs yet).
+        self.threshold = float("nan")
+        #: Why the run stopped early (``None``: it did not).
+        self.reason: str | None = None
+
+    def noise(self) -> float:
+        """The standard error of the monitored mean, from the recent epochs' differences.
+
+        Robust: the median absolute deviation of the epoch-to-epoch differences (about
+        their median, which removes a steady trend), scaled to a standard deviation of
+        one epoch's value (/ sqrt 2: a difference holds two epochs' noise), divided by
+        sqrt(window). NaN with fewer than 3 differences.
+        """
+        diffs = np.diff(np.asarray(self.state.recent, dtype=float))
+        if len(diffs) < 3:
+            return float("nan")
+        mad = float(np.median(np.abs(diffs - np.median(diffs))))
+        return 1.4826 * mad / np.sqrt(2.0) / np.sqrt(self.window)
 
     def update(self, epoch: int, monitored: float) -> bool:
         """Record epoch ``epoch``'s monitored ELBO; return whether the run should stop now."""
-        if monitored > self.state.best + self.min_delta:
-            self.state.best, self.state.since_best = monitored, 0
+        state = self.state
+        state.recent = [*state.recent, float(monitored)][-(self.patience + self.window) :]
+        value = float(np.mean(state.recent[-self.window :]))
+        self.threshold = self.noise() if self.min_delta is None else float(self.min_delta)
+        threshold = self.threshold if math.isfinite(self.threshold) else 0.0
+        if epoch < self.warmup_end:  # the objective still changes: nothing counts yet
+            state.best, state.since_best = value, 0
+        elif value > state.best + threshold:
+            state.best, state.since_best = value, 0
         else:
-            self.state.since_best += 1
-        stop = bool(self.enabled and self.state.since_best >= self.patience)
+            state.since_best += 1
+        stop = bool(self.enabled and state.since_best >= self.patience)
         if stop:
-            self.say(
-                f"Early stopping at epoch {epoch}: no ELBO improvement for {self.patience} epochs."
+            self.reason = (
+                f"converged: the ELBO has not improved by more than {threshold:.3g} for "
+                f"{self.patience} epochs"
             )
+            self.say(f"Early stopping at epoch {epoch}: {self.reason.split(': ', 1)[1]}.")
         return stop
+
+    def record(self, last_epoch: int | None, max_epochs: int) -> dict:
+        """What the run's history records of its end (``history.attrs["stopping"]``).
+
+        ``epoch``: the last epoch run; ``reason``: ``"converged: ..."``, or
+        ``"max_epochs: ..."`` when the call ran all its ``max_epochs``; the rule's
+        settings beside them.
+
+        Examples
+        --------
+        >>> from pyro_scvi.train.loop import TrainState
+        >>> hook = EarlyStopping(TrainState.new(0), enabled=True, patience=45)
+        >>> hook.record(9, 10)["reason"]
+        'max_epochs: all 10 epochs of the call ran'
+        """
+        reason = self.reason or f"max_epochs: all {max_epochs} epochs of the call ran"
+        return {
+            "early_stopping": bool(self.enabled),
+            "epoch": last_epoch,
+            "reason": reason,
+            "patience": int(self.patience),
+            "min_delta": self.min_delta,
+            "threshold": None if math.isnan(self.threshold) else float(self.threshold),
+            "window": self.window,
+            "warmup_end": int(self.warmup_end),
+            "max_epochs": int(max_epochs),
+        }
 
 
 class Checkpoints:

@@ -140,8 +140,9 @@ class TrainState:
         The epoch in progress when the run stopped inside one: its minibatches, the next
         one to run, the loss summed so far and the seconds spent; ``batches`` is ``None``
         between epochs.
-    best, since_best
-        Early stopping's best monitored ELBO and epochs since it improved.
+    recent, best, since_best
+        Early stopping's last monitored ELBOs, its best (smoothed) value and the epochs
+        since it improved.
     optim
         The optimizer's state: ``{"kind": "fused_adam" | "pyro", "state": ...}``.
     rng_states
@@ -157,6 +158,7 @@ class TrainState:
     seconds: float = 0.0
     best: float = -math.inf
     since_best: int = 0
+    recent: list[float] = dataclasses.field(default_factory=list)
     optim: dict | None = None
     rng_states: dict | None = None
     good_state: list[dict] | None = None
@@ -199,7 +201,7 @@ def train_svi(
     kl_warmup_epochs: int = 400,
     early_stopping: bool = False,
     patience: int = 45,
-    min_delta: float = 0.0,
+    min_delta: float | None = None,
     device: torch.device | str = "cpu",
     seed: int | None = None,
     progress_bar: bool = True,
@@ -226,8 +228,10 @@ def train_svi(
         ``param_groups=False``); any Pyro ELBO (see the module docstring); an
         :class:`~pyro_scvi.train.engine.Engine`, a preset name or ``None`` (decide).
     early_stopping, patience, min_delta
-        Stop when the validation (else train) ELBO has not improved by ``min_delta`` for
-        ``patience`` epochs.
+        Stop when the validation (else train) ELBO, a mean of 5 epochs, has not improved
+        by ``min_delta`` nats per cell (``None``: by more than its noise) for ``patience``
+        epochs after the KL warm-up (:class:`~pyro_scvi.train.hooks.EarlyStopping`); the
+        last epoch and why the run ended are in ``attrs["stopping"]``.
     device, seed, progress_bar, state
         Where the modules are; the minibatch order's seed; a tqdm bar; the
         :class:`TrainState` to continue and update in place (``None``: new, from ``seed``).
@@ -240,8 +244,10 @@ def train_svi(
     -------
     pandas.DataFrame
         One row per epoch (:data:`HISTORY_COLUMNS`); ``attrs["engine"]`` and
-        ``attrs["optim"]`` record the run's engine and optimizer, and
-        ``attrs["engine"]["diverged"]`` whether its ELBO diverged (``None``, or the warning).
+        ``attrs["optim"]`` record the run's engine and optimizer, ``attrs["stopping"]``
+        its last epoch and why it ended (:meth:`~pyro_scvi.train.hooks.EarlyStopping.record`),
+        and ``attrs["engine"]["diverged"]`` whether its ELBO diverged (``None``, or the
+        warning).
 
     Warns
     -----
@@ -278,7 +284,12 @@ def train_svi(
     epoch_range = range(first_epoch, first_epoch + max_epochs)
     epochs = tqdm(epoch_range, desc="Training", unit="epoch", disable=not progress_bar)
     stopping = EarlyStopping(
-        state, enabled=early_stopping, patience=patience, min_delta=min_delta, say=epochs.write
+        state,
+        enabled=early_stopping,
+        patience=patience,
+        min_delta=min_delta,
+        warmup_end=kl_warmup_epochs,
+        say=epochs.write,
     )
     writer = checkpoint if run.group is None or run.group.is_main else None  # rank 0 writes
     checkpoints = Checkpoints(writer, checkpoint_every, state=state, keep=keep)
@@ -327,6 +338,7 @@ def train_svi(
             checkpoints.after_epoch(epoch, history)
             if done:
                 break
+        history.attrs["stopping"] = stopping.record(history.last_epoch, max_epochs)
         keep(False)
         # still under the run's threads: a pass over every training cell
         if not _refresh_at_end(step, data, train_idx, batch_size):

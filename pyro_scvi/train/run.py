@@ -51,8 +51,9 @@ class RunSettings:
     ----------
     target_epoch
         The epoch count at which the call ends (its first epoch plus ``max_epochs``).
-    batch_size, lr, train_size, early_stopping, patience, kl_warmup_epochs
-        As passed to ``train()``.
+    batch_size, lr, train_size, early_stopping, patience, kl_warmup_epochs, min_delta
+        As passed to ``train()`` (``min_delta=None``: the early-stopping threshold is the
+        monitored ELBO's noise; :class:`~pyro_scvi.train.hooks.EarlyStopping`).
     elbo, optim
         :func:`component_name` of the ELBO and optimizer passed (``None``: the default).
     engine
@@ -79,6 +80,7 @@ class RunSettings:
     early_stopping: bool
     patience: int
     kl_warmup_epochs: int
+    min_delta: float | None = None
     elbo: str | None = None
     optim: str | None = None
     engine: dict | None = None
@@ -112,6 +114,7 @@ class RunSettings:
         early_stopping: bool,
         patience: int,
         kl_warmup_epochs: int,
+        min_delta: float | None = None,
         elbo: object | None,
         optim: object | None,
         checkpoint_dir: str | os.PathLike | None,
@@ -148,6 +151,13 @@ class RunSettings:
                 "per cell and cannot score validation cells it is not trained on; pass "
                 "train_size=1.0 (held-out cells: pyro_scvi.posterior.gap.refine)."
             )
+        if patience < 1:
+            raise InputError(f"patience={patience}; wait at least one epoch.")
+        if min_delta is not None and not min_delta >= 0:
+            raise InputError(
+                f"min_delta={min_delta}; use a threshold >= 0 in nats per cell, or None "
+                "(the ELBO's noise)."
+            )
         if checkpoint_every < 0:
             raise InputError(f"checkpoint_every={checkpoint_every}; use 0 (never) or more.")
         return cls(
@@ -158,6 +168,7 @@ class RunSettings:
             early_stopping=bool(early_stopping),
             patience=int(patience),
             kl_warmup_epochs=int(kl_warmup_epochs),
+            min_delta=None if min_delta is None else float(min_delta),
             elbo=component_name(elbo),
             optim=component_name(optim),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
@@ -184,6 +195,7 @@ class RunSettings:
         return {
             **{k: getattr(self, k) for k in names},
             "kl_warmup_epochs": self.kl_warmup_epochs,
+            "min_delta": self.min_delta,
             "checkpoint_dir": self.checkpoint_dir if checkpoint_dir is None else checkpoint_dir,
             "checkpoint_every": self.checkpoint_every
             if checkpoint_every is None
@@ -335,7 +347,7 @@ def merge_history(history: pd.DataFrame, new: pd.DataFrame, engine: dict | None)
     """``history`` followed by a run's ``new`` rows, ``engine`` recorded as the last run's.
 
     ``attrs["engines"]`` lists every run's engine in order (``train()`` may be called
-    again). With no new rows, ``history`` itself.
+    again), ``attrs["stopping"]`` is the last run's. With no new rows, ``history`` itself.
 
     Examples
     --------
@@ -352,6 +364,8 @@ def merge_history(history: pd.DataFrame, new: pd.DataFrame, engine: dict | None)
     merged.attrs.update(
         engine=engine, engines=[*history.attrs.get("engines", []), new.attrs.get("engine")]
     )
+    if "stopping" in new.attrs:  # how the last run ended
+        merged.attrs["stopping"] = new.attrs["stopping"]
     return merged
 
 
