@@ -1,14 +1,6 @@
 """Differential expression on truth from outside the method: pyro_scvi vs scvi-tools vs
 Wilcoxon vs pseudobulk, on simulators unlike scVI's generative model and on real counts.
-
-Splatter-style and multi-sample Poisson-lognormal counts (each with and without confounded
-batches), programmes that shift the libraries' composition (asymmetric, among the high
-expressers, balanced; each with and without batches crossed with the groups) and fold
-changes planted in real counts, balanced or one-sided (:mod:`pyro_scvi.datasets.de_truth`);
-AUROC (overall and per expression stratum), empirical FDR and power at 5 %, calls between
-random halves, the median LFC of unchanged genes. ``--cache DIR`` keeps the fits;
-``--merge`` keeps the other benchmarks' rows of an earlier run. Details:
-``benchmarks/README.md``.
+Details: ``benchmarks/README.md``.
 
     python -m benchmarks.de_truth --cache "$(mktemp -d)"
     python -m benchmarks.de_truth --smoke   # < 1 minute, any environment
@@ -29,17 +21,9 @@ from .lib.results import fmt
 
 STUDY, EXPRESSED = "de_truth", 0.05
 BENCHMARKS = (
-    "splatter",
-    "splatter, confounded",
-    "poisson-lognormal",
-    "poisson-lognormal, confounded",
-    "thinned real counts",
-    "asymmetric",
-    "asymmetric, batches",
-    "high expressers",
-    "high expressers, batches",
-    "balanced",
-    "balanced, batches",
+    *("splatter", "splatter, confounded", "poisson-lognormal", "poisson-lognormal, confounded"),
+    *("thinned real counts", "asymmetric", "asymmetric, batches", "high expressers"),
+    *("high expressers, batches", "balanced", "balanced, batches"),
     "thinned real counts, up-regulation",
 )
 #: composition_shift designs; the asymmetric programme's size cycles with the seed
@@ -51,14 +35,9 @@ COMPOSITION = {
 #: expression strata: fraction of the A and B cells with a non-zero count
 STRATA = {"1-5 %": (0.01, 0.05), "5-20 %": (0.05, 0.2), "> 20 %": (0.2, 1.01)}
 METHODS = (
-    "pyro_scvi change",
-    "pyro_scvi change, uncorrected",
-    "pyro_scvi change, replicates",
-    "pyro_scvi vanilla",
-    "scvi-tools change",
-    "scvi-tools vanilla",
-    "Wilcoxon",
-    "pseudobulk PyDESeq2",
+    *("pyro_scvi change", "pyro_scvi change, uncorrected", "pyro_scvi change, replicates"),
+    *("pyro_scvi vanilla", "scvi-tools change", "scvi-tools vanilla"),
+    *("Wilcoxon", "pseudobulk PyDESeq2"),
 )
 SMOKE = dict(cells=300, genes=120, max_epochs=2, seeds=1, n_samples=100, pbmc_epochs=1)
 
@@ -137,11 +116,10 @@ def pseudobulk_deseq2(adata: Any, groupby: str, g1: str, g2: str, pair_by: str |
 def unavailable(method: str, adata: Any) -> str | None:
     if method.startswith("scvi-tools") and importlib.util.find_spec("scvi") is None:
         return "skipped: scvi-tools not installed"
-    if (
-        method.startswith("pseudobulk") or method.endswith("replicates")
-    ) and "sample" not in adata.obs:
+    pseudobulk = method.startswith("pseudobulk")
+    if (pseudobulk or method.endswith("replicates")) and "sample" not in adata.obs:
         return "no replicates"
-    if method.startswith("pseudobulk") and importlib.util.find_spec("pydeseq2") is None:
+    if pseudobulk and importlib.util.find_spec("pydeseq2") is None:
         return "skipped: pydeseq2 not installed"
     return None
 
@@ -155,24 +133,22 @@ def run_methods(fits: dict, adata: Any, groupby: str, g1: str, g2: str, args, se
             continue
         start = time.perf_counter()
         if method.startswith("pyro_scvi"):
-            kw = {
-                "mode": "change" if "change" in method else "vanilla",
+            kw = {"mode": "change" if "change" in method else "vanilla", "seed": seed}
+            kw |= {
                 "n_samples": args.n_samples,
+                "composition_correction": "uncorrected" not in method,
             }
-            kw |= {"seed": seed, "sample_key": "sample" if method.endswith("replicates") else None}
-            kw["composition_correction"] = not method.endswith("uncorrected")
+            kw["sample_key"] = "sample" if method.endswith("replicates") else None
             result = score.de_pyro(fits["pyro_scvi"].model, adata, groupby, g1, g2, **kw)
         elif method.startswith("scvi-tools"):
             correct = data.batch_key_for(adata) is not None
-            result = score.de_scvi_tools(
-                fits["scvi-tools"], groupby, g1, g2, method.split()[-1], correct
-            )
+            mode = method.split()[-1]
+            result = score.de_scvi_tools(fits["scvi-tools"], groupby, g1, g2, mode, correct)
         elif method == "Wilcoxon":
             result = score.wilcoxon(adata, groupby, g1, g2)
         else:
-            result = pseudobulk_deseq2(
-                adata, groupby, g1, g2, "sample" if groupby == "halves" else None
-            )
+            pair_by = "sample" if groupby == "halves" else None
+            result = pseudobulk_deseq2(adata, groupby, g1, g2, pair_by)
         lfc = result[2] if len(result) > 2 else None
         out[method] = (result[0], result[1], time.perf_counter() - start, lfc)
     return out
@@ -192,13 +168,9 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
     for impl in ("pyro_scvi", "scvi-tools"):
         if not adapters.skipped([impl]):
             cache = folder and folder / impl.replace("-", "_")
-            threads = (
-                args.threads if impl == "pyro_scvi" else None
-            )  # fixed, not following free cores
-            fit = adapters.ADAPTERS[impl](
-                adata, key, seed=seed, threads=threads, device="cpu", cache=cache
-            )
-            fits[impl] = fit.fit(args.max_epochs)
+            threads = args.threads if impl == "pyro_scvi" else None  # fixed, not free cores
+            kw = {"seed": seed, "threads": threads, "device": "cpu", "cache": cache}
+            fits[impl] = adapters.ADAPTERS[impl](adata, key, **kw).fit(args.max_epochs)
     found = run_methods(fits, adata, "group", "A", "B", args, seed)
     nulls = run_methods(fits, adata, "halves", "h1", "h2", args, seed)
     methods = {}
@@ -435,34 +407,23 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
-    start, meta = (
-        time.perf_counter(),
-        results.metadata(STUDY, argv, threads=args.threads, versions=("pydeseq2",)),
-    )
-    replicates = [
-        run_replicate(n, seed, args) for n in args.benchmarks for seed in range(args.seeds)
-    ]
+    start = time.perf_counter()
+    meta = results.metadata(STUDY, argv, threads=args.threads, versions=("pydeseq2",))
+    replicates = [run_replicate(n, s, args) for n in args.benchmarks for s in range(args.seeds)]
     earlier = results.read(args.out_dir / f"{results.stem(STUDY, args.smoke)}.json")
     if args.merge and earlier:
         rows, redone = earlier["replicates"], set(args.benchmarks)
         replicates = results.keep_not_redone(rows, redone, "benchmark", earlier) + replicates
     summary = summarize(replicates)
-    settings = {
-        k: getattr(args, k) for k in ("cells", "genes", "max_epochs", "n_samples", "threads")
-    }
-    settings |= {
-        "seeds": list(range(args.seeds)),
-        "benchmarks": args.benchmarks,
-        "smoke": args.smoke,
-    }
+    settings = {k: getattr(args, k) for k in ("cells", "genes", "max_epochs", "n_samples")}
+    settings |= {"threads": args.threads, "seeds": list(range(args.seeds))}
+    settings |= {"benchmarks": args.benchmarks, "smoke": args.smoke}
     res: dict[str, Any] = {"meta": meta, "settings": settings, "summary": summary}
     res |= {"targets": targets(summary), "replicates": replicates}
     if args.pbmc_epochs:
         res["pbmc8k"] = pbmc_checks(args)
     res["total_seconds"] = time.perf_counter() - start
-    table = markdown(res)
-    print(table)
-    results.write(args.out_dir, results.stem(STUDY, args.smoke), res, table)
+    results.publish(args.out_dir, results.stem(STUDY, args.smoke), res, markdown(res))
     return 0
 
 
