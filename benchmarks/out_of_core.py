@@ -1,10 +1,6 @@
 """Memory and speed from disk: training, the latent space and the CLI on a backed .h5ad.
 
-Per ``--cells`` size, a synthetic ``.h5ad`` and three tables (``--only``), every run in a
-new process: ``api`` (fit and latent space, streamed and in memory), ``cli`` (``pyro-scvi
-fit`` end to end) and ``queries`` (``evaluate``, ``de``, ``ppc``, ``plot``, ``map-query`` after
-that fit); peak RSS, seconds, output sizes. Target: peak RSS <= 3 GiB at 1,000,000 x 2,000.
-Details: ``benchmarks/README.md``.
+Target: peak RSS <= 3 GiB at 1,000,000 x 2,000. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.out_of_core --cells 100000 1000000 --data-dir "$DATA"
     python -m benchmarks.out_of_core --smoke
@@ -37,10 +33,8 @@ def worker(path: str, streamed: bool, epochs: int, out: str) -> None:
 
     import pyro_scvi
 
-    start = time.perf_counter()
-    model = pyro_scvi.SCVI(
-        anndata.read_h5ad(path, backed="r"), batch_key="batch", streamed=streamed
-    )
+    start, adata = time.perf_counter(), anndata.read_h5ad(path, backed="r")
+    model = pyro_scvi.SCVI(adata, batch_key="batch", streamed=streamed)
     setup = time.perf_counter() - start
     model.train(max_epochs=epochs, progress_bar=False, seed=0)
     epochs_s = [float(v) for v in model.history["seconds"]]
@@ -104,9 +98,8 @@ def run_cli(path: Path, work: Path, epochs: int, args: argparse.Namespace) -> di
         backed = anndata.read_h5ad(path, backed="r")
         argv += ["--normalized-genes", *map(str, backed.var_names[:n])]
         backed.file.close()
-    result = process(
-        ["--cli-worker", str(work / "fit_report.json"), *argv], work / "fit_report.json"
-    )
+    report = work / "fit_report.json"
+    result = process(["--cli-worker", str(report), *argv], report)
     if "error" in result:
         return result
     written = anndata.read_h5ad(out, backed="r")
@@ -152,9 +145,8 @@ def run_queries(
     }  # fmt: skip
     for name, (argv, settings) in commands.items():
         report = work / f"{name}_report.json"
-        row = {"query": name, "settings": settings} | process(
-            ["--cli-worker", str(report), *argv], report
-        )
+        row = {"query": name, "settings": settings}
+        row |= process(["--cli-worker", str(report), *argv], report)
         shown = [a.replace(str(work) + "/", "").replace(str(path.parent) + "/", "") for a in argv]
         row["command"] = "python -m pyro_scvi " + " ".join(shown)
         stdout = row.pop("stdout", "")
@@ -194,12 +186,9 @@ def write_query_file(path: Path, n_cells: int, n_genes: int) -> Path:
 
 def earlier_runs(res: dict[str, Any]) -> list[dict[str, str]]:
     found: list[dict[str, str]] = []
-    for key in TABLES.values():
-        found += [
-            r["from_run"]
-            for r in res.get(key, [])
-            if "from_run" in r and r["from_run"] not in found
-        ]
+    for key in TABLES.values():  # each table's runs not found in the tables before it
+        kept = [r["from_run"] for r in res.get(key, []) if "from_run" in r]
+        found += [run for run in kept if run not in found]
     return found
 
 
@@ -218,51 +207,36 @@ def merged(res: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any
 
 
 def markdown(res: dict[str, Any]) -> str:
-    marks = {
-        json.dumps(r, sort_keys=True): m for m, r in zip(MARKS, earlier_runs(res), strict=False)
-    }
+    runs = earlier_runs(res)
+    marks = {json.dumps(r, sort_keys=True): m for m, r in zip(MARKS, runs, strict=False)}
 
     def cells(r: dict[str, Any]) -> str:
-        mark = (
-            marks.get(json.dumps(r.get("from_run"), sort_keys=True), "") if "from_run" in r else ""
-        )
+        mark = marks.get(json.dumps(r["from_run"], sort_keys=True), "") if "from_run" in r else ""
         return f"{r['cells']:,} {mark}".strip()
 
-    how = (
-        "Peak RSS: the whole process (imports, fit, latent). Cells/s: training cells per second "
-        "over the epochs after the first (with one epoch, that epoch)."
-    )
-    lines = results.header(
-        res, "Out-of-core: training, latent space and queries streamed from a backed .h5ad", how
-    )
+    title = "Out-of-core: training, latent space and queries streamed from a backed .h5ad"
+    lines = results.header(res, title, HOW)
     rows = [
         f"{cells(r)} | {r['genes']:,} | | {r['mode']} | | failed | | | |"
         if "error" in r
         else f"{cells(r)} | {r['genes']:,} | {r['file_mib']:,.0f} | {r['mode']} | {r['epochs']} | "
         f"{r['train_cells_per_second']:,.0f} | {r['latent_seconds']:.1f} | "
-        f"{r['peak_rss_mib']:,.0f} | "
-        f"{r['validation_elbo_per_cell']:.2f}"
+        f"{r['peak_rss_mib']:,.0f} | {r['validation_elbo_per_cell']:.2f}"
         for r in res["runs"]
     ]
-    lines += results.md_table(
-        "cells:|genes:|file MiB:|data|epochs:|train cells/s:|latent s:|peak RSS MiB:|"
-        "validation ELBO/cell:",
-        rows,
-    )
+    columns = "cells:|genes:|file MiB:|data|epochs:|train cells/s:|latent s:|peak RSS MiB:|"
+    lines += results.md_table(columns + "validation ELBO/cell:", rows)
     if cli := res.get("cli"):
         rows = [
             f"{cells(r)} | {r['genes']:,} | {r['epochs']} | failed | | | | "
             if "error" in r
             else f"{cells(r)} | {r['genes']:,} | {r['epochs']} | {r['data_source']} | "
-            f"{r['wall_seconds']:,.0f} | "
-            f"{r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | {r['normalized']}"
+            f"{r['wall_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | "
+            f"{r['normalized']}"
             for r in cli
         ]
-        lines += ["", CLI_NOTE, ""]
-        lines += results.md_table(
-            "cells:|genes:|epochs:|data|wall s:|peak RSS MiB:|output MiB:|normalized expression",
-            rows,
-        )
+        columns = "cells:|genes:|epochs:|data|wall s:|peak RSS MiB:|output MiB:|"
+        lines += ["", CLI_NOTE, "", *results.md_table(columns + "normalized expression", rows)]
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in cli if "command" in r)]
     if queries := res.get("queries"):
         rows = [
@@ -275,10 +249,8 @@ def markdown(res: dict[str, Any]) -> str:
             )
             for r in queries
         ]
-        lines += ["", QUERIES_NOTE, ""]
-        lines += results.md_table(
-            "cells:|genes:|command|settings|cells used:|wall s:|peak RSS MiB:|exit status:", rows
-        )
+        columns = "cells:|genes:|command|settings|cells used:|wall s:|peak RSS MiB:|exit status:"
+        lines += ["", QUERIES_NOTE, "", *results.md_table(columns, rows)]
         largest = max(r["cells"] for r in queries)
         lines += ["", f"Commands (at {largest:,} cells; BIG.h5ad is the streamed input):", ""]
         lines += [
@@ -287,7 +259,7 @@ def markdown(res: dict[str, Any]) -> str:
             if r["cells"] == largest and "command" in r
         ]
     lines += ["", res["args"]["note"]] if res["args"].get("note") else []
-    for mark, run in zip(MARKS, earlier_runs(res), strict=False):
+    for mark, run in zip(MARKS, runs, strict=False):
         lines += [
             "",
             f"{mark} From an earlier run ({run['date']}, pyro_scvi commit {run['commit']}, "
@@ -297,6 +269,10 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+HOW = (
+    "Peak RSS: the whole process (imports, fit, latent). Cells/s: training cells per second "
+    "over the epochs after the first (with one epoch, that epoch)."
+)
 CLI_NOTE = (
     "The command line end to end (training, latent space, writing the output), one process per "
     "size; peak RSS of that process:"
@@ -337,11 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     if raw[:1] == ["--worker"]:
-        worker(raw[1], bool(int(raw[2])), int(raw[3]), raw[4])
-        return 0
+        return worker(raw[1], bool(int(raw[2])), int(raw[3]), raw[4]) or 0
     if raw[:1] == ["--cli-worker"]:
-        cli_worker(raw[1], raw[2:])
-        return 0
+        return cli_worker(raw[1], raw[2:]) or 0
     args = parse_args(argv)
     from pyro_scvi.datasets.synthetic_large import write_synthetic_h5ad
 
@@ -353,11 +327,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(key: str, label: str, row: dict[str, Any]) -> None:
         res[key].append(row)
-        done = row.get("error", "")[-800:] or f"peak RSS {row['peak_rss_mib']:,.0f} MiB, " + (
-            f"{row['train_cells_per_second']:,.0f} cells/s"
-            if key == "runs"
-            else f"{row['wall_seconds']:,.0f} s"
-        )
+        if not (done := row.get("error", "")[-800:]):
+            speed, unit = (
+                (row["train_cells_per_second"], "cells/s")
+                if key == "runs"
+                else (row["wall_seconds"], "s")
+            )
+            done = f"peak RSS {row['peak_rss_mib']:,.0f} MiB, {speed:,.0f} {unit}"
+
         print(f"{row['cells']:>9,} {label:>9}: {done}", file=sys.stderr)
         both = merged(res, earlier)
         results.write(args.out, stem, both, markdown(both))
