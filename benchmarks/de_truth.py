@@ -1,6 +1,14 @@
 """Differential expression on truth from outside the method: pyro_scvi vs scvi-tools vs
 Wilcoxon vs pseudobulk, on simulators unlike scVI's generative model and on real counts.
-Details: ``benchmarks/README.md``.
+
+Splatter-style and multi-sample Poisson-lognormal counts (each with and without confounded
+batches), programmes that shift the libraries' composition (asymmetric, among the high
+expressers, balanced; each with and without batches crossed with the groups) and fold
+changes planted in real counts, balanced or one-sided (:mod:`pyro_scvi.datasets.de_truth`);
+AUROC (overall and per expression stratum), empirical FDR and power at 5 %, calls between
+random halves, the median LFC of unchanged genes. ``--cache DIR`` keeps the fits;
+``--merge`` keeps the other benchmarks' rows of an earlier run. Details:
+``benchmarks/README.md``.
 
     python -m benchmarks.de_truth --cache "$(mktemp -d)"
     python -m benchmarks.de_truth --smoke   # < 1 minute, any environment
