@@ -124,19 +124,16 @@ class PyroScvi(Adapter):
         if self.matched:  # SCVI() builds its networks before train(seed=) seeds anything
             pyro.set_rng_seed(self.seed or 0)
             kwargs = MATCHED | {"likelihood": pyro_scvi.ZINB(), "use_observed_lib_size": False}
-        self.model = pyro_scvi.SCVI(
-            self.adata, batch_key=self.batch_key, **kwargs | o.get("model", {})
-        )
+        kwargs |= {"batch_key": self.batch_key, **o.get("model", {})}
+        self.model = pyro_scvi.SCVI(self.adata, **kwargs)
         train: dict[str, Any] = {"max_epochs": epochs}
         if self.matched:
             train |= TRAINING | {"early_stopping": False, "device": "cpu"}
-        if self.seed is not None:
-            train["seed"] = self.seed
-        if self.quiet:
-            train["progress_bar"] = False
         engine = o.get("engine", Engine(threads=self.threads) if self.threads else None)
-        if engine is not None:
-            train["engine"] = engine
+        # each only when set: train()'s own defaults otherwise
+        for key, value in (("seed", self.seed), ("engine", engine)):
+            train |= {key: value} if value is not None else {}
+        train |= {"progress_bar": False} if self.quiet else {}
         self._timed(self.model.train, **train | o.get("train", {}))
         h = self.model.history
         curve = [float(v) for v in h["validation_elbo"]]
@@ -148,10 +145,9 @@ class PyroScvi(Adapter):
             "threads_per_epoch": [int(v) for v in h["threads"]] if "threads" in h else [],
         }
         if split is not None:
-            self.run["split_matches"] = bool(
-                np.array_equal(self.model.train_indices, split[0])
-                and np.array_equal(self.model.validation_indices, split[1])
-            )
+            ours = (self.model.train_indices, self.model.validation_indices)
+            self.run["split_matches"] = all(map(np.array_equal, ours, split))
+
         if cache:
             self.model.save(cache)
         return self
@@ -262,10 +258,11 @@ class ScviTools(Adapter):
         import scvi
 
         scvi.settings.seed = seed
-        draws = [self.model.get_elbo(self.adata, indices=cells, return_mean=False)]
-        while len(draws) < n_samples:
-            draws.append(self.model.get_elbo(self.adata, indices=cells, return_mean=False))
-        return float(np.mean([np.mean(np.asarray(d)) for d in draws]))
+        draws = [
+            np.mean(np.asarray(self.model.get_elbo(self.adata, indices=cells, return_mean=False)))
+            for _ in range(max(1, n_samples))
+        ]
+        return float(np.mean(draws))
 
     def marginal_ll(
         self, cells: Any, n_samples: int, seed: int, observed_library: bool = False
@@ -277,19 +274,14 @@ class ScviTools(Adapter):
         import scvi
 
         scvi.settings.seed = seed
-        ll = self.model.get_marginal_ll(
-            self.adata, indices=cells, n_mc_samples=n_samples, return_mean=False
-        )
-        return float(np.asarray(ll, dtype=np.float64).mean())
+        kw = {"indices": cells, "n_mc_samples": n_samples, "return_mean": False}
+        return float(np.asarray(self.model.get_marginal_ll(self.adata, **kw), np.float64).mean())
 
     def impute(self, adata: Any, n_samples: int, seed: int) -> Any:
         import numpy as np
 
-        return np.asarray(
-            self.model.get_normalized_expression(
-                self.adata, library_size="latent", n_samples=n_samples, return_mean=True
-            )
-        )
+        kw = {"library_size": "latent", "n_samples": n_samples, "return_mean": True}
+        return np.asarray(self.model.get_normalized_expression(self.adata, **kw))
 
     def as_pyro_scvi(self) -> Any:
         """A pyro_scvi :class:`~pyro_scvi.SCVI` holding the fit's weights (``matched`` fits:
@@ -299,9 +291,8 @@ class ScviTools(Adapter):
 
         if getattr(self, "renamed", None) is not None:
             return self.renamed
-        target = pyro_scvi.SCVI(
-            self.adata, batch_key=self.batch_key, library_residual=False, **MATCHED
-        )
+        kw = {"batch_key": self.batch_key, "library_residual": False, **MATCHED}
+        target = pyro_scvi.SCVI(self.adata, **kw)
         theirs = self.model.module.state_dict()
         for module, names in ((target.guide, _GUIDE_NAMES), (target.model, _MODEL_NAMES)):
             state, filled = module.state_dict(), set()

@@ -24,21 +24,14 @@ from typing import Any
 from . import data, results
 
 
-def spawn(
-    study: str, mode: str, spec: dict[str, Any], threads: int | None = None
-) -> dict[str, Any]:
+def spawn(study: str, mode: str, spec: dict[str, Any], threads: int | None = None) -> dict:
     """``python -m benchmarks.<study> <mode> SPEC`` in a new process; its result file (when
-    ``spec`` names one) with the wall time and the load average around it.
-
-    ``threads``: ``OMP/MKL/OPENBLAS_NUM_THREADS`` of the child (``None``: as they are).
-    """
+    ``spec`` names one) with the wall time and the load average around it. ``threads``:
+    ``OMP/MKL/OPENBLAS_NUM_THREADS`` of the child (``None``: as they are)."""
     env = dict(os.environ)
     if threads is not None:
-        env |= {
-            v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-        }
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
+        env |= {f"{v}_NUM_THREADS": str(threads) for v in ("OMP", "MKL", "OPENBLAS")}
+    load, start = os.getloadavg()[0], time.perf_counter()
     cmd = [sys.executable, "-m", f"benchmarks.{study}", mode, json.dumps(spec)]
     # the child's stdout (libraries' notices) goes to stderr: stdout is the table
     rc = subprocess.run(cmd, env=env, stdout=sys.stderr, cwd=results.REPO).returncode
@@ -50,27 +43,22 @@ def spawn(
             path.unlink()
         else:
             out = {"error": f"worker exited with code {rc} and wrote no result"}
-    wall = time.perf_counter() - start
-    return out | {
-        "worker_wall_seconds": wall,
-        "loadavg_1min_before": load,
-        "loadavg_1min_after": os.getloadavg()[0],
-    }
+    out["worker_wall_seconds"] = time.perf_counter() - start
+    return out | {"loadavg_1min_before": load, "loadavg_1min_after": os.getloadavg()[0]}
 
 
 def main(argv: Sequence[str] | None, **modes: Callable[[dict[str, Any]], Any]) -> int | None:
     """Answer ``--worker SPEC`` (and the other ``modes``, e.g. ``prepare=...``) in a worker
-    process; ``None`` when ``argv`` is a study's own command line.
-
-    A mode's return value (an error as ``{"error": ...}``) goes to ``spec["result"]``.
-    """
+    process, its return value (an error as ``{"error": ...}``) to ``spec["result"]``;
+    ``None`` when ``argv`` is a study's own command line."""
     raw = list(sys.argv[1:] if argv is None else argv)
     modes = {"warm_kernel": warm_kernel, "prepare": data.prepare, **modes}
-    if len(raw) != 2 or raw[0].removeprefix("--").replace("-", "_") not in modes:
+    mode = raw[0].removeprefix("--").replace("-", "_") if len(raw) == 2 else None
+    if mode not in modes:
         return None
     spec = json.loads(raw[1])
     try:
-        out = modes[raw[0].removeprefix("--").replace("-", "_")](spec)
+        out = modes[mode](spec)
     except Exception as err:  # the parent records it and goes on
         traceback.print_exc()
         out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
@@ -125,10 +113,8 @@ def status_mib(field: str) -> float | None:
 
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``True`` if done.
-
-    Afterwards ``VmHWM`` is the peak since the reset, and so is ``ru_maxrss`` unless the
-    parent's peak at spawn time is larger.
-    """
+    Then ``VmHWM`` is the peak since the reset (``ru_maxrss`` too, unless the parent's was
+    larger at spawn time)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -162,10 +148,8 @@ def summarize(runs: list[dict[str, Any]], impls: Sequence[str], keys: Sequence[s
     for impl in impls:
         mine = [r for r in runs if r["implementation"] == impl]
         ok = [r for r in mine if "error" not in r]
-        out[impl] = {
-            k: statistics.median(v) if (v := [r[k] for r in ok if r.get(k) is not None]) else None
-            for k in keys
-        }
+        values = {k: [r[k] for r in ok if r.get(k) is not None] for k in keys}
+        out[impl] = {k: statistics.median(v) if v else None for k, v in values.items()}
         out[impl] |= {"n_ok": len(ok), "n_failed": len(mine) - len(ok)}
         if len(ok) < len(mine):
             out[impl]["error"] = next(r["error"] for r in mine if "error" in r)
@@ -175,15 +159,12 @@ def summarize(runs: list[dict[str, Any]], impls: Sequence[str], keys: Sequence[s
         return x / y if x is not None and y else None
 
     time = "seconds_per_epoch" if "seconds_per_epoch" in keys else "train_seconds"
+    pyro, scvi, floor, steady = "pyro_scvi", "scvi-tools", "torch-floor", "median_epoch_seconds"
     return out | {
-        "time_ratio_pyro_over_scvi_tools": ratio("pyro_scvi", "scvi-tools", time),
-        "speedup_pyro_vs_scvi_tools": ratio("scvi-tools", "pyro_scvi", time),
-        "time_ratio_pyro_over_torch_floor": ratio("pyro_scvi", "torch-floor", time),
-        "time_ratio_scvi_tools_over_torch_floor": ratio("scvi-tools", "torch-floor", time),
-        "steady_speedup_pyro_vs_scvi_tools": ratio(
-            "scvi-tools", "pyro_scvi", "median_epoch_seconds"
-        ),
-        "steady_time_ratio_pyro_over_torch_floor": ratio(
-            "pyro_scvi", "torch-floor", "median_epoch_seconds"
-        ),
+        "time_ratio_pyro_over_scvi_tools": ratio(pyro, scvi, time),
+        "speedup_pyro_vs_scvi_tools": ratio(scvi, pyro, time),
+        "time_ratio_pyro_over_torch_floor": ratio(pyro, floor, time),
+        "time_ratio_scvi_tools_over_torch_floor": ratio(scvi, floor, time),
+        "steady_speedup_pyro_vs_scvi_tools": ratio(scvi, pyro, steady),
+        "steady_time_ratio_pyro_over_torch_floor": ratio(pyro, floor, steady),
     }
