@@ -74,8 +74,11 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     train |= {"engine": Engine(threads=args.threads)} if args.threads else {}
     row = {"dataset": spec, "shape": list(adata.shape), "n_donors": int(donors.nunique())}
     row |= {"query_donor": donor, "n_query_donor_cells": int(is_query.sum())}
-    row |= {"reference_cells": ref.n_obs, "query_cells": query.n_obs}
-    row["test_cells"] = test_cells.n_obs
+    row |= {
+        "reference_cells": ref.n_obs,
+        "query_cells": query.n_obs,
+        "test_cells": test_cells.n_obs,
+    }
     t = time.perf_counter()
     reference = SCVI(ref, batch_key="batch").train(**train)
     t, row["seconds_reference"] = time.perf_counter(), time.perf_counter() - t
@@ -95,8 +98,9 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     row["reference_cells_unchanged"] = bool(np.allclose(z_ref, z_mapped[~in_query], atol=1e-5))
     m, f = row["mapped"], row["full"]
     row["differences"] = {k: m[k] - f[k] for k in ("ari", "entropy_donors", "entropy_query")}
-    relative = (m["heldout_ll"] - f["heldout_ll"]) / abs(f["heldout_ll"])
-    row["differences"]["heldout_ll_rel"] = relative
+    row["differences"]["heldout_ll_rel"] = (m["heldout_ll"] - f["heldout_ll"]) / abs(
+        f["heldout_ll"]
+    )
     row["criteria_met"] = {k: bool(abs(v) <= TOLERANCES[k]) for k, v in row["differences"].items()}
     return row
 
@@ -117,10 +121,8 @@ def markdown(res: dict[str, Any]) -> str:
             rows.append(f"{r['dataset']} | error: {r['error']} | | | | | | |")
             continue
         m, f, d = r["mapped"], r["full"], r["differences"]
-        pairs = " | ".join(
-            f"{m[k]:.3f} / {f[k]:.3f} ({d[k]:+.3f})"
-            for k in ("ari", "entropy_donors", "entropy_query")
-        )
+        keys = ("ari", "entropy_donors", "entropy_query")
+        pairs = " | ".join(f"{m[k]:.3f} / {f[k]:.3f} ({d[k]:+.3f})" for k in keys)
         unmet = [k for k, ok in r["criteria_met"].items() if not ok]
         met = "not met: " + ", ".join(unmet) if unmet else "all met"
         rows.append(
@@ -131,13 +133,11 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['seconds_full']:.0f} | {met}"
         )
     lines = results.header(res, "Query mapping vs training on everything", how)
-    lines += results.md_table(
+    columns = (
         "dataset|query donor (cells)|ARI mapped / full|batch entropy, donors|batch entropy, query "
-        "vs reference|label transfer|held-out log p(x)|train s: reference + mapping / "
-        "full|criteria",
-        rows,
+        "vs reference|label transfer|held-out log p(x)|train s: reference + mapping / full|"
     )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + results.md_table(columns + "criteria", rows)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         res["elapsed_seconds"] = time.perf_counter() - start
         results.write(args.out_dir, results.stem(STUDY, args.smoke), res, markdown(res))
     print(markdown(res))
-    if failed:
-        return 1
-    return 0 if all(all(r["criteria_met"].values()) for r in res["rows"]) else 2
+    return 1 if failed else 0 if all(all(r["criteria_met"].values()) for r in res["rows"]) else 2
 
 
 if __name__ == "__main__":
