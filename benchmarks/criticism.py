@@ -1,12 +1,7 @@
 """Calibration and summary-statistic fit of pyro_scvi on every shared dataset.
 
-Each fit of ``--fits`` (a likelihood, optionally ``:dispersion=...,kl_warmup_epochs=...``)
-is trained at the defaults (seed 0) on at most ``--max-cells`` random cells of each dataset
-and criticized on its 10 % held-out cells (:func:`pyro_scvi.analysis.criticism.criticize`):
-PIT TV and its noise floor, interval calibration and coverage, r2 of gene and cell
-statistics, held-out ELPD. ``--epochs default`` trains as long as ``train()`` does for a
-user; ``--epochs N``: N epochs, KL warm-up over the first third unless the fit sets it.
-``--append`` keeps the file's runs this call does not redo.
+``--epochs N``: N epochs, KL warm-up over the first third unless the fit sets it; ``--append``
+keeps the file's runs this call does not redo. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.criticism                       # every dataset, ZINB and NB
     python -m benchmarks.criticism --smoke               # seconds, synthetic data

@@ -1,12 +1,6 @@
 """Query mapping against training on everything: hold one donor out, map it, compare.
 
-One donor of a dataset (default: the largest) is the query; its cells are split (seeded)
-into mapping cells and test cells. *Mapped*: a reference model of the other donors, the
-mapping cells mapped onto it with ``SCVI.load_query_data``; *full*: one model of the other
-donors and the mapping cells. Both scored by KMeans ARI, batch entropy over donors and over
-query-vs-reference, 15-NN label transfer, and the test cells' held-out log p(x). Criteria
-(issue 15): ARI and entropies within 0.05, log p(x) within 1 %. Exit code 0: met; 2: not
-met; 1: a failure.
+Exit code 0: the criteria met; 2: not met; 1: a failure. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.query_mapping            # OneK1K and Baron, 100 epochs
     python -m benchmarks.query_mapping --smoke    # seconds, synthetic data

@@ -1,19 +1,10 @@
 """Does a change leave results alone? Fingerprints of default fits, to compare across commits.
 
-A refactor that should change no result (issue 25: the subpackage layout, the thin facade,
-the engine's stepper) is checked by fitting the same data at the same seed and engine before
-and after it and comparing the latent space and the training history bit for bit. This
-script uses the public API only (``SCVI``, ``Engine``, AnnData files), so it runs against
-any checkout of the package::
+The public API only, so it runs against any checkout (details: ``benchmarks/README.md``)::
 
     cd OLD_CHECKOUT && PYTHONPATH=. python NEW_CHECKOUT/benchmarks/same_result.py --out a.json
     cd NEW_CHECKOUT && PYTHONPATH=. python benchmarks/same_result.py --out b.json
     python benchmarks/same_result.py --compare a.json b.json     # exit 1 if they differ
-
-Defaults: Zeisel for 30 epochs (a compiled ELBO: more than 300 steps) and CellBench for 15
-(13,033 genes: the fused ZINB kernel), ``SCVI(adata[, batch_key="batch"]).train(E, seed=0,
-engine=Engine(threads=1))``, from ``$PYRO_SCVI_DATA``. ``--smoke``: 2 epochs of simulated
-counts, no files needed.
 """
 
 from __future__ import annotations

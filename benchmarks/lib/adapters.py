@@ -1,13 +1,6 @@
-"""One adapter per implementation of scVI, fitting and scoring through one interface.
-
-``Adapter(adata, batch_key, matched=, seed=, threads=, **options).fit(epochs, split)``; then
-``latent()``, ``elbo()`` / ``marginal_ll()`` (the implementation's own estimators),
-``common_elbo()`` / ``common_marginal_ll()`` (pyro_scvi's, through ``as_pyro_scvi()``) and
-``impute()``; ``run`` holds what the fit measured. ``matched=False``: each implementation at
-its defaults (only the data, the epochs and ``seed`` set); ``matched=True``: the settings
-``compare_scvi_tools`` matches (:data:`MATCHED`, :data:`TRAINING`, no early stopping,
-validation every epoch, CPU; scvi-tools' encoders see the batch, as pyro_scvi's do).
-``split``: the (training, held-out) cells, checked against pyro_scvi's own split rule.
+"""One adapter per implementation of scVI, fitting and scoring through one interface
+(``benchmarks/README.md``, "The code"); ``run`` holds what the fit measured. ``matched=True``:
+:data:`MATCHED`, :data:`TRAINING`, no early stopping, validation every epoch, CPU.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Runs in processes of their own, memory readings, and medians over repeated runs.
 
-A study's parent spawns ``python -m benchmarks.<study> --worker SPEC`` (or ``--prepare``,
-``--warm-kernel``) per run: :func:`spawn` starts it, :func:`main` answers it. A worker
-writes its result (or its error) to ``spec["result"]``, so one failure is recorded and the
-study goes on. The parent imports no numerical library: on Linux a child's ``ru_maxrss``
-starts at its parent's peak.
+:func:`spawn` starts ``python -m benchmarks.<study> --worker SPEC`` (or ``--prepare``, ...),
+:func:`main` answers it; its result (or error) goes to ``spec["result"]``. The parent imports
+no numerical library: on Linux a child's ``ru_maxrss`` starts at its parent's peak.
 """
 
 from __future__ import annotations
