@@ -51,9 +51,11 @@ def compare(a: dict, b: dict) -> list[str]:
         if fa is None or fb is None:
             out.append(f"{name}: in one file only")
             continue
-        for key in ("latent_sha256", "history", "engine"):
-            if fa[key] != fb[key]:
-                out.append(f"{name}: {key} differs")
+        out += [
+            f"{name}: {k} differs"
+            for k in ("latent_sha256", "history", "engine")
+            if fa[k] != fb[k]
+        ]
     return out
 
 
@@ -80,14 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.data_dir is None:
             p.error("set PYRO_SCVI_DATA or --data-dir to the folder of the .h5ad files")
-        fits = {
-            name: (anndata.read_h5ad(args.data_dir / f"{name}.h5ad"), epochs)
-            for name, epochs in DEFAULT_FITS
-        }
-    result = {
-        "pyro_scvi_version": pyro_scvi.__version__,
-        "fits": {name: fingerprint(adata, epochs) for name, (adata, epochs) in fits.items()},
-    }
+        read = anndata.read_h5ad
+        fits = {name: (read(args.data_dir / f"{name}.h5ad"), e) for name, e in DEFAULT_FITS}
+    result = {"pyro_scvi_version": pyro_scvi.__version__}
+    result["fits"] = {name: fingerprint(adata, epochs) for name, (adata, epochs) in fits.items()}
+
     args.out.write_text(json.dumps(result, indent=1))
     for name, fit in result["fits"].items():
         print(f"{name}: latent {fit['latent_sha256'][:12]}, engine {fit['engine']}")
