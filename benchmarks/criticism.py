@@ -43,13 +43,10 @@ def parse_fit(spec: str) -> tuple[str, dict, dict]:
 
 
 def table(res: dict) -> str:
-    s = res["settings"]
-    epochs = s["epochs"]
-    length = (
-        "the default number of epochs (`train(max_epochs=None)`) and KL warm-up"
-        if epochs == "default"
-        else f"{epochs} epochs (KL warm-up {max(1, epochs // 3)} unless the fit sets it)"
-    )
+    s, epochs = res["settings"], res["settings"]["epochs"]
+    length = "the default number of epochs (`train(max_epochs=None)`) and KL warm-up"
+    if epochs != "default":
+        length = f"{epochs} epochs (KL warm-up {max(1, epochs // 3)} unless the fit sets it)"
     caps = " or ".join(map(str, sorted({r.get("max_cells", s["max_cells"]) for r in res["runs"]})))
     rows = [
         f"{r['dataset']} | {r['shape'][0]} x {r['shape'][1]} | {r['fit']} | {r['epochs']} | "
@@ -114,18 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         for spec, lik, model_kw, train_kw in fits:
             if epochs is not None:
                 train_kw = {"kl_warmup_epochs": max(1, epochs // 3), **train_kw}
-            start = time.perf_counter()
-            model = pyro_scvi.SCVI(
-                adata, batch_key=batch_key, likelihood=LIKELIHOODS[lik](), **model_kw
-            )
+            start, likelihood = time.perf_counter(), LIKELIHOODS[lik]()
+            model = pyro_scvi.SCVI(adata, batch_key=batch_key, likelihood=likelihood, **model_kw)
             model.train(max_epochs=epochs, seed=0, progress_bar=False, **train_kw)
             trained = time.perf_counter()
             c = criticism.criticize(model, n_samples=n_samples, seed=0, name=spec)
             run = {"dataset": name, "shape": list(adata.shape), "batch_key": batch_key}
             run |= {"fit": spec, "likelihood": lik, "settings": model_kw | train_kw}
             run |= {"max_cells": args.max_cells, "epochs": len(model.history)}
-            run["train_seconds"] = trained - start
-            run |= {"criticize_seconds": time.perf_counter() - trained}
+            run |= {
+                "train_seconds": trained - start,
+                "criticize_seconds": time.perf_counter() - trained,
+            }
+
             run |= {k: v for k, v in c.summary.items() if k != "name"}
             res["runs"] = [r for r in res["runs"] if (r["dataset"], r.get("fit")) != (name, spec)]
             res["runs"].append(run)
