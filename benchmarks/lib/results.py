@@ -58,24 +58,18 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
+            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            cpu = next(names, cpu)
     except OSError:
         pass
+
     try:
         ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         ram = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_model": cpu,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "ram_gib": ram,
-    }
+    out = {"platform": platform.platform(), "machine": platform.machine()}
+    out |= {"processor": platform.processor(), "cpu_model": cpu}
+    return out | {"python": platform.python_version(), "cpu_count": os.cpu_count(), "ram_gib": ram}
 
 
 def machine_line(meta: dict[str, Any]) -> str:
@@ -91,14 +85,9 @@ def metadata(
     args = list(sys.argv[1:] if argv is None else argv)
     found = {n: package_version(n) for n in (*VERSIONS, *versions)}
     found["pyro_scvi"] = found.pop("pyro-scvi")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m", f"benchmarks.{study}", *args]),
-        "machine": machine(),
-        "threads": threads,
-        "versions": found,
-        "git": git_state(),
-    }
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out = {"date": now, "command": " ".join(["python -m", f"benchmarks.{study}", *args])}
+    return out | {"machine": machine(), "threads": threads, "versions": found, "git": git_state()}
 
 
 def meta_of(results: dict[str, Any]) -> dict[str, Any]:
@@ -182,11 +171,8 @@ def provenance(results: dict[str, Any], note: str = "") -> dict[str, str]:
     """Date, commit and command of the run that wrote ``results`` (marks kept rows)."""
     meta = meta_of(results)
     commit = str((meta.get("git") or {}).get("pyro_scvi_commit"))
-    return {
-        "date": str(meta.get("date")),
-        "commit": commit,
-        "command": str(meta.get("command")),
-    } | ({"note": note} if note else {})
+    out = {"date": str(meta.get("date")), "commit": commit, "command": str(meta.get("command"))}
+    return out | ({"note": note} if note else {})
 
 
 def keep_not_redone(
