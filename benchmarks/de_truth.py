@@ -189,34 +189,24 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
         ranking, calls, seconds, lfc = r
         false = int((calls & ~truth).sum())
         strata = {k: (detected >= lo) & (detected < hi) for k, (lo, hi) in STRATA.items()}
-        methods[method] = {
-            "auroc_all": score.auroc(truth, ranking),
-            "auroc_expressed": score.auroc(truth[expressed], ranking[expressed]),
-            **{f"auroc {k}": score.auroc(truth[m], ranking[m]) for k, m in strata.items()},
-            # pyro_scvi: the LFC of the expressed genes outside the programme (truth 0)
-            "median_null_lfc": float(np.median(lfc[unchanged]))
-            if lfc is not None and method.startswith("pyro")
-            else None,
-            "n_calls": int(calls.sum()),
-            "false_calls": false,
-            "true_calls": int(calls.sum()) - false,
-            "null_calls": int(nulls[method][1].sum()),
-            "seconds": seconds,
-        }
-    return {
-        "benchmark": name,
-        "seed": seed,
-        "n_cells": adata.n_obs,
-        "n_genes": adata.n_vars,
-        "n_de": int(truth.sum()),
-        "n_expressed": int(expressed.sum()),
-        "n_de_expressed": int((truth & expressed).sum()),
-        "group_sizes": {k: int(v) for k, v in adata.obs["group"].value_counts().items()},
-        "source": adata.uns["truth"].get("source", adata.uns["truth"]["design"]),
-        "composition_shift_log2": adata.uns["truth"].get("composition_shift_log2"),
-        "train_seconds": {i: f.run["train_seconds"] for i, f in fits.items()},
-        "methods": methods,
-    }
+        m = {"auroc_all": score.auroc(truth, ranking)}
+        m["auroc_expressed"] = score.auroc(truth[expressed], ranking[expressed])
+        m |= {f"auroc {k}": score.auroc(truth[s], ranking[s]) for k, s in strata.items()}
+        # pyro_scvi: the LFC of the expressed genes outside the programme (truth 0)
+        pyro = lfc is not None and method.startswith("pyro")
+        m["median_null_lfc"] = float(np.median(lfc[unchanged])) if pyro else None
+        m |= {"n_calls": int(calls.sum()), "false_calls": false}
+        m |= {"true_calls": int(calls.sum()) - false, "null_calls": int(nulls[method][1].sum())}
+        methods[method] = m | {"seconds": seconds}
+    design = adata.uns["truth"]
+    out = {"benchmark": name, "seed": seed, "n_cells": adata.n_obs, "n_genes": adata.n_vars}
+    out |= {"n_de": int(truth.sum()), "n_expressed": int(expressed.sum())}
+    out["n_de_expressed"] = int((truth & expressed).sum())
+    out["group_sizes"] = {k: int(v) for k, v in adata.obs["group"].value_counts().items()}
+    out["source"] = design.get("source", design["design"])
+    out["composition_shift_log2"] = design.get("composition_shift_log2")
+    out["train_seconds"] = {i: f.run["train_seconds"] for i, f in fits.items()}
+    return out | {"methods": methods}
 
 
 def summarize(replicates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
