@@ -41,15 +41,13 @@ def worker(path: str, streamed: bool, epochs: int, out: str) -> None:
     steady, start = epochs_s[1:] or epochs_s, time.perf_counter()
     z = model.get_latent_representation()
     result = {
-        "setup_seconds": setup,
-        "epoch_seconds": epochs_s,
+        "setup_seconds": setup, "epoch_seconds": epochs_s,
         "train_cells_per_second": len(model.train_indices) * len(steady) / sum(steady),
-        "latent_seconds": time.perf_counter() - start,
-        "latent_finite": bool(np.isfinite(z).all()),
+        "latent_seconds": time.perf_counter() - start, "latent_finite": bool(np.isfinite(z).all()),
         "validation_elbo_per_cell": float(model.history["validation_elbo"].iloc[-1]),
         "data_source": model.engine["reasons"]["data_source"],
         "peak_rss_mib": workers.status_mib("VmHWM"),
-    }
+    }  # fmt: skip
     Path(out).write_text(json.dumps(result))
 
 
@@ -107,13 +105,12 @@ def run_cli(path: Path, work: Path, epochs: int, args: argparse.Namespace) -> di
     shown = ["python -m pyro_scvi", *argv[:2], "-o out.h5ad", *argv[4:]]
     shown = [*shown[:-n], f"[{n} genes]"] if n else shown
     result |= {
-        "output_mib": out.stat().st_size / 2**20,
-        "data_source": str(params["data_source"]),
-        "normalized": str(params["normalized_reason"]),
-        "command": " ".join(shown),
+        "output_mib": out.stat().st_size / 2**20, "data_source": str(params["data_source"]),
+        "normalized": str(params["normalized_reason"]), "command": " ".join(shown),
         "latent_finite": bool(np.isfinite(written.obsm["X_pyro_scvi"]).all()),
         "validation_elbo_per_cell": float(history["validation_elbo"][-1]),
-    }
+    }  # fmt: skip
+
     written.file.close()
     return {k: v for k, v in result.items() if k != "stdout"}
 

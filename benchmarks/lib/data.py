@@ -83,13 +83,9 @@ def default_names(folder: str | os.PathLike | None = None) -> list[str]:
 
 
 def load(
-    spec: str,
-    folder: str | os.PathLike | None = None,
-    *,
-    subsample: int | None = None,
-    seed: int = 0,
-    download: bool = True,
-) -> Any:
+    spec: str, folder: str | os.PathLike | None = None, *, subsample: int | None = None,
+    seed: int = 0, download: bool = True,
+) -> Any:  # fmt: skip
     """A dataset as float32 CSR counts without empty cells; ``subsample``: that many random
     cells of a file (simulations are made at their size)."""
     import anndata
@@ -147,13 +143,11 @@ def some_cells(cells: Any, at_most: int, seed: int) -> Any:
 def describe(adata: Any) -> dict[str, Any]:
     """Shape, batches, cell types, sparsity."""
     return {
-        "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "n_batches": int(adata.obs["batch"].nunique()),
-        "batch_key": batch_key_for(adata),
+        "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
+        "n_batches": int(adata.obs["batch"].nunique()), "batch_key": batch_key_for(adata),
         "n_cell_types": int(adata.obs["cell_type"].nunique()),
         "nonzero_fraction": float(adata.X.nnz / (adata.n_obs * adata.n_vars)),
-    }
+    }  # fmt: skip
 
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
