@@ -320,11 +320,12 @@ def markdown(res: dict[str, Any]) -> str:
             "",
         ]
     cell = "{finished}/{total} | {rejected} | {failed}".format
-    lines += ["## Runs finished, per path", ""]
-    lines += table(
-        "path|finished/total:|rejected:|failed:",
-        [f"{p} | {cell(**c)}" for p, c in sm["by_path"].items()],
-    )
+    rows = [f"{p} | {cell(**c)}" for p, c in sm["by_path"].items()]
+    lines += [
+        "## Runs finished, per path",
+        "",
+        *table("path|finished/total:|rejected:|failed:", rows),
+    ]
     rows = []
     for d in res["datasets"]:
         c = cell(**sm["by_dataset"].get(d["name"], dict.fromkeys((*STATUSES, "total"), 0)))
@@ -338,12 +339,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"({d['smallest_batch']}) | {100 * d['zero_fraction']:.1f} | {d['library_min']:.0f}-"
             f"{d['library_max']:.0f} | {c} | {autos}"
         )
-    lines += ["", "## Runs finished, per dataset", ""]
-    lines += table(
-        "dataset|cells x genes|batches (smallest):|zeros %:|library min-max|finished/total:|"
-        "rejected:|failed:|auto resolved to",
-        rows,
-    )
+    columns = "dataset|cells x genes|batches (smallest):|zeros %:|library min-max|"
+    columns += "finished/total:|rejected:|failed:|auto resolved to"
+    lines += results.section("Runs finished, per dataset", columns, rows)
     rows = []
     for r in sm["across_paths"]:
         x = r["heldout_elbo_spread"]
@@ -353,11 +351,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['dataset']} | {r['threads']} | {r['seed']} | {' / '.join(r['path'])}: {val} | "
             f"{pct(r['validation_elbo_spread'])} | {held} | {pct(x)} | {ok}"
         )
-    lines += ["", "## Held-out ELBO across paths (per dataset, threads, seed)", ""]
-    lines += table(
-        "dataset|threads|seed:|val ELBO per path|spread %:|held-out ELBO per path|spread %:|"
-        f"≤ {100 * TOLERANCE:g} %",
-        rows,
+    columns = "dataset|threads|seed:|val ELBO per path|spread %:|held-out ELBO per path|"
+    columns += f"spread %:|≤ {100 * TOLERANCE:g} %"
+    lines += results.section(
+        "Held-out ELBO across paths (per dataset, threads, seed)", columns, rows
     )
     for over, keys, title in SPREADS:  # over: "seed" or "threads"
         rows = [
@@ -377,9 +374,9 @@ def markdown(res: dict[str, Any]) -> str:
         if "abs_diff_heldout_elbo" in r
     ]
     if rows:
-        lines += ["", "## auto beside the preset it resolved to (same seed and threads)", ""]
+        title = "auto beside the preset it resolved to (same seed and threads)"
         columns = "dataset|threads|seed:|resolved to|abs. diff val ELBO:|abs. diff held-out:"
-        lines += table(columns, rows)
+        lines += results.section(title, columns, rows)
     problems = [
         f"- {r['status']}: {r['dataset']}, seed {r['seed']}, path {r['path']}, threads "
         f"{r['threads']}: " + str(r.get("message")).replace("\n", " ")
@@ -388,12 +385,10 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     lines += ["", "## Failures and rejections", "", *(problems or ["None."]), "", "## Notes", ""]
     lines.append(f"- {NOTE}")
-    for d in (d for d in res["datasets"] if "from_run" in d):
-        r = d["from_run"]
-        lines.append(
-            f"- {d['name']}: kept from an earlier run (--merge): `{r['command']}` at commit "
-            f"{r['commit']}, {r['date']}."
-        )
+    kept = (
+        "- {}: kept from an earlier run (--merge): `{command}` at commit {commit}, {date}.".format
+    )
+    lines += [kept(d["name"], **d["from_run"]) for d in res["datasets"] if "from_run" in d]
     return "\n".join([*lines, ""])
 
 

@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .data import make_split
+
 MATCHED = dict(n_latent=10, n_hidden=128, n_layers=1, dropout_rate=0.1, dispersion="gene")
 TRAINING = {"batch_size": 128, "lr": 1e-3, "train_size": 0.9, "kl_warmup_epochs": 400}
 #: The module each implementation imports (checked without importing it).
@@ -397,7 +399,7 @@ class TorchFloor(Adapter):
         pyro.set_rng_seed(seed)
         kwargs = MATCHED | {"likelihood": pyro_scvi.ZINB(), "use_observed_lib_size": False}
         scvi = self.model = pyro_scvi.SCVI(self.adata, batch_key=self.batch_key, **kwargs)
-        train_idx, val_idx = split if split is not None else self._split()
+        train_idx, val_idx = split if split is not None else make_split(self.adata.n_obs, seed)
         modules, genes = (scvi.model, scvi.guide), self.adata.n_vars
         x = scvi.data.X
         x_all = torch.as_tensor(x.toarray() if hasattr(x, "toarray") else x, dtype=torch.float32)
@@ -460,17 +462,11 @@ class TorchFloor(Adapter):
         self.run |= {"train_seconds": done - start, "train_done_at": done, "split_matches": True}
         self._history(epoch_seconds, curve, len(train_idx))
         self.run |= {
-            "n_validation": len(val_idx),
-            "fused_kernel_used": engine.fused_kernel,
+            "n_validation": len(val_idx), "fused_kernel_used": engine.fused_kernel,
             "fused_kernel_compiled": engine.compile_kernel,
             "fused_kernel_reason": engine.reasons["fused_kernel"],
-        }
+        }  # fmt: skip
         return self
-
-    def _split(self) -> tuple[Any, Any]:
-        from .data import make_split
-
-        return make_split(self.adata.n_obs, self.seed or 0)
 
     def impute(self, adata: Any, n_samples: int, seed: int) -> Any:
         raise NotImplementedError("the floor has no imputation run")

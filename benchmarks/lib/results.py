@@ -125,6 +125,11 @@ def md_table(columns: str | Sequence[str], rows: Iterable[Sequence[Any]]) -> lis
     ]
 
 
+def section(title: str, columns: str | Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A blank line, ``## title``, a blank line and the table (:func:`md_table`)."""
+    return ["", f"## {title}", "", *md_table(columns, rows)]
+
+
 def fmt(value: Any, spec: str = ".3f") -> str:
     """``value`` formatted; ``—`` for None and non-finite numbers."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
