@@ -34,22 +34,18 @@ KEYS += ("heldout_log_px_given_library_per_cell", "seconds_per_epoch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
+    merge = "keep the file's datasets this run does not redo"
+    p, add = results.parser(__doc__, "cellbench, 300 cells, 1 epoch, seed 0", merge=merge)
     add("--epochs", type=int, default=100)
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
     add("--datasets", nargs="+", help="names (default: every .h5ad in the data folder)")
     add("--threads", default="1", help="'default' (set none) or a count for every run")
     add("--subsample", type=int, default=None, help="random cells per dataset")
     add("--metric-cells", type=int, default=10000)
     add("--ll-cells", type=int, default=10000, help="at most this many held-out cells")
     add("--ll-samples", type=int, default=100)
-    add("--out-dir", type=Path, default=results.RESULTS)
-    add("--merge", action="store_true", help="keep the file's datasets this run does not redo")
     add("--reuse-reference", action="store_true", help="reuse scvi-tools runs measured alike")
     add("--observed-library", action=argparse.BooleanOptionalAction, default=True)
-    add("--smoke", action="store_true", help="cellbench, 300 cells, 1 epoch, seed 0")
     args = p.parse_args(argv)
     if args.smoke:
         found = data.available("cellbench_3cl_2tech", args.data_dir)

@@ -278,16 +278,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyro_scvi.model import priors
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
-    add("--data-dir", type=Path, default=None)
-    add("--out-dir", type=Path, default=results.RESULTS)
+    p, add = results.parser(__doc__, "< 1 minute check of every path")
     add("--datasets", nargs="+", default=["pbmc8k_200hvg", "cellbench_3cl_2tech"])
     add("--design", choices=["oat", "factorial"], default="oat")
     for name, default in OPTIONS.items():  # a float default: a float option, else an int
         kind = float if isinstance(default, float) else int
         add(f"--{name.replace('_', '-')}", type=kind, default=default)
-    add("--smoke", action="store_true", help="< 1 minute check of every path")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)

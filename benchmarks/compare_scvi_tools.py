@@ -46,9 +46,7 @@ RATIOS = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
+    p, add = results.parser(__doc__, "300 cells of the first real dataset, 2 epochs")
     add("--datasets", nargs="+", default=list(DATASETS), help="names and synthetic:CxG")
     add("--max-epochs", type=int, default=100, help="epochs on real datasets")
     add("--synthetic-epochs", nargs="+", default=list(SYNTHETIC_EPOCHS), help="CxG=E, or E")
@@ -64,8 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--ll-samples", type=int, default=100)
     add("--elbo-samples", type=int, default=10)
     add("--impute-samples", type=int, default=25)
-    add("--out-dir", type=Path, default=results.RESULTS)
-    add("--smoke", action="store_true", help="300 cells of the first real dataset, 2 epochs")
     args = p.parse_args(argv)
     if args.smoke:
         real = [d for d in args.datasets if not d.startswith("synthetic:")]

@@ -9,10 +9,8 @@ keeps the file's runs this call does not redo. Details: ``benchmarks/README.md``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 from .lib import data, results
 
@@ -74,17 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     from pyro_scvi.analysis import criticism
     from pyro_scvi.model.likelihoods import LIKELIHOODS
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=None)
+    p, _ = results.parser(__doc__, "seconds, synthetic data")
     p.add_argument("--datasets", nargs="*", help="names (default: every .h5ad there)")
     p.add_argument("--fits", nargs="*", default=["zinb", "nb"], help="LIKELIHOOD[:key=value,...]")
     p.add_argument("--epochs", default="default", help="an integer or 'default'")
     p.add_argument("--max-cells", type=int, default=1500)
     p.add_argument("--n-samples", type=int, default=30)
-    p.add_argument("--smoke", action="store_true")
     p.add_argument("--append", action="store_true", help="keep the file's other runs")
     p.add_argument("--stem", default=None, help="results file name (default criticism)")
-    p.add_argument("--out-dir", type=Path, default=results.RESULTS)
     args = p.parse_args(argv)
     fits = [(spec, *parse_fit(spec)) for spec in args.fits]
     epochs = 2 if args.smoke else None if args.epochs == "default" else int(args.epochs)

@@ -139,12 +139,10 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p, _ = results.parser(__doc__, "a tiny run (for the test suite)", out="--out", data_dir=False)
     defaults = {"cells": 20_000, "genes": 2000, "epochs": 4, "batch-size": 128, "procs": 2}
     for name, default in (defaults | {"repeats": 2}).items():
         p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--out", type=Path, default=results.RESULTS)
-    p.add_argument("--smoke", action="store_true", help="a tiny run (for the test suite)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-batch-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)

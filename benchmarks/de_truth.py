@@ -386,7 +386,9 @@ NOTE = (
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(description="DE on truth from outside the method.")
+    smoke, merge = "tiny run (< 1 minute)", "keep earlier rows not redone"
+    doc = "DE on truth from outside the method."
+    p, _ = results.parser(doc, smoke, data_dir=False, merge=merge)
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
     p.add_argument("--cells", type=int, default=2000, help="simulated cells")
     p.add_argument("--genes", type=int, default=1000, help="simulated genes")
@@ -396,9 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pbmc-epochs", type=int, default=100, help="0: no pbmc8k checks")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=None, help="folder of trained models")
-    p.add_argument("--out-dir", type=Path, default=results.RESULTS)
-    p.add_argument("--smoke", action="store_true", help="tiny run (< 1 minute)")
-    p.add_argument("--merge", action="store_true", help="keep earlier rows not redone")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from pyro_scvi.datasets.synthetic_large import synthetic_counts
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p, _ = results.parser(
+        __doc__, "tiny sizes on the CPU (the tests')", out="--out", data_dir=False
+    )
     p.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
@@ -123,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs-large", type=int, default=1)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-scvi-tools", action="store_true")
-    p.add_argument("--out", type=Path, default=results.RESULTS)
     p.add_argument("--stem", default=STUDY)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the tests')")
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.batch_sizes = [300, 400], 50, [32, 64]

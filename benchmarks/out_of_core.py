@@ -282,24 +282,21 @@ QUERIES_NOTE = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
+    merge = "keep the results' rows this run does not redo"
+    p, add = results.parser(__doc__, out="--out", data_dir=False, merge=merge)
     add("--cells", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     add("--genes", type=int, default=2000)
     add("--epochs", type=int, default=2, help="per size below 1M cells")
     add("--epochs-1m", type=int, default=1, help="at 1M cells and above")
     add("--max-in-memory", type=int, default=100_000)
     add("--data-dir", type=Path, help="keep the .h5ad files here (default: temporary)")
-    add("--out", type=Path, default=results.RESULTS)
     add("--cli-data-source", choices=["auto", "memory", "streamed"], default="streamed")
     add("--cli-normalized-genes", type=int, default=0, metavar="N", help="N genes' normalized")
     add("--only", nargs="+", choices=list(TABLES), default=list(TABLES), help="the tables to run")
     for name, default in (("evaluate-samples", 10), ("de-samples", 100), ("ppc-cells", 2000)):
         add(f"--{name}", type=int, default=default)
     add("--query-cells", type=int, default=10_000)
-    add("--merge", action="store_true", help="keep the results' rows this run does not redo")
     add("--note", default="", help="a line for the results, e.g. on the load")
-    add("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.epochs, args.max_in_memory = [600, 1200], 40, 2, 1200

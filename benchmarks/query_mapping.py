@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from .lib import data, results
@@ -135,16 +134,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=None)
+    p, _ = results.parser(__doc__, "synthetic data, 2 epochs")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), help="NAME or NAME:DONOR")
     p.add_argument("--epochs", type=int, default=100, help="max_epochs of every training")
     p.add_argument("--test-fraction", type=float, default=0.2, help="query cells held out")
     p.add_argument("--ll-samples", type=int, default=100, help="importance samples, log p(x)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: auto)")
-    p.add_argument("--out-dir", type=Path, default=results.RESULTS)
-    p.add_argument("--smoke", action="store_true", help="synthetic data, 2 epochs")
     args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.ll_samples, args.datasets = 2, 5, ["synthetic_smoke"]

@@ -55,18 +55,15 @@ ELBOS = ("validation_elbo", "heldout_elbo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
+    merge = "keep the file's datasets this run does not redo"
+    smoke = "two tiny stress cases, 2 paths, 2 epochs"
+    p, add = results.parser(__doc__, smoke, out="--out", merge=merge)
     add("--datasets", nargs="+", default=["real", "stress"], help="names; 'real', 'stress'")
     add("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
     add("--threads", nargs="+", default=["1", "all"], help="a count, 'all' or 'auto'")
     add("--epochs", type=int, default=20)
     add("--elbo-samples", type=int, default=10, help="draws per cell, held-out ELBO")
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
-    add("--out", type=Path, default=results.RESULTS, help="results folder")
-    add("--merge", action="store_true", help="keep the file's datasets this run does not redo")
-    add("--smoke", action="store_true", help="two tiny stress cases, 2 paths, 2 epochs")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)

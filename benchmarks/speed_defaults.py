@@ -37,16 +37,12 @@ RATIOS += ("steady_time_ratio_pyro_over_torch_floor",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
+    p, add = results.parser(__doc__, "synthetic:300x100, 1 epoch, 1 repeat")
     add("--datasets", nargs="+", default=list(DATASETS), help="NAME[=EPOCHS[,EPOCHS...]]")
     add("--epochs", type=int, nargs="+", default=None, help="epochs for every dataset")
     add("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     add("--repeats", type=int, default=3)
     add("--threads", nargs="+", default=["default", "1"], help="'default' and/or counts")
-    add("--out-dir", type=Path, default=results.RESULTS)
-    add("--smoke", action="store_true", help="synthetic:300x100, 1 epoch, 1 repeat")
     args = p.parse_args(argv)
     if args.smoke:
         args.datasets, args.repeats, args.threads = ["synthetic:300x100=1"], 1, ["default"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -10,7 +11,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,22 @@ def keep_not_redone(
     ``from_run`` with the run that measured it (a row kept before keeps its own)."""
     source = provenance(earlier, note)
     return [{**r, "from_run": r.get("from_run", source)} for r in rows if r[key] not in redone]
+
+
+def parser(
+    doc: str, smoke: str = "", *, out: str = "--out-dir", data_dir: bool = True, merge: str = ""
+) -> tuple[argparse.ArgumentParser, Callable[..., Any]]:
+    """A study's parser (description: ``doc``'s first line) and its ``add_argument``, with the
+    options every study shares: ``--data-dir``, ``out`` (the results folder), ``--smoke`` and,
+    where ``merge`` gives its help, ``--merge``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if data_dir:
+        p.add_argument("--data-dir", type=Path, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
+    p.add_argument(out, type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--smoke", action="store_true", help=smoke or None)
+    if merge:
+        p.add_argument("--merge", action="store_true", help=merge)
+    return p, p.add_argument
 
 
 def stem(study: str, smoke: bool) -> str:
