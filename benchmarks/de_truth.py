@@ -226,13 +226,11 @@ def summarize(replicates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             mean = {k: [x[k] for x in rows if x.get(k) is not None] for k in keys}
             mean["median_null_lfc"] = [x.get("median_null_lfc") for x in rows]
             mean["median_null_lfc"] = [v for v in mean["median_null_lfc"] if v is not None]
-            out[name][method] = {k: float(np.mean(v)) if v else None for k, v in mean.items()} | {
-                "empirical_fdr": false / calls if calls else 0.0,
-                "power": (calls - false) / sum(r["n_de"] for r in reps),
-                "calls": calls,
-                "null_fraction": sum(x["null_calls"] for x in rows)
-                / sum(r["n_genes"] for r in reps),
-            }
+            m = {k: float(np.mean(v)) if v else None for k, v in mean.items()}
+            m |= {"empirical_fdr": false / calls if calls else 0.0}
+            m |= {"power": (calls - false) / sum(r["n_de"] for r in reps), "calls": calls}
+            nulls = sum(x["null_calls"] for x in rows) / sum(r["n_genes"] for r in reps)
+            out[name][method] = m | {"null_fraction": nulls}
     return out
 
 
@@ -273,34 +271,30 @@ def pbmc_checks(args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rest = model.differential_expression(groupby="cell_type", n_samples=args.n_samples)
-    out["small_group_warnings"] = [
-        str(w.message) for w in caught if "fewer than" in str(w.message)
-    ]
+    messages = [str(w.message) for w in caught]
+    out["small_group_warnings"] = [m for m in messages if "fewer than" in m]
+    groups = rest.groupby("group1", observed=True)
     out["one_vs_rest"] = {
         str(g): {"n_cells": int(block["n_cells1"].iloc[0]), "calls": int(block["is_de_fdr"].sum())}
-        for g, block in rest.groupby("group1", observed=True)
-    }
-    key = adata.copy()
-    model.differential_expression(
-        key, groupby="cell_type", n_samples=args.n_samples, key_added="de"
-    )
+        for g, block in groups
+    }  # fmt: skip
+    key, kw = adata.copy(), {"groupby": "cell_type", "n_samples": args.n_samples}
+    model.differential_expression(key, key_added="de", **kw)
     uns, out["record"] = key.uns["de"], {}
     for group in uns["names"].dtype.names:
         scores = np.asarray(uns["scores"][group], dtype=float)
         lfc = np.asarray(uns["logfoldchanges"][group], dtype=float)
         out["record"][group] = {
             "tied_scores": int(len(scores) - len(np.unique(scores))),
-            "top10": list(uns["names"][group][:10]),
-            "top10_lfc_min": float(lfc[:10].min()),
-        }
+            "top10": list(uns["names"][group][:10]), "top10_lfc_min": float(lfc[:10].min()),
+        }  # fmt: skip
+    kw |= {"group1": "CD4+ T-cells", "group2": "CD8+ T-cells"}
     for mode in ("change", "vanilla"):
-        kw = {"groupby": "cell_type", "group1": "CD4+ T-cells", "group2": "CD8+ T-cells"}
-        res = model.differential_expression(mode=mode, n_samples=args.n_samples, **kw)
+        res = model.differential_expression(mode=mode, **kw)
         out[f"cd4_vs_cd8_{mode}"] = {
-            "calls": int(res["is_de_fdr"].sum()),
-            "max_proba_de": float(res["proba_de"].max()),
+            "calls": int(res["is_de_fdr"].sum()), "max_proba_de": float(res["proba_de"].max()),
             "genes_with_proba_de_over_0.9": int((res["proba_de"] > 0.9).sum()),
-        }
+        }  # fmt: skip
     return out
 
 
@@ -333,11 +327,11 @@ def markdown(res: dict[str, Any]) -> str:
         rows,
     )
     checks = next(iter(res["targets"].values()), {})
+    mark = {None: "-", True: "yes", False: "**no**"}
     marks = [
-        f"{name} | "
-        + " | ".join("-" if v is None else "yes" if v else "**no**" for v in t.values())
-        for name, t in res["targets"].items()
+        f"{n} | " + " | ".join(mark[v] for v in t.values()) for n, t in res["targets"].items()
     ]
+
     lines += [
         "",
         "## Targets (pyro_scvi change mode)",
@@ -352,13 +346,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"{pb['record'][g]['top10_lfc_min']:.2f}"
             for g, r in pb["one_vs_rest"].items()
         ]
-        lines += ["", f"## pbmc8k_200hvg (pyro_scvi trained {pb['epochs']} epochs)", ""]
-        lines += results.md_table(
-            "group (one vs rest)|cells:|calls at 5 %:|record: tied scores:|"
-            "record: least LFC of the top 10:",
-            rows,
-        )
-        lines.append("")
+        title = f"pbmc8k_200hvg (pyro_scvi trained {pb['epochs']} epochs)"
+        columns = "group (one vs rest)|cells:|calls at 5 %:|record: tied scores:|"
+        columns += "record: least LFC of the top 10:"
+        lines += [*results.section(title, columns, rows), ""]
         for mode in ("change", "vanilla"):
             r = pb[f"cd4_vs_cd8_{mode}"]
             lines.append(
