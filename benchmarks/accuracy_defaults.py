@@ -215,11 +215,11 @@ def verdict(summary: dict, runs: list[dict], ds: dict, skipped: dict) -> dict[st
 def describe(run: dict[str, Any]) -> str:
     if "error" in run:
         return f"FAILED: {run['error']}"
+    errors = f", errors {run['errors']}" if run.get("errors") else ""
     return (
         f"train {run['train_seconds']:.0f} s, ARI {fmt(run.get('ari'))}, batch entropy "
         f"{fmt(run.get('entropy_batch_mixing'))}, held-out log p(x) "
-        f"{fmt(run.get('heldout_log_px_per_cell'), '.2f')}"
-        + (f", errors {run['errors']}" if run.get("errors") else "")
+        f"{fmt(run.get('heldout_log_px_per_cell'), '.2f')}{errors}"
     )
 
 
@@ -283,21 +283,18 @@ def markdown(res: dict[str, Any]) -> str:
     columns = ["dataset", "default fit finishes", *CRITERIA.values(), "all", LIKE_COLUMN]
     lines += results.md_table(columns, criteria)
     if same_rows:
+        columns = "dataset|runs ok|KMeans ARI|batch entropy|held-out log p(x \\| library)"
         lines += ["", "## The same model as scvi-tools' default (not judged)", "", SAME_NOTE, ""]
-        lines += results.md_table(
-            "dataset|runs ok|KMeans ARI|batch entropy|held-out log p(x \\| library)", same_rows
-        )
+        lines += results.md_table(columns, same_rows)
     failed = [f"- {f}" for f in failures(res)] or ["None: every run finished and scored."]
     lines += ["", "## Failures", "", *failed, "", "## Notes", "", f"- {NOTE}"]
     for d in res["datasets"]:
         runs = [(f"{d['name']}: kept from an earlier run (--merge)", d.get("from_run"))]
         reused = "{}: scvi-tools' run of seed {} reused (--reuse-reference)".format
         runs += [(reused(d["name"], r["seed"]), r.get("reused_from")) for r in d.get("runs", [])]
-        lines += [
-            f"- {t}: `{r['command']}` at commit {r['commit'][:7]}, {r['date']}."
-            for t, r in runs
-            if r
-        ]
+        note = "- {}: `{command}` at commit {commit:.7}, {date}.".format
+        lines += [note(t, **r) for t, r in runs if r]
+
     return "\n".join([*lines, ""])
 
 
