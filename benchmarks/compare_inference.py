@@ -220,11 +220,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt(r['train_seconds'], '.0f')} | {fmt(r['heldout_q_seconds'], '.1f')}"
             for r in ds["runs"]
         ]
-        lines += results.md_table(
-            "prior|likelihood|scheme|held-out log p(x):|held-out ELBO:|"
-            "amortization gap:|KMeans ARI:|KMeans NMI:|train s:|held-out q s:",
-            rows,
-        )
+        lines += results.md_table(RUNS, rows)
         if d := next((r for r in ds["runs"] if r.get("is_default") and "error" not in r), None):
             lines += [
                 "",
@@ -248,17 +244,17 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{nuts['min_ess']:.0f}, {nuts['seconds']:.0f} s):",
                 "",
             ]
-            lines += results.md_table(
-                "guide|site|mean error (posterior sd):|variance ratio q/p:|"
-                "coverage 50%:|coverage 90%:|coverage 95%:",
-                rows,
-            )
+            lines += results.md_table(NUTS, rows)
         elif nuts:
             lines += ["", f"NUTS check failed: {nuts['error'].splitlines()[0]}"]
         lines.append("")
     return "\n".join([*lines, "## Notes", "", *NOTES, ""])
 
 
+RUNS = "prior|likelihood|scheme|held-out log p(x):|held-out ELBO:|amortization gap:|KMeans ARI:|"
+RUNS += "KMeans NMI:|train s:|held-out q s:"
+NUTS = "guide|site|mean error (posterior sd):|variance ratio q/p:|coverage 50%:|coverage 90%:|"
+NUTS += "coverage 95%:"
 NOTES = [
     "- held-out log p(x): mean over held-out cells of the importance-sampled log-likelihood "
     "(the fitted guide as proposal), nats per cell, higher is better; held-out ELBO from the "
