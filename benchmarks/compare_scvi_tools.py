@@ -1,9 +1,6 @@
 """pyro_scvi vs scvi-tools 1.4.2 vs the PyTorch floor, every setting matched, side by side.
 
-Each (implementation, dataset, repeat) trains in its own process with the settings of
-:mod:`benchmarks.lib.adapters` (``matched=True``) on the same cells and split, and is scored
-on speed, memory, latent space, held-out fit (one estimator for all) and imputation.
-Usage, options and columns: ``benchmarks/README.md``.
+The adapters with ``matched=True``. Usage, options and columns: ``benchmarks/README.md``.
 
     python -m benchmarks.compare_scvi_tools            # about 30 minutes on 2 cores
     python -m benchmarks.compare_scvi_tools --smoke    # about a minute

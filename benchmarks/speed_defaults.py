@@ -1,8 +1,6 @@
 """Speed at the user's defaults: pyro_scvi vs scvi-tools 1.4.2 vs the torch floor.
 
-What a user gets who sets only the data and the epochs (each implementation's adapter with
-``matched=False``), every run in its own process, implementations alternating, medians over
-``--repeats``; one table per thread setting. Details: ``benchmarks/README.md``.
+Each implementation's adapter with ``matched=False``. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.speed_defaults            # about 30 minutes on 2 cores
     python -m benchmarks.speed_defaults --smoke    # about 20 s

@@ -1,10 +1,7 @@
 """Datasets for the studies, and the split of cells every implementation shares.
 
-A dataset is named by a string: a registered dataset of :mod:`pyro_scvi.datasets` by its
-name or file name (``pbmc8k_200hvg``, ``cellbench_3cl_2tech.h5ad``), read from
-``--data-dir``, ``$PYRO_SCVI_DATA``, the package or the cache, or downloaded; any other
-``.h5ad`` in ``--data-dir`` (e.g. the files ``derive_data`` writes); or
-``synthetic:<cells>x<genes>``, simulated by :func:`pyro_scvi.datasets.synthetic_zinb`.
+A dataset is named by a string: a registered dataset's name or file name, any other ``.h5ad``
+in ``--data-dir``, or ``synthetic:<cells>x<genes>`` (``benchmarks/README.md``, "The code").
 """
 
 from __future__ import annotations
