@@ -35,12 +35,6 @@ KEYS = (
     "imputation_median_l1 imputation_knn_median_l1"
 ).split()
 
-RATIOS = (
-    "time_ratio_pyro_over_scvi_tools speedup_pyro_vs_scvi_tools time_ratio_pyro_over_torch_floor "
-    "time_ratio_scvi_tools_over_torch_floor steady_speedup_pyro_vs_scvi_tools "
-    "steady_time_ratio_pyro_over_torch_floor"
-).split()
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p, add = results.parser(__doc__, "300 cells of the first real dataset, 2 epochs")
@@ -238,7 +232,7 @@ def markdown(res: dict[str, Any]) -> str:
             " / ".join(fmt(sm.get(i, {}).get(k), f) for i in IMPLEMENTATIONS)
             for k, f in (("first_epoch_seconds", ".2f"), ("median_epoch_seconds", ".3f"))
         ]
-        ratio = [fmt(sm[k], ".2f") for k in RATIOS]
+        ratio = [fmt(sm[k], ".2f") for k in workers.RATIOS]
         ratios.append([d["name"], *ratio[:4], *each, *ratio[4:], " / ".join(map(yes_no, fused))])
     lines += ["## Speed and memory", "", *results.md_table(SPEED, speed), ""]
     lines += [*results.md_table(RATIO_COLUMNS, ratios), "", "## Accuracy", ""]

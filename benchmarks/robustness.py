@@ -180,9 +180,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         first = (str(err).strip().splitlines() or [""])[0]  # Pyro appends the trace's shapes
         rejected = isinstance(err, pyro_scvi.InputError)
         out["status"] = "rejected" if rejected else "failed"
-        out["message"] = (
-            f"{stage}: {err}" if rejected else f"{stage}: {type(err).__name__}: {first}"
-        )
+        out["message"] = f"{stage}: {err if rejected else f'{type(err).__name__}: {first}'}"
         out["traceback"] = None if rejected else traceback.format_exc()
         if fit.model is None or not hasattr(fit.model, "history"):
             return out
@@ -411,9 +409,8 @@ def run_one(ds: dict, seed: int, path: str, threads: str, args, tmp: Path) -> di
     run = workers.spawn(STUDY, "--worker", spec | {"result": str(tmp / "r.json")}, pinned)
     if "error" in run:  # the worker died or raised outside worker()
         run |= {"status": "failed", "message": run["error"]}
-    return results.finite(
-        {"dataset": ds["name"], "seed": seed, "path": path, "threads": threads} | run
-    )
+    run = {"dataset": ds["name"], "seed": seed, "path": path, "threads": threads} | run
+    return results.finite(run)
 
 
 def progress(run: dict[str, Any]) -> str:
@@ -457,9 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     res["total_seconds"] = time.perf_counter() - start
     res["summary"] = sm = summarize(res["runs"])
     results.publish(args.out, stem, res, markdown(res))
-    if sm["n_failed"] or any("error" in d for d in res["datasets"]):
-        return 1
-    return 0 if sm["paths_agree"] else 2
+    failed = sm["n_failed"] or any("error" in d for d in res["datasets"])
+    return 1 if failed else 0 if sm["paths_agree"] else 2
 
 
 if __name__ == "__main__":
