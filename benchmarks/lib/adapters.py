@@ -239,9 +239,8 @@ class ScviTools(Adapter):
         n_train = len(split[0]) if split is not None else len(self.model.train_indices)
         self._history(timer.epoch_seconds, curve, n_train)
         self.run["epochs_run"] = int(self.model.history["elbo_train"].shape[0])
-        self.run["use_observed_lib_size"] = bool(
-            getattr(self.model.module, "use_observed_lib_size", True)
-        )
+        observed = getattr(self.model.module, "use_observed_lib_size", True)
+        self.run["use_observed_lib_size"] = bool(observed)
         if cache:
             self.model.save(str(cache), save_anndata=False)
         return self
