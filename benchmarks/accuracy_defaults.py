@@ -59,7 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------- worker
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One implementation at its defaults on one dataset and seed, then scored."""
     import anndata
@@ -104,7 +103,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out | {"threads_after": torch.get_num_threads()}
 
 
-# ---------------------------------------------------------------------------- parent
 def run_dataset(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, reference=None):
     """Every seed of the implementations on one prepared dataset; medians and verdict.
     ``reference``: earlier scvi-tools runs by seed (``--reuse-reference``)."""

@@ -74,7 +74,6 @@ def epochs_for(ds: dict[str, Any], args: argparse.Namespace) -> int:
     return int(args.per_size.get(ds["size"], args.other_size or args.max_epochs))
 
 
-# ---------------------------------------------------------------------------- worker
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One implementation trained on one dataset in this process, then scored."""
     start = time.perf_counter()
@@ -153,7 +152,6 @@ def imputation(impl: str, adata: Any, spec: dict[str, Any], split: Any) -> dict[
     return out | {"imputation_seconds": time.perf_counter() - start}
 
 
-# ---------------------------------------------------------------------------- parent
 SPEC_KEYS = ("threads", "metric_cells", "eval_cells", "ll_cells", "ll_samples", "elbo_samples")
 
 

@@ -63,10 +63,9 @@ def train_once(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, procs: int, batch_size: int, threads=None) -> dict:
-    """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result. A
-    torchrun run in which a rank died by a signal (rank 0 has died of SIGABRT in two of seven
-    fresh-clone test runs, never alone, cause not found) runs once more; the first failure's
-    stderr stays as ``first_failure``; a second failure is the result."""
+    """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result. Run
+    again once if a rank died by a signal (SIGABRT in 2 of 7 fresh-clone test runs, cause not
+    found); the first failure's stderr stays as ``first_failure``."""
     result = _launch_once(args, procs, batch_size, threads)
     if procs > 1 and "error" in result and "Signal" in result["error"]:
         first = result

@@ -78,7 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------- data
 def simulate(name: str, smoke: bool = False) -> Any:
     """The stress case ``name`` (:data:`STRESS`) as CSR integer counts; ``smoke``: 100 genes
     (and the batch-of-2 case about 100 cells a batch)."""
@@ -157,7 +156,6 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-# ---------------------------------------------------------------------------- worker
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One (dataset, seed, path, threads) run in this process."""
     import anndata
@@ -208,7 +206,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out | {"status": "failed", "message": f"non-finite ELBO: val, held-out = {values}"}
 
 
-# ---------------------------------------------------------------------------- summaries
 def spread(values: list[float]) -> float | None:
     """``(max - min) / |mean|`` of at least two values, else ``None``."""
     if len(values) < 2:
@@ -286,7 +283,6 @@ def engine_label(engine: dict[str, Any] | None) -> str:
     return f"{'compiled' if engine['compiled'] else 'eager'}{kernel} + {adam}"
 
 
-# ---------------------------------------------------------------------------- output
 def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 

@@ -374,12 +374,10 @@ def minibatches(indices: Any, batch_size: int, rng: Any) -> list[Any]:
 
 
 class TorchFloor(Adapter):
-    """pyro_scvi's default networks (held by an :class:`pyro_scvi.SCVI`, initialized as
-    pyro_scvi's run of the seed) trained by a hand-written loop with no Pyro, no checks, no
-    logging: minibatches from a dense tensor of all counts (made before the clock starts),
-    fused Adam, the validation ELBO every epoch and the batch-norm statistics re-estimated at
-    the end, as pyro_scvi does. pyro_scvi time / floor time is what Pyro and pyro_scvi's loop
-    add. Option ``fused``: the ZINB kernel (default: pyro_scvi's engine decides)."""
+    """pyro_scvi's default networks, initialized as pyro_scvi's run of the seed, trained by a
+    plain loop (no Pyro, checks or logging; the counts dense before the clock starts; fused
+    Adam; validation and batch-norm refresh as pyro_scvi's). Option ``fused``: the ZINB kernel
+    (default: pyro_scvi's engine decides)."""
 
     name = "torch-floor"
 

@@ -193,9 +193,8 @@ def keep_not_redone(
 def parser(
     doc: str, smoke: str = "", *, out: str = "--out-dir", data_dir: bool = True, merge: str = ""
 ) -> tuple[argparse.ArgumentParser, Callable[..., Any]]:
-    """A study's parser (description: ``doc``'s first line) and its ``add_argument``, with the
-    options every study shares: ``--data-dir``, ``out`` (the results folder), ``--smoke`` and,
-    where ``merge`` gives its help, ``--merge``."""
+    """A study's parser and its ``add_argument``, with the options the studies share:
+    ``--data-dir``, ``out`` (the results folder), ``--smoke`` and (given its help) ``--merge``."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     if data_dir:
         p.add_argument("--data-dir", type=Path, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")

@@ -9,9 +9,8 @@ DELTA, FDR_TARGET = 0.25, 0.05
 
 
 def latent_scores(latent: Any, adata: Any, cells: Any, seed: int) -> dict[str, Any]:
-    """:func:`pyro_scvi.analysis.metrics.score_latent` of ``cells`` against
-    ``obs["cell_type"]`` (and ``obs["batch"]`` on multi-batch data): KMeans ARI and NMI,
-    silhouettes, batch entropy."""
+    """:func:`pyro_scvi.analysis.metrics.score_latent` of ``cells`` against ``obs["cell_type"]``
+    (and ``obs["batch"]`` on multi-batch data): KMeans ARI and NMI, silhouettes, batch entropy."""
     from pyro_scvi.analysis.metrics import score_latent
 
     from .data import batch_key_for

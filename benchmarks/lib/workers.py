@@ -23,9 +23,8 @@ from . import data, results
 
 
 def spawn(study: str, mode: str, spec: dict[str, Any], threads: int | None = None) -> dict:
-    """``python -m benchmarks.<study> <mode> SPEC`` in a new process; its result file (when
-    ``spec`` names one) with the wall time and the load average around it. ``threads``:
-    ``OMP/MKL/OPENBLAS_NUM_THREADS`` of the child (``None``: as they are)."""
+    """``python -m benchmarks.<study> <mode> SPEC`` in a new process (``threads``: its
+    ``OMP/MKL/OPENBLAS_NUM_THREADS``); its result file, wall time and load average around it."""
     env = dict(os.environ)
     if threads is not None:
         env |= {f"{v}_NUM_THREADS": str(threads) for v in ("OMP", "MKL", "OPENBLAS")}
@@ -66,9 +65,8 @@ def main(argv: Sequence[str] | None, **modes: Callable[[dict[str, Any]], Any]) -
 
 
 def prepare(study: str, dataset: str, tmp: Path, threads: int | None = None, **spec: Any) -> dict:
-    """The dataset written to ``tmp`` by a ``--prepare`` process (:func:`.data.prepare`,
-    ``spec``: its ``data_dir``, ``subsample``, ``seed``): its description and ``h5ad``, or
-    ``{"error": ...}``."""
+    """The dataset written to ``tmp`` by a ``--prepare`` process (:func:`.data.prepare`, given
+    ``spec``): its description and ``h5ad``, or ``{"error": ...}``."""
     name = data.parse(dataset)["name"]
     spec |= {"dataset": dataset, "h5ad": str(tmp / f"{name}.h5ad")}
     out = spawn(study, "--prepare", spec | {"result": str(tmp / f"{name}.json")}, threads)
@@ -140,8 +138,7 @@ def rotate(items: Sequence[str], repeat: int) -> list[str]:
 
 def summarize(runs: list[dict[str, Any]], impls: Sequence[str], keys: Sequence[str]) -> dict:
     """Medians of ``keys`` over runs per implementation, the runs that failed, and the speed
-    ratios of pyro_scvi, scvi-tools and the floor (by ``seconds_per_epoch``, or
-    ``train_seconds``, and the steady state)."""
+    ratios of pyro_scvi, scvi-tools and the floor (:data:`RATIOS`)."""
     out: dict[str, Any] = {}
     for impl in impls:
         mine = [r for r in runs if r["implementation"] == impl]
