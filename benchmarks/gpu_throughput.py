@@ -114,18 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from pyro_scvi.datasets.synthetic_large import synthetic_counts
 
-    p, _ = results.parser(
-        __doc__, "tiny sizes on the CPU (the tests')", out="--out", data_dir=False
-    )
-    p.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--genes", type=int, default=2000)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
-    p.add_argument("--engines", nargs="*", default=["eager", "fused"])
-    p.add_argument("--epochs-small", type=int, default=3)
-    p.add_argument("--epochs-large", type=int, default=1)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--no-scvi-tools", action="store_true")
-    p.add_argument("--stem", default=STUDY)
+    smoke = "tiny sizes on the CPU (the tests')"
+    p, add = results.parser(__doc__, smoke, out="--out", data_dir=False)
+    add("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
+    add("--genes", type=int, default=2000)
+    add("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    add("--engines", nargs="*", default=["eager", "fused"])
+    add("--epochs-small", type=int, default=3)
+    add("--epochs-large", type=int, default=1)
+    add("--device", default="cuda")
+    add("--no-scvi-tools", action="store_true")
+    add("--stem", default=STUDY)
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.batch_sizes = [300, 400], 50, [32, 64]
@@ -146,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             data[n] = synthetic_counts(n, args.genes, device=args.device)
             density = data[n].X.nnz / math.prod(data[n].shape)
-            seconds = time.perf_counter() - start
-            res["data"].append(
-                {"cells": n, "genes": args.genes, "density": density, "seconds": seconds}
-            )
+            row = {"cells": n, "genes": args.genes, "density": density}
+            res["data"].append(row | {"seconds": time.perf_counter() - start})
             print(f"data {n:,} x {args.genes}: {density:.3f} non-zero", file=sys.stderr)
         try:
             row = spec | run(data[n], spec, args.device)
