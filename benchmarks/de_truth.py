@@ -106,16 +106,15 @@ def pseudobulk_deseq2(adata: Any, groupby: str, g1: str, g2: str, pair_by: str |
     meta["condition"] = pd.Categorical(meta["condition"], categories=[g2, g1])
     factors = ["sample"] if pair_by else ["batch"] * ("batch" in meta)
     counts = pd.DataFrame(counts.astype(int), index=units, columns=adata.var_names)
-    inference = DefaultInference(n_cpus=1)
+    kw = {"inference": DefaultInference(n_cpus=1), "quiet": True}
+    design = "~" + " + ".join([*factors, "condition"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        design = "~" + " + ".join([*factors, "condition"])
-        dds = DeseqDataSet(
-            counts=counts, metadata=meta, design=design, inference=inference, quiet=True
-        )
+        dds = DeseqDataSet(counts=counts, metadata=meta, design=design, **kw)
         dds.deseq2()
-        ds = DeseqStats(dds, contrast=["condition", g1, g2], inference=inference, quiet=True)
+        ds = DeseqStats(dds, contrast=["condition", g1, g2], **kw)
         ds.summary()
+
     res = ds.results_df.loc[adata.var_names]
     p, padj = (res[k].fillna(1.0).to_numpy() for k in ("pvalue", "padj"))
     return score.tie_broken_score(-p, res["stat"].fillna(0.0).to_numpy()), padj < score.FDR_TARGET
