@@ -179,9 +179,8 @@ def nuts_check(ds: dict, m: Any, val_idx: Any, args: argparse.Namespace) -> dict
     samples = sample_nuts(m.model, m.data, cells, seed=args.seed, **kw)
     out = {"cells": len(cells), **kw, "seconds": time.perf_counter() - start}
     out |= {"min_ess": float(samples["_ess"].min()), "guides": {}}
-    sub = pyro_scvi.from_anndata(
-        ds["adata"][cells], batch_key=ds["batch_key"], batch_categories=m.batch_categories
-    )
+    kw = {"batch_key": ds["batch_key"], "batch_categories": m.batch_categories}
+    sub = pyro_scvi.from_anndata(ds["adata"][cells], **kw)
     refined = PerCellGuide.from_guide(m.guide, m.data, cells)
     with posterior.seeded(args.seed), pyro.get_param_store().scope():
         refine(m.model, refined, m.data, cells, n_steps=args.refine_steps)
