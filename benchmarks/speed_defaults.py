@@ -159,11 +159,11 @@ NOTE = (
 
 
 def each(summary: dict, impls: list[str], key: str, spec: str) -> str:
-    found = (summary.get(i, {}) for i in impls)
-    cells = (
-        "skipped" if "skipped" in m.get("error", "") else fmt(m.get(key), spec) for m in found
-    )
-    return " / ".join(cells)
+    def one(impl: str) -> str:
+        m = summary.get(impl, {})
+        return "skipped" if "skipped" in m.get("error", "") else fmt(m.get(key), spec)
+
+    return " / ".join(one(i) for i in impls)
 
 
 def distinct(values: list[Any]) -> str:
