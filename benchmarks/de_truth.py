@@ -42,6 +42,7 @@ COMPOSITION = {
 }
 #: expression strata: fraction of the A and B cells with a non-zero count
 STRATA = {"1-5 %": (0.01, 0.05), "5-20 %": (0.05, 0.2), "> 20 %": (0.2, 1.01)}
+AVERAGED = ("auroc_all", "auroc_expressed", *(f"auroc {k}" for k in STRATA), "median_null_lfc")
 METHODS = (
     *("pyro_scvi change", "pyro_scvi change, uncorrected", "pyro_scvi change, replicates"),
     *("pyro_scvi vanilla", "scvi-tools change", "scvi-tools vanilla"),
@@ -221,10 +222,7 @@ def summarize(replicates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 out[name][method] = {"skipped": rows[0]["skipped"]}
                 continue
             calls, false = (sum(x[k] for x in rows) for k in ("n_calls", "false_calls"))
-            keys = ("auroc_all", "auroc_expressed", *(f"auroc {k}" for k in STRATA))
-            mean = {k: [x[k] for x in rows if x.get(k) is not None] for k in keys}
-            mean["median_null_lfc"] = [x.get("median_null_lfc") for x in rows]
-            mean["median_null_lfc"] = [v for v in mean["median_null_lfc"] if v is not None]
+            mean = {k: [x[k] for x in rows if x.get(k) is not None] for k in AVERAGED}
             m = {k: float(np.mean(v)) if v else None for k, v in mean.items()}
             m |= {"empirical_fdr": false / calls if calls else 0.0}
             m |= {"power": (calls - false) / sum(r["n_de"] for r in reps), "calls": calls}
