@@ -114,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             run = {"dataset": name, "shape": list(adata.shape), "batch_key": batch_key}
             run |= {"fit": spec, "likelihood": lik, "settings": model_kw | train_kw}
             run |= {"max_cells": args.max_cells, "epochs": len(model.history)}
-            run |= {
-                "train_seconds": trained - start,
-                "criticize_seconds": time.perf_counter() - trained,
-            }
-
+            run["train_seconds"] = trained - start
+            run["criticize_seconds"] = time.perf_counter() - trained
             run |= {k: v for k, v in c.summary.items() if k != "name"}
             res["runs"] = [r for r in res["runs"] if (r["dataset"], r.get("fit")) != (name, spec)]
             res["runs"].append(run)
