@@ -40,23 +40,16 @@ def parse(spec: str) -> dict[str, Any]:
     return {"spec": spec, "kind": "synthetic", "name": f"synthetic_{size}", "size": size}
 
 
-def registered(name: str) -> Any:
-    """The :class:`pyro_scvi.datasets.Dataset` of ``name``, or None."""
+def path_of(spec: str, folder: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The ``.h5ad`` file of a dataset (registered ones verified, fetched if need be)."""
     from pyro_scvi import datasets
 
     try:
-        return datasets.entry(Path(name).name)
-    except KeyError:
-        return None
-
-
-def path_of(spec: str, folder: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """The ``.h5ad`` file of a dataset (registered ones verified, fetched if need be)."""
-    d = registered(spec)
-    if d is not None:
-        from pyro_scvi import datasets
-
-        return datasets.fetch(d.name, data_dir=folder, download=download)
+        name = datasets.entry(Path(spec).name).name
+    except KeyError:  # not registered: a file of the folder
+        name = None
+    if name is not None:
+        return datasets.fetch(name, data_dir=folder, download=download)
     path = Path(spec) if Path(spec).suffix == ".h5ad" and Path(spec).parent != Path() else None
     return path or data_dir(folder) / f"{Path(spec).name.removesuffix('.h5ad')}.h5ad"
 
