@@ -190,9 +190,8 @@ def earlier_runs(res: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def merged(res: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
-    """``res`` plus the rows of ``earlier`` this run does not redo (``--merge``): a row is
-    redone once this run measured its table at its cells (a failed row replaces nothing).
-    Kept rows carry ``from_run``: the date, commit, command and note of the run that made them."""
+    """``res`` plus the rows of ``earlier`` this run did not measure at their cells (a failed
+    row replaces nothing), each with ``from_run``: the run that made it (``--merge``)."""
     if not earlier:
         return res
     note, out = str(earlier["args"].get("note") or ""), dict(res)

@@ -261,9 +261,8 @@ class ScviTools(Adapter):
     def marginal_ll(
         self, cells: Any, n_samples: int, seed: int, observed_library: bool = False
     ) -> float:
-        """scvi-tools' ``get_marginal_ll`` per cell, averaged over the cells (its
-        ``return_mean=True`` averages minibatch means); with its default observed library
-        this is log p(x | library)."""
+        """scvi-tools' ``get_marginal_ll`` per cell, averaged over the cells (its ``return_mean``
+        averages minibatch means); with its default observed library, log p(x | library)."""
         import numpy as np
         import scvi
 
@@ -278,9 +277,8 @@ class ScviTools(Adapter):
         return np.asarray(self.model.get_normalized_expression(self.adata, **kw))
 
     def as_pyro_scvi(self) -> Any:
-        """A pyro_scvi :class:`~pyro_scvi.SCVI` holding the fit's weights (``matched`` fits:
-        the two networks are the same, so this is a renaming; every tensor is filled).
-        Its guide is the paper's (``library_residual=False``), as scvi-tools' is."""
+        """A :class:`pyro_scvi.SCVI` holding the fit's weights (``matched`` fits: a renaming, every
+        tensor filled), its guide the paper's (``library_residual=False``) as scvi-tools' is."""
         import pyro_scvi
 
         if getattr(self, "renamed", None) is not None:
@@ -329,10 +327,8 @@ _MODEL_NAMES = {
 
 
 class FloorLoss:
-    """Negative ELBO per cell of scVI for pyro_scvi's networks, in plain torch: the ZINB
-    log-density (``fused``: :func:`pyro_scvi.train.kernels.zinb_log_prob_fused`, compiled
-    unless ``compiled=False``; else :func:`pyro_scvi.model.distributions.zinb_log_prob`), a
-    one-sample reconstruction term, the analytic KLs of q(z) and q(l)."""
+    """Negative ELBO per cell of scVI for pyro_scvi's networks in plain torch: the ZINB density
+    (``fused``: the fused kernel, compiled unless ``compiled=False``), one sample, analytic KLs."""
 
     def __init__(self, scvi: Any, fused: bool = False, *, compiled: bool = True) -> None:
         import torch

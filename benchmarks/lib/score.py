@@ -21,9 +21,8 @@ def latent_scores(latent: Any, adata: Any, cells: Any, seed: int) -> dict[str, A
 
 
 def corrupted(adata: Any, scheme: str, rate: float, seed: int, binomial_p: float = 0.1):
-    """``(copy of adata with hidden entries, dense original counts, hidden entries)``:
-    ``rate`` of the non-zero entries set to 0 (``uniform``) or to Binomial(x,
-    ``binomial_p``) (``binomial``), by :func:`pyro_scvi.analysis.metrics.corrupt_counts`."""
+    """``(copy of adata with hidden entries, dense original counts, hidden entries)``: ``rate``
+    of the non-zero entries hidden by :func:`pyro_scvi.analysis.metrics.corrupt_counts`."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -60,7 +59,6 @@ def knn_impute(y: Any, seed: int, pcs: int = 30, k: int = 15, target_sum: float 
     return freq[idx[:, 1:]].mean(axis=1) * lib  # idx[:, 0] is the cell itself
 
 
-# ---------------------------------------------------------------- differential expression
 def tie_broken_score(primary: Any, secondary: Any) -> Any:
     """Ranks ordering genes by ``primary``, ties broken by ``|secondary|``."""
     import numpy as np
