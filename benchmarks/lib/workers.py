@@ -108,9 +108,8 @@ def status_mib(field: str) -> float | None:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``True`` if done.
-    Then ``VmHWM`` is the peak since the reset (``ru_maxrss`` too, unless the parent's was
-    larger at spawn time)."""
+    """Reset this process's peak RSS (``VmHWM``; ``ru_maxrss`` too, unless the parent's was
+    larger at spawn time) to its current RSS (Linux >= 4.0); ``True`` if done."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
