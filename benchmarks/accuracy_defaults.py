@@ -1,10 +1,7 @@
 """Accuracy at the user's defaults: pyro_scvi vs scvi-tools 1.4.2 on every shared dataset.
 
-Per dataset and seed, each run in its own process: pyro_scvi at its defaults, scvi-tools at
-its defaults on pyro_scvi's training cells, and pyro_scvi fitting scvi-tools' default model
-(reported, not judged). Criteria on medians over seeds: the fit finishes, KMeans ARI >=
-scvi-tools' - 0.02, batch entropy >= scvi-tools' - 0.05, held-out log p(x) >= scvi-tools'.
-Exit code 0: all met; 2: a criterion not met; 1: a failure. Details: ``benchmarks/README.md``.
+Exit code 0: every criterion met; 2: a criterion not met; 1: a failure. Details:
+``benchmarks/README.md``.
 
     python -m benchmarks.accuracy_defaults            # every dataset x seeds 0 1 2
     python -m benchmarks.accuracy_defaults --smoke    # about 30 s
@@ -37,37 +34,31 @@ KEYS += ("heldout_log_px_given_library_per_cell", "seconds_per_epoch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
+    merge = "keep the file's datasets this run does not redo"
+    p, add = results.parser(__doc__, "cellbench, 300 cells, 1 epoch, seed 0", merge=merge)
     add("--epochs", type=int, default=100)
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
     add("--datasets", nargs="+", help="names (default: every .h5ad in the data folder)")
     add("--threads", default="1", help="'default' (set none) or a count for every run")
     add("--subsample", type=int, default=None, help="random cells per dataset")
     add("--metric-cells", type=int, default=10000)
     add("--ll-cells", type=int, default=10000, help="at most this many held-out cells")
     add("--ll-samples", type=int, default=100)
-    add("--out-dir", type=Path, default=results.RESULTS)
-    add("--merge", action="store_true", help="keep the file's datasets this run does not redo")
     add("--reuse-reference", action="store_true", help="reuse scvi-tools runs measured alike")
     add("--observed-library", action=argparse.BooleanOptionalAction, default=True)
-    add("--smoke", action="store_true", help="cellbench, 300 cells, 1 epoch, seed 0")
     args = p.parse_args(argv)
     if args.smoke:
         found = data.available("cellbench_3cl_2tech", args.data_dir)
         args.datasets = args.datasets or ["cellbench_3cl_2tech" if found else "synthetic:300x100"]
         args.subsample, args.epochs, args.seeds, args.ll_samples = 300, 1, [0], 10
-    args.datasets = [
-        d.removesuffix(".h5ad") for d in args.datasets or data.default_names(args.data_dir)
-    ]
+    names = args.datasets or data.default_names(args.data_dir)
+    args.datasets = [d.removesuffix(".h5ad") for d in names]
     if not args.threads.isdigit() and args.threads != "default":
         p.error("--threads: 'default' or a count")
     args.thread_count = int(args.threads) if args.threads.isdigit() else None
     return args
 
 
-# ---------------------------------------------------------------------------- worker
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One implementation at its defaults on one dataset and seed, then scored."""
     import anndata
@@ -96,16 +87,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["seconds_per_epoch"] = out["train_seconds"] / out["epochs_run"]
     errors: dict[str, str] = {}
     cells = data.some_cells(np.arange(adata.n_obs), spec["metric_cells"], seed)
-    latent = fit.latent()
-    out |= (
-        workers.attempt(errors, "metrics", score.latent_scores, latent, adata, cells, seed) or {}
-    )
+    latent, scores = fit.latent(), score.latent_scores
+    out |= workers.attempt(errors, "metrics", scores, latent, adata, cells, seed) or {}
     out["metric_cells"] = len(cells)
     use, k = data.some_cells(held, spec["ll_cells"], seed), spec["ll_samples"]
     out |= {"heldout_ll_cells": len(use), "ll_samples": k}
-    value = out["heldout_log_px_per_cell"] = workers.attempt(
-        errors, "marginal_ll", fit.marginal_ll, use, k, seed
-    )
+    value = workers.attempt(errors, "marginal_ll", fit.marginal_ll, use, k, seed)
+    out["heldout_log_px_per_cell"] = value
     if impl == "pyro_scvi":  # the same model with l fixed at the observed library
         given = workers.attempt(errors, "marginal_ll", fit.common_marginal_ll, use, k, seed, True)
     else:  # conditioned on the observed library, log p(x) is log p(x | library)
@@ -115,13 +103,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out | {"threads_after": torch.get_num_threads()}
 
 
-# ---------------------------------------------------------------------------- parent
 def run_dataset(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, reference=None):
     """Every seed of the implementations on one prepared dataset; medians and verdict.
-
-    ``reference``: scvi-tools runs of this dataset by seed from the earlier results
-    (``--reuse-reference``), used when this seed's pyro_scvi run held out the same cells.
-    """
+    ``reference``: earlier scvi-tools runs by seed (``--reuse-reference``)."""
     runs = [{"implementation": i, "seed": None, "error": e} for i, e in skipped.items()]
     impls = [i for i in IMPLEMENTATIONS if i != OBSERVED or args.observed_library]
     shape = {"n_cells": ds["n_cells"], "n_genes": ds["n_genes"]}
@@ -153,12 +137,8 @@ def run_dataset(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, re
 def same_split(runs: list[dict[str, Any]], seed: int) -> bool:
     """Whether this run's pyro_scvi run of ``seed`` held out ``make_split``'s cells, the
     cells a reused scvi-tools run was scored on."""
-    return any(
-        r["implementation"] == "pyro_scvi"
-        and r["seed"] == seed
-        and r.get("split_matches_make_split")
-        for r in runs
-    )
+    mine = (r for r in runs if r["implementation"] == "pyro_scvi" and r["seed"] == seed)
+    return any(r.get("split_matches_make_split") for r in mine)
 
 
 def reusable_reference(path: Path, args: argparse.Namespace) -> dict[str, dict[int, dict]]:
@@ -170,11 +150,8 @@ def reusable_reference(path: Path, args: argparse.Namespace) -> dict[str, dict[i
         source = d.get("from_run") or results.provenance(earlier)
         shape = {"n_cells": d.get("n_cells"), "n_genes": d.get("n_genes")}
         runs = d.get("runs", [])
-        split_ok = {
-            r["seed"]
-            for r in runs
-            if r["implementation"] == "pyro_scvi" and r.get("split_matches_make_split")
-        }
+        ours = (r for r in runs if r["implementation"] == "pyro_scvi")
+        split_ok = {r["seed"] for r in ours if r.get("split_matches_make_split")}
         for r in runs:
             alike = (
                 r["implementation"] == "scvi-tools"
@@ -190,9 +167,8 @@ def reusable_reference(path: Path, args: argparse.Namespace) -> dict[str, dict[i
             if alike:
                 reused = r | {"reused_from": r.get("reused_from", source | shape)}
                 if reused.get("use_observed_lib_size"):  # older files lack the column
-                    reused.setdefault(
-                        "heldout_log_px_given_library_per_cell", r.get("heldout_log_px_per_cell")
-                    )
+                    given = r.get("heldout_log_px_per_cell")
+                    reused.setdefault("heldout_log_px_given_library_per_cell", given)
                 out.setdefault(d["name"], {})[r["seed"]] = reused
     return out
 
@@ -203,9 +179,8 @@ def verdict(summary: dict, runs: list[dict], ds: dict, skipped: dict) -> dict[st
     ours = [r for r in runs if r["implementation"] == "pyro_scvi"]
     done = [r for r in ours if "error" not in r and not r.get("errors")]
     detail = f"{len(done)} of {len(ours)} pyro_scvi runs trained and scored"
-    out: dict[str, Any] = {
-        "fit_finishes": {"passed": bool(done) and done == ours, "detail": detail}
-    }
+    out: dict[str, Any] = {"fit_finishes": {"passed": bool(done) and done == ours}}
+    out["fit_finishes"]["detail"] = detail
     for key, tol in TOLERANCES.items():
         a, b = mine.get(key), theirs.get(key)
         if key == "entropy_batch_mixing" and ds["n_batches"] < 2:
@@ -238,11 +213,11 @@ def verdict(summary: dict, runs: list[dict], ds: dict, skipped: dict) -> dict[st
 def describe(run: dict[str, Any]) -> str:
     if "error" in run:
         return f"FAILED: {run['error']}"
+    errors = f", errors {run['errors']}" if run.get("errors") else ""
     return (
         f"train {run['train_seconds']:.0f} s, ARI {fmt(run.get('ari'))}, batch entropy "
         f"{fmt(run.get('entropy_batch_mixing'))}, held-out log p(x) "
-        f"{fmt(run.get('heldout_log_px_per_cell'), '.2f')}"
-        + (f", errors {run['errors']}" if run.get("errors") else "")
+        f"{fmt(run.get('heldout_log_px_per_cell'), '.2f')}{errors}"
     )
 
 
@@ -283,17 +258,13 @@ def markdown(res: dict[str, Any]) -> str:
         for key, f in SPECS.items():
             a, b = mine.get(key), theirs.get(key)
             diff = fmt(None if None in (a, b) else a - b, "+" + f)
-            cells += (
-                [fmt(a, f), fmt(b, f), diff]
-                if multi or key != "entropy_batch_mixing"
-                else ["—"] * 3
-            )
+            shown = multi or key != "entropy_batch_mixing"
+            cells += [fmt(a, f), fmt(b, f), diff] if shown else ["—"] * 3
         name = d["name"] + " (earlier run†)" * ("from_run" in d)
         seconds = " / ".join(fmt(m.get("train_seconds"), ".0f") for m in (mine, theirs))
         ok = f"{mine['n_ok']} / {theirs['n_ok']}"
-        medians.append(
-            [name, f"{d['n_cells']} x {d['n_genes']}", d["n_batches"], ok, *cells, seconds]
-        )
+        shape = f"{d['n_cells']} x {d['n_genes']}"
+        medians.append([name, shape, d["n_batches"], ok, *cells, seconds])
         given = "heldout_log_px_given_library_per_cell"
         like = mark(v["like_for_like_log_px"], mine.get(given), theirs.get(given), ".2f")
         overall = {True: "**pass**", False: "**FAIL**", None: "n/a"}[v["all_passed"]]
@@ -301,39 +272,27 @@ def markdown(res: dict[str, Any]) -> str:
         criteria.append([d["name"], *texts, overall, like])
         if same := v.get("same_model"):
             obs = sm[OBSERVED]
-            marks = [
-                mark(same.get(k), obs.get(k), theirs.get(k), f)
-                if multi or k != "entropy_batch_mixing"
-                else "—"
-                for k, f in SPECS.items()
-            ]
+            marks = [mark(same.get(k), obs.get(k), theirs.get(k), f) for k, f in SPECS.items()]
+            if not multi:
+                marks[list(SPECS).index("entropy_batch_mixing")] = "—"
             same_rows.append([d["name"], obs["n_ok"], *marks])
     lines += ["", "## Medians over seeds", "", *results.md_table(MEDIANS, medians), ""]
     lines += [LIKE_NOTE, "", "## Criteria (pyro_scvi against scvi-tools, medians over seeds)", ""]
     columns = ["dataset", "default fit finishes", *CRITERIA.values(), "all", LIKE_COLUMN]
     lines += results.md_table(columns, criteria)
     if same_rows:
+        columns = "dataset|runs ok|KMeans ARI|batch entropy|held-out log p(x \\| library)"
         lines += ["", "## The same model as scvi-tools' default (not judged)", "", SAME_NOTE, ""]
-        lines += results.md_table(
-            "dataset|runs ok|KMeans ARI|batch entropy|held-out log p(x \\| library)", same_rows
-        )
+        lines += results.md_table(columns, same_rows)
     failed = [f"- {f}" for f in failures(res)] or ["None: every run finished and scored."]
     lines += ["", "## Failures", "", *failed, "", "## Notes", "", f"- {NOTE}"]
     for d in res["datasets"]:
         runs = [(f"{d['name']}: kept from an earlier run (--merge)", d.get("from_run"))]
-        runs += [
-            (
-                f"{d['name']}: scvi-tools' run of seed {r['seed']} reused (--reuse-reference)",
-                r["reused_from"],
-            )
-            for r in d.get("runs", [])
-            if "reused_from" in r
-        ]
-        lines += [
-            f"- {t}: `{r['command']}` at commit {r['commit'][:7]}, {r['date']}."
-            for t, r in runs
-            if r
-        ]
+        reused = "{}: scvi-tools' run of seed {} reused (--reuse-reference)".format
+        runs += [(reused(d["name"], r["seed"]), r.get("reused_from")) for r in d.get("runs", [])]
+        note = "- {}: `{command}` at commit {commit:.7}, {date}.".format
+        lines += [note(t, **r) for t, r in runs if r]
+
     return "\n".join([*lines, ""])
 
 
@@ -396,15 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out_dir / f"{stem}.json"
     res: dict[str, Any] = {"meta": results.metadata(STUDY, argv, threads=args.thread_count)}
     settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "data_dir")}
-    res |= {
-        "settings": settings | {"criteria": CRITERIA, "tolerances": TOLERANCES},
-        "skipped": skipped,
-    }
-    earlier = results.read(path) if args.merge else None
-    redone = set(args.datasets)
-    res["datasets"] = (
-        earlier and results.keep_not_redone(earlier["datasets"], redone, "name", earlier) or []
-    )
+    res["settings"] = settings | {"criteria": CRITERIA, "tolerances": TOLERANCES}
+    res |= {"skipped": skipped, "datasets": []}
+    if args.merge and (earlier := results.read(path)):
+        redone = set(args.datasets)
+        res["datasets"] = results.keep_not_redone(earlier["datasets"], redone, "name", earlier)
+
     reference = reusable_reference(path, args) if args.reuse_reference else {}
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as tmp:
         prepared = []

@@ -18,7 +18,6 @@ steps (estimate, standard error, z-score against the truth).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -159,10 +158,7 @@ def figure(res: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
-    a = p.parse_args(argv)
+    a = results.parser(__doc__, data_dir=False)[0].parse_args(argv)
     import torch
 
     torch.set_num_threads(1)

@@ -1,9 +1,6 @@
 """pyro_scvi vs scvi-tools 1.4.2 vs the PyTorch floor, every setting matched, side by side.
 
-Each (implementation, dataset, repeat) trains in its own process with the settings of
-:mod:`benchmarks.lib.adapters` (``matched=True``) on the same cells and split, and is scored
-on speed, memory, latent space, held-out fit (one estimator for all) and imputation.
-Usage, options and columns: ``benchmarks/README.md``.
+The adapters with ``matched=True``. Usage, options and columns: ``benchmarks/README.md``.
 
     python -m benchmarks.compare_scvi_tools            # about 30 minutes on 2 cores
     python -m benchmarks.compare_scvi_tools --smoke    # about a minute
@@ -38,17 +35,9 @@ KEYS = (
     "imputation_median_l1 imputation_knn_median_l1"
 ).split()
 
-RATIOS = (
-    "time_ratio_pyro_over_scvi_tools speedup_pyro_vs_scvi_tools time_ratio_pyro_over_torch_floor "
-    "time_ratio_scvi_tools_over_torch_floor steady_speedup_pyro_vs_scvi_tools "
-    "steady_time_ratio_pyro_over_torch_floor"
-).split()
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
+    p, add = results.parser(__doc__, "300 cells of the first real dataset, 2 epochs")
     add("--datasets", nargs="+", default=list(DATASETS), help="names and synthetic:CxG")
     add("--max-epochs", type=int, default=100, help="epochs on real datasets")
     add("--synthetic-epochs", nargs="+", default=list(SYNTHETIC_EPOCHS), help="CxG=E, or E")
@@ -64,8 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--ll-samples", type=int, default=100)
     add("--elbo-samples", type=int, default=10)
     add("--impute-samples", type=int, default=25)
-    add("--out-dir", type=Path, default=results.RESULTS)
-    add("--smoke", action="store_true", help="300 cells of the first real dataset, 2 epochs")
     args = p.parse_args(argv)
     if args.smoke:
         real = [d for d in args.datasets if not d.startswith("synthetic:")]
@@ -87,7 +74,6 @@ def epochs_for(ds: dict[str, Any], args: argparse.Namespace) -> int:
     return int(args.per_size.get(ds["size"], args.other_size or args.max_epochs))
 
 
-# ---------------------------------------------------------------------------- worker
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One implementation trained on one dataset in this process, then scored."""
     start = time.perf_counter()
@@ -128,19 +114,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     scores = workers.attempt(errors, "metrics", score.latent_scores, latent, adata, cells, seed)
     run |= scores or {}
     for name, part in (("validation", split[1]), ("train", split[0])):
-        cells = data.some_cells(part, spec["eval_cells"], seed)
+        cells, k = data.some_cells(part, spec["eval_cells"], seed), spec["elbo_samples"]
         run[f"common_{name}_elbo_cells"] = len(cells)
-        run[f"common_{name}_elbo_per_cell"] = workers.attempt(
-            errors, "common_elbo", fit.common_elbo, cells, spec["elbo_samples"], seed
-        )
-    cells = data.some_cells(split[1], spec["ll_cells"], seed)
-    run |= {"marginal_ll_cells": len(cells), "marginal_ll_samples": spec["ll_samples"]}
-    for key, estimate in (("", fit.common_marginal_ll), ("own_", fit.marginal_ll)):
-        run[f"{key}marginal_ll_per_cell"] = (  # only scvi-tools' own estimator is another
-            workers.attempt(errors, f"{key}marginal_ll", estimate, cells, spec["ll_samples"], seed)
-            if key == "" or impl == "scvi-tools"
-            else run["marginal_ll_per_cell"]
-        )
+        value = workers.attempt(errors, "common_elbo", fit.common_elbo, cells, k, seed)
+        run[f"common_{name}_elbo_per_cell"] = value
+    cells, k = data.some_cells(split[1], spec["ll_cells"], seed), spec["ll_samples"]
+    run |= {"marginal_ll_cells": len(cells), "marginal_ll_samples": k}
+    value = workers.attempt(errors, "marginal_ll", fit.common_marginal_ll, cells, k, seed)
+    run["marginal_ll_per_cell"] = run["own_marginal_ll_per_cell"] = value
+    if impl == "scvi-tools":  # only scvi-tools' own estimator is another
+        own = workers.attempt(errors, "own_marginal_ll", fit.marginal_ll, cells, k, seed)
+        run["own_marginal_ll_per_cell"] = own
     run["scoring_seconds"] = time.perf_counter() - t
     if spec["imputation"] and impl != "torch-floor":
         run |= workers.attempt(errors, "imputation", imputation, impl, adata, spec, split) or {}
@@ -159,19 +143,15 @@ def imputation(impl: str, adata: Any, spec: dict[str, Any], split: Any) -> dict[
     fit = adapters.ADAPTERS[impl](hidden_data, spec["batch_key"], matched=True, seed=seed)
     pred = fit.fit(spec["epochs"], split).impute(hidden_data, spec["impute_samples"], seed)
     errors = score.imputation_errors(pred, x, hidden)
-    return {
-        "imputation_median_l1": errors["median_abs_error"],
-        "imputation_mean_l1": errors["mean_abs_error"],
-        "imputation_knn_median_l1": score.imputation_errors(
-            score.knn_impute(hidden_data.X.toarray(), seed), x, hidden
-        )["median_abs_error"],
-        "imputation_hidden_entries": len(hidden[0]),
-        "imputation_train_seconds": fit.run["train_seconds"],
-        "imputation_seconds": time.perf_counter() - start,
-    }
+    knn = score.imputation_errors(score.knn_impute(hidden_data.X.toarray(), seed), x, hidden)
+    out = {"imputation_median_l1": errors["median_abs_error"]}
+    out |= {"imputation_mean_l1": errors["mean_abs_error"]}
+    out |= {"imputation_knn_median_l1": knn["median_abs_error"]}
+    out |= {"imputation_hidden_entries": len(hidden[0])}
+    out |= {"imputation_train_seconds": fit.run["train_seconds"]}
+    return out | {"imputation_seconds": time.perf_counter() - start}
 
 
-# ---------------------------------------------------------------------------- parent
 SPEC_KEYS = ("threads", "metric_cells", "eval_cells", "ll_cells", "ll_samples", "elbo_samples")
 
 
@@ -237,9 +217,8 @@ def markdown(res: dict[str, Any]) -> str:
                 speed.append([*head, impl, m.get("error", "failed"), *[""] * 5])
                 continue
             cols = [fmt(m[k], ".0f") for k in KEYS[3:6]]
-            speed.append(
-                [*head, impl, f"{t:.3f}", *cols, *(fmt(b and t / b, ".2f") for b in base)]
-            )
+            ratio = [fmt(b and t / b, ".2f") for b in base]
+            speed.append([*head, impl, f"{t:.3f}", *cols, *ratio])
             specs = [".2f" if "elbo" in k or "_ll" in k else ".3f" for k in KEYS[6:]]
             values = [fmt(m.get(k), f) for k, f in zip(KEYS[6:], specs, strict=True)]
             accuracy.append([d["name"], impl, *values])
@@ -251,7 +230,7 @@ def markdown(res: dict[str, Any]) -> str:
             " / ".join(fmt(sm.get(i, {}).get(k), f) for i in IMPLEMENTATIONS)
             for k, f in (("first_epoch_seconds", ".2f"), ("median_epoch_seconds", ".3f"))
         ]
-        ratio = [fmt(sm[k], ".2f") for k in RATIOS]
+        ratio = [fmt(sm[k], ".2f") for k in workers.RATIOS]
         ratios.append([d["name"], *ratio[:4], *each, *ratio[4:], " / ".join(map(yes_no, fused))])
     lines += ["## Speed and memory", "", *results.md_table(SPEED, speed), ""]
     lines += [*results.md_table(RATIO_COLUMNS, ratios), "", "## Accuracy", ""]
@@ -292,24 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     if (rc := workers.main(argv, worker=worker)) is not None:
         return rc
     args = parse_args(argv)
-    start = time.perf_counter()
-    settings = {
-        k: v for k, v in vars(args).items() if k not in ("specs", "per_size", "other_size")
-    }
-    res: dict[str, Any] = {
-        "meta": results.metadata(STUDY, argv, threads=args.threads),
-        "settings": settings
-        | {"matched": adapters.MATCHED | adapters.TRAINING, "synthetic": data.SYNTHETIC},
-        "datasets": [],
-    }
-    stem = results.stem(STUDY, args.smoke)
+    start, stem = time.perf_counter(), results.stem(STUDY, args.smoke)
+    hidden = ("specs", "per_size", "other_size")
+    settings = {k: v for k, v in vars(args).items() if k not in hidden}
+    settings |= {"matched": adapters.MATCHED | adapters.TRAINING, "synthetic": data.SYNTHETIC}
+    res: dict[str, Any] = {"meta": results.metadata(STUDY, argv, threads=args.threads)}
+    res |= {"settings": settings, "datasets": []}
     if {"pyro_scvi", "torch-floor"} & set(args.implementations):
         t = time.perf_counter()
         rc = workers.spawn(STUDY, "--warm-kernel", {}, args.threads)["exit_code"]
-        res |= {
-            "warm_kernel_cache_seconds": time.perf_counter() - t,
-            "warm_kernel_cache_exit_code": rc,
-        }
+        res["warm_kernel_cache_seconds"] = time.perf_counter() - t
+        res["warm_kernel_cache_exit_code"] = rc
+
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as tmp:
         for ds in args.specs:
             print(f"{ds['name']}:", file=sys.stderr, flush=True)

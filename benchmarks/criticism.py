@@ -1,12 +1,7 @@
 """Calibration and summary-statistic fit of pyro_scvi on every shared dataset.
 
-Each fit of ``--fits`` (a likelihood, optionally ``:dispersion=...,kl_warmup_epochs=...``)
-is trained at the defaults (seed 0) on at most ``--max-cells`` random cells of each dataset
-and criticized on its 10 % held-out cells (:func:`pyro_scvi.analysis.criticism.criticize`):
-PIT TV and its noise floor, interval calibration and coverage, r2 of gene and cell
-statistics, held-out ELPD. ``--epochs default`` trains as long as ``train()`` does for a
-user; ``--epochs N``: N epochs, KL warm-up over the first third unless the fit sets it.
-``--append`` keeps the file's runs this call does not redo.
+``--epochs N``: N epochs, KL warm-up over the first third unless the fit sets it; ``--append``
+keeps the file's runs this call does not redo. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.criticism                       # every dataset, ZINB and NB
     python -m benchmarks.criticism --smoke               # seconds, synthetic data
@@ -14,10 +9,8 @@ user; ``--epochs N``: N epochs, KL warm-up over the first third unless the fit s
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 from .lib import data, results
 
@@ -48,13 +41,10 @@ def parse_fit(spec: str) -> tuple[str, dict, dict]:
 
 
 def table(res: dict) -> str:
-    s = res["settings"]
-    epochs = s["epochs"]
-    length = (
-        "the default number of epochs (`train(max_epochs=None)`) and KL warm-up"
-        if epochs == "default"
-        else f"{epochs} epochs (KL warm-up {max(1, epochs // 3)} unless the fit sets it)"
-    )
+    s, epochs = res["settings"], res["settings"]["epochs"]
+    length = "the default number of epochs (`train(max_epochs=None)`) and KL warm-up"
+    if epochs != "default":
+        length = f"{epochs} epochs (KL warm-up {max(1, epochs // 3)} unless the fit sets it)"
     caps = " or ".join(map(str, sorted({r.get("max_cells", s["max_cells"]) for r in res["runs"]})))
     rows = [
         f"{r['dataset']} | {r['shape'][0]} x {r['shape'][1]} | {r['fit']} | {r['epochs']} | "
@@ -82,17 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     from pyro_scvi.analysis import criticism
     from pyro_scvi.model.likelihoods import LIKELIHOODS
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=None)
+    p, _ = results.parser(__doc__, "seconds, synthetic data")
     p.add_argument("--datasets", nargs="*", help="names (default: every .h5ad there)")
     p.add_argument("--fits", nargs="*", default=["zinb", "nb"], help="LIKELIHOOD[:key=value,...]")
     p.add_argument("--epochs", default="default", help="an integer or 'default'")
     p.add_argument("--max-cells", type=int, default=1500)
     p.add_argument("--n-samples", type=int, default=30)
-    p.add_argument("--smoke", action="store_true")
     p.add_argument("--append", action="store_true", help="keep the file's other runs")
     p.add_argument("--stem", default=None, help="results file name (default criticism)")
-    p.add_argument("--out-dir", type=Path, default=results.RESULTS)
     args = p.parse_args(argv)
     fits = [(spec, *parse_fit(spec)) for spec in args.fits]
     epochs = 2 if args.smoke else None if args.epochs == "default" else int(args.epochs)
@@ -119,10 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         for spec, lik, model_kw, train_kw in fits:
             if epochs is not None:
                 train_kw = {"kl_warmup_epochs": max(1, epochs // 3), **train_kw}
-            start = time.perf_counter()
-            model = pyro_scvi.SCVI(
-                adata, batch_key=batch_key, likelihood=LIKELIHOODS[lik](), **model_kw
-            )
+            start, likelihood = time.perf_counter(), LIKELIHOODS[lik]()
+            model = pyro_scvi.SCVI(adata, batch_key=batch_key, likelihood=likelihood, **model_kw)
             model.train(max_epochs=epochs, seed=0, progress_bar=False, **train_kw)
             trained = time.perf_counter()
             c = criticism.criticize(model, n_samples=n_samples, seed=0, name=spec)
@@ -130,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             run |= {"fit": spec, "likelihood": lik, "settings": model_kw | train_kw}
             run |= {"max_cells": args.max_cells, "epochs": len(model.history)}
             run["train_seconds"] = trained - start
-            run |= {"criticize_seconds": time.perf_counter() - trained}
+            run["criticize_seconds"] = time.perf_counter() - trained
             run |= {k: v for k, v in c.summary.items() if k != "name"}
             res["runs"] = [r for r in res["runs"] if (r["dataset"], r.get("fit")) != (name, spec)]
             res["runs"].append(run)

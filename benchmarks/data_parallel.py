@@ -42,42 +42,30 @@ def train_once(args: argparse.Namespace) -> None:
     group = distributed.init_from_env("cpu")
     adata = synthetic_counts(args.cells, args.genes, device="cpu", seed=0, chunk=5_000)
     model = pyro_scvi.SCVI(adata, batch_key="batch")
+    engine = pyro_scvi.Engine.preset("auto", threads=args.worker_threads)
+    kw = {"batch_size": args.worker_batch_size, "lr": scaled_lr(args.global_batch), "seed": 0}
     start = time.perf_counter()
-    model.train(
-        max_epochs=args.epochs,
-        engine=pyro_scvi.Engine.preset("auto", threads=args.worker_threads),
-        batch_size=args.worker_batch_size,
-        lr=scaled_lr(args.global_batch),
-        seed=0,
-        progress_bar=False,
-    )
+    model.train(max_epochs=args.epochs, engine=engine, progress_bar=False, **kw)
     seconds = time.perf_counter() - start
     if group is not None and not group.is_main:
         return
     h = model.history
     epochs = [float(v) for v in h["seconds"]]
     steady = epochs[1:] or epochs
-    result = {
-        "train_seconds": seconds,
-        "epoch_seconds": epochs,
-        "train_cells_per_second": len(model.train_indices) * len(steady) / sum(steady),
-        "validation_elbo_per_cell": float(h["validation_elbo"].iloc[-1]),
-        "threads_per_epoch": [int(v) for v in h["threads"]],
-        "engine": model.engine,
-        "processes": 1 if group is None else group.world_size,
-        "torch_threads_at_start": torch.get_num_threads(),
-        "finite": bool(np.isfinite(h["validation_elbo"]).all()),
-    }
+    result = {"train_seconds": seconds, "epoch_seconds": epochs}
+    result["train_cells_per_second"] = len(model.train_indices) * len(steady) / sum(steady)
+    result["validation_elbo_per_cell"] = float(h["validation_elbo"].iloc[-1])
+    result["threads_per_epoch"] = [int(v) for v in h["threads"]]
+    result |= {"engine": model.engine, "processes": 1 if group is None else group.world_size}
+    result["torch_threads_at_start"] = torch.get_num_threads()
+    result["finite"] = bool(np.isfinite(h["validation_elbo"]).all())
     results.write_text(args.worker, json.dumps(result, default=str))
 
 
 def launch(args: argparse.Namespace, procs: int, batch_size: int, threads=None) -> dict:
-    """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result.
-
-    A torchrun run in which a rank died by a signal (rank 0 has died of SIGABRT in two of
-    seven fresh-clone test runs, never alone, cause not found) runs once more; the first
-    failure's stderr stays as ``first_failure``; a second failure is the result.
-    """
+    """One run in new processes (``torchrun`` when ``procs`` > 1); its rank 0's result. Run
+    again once if a rank died by a signal (SIGABRT in 2 of 7 fresh-clone test runs, cause not
+    found); the first failure's stderr stays as ``first_failure``."""
     result = _launch_once(args, procs, batch_size, threads)
     if procs > 1 and "error" in result and "Signal" in result["error"]:
         first = result
@@ -104,10 +92,8 @@ def _launch_once(args: argparse.Namespace, procs: int, batch_size: int, threads)
         wall = time.perf_counter() - start
         if done.returncode != 0:  # a rank's traceback comes first, torchrun's summary last
             err = done.stderr
-            return {
-                "error": err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:],
-                "wall_seconds": wall,
-            }
+            err = err if len(err) <= 6000 else err[:3000] + "\n[...]\n" + err[-3000:]
+            return {"error": err, "wall_seconds": wall}
         return json.loads(out.read_text()) | {"wall_seconds": wall}
 
 
@@ -118,21 +104,19 @@ def markdown(res: dict[str, Any]) -> str:
         f"{a['repeats']} alternating repeats; throughput over the epochs after the first; medians "
         "over repeats."
     )
-    lines = results.header(
-        res, "Data-parallel training on CPU: torchrun processes against one process", how
-    )
+    title = "Data-parallel training on CPU: torchrun processes against one process"
+    lines = results.header(res, title, how)
     rows = [
         f"{name} | {r['processes']} | {results.fmt(r['threads_per_process'], 'g')} | "
         f"{r['per_process']} | {r['global']} | {r['cells_per_second']:,.0f} | {r['ratio']:.2f}x | "
         f"{results.fmt(r.get('ratio_vs_one_thread'), '.2f')}x | {r['elbo']:.2f}"
         for name, r in res["summary"].items()
     ]
-    lines += results.md_table(
+    columns = (
         "run|processes:|threads per process:|minibatch per process:|global minibatch:|"
-        "train cells/s:|vs one process, same global batch:|vs one process on one "
-        "thread:|validation ELBO/cell:",
-        rows,
+        "train cells/s:|vs one process, same global batch:|vs one process on one thread:|"
     )
+    lines += results.md_table(columns + "validation ELBO/cell:", rows)
     lines += [
         "",
         "Threads per process: the engine's per epoch (median). On a machine with as many "
@@ -154,12 +138,10 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p, _ = results.parser(__doc__, "a tiny run (for the test suite)", out="--out", data_dir=False)
     defaults = {"cells": 20_000, "genes": 2000, "epochs": 4, "batch-size": 128, "procs": 2}
     for name, default in (defaults | {"repeats": 2}).items():
         p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--out", type=Path, default=results.RESULTS)
-    p.add_argument("--smoke", action="store_true", help="a tiny run (for the test suite)")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-batch-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)

@@ -29,17 +29,9 @@ from .lib.results import fmt
 
 STUDY, EXPRESSED = "de_truth", 0.05
 BENCHMARKS = (
-    "splatter",
-    "splatter, confounded",
-    "poisson-lognormal",
-    "poisson-lognormal, confounded",
-    "thinned real counts",
-    "asymmetric",
-    "asymmetric, batches",
-    "high expressers",
-    "high expressers, batches",
-    "balanced",
-    "balanced, batches",
+    *("splatter", "splatter, confounded", "poisson-lognormal", "poisson-lognormal, confounded"),
+    *("thinned real counts", "asymmetric", "asymmetric, batches", "high expressers"),
+    *("high expressers, batches", "balanced", "balanced, batches"),
     "thinned real counts, up-regulation",
 )
 #: composition_shift designs; the asymmetric programme's size cycles with the seed
@@ -50,15 +42,11 @@ COMPOSITION = {
 }
 #: expression strata: fraction of the A and B cells with a non-zero count
 STRATA = {"1-5 %": (0.01, 0.05), "5-20 %": (0.05, 0.2), "> 20 %": (0.2, 1.01)}
+AVERAGED = ("auroc_all", "auroc_expressed", *(f"auroc {k}" for k in STRATA), "median_null_lfc")
 METHODS = (
-    "pyro_scvi change",
-    "pyro_scvi change, uncorrected",
-    "pyro_scvi change, replicates",
-    "pyro_scvi vanilla",
-    "scvi-tools change",
-    "scvi-tools vanilla",
-    "Wilcoxon",
-    "pseudobulk PyDESeq2",
+    *("pyro_scvi change", "pyro_scvi change, uncorrected", "pyro_scvi change, replicates"),
+    *("pyro_scvi vanilla", "scvi-tools change", "scvi-tools vanilla"),
+    *("Wilcoxon", "pseudobulk PyDESeq2"),
 )
 SMOKE = dict(cells=300, genes=120, max_epochs=2, seeds=1, n_samples=100, pbmc_epochs=1)
 
@@ -119,16 +107,15 @@ def pseudobulk_deseq2(adata: Any, groupby: str, g1: str, g2: str, pair_by: str |
     meta["condition"] = pd.Categorical(meta["condition"], categories=[g2, g1])
     factors = ["sample"] if pair_by else ["batch"] * ("batch" in meta)
     counts = pd.DataFrame(counts.astype(int), index=units, columns=adata.var_names)
-    inference = DefaultInference(n_cpus=1)
+    kw = {"inference": DefaultInference(n_cpus=1), "quiet": True}
+    design = "~" + " + ".join([*factors, "condition"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        design = "~" + " + ".join([*factors, "condition"])
-        dds = DeseqDataSet(
-            counts=counts, metadata=meta, design=design, inference=inference, quiet=True
-        )
+        dds = DeseqDataSet(counts=counts, metadata=meta, design=design, **kw)
         dds.deseq2()
-        ds = DeseqStats(dds, contrast=["condition", g1, g2], inference=inference, quiet=True)
+        ds = DeseqStats(dds, contrast=["condition", g1, g2], **kw)
         ds.summary()
+
     res = ds.results_df.loc[adata.var_names]
     p, padj = (res[k].fillna(1.0).to_numpy() for k in ("pvalue", "padj"))
     return score.tie_broken_score(-p, res["stat"].fillna(0.0).to_numpy()), padj < score.FDR_TARGET
@@ -137,11 +124,10 @@ def pseudobulk_deseq2(adata: Any, groupby: str, g1: str, g2: str, pair_by: str |
 def unavailable(method: str, adata: Any) -> str | None:
     if method.startswith("scvi-tools") and importlib.util.find_spec("scvi") is None:
         return "skipped: scvi-tools not installed"
-    if (
-        method.startswith("pseudobulk") or method.endswith("replicates")
-    ) and "sample" not in adata.obs:
+    pseudobulk = method.startswith("pseudobulk")
+    if (pseudobulk or method.endswith("replicates")) and "sample" not in adata.obs:
         return "no replicates"
-    if method.startswith("pseudobulk") and importlib.util.find_spec("pydeseq2") is None:
+    if pseudobulk and importlib.util.find_spec("pydeseq2") is None:
         return "skipped: pydeseq2 not installed"
     return None
 
@@ -155,24 +141,22 @@ def run_methods(fits: dict, adata: Any, groupby: str, g1: str, g2: str, args, se
             continue
         start = time.perf_counter()
         if method.startswith("pyro_scvi"):
-            kw = {
-                "mode": "change" if "change" in method else "vanilla",
+            kw = {"mode": "change" if "change" in method else "vanilla", "seed": seed}
+            kw |= {
                 "n_samples": args.n_samples,
+                "composition_correction": "uncorrected" not in method,
             }
-            kw |= {"seed": seed, "sample_key": "sample" if method.endswith("replicates") else None}
-            kw["composition_correction"] = not method.endswith("uncorrected")
+            kw["sample_key"] = "sample" if method.endswith("replicates") else None
             result = score.de_pyro(fits["pyro_scvi"].model, adata, groupby, g1, g2, **kw)
         elif method.startswith("scvi-tools"):
             correct = data.batch_key_for(adata) is not None
-            result = score.de_scvi_tools(
-                fits["scvi-tools"], groupby, g1, g2, method.split()[-1], correct
-            )
+            mode = method.split()[-1]
+            result = score.de_scvi_tools(fits["scvi-tools"], groupby, g1, g2, mode, correct)
         elif method == "Wilcoxon":
             result = score.wilcoxon(adata, groupby, g1, g2)
         else:
-            result = pseudobulk_deseq2(
-                adata, groupby, g1, g2, "sample" if groupby == "halves" else None
-            )
+            pair_by = "sample" if groupby == "halves" else None
+            result = pseudobulk_deseq2(adata, groupby, g1, g2, pair_by)
         lfc = result[2] if len(result) > 2 else None
         out[method] = (result[0], result[1], time.perf_counter() - start, lfc)
     return out
@@ -192,13 +176,9 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
     for impl in ("pyro_scvi", "scvi-tools"):
         if not adapters.skipped([impl]):
             cache = folder and folder / impl.replace("-", "_")
-            threads = (
-                args.threads if impl == "pyro_scvi" else None
-            )  # fixed, not following free cores
-            fit = adapters.ADAPTERS[impl](
-                adata, key, seed=seed, threads=threads, device="cpu", cache=cache
-            )
-            fits[impl] = fit.fit(args.max_epochs)
+            threads = args.threads if impl == "pyro_scvi" else None  # fixed, not free cores
+            kw = {"seed": seed, "threads": threads, "device": "cpu", "cache": cache}
+            fits[impl] = adapters.ADAPTERS[impl](adata, key, **kw).fit(args.max_epochs)
     found = run_methods(fits, adata, "group", "A", "B", args, seed)
     nulls = run_methods(fits, adata, "halves", "h1", "h2", args, seed)
     methods = {}
@@ -209,34 +189,24 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
         ranking, calls, seconds, lfc = r
         false = int((calls & ~truth).sum())
         strata = {k: (detected >= lo) & (detected < hi) for k, (lo, hi) in STRATA.items()}
-        methods[method] = {
-            "auroc_all": score.auroc(truth, ranking),
-            "auroc_expressed": score.auroc(truth[expressed], ranking[expressed]),
-            **{f"auroc {k}": score.auroc(truth[m], ranking[m]) for k, m in strata.items()},
-            # pyro_scvi: the LFC of the expressed genes outside the programme (truth 0)
-            "median_null_lfc": float(np.median(lfc[unchanged]))
-            if lfc is not None and method.startswith("pyro")
-            else None,
-            "n_calls": int(calls.sum()),
-            "false_calls": false,
-            "true_calls": int(calls.sum()) - false,
-            "null_calls": int(nulls[method][1].sum()),
-            "seconds": seconds,
-        }
-    return {
-        "benchmark": name,
-        "seed": seed,
-        "n_cells": adata.n_obs,
-        "n_genes": adata.n_vars,
-        "n_de": int(truth.sum()),
-        "n_expressed": int(expressed.sum()),
-        "n_de_expressed": int((truth & expressed).sum()),
-        "group_sizes": {k: int(v) for k, v in adata.obs["group"].value_counts().items()},
-        "source": adata.uns["truth"].get("source", adata.uns["truth"]["design"]),
-        "composition_shift_log2": adata.uns["truth"].get("composition_shift_log2"),
-        "train_seconds": {i: f.run["train_seconds"] for i, f in fits.items()},
-        "methods": methods,
-    }
+        m = {"auroc_all": score.auroc(truth, ranking)}
+        m["auroc_expressed"] = score.auroc(truth[expressed], ranking[expressed])
+        m |= {f"auroc {k}": score.auroc(truth[s], ranking[s]) for k, s in strata.items()}
+        # pyro_scvi: the LFC of the expressed genes outside the programme (truth 0)
+        pyro = lfc is not None and method.startswith("pyro")
+        m["median_null_lfc"] = float(np.median(lfc[unchanged])) if pyro else None
+        m |= {"n_calls": int(calls.sum()), "false_calls": false}
+        m |= {"true_calls": int(calls.sum()) - false, "null_calls": int(nulls[method][1].sum())}
+        methods[method] = m | {"seconds": seconds}
+    design = adata.uns["truth"]
+    out = {"benchmark": name, "seed": seed, "n_cells": adata.n_obs, "n_genes": adata.n_vars}
+    out |= {"n_de": int(truth.sum()), "n_expressed": int(expressed.sum())}
+    out["n_de_expressed"] = int((truth & expressed).sum())
+    out["group_sizes"] = {k: int(v) for k, v in adata.obs["group"].value_counts().items()}
+    out["source"] = design.get("source", design["design"])
+    out["composition_shift_log2"] = design.get("composition_shift_log2")
+    out["train_seconds"] = {i: f.run["train_seconds"] for i, f in fits.items()}
+    return out | {"methods": methods}
 
 
 def summarize(replicates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -252,17 +222,12 @@ def summarize(replicates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 out[name][method] = {"skipped": rows[0]["skipped"]}
                 continue
             calls, false = (sum(x[k] for x in rows) for k in ("n_calls", "false_calls"))
-            keys = ("auroc_all", "auroc_expressed", *(f"auroc {k}" for k in STRATA))
-            mean = {k: [x[k] for x in rows if x.get(k) is not None] for k in keys}
-            mean["median_null_lfc"] = [x.get("median_null_lfc") for x in rows]
-            mean["median_null_lfc"] = [v for v in mean["median_null_lfc"] if v is not None]
-            out[name][method] = {k: float(np.mean(v)) if v else None for k, v in mean.items()} | {
-                "empirical_fdr": false / calls if calls else 0.0,
-                "power": (calls - false) / sum(r["n_de"] for r in reps),
-                "calls": calls,
-                "null_fraction": sum(x["null_calls"] for x in rows)
-                / sum(r["n_genes"] for r in reps),
-            }
+            mean = {k: [x[k] for x in rows if x.get(k) is not None] for k in AVERAGED}
+            m = {k: float(np.mean(v)) if v else None for k, v in mean.items()}
+            m |= {"empirical_fdr": false / calls if calls else 0.0}
+            m |= {"power": (calls - false) / sum(r["n_de"] for r in reps), "calls": calls}
+            nulls = sum(x["null_calls"] for x in rows) / sum(r["n_genes"] for r in reps)
+            out[name][method] = m | {"null_fraction": nulls}
     return out
 
 
@@ -303,34 +268,30 @@ def pbmc_checks(args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rest = model.differential_expression(groupby="cell_type", n_samples=args.n_samples)
-    out["small_group_warnings"] = [
-        str(w.message) for w in caught if "fewer than" in str(w.message)
-    ]
+    messages = [str(w.message) for w in caught]
+    out["small_group_warnings"] = [m for m in messages if "fewer than" in m]
+    groups = rest.groupby("group1", observed=True)
     out["one_vs_rest"] = {
         str(g): {"n_cells": int(block["n_cells1"].iloc[0]), "calls": int(block["is_de_fdr"].sum())}
-        for g, block in rest.groupby("group1", observed=True)
-    }
-    key = adata.copy()
-    model.differential_expression(
-        key, groupby="cell_type", n_samples=args.n_samples, key_added="de"
-    )
+        for g, block in groups
+    }  # fmt: skip
+    key, kw = adata.copy(), {"groupby": "cell_type", "n_samples": args.n_samples}
+    model.differential_expression(key, key_added="de", **kw)
     uns, out["record"] = key.uns["de"], {}
     for group in uns["names"].dtype.names:
         scores = np.asarray(uns["scores"][group], dtype=float)
         lfc = np.asarray(uns["logfoldchanges"][group], dtype=float)
         out["record"][group] = {
             "tied_scores": int(len(scores) - len(np.unique(scores))),
-            "top10": list(uns["names"][group][:10]),
-            "top10_lfc_min": float(lfc[:10].min()),
-        }
+            "top10": list(uns["names"][group][:10]), "top10_lfc_min": float(lfc[:10].min()),
+        }  # fmt: skip
+    kw |= {"group1": "CD4+ T-cells", "group2": "CD8+ T-cells"}
     for mode in ("change", "vanilla"):
-        kw = {"groupby": "cell_type", "group1": "CD4+ T-cells", "group2": "CD8+ T-cells"}
-        res = model.differential_expression(mode=mode, n_samples=args.n_samples, **kw)
+        res = model.differential_expression(mode=mode, **kw)
         out[f"cd4_vs_cd8_{mode}"] = {
-            "calls": int(res["is_de_fdr"].sum()),
-            "max_proba_de": float(res["proba_de"].max()),
+            "calls": int(res["is_de_fdr"].sum()), "max_proba_de": float(res["proba_de"].max()),
             "genes_with_proba_de_over_0.9": int((res["proba_de"] > 0.9).sum()),
-        }
+        }  # fmt: skip
     return out
 
 
@@ -363,11 +324,11 @@ def markdown(res: dict[str, Any]) -> str:
         rows,
     )
     checks = next(iter(res["targets"].values()), {})
+    mark = {None: "-", True: "yes", False: "**no**"}
     marks = [
-        f"{name} | "
-        + " | ".join("-" if v is None else "yes" if v else "**no**" for v in t.values())
-        for name, t in res["targets"].items()
+        f"{n} | " + " | ".join(mark[v] for v in t.values()) for n, t in res["targets"].items()
     ]
+
     lines += [
         "",
         "## Targets (pyro_scvi change mode)",
@@ -382,13 +343,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"{pb['record'][g]['top10_lfc_min']:.2f}"
             for g, r in pb["one_vs_rest"].items()
         ]
-        lines += ["", f"## pbmc8k_200hvg (pyro_scvi trained {pb['epochs']} epochs)", ""]
-        lines += results.md_table(
-            "group (one vs rest)|cells:|calls at 5 %:|record: tied scores:|"
-            "record: least LFC of the top 10:",
-            rows,
-        )
-        lines.append("")
+        title = f"pbmc8k_200hvg (pyro_scvi trained {pb['epochs']} epochs)"
+        columns = "group (one vs rest)|cells:|calls at 5 %:|record: tied scores:|"
+        columns += "record: least LFC of the top 10:"
+        lines += [*results.section(title, columns, rows), ""]
         for mode in ("change", "vanilla"):
             r = pb[f"cd4_vs_cd8_{mode}"]
             lines.append(
@@ -416,7 +374,9 @@ NOTE = (
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    p = argparse.ArgumentParser(description="DE on truth from outside the method.")
+    smoke, merge = "tiny run (< 1 minute)", "keep earlier rows not redone"
+    doc = "DE on truth from outside the method."
+    p, _ = results.parser(doc, smoke, data_dir=False, merge=merge)
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
     p.add_argument("--cells", type=int, default=2000, help="simulated cells")
     p.add_argument("--genes", type=int, default=1000, help="simulated genes")
@@ -426,43 +386,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pbmc-epochs", type=int, default=100, help="0: no pbmc8k checks")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=None, help="folder of trained models")
-    p.add_argument("--out-dir", type=Path, default=results.RESULTS)
-    p.add_argument("--smoke", action="store_true", help="tiny run (< 1 minute)")
-    p.add_argument("--merge", action="store_true", help="keep earlier rows not redone")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
-    start, meta = (
-        time.perf_counter(),
-        results.metadata(STUDY, argv, threads=args.threads, versions=("pydeseq2",)),
-    )
-    replicates = [
-        run_replicate(n, seed, args) for n in args.benchmarks for seed in range(args.seeds)
-    ]
+    start = time.perf_counter()
+    meta = results.metadata(STUDY, argv, threads=args.threads, versions=("pydeseq2",))
+    replicates = [run_replicate(n, s, args) for n in args.benchmarks for s in range(args.seeds)]
     earlier = results.read(args.out_dir / f"{results.stem(STUDY, args.smoke)}.json")
     if args.merge and earlier:
         rows, redone = earlier["replicates"], set(args.benchmarks)
         replicates = results.keep_not_redone(rows, redone, "benchmark", earlier) + replicates
     summary = summarize(replicates)
-    settings = {
-        k: getattr(args, k) for k in ("cells", "genes", "max_epochs", "n_samples", "threads")
-    }
-    settings |= {
-        "seeds": list(range(args.seeds)),
-        "benchmarks": args.benchmarks,
-        "smoke": args.smoke,
-    }
+    settings = {k: getattr(args, k) for k in ("cells", "genes", "max_epochs", "n_samples")}
+    settings |= {"threads": args.threads, "seeds": list(range(args.seeds))}
+    settings |= {"benchmarks": args.benchmarks, "smoke": args.smoke}
     res: dict[str, Any] = {"meta": meta, "settings": settings, "summary": summary}
     res |= {"targets": targets(summary), "replicates": replicates}
     if args.pbmc_epochs:
         res["pbmc8k"] = pbmc_checks(args)
     res["total_seconds"] = time.perf_counter() - start
-    table = markdown(res)
-    print(table)
-    results.write(args.out_dir, results.stem(STUDY, args.smoke), res, table)
+    results.publish(args.out_dir, results.stem(STUDY, args.smoke), res, markdown(res))
     return 0
 
 

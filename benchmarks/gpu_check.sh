@@ -2,16 +2,8 @@
 # The GPU check, in one command, on a machine with a CUDA GPU:
 #   bash benchmarks/gpu_check.sh [benchmarks.gpu_throughput options]
 # 1. installs what is missing: wheels from ./.whl when that folder exists (a machine with
-#    no package index), else pip installs the package's test and bench extras.
-#    On a CUDA image that has torch, numpy, scipy, pandas, h5py, sklearn, matplotlib,
-#    lightning, jax and numba but no index, these py3.12 wheels (pip download --no-deps
-#    --only-binary=:all: --python-version 3.12 ...; docrep has no wheel: pip wheel it) are
-#    what its package list lacks (not yet tried there): pyro-ppl 1.9.2, pyro-api 0.1.2, anndata 0.12.19, array-api-compat
-#    1.16.0, legacy-api-wrap 1.5, natsort 8.4.0, scverse-misc 0.0.3, zarr 3.1.6, numcodecs
-#    0.16.6, donfig 0.8.1.post1, google-crc32c 1.9.0, arviz 0.23.4, h5netcdf 1.8.2,
-#    xarray-einstats 0.9.1, platformdirs 4.14.8, scvi-tools 1.4.2, docrep 0.3.2,
-#    ml_collections 1.1.0, mudata 0.3.10, session-info2 0.4.1, sparse 0.19.3, scanpy
-#    1.11.5, pynndescent 0.7.0, umap-learn 0.5.12 (16 MB together);
+#    no package index: the py3.12 wheels its image lacks, e.g. pyro-ppl, anndata and
+#    scvi-tools with their dependencies), else pip installs the test and bench extras;
 # 2. runs the GPU tests (tests/test_gpu.py, skipped on machines without a GPU);
 # 3. runs python -m benchmarks.gpu_throughput (pyro_scvi and scvi-tools, 100k and 1M x 2,000).
 # Results go to $RESULTS_DIR (default benchmarks/results): gpu_tests.log,

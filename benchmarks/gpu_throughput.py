@@ -54,11 +54,11 @@ def run(adata: Any, spec: dict[str, Any], device: str) -> dict[str, Any]:
         fit = adapters.PyroScvi(adata, "batch", seed=0, engine=spec["engine"], train=train)
     else:
         fit = adapters.ScviTools(adata, "batch", **opts)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync()
     fit.fit(spec["epochs"])
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync()
+
     steady = fit.run["epoch_seconds"][1:] or fit.run["epoch_seconds"]
     out = {k: fit.run.get(k) for k in ("train_seconds", "epoch_seconds")}
     out["validation_elbo_per_cell"] = fit.run.get("validation_elbo_per_cell")
@@ -89,11 +89,8 @@ def markdown(res: dict[str, Any]) -> str:
         "scvi-tools at the same size and minibatch."
     )
     lines = results.header(res, "Training throughput on one GPU: pyro_scvi and scvi-tools", how)
-    ref = {
-        (r["cells"], r["batch_size"]): r["train_cells_per_second"]
-        for r in res["runs"]
-        if r["impl"] == "scvi-tools" and "train_cells_per_second" in r
-    }
+    theirs = [r for r in res["runs"] if r["impl"] == "scvi-tools"]
+    ref = {(r["cells"], r["batch_size"]): r.get("train_cells_per_second") for r in theirs}
     rows = []
     for r in res["runs"]:
         head = f"{r['cells']:,} | {r['impl']} | {r['batch_size']} | {engine_text(r)} | "
@@ -108,11 +105,8 @@ def markdown(res: dict[str, Any]) -> str:
             f"{head} | {r['train_cells_per_second']:,.0f} | {ratio} | "
             f"{results.fmt(r.get('validation_elbo_per_cell'), '.2f')} | {peak}"
         )
-    lines += results.md_table(
-        "cells:|implementation|minibatch:|engine|epochs:|train cells/s:|ratio:|"
-        "validation ELBO/cell:|peak GPU MiB:",
-        rows,
-    )
+    columns = "cells:|implementation|minibatch:|engine|epochs:|train cells/s:|ratio:|"
+    lines += results.md_table(columns + "validation ELBO/cell:|peak GPU MiB:", rows)
     return "\n".join(lines) + "\n"
 
 
@@ -120,18 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from pyro_scvi.datasets.synthetic_large import synthetic_counts
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--genes", type=int, default=2000)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
-    p.add_argument("--engines", nargs="*", default=["eager", "fused"])
-    p.add_argument("--epochs-small", type=int, default=3)
-    p.add_argument("--epochs-large", type=int, default=1)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--no-scvi-tools", action="store_true")
-    p.add_argument("--out", type=Path, default=results.RESULTS)
-    p.add_argument("--stem", default=STUDY)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (the tests')")
+    smoke = "tiny sizes on the CPU (the tests')"
+    p, add = results.parser(__doc__, smoke, out="--out", data_dir=False)
+    add("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
+    add("--genes", type=int, default=2000)
+    add("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    add("--engines", nargs="*", default=["eager", "fused"])
+    add("--epochs-small", type=int, default=3)
+    add("--epochs-large", type=int, default=1)
+    add("--device", default="cuda")
+    add("--no-scvi-tools", action="store_true")
+    add("--stem", default=STUDY)
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.batch_sizes = [300, 400], 50, [32, 64]
@@ -152,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             data[n] = synthetic_counts(n, args.genes, device=args.device)
             density = data[n].X.nnz / math.prod(data[n].shape)
-            seconds = time.perf_counter() - start
-            res["data"].append(
-                {"cells": n, "genes": args.genes, "density": density} | {"seconds": seconds}
-            )
+            row = {"cells": n, "genes": args.genes, "density": density}
+            res["data"].append(row | {"seconds": time.perf_counter() - start})
             print(f"data {n:,} x {args.genes}: {density:.3f} non-zero", file=sys.stderr)
         try:
             row = spec | run(data[n], spec, args.device)

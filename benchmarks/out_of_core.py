@@ -1,10 +1,6 @@
 """Memory and speed from disk: training, the latent space and the CLI on a backed .h5ad.
 
-Per ``--cells`` size, a synthetic ``.h5ad`` and three tables (``--only``), every run in a
-new process: ``api`` (fit and latent space, streamed and in memory), ``cli`` (``pyro-scvi
-fit`` end to end) and ``queries`` (``evaluate``, ``de``, ``ppc``, ``plot``, ``map-query`` after
-that fit); peak RSS, seconds, output sizes. Target: peak RSS <= 3 GiB at 1,000,000 x 2,000.
-Details: ``benchmarks/README.md``.
+Target: peak RSS <= 3 GiB at 1,000,000 x 2,000. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.out_of_core --cells 100000 1000000 --data-dir "$DATA"
     python -m benchmarks.out_of_core --smoke
@@ -37,25 +33,21 @@ def worker(path: str, streamed: bool, epochs: int, out: str) -> None:
 
     import pyro_scvi
 
-    start = time.perf_counter()
-    model = pyro_scvi.SCVI(
-        anndata.read_h5ad(path, backed="r"), batch_key="batch", streamed=streamed
-    )
+    start, adata = time.perf_counter(), anndata.read_h5ad(path, backed="r")
+    model = pyro_scvi.SCVI(adata, batch_key="batch", streamed=streamed)
     setup = time.perf_counter() - start
     model.train(max_epochs=epochs, progress_bar=False, seed=0)
     epochs_s = [float(v) for v in model.history["seconds"]]
     steady, start = epochs_s[1:] or epochs_s, time.perf_counter()
     z = model.get_latent_representation()
     result = {
-        "setup_seconds": setup,
-        "epoch_seconds": epochs_s,
+        "setup_seconds": setup, "epoch_seconds": epochs_s,
         "train_cells_per_second": len(model.train_indices) * len(steady) / sum(steady),
-        "latent_seconds": time.perf_counter() - start,
-        "latent_finite": bool(np.isfinite(z).all()),
+        "latent_seconds": time.perf_counter() - start, "latent_finite": bool(np.isfinite(z).all()),
         "validation_elbo_per_cell": float(model.history["validation_elbo"].iloc[-1]),
         "data_source": model.engine["reasons"]["data_source"],
         "peak_rss_mib": workers.status_mib("VmHWM"),
-    }
+    }  # fmt: skip
     Path(out).write_text(json.dumps(result))
 
 
@@ -104,9 +96,8 @@ def run_cli(path: Path, work: Path, epochs: int, args: argparse.Namespace) -> di
         backed = anndata.read_h5ad(path, backed="r")
         argv += ["--normalized-genes", *map(str, backed.var_names[:n])]
         backed.file.close()
-    result = process(
-        ["--cli-worker", str(work / "fit_report.json"), *argv], work / "fit_report.json"
-    )
+    report = work / "fit_report.json"
+    result = process(["--cli-worker", str(report), *argv], report)
     if "error" in result:
         return result
     written = anndata.read_h5ad(out, backed="r")
@@ -114,13 +105,12 @@ def run_cli(path: Path, work: Path, epochs: int, args: argparse.Namespace) -> di
     shown = ["python -m pyro_scvi", *argv[:2], "-o out.h5ad", *argv[4:]]
     shown = [*shown[:-n], f"[{n} genes]"] if n else shown
     result |= {
-        "output_mib": out.stat().st_size / 2**20,
-        "data_source": str(params["data_source"]),
-        "normalized": str(params["normalized_reason"]),
-        "command": " ".join(shown),
+        "output_mib": out.stat().st_size / 2**20, "data_source": str(params["data_source"]),
+        "normalized": str(params["normalized_reason"]), "command": " ".join(shown),
         "latent_finite": bool(np.isfinite(written.obsm["X_pyro_scvi"]).all()),
         "validation_elbo_per_cell": float(history["validation_elbo"][-1]),
-    }
+    }  # fmt: skip
+
     written.file.close()
     return {k: v for k, v in result.items() if k != "stdout"}
 
@@ -152,9 +142,8 @@ def run_queries(
     }  # fmt: skip
     for name, (argv, settings) in commands.items():
         report = work / f"{name}_report.json"
-        row = {"query": name, "settings": settings} | process(
-            ["--cli-worker", str(report), *argv], report
-        )
+        row = {"query": name, "settings": settings}
+        row |= process(["--cli-worker", str(report), *argv], report)
         shown = [a.replace(str(work) + "/", "").replace(str(path.parent) + "/", "") for a in argv]
         row["command"] = "python -m pyro_scvi " + " ".join(shown)
         stdout = row.pop("stdout", "")
@@ -194,19 +183,15 @@ def write_query_file(path: Path, n_cells: int, n_genes: int) -> Path:
 
 def earlier_runs(res: dict[str, Any]) -> list[dict[str, str]]:
     found: list[dict[str, str]] = []
-    for key in TABLES.values():
-        found += [
-            r["from_run"]
-            for r in res.get(key, [])
-            if "from_run" in r and r["from_run"] not in found
-        ]
+    for key in TABLES.values():  # each table's runs not found in the tables before it
+        kept = [r["from_run"] for r in res.get(key, []) if "from_run" in r]
+        found += [run for run in kept if run not in found]
     return found
 
 
 def merged(res: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any]:
-    """``res`` plus the rows of ``earlier`` this run does not redo (``--merge``): a row is
-    redone once this run measured its table at its cells (a failed row replaces nothing).
-    Kept rows carry ``from_run``: the date, commit, command and note of the run that made them."""
+    """``res`` plus the rows of ``earlier`` this run did not measure at their cells (a failed
+    row replaces nothing), each with ``from_run``: the run that made it (``--merge``)."""
     if not earlier:
         return res
     note, out = str(earlier["args"].get("note") or ""), dict(res)
@@ -218,51 +203,36 @@ def merged(res: dict[str, Any], earlier: dict[str, Any] | None) -> dict[str, Any
 
 
 def markdown(res: dict[str, Any]) -> str:
-    marks = {
-        json.dumps(r, sort_keys=True): m for m, r in zip(MARKS, earlier_runs(res), strict=False)
-    }
+    runs = earlier_runs(res)
+    marks = {json.dumps(r, sort_keys=True): m for m, r in zip(MARKS, runs, strict=False)}
 
     def cells(r: dict[str, Any]) -> str:
-        mark = (
-            marks.get(json.dumps(r.get("from_run"), sort_keys=True), "") if "from_run" in r else ""
-        )
+        mark = marks.get(json.dumps(r["from_run"], sort_keys=True), "") if "from_run" in r else ""
         return f"{r['cells']:,} {mark}".strip()
 
-    how = (
-        "Peak RSS: the whole process (imports, fit, latent). Cells/s: training cells per second "
-        "over the epochs after the first (with one epoch, that epoch)."
-    )
-    lines = results.header(
-        res, "Out-of-core: training, latent space and queries streamed from a backed .h5ad", how
-    )
+    title = "Out-of-core: training, latent space and queries streamed from a backed .h5ad"
+    lines = results.header(res, title, HOW)
     rows = [
         f"{cells(r)} | {r['genes']:,} | | {r['mode']} | | failed | | | |"
         if "error" in r
         else f"{cells(r)} | {r['genes']:,} | {r['file_mib']:,.0f} | {r['mode']} | {r['epochs']} | "
         f"{r['train_cells_per_second']:,.0f} | {r['latent_seconds']:.1f} | "
-        f"{r['peak_rss_mib']:,.0f} | "
-        f"{r['validation_elbo_per_cell']:.2f}"
+        f"{r['peak_rss_mib']:,.0f} | {r['validation_elbo_per_cell']:.2f}"
         for r in res["runs"]
     ]
-    lines += results.md_table(
-        "cells:|genes:|file MiB:|data|epochs:|train cells/s:|latent s:|peak RSS MiB:|"
-        "validation ELBO/cell:",
-        rows,
-    )
+    columns = "cells:|genes:|file MiB:|data|epochs:|train cells/s:|latent s:|peak RSS MiB:|"
+    lines += results.md_table(columns + "validation ELBO/cell:", rows)
     if cli := res.get("cli"):
         rows = [
             f"{cells(r)} | {r['genes']:,} | {r['epochs']} | failed | | | | "
             if "error" in r
             else f"{cells(r)} | {r['genes']:,} | {r['epochs']} | {r['data_source']} | "
-            f"{r['wall_seconds']:,.0f} | "
-            f"{r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | {r['normalized']}"
+            f"{r['wall_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | "
+            f"{r['normalized']}"
             for r in cli
         ]
-        lines += ["", CLI_NOTE, ""]
-        lines += results.md_table(
-            "cells:|genes:|epochs:|data|wall s:|peak RSS MiB:|output MiB:|normalized expression",
-            rows,
-        )
+        columns = "cells:|genes:|epochs:|data|wall s:|peak RSS MiB:|output MiB:|"
+        lines += ["", CLI_NOTE, "", *results.md_table(columns + "normalized expression", rows)]
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in cli if "command" in r)]
     if queries := res.get("queries"):
         rows = [
@@ -275,10 +245,8 @@ def markdown(res: dict[str, Any]) -> str:
             )
             for r in queries
         ]
-        lines += ["", QUERIES_NOTE, ""]
-        lines += results.md_table(
-            "cells:|genes:|command|settings|cells used:|wall s:|peak RSS MiB:|exit status:", rows
-        )
+        columns = "cells:|genes:|command|settings|cells used:|wall s:|peak RSS MiB:|exit status:"
+        lines += ["", QUERIES_NOTE, "", *results.md_table(columns, rows)]
         largest = max(r["cells"] for r in queries)
         lines += ["", f"Commands (at {largest:,} cells; BIG.h5ad is the streamed input):", ""]
         lines += [
@@ -287,7 +255,7 @@ def markdown(res: dict[str, Any]) -> str:
             if r["cells"] == largest and "command" in r
         ]
     lines += ["", res["args"]["note"]] if res["args"].get("note") else []
-    for mark, run in zip(MARKS, earlier_runs(res), strict=False):
+    for mark, run in zip(MARKS, runs, strict=False):
         lines += [
             "",
             f"{mark} From an earlier run ({run['date']}, pyro_scvi commit {run['commit']}, "
@@ -297,6 +265,10 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+HOW = (
+    "Peak RSS: the whole process (imports, fit, latent). Cells/s: training cells per second "
+    "over the epochs after the first (with one epoch, that epoch)."
+)
 CLI_NOTE = (
     "The command line end to end (training, latent space, writing the output), one process per "
     "size; peak RSS of that process:"
@@ -309,24 +281,21 @@ QUERIES_NOTE = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
+    merge = "keep the results' rows this run does not redo"
+    p, add = results.parser(__doc__, out="--out", data_dir=False, merge=merge)
     add("--cells", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     add("--genes", type=int, default=2000)
     add("--epochs", type=int, default=2, help="per size below 1M cells")
     add("--epochs-1m", type=int, default=1, help="at 1M cells and above")
     add("--max-in-memory", type=int, default=100_000)
     add("--data-dir", type=Path, help="keep the .h5ad files here (default: temporary)")
-    add("--out", type=Path, default=results.RESULTS)
     add("--cli-data-source", choices=["auto", "memory", "streamed"], default="streamed")
     add("--cli-normalized-genes", type=int, default=0, metavar="N", help="N genes' normalized")
     add("--only", nargs="+", choices=list(TABLES), default=list(TABLES), help="the tables to run")
     for name, default in (("evaluate-samples", 10), ("de-samples", 100), ("ppc-cells", 2000)):
         add(f"--{name}", type=int, default=default)
     add("--query-cells", type=int, default=10_000)
-    add("--merge", action="store_true", help="keep the results' rows this run does not redo")
     add("--note", default="", help="a line for the results, e.g. on the load")
-    add("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.epochs, args.max_in_memory = [600, 1200], 40, 2, 1200
@@ -337,11 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     if raw[:1] == ["--worker"]:
-        worker(raw[1], bool(int(raw[2])), int(raw[3]), raw[4])
-        return 0
+        return worker(raw[1], bool(int(raw[2])), int(raw[3]), raw[4]) or 0
     if raw[:1] == ["--cli-worker"]:
-        cli_worker(raw[1], raw[2:])
-        return 0
+        return cli_worker(raw[1], raw[2:]) or 0
     args = parse_args(argv)
     from pyro_scvi.datasets.synthetic_large import write_synthetic_h5ad
 
@@ -353,11 +320,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(key: str, label: str, row: dict[str, Any]) -> None:
         res[key].append(row)
-        done = row.get("error", "")[-800:] or f"peak RSS {row['peak_rss_mib']:,.0f} MiB, " + (
-            f"{row['train_cells_per_second']:,.0f} cells/s"
-            if key == "runs"
-            else f"{row['wall_seconds']:,.0f} s"
-        )
+        if not (done := row.get("error", "")[-800:]):
+            speed, unit = (
+                (row["train_cells_per_second"], "cells/s")
+                if key == "runs"
+                else (row["wall_seconds"], "s")
+            )
+            done = f"peak RSS {row['peak_rss_mib']:,.0f} MiB, {speed:,.0f} {unit}"
+
         print(f"{row['cells']:>9,} {label:>9}: {done}", file=sys.stderr)
         both = merged(res, earlier)
         results.write(args.out, stem, both, markdown(both))

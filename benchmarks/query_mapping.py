@@ -1,12 +1,6 @@
 """Query mapping against training on everything: hold one donor out, map it, compare.
 
-One donor of a dataset (default: the largest) is the query; its cells are split (seeded)
-into mapping cells and test cells. *Mapped*: a reference model of the other donors, the
-mapping cells mapped onto it with ``SCVI.load_query_data``; *full*: one model of the other
-donors and the mapping cells. Both scored by KMeans ARI, batch entropy over donors and over
-query-vs-reference, 15-NN label transfer, and the test cells' held-out log p(x). Criteria
-(issue 15): ARI and entropies within 0.05, log p(x) within 1 %. Exit code 0: met; 2: not
-met; 1: a failure.
+Exit code 0: the criteria met; 2: not met; 1: a failure. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.query_mapping            # OneK1K and Baron, 100 epochs
     python -m benchmarks.query_mapping --smoke    # seconds, synthetic data
@@ -17,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from .lib import data, results
@@ -74,8 +67,11 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     train |= {"engine": Engine(threads=args.threads)} if args.threads else {}
     row = {"dataset": spec, "shape": list(adata.shape), "n_donors": int(donors.nunique())}
     row |= {"query_donor": donor, "n_query_donor_cells": int(is_query.sum())}
-    row |= {"reference_cells": ref.n_obs, "query_cells": query.n_obs}
-    row["test_cells"] = test_cells.n_obs
+    row |= {
+        "reference_cells": ref.n_obs,
+        "query_cells": query.n_obs,
+        "test_cells": test_cells.n_obs,
+    }
     t = time.perf_counter()
     reference = SCVI(ref, batch_key="batch").train(**train)
     t, row["seconds_reference"] = time.perf_counter(), time.perf_counter() - t
@@ -95,8 +91,9 @@ def run_dataset(spec: str, args: argparse.Namespace) -> dict[str, Any]:
     row["reference_cells_unchanged"] = bool(np.allclose(z_ref, z_mapped[~in_query], atol=1e-5))
     m, f = row["mapped"], row["full"]
     row["differences"] = {k: m[k] - f[k] for k in ("ari", "entropy_donors", "entropy_query")}
-    relative = (m["heldout_ll"] - f["heldout_ll"]) / abs(f["heldout_ll"])
-    row["differences"]["heldout_ll_rel"] = relative
+    row["differences"]["heldout_ll_rel"] = (m["heldout_ll"] - f["heldout_ll"]) / abs(
+        f["heldout_ll"]
+    )
     row["criteria_met"] = {k: bool(abs(v) <= TOLERANCES[k]) for k, v in row["differences"].items()}
     return row
 
@@ -117,10 +114,8 @@ def markdown(res: dict[str, Any]) -> str:
             rows.append(f"{r['dataset']} | error: {r['error']} | | | | | | |")
             continue
         m, f, d = r["mapped"], r["full"], r["differences"]
-        pairs = " | ".join(
-            f"{m[k]:.3f} / {f[k]:.3f} ({d[k]:+.3f})"
-            for k in ("ari", "entropy_donors", "entropy_query")
-        )
+        keys = ("ari", "entropy_donors", "entropy_query")
+        pairs = " | ".join(f"{m[k]:.3f} / {f[k]:.3f} ({d[k]:+.3f})" for k in keys)
         unmet = [k for k, ok in r["criteria_met"].items() if not ok]
         met = "not met: " + ", ".join(unmet) if unmet else "all met"
         rows.append(
@@ -131,26 +126,21 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['seconds_full']:.0f} | {met}"
         )
     lines = results.header(res, "Query mapping vs training on everything", how)
-    lines += results.md_table(
+    columns = (
         "dataset|query donor (cells)|ARI mapped / full|batch entropy, donors|batch entropy, query "
-        "vs reference|label transfer|held-out log p(x)|train s: reference + mapping / "
-        "full|criteria",
-        rows,
+        "vs reference|label transfer|held-out log p(x)|train s: reference + mapping / full|"
     )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + results.md_table(columns + "criteria", rows)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=None)
+    p, _ = results.parser(__doc__, "synthetic data, 2 epochs")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), help="NAME or NAME:DONOR")
     p.add_argument("--epochs", type=int, default=100, help="max_epochs of every training")
     p.add_argument("--test-fraction", type=float, default=0.2, help="query cells held out")
     p.add_argument("--ll-samples", type=int, default=100, help="importance samples, log p(x)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: auto)")
-    p.add_argument("--out-dir", type=Path, default=results.RESULTS)
-    p.add_argument("--smoke", action="store_true", help="synthetic data, 2 epochs")
     args = p.parse_args(argv)
     if args.smoke:
         args.epochs, args.ll_samples, args.datasets = 2, 5, ["synthetic_smoke"]
@@ -168,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         res["elapsed_seconds"] = time.perf_counter() - start
         results.write(args.out_dir, results.stem(STUDY, args.smoke), res, markdown(res))
     print(markdown(res))
-    if failed:
-        return 1
-    return 0 if all(all(r["criteria_met"].values()) for r in res["rows"]) else 2
+    return 1 if failed else 0 if all(all(r["criteria_met"].values()) for r in res["rows"]) else 2
 
 
 if __name__ == "__main__":

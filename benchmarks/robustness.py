@@ -1,10 +1,7 @@
 """Robustness matrix: every dataset x seed x engine path x thread setting must train.
 
-Each run, in its own process, ``SCVI(adata[, batch_key]).train(max_epochs=E,
-engine=Engine.preset(path, threads=t), seed=s)`` on the shared datasets and simulated stress
-cases, *finished* (both held-out ELBOs finite), was *rejected* (``InputError``) or *failed*;
-the paths must agree on the held-out ELBO within 1 %. Exit code 0: all finished or rejected
-and the paths agree; 2: a spread above 1 %; 1: a failure. Details: ``benchmarks/README.md``.
+Exit code 0: all finished or rejected and the paths agree on the held-out ELBO within 1 %;
+2: a spread above 1 %; 1: a failure. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.robustness            # the full matrix (hours)
     python -m benchmarks.robustness --smoke    # about a minute
@@ -54,21 +51,19 @@ SMOKE = dict(datasets=["stress_60_cells", "stress_batch_of_2_cells"], seeds=[0],
 SMOKE |= dict(paths=["eager", "fused"], epochs=2, elbo_samples=2)
 TOLERANCE = 0.01  # relative spread of the held-out ELBO across paths
 STATUSES = ("finished", "rejected", "failed")
+ELBOS = ("validation_elbo", "heldout_elbo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
+    merge = "keep the file's datasets this run does not redo"
+    smoke = "two tiny stress cases, 2 paths, 2 epochs"
+    p, add = results.parser(__doc__, smoke, out="--out", merge=merge)
     add("--datasets", nargs="+", default=["real", "stress"], help="names; 'real', 'stress'")
     add("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
     add("--threads", nargs="+", default=["1", "all"], help="a count, 'all' or 'auto'")
     add("--epochs", type=int, default=20)
     add("--elbo-samples", type=int, default=10, help="draws per cell, held-out ELBO")
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
-    add("--out", type=Path, default=results.RESULTS, help="results folder")
-    add("--merge", action="store_true", help="keep the file's datasets this run does not redo")
-    add("--smoke", action="store_true", help="two tiny stress cases, 2 paths, 2 epochs")
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
@@ -83,7 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------- data
 def simulate(name: str, smoke: bool = False) -> Any:
     """The stress case ``name`` (:data:`STRESS`) as CSR integer counts; ``smoke``: 100 genes
     (and the batch-of-2 case about 100 cells a batch)."""
@@ -148,28 +142,20 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
                 adata = anndata.read_h5ad(path)  # as it is
             library, per_gene = (np.asarray(adata.X.sum(a)).ravel() for a in (1, 0))
             batches = adata.obs["batch"].astype(str).value_counts()
-            info[name] = (
-                data.describe(adata)
-                | {
-                    "kind": "stress" if name in STRESS else "file",
-                    "h5ad": str(path),
-                    "smallest_batch": int(batches.min()),
-                    "zero_fraction": 1 - adata.X.nnz / (adata.n_obs * adata.n_vars),
-                    "library_min": float(library.min()),
-                    "library_max": float(library.max()),
-                    "library_median": float(np.median(library)),
-                    "all_zero_genes": int((per_gene == 0).sum()),
-                    "top_gene_share": float(per_gene.max() / per_gene.sum()),
-                }
-                | ({"description": STRESS[name]} if name in STRESS else {})
-            )
+            d = data.describe(adata) | {"kind": "stress" if name in STRESS else "file"}
+            d |= {"h5ad": str(path), "smallest_batch": int(batches.min())}
+            d["zero_fraction"] = 1 - adata.X.nnz / (adata.n_obs * adata.n_vars)
+            d |= {"library_min": float(library.min()), "library_max": float(library.max())}
+            d["library_median"] = float(np.median(library))
+            d["all_zero_genes"] = int((per_gene == 0).sum())
+            d["top_gene_share"] = float(per_gene.max() / per_gene.sum())
+            info[name] = d | ({"description": STRESS[name]} if name in STRESS else {})
         except Exception as err:  # a missing or unreadable file: its runs are skipped
             traceback.print_exc()
             info[name] = {"error": f"{type(err).__name__}: {err}"}
     return info
 
 
-# ---------------------------------------------------------------------------- worker
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One (dataset, seed, path, threads) run in this process."""
     import anndata
@@ -192,9 +178,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         first = (str(err).strip().splitlines() or [""])[0]  # Pyro appends the trace's shapes
         rejected = isinstance(err, pyro_scvi.InputError)
         out["status"] = "rejected" if rejected else "failed"
-        out["message"] = (
-            f"{stage}: {err}" if rejected else f"{stage}: {type(err).__name__}: {first}"
-        )
+        out["message"] = f"{stage}: {err if rejected else f'{type(err).__name__}: {first}'}"
         out["traceback"] = None if rejected else traceback.format_exc()
         if fit.model is None or not hasattr(fit.model, "history"):
             return out
@@ -222,7 +206,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out | {"status": "failed", "message": f"non-finite ELBO: val, held-out = {values}"}
 
 
-# ---------------------------------------------------------------------------- summaries
 def spread(values: list[float]) -> float | None:
     """``(max - min) / |mean|`` of at least two values, else ``None``."""
     if len(values) < 2:
@@ -239,7 +222,7 @@ def spreads(runs: list[dict[str, Any]], over: str, keys: tuple[str, ...]) -> lis
     out = []
     for key, members in groups.items():
         row = dict(zip(keys, key, strict=True)) | {over: [r[over] for r in members]}
-        for col in ("validation_elbo", "heldout_elbo"):
+        for col in ELBOS:
             row[col] = [r[col] for r in members]
             row[f"{col}_spread"] = spread(row[col])
         out.append(row)
@@ -260,7 +243,7 @@ def auto_matches(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             twin = next((p for p, c in presets.items() if c == choice), None)
             row = {"dataset": dataset, "seed": seed, "threads": threads, "resolved": twin}
             if other := done.get((dataset, seed, threads, twin)):
-                for key in ("validation_elbo", "heldout_elbo"):
+                for key in ELBOS:
                     row[f"abs_diff_{key}"] = abs(r[key] - other[key])
             out.append(row)
     return out
@@ -280,20 +263,15 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     across = spreads(runs, "path", ("dataset", "seed", "threads"))
     worst = [r["heldout_elbo_spread"] for r in across if r["heldout_elbo_spread"]]
     worst_val = [r["validation_elbo_spread"] for r in across if r["validation_elbo_spread"]]
-    return (
-        {f"by_{k}": counts(runs, k) for k in ("path", "dataset", "threads")}
-        | {
-            "across_paths": across,
-            "across_seeds": spreads(runs, "seed", ("dataset", "path", "threads")),
-            "across_threads": spreads(runs, "threads", ("dataset", "seed", "path")),
-            "auto_vs_preset": auto_matches(runs),
-            "max_heldout_spread_across_paths": max(worst, default=None),
-            "max_validation_spread_across_paths": max(worst_val, default=None),
-            "paths_agree": all(s <= TOLERANCE for s in worst),
-            "n_runs": len(runs),
-        }
-        | {f"n_{s}": sum(r["status"] == s for r in runs) for s in STATUSES}
-    )
+    out: dict[str, Any] = {f"by_{k}": counts(runs, k) for k in ("path", "dataset", "threads")}
+    out["across_paths"] = across
+    out["across_seeds"] = spreads(runs, "seed", ("dataset", "path", "threads"))
+    out["across_threads"] = spreads(runs, "threads", ("dataset", "seed", "path"))
+    out["auto_vs_preset"] = auto_matches(runs)
+    out["max_heldout_spread_across_paths"] = max(worst, default=None)
+    out["max_validation_spread_across_paths"] = max(worst_val, default=None)
+    out |= {"paths_agree": all(s <= TOLERANCE for s in worst), "n_runs": len(runs)}
+    return out | {f"n_{s}": sum(r["status"] == s for r in runs) for s in STATUSES}
 
 
 def engine_label(engine: dict[str, Any] | None) -> str:
@@ -305,7 +283,6 @@ def engine_label(engine: dict[str, Any] | None) -> str:
     return f"{'compiled' if engine['compiled'] else 'eager'}{kernel} + {adam}"
 
 
-# ---------------------------------------------------------------------------- output
 def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
@@ -317,9 +294,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{', '.join(s['paths'])}, threads {', '.join(s['threads'])}; {sm['n_finished']} of "
         f"{sm['n_runs']} runs finished, {sm['n_rejected']} rejected, {sm['n_failed']} failed."
     )
-    lines = results.header(
-        res, "Robustness matrix: datasets x seeds x engine paths x threads", how
-    )
+    title = "Robustness matrix: datasets x seeds x engine paths x threads"
+    lines = results.header(res, title, how)
     lines += [
         f"**Paths agree on the held-out ELBO within {100 * TOLERANCE:g} %: "
         f"{'yes' if sm['paths_agree'] else 'NO'}** (largest spread across paths "
@@ -335,11 +311,12 @@ def markdown(res: dict[str, Any]) -> str:
             "",
         ]
     cell = "{finished}/{total} | {rejected} | {failed}".format
-    lines += ["## Runs finished, per path", ""]
-    lines += table(
-        "path|finished/total:|rejected:|failed:",
-        [f"{p} | {cell(**c)}" for p, c in sm["by_path"].items()],
-    )
+    rows = [f"{p} | {cell(**c)}" for p, c in sm["by_path"].items()]
+    lines += [
+        "## Runs finished, per path",
+        "",
+        *table("path|finished/total:|rejected:|failed:", rows),
+    ]
     rows = []
     for d in res["datasets"]:
         c = cell(**sm["by_dataset"].get(d["name"], dict.fromkeys((*STATUSES, "total"), 0)))
@@ -353,28 +330,22 @@ def markdown(res: dict[str, Any]) -> str:
             f"({d['smallest_batch']}) | {100 * d['zero_fraction']:.1f} | {d['library_min']:.0f}-"
             f"{d['library_max']:.0f} | {c} | {autos}"
         )
-    lines += ["", "## Runs finished, per dataset", ""]
-    lines += table(
-        "dataset|cells x genes|batches (smallest):|zeros %:|library min-max|finished/total:|"
-        "rejected:|failed:|auto resolved to",
-        rows,
-    )
+    columns = "dataset|cells x genes|batches (smallest):|zeros %:|library min-max|"
+    columns += "finished/total:|rejected:|failed:|auto resolved to"
+    lines += results.section("Runs finished, per dataset", columns, rows)
     rows = []
     for r in sm["across_paths"]:
         x = r["heldout_elbo_spread"]
         ok = "—" if x is None else "yes" if x <= TOLERANCE else "**no**"
-        val, held = (
-            " / ".join(fmt(v, ".2f") for v in r[k]) for k in ("validation_elbo", "heldout_elbo")
-        )
+        val, held = (" / ".join(fmt(v, ".2f") for v in r[k]) for k in ELBOS)
         rows.append(
             f"{r['dataset']} | {r['threads']} | {r['seed']} | {' / '.join(r['path'])}: {val} | "
             f"{pct(r['validation_elbo_spread'])} | {held} | {pct(x)} | {ok}"
         )
-    lines += ["", "## Held-out ELBO across paths (per dataset, threads, seed)", ""]
-    lines += table(
-        "dataset|threads|seed:|val ELBO per path|spread %:|held-out ELBO per path|spread %:|"
-        f"≤ {100 * TOLERANCE:g} %",
-        rows,
+    columns = "dataset|threads|seed:|val ELBO per path|spread %:|held-out ELBO per path|"
+    columns += f"spread %:|≤ {100 * TOLERANCE:g} %"
+    lines += results.section(
+        "Held-out ELBO across paths (per dataset, threads, seed)", columns, rows
     )
     for over, keys, title in SPREADS:  # over: "seed" or "threads"
         rows = [
@@ -394,10 +365,9 @@ def markdown(res: dict[str, Any]) -> str:
         if "abs_diff_heldout_elbo" in r
     ]
     if rows:
-        lines += ["", "## auto beside the preset it resolved to (same seed and threads)", ""]
-        lines += table(
-            "dataset|threads|seed:|resolved to|abs. diff val ELBO:|abs. diff held-out:", rows
-        )
+        title = "auto beside the preset it resolved to (same seed and threads)"
+        columns = "dataset|threads|seed:|resolved to|abs. diff val ELBO:|abs. diff held-out:"
+        lines += results.section(title, columns, rows)
     problems = [
         f"- {r['status']}: {r['dataset']}, seed {r['seed']}, path {r['path']}, threads "
         f"{r['threads']}: " + str(r.get("message")).replace("\n", " ")
@@ -406,12 +376,10 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     lines += ["", "## Failures and rejections", "", *(problems or ["None."]), "", "## Notes", ""]
     lines.append(f"- {NOTE}")
-    for d in (d for d in res["datasets"] if "from_run" in d):
-        r = d["from_run"]
-        lines.append(
-            f"- {d['name']}: kept from an earlier run (--merge): `{r['command']}` at commit "
-            f"{r['commit']}, {r['date']}."
-        )
+    kept = (
+        "- {}: kept from an earlier run (--merge): `{command}` at commit {commit}, {date}.".format
+    )
+    lines += [kept(d["name"], **d["from_run"]) for d in res["datasets"] if "from_run" in d]
     return "\n".join([*lines, ""])
 
 
@@ -437,9 +405,8 @@ def run_one(ds: dict, seed: int, path: str, threads: str, args, tmp: Path) -> di
     run = workers.spawn(STUDY, "--worker", spec | {"result": str(tmp / "r.json")}, pinned)
     if "error" in run:  # the worker died or raised outside worker()
         run |= {"status": "failed", "message": run["error"]}
-    return results.finite(
-        {"dataset": ds["name"], "seed": seed, "path": path, "threads": threads} | run
-    )
+    run = {"dataset": ds["name"], "seed": seed, "path": path, "threads": threads} | run
+    return results.finite(run)
 
 
 def progress(run: dict[str, Any]) -> str:
@@ -483,9 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     res["total_seconds"] = time.perf_counter() - start
     res["summary"] = sm = summarize(res["runs"])
     results.publish(args.out, stem, res, markdown(res))
-    if sm["n_failed"] or any("error" in d for d in res["datasets"]):
-        return 1
-    return 0 if sm["paths_agree"] else 2
+    failed = sm["n_failed"] or any("error" in d for d in res["datasets"])
+    return 1 if failed else 0 if sm["paths_agree"] else 2
 
 
 if __name__ == "__main__":

@@ -1,19 +1,10 @@
 """Does a change leave results alone? Fingerprints of default fits, to compare across commits.
 
-A refactor that should change no result (issue 25: the subpackage layout, the thin facade,
-the engine's stepper) is checked by fitting the same data at the same seed and engine before
-and after it and comparing the latent space and the training history bit for bit. This
-script uses the public API only (``SCVI``, ``Engine``, AnnData files), so it runs against
-any checkout of the package::
+The public API only, so it runs against any checkout (details: ``benchmarks/README.md``)::
 
     cd OLD_CHECKOUT && PYTHONPATH=. python NEW_CHECKOUT/benchmarks/same_result.py --out a.json
     cd NEW_CHECKOUT && PYTHONPATH=. python benchmarks/same_result.py --out b.json
     python benchmarks/same_result.py --compare a.json b.json     # exit 1 if they differ
-
-Defaults: Zeisel for 30 epochs (a compiled ELBO: more than 300 steps) and CellBench for 15
-(13,033 genes: the fused ZINB kernel), ``SCVI(adata[, batch_key="batch"]).train(E, seed=0,
-engine=Engine(threads=1))``, from ``$PYRO_SCVI_DATA``. ``--smoke``: 2 epochs of simulated
-counts, no files needed.
 """
 
 from __future__ import annotations
@@ -60,9 +51,11 @@ def compare(a: dict, b: dict) -> list[str]:
         if fa is None or fb is None:
             out.append(f"{name}: in one file only")
             continue
-        for key in ("latent_sha256", "history", "engine"):
-            if fa[key] != fb[key]:
-                out.append(f"{name}: {key} differs")
+        out += [
+            f"{name}: {k} differs"
+            for k in ("latent_sha256", "history", "engine")
+            if fa[k] != fb[k]
+        ]
     return out
 
 
@@ -89,14 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.data_dir is None:
             p.error("set PYRO_SCVI_DATA or --data-dir to the folder of the .h5ad files")
-        fits = {
-            name: (anndata.read_h5ad(args.data_dir / f"{name}.h5ad"), epochs)
-            for name, epochs in DEFAULT_FITS
-        }
-    result = {
-        "pyro_scvi_version": pyro_scvi.__version__,
-        "fits": {name: fingerprint(adata, epochs) for name, (adata, epochs) in fits.items()},
-    }
+        read = anndata.read_h5ad
+        fits = {name: (read(args.data_dir / f"{name}.h5ad"), e) for name, e in DEFAULT_FITS}
+    result = {"pyro_scvi_version": pyro_scvi.__version__}
+    result["fits"] = {name: fingerprint(adata, epochs) for name, (adata, epochs) in fits.items()}
+
     args.out.write_text(json.dumps(result, indent=1))
     for name, fit in result["fits"].items():
         print(f"{name}: latent {fit['latent_sha256'][:12]}, engine {fit['engine']}")

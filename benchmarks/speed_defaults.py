@@ -1,8 +1,6 @@
 """Speed at the user's defaults: pyro_scvi vs scvi-tools 1.4.2 vs the torch floor.
 
-What a user gets who sets only the data and the epochs (each implementation's adapter with
-``matched=False``), every run in its own process, implementations alternating, medians over
-``--repeats``; one table per thread setting. Details: ``benchmarks/README.md``.
+Each implementation's adapter with ``matched=False``. Details: ``benchmarks/README.md``.
 
     python -m benchmarks.speed_defaults            # about 30 minutes on 2 cores
     python -m benchmarks.speed_defaults --smoke    # about 20 s
@@ -37,16 +35,12 @@ RATIOS += ("steady_time_ratio_pyro_over_torch_floor",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = p.add_argument
-    add("--data-dir", type=Path, default=None, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
+    p, add = results.parser(__doc__, "synthetic:300x100, 1 epoch, 1 repeat")
     add("--datasets", nargs="+", default=list(DATASETS), help="NAME[=EPOCHS[,EPOCHS...]]")
     add("--epochs", type=int, nargs="+", default=None, help="epochs for every dataset")
     add("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     add("--repeats", type=int, default=3)
     add("--threads", nargs="+", default=["default", "1"], help="'default' and/or counts")
-    add("--out-dir", type=Path, default=results.RESULTS)
-    add("--smoke", action="store_true", help="synthetic:300x100, 1 epoch, 1 repeat")
     args = p.parse_args(argv)
     if args.smoke:
         args.datasets, args.repeats, args.threads = ["synthetic:300x100=1"], 1, ["default"]
@@ -81,14 +75,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         fit = adapters.ADAPTERS[impl](adata, spec["batch_key"], quiet=False).fit(spec["epochs"])
     run = fit.run
     keep = ("train_seconds", "epochs_run", "epoch_seconds", "engine", "fused_kernel_used")
-    return {k: run[k] for k in keep if k in run} | {
-        "script_seconds": run["train_done_at"] - start,
-        "threads_before": before,
-        "threads_after": torch.get_num_threads(),
-        "threads_per_epoch": run.get("threads_per_epoch"),
-        "seconds_per_epoch": run["train_seconds"] / run["epochs_run"],
-        **workers.steady_state(run["epoch_seconds"]),
-    }
+    out = {k: run[k] for k in keep if k in run} | {"script_seconds": run["train_done_at"] - start}
+    out |= {"threads_before": before, "threads_after": torch.get_num_threads()}
+    out["threads_per_epoch"] = run.get("threads_per_epoch")
+    out["seconds_per_epoch"] = run["train_seconds"] / run["epochs_run"]
+    return out | workers.steady_state(run["epoch_seconds"])
 
 
 def time_row(ds: dict, epochs: int, threads: int | None, args, skipped, tmp: Path) -> dict:
@@ -108,29 +99,20 @@ def time_row(ds: dict, epochs: int, threads: int | None, args, skipped, tmp: Pat
             if impl == "pyro_scvi" and isinstance(run.get("engine"), dict):
                 fused = run["engine"].get("fused_kernel")
             done = "error" not in run and f"train() {run['train_seconds']:.2f} s"
-            print(
-                f"  {epochs} epochs, threads {label}, {impl:11s} repeat {repeat}: "
-                f"{done or 'FAILED: ' + run['error']}",
-                file=sys.stderr,
-                flush=True,
-            )
-    return (
-        {"dataset": ds["name"], "epochs": epochs, "threads": label}
-        | {k: ds[k] for k in ("n_cells", "n_genes", "n_batches", "batch_key")}
-        | {
-            "speedup_goal": GOALS.get((ds["name"], epochs)),
-            "runs": runs,
-            "summary": workers.summarize(runs, args.implementations, KEYS),
-        }
-    )
+            done = done or "FAILED: " + run["error"]
+            where = f"{epochs} epochs, threads {label}, {impl:11s} repeat {repeat}"
+            print(f"  {where}: {done}", file=sys.stderr, flush=True)
+    row = {"dataset": ds["name"], "epochs": epochs, "threads": label}
+    row |= {k: ds[k] for k in ("n_cells", "n_genes", "n_batches", "batch_key")}
+    row |= {"speedup_goal": GOALS.get((ds["name"], epochs)), "runs": runs}
+    return row | {"summary": workers.summarize(runs, args.implementations, KEYS)}
 
 
 def markdown(res: dict[str, Any]) -> str:
     s, impls = res["settings"], res["settings"]["implementations"]
     how = f"Every run in its own process, alternating, medians of {s['repeats']} repeat(s)."
-    lines = results.header(
-        res, "Speed at the user's defaults: pyro_scvi vs scvi-tools vs the torch floor", how
-    )
+    title = "Speed at the user's defaults: pyro_scvi vs scvi-tools vs the torch floor"
+    lines = results.header(res, title, how)
     lines += [f"- **{name}**: {reason}." for name, reason in res["skipped"].items()]
     lines += [f"- **{d['name']}**: {d['error']}." for d in res["datasets"] if "error" in d]
     for label in s["threads"]:
@@ -142,10 +124,8 @@ def markdown(res: dict[str, Any]) -> str:
             met = "" if speedup is None else ": met" if goal and speedup >= goal else ": not met"
             mine, theirs = (sm.get(i, {}).get("script_seconds") for i in IMPLEMENTATIONS[:2])
             script_speedup = mine and theirs and theirs / mine
-            by = {
-                i: [x for x in r["runs"] if x["implementation"] == i and "error" not in x]
-                for i in impls
-            }
+            ok = [x for x in r["runs"] if "error" not in x]
+            by = {i: [x for x in ok if x["implementation"] == i] for i in impls}
             floor, *steady = (fmt(sm[k], ".2f") for k in RATIOS)
             rows.append(
                 [r["dataset"], f"{r['n_cells']} x {r['n_genes']}", r["epochs"]]
@@ -156,18 +136,13 @@ def markdown(res: dict[str, Any]) -> str:
                 + [" / ".join(distinct([threads_text(x) for x in by[i]]) for i in impls)]
                 + [distinct([engine_text(x.get("engine")) for x in by.get("pyro_scvi", [])])]
             )
-        lines += [
-            "",
-            f"## {title}",
-            "",
-            *results.md_table(
-                f"dataset|cells x genes|epochs:|train() s ({' / '.join(impls)})|speed-up vs "
-                "scvi-tools (x):|goal|pyro_scvi ÷ floor:|median epoch s (same)|steady speed-up:|"
-                "steady ÷ floor:|script s (pyro_scvi / scvi-tools)|script speed-up:|threads used "
-                "(same)|pyro_scvi engine",
-                rows,
-            ),
-        ]
+        columns = (
+            f"dataset|cells x genes|epochs:|train() s ({' / '.join(impls)})|speed-up vs "
+            "scvi-tools (x):|goal|pyro_scvi ÷ floor:|median epoch s (same)|steady speed-up:|"
+            "steady ÷ floor:|script s (pyro_scvi / scvi-tools)|script speed-up:|threads used "
+            "(same)|pyro_scvi engine"
+        )
+        lines += ["", f"## {title}", "", *results.md_table(columns, rows)]
     lines += ["", NOTE, ""]
     return "\n".join(lines)
 
@@ -215,15 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     start, skipped = time.perf_counter(), adapters.skipped(args.implementations)
     settings = {k: v for k, v in vars(args).items() if k not in ("specs", "thread_settings")}
     res: dict[str, Any] = {"meta": results.metadata(STUDY, argv, threads=args.threads)}
-    res |= {
-        "settings": settings
-        | {
-            "goals": {f"{d} {e} epochs": g for (d, e), g in GOALS.items()},
-            "floor_goal": FLOOR_GOAL,
-            "synthetic": data.SYNTHETIC,
-        }
-    }
-    res |= {"skipped": skipped, "datasets": [], "rows": []}
+    settings["goals"] = {f"{d} {e} epochs": g for (d, e), g in GOALS.items()}
+    settings |= {"floor_goal": FLOOR_GOAL, "synthetic": data.SYNTHETIC}
+    res |= {"settings": settings, "skipped": skipped, "datasets": [], "rows": []}
     warm = {"pyro_scvi", "torch-floor"} & (set(args.implementations) - set(skipped))
     stem = results.stem(STUDY, args.smoke)
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as tmp:
@@ -236,9 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if warm and info["n_genes"] >= 500:  # pyro_scvi's fused kernel: compile it once
                 t, warm = time.perf_counter(), set()
-                res["warm_kernel_exit_code"] = workers.spawn(STUDY, "--warm-kernel", {})[
-                    "exit_code"
-                ]
+                rc = workers.spawn(STUDY, "--warm-kernel", {})["exit_code"]
+                res["warm_kernel_exit_code"] = rc
                 res["warm_kernel_cache_seconds"] = time.perf_counter() - t
             for threads in args.thread_settings:
                 for epochs in ds["epoch_counts"]:
@@ -248,12 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             results.write(args.out_dir, stem, res)
     res["total_seconds"] = time.perf_counter() - start
     results.publish(args.out_dir, stem, res, markdown(res))
-    failed = any(
-        r["summary"][i]["n_failed"]
-        for r in res["rows"]
-        for i in args.implementations
-        if i not in skipped
-    )
+    ran = [i for i in args.implementations if i not in skipped]
+    failed = any(r["summary"][i]["n_failed"] for r in res["rows"] for i in ran)
+
     return 1 if failed or any("error" in d for d in res["datasets"]) else 0
 
 

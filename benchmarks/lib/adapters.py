@@ -1,13 +1,6 @@
-"""One adapter per implementation of scVI, fitting and scoring through one interface.
-
-``Adapter(adata, batch_key, matched=, seed=, threads=, **options).fit(epochs, split)``; then
-``latent()``, ``elbo()`` / ``marginal_ll()`` (the implementation's own estimators),
-``common_elbo()`` / ``common_marginal_ll()`` (pyro_scvi's, through ``as_pyro_scvi()``) and
-``impute()``; ``run`` holds what the fit measured. ``matched=False``: each implementation at
-its defaults (only the data, the epochs and ``seed`` set); ``matched=True``: the settings
-``compare_scvi_tools`` matches (:data:`MATCHED`, :data:`TRAINING`, no early stopping,
-validation every epoch, CPU; scvi-tools' encoders see the batch, as pyro_scvi's do).
-``split``: the (training, held-out) cells, checked against pyro_scvi's own split rule.
+"""One adapter per implementation of scVI, fitting and scoring through one interface
+(``benchmarks/README.md``, "The code"); ``run`` holds what the fit measured. ``matched=True``:
+:data:`MATCHED`, :data:`TRAINING`, no early stopping, validation every epoch, CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +12,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from .data import make_split
 
 MATCHED = dict(n_latent=10, n_hidden=128, n_layers=1, dropout_rate=0.1, dispersion="gene")
 TRAINING = {"batch_size": 128, "lr": 1e-3, "train_size": 0.9, "kl_warmup_epochs": 400}
@@ -124,19 +119,16 @@ class PyroScvi(Adapter):
         if self.matched:  # SCVI() builds its networks before train(seed=) seeds anything
             pyro.set_rng_seed(self.seed or 0)
             kwargs = MATCHED | {"likelihood": pyro_scvi.ZINB(), "use_observed_lib_size": False}
-        self.model = pyro_scvi.SCVI(
-            self.adata, batch_key=self.batch_key, **kwargs | o.get("model", {})
-        )
+        kwargs |= {"batch_key": self.batch_key, **o.get("model", {})}
+        self.model = pyro_scvi.SCVI(self.adata, **kwargs)
         train: dict[str, Any] = {"max_epochs": epochs}
         if self.matched:
             train |= TRAINING | {"early_stopping": False, "device": "cpu"}
-        if self.seed is not None:
-            train["seed"] = self.seed
-        if self.quiet:
-            train["progress_bar"] = False
         engine = o.get("engine", Engine(threads=self.threads) if self.threads else None)
-        if engine is not None:
-            train["engine"] = engine
+        # each only when set: train()'s own defaults otherwise
+        for key, value in (("seed", self.seed), ("engine", engine)):
+            train |= {key: value} if value is not None else {}
+        train |= {"progress_bar": False} if self.quiet else {}
         self._timed(self.model.train, **train | o.get("train", {}))
         h = self.model.history
         curve = [float(v) for v in h["validation_elbo"]]
@@ -148,10 +140,9 @@ class PyroScvi(Adapter):
             "threads_per_epoch": [int(v) for v in h["threads"]] if "threads" in h else [],
         }
         if split is not None:
-            self.run["split_matches"] = bool(
-                np.array_equal(self.model.train_indices, split[0])
-                and np.array_equal(self.model.validation_indices, split[1])
-            )
+            ours = (self.model.train_indices, self.model.validation_indices)
+            self.run["split_matches"] = all(map(np.array_equal, ours, split))
+
         if cache:
             self.model.save(cache)
         return self
@@ -248,9 +239,8 @@ class ScviTools(Adapter):
         n_train = len(split[0]) if split is not None else len(self.model.train_indices)
         self._history(timer.epoch_seconds, curve, n_train)
         self.run["epochs_run"] = int(self.model.history["elbo_train"].shape[0])
-        self.run["use_observed_lib_size"] = bool(
-            getattr(self.model.module, "use_observed_lib_size", True)
-        )
+        observed = getattr(self.model.module, "use_observed_lib_size", True)
+        self.run["use_observed_lib_size"] = bool(observed)
         if cache:
             self.model.save(str(cache), save_anndata=False)
         return self
@@ -262,46 +252,39 @@ class ScviTools(Adapter):
         import scvi
 
         scvi.settings.seed = seed
-        draws = [self.model.get_elbo(self.adata, indices=cells, return_mean=False)]
-        while len(draws) < n_samples:
-            draws.append(self.model.get_elbo(self.adata, indices=cells, return_mean=False))
-        return float(np.mean([np.mean(np.asarray(d)) for d in draws]))
+        draws = [
+            np.mean(np.asarray(self.model.get_elbo(self.adata, indices=cells, return_mean=False)))
+            for _ in range(max(1, n_samples))
+        ]
+        return float(np.mean(draws))
 
     def marginal_ll(
         self, cells: Any, n_samples: int, seed: int, observed_library: bool = False
     ) -> float:
-        """scvi-tools' ``get_marginal_ll`` per cell, averaged over the cells (its
-        ``return_mean=True`` averages minibatch means); with its default observed library
-        this is log p(x | library)."""
+        """scvi-tools' ``get_marginal_ll`` per cell, averaged over the cells (its ``return_mean``
+        averages minibatch means); with its default observed library, log p(x | library)."""
         import numpy as np
         import scvi
 
         scvi.settings.seed = seed
-        ll = self.model.get_marginal_ll(
-            self.adata, indices=cells, n_mc_samples=n_samples, return_mean=False
-        )
-        return float(np.asarray(ll, dtype=np.float64).mean())
+        kw = {"indices": cells, "n_mc_samples": n_samples, "return_mean": False}
+        return float(np.asarray(self.model.get_marginal_ll(self.adata, **kw), np.float64).mean())
 
     def impute(self, adata: Any, n_samples: int, seed: int) -> Any:
         import numpy as np
 
-        return np.asarray(
-            self.model.get_normalized_expression(
-                self.adata, library_size="latent", n_samples=n_samples, return_mean=True
-            )
-        )
+        kw = {"library_size": "latent", "n_samples": n_samples, "return_mean": True}
+        return np.asarray(self.model.get_normalized_expression(self.adata, **kw))
 
     def as_pyro_scvi(self) -> Any:
-        """A pyro_scvi :class:`~pyro_scvi.SCVI` holding the fit's weights (``matched`` fits:
-        the two networks are the same, so this is a renaming; every tensor is filled).
-        Its guide is the paper's (``library_residual=False``), as scvi-tools' is."""
+        """A :class:`pyro_scvi.SCVI` holding the fit's weights (``matched`` fits: a renaming, every
+        tensor filled), its guide the paper's (``library_residual=False``) as scvi-tools' is."""
         import pyro_scvi
 
         if getattr(self, "renamed", None) is not None:
             return self.renamed
-        target = pyro_scvi.SCVI(
-            self.adata, batch_key=self.batch_key, library_residual=False, **MATCHED
-        )
+        kw = {"batch_key": self.batch_key, "library_residual": False, **MATCHED}
+        target = pyro_scvi.SCVI(self.adata, **kw)
         theirs = self.model.module.state_dict()
         for module, names in ((target.guide, _GUIDE_NAMES), (target.model, _MODEL_NAMES)):
             state, filled = module.state_dict(), set()
@@ -344,10 +327,8 @@ _MODEL_NAMES = {
 
 
 class FloorLoss:
-    """Negative ELBO per cell of scVI for pyro_scvi's networks, in plain torch: the ZINB
-    log-density (``fused``: :func:`pyro_scvi.train.kernels.zinb_log_prob_fused`, compiled
-    unless ``compiled=False``; else :func:`pyro_scvi.model.distributions.zinb_log_prob`), a
-    one-sample reconstruction term, the analytic KLs of q(z) and q(l)."""
+    """Negative ELBO per cell of scVI for pyro_scvi's networks in plain torch: the ZINB density
+    (``fused``: the fused kernel, compiled unless ``compiled=False``), one sample, analytic KLs."""
 
     def __init__(self, scvi: Any, fused: bool = False, *, compiled: bool = True) -> None:
         import torch
@@ -389,12 +370,10 @@ def minibatches(indices: Any, batch_size: int, rng: Any) -> list[Any]:
 
 
 class TorchFloor(Adapter):
-    """pyro_scvi's default networks (held by an :class:`pyro_scvi.SCVI`, initialized as
-    pyro_scvi's run of the seed) trained by a hand-written loop with no Pyro, no checks, no
-    logging: minibatches from a dense tensor of all counts (made before the clock starts),
-    fused Adam, the validation ELBO every epoch and the batch-norm statistics re-estimated at
-    the end, as pyro_scvi does. pyro_scvi time / floor time is what Pyro and pyro_scvi's loop
-    add. Option ``fused``: the ZINB kernel (default: pyro_scvi's engine decides)."""
+    """pyro_scvi's default networks, initialized as pyro_scvi's run of the seed, trained by a
+    plain loop (no Pyro, checks or logging; the counts dense before the clock starts; fused
+    Adam; validation and batch-norm refresh as pyro_scvi's). Option ``fused``: the ZINB kernel
+    (default: pyro_scvi's engine decides)."""
 
     name = "torch-floor"
 
@@ -413,7 +392,7 @@ class TorchFloor(Adapter):
         pyro.set_rng_seed(seed)
         kwargs = MATCHED | {"likelihood": pyro_scvi.ZINB(), "use_observed_lib_size": False}
         scvi = self.model = pyro_scvi.SCVI(self.adata, batch_key=self.batch_key, **kwargs)
-        train_idx, val_idx = split if split is not None else self._split()
+        train_idx, val_idx = split if split is not None else make_split(self.adata.n_obs, seed)
         modules, genes = (scvi.model, scvi.guide), self.adata.n_vars
         x = scvi.data.X
         x_all = torch.as_tensor(x.toarray() if hasattr(x, "toarray") else x, dtype=torch.float32)
@@ -476,17 +455,11 @@ class TorchFloor(Adapter):
         self.run |= {"train_seconds": done - start, "train_done_at": done, "split_matches": True}
         self._history(epoch_seconds, curve, len(train_idx))
         self.run |= {
-            "n_validation": len(val_idx),
-            "fused_kernel_used": engine.fused_kernel,
+            "n_validation": len(val_idx), "fused_kernel_used": engine.fused_kernel,
             "fused_kernel_compiled": engine.compile_kernel,
             "fused_kernel_reason": engine.reasons["fused_kernel"],
-        }
+        }  # fmt: skip
         return self
-
-    def _split(self) -> tuple[Any, Any]:
-        from .data import make_split
-
-        return make_split(self.adata.n_obs, self.seed or 0)
 
     def impute(self, adata: Any, n_samples: int, seed: int) -> Any:
         raise NotImplementedError("the floor has no imputation run")

@@ -1,10 +1,7 @@
 """Datasets for the studies, and the split of cells every implementation shares.
 
-A dataset is named by a string: a registered dataset of :mod:`pyro_scvi.datasets` by its
-name or file name (``pbmc8k_200hvg``, ``cellbench_3cl_2tech.h5ad``), read from
-``--data-dir``, ``$PYRO_SCVI_DATA``, the package or the cache, or downloaded; any other
-``.h5ad`` in ``--data-dir`` (e.g. the files ``derive_data`` writes); or
-``synthetic:<cells>x<genes>``, simulated by :func:`pyro_scvi.datasets.synthetic_zinb`.
+A dataset is named by a string: a registered dataset's name or file name, any other ``.h5ad``
+in ``--data-dir``, or ``synthetic:<cells>x<genes>`` (``benchmarks/README.md``, "The code").
 """
 
 from __future__ import annotations
@@ -43,23 +40,16 @@ def parse(spec: str) -> dict[str, Any]:
     return {"spec": spec, "kind": "synthetic", "name": f"synthetic_{size}", "size": size}
 
 
-def registered(name: str) -> Any:
-    """The :class:`pyro_scvi.datasets.Dataset` of ``name``, or None."""
+def path_of(spec: str, folder: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The ``.h5ad`` file of a dataset (registered ones verified, fetched if need be)."""
     from pyro_scvi import datasets
 
     try:
-        return datasets.entry(Path(name).name)
-    except KeyError:
-        return None
-
-
-def path_of(spec: str, folder: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """The ``.h5ad`` file of a dataset (registered ones verified, fetched if need be)."""
-    d = registered(spec)
-    if d is not None:
-        from pyro_scvi import datasets
-
-        return datasets.fetch(d.name, data_dir=folder, download=download)
+        name = datasets.entry(Path(spec).name).name
+    except KeyError:  # not registered: a file of the folder
+        name = None
+    if name is not None:
+        return datasets.fetch(name, data_dir=folder, download=download)
     path = Path(spec) if Path(spec).suffix == ".h5ad" and Path(spec).parent != Path() else None
     return path or data_dir(folder) / f"{Path(spec).name.removesuffix('.h5ad')}.h5ad"
 
@@ -83,13 +73,9 @@ def default_names(folder: str | os.PathLike | None = None) -> list[str]:
 
 
 def load(
-    spec: str,
-    folder: str | os.PathLike | None = None,
-    *,
-    subsample: int | None = None,
-    seed: int = 0,
-    download: bool = True,
-) -> Any:
+    spec: str, folder: str | os.PathLike | None = None, *, subsample: int | None = None,
+    seed: int = 0, download: bool = True,
+) -> Any:  # fmt: skip
     """A dataset as float32 CSR counts without empty cells; ``subsample``: that many random
     cells of a file (simulations are made at their size)."""
     import anndata
@@ -147,13 +133,11 @@ def some_cells(cells: Any, at_most: int, seed: int) -> Any:
 def describe(adata: Any) -> dict[str, Any]:
     """Shape, batches, cell types, sparsity."""
     return {
-        "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "n_batches": int(adata.obs["batch"].nunique()),
-        "batch_key": batch_key_for(adata),
+        "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
+        "n_batches": int(adata.obs["batch"].nunique()), "batch_key": batch_key_for(adata),
         "n_cell_types": int(adata.obs["cell_type"].nunique()),
         "nonzero_fraction": float(adata.X.nnz / (adata.n_obs * adata.n_vars)),
-    }
+    }  # fmt: skip
 
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -10,7 +11,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -58,24 +59,18 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
-            )
+            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            cpu = next(names, cpu)
     except OSError:
         pass
+
     try:
         ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         ram = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_model": cpu,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "ram_gib": ram,
-    }
+    out = {"platform": platform.platform(), "machine": platform.machine()}
+    out |= {"processor": platform.processor(), "cpu_model": cpu}
+    return out | {"python": platform.python_version(), "cpu_count": os.cpu_count(), "ram_gib": ram}
 
 
 def machine_line(meta: dict[str, Any]) -> str:
@@ -91,14 +86,9 @@ def metadata(
     args = list(sys.argv[1:] if argv is None else argv)
     found = {n: package_version(n) for n in (*VERSIONS, *versions)}
     found["pyro_scvi"] = found.pop("pyro-scvi")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m", f"benchmarks.{study}", *args]),
-        "machine": machine(),
-        "threads": threads,
-        "versions": found,
-        "git": git_state(),
-    }
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out = {"date": now, "command": " ".join(["python -m", f"benchmarks.{study}", *args])}
+    return out | {"machine": machine(), "threads": threads, "versions": found, "git": git_state()}
 
 
 def meta_of(results: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +124,11 @@ def md_table(columns: str | Sequence[str], rows: Iterable[Sequence[Any]]) -> lis
     return lines + [
         f"| {row if isinstance(row, str) else ' | '.join(map(str, row))} |" for row in rows
     ]
+
+
+def section(title: str, columns: str | Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A blank line, ``## title``, a blank line and the table (:func:`md_table`)."""
+    return ["", f"## {title}", "", *md_table(columns, rows)]
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:
@@ -182,11 +177,8 @@ def provenance(results: dict[str, Any], note: str = "") -> dict[str, str]:
     """Date, commit and command of the run that wrote ``results`` (marks kept rows)."""
     meta = meta_of(results)
     commit = str((meta.get("git") or {}).get("pyro_scvi_commit"))
-    return {
-        "date": str(meta.get("date")),
-        "commit": commit,
-        "command": str(meta.get("command")),
-    } | ({"note": note} if note else {})
+    out = {"date": str(meta.get("date")), "commit": commit, "command": str(meta.get("command"))}
+    return out | ({"note": note} if note else {})
 
 
 def keep_not_redone(
@@ -196,6 +188,21 @@ def keep_not_redone(
     ``from_run`` with the run that measured it (a row kept before keeps its own)."""
     source = provenance(earlier, note)
     return [{**r, "from_run": r.get("from_run", source)} for r in rows if r[key] not in redone]
+
+
+def parser(
+    doc: str, smoke: str = "", *, out: str = "--out-dir", data_dir: bool = True, merge: str = ""
+) -> tuple[argparse.ArgumentParser, Callable[..., Any]]:
+    """A study's parser and its ``add_argument``, with the options the studies share:
+    ``--data-dir``, ``out`` (the results folder), ``--smoke`` and (given its help) ``--merge``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if data_dir:
+        p.add_argument("--data-dir", type=Path, help="folder of .h5ad ($PYRO_SCVI_DATA, cache)")
+    p.add_argument(out, type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--smoke", action="store_true", help=smoke or None)
+    if merge:
+        p.add_argument("--merge", action="store_true", help=merge)
+    return p, p.add_argument
 
 
 def stem(study: str, smoke: bool) -> str:

@@ -9,9 +9,8 @@ DELTA, FDR_TARGET = 0.25, 0.05
 
 
 def latent_scores(latent: Any, adata: Any, cells: Any, seed: int) -> dict[str, Any]:
-    """:func:`pyro_scvi.analysis.metrics.score_latent` of ``cells`` against
-    ``obs["cell_type"]`` (and ``obs["batch"]`` on multi-batch data): KMeans ARI and NMI,
-    silhouettes, batch entropy."""
+    """:func:`pyro_scvi.analysis.metrics.score_latent` of ``cells`` against ``obs["cell_type"]``
+    (and ``obs["batch"]`` on multi-batch data): KMeans ARI and NMI, silhouettes, batch entropy."""
     from pyro_scvi.analysis.metrics import score_latent
 
     from .data import batch_key_for
@@ -22,9 +21,8 @@ def latent_scores(latent: Any, adata: Any, cells: Any, seed: int) -> dict[str, A
 
 
 def corrupted(adata: Any, scheme: str, rate: float, seed: int, binomial_p: float = 0.1):
-    """``(copy of adata with hidden entries, dense original counts, hidden entries)``:
-    ``rate`` of the non-zero entries set to 0 (``uniform``) or to Binomial(x,
-    ``binomial_p``) (``binomial``), by :func:`pyro_scvi.analysis.metrics.corrupt_counts`."""
+    """``(copy of adata with hidden entries, dense original counts, hidden entries)``: ``rate``
+    of the non-zero entries hidden by :func:`pyro_scvi.analysis.metrics.corrupt_counts`."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -61,7 +59,6 @@ def knn_impute(y: Any, seed: int, pcs: int = 30, k: int = 15, target_sum: float 
     return freq[idx[:, 1:]].mean(axis=1) * lib  # idx[:, 0] is the cell itself
 
 
-# ---------------------------------------------------------------- differential expression
 def tie_broken_score(primary: Any, secondary: Any) -> Any:
     """Ranks ordering genes by ``primary``, ties broken by ``|secondary|``."""
     import numpy as np
@@ -105,18 +102,14 @@ def wilcoxon(adata: Any, groupby: str, g1: str, g2: str) -> tuple[Any, Any, Any]
     x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
     labels = adata.obs[groupby].astype(object).to_numpy()
     a, b = labels == g1, labels == g2
-    x = x[a | b]
+    x, in_a = x[a | b], a[a | b]
     x = np.log1p(1e4 * x / np.maximum(x.sum(1, keepdims=True), 1))
-    in_a = a[a | b]
     n1, n2 = in_a.sum(), (~in_a).sum()
     n = n1 + n2
     u = stats.rankdata(x, axis=0)[in_a].sum(0) - n1 * (n1 + 1) / 2
-    ties = np.array(
-        [
-            np.sum(c**3 - c)
-            for c in (np.unique(col, return_counts=True)[1].astype(float) for col in x.T)
-        ]
-    )
+    tied = (np.unique(col, return_counts=True)[1].astype(float) for col in x.T)
+    ties = np.array([np.sum(c**3 - c) for c in tied])
+
     var = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
     z = (u - n1 * n2 / 2) / np.sqrt(np.maximum(var, 1e-12))
     p = 2 * stats.norm.sf(np.abs(z))
@@ -124,27 +117,18 @@ def wilcoxon(adata: Any, groupby: str, g1: str, g2: str) -> tuple[Any, Any, Any]
     return np.abs(z), benjamini_hochberg(p) < FDR_TARGET, lfc
 
 
-def de_pyro(model: Any, adata: Any, groupby: str, g1: str, g2: str, rank="table", **kw: Any):
+def de_pyro(model: Any, adata: Any, groupby: str, g1: str, g2: str, **kw: Any):
     """pyro_scvi's ``differential_expression`` (delta :data:`DELTA`, target
-    :data:`FDR_TARGET`): ``(score, is_de_fdr, lfc_mean)`` in gene order; ``rank="table"``
-    scores by the order of its table, ``"proba"`` by ``proba_de`` (ties ``|lfc_mean|``)."""
+    :data:`FDR_TARGET`): ``(score, is_de_fdr, lfc_mean)`` in gene order, scored by the order
+    of its table."""
     import numpy as np
     import pandas as pd
 
-    kw |= {
-        "groupby": groupby,
-        "group1": g1,
-        "group2": g2,
-        "delta": DELTA,
-        "fdr_target": FDR_TARGET,
-    }
-    res = model.differential_expression(adata, **kw)
+    kw |= {"groupby": groupby, "group1": g1, "group2": g2}
+    res = model.differential_expression(adata, delta=DELTA, fdr_target=FDR_TARGET, **kw)
     position = pd.Series(np.arange(len(res))[::-1], index=res.index, dtype=float)
     score, res = position.loc[adata.var_names].to_numpy(), res.loc[adata.var_names]
-    lfc = res["lfc_mean"].to_numpy()
-    if rank != "table":
-        score = tie_broken_score(res["proba_de"].to_numpy(), lfc)
-    return score, res["is_de_fdr"].to_numpy().astype(bool), lfc
+    return score, res["is_de_fdr"].to_numpy().astype(bool), res["lfc_mean"].to_numpy()
 
 
 def de_scvi_tools(fit: Any, groupby: str, g1: str, g2: str, mode: str, batch_correction: bool):

@@ -1,10 +1,8 @@
 """Runs in processes of their own, memory readings, and medians over repeated runs.
 
-A study's parent spawns ``python -m benchmarks.<study> --worker SPEC`` (or ``--prepare``,
-``--warm-kernel``) per run: :func:`spawn` starts it, :func:`main` answers it. A worker
-writes its result (or its error) to ``spec["result"]``, so one failure is recorded and the
-study goes on. The parent imports no numerical library: on Linux a child's ``ru_maxrss``
-starts at its parent's peak.
+:func:`spawn` starts ``python -m benchmarks.<study> --worker SPEC`` (or ``--prepare``, ...),
+:func:`main` answers it; its result (or error) goes to ``spec["result"]``. The parent imports
+no numerical library: on Linux a child's ``ru_maxrss`` starts at its parent's peak.
 """
 
 from __future__ import annotations
@@ -24,21 +22,13 @@ from typing import Any
 from . import data, results
 
 
-def spawn(
-    study: str, mode: str, spec: dict[str, Any], threads: int | None = None
-) -> dict[str, Any]:
-    """``python -m benchmarks.<study> <mode> SPEC`` in a new process; its result file (when
-    ``spec`` names one) with the wall time and the load average around it.
-
-    ``threads``: ``OMP/MKL/OPENBLAS_NUM_THREADS`` of the child (``None``: as they are).
-    """
+def spawn(study: str, mode: str, spec: dict[str, Any], threads: int | None = None) -> dict:
+    """``python -m benchmarks.<study> <mode> SPEC`` in a new process (``threads``: its
+    ``OMP/MKL/OPENBLAS_NUM_THREADS``); its result file, wall time and load average around it."""
     env = dict(os.environ)
     if threads is not None:
-        env |= {
-            v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-        }
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
+        env |= {f"{v}_NUM_THREADS": str(threads) for v in ("OMP", "MKL", "OPENBLAS")}
+    load, start = os.getloadavg()[0], time.perf_counter()
     cmd = [sys.executable, "-m", f"benchmarks.{study}", mode, json.dumps(spec)]
     # the child's stdout (libraries' notices) goes to stderr: stdout is the table
     rc = subprocess.run(cmd, env=env, stdout=sys.stderr, cwd=results.REPO).returncode
@@ -50,27 +40,22 @@ def spawn(
             path.unlink()
         else:
             out = {"error": f"worker exited with code {rc} and wrote no result"}
-    wall = time.perf_counter() - start
-    return out | {
-        "worker_wall_seconds": wall,
-        "loadavg_1min_before": load,
-        "loadavg_1min_after": os.getloadavg()[0],
-    }
+    out["worker_wall_seconds"] = time.perf_counter() - start
+    return out | {"loadavg_1min_before": load, "loadavg_1min_after": os.getloadavg()[0]}
 
 
 def main(argv: Sequence[str] | None, **modes: Callable[[dict[str, Any]], Any]) -> int | None:
     """Answer ``--worker SPEC`` (and the other ``modes``, e.g. ``prepare=...``) in a worker
-    process; ``None`` when ``argv`` is a study's own command line.
-
-    A mode's return value (an error as ``{"error": ...}``) goes to ``spec["result"]``.
-    """
+    process, its return value (an error as ``{"error": ...}``) to ``spec["result"]``;
+    ``None`` when ``argv`` is a study's own command line."""
     raw = list(sys.argv[1:] if argv is None else argv)
     modes = {"warm_kernel": warm_kernel, "prepare": data.prepare, **modes}
-    if len(raw) != 2 or raw[0].removeprefix("--").replace("-", "_") not in modes:
+    mode = raw[0].removeprefix("--").replace("-", "_") if len(raw) == 2 else None
+    if mode not in modes:
         return None
     spec = json.loads(raw[1])
     try:
-        out = modes[raw[0].removeprefix("--").replace("-", "_")](spec)
+        out = modes[mode](spec)
     except Exception as err:  # the parent records it and goes on
         traceback.print_exc()
         out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
@@ -80,9 +65,8 @@ def main(argv: Sequence[str] | None, **modes: Callable[[dict[str, Any]], Any]) -
 
 
 def prepare(study: str, dataset: str, tmp: Path, threads: int | None = None, **spec: Any) -> dict:
-    """The dataset written to ``tmp`` by a ``--prepare`` process (:func:`.data.prepare`,
-    ``spec``: its ``data_dir``, ``subsample``, ``seed``): its description and ``h5ad``, or
-    ``{"error": ...}``."""
+    """The dataset written to ``tmp`` by a ``--prepare`` process (:func:`.data.prepare`, given
+    ``spec``): its description and ``h5ad``, or ``{"error": ...}``."""
     name = data.parse(dataset)["name"]
     spec |= {"dataset": dataset, "h5ad": str(tmp / f"{name}.h5ad")}
     out = spawn(study, "--prepare", spec | {"result": str(tmp / f"{name}.json")}, threads)
@@ -124,11 +108,8 @@ def status_mib(field: str) -> float | None:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0); ``True`` if done.
-
-    Afterwards ``VmHWM`` is the peak since the reset, and so is ``ru_maxrss`` unless the
-    parent's peak at spawn time is larger.
-    """
+    """Reset this process's peak RSS (``VmHWM``; ``ru_maxrss`` too, unless the parent's was
+    larger at spawn time) to its current RSS (Linux >= 4.0); ``True`` if done."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -156,16 +137,13 @@ def rotate(items: Sequence[str], repeat: int) -> list[str]:
 
 def summarize(runs: list[dict[str, Any]], impls: Sequence[str], keys: Sequence[str]) -> dict:
     """Medians of ``keys`` over runs per implementation, the runs that failed, and the speed
-    ratios of pyro_scvi, scvi-tools and the floor (by ``seconds_per_epoch``, or
-    ``train_seconds``, and the steady state)."""
+    ratios of pyro_scvi, scvi-tools and the floor (:data:`RATIOS`)."""
     out: dict[str, Any] = {}
     for impl in impls:
         mine = [r for r in runs if r["implementation"] == impl]
         ok = [r for r in mine if "error" not in r]
-        out[impl] = {
-            k: statistics.median(v) if (v := [r[k] for r in ok if r.get(k) is not None]) else None
-            for k in keys
-        }
+        values = {k: [r[k] for r in ok if r.get(k) is not None] for k in keys}
+        out[impl] = {k: statistics.median(v) if v else None for k, v in values.items()}
         out[impl] |= {"n_ok": len(ok), "n_failed": len(mine) - len(ok)}
         if len(ok) < len(mine):
             out[impl]["error"] = next(r["error"] for r in mine if "error" in r)
@@ -175,15 +153,20 @@ def summarize(runs: list[dict[str, Any]], impls: Sequence[str], keys: Sequence[s
         return x / y if x is not None and y else None
 
     time = "seconds_per_epoch" if "seconds_per_epoch" in keys else "train_seconds"
-    return out | {
-        "time_ratio_pyro_over_scvi_tools": ratio("pyro_scvi", "scvi-tools", time),
-        "speedup_pyro_vs_scvi_tools": ratio("scvi-tools", "pyro_scvi", time),
-        "time_ratio_pyro_over_torch_floor": ratio("pyro_scvi", "torch-floor", time),
-        "time_ratio_scvi_tools_over_torch_floor": ratio("scvi-tools", "torch-floor", time),
-        "steady_speedup_pyro_vs_scvi_tools": ratio(
-            "scvi-tools", "pyro_scvi", "median_epoch_seconds"
-        ),
-        "steady_time_ratio_pyro_over_torch_floor": ratio(
-            "pyro_scvi", "torch-floor", "median_epoch_seconds"
-        ),
-    }
+    return out | {name: ratio(a, b, key or time) for name, (a, b, key) in RATIOS.items()}
+
+
+#: The speed ratios :func:`summarize` reports: (numerator, denominator, the time compared;
+#: ``None``: ``seconds_per_epoch``, or ``train_seconds``).
+RATIOS = {
+    "time_ratio_pyro_over_scvi_tools": ("pyro_scvi", "scvi-tools", None),
+    "speedup_pyro_vs_scvi_tools": ("scvi-tools", "pyro_scvi", None),
+    "time_ratio_pyro_over_torch_floor": ("pyro_scvi", "torch-floor", None),
+    "time_ratio_scvi_tools_over_torch_floor": ("scvi-tools", "torch-floor", None),
+    "steady_speedup_pyro_vs_scvi_tools": ("scvi-tools", "pyro_scvi", "median_epoch_seconds"),
+    "steady_time_ratio_pyro_over_torch_floor": (
+        "pyro_scvi",
+        "torch-floor",
+        "median_epoch_seconds",
+    ),
+}
