@@ -156,7 +156,15 @@ def test_a_model_of_the_old_flag_code_loads_and_is_refitted_exactly():
     )
     # the same recipe through the object gives the old code's numbers: no numerical change
     # (the old code left the gate head's bias at its layer's random start; now 0.05)
-    new = _fit(adata, library_prior=ObservedLibrary(), likelihood=ZINB(initial_dropout=None))
+    # (and the old default warm-up: 400 epochs)
+    new = SCVI(
+        adata,
+        batch_key="batch",
+        n_latent=2,
+        n_hidden=8,
+        library_prior=ObservedLibrary(),
+        likelihood=ZINB(initial_dropout=None),
+    ).train(**FIT, kl_warmup_epochs=400)
     np.testing.assert_allclose(_elbos(new), _elbos(old), rtol=1e-5)
     np.testing.assert_allclose(
         new.get_latent_representation(), expected_latent, rtol=1e-5, atol=1e-6
