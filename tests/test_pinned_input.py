@@ -197,3 +197,32 @@ def test_a_streamed_input_replaced_just_before_it_is_copied_writes_nothing(
     assert status == 1 and "changed while the run used it" in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out_checkpoint"]
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_map_query_with_a_streamed_input_changed_during_training_writes_nothing(
+    tmp_path, monkeypatch, cells, change
+):
+    # the reference: batch 0's cells; the query, streamed: batch 1's
+    reference, query = (cells[cells.obs["batch"] == b].copy() for b in ("batch0", "batch1"))
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    status, stderr = _run(
+        ["fit", tmp_path / "ref.h5ad", "-o", tmp_path / "ref_out.h5ad", *FAST, *EXACT]
+        + ["--model-dir", tmp_path / "ref_model", "--batch-key", "batch"]
+    )
+    assert status == 0, stderr
+    src = tmp_path / "query.h5ad"
+    query.write_h5ad(src)
+    reversed_cells = query[::-1].copy()
+    action = _replace(src, reversed_cells) if change == "replaced" else src.unlink
+    _at_step(monkeypatch, 2, action)
+    out = tmp_path / "mapped.h5ad"
+    argv = ["map-query", tmp_path / "ref_model", src, "-o", out, "--max-epochs", "2"]
+    status, stderr = _run(argv + ["--quiet", "--model-dir", tmp_path / "q_model", *STREAMED])
+    assert status == 1, stderr
+    line = stderr.strip()
+    assert "\n" not in line and "changed while the run used it" in line
+    assert "Nothing was written" in line and str(tmp_path / "q_model") in line
+    assert not out.exists()  # never rows paired with another file's cells
+    assert (tmp_path / "q_model").is_dir()  # the trained query model is kept
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".mapped")]

@@ -67,12 +67,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         folders={"--model-dir": model_dir},
     )
 
+    from ..data.identity import FileIdentity
+    from ..errors import InputChanged
     from ..io.files import atomic_path
     from ..scvi import SCVI, resolve_device
     from ..tl import write_results
 
     resolve_device(args.device)  # fail before reading data
     adata, streamed, data_source = _read_data(args)
+    # a streamed INPUT is read again when OUTPUT is copied from it: pin the file it was
+    pinned = FileIdentity.of(adata.filename) if streamed else None
     model = SCVI.load_query_data(
         adata, args.reference, streamed=True if streamed else None, trust=args.trust_model
     )
@@ -87,9 +91,21 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     model.save(model_dir, overwrite=True)
     params = dict(reference=str(args.reference), model_dir=str(model_dir), seed=args.seed)
     params.update(max_epochs=len(model.history), input=str(args.input), data_source=data_source)
-    write_results(model, adata, params=params)
-    with atomic_path(output) as tmp:
-        _write_results_h5ad(adata, tmp)
+    try:
+        if pinned is not None:
+            pinned.check()  # before the latent space is read from it
+        write_results(model, adata, params=params)
+        with atomic_path(output) as tmp:
+            _write_results_h5ad(adata, tmp)
+            if pinned is not None:
+                pinned.check()  # the copy is of the file trained on, or nothing moves in
+    except InputChanged as err:
+        print(
+            f"{PROG} map-query: error: {err} Nothing was written to {output}; the query "
+            f"model is saved in {model_dir}. Put INPUT back, or map the new file.",
+            file=sys.stderr,
+        )
+        return 1
     new = [b for b in model.batch_categories if b not in model.reference_batches]
     print(
         f"{PROG} map-query: mapped {adata.n_obs} cells of batches {new} onto {args.reference}; "
