@@ -253,10 +253,10 @@ def targets(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, bool | No
                 "null halves <= 1 %": mine["null_fraction"] <= 0.01,
             }
             for k in STRATA:
-                a, w = mine[f"auroc {k}"], methods["Wilcoxon"][f"auroc {k}"]
+                a, w = mine[f"auroc {k}"], methods["Wilcoxon"].get(f"auroc {k}")
                 b = ref and ref[f"auroc {k}"]
                 checks[f"AUROC {k} >= scvi-tools"] = None if a is None or b is None else a >= b
-                checks[f"AUROC {k} >= Wilcoxon - 0.02"] = None if a is None else a >= w - 0.02
+                checks[f"AUROC {k} >= Wilcoxon - 0.02"] = None if None in (a, w) else a >= w - 0.02
             out[f"{name} | {row}"] = checks
     return out
 
