@@ -7,7 +7,8 @@ expressers, balanced; each with and without batches crossed with the groups) and
 changes planted in real counts, balanced or one-sided (:mod:`pyro_scvi.datasets.de_truth`);
 AUROC (overall and per expression stratum), empirical FDR and power at 5 %, calls between
 random halves, the median LFC of unchanged genes. ``--cache DIR`` keeps the fits;
-``--merge`` keeps the other benchmarks' rows of an earlier run. Details:
+``--merge`` keeps the rows (benchmark, seed, method) of an earlier run that this one does not
+redo; ``--methods`` runs only those (and fits only the models they need). Details:
 ``benchmarks/README.md``.
 
     python -m benchmarks.de_truth --cache "$(mktemp -d)"
@@ -135,7 +136,7 @@ def unavailable(method: str, adata: Any) -> str | None:
 def run_methods(fits: dict, adata: Any, groupby: str, g1: str, g2: str, args, seed: int) -> dict:
     """``method -> (score, calls, seconds)`` or the reason it did not run."""
     out: dict[str, Any] = {}
-    for method in METHODS:
+    for method in args.methods:
         if why := unavailable(method, adata):
             out[method] = why
             continue
@@ -170,11 +171,13 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
     compared = adata.obs["group"].isin(["A", "B"]).to_numpy()
     detected = np.asarray((adata.X[compared] > 0).mean(0)).ravel()
     expressed, unchanged = detected >= EXPRESSED, (detected >= EXPRESSED) & ~truth
+    drift = adata.uns["truth"].get("sample_log2_fold_change", np.zeros(len(truth)))
+    drifted = np.abs(np.asarray(drift)) >= score.DELTA / 2
     print(f"{name}, seed {seed}: {adata.n_obs} cells x {adata.n_vars} genes", file=sys.stderr)
     folder = args.cache and args.cache / f"{name.replace(', ', '_').replace(' ', '_')}_seed{seed}"
     fits, key = {}, data.batch_key_for(adata)
     for impl in ("pyro_scvi", "scvi-tools"):
-        if not adapters.skipped([impl]):
+        if any(m.startswith(impl) for m in args.methods) and not adapters.skipped([impl]):
             cache = folder and folder / impl.replace("-", "_")
             threads = args.threads if impl == "pyro_scvi" else None  # fixed, not free cores
             kw = {"seed": seed, "threads": threads, "device": "cpu", "cache": cache}
@@ -196,12 +199,14 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
         pyro = lfc is not None and method.startswith("pyro")
         m["median_null_lfc"] = float(np.median(lfc[unchanged])) if pyro else None
         m |= {"n_calls": int(calls.sum()), "false_calls": false}
+        m["false_calls_drifted"] = int((calls & ~truth & drifted).sum())
         m |= {"true_calls": int(calls.sum()) - false, "null_calls": int(nulls[method][1].sum())}
         methods[method] = m | {"seconds": seconds}
     design = adata.uns["truth"]
     out = {"benchmark": name, "seed": seed, "n_cells": adata.n_obs, "n_genes": adata.n_vars}
     out |= {"n_de": int(truth.sum()), "n_expressed": int(expressed.sum())}
     out["n_de_expressed"] = int((truth & expressed).sum())
+    out["unchanged_drifted"] = float(drifted[~truth].mean())
     out["group_sizes"] = {k: int(v) for k, v in adata.obs["group"].value_counts().items()}
     out["source"] = design.get("source", design["design"])
     out["composition_shift_log2"] = design.get("composition_shift_log2")
@@ -224,7 +229,8 @@ def summarize(replicates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             calls, false = (sum(x[k] for x in rows) for k in ("n_calls", "false_calls"))
             mean = {k: [x[k] for x in rows if x.get(k) is not None] for k in AVERAGED}
             m = {k: float(np.mean(v)) if v else None for k, v in mean.items()}
-            m |= {"empirical_fdr": false / calls if calls else 0.0}
+            m |= {"empirical_fdr": false / calls if calls else 0.0, "false": false}
+            m["false_drifted"] = sum(x.get("false_calls_drifted", 0) for x in rows)
             m |= {"power": (calls - false) / sum(r["n_de"] for r in reps), "calls": calls}
             nulls = sum(x["null_calls"] for x in rows) / sum(r["n_genes"] for r in reps)
             out[name][method] = m | {"null_fraction": nulls}
@@ -247,10 +253,10 @@ def targets(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, bool | No
                 "null halves <= 1 %": mine["null_fraction"] <= 0.01,
             }
             for k in STRATA:
-                a, w = mine[f"auroc {k}"], methods["Wilcoxon"][f"auroc {k}"]
+                a, w = mine[f"auroc {k}"], methods["Wilcoxon"].get(f"auroc {k}")
                 b = ref and ref[f"auroc {k}"]
                 checks[f"AUROC {k} >= scvi-tools"] = None if a is None or b is None else a >= b
-                checks[f"AUROC {k} >= Wilcoxon - 0.02"] = None if a is None else a >= w - 0.02
+                checks[f"AUROC {k} >= Wilcoxon - 0.02"] = None if None in (a, w) else a >= w - 0.02
             out[f"{name} | {row}"] = checks
     return out
 
@@ -323,6 +329,13 @@ def markdown(res: dict[str, Any]) -> str:
         + "FDR at 5 %:|power:|calls:|null halves: fraction called:|median LFC, unchanged:",
         rows,
     )
+    for name, ms in res["summary"].items():  # replicates' chance differences: sample_key
+        drift = [r.get("unchanged_drifted", 0) for r in res["replicates"] if name in r.values()]
+        lines += [f"\n{name}: replicates differ by chance between the groups by >= "
+            f"{score.DELTA / 2} log2 on {sum(drift) / len(drift):.0%} of the unchanged genes "
+            "and on these of the false calls: " + ", ".join(f"{m} {ms[m]['false_drifted']} "
+            f"of {ms[m]['false']}" for m in METHODS[:3] if "false" in ms[m])
+        ] if any(drift) else []  # fmt: skip
     checks = next(iter(res["targets"].values()), {})
     mark = {None: "-", True: "yes", False: "**no**"}
     marks = [
@@ -386,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pbmc-epochs", type=int, default=100, help="0: no pbmc8k checks")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=None, help="folder of trained models")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = p.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
@@ -396,9 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = results.metadata(STUDY, argv, threads=args.threads, versions=("pydeseq2",))
     replicates = [run_replicate(n, s, args) for n in args.benchmarks for s in range(args.seeds)]
     earlier = results.read(args.out_dir / f"{results.stem(STUDY, args.smoke)}.json")
-    if args.merge and earlier:
-        rows, redone = earlier["replicates"], set(args.benchmarks)
-        replicates = results.keep_not_redone(rows, redone, "benchmark", earlier) + replicates
+    if args.merge and earlier:  # the earlier (benchmark, seed, method) rows not redone stay
+        new, rows = {(r["benchmark"], r["seed"]): r for r in replicates}, []
+        for old in earlier["replicates"]:
+            r = new.pop((old["benchmark"], old["seed"]), {"methods": {}, "train_seconds": {}})
+            source = old.pop("from_run", None) or results.provenance(earlier)
+            kept = {m: {"from_run": source} | v for m, v in old["methods"].items()}
+            seconds = old["train_seconds"] | r["train_seconds"]
+            rows.append(old | r | {"methods": kept | r["methods"], "train_seconds": seconds})
+        replicates = rows + list(new.values())
     summary = summarize(replicates)
     settings = {k: getattr(args, k) for k in ("cells", "genes", "max_epochs", "n_samples")}
     settings |= {"threads": args.threads, "seeds": list(range(args.seeds))}

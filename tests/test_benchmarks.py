@@ -322,6 +322,23 @@ def test_de_truth_smoke(tmp_path):
     assert "Targets (pyro_scvi change mode)" in proc.stdout
 
 
+def test_de_truth_methods_merge_into_an_earlier_run(tmp_path):
+    # reference rows from one run, pyro_scvi's from another: one table with both
+    common = ["--smoke", "--out-dir", tmp_path, "--benchmarks", "splatter", "--methods"]
+    first = _study("de_truth", *common, "Wilcoxon")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _study("de_truth", *common, "pyro_scvi change", "--merge")
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = json.loads((tmp_path / "de_truth_smoke.json").read_text())
+    methods = results["summary"]["splatter"]
+    assert 0 <= methods["Wilcoxon"]["auroc_all"] <= 1
+    assert 0 <= methods["pyro_scvi change"]["auroc_all"] <= 1
+    assert methods["scvi-tools change"] == {"skipped": "not in that run"}
+    (replicate,) = results["replicates"]
+    kept = replicate["methods"]["Wilcoxon"]["from_run"]["command"]
+    assert "Wilcoxon" in kept and "from_run" not in replicate["methods"]["pyro_scvi change"]
+
+
 def test_merge_keeps_rows_not_redone_with_the_run_that_made_them(monkeypatch):
     results = _load_script("lib.results", monkeypatch)
     earlier = {

@@ -525,6 +525,10 @@ def test_sample_key_takes_replicate_variation_into_account():
     false_cells = int((cells["is_de_fdr"] & ~truth).sum())
     false_replicates = int((replicates["is_de_fdr"] & ~truth).sum())
     assert false_cells >= 5 and false_replicates <= false_cells // 3
+    # they are the genes whose replicates differ between the conditions by chance
+    drift = adata.uns["truth"]["sample_log2_fold_change"][cells["is_de_fdr"] & ~truth]
+    lfc = cells["lfc_mean"][cells["is_de_fdr"] & ~truth]
+    assert np.abs(drift).min() > 0.125 and (np.sign(drift) == np.sign(lfc)).mean() >= 0.9
     assert (replicates["lfc_std"] > cells["lfc_std"]).mean() > 0.9
     assert replicates.attrs["params"]["sample_key"] == "sample"
     with pytest.raises(InputError, match="sample_key applies to mode='change'"):

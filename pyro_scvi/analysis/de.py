@@ -84,12 +84,14 @@ genes, and only the comparison within shared batches enters. On simulations from
 the model (``benchmarks/de_truth.py``: Splatter-style, multi-sample Poisson-lognormal,
 fold changes planted in real counts by binomial thinning, with and without confounded
 batches, and the composition designs above) the empirical FDR of the calls at a 5 %
-target was 3-10 %, with power 0.79-1.0 (scvi-tools 1.4.2, in an earlier run of the
-first five designs: 0.13-0.42), and two random halves of one group called nothing.
-Where cells come from a few replicates (samples, donors), pass ``sample_key``: taking
-the cells as independent, differences between replicates pass for differences between
-groups (FDR 9-14 % on the Poisson-lognormal design with 3 replicates per group; 1-7 %
-with it).
+target was 3-10 %, with power 0.79-1.0 (scvi-tools 1.4.2 on the same data: FDR 0-90 %,
+power 0.01-0.86), and two random halves of one group called nothing. Where cells come
+from a few replicates (samples, donors), pass ``sample_key``: taking the cells as
+independent, differences between replicates pass for differences between groups (FDR
+9-10 % on the Poisson-lognormal designs with 3 replicates per group, most false calls on
+genes whose replicates differ between the groups by chance; 1-7 % with it). No
+correction on the cells can remove that: use ``sample_key`` whenever each group's cells
+come from samples of its own.
 
 Change mode calls genes DE by controlling the posterior expected false discovery rate:
 sort genes by ``proba_de`` and take the longest list whose mean ``1 - proba_de``

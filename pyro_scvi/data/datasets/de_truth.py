@@ -280,7 +280,9 @@ def poisson_lognormal_samples(
     -------
     anndata.AnnData
         CSR integer counts; ``obs["group"]`` (condition), ``obs["sample"]``,
-        ``obs["batch"]``; ``uns["truth"]`` with ``log2_fold_change`` and ``is_de``.
+        ``obs["batch"]``; ``uns["truth"]`` with ``log2_fold_change``, ``is_de`` and
+        ``sample_log2_fold_change``: per gene, A's mean sample offset over B's (log2), the
+        difference that these replicates make between the conditions by chance.
 
     Examples
     --------
@@ -338,7 +340,13 @@ def poisson_lognormal_samples(
             "batch": np.array([f"batch{b}" for b in sample_run[sample]]),
         },
         lfc,
-        {"design": "poisson_lognormal_samples"},
+        {
+            "design": "poisson_lognormal_samples",
+            "sample_log2_fold_change": (
+                sample_log[condition == "A"].mean(0) - sample_log[condition == "B"].mean(0)
+            )
+            / np.log(2),
+        },
     )
 
 
