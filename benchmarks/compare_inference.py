@@ -31,9 +31,9 @@ from .lib.results import fmt
 STUDY, N_LATENT = "compare_inference", 10
 SCHEMES = ("mean-field", "full-covariance", "flow", "IWAE", "per-cell")
 RICHER = ("full-covariance", "flow")
-OPTIONS = dict(cells=1000, genes=300, epochs=60, warmup_fraction=0.25, iwae_k=5, heldout=100)
-OPTIONS |= dict(ais_chains=8, ais_steps=50, is_samples=200, refine_steps=300, nuts_cells=5)
-OPTIONS |= dict(nuts_warmup=150, nuts_samples=150, threads=1)
+OPTIONS = dict(cells=500, genes=200, epochs=40, warmup_fraction=0.25, iwae_k=5, heldout=50)
+OPTIONS |= dict(ais_chains=8, ais_steps=30, is_samples=100, refine_steps=100, nuts_cells=3)
+OPTIONS |= dict(nuts_warmup=80, nuts_samples=80, threads=1)
 SMOKE = dict(cells=120, genes=40, epochs=2, heldout=6, ais_chains=2, ais_steps=3, is_samples=8)
 SMOKE |= dict(refine_steps=3, nuts_cells=2, nuts_warmup=4, nuts_samples=4)
 #: cost per epoch a richer family may add over the default before the default stays
