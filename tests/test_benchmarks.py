@@ -250,6 +250,23 @@ def test_out_of_core_merge_keeps_rows_not_redone(monkeypatch):
     assert again["runs"][0]["from_run"]["date"] == "then"
 
 
+def test_compare_inference_smoke_and_gather(tmp_path):
+    proc = _study("compare_inference", "--smoke", "--out-dir", tmp_path / "part")
+    part = tmp_path / "part" / "compare_inference_smoke.json"
+    assert part.exists(), proc.stderr[-3000:]
+    (run,) = json.loads(part.read_text())["runs"]
+    assert list(run["schemes"]) == ["mean-field", "full-covariance", "flow", "IWAE", "per-cell"]
+    for name, row in run["schemes"].items():
+        assert "error" not in row, (name, row.get("traceback"))
+        assert row["ais_se"] > 0 and 0 <= row["k_over_07"] <= 1, name
+        assert 0 <= row["nuts_cov90_l"] <= 1 and row["seconds_per_epoch"] > 0, name
+    # parts run side by side are gathered into one result with the goal check
+    proc = _study("compare_inference", "--gather", part, "--out-dir", tmp_path)
+    res = json.loads((tmp_path / "compare_inference.json").read_text())
+    assert res["runs"] == [run] and res["goal"]["flow"]["of"] == 1
+    assert res["goal"]["decision"] in proc.stdout and "## pbmc8k_200hvg" in proc.stdout
+
+
 def test_query_mapping_smoke(tmp_path):
     proc = _study("query_mapping", "--smoke", "--out-dir", tmp_path)
     # 0: criteria met; 2: not met (2 epochs on 300 cells); 1: a failure

@@ -8,6 +8,8 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     The ELBO of full minibatches runs as Pyro's ``JitTrace_ELBO`` (one compiled graph;
     the epoch's smaller last minibatch runs uncompiled). Needs a model and guide whose
     structure does not change between calls: they declare it with ``static_structure``.
+    A component whose random draws TorchScript's optimization passes reorder declares
+    ``jit_optimize = False``: its graphs run unoptimized, drawing as eager does.
 ``fused_kernel``
     The ZINB log-density is the fused, ``torch.compile``'d operator of
     :mod:`pyro_scvi.train.kernels` (applied as the Pyro handler
