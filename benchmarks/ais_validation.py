@@ -30,6 +30,9 @@ import numpy as np
 import torch
 
 import pyro_scvi
+from pyro_scvi.model.guides import PerCellGuide
+from pyro_scvi.model.priors import LogNormalLibrary
+from pyro_scvi.posterior import ais, proposals
 
 from .lib import data, results
 
@@ -38,8 +41,6 @@ PROPOSALS = ("q", "defensive", "refined", "mcmc")
 
 
 def score(model, guide, x, b, exact, steps, k_is, chains, seed=0):
-    from pyro_scvi.posterior import ais, proposals
-
     cells = torch.arange(len(x))
     out = {"exact": exact.tolist(), "ais": {}}
     for key, prop in (("", proposals.GuideProposal()), ("mcmc_", proposals.MCMCProposal())):
@@ -71,10 +72,6 @@ def simulate(model, z, l, b):
 
 
 def tiny(n_cells: int, steps, k_is, chains):
-    from pyro_scvi.model.guides import PerCellGuide
-    from pyro_scvi.model.priors import LogNormalLibrary
-    from pyro_scvi.posterior import ais
-
     torch.manual_seed(0)
     lib = LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5]))
     model = pyro_scvi.ScviModel(8, 1, lib, n_latent=1, n_hidden=4).double().eval()
@@ -101,8 +98,6 @@ def tiny(n_cells: int, steps, k_is, chains):
 
 
 def fitted(n_cells: int, epochs: int, steps, k_is, chains, n_held: int = 100):
-    from pyro_scvi.posterior import ais
-
     adata = data.load("pbmc8k_200hvg", subsample=n_cells, seed=0)
     fit = pyro_scvi.SCVI(adata, n_latent=1)
     fit.train(max_epochs=epochs, train_size=0.9, progress_bar=False, seed=0)
@@ -123,8 +118,6 @@ def fitted(n_cells: int, epochs: int, steps, k_is, chains, n_held: int = 100):
 
 
 def on_dataset(name: str, seed: int, a) -> dict:
-    from pyro_scvi.posterior import ais, proposals
-
     adata = data.load(name, subsample=a.cells, seed=seed)
     model = pyro_scvi.SCVI(adata, batch_key="batch")
     model.train(max_epochs=a.epochs, train_size=0.9, progress_bar=False, seed=seed)
@@ -187,11 +180,9 @@ def table(res: dict) -> str:
                     + [f"{np.mean(np.asarray(r[p]['k']) > 0.7):.0%}" for p in PROPOSALS]
                     + [f"{g.mean():+.3f} ± {g.std(ddof=1) / len(g) ** 0.5:.3f}" for g in gap]
                     + [f"{r[p]['s_per_cell']:.2f}" for p in (*PROPOSALS, "ais")])  # fmt: skip
-    cols = "dataset|seed|cells:|epochs:|held-out cells:|" + "|".join(
-        f"k>0.7 {p}:" for p in PROPOSALS
-    )
-    cols += "|IS(q) - AIS (nats, ± se):|IS(mcmc) - AIS:|" + "|".join(
-        f"s/cell {p}:" for p in (*PROPOSALS, "ais"))  # fmt: skip
+    cols = ["dataset", "seed", "cells:", "epochs:", "held-out cells:"]
+    cols += [f"k>0.7 {p}:" for p in PROPOSALS] + ["IS(q) - AIS (nats, ± se):", "IS(mcmc) - AIS:"]
+    cols += [f"s/cell {p}:" for p in (*PROPOSALS, "ais")]
     how = ("Default model (batch_key='batch'), training capped at the epochs shown, on the cells "
            "shown; k from K = 1000 draws of each proposal; AIS 50 steps, 16 chains; "
            "'± se': over cells. Seconds per cell on 1 thread of a shared machine.")  # fmt: skip
@@ -202,20 +193,16 @@ def table(res: dict) -> str:
 
 
 def figure(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(m, n, r) for m, runs in res["runs"].items() for n, r in runs.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (m, n, r) in zip(np.atleast_1d(axes), panels, strict=True):
-        exact, k = np.asarray(r["exact"]), np.asarray(r["k"])
+        exact, k, last = np.asarray(r["exact"]), np.asarray(r["k"]), list(r["ais"])[-1]
+        a = {key: np.asarray(v) for key, v in r["ais"][last].items()}
         ax.scatter(k, np.asarray(r["is"]) - exact, s=12, c="tab:red", label="IS")
-        last = list(r["ais"])[-1]
-        a = r["ais"][last]
-        ax.errorbar(k, np.asarray(a["est"]) - exact, yerr=2 * np.asarray(a["se"]), fmt="o",
-                    ms=3, c="tab:blue", label=f"AIS {last} steps, ±2 se")  # fmt: skip
+        ax.errorbar(k, a["est"] - exact, 2 * a["se"], fmt="o", ms=3, c="tab:blue",
+                    label=f"AIS {last} steps, ±2 se")  # fmt: skip
         ax.axhline(0, c="k", lw=0.5)
         ax.axvline(0.7, c="grey", ls=":", lw=0.8)
         ax.set(title=f"{m}: {n} proposal", xlabel="IS Pareto k", ylabel="estimate - exact (nats)")
