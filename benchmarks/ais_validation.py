@@ -97,7 +97,9 @@ def tiny(n_cells: int, steps, k_is, chains):
     return runs
 
 
-def fitted(n_cells: int, epochs: int, steps, k_is, chains, n_held: int = 100):
+def fitted(
+    n_cells: int, epochs: int, steps, k_is, chains, n_held=100, names=("amortized", "simulated")
+):
     adata = data.load("pbmc8k_200hvg", subsample=n_cells, seed=0)
     fit = pyro_scvi.SCVI(adata, n_latent=1)
     fit.train(max_epochs=epochs, train_size=0.9, progress_bar=False, seed=0)
@@ -107,6 +109,8 @@ def fitted(n_cells: int, epochs: int, steps, k_is, chains, n_held: int = 100):
         z, l = m.prior().sample((len(held),)).reshape(-1, 1), m.library_prior(b).sample()
     out = {}
     for name, xs in (("amortized", x), ("simulated", simulate(m, z, l.reshape(-1, 1), b))):
+        if name not in names:
+            continue
         loglib = torch.log(xs.sum(-1, keepdim=True).clamp_min(1))
         ls = loglib + torch.linspace(-3.0, 3.0, 241)  # a grid per cell around its library,
         # then one on +-10 posterior sds around the posterior mean (refine)
@@ -230,7 +234,8 @@ def main(argv=None) -> int:
     add("--cells", type=int, default=1500, help="subsample each dataset to this many cells")
     add("--epochs", type=int, default=40, help="cap on training epochs (early stopping is on)")
     add("--held", type=int, default=40, help="held-out cells scored per dataset (fitted: 100)")
-    add("--runs", nargs="+", default=["tiny", "fitted"], help="the validation runs to redo")
+    add("--runs", nargs="+", default=["tiny", "fitted"], help="runs to redo: tiny, fitted "
+        "(amortized and simulated), or one of the two")  # fmt: skip
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     steps, k_is, chains = ((5,), 50, 4) if a.smoke else ((10, 30, 100), 1000, 16)
@@ -248,11 +253,19 @@ def main(argv=None) -> int:
         "runs": {} if "tiny" not in a.runs else {"tiny": tiny(6 if a.smoke else 40, steps,
                                                                   k_is, chains)},
     }  # fmt: skip
-    if "fitted" in a.runs:
+    names = [n for n in ("amortized", "simulated") if n in a.runs or "fitted" in a.runs]
+    if names:
         res["runs"]["fitted"] = fitted(300 if a.smoke else 3000, 2 if a.smoke else 30, steps,
-                                       k_is, chains, a.held)  # fmt: skip
-    runs = res.pop("runs")  # the runs not redone are kept
-    res = save(a, stem, lambda old: res | {"runs": old.get("runs", {}) | runs}, argv)
+                                       k_is, chains, a.held, names)  # fmt: skip
+    runs = res.pop("runs")  # the runs (and fitted's parts) not redone are kept
+
+    def merge(old: dict) -> dict:
+        kept = old.get("runs", {})
+        return res | {
+            "runs": kept | runs | {"fitted": kept.get("fitted", {}) | runs.get("fitted", {})}
+        }
+
+    res = save(a, stem, merge, argv)
     figure(res, Path(a.out_dir) / f"{stem}.png")
     return 0
 
