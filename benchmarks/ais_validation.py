@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def figure(res: dict, path: Path) -> None:
 
 def save(a, stem: str, update, argv) -> dict:
     """Merge ``update(earlier results)`` into the results file; runs may be in parallel."""
-    with open(Path(a.out_dir) / f".{stem}.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / f"pyro_scvi_{stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         res = results.read(Path(a.out_dir) / f"{stem}.json") or {}
         res |= update(res)
