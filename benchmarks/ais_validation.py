@@ -161,14 +161,15 @@ def table(res: dict) -> str:
                 rows.append(
                     [model_name, name, len(exact), f"{np.mean(k > 0.7):.2f}",
                      f"{np.mean(np.abs(is_err)):.3f}", f"{np.max(np.abs(is_err)):.3f}",
-                     f"{np.mean(mk > 0.7):.2f}", f"{np.mean(np.abs(mcmc_err)):.3f}", n,
+                     *([f"{np.mean(mk > 0.7):.2f}", f"{np.mean(np.abs(mcmc_err)):.3f}"]
+                       if "mcmc_k" in r else ["-", "-"]), n,
                      f"{np.mean(np.abs(err)):.3f}", f"{np.max(np.abs(err)):.3f}",
                      f"{np.median(se):.3f}", f"{np.max(np.abs(err / se)):.2f}",
                      f"{np.mean(np.abs(err) < 2 * se):.2f}"]
                 )  # fmt: skip
     s = res["settings"]
     how = (
-        f"IS: {s['k_is']} draws of the proposal per cell (q, or MCMCProposal's defaults: 'nan' "
+        f"IS: {s['k_is']} draws of the proposal per cell (q, or MCMCProposal's defaults: '-' "
         f"where not run); AIS: {s['chains']} chains per cell, sigmoid schedule, 4 leapfrog "
         "steps per transition. Errors are estimate - exact (nats); |z| = |error| / AIS "
         "standard error; 'within 2 se': share of cells."
@@ -177,6 +178,19 @@ def table(res: dict) -> str:
     cols += "mcmc IS mean abs err:|AIS steps:|AIS mean abs err:|AIS max abs err:|AIS median se:"
     lines = results.header(res, "log p(x) against the truth: exact vs AIS vs IS", how)
     lines += results.md_table(cols + "|max abs z:|within 2 se:", rows)
+    made = {
+        f"{m}/{n}": r.get("from_run")
+        for m, runs in res.get("runs", {}).items()
+        for n, r in runs.items()
+    }
+    lines += [
+        "",
+        *(
+            f"- {k}: `{v['command']}` at commit {v['commit']}, {v['date']}"
+            for k, v in made.items()
+            if v
+        ),
+    ]
     lines += ["", f"Figure: `{STUDY}.png` (errors against IS's Pareto k, AIS with 2 se).", ""]
     rows = []
     for r in sorted(res.get("datasets", {}).values(), key=lambda r: (r["dataset"], r["seed"])):
@@ -259,6 +273,8 @@ def main(argv=None) -> int:
         res["runs"]["fitted"] = fitted(300 if a.smoke else 3000, 2 if a.smoke else 30, steps,
                                        k_is, chains, a.held, names)  # fmt: skip
     runs = res.pop("runs")  # the runs (and fitted's parts) not redone are kept
+    for r in (r for v in runs.values() for r in v.values()):
+        r["from_run"] = results.provenance(res)
 
     def merge(old: dict) -> dict:
         kept = old.get("runs", {})
