@@ -19,6 +19,7 @@ from pyro_scvi.datasets import synthetic_zinb
 from pyro_scvi import SCVI, InputError, posterior
 from pyro_scvi.cli import main
 from pyro_scvi.model.nn import eval_mode
+from pyro_scvi.posterior.proposals import DefensiveProposal
 from pyro_scvi.train.loop import evaluate_elbo
 
 
@@ -93,8 +94,9 @@ def test_marginal_ll_bounds_the_elbo_and_tightens_with_k(trained):
 def test_fit_statistics_share_their_draws(trained):
     stats = trained.get_fit_statistics(n_samples=20, seed=0)
     assert list(stats.index) == list(trained.adata.obs_names)
-    assert list(stats.columns) == ["elbo", "marginal_ll", "reconstruction_error"]
-    assert np.isfinite(stats.to_numpy()).all()
+    assert list(stats.columns) == ["elbo", "marginal_ll", "reconstruction_error", "pareto_k"]
+    assert np.isfinite(stats.drop(columns="pareto_k").to_numpy()).all()
+    assert (stats["pareto_k"] == np.inf).all()  # 20 draws are too few to judge a tail
     # log-mean-exp >= mean of the same weights (Jensen), cell by cell
     assert (stats["marginal_ll"] >= stats["elbo"] - 1e-4).all()
     # ELBO = -reconstruction error - KL, and the KL of q from the prior is positive
@@ -378,7 +380,8 @@ def test_evaluate_cli_prints_a_summary_of_all_cells(saved, trained, tmp_path):
     assert result["marginal_ll_mean"] >= result["elbo_mean"]
     table = pd.read_csv(per_cell, index_col="cell")
     assert list(table.index) == list(trained.adata.obs_names)
-    assert np.isfinite(table.to_numpy()).all()
+    assert np.isfinite(table.drop(columns="pareto_k").to_numpy()).all()
+    assert result["frac_pareto_k_high"] == 1.0  # k = inf at 20 draws: nothing trusted
     # the same numbers as the Python API with the CLI's defaults (seed 0, 64 cells a pass)
     api = trained.get_fit_statistics(n_samples=20, seed=0)
     np.testing.assert_allclose(table["marginal_ll"], api["marginal_ll"], rtol=1e-6)
@@ -393,6 +396,46 @@ def test_evaluate_cli_prints_a_summary_of_all_cells(saved, trained, tmp_path):
     assert given["observed_library"] is True
     assert given["marginal_ll_mean"] == pytest.approx(api["marginal_ll"].mean(), rel=1e-6)
     assert given["marginal_ll_mean"] != pytest.approx(result["marginal_ll_mean"], rel=1e-6)
+
+
+def test_fit_statistics_report_pareto_k_and_the_proposal_beside_log_px(trained):
+    cells = np.arange(12)
+    plain = trained.get_fit_statistics(trained.adata[cells].copy(), n_samples=200, seed=0)
+    k = plain["pareto_k"].to_numpy()
+    assert np.isfinite(k).all() and (k > -np.inf).all()  # 200 draws: a tail to judge
+    assert plain.attrs == {"proposal": {"proposal": "GuideProposal"}, "n_samples": 200}
+    mixed = trained.get_fit_statistics(
+        trained.adata[cells].copy(), n_samples=200, seed=0, proposal=DefensiveProposal(mix=0.5)
+    )
+    assert mixed.attrs["proposal"] == {
+        "proposal": "DefensiveProposal", "mix": 0.5, "df": 3.0, "widen": 2.0
+    }  # fmt: skip
+    # the ELBO still comes from q's draws; log p(x) from the proposal's
+    np.testing.assert_allclose(mixed["elbo"], plain["elbo"], rtol=1e-6)
+    assert not np.allclose(mixed["marginal_ll"], plain["marginal_ll"])
+    assert np.isfinite(mixed["pareto_k"]).all()
+    # both estimate the same log p(x): close on a well-fitted tiny model
+    assert abs(mixed["marginal_ll"].mean() - plain["marginal_ll"].mean()) < 1.0
+
+
+def test_evaluate_cli_reports_k_a_proposal_and_ais_with_its_error(saved, trained, tmp_path):
+    model_dir, h5ad = saved
+    per_cell = tmp_path / "ais.csv"
+    argv = ["evaluate", model_dir, h5ad, "--n-samples", "100", "--device", "cpu", "--cells", "all"]
+    argv += ["--proposal", "defensive", "--ais", "--ais-steps", "3", "--per-cell", per_cell]
+    status, out, err = _run(argv)
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["proposal"]["proposal"] == "DefensiveProposal" and result["ais_steps"] == 3
+    assert 0.0 <= result["frac_pareto_k_high"] <= 1.0
+    assert result["ais_se_mean"] > 0 and math.isfinite(result["ais_marginal_ll_mean"])
+    table = pd.read_csv(per_cell, index_col="cell")
+    api = trained.get_marginal_ll_ais(n_steps=3, batch_size=64, seed=0)
+    np.testing.assert_allclose(table["ais_marginal_ll"], api["marginal_ll"], rtol=1e-5)
+    np.testing.assert_allclose(table["ais_se"], api["se"], rtol=1e-5)
+    assert np.isfinite(table["pareto_k"]).all()
+    status, out, err = _run([*argv[:-2], "--ais-steps", "0"])
+    assert status == 2 and "--ais-steps" in err
 
 
 def test_evaluate_cli_scores_heldout_cells_by_default(tmp_path):

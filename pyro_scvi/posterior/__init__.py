@@ -4,8 +4,9 @@
 expression, likelihood parameters and importance-sampled fit statistics; the functions
 are re-exported here. :mod:`~pyro_scvi.posterior.arviz` exports to ArviZ,
 :mod:`~pyro_scvi.posterior.ais` estimates ``log p(x)`` with a standard
-error by annealed importance sampling, :mod:`~pyro_scvi.posterior.gap` refines cells one
-by one (the amortization gap) and
+error by annealed importance sampling, :mod:`~pyro_scvi.posterior.proposals` builds
+importance-sampling proposals from q that keep Pareto ``k`` low,
+:mod:`~pyro_scvi.posterior.gap` refines cells one by one (the amortization gap) and
 :mod:`~pyro_scvi.posterior.mcmc` runs NUTS on a few cells. :class:`Fitted` is what every
 analysis needs of a fitted model, and :mod:`~pyro_scvi.posterior.fitted_queries` asks the
 queries above of one (they are :class:`~pyro_scvi.SCVI`'s query methods).
@@ -28,6 +29,7 @@ from .queries import (
     likelihood_parameters,
     log_importance_weights,
     normalized_expression,
+    pareto_k,
     per_cell,
     posterior_predictive_counts,
     quantile_key,
@@ -59,8 +61,10 @@ __all__ = [
     "log_importance_weights",
     "mcmc",
     "normalized_expression",
+    "pareto_k",
     "per_cell",
     "posterior_predictive_counts",
+    "proposals",
     "quantile_key",
     "queries",
     "sample_guide",
@@ -71,5 +75,5 @@ __all__ = [
 ]
 
 __getattr__, __dir__ = attach(
-    __name__, submodules=["ais", "arviz", "fitted_queries", "gap", "mcmc", "queries"]
+    __name__, submodules=["ais", "arviz", "fitted_queries", "gap", "mcmc", "proposals", "queries"]
 )

@@ -43,6 +43,7 @@ from ..model.priors import ObservedLibrary
 from ..model.schemes import is_global, require_point_globals
 from . import queries as posterior
 from .gap import frozen
+from .queries import pareto_k  # noqa: F401  (ais.pareto_k: where it was first)
 
 #: Name of the plate over AIS chains (private so it cannot clash with a user's plates).
 _CHAINS_PLATE = "_ais_chains"
@@ -219,6 +220,7 @@ def ais_log_weights(
     target_accept: float = 0.65,
     betas: Sequence[float] | torch.Tensor | None = None,
     observed_library: bool = False,
+    return_states: bool = False,
 ) -> dict[str, torch.Tensor]:
     """AIS log weights of ``n_chains`` independent chains for each cell of one minibatch.
 
@@ -243,6 +245,10 @@ def ais_log_weights(
     observed_library
         Condition on each cell's observed library instead of integrating over ``l``,
         as :func:`~pyro_scvi.posterior.log_importance_weights` does.
+    return_states
+        Also return the chains' end states (``states``: the guide's latent sites, each
+        ``(n_chains, cells, ...)``), e.g. to fit a proposal to them
+        (:class:`~pyro_scvi.posterior.proposals.MCMCProposal`).
 
     Returns
     -------
@@ -296,11 +302,10 @@ def ais_log_weights(
             accepted = accepted + rate
             # a step per cell: larger while its chains accept more often than the target
             eps = eps * torch.exp(rate - target_accept)
-    return {
-        "log_w": log_w.detach(),
-        "acceptance": accepted / (len(betas) - 1),
-        "step_size": eps,
-    }
+    out = {"log_w": log_w.detach(), "acceptance": accepted / (len(betas) - 1), "step_size": eps}
+    if return_states:
+        out["states"] = {k: (scale[k] * v).detach() for k, v in u.items()}
+    return out
 
 
 def log_mean_exp_se(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -488,24 +493,6 @@ def _quadrature_sweep(model, xi, bi, z_grid, grid_l, latent_l, log_px, means, sd
     m = (w * v).sum(0)
     means.append(m)
     sds.append((w * (v - m) ** 2).sum(0).sqrt())
-
-
-def pareto_k(log_w: torch.Tensor) -> np.ndarray:
-    """PSIS Pareto ``k`` of each cell's importance weights ``(samples, cells)`` (ArviZ).
-
-    Above 0.7 the weights' tail is too heavy for their mean to be trusted (Vehtari et al.,
-    2024).
-
-    Examples
-    --------
-    >>> import torch
-    >>> bool(pareto_k(torch.randn(500, 2) * 0.1).max() < 0.7)
-    True
-    """
-    import arviz as az
-
-    _, k = az.psislw(log_w.detach().cpu().double().numpy().T.copy(), normalize=False)
-    return np.asarray(k, dtype=np.float64).reshape(-1)
 
 
 def defensive_log_weights(

@@ -27,6 +27,7 @@ from ..model.nn import eval_mode
 from . import ais, gap
 from . import queries as q
 from .fitted import Fitted
+from .proposals import GuideProposal, Proposal
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -245,11 +246,16 @@ def get_fit_statistics(
     batch_size: int = 64,
     seed: int | None = None,
     observed_library: bool = False,
+    proposal: Proposal | None = None,
 ) -> pd.DataFrame:
     """ELBO, marginal log-likelihood and reconstruction error of each cell, in one pass.
 
     All three come from the same ``n_samples`` draws of q(z, l | x) per cell, so
-    ``marginal_ll >= elbo`` cell by cell; see :mod:`pyro_scvi.posterior`.
+    ``marginal_ll >= elbo`` cell by cell; see :mod:`pyro_scvi.posterior`. Beside
+    ``marginal_ll`` stands the Pareto ``k`` of its importance weights: where it is above
+    0.7 the estimate may be far off. A ``proposal`` built from q
+    (:mod:`pyro_scvi.posterior.proposals`) draws the importance samples instead and keeps
+    ``k`` low where q alone does not.
 
     Parameters
     ----------
@@ -261,20 +267,27 @@ def get_fit_statistics(
     {batch_size}
     {seed}
     {observed_library}
+    proposal
+        Importance-sampling proposal for ``marginal_ll``
+        (:class:`~pyro_scvi.posterior.proposals.Proposal`); None: q itself.
 
     Returns
     -------
     pandas.DataFrame
-        Indexed by cell, columns ``elbo``, ``marginal_ll`` (nats, higher is better) and
-        ``reconstruction_error`` (nats, lower is better).
+        Indexed by cell, columns ``elbo``, ``marginal_ll`` (nats, higher is better),
+        ``reconstruction_error`` (nats, lower is better) and ``pareto_k`` (of
+        ``marginal_ll``'s weights; ``inf`` with fewer than about 25 samples).
+        ``attrs["proposal"]`` records the proposal and its settings, ``attrs["n_samples"]``
+        the ``K`` that ``k`` was estimated from.
 
     Examples
     --------
     >>> import pyro_scvi
     >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
     >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
-    >>> list(model.get_fit_statistics(n_samples=5, seed=0).columns)
-    ['elbo', 'marginal_ll', 'reconstruction_error']
+    >>> stats = model.get_fit_statistics(n_samples=50, seed=0)
+    >>> list(stats.columns), stats.attrs["proposal"]
+    (['elbo', 'marginal_ll', 'reconstruction_error', 'pareto_k'], {'proposal': 'GuideProposal'})
     """
     check_positive(n_samples=n_samples, batch_size=batch_size)
     data = fitted.data_for(adata)
@@ -289,13 +302,18 @@ def get_fit_statistics(
             batch_size=batch_size,
             device=fitted.device,
             observed_library=observed_library,
+            proposal=proposal,
         )
-    return pd.DataFrame(stats, index=data.obs_names[idx])
+    out = pd.DataFrame(stats, index=data.obs_names[idx])
+    out.attrs["proposal"] = (proposal or GuideProposal()).settings()
+    out.attrs["n_samples"] = int(n_samples)
+    return out
 
 
 def _fit_statistic(
-    name: str, fitted, adata, n_samples, batch_size, per_cell, seed, observed_library=False
-) -> float | np.ndarray:
+    name: str, fitted, adata, n_samples, batch_size, per_cell, seed, observed_library=False,
+    proposal=None,
+) -> float | np.ndarray:  # fmt: skip
     values = get_fit_statistics(
         fitted,
         adata,
@@ -303,6 +321,7 @@ def _fit_statistic(
         batch_size=batch_size,
         seed=seed,
         observed_library=observed_library,
+        proposal=proposal,
     )[name].to_numpy()
     return values if per_cell else float(values.mean())
 
@@ -356,12 +375,14 @@ def get_marginal_ll(
     per_cell: bool = False,
     seed: int | None = None,
     observed_library: bool = False,
+    proposal: Proposal | None = None,
 ) -> float | np.ndarray:
     """Importance-sampled marginal log-likelihood ``log p(x)`` per cell.
 
     ``log (1/K) sum_k p(x, z_k, l_k) / q(z_k, l_k | x)`` with ``K = n_samples`` draws
     of q: a lower bound in expectation that tightens as ``K`` grows (nats, higher is
-    better). It is the usual measure of held-out fit.
+    better). It is the usual measure of held-out fit. Its Pareto ``k`` per cell is in
+    :func:`get_fit_statistics`.
 
     Parameters
     ----------
@@ -370,6 +391,9 @@ def get_marginal_ll(
     {fit_samples}
     {per_cell}
     {observed_library}
+    proposal
+        Draw the ``K`` samples from this proposal instead of q
+        (:mod:`pyro_scvi.posterior.proposals`).
 
     Returns
     -------
@@ -385,8 +409,9 @@ def get_marginal_ll(
     True
     """
     return _fit_statistic(
-        "marginal_ll", fitted, adata, n_samples, batch_size, per_cell, seed, observed_library
-    )
+        "marginal_ll", fitted, adata, n_samples, batch_size, per_cell, seed, observed_library,
+        proposal,
+    )  # fmt: skip
 
 
 @fill_doc

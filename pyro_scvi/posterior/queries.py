@@ -665,19 +665,26 @@ def fit_statistics(
     batch_size: int = 64,
     device="cpu",
     observed_library: bool = False,
+    proposal=None,
 ) -> dict[str, np.ndarray]:
     """ELBO, marginal log-likelihood and reconstruction error of each cell, in one pass.
 
     All three come from the same ``n_samples`` guide draws per cell (see the module
     docstring), so ``marginal_ll >= elbo`` holds cell by cell (Jensen's inequality).
     ``observed_library=True`` conditions all three on each cell's observed library (the
-    module docstring says how).
+    module docstring says how). ``proposal`` (a
+    :class:`~pyro_scvi.posterior.proposals.Proposal`; None: q itself) draws the
+    ``n_samples`` importance samples of ``marginal_ll`` instead; the ELBO and the
+    reconstruction error still come from q, and ``marginal_ll >= elbo`` then holds only in
+    expectation.
 
     Returns
     -------
     dict
-        ``elbo``, ``marginal_ll`` (nats, higher is better) and ``reconstruction_error``
-        (``-E_q[log p(x | z, l)]``, lower is better), each ``(len(indices),)``.
+        ``elbo``, ``marginal_ll`` (nats, higher is better), ``reconstruction_error``
+        (``-E_q[log p(x | z, l)]``, lower is better) and ``pareto_k`` (PSIS Pareto ``k`` of
+        the importance weights behind ``marginal_ll``: above 0.7 it is not to be trusted),
+        each ``(len(indices),)``.
 
     Examples
     --------
@@ -687,8 +694,12 @@ def fit_statistics(
     >>> stats = fit_statistics(m.model, m.guide, m.data, np.arange(30), n_samples=4)
     >>> stats["marginal_ll"].shape, bool((stats["marginal_ll"] >= stats["elbo"]).all())
     ((30,), True)
+    >>> bool(np.isinf(stats["pareto_k"]).all())  # 4 samples are too few to judge the tail
+    True
     """
-    out: dict[str, list[np.ndarray]] = {"elbo": [], "marginal_ll": [], "reconstruction_error": []}
+    out: dict[str, list[np.ndarray]] = {
+        "elbo": [], "marginal_ll": [], "reconstruction_error": [], "pareto_k": []
+    }  # fmt: skip
     log_k = math.log(n_samples)
     with torch.no_grad(), eval_mode(model, guide), pyro.get_param_store().scope():
         for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
@@ -696,9 +707,38 @@ def fit_statistics(
                 model, guide, x, b, n_samples, cells, observed_library=observed_library
             )
             out["elbo"].append(log_w.mean(0).cpu().numpy())
-            out["marginal_ll"].append((torch.logsumexp(log_w, 0) - log_k).cpu().numpy())
             out["reconstruction_error"].append((-log_px.mean(0)).cpu().numpy())
+            if proposal is not None and not proposal.is_guide:
+                log_w = proposal.log_weights(
+                    model, guide, x, b, n_samples, cell_index=cells,
+                    observed_library=observed_library,
+                )  # fmt: skip
+            out["marginal_ll"].append((torch.logsumexp(log_w, 0) - log_k).cpu().numpy())
+            out["pareto_k"].append(pareto_k(log_w))
     return {k: np.concatenate(v).astype(np.float64) for k, v in out.items()}
+
+
+def pareto_k(log_w: torch.Tensor) -> np.ndarray:
+    """PSIS Pareto ``k`` of each cell's importance weights ``(samples, cells)`` (ArviZ).
+
+    Above 0.7 the weights' tail is too heavy for their mean to be trusted (Vehtari et al.,
+    2024). ``k`` is itself estimated from the largest weights, so it depends on the number
+    of samples: compare proposals at the same ``K``. With too few samples to fit a tail
+    (fewer than about 25) it is ``inf``: nothing can be trusted.
+
+    Examples
+    --------
+    >>> import torch
+    >>> bool(pareto_k(torch.randn(500, 2) * 0.1).max() < 0.7)
+    True
+    """
+    if log_w.shape[0] < 2:
+        return np.full(log_w.shape[1], np.inf)
+    import arviz as az
+
+    with np.errstate(invalid="ignore"):  # a cell whose weights are all zero: k = inf
+        _, k = az.psislw(log_w.detach().cpu().double().numpy().T.copy(), normalize=False)
+    return np.asarray(k, dtype=np.float64).reshape(-1)
 
 
 # ---------------------------------------------------------------------- summaries
