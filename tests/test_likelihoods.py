@@ -1,5 +1,4 @@
-"""Likelihood objects beyond ZINB/NB/Poisson: the zero-inflated Poisson, the zero-inflated
-discretised Weibull (read counts) and the recipe."""
+"""Likelihood objects beyond ZINB/NB/Poisson: the zero-inflated Poisson and the recipe."""
 
 import numpy as np
 import pyro.distributions as dist
@@ -8,9 +7,8 @@ import torch
 from scipy import stats
 
 import pyro_scvi
-from pyro_scvi.analysis.criticism import count_cdf, criticize
 from pyro_scvi.cli import build_parser
-from pyro_scvi.model.likelihoods import LIKELIHOODS, ZIP, Likelihood, Poisson, ZIDiscreteWeibull
+from pyro_scvi.model.likelihoods import LIKELIHOODS, ZIP, Likelihood, Poisson
 
 X = np.arange(0, 60)
 
@@ -117,56 +115,3 @@ def test_initial_dropout_is_validated_saved_and_defaults_for_old_pickles(small_a
     bias = random_start.model.decoder.gate_logits.bias.detach()
     assert repr(random_start.model.likelihood) == "ZINB(initial_dropout=None)"
     assert bias.std() > 0 and bias.abs().max() <= 8**-0.5  # nn.Linear's U(-1/sqrt(8), ...)
-
-
-# ------------------------------------------------- zero-inflated discretised Weibull (reads)
-@pytest.mark.parametrize("mean", [0.5, 7.0, 300.0, 20_000.0])
-@pytest.mark.parametrize("shape", [0.7, 1.0, 2.5])
-def test_discrete_weibull_log_prob_and_cdf_match_an_independent_formula(mean, shape):
-    # independent: P(X = x) = S(x) - S(x + 1), S(x) = exp(-(x / scale)**k) (scipy's Weibull)
-    d = ZIDiscreteWeibull()(
-        torch.tensor(mean, dtype=torch.float64),
-        torch.tensor(shape, dtype=torch.float64),
-        torch.tensor(-1.0, dtype=torch.float64),
-    )
-    base, gate = d.base_dist, 1 / (1 + np.e)
-    w = stats.weibull_min(shape, scale=float(base.scale))
-    x = np.unique(np.linspace(0, 5 * mean + 10, 200).round())
-    expected = gate * (x == 0) + (1 - gate) * (w.sf(x) - w.sf(x + 1))
-    got = d.log_prob(torch.tensor(x)).exp().numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-300)
-    cdf = gate + (1 - gate) * w.cdf(x + 1)
-    np.testing.assert_allclose(count_cdf(d, torch.tensor(x)), cdf, rtol=1e-6)
-
-
-def test_discrete_weibull_keeps_large_counts_precise_in_float32_and_samples_its_law():
-    x = torch.tensor([0.0, 1.0, 9_000.0, 10_000.0, 31_000.0])
-    args = torch.tensor(10_000.0), torch.tensor(1.7), torch.tensor(-2.0)
-    d32, d64 = ZIDiscreteWeibull()(*args), ZIDiscreteWeibull()(*(a.double() for a in args))
-    torch.testing.assert_close(
-        d32.log_prob(x).double(), d64.log_prob(x.double()), rtol=1e-5, atol=0
-    )
-    torch.manual_seed(0)
-    draws = d64.sample((100_000,))
-    assert draws.mean().item() == pytest.approx(d64.mean.item(), rel=0.01)
-    assert (draws == 0).double().mean().item() == pytest.approx(
-        float(torch.sigmoid(args[2])), abs=0.005
-    )
-    # a finite gradient at x = 0 (x**k would give 0 * log 0 for k's)
-    k = torch.tensor(1.3, requires_grad=True)
-    ZIDiscreteWeibull()(torch.tensor(5.0), k, torch.tensor(0.0)).log_prob(
-        torch.zeros(1)
-    ).sum().backward()
-    assert torch.isfinite(k.grad)
-
-
-def test_zidw_trains_on_counts_and_answers_the_criticism(small_adata):
-    assert LIKELIHOODS["zidw"] is ZIDiscreteWeibull and ZIDiscreteWeibull.uses_gate
-    args = build_parser().parse_args(["fit", "in.h5ad", "-o", "out.h5ad", "--likelihood", "zidw"])
-    assert args.likelihood == "zidw"
-    model = pyro_scvi.SCVI(small_adata, likelihood=ZIDiscreteWeibull(), n_latent=2, n_hidden=8)
-    assert model.model.log_theta is not None  # the per-gene Weibull shape
-    model.train(max_epochs=2, progress_bar=False)
-    assert np.isfinite(model.history["validation_elbo"]).all()
-    c = criticize(model, n_samples=3, seed=0)  # the closed-form CDF, no sampled one
-    assert 0 <= c.summary["pit_tv"] <= 1 and np.isfinite(c.pit).all()

@@ -72,7 +72,7 @@ from scipy import special
 
 from ..data.counts import CountData
 from ..errors import InputError
-from ..model.distributions import DiscreteWeibull, ZeroInflatedNegativeBinomialMeanDispersion
+from ..model.distributions import ZeroInflatedNegativeBinomialMeanDispersion
 from ..model.nn import eval_mode
 from ..model.priors import is_latent_library
 from ..model.schemes import is_global
@@ -147,11 +147,7 @@ def count_cdf(d: dist.Distribution, value: torch.Tensor) -> np.ndarray:
     arrays = {n: np.broadcast_to(a, shape) for n, a in arrays.items()}
     out = np.zeros(shape)
     zero, pos = k == 0, k > 0
-    if kind == "weibull":  # F(k) = 1 - exp(-((k + 1) / scale)**shape)
-        nonneg = k >= 0
-        ratio = (k[nonneg] + 1.0) / arrays["scale"][nonneg]
-        out[nonneg] = -np.expm1(-(ratio ** arrays["shape"][nonneg]))
-    elif kind == "poisson":
+    if kind == "poisson":
         rate = arrays["rate"]
         out[zero] = np.exp(-rate[zero])
         out[pos] = special.gammaincc(k[pos] + 1.0, rate[pos])
@@ -171,11 +167,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _count_params(d: dist.Distribution) -> tuple[str, dict[str, np.ndarray]] | None:
-    """The CDF's kind and parameters; ``None`` if unknown.
-
-    ``("poisson", {rate[, gate]})``, ``("nb", {r, q[, gate]})`` or
-    ``("weibull", {scale, shape[, gate]})``.
-    """
+    """``("poisson", {rate[, gate]})`` or ``("nb", {r, q[, gate]})``; ``None`` if unknown."""
     if isinstance(d, ZeroInflatedNegativeBinomialMeanDispersion):
         mu, theta = _np(d.mu), _np(d.theta)
         return "nb", {
@@ -198,8 +190,6 @@ def _count_params(d: dist.Distribution) -> tuple[str, dict[str, np.ndarray]] | N
         return "nb", {"r": _np(d.total_count), "q": special.expit(-_np(d.logits))}
     if isinstance(d, dist.Poisson):
         return "poisson", {"rate": _np(d.rate)}
-    if isinstance(d, DiscreteWeibull):
-        return "weibull", {"scale": _np(d.scale), "shape": _np(d.concentration)}
     return None
 
 

@@ -81,7 +81,7 @@ from ._common import (
 
 #: ``--likelihood`` choices: the keys of :data:`pyro_scvi.model.likelihoods.LIKELIHOODS`, listed
 #: here so that ``--help`` does not import torch (a test checks they agree).
-LIKELIHOOD_NAMES = ("nb", "poisson", "zinb", "zip", "zidw")
+LIKELIHOOD_NAMES = ("nb", "poisson", "zinb", "zip")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

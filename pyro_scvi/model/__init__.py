@@ -29,7 +29,7 @@ from .guides import (
     ScviGuide,
     build_guide,
 )
-from .likelihoods import LIKELIHOODS, NB, ZINB, ZIP, Likelihood, Poisson, ZIDiscreteWeibull
+from .likelihoods import LIKELIHOODS, NB, ZINB, ZIP, Likelihood, Poisson
 from .nn import Decoder, Encoder, eval_mode
 from .priors import (
     LibraryPrior,
@@ -49,7 +49,6 @@ __all__ = [
     "NB",
     "ZINB",
     "ZIP",
-    "ZIDiscreteWeibull",
     "Decoder",
     "Dispersion",
     "Encoder",

@@ -4,8 +4,7 @@ A likelihood turns the decoder's outputs into a Pyro distribution over the count
 cell-by-gene block. Each declares which decoder outputs it needs, so the decoder builds
 only those heads.
 
-Shipped: :class:`ZINB` (scVI's default), :class:`NB`, :class:`Poisson`, :class:`ZIP` and,
-for read counts of full-length protocols, :class:`ZIDiscreteWeibull`.
+Shipped: :class:`ZINB` (scVI's default), :class:`NB`, :class:`Poisson` and :class:`ZIP`.
 
 Adding a likelihood
 -------------------
@@ -40,12 +39,7 @@ import pyro.distributions as dist
 import torch
 from scipy import special
 
-from .distributions import (
-    EPS,
-    DiscreteWeibull,
-    ZeroInflatedNegativeBinomialMeanDispersion,
-    nb_logits,
-)
+from .distributions import EPS, ZeroInflatedNegativeBinomialMeanDispersion, nb_logits
 
 
 class Likelihood:
@@ -211,39 +205,5 @@ class ZIP(_ZeroInflated):
         return dist.ZeroInflatedPoisson(rate=mu + EPS, gate_logits=gate_logits)
 
 
-class ZIDiscreteWeibull(_ZeroInflated):
-    """Zero-inflated discretised Weibull, for read counts (Smart-seq2 and other full-length).
-
-    ``x ~ gate * Delta(0) + (1 - gate) * floor(W)``, ``W ~ Weibull`` with mean about ``mu``
-    and a per-gene shape ``k`` in the dispersion's place (``theta``; it starts at 1, the
-    geometric distribution): :class:`~pyro_scvi.model.distributions.DiscreteWeibull`.
-    Why: each captured molecule is amplified and sequenced, so its reads are near
-    geometric, and an entry of several molecules sums them. At the mean and variance a
-    negative binomial matches, that sum is less skewed than the negative binomial, whose
-    predictive then puts too much mass in its upper tail (a PIT histogram that falls from
-    about 1.14 to 0.87 across its range on simulated reads); a Weibull's shape sets its
-    skewness. Read counts are not UMI counts: on UMIs keep :class:`ZINB`.
-
-    Examples
-    --------
-    >>> import torch
-    >>> lik = ZIDiscreteWeibull()
-    >>> d = lik(torch.full((2, 3), 50.0), torch.full((3,), 1.5), torch.full((2, 3), -3.0))
-    >>> tuple(d.batch_shape), round(float(d.mean[0, 0]), 1)  # (1 - sigmoid(-3)) * about 50
-    ((2, 3), 47.6)
-    """
-
-    uses_dispersion = True
-    static_structure = True
-    name = "zidw"
-
-    def __call__(self, mu, theta, gate_logits):  # noqa: D102
-        base = DiscreteWeibull.from_mean(mu, theta)
-        shape = torch.broadcast_shapes(mu.shape, theta.shape, gate_logits.shape)
-        return dist.ZeroInflatedDistribution(base.expand(shape), gate_logits=gate_logits)
-
-
 #: The likelihoods the CLI knows by name.
-LIKELIHOODS: dict[str, type[Likelihood]] = {
-    cls.name: cls for cls in (ZINB, NB, Poisson, ZIP, ZIDiscreteWeibull)
-}
+LIKELIHOODS: dict[str, type[Likelihood]] = {cls.name: cls for cls in (ZINB, NB, Poisson, ZIP)}
