@@ -22,7 +22,7 @@ COLUMNS = {
     "r2_library_size": "r2 library", "r2_detected_genes": "r2 detected",
     "elpd_mean": "ELPD/cell", "frac_pareto_k_high": "k > 0.7",
 }  # fmt: skip
-SETTINGS = {"dispersion": str, "kl_warmup_epochs": int}
+SETTINGS = {"dispersion": str, "kl_warmup_epochs": int, "early_stopping": lambda v: v == "on"}
 
 
 def parse_fit(spec: str) -> tuple[str, dict, dict]:
@@ -36,8 +36,23 @@ def parse_fit(spec: str) -> tuple[str, dict, dict]:
     for key, _, value in (item.partition("=") for item in rest.split(",") if item):
         if key not in SETTINGS:
             raise SystemExit(f"fit {spec!r}: unknown setting {key!r}; use {list(SETTINGS)}")
-        (train_kw if key == "kl_warmup_epochs" else model_kw)[key] = SETTINGS[key](value)
+        (model_kw if key == "dispersion" else train_kw)[key] = SETTINGS[key](value)
     return lik, model_kw, train_kw
+
+
+def reads(adata, shape: float, rng, lo: float = 1e4, hi: float = 1e6):
+    """Smart-seq2-like read counts from UMIs (the retired ``derive_data.py --kind reads``):
+    each molecule PCR-amplified and sequenced, ``reads ~ Poisson(Gamma(shape * umis, a_c /
+    shape))``, a cell's reads per molecule ``a_c`` set for a log-uniform total in [lo, hi]
+    (``--reads SHAPE``, for instance 1); cells left without reads are dropped."""
+    import numpy as np
+
+    x, total = adata.X.tocsr(copy=True), np.exp(rng.uniform(np.log(lo), np.log(hi), adata.n_obs))
+    per_molecule = np.repeat(total / np.asarray(x.sum(1)).ravel(), np.diff(x.indptr))
+    x.data = rng.poisson(rng.gamma(shape * x.data, per_molecule / shape)).astype(np.float32)
+    x.eliminate_zeros()
+    keep = x.getnnz(axis=1) > 0
+    return adata.__class__(X=x[keep], obs=adata.obs[keep].copy(), var=adata.var.copy())
 
 
 def table(res: dict) -> str:
@@ -80,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=30)
     p.add_argument("--append", action="store_true", help="keep the file's other runs")
     p.add_argument("--stem", default=None, help="results file name (default criticism)")
+    p.add_argument("--reads", type=float, help="read counts from the UMIs, this Gamma shape")
     args = p.parse_args(argv)
     fits = [(spec, *parse_fit(spec)) for spec in args.fits]
     epochs = 2 if args.smoke else None if args.epochs == "default" else int(args.epochs)
     n_samples = 5 if args.smoke else args.n_samples
     stem = args.stem or results.stem(STUDY, args.smoke)
     settings = {"epochs": epochs or "default", "max_cells": args.max_cells, "n_samples": n_samples}
-    settings["smoke"] = args.smoke
+    settings |= {"smoke": args.smoke, "reads_shape": args.reads}
     old = results.read(args.out_dir / f"{stem}.json") if args.append else None
     if old and any(old["settings"][k] != settings[k] for k in ("epochs", "n_samples", "smoke")):
         raise SystemExit(f"--append: the file has settings {old['settings']}, not {settings}")
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             name = "synthetic_zinb"
         else:
             adata = data.load(name, args.data_dir)
+            if args.reads:
+                adata = reads(adata, args.reads, np.random.default_rng(0))
             if adata.n_obs > args.max_cells:
                 keep = np.random.default_rng(0).choice(adata.n_obs, args.max_cells, replace=False)
                 adata = adata[np.sort(keep)].copy()
@@ -117,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             run["train_seconds"] = trained - start
             run["criticize_seconds"] = time.perf_counter() - trained
             run |= {k: v for k, v in c.summary.items() if k != "name"}
+            run["pit_histogram"] = criticism.pit_histogram(c.pit).round(4).tolist()
             res["runs"] = [r for r in res["runs"] if (r["dataset"], r.get("fit")) != (name, spec)]
             res["runs"].append(run)
             print(name, spec, {k: run[k] for k in list(COLUMNS)[:4]}, file=sys.stderr, flush=True)

@@ -61,6 +61,7 @@ def run(mode: str, name: str, seed: int, out: Path) -> None:
         res["wall_to_stop"] = stopped_s
     h = model.history
     res |= {"mode": mode, "dataset": name, "seed": seed, "shape": list(adata.shape)}
+    res["git"] = results.git_state()
     res |= {"epochs": len(h), "seconds": float(h["seconds"].sum())}
     res |= {"wall": time.perf_counter() - start, "validation_elbo": h["validation_elbo"].tolist()}
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +88,8 @@ def report(folder: Path, argv: list[str]) -> None:
     cols += "|… previous default at 400|epochs saved (train seconds saved)"
     how = "Rule's run: the default train() (warm-up 100 epochs, then patience 45 on a 5-epoch"
     how += " mean, threshold = its noise), continued to 400 epochs without stopping; previous"
-    how += " default: 400 epochs, 400 of warm-up. 1 thread. Runs: training code of 88a0c36"
-    how += " (unchanged since), a rule and a previous-default run at a time, on 2 shared cores."
+    how += " default: 400 epochs, 400 of warm-up (run where time allowed). 1 thread, 2 shared"
+    how += " cores. Training code unchanged since 88a0c36; each run's commit is in the JSON."
     lines = results.header(res, "The default stopping rule: where it stops", how)
     lines += results.md_table(cols, rows)
     marks = list(range(49, 400, 50))

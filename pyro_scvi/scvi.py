@@ -52,6 +52,7 @@ from .train.run import (
     default_max_epochs,
     merge_history,
     next_epoch,
+    run_ended,
     split_cells,
 )
 
@@ -649,6 +650,12 @@ class SCVI:
             Default: as the interrupted run.
         """
         if not self.interrupted:
+            ended = self.history.attrs.get("stopping") if self.is_trained else None
+            if ended and run_ended(self.history):  # a finished run: say how it ended
+                raise InputError(
+                    f"Nothing to resume: the run finished at epoch {ended['epoch']} "
+                    f"({ended['reason']}); call train() to train it further."
+                )
             raise InputError(
                 "Nothing to resume: this model has no interrupted training run (call train(), "
                 "or load one with SCVI.load_checkpoint)."

@@ -15,6 +15,7 @@ outside to a ``pyro-scvi`` subprocess.
 """
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ from pyro_scvi.datasets import synthetic_zinb
 import pyro_scvi.io.files as files
 import pyro_scvi.io.outputs as outputs
 import pyro_scvi.tl as tl
+from pyro_scvi import SCVI
 from pyro_scvi.cli import main
 from pyro_scvi.io.files import TMP_TAG
 
@@ -498,4 +500,28 @@ def test_resume_of_a_finished_checkpoint_only_writes_the_outputs(source, tmp_pat
     again = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert again.uns["pyro_scvi"]["params"]["resumed"]
     assert len(again.uns["pyro_scvi"]["history"]["epoch"]) == 3  # no epoch more
+    np.testing.assert_allclose(again.obsm["X_pyro_scvi"], first.obsm["X_pyro_scvi"], rtol=1e-6)
+
+
+def test_resume_of_a_converged_runs_checkpoint_trains_nothing(source, tmp_path, monkeypatch):
+    # before: the run stopped because it converged, its checkpoint loaded as interrupted
+    # (its target was --max-epochs) and --resume trained one epoch more
+    short_rule = dict(patience=2, kl_warmup_epochs=1, min_delta=1e9)  # converges at once
+    monkeypatch.setattr(SCVI, "train", functools.partialmethod(SCVI.train, **short_rule))
+    argv = ["fit", source, "-o", tmp_path / "out.h5ad", "--max-epochs", "10", *FAST[2:], *EXACT]
+    argv += ["--checkpoint-dir", tmp_path / "ck", "--checkpoint-every", "1"]
+    status, stderr = _run(argv)
+    assert status == 0, stderr
+    first = anndata.read_h5ad(tmp_path / "out.h5ad")
+    params = first.uns["pyro_scvi"]["params"]
+    assert params["stop_reason"].startswith("converged") and int(params["stopped_epoch"]) < 9
+    (tmp_path / "out.h5ad").unlink()
+    status, stderr = _run([*argv, "--resume"])
+    assert status == 0, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    said = f"finished (converged at epoch {params['stopped_epoch']}): nothing was trained"
+    assert said in stderr
+    again = anndata.read_h5ad(tmp_path / "out.h5ad")
+    history = again.uns["pyro_scvi"]["history"]["epoch"]
+    assert len(history) == len(first.uns["pyro_scvi"]["history"]["epoch"])  # no epoch more
     np.testing.assert_allclose(again.obsm["X_pyro_scvi"], first.obsm["X_pyro_scvi"], rtol=1e-6)

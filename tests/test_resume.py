@@ -279,3 +279,29 @@ def test_a_resumed_run_keeps_every_field_of_its_engine(adata, tmp_path, monkeypa
         )
         assert len(model.history) == 2
     _assert_same_run(loaded, m)
+
+
+def test_a_converged_runs_checkpoint_is_finished_and_an_interrupted_one_resumes(
+    adata, tmp_path, monkeypatch
+):
+    # before: a run that stopped because it converged left a checkpoint whose target was
+    # max_epochs, so it loaded as interrupted and resume() trained on
+    stop = dict(_kw(), early_stopping=True, patience=2, kl_warmup_epochs=1, min_delta=1e9)
+    m = _new(adata).train(30, checkpoint_dir=tmp_path / "c", checkpoint_every=1, **stop)
+    ended = m.history.attrs["stopping"]
+    assert ended["reason"].startswith("converged") and len(m.history) < 30
+    saved = SCVI.load_checkpoint(tmp_path / "c", adata, device="cpu")
+    assert not saved.interrupted and len(saved.history) == len(m.history)
+    with pytest.raises(InputError, match=f"finished at epoch {ended['epoch']} .converged"):
+        saved.resume()
+    assert len(saved.history) == len(m.history)
+    np.testing.assert_array_equal(saved.get_latent_representation(), m.get_latent_representation())
+    # the same rule interrupted before it stops still resumes, to the same end
+    _signal_at_step(monkeypatch, 2 * STEPS_PER_EPOCH + 2)
+    with pytest.raises(TrainingInterrupted):
+        _new(adata).train(30, checkpoint_dir=tmp_path / "i", checkpoint_every=1, **stop)
+    monkeypatch.undo()
+    resumed = SCVI.load_checkpoint(tmp_path / "i", adata, device="cpu")
+    assert resumed.interrupted
+    _assert_same_run(resumed.resume(progress_bar=False), m)
+    assert resumed.history.attrs["stopping"]["epoch"] == ended["epoch"]

@@ -324,7 +324,10 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
             warnings.filterwarnings("ignore", category=TrainingWarning)
             warnings.filterwarnings("ignore", message="Encountered NaN")
             if args.resume and not model.interrupted:
-                pass  # a finished run's checkpoint (its outputs were not written): write them
+                # a finished run's checkpoint (its outputs were not written): write them;
+                # a run that converged before --max-epochs is finished too
+                note = f" The run had finished ({_ended(model.history)} at epoch "
+                note += f"{int(model.history['epoch'].iloc[-1])}): nothing was trained."
             elif args.resume:
                 model.resume(
                     device=args.device,

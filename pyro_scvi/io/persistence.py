@@ -40,6 +40,7 @@ from ..train.run import (
     fingerprint,
     merge_history,
     next_epoch,
+    run_ended,
 )
 from .files import check_free_space, check_output_dir, make_temp_dir, replace_dir
 from .model_dir import MODEL_FILE, is_model_dir, new_run_id, read_model_dir, write_model_dir
@@ -399,7 +400,8 @@ def load(
                 f"{dir_path} holds a damaged training state ({type(err).__name__}: {err})."
             ) from err
         check_fingerprint(saved, components.data, dir_path)
-        done = next_epoch(history) >= settings.target_epoch
+        # a run that converged before its max_epochs ended there too (its end's record)
+        done = next_epoch(history) >= settings.target_epoch or run_ended(history)
         # a finished run's checkpoint continues with train(), not resume()
         finished = train_state.batches is None and done
         record.run = TrainingRun(train_state, None if finished else settings, last=settings)

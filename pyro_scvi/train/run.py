@@ -314,6 +314,25 @@ def next_epoch(history: pd.DataFrame) -> int:
     return int(history["epoch"].iloc[-1]) + 1 if len(history) else 0
 
 
+def run_ended(history: pd.DataFrame) -> bool:
+    """Whether a ``train()`` call ended at the last epoch of ``history``.
+
+    A call records how it ended (``attrs["stopping"]``) only when it ends, at its last
+    epoch: a run that stopped early because it converged is finished although it ran
+    fewer epochs than its ``max_epochs``. A record of an earlier epoch is an earlier
+    call's.
+
+    Examples
+    --------
+    >>> h = pd.DataFrame({"epoch": [0, 1, 2]})
+    >>> h.attrs["stopping"] = {"epoch": 2, "reason": "converged: ..."}
+    >>> run_ended(h), run_ended(pd.DataFrame({"epoch": [0, 1, 2, 3]}))
+    (True, False)
+    """
+    stopping = history.attrs.get("stopping") or {}
+    return bool(len(history)) and stopping.get("epoch") == next_epoch(history) - 1
+
+
 def default_max_epochs(n_cells: int) -> int:
     """scvi-tools' default number of epochs: ``min(400, round(400 * 20000 / n_cells))``.
 
