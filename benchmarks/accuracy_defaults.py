@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,7 @@ CRITERIA = {
     "entropy_batch_mixing": "batch entropy ≥ scvi-tools − 0.05",
     "heldout_log_px_per_cell": "held-out log p(x) ≥ scvi-tools",
 }
-KEYS = ("ari", "nmi", "entropy_batch_mixing", "heldout_log_px_per_cell", "train_seconds")
-KEYS += ("epochs_run", "wall_seconds")
+KEYS = ("ari", "entropy_batch_mixing", "heldout_log_px_per_cell", "epochs_run", "wall_seconds")
 #: the goal of the time to quality: pyro_scvi's wall time ÷ scvi-tools' at most this
 TIME_GOAL = 0.5
 
@@ -71,8 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One implementation at its defaults on one dataset and seed, trained on the seed's
-    training cells (``make_split``, pyro_scvi's own rule), then scored."""
+    """One implementation at its defaults on the seed's training cells, then scored."""
     import anndata
     import torch
 
@@ -81,15 +80,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     impl, seed, key = spec["implementation"], spec["seed"], spec["batch_key"]
     adata = anndata.read_h5ad(spec["h5ad"])
     split = data.make_split(adata.n_obs, seed)
-    if impl.startswith("scvi-tools"):  # its own estimator of log p(x)
-        model = {"use_observed_lib_size": False} if impl == LATENT else {}
-        fit: adapters.Adapter = adapters.ScviTools(adata, key, seed=seed, model=model)
-        out: dict[str, Any] = {}
-    else:
-        model = {"use_observed_lib_size": True} if impl == OBSERVED else {}
-        fit = adapters.PyroScvi(adata, key, seed=seed, model=model)
+    # each its own estimator of log p(x); the pair's other model where not the default
+    model = {"use_observed_lib_size": impl == OBSERVED} if impl in (OBSERVED, LATENT) else {}
+    theirs = impl.startswith("scvi-tools")
+    fit = (adapters.ScviTools if theirs else adapters.PyroScvi)(adata, key, seed=seed, model=model)
     fit.fit(spec["epochs"], split)
-    if isinstance(fit, adapters.PyroScvi):
+    out: dict[str, Any] = {}
+    if not theirs:
         stop = fit.model.history.attrs.get("stopping") or {}
         out = {"engine": fit.run["engine"], "stop_reason": stop.get("reason")}
         out["split_matches_make_split"] = fit.run["split_matches"]
@@ -100,12 +97,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def scores(fit: Any, adata: Any, held: Any, spec: dict, latent: Any, *given: bool) -> dict:
-    """ARI, batch entropy (at most ``metric_cells``) and held-out log p(x) per cell by the
-    fit's own estimator (``given``: pyro_scvi's at the observed library) on ``held``."""
+    """ARI, batch entropy; log p(x) per ``held`` cell by the fit's estimator (``given``)."""
     import numpy as np
 
-    errors: dict[str, str] = {}
-    seed, k = spec["seed"], spec["ll_samples"]
+    errors, seed, k = {}, spec["seed"], spec["ll_samples"]
     cells = data.some_cells(np.arange(adata.n_obs), spec["metric_cells"], seed)
     out = workers.attempt(errors, "metrics", score.latent_scores, latent, adata, cells, seed)
     use = data.some_cells(held, spec["ll_cells"], seed)
@@ -123,10 +118,8 @@ def timed_scvi_tools(spec: dict[str, Any]) -> dict[str, Any]:
 
     adata = anndata.read_h5ad(spec["h5ad"])
     split = data.make_split(adata.n_obs, spec["seed"])
-    fit = adapters.ScviTools(adata, spec["batch_key"], seed=spec["seed"]).fit(
-        spec["epochs"], split
-    )
-    out = fit.adata.copy()
+    fit = adapters.ScviTools(adata, spec["batch_key"], seed=spec["seed"])
+    out = fit.fit(spec["epochs"], split).adata.copy()
     out.obsm["X_scvi"] = latent = np.asarray(fit.latent())
     if spec["normalized"]:  # pyro-scvi fit's: 10 samples, at the median library size
         lib = float(np.median(np.asarray(adata.X.sum(1))))
@@ -136,11 +129,8 @@ def timed_scvi_tools(spec: dict[str, Any]) -> dict[str, Any]:
     fit.model.save(spec["out"] + "_model", overwrite=True, save_anndata=False)
     out.write_h5ad(spec["out"] + ".h5ad")
     run = {"outputs_written_at": time.time(), "epochs_run": fit.run["epochs_run"]}
-    return (
-        run
-        | {"normalized_written": spec["normalized"]}
-        | scores(fit, adata, split[1], spec, latent)
-    )
+    run["normalized_written"] = spec["normalized"]
+    return run | scores(fit, adata, split[1], spec, latent)
 
 
 def score_fit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,28 +146,24 @@ def score_fit(spec: dict[str, Any]) -> dict[str, Any]:
     fit.model = pyro_scvi.SCVI.load(spec["out"] + "_model", adata)
     held, params = np.asarray(fit.model.validation_indices), written.uns["pyro_scvi"]["params"]
     out = {"epochs_run": len(fit.model.history), "stop_reason": params.get("stop_reason")}
-    out["split_matches_make_split"] = bool(
-        np.array_equal(held, data.make_split(adata.n_obs, spec["seed"])[1])
-    )
+    split = data.make_split(adata.n_obs, spec["seed"])
+    out["split_matches_make_split"] = bool(np.array_equal(held, split[1]))
     out["normalized_written"] = "pyro_scvi_normalized" in written.layers
     return out | scores(fit, adata, held, spec, np.asarray(written.obsm["X_pyro_scvi"]), True)
 
 
 def run_dataset(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs: list) -> dict:
-    """Every seed of the four implementations on one prepared dataset, after ``runs`` (other
-    seeds kept by ``--merge``); medians, verdict."""
+    """Every seed of the four implementations after ``runs`` (kept by --merge); verdict."""
     runs += [{"implementation": i, "seed": None, "error": e} for i, e in skipped.items()]
     for seed in args.seeds:
         for impl in IMPLEMENTATIONS:
             if impl.startswith("scvi-tools") and "scvi-tools" in skipped:
                 continue
-            spec = {"implementation": impl, "seed": seed, "threads": args.thread_count}
-            spec |= {k: ds[k] for k in ("h5ad", "batch_key")} | {"result": str(tmp / "r.json")}
-            spec |= {k: getattr(args, k) for k in ("epochs", "metric_cells", "ll_cells")}
-            spec |= {"ll_samples": args.ll_samples}
+            spec = spec_of(
+                ds, args, tmp, implementation=impl, seed=seed, threads=args.thread_count
+            )
             run = {"implementation": impl, "seed": seed}
-            run |= workers.spawn(STUDY, "--worker", spec, args.thread_count)
-            runs.append(run)
+            runs.append(run := run | workers.spawn(STUDY, "--worker", spec, args.thread_count))
             print(f"  seed {seed} {impl:26s}: {describe(run)}", file=sys.stderr, flush=True)
     summary = workers.summarize(runs, IMPLEMENTATIONS, KEYS)
     return {"runs": runs, "summary": summary, "verdict": verdict(summary, runs, ds, skipped)}
@@ -187,57 +173,39 @@ def run_timed(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs
     """``--time-to-quality``: per seed, ``pyro-scvi fit`` and scvi-tools' default run, one
     after the other (who goes first alternates), each timed from its process's start until
     its outputs are written, then scored (untimed)."""
-    turn = ds["turn"]
+    dense = ds["n_cells"] * ds["n_genes"] <= 5e7  # fit's DENSE_NORMALIZED_MAX_ENTRIES
     for seed in args.seeds:
-        for impl in workers.rotate(TIMED, turn + seed):
-            if impl == TIMED[1] and "scvi-tools" in skipped:
-                continue
-            spec = {"implementation": impl, "seed": seed, "out": str(tmp / f"out{seed}")}
-            spec |= {k: ds[k] for k in ("h5ad", "batch_key")} | {"result": str(tmp / "r.json")}
-            spec |= {k: getattr(args, k) for k in ("epochs", "metric_cells", "ll_cells")}
-            # pyro-scvi fit's default: dense up to DENSE_NORMALIZED_MAX_ENTRIES (pyro_scvi.io)
-            spec |= {
-                "ll_samples": args.ll_samples,
-                "normalized": ds["n_cells"] * ds["n_genes"] <= 5e7,
-            }
-            run = {"implementation": impl, "seed": seed, "first": impl == runs_first(turn, seed)}
+        order = workers.rotate(TIMED, ds["turn"] + seed)
+        for impl in (i for i in order if i == TIMED[0] or "scvi-tools" not in skipped):
+            out = str(tmp / f"out{seed}")
+            spec = spec_of(ds, args, tmp, seed=seed, out=out, normalized=dense)
+            run = {"implementation": impl, "seed": seed, "first": impl == order[0]}
             load, start = os.getloadavg()[0], time.time()
             if impl == TIMED[0]:
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "pyro_scvi",
-                    "fit",
-                    ds["h5ad"],
-                    "-o",
-                    spec["out"] + ".h5ad",
-                ]
+                cmd = [sys.executable, "-m", "pyro_scvi", "fit", ds["h5ad"], "-o", out + ".h5ad"]
                 cmd += ["--seed", str(seed), "--quiet"]
                 cmd += ["--batch-key", ds["batch_key"]] * bool(ds["batch_key"])
                 cmd += ["--max-epochs", str(args.epochs)] * bool(args.epochs)
                 rc = subprocess.run(cmd, stdout=sys.stderr, cwd=results.REPO).returncode
                 run |= {"wall_seconds": time.time() - start, "fit_exit_code": rc}
-                if rc == 0:
-                    run |= workers.spawn(STUDY, "--score-fit", spec)
-                else:
-                    run["error"] = f"pyro-scvi fit exited with code {rc}"
+                failed = {"error": f"pyro-scvi fit exited with code {rc}"}
+                run |= workers.spawn(STUDY, "--score-fit", spec) if rc == 0 else failed
             else:
                 run |= workers.spawn(STUDY, "--timed-scvi-tools", spec)
                 done = run.get("outputs_written_at")
                 run["wall_seconds"] = None if done is None else done - start
-            runs.append(run | {"loadavg_1min_before": load, "uptime": uptime()})
+            now = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+            runs.append(run | {"loadavg_1min_before": load, "uptime": now})
             print(f"  seed {seed} {impl:18s}: {describe(run)}", file=sys.stderr, flush=True)
     summary = workers.summarize(runs, TIMED, KEYS)
     return {"runs": runs, "summary": summary, "verdict": timed_verdict(runs, ds, skipped)}
 
 
-def runs_first(turn: int, seed: int) -> str:
-    return workers.rotate(TIMED, turn + seed)[0]
-
-
-def uptime() -> str:
-    done = subprocess.run(["uptime"], capture_output=True, text=True)
-    return done.stdout.strip()
+def spec_of(ds: dict, args: argparse.Namespace, tmp: Path, **more: Any) -> dict[str, Any]:
+    """A worker's spec: the dataset, the run's settings, ``more``."""
+    spec = {k: ds[k] for k in ("h5ad", "batch_key")} | {"result": str(tmp / "r.json")}
+    keys = ("epochs", "metric_cells", "ll_cells", "ll_samples")
+    return spec | {k: getattr(args, k) for k in keys} | more
 
 
 def compare(mine: dict, theirs: dict, ds: dict, judged: bool) -> dict[str, Any]:
@@ -262,50 +230,35 @@ def verdict(summary: dict, runs: list[dict], ds: dict, skipped: dict) -> dict[st
     ours = [r for r in runs if r["implementation"] in ("pyro_scvi", OBSERVED)]
     done = [r for r in ours if "error" not in r and not r.get("errors")]
     detail = f"{len(done)} of {len(ours)} pyro_scvi runs trained and scored"
-    out: dict[str, Any] = {"fit_finishes": {"passed": bool(done) and done == ours}}
-    out["fit_finishes"]["detail"] = detail
+    out: dict[str, Any] = {
+        "fit_finishes": {"passed": bool(done) and done == ours, "detail": detail}
+    }
     for pair, (a, b) in PAIRS.items():
         out[pair] = compare(summary[a], summary[b], ds, "scvi-tools" not in skipped)
-    pairs = [out[p]["all_passed"] for p in PAIRS]
-    finished = out["fit_finishes"]["passed"]
-    out["all_passed"] = (
-        False if not finished or False in pairs else None if None in pairs else True
-    )
-    return out
+    pairs = [out["fit_finishes"]["passed"], *(out[p]["all_passed"] for p in PAIRS)]
+    return out | {"all_passed": False if False in pairs else None if None in pairs else True}
 
 
 def timed_verdict(runs: list[dict], ds: dict, skipped: dict) -> dict[str, Any]:
-    """Wall-time ratio per seed (pyro-scvi fit ÷ scvi-tools), its median against
-    :data:`TIME_GOAL`, and item 1's criteria on the same runs (log p(x | library))."""
-    import statistics
-
+    """Wall-time ratio per seed, its median against :data:`TIME_GOAL`; the criteria."""
     seeds: dict[int, dict[str, float]] = {}
     for r in runs:
         if r.get("wall_seconds") and "error" not in r:
             seeds.setdefault(r["seed"], {})[r["implementation"]] = r["wall_seconds"]
     ratios = {s: w[TIMED[0]] / w[TIMED[1]] for s, w in seeds.items() if len(w) == 2}
     median = statistics.median(ratios.values()) if ratios else None
+    judged, sm = "scvi-tools" not in skipped, workers.summarize(runs, TIMED, KEYS)
     out: dict[str, Any] = {"ratios": ratios, "median_ratio": median}
-    out["time"] = {
-        "passed": None if "scvi-tools" in skipped else bool(median and median <= TIME_GOAL)
-    }
-    summary = workers.summarize(runs, TIMED, KEYS)
-    out["criteria"] = compare(
-        summary[TIMED[0]], summary[TIMED[1]], ds, "scvi-tools" not in skipped
-    )
-    return out
+    out["time"] = {"passed": bool(median and median <= TIME_GOAL) if judged else None}
+    return out | {"criteria": compare(sm[TIMED[0]], sm[TIMED[1]], ds, judged)}
 
 
 def describe(run: dict[str, Any]) -> str:
     if "error" in run:
         return f"FAILED: {run['error']}"
-    errors = f", errors {run['errors']}" if run.get("errors") else ""
-    seconds = run.get("wall_seconds") or run.get("train_seconds")
-    return (
-        f"{fmt(seconds, '.0f')} s, {run.get('epochs_run')} epochs, ARI {fmt(run.get('ari'))}, "
-        f"batch entropy {fmt(run.get('entropy_batch_mixing'))}, held-out log p(x) "
-        f"{fmt(run.get('heldout_log_px_per_cell'), '.2f')}{errors}"
-    )
+    values = ", ".join(f"{k} {fmt(run.get(k), f)}" for k, f in SPECS.items())
+    seconds = fmt(run.get("wall_seconds") or run.get("train_seconds"), ".0f")
+    return f"{seconds} s, {run.get('epochs_run')} epochs, {values} {run.get('errors') or ''}"
 
 
 def failures(res: dict[str, Any]) -> list[str]:
@@ -336,173 +289,102 @@ def cell(v: dict[str, Any], f: str) -> str:
 def epochs(runs: list[dict], impl: str) -> str:
     """Epochs run per seed, ``*`` where pyro_scvi's rule stopped before max_epochs."""
     mine = [r for r in runs if r["implementation"] == impl and "error" not in r]
-    star = ["*" * str(r.get("stop_reason", "")).startswith("converged") for r in mine]
-    return " ".join(f"{r.get('epochs_run')}{s}" for r, s in zip(mine, star))
+    stopped = (str(r.get("stop_reason")).startswith("converged") for r in mine)
+    return " ".join(f"{r.get('epochs_run')}" + "*" * s for r, s in zip(mine, stopped, strict=True))
 
 
 def markdown(res: dict[str, Any]) -> str:
-    s = res["settings"]
-    how = (
-        f"max_epochs {s['epochs'] or 'each at its default'}, seeds {' '.join(map(str, s['seeds']))},"
-        f" threads {s['threads']}, log p(x) with {s['ll_samples']} importance samples, every run "
-        "in its own process"
-        + f"; datasets subsampled to {s['subsample']} cells"
-        * bool(s["subsample"])
-    )
-    lines = results.header(
-        res, "Accuracy at the defaults, like for like: pyro_scvi vs scvi-tools", how
-    )
+    s, title = res["settings"], "Accuracy at the defaults, like for like: pyro_scvi vs scvi-tools"
+    how = f"max_epochs {s['epochs'] or 'each its default'}, seeds {' '.join(map(str, s['seeds']))}"
+    how += f", threads {s['threads']}, log p(x) with {s['ll_samples']} importance samples"
+    how += f", every run in its own process; {s['subsample']} cells" * bool(s["subsample"])
+    lines = results.header(res, title, how + ".")
     lines += [f"- **{n}**: {e}; the criteria are not judged." for n, e in res["skipped"].items()]
     rows, every = [], []
     for d in res["datasets"]:
         name = d["name"] + " (earlier run†)" * ("from_run" in d)
         if "error" in d:
-            rows.append([name, d["error"], *[""] * 6])
+            rows.append(f"{name} | {d['error']}" + " | " * 6)
             continue
-        v = d["verdict"]
         for pair, (a, b) in PAIRS.items():
-            marks = [cell(v[pair][k], f) for k, f in SPECS.items()]
-            ok = f"{d['summary'][a]['n_ok']} / {d['summary'][b]['n_ok']}"
+            v, ok = d["verdict"][pair], f"{d['summary'][a]['n_ok']} / {d['summary'][b]['n_ok']}"
+            marks = " | ".join(cell(v[k], f) for k, f in SPECS.items())
             stops = f"{epochs(d['runs'], a)} / {epochs(d['runs'], b)}"
-            rows.append([name, pair, ok, *marks, stops, PASS[v[pair]["all_passed"]]])
+            rows.append(f"{name} | {pair} | {ok} | {marks} | {stops} | {PASS[v['all_passed']]}")
         for r in d["runs"]:
-            values = [fmt(r.get(k), f) for k, f in SPECS.items()]
-            reason = str(r.get("stop_reason") or "").split(":")[0]
-            every.append(
-                [
-                    d["name"],
-                    r["seed"],
-                    r["implementation"],
-                    r.get("epochs_run"),
-                    reason,
-                    *values,
-                    fmt(r.get("train_seconds"), ".0f"),
-                ]
-            )
-    columns = [
-        "dataset",
-        "pair",
-        "runs ok",
-        *CRITERIA.values(),
-        "epochs per seed (pyro_scvi / scvi-tools)",
-        "all",
-    ]
-    lines += [
-        "## Criteria per pair (medians over seeds; pyro_scvi / scvi-tools, Δ)",
-        "",
-        PAIR_NOTE,
-        "",
-    ]
-    lines += results.md_table(columns, rows)
-    lines += results.section(
-        "Every run",
-        "dataset|seed|implementation|epochs:|stopped|ARI:|batch entropy:|held-out log p(x):|train s:",
-        every,
-    )
-    lines += time_section(res)
+            values = " | ".join(fmt(r.get(k), f) for k, f in SPECS.items())
+            stop = str(r.get("stop_reason") or "").split(":")[0]
+            every.append(f"{d['name']} | {r['seed']} | {r['implementation']} | "
+                         f"{r.get('epochs_run')} | {stop} | {values} | "
+                         f"{fmt(r.get('train_seconds'), '.0f')}")  # fmt: skip
+    columns = ["dataset", "pair", "runs ok", *CRITERIA.values(), "epochs (pyro_scvi / theirs)"]
+    lines += ["## Criteria per pair (medians over seeds; pyro_scvi / scvi-tools, Δ)", ""]
+    lines += [PAIR_NOTE, "", *results.md_table([*columns, "all"], rows)]
+    columns = "dataset|seed|implementation|epochs:|stopped|ARI:|batch entropy:|log p(x):|train s:"
+    lines += results.section("Every run", columns, every) + time_section(res)
     failed = [f"- {f}" for f in failures(res)] or ["None: every run finished and scored."]
     lines += ["", "## Failures", "", *failed, "", "## Notes", "", f"- {NOTE}"]
-    for d in [*res["datasets"], *res["time_to_quality"]]:
-        if r := d.get("from_run"):
-            lines.append(
-                f"- {d['name']}: kept from `{r['command']}` at commit {r['commit']:.7}, {r['date']}."
-            )
-    return "\n".join([*lines, ""])
+    note = "- {}: kept from `{command}` at commit {commit:.7}, {date}.".format
+    parts = [*res["datasets"], *res["time_to_quality"]]
+    return "\n".join(
+        [*lines, *(note(d["name"], **d["from_run"]) for d in parts if "from_run" in d), ""]
+    )
 
 
 def time_section(res: dict[str, Any]) -> list[str]:
-    """The time-to-quality table, when the file has one."""
-    rows = []
+    """The time-to-quality tables, when the file has them."""
+    rows, medians = [], []
     for d in res["time_to_quality"]:
         if "error" in d:
-            rows.append([d["name"], d["error"], *[""] * 11])
+            medians.append(f"{d['name']} | {d['error']}" + " | " * 4)
             continue
         v, by = d["verdict"], {(r["implementation"], r["seed"]): r for r in d["runs"]}
         for seed in sorted({r["seed"] for r in d["runs"] if r["seed"] is not None}):
             a, b = by.get((TIMED[0], seed), {}), by.get((TIMED[1], seed), {})
-            pair = [" / ".join(fmt(x.get(k), f) for x in (a, b)) for k, f in SPECS.items()]
-            reason = str(a.get("stop_reason") or "").split(":")[0]
-            first = "pyro_scvi" if a.get("first") else "scvi-tools"
-            rows.append(
-                [
-                    d["name"],
-                    seed,
-                    first,
-                    fmt(a.get("wall_seconds"), ".0f"),
-                    fmt(b.get("wall_seconds"), ".0f"),
-                    fmt(v["ratios"].get(seed, v["ratios"].get(str(seed))), ".2f"),
-                    f"{a.get('epochs_run')} ({reason})",
-                    b.get("epochs_run"),
-                    *pair,
-                    a.get("uptime", "").rpartition("average: ")[2],
-                ]
+            pair = " | ".join(
+                " / ".join(fmt(x.get(k), f) for x in (a, b)) for k, f in SPECS.items()
             )
-        crit = ", ".join(
-            f"{k} {PASS[c['passed']]}" for k, c in v["criteria"].items() if k != "all_passed"
-        )
-        rows.append(
-            [
-                f"**{d['name']}**",
-                "median",
-                "",
-                "",
-                "",
-                f"**{fmt(v['median_ratio'], '.2f')}**",
-                "",
-                "",
-                f"goal ≤ {TIME_GOAL}: {PASS[v['time']['passed']]}",
-                crit,
-                "",
-                "",
-                "",
-            ]
-        )
-    if not rows:
+            walls = " | ".join(fmt(x.get("wall_seconds"), ".0f") for x in (a, b))
+            ratio = fmt(v["ratios"].get(seed, v["ratios"].get(str(seed))), ".2f")
+            stop = f"{a.get('epochs_run')} ({str(a.get('stop_reason')).split(':')[0]})"
+            first = "pyro_scvi" if a.get("first") else "scvi-tools"
+            load = a.get("uptime", "").rpartition("average: ")[2]
+            rows.append(f"{d['name']} | {seed} | {first} | {walls} | {ratio} | {stop} | "
+                        f"{b.get('epochs_run')} | {pair} | {load}")  # fmt: skip
+        crit = " | ".join(cell(v["criteria"][k], f) for k, f in SPECS.items())
+        medians.append(f"{d['name']} | {fmt(v['median_ratio'], '.2f')} | "
+                       f"{PASS[v['time']['passed']]} | {crit}")  # fmt: skip
+    if not medians:
         return []
     columns = "dataset|seed|first|pyro-scvi fit s:|scvi-tools s:|ratio:|pyro_scvi epochs (stop)|"
-    columns += "scvi-tools epochs:|ARI (pyro_scvi / scvi-tools)|batch entropy|"
-    columns = [*columns.split("|"), "held-out log p(x \\| library)", "load (1, 5, 15 min)"]
-    return results.section("Time to quality (whole default runs, alternating)", columns, rows) + [
+    columns += "scvi-tools epochs:|ARI (pyro_scvi / scvi-tools)|batch entropy"
+    columns = [*columns.split("|"), "log p(x \\| library)", "load (1, 5, 15 min) before"]
+    summary = ["dataset", "median ratio:", f"ratio ≤ {TIME_GOAL}", *CRITERIA.values()]
+    title = "Time to quality: whole default runs, alternating"
+    return results.section(title, summary, medians) + [
+        "",
+        *results.md_table(columns, rows),
         "",
         TIME_NOTE,
     ]
 
 
 PAIR_NOTE = (
-    "latent library: `pyro_scvi.SCVI(adata[, batch_key])` (its default) against "
-    "`scvi.model.SCVI(adata, use_observed_lib_size=False)`, log p(x) by each one's own "
-    "importance sampling (pyro_scvi's `get_marginal_ll`, scvi-tools' `get_marginal_ll`); "
-    "observed library: `pyro_scvi.SCVI(..., use_observed_lib_size=True)` against scvi-tools' "
-    "default, both log p(x | library). Epochs: `*` where pyro_scvi's early stopping ended the "
-    "run before max_epochs. † kept from an earlier run; see the notes."
+    "latent library: pyro_scvi's default against scvi-tools with use_observed_lib_size=False; "
+    "observed library: pyro_scvi with it True against scvi-tools' default (log p(x | library))."
+    " log p(x): each one's own importance sampling. Epochs: `*` where pyro_scvi's early "
+    "stopping ended the run. † kept from an earlier run; see the notes."
 )
 NOTE = (
-    "Every run at its defaults (max_epochs as scvi-tools' rule unless --epochs, pyro_scvi's "
-    "early stopping on), trained on the seed's training cells (pyro_scvi's split rule; "
-    "scvi-tools through datasplitter_kwargs external_indexing). ARI, batch entropy: "
-    "score_latent on the same cells; held-out log p(x): nats per cell, K importance samples "
-    "on the seed's held-out cells, which no run trained on. A criterion passes when "
-    "pyro_scvi − scvi-tools ≥ its tolerance (ARI −0.02, batch entropy −0.05, log p(x) 0). "
-    "Details: benchmarks/README.md."
+    "Every run at its defaults (unless --epochs), trained on the seed's training cells and "
+    "scored on the same cells; log p(x) in nats per held-out cell. Details: benchmarks/README.md."
 )
 TIME_NOTE = (
-    "Wall seconds from the start of each process until its outputs are written: "
-    "`pyro-scvi fit INPUT -o OUT.h5ad --seed s [--batch-key batch]` at its defaults, and a "
-    "process that reads INPUT, runs `scvi.model.SCVI.setup_anndata`, `SCVI(adata).train()` "
-    "(its defaults, on the same training cells), writes the latent space and (where fit "
-    "writes it) the normalized expression (10 samples, median library) to an .h5ad and "
-    "saves the model. Both at default threads, one after the other, who goes first "
-    "alternating. ratio = pyro-scvi fit ÷ scvi-tools per seed; criteria on the same runs' "
-    "medians, log p(x | library): pyro_scvi's default model at the observed library against "
-    "scvi-tools' default model, on the same held-out cells."
+    "Wall seconds from each process's start until its outputs (latent, normalized expression "
+    "where fit writes it, the model) are written, at default threads, who goes first "
+    "alternating; ratio = pyro-scvi fit ÷ scvi-tools. Criteria on the same runs, log p(x | "
+    "library) for both (pyro_scvi's model at the observed library). Details: benchmarks/README.md."
 )
-
-
-def keep_other(res: dict[str, Any], other: str, path: Path) -> None:
-    """The file's other part (like for like, or time to quality) as it is now on disk: the
-    two modes may run at once."""
-    now = results.read(path) or {}
-    res[other] = results.keep_not_redone(now.get(other, []), set(), "name", now)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,23 +394,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start, skipped = time.perf_counter(), adapters.skipped(["pyro_scvi", "scvi-tools"])
     if "pyro_scvi" in skipped:
-        print(skipped["pyro_scvi"], file=sys.stderr)
-        return 1
-    if args.time_to_quality:  # default threads: nothing inherited from this shell
+        return print(skipped["pyro_scvi"], file=sys.stderr) or 1
+    warm = None
+    if args.time_to_quality:  # default threads; the fused kernel compiled once, untimed
         for v in ("OMP", "MKL", "OPENBLAS"):
             os.environ.pop(f"{v}_NUM_THREADS", None)
+        warm = workers.spawn(STUDY, "--warm-kernel", {})["exit_code"]
     stem = results.stem(STUDY, args.smoke)
     path = args.out_dir / f"{stem}.json"
     res: dict[str, Any] = {"meta": results.metadata(STUDY, argv, threads=args.thread_count)}
     settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "data_dir")}
-    res["settings"] = settings | {"criteria": CRITERIA, "tolerances": TOLERANCES}
-    res |= {"skipped": skipped, "datasets": [], "time_to_quality": []}
-    part = "time_to_quality" if args.time_to_quality else "datasets"
-    other = "datasets" if args.time_to_quality else "time_to_quality"
-    earlier = results.read(path) or {}
+    res["settings"] = settings | {"tolerances": TOLERANCES}
+    res |= {"skipped": skipped, "datasets": [], "time_to_quality": [], "warm_kernel_rc": warm}
+    part, other = ("datasets", "time_to_quality")[:: -1 if args.time_to_quality else 1]
+    earlier, redo = results.read(path) or {}, set(args.datasets)
     if args.merge:  # this part's other datasets; a redone dataset's other seeds
-        res[part] = results.keep_not_redone(earlier[part], set(args.datasets), "name", earlier)
+        res[part] = results.keep_not_redone(earlier.get(part, []), redo, "name", earlier)
     seeds = {d["name"]: d["runs"] for d in earlier.get(part, []) if args.merge and "runs" in d}
+
+    def keep_other() -> None:  # the file's other part as on disk now: the modes may run at once
+        now = results.read(path) or {}
+        res[other] = results.keep_not_redone(now.get(other, []), set(), "name", now)
 
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as tmp:
         prepared = []
@@ -550,10 +436,10 @@ def main(argv: list[str] | None = None) -> int:
             Path(entry.pop("h5ad")).unlink(missing_ok=True)
             res[part].append(entry)
             res["elapsed_seconds"] = time.perf_counter() - start
-            keep_other(res, other, path)
+            keep_other()
             results.write(args.out_dir, stem, res, markdown(res))
     res["total_seconds"] = time.perf_counter() - start
-    keep_other(res, other, path)
+    keep_other()
     results.publish(args.out_dir, stem, res, markdown(res))
     if failures(res):
         return 1

@@ -183,8 +183,8 @@ def epoch_timer() -> Any:
 
 class ScviTools(Adapter):
     """scvi-tools. Options: ``model`` (keywords of ``scvi.model.SCVI``), ``device`` (``cuda``:
-    Lightning's GPU accelerator), ``batch_size``, ``lr``, ``cache`` (as for :class:`PyroScvi`). It trains on a copy of
-    the data (``setup_anndata`` writes into ``obs``), ``self.adata``."""
+    Lightning's GPU accelerator), ``batch_size``, ``lr``, ``cache`` (as for :class:`PyroScvi`).
+    It trains on a copy of the data (``setup_anndata`` writes into ``obs``), ``self.adata``."""
 
     name = "scvi-tools"
 
