@@ -177,7 +177,7 @@ def run_timed(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs
     for seed in args.seeds:
         order = workers.rotate(TIMED, ds["turn"] + seed)
         for impl in (i for i in order if i == TIMED[0] or "scvi-tools" not in skipped):
-            out = str(tmp / f"out{seed}")
+            out = str(tmp / f"{impl.split()[0]}_{seed}")  # fit never replaces their model
             spec = spec_of(ds, args, tmp, seed=seed, out=out, normalized=dense)
             run = {"implementation": impl, "seed": seed, "first": impl == order[0]}
             load, start = os.getloadavg()[0], time.time()
