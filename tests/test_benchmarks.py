@@ -106,54 +106,68 @@ def test_accuracy_defaults_smoke(tmp_path):
     results = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
     assert results["settings"]["smoke"] and len(results["datasets"]) == 1
     dataset = results["datasets"][0]
-    mine = [r for r in dataset["runs"] if r["implementation"] == "pyro_scvi"]
-    assert len(mine) == 1 and "error" not in mine[0] and not mine[0].get("errors"), mine
-    assert mine[0]["epochs_run"] == 1 and mine[0]["split_matches_make_split"]
-    assert 0 < mine[0]["heldout_ll_cells"] < dataset["n_cells"]
-    assert math.isfinite(mine[0]["heldout_log_px_per_cell"]) and -1 <= mine[0]["ari"] <= 1
-    # conditioning on the observed library drops log p(l) - log q(l): another number
-    given = mine[0]["heldout_log_px_given_library_per_cell"]
-    assert math.isfinite(given) and given != mine[0]["heldout_log_px_per_cell"]
+    runs = {r["implementation"]: r for r in dataset["runs"]}
+    mine, same = runs["pyro_scvi"], runs["pyro_scvi-observed-library"]
+    for run in (mine, same):  # at the defaults, early stopping on: the stop is recorded
+        assert "error" not in run and not run.get("errors"), run
+        assert run["epochs_run"] == 1 and run["split_matches_make_split"]
+        assert run["stop_reason"].startswith("max_epochs")
+        assert math.isfinite(run["heldout_log_px_per_cell"]) and -1 <= run["ari"] <= 1
+        assert 0 < run["heldout_ll_cells"] < dataset["n_cells"]
+    # log p(x) and log p(x | library): the two models, other numbers
+    assert same["heldout_log_px_per_cell"] != mine["heldout_log_px_per_cell"]
     assert dataset["verdict"]["fit_finishes"]["passed"]
-    # pyro_scvi fitting scvi-tools' default model: same seed, same held-out cells, and its
-    # log p(x) is already log p(x | library)
-    (same,) = [r for r in dataset["runs"] if r["implementation"] == "pyro_scvi-observed-library"]
-    assert "error" not in same and same["split_matches_pyro_scvi"], same
-    assert same["heldout_ll_cells"] == mine[0]["heldout_ll_cells"]
-    own = same["heldout_log_px_per_cell"]
-    assert math.isfinite(own) and same["heldout_log_px_given_library_per_cell"] == own
-    assert own != mine[0]["heldout_log_px_per_cell"]
-    theirs = [r for r in dataset["runs"] if r["implementation"] == "scvi-tools"]
+    assert set(dataset["verdict"]) >= {"latent library", "observed library"}
     if importlib.util.find_spec("scvi") is None:  # skipped, and the table says so
-        assert "skipped" in theirs[0]["error"] and "skipped" in proc.stdout
+        assert "skipped" in runs["scvi-tools"]["error"] and "skipped" in proc.stdout
         assert dataset["verdict"]["all_passed"] is None
-    else:  # trained on pyro_scvi's training cells, scored on the same held-out cells
-        assert theirs[0]["n_train"] == mine[0]["n_train"]
-        assert theirs[0]["heldout_ll_cells"] == mine[0]["heldout_ll_cells"]
-        assert math.isfinite(theirs[0]["heldout_log_px_per_cell"])
-        # its default observes the library: its log p(x) is already log p(x | library)
-        own = theirs[0]["heldout_log_px_per_cell"]
-        assert theirs[0]["heldout_log_px_given_library_per_cell"] == own
-        assert "like_for_like_log_px" in dataset["verdict"]
-        same_model = dataset["verdict"]["same_model"]["heldout_log_px_per_cell"]
-        assert same_model["difference"] == pytest.approx(
-            own - theirs[0]["heldout_log_px_per_cell"]
+    else:  # each pair like for like: same training and held-out cells, each its estimator
+        for theirs in (runs["scvi-tools"], runs["scvi-tools-latent-library"]):
+            assert theirs["n_train"] == mine["n_train"]
+            assert theirs["heldout_ll_cells"] == mine["heldout_ll_cells"]
+        assert not runs["scvi-tools-latent-library"]["use_observed_lib_size"]
+        pair = dataset["verdict"]["observed library"]["heldout_log_px_per_cell"]
+        theirs = runs["scvi-tools"]["heldout_log_px_per_cell"]
+        assert pair["difference"] == pytest.approx(same["heldout_log_px_per_cell"] - theirs)
+    assert "Criteria per pair" in proc.stdout and "Every run" in proc.stdout
+
+    # time to quality: pyro-scvi fit's whole run, timed, scored from its outputs; the file
+    # keeps the like-for-like part
+    proc = _study(
+        "accuracy_defaults", "--smoke", "--time-to-quality", "--threads", "default",
+        "--out-dir", tmp_path,
+    )  # fmt: skip
+    assert proc.returncode in (0, 2), proc.stderr[-3000:]
+    timed = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
+    assert [d["name"] for d in timed["datasets"]] == [dataset["name"]]
+    assert timed["datasets"][0]["from_run"]["date"] == results["meta"]["date"]
+    (entry,) = timed["time_to_quality"]
+    (fit,) = [r for r in entry["runs"] if r["implementation"] == "pyro-scvi fit"]
+    assert "error" not in fit and not fit.get("errors"), fit
+    assert fit["wall_seconds"] > 0 and fit["epochs_run"] == 1 and fit["split_matches_make_split"]
+    assert fit["stop_reason"].startswith("max_epochs") and fit["normalized_written"]
+    assert math.isfinite(fit["heldout_log_px_per_cell"]) and -1 <= fit["ari"] <= 1
+    if importlib.util.find_spec("scvi") is None:
+        assert (
+            entry["verdict"]["median_ratio"] is None and entry["verdict"]["time"]["passed"] is None
         )
-        assert "The same model as scvi-tools' default" in proc.stdout
-    assert "held-out log p(x)" in proc.stdout
+    else:
+        (theirs,) = [r for r in entry["runs"] if r["implementation"] == "scvi-tools train()"]
+        ratio = fit["wall_seconds"] / theirs["wall_seconds"]
+        assert entry["verdict"]["median_ratio"] == pytest.approx(ratio)
+    assert "Time to quality" in proc.stdout and "Criteria per pair" in proc.stdout
 
     # --merge keeps a dataset of the earlier results that this run does not redo
-    earlier = dict(results, datasets=[dict(dataset, name="an_earlier_dataset")])
+    earlier = dict(timed, datasets=[dict(dataset, name="an_earlier_dataset")])
     (tmp_path / "accuracy_defaults_smoke.json").write_text(json.dumps(earlier))
     proc = _study("accuracy_defaults", "--smoke", "--out-dir", tmp_path, "--merge")
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     merged = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
     names = [d["name"] for d in merged["datasets"]]
     assert names == ["an_earlier_dataset", dataset["name"]]
-    assert merged["datasets"][0]["from_run"]["date"] == results["meta"]["date"]
-    assert "from_run" not in merged["datasets"][1]
+    assert merged["datasets"][0]["from_run"]["date"] == timed["meta"]["date"]
+    assert "from_run" not in merged["datasets"][1] and len(merged["time_to_quality"]) == 1
     assert "an_earlier_dataset (earlier run†)" in proc.stdout
-    assert "kept from an earlier run (--merge)" in proc.stdout
 
 
 def test_data_parallel_smoke(tmp_path):
@@ -375,40 +389,6 @@ def test_merge_keeps_rows_not_redone_with_the_run_that_made_them(monkeypatch):
         "command": "c0",
         "note": "n",
     }
-
-
-def test_accuracy_defaults_reuses_only_a_reference_measured_the_same_way(monkeypatch, tmp_path):
-    acc = _load_script("accuracy_defaults", monkeypatch)
-    args = acc.parse_args(["--datasets", "d", "--seeds", "0", "1", "2", "3", "--out-dir", "x"])
-
-    def theirs(seed, **changes):
-        run = {"implementation": "scvi-tools", "seed": seed, "epochs_run": 100, "ll_samples": 100}
-        run |= {"metric_cells": 50, "heldout_ll_cells": 5, "threads_after": 1}
-        run |= {"use_observed_lib_size": True, "heldout_log_px_per_cell": -10.0 - seed}
-        return run | changes
-
-    ours = [
-        {"implementation": "pyro_scvi", "seed": s, "split_matches_make_split": s != 2}
-        for s in range(4)
-    ]
-    runs = [theirs(0), theirs(1, ll_samples=10), theirs(2), theirs(3, errors={"x": "y"})]
-    earlier = {"date": "d0", "git": {"pyro_scvi_commit": "abc1234"}, "command": "c0"}
-    dataset = {"name": "d", "n_cells": 50, "n_genes": 7, "runs": ours + runs}
-    path = tmp_path / "accuracy_defaults.json"
-    path.write_text(json.dumps({**earlier, "datasets": [dataset]}))
-    reused = acc.reusable_reference(path, args)
-    # seed 1: other importance samples; seed 2: pyro_scvi held out other cells; 3: failed
-    assert list(reused) == ["d"] and list(reused["d"]) == [0]
-    run = reused["d"][0]
-    assert run["reused_from"] == {"date": "d0", "commit": "abc1234", "command": "c0"} | {
-        "n_cells": 50,
-        "n_genes": 7,
-    }
-    # before the like-for-like column: an observed library's log p(x) is log p(x | library)
-    assert run["heldout_log_px_given_library_per_cell"] == -10.0
-    assert acc.same_split(ours, 0) and not acc.same_split(ours, 2)
-    other = acc.parse_args(["--datasets", "d", "--epochs", "50", "--out-dir", "x"])
-    assert acc.reusable_reference(path, other) == {}
 
 
 def test_data_parallel_runs_again_only_after_a_rank_died_by_a_signal(monkeypatch):

@@ -182,9 +182,9 @@ def epoch_timer() -> Any:
 
 
 class ScviTools(Adapter):
-    """scvi-tools. Options: ``device`` (``cuda``: Lightning's GPU accelerator),
-    ``batch_size``, ``lr``, ``cache`` (as for :class:`PyroScvi`). It trains on a copy of
-    the data (``setup_anndata`` writes into ``obs``), ``self.adata``."""
+    """scvi-tools. Options: ``model`` (keywords of ``scvi.model.SCVI``), ``device`` (``cuda``:
+    Lightning's GPU accelerator), ``batch_size``, ``lr``, ``cache`` (as for :class:`PyroScvi`).
+    It trains on a copy of the data (``setup_anndata`` writes into ``obs``), ``self.adata``."""
 
     name = "scvi-tools"
 
@@ -209,7 +209,7 @@ class ScviTools(Adapter):
         if self.matched:
             kwargs = MATCHED | {"gene_likelihood": "zinb", "use_observed_lib_size": False}
             kwargs["encode_covariates"] = self.batch_key is not None
-        self.model = scvi.model.SCVI(self.adata, **kwargs)
+        self.model = scvi.model.SCVI(self.adata, **kwargs | o.get("model", {}))
         timer = epoch_timer()
         train: dict[str, Any] = {"max_epochs": epochs, "callbacks": [timer]}
         plan: dict[str, Any] = {}
