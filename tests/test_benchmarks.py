@@ -431,3 +431,21 @@ def test_same_result_fingerprints_a_fit_and_tells_a_change_apart(tmp_path):
     b.write_text(json.dumps(changed))
     differ = _study("same_result", "--compare", str(a), str(b))
     assert differ.returncode == 1 and "history differs" in differ.stdout
+
+
+def test_results_files_name_no_folder_of_the_machine_that_wrote_them(tmp_path, monkeypatch):
+    from test_datasets import machine_paths
+
+    from benchmarks.lib import results
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("PYRO_SCVI_DATA", str(data))
+    scratch = Path("/", "tmp", "runs", "a")  # built, so that this file names no such folder
+    command = f"--data-dir {data} --out-dir {scratch} --cache {results.REPO / 'bench_out'}"
+    results.write(tmp_path, "study", {"meta": {"command": command}}, f"Command: `{command}`")
+    table = (tmp_path / "study.md").read_text()
+    assert (
+        table == "Command: `--data-dir $PYRO_SCVI_DATA --out-dir $TMPDIR/runs/a --cache bench_out`"
+    )
+    assert json.loads((tmp_path / "study.json").read_text())["meta"]["command"] in table
+    assert not machine_paths("benchmarks/results/study.md", table)

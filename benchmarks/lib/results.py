@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -155,11 +156,36 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+#: An absolute folder of one machine (the repository test's pattern): under work, tmp, home, root.
+_MACHINE_FOLDER = re.compile(r"(?<![\w.~/-])/(?:work|tm[p]|home/[^/\s`'\"]+|root)(?=/|\b)")
+
+
+def portable(text: str) -> str:
+    """``text`` with this machine's folders replaced by names that hold on any machine.
+
+    A record is read on other machines and kept in the repository, which names no folder of
+    one machine: the checkout becomes relative paths, the data folder ``$PYRO_SCVI_DATA``,
+    a home folder ``~`` and any other scratch folder ``$TMPDIR``.
+    """
+    text = text.replace(f"{REPO}/", "").replace(str(REPO), ".")
+    data = os.environ.get("PYRO_SCVI_DATA")
+    if data:
+        text = text.replace(str(Path(data).resolve()), "$PYRO_SCVI_DATA").replace(
+            data, "$PYRO_SCVI_DATA"
+        )
+
+    def scratch(found: re.Match) -> str:
+        return "~" if found.group()[1:].startswith(("home", "root")) else "$TMPDIR"
+
+    return _MACHINE_FOLDER.sub(scratch, text)
+
+
 def write(out_dir: Path, stem: str, results: dict[str, Any], table: str | None = None) -> None:
-    """``out_dir/stem.json`` (every number) and ``out_dir/stem.md`` (the tables)."""
-    write_text(Path(out_dir) / f"{stem}.json", json.dumps(finite(results), indent=2, default=str))
+    """``out_dir/stem.json`` (every number) and ``out_dir/stem.md`` (the tables), portable."""
+    text = json.dumps(finite(results), indent=2, default=str)
+    write_text(Path(out_dir) / f"{stem}.json", portable(text))
     if table is not None:
-        write_text(Path(out_dir) / f"{stem}.md", table)
+        write_text(Path(out_dir) / f"{stem}.md", portable(table))
         print(f"Wrote {Path(out_dir) / stem}.json and .md", file=sys.stderr)
 
 
