@@ -72,9 +72,7 @@ def simulate(model, z, l, b):
         return model.likelihood(mu, model.theta(b, out), out["gate_logits"]).sample()
 
 
-def fitted(
-    n_cells: int, epochs: int, steps, k_is, chains, n_held=100, names=("amortized", "simulated")
-):
+def fitted(n_cells: int, epochs: int, steps, k_is, chains, n_held: int, names) -> dict:
     adata = data.load("pbmc8k_200hvg", subsample=n_cells, seed=0)
     fit = pyro_scvi.SCVI(adata, n_latent=1)
     fit.train(max_epochs=epochs, train_size=0.9, progress_bar=False, seed=0)
@@ -116,9 +114,8 @@ def on_dataset(name: str, seed: int, a) -> dict:
                     "s_per_cell": (time.perf_counter() - t) / len(held)}  # fmt: skip
     torch.manual_seed(seed)
     t = time.perf_counter()
-    out = ais.ais_marginal_ll(
-        model.model, model.guide, model.data, held, n_steps=50, batch_size=step
-    )
+    kw = {"n_steps": 50, "batch_size": step}
+    out = ais.ais_marginal_ll(model.model, model.guide, model.data, held, **kw)
     row["ais"] = {"est": out["marginal_ll"].tolist(), "se": out["se"].tolist(),
                   "s_per_cell": (time.perf_counter() - t) / len(held)}  # fmt: skip
     return row
@@ -152,19 +149,11 @@ def table(res: dict) -> str:
     cols += "mcmc IS mean abs err:|AIS steps:|AIS mean abs err:|AIS max abs err:|AIS median se:"
     lines = results.header(res, "log p(x) against the truth: exact vs AIS vs IS", how)
     lines += results.md_table(cols + "|max abs z:|within 2 se:", rows)
-    made = {
-        f"{m}/{n}": r.get("from_run")
-        for m, runs in res.get("runs", {}).items()
-        for n, r in runs.items()
-    }
-    lines += [
-        "",
-        *(
-            f"- {k}: `{v['command']}` at commit {v['commit']}, {v['date']}"
-            for k, v in made.items()
-            if v
-        ),
-    ]
+    lines.append("")
+    for m, runs in res.get("runs", {}).items():  # the run that made each, where kept
+        made = [(n, r["from_run"]) for n, r in runs.items() if r.get("from_run")]
+        for n, v in made:
+            lines.append(f"- {m}/{n}: `{v['command']}` at commit {v['commit']}, {v['date']}")
     lines += ["", f"Figure: `{STUDY}.png` (errors against IS's Pareto k, AIS with 2 se).", ""]
     rows = []
     for r in sorted(res.get("datasets", {}).values(), key=lambda r: (r["dataset"], r["seed"])):
@@ -238,9 +227,8 @@ def main(argv=None) -> int:
     res = {"meta": results.metadata(STUDY, argv), "settings": {"smoke": a.smoke, "k_is": k_is}}
     res["settings"] |= {"chains": chains, "steps": list(steps)}
     names = [n for n in ("amortized", "simulated") if n in a.runs or "fitted" in a.runs]
-    runs = fitted(
-        300 if a.smoke else 3000, 2 if a.smoke else 30, steps, k_is, chains, a.held, names
-    )
+    cells, epochs = (300, 2) if a.smoke else (3000, 30)
+    runs = fitted(cells, epochs, steps, k_is, chains, a.held, names)
     for r in runs.values():
         r["from_run"] = results.provenance(res)
 

@@ -63,11 +63,8 @@ def yardsticks(model, guide, cdata, cells, args, seed: int) -> dict[str, float]:
             model, guide, x, b, args.is_samples, batch_size=25, cell_index=torch.as_tensor(cells)
         )
     is_ll = torch.logsumexp(log_w, 0) - math.log(args.is_samples)
-    n = len(cells)
-    out = {
-        "ais": float(ais["marginal_ll"].mean()),
-        "ais_se": float(np.sqrt((ais["se"] ** 2).sum()) / n),
-    }
+    se = float(np.sqrt((ais["se"] ** 2).sum()) / len(cells))
+    out = {"ais": float(ais["marginal_ll"].mean()), "ais_se": se}
     out |= {"ais_ess": float(np.median(ais["ess"])), "is": float(is_ll.mean())}
     return out | {"k_over_07": float((pareto_k(log_w) > 0.7).mean())}
 
@@ -211,11 +208,8 @@ def goal_check(runs: list[dict[str, Any]], summ: dict[str, Any]) -> dict[str, An
             a, b = s.get(fam, {}), s.get("mean-field", {})
             if "ais" not in a or "ais" not in b:
                 continue
-            d, mc, by_seed = (
-                a["ais"] - b["ais"],
-                math.hypot(a["ais_se"], b["ais_se"]),
-                seed_se(runs, name, fam),
-            )
+            d, mc = a["ais"] - b["ais"], math.hypot(a["ais_se"], b["ais_se"])
+            by_seed = seed_se(runs, name, fam)
             se = math.hypot(mc, by_seed)
             diffs[name] = {"diff": d, "se": se, "mc_se": mc, "seed_se": by_seed}
             diffs[name] |= {"seeds": len(a["seeds"]), "win": d > 2 * se, "loss": d < -2 * se}
@@ -230,9 +224,8 @@ def goal_check(runs: list[dict[str, Any]], summ: dict[str, Any]) -> dict[str, An
     cov = [s["mean-field"]["nuts_cov90_l"] for s in summ.values() if "ais" in s["mean-field"]]
     out["mean-field_cov90_l"] = float(sum(cov) / len(cov)) if cov else math.nan
     best = [f for f in RICHER if out[f]["ais_goal"] and out[f]["cost_ratio"] <= MAX_COST_RATIO]
-    out["decision"] = (
-        f"propose {best[0]} as the default" if best else "keep the mean-field default"
-    )
+    keep = "keep the mean-field default"
+    out["decision"] = f"propose {best[0]} as the default" if best else keep
     return out
 
 
@@ -314,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.gather:
         parts = [json.loads(f.read_text()) for f in args.gather]
-        res["settings"] = parts[0]["settings"]
-        res["parts"] = [pt["meta"] for pt in parts]
+        res |= {"settings": parts[0]["settings"], "parts": [pt["meta"] for pt in parts]}
         res["runs"] = [r for pt in parts for r in pt["runs"]]
     for name in [] if args.gather else args.datasets or data.default_names(args.data_dir):
         adata = load(name, args)

@@ -94,9 +94,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     memory = {"rss_baseline_mib": workers.status_mib("VmRSS")}
     memory["peak_reset_at_baseline"] = workers.reset_peak_rss()
-    fit = adapters.ADAPTERS[impl](
-        adata, spec["batch_key"], matched=True, seed=seed, threads=threads
-    )
+    kw = {"matched": True, "seed": seed, "threads": threads}
+    fit = adapters.ADAPTERS[impl](adata, spec["batch_key"], **kw)
     fit.fit(spec["epochs"], split)
     memory["peak_rss_mib"] = workers.peak_rss_mib()
     if memory["rss_baseline_mib"] is not None:
@@ -235,14 +234,13 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["## Speed and memory", "", *results.md_table(SPEED, speed), ""]
     lines += [*results.md_table(RATIO_COLUMNS, ratios), "", "## Accuracy", ""]
     lines += [*results.md_table(ACCURACY, accuracy), ""]
-    lines += [
+    lines.append(
         f"Common estimators: pyro_scvi's `get_elbo` ({s['elbo_samples']} draws, at most "
         f"{s['eval_cells']} cells) and `get_marginal_ll` (K = {s['ll_samples']}, at most "
         f"{s['ll_cells']} validation cells) of every fit, scvi-tools' weights renamed into a "
-        "pyro_scvi model. benchmarks/README.md explains every column.",
-        "",
-    ]
-    return "\n".join(lines)
+        "pyro_scvi model. benchmarks/README.md explains every column."
+    )
+    return "\n".join([*lines, ""])
 
 
 SPEED = (
@@ -282,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         rc = workers.spawn(STUDY, "--warm-kernel", {}, args.threads)["exit_code"]
         res["warm_kernel_cache_seconds"] = time.perf_counter() - t
         res["warm_kernel_cache_exit_code"] = rc
-
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as tmp:
         for ds in args.specs:
             print(f"{ds['name']}:", file=sys.stderr, flush=True)

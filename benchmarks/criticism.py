@@ -74,9 +74,8 @@ def table(res: dict) -> str:
         "10-95 %; r2 about the identity line (log10 for mean, CV, library)."
     )
     lines = results.header(res, "Calibration and fit on held-out cells, per shared dataset", how)
-    lines += results.md_table(
-        ["dataset", "cells x genes", "fit", "epochs", *COLUMNS.values()], rows
-    )
+    columns = ["dataset", "cells x genes", "fit", "epochs", *COLUMNS.values()]
+    lines += results.md_table(columns, rows)
     return "\n".join(lines) + "\n"
 
 

@@ -112,10 +112,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{results.fmt(r.get('ratio_vs_one_thread'), '.2f')}x | {r['elbo']:.2f}"
         for name, r in res["summary"].items()
     ]
-    columns = (
-        "run|processes:|threads per process:|minibatch per process:|global minibatch:|"
-        "train cells/s:|vs one process, same global batch:|vs one process on one thread:|"
-    )
+    columns = "run|processes:|threads per process:|minibatch per process:|global minibatch:|"
+    columns += "train cells/s:|vs one process, same global batch:|vs one process on one thread:|"
     lines += results.md_table(columns + "validation ELBO/cell:", rows)
     lines += [
         "",
@@ -129,11 +127,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{n}, repeat {i}" for n, rs in runs for i, r in enumerate(rs) if "first_failure" in r
     ]
     if retried:
-        lines += [
-            "",
-            "Run again after a rank died by a signal (the first failure's stderr is in the "
-            "JSON, runs[...][i]['first_failure']): " + "; ".join(retried) + ".",
-        ]
+        where = "the first failure's stderr is in the JSON, runs[...][i]['first_failure']"
+        lines += ["", f"Run again after a rank died by a signal ({where}): {'; '.join(retried)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -142,11 +142,9 @@ def run_methods(fits: dict, adata: Any, groupby: str, g1: str, g2: str, args, se
             continue
         start = time.perf_counter()
         if method.startswith("pyro_scvi"):
-            kw = {"mode": "change" if "change" in method else "vanilla", "seed": seed}
-            kw |= {
-                "n_samples": args.n_samples,
-                "composition_correction": "uncorrected" not in method,
-            }
+            mode = "change" if "change" in method else "vanilla"
+            kw = {"mode": mode, "seed": seed, "n_samples": args.n_samples}
+            kw["composition_correction"] = "uncorrected" not in method
             kw["sample_key"] = "sample" if method.endswith("replicates") else None
             result = score.de_pyro(fits["pyro_scvi"].model, adata, groupby, g1, g2, **kw)
         elif method.startswith("scvi-tools"):
@@ -323,12 +321,10 @@ def markdown(res: dict[str, Any]) -> str:
                     f"{m['null_fraction']:.4f} | {fmt(m.get('median_null_lfc'), '+.3f')}"
                 )
             )
-    lines += results.md_table(
-        "benchmark|method|AUROC all:|AUROC expressed:|"
-        + "".join(f"AUROC {k}:|" for k in STRATA)
-        + "FDR at 5 %:|power:|calls:|null halves: fraction called:|median LFC, unchanged:",
-        rows,
-    )
+    strata = "".join(f"AUROC {k}:|" for k in STRATA)
+    columns = f"benchmark|method|AUROC all:|AUROC expressed:|{strata}FDR at 5 %:|power:|calls:|"
+    columns += "null halves: fraction called:|median LFC, unchanged:"
+    lines += results.md_table(columns, rows)
     for name, ms in res["summary"].items():  # replicates' chance differences: sample_key
         drift = [r.get("unchanged_drifted", 0) for r in res["replicates"] if name in r.values()]
         lines += [f"\n{name}: replicates differ by chance between the groups by >= "
@@ -338,18 +334,10 @@ def markdown(res: dict[str, Any]) -> str:
         ] if any(drift) else []  # fmt: skip
     checks = next(iter(res["targets"].values()), {})
     mark = {None: "-", True: "yes", False: "**no**"}
-    marks = [
-        f"{n} | " + " | ".join(mark[v] for v in t.values()) for n, t in res["targets"].items()
-    ]
-
-    lines += [
-        "",
-        "## Targets (pyro_scvi change mode)",
-        "",
-        "'-': scvi-tools did not run, or the stratum holds no DE gene.",
-        "",
-        *results.md_table(["benchmark", "method", *checks], marks),
-    ]
+    marks = [[n, *(mark[v] for v in t.values())] for n, t in res["targets"].items()]
+    note = "'-': scvi-tools did not run, or the stratum holds no DE gene."
+    lines += ["", "## Targets (pyro_scvi change mode)", "", note, ""]
+    lines += results.md_table(["benchmark", "method", *checks], marks)
     if pb := res.get("pbmc8k"):
         rows = [
             f"{g} | {r['n_cells']} | {r['calls']} | {pb['record'][g]['tied_scores']} | "

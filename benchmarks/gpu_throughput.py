@@ -58,7 +58,6 @@ def run(adata: Any, spec: dict[str, Any], device: str) -> dict[str, Any]:
     sync()
     fit.fit(spec["epochs"])
     sync()
-
     steady = fit.run["epoch_seconds"][1:] or fit.run["epoch_seconds"]
     out = {k: fit.run.get(k) for k in ("train_seconds", "epoch_seconds")}
     out["validation_elbo_per_cell"] = fit.run.get("validation_elbo_per_cell")
@@ -101,10 +100,8 @@ def markdown(res: dict[str, Any]) -> str:
         theirs = ref.get((r["cells"], r["batch_size"])) if r.get("engine") == "auto" else None
         ratio = f"{r['train_cells_per_second'] / theirs:.2f}x" if theirs else ""
         peak = results.fmt(r.get("peak_gpu_mib"), ",.0f")
-        rows.append(
-            f"{head} | {r['train_cells_per_second']:,.0f} | {ratio} | "
-            f"{results.fmt(r.get('validation_elbo_per_cell'), '.2f')} | {peak}"
-        )
+        elbo = results.fmt(r.get("validation_elbo_per_cell"), ".2f")
+        rows.append(f"{head} | {r['train_cells_per_second']:,.0f} | {ratio} | {elbo} | {peak}")
     columns = "cells:|implementation|minibatch:|engine|epochs:|train cells/s:|ratio:|"
     lines += results.md_table(columns + "validation ELBO/cell:|peak GPU MiB:", rows)
     return "\n".join(lines) + "\n"

@@ -57,9 +57,8 @@ def cli_worker(out: str, argv: list[str]) -> None:
     from pyro_scvi.cli import main as cli_main
 
     status = cli_main(argv)
-    Path(out).write_text(
-        json.dumps({"status": status, "peak_rss_mib": workers.status_mib("VmHWM")})
-    )
+    report = {"status": status, "peak_rss_mib": workers.status_mib("VmHWM")}
+    Path(out).write_text(json.dumps(report))
 
 
 def process(args: list[str], report: Path | None = None) -> dict[str, Any]:
@@ -78,9 +77,8 @@ def process(args: list[str], report: Path | None = None) -> dict[str, Any]:
 def run_api(path: Path, streamed: bool, epochs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
-        out = process(
-            ["--worker", str(path), str(int(streamed)), str(epochs), str(report)], report
-        )
+        argv = ["--worker", str(path), str(int(streamed)), str(epochs), str(report)]
+        out = process(argv, report)
         return {k: v for k, v in out.items() if k != "stdout"}
 
 
@@ -110,7 +108,6 @@ def run_cli(path: Path, work: Path, epochs: int, args: argparse.Namespace) -> di
         "latent_finite": bool(np.isfinite(written.obsm["X_pyro_scvi"]).all()),
         "validation_elbo_per_cell": float(history["validation_elbo"][-1]),
     }  # fmt: skip
-
     written.file.close()
     return {k: v for k, v in result.items() if k != "stdout"}
 
@@ -255,13 +252,10 @@ def markdown(res: dict[str, Any]) -> str:
             if r["cells"] == largest and "command" in r
         ]
     lines += ["", res["args"]["note"]] if res["args"].get("note") else []
+    kept = "kept by `--merge`: this run did not redo these rows."
     for mark, run in zip(MARKS, runs, strict=False):
-        lines += [
-            "",
-            f"{mark} From an earlier run ({run['date']}, pyro_scvi commit {run['commit']}, "
-            f"command `{run['command']}`), kept by `--merge`: this run did not redo these rows. "
-            f"{run.get('note', '')}",
-        ]
+        source = f"{run['date']}, pyro_scvi commit {run['commit']}, command `{run['command']}`"
+        lines += ["", f"{mark} From an earlier run ({source}), {kept} {run.get('note', '')}"]
     return "\n".join(lines) + "\n"
 
 
@@ -321,13 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     def write(key: str, label: str, row: dict[str, Any]) -> None:
         res[key].append(row)
         if not (done := row.get("error", "")[-800:]):
-            speed, unit = (
-                (row["train_cells_per_second"], "cells/s")
-                if key == "runs"
-                else (row["wall_seconds"], "s")
-            )
+            speed, unit = row.get("train_cells_per_second"), "cells/s"
+            if key != "runs":
+                speed, unit = row["wall_seconds"], "s"
             done = f"peak RSS {row['peak_rss_mib']:,.0f} MiB, {speed:,.0f} {unit}"
-
         print(f"{row['cells']:>9,} {label:>9}: {done}", file=sys.stderr)
         both = merged(res, earlier)
         results.write(args.out, stem, both, markdown(both))

@@ -117,16 +117,10 @@ def race(rounds: int, step: str = "fit", folder: Path | None = None) -> dict:
         while not errors.empty():
             raised.append(errors.get())
     mismatched = [pair for pair in pairs if pair[0] != pair[1]]
-    return {
-        "step": step,
-        "rounds": rounds,
-        "mismatches": len(mismatched),
-        "examples": mismatched[:3],
-        "writer_errors": len(raised),
-        "error_examples": sorted(set(raised))[:3],
-        "seconds": round(seconds, 1),
-        "worker_failures": failed,
-    }
+    out = {"step": step, "rounds": rounds, "mismatches": len(mismatched)}
+    out |= {"examples": mismatched[:3], "writer_errors": len(raised)}
+    out |= {"error_examples": sorted(set(raised))[:3], "seconds": round(seconds, 1)}
+    return out | {"worker_failures": failed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,10 +111,8 @@ def simulate(name: str, smoke: bool = False) -> Any:
         cells, batches = (4000, 40) if many else (300 if smoke else 900, 3)
         adata = synthetic_zinb(cells, genes, n_batches=batches, batch_effect=0.5, **sim)
         batch = adata.obs["batch"].astype(str).to_numpy()
-        keep = [
-            np.flatnonzero(batch == b)[: 50 if many else 2 if b == "batch2" else None]
-            for b in sorted(set(batch))
-        ]
+        sizes = {b: 50 if many else 2 if b == "batch2" else None for b in sorted(set(batch))}
+        keep = [np.flatnonzero(batch == b)[:n] for b, n in sizes.items()]
         if many and min(len(k) for k in keep) < 50:
             raise RuntimeError("simulate more cells: a batch has fewer than 50")
         adata = adata[np.sort(np.concatenate(keep))].copy()
@@ -187,9 +185,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     out |= {k: run[k] for k in keep if k in run} | {"epochs_run": len(h)}
     out["validation_elbo_curve"] = [float(v) for v in h["validation_elbo"]]
     out["n_validation"] = len(model.validation_indices)
-    if len(h):
-        out["validation_elbo"] = float(h["validation_elbo"].iloc[-1])
-        out["train_elbo"] = float(h["train_elbo"].iloc[-1])
+    out |= {k: float(h[k].iloc[-1]) for k in ("validation_elbo", "train_elbo") if len(h)}
     if "status" in out:
         return out
     try:
@@ -296,27 +292,18 @@ def markdown(res: dict[str, Any]) -> str:
     )
     title = "Robustness matrix: datasets x seeds x engine paths x threads"
     lines = results.header(res, title, how)
-    lines += [
-        f"**Paths agree on the held-out ELBO within {100 * TOLERANCE:g} %: "
-        f"{'yes' if sm['paths_agree'] else 'NO'}** (largest spread across paths "
-        f"{pct(sm['max_heldout_spread_across_paths'])} %; val ELBO "
-        f"{pct(sm['max_validation_spread_across_paths'])} %).",
-        "",
-    ]
+    agree = f"within {100 * TOLERANCE:g} %: {'yes' if sm['paths_agree'] else 'NO'}"
+    held, val = (pct(sm[f"max_{k}_spread_across_paths"]) for k in ("heldout", "validation"))
+    spread = f"largest spread across paths {held} %; val ELBO {val} %"
+    lines += [f"**Paths agree on the held-out ELBO {agree}** ({spread}).", ""]
     planned = res.get("planned_runs") or {"done": 0, "total": 0}
     if planned["done"] < planned["total"]:
-        lines += [
-            f"**In progress**: {planned['done']} of this command's {planned['total']} "
-            "runs so far; the tables hold what has finished.",
-            "",
-        ]
+        done = f"{planned['done']} of this command's {planned['total']} runs so far"
+        lines += [f"**In progress**: {done}; the tables hold what has finished.", ""]
     cell = "{finished}/{total} | {rejected} | {failed}".format
     rows = [f"{p} | {cell(**c)}" for p, c in sm["by_path"].items()]
-    lines += [
-        "## Runs finished, per path",
-        "",
-        *table("path|finished/total:|rejected:|failed:", rows),
-    ]
+    columns = "path|finished/total:|rejected:|failed:"
+    lines += ["## Runs finished, per path", "", *table(columns, rows)]
     rows = []
     for d in res["datasets"]:
         c = cell(**sm["by_dataset"].get(d["name"], dict.fromkeys((*STATUSES, "total"), 0)))
@@ -344,9 +331,8 @@ def markdown(res: dict[str, Any]) -> str:
         )
     columns = "dataset|threads|seed:|val ELBO per path|spread %:|held-out ELBO per path|"
     columns += f"spread %:|≤ {100 * TOLERANCE:g} %"
-    lines += results.section(
-        "Held-out ELBO across paths (per dataset, threads, seed)", columns, rows
-    )
+    title = "Held-out ELBO across paths (per dataset, threads, seed)"
+    lines += results.section(title, columns, rows)
     for over, keys, title in SPREADS:  # over: "seed" or "threads"
         rows = [
             f"{' | '.join(str(r[k]) for k in keys)} | {', '.join(map(str, r[over]))} | "
@@ -376,10 +362,8 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     lines += ["", "## Failures and rejections", "", *(problems or ["None."]), "", "## Notes", ""]
     lines.append(f"- {NOTE}")
-    kept = (
-        "- {}: kept from an earlier run (--merge): `{command}` at commit {commit}, {date}.".format
-    )
-    lines += [kept(d["name"], **d["from_run"]) for d in res["datasets"] if "from_run" in d]
+    kept = "- {}: kept from an earlier run (--merge): `{command}` at commit {commit}, {date}."
+    lines += [kept.format(d["name"], **d["from_run"]) for d in res["datasets"] if "from_run" in d]
     return "\n".join([*lines, ""])
 
 

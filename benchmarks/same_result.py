@@ -51,11 +51,8 @@ def compare(a: dict, b: dict) -> list[str]:
         if fa is None or fb is None:
             out.append(f"{name}: in one file only")
             continue
-        out += [
-            f"{name}: {k} differs"
-            for k in ("latent_sha256", "history", "engine")
-            if fa[k] != fb[k]
-        ]
+        keys = ("latent_sha256", "history", "engine")
+        out += [f"{name}: {k} differs" for k in keys if fa[k] != fb[k]]
     return out
 
 
@@ -86,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         fits = {name: (read(args.data_dir / f"{name}.h5ad"), e) for name, e in DEFAULT_FITS}
     result = {"pyro_scvi_version": pyro_scvi.__version__}
     result["fits"] = {name: fingerprint(adata, epochs) for name, (adata, epochs) in fits.items()}
-
     args.out.write_text(json.dumps(result, indent=1))
     for name, fit in result["fits"].items():
         print(f"{name}: latent {fit['latent_sha256'][:12]}, engine {fit['engine']}")

@@ -64,7 +64,6 @@ def machine() -> dict[str, Any]:
             cpu = next(names, cpu)
     except OSError:
         pass
-
     try:
         ram = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):

@@ -109,7 +109,6 @@ def wilcoxon(adata: Any, groupby: str, g1: str, g2: str) -> tuple[Any, Any, Any]
     u = stats.rankdata(x, axis=0)[in_a].sum(0) - n1 * (n1 + 1) / 2
     tied = (np.unique(col, return_counts=True)[1].astype(float) for col in x.T)
     ties = np.array([np.sum(c**3 - c) for c in tied])
-
     var = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
     z = (u - n1 * n2 / 2) / np.sqrt(np.maximum(var, 1e-12))
     p = 2 * stats.norm.sf(np.abs(z))
