@@ -155,28 +155,19 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-#: An absolute folder of one machine (the repository test's pattern): under work, tmp, home, root.
-_MACHINE_FOLDER = re.compile(r"(?<![\w.~/-])/(?:work|tm[p]|home/[^/\s`'\"]+|root)(?=/|\b)")
+#: A folder of one machine (as the repository's test finds them) and what a record says instead.
+_MACHINE_FOLDER = re.compile(r"(?<![\w.~/-])/(?:(work|tm[p])|home/[^/\s`'\"]+|root)(?=/|\b)")
 
 
 def portable(text: str) -> str:
-    """``text`` with this machine's folders replaced by names that hold on any machine.
-
-    A record is read on other machines and kept in the repository, which names no folder of
-    one machine: the checkout becomes relative paths, the data folder ``$PYRO_SCVI_DATA``,
-    a home folder ``~`` and any other scratch folder ``$TMPDIR``.
-    """
+    """``text`` naming no folder of this machine (records are kept in the repository): the
+    checkout becomes relative paths, the data folder ``$PYRO_SCVI_DATA``, a home ``~`` and
+    any other scratch folder ``$TMPDIR``."""
     text = text.replace(f"{REPO}/", "").replace(str(REPO), ".")
     data = os.environ.get("PYRO_SCVI_DATA")
-    if data:
-        text = text.replace(str(Path(data).resolve()), "$PYRO_SCVI_DATA").replace(
-            data, "$PYRO_SCVI_DATA"
-        )
-
-    def scratch(found: re.Match) -> str:
-        return "~" if found.group()[1:].startswith(("home", "root")) else "$TMPDIR"
-
-    return _MACHINE_FOLDER.sub(scratch, text)
+    for folder in (os.path.realpath(data), data) if data else ():
+        text = text.replace(folder, "$PYRO_SCVI_DATA")
+    return _MACHINE_FOLDER.sub(lambda found: "$TMPDIR" if found.group(1) else "~", text)
 
 
 def write(out_dir: Path, stem: str, results: dict[str, Any], table: str | None = None) -> None:
