@@ -233,8 +233,10 @@ class Stepper:
         """
         with self._graph_mode():
             which, args, kwargs, fresh = self._call(x, batch_index, cell_index, kl_weight)
-        with pyro.validation_enabled(validate), self._quiet(fresh), self._graph_mode():
-            loss = _nan_on_invalid(self._steps[which], (self.model, self.guide), *args, **kwargs)
+            with pyro.validation_enabled(validate), self._quiet(fresh):
+                loss = _nan_on_invalid(
+                    self._steps[which], (self.model, self.guide), *args, **kwargs
+                )
         self._note_kernel()
         return loss
 
@@ -252,11 +254,12 @@ class Stepper:
         """
         with self._graph_mode():
             which, args, kwargs, fresh = self._call(x, batch_index, cell_index, kl_weight)
-        elbo, pair = (self.elbo, self._pair) if which == 0 else (self.tail_elbo, self._tail_pair)
-        with self._quiet(fresh), self._graph_mode():
-            if self.fused_adam:
-                return self.optim.loss_and_grads(elbo, *pair, *args, **kwargs)
-            return elbo.loss_and_grads(*pair, *args, **kwargs)
+            elbo = self.elbo if which == 0 else self.tail_elbo
+            pair = self._pair if which == 0 else self._tail_pair
+            with self._quiet(fresh):
+                if self.fused_adam:
+                    return self.optim.loss_and_grads(elbo, *pair, *args, **kwargs)
+                return elbo.loss_and_grads(*pair, *args, **kwargs)
 
     def loss(self, data, cells: np.ndarray) -> float:
         """ELBO per cell of ``cells`` (the true ELBO, weight 1), networks in eval mode.
