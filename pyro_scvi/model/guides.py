@@ -646,15 +646,29 @@ class PerCellGuide(Guide):
                         parts.setdefault(k, []).append(v)
         finally:
             guide.train(was_training)
-        q = {k: torch.cat(v) for k, v in parts.items()}
-        new = cls(
-            len(indices),
-            q["z_loc"].shape[-1],
-            library=None if "l_loc" in q else ObservedLibrary(),
-            init_scale=1.0,
-        ).to(q["z_loc"].device)
+        return cls.from_encoded({k: torch.cat(v) for k, v in parts.items()})
+
+    @classmethod
+    def from_encoded(cls, q: dict[str, torch.Tensor]) -> PerCellGuide:
+        """A guide whose row ``i`` starts exactly at row ``i`` of an encoder's output.
+
+        ``q`` is what ``guide.encode(x, ...)`` returns: ``z_loc``, ``z_scale`` and, with a
+        latent library, ``l_loc``, ``l_scale``. The guide is on ``q``'s device and in its
+        precision.
+
+        Examples
+        --------
+        >>> import torch
+        >>> q = ScviGuide(10, 1, n_latent=2).eval().encode(torch.ones(3, 10), torch.zeros(3, 1))
+        >>> bool(PerCellGuide.from_encoded(q).z_loc.eq(q["z_loc"]).all())
+        True
+        """
+        z_loc = q["z_loc"]
+        library = None if "l_loc" in q else ObservedLibrary()
+        new = cls(z_loc.shape[0], z_loc.shape[-1], library=library, init_scale=1.0)
+        new = new.to(device=z_loc.device, dtype=z_loc.dtype)
         with torch.no_grad():
-            new.z_loc.copy_(q["z_loc"])
+            new.z_loc.copy_(z_loc)
             new.z_log_scale.copy_(q["z_scale"].log())
             if new.l_loc is not None:
                 new.l_loc.copy_(q["l_loc"])

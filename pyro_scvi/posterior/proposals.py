@@ -172,19 +172,7 @@ class RefinedProposal(DefensiveProposal):
 def _refined_guide(model, guide, x, b, cell_index, n_steps: int, lr: float) -> PerCellGuide:
     """A per-cell guide for the minibatch ``x``, started at ``guide`` and refined."""
     with torch.no_grad(), eval_mode(guide):
-        q = guide.encode(x, b, cell_index)
-    kw = (
-        {"l_loc_init": q["l_loc"].detach(), "library": model.library_prior} if "l_loc" in q else {}
-    )
-    # the guide's library (latent, or observed: no q(l)), device and precision
-    new = PerCellGuide(x.shape[0], q["z_loc"].shape[-1], init_scale=1.0, **kw)
-    new = new.to(device=x.device, dtype=q["z_loc"].dtype)
-    with torch.no_grad():
-        new.z_loc.copy_(q["z_loc"])
-        new.z_log_scale.copy_(q["z_scale"].log())
-        if new.l_loc is not None:
-            new.l_loc.copy_(q["l_loc"])
-            new.l_log_scale.copy_(q["l_scale"].log())
+        new = PerCellGuide.from_encoded(guide.encode(x, b, cell_index))
     rows = torch.arange(x.shape[0], device=x.device)
     # called inside posterior queries' no_grad: refinement needs gradients in q's parameters
     with torch.enable_grad(), frozen(model, guide), pyro.get_param_store().scope():
