@@ -556,7 +556,7 @@ def test_mean_field_elbo_runs_through_the_engine_and_matches_its_pyro_run(small_
 
 def test_the_compiled_mean_field_elbo_keeps_one_graph_per_minibatch_size():
     # Pyro 1.9's JitTraceMeanField_ELBO traced a new graph on every step, and torch keeps
-    # every traced graph: a PBMC run grew by about 2 MB a step. A compiled graph runs
+    # every traced graph: a PBMC run grew by about 2.5 MB a step. A compiled graph runs
     # without the model's Python, so the model's forward runs only while a graph is
     # traced: a fixed number of times per minibatch size, however many steps and KL
     # weights follow.
