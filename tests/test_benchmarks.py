@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,26 @@ def test_results_files_name_no_folder_of_the_machine_that_wrote_them(tmp_path, m
     )
     assert json.loads((tmp_path / "study.json").read_text())["meta"]["command"] in table
     assert not machine_paths("benchmarks/results/study.md", table)
+
+    # The temporary folder Python uses here, and other systems' scratch folders and homes
+    # ("@" stands for "/" and "%" for a backslash, so that this file names no such folder).
+    monkeypatch.setattr(tempfile, "tempdir", str(Path("/", "scratch", "job42")))
+    cases = {
+        "@scratch@job42@a": "$TMPDIR@a",  # tempfile.gettempdir()
+        "@scratch@job4": "@scratch@job4",  # another folder
+        "@var@folders@x1@abc123@T@reads": "$TMPDIR@reads",  # macOS
+        "@private@var@folders@x1@abc123@T": "$TMPDIR",
+        "@private@tmp@r": "$TMPDIR@r",
+        "@var@tmp@r": "$TMPDIR@r",
+        "@Users@me@x.h5ad": "~@x.h5ad",
+        "C:%Users%me%AppData%Local%Temp%r": "$TMPDIR%r",  # Windows
+        "C:@Windows@Temp": "$TMPDIR",
+        "D:%Users%me%x": "~%x",
+        "https://example.org@Users@me": "https://example.org@Users@me",
+    }
+    for path, expected in cases.items():
+        path, expected = (p.replace("@", "/").replace("%", "\\") for p in (path, expected))
+        results.write(tmp_path, "os", {"meta": {"path": path}}, f"`{path}`")
+        assert (tmp_path / "os.md").read_text() == f"`{expected}`", path
+        assert json.loads((tmp_path / "os.json").read_text())["meta"]["path"] == expected, path
+        assert not machine_paths("benchmarks/results/os.md", expected)

@@ -459,9 +459,14 @@ def test_fetch_all_gathers_every_dataset_in_the_cache(monkeypatch, cache):
     assert datasets.fetch("cellbench_3cl_2tech", download=False) == cached
 
 
-#: An absolute path of this machine: a path under work, home, root or tmp, not inside a
-#: URL or a relative path (the character class keeps this line from matching itself).
-MACHINE_PATH = re.compile(r"(?<![\w.~/-])/(?:(?:work|home|tm[p])/|root\b)")
+#: An absolute path of one machine, not inside a URL or a relative path: under work, home,
+#: root or a scratch folder of Linux (tmp, var/tmp), macOS (var/folders, private, Users)
+#: or Windows (a drive's Users or Windows). The character classes keep these lines from
+#: matching themselves.
+MACHINE_PATH = re.compile(
+    r"(?<![\w.~/\\-])(?:/(?:(?:work|home|tm[p]|va[r]/(?:tmp|folders)|privat[e]|User[s])/|root\b)"
+    r"|[A-Za-z]:[\\/]+(?:User[s]|Window[s])\b)"
+)
 #: The developers' and CI's data folder beside the checkout: a user's clone has none. Tests
 #: may look for it there (and skip without it); the package, docs, notebooks and benchmarks
 #: reach the data through pyro_scvi.datasets and $PYRO_SCVI_DATA instead.
@@ -506,20 +511,29 @@ def test_no_absolute_path_of_this_machine_in_the_repository():
 
 @pytest.mark.parametrize(
     ("name", "line", "flagged"),
-    [  # "@" stands for "/", so that this file holds no such path itself
+    [  # "@" stands for "/" and "%" for a backslash, so that this file holds no such path itself
         ("README.md", 'DATA = "@work/shared/data"', True),
         ("README.md", "--out-dir @tmp/reads", True),
         ("README.md", "cd @root", True),
         ("README.md", "@home/user/x.h5ad", True),
         ("README.md", "PYTHONPATH=$PWD:@tmp/site", True),
+        ("README.md", "--out-dir @var@folders@x1@abc123@T@reads", True),  # macOS
+        ("README.md", '"@private@var@folders@x1@abc123@T"', True),
+        ("README.md", "@var@tmp@runs", True),
+        ("README.md", "cd @Users@me@data", True),
+        ("README.md", "C:%Users%me%AppData%Local%Temp%reads", True),  # Windows
+        ("README.md", '"D:%%Windows%%Temp"', True),  # as JSON writes it
+        ("README.md", "C:@Users@me", True),
         ("docs/x.md", "--data-dir ..@shared/data", True),
         ("benchmarks/README.md", "PYRO_SCVI_DATA=$PWD/..@shared/data", True),
         ("tests/conftest.py", "..@shared/data", False),
         ("README.md", "https://example.org@home/index.html", False),
         ("README.md", "~/.cache/pyro_scvi", False),
         ("README.md", "/scratch/", False),
+        ("README.md", "https://example.org@Users@index.html", False),
+        ("README.md", "@usr@share@doc", False),
         ("README.md", 'reads=$(mktemp -d); --out-dir "$reads"', False),
     ],
 )
 def test_machine_path_pattern(name, line, flagged):
-    assert machine_paths(name, line.replace("@", "/")) is flagged
+    assert machine_paths(name, line.replace("@", "/").replace("%", "\\")) is flagged

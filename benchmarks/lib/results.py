@@ -12,6 +12,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -73,12 +74,6 @@ def machine() -> dict[str, Any]:
     return out | {"python": platform.python_version(), "cpu_count": os.cpu_count(), "ram_gib": ram}
 
 
-def machine_line(meta: dict[str, Any]) -> str:
-    m = meta["machine"]
-    ram = f", {m['ram_gib']:.0f} GiB RAM" if m.get("ram_gib") else ""
-    return f"{m.get('cpu_model') or m['platform']}, {m['cpu_count']} CPUs{ram} ({m['platform']})"
-
-
 def metadata(
     study: str, argv: Sequence[str] | None, *, threads: Any = None, versions: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -91,22 +86,19 @@ def metadata(
     return out | {"machine": machine(), "threads": threads, "versions": found, "git": git_state()}
 
 
-def meta_of(results: dict[str, Any]) -> dict[str, Any]:
-    """A results file's header: under ``meta``, or (older files) at its top level."""
-    return results.get("meta") or results
-
-
 def header(results: dict[str, Any], title: str, how: str = "") -> list[str]:
     """A table's title, then date, machine, versions and commit, the command and ``how``."""
-    meta = meta_of(results)
-    v, g = meta["versions"], meta["git"]
+    meta = results.get("meta") or results  # (older files: at the top level)
+    v, g, m = meta["versions"], meta["git"], meta["machine"]
+    ram = f", {m['ram_gib']:.0f} GiB RAM" if m.get("ram_gib") else ""
+    where = f"{m.get('cpu_model') or m['platform']}, {m['cpu_count']} CPUs{ram} ({m['platform']})"
     commit = str(g["pyro_scvi_commit"])[:7] + (" + uncommitted changes" if g["dirty"] else "")
     shown = ", ".join(f"{k} {v[k]}" for k in v if k != "pyro_scvi" and v[k] != "not installed")
     smoke = (results.get("settings") or {}).get("smoke")
     return [
         f"# {title}",
         "",
-        f"{meta['date']}; {machine_line(meta)}; {shown}; pyro_scvi {v['pyro_scvi']} at commit "
+        f"{meta['date']}; {where}; {shown}; pyro_scvi {v['pyro_scvi']} at commit "
         f"{commit}." + (" SMOKE RUN: numbers are meaningless." if smoke else ""),
         "",
         f"Command: `{meta['command']}`." + (f" {how}" if how else ""),
@@ -155,19 +147,27 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-#: A folder of one machine (as the repository's test finds them) and what a record says instead.
-_MACHINE_FOLDER = re.compile(r"(?<![\w.~/-])/(?:(work|tm[p])|home/[^/\s`'\"]+|root)(?=/|\b)")
+_NAME, _SEP = r"[^\\/\s`'\"]+", r"[\\/]+"  # one folder's name; a separator (doubled in JSON)
+#: Scratch folders of Linux, macOS, Windows and this project; homes. ([x]: not a path here)
+_SCRATCH = (
+    rf"/(?:private/)?va[r]/folders/{_NAME}/{_NAME}(?:/[CT])?|/(?:private/|var/)?tm[p]|/work|"
+    rf"[A-Za-z]:{_SEP}(?:Windows|User[s]{_SEP}{_NAME}{_SEP}AppData{_SEP}Local){_SEP}Temp"
+)
+_HOME = rf"/hom[e]/{_NAME}|/roo[t]|/User[s]/{_NAME}|[A-Za-z]:{_SEP}User[s]{_SEP}{_NAME}"
 
 
 def portable(text: str) -> str:
     """``text`` naming no folder of this machine (records are kept in the repository): the
-    checkout becomes relative paths, the data folder ``$PYRO_SCVI_DATA``, a home ``~`` and
-    any other scratch folder ``$TMPDIR``."""
+    checkout becomes relative paths, the data folder ``$PYRO_SCVI_DATA``, temporary folders
+    (``tempfile.gettempdir()``, Linux's, macOS's, Windows') ``$TMPDIR``, homes ``~``."""
     text = text.replace(f"{REPO}/", "").replace(str(REPO), ".")
-    data = os.environ.get("PYRO_SCVI_DATA")
-    for folder in (os.path.realpath(data), data) if data else ():
-        text = text.replace(folder, "$PYRO_SCVI_DATA")
-    return _MACHINE_FOLDER.sub(lambda found: "$TMPDIR" if found.group(1) else "~", text)
+    data, tmp = os.environ.get("PYRO_SCVI_DATA"), tempfile.gettempdir()
+    folders = [(f, "$PYRO_SCVI_DATA") for f in ((os.path.realpath(data), data) if data else ())]
+    folders += [(f, "$TMPDIR") for f in (os.path.realpath(tmp), tmp)]
+    folders = [(re.escape(f), i) for f, i in folders] + [(_SCRATCH, "$TMPDIR"), (_HOME, "~")]
+    for folder, instead in folders:
+        text = re.sub(rf"(?<![\w.~/\\-])(?:{folder})(?![\w.-])", instead, text)
+    return text
 
 
 def write(out_dir: Path, stem: str, results: dict[str, Any], table: str | None = None) -> None:
@@ -191,7 +191,7 @@ def read(path: Path) -> dict[str, Any] | None:
 
 def provenance(results: dict[str, Any], note: str = "") -> dict[str, str]:
     """Date, commit and command of the run that wrote ``results`` (marks kept rows)."""
-    meta = meta_of(results)
+    meta = results.get("meta") or results
     commit = str((meta.get("git") or {}).get("pyro_scvi_commit"))
     out = {"date": str(meta.get("date")), "commit": commit, "command": str(meta.get("command"))}
     return out | ({"note": note} if note else {})

@@ -51,9 +51,11 @@ need care, which the step takes:
   a keyword, so each size gets its own graph (``history.attrs["engine"]["compiled_sizes"]``
   lists them). A JIT ELBO object keeps the model, guide and parameter names of the run it
   first compiled for, so each run compiles a copy of the one passed in: the object passed
-  may serve several runs. (In Pyro 1.9 ``JitTraceMeanField_ELBO`` re-traces on every step,
-  which is correct but slower than ``TraceMeanField_ELBO``.) Validation uses the ELBO's
-  uncompiled ``loss`` in eval mode.
+  may serve several runs. Pyro 1.9's ``JitTraceMeanField_ELBO`` re-traces on every step,
+  and torch keeps every traced graph (memory grows by megabytes a step): the run's copy
+  gets a loss that keeps its graphs instead
+  (:class:`~pyro_scvi.train.engine.MeanFieldLossCompiledOnce`, recorded in
+  ``reasons["compiled"]``). Validation uses the ELBO's uncompiled ``loss`` in eval mode.
 """
 
 from __future__ import annotations
