@@ -28,7 +28,6 @@ import math
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.distributions import MultivariateStudentT
 
 from ..errors import InputError
@@ -37,7 +36,7 @@ from ..model.nn import eval_mode
 from ..model.schemes import require_point_globals
 from . import ais
 from . import queries as posterior
-from .gap import default_refine_elbo, frozen
+from .gap import frozen, refine_rows
 
 
 class Proposal:
@@ -175,15 +174,9 @@ def _refined_guide(model, guide, x, b, cell_index, n_steps: int, lr: float) -> P
     with torch.no_grad(), eval_mode(guide):
         new = PerCellGuide.from_encoded(guide.encode(x, b, cell_index))
     rows = torch.arange(x.shape[0], device=x.device)
-    # called inside posterior queries' no_grad: refinement needs gradients in q's parameters
-    with torch.enable_grad(), frozen(model, guide), pyro.get_param_store().scope():
-        svi = pyro.infer.SVI(
-            poutine.block(model, hide_types=["param"]), new, pyro.optim.Adam({"lr": lr}),
-            loss=default_refine_elbo(),
-        )  # fmt: skip
-        for _ in range(n_steps):
-            svi.step(x, b, rows)
-    return new.eval()
+    return refine_rows(
+        model, new, x, b, rows, n_steps=n_steps, lr=lr, frozen_modules=(guide,)
+    ).eval()
 
 
 class MCMCProposal(Proposal):
