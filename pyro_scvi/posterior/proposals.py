@@ -16,6 +16,11 @@ is a proposal built from q, passed as ``proposal=`` to
 - :class:`MCMCProposal`: a multivariate Student-t fitted per cell to the end states of a
   short annealed MCMC run from q (:func:`~pyro_scvi.posterior.ais.ais_log_weights`), mixed
   with q. It sits where the posterior is and has its correlations.
+- :class:`LaplaceProposal`: Student-t parts at each cell's posterior mode (shaped by the
+  Hessian there), at a short HMC run started from that Laplace approximation and at the
+  importance-weighted moments of one adaptive round, mixed with q. It also fits the very
+  concentrated posteriors of cells with many counts, where the annealed run from q does
+  not arrive.
 
 A proposal of your own subclasses :class:`Proposal` and defines :meth:`Proposal.log_weights`.
 Whatever the proposal, the estimate is unbiased for ``p(x)``; the proposal changes only
@@ -278,9 +283,10 @@ class LaplaceProposal(Proposal):
     2. ``n_chains`` HMC chains (``n_steps`` transitions of ``n_leapfrog`` leapfrog steps)
        start at draws of that approximation and run on the posterior itself, preconditioned
        by ``H^-1``, so that they mix within a few transitions. Their end states give the
-       posterior's mean and covariance where it is skewed or not quite Gaussian (the
-       decoder's ReLU kinks make the curvature at the mode larger than the posterior's
-       spread). ``n_chains=0`` leaves this step out.
+       posterior's mean and covariance where it is skewed or not quite Gaussian: on the
+       shared datasets ``log p`` falls off more slowly away from the mode than the
+       curvature there predicts, and the mean is off the mode (a ReLU decoder makes
+       ``log p`` only piecewise smooth). ``n_chains=0`` leaves this step out.
     3. One round of adaptive importance sampling: ``n_adapt`` draws of the proposal so
        far, and the mean and covariance of their importance-weighted draws (blended 80:20
        with the previous part's covariance, which keeps it from collapsing where a few
@@ -294,8 +300,9 @@ class LaplaceProposal(Proposal):
     bounded where every part misses some of the posterior. Where
     ``H`` is not positive definite (a cell not converged to a mode) its diagonal is raised
     until its smallest eigenvalue is ``1e-4`` of its largest; ``diagnostics`` counts those
-    cells, and those whose last Newton step was still longer than ``tol``, over the
-    proposal's lifetime, and :meth:`settings` records them.
+    cells, and those whose last Newton step was still longer than ``tol`` (common with a
+    ReLU decoder, whose kinks stall Newton near the mode; the next two steps make up for
+    it), over the proposal's lifetime, and :meth:`settings` records them.
 
     The cost is about ``n_newton x (D + 3) + n_chains x n_steps x (n_leapfrog + 1)``
     passes of the model per cell (``D`` latent coordinates; with gradients) and
