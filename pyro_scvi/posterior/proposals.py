@@ -465,7 +465,7 @@ def _newton(target, start: torch.Tensor, like: dict, n_steps: int, tol: float):
     def log_p(v: torch.Tensor) -> torch.Tensor:
         return target.log_density(target.model, _unflatten(v[None], like))[0]
 
-    v, moved = start.detach(), torch.full(start.shape[:1], math.inf, dtype=start.dtype)
+    v, moved = start.detach(), torch.full_like(start[:, 0], math.inf)
     for i in range(n_steps + 1):
         lp, grad, hess = _derivatives(log_p, v)
         if i == n_steps or bool((moved < tol).all()):
