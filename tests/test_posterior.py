@@ -438,6 +438,22 @@ def test_evaluate_cli_reports_k_a_proposal_and_ais_with_its_error(saved, trained
     assert status == 2 and "--ais-steps" in err
 
 
+def test_evaluate_cli_draws_from_a_laplace_proposal_and_records_its_diagnostics(
+    saved, trained, tmp_path
+):
+    model_dir, _ = saved
+    h5ad = tmp_path / "few.h5ad"  # new cells of the same genes
+    trained.adata[:8].copy().write_h5ad(h5ad)
+    argv = ["evaluate", model_dir, h5ad, "--n-samples", "50", "--device", "cpu", "--cells", "all"]
+    status, out, err = _run([*argv, "--proposal", "laplace"])
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["proposal"]["proposal"] == "LaplaceProposal"
+    assert result["proposal"]["diagnostics"]["cells"] == 8
+    assert result["marginal_ll_mean"] > result["elbo_mean"]  # the ELBO still from q's draws
+    assert 0.0 <= result["frac_pareto_k_high"] <= 1.0
+
+
 def test_evaluate_cli_scores_heldout_cells_by_default(tmp_path):
     adata = synthetic_zinb(n_cells=100, n_genes=20, n_batches=2, seed=1)
     trained = SCVI(adata, batch_key="batch", n_latent=2, n_hidden=16)

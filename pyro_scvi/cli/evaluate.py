@@ -33,6 +33,7 @@ PROPOSALS = {
     "defensive": "DefensiveProposal",
     "refined": "RefinedProposal",
     "mcmc": "MCMCProposal",
+    "laplace": "LaplaceProposal",
 }
 
 
@@ -75,8 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="guide",
         help="what the importance samples are drawn from: guide (q itself, default: the "
         "ELBO's draws), defensive (q mixed with a wider Student-t), refined (q refined per "
-        "cell, made defensive) or mcmc (a Student-t fitted to a short MCMC run per cell; "
-        "about 5 times the cost, k <= 0.7 on most cells)",
+        "cell, made defensive), mcmc (a Student-t fitted to a short MCMC run per cell; "
+        "about 5 times the cost) or laplace (a Student-t at each cell's posterior mode, "
+        "scaled by the curvature there)",
     )
     p.add_argument(
         "--ais",

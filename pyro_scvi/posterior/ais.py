@@ -118,13 +118,14 @@ class _Target:
 
     def log_densities(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p(x, z, l), log q(z, l | x))`` at ``values``, each ``(chains, cells)``."""
-        out = []
-        for fn in (self.model, self.guide):
-            with pyro.plate(_CHAINS_PLATE, self.n_chains, dim=-3):
-                tr = poutine.trace(poutine.condition(fn, data=values)).get_trace(*self.args)
-            tr.compute_log_prob()
-            out.append(_site_log_prob(tr, self.n_chains, self.n_cells, self.skip))
-        return out[0], out[1]
+        return self.log_density(self.model, values), self.log_density(self.guide, values)
+
+    def log_density(self, fn, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``fn``'s (the model's or guide's) log density per cell, ``(chains, cells)``."""
+        with pyro.plate(_CHAINS_PLATE, self.n_chains, dim=-3):
+            tr = poutine.trace(poutine.condition(fn, data=values)).get_trace(*self.args)
+        tr.compute_log_prob()
+        return _site_log_prob(tr, self.n_chains, self.n_cells, self.skip)
 
 
 class _State:

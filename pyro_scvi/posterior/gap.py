@@ -146,19 +146,56 @@ def refine(
         raise ValueError(f"{len(indices)} cells for a guide with {guide.n_cells} rows.")
     if int(n_steps) < 0 or not lr > 0:
         raise ValueError(f"n_steps={n_steps}, lr={lr}: need n_steps >= 0 and lr > 0.")
-    elbo = elbo if elbo is not None else default_refine_elbo()
     guide.train()
-    with frozen(model, *frozen_modules), pyro.get_param_store().scope():
-        fixed_model = poutine.block(model, hide_types=["param"])
-        for start in range(0, len(indices), batch_size):
-            rows = np.arange(start, min(start + batch_size, len(indices)))
-            x, b = data.tensors(indices[rows], device)
-            rows_t = torch.as_tensor(rows, device=device)
-            # A fresh Adam per chunk: the other rows get zero gradients and, with no
-            # momentum yet, zero updates.
-            svi = SVI(fixed_model, guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
-            for _ in range(int(n_steps)):
-                svi.step(x, b, rows_t)
+    for start in range(0, len(indices), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(indices)))
+        x, b = data.tensors(indices[rows], device)
+        rows_t = torch.as_tensor(rows, device=device)
+        refine_rows(model, guide, x, b, rows_t, n_steps=n_steps, lr=lr, elbo=elbo,
+                    frozen_modules=frozen_modules)  # fmt: skip
+    return guide
+
+
+def refine_rows(
+    model: nn.Module,
+    guide: PerCellGuide,
+    x: torch.Tensor,
+    batch_index: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    n_steps: int,
+    lr: float,
+    elbo: ELBO | None = None,
+    frozen_modules: tuple[nn.Module, ...] = (),
+) -> PerCellGuide:
+    """Fit the rows ``rows`` of ``guide`` to the cells ``x`` with the model fixed: one chunk.
+
+    ``n_steps`` of :class:`pyro.infer.SVI` with a fresh :class:`pyro.optim.Adam` (the other
+    rows get zero gradients and, with no momentum yet, zero updates), the model under
+    ``poutine.block(hide_types=["param"])`` and :func:`frozen` with ``frozen_modules``.
+    Gradients are on inside, so it also serves within a ``torch.no_grad`` query.
+    :func:`refine` runs it chunk by chunk; so does
+    :class:`~pyro_scvi.posterior.proposals.RefinedProposal`, per minibatch.
+
+    Examples
+    --------
+    >>> import torch, pyro_scvi
+    >>> from pyro_scvi.model.guides import PerCellGuide
+    >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=6, n_genes=15, seed=0)
+    >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
+    >>> x, b = m.data.tensors(range(6))
+    >>> g = PerCellGuide.from_guide(m.guide, m.data, range(6))
+    >>> before = g.z_loc.detach().clone()
+    >>> g = refine_rows(m.model, g, x, b, torch.arange(6), n_steps=3, lr=0.1)
+    >>> bool((g.z_loc != before).any())
+    True
+    """
+    elbo = elbo if elbo is not None else default_refine_elbo()
+    with torch.enable_grad(), frozen(model, *frozen_modules), pyro.get_param_store().scope():
+        svi = SVI(poutine.block(model, hide_types=["param"]), guide,
+                  pyro.optim.Adam({"lr": lr}), loss=elbo)  # fmt: skip
+        for _ in range(int(n_steps)):
+            svi.step(x, batch_index, rows)
     return guide
 
 
