@@ -341,7 +341,7 @@ class LaplaceProposal(Proposal):
         self.diagnostics = {"cells": 0, "cells_jittered": 0, "cells_unconverged": 0}
 
     def settings(self) -> dict:
-        """Name, settings and :attr:`diagnostics` so far."""
+        """Name, settings and ``diagnostics`` so far."""
         return super().settings() | {"diagnostics": dict(self.diagnostics)}
 
     def log_weights(self, model, guide, x, batch_index, n_samples, *, cell_index=None,
