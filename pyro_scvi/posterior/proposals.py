@@ -238,12 +238,7 @@ class MCMCProposal(Proposal):
             return_states=True,
         )  # fmt: skip
         states = run["states"]
-        flat = _flatten(states)  # (chains, cells, D)
-        loc = flat.mean(0)
-        dev = flat - loc
-        cov = torch.einsum("kcd,kce->cde", dev, dev) / (flat.shape[0] - 1)
-        diag = torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
-        cov = (1 - self.shrink) * cov + self.shrink * diag
+        loc, cov = _chain_moments(_flatten(states), self.shrink)
         cov = self.inflate * cov + 1e-6 * torch.eye(
             cov.shape[-1], dtype=cov.dtype, device=cov.device
         )
@@ -368,10 +363,8 @@ class LaplaceProposal(Proposal):
                 chains = ais._Target(*args[:5], self.n_chains, observed_library)
                 ends = _hmc(chains, mode, torch.linalg.cholesky(cov).to(mode.dtype), like,
                             self.n_steps, self.n_leapfrog).double()  # fmt: skip
-                dev = ends - ends.mean(0)
-                c = torch.einsum("kcd,kce->cde", dev, dev) / (self.n_chains - 1)
-                c = 0.9 * c + 0.1 * torch.diag_embed(torch.diagonal(c, dim1=-2, dim2=-1))
-                parts.append((ends.mean(0), c + 1e-8 * torch.eye(c.shape[-1]).to(c)))
+                loc, c = _chain_moments(ends, shrink=0.1)
+                parts.append((loc, c + 1e-8 * torch.eye(c.shape[-1]).to(c)))
         df = torch.tensor(self.df, dtype=torch.float64, device=x.device)
 
         def mixture():
@@ -505,6 +498,19 @@ def _derivatives(fn, v: torch.Tensor):
             rows.append(torch.zeros_like(v) if row is None else row)
     hess = torch.stack(rows, -2) if rows else torch.zeros(*v.shape, v.shape[-1]).to(v)
     return y.detach(), grad.detach(), torch.nan_to_num(hess.detach())
+
+
+def _chain_moments(flat: torch.Tensor, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(cells, D)`` and covariance ``(cells, D, D)`` of states ``(chains, cells, D)``.
+
+    The covariance is shrunk by ``shrink`` towards its diagonal: a few dozen chains in
+    ``D`` dimensions estimate the correlations less well than the variances.
+    """
+    loc = flat.mean(0)
+    dev = flat - loc
+    cov = torch.einsum("kcd,kce->cde", dev, dev) / (flat.shape[0] - 1)
+    diag = torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
+    return loc, (1 - shrink) * cov + shrink * diag
 
 
 def _flatten(values: dict[str, torch.Tensor]) -> torch.Tensor:
