@@ -277,12 +277,12 @@ YARD += [("nuts_cov90_l", ".2f"), ("train_seconds", ".0f"), ("seconds_per_epoch"
 NOTES = [
     "Means over seeds; ± SE: the AIS Monte Carlo standard error of the mean over cells, "
     "combined over seeds. Goal check: 2 SE of a gain combines that error with the gain's "
-    "standard error over seeds (none from one seed: Monte Carlo only; from two, a crude "
-    "one). per-cell: the mean-field model with q refined per held-out cell (its ARI, "
-    "entropy, gap and cost are the default's). NUTS coverage: the NUTS mass inside q's "
-    "central 90 % interval, from q's mean and sd (the flow's from its moments). train s: wall "
-    "time on a shared machine, with whatever engine path each scheme takes (the new guides "
-    "run uncompiled; `engine` in the json)."
+    "standard error over seeds (none from one seed: Monte Carlo only; from two or three, a "
+    "crude one). per-cell: the mean-field model with q refined per held-out cell (its ARI, "
+    "entropy, gap and cost are the default's). NUTS coverage: the NUTS mass inside q's central"
+    " 90 % interval, from q's mean and sd (the flow's from its moments; its sample quantiles "
+    "give the same: benchmarks/README.md says why the flow's l is covered less). train s: "
+    "wall time on a shared machine, each scheme on its engine path (`engine` in the json)."
 ]
 
 
