@@ -134,8 +134,7 @@ def run_seed(name: str, adata: Any, seed: int, args: Any) -> dict[str, Any]:
                     refine(m.model, guide, m.data, held, n_steps=args.refine_steps)
                 row = dict(row, refine_seconds=time.perf_counter() - start)
                 row |= yardsticks(m.model, guide, sub, np.arange(len(held)), args, seed)
-                idx = np.arange(len(nuts_cells))
-                row |= coverage(m.model, guide, sub, idx, default["nuts"])
+                row |= coverage(m.model, guide, sub, np.arange(len(nuts_cells)), default["nuts"])
             else:
                 m, row = fit(adata, scheme, seed, args)
                 if not np.array_equal(m.validation_indices, val_idx):
@@ -278,12 +277,12 @@ YARD += [("nuts_cov90_l", ".2f"), ("train_seconds", ".0f"), ("seconds_per_epoch"
 NOTES = [
     "Means over seeds; ± SE: the AIS Monte Carlo standard error of the mean over cells, "
     "combined over seeds. Goal check: 2 SE of a gain combines that error with the gain's "
-    "standard error over seeds (none from one seed: Monte Carlo only; from two, a crude "
-    "one). per-cell: the mean-field model with q refined per held-out cell (its ARI, "
-    "entropy, gap and cost are the default's). NUTS coverage: the NUTS mass inside q's "
-    "central 90 % interval, from q's mean and sd (the flow's from its moments). train s: wall "
-    "time on a shared machine, with whatever engine path each scheme takes (the new guides "
-    "run uncompiled; `engine` in the json)."
+    "standard error over seeds (none from one seed: Monte Carlo only; from two or three, a "
+    "crude one). per-cell: the mean-field model with q refined per held-out cell (its ARI, "
+    "entropy, gap and cost are the default's). NUTS coverage: the NUTS mass inside q's central"
+    " 90 % interval, from q's mean and sd (the flow's from its moments; its sample quantiles "
+    "give the same: benchmarks/README.md says why the flow's l is covered less). train s: "
+    "wall time on a shared machine, each scheme on its engine path (`engine` in the json)."
 ]
 
 
@@ -306,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     res |= {"settings": settings, "runs": []}
     start = time.perf_counter()
     if args.gather:
-        parts = [json.loads(f.read_text()) for f in args.gather]
-        res |= {"settings": parts[0]["settings"], "parts": [pt["meta"] for pt in parts]}
-        res["runs"] = [r for pt in parts for r in pt["runs"]]
+        parts = [json.loads(f.read_text()) for f in args.gather]  # parts or gathered results
+        runs = {(r["dataset"], r["seed"]): r for pt in parts for r in pt["runs"]}  # last wins
+        res |= {"settings": parts[0]["settings"], "runs": list(runs.values())}
+        res["parts"] = [m for pt in parts for m in pt.get("parts", [pt["meta"]])]
     for name in [] if args.gather else args.datasets or data.default_names(args.data_dir):
         adata = load(name, args)
         for seed in args.seeds:

@@ -280,6 +280,13 @@ def test_compare_inference_smoke_and_gather(tmp_path):
     res = json.loads((tmp_path / "compare_inference.json").read_text())
     assert res["runs"] == [run] and res["goal"]["flow"]["of"] == 1
     assert res["goal"]["decision"] in proc.stdout and "## pbmc8k_200hvg" in proc.stdout
+    # a gathered result gathers again with more parts: its parts carry over, and a dataset
+    # and seed gathered twice counts once
+    gathered, again = tmp_path / "compare_inference.json", tmp_path / "again"
+    proc = _study("compare_inference", "--gather", gathered, part, "--out-dir", again)
+    res = json.loads((again / "compare_inference.json").read_text())
+    assert res["runs"] == [run], proc.stderr[-3000:]
+    assert [p["command"].count("--smoke") for p in res["parts"]] == [1, 1]
 
 
 def test_query_mapping_smoke(tmp_path):
