@@ -181,15 +181,14 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
             kw = {"seed": seed, "threads": threads, "device": "cpu", "cache": cache}
             fits[impl] = adapters.ADAPTERS[impl](adata, key, **kw).fit(args.max_epochs)
     found = run_methods(fits, adata, "group", "A", "B", args, seed)
-    nulls = run_methods(fits, adata, "halves", "h1", "h2", args, seed)
-    methods = {}
+    nulls, methods = run_methods(fits, adata, "halves", "h1", "h2", args, seed), {}
+    strata = {k: (detected >= lo) & (detected < hi) for k, (lo, hi) in STRATA.items()}
     for method, r in found.items():
         if isinstance(r, str):
             methods[method] = {"skipped": r}
             continue
         ranking, calls, seconds, lfc = r
         false = int((calls & ~truth).sum())
-        strata = {k: (detected >= lo) & (detected < hi) for k, (lo, hi) in STRATA.items()}
         m = {"auroc_all": score.auroc(truth, ranking)}
         m["auroc_expressed"] = score.auroc(truth[expressed], ranking[expressed])
         m |= {f"auroc {k}": score.auroc(truth[s], ranking[s]) for k, s in strata.items()}
@@ -202,9 +201,9 @@ def run_replicate(name: str, seed: int, args: argparse.Namespace) -> dict[str, A
         methods[method] = m | {"seconds": seconds}
     design = adata.uns["truth"]
     out = {"benchmark": name, "seed": seed, "n_cells": adata.n_obs, "n_genes": adata.n_vars}
-    out |= {"n_de": int(truth.sum()), "n_expressed": int(expressed.sum())}
-    out["n_de_expressed"] = int((truth & expressed).sum())
-    out["unchanged_drifted"] = float(drifted[~truth].mean())
+    out |= {"n_de": int(truth.sum()), "n_de_expressed": int((truth & expressed).sum())}
+    out["n_de_strata"] = {k: int((truth & s).sum()) for k, s in strata.items()}
+    out |= {"n_expressed": int(expressed.sum()), "unchanged_drifted": drifted[~truth].mean()}
     out["group_sizes"] = {k: int(v) for k, v in adata.obs["group"].value_counts().items()}
     out["source"] = design.get("source", design["design"])
     out["composition_shift_log2"] = design.get("composition_shift_log2")
@@ -325,6 +324,9 @@ def markdown(res: dict[str, Any]) -> str:
     columns = f"benchmark|method|AUROC all:|AUROC expressed:|{strata}FDR at 5 %:|power:|calls:|"
     columns += "null halves: fraction called:|median LFC, unchanged:"
     lines += results.md_table(columns, rows)
+    n_de = [f"{r['benchmark']} seed {r['seed']} " + "/".join(map(str, r["n_de_strata"].values()))
+        for r in res["replicates"] if "n_de_strata" in r]  # fmt: skip
+    lines += ["", f"DE genes per stratum ({' / '.join(STRATA)}): {'; '.join(n_de)}."] * bool(n_de)
     for name, ms in res["summary"].items():  # replicates' chance differences: sample_key
         drift = [r.get("unchanged_drifted", 0) for r in res["replicates"] if name in r.values()]
         lines += [f"\n{name}: replicates differ by chance between the groups by >= "
@@ -375,9 +377,8 @@ NOTE = (
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    smoke, merge = "tiny run (< 1 minute)", "keep earlier rows not redone"
-    doc = "DE on truth from outside the method."
-    p, _ = results.parser(doc, smoke, data_dir=False, merge=merge)
+    doc, smoke = "DE on truth from outside the method.", "tiny run (< 1 minute)"
+    p, _ = results.parser(doc, smoke, data_dir=False, merge="keep earlier rows not redone")
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
     p.add_argument("--cells", type=int, default=2000, help="simulated cells")
     p.add_argument("--genes", type=int, default=1000, help="simulated genes")
@@ -408,9 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(old | r | {"methods": kept | r["methods"], "train_seconds": seconds})
         replicates = rows + list(new.values())
     summary = summarize(replicates)
-    settings = {k: getattr(args, k) for k in ("cells", "genes", "max_epochs", "n_samples")}
-    settings |= {"threads": args.threads, "seeds": list(range(args.seeds))}
-    settings |= {"benchmarks": args.benchmarks, "smoke": args.smoke}
+    keys = ("cells", "genes", "max_epochs", "n_samples", "threads", "benchmarks", "smoke")
+    settings = {k: getattr(args, k) for k in keys} | {"seeds": list(range(args.seeds))}
     res: dict[str, Any] = {"meta": meta, "settings": settings, "summary": summary}
     res |= {"targets": targets(summary), "replicates": replicates}
     if args.pbmc_epochs:

@@ -376,6 +376,10 @@ def test_de_truth_methods_merge_into_an_earlier_run(tmp_path):
     (replicate,) = results["replicates"]
     kept = replicate["methods"]["Wilcoxon"]["from_run"]["command"]
     assert "Wilcoxon" in kept and "from_run" not in replicate["methods"]["pyro_scvi change"]
+    # the DE genes of each expression stratum: recorded per replicate, listed under the table
+    assert set(replicate["n_de_strata"]) == {"1-5 %", "5-20 %", "> 20 %"}
+    assert sum(replicate["n_de_strata"].values()) <= replicate["n_de"]
+    assert "DE genes per stratum" in (tmp_path / "de_truth_smoke.md").read_text()
 
 
 def test_merge_keeps_rows_not_redone_with_the_run_that_made_them(monkeypatch):
