@@ -166,12 +166,7 @@ class Decoder(nn.Module):
         self, z: torch.Tensor, batch_index: torch.Tensor
     ) -> dict[str, torch.Tensor | None]:
         """Decode ``z`` of shape ``(..., cells, n_latent)`` for cells in ``batch_index``."""
-        h = z
-        if self.n_batch:
-            b = one_hot(batch_index, self.n_batch).expand(*z.shape[:-1], self.n_batch)
-            h = torch.cat([z, b], dim=-1)
-        h, lead = _flat(h)
-        h = self.body(h)
+        h, lead = self.hidden(z, batch_index)
 
         def head(layer: nn.Linear | None) -> torch.Tensor | None:
             return None if layer is None else layer(h).reshape(*lead, -1)
@@ -183,6 +178,30 @@ class Decoder(nn.Module):
             # the last hidden layer, for an output layer held outside (BayesianDecoder)
             "hidden": h.reshape(*lead, -1),
         }
+
+    def hidden(
+        self, z: torch.Tensor, batch_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Size]:
+        """The last hidden layer ``(N, n_hidden)``, leading axes flattened, and those axes.
+
+        The body, where the decoder's batch norm is; :meth:`forward` applies the heads to
+        it. A pass that only re-estimates batch norm's statistics stops here
+        (:meth:`~pyro_scvi.model.ScviModel.batch_norm_pass`).
+
+        Examples
+        --------
+        >>> import torch
+        >>> dec = Decoder(10, 50, n_batch=2).eval()
+        >>> h, lead = dec.hidden(torch.randn(3, 4, 10), torch.tensor([0, 1, 0, 1]))
+        >>> tuple(h.shape), tuple(lead)
+        ((12, 128), (3, 4))
+        """
+        h = z
+        if self.n_batch:
+            b = one_hot(batch_index, self.n_batch).expand(*z.shape[:-1], self.n_batch)
+            h = torch.cat([z, b], dim=-1)
+        h, lead = _flat(h)
+        return self.body(h), lead
 
 
 class eval_mode:
