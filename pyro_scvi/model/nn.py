@@ -80,23 +80,49 @@ class Encoder(nn.Module):
         self.raw_var = nn.Linear(n_hidden, n_output)
 
     def forward(
-        self, x_log1p: torch.Tensor, batch_index: torch.Tensor
+        self,
+        x_log1p: torch.Tensor,
+        batch_index: torch.Tensor,
+        *,
+        inputs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(loc, scale)`` of q for log1p-transformed counts."""
-        h, lead = self.hidden(x_log1p, batch_index)
+        """Return ``(loc, scale)`` of q for log1p-transformed counts.
+
+        ``inputs``: the first layer's input, built already by :meth:`input`.
+        """
+        h, lead = self.hidden(x_log1p, batch_index, inputs=inputs)
         loc, scale = self.heads(h)
         return loc.reshape(*lead, -1), scale.reshape(*lead, -1)
 
+    def input(self, x_log1p: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """The first layer's input: the log1p counts, and the batch's one-hot if it takes one.
+
+        Two encoders of the same cells and batches (``z``'s and ``l``'s) can share it: with
+        a batch input it is a copy of the cells x genes block, made once instead of twice.
+
+        Examples
+        --------
+        >>> import torch
+        >>> enc = Encoder(50, 10, n_batch=2)
+        >>> tuple(enc.input(torch.rand(4, 50), torch.tensor([0, 1, 0, 1])).shape)
+        (4, 52)
+        """
+        if self.n_batch:
+            return torch.cat([x_log1p, one_hot(batch_index, self.n_batch)], dim=-1)
+        return x_log1p
+
     def hidden(
-        self, x_log1p: torch.Tensor, batch_index: torch.Tensor
+        self,
+        x_log1p: torch.Tensor,
+        batch_index: torch.Tensor,
+        *,
+        inputs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Size]:
         """The last hidden layer ``(N, n_hidden)``, leading axes flattened, and those axes.
 
-        Richer guides condition on it too.
+        Richer guides condition on it too. ``inputs``: as in :meth:`forward`.
         """
-        h = x_log1p
-        if self.n_batch:
-            h = torch.cat([h, one_hot(batch_index, self.n_batch)], dim=-1)
+        h = self.input(x_log1p, batch_index) if inputs is None else inputs
         h, lead = _flat(h)
         return self.body(h), lead
 
