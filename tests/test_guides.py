@@ -402,3 +402,22 @@ def test_richer_guides_train_save_load_resume_and_answer_every_query(cls, richer
     ais = whole.get_marginal_ll_ais(indices=np.arange(3), n_chains=4, n_steps=5, seed=0)
     assert np.isfinite(ais.to_numpy()).all()
     assert np.isfinite(whole.get_amortization_gap(n_steps=3, n_samples=5)["gap"]).all()
+
+
+@pytest.mark.parametrize("library_residual", [False, True])
+def test_the_encoders_sharing_one_input_give_what_each_gives_alone(library_residual):
+    # z's and l's encoders take one joined input (counts and batch one-hot, built once):
+    # the same parameters, bit for bit, as each encoder building its own
+    guide = ScviGuide(30, 3, library_residual=library_residual).eval()
+    x = torch.poisson(torch.full((6, 30), 3.0))
+    b = torch.tensor([0, 1, 2, 0, 1, 2])
+    shared = guide.encode(x, b)
+    with_hidden = guide.encode_with_hidden(x, b)
+    z_loc, z_scale = guide.z_encoder(torch.log1p(x), b)
+    l_loc, l_scale = guide.l_encoder(torch.log1p(x), b)
+    if library_residual:
+        l_loc = l_loc + torch.log(x.sum(-1, keepdim=True).clamp_min(1.0))
+    for got in (shared, with_hidden):
+        assert torch.equal(got["z_loc"], z_loc) and torch.equal(got["z_scale"], z_scale)
+        assert torch.equal(got["l_loc"], l_loc) and torch.equal(got["l_scale"], l_scale)
+    assert guide.z_encoder.input(torch.log1p(x), b).shape == (6, 33)

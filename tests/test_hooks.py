@@ -26,7 +26,7 @@ from pyro_scvi.train.hooks import (
     stop_on_signals,
 )
 from pyro_scvi.train.loop import TrainState
-from pyro_scvi.train.passes import poisson_null_loglik
+from pyro_scvi.train.passes import norm_batches, poisson_null_loglik, refresh_batch_norm
 
 
 def _modules(n_genes=20):
@@ -88,6 +88,59 @@ def test_validation_scores_the_cells_in_eval_mode_on_fresh_batch_norm_statistics
     # no validation cells: NaN, and nothing is computed
     empty = Validation(step, data, np.arange(50), np.array([], dtype=int))
     assert np.isnan(empty()) and len(step.calls) == 1
+
+
+class _Whole(torch.nn.Module):
+    """A model without ``batch_norm_pass``: the refresh replays all of it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args)
+
+
+def _norm_buffers(*modules):
+    return [
+        b.clone()
+        for m in modules
+        for n in m.modules()
+        if isinstance(n, torch.nn.BatchNorm1d)
+        for b in (n.running_mean, n.running_var)
+    ]
+
+
+@pytest.mark.parametrize("n_batch", [1, 2])
+def test_the_batch_norm_pass_gives_the_statistics_of_the_whole_model(n_batch):
+    # The refresh runs only the model's batch-norm inputs (ScviModel.batch_norm_pass), from
+    # minibatches gathered once (norm_batches): the same statistics, bit for bit, as
+    # replaying the whole model on minibatches gathered anew
+    adata = synthetic_zinb(n_cells=90, n_genes=30, n_batches=n_batch, seed=1)
+    data = from_anndata(adata, batch_key="batch" if n_batch > 1 else None)
+    library = LogNormalLibrary(torch.full((n_batch,), 3.0), torch.full((n_batch,), 0.5))
+    model, guide = ScviModel(30, n_batch, library), ScviGuide(30, n_batch)
+    cells = np.arange(5, 85)
+    refresh_batch_norm(_Whole(model), guide, data, cells, batch_size=32)
+    whole = _norm_buffers(model, guide)
+    batches = norm_batches(data, cells, batch_size=32)
+    for _ in range(2):  # the gathered minibatches serve again
+        refresh_batch_norm(model, guide, data, cells, batch_size=32, batches=batches)
+        assert all(map(torch.equal, _norm_buffers(model, guide), whole))
+    assert int(model.decoder.body[1].num_batches_tracked) == len(batches) == 3
+
+
+def test_the_batch_norm_pass_replays_the_whole_model_when_another_part_keeps_statistics():
+    model, guide = _modules()
+    model.prior.extra = torch.nn.BatchNorm1d(10)  # a prior with a network of its own
+    seen = []
+    model.prior.register_forward_pre_hook(lambda *args: seen.append("prior"))
+    data = from_anndata(synthetic_zinb(n_cells=40, n_genes=20, seed=0))
+    refresh_batch_norm(model, guide, data, np.arange(40), batch_size=20)
+    assert seen == ["prior", "prior"]  # the model ran, once per minibatch
+    del model.prior.extra
+    refresh_batch_norm(model, guide, data, np.arange(40), batch_size=20)
+    assert seen == ["prior", "prior"]  # only its batch norm's inputs
 
 
 def test_validation_of_a_data_parallel_rank_sums_the_ranks_shares():

@@ -271,6 +271,46 @@ class ScviModel(nn.Module):
             return self.log_theta[batch_index].exp()
         return self.log_theta.exp()
 
+    def batch_norm_pass(
+        self,
+        guide_trace: pyro.poutine.Trace,
+        x: torch.Tensor | None,
+        batch_index: torch.Tensor,
+        cell_index: torch.Tensor | None = None,
+        num_cells: int | None = None,
+    ) -> None:
+        """Run what the model computes before its batch norms, at the guide's ``z``.
+
+        For a pass that only re-estimates batch norm's statistics
+        (:func:`~pyro_scvi.train.passes.refresh_batch_norm`): it gives them exactly what
+        replaying the whole model on ``guide_trace`` would, without the rest of the model,
+        which uses no batch norm and draws nothing: the output heads, softmax and
+        likelihood over cells x genes, most of the pass's cost on 10,000 genes. The
+        decoder's body holds the model's batch norm; when another part keeps running
+        statistics too (a prior or a scheme's module with a network of its own), the
+        whole model is replayed instead.
+
+        Examples
+        --------
+        >>> import torch, pyro
+        >>> from pyro_scvi.model.priors import LogNormalLibrary
+        >>> from pyro_scvi.model.guides import ScviGuide
+        >>> m = ScviModel(20, 1, LogNormalLibrary(torch.tensor([3.0]), torch.tensor([0.5])))
+        >>> x, b = torch.poisson(torch.full((8, 20), 2.0)), torch.zeros(8, dtype=torch.long)
+        >>> m.batch_norm_pass(pyro.poutine.trace(ScviGuide(20, 1)).get_trace(x, b), x, b)
+        >>> int(m.decoder.body[1].num_batches_tracked)
+        1
+        """
+        body = {id(m) for m in self.decoder.body.modules()}
+        # any module that keeps running statistics (batch norm and its kin) counts
+        elsewhere = any(
+            getattr(m, "track_running_stats", False) and id(m) not in body for m in self.modules()
+        )
+        if elsewhere:
+            pyro.poutine.replay(self, trace=guide_trace)(x, batch_index, cell_index, num_cells)
+            return
+        self.decoder.hidden(guide_trace.nodes["z"]["value"].squeeze(-2), batch_index)
+
     def forward(
         self,
         x: torch.Tensor | None,

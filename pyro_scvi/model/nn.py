@@ -80,23 +80,49 @@ class Encoder(nn.Module):
         self.raw_var = nn.Linear(n_hidden, n_output)
 
     def forward(
-        self, x_log1p: torch.Tensor, batch_index: torch.Tensor
+        self,
+        x_log1p: torch.Tensor,
+        batch_index: torch.Tensor,
+        *,
+        inputs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(loc, scale)`` of q for log1p-transformed counts."""
-        h, lead = self.hidden(x_log1p, batch_index)
+        """Return ``(loc, scale)`` of q for log1p-transformed counts.
+
+        ``inputs``: the first layer's input, built already by :meth:`input`.
+        """
+        h, lead = self.hidden(x_log1p, batch_index, inputs=inputs)
         loc, scale = self.heads(h)
         return loc.reshape(*lead, -1), scale.reshape(*lead, -1)
 
+    def input(self, x_log1p: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """The first layer's input: the log1p counts, and the batch's one-hot if it takes one.
+
+        Two encoders of the same cells and batches (``z``'s and ``l``'s) can share it: with
+        a batch input it is a copy of the cells x genes block, made once instead of twice.
+
+        Examples
+        --------
+        >>> import torch
+        >>> enc = Encoder(50, 10, n_batch=2)
+        >>> tuple(enc.input(torch.rand(4, 50), torch.tensor([0, 1, 0, 1])).shape)
+        (4, 52)
+        """
+        if self.n_batch:
+            return torch.cat([x_log1p, one_hot(batch_index, self.n_batch)], dim=-1)
+        return x_log1p
+
     def hidden(
-        self, x_log1p: torch.Tensor, batch_index: torch.Tensor
+        self,
+        x_log1p: torch.Tensor,
+        batch_index: torch.Tensor,
+        *,
+        inputs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Size]:
         """The last hidden layer ``(N, n_hidden)``, leading axes flattened, and those axes.
 
-        Richer guides condition on it too.
+        Richer guides condition on it too. ``inputs``: as in :meth:`forward`.
         """
-        h = x_log1p
-        if self.n_batch:
-            h = torch.cat([h, one_hot(batch_index, self.n_batch)], dim=-1)
+        h = self.input(x_log1p, batch_index) if inputs is None else inputs
         h, lead = _flat(h)
         return self.body(h), lead
 
@@ -166,12 +192,7 @@ class Decoder(nn.Module):
         self, z: torch.Tensor, batch_index: torch.Tensor
     ) -> dict[str, torch.Tensor | None]:
         """Decode ``z`` of shape ``(..., cells, n_latent)`` for cells in ``batch_index``."""
-        h = z
-        if self.n_batch:
-            b = one_hot(batch_index, self.n_batch).expand(*z.shape[:-1], self.n_batch)
-            h = torch.cat([z, b], dim=-1)
-        h, lead = _flat(h)
-        h = self.body(h)
+        h, lead = self.hidden(z, batch_index)
 
         def head(layer: nn.Linear | None) -> torch.Tensor | None:
             return None if layer is None else layer(h).reshape(*lead, -1)
@@ -183,6 +204,30 @@ class Decoder(nn.Module):
             # the last hidden layer, for an output layer held outside (BayesianDecoder)
             "hidden": h.reshape(*lead, -1),
         }
+
+    def hidden(
+        self, z: torch.Tensor, batch_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Size]:
+        """The last hidden layer ``(N, n_hidden)``, leading axes flattened, and those axes.
+
+        The body, where the decoder's batch norm is; :meth:`forward` applies the heads to
+        it. A pass that only re-estimates batch norm's statistics stops here
+        (:meth:`~pyro_scvi.model.ScviModel.batch_norm_pass`).
+
+        Examples
+        --------
+        >>> import torch
+        >>> dec = Decoder(10, 50, n_batch=2).eval()
+        >>> h, lead = dec.hidden(torch.randn(3, 4, 10), torch.tensor([0, 1, 0, 1]))
+        >>> tuple(h.shape), tuple(lead)
+        ((12, 128), (3, 4))
+        """
+        h = z
+        if self.n_batch:
+            b = one_hot(batch_index, self.n_batch).expand(*z.shape[:-1], self.n_batch)
+            h = torch.cat([z, b], dim=-1)
+        h, lead = _flat(h)
+        return self.body(h), lead
 
 
 class eval_mode:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import OutputError, TrainingError, TrainingInterrupted
 from ..model.nn import eval_mode
-from .passes import poisson_null_loglik, refresh_batch_norm
+from .passes import norm_batches, poisson_null_loglik, refresh_batch_norm
 
 if TYPE_CHECKING:
     from .loop import TrainState
@@ -128,6 +128,10 @@ class Validation:
     ) -> None:
         self.stepper, self.data, self.val_idx = stepper, data, val_idx
         self.norm_cells = np.random.default_rng(0).permutation(train_idx)[:norm_cells]
+        # The sample's counts, gathered at the first pass and kept: the same cells every
+        # epoch, read and densified once (at most norm_cells x genes, which each pass
+        # holds at once anyway).
+        self._norm_batches: list | None = None
 
     def __call__(self) -> float:
         """The validation ELBO per cell at the current weights (NaN: no validation cells)."""
@@ -135,6 +139,10 @@ class Validation:
             return float("nan")
         s = self.stepper
         with pyro.validation_enabled(False), eval_mode(s.model, s.guide):
+            if self._norm_batches is None:
+                self._norm_batches = norm_batches(
+                    self.data, self.norm_cells, batch_size=len(self.norm_cells), device=s.device
+                )
             refresh_batch_norm(
                 s.model,
                 s.guide,
@@ -142,6 +150,7 @@ class Validation:
                 self.norm_cells,
                 batch_size=len(self.norm_cells),
                 device=s.device,
+                batches=self._norm_batches,
             )
             own = s.shard(self.val_idx)
             if s.group is not None:

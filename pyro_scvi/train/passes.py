@@ -39,6 +39,36 @@ def evaluate_elbo(
     return -total / max(len(indices), 1)
 
 
+def norm_batches(
+    data: CountData,
+    indices: np.ndarray,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The minibatches ``(x, batch_index, cell_index)`` of :func:`refresh_batch_norm`.
+
+    Gathered once, they serve every pass over the same cells (``batches=``): the
+    validation hook's fixed sample of cells is re-read and densified every epoch otherwise.
+
+    Examples
+    --------
+    >>> import pyro_scvi
+    >>> data = pyro_scvi.from_anndata(pyro_scvi.datasets.synthetic_zinb(n_cells=50, seed=0))
+    >>> [tuple(x.shape) for x, _, _ in norm_batches(data, np.arange(30), batch_size=16)]
+    [(16, 100), (14, 100)]
+    """
+    # Shuffled: files are often sorted by cell type, and minibatches of one type would
+    # average within-type variances, several times too small.
+    rng = np.random.default_rng(0)
+    out = []
+    for idx in data.minibatches(indices, batch_size, shuffle=True, rng=rng, drop_singleton=True):
+        x, b = data.tensors(idx, device)
+        # cell_index: a guide with per-cell parameters needs the cells' rows
+        out.append((x, b, torch.as_tensor(idx, device=device)))
+    return out
+
+
 def refresh_batch_norm(
     model: nn.Module,
     guide: nn.Module,
@@ -47,6 +77,7 @@ def refresh_batch_norm(
     *,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Re-estimate batch-norm running statistics at the current weights.
 
@@ -57,7 +88,10 @@ def refresh_batch_norm(
     as ``torch.optim.swa_utils.update_bn`` does, replaces them with statistics of the
     trained networks. No parameter changes, and no random numbers drawn from the caller's
     stream (the pass samples the guide and applies dropout under a forked torch RNG), so
-    training draws the same numbers with or without it.
+    training draws the same numbers with or without it. ``batches``: the minibatches of
+    ``indices``, gathered already (:func:`norm_batches`). A model with a
+    ``batch_norm_pass(guide_trace, *args)`` method (:class:`~pyro_scvi.model.ScviModel`)
+    runs that instead of the whole model: its batch norm's inputs only.
     """
     norms = [
         m
@@ -81,17 +115,15 @@ def refresh_batch_norm(
             pyro.get_param_store().scope(),
             torch.random.fork_rng(devices=forked, device_type=device.type),
         ):
-            # Shuffled: files are often sorted by cell type, and minibatches of one type
-            # would average within-type variances, several times too small.
-            rng = np.random.default_rng(0)
-            for idx in data.minibatches(
-                indices, batch_size, shuffle=True, rng=rng, drop_singleton=True
-            ):
-                x, b = data.tensors(idx, device)
-                # cell_index: a guide with per-cell parameters needs the cells' rows
-                args = (x, b, torch.as_tensor(idx, device=device))
+            if batches is None:
+                batches = norm_batches(data, indices, batch_size=batch_size, device=device)
+            own_pass = getattr(model, "batch_norm_pass", None)
+            for args in batches:
                 guide_trace = poutine.trace(guide).get_trace(*args)
-                poutine.replay(model, trace=guide_trace)(*args)
+                if own_pass is not None:
+                    own_pass(guide_trace, *args)
+                else:
+                    poutine.replay(model, trace=guide_trace)(*args)
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
