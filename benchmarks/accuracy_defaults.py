@@ -299,7 +299,7 @@ def markdown(res: dict[str, Any]) -> str:
     how += f", every run in its own process; {s['subsample']} cells" * bool(s["subsample"])
     lines = results.header(res, title, how + ".")
     lines += [f"- **{n}**: {e}; the criteria are not judged." for n, e in res["skipped"].items()]
-    rows, every = [], []
+    rows, every, own = [], [], results.provenance(res)
     for d in res["datasets"]:
         name = d["name"] + " (earlier run†)" * any("from_run" in x for x in (d, *d["runs"]))
         if "error" in d:
@@ -313,7 +313,7 @@ def markdown(res: dict[str, Any]) -> str:
         for r in d["runs"]:
             values = " | ".join(fmt(r.get(k), f) for k, f in SPECS.items())
             stop = str(r.get("stop_reason") or "").split(":")[0]
-            made = (r.get("from_run") or d.get("from_run") or {}).get("commit", "this run")[:8]
+            made = (r.get("from_run") or d.get("from_run") or own)["commit"][:7]
             every.append(f"{d['name']} | {r['seed']} | {r['implementation']} | "
                          f"{r.get('epochs_run')} | {stop} | {values} | "
                          f"{fmt(r.get('train_seconds'), '.0f')} | {made}")  # fmt: skip
@@ -354,7 +354,8 @@ def time_section(res: dict[str, Any]) -> list[str]:
             stop = f"{a.get('epochs_run')} ({str(a.get('stop_reason')).split(':')[0]})"
             first = "pyro_scvi" if a.get("first") else "scvi-tools"
             load = a.get("uptime", "").rpartition("average: ")[2]
-            pair += [" / ".join(f"{x.get('threads')}: {x.get('threads_used')}" for x in (a, b))]
+            used = [f"{x['threads']}: {x['threads_used']}" for x in (a, b) if "threads" in x]
+            pair.append(" / ".join(used) or "—")  # threads: setting, counts used; — where not kept
             rows.append(f"{d['name']} | {seed} | {first} | {walls} | {ratio} | {stop} | "
                         f"{b.get('epochs_run')} | {' | '.join(pair)} | {load}")  # fmt: skip
         crit = " | ".join(cell(v["criteria"][k], f) for k, f in SPECS.items())
