@@ -1,8 +1,7 @@
 """Accuracy at the user's defaults, like for like: pyro_scvi vs scvi-tools 1.4.2 on every
 shared dataset; ``--time-to-quality``: the whole default run of each, timed side by side.
 
-Exit code 0: every criterion met; 2: a criterion not met; 1: a failure. Details:
-``benchmarks/README.md``.
+Exit code 0: every criterion met; 2: a criterion not met; 1: a failure (benchmarks/README.md).
 
     python -m benchmarks.accuracy_defaults            # every dataset x seeds 0 1 2
     python -m benchmarks.accuracy_defaults --time-to-quality --threads default
@@ -44,7 +43,7 @@ TIME_GOAL = 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    merge = "keep the file's datasets this run does not redo"
+    merge = "keep the other datasets/seeds (marked) of --out-dir's file, else of the committed one"
     p, add = results.parser(__doc__, "cellbench, 300 cells, 1 epoch, seed 0", merge=merge)
     add("--epochs", type=int, default=None, help="max_epochs of every run (default: each's own)")
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -75,8 +74,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import anndata
     import torch
 
-    if spec["threads"] is not None:
-        torch.set_num_threads(spec["threads"])
+    if spec["thread_count"] is not None:
+        torch.set_num_threads(spec["thread_count"])
     impl, seed, key = spec["implementation"], spec["seed"], spec["batch_key"]
     adata = anndata.read_h5ad(spec["h5ad"])
     split = data.make_split(adata.n_obs, seed)
@@ -115,6 +114,7 @@ def timed_scvi_tools(spec: dict[str, Any]) -> dict[str, Any]:
     the model, as ``pyro-scvi fit`` writes them); the clock stops when they are written."""
     import anndata
     import numpy as np
+    import torch
 
     adata = anndata.read_h5ad(spec["h5ad"])
     split = data.make_split(adata.n_obs, spec["seed"])
@@ -129,7 +129,8 @@ def timed_scvi_tools(spec: dict[str, Any]) -> dict[str, Any]:
     fit.model.save(spec["out"] + "_model", overwrite=True, save_anndata=False)
     out.write_h5ad(spec["out"] + ".h5ad")
     run = {"outputs_written_at": time.time(), "epochs_run": fit.run["epochs_run"]}
-    run["normalized_written"] = spec["normalized"]
+    run["normalized_written"] = spec["normalized"]  # torch's thread count (scvi-tools sets none)
+    run |= {"threads": "default", "threads_used": [torch.get_num_threads()]}
     return run | scores(fit, adata, split[1], spec, latent)
 
 
@@ -146,6 +147,8 @@ def score_fit(spec: dict[str, Any]) -> dict[str, Any]:
     fit.model = pyro_scvi.SCVI.load(spec["out"] + "_model", adata)
     held, params = np.asarray(fit.model.validation_indices), written.uns["pyro_scvi"]["params"]
     out = {"epochs_run": len(fit.model.history), "stop_reason": params.get("stop_reason")}
+    out["threads"] = (params.get("engine") or {}).get("threads")  # "auto": ThreadPolicy's
+    out["threads_used"] = sorted({int(n) for n in fit.model.history.get("threads", [])})
     split = data.make_split(adata.n_obs, spec["seed"])
     out["split_matches_make_split"] = bool(np.array_equal(held, split[1]))
     out["normalized_written"] = "pyro_scvi_normalized" in written.layers
@@ -155,13 +158,10 @@ def score_fit(spec: dict[str, Any]) -> dict[str, Any]:
 def run_dataset(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs: list) -> dict:
     """Every seed of the four implementations after ``runs`` (kept by --merge); verdict."""
     runs += [{"implementation": i, "seed": None, "error": e} for i, e in skipped.items()]
+    impls = [i for i in IMPLEMENTATIONS if "scvi-tools" not in skipped or i[:4] != "scvi"]
     for seed in args.seeds:
-        for impl in IMPLEMENTATIONS:
-            if impl.startswith("scvi-tools") and "scvi-tools" in skipped:
-                continue
-            spec = spec_of(
-                ds, args, tmp, implementation=impl, seed=seed, threads=args.thread_count
-            )
+        for impl in impls:
+            spec = spec_of(ds, args, tmp, implementation=impl, seed=seed)
             run = {"implementation": impl, "seed": seed}
             runs.append(run := run | workers.spawn(STUDY, "--worker", spec, args.thread_count))
             print(f"  seed {seed} {impl:26s}: {describe(run)}", file=sys.stderr, flush=True)
@@ -204,7 +204,7 @@ def run_timed(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs
 def spec_of(ds: dict, args: argparse.Namespace, tmp: Path, **more: Any) -> dict[str, Any]:
     """A worker's spec: the dataset, the run's settings, ``more``."""
     spec = {k: ds[k] for k in ("h5ad", "batch_key")} | {"result": str(tmp / "r.json")}
-    keys = ("epochs", "metric_cells", "ll_cells", "ll_samples")
+    keys = ("epochs", "metric_cells", "ll_cells", "ll_samples", "thread_count")
     return spec | {k: getattr(args, k) for k in keys} | more
 
 
@@ -230,9 +230,8 @@ def verdict(summary: dict, runs: list[dict], ds: dict, skipped: dict) -> dict[st
     ours = [r for r in runs if r["implementation"] in ("pyro_scvi", OBSERVED)]
     done = [r for r in ours if "error" not in r and not r.get("errors")]
     detail = f"{len(done)} of {len(ours)} pyro_scvi runs trained and scored"
-    out: dict[str, Any] = {
-        "fit_finishes": {"passed": bool(done) and done == ours, "detail": detail}
-    }
+    ok = {"passed": bool(done) and done == ours, "detail": detail}
+    out: dict[str, Any] = {"fit_finishes": ok}
     for pair, (a, b) in PAIRS.items():
         out[pair] = compare(summary[a], summary[b], ds, "scvi-tools" not in skipped)
     pairs = [out["fit_finishes"]["passed"], *(out[p]["all_passed"] for p in PAIRS)]
@@ -300,9 +299,9 @@ def markdown(res: dict[str, Any]) -> str:
     how += f", every run in its own process; {s['subsample']} cells" * bool(s["subsample"])
     lines = results.header(res, title, how + ".")
     lines += [f"- **{n}**: {e}; the criteria are not judged." for n, e in res["skipped"].items()]
-    rows, every = [], []
+    rows, every, own = [], [], results.provenance(res)
     for d in res["datasets"]:
-        name = d["name"] + " (earlier run†)" * ("from_run" in d)
+        name = d["name"] + " (earlier run†)" * any("from_run" in x for x in (d, *d["runs"]))
         if "error" in d:
             rows.append(f"{name} | {d['error']}" + " | " * 6)
             continue
@@ -314,21 +313,29 @@ def markdown(res: dict[str, Any]) -> str:
         for r in d["runs"]:
             values = " | ".join(fmt(r.get(k), f) for k, f in SPECS.items())
             stop = str(r.get("stop_reason") or "").split(":")[0]
+            made = (r.get("from_run") or d.get("from_run") or own)["commit"][:7]
             every.append(f"{d['name']} | {r['seed']} | {r['implementation']} | "
                          f"{r.get('epochs_run')} | {stop} | {values} | "
-                         f"{fmt(r.get('train_seconds'), '.0f')}")  # fmt: skip
+                         f"{fmt(r.get('train_seconds'), '.0f')} | {made}")  # fmt: skip
     columns = ["dataset", "pair", "runs ok", *CRITERIA.values(), "epochs (pyro_scvi / theirs)"]
     lines += ["## Criteria per pair (medians over seeds; pyro_scvi / scvi-tools, Δ)", ""]
     lines += [PAIR_NOTE, "", *results.md_table([*columns, "all"], rows)]
-    columns = "dataset|seed|implementation|epochs:|stopped|ARI:|batch entropy:|log p(x):|train s:"
+    columns = "dataset|seed|run|epochs:|stopped|ARI:|batch entropy:|log p(x):|train s:|made at"
     lines += results.section("Every run", columns, every) + time_section(res)
     failed = [f"- {f}" for f in failures(res)] or ["None: every run finished and scored."]
     lines += ["", "## Failures", "", *failed, "", "## Notes", "", f"- {NOTE}"]
-    note = "- {}: kept from `{command}` at commit {commit:.7}, {date}.".format
-    parts = [*res["datasets"], *res["time_to_quality"]]
-    return "\n".join(
-        [*lines, *(note(d["name"], **d["from_run"]) for d in parts if "from_run" in d), ""]
-    )
+    return "\n".join([*lines, *kept_notes(res), ""])
+
+
+def kept_notes(res: dict[str, Any]) -> list[str]:
+    """Each earlier run (a run's ``from_run``, else its row's): what is kept from it."""
+    kept: dict[str, set[str]] = {}
+    for d in [*res["datasets"], *res["time_to_quality"]]:
+        for r in d.get("runs") or [{"seed": None}]:
+            if src := r.get("from_run") or d.get("from_run"):
+                key = f"`{src['command']}` at commit {src['commit'][:7]}, {src['date']}"
+                kept.setdefault(key, set()).add(f"{d['name']} seed {r['seed']}")
+    return [f"- {k}: {', '.join(sorted(v))}." for k, v in kept.items()]
 
 
 def time_section(res: dict[str, Any]) -> list[str]:
@@ -341,49 +348,40 @@ def time_section(res: dict[str, Any]) -> list[str]:
         v, by = d["verdict"], {(r["implementation"], r["seed"]): r for r in d["runs"]}
         for seed in sorted({r["seed"] for r in d["runs"] if r["seed"] is not None}):
             a, b = by.get((TIMED[0], seed), {}), by.get((TIMED[1], seed), {})
-            pair = " | ".join(
-                " / ".join(fmt(x.get(k), f) for x in (a, b)) for k, f in SPECS.items()
-            )
+            pair = [" / ".join(fmt(x.get(k), f) for x in (a, b)) for k, f in SPECS.items()]
             walls = " | ".join(fmt(x.get("wall_seconds"), ".0f") for x in (a, b))
             ratio = fmt(v["ratios"].get(seed, v["ratios"].get(str(seed))), ".2f")
             stop = f"{a.get('epochs_run')} ({str(a.get('stop_reason')).split(':')[0]})"
             first = "pyro_scvi" if a.get("first") else "scvi-tools"
             load = a.get("uptime", "").rpartition("average: ")[2]
+            used = [f"{x['threads']}: {x['threads_used']}" for x in (a, b) if "threads" in x]
+            pair.append(" / ".join(used) or "—")  # threads: setting, counts used; — where not kept
             rows.append(f"{d['name']} | {seed} | {first} | {walls} | {ratio} | {stop} | "
-                        f"{b.get('epochs_run')} | {pair} | {load}")  # fmt: skip
+                        f"{b.get('epochs_run')} | {' | '.join(pair)} | {load}")  # fmt: skip
         crit = " | ".join(cell(v["criteria"][k], f) for k, f in SPECS.items())
         medians.append(f"{d['name']} | {fmt(v['median_ratio'], '.2f')} | "
                        f"{PASS[v['time']['passed']]} | {crit}")  # fmt: skip
     if not medians:
         return []
     columns = "dataset|seed|first|pyro-scvi fit s:|scvi-tools s:|ratio:|pyro_scvi epochs (stop)|"
-    columns += "scvi-tools epochs:|ARI (pyro_scvi / scvi-tools)|batch entropy"
-    columns = [*columns.split("|"), "log p(x \\| library)", "load after (1, 5, 15 min)"]
+    columns += "scvi-tools epochs:|ARI (pyro_scvi / scvi-tools)|batch entropy|log p(x ∣ library)|"
+    columns += "threads: setting, counts used (pyro_scvi / theirs)|load after (1, 5, 15 min)"
     summary = ["dataset", "median ratio:", f"ratio ≤ {TIME_GOAL}", *CRITERIA.values()]
     title = "Time to quality: whole default runs, alternating"
-    return results.section(title, summary, medians) + [
-        "",
-        *results.md_table(columns, rows),
-        "",
-        TIME_NOTE,
-    ]
+    table = results.md_table(columns, rows)
+    return [*results.section(title, summary, medians), "", *table, "", TIME_NOTE]
 
 
 PAIR_NOTE = (
     "latent library: pyro_scvi's default against scvi-tools with use_observed_lib_size=False; "
-    "observed library: pyro_scvi with it True against scvi-tools' default (log p(x | library))."
-    " log p(x): each one's own importance sampling. Epochs: `*` where pyro_scvi's early "
-    "stopping ended the run. † kept from an earlier run; see the notes."
+    "observed library: pyro_scvi with it True against scvi-tools' default (log p(x | library)),"
+    " each by its own importance sampling. `*`: early stopping ended it; †: runs kept (notes)."
 )
-NOTE = (
-    "Every run at its defaults (unless --epochs), trained on the seed's training cells and "
-    "scored on the same cells; log p(x) in nats per held-out cell. Details: benchmarks/README.md."
-)
+NOTE = "Every run at its defaults (unless --epochs); log p(x) in nats per held-out cell."
 TIME_NOTE = (
     "Wall seconds from each process's start until its outputs (latent, normalized expression "
-    "where fit writes it, the model) are written, at default threads, who goes first "
-    "alternating; ratio = pyro-scvi fit ÷ scvi-tools. Criteria on the same runs, log p(x | "
-    "library) for both (pyro_scvi's model at the observed library). Details: benchmarks/README.md."
+    "where fit writes it, the model) are written, at default threads, who goes first alternating;"
+    " ratio = pyro-scvi fit ÷ scvi-tools. Criteria on the same runs, log p(x | library) for both."
 )
 
 
@@ -401,19 +399,22 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop(f"{v}_NUM_THREADS", None)
         warm = workers.spawn(STUDY, "--warm-kernel", {})["exit_code"]
     stem = results.stem(STUDY, args.smoke)
-    path = args.out_dir / f"{stem}.json"
+    path = args.out_dir / f"{stem}.json"  # --merge into a new folder: from the committed file
+    base = path if path.exists() or not args.merge else results.RESULTS / path.name
     res: dict[str, Any] = {"meta": results.metadata(STUDY, argv, threads=args.thread_count)}
     settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "data_dir")}
     res["settings"] = settings | {"tolerances": TOLERANCES}
     res |= {"skipped": skipped, "datasets": [], "time_to_quality": [], "warm_kernel_rc": warm}
     part, other = ("datasets", "time_to_quality")[:: -1 if args.time_to_quality else 1]
-    earlier, redo = results.read(path) or {}, set(args.datasets)
-    if args.merge:  # this part's other datasets; a redone dataset's other seeds
+    earlier, redo = results.read(base) or {}, set(args.datasets)
+    if args.merge:  # this part's other datasets; a redone dataset's other seeds, each marked
         res[part] = results.keep_not_redone(earlier.get(part, []), redo, "name", earlier)
-    seeds = {d["name"]: d["runs"] for d in earlier.get(part, []) if args.merge and "runs" in d}
+    made = results.provenance(earlier)  # by the run that made it: its own mark, else its row's
+    seeds = {d["name"]: [{"from_run": d.get("from_run", made)} | r for r in d["runs"]]
+             for d in earlier.get(part, []) if args.merge and "runs" in d}  # fmt: skip
 
     def keep_other() -> None:  # the file's other part as on disk now: the modes may run at once
-        now = results.read(path) or {}
+        now = results.read(path if path.exists() else base) or {}
         res[other] = results.keep_not_redone(now.get(other, []), set(), "name", now)
 
     with tempfile.TemporaryDirectory(prefix=f"{STUDY}_") as tmp:
@@ -423,9 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             info = workers.prepare(STUDY, name, Path(tmp), args.thread_count, **more)
             if "error" in info:
                 print(f"{name}: {info['error']}", file=sys.stderr)
-                res[part].append({"name": name, "error": info["error"]})
-            else:
-                prepared.append({"name": name, **info})
+            (res[part] if "error" in info else prepared).append({"name": name, **info})
         prepared.sort(key=lambda d: d["n_cells"] * d["n_genes"])  # small first
         for turn, ds in enumerate(prepared):
             print(f"{ds['name']}:", file=sys.stderr, flush=True)

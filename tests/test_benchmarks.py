@@ -100,7 +100,7 @@ def test_robustness_smoke(tmp_path):
     assert "Runs finished, per path" in proc.stdout
 
 
-def test_accuracy_defaults_smoke(tmp_path):
+def test_accuracy_defaults_smoke(tmp_path, monkeypatch):
     proc = _study("accuracy_defaults", "--smoke", "--out-dir", tmp_path)
     # 0: all criteria met; 2: a criterion is not met (after 1 epoch on 300 cells); 1: a failure.
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
@@ -147,6 +147,9 @@ def test_accuracy_defaults_smoke(tmp_path):
     assert "error" not in fit and not fit.get("errors"), fit
     assert fit["wall_seconds"] > 0 and fit["epochs_run"] == 1 and fit["split_matches_make_split"]
     assert fit["stop_reason"].startswith("max_epochs") and fit["normalized_written"]
+    # the thread policy's setting and the counts it used, kept with the run and shown
+    assert fit["threads"] == "auto" and all(n >= 1 for n in fit["threads_used"]), fit
+    assert f"auto: {fit['threads_used']}" in proc.stdout
     assert math.isfinite(fit["heldout_log_px_per_cell"]) and -1 <= fit["ari"] <= 1
     if importlib.util.find_spec("scvi") is None:
         assert (
@@ -154,21 +157,32 @@ def test_accuracy_defaults_smoke(tmp_path):
         )
     else:
         (theirs,) = [r for r in entry["runs"] if r["implementation"] == "scvi-tools train()"]
+        assert theirs["threads"] == "default" and theirs["threads_used"][0] >= 1
         ratio = fit["wall_seconds"] / theirs["wall_seconds"]
         assert entry["verdict"]["median_ratio"] == pytest.approx(ratio)
     assert "Time to quality" in proc.stdout and "Criteria per pair" in proc.stdout
 
-    # --merge keeps a dataset of the earlier results that this run does not redo
-    earlier = dict(timed, datasets=[dict(dataset, name="an_earlier_dataset")])
-    (tmp_path / "accuracy_defaults_smoke.json").write_text(json.dumps(earlier))
-    proc = _study("accuracy_defaults", "--smoke", "--out-dir", tmp_path, "--merge")
-    assert proc.returncode in (0, 2), proc.stderr[-3000:]
-    merged = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
+    # --merge into a folder without the file starts from the committed one; it keeps a dataset
+    # it does not redo and a redone dataset's other seeds, each run marked with its maker
+    study = _load_script("accuracy_defaults", monkeypatch)
+    monkeypatch.setattr(study.results, "RESULTS", committed := tmp_path / "committed")
+    seed1 = [dict(r, seed=1) for r in dataset["runs"] if r["seed"] == 0]
+    earlier = dict(timed, datasets=[dict(dataset, name="an_earlier_dataset"), dict(dataset)])
+    earlier["datasets"][1]["runs"] = [*dataset["runs"], *seed1]
+    committed.mkdir()
+    (committed / "accuracy_defaults_smoke.json").write_text(json.dumps(earlier))
+    rc = study.main(["--smoke", "--out-dir", str(tmp_path / "new"), "--merge"])
+    assert rc in (0, 2)
+    merged = json.loads((tmp_path / "new" / "accuracy_defaults_smoke.json").read_text())
     names = [d["name"] for d in merged["datasets"]]
     assert names == ["an_earlier_dataset", dataset["name"]]
     assert merged["datasets"][0]["from_run"]["date"] == timed["meta"]["date"]
     assert "from_run" not in merged["datasets"][1] and len(merged["time_to_quality"]) == 1
-    assert "an_earlier_dataset (earlier run†)" in proc.stdout
+    made = {r["seed"]: r.get("from_run") for r in merged["datasets"][1]["runs"]}
+    assert made[0] is None and made[1]["date"] == timed["meta"]["date"]
+    table = (tmp_path / "new" / "accuracy_defaults_smoke.md").read_text()
+    assert "an_earlier_dataset (earlier run†)" in table
+    assert f"{dataset['name']} seed 1" in table and timed["meta"]["command"] in table
 
 
 def test_data_parallel_smoke(tmp_path):
