@@ -280,7 +280,7 @@ class LaplaceProposal(Proposal):
        from ``step_size`` in the whitened coordinates, tuned per cell towards
        ``target_accept``) start at draws of that approximation and run on the posterior
        itself, preconditioned by ``H^-1``, so that they mix within a few transitions
-       (:func:`~pyro_scvi.posterior.ais._hmc_step`, AIS's kernel). Their end states give the
+       (the same HMC kernel as AIS's transitions). Their end states give the
        posterior's mean and covariance where it is skewed or not quite Gaussian: on the
        shared datasets ``log p`` falls off more slowly away from the mode than the
        curvature there predicts, and the mean is off the mode (a ReLU decoder makes
