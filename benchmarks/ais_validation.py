@@ -59,9 +59,8 @@ def score(model, guide, x, b, exact, steps, k_is, chains, seed=0):
 
 def weights(prop, model, guide, x, b, cells, k: int, step: int) -> torch.Tensor:
     """``prop``'s ``(k, cells)`` log weights, ``step`` cells at a time."""
-    chunks = [slice(i, i + step) for i in range(0, len(x), step)]
-    return torch.cat([prop.log_weights(model, guide, x[c], b[c], k, cell_index=cells[c])
-                      for c in chunks], 1)  # fmt: skip
+    return torch.cat([prop.log_weights(model, guide, x[c], b[c], k, cell_index=cells[c]) for c in
+                      (slice(i, i + step) for i in range(0, len(x), step))], 1)  # fmt: skip
 
 
 def simulate(model, z, l, b):
@@ -98,23 +97,23 @@ def on_dataset(name: str, seed: int, a) -> dict:
     adata = data.load(name, subsample=a.cells, seed=seed)
     model = pyro_scvi.SCVI(adata, batch_key="batch")
     model.train(max_epochs=a.epochs, train_size=0.9, progress_bar=False, seed=seed)
-    held = np.sort(model.validation_indices)[: a.held]
+    held = np.sort(model.validation_indices)[a.skip : a.skip + a.held]
     x, b, cells = *model.data.tensors(held), torch.as_tensor(held)
     step = max(1, int(5e4 // adata.n_vars))  # cells per chunk: K x cells x genes bounded
-    row = {"dataset": name, "seed": seed, "cells": adata.n_obs, "genes": adata.n_vars,
-           "epochs": len(model.history), "held": len(held), "K": a.k_is}  # fmt: skip
-    for key, n in zip(PROPOSALS, "Guide Defensive Refined MCMC Laplace".split(), strict=True):
-        prop = getattr(proposals, f"{n}Proposal")()
+    row = {"dataset": name, "seed": seed, "cells": adata.n_obs, "genes": adata.n_vars, "K": a.k_is,
+           "epochs": len(model.history), "held": len(held), "held_ids": held.tolist()}  # fmt: skip
+    names = dict(zip(PROPOSALS, "Guide Defensive Refined MCMC Laplace".split(), strict=True))
+    for key in a.proposals:
         torch.manual_seed(seed)
-        t = time.perf_counter()
+        prop, t = getattr(proposals, f"{names[key]}Proposal")(), time.perf_counter()
         log_w = weights(prop, model.model, model.guide, x, b, cells, a.k_is, step)
         est = ais.log_mean_exp_se(log_w)[0].tolist()
         row[key] = {"k": ais.pareto_k(log_w).tolist(), "est": est, "settings": prop.settings(),
                     "s_per_cell": (time.perf_counter() - t) / len(held)}  # fmt: skip
     torch.manual_seed(seed)
     t = time.perf_counter()
-    kw = {"n_steps": 50, "batch_size": step}
-    out = ais.ais_marginal_ll(model.model, model.guide, model.data, held, **kw)
+    out = ais.ais_marginal_ll(model.model, model.guide, model.data, held, n_steps=50,
+                              batch_size=step)  # fmt: skip
     row["ais"] = {"est": out["marginal_ll"].tolist(), "se": out["se"].tolist(),
                   "s_per_cell": (time.perf_counter() - t) / len(held)}  # fmt: skip
     return row
@@ -164,8 +163,7 @@ def table(res: dict) -> str:
                     + [f"{r[p]['s_per_cell']:.2f}" for p in (*PROPOSALS, "ais")])  # fmt: skip
     cols = ["dataset", "seed", "cells:", "epochs:", "held-out cells:"]
     cols += [f"k>0.7 {p}:" for p in PROPOSALS] + ["IS(q) - AIS (nats, ± se):"]
-    cols += [f"IS({p}) - AIS:" for p in GAP[1:]]
-    cols += [f"s/cell {p}:" for p in (*PROPOSALS, "ais")]
+    cols += [f"IS({p}) - AIS:" for p in GAP[1:]] + [f"s/cell {p}:" for p in (*PROPOSALS, "ais")]
     how = ("Default model (batch_key='batch'), training capped at the epochs shown; k from K = "
            "1000 draws per proposal; AIS 50 steps, 16 chains; '± se': over cells.")  # fmt: skip
     if rows:
@@ -212,23 +210,25 @@ def main(argv=None) -> int:
     add("--cells", type=int, default=1500, help="subsample each dataset to this many cells")
     add("--epochs", type=int, default=40, help="cap on training epochs (early stopping is on)")
     add("--held", type=int, default=40, help="held-out cells scored per dataset (fitted: 100)")
+    add("--skip", type=int, default=0, help="per dataset: leave out the first held-out cells")
+    add("--proposals", nargs="+", default=list(PROPOSALS), choices=list(PROPOSALS))
     add("--runs", nargs="+", default=["fitted"], help="fitted (both), amortized or simulated")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    steps, k_is, chains = ((5,), 50, 4) if a.smoke else ((10, 30, 100), 1000, 16)
+    steps, a.k_is, chains = ((5,), 50, 4) if a.smoke else ((10, 30, 100), 1000, 16)
     stem = results.stem(STUDY, a.smoke)
     if a.datasets:
-        a.k_is = k_is
-        for key, n, s in ((f"{n}/{s}", n, s) for n in a.datasets for s in a.seeds):
+        for key, n, s in ((f"{n}/{s}" + f"/{a.skip}" * (a.skip > 0), n, s) for n in a.datasets
+                          for s in a.seeds):  # fmt: skip
             row = on_dataset(n, s, a)  # saved as it comes
             merge = lambda old, r={key: row}: {"datasets": old.get("datasets", {}) | r}  # noqa: E731
             save(a, stem, merge, argv)
         return 0
-    res = {"meta": results.metadata(STUDY, argv), "settings": {"smoke": a.smoke, "k_is": k_is}}
+    res = {"meta": results.metadata(STUDY, argv), "settings": {"smoke": a.smoke, "k_is": a.k_is}}
     res["settings"] |= {"chains": chains, "steps": list(steps)}
     names = [n for n in ("amortized", "simulated") if n in a.runs or "fitted" in a.runs]
     cells, epochs = (300, 2) if a.smoke else (3000, 30)
-    runs = fitted(cells, epochs, steps, k_is, chains, a.held, names)
+    runs = fitted(cells, epochs, steps, a.k_is, chains, a.held, names)
     for r in runs.values():
         r["from_run"] = results.provenance(res)
 

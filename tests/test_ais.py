@@ -173,6 +173,16 @@ def test_ais_query_on_a_fitted_model_is_above_the_elbo_and_reports_its_error():
     assert np.all(table["marginal_ll"].to_numpy() > elbo)
     again = model.get_marginal_ll_ais(indices=np.arange(5), n_chains=4, n_steps=10, seed=0)
     pd.testing.assert_frame_equal(table, again)  # seeded
+    # every setting is recorded, the fixed ones too, and the tuning target is live
+    assert table.attrs["settings"] == {
+        "n_chains": 4, "n_steps": 10, "n_leapfrog": 4, "step_size": 0.25,
+        "target_accept": 0.65, "schedule": "sigmoid", "sharpness": 4.0, "pilot_draws": 64,
+        "observed_library": False,
+    }  # fmt: skip
+    other = model.get_marginal_ll_ais(indices=np.arange(5), n_chains=4, n_steps=10, seed=0,
+                                      target_accept=0.2)  # fmt: skip
+    assert other.attrs["settings"]["target_accept"] == 0.2
+    assert not np.array_equal(other["acceptance"], table["acceptance"])
 
 
 def test_ais_refuses_bad_settings():
@@ -182,6 +192,8 @@ def test_ais_refuses_bad_settings():
         model.get_marginal_ll_ais(n_chains=1)
     with pytest.raises(pyro_scvi.InputError, match="n_steps"):
         model.get_marginal_ll_ais(n_steps=0)
+    with pytest.raises(pyro_scvi.InputError, match="target_accept"):
+        model.get_marginal_ll_ais(target_accept=1.0)
 
 
 def test_a_defensive_mixture_keeps_pareto_k_low_where_q_is_too_narrow(setup):
@@ -289,11 +301,36 @@ def test_proposals_refuse_bad_settings_and_record_theirs():
         proposals.MCMCProposal(n_steps=7).settings()
     )
     assert proposals.DefensiveProposal().settings()["proposal"] == "DefensiveProposal"
-    for bad in ({"mix": 0.0}, {"df": 0}, {"n_newton": -1}, {"n_chains": 1}, {"n_steps": 0}):
+    for bad in ({"mix": 0.0}, {"df": 0}, {"n_newton": -1}, {"n_chains": 1}, {"n_steps": 0},
+                {"step_size": 0.0}, {"target_accept": 1.0}, {"shrink": 1.5},
+                {"adapt_keep": -0.1}, {"eig_floor": 0.0}, {"n_backtrack": 0}):  # fmt: skip
         with pytest.raises(pyro_scvi.InputError, match=next(iter(bad))):
             proposals.LaplaceProposal(**bad)
     assert proposals.LaplaceProposal(df=3).settings() == {
         "proposal": "LaplaceProposal", "n_newton": 20, "n_chains": 64, "n_steps": 10,
         "n_leapfrog": 3, "n_adapt": 1000, "df": 3.0, "inflate": 1.5, "mix": 0.1, "tol": 1e-3,
+        "step_size": 0.5, "target_accept": 0.75, "shrink": 0.1, "adapt_keep": 0.2,
+        "eig_floor": 1e-4, "n_backtrack": 12,
         "diagnostics": {"cells": 0, "cells_jittered": 0, "cells_unconverged": 0},
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"step_size": 0.1}, {"target_accept": 0.3}, {"shrink": 0.9}, {"adapt_keep": 0.9},
+     {"eig_floor": 0.5}, {"n_backtrack": 1}],
+)  # fmt: skip
+def test_every_laplace_setting_it_records_changes_the_proposal(setup, setting):
+    """The inner constants settings() records are the ones used: changing one, with the
+    same seed, changes the log weights (a recorded but dead setting would not)."""
+    model, data, _, moments = setup
+    bad = guide_at(model, data, moments, loc_shift=3.0, scale_factor=1 / 3)
+    x, b = data.tensors(np.arange(N_CELLS))
+    small = {"n_chains": 8, "n_steps": 3, "n_adapt": 50, "n_newton": 3}
+    runs = []
+    for kw in (small, small | setting):
+        torch.manual_seed(0)
+        prop = proposals.LaplaceProposal(**kw)
+        runs.append(prop.log_weights(model, bad, x, b, 20, cell_index=torch.arange(N_CELLS)))
+    assert prop.settings() | setting == prop.settings()
+    assert not torch.equal(*runs)

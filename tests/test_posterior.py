@@ -427,6 +427,7 @@ def test_evaluate_cli_reports_k_a_proposal_and_ais_with_its_error(saved, trained
     assert status == 0, err
     result = json.loads(out)
     assert result["proposal"]["proposal"] == "DefensiveProposal" and result["ais_steps"] == 3
+    assert result["ais_settings"]["n_steps"] == 3 and result["ais_settings"]["n_chains"] == 16
     assert 0.0 <= result["frac_pareto_k_high"] <= 1.0
     assert result["ais_se_mean"] > 0 and math.isfinite(result["ais_marginal_ll_mean"])
     table = pd.read_csv(per_cell, index_col="cell")

@@ -190,6 +190,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         stats["ais_marginal_ll"] = ais["marginal_ll"].to_numpy()
         stats["ais_se"] = ais["se"].to_numpy()
         result["ais_steps"] = args.ais_steps
+        result["ais_settings"] = ais.attrs["settings"]
     for column in stats.columns.drop("pareto_k"):
         values = stats[column].to_numpy(dtype=float)
         sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")

@@ -49,9 +49,11 @@ from .queries import pareto_k  # noqa: F401  (ais.pareto_k: where it was first)
 _CHAINS_PLATE = "_ais_chains"
 #: Draws of q per cell that set the scale of each coordinate for the transitions.
 PILOT_DRAWS = 64
+#: The default schedule's sharpness (:func:`sigmoid_schedule`).
+SIGMOID_SHARPNESS = 4.0
 
 
-def sigmoid_schedule(n_steps: int, sharpness: float = 4.0) -> torch.Tensor:
+def sigmoid_schedule(n_steps: int, sharpness: float = SIGMOID_SHARPNESS) -> torch.Tensor:
     """``n_steps + 1`` inverse temperatures from 0 to 1, dense at both ends.
 
     The sigmoidal schedule of Grosse, Maddison & Salakhutdinov (2013): a logistic
@@ -128,34 +130,49 @@ class _Target:
         return _site_log_prob(tr, self.n_chains, self.n_cells, self.skip)
 
 
-class _State:
-    """``log p``, ``log q`` ``(chains, cells)`` and their gradients in ``u`` at a point."""
+class _Point:
+    """A point ``u`` of the chains: its log densities ``(chains, cells)`` and their gradients.
 
-    def __init__(self, target: _Target, u: dict, scale: dict) -> None:
-        u = {k: v.detach().requires_grad_(True) for k, v in u.items()}
+    ``densities(u)`` maps the chains' coordinates ``u`` (a dict of ``(chains, cells, ...)``
+    tensors) to ``(log p,)`` or, on a tempered path, ``(log p, log q)``; the caller's map
+    from ``u`` to the latents inside it is the sampler's preconditioner.
+    """
+
+    def __init__(self, densities, u: dict[str, torch.Tensor]) -> None:
+        self.u = {k: v.detach() for k, v in u.items()}
+        leaves = {k: v.detach().requires_grad_(True) for k, v in self.u.items()}
         with torch.enable_grad():
-            log_p, log_q = target.log_densities({k: scale[k] * u[k] for k in u})
-            # model and guide are separate graphs: two backward passes cost one
-            grad_p = _grad(log_p, u, retain=True)
-            grad_q = _grad(log_q, u, retain=False)
-        self.log_p, self.log_q = log_p.detach(), log_q.detach()
-        self.grad_p, self.grad_q = grad_p, grad_q
+            logs = densities(leaves)
+            # separate graphs (model, guide): one backward pass each, keeping the graph to the last
+            grads = [_grad(y, leaves, retain=i < len(logs) - 1) for i, y in enumerate(logs)]
+        self.log_p, self.grad_p = logs[0].detach(), grads[0]
+        self.log_q, self.grad_q = (logs[1].detach(), grads[1]) if len(logs) > 1 else (None, None)
 
     def energy(self, beta: float) -> torch.Tensor:
-        """``-log f_beta``, ``(chains, cells)``; not finite where either density is not."""
+        """``-log f_beta``, ``(chains, cells)``; not finite where either density is not.
+
+        ``f_beta = q^(1 - beta) p^beta`` on a tempered path, else ``p`` (``beta`` unused).
+        """
+        if self.log_q is None:
+            return -self.log_p
         return -(beta * self.log_p + (1.0 - beta) * self.log_q)
 
     def grad(self, beta: float) -> dict[str, torch.Tensor]:
         """The gradient of :meth:`energy` in ``u``."""
+        if self.grad_q is None:
+            return {k: -g for k, g in self.grad_p.items()}
         return {k: -(beta * self.grad_p[k] + (1.0 - beta) * self.grad_q[k]) for k in self.grad_p}
 
-    def select(self, accept: torch.Tensor, other: _State) -> _State:
-        """Where ``accept``: this state; elsewhere ``other``."""
-        new = object.__new__(_State)
+    def select(self, accept: torch.Tensor, other: _Point) -> _Point:
+        """Where ``accept``: this point; elsewhere ``other``."""
+        new = object.__new__(_Point)
+        new.u = {k: _where(accept, v, other.u[k]) for k, v in self.u.items()}
         new.log_p = torch.where(accept, self.log_p, other.log_p)
-        new.log_q = torch.where(accept, self.log_q, other.log_q)
         new.grad_p = {k: _where(accept, v, other.grad_p[k]) for k, v in self.grad_p.items()}
-        new.grad_q = {k: _where(accept, v, other.grad_q[k]) for k, v in self.grad_q.items()}
+        new.log_q = new.grad_q = None
+        if self.log_q is not None:
+            new.log_q = torch.where(accept, self.log_q, other.log_q)
+            new.grad_q = {k: _where(accept, v, other.grad_q[k]) for k, v in self.grad_q.items()}
         return new
 
 
@@ -174,37 +191,44 @@ def _where(accept: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 
 def _hmc_step(
-    target: _Target,
-    u: dict[str, torch.Tensor],
-    scale: dict[str, torch.Tensor],
-    beta: float,
+    point: _Point,
+    densities,
     step_size: torch.Tensor,
     n_leapfrog: int,
-    state: _State,
-) -> tuple[dict, _State, torch.Tensor]:
+    beta: float = 1.0,
+) -> tuple[_Point, torch.Tensor]:
     """One HMC transition per (chain, cell) that leaves ``f_beta`` invariant.
 
-    ``u`` are the coordinates ``z / scale``, ``state`` the densities at ``u``;
-    ``step_size`` is ``(cells,)``. Returns the new ``u``, its state and the acceptance
-    indicator ``(chains, cells)``. A proposal whose energy is not finite is rejected.
+    The one kernel of this package's samplers: AIS's transitions (:func:`ais_log_weights`,
+    a tempered target, ``u`` the latents over q's spread per coordinate) and
+    :class:`~pyro_scvi.posterior.proposals.LaplaceProposal`'s chains (``log p`` alone, ``u``
+    whitened by the Laplace covariance's Cholesky factor). It runs in ``u`` with a unit
+    mass matrix; the preconditioner is the caller's map from ``u`` to the latents, inside
+    ``densities`` (see :class:`_Point`). ``step_size`` is ``(cells,)``; ``n_leapfrog``
+    leapfrog steps. Returns the new point and the acceptance indicator
+    ``(chains, cells)``. A proposal whose energy is not finite is rejected; a chain whose
+    own energy is not finite (density 0) moves to any proposal whose energy is.
     """
+    u = point.u
     eps = {k: step_size.reshape((1, -1) + (1,) * (v.dim() - 2)) for k, v in u.items()}
     p0 = {k: torch.randn_like(v) for k, v in u.items()}
-    grad = state.grad(beta)
+    grad = point.grad(beta)
     p = {k: p0[k] - 0.5 * eps[k] * grad[k] for k in u}
-    q_, new = dict(u), state
+    q_, new = dict(u), point
     for i in range(int(n_leapfrog)):
         q_ = {k: q_[k] + eps[k] * p[k] for k in u}
-        new = _State(target, q_, scale)
+        new = _Point(densities, q_)
         grad = new.grad(beta)
         w = 1.0 if i < n_leapfrog - 1 else 0.5  # full momentum steps inside, half at the end
         p = {k: p[k] - w * eps[k] * grad[k] for k in u}
     kinetic0 = sum(_per_cell_sum(v**2) for v in p0.values()) / 2
     kinetic1 = sum(_per_cell_sum(v**2) for v in p.values()) / 2
-    log_accept = state.energy(beta) + kinetic0 - new.energy(beta) - kinetic1
-    log_accept = torch.where(torch.isfinite(log_accept), log_accept, -math.inf)
+    energy1 = new.energy(beta)
+    log_accept = point.energy(beta) + kinetic0 - energy1 - kinetic1
+    ok = torch.isfinite(energy1) & ~torch.isnan(log_accept)
+    log_accept = torch.where(ok, log_accept, -math.inf)
     accept = torch.rand_like(log_accept).log() < log_accept
-    return {k: _where(accept, q_[k], u[k]) for k in u}, new.select(accept, state), accept
+    return new.select(accept, point), accept
 
 
 def ais_log_weights(
@@ -241,6 +265,8 @@ def ais_log_weights(
     step_size
         Initial leapfrog step in units of q's spread; tuned per cell towards
         ``target_accept`` (the mean acceptance over its chains) after every transition.
+    target_accept
+        The acceptance rate the step size is tuned towards.
     betas
         An inverse-temperature schedule of your own, from 0 to 1.
     observed_library
@@ -281,6 +307,8 @@ def ais_log_weights(
             f"n_chains={n_chains}, n_leapfrog={n_leapfrog}, step_size={step_size}: need "
             "n_chains >= 2 (for a standard error), n_leapfrog >= 1 and step_size > 0."
         )
+    if not 0 < target_accept < 1:
+        raise ValueError(f"target_accept={target_accept}: it must be between 0 and 1.")
     n_chains = int(n_chains)
     with eval_mode(model, guide), frozen(model, guide), pyro.get_param_store().scope():
         target = _Target(model, guide, x, batch_index, cell_index, n_chains, observed_library)
@@ -289,23 +317,26 @@ def ais_log_weights(
             # q's spread per cell and coordinate: the transitions' units
             scale = {k: v.std(0, keepdim=True).clamp_min(1e-4) for k, v in pilot.items()}
             start = target.sample(n_chains)
-        u = {k: v / scale[k] for k, v in start.items()}
-        state = _State(target, u, scale)
+
+        def densities(u):  # AIS's preconditioner: the latents in units of q's spread
+            return target.log_densities({k: scale[k] * v for k, v in u.items()})
+
+        point = _Point(densities, {k: v / scale[k] for k, v in start.items()})
         n_cells = x.shape[0]
         eps = x.new_full((n_cells,), float(step_size))
         log_w = x.new_zeros(n_chains, n_cells)
         accepted = x.new_zeros(n_cells)
         for t in range(1, len(betas)):
             beta = float(betas[t])
-            log_w = log_w + float(betas[t] - betas[t - 1]) * (state.log_p - state.log_q)
-            u, state, accept = _hmc_step(target, u, scale, beta, eps, n_leapfrog, state)
+            log_w = log_w + float(betas[t] - betas[t - 1]) * (point.log_p - point.log_q)
+            point, accept = _hmc_step(point, densities, eps, n_leapfrog, beta)
             rate = accept.to(x.dtype).mean(0)
             accepted = accepted + rate
             # a step per cell: larger while its chains accept more often than the target
             eps = eps * torch.exp(rate - target_accept)
     out = {"log_w": log_w.detach(), "acceptance": accepted / (len(betas) - 1), "step_size": eps}
     if return_states:
-        out["states"] = {k: (scale[k] * v).detach() for k, v in u.items()}
+        out["states"] = {k: (scale[k] * v).detach() for k, v in point.u.items()}
     return out
 
 
@@ -341,6 +372,7 @@ def ais_marginal_ll(
     n_steps: int = 100,
     n_leapfrog: int = 4,
     step_size: float = 0.25,
+    target_accept: float = 0.65,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     observed_library: bool = False,
@@ -376,6 +408,7 @@ def ais_marginal_ll(
             n_steps=n_steps,
             n_leapfrog=n_leapfrog,
             step_size=step_size,
+            target_accept=target_accept,
             observed_library=observed_library,
         )
         est, se, ess = log_mean_exp_se(out["log_w"])

@@ -424,6 +424,7 @@ def get_marginal_ll_ais(
     n_steps: int = 100,
     n_leapfrog: int = 4,
     step_size: float = 0.25,
+    target_accept: float = 0.65,
     batch_size: int = 64,
     seed: int | None = None,
     observed_library: bool = False,
@@ -451,8 +452,10 @@ def get_marginal_ll_ais(
     n_leapfrog
         Leapfrog steps per transition (1: Metropolis-adjusted Langevin).
     step_size
-        Initial leapfrog step, in units of q's spread; tuned per cell towards 65 %
-        acceptance.
+        Initial leapfrog step, in units of q's spread; tuned per cell towards
+        ``target_accept``.
+    target_accept
+        The acceptance rate each cell's step size is tuned towards after every transition.
     {batch_size}
     {seed}
     {observed_library}
@@ -462,7 +465,9 @@ def get_marginal_ll_ais(
     pandas.DataFrame
         Indexed by cell: ``marginal_ll`` (nats), ``se`` (its standard error), ``ess``
         (effective number of chains, at most ``n_chains``) and ``acceptance`` (HMC's
-        mean acceptance rate).
+        mean acceptance rate). ``attrs["settings"]`` records every setting, the fixed ones
+        included: the sigmoid schedule's sharpness and the draws of q that set the scale
+        of each coordinate.
 
     Examples
     --------
@@ -470,14 +475,16 @@ def get_marginal_ll_ais(
     >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=40, n_genes=15, seed=0)
     >>> model = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
     >>> t = model.get_marginal_ll_ais(indices=[0, 1], n_chains=4, n_steps=5, seed=0)
-    >>> list(t.columns), bool((t["se"] > 0).all())
-    (['marginal_ll', 'se', 'ess', 'acceptance'], True)
+    >>> list(t.columns), bool((t["se"] > 0).all()), t.attrs["settings"]["target_accept"]
+    (['marginal_ll', 'se', 'ess', 'acceptance'], True, 0.65)
     """
     check_positive(n_steps=n_steps, n_leapfrog=n_leapfrog, batch_size=batch_size)
     if int(n_chains) < 2:
         raise InputError(f"n_chains={n_chains}; use at least 2 chains for a standard error.")
     if not step_size > 0:
         raise InputError(f"step_size={step_size}; it must be positive.")
+    if not 0 < target_accept < 1:
+        raise InputError(f"target_accept={target_accept}; it must be between 0 and 1.")
     data = fitted.data_for(adata)
     idx = check_indices(indices, data.n_cells)
     with q.seeded(seed, fitted.device):
@@ -490,11 +497,20 @@ def get_marginal_ll_ais(
             n_steps=n_steps,
             n_leapfrog=n_leapfrog,
             step_size=step_size,
+            target_accept=target_accept,
             batch_size=batch_size,
             device=fitted.device,
             observed_library=observed_library,
         )
-    return pd.DataFrame(out, index=data.obs_names[idx])
+    table = pd.DataFrame(out, index=data.obs_names[idx])
+    table.attrs["settings"] = {
+        "n_chains": int(n_chains), "n_steps": int(n_steps), "n_leapfrog": int(n_leapfrog),
+        "step_size": float(step_size), "target_accept": float(target_accept),
+        "schedule": "sigmoid", "sharpness": ais.SIGMOID_SHARPNESS,
+        "pilot_draws": max(ais.PILOT_DRAWS, int(n_chains)),
+        "observed_library": bool(observed_library),
+    }  # fmt: skip
+    return table
 
 
 @fill_doc

@@ -271,33 +271,38 @@ class LaplaceProposal(Proposal):
 
     Per cell, with the model fixed:
 
-    1. Newton's method (damped, with a backtracking line search; at most ``n_newton``
-       steps from the mean of q) finds the mode of ``log p(x, z, l)`` over the cell's
-       latents jointly; the Hessian ``H`` of ``-log p`` there is the precision of the
-       Laplace approximation ``N(mode, H^-1)``.
-    2. ``n_chains`` HMC chains (``n_steps`` transitions of ``n_leapfrog`` leapfrog steps)
-       start at draws of that approximation and run on the posterior itself, preconditioned
-       by ``H^-1``, so that they mix within a few transitions. Their end states give the
+    1. Newton's method (damped, with a backtracking line search of at most
+       ``n_backtrack`` step lengths 1, 1/2, 1/4, ...; at most ``n_newton`` steps from the
+       mean of q) finds the mode of ``log p(x, z, l)`` over the cell's latents jointly;
+       the Hessian ``H`` of ``-log p`` there is the precision of the Laplace
+       approximation ``N(mode, H^-1)``.
+    2. ``n_chains`` HMC chains (``n_steps`` transitions of ``n_leapfrog`` leapfrog steps,
+       from ``step_size`` in the whitened coordinates, tuned per cell towards
+       ``target_accept``) start at draws of that approximation and run on the posterior
+       itself, preconditioned by ``H^-1``, so that they mix within a few transitions
+       (the same HMC kernel as AIS's transitions). Their end states give the
        posterior's mean and covariance where it is skewed or not quite Gaussian: on the
        shared datasets ``log p`` falls off more slowly away from the mode than the
        curvature there predicts, and the mean is off the mode (a ReLU decoder makes
        ``log p`` only piecewise smooth). ``n_chains=0`` leaves this step out.
     3. One round of adaptive importance sampling: ``n_adapt`` draws of the proposal so
-       far, and the mean and covariance of their importance-weighted draws (blended 80:20
-       with the previous part's covariance, which keeps it from collapsing where a few
-       draws carry the weight). ``n_adapt=0`` leaves this step out.
+       far, and the mean and covariance of their importance-weighted draws (blended
+       ``1 - adapt_keep : adapt_keep`` with the previous part's covariance, which keeps it
+       from collapsing where a few draws carry the weight). ``n_adapt=0`` leaves this step
+       out.
 
     The proposal is ``(1 - mix) t + mix q``, ``t`` an equal mixture of Student-t with
     ``df`` degrees of freedom, covariance ``inflate`` times each part's: at the mode with
-    ``H^-1``; at the chains' mean with their covariance (shrunk 10 % towards its
+    ``H^-1``; at the chains' mean with their covariance (shrunk by ``shrink`` towards its
     diagonal); at the weighted mean with the weighted covariance. The ``K`` importance
     samples are fresh draws of it, so the estimate stays unbiased. q keeps the weights
     bounded where every part misses some of the posterior. Where
     ``H`` is not positive definite (a cell not converged to a mode) its diagonal is raised
-    until its smallest eigenvalue is ``1e-4`` of its largest; ``diagnostics`` counts those
+    until its smallest eigenvalue is ``eig_floor`` times its largest (Newton's steps floor
+    the eigenvalues' sizes the same way); ``diagnostics`` counts those
     cells, and those whose last Newton step was still longer than ``tol`` (common with a
     ReLU decoder, whose kinks stall Newton near the mode; the next two steps make up for
-    it), over the proposal's lifetime, and :meth:`settings` records them.
+    it), over the proposal's lifetime, and :meth:`settings` records them with every setting.
 
     The cost is about ``n_newton x (D + 3) + n_chains x n_steps x (n_leapfrog + 1)``
     passes of the model per cell (``D`` latent coordinates; with gradients) and
@@ -319,7 +324,10 @@ class LaplaceProposal(Proposal):
 
     def __init__(self, n_newton: int = 20, n_chains: int = 64, n_steps: int = 10,
                  n_leapfrog: int = 3, n_adapt: int = 1000, df: float = 4.0,
-                 inflate: float = 1.5, mix: float = 0.1, tol: float = 1e-3) -> None:  # fmt: skip
+                 inflate: float = 1.5, mix: float = 0.1, tol: float = 1e-3,
+                 step_size: float = 0.5, target_accept: float = 0.75, shrink: float = 0.1,
+                 adapt_keep: float = 0.2, eig_floor: float = 1e-4,
+                 n_backtrack: int = 12) -> None:  # fmt: skip
         if int(n_newton) < 0 or int(n_steps) < 1 or int(n_leapfrog) < 1:
             raise InputError(f"n_newton={n_newton}, n_steps={n_steps}, n_leapfrog={n_leapfrog}: "
                              "need n_newton >= 0, n_steps >= 1 and n_leapfrog >= 1.")  # fmt: skip
@@ -329,10 +337,21 @@ class LaplaceProposal(Proposal):
         if not df > 0 or not inflate > 0 or not 0 < mix < 1 or not tol > 0:
             raise InputError(f"df={df}, inflate={inflate}, mix={mix}, tol={tol}: need df, "
                              "inflate, tol > 0 and 0 < mix < 1.")  # fmt: skip
+        if not step_size > 0 or not 0 < target_accept < 1 or not 0 <= shrink <= 1:
+            raise InputError(f"step_size={step_size}, target_accept={target_accept}, "
+                             f"shrink={shrink}: need step_size > 0, 0 < target_accept < 1 "
+                             "and 0 <= shrink <= 1.")  # fmt: skip
+        if not 0 <= adapt_keep <= 1 or not 0 < eig_floor < 1 or int(n_backtrack) < 1:
+            raise InputError(f"adapt_keep={adapt_keep}, eig_floor={eig_floor}, "
+                             f"n_backtrack={n_backtrack}: need 0 <= adapt_keep <= 1, "
+                             "0 < eig_floor < 1 and n_backtrack >= 1.")  # fmt: skip
         self.n_newton, self.n_chains = int(n_newton), int(n_chains)
         self.n_steps, self.n_leapfrog, self.n_adapt = int(n_steps), int(n_leapfrog), int(n_adapt)
         self.df, self.inflate = float(df), float(inflate)
         self.mix, self.tol = float(mix), float(tol)
+        self.step_size, self.target_accept = float(step_size), float(target_accept)
+        self.shrink, self.adapt_keep = float(shrink), float(adapt_keep)
+        self.eig_floor, self.n_backtrack = float(eig_floor), int(n_backtrack)
         self.diagnostics = {"cells": 0, "cells_jittered": 0, "cells_unconverged": 0}
 
     def settings(self) -> dict:
@@ -349,9 +368,10 @@ class LaplaceProposal(Proposal):
             with torch.no_grad():
                 like = target.sample(ais.PILOT_DRAWS)
             start = _flatten(like).mean(0)
-            mode, precision, moved = _newton(target, start, like, self.n_newton, self.tol)
+            mode, precision, moved = _newton(target, start, like, self.n_newton, self.tol,
+                                             self.eig_floor, self.n_backtrack)  # fmt: skip
             lam, vecs = torch.linalg.eigh(precision.double())
-            floor = 1e-4 * lam[:, -1:].abs().clamp_min(1e-12)
+            floor = self.eig_floor * lam[:, -1:].abs().clamp_min(1e-12)
             raise_by = (floor - lam[:, :1]).clamp_min(0)  # the diagonal's rise, per cell
             cov = (vecs / (lam + raise_by)[:, None, :]) @ vecs.transpose(-1, -2)
             cov = (cov + cov.transpose(-1, -2)) / 2
@@ -362,8 +382,9 @@ class LaplaceProposal(Proposal):
             if self.n_chains:
                 chains = ais._Target(*args[:5], self.n_chains, observed_library)
                 ends = _hmc(chains, mode, torch.linalg.cholesky(cov).to(mode.dtype), like,
-                            self.n_steps, self.n_leapfrog).double()  # fmt: skip
-                loc, c = _chain_moments(ends, shrink=0.1)
+                            self.n_steps, self.n_leapfrog, self.step_size,
+                            self.target_accept).double()  # fmt: skip
+                loc, c = _chain_moments(ends, shrink=self.shrink)
                 parts.append((loc, c + 1e-8 * torch.eye(c.shape[-1]).to(c)))
         df = torch.tensor(self.df, dtype=torch.float64, device=x.device)
 
@@ -379,7 +400,8 @@ class LaplaceProposal(Proposal):
             dev = v.double() - mean
             c = torch.einsum("kcd,kce->cde", w * dev, dev)
             # where a few draws carry the weight, their covariance is degenerate
-            parts.append((mean, 0.8 * c + 0.2 * parts[-1][1]))
+            keep = self.adapt_keep
+            parts.append((mean, (1 - keep) * c + keep * parts[-1][1]))
         return _mixed_with_q(mixture(), self.mix, *args[:5], observed_library,
                              int(n_samples), like)  # fmt: skip
 
@@ -407,50 +429,40 @@ def _hmc(
     like: dict,
     n_steps: int,
     n_leapfrog: int,
-    step_size: float = 0.5,
-    target_accept: float = 0.75,
+    step_size: float,
+    target_accept: float,
 ) -> torch.Tensor:
     """End states ``(chains, cells, D)`` of HMC on ``log p(x, z, l)``, from the Laplace fit.
 
-    The chains start at draws of ``N(mode, chol chol^T)`` and run in the coordinates
-    ``u = chol^-1 (v - mode)``; a step size per cell is tuned towards ``target_accept``.
-    The states serve only to fit a proposal, so the tuning during the run does no harm.
+    The chains start at draws of ``N(mode, chol chol^T)`` and run
+    :func:`~pyro_scvi.posterior.ais._hmc_step` in the coordinates
+    ``u = chol^-1 (v - mode)``; a step size per cell, from ``step_size``, is tuned towards
+    ``target_accept``. The states serve only to fit a proposal, so the tuning during the
+    run does no harm.
     """
 
     def at(u):
         return mode + torch.einsum("cde,kce->kcd", chol, u)
 
-    def log_p_grad(u):
-        u = u.detach().requires_grad_(True)
-        with torch.enable_grad():
-            y = target.log_density(target.model, _unflatten(at(u), like))
-            ok = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
-            (grad,) = torch.autograd.grad(ok.sum(), u)
-        return y.detach(), torch.nan_to_num(grad)
+    def densities(u):  # the Laplace fit as preconditioner: u whitened by its covariance
+        return (target.log_density(target.model, _unflatten(at(u["u"]), like)),)
 
     u = torch.randn(target.n_chains, *mode.shape, dtype=mode.dtype, device=mode.device)
-    log_p, grad = log_p_grad(u)
-    eps = mode.new_full((mode.shape[0], 1), float(step_size))
+    point = ais._Point(densities, {"u": u})
+    eps = mode.new_full((mode.shape[0],), float(step_size))
     for _ in range(n_steps):
-        p0 = torch.randn_like(u)
-        p, new = p0 + 0.5 * eps * grad, u
-        for i in range(n_leapfrog):
-            new = new + eps * p
-            new_log_p, new_grad = log_p_grad(new)
-            p = p + (1.0 if i < n_leapfrog - 1 else 0.5) * eps * new_grad
-        log_accept = new_log_p - log_p - 0.5 * ((p**2).sum(-1) - (p0**2).sum(-1))
-        accept = torch.rand_like(log_p).log() < torch.nan_to_num(log_accept, nan=-math.inf)
-        u = torch.where(accept[..., None], new, u)
-        log_p = torch.where(accept, new_log_p, log_p)
-        grad = torch.where(accept[..., None], new_grad, grad)
-        eps = eps * torch.exp(accept.to(u.dtype).mean(0) - target_accept)[:, None]
-    return at(u).detach()
+        point, accept = ais._hmc_step(point, densities, eps, n_leapfrog)
+        eps = eps * torch.exp(accept.to(u.dtype).mean(0) - target_accept)
+    return at(point.u["u"]).detach()
 
 
-def _newton(target, start: torch.Tensor, like: dict, n_steps: int, tol: float):
+def _newton(target, start: torch.Tensor, like: dict, n_steps: int, tol: float,
+            eig_floor: float = 1e-4, n_backtrack: int = 12):  # fmt: skip
     """Each cell's mode of ``log p(x, z, l)`` from ``start`` ``(cells, D)``, by damped Newton.
 
     Stops after ``n_steps`` or once every cell's step is shorter than ``tol`` (max norm).
+    Each step's Hessian eigenvalues are floored at ``eig_floor`` times the largest's size;
+    ``n_backtrack`` step lengths (1, 1/2, ...) are tried until ``log p`` does not fall.
     Returns the mode, the Hessian of ``-log p`` there ``(cells, D, D)`` and the length of
     each cell's last step.
     """
@@ -465,11 +477,11 @@ def _newton(target, start: torch.Tensor, like: dict, n_steps: int, tol: float):
             break
         # saddle-free Newton: the Hessian's eigenvalues by their size, so the step ascends
         lam, vecs = torch.linalg.eigh(-hess.double())
-        lam = lam.abs().clamp_min(1e-4 * lam.abs().max(-1, keepdim=True).values + 1e-12)
+        lam = lam.abs().clamp_min(eig_floor * lam.abs().max(-1, keepdim=True).values + 1e-12)
         step = vecs @ ((vecs.transpose(-1, -2) @ grad.double()[..., None]) / lam[..., None])
         step = step[..., 0].to(v.dtype)
         size = torch.ones_like(lp)
-        for _halving in range(12):  # backtrack per cell until log p does not fall
+        for _halving in range(n_backtrack):  # backtrack per cell until log p does not fall
             with torch.no_grad():
                 new_lp = log_p(v + size[:, None] * step)
             ok = torch.isfinite(new_lp) & (new_lp >= lp - 1e-6 * lp.abs())
