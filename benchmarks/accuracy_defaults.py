@@ -129,8 +129,8 @@ def timed_scvi_tools(spec: dict[str, Any]) -> dict[str, Any]:
     fit.model.save(spec["out"] + "_model", overwrite=True, save_anndata=False)
     out.write_h5ad(spec["out"] + ".h5ad")
     run = {"outputs_written_at": time.time(), "epochs_run": fit.run["epochs_run"]}
-    run["normalized_written"] = spec["normalized"]  # torch's thread count (scvi-tools sets none)
-    run |= {"threads": "default", "threads_used": [torch.get_num_threads()]}
+    run["normalized_written"] = spec["normalized"]
+    run |= {"threads": "default", "threads_used": [torch.get_num_threads()]}  # torch's own
     return run | scores(fit, adata, split[1], spec, latent)
 
 
