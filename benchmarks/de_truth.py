@@ -7,9 +7,8 @@ expressers, balanced; each with and without batches crossed with the groups) and
 changes planted in real counts, balanced or one-sided (:mod:`pyro_scvi.datasets.de_truth`);
 AUROC (overall and per expression stratum), empirical FDR and power at 5 %, calls between
 random halves, the median LFC of unchanged genes. ``--cache DIR`` keeps the fits;
-``--merge`` keeps the rows (benchmark, seed, method) of an earlier run that this one does not
-redo; ``--methods`` runs only those (and fits only the models they need). Details:
-``benchmarks/README.md``.
+``--merge`` keeps an earlier run's rows (benchmark, seed, method) not redone; ``--methods``
+runs only those (and fits only the models they need). Details: ``benchmarks/README.md``.
 
     python -m benchmarks.de_truth --cache "$(mktemp -d)"
     python -m benchmarks.de_truth --smoke   # < 1 minute, any environment
@@ -46,7 +45,7 @@ STRATA = {"1-5 %": (0.01, 0.05), "5-20 %": (0.05, 0.2), "> 20 %": (0.2, 1.01)}
 AVERAGED = ("auroc_all", "auroc_expressed", *(f"auroc {k}" for k in STRATA), "median_null_lfc")
 METHODS = (
     *("pyro_scvi change", "pyro_scvi change, uncorrected", "pyro_scvi change, replicates"),
-    *("pyro_scvi vanilla", "scvi-tools change", "scvi-tools vanilla"),
+    *("pyro_scvi change, sparse", "pyro_scvi vanilla", "scvi-tools change", "scvi-tools vanilla"),
     *("Wilcoxon", "pseudobulk PyDESeq2"),
 )
 SMOKE = dict(cells=300, genes=120, max_epochs=2, seeds=[0], n_samples=100, pbmc_epochs=1)
@@ -144,6 +143,7 @@ def run_methods(fits: dict, adata: Any, groupby: str, g1: str, g2: str, args, se
             mode = "change" if "change" in method else "vanilla"
             kw = {"mode": mode, "seed": seed, "n_samples": args.n_samples}
             kw["composition_correction"] = "uncorrected" not in method
+            kw["spread_uncertainty"] = method.endswith("sparse")  # issue 28
             kw["sample_key"] = "sample" if method.endswith("replicates") else None
             result = score.de_pyro(fits["pyro_scvi"].model, adata, groupby, g1, g2, **kw)
         elif method.startswith("scvi-tools"):

@@ -462,6 +462,32 @@ def test_null_halves_of_a_splatter_group_call_nothing(splatter):
     assert res["is_de_fdr"].sum() <= 1  # <= 0.5 % of 200 genes
 
 
+def test_spread_uncertainty_widens_only_genes_that_few_cells_detect(splatter):
+    # The residuals' spread of a gene detected in a handful of cells rests on those cells:
+    # drawn from its posterior, it widens their LFC posterior; hundreds of cells fix it.
+    kw = dict(groupby="group", group1="A", group2="B", n_samples=400)
+    default = splatter.differential_expression(**kw)
+    eps = default.attrs["params"]["pseudocount"]
+    on = splatter.differential_expression(spread_uncertainty=True, **kw)
+    same_eps = splatter.differential_expression(spread_uncertainty=True, pseudocount=eps, **kw)
+    assert default.attrs["params"]["spread_uncertainty"] is False
+    assert on.attrs["params"]["spread_uncertainty"] is True
+    # with it, the default pseudocount is ten times smaller (and recorded)
+    assert on.attrs["params"]["pseudocount"] == pytest.approx(eps / 10)
+    on, same_eps = on.loc[default.index], same_eps.loc[default.index]
+    detecting = np.minimum(
+        on["non_zeros_proportion1"] * on["n_cells1"], on["non_zeros_proportion2"] * on["n_cells2"]
+    )
+    ratio = same_eps["lfc_std"] / default["lfc_std"]
+    few, many = detecting.between(1, 10), detecting >= 150
+    assert few.sum() >= 5 and many.sum() >= 20
+    assert ratio[few].median() > 1.1
+    assert abs(ratio[many].median() - 1) < 0.03
+    # the smaller pseudocount shrinks the LFCs of the sparse genes less
+    sparse = few & (default["lfc_mean"].abs() > 0.1)
+    assert (on["lfc_mean"].abs() > default["lfc_mean"].abs())[sparse].mean() > 0.8
+
+
 # ---------------------------------------------------------------------- small groups
 def test_a_group_of_one_cell_gets_a_warning_its_size_and_no_confident_call(trained):
     a = trained.adata.copy()
