@@ -366,6 +366,21 @@ def test_cli_sample_key_gives_the_api_table(saved, trained, capsys):
     assert not np.allclose(table.loc[plain.index, "proba_de"], plain["proba_de"])
 
 
+def test_cli_spread_uncertainty_gives_the_api_table(saved, trained):
+    out = saved / "de_spread.csv"
+    args = ["de", str(saved / "model"), str(saved / "data.h5ad"), "--groupby", "cell_type"]
+    args += ["--group1", "A", "--group2", "B", "--n-samples", "200", "--seed", "3"]
+    assert main(args + ["--spread-uncertainty", "-o", str(out)]) == 0
+    table = pd.read_csv(out, index_col="gene")
+    kw = dict(groupby="cell_type", group1="A", group2="B", n_samples=200, seed=3)
+    api = differential_expression(trained, spread_uncertainty=True, **kw)
+    np.testing.assert_allclose(
+        table.loc[api.index, "lfc_std"].to_numpy(), api["lfc_std"].to_numpy(), rtol=1e-6
+    )
+    plain = differential_expression(trained, **kw)
+    assert not np.allclose(table.loc[plain.index, "lfc_std"], plain["lfc_std"])
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [

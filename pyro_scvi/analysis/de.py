@@ -181,9 +181,10 @@ COLUMNS = (
 #: ``spread_uncertainty``.
 PSEUDOCOUNT = 0.1
 #: With ``spread_uncertainty`` the posterior of a sparse gene is wide enough to stand on its
-#: own, and a pseudocount 10 times smaller keeps its fold change: 0.1 counts per cell is 3-4
-#: times the mean of a gene detected in 1-5 % of the cells and shrank such genes' LFCs to
-#: 0.3-0.5 of the truth. Chosen on de_truth's 1000 x 600 designs among 0.1 to 0.001.
+#: own, and a pseudocount 10 times smaller keeps its fold change: 0.1 counts per cell is
+#: 2.4-2.9 times the share of a gene detected in 1-5 % of the cells (de_truth's Splatter
+#: designs) and shrank such genes' LFCs to 0.3-0.5 of the truth. Chosen on de_truth's
+#: 1000 x 600 designs among 0.1 to 0.001 (benchmarks/README.md, issue 28).
 SPARSE_PSEUDOCOUNT = 0.01
 #: Groups smaller than this get a warning: their results speak for a handful of cells.
 SMALL_GROUP = 10
