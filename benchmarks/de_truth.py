@@ -7,9 +7,8 @@ expressers, balanced; each with and without batches crossed with the groups) and
 changes planted in real counts, balanced or one-sided (:mod:`pyro_scvi.datasets.de_truth`);
 AUROC (overall and per expression stratum), empirical FDR and power at 5 %, calls between
 random halves, the median LFC of unchanged genes. ``--cache DIR`` keeps the fits;
-``--merge`` keeps the rows (benchmark, seed, method) of an earlier run that this one does not
-redo; ``--methods`` runs only those (and fits only the models they need). Details:
-``benchmarks/README.md``.
+``--merge`` keeps an earlier run's rows (benchmark, seed, method) not redone; ``--methods``
+runs only those (and fits only the models they need). Details: ``benchmarks/README.md``.
 
     python -m benchmarks.de_truth --cache "$(mktemp -d)"
     python -m benchmarks.de_truth --smoke   # < 1 minute, any environment
@@ -46,10 +45,10 @@ STRATA = {"1-5 %": (0.01, 0.05), "5-20 %": (0.05, 0.2), "> 20 %": (0.2, 1.01)}
 AVERAGED = ("auroc_all", "auroc_expressed", *(f"auroc {k}" for k in STRATA), "median_null_lfc")
 METHODS = (
     *("pyro_scvi change", "pyro_scvi change, uncorrected", "pyro_scvi change, replicates"),
-    *("pyro_scvi vanilla", "scvi-tools change", "scvi-tools vanilla"),
+    *("pyro_scvi change, sparse", "pyro_scvi vanilla", "scvi-tools change", "scvi-tools vanilla"),
     *("Wilcoxon", "pseudobulk PyDESeq2"),
 )
-SMOKE = dict(cells=300, genes=120, max_epochs=2, seeds=1, n_samples=100, pbmc_epochs=1)
+SMOKE = dict(cells=300, genes=120, max_epochs=2, seeds=[0], n_samples=100, pbmc_epochs=1)
 
 
 def make_data(name: str, seed: int, args: argparse.Namespace) -> Any:
@@ -116,7 +115,6 @@ def pseudobulk_deseq2(adata: Any, groupby: str, g1: str, g2: str, pair_by: str |
         dds.deseq2()
         ds = DeseqStats(dds, contrast=["condition", g1, g2], **kw)
         ds.summary()
-
     res = ds.results_df.loc[adata.var_names]
     p, padj = (res[k].fillna(1.0).to_numpy() for k in ("pvalue", "padj"))
     return score.tie_broken_score(-p, res["stat"].fillna(0.0).to_numpy()), padj < score.FDR_TARGET
@@ -145,12 +143,13 @@ def run_methods(fits: dict, adata: Any, groupby: str, g1: str, g2: str, args, se
             mode = "change" if "change" in method else "vanilla"
             kw = {"mode": mode, "seed": seed, "n_samples": args.n_samples}
             kw["composition_correction"] = "uncorrected" not in method
+            kw["spread_uncertainty"] = method.endswith("sparse")  # issue 28
             kw["sample_key"] = "sample" if method.endswith("replicates") else None
             result = score.de_pyro(fits["pyro_scvi"].model, adata, groupby, g1, g2, **kw)
         elif method.startswith("scvi-tools"):
             correct = data.batch_key_for(adata) is not None
             mode = method.split()[-1]
-            result = score.de_scvi_tools(fits["scvi-tools"], groupby, g1, g2, mode, correct)
+            result = score.de_scvi_tools(fits["scvi-tools"], groupby, g1, g2, mode, correct, seed)
         elif method == "Wilcoxon":
             result = score.wilcoxon(adata, groupby, g1, g2)
         else:
@@ -383,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", type=int, default=2000, help="simulated cells")
     p.add_argument("--genes", type=int, default=1000, help="simulated genes")
     p.add_argument("--max-epochs", type=int, default=150)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="e.g. 3 alone")
     p.add_argument("--n-samples", type=int, default=1000, help="pyro_scvi n_samples")
     p.add_argument("--pbmc-epochs", type=int, default=100, help="0: no pbmc8k checks")
     p.add_argument("--threads", type=int, default=1)
@@ -397,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     meta = results.metadata(STUDY, argv, threads=args.threads, versions=("pydeseq2",))
-    replicates = [run_replicate(n, s, args) for n in args.benchmarks for s in range(args.seeds)]
+    replicates = [run_replicate(n, s, args) for n in args.benchmarks for s in args.seeds]
     earlier = results.read(args.out_dir / f"{results.stem(STUDY, args.smoke)}.json")
     if args.merge and earlier:  # the earlier (benchmark, seed, method) rows not redone stay
         new, rows = {(r["benchmark"], r["seed"]): r for r in replicates}, []
@@ -409,10 +408,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(old | r | {"methods": kept | r["methods"], "train_seconds": seconds})
         replicates = rows + list(new.values())
     summary = summarize(replicates)
-    keys = ("cells", "genes", "max_epochs", "n_samples", "threads", "benchmarks", "smoke")
-    settings = {k: getattr(args, k) for k in keys} | {"seeds": list(range(args.seeds))}
-    res: dict[str, Any] = {"meta": meta, "settings": settings, "summary": summary}
-    res |= {"targets": targets(summary), "replicates": replicates}
+    keys = ("cells", "genes", "max_epochs", "n_samples", "threads", "benchmarks", "smoke", "seeds")
+    res: dict[str, Any] = {"meta": meta, "settings": {k: getattr(args, k) for k in keys}}
+    res |= {"summary": summary, "targets": targets(summary), "replicates": replicates}
     if args.pbmc_epochs:
         res["pbmc8k"] = pbmc_checks(args)
     res["total_seconds"] = time.perf_counter() - start

@@ -366,6 +366,21 @@ def test_cli_sample_key_gives_the_api_table(saved, trained, capsys):
     assert not np.allclose(table.loc[plain.index, "proba_de"], plain["proba_de"])
 
 
+def test_cli_spread_uncertainty_gives_the_api_table(saved, trained):
+    out = saved / "de_spread.csv"
+    args = ["de", str(saved / "model"), str(saved / "data.h5ad"), "--groupby", "cell_type"]
+    args += ["--group1", "A", "--group2", "B", "--n-samples", "200", "--seed", "3"]
+    assert main(args + ["--spread-uncertainty", "-o", str(out)]) == 0
+    table = pd.read_csv(out, index_col="gene")
+    kw = dict(groupby="cell_type", group1="A", group2="B", n_samples=200, seed=3)
+    api = differential_expression(trained, spread_uncertainty=True, **kw)
+    np.testing.assert_allclose(
+        table.loc[api.index, "lfc_std"].to_numpy(), api["lfc_std"].to_numpy(), rtol=1e-6
+    )
+    plain = differential_expression(trained, **kw)
+    assert not np.allclose(table.loc[plain.index, "lfc_std"], plain["lfc_std"])
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [
@@ -460,6 +475,32 @@ def test_a_gene_switched_off_in_one_group_is_among_the_surest(splatter):
 def test_null_halves_of_a_splatter_group_call_nothing(splatter):
     res = splatter.differential_expression(groupby="halves", group1="h1", group2="h2")
     assert res["is_de_fdr"].sum() <= 1  # <= 0.5 % of 200 genes
+
+
+def test_spread_uncertainty_widens_only_genes_that_few_cells_detect(splatter):
+    # The residuals' spread of a gene detected in a handful of cells rests on those cells:
+    # drawn from its posterior, it widens their LFC posterior; hundreds of cells fix it.
+    kw = dict(groupby="group", group1="A", group2="B", n_samples=400)
+    default = splatter.differential_expression(**kw)
+    eps = default.attrs["params"]["pseudocount"]
+    on = splatter.differential_expression(spread_uncertainty=True, **kw)
+    same_eps = splatter.differential_expression(spread_uncertainty=True, pseudocount=eps, **kw)
+    assert default.attrs["params"]["spread_uncertainty"] is False
+    assert on.attrs["params"]["spread_uncertainty"] is True
+    # with it, the default pseudocount is ten times smaller (and recorded)
+    assert on.attrs["params"]["pseudocount"] == pytest.approx(eps / 10)
+    on, same_eps = on.loc[default.index], same_eps.loc[default.index]
+    detecting = np.minimum(
+        on["non_zeros_proportion1"] * on["n_cells1"], on["non_zeros_proportion2"] * on["n_cells2"]
+    )
+    ratio = same_eps["lfc_std"] / default["lfc_std"]
+    few, many = detecting.between(1, 10), detecting >= 150
+    assert few.sum() >= 5 and many.sum() >= 20
+    assert ratio[few].median() > 1.1
+    assert abs(ratio[many].median() - 1) < 0.03
+    # the smaller pseudocount shrinks the LFCs of the sparse genes less
+    sparse = few & (default["lfc_mean"].abs() > 0.1)
+    assert (on["lfc_mean"].abs() > default["lfc_mean"].abs())[sparse].mean() > 0.8
 
 
 # ---------------------------------------------------------------------- small groups

@@ -74,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="change mode: measure LFCs against the genes that do not change (assumes most "
         "genes do not), or (--no-composition-correction) as ratios of shares of the counts",
     )
+    p.add_argument(
+        "--spread-uncertainty",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="change mode: widen genes that few cells detect by the uncertainty of their "
+        "counts' spread, with a 10x smaller pseudocount (off by default)",
+    )
     add_idea(
         p,
         "sample_key",
@@ -129,6 +136,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         fdr_target=args.fdr_target,
         batch_correction=args.batch_correction,
         composition_correction=args.composition_correction,
+        spread_uncertainty=args.spread_uncertainty,
         n_samples=args.n_samples,
         batch_size=args.batch_size,
         seed=args.seed,
