@@ -181,8 +181,18 @@ class Stepper:
     # --- data ----------------------------------------------------------------------------
 
     def place(self, data):
-        """The run's counts where the engine placed them (on the device, or as they are)."""
-        return data.to_device(self.device) if self.data_placement == "device" else data
+        """The run's counts where the engine placed them (on the device, or as they are).
+
+        On a CPU, counts that fit :func:`~pyro_scvi.train.engine.dense_gather` are held as
+        one dense block.
+        """
+        if self.data_placement != "device":
+            return data
+        from .engine import dense_gather  # (the engine module imports this one)
+
+        dense_bytes = getattr(data, "dense_bytes", None)
+        dense = dense_gather(self.device, dense_bytes() if dense_bytes else None, False)
+        return data.to_device(self.device, dense=dense)
 
     def shard(self, cells: np.ndarray) -> np.ndarray:
         """The share of ``cells`` this process takes (all of them outside data parallelism)."""
