@@ -23,7 +23,9 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     memory, then copied to the run's device) or ``"device"`` (the whole matrix held on the
     run's device and gathered there, :class:`~pyro_scvi.data.ResidentCounts`). By default
     ``"device"`` on a GPU when the counts take at most :data:`RESIDENT_MAX_FRACTION` of
-    its free memory, else ``"host"``.
+    its free memory, and on a CPU when in-memory counts take at most
+    :data:`DENSE_GATHER_MAX_BYTES` as one dense block (held that way:
+    :func:`dense_gather`), else ``"host"``.
 ``matmul_precision``
     torch's float32 matrix-product precision during the run
     (:func:`torch.set_float32_matmul_precision`): ``"highest"`` (default, float32 itself),
