@@ -24,8 +24,8 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     run's device and gathered there, :class:`~pyro_scvi.data.ResidentCounts`). By default
     ``"device"`` on a GPU when the counts take at most :data:`RESIDENT_MAX_FRACTION` of
     its free memory, and on a CPU when in-memory counts take at most
-    :data:`DENSE_GATHER_MAX_BYTES` as one dense block (held that way:
-    :func:`dense_gather`), else ``"host"``.
+    :data:`~pyro_scvi.data.placement.DENSE_GATHER_MAX_BYTES` as one dense block (held
+    that way: :func:`~pyro_scvi.data.placement.dense_gather`), else ``"host"``.
 ``matmul_precision``
     torch's float32 matrix-product precision during the run
     (:func:`torch.set_float32_matmul_precision`): ``"highest"`` (default, float32 itself),
@@ -98,6 +98,7 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
+from ..data.placement import DENSE_GATHER_MAX_BYTES, dense_gather
 from ..errors import InputError
 from . import distributed, kernels
 from .stepper import Stepper
@@ -122,13 +123,6 @@ FUSED_MIN_ELEMENTS = 1e8
 #: A GPU run holds the counts on the device by default when they take at most this share
 #: of its free memory: the rest is left for activations, optimizer state and queries.
 RESIDENT_MAX_FRACTION = 0.5
-
-#: A CPU run holds in-memory counts as one dense block, and gathers its minibatches from it,
-#: when that block takes at most this many bytes: an indexed copy of dense rows costs a
-#: third to half of slicing a CSR matrix and densifying the slice (per 128 cells at one
-#: thread, 0.07 ms instead of 0.10 ms on 200 genes, 2 ms instead of 4 ms on 13,033), with
-#: the same values. 256 MiB: CellBench's 450 x 13,033 counts take 23 MiB.
-DENSE_GATHER_MAX_BYTES = 2**28
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
@@ -492,7 +486,7 @@ class Engine:
             What the counts take as one dense block
             (:meth:`~pyro_scvi.data.CountData.dense_bytes`; ``None``: unknown). A CPU run
             holds in-memory counts that way (``data_placement="device"``) up to
-            :data:`DENSE_GATHER_MAX_BYTES`.
+            :data:`~pyro_scvi.data.placement.DENSE_GATHER_MAX_BYTES`.
         """
         reasons: dict[str, str] = {}
         device = torch.device(device)
@@ -607,7 +601,7 @@ class Engine:
                 )
         if asked_placement is not None:
             placement, reasons["data_placement"] = asked_placement, kept("data_placement")
-        elif device.type == "cpu" and dense_gather(device, dense_bytes, streamed):
+        elif dense_gather(device.type, dense_bytes, streamed):
             placement = "device"
             reasons["data_placement"] = (
                 f"device: a CPU run gathers minibatches from a dense copy of the counts, "
@@ -943,27 +937,6 @@ class CpuMeter:
     def settle(self) -> None:
         """Let a first measurement's interval pass (0.1 s)."""
         time.sleep(0.1)
-
-
-def dense_gather(device: torch.device | str, dense_bytes: int | None, streamed: bool) -> bool:
-    """Whether a run on ``device`` holds its counts as one dense block and gathers from it.
-
-    On a CPU, for in-memory counts of at most :data:`DENSE_GATHER_MAX_BYTES` as a dense
-    block (``dense_bytes``; ``None``: unknown, so no). :meth:`Engine.resolve` decides
-    ``data_placement="device"`` by it, and the run's step
-    (:meth:`~pyro_scvi.train.stepper.Stepper.place`) holds the block by it.
-
-    Examples
-    --------
-    >>> dense_gather("cpu", 23 * 2**20, streamed=False), dense_gather("cpu", 2**30, False)
-    (True, False)
-    """
-    return (
-        torch.device(device).type == "cpu"
-        and not streamed
-        and dense_bytes is not None
-        and dense_bytes <= DENSE_GATHER_MAX_BYTES
-    )
 
 
 def device_free_bytes(device: torch.device) -> int | None:

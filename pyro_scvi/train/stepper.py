@@ -33,6 +33,7 @@ import torch
 from pyro.infer import ELBO, SVI
 from torch import nn
 
+from ..data.placement import dense_gather
 from ..model.nn import eval_mode
 from .kl import Annealed, JitCall, annealed_sites
 from .optim import (
@@ -183,15 +184,13 @@ class Stepper:
     def place(self, data):
         """The run's counts where the engine placed them (on the device, or as they are).
 
-        On a CPU, counts that fit :func:`~pyro_scvi.train.engine.dense_gather` are held as
+        On a CPU, counts that fit :func:`~pyro_scvi.data.placement.dense_gather` are held as
         one dense block.
         """
         if self.data_placement != "device":
             return data
-        from .engine import dense_gather  # (the engine module imports this one)
-
-        dense_bytes = getattr(data, "dense_bytes", None)
-        dense = dense_gather(self.device, dense_bytes() if dense_bytes else None, False)
+        size = data.dense_bytes() if hasattr(data, "dense_bytes") else None
+        dense = dense_gather(self.device.type, size, streamed=False)
         return data.to_device(self.device, dense=dense)
 
     def shard(self, cells: np.ndarray) -> np.ndarray:
