@@ -532,6 +532,20 @@ def test_help_imports_nothing_heavy():
     assert proc.stdout.strip() == "[]"
 
 
+def test_fit_imports_scipy_stats_only_when_de_needs_it():
+    """The facade, tl and fit leave scipy.stats (half a second) to the DE code that uses it."""
+    code = (
+        "import sys\n"
+        "import pyro_scvi.cli.fit, pyro_scvi.scvi, pyro_scvi.tl, pyro_scvi.io.outputs\n"
+        "print('scipy.stats' in sys.modules)\n"
+        "from pyro_scvi.analysis import de\n"
+        "print(round(float(de.stats.norm.sf(0.0)), 2), 'scipy.stats' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "0.5", "True"]
+
+
 def test_likelihood_choices_match_the_likelihoods():
     from pyro_scvi.cli import LIKELIHOOD_NAMES
     from pyro_scvi.model.likelihoods import LIKELIHOODS

@@ -143,12 +143,44 @@ def test_gpu_runs_hold_the_counts_on_the_device_when_they_fit(small_adata, monke
     free["bytes"] = nbytes  # the counts would take all of it: more than RESIDENT_MAX_FRACTION
     assert _resolve(m, eng, data_bytes=nbytes, **gpu).data_placement == "host"
     assert _resolve(m, eng, **gpu).data_placement == "host"  # size unknown
-    # CPU runs read the host's counts unless asked; asking is honoured on any device
+    # CPU runs read the host's counts unless asked (or small: test_cpu_runs_gather_small_...);
+    # asking is honoured on any device
     assert _resolve(m, eng, data_bytes=nbytes).data_placement == "host"
     asked = _resolve(m, Engine(data_placement="device"), data_bytes=nbytes)
     assert asked.data_placement == "device" and asked.reasons["data_placement"] == "asked for"
     assert _resolve(m).matmul_precision == "highest"
     assert _resolve(m, Engine(matmul_precision="high")).matmul_precision == "high"
+
+
+def test_cpu_runs_gather_small_counts_from_a_dense_copy_and_train_the_same_run(small_adata):
+    m = SCVI(small_adata, n_hidden=8, n_latent=2)
+    limit = engine.DENSE_GATHER_MAX_BYTES
+    small = _resolve(m, dense_bytes=m.data.dense_bytes())
+    assert small.data_placement == "device" and "dense copy" in small.reasons["data_placement"]
+    big = _resolve(m, dense_bytes=limit + 1)
+    assert big.data_placement == "host" and "MiB" in big.reasons["data_placement"]
+    assert _resolve(m).data_placement == "host"  # size unknown
+    streamed = _resolve(m, dense_bytes=1, data_source="streamed: a big file")
+    assert streamed.data_placement == "host"
+    assert _resolve(m, Engine(data_placement="host"), dense_bytes=1).data_placement == "host"
+    # a run decides it, records why, and trains bit for bit as one that reads the CSR rows
+    runs = []
+    for eng in (
+        Engine(compiled=False, threads=1),
+        Engine(compiled=False, threads=1, data_placement="host"),
+    ):
+        m = SCVI(small_adata, batch_key="batch", n_hidden=8, n_latent=2)
+        m.train(3, progress_bar=False, seed=1, engine=eng)
+        runs.append(m)
+    dense, host = runs
+    assert dense.engine["data_placement"] == "device", dense.engine["reasons"]
+    assert dense.engine["reasons"]["data_placement"].startswith("device: a CPU run gathers")
+    assert host.engine["data_placement"] == "host"
+    for column in ("train_elbo", "validation_elbo"):
+        np.testing.assert_array_equal(dense.history[column], host.history[column])
+    pairs = zip(dense.model.state_dict().values(), host.model.state_dict().values(), strict=True)
+    for a, b in pairs:
+        assert torch.equal(a, b)
 
 
 def test_gathering_on_the_device_trains_the_same_run_as_gathering_on_the_host(small_adata):

@@ -135,12 +135,15 @@ import pyro
 import torch
 from anndata import AnnData
 from pyro import poutine
-from scipy import stats
 
+from .._lazy import LazyModule
 from ..data.counts import CountData
 from ..errors import InputError
 from ..model.nn import eval_mode
 from ..posterior import queries as posterior
+
+# imported on first use: half a second that every `pyro-scvi fit` paid for nothing
+stats = LazyModule("scipy.stats")
 
 if TYPE_CHECKING:
     from ..posterior.fitted import Fitted

@@ -116,13 +116,18 @@ class CountData:
             return int(self.X.nnz * (4 + 4) + (self.n_cells + 1) * 8 + self.n_cells * 8)
         return int(self.X.size * 4 + self.n_cells * 8)
 
-    def to_device(self, device: torch.device | str) -> ResidentCounts:
+    def dense_bytes(self) -> int:
+        """Bytes of these counts as one dense ``float32`` block (``to_device(dense=True)``)."""
+        return int(self.n_cells) * int(self.n_genes) * 4
+
+    def to_device(self, device: torch.device | str, *, dense: bool = False) -> ResidentCounts:
         """These counts as tensors on ``device``, gathered there per minibatch.
 
         See :class:`ResidentCounts`; the training engine decides whether a run uses it
-        (``data_placement`` of :class:`~pyro_scvi.train.engine.Engine`).
+        (``data_placement`` of :class:`~pyro_scvi.train.engine.Engine`). ``dense``: held
+        as one dense block (:meth:`dense_bytes`), as a CPU run holds small counts.
         """
-        return ResidentCounts(self, device)
+        return ResidentCounts(self, device, dense=dense)
 
 
 def _library_log_stats(
@@ -340,6 +345,10 @@ class ResidentCounts:
     host. Rows are gathered as a fixed-width block (the widest row's number of stored
     values), so no step waits for the host to learn a minibatch's number of non-zeros.
 
+    With ``dense=True`` sparse counts are held as one dense block instead, and a minibatch
+    is one indexed copy: what a CPU run does with small counts (the training engine's
+    ``data_placement``).
+
     It offers the same ``tensors``/``minibatches`` interface as :class:`CountData`, plus
     :meth:`gather` for cell indices already on the device.
 
@@ -354,12 +363,19 @@ class ResidentCounts:
     True
     """
 
-    def __init__(self, data: CountData, device: torch.device | str) -> None:
+    def __init__(
+        self, data: CountData, device: torch.device | str, *, dense: bool = False
+    ) -> None:
         self.source = data
         self.device = torch.device(device)
         self.n_genes = data.n_genes
         self.batch_index = torch.as_tensor(data.batch_index, device=self.device)
-        if sp.issparse(data.X):
+        if dense and sp.issparse(data.X):
+            # one dense block: a minibatch is then one indexed copy (a CPU run's choice for
+            # small counts, where slicing the CSR matrix costs more; the same values)
+            X = data.X.toarray().astype(np.float32, copy=False)
+            self.dense = torch.as_tensor(X, device=self.device)
+        elif sp.issparse(data.X):
             X = data.X
             self.indptr = torch.as_tensor(X.indptr.astype(np.int64), device=self.device)
             self.indices = torch.as_tensor(X.indices.astype(np.int32), device=self.device)

@@ -23,7 +23,9 @@ same estimator (``tests/test_engine.py`` checks that loss and gradients agree wi
     memory, then copied to the run's device) or ``"device"`` (the whole matrix held on the
     run's device and gathered there, :class:`~pyro_scvi.data.ResidentCounts`). By default
     ``"device"`` on a GPU when the counts take at most :data:`RESIDENT_MAX_FRACTION` of
-    its free memory, else ``"host"``.
+    its free memory, and on a CPU when in-memory counts take at most
+    :data:`~pyro_scvi.data.placement.DENSE_GATHER_MAX_BYTES` as one dense block (held
+    that way: :func:`~pyro_scvi.data.placement.dense_gather`), else ``"host"``.
 ``matmul_precision``
     torch's float32 matrix-product precision during the run
     (:func:`torch.set_float32_matmul_precision`): ``"highest"`` (default, float32 itself),
@@ -96,6 +98,7 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
+from ..data.placement import DENSE_GATHER_MAX_BYTES, dense_gather
 from ..errors import InputError
 from . import distributed, kernels
 from .stepper import Stepper
@@ -456,6 +459,7 @@ class Engine:
         optim: Any = None,
         data_bytes: int | None = None,
         data_source: str | None = None,
+        dense_bytes: int | None = None,
     ) -> RunEngine:
         """Decide every field for one run, from the components' declared capabilities.
 
@@ -478,6 +482,11 @@ class Engine:
             Where the counts come from and why (``"memory: ..."`` or ``"streamed: ..."``,
             decided when the data were read:
             :func:`~pyro_scvi.data.placement.choose_data_source`); recorded.
+        dense_bytes
+            What the counts take as one dense block
+            (:meth:`~pyro_scvi.data.CountData.dense_bytes`; ``None``: unknown). A CPU run
+            holds in-memory counts that way (``data_placement="device"``) up to
+            :data:`~pyro_scvi.data.placement.DENSE_GATHER_MAX_BYTES`.
         """
         reasons: dict[str, str] = {}
         device = torch.device(device)
@@ -592,9 +601,21 @@ class Engine:
                 )
         if asked_placement is not None:
             placement, reasons["data_placement"] = asked_placement, kept("data_placement")
+        elif dense_gather(device.type, dense_bytes, streamed):
+            placement = "device"
+            reasons["data_placement"] = (
+                f"device: a CPU run gathers minibatches from a dense copy of the counts, "
+                f"{dense_bytes / 2**20:.1f} MiB <= {DENSE_GATHER_MAX_BYTES / 2**20:.0f} MiB "
+                "(DENSE_GATHER_MAX_BYTES)"
+            )
         elif device.type == "cpu":
             placement = "host"
-            reasons["data_placement"] = "host: a CPU run reads the host's counts directly"
+            reasons["data_placement"] = "host: a CPU run reads the host's counts directly" + (
+                ""
+                if streamed or dense_bytes is None
+                else f" (dense they would take {dense_bytes / 2**20:.0f} MiB "
+                f"> {DENSE_GATHER_MAX_BYTES / 2**20:.0f} MiB)"
+            )
         elif data_bytes is None:
             placement = "host"
             reasons["data_placement"] = "host: the counts' size on the device is unknown"

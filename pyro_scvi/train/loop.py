@@ -368,6 +368,8 @@ def _run_sizes(data, n_train: int, max_epochs: int, batch_size: int) -> dict:
         "n_genes": data.n_genes,
         "data_bytes": data.resident_bytes(),  # every source of counts says (None: cannot)
         "data_source": getattr(data, "source_reason", None),
+        # (streamed counts have no dense size: they stay on the host)
+        "dense_bytes": data.dense_bytes() if hasattr(data, "dense_bytes") else None,
     }
 
 

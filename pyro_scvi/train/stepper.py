@@ -33,6 +33,7 @@ import torch
 from pyro.infer import ELBO, SVI
 from torch import nn
 
+from ..data.placement import dense_gather
 from ..model.nn import eval_mode
 from .kl import Annealed, JitCall, annealed_sites
 from .optim import (
@@ -181,8 +182,16 @@ class Stepper:
     # --- data ----------------------------------------------------------------------------
 
     def place(self, data):
-        """The run's counts where the engine placed them (on the device, or as they are)."""
-        return data.to_device(self.device) if self.data_placement == "device" else data
+        """The run's counts where the engine placed them (on the device, or as they are).
+
+        On a CPU, counts that fit :func:`~pyro_scvi.data.placement.dense_gather` are held as
+        one dense block.
+        """
+        if self.data_placement != "device":
+            return data
+        size = data.dense_bytes() if hasattr(data, "dense_bytes") else None
+        dense = dense_gather(self.device.type, size, streamed=False)
+        return data.to_device(self.device, dense=dense)
 
     def shard(self, cells: np.ndarray) -> np.ndarray:
         """The share of ``cells`` this process takes (all of them outside data parallelism)."""
