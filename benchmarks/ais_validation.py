@@ -38,8 +38,11 @@ from pyro_scvi.posterior import ais, proposals
 from .lib import data, results
 
 STUDY = "ais_validation"
-PROPOSALS = ("q", "defensive", "refined", "mcmc", "laplace")
-GAP = ("q", "mcmc", "laplace")  # the IS - AIS columns
+P = proposals  # laplace2: two adaptive rounds (benchmarks/results/ais_validation_rounds/)
+PROPOSALS = {"q": P.GuideProposal, "defensive": P.DefensiveProposal, "refined": P.RefinedProposal,
+             "mcmc": P.MCMCProposal, "laplace": lambda: P.LaplaceProposal(adapt_rounds=1),
+             "laplace2": lambda: P.LaplaceProposal(adapt_rounds=2)}  # fmt: skip
+GAP = ("q", "mcmc", "laplace", "laplace2")  # the IS - AIS columns
 
 
 def score(model, guide, x, b, exact, steps, k_is, chains, seed=0):
@@ -102,10 +105,9 @@ def on_dataset(name: str, seed: int, a) -> dict:
     step = max(1, int(5e4 // adata.n_vars))  # cells per chunk: K x cells x genes bounded
     row = {"dataset": name, "seed": seed, "cells": adata.n_obs, "genes": adata.n_vars, "K": a.k_is,
            "epochs": len(model.history), "held": len(held), "held_ids": held.tolist()}  # fmt: skip
-    names = dict(zip(PROPOSALS, "Guide Defensive Refined MCMC Laplace".split(), strict=True))
     for key in a.proposals:
         torch.manual_seed(seed)
-        prop, t = getattr(proposals, f"{names[key]}Proposal")(), time.perf_counter()
+        prop, t = PROPOSALS[key](), time.perf_counter()
         log_w = weights(prop, model.model, model.guide, x, b, cells, a.k_is, step)
         est = ais.log_mean_exp_se(log_w)[0].tolist()
         row[key] = {"k": ais.pareto_k(log_w).tolist(), "est": est, "settings": prop.settings(),

@@ -327,7 +327,7 @@ class LaplaceProposal(Proposal):
                  inflate: float = 1.5, mix: float = 0.1, tol: float = 1e-3,
                  step_size: float = 0.5, target_accept: float = 0.75, shrink: float = 0.1,
                  adapt_keep: float = 0.2, eig_floor: float = 1e-4,
-                 n_backtrack: int = 12) -> None:  # fmt: skip
+                 n_backtrack: int = 12, adapt_rounds: int = 1) -> None:  # fmt: skip
         if int(n_newton) < 0 or int(n_steps) < 1 or int(n_leapfrog) < 1:
             raise InputError(f"n_newton={n_newton}, n_steps={n_steps}, n_leapfrog={n_leapfrog}: "
                              "need n_newton >= 0, n_steps >= 1 and n_leapfrog >= 1.")  # fmt: skip
@@ -351,7 +351,11 @@ class LaplaceProposal(Proposal):
         self.mix, self.tol = float(mix), float(tol)
         self.step_size, self.target_accept = float(step_size), float(target_accept)
         self.shrink, self.adapt_keep = float(shrink), float(adapt_keep)
+        if int(adapt_rounds) < 1 or int(adapt_rounds) != adapt_rounds:
+            raise InputError(f"adapt_rounds={adapt_rounds}: need a whole number >= 1 (n_adapt=0 "
+                             "leaves the adaptive rounds out).")  # fmt: skip
         self.eig_floor, self.n_backtrack = float(eig_floor), int(n_backtrack)
+        self.adapt_rounds = int(adapt_rounds)
         self.diagnostics = {"cells": 0, "cells_jittered": 0, "cells_unconverged": 0}
 
     def settings(self) -> dict:
@@ -392,7 +396,8 @@ class LaplaceProposal(Proposal):
             return _EqualMixture([MultivariateStudentT(df, m, torch.linalg.cholesky(
                 self.inflate * c)) for m, c in parts])  # fmt: skip
 
-        if self.n_adapt:  # one round of adaptive importance sampling: the weighted moments
+        for _round in range(self.adapt_rounds if self.n_adapt else 0):
+            # adaptive importance sampling: a part at the weighted moments of the mixture so far
             log_w, v = _mixed_with_q(mixture(), self.mix, *args[:5], observed_library,
                                      self.n_adapt, like, draws=True)  # fmt: skip
             w = torch.softmax(log_w.double(), 0)[..., None]
