@@ -285,11 +285,14 @@ class LaplaceProposal(Proposal):
        shared datasets ``log p`` falls off more slowly away from the mode than the
        curvature there predicts, and the mean is off the mode (a ReLU decoder makes
        ``log p`` only piecewise smooth). ``n_chains=0`` leaves this step out.
-    3. One round of adaptive importance sampling: ``n_adapt`` draws of the proposal so
-       far, and the mean and covariance of their importance-weighted draws (blended
-       ``1 - adapt_keep : adapt_keep`` with the previous part's covariance, which keeps it
-       from collapsing where a few draws carry the weight). ``n_adapt=0`` leaves this step
-       out.
+    3. ``adapt_rounds`` rounds of adaptive importance sampling: each draws ``n_adapt``
+       times from the proposal so far and adds a part at the mean and covariance of the
+       importance-weighted draws (blended ``1 - adapt_keep : adapt_keep`` with the previous
+       part's covariance, which keeps it from collapsing where a few draws carry the
+       weight). ``n_adapt=0`` leaves this step out. Where the posterior's mass sits away
+       from the mode (on CellBench, up to 9 Laplace sds along the stiffest directions) and
+       is skewed along the softest ones, a second round brings the proposal closer than the
+       first; heavier tails (lower ``df``) or a wider part did not lower ``k`` there.
 
     The proposal is ``(1 - mix) t + mix q``, ``t`` an equal mixture of Student-t with
     ``df`` degrees of freedom, covariance ``inflate`` times each part's: at the mode with
@@ -306,7 +309,7 @@ class LaplaceProposal(Proposal):
 
     The cost is about ``n_newton x (D + 3) + n_chains x n_steps x (n_leapfrog + 1)``
     passes of the model per cell (``D`` latent coordinates; with gradients) and
-    ``n_adapt`` more without, on top of the importance samples.
+    ``adapt_rounds x n_adapt`` more without, on top of the importance samples.
 
     Examples
     --------
