@@ -328,7 +328,7 @@ def test_proposals_refuse_bad_settings_and_record_theirs():
         "proposal": "LaplaceProposal", "n_newton": 20, "n_chains": 64, "n_steps": 10,
         "n_leapfrog": 3, "n_adapt": 1000, "df": 3.0, "inflate": 1.5, "mix": 0.1, "tol": 1e-3,
         "step_size": 0.5, "target_accept": 0.75, "shrink": 0.1, "adapt_keep": 0.2,
-        "eig_floor": 1e-4, "n_backtrack": 12, "adapt_rounds": 1,
+        "eig_floor": 1e-4, "n_backtrack": 12, "adapt_rounds": 2,
         "diagnostics": {"cells": 0, "cells_jittered": 0, "cells_unconverged": 0},
     }  # fmt: skip
 
@@ -336,7 +336,7 @@ def test_proposals_refuse_bad_settings_and_record_theirs():
 @pytest.mark.parametrize(
     "setting",
     [{"step_size": 0.1}, {"target_accept": 0.3}, {"shrink": 0.9}, {"adapt_keep": 0.9},
-     {"eig_floor": 0.5}, {"n_backtrack": 1}, {"adapt_rounds": 2}],
+     {"eig_floor": 0.5}, {"n_backtrack": 1}, {"adapt_rounds": 1}, {"adapt_rounds": 3}],
 )  # fmt: skip
 def test_every_laplace_setting_it_records_changes_the_proposal(setup, setting):
     """The inner constants settings() records are the ones used: changing one, with the
