@@ -12,9 +12,9 @@ truth). The ``tiny`` rows (a random 8-gene decoder, proposals at the posterior's
 
 ``--datasets``: per shared dataset, a default model (``--cells`` subsampled, ``--epochs``
 capping training) and ``--held`` held-out cells: the share with ``k > 0.7`` at ``K = 1000``
-for each proposal of :mod:`pyro_scvi.posterior.proposals` (``laplace2``: ``LaplaceProposal``
-with two adaptive rounds), and IS - AIS (50 steps, 16 chains). Rows and runs not redone
-(``--runs``) are kept in the results.
+for each proposal of :mod:`pyro_scvi.posterior.proposals` (``laplace``: ``LaplaceProposal``
+with one adaptive round, the earlier default; ``laplace2``: two), and IS - AIS (50 steps, 16
+chains). Rows and runs not redone (``--runs``) are kept in the results.
 
     python -m benchmarks.ais_validation            # about 5 minutes on 2 busy cores
     python -m benchmarks.ais_validation --datasets pbmc8k_200hvg zeisel_cortex_subset_1464x1000
