@@ -294,8 +294,8 @@ class LaplaceProposal(Proposal):
        is skewed along the softest ones, a second round brings the proposal closer than the
        first; heavier tails (lower ``df``) or a wider part did not lower ``k`` there. Two
        rounds are the default (one before): on 25 CellBench held-out cells not used to
-       choose it, ``k > 0.7`` in 0 (one round: 1) and ``k > 0.5`` in 1 (one round: 5), at
-       0 to 20 % more time (``benchmarks/results/ais_validation_rounds/``).
+       choose it, ``k > 0.7`` in 0 (one round: 1) and ``k > 0.5`` in 1 (one round: 5), for
+       at most 20 % more time (``benchmarks/results/ais_validation_rounds/``).
 
     The proposal is ``(1 - mix) t + mix q``, ``t`` an equal mixture of Student-t with
     ``df`` degrees of freedom, covariance ``inflate`` times each part's: at the mode with
