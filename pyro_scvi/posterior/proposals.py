@@ -295,7 +295,8 @@ class LaplaceProposal(Proposal):
        first; heavier tails (lower ``df``) or a wider part did not lower ``k`` there. Two
        rounds are the default (one before): on 25 CellBench held-out cells not used to
        choose it, ``k > 0.7`` in 0 (one round: 1) and ``k > 0.5`` in 1 (one round: 5), for
-       at most 20 % more time (``benchmarks/results/ais_validation_rounds/``).
+       at most 26 % more time; on 10 cells of each other shared dataset 0 either way
+       (``benchmarks/results/ais_validation_rounds/``).
 
     The proposal is ``(1 - mix) t + mix q``, ``t`` an equal mixture of Student-t with
     ``df`` degrees of freedom, covariance ``inflate`` times each part's: at the mode with
