@@ -4,16 +4,16 @@ scVI with ``n_latent=1`` trained on pbmc8k_200hvg, so that ``log p(x)`` is exact
 quadrature over ``z`` and the latent library ``l``
 (:func:`pyro_scvi.posterior.ais.quadrature_log_px`), with its amortized guide: on its
 held-out cells (``amortized``) and on counts simulated from it (``simulated``, z and l from
-the priors). Each: IS with ``K`` draws of q and of
-:class:`~pyro_scvi.posterior.proposals.MCMCProposal` (estimate, Pareto ``k``), AIS at several
-numbers of steps (estimate, standard error, z-score against the truth). The ``tiny`` rows
-(a random 8-gene decoder, proposals at the posterior's moments and 3 sds off, 3 times too
-narrow) are kept from the run at commit 5036e5b, whose script has them
+the priors). Each: IS with ``K`` draws of q and of ``MCMCProposal`` (estimate, Pareto
+``k``), AIS at several numbers of steps (estimate, standard error, z-score against the
+truth). The ``tiny`` rows (a random 8-gene decoder, proposals at the posterior's moments and
+3 sds off, 3 times too narrow) are kept from the run at commit 5036e5b
 (``git show 5036e5b:benchmarks/ais_validation.py``); tests/test_ais.py checks that model.
 
 ``--datasets``: per shared dataset, a default model (``--cells`` subsampled, ``--epochs``
 capping training) and ``--held`` held-out cells: the share with ``k > 0.7`` at ``K = 1000``
-for each proposal of :mod:`pyro_scvi.posterior.proposals`, and IS - AIS (50 steps, 16
+for each proposal of :mod:`pyro_scvi.posterior.proposals` (``laplace``: ``LaplaceProposal``
+with one adaptive round, the earlier default; ``laplace2``: two), and IS - AIS (50 steps, 16
 chains). Rows and runs not redone (``--runs``) are kept in the results.
 
     python -m benchmarks.ais_validation            # about 5 minutes on 2 busy cores
@@ -38,8 +38,11 @@ from pyro_scvi.posterior import ais, proposals
 from .lib import data, results
 
 STUDY = "ais_validation"
-PROPOSALS = ("q", "defensive", "refined", "mcmc", "laplace")
-GAP = ("q", "mcmc", "laplace")  # the IS - AIS columns
+P = proposals
+PROPOSALS = {"q": P.GuideProposal, "defensive": P.DefensiveProposal, "refined": P.RefinedProposal,
+             "mcmc": P.MCMCProposal, "laplace": lambda: P.LaplaceProposal(adapt_rounds=1),
+             "laplace2": lambda: P.LaplaceProposal(adapt_rounds=2)}  # fmt: skip
+GAP = ("q", "mcmc", "laplace", "laplace2")  # the IS - AIS columns
 
 
 def score(model, guide, x, b, exact, steps, k_is, chains, seed=0):
@@ -80,9 +83,8 @@ def fitted(n_cells: int, epochs: int, steps, k_is, chains, n_held: int, names) -
     with torch.no_grad():  # cells drawn from the fitted model itself: z and l from the priors
         z, l = m.prior().sample((len(held),)).reshape(-1, 1), m.library_prior(b).sample()
     out = {}
-    for name, xs in (("amortized", x), ("simulated", simulate(m, z, l.reshape(-1, 1), b))):
-        if name not in names:
-            continue
+    sims = {"amortized": x, "simulated": simulate(m, z, l.reshape(-1, 1), b)}
+    for name, xs in ((n, sims[n]) for n in names):
         loglib = torch.log(xs.sum(-1, keepdim=True).clamp_min(1))
         ls = loglib + torch.linspace(-3.0, 3.0, 241)  # a grid per cell around its library,
         # then one on +-10 posterior sds around the posterior mean (refine)
@@ -102,10 +104,9 @@ def on_dataset(name: str, seed: int, a) -> dict:
     step = max(1, int(5e4 // adata.n_vars))  # cells per chunk: K x cells x genes bounded
     row = {"dataset": name, "seed": seed, "cells": adata.n_obs, "genes": adata.n_vars, "K": a.k_is,
            "epochs": len(model.history), "held": len(held), "held_ids": held.tolist()}  # fmt: skip
-    names = dict(zip(PROPOSALS, "Guide Defensive Refined MCMC Laplace".split(), strict=True))
     for key in a.proposals:
         torch.manual_seed(seed)
-        prop, t = getattr(proposals, f"{names[key]}Proposal")(), time.perf_counter()
+        prop, t = PROPOSALS[key](), time.perf_counter()
         log_w = weights(prop, model.model, model.guide, x, b, cells, a.k_is, step)
         est = ais.log_mean_exp_se(log_w)[0].tolist()
         row[key] = {"k": ais.pareto_k(log_w).tolist(), "est": est, "settings": prop.settings(),
@@ -229,8 +230,7 @@ def main(argv=None) -> int:
     names = [n for n in ("amortized", "simulated") if n in a.runs or "fitted" in a.runs]
     cells, epochs = (300, 2) if a.smoke else (3000, 30)
     runs = fitted(cells, epochs, steps, a.k_is, chains, a.held, names)
-    for r in runs.values():
-        r["from_run"] = results.provenance(res)
+    runs = {n: r | {"from_run": results.provenance(res)} for n, r in runs.items()}
 
     def merge(old: dict) -> dict:  # the runs and parts not redone are kept
         kept = old.get("runs", {})
