@@ -184,8 +184,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]
     return out
 
 
-def seed_se(runs: list[dict[str, Any]], name: str, fam: str, base: str) -> float:
-    """SE over seeds of ``fam``'s AIS gain over ``base`` on ``name`` (paired); 0 from one."""
+def paired(runs: list[dict[str, Any]], name: str, fam: str, base: str) -> tuple[float, float]:
+    """``fam``'s AIS gain over ``base`` on ``name``, mean and SE over the seeds both ran
+    (each seed one split and fit of both: paired); SE 0 from one seed."""
     import numpy as np
 
     d = [
@@ -193,7 +194,7 @@ def seed_se(runs: list[dict[str, Any]], name: str, fam: str, base: str) -> float
         for r in runs
         if r["dataset"] == name and all("ais" in r["schemes"].get(k, {}) for k in (fam, base))
     ]
-    return float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
 def goal_check(runs: list[dict[str, Any]], summ: dict[str, Any]) -> dict[str, Any]:
@@ -206,11 +207,11 @@ def goal_check(runs: list[dict[str, Any]], summ: dict[str, Any]) -> dict[str, An
             a, b = s.get(fam, {}), s.get(base, {})
             if "ais" not in a or "ais" not in b:
                 continue
-            d, mc = a["ais"] - b["ais"], math.hypot(a["ais_se"], b["ais_se"])
-            by_seed = seed_se(runs, name, fam, base)
+            mc = math.hypot(a["ais_se"], b["ais_se"])
+            (d, by_seed), n = paired(runs, name, fam, base), len(set(a["seeds"]) & set(b["seeds"]))
             se = math.hypot(mc, by_seed)
             diffs[name] = {"diff": d, "se": se, "mc_se": mc, "seed_se": by_seed}
-            diffs[name] |= {"seeds": len(a["seeds"]), "win": d > 2 * se, "loss": d < -2 * se}
+            diffs[name] |= {"seeds": n, "win": d > 2 * se, "loss": d < -2 * se}
             wins += [name] if d > 2 * se else []
             ratios.append(a["seconds_per_epoch"] / b["seconds_per_epoch"])
             cov.append(a.get("nuts_cov90_l", math.nan))
