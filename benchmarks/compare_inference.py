@@ -220,7 +220,7 @@ def goal_check(runs: list[dict[str, Any]], summ: dict[str, Any]) -> dict[str, An
         g = out[entry] = {"datasets": diffs, "wins": len(wins), "of": len(diffs)}
         g |= {"cost_ratio": ratio, "nuts_cov90_l": mean_cov, "ais_goal": len(wins) >= 4}
         g["coverage_goal"] = mean_cov >= 0.85
-    cov = [s["mean-field"]["nuts_cov90_l"] for s in summ.values() if "ais" in s["mean-field"]]
+    cov = [m["nuts_cov90_l"] for s in summ.values() if "ais" in (m := s.get("mean-field", {}))]
     out["mean-field_cov90_l"] = float(sum(cov) / len(cov)) if cov else math.nan
     best = [f for f in RICHER if out[f]["ais_goal"] and out[f]["cost_ratio"] <= MAX_COST_RATIO]
     out["decision"] = (f"propose {best[0]} as the" if best else "keep the mean-field") + " default"
