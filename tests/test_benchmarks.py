@@ -284,11 +284,12 @@ def test_compare_inference_smoke_and_gather(tmp_path):
     part = tmp_path / "part" / "compare_inference_smoke.json"
     assert part.exists(), proc.stderr[-3000:]
     (run,) = json.loads(part.read_text())["runs"]
-    assert list(run["schemes"]) == ["mean-field", "full-covariance", "flow", "IWAE", "per-cell"]
+    schemes = ["mean-field", "full-covariance", "flow", "IWAE", "full-covariance IWAE"]
+    assert list(run["schemes"]) == [*schemes, "per-cell"]
     for name, row in run["schemes"].items():
         assert "error" not in row, (name, row.get("traceback"))
         assert row["ais_se"] > 0 and 0 <= row["k_over_07"] <= 1, name
-        assert 0 <= row["nuts_cov90_l"] <= 1 and row["seconds_per_epoch"] > 0, name
+        assert 0 <= row["nuts_cov90_l"] <= 1 and row["cpu_seconds_per_epoch"] > 0, name
     # parts run side by side are gathered into one result with the goal check
     proc = _study("compare_inference", "--gather", part, "--out-dir", tmp_path)
     res = json.loads((tmp_path / "compare_inference.json").read_text())
@@ -301,6 +302,17 @@ def test_compare_inference_smoke_and_gather(tmp_path):
     res = json.loads((again / "compare_inference.json").read_text())
     assert res["runs"] == [run], proc.stderr[-3000:]
     assert [p["command"].count("--smoke") for p in res["parts"]] == [1, 1]
+    # a part of some schemes replaces those schemes' rows and keeps the others
+    _study("compare_inference", "--smoke", "--schemes", "flow", "--out-dir", tmp_path / "flow")
+    flow_part = tmp_path / "flow" / part.name
+    flow = json.loads(flow_part.read_text())
+    assert list(flow["runs"][0]["schemes"]) == ["flow"]
+    merged = tmp_path / "merged"
+    _study("compare_inference", "--gather", gathered, flow_part, "--out-dir", merged)
+    res = json.loads((merged / "compare_inference.json").read_text())
+    assert list(res["runs"][0]["schemes"]) == list(run["schemes"])
+    assert res["runs"][0]["schemes"]["flow"] == flow["runs"][0]["schemes"]["flow"]
+    assert res["goal"]["full-covariance IWAE vs IWAE"]["of"] == 1
 
 
 def test_query_mapping_smoke(tmp_path):

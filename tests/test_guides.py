@@ -348,6 +348,34 @@ def test_full_covariance_guide_learns_a_correlated_q(data):
     torch.testing.assert_close(q["z_scale"] ** 2, cov.diagonal(0, -2, -1))
 
 
+def test_the_flows_q_of_l_is_a_conditional_on_z_without_a_global_shrink(data):
+    # q(l | z) reads z through its base draw eps ~ Normal(0, I): symmetric, so neither
+    # the shift nor the log-stretch can move q's mean of l or shrink it for every cell
+    x, b = data
+    torch.manual_seed(0)
+    g = pyro_scvi.FlowGuide(N_GENES, 2, n_latent=N_LATENT, n_hidden=16).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(g.l_coupling.weight, std=0.3)
+        torch.nn.init.normal_(g.l_coupling.bias, std=0.3)
+        enc = g.encode_with_hidden(x, b)
+        eps = torch.randn(enc["z_loc"].unsqueeze(-2).shape)
+        at_mean, up, down = (g.l_distribution(enc, k * eps) for k in (0, 1, -1))
+        # at the base draw 0 q(l | z) is the encoder's Normal: no factor narrows every cell
+        torch.testing.assert_close(at_mean.loc, enc["l_loc"])
+        torch.testing.assert_close(at_mean.scale, enc["l_scale"])
+        # l's spread depends on z, oddly in eps: its geometric mean over +-eps is sigma_l
+        assert float((up.scale / down.scale - 1).abs().min()) > 1e-3
+        torch.testing.assert_close(up.scale * down.scale, enc["l_scale"] ** 2)
+        # the coupling correlates l with z, so q's marginal of l is wider than sigma_l
+        draws = [poutine.trace(g).get_trace(x, b).nodes for _ in range(200)]
+        z = torch.stack([d["z"]["value"][:, 0, 0] for d in draws])
+        l = torch.stack([d["l"]["value"][:, 0] for d in draws])
+        zc, lc = z - z.mean(0), l - l.mean(0)
+        corr = (zc * lc).mean(0) / (zc.std(0) * lc.std(0))
+        assert float(corr.abs().max()) > 0.2
+        assert bool((g.encode(x, b)["l_scale"] > enc["l_scale"]).all())
+
+
 def test_flow_layer_log_det_is_the_jacobians():
     from pyro_scvi.model.flows import ConditionalAffineAutoregressive
 
@@ -402,6 +430,12 @@ def test_richer_guides_train_save_load_resume_and_answer_every_query(cls, richer
     ais = whole.get_marginal_ll_ais(indices=np.arange(3), n_chains=4, n_steps=5, seed=0)
     assert np.isfinite(ais.to_numpy()).all()
     assert np.isfinite(whole.get_amortization_gap(n_steps=3, n_samples=5)["gap"]).all()
+    if cls is pyro_scvi.FlowGuide:  # training moved q(l | z) off the mean-field start
+        with torch.no_grad():
+            enc = whole.guide.eval().encode_with_hidden(*whole.data.tensors(np.arange(8)))
+            eps = torch.ones_like(enc["z_loc"].unsqueeze(-2))
+            up, down = (whole.guide.l_distribution(enc, k * eps) for k in (1, -1))
+        assert float((up.loc - down.loc).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("library_residual", [False, True])
