@@ -4,9 +4,9 @@ Per dataset and seed, in its own process (``--run``): ``rule``, the default ``tr
 (convergence-aware; scored where it stopped, then continued with ``early_stopping=False``
 to the cap and scored again, so the one run gives the whole validation curve), or
 ``today``, the previous default (400 epochs, 400 epochs of KL warm-up, no stopping).
-Scores: held-out ELBO per cell (``get_elbo`` on the validation cells, 10 draws) and
-KMeans ARI on ``obs["cell_type"]`` (:func:`benchmarks.lib.score.latent_scores`).
-``--report`` gathers the runs' files into ``results/stopping_rule.{md,json}``.
+Scores: held-out ELBO per cell (``get_elbo`` on the validation cells, 10 draws) and KMeans
+ARI on ``obs["cell_type"]`` (:func:`benchmarks.lib.score.latent_scores`). ``--report`` adds
+the runs' files to the committed ``results/stopping_rule.{md,json}`` (a file replaces its run).
 
     python -m benchmarks.stopping_rule --run rule --dataset pbmc8k_200hvg --seed 0 --out RUNS
     python -m benchmarks.stopping_rule --report RUNS    # after --run rule and --run today
@@ -44,24 +44,21 @@ def run(mode: str, name: str, seed: int, out: Path) -> None:
     torch.set_num_threads(1)
     adata = anndata.read_h5ad(data.path_of(name))
     model = pyro_scvi.SCVI(adata)
-    kw = {"seed": seed, "progress_bar": False}
-    start = time.perf_counter()
+    kw, start = {"seed": seed, "progress_bar": False}, time.perf_counter()
     if mode == "today":
         model.train(400, early_stopping=False, kl_warmup_epochs=400, **kw)
         res = {"end": scores(model, adata, seed)}
     else:
         model.train(**kw)
         res = {"stopping": dict(model.history.attrs["stopping"])}
-        res["stop"], stopped_s = scores(model, adata, seed), time.perf_counter() - start
+        res["stop"], res["wall_to_stop"] = scores(model, adata, seed), time.perf_counter() - start
         res["stop_seconds"] = float(model.history["seconds"].sum())
         left = res["stopping"]["max_epochs"] - len(model.history)
         if left > 0:
             model.train(left, early_stopping=False, **kw)
         res["end"] = scores(model, adata, seed)
-        res["wall_to_stop"] = stopped_s
-    h = model.history
+    h, res["git"] = model.history, results.git_state()
     res |= {"mode": mode, "dataset": name, "seed": seed, "shape": list(adata.shape)}
-    res["git"] = results.git_state()
     res |= {"epochs": len(h), "seconds": float(h["seconds"].sum())}
     res |= {"wall": time.perf_counter() - start, "validation_elbo": h["validation_elbo"].tolist()}
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +66,10 @@ def run(mode: str, name: str, seed: int, out: Path) -> None:
 
 
 def report(folder: Path, argv: list[str]) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    kept = (results.read(results.RESULTS / f"{STUDY}.json") or {}).get("runs", [])
+    new = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    runs = {f"{r['mode']}_{r['dataset']}_{r['seed']}": r for r in kept + new}
+    runs = [runs[k] for k in sorted(runs)]  # as the run files sort
     today = {(r["dataset"], r["seed"]): r for r in runs if r["mode"] == "today"}
     rows = []
     for r in (r for r in runs if r["mode"] == "rule"):
@@ -81,23 +81,24 @@ def report(folder: Path, argv: list[str]) -> None:
             + [fmt(r["stop"]["heldout_elbo"], ".2f"), fmt(r["end"]["heldout_elbo"], ".2f")]
             + [fmt(t.get("heldout_elbo"), ".2f"), fmt(r["stop"]["ari"]), fmt(r["end"]["ari"])]
             + [fmt(t.get("ari")), f"{1 - (s['epoch'] + 1) / r['epochs']:.0%} ({saved:.0%})"]
+            + [((r.get("git") or {}).get("pyro_scvi_commit") or "—")[:7]]
         )
     res = {"meta": results.metadata(STUDY, argv), "runs": runs}
     cols = "dataset|seed|epochs run|reason|threshold (nats/cell)|held-out ELBO at stop"
     cols += "|… rule's run at 400|… previous default at 400|ARI at stop|… rule's run at 400"
-    cols += "|… previous default at 400|epochs saved (train seconds saved)"
+    cols += "|… previous default at 400|epochs saved (train seconds saved)|run at"
     how = "Rule's run: the default train() (warm-up 100 epochs, then patience 45 on a 5-epoch"
     how += " mean, threshold = its noise), continued to 400 epochs without stopping; previous"
     how += " default: 400 epochs, 400 of warm-up (run where time allowed). 1 thread, 2 shared"
-    how += " cores. Training code unchanged since 88a0c36; each run's commit is in the JSON."
+    how += " cores. Training code of 88a0c36 (later changes agree to rounding); run at —: made"
+    how += " before runs recorded their commit. Earlier runs are kept from the committed JSON."
     lines = results.header(res, "The default stopping rule: where it stops", how)
     lines += results.md_table(cols, rows)
-    marks = list(range(49, 400, 50))
     lines += ["", "Validation ELBO per cell (5-epoch mean) by epoch; * the rule's stop.", ""]
     curves = []
     for r in runs:
         v, stop = r["validation_elbo"], (r.get("stopping") or {}).get("epoch")
-        at = sorted({*marks, *([stop] if stop is not None else [])})
+        at = sorted({*range(49, 400, 50), *([stop] if stop is not None else [])})
         cells = [f"{np.mean(v[max(0, e - 4) : e + 1]):.1f}" for e in at]
         cells = [f"{c} (*{e + 1})" if e == stop else c for c, e in zip(cells, at, strict=True)]
         curves.append([r["dataset"], r["seed"], r["mode"], " · ".join(cells)])
@@ -108,10 +109,9 @@ def report(folder: Path, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", choices=("rule", "today"))
-    p.add_argument("--dataset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--report", type=Path)
+    for flag, kind in (("--dataset", str), ("--out", Path), ("--report", Path)):
+        p.add_argument(flag, type=kind)
     args = p.parse_args(argv)
     report(args.report, argv) if args.report else run(args.run, args.dataset, args.seed, args.out)
     return 0

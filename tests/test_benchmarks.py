@@ -510,3 +510,31 @@ def test_results_files_name_no_folder_of_the_machine_that_wrote_them(tmp_path, m
         assert (tmp_path / "os.md").read_text() == f"`{expected}`", path
         assert json.loads((tmp_path / "os.json").read_text())["meta"]["path"] == expected, path
         assert not machine_paths("benchmarks/results/os.md", expected)
+
+
+def test_stopping_rule_report_adds_new_runs_to_the_committed_ones(tmp_path, monkeypatch):
+    stopping_rule = _load_script("stopping_rule", monkeypatch)
+    monkeypatch.setattr(stopping_rule.results, "RESULTS", tmp_path)
+
+    def run(dataset, seed, commit=None, elbo=-100.0):
+        stop = {"epoch": 199, "reason": "converged: ...", "threshold": 0.1, "max_epochs": 400}
+        scores = {"heldout_elbo": elbo, "ari": 0.5}
+        rec = {"mode": "rule", "dataset": dataset, "seed": seed, "shape": [10, 5]}
+        rec |= {"stopping": stop, "stop": scores, "end": scores, "stop_seconds": 1.0}
+        rec |= {"seconds": 2.0, "epochs": 400, "validation_elbo": [elbo] * 400}
+        return rec | ({"git": {"pyro_scvi_commit": commit}} if commit else {})
+
+    committed = [run("zeisel", 0, "aaaaaaa1"), run("pbmc", 0)]  # pbmc 0 predates commits
+    (tmp_path / "stopping_rule.json").write_text(json.dumps({"meta": {}, "runs": committed}))
+    new = tmp_path / "runs"
+    new.mkdir()
+    for rec in (run("pbmc", 1, "bbbbbbb2"), run("zeisel", 0, "ccccccc3", elbo=-90.0)):
+        (new / f"rule_{rec['dataset']}_{rec['seed']}.json").write_text(json.dumps(rec))
+    stopping_rule.main(["--report", str(new)])
+    runs = json.loads((tmp_path / "stopping_rule.json").read_text())["runs"]
+    # the committed run stays, a new seed is added, a new file of the same run replaces it
+    assert [(r["dataset"], r["seed"]) for r in runs] == [("pbmc", 0), ("pbmc", 1), ("zeisel", 0)]
+    assert "git" not in runs[0] and runs[2]["stop"]["heldout_elbo"] == -90.0
+    rows = (tmp_path / "stopping_rule.md").read_text().splitlines()
+    rows = [line.split(" | ")[-1] for line in rows if line.startswith(("| pbmc (", "| zeisel ("))]
+    assert rows == ["— |", "bbbbbbb |", "ccccccc |"]
