@@ -1,6 +1,7 @@
 """FusedAdam's update is torch's fused Adam to the last bit, however it gets there."""
 
 import copy
+import sys
 
 import pyro
 import pyro.distributions as dist
@@ -84,3 +85,24 @@ def test_fused_adam_updates_equal_torch_fused_adam_bitwise(use_spare, resume_aft
     assert not torch.equal(initial["body.0.weight"], ours["body.0.weight"])
     if any(use_spare):
         assert not torch.equal(initial["spare.weight"], ours["spare.weight"])
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_a_torch_whose_kernel_refuses_the_direct_call_gets_the_same_update(monkeypatch, groups):
+    """Another torch may spell the fused kernel's arguments differently: the direct call then
+    raises before writing, and the update (that step's and every later one's) goes through
+    ``step()``, still torch's fused Adam to the last bit."""
+    kernel, calls = torch._fused_adam_, {"direct": 0}
+
+    def another_torch(*args, **kwargs):
+        # refuses FusedAdam's direct call, not the one inside Adam.step
+        if sys._getframe(1).f_code.co_name == "_fused_kernel":
+            calls["direct"] += 1
+            raise TypeError("_fused_adam_() got an unexpected keyword argument 'grad_scale'")
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", another_torch)
+    ours, theirs = _steps([True] * 5, groups=groups)
+    assert calls["direct"] == 1  # tried once, then step() every time
+    for name, p in theirs.items():
+        assert torch.equal(ours[name], p), name

@@ -333,26 +333,46 @@ class FusedAdam:
                 return
             grads.append(g)
         with torch.no_grad():
-            for (params, exp_avgs, exp_avg_sqs, steps, group), g in zip(plan, grads, strict=True):
-                beta1, beta2 = group["betas"]
-                torch._foreach_add_(steps, 1)
-                torch._fused_adam_(
-                    params,
-                    g,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    [],
-                    steps,
-                    amsgrad=False,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    maximize=False,
-                    grad_scale=None,
-                    found_inf=None,
-                )
+            for i, ((params, exp_avgs, exp_avg_sqs, steps, group), g) in enumerate(
+                zip(plan, grads, strict=True)
+            ):
+                if not self._fused_kernel(params, g, exp_avgs, exp_avg_sqs, steps, group):
+                    # another torch's kernel takes other arguments: it raised before writing,
+                    # so the groups not yet updated go through step(), now and from here on
+                    self._plan = (self.optim, len(self.optim.state), None)
+                    for group_done in self.optim.param_groups[:i]:
+                        for p in group_done["params"]:
+                            p.grad = None
+                    self.optim.step()
+                    return
+
+    @staticmethod
+    def _fused_kernel(params, g, exp_avgs, exp_avg_sqs, steps, group) -> bool:
+        """One group's update by the kernel ``Adam.step`` ends in; ``False`` if it refused."""
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        try:
+            torch._fused_adam_(
+                params,
+                g,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+        except (TypeError, RuntimeError):
+            torch._foreach_sub_(steps, 1)
+            return False
+        return True
 
     def _fast_plan(self) -> list | None:
         """Per param group ``(params, exp_avgs, exp_avg_sqs, steps, group)``, or ``None``.
