@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ll-cells", type=int, default=10000, help="at most this many held-out cells")
     add("--ll-samples", type=int, default=100)
     add("--time-to-quality", action="store_true", help="whole default runs, timed alternately")
+    add("--keep-latents", help="folder for each run's latent, <dataset>_<run>_<seed>.npy")
     args = p.parse_args(argv)
     if args.smoke:
         found = data.available("cellbench_3cl_2tech", args.data_dir)
@@ -91,7 +92,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["split_matches_make_split"] = fit.run["split_matches"]
     keep = ("train_seconds", "epochs_run", "n_train", "use_observed_lib_size", "drop_last")
     out |= {k: fit.run[k] for k in keep if k in fit.run}
-    out |= scores(fit, adata, split[1], spec, fit.latent())
+    out |= scores(fit, adata, split[1], spec, latent := fit.latent())
+    if spec["keep_latents"]:  # to study the scores offline (e.g. KMeans' spread) on these fits
+        name = f"{Path(spec['h5ad']).stem}_{impl}_{seed}.npy"
+        __import__("numpy").save(Path(spec["keep_latents"], name), latent)
     return out | {"threads_after": torch.get_num_threads()}
 
 
@@ -204,7 +208,7 @@ def run_timed(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs
 def spec_of(ds: dict, args: argparse.Namespace, tmp: Path, **more: Any) -> dict[str, Any]:
     """A worker's spec: the dataset, the run's settings, ``more``."""
     spec = {k: ds[k] for k in ("h5ad", "batch_key")} | {"result": str(tmp / "r.json")}
-    keys = ("epochs", "metric_cells", "ll_cells", "ll_samples", "thread_count")
+    keys = ("epochs", "metric_cells", "ll_cells", "ll_samples", "thread_count", "keep_latents")
     return spec | {k: getattr(args, k) for k in keys} | more
 
 
