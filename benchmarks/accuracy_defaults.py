@@ -28,18 +28,14 @@ OBSERVED, LATENT = "pyro_scvi-observed-library", "scvi-tools-latent-library"
 #: pyro_scvi's model against scvi-tools' same model: (pyro_scvi, scvi-tools)
 PAIRS = {"latent library": ("pyro_scvi", LATENT), "observed library": (OBSERVED, "scvi-tools")}
 IMPLEMENTATIONS = ("pyro_scvi", LATENT, OBSERVED, "scvi-tools")
-#: the time-to-quality pair: each one's whole default run (pyro-scvi fit, scvi-tools train())
-TIMED = ("pyro-scvi fit", "scvi-tools train()")
+TIMED = ("pyro-scvi fit", "scvi-tools train()")  #: time to quality: each's whole default run
 #: pyro_scvi - scvi-tools must be at least these
 TOLERANCES = {"ari": -0.02, "entropy_batch_mixing": -0.05, "heldout_log_px_per_cell": 0.0}
-CRITERIA = {
-    "ari": "KMeans ARI ≥ scvi-tools − 0.02",
-    "entropy_batch_mixing": "batch entropy ≥ scvi-tools − 0.05",
-    "heldout_log_px_per_cell": "held-out log p(x) ≥ scvi-tools",
-}
+CRITERIA = {"ari": "KMeans ARI ≥ scvi-tools − 0.02",
+            "entropy_batch_mixing": "batch entropy ≥ scvi-tools − 0.05",
+            "heldout_log_px_per_cell": "held-out log p(x) ≥ scvi-tools"}  # fmt: skip
 KEYS = ("ari", "entropy_batch_mixing", "heldout_log_px_per_cell", "epochs_run", "wall_seconds")
-#: the goal of the time to quality: pyro_scvi's wall time ÷ scvi-tools' at most this
-TIME_GOAL = 0.5
+TIME_GOAL = 0.5  #: time to quality's goal: pyro_scvi's wall time ÷ scvi-tools' at most this
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ll-cells", type=int, default=10000, help="at most this many held-out cells")
     add("--ll-samples", type=int, default=100)
     add("--time-to-quality", action="store_true", help="whole default runs, timed alternately")
+    add("--keep-latents", help="folder for each run's latent, <dataset>_<run>_<seed>.npy")
     args = p.parse_args(argv)
     if args.smoke:
         found = data.available("cellbench_3cl_2tech", args.data_dir)
@@ -72,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One implementation at its defaults on the seed's training cells, then scored."""
     import anndata
+    import numpy as np
     import torch
 
     if spec["thread_count"] is not None:
@@ -91,7 +89,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["split_matches_make_split"] = fit.run["split_matches"]
     keep = ("train_seconds", "epochs_run", "n_train", "use_observed_lib_size", "drop_last")
     out |= {k: fit.run[k] for k in keep if k in fit.run}
-    out |= scores(fit, adata, split[1], spec, fit.latent())
+    out |= scores(fit, adata, split[1], spec, latent := fit.latent())
+    if folder := spec["keep_latents"]:  # to study the scores offline (e.g. KMeans' spread)
+        np.save(Path(folder, f"{Path(spec['h5ad']).stem}_{impl}_{seed}.npy"), latent)
     return out | {"threads_after": torch.get_num_threads()}
 
 
@@ -123,9 +123,8 @@ def timed_scvi_tools(spec: dict[str, Any]) -> dict[str, Any]:
     out.obsm["X_scvi"] = latent = np.asarray(fit.latent())
     if spec["normalized"]:  # pyro-scvi fit's: 10 samples, at the median library size
         lib = float(np.median(np.asarray(adata.X.sum(1))))
-        kw = {"n_samples": 10, "library_size": lib, "return_mean": True}
-        values = fit.model.get_normalized_expression(**kw)
-        out.layers["scvi_normalized"] = np.asarray(values, dtype=np.float32)
+        v = fit.model.get_normalized_expression(n_samples=10, library_size=lib, return_mean=True)
+        out.layers["scvi_normalized"] = np.asarray(v, dtype=np.float32)
     fit.model.save(spec["out"] + "_model", overwrite=True, save_anndata=False)
     out.write_h5ad(spec["out"] + ".h5ad")
     run = {"outputs_written_at": time.time(), "epochs_run": fit.run["epochs_run"]}
@@ -192,8 +191,7 @@ def run_timed(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs
                 run |= workers.spawn(STUDY, "--score-fit", spec) if rc == 0 else failed
             else:
                 run |= workers.spawn(STUDY, "--timed-scvi-tools", spec)
-                done = run.get("outputs_written_at")
-                run["wall_seconds"] = None if done is None else done - start
+                run["wall_seconds"] = (done := run.get("outputs_written_at")) and done - start
             now = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             runs.append(run | {"loadavg_1min_before": load, "uptime": now})
             print(f"  seed {seed} {impl:18s}: {describe(run)}", file=sys.stderr, flush=True)
@@ -204,7 +202,7 @@ def run_timed(ds: dict, args: argparse.Namespace, skipped: dict, tmp: Path, runs
 def spec_of(ds: dict, args: argparse.Namespace, tmp: Path, **more: Any) -> dict[str, Any]:
     """A worker's spec: the dataset, the run's settings, ``more``."""
     spec = {k: ds[k] for k in ("h5ad", "batch_key")} | {"result": str(tmp / "r.json")}
-    keys = ("epochs", "metric_cells", "ll_cells", "ll_samples", "thread_count")
+    keys = ("epochs", "metric_cells", "ll_cells", "ll_samples", "thread_count", "keep_latents")
     return spec | {k: getattr(args, k) for k in keys} | more
 
 
@@ -230,8 +228,7 @@ def verdict(summary: dict, runs: list[dict], ds: dict, skipped: dict) -> dict[st
     ours = [r for r in runs if r["implementation"] in ("pyro_scvi", OBSERVED)]
     done = [r for r in ours if "error" not in r and not r.get("errors")]
     detail = f"{len(done)} of {len(ours)} pyro_scvi runs trained and scored"
-    ok = {"passed": bool(done) and done == ours, "detail": detail}
-    out: dict[str, Any] = {"fit_finishes": ok}
+    out: dict[str, Any] = {"fit_finishes": dict(passed=bool(done) and done == ours, detail=detail)}
     for pair, (a, b) in PAIRS.items():
         out[pair] = compare(summary[a], summary[b], ds, "scvi-tools" not in skipped)
     pairs = [out["fit_finishes"]["passed"], *(out[p]["all_passed"] for p in PAIRS)]
@@ -297,7 +294,9 @@ def markdown(res: dict[str, Any]) -> str:
     how = f"max_epochs {s['epochs'] or 'each its default'}, seeds {' '.join(map(str, s['seeds']))}"
     how += f", threads {s['threads']}, log p(x) with {s['ll_samples']} importance samples"
     how += f", every run in its own process; {s['subsample']} cells" * bool(s["subsample"])
-    lines = results.header(res, title, how + ".")
+    parts = {"accuracy": res["datasets"], "time to quality": res["time_to_quality"]}
+    held = "; ".join(f"{p}: {held_seeds(ds)}" for p, ds in parts.items() if ds)
+    lines = results.header(res, title, f"This run: {how}. Seeds in this file: {held}.")
     lines += [f"- **{n}**: {e}; the criteria are not judged." for n, e in res["skipped"].items()]
     rows, every, own = [], [], results.provenance(res)
     for d in res["datasets"]:
@@ -325,6 +324,11 @@ def markdown(res: dict[str, Any]) -> str:
     failed = [f"- {f}" for f in failures(res)] or ["None: every run finished and scored."]
     lines += ["", "## Failures", "", *failed, "", "## Notes", "", f"- {NOTE}"]
     return "\n".join([*lines, *kept_notes(res), ""])
+
+
+def held_seeds(part: list[dict]) -> str:  # "a 0 1 2, b 0" (a skipped run's seed None left out)
+    seeds = [(d["name"], sorted({r["seed"] for r in d.get("runs", [])} - {None})) for d in part]
+    return ", ".join(f"{name} {' '.join(map(str, s))}" for name, s in seeds)
 
 
 def kept_notes(res: dict[str, Any]) -> list[str]:
@@ -367,22 +371,19 @@ def time_section(res: dict[str, Any]) -> list[str]:
     columns += "scvi-tools epochs:|ARI (pyro_scvi / scvi-tools)|batch entropy|log p(x ∣ library)|"
     columns += "threads: setting, counts used (pyro_scvi / theirs)|load after (1, 5, 15 min)"
     summary = ["dataset", "median ratio:", f"ratio ≤ {TIME_GOAL}", *CRITERIA.values()]
-    title = "Time to quality: whole default runs, alternating"
-    table = results.md_table(columns, rows)
-    return [*results.section(title, summary, medians), "", *table, "", TIME_NOTE]
+    head = results.section("Time to quality: whole default runs, alternating", summary, medians)
+    return [*head, "", *results.md_table(columns, rows), "", TIME_NOTE]
 
 
-PAIR_NOTE = (
-    "latent library: pyro_scvi's default against scvi-tools with use_observed_lib_size=False; "
-    "observed library: pyro_scvi with it True against scvi-tools' default (log p(x | library)),"
-    " each by its own importance sampling. `*`: early stopping ended it; †: runs kept (notes)."
-)
+PAIR_NOTE = ("latent library: pyro_scvi's default against scvi-tools with use_observed_lib_size="
+             "False; observed library: pyro_scvi with it True against scvi-tools' default (log "
+             "p(x | library)), each by its own importance sampling. `*`: early stopping ended it;"
+             " †: runs kept (notes).")  # fmt: skip
 NOTE = "Every run at its defaults (unless --epochs); log p(x) in nats per held-out cell."
-TIME_NOTE = (
-    "Wall seconds from each process's start until its outputs (latent, normalized expression "
-    "where fit writes it, the model) are written, at default threads, who goes first alternating;"
-    " ratio = pyro-scvi fit ÷ scvi-tools. Criteria on the same runs, log p(x | library) for both."
-)
+TIME_NOTE = ("Wall seconds from each process's start until its outputs (latent, normalized "
+             "expression where fit writes it, the model) are written, at default threads, who goes"
+             " first alternating; ratio = pyro-scvi fit ÷ scvi-tools. Criteria on the same runs, "
+             "log p(x | library) for both.")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,9 @@ def test_robustness_smoke(tmp_path):
 
 
 def test_accuracy_defaults_smoke(tmp_path, monkeypatch):
-    proc = _study("accuracy_defaults", "--smoke", "--out-dir", tmp_path)
+    kept = tmp_path / "latents"
+    kept.mkdir()
+    proc = _study("accuracy_defaults", "--smoke", "--out-dir", tmp_path, "--keep-latents", kept)
     # 0: all criteria met; 2: a criterion is not met (after 1 epoch on 300 cells); 1: a failure.
     assert proc.returncode in (0, 2), proc.stderr[-3000:]
     results = json.loads((tmp_path / "accuracy_defaults_smoke.json").read_text())
@@ -131,6 +134,12 @@ def test_accuracy_defaults_smoke(tmp_path, monkeypatch):
         theirs = runs["scvi-tools"]["heldout_log_px_per_cell"]
         assert pair["difference"] == pytest.approx(same["heldout_log_px_per_cell"] - theirs)
     assert "Criteria per pair" in proc.stdout and "Every run" in proc.stdout
+    # each run's latent kept on request, one row per cell
+    assert len(list(kept.glob("*.npy"))) == sum("error" not in r for r in runs.values())
+    (observed,) = kept.glob("*_pyro_scvi-observed-library_0.npy")
+    assert np.load(observed).shape[0] == dataset["n_cells"]
+    # the header names the seeds the file holds, per dataset and part
+    assert f"Seeds in this file: accuracy: {dataset['name']} 0." in proc.stdout
 
     # time to quality: pyro-scvi fit's whole run, timed, scored from its outputs; the file
     # keeps the like-for-like part
@@ -161,6 +170,8 @@ def test_accuracy_defaults_smoke(tmp_path, monkeypatch):
         ratio = fit["wall_seconds"] / theirs["wall_seconds"]
         assert entry["verdict"]["median_ratio"] == pytest.approx(ratio)
     assert "Time to quality" in proc.stdout and "Criteria per pair" in proc.stdout
+    held = f"accuracy: {dataset['name']} 0; time to quality: {dataset['name']} 0."
+    assert held in proc.stdout
 
     # --merge into a folder without the file starts from the committed one; it keeps a dataset
     # it does not redo and a redone dataset's other seeds, each run marked with its maker
@@ -183,6 +194,8 @@ def test_accuracy_defaults_smoke(tmp_path, monkeypatch):
     table = (tmp_path / "new" / "accuracy_defaults_smoke.md").read_text()
     assert "an_earlier_dataset (earlier run†)" in table
     assert f"{dataset['name']} seed 1" in table and timed["meta"]["command"] in table
+    # the header names every seed the file holds, not just this run's
+    assert f"accuracy: an_earlier_dataset 0, {dataset['name']} 0 1; time to quality:" in table
 
 
 def test_data_parallel_smoke(tmp_path):
