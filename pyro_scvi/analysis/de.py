@@ -254,18 +254,18 @@ def differential_expression(
         transcription that should count as DE). Vanilla mode compares the decoded
         shares of single cells and ignores it.
     spread_uncertainty
-        Change mode: draw the spread of each group's counts around the decoder from its
-        posterior, whose degrees of freedom are the cells that detect the gene (``True``),
-        rather than plug in its estimate (``False``, the default). It widens the LFC
-        posterior of genes that few cells detect, where the estimate rests on a handful of
-        counts, leaves genes detected in hundreds of cells as they were, and lowers the
-        default pseudocount tenfold (:data:`SPARSE_PSEUDOCOUNT`), so that genes detected in
-        1-5 % of the cells keep their fold changes. It assumes each detecting cell adds one
-        degree of freedom to the estimate. On ``benchmarks/de_truth.py`` at 2,000 cells x
-        1,000 genes it ranked those genes as well as a Wilcoxon test on every design, but
-        without ``sample_key`` it lets chance differences between a few replicates through
-        more often (FDR 0.15 instead of 0.10 on the confounded Poisson-lognormal design;
-        0.07 with ``sample_key``), which is why it is not the default.
+        Change mode: draw the spread of each group's counts around the decoder from its posterior,
+        whose degrees of freedom are the cells that detect the gene (``True``), rather than plug in
+        its estimate (``False``, the default). It widens the LFC posterior of genes that few cells
+        detect, where the estimate rests on a handful of counts, leaves genes detected in hundreds
+        of cells as they were, and lowers the default pseudocount tenfold
+        (:data:`~pyro_scvi.analysis.de.SPARSE_PSEUDOCOUNT`), so that genes detected in 1-5 % of the
+        cells keep their fold changes. It assumes each detecting cell adds one degree of freedom to
+        the estimate. On ``benchmarks/de_truth.py`` at 2,000 cells x 1,000 genes it ranked those
+        genes as well as a Wilcoxon test on every design, but without ``sample_key`` it lets chance
+        differences between a few replicates through more often (FDR 0.15 instead of 0.10 on the
+        confounded Poisson-lognormal design; 0.07 with ``sample_key``), which is why it is not the
+        default.
     n_samples
         Posterior samples per group: random cells (vanilla) or bootstrap group means
         (change). Probabilities stay ``1 / (2 n_samples + 2)`` or more away from 0 and 1.
