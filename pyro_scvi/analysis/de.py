@@ -529,7 +529,7 @@ def _bootstrap_means(
     batch_size: int,
     rng: np.random.Generator,
     samples: np.ndarray | None = None,
-    spread_uncertainty: bool = True,
+    spread_uncertainty: bool = False,
 ) -> dict[str, np.ndarray]:
     """``n_samples`` posterior samples of each group's mean expression, ``(n_samples, genes)``.
 
@@ -705,7 +705,7 @@ def _count_correction(
     detections: np.ndarray,
     n_samples: int,
     rng: np.random.Generator,
-    spread_uncertainty: bool = True,
+    spread_uncertainty: bool = False,
 ) -> np.ndarray:
     """Posterior samples of the factor ``c`` between a group's true and decoded expression.
 
