@@ -386,6 +386,9 @@ def test_de_truth_smoke(tmp_path):
         pseudobulk = methods["pseudobulk PyDESeq2"]
         if not name.startswith("poisson"):
             assert pseudobulk == {"skipped": "no replicates"}
+        # spread_uncertainty with sample_key: scored where there are replicates, only there
+        with_samples = methods["pyro_scvi change, sparse, replicates"]
+        assert ("skipped" in with_samples) != name.startswith("poisson"), (name, with_samples)
     for replicate in results["replicates"]:
         assert replicate["n_de"] > 0 and replicate["group_sizes"]["A"] > 0
     # a rank-sum test finds planted fold changes even on this tiny data
