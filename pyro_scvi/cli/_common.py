@@ -41,44 +41,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 # Option types: each refuses a bad value with a message naming it (argparse adds the option).
-def _positive_int(text: str) -> int:
+def _number(text: str, convert, valid, expected: str, out_of_range: str | None = None):
+    """``convert(text)`` when ``valid`` of it; else ``ArgumentTypeError`` naming ``text``.
+
+    ``expected`` says what was expected of a text that ``convert`` cannot read, and of a
+    value outside the range unless ``out_of_range`` says it otherwise.
+    """
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{out_of_range or expected}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "expected a positive integer")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+    return _number(
+        text,
+        float,
+        lambda v: math.isfinite(v) and v > 0,
+        "expected a positive number",
+        "expected a positive finite number",
+    )
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"the seed must be in 0..{2**32 - 1}, got {text!r}")
-    return value
+    return _number(
+        text,
+        int,
+        lambda v: 0 <= v < 2**32,
+        "expected an integer seed",
+        f"the seed must be in 0..{2**32 - 1}",
+    )
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "expected an integer >= 0")
 
 
 # ------------------------------------------------------------------ the vocabulary
