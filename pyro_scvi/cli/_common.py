@@ -429,6 +429,18 @@ def _cell_indices(model, cells: str):
     return np.asarray(model.validation_indices if cells == "held-out" else model.train_indices)
 
 
+def _read_h5ad(path: Path, **kwargs):
+    """``anndata.read_h5ad(path, **kwargs)``; a file it cannot read is one InputError line."""
+    import anndata
+
+    try:
+        return anndata.read_h5ad(path, **kwargs)
+    except Exception as err:  # h5py/anndata raise many types for a bad file
+        # h5py messages can span lines; the CLI promises one line
+        reason = " ".join(str(err).split())
+        raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})") from err
+
+
 def _read_input(text: str):
     """``(adata, path)``: an ``.h5ad`` file read whole, or a shipped dataset (path ``None``)."""
     import anndata
@@ -437,14 +449,7 @@ def _read_input(text: str):
 
     path = Path(text)
     if path.exists():
-        try:
-            return anndata.read_h5ad(path), path
-        except Exception as err:  # h5py/anndata raise many types for a bad file
-            # h5py messages can span lines; the CLI promises one line
-            reason = " ".join(str(err).split())
-            raise InputError(
-                f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})"
-            ) from err
+        return _read_h5ad(path), path
     if text in datasets.SHIPPED:
         # through the dataset's loader where it has one (tests shrink it there)
         loader = getattr(datasets, text, None)
@@ -464,8 +469,6 @@ def _read_data(args: argparse.Namespace, *, layer: str | None = None):
     ``--data-source`` decides instead when given. Every command that reads INPUT reads it
     here, and reports ``reason``.
     """
-    import anndata
-
     from ..data.placement import choose_data_source
 
     asked = {"auto": None, "memory": False, "streamed": True}[args.data_source]
@@ -478,11 +481,7 @@ def _read_data(args: argparse.Namespace, *, layer: str | None = None):
             )
         adata, _ = _read_input(args.input)
         return adata, False, "memory: a shipped dataset"
-    try:
-        backed = anndata.read_h5ad(path, backed="r")
-    except Exception as err:  # h5py/anndata raise many types for a bad file
-        reason = " ".join(str(err).split())  # one line
-        raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})") from err
+    backed = _read_h5ad(path, backed="r")
     if layer is not None and layer not in backed.layers:
         known = ", ".join(map(repr, backed.layers.keys())) or "none"
         raise InputError(
