@@ -269,6 +269,28 @@ def test_bad_options_give_one_line_and_status_2(h5ad, tmp_path, extra, fragment)
     assert not (tmp_path / "out_model").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--n-latent", "two", "argument --n-latent: expected a positive integer, got 'two'"),
+        ("--n-latent", "0", "argument --n-latent: expected a positive integer, got '0'"),
+        ("--lr", "fast", "argument --lr: expected a positive number, got 'fast'"),
+        ("--lr", "inf", "argument --lr: expected a positive finite number, got 'inf'"),
+        ("--lr", "-1", "argument --lr: expected a positive finite number, got '-1'"),
+        ("--seed", "one", "argument --seed: expected an integer seed, got 'one'"),
+        ("--seed", "-1", "argument --seed: the seed must be in 0..4294967295, got '-1'"),
+        ("--seed", str(2**32), f"the seed must be in 0..4294967295, got '{2**32}'"),
+        ("--checkpoint-every", "x", "--checkpoint-every: expected an integer >= 0, got 'x'"),
+        ("--checkpoint-every", "-1", "--checkpoint-every: expected an integer >= 0, got '-1'"),
+    ],
+)
+def test_option_types_name_the_value_they_refuse(h5ad, tmp_path, option, value, message):
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, "--quiet", option, value])
+    _check_one_line_error(status, stderr, message)
+    assert not out.exists()
+
+
 def test_missing_input_file(tmp_path):
     status, stderr = _run(["fit", tmp_path / "nope.h5ad", "-o", tmp_path / "out.h5ad"])
     _check_one_line_error(status, stderr, "neither an existing file nor a shipped dataset")

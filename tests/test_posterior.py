@@ -245,6 +245,54 @@ def test_posterior_samples_bad_arguments(trained, one_dim):
     assert sorted(s) == ["rho", "x", "z"]
 
 
+def test_sampling_queries_leave_the_networks_the_store_and_grad_mode_as_they_were():
+    """The queries that draw from q run without gradients, in eval mode and a store scope,
+    and restore all three: train mode stays on, nothing is added to the param store."""
+    from pyro_scvi.model.schemes import BayesianDecoder
+
+    adata = synthetic_zinb(n_cells=30, n_genes=6, n_batches=2, seed=0)
+    m = SCVI(adata, batch_key="batch", n_latent=2, n_hidden=4, scheme=BayesianDecoder())
+    m.model.train(), m.guide.train()
+    store = sorted(pyro.get_param_store().keys())
+    queries = {
+        "posterior_samples": lambda: m.posterior_samples(n_samples=2, batch_size=7, seed=0),
+        "get_likelihood_parameters": lambda: m.get_likelihood_parameters(batch_size=7, seed=0),
+        "get_normalized_expression": lambda: m.get_normalized_expression(batch_size=7),
+    }
+    for name, query in queries.items():
+        out = query()
+        assert len(out) > 0, name
+        assert m.model.training and m.guide.training, name
+        assert torch.is_grad_enabled(), name
+        assert sorted(pyro.get_param_store().keys()) == store, name
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        lambda m, seed: m.posterior_samples(n_samples=2, seed=seed)["x"],
+        lambda m, seed: m.get_likelihood_parameters(n_samples=2, seed=seed)["mean"],
+        lambda m, seed: m.get_dropout_probability(n_samples=2, zeros_only=False, seed=seed),
+        lambda m, seed: m.get_latent_library_size(give_mean=False, seed=seed),
+        lambda m, seed: m.posterior_predictive_sample(seed=seed).toarray(),
+        lambda m, seed: m.get_fit_statistics(n_samples=3, seed=seed)["elbo"].to_numpy(),
+        lambda m, seed: m.get_marginal_ll_ais(indices=[0, 1], n_chains=2, n_steps=2, seed=seed)[
+            "marginal_ll"
+        ].to_numpy(),
+    ],
+    ids=["samples", "likelihood", "dropout", "library", "predictive", "fit", "ais"],
+)
+def test_every_seeded_query_reproduces_and_leaves_the_global_stream_alone(query):
+    adata = synthetic_zinb(n_cells=20, n_genes=6, seed=0)
+    m = SCVI(adata, n_latent=2, n_hidden=4)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = query(m, 7)
+    assert torch.equal(torch.get_rng_state(), state)
+    np.testing.assert_array_equal(a, query(m, 7))
+    assert not np.array_equal(a, query(m, 8))
+
+
 def test_summarize_matches_numpy(rng):
     samples = rng.gamma(2.0, size=(40, 5, 3))
     s = posterior.summarize(samples, quantiles=(0.1, 0.5, 0.9))

@@ -48,28 +48,32 @@ def plot_history(history: pd.DataFrame, path: str | os.PathLike | None = None):
         # The first epochs dwarf the rest; show the range where training settles.
         lo, hi = finite.quantile(0.02), finite.max()
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-    fig.tight_layout()
-    if path is not None:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
-    return fig
+    return _save(fig, path)
 
 
 #: Statistics drawn on log axes in :func:`plot_ppc_scatter`: they span orders of magnitude.
 _LOG_STATISTICS = {"mean", "variance", "library_size"}
 
 
+def _panel_grid(n: int, ncols: int, width: float, height: float, dpi: int = 120):
+    """A figure of ``n`` panels, ``ncols`` a row, each ``width x height`` inches.
+
+    Returns the figure and its axes, row by row; the axes past the ``n``-th are hidden.
+    """
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width * ncols, height * nrows), dpi=dpi, squeeze=False
+    )
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
 def _ppc_panels(table: pd.DataFrame, ncols: int = 3):
     """A figure with one axis per (level, statistic) of a PPC table, in table order."""
     keys = list(dict.fromkeys(zip(table["level"], table["statistic"], strict=True)))
-    nrows = max(1, -(-len(keys) // ncols))
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(4 * ncols, 3.4 * nrows), dpi=120, squeeze=False
-    )
-    for ax in axes.flat[len(keys) :]:
-        ax.set_visible(False)
-    return fig, list(zip(keys, axes.flat, strict=False))
+    fig, axes = _panel_grid(len(keys), ncols, 4, 3.4)
+    return fig, list(zip(keys, axes, strict=False))
 
 
 def _save(fig, path: str | os.PathLike | None):
@@ -278,14 +282,9 @@ def plot_volcano(
     """
     comparisons = list(dict.fromkeys(results["comparison"]))[:max_panels]
     ncols = max(1, min(ncols, len(comparisons)))
-    nrows = max(1, -(-len(comparisons) // ncols))
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), dpi=120, squeeze=False
-    )
-    for ax in axes.flat[len(comparisons) :]:
-        ax.set_visible(False)
+    fig, axes = _panel_grid(len(comparisons), ncols, 4.2, 3.6)
     params = results.attrs.get("params", {})
-    for name, ax in zip(comparisons, axes.flat, strict=False):
+    for name, ax in zip(comparisons, axes, strict=False):
         rows = results[results["comparison"] == name]
         lfc = rows["lfc_mean"].to_numpy(dtype=float)
         evidence = np.log(rows["proba_de"].to_numpy(float)) - np.log(
@@ -306,7 +305,7 @@ def plot_volcano(
         ax.set_title(f"{name} ({int(called.sum())} DE)")
         ax.set_xlabel("log2 fold change (posterior mean)")
         ax.set_ylabel("log Bayes factor of DE")
-    axes.flat[0].legend(fontsize="small", loc="lower left")
+    axes[0].legend(fontsize="small", loc="lower left")
     return _save(fig, path)
 
 
@@ -374,9 +373,7 @@ def plot_embedding(
         raise KeyError(f"color {missing} not in adata.obs ({list(adata.obs.columns)}).")
     panels = keys or [None]
     ncols = max(1, min(ncols, len(panels)))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.4 * nrows), dpi=110)
-    axes = np.atleast_1d(axes).ravel()
+    fig, axes = _panel_grid(len(panels), ncols, 5.2, 4.4, dpi=110)
     size = point_size or float(np.clip(3000 / max(len(coords), 1), 1.0, 30.0))
     # a fixed random drawing order: files are often sorted by a category, whose last
     # group would otherwise cover the rest
@@ -419,8 +416,6 @@ def plot_embedding(
             ax.set_title(key)
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_xlabel(f"{basis}1"), ax.set_ylabel(f"{basis}2")
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
     return _save(fig, path)
 
 

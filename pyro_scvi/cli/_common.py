@@ -41,44 +41,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 # Option types: each refuses a bad value with a message naming it (argparse adds the option).
-def _positive_int(text: str) -> int:
+def _number(text: str, convert, valid, expected: str, out_of_range: str | None = None):
+    """``convert(text)`` when ``valid`` of it; else ``ArgumentTypeError`` naming ``text``.
+
+    ``expected`` says what was expected of a text that ``convert`` cannot read, and of a
+    value outside the range unless ``out_of_range`` says it otherwise.
+    """
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{out_of_range or expected}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "expected a positive integer")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+    return _number(
+        text,
+        float,
+        lambda v: math.isfinite(v) and v > 0,
+        "expected a positive number",
+        "expected a positive finite number",
+    )
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"the seed must be in 0..{2**32 - 1}, got {text!r}")
-    return value
+    return _number(
+        text,
+        int,
+        lambda v: 0 <= v < 2**32,
+        "expected an integer seed",
+        f"the seed must be in 0..{2**32 - 1}",
+    )
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "expected an integer >= 0")
 
 
 # ------------------------------------------------------------------ the vocabulary
@@ -426,6 +429,18 @@ def _cell_indices(model, cells: str):
     return np.asarray(model.validation_indices if cells == "held-out" else model.train_indices)
 
 
+def _read_h5ad(path: Path, **kwargs):
+    """``anndata.read_h5ad(path, **kwargs)``; a file it cannot read is one InputError line."""
+    import anndata
+
+    try:
+        return anndata.read_h5ad(path, **kwargs)
+    except Exception as err:  # h5py/anndata raise many types for a bad file
+        # h5py messages can span lines; the CLI promises one line
+        reason = " ".join(str(err).split())
+        raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})") from err
+
+
 def _read_input(text: str):
     """``(adata, path)``: an ``.h5ad`` file read whole, or a shipped dataset (path ``None``)."""
     import anndata
@@ -434,14 +449,7 @@ def _read_input(text: str):
 
     path = Path(text)
     if path.exists():
-        try:
-            return anndata.read_h5ad(path), path
-        except Exception as err:  # h5py/anndata raise many types for a bad file
-            # h5py messages can span lines; the CLI promises one line
-            reason = " ".join(str(err).split())
-            raise InputError(
-                f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})"
-            ) from err
+        return _read_h5ad(path), path
     if text in datasets.SHIPPED:
         # through the dataset's loader where it has one (tests shrink it there)
         loader = getattr(datasets, text, None)
@@ -461,8 +469,6 @@ def _read_data(args: argparse.Namespace, *, layer: str | None = None):
     ``--data-source`` decides instead when given. Every command that reads INPUT reads it
     here, and reports ``reason``.
     """
-    import anndata
-
     from ..data.placement import choose_data_source
 
     asked = {"auto": None, "memory": False, "streamed": True}[args.data_source]
@@ -475,11 +481,7 @@ def _read_data(args: argparse.Namespace, *, layer: str | None = None):
             )
         adata, _ = _read_input(args.input)
         return adata, False, "memory: a shipped dataset"
-    try:
-        backed = anndata.read_h5ad(path, backed="r")
-    except Exception as err:  # h5py/anndata raise many types for a bad file
-        reason = " ".join(str(err).split())  # one line
-        raise InputError(f"cannot read {path} as .h5ad ({type(err).__name__}: {reason})") from err
+    backed = _read_h5ad(path, backed="r")
     if layer is not None and layer not in backed.layers:
         known = ", ".join(map(repr, backed.layers.keys())) or "none"
         raise InputError(

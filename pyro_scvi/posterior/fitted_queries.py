@@ -127,6 +127,22 @@ def _genes_last(values: np.ndarray, columns: np.ndarray | None) -> np.ndarray:
     return values if columns is None else values[..., columns]
 
 
+def _cells_by_genes(values: np.ndarray, data: CountData, columns: np.ndarray | None):
+    """A cells x genes DataFrame of per-gene ``values``, its genes ``columns`` of ``data``."""
+    names = data.var_names if columns is None else data.var_names[columns]
+    return pd.DataFrame(_genes_last(values, columns), index=data.obs_names, columns=names)
+
+
+def _estimate(fitted: Fitted, estimator, data: CountData, idx: np.ndarray, seed, **settings):
+    """``estimator`` run on the cells ``idx`` with ``fitted``'s model, guide and device.
+
+    Its draws are seeded by ``seed`` (:func:`~pyro_scvi.posterior.queries.seeded`), which
+    leaves the global random state as it was.
+    """
+    with q.seeded(seed, fitted.device):
+        return estimator(fitted.model, fitted.guide, data, idx, device=fitted.device, **settings)
+
+
 @fill_doc
 def get_latent_representation(
     fitted: Fitted,
@@ -230,10 +246,9 @@ def get_normalized_expression(
         device=fitted.device,
     )
     columns = output_genes(fitted, adata, data)
-    names = data.var_names if columns is None else data.var_names[columns]
     if not return_mean:
         return _genes_last(samples, columns)
-    return pd.DataFrame(_genes_last(samples.mean(0), columns), index=data.obs_names, columns=names)
+    return _cells_by_genes(samples.mean(0), data, columns)
 
 
 @fill_doc
@@ -292,18 +307,17 @@ def get_fit_statistics(
     check_positive(n_samples=n_samples, batch_size=batch_size)
     data = fitted.data_for(adata)
     idx = check_indices(indices, data.n_cells)  # None: every cell
-    with q.seeded(seed, fitted.device):
-        stats = q.fit_statistics(
-            fitted.model,
-            fitted.guide,
-            data,
-            idx,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            device=fitted.device,
-            observed_library=observed_library,
-            proposal=proposal,
-        )
+    stats = _estimate(
+        fitted,
+        q.fit_statistics,
+        data,
+        idx,
+        seed,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        observed_library=observed_library,
+        proposal=proposal,
+    )
     out = pd.DataFrame(stats, index=data.obs_names[idx])
     out.attrs["proposal"] = (proposal or GuideProposal()).settings()
     out.attrs["n_samples"] = int(n_samples)
@@ -487,21 +501,20 @@ def get_marginal_ll_ais(
         raise InputError(f"target_accept={target_accept}; it must be between 0 and 1.")
     data = fitted.data_for(adata)
     idx = check_indices(indices, data.n_cells)
-    with q.seeded(seed, fitted.device):
-        out = ais.ais_marginal_ll(
-            fitted.model,
-            fitted.guide,
-            data,
-            idx,
-            n_chains=n_chains,
-            n_steps=n_steps,
-            n_leapfrog=n_leapfrog,
-            step_size=step_size,
-            target_accept=target_accept,
-            batch_size=batch_size,
-            device=fitted.device,
-            observed_library=observed_library,
-        )
+    out = _estimate(
+        fitted,
+        ais.ais_marginal_ll,
+        data,
+        idx,
+        seed,
+        n_chains=n_chains,
+        n_steps=n_steps,
+        n_leapfrog=n_leapfrog,
+        step_size=step_size,
+        target_accept=target_accept,
+        batch_size=batch_size,
+        observed_library=observed_library,
+    )
     table = pd.DataFrame(out, index=data.obs_names[idx])
     table.attrs["settings"] = {
         "n_chains": int(n_chains), "n_steps": int(n_steps), "n_leapfrog": int(n_leapfrog),
@@ -685,18 +698,17 @@ def posterior_samples(
             "batch; pass a single batch name."
         )
     data = fitted.data_for(adata)
-    with q.seeded(seed, fitted.device):
-        return q.sample_posterior(
-            fitted.model,
-            fitted.guide,
-            data,
-            np.arange(data.n_cells),
-            n_samples=n_samples,
-            sites=tuple(sites),
-            transform_batch=None if codes is None else codes[0],
-            batch_size=batch_size,
-            device=fitted.device,
-        )
+    return _estimate(
+        fitted,
+        q.sample_posterior,
+        data,
+        np.arange(data.n_cells),
+        seed,
+        n_samples=n_samples,
+        sites=tuple(sites),
+        transform_batch=None if codes is None else codes[0],
+        batch_size=batch_size,
+    )
 
 
 @fill_doc
@@ -741,16 +753,15 @@ def get_likelihood_parameters(
     """
     check_positive(n_samples=n_samples, batch_size=batch_size)
     data = fitted.data_for(adata)
-    with q.seeded(seed, fitted.device):
-        params = q.likelihood_parameters(
-            fitted.model,
-            fitted.guide,
-            data,
-            np.arange(data.n_cells),
-            n_samples=n_samples,
-            batch_size=batch_size,
-            device=fitted.device,
-        )
+    params = _estimate(
+        fitted,
+        q.likelihood_parameters,
+        data,
+        np.arange(data.n_cells),
+        seed,
+        n_samples=n_samples,
+        batch_size=batch_size,
+    )
     # (cells, genes) values in the genes' order of the AnnData asked about
     columns = output_genes(fitted, adata, data)
     params = {k: _genes_last(v, columns) for k, v in params.items()}
@@ -831,18 +842,17 @@ def get_dropout_probability(
     data = fitted.data_for(adata)
     idx = check_indices(indices, data.n_cells)
     columns = output_genes(fitted, adata, data, gene_list)
-    with q.seeded(seed, fitted.device):
-        return q.dropout_probability(
-            fitted.model,
-            fitted.guide,
-            data,
-            idx,
-            n_samples=n_samples,
-            genes=columns,
-            zeros_only=zeros_only,
-            batch_size=batch_size,
-            device=fitted.device,
-        )
+    return _estimate(
+        fitted,
+        q.dropout_probability,
+        data,
+        idx,
+        seed,
+        n_samples=n_samples,
+        genes=columns,
+        zeros_only=zeros_only,
+        batch_size=batch_size,
+    )
 
 
 @fill_doc
@@ -883,16 +893,15 @@ def get_latent_library_size(
     """
     check_positive(batch_size=batch_size)
     data = fitted.data_for(adata)
-    with q.seeded(seed, fitted.device):
-        return q.latent_library_size(
-            fitted.model,
-            fitted.guide,
-            data,
-            np.arange(data.n_cells),
-            give_mean=give_mean,
-            batch_size=batch_size,
-            device=fitted.device,
-        )
+    return _estimate(
+        fitted,
+        q.latent_library_size,
+        data,
+        np.arange(data.n_cells),
+        seed,
+        give_mean=give_mean,
+        batch_size=batch_size,
+    )
 
 
 @fill_doc
@@ -940,16 +949,15 @@ def posterior_predictive_sample(
     check_positive(n_samples=n_samples, batch_size=batch_size)
     data = fitted.data_for(adata)
     columns = output_genes(fitted, adata, data, gene_list)
-    with q.seeded(seed, fitted.device):
-        draws = q.posterior_predictive_counts(
-            fitted.model,
-            fitted.guide,
-            data,
-            np.arange(data.n_cells),
-            n_samples=n_samples,
-            batch_size=batch_size,
-            device=fitted.device,
-        )
+    draws = _estimate(
+        fitted,
+        q.posterior_predictive_counts,
+        data,
+        np.arange(data.n_cells),
+        seed,
+        n_samples=n_samples,
+        batch_size=batch_size,
+    )
     if columns is not None:
         draws = [d[:, columns] for d in draws]
     return draws[0] if n_samples == 1 else draws
@@ -1029,10 +1037,4 @@ def impute(
             parts["lower"].append(summary[keys["lower"]])
             parts["upper"].append(summary[keys["upper"]])
     columns = output_genes(fitted, adata, data)
-    names = data.var_names if columns is None else data.var_names[columns]
-    return {
-        k: pd.DataFrame(
-            _genes_last(np.concatenate(v), columns), index=data.obs_names, columns=names
-        )
-        for k, v in parts.items()
-    }
+    return {k: _cells_by_genes(np.concatenate(v), data, columns) for k, v in parts.items()}

@@ -153,6 +153,23 @@ def sample_guide(
         return {**predictive(x, batch_index, cell_index), **shared}
 
 
+@contextmanager
+def _posterior_draws(model, guide, n_samples: int) -> Iterator[None]:
+    """The setting of a query that draws ``n_samples`` posterior samples per cell.
+
+    No gradients, networks in eval mode, a scope that leaves Pyro's parameter store as it
+    was, and one draw of the guide's global sites for the whole query
+    (:func:`shared_globals`), so every minibatch decodes under the same globals.
+    """
+    with (
+        torch.no_grad(),
+        eval_mode(model, guide),
+        pyro.get_param_store().scope(),
+        shared_globals(guide, n_samples),
+    ):
+        yield
+
+
 def decode(
     model,
     samples: dict[str, torch.Tensor],
@@ -202,12 +219,7 @@ def sample_posterior(
         raise ValueError(f"Unknown sites {sorted(unknown)}; choose from z, l, rho, x.")
     out: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     model_sites = [s for s in sites if s in ("rho", "x")]
-    with (
-        torch.no_grad(),
-        eval_mode(model, guide),
-        pyro.get_param_store().scope(),
-        shared_globals(guide, n_samples),
-    ):
+    with _posterior_draws(model, guide, n_samples):
         for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
             latent = sample_guide(model, guide, x, b, n_samples, cells)
             decoded = {}
@@ -257,12 +269,7 @@ def _likelihood_arguments(
     """
     original = model.likelihood
     recording = _RecordingLikelihood(original)
-    with (
-        torch.no_grad(),
-        eval_mode(model, guide),
-        pyro.get_param_store().scope(),
-        shared_globals(guide, n_samples),
-    ):
+    with _posterior_draws(model, guide, n_samples):
         model.likelihood = recording
         try:
             for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
@@ -505,12 +512,7 @@ def normalized_expression(
     with ``library_size="latent"``, multiplied by the cell's library ``exp(l)``.
     """
     out = []
-    with (
-        torch.no_grad(),
-        eval_mode(model, guide),
-        pyro.get_param_store().scope(),
-        shared_globals(guide, n_samples),
-    ):
+    with _posterior_draws(model, guide, n_samples):
         for x, b, cells in iterate_indexed_cells(data, indices, batch_size, device):
             samples = sample_guide(model, guide, x, b, n_samples, cells)
             codes = [None] if transform_batch is None else list(transform_batch)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..._docs import fill
 from ._registry import (
     CACHE_ENV,
     DATA_ENV,
@@ -85,6 +86,25 @@ SHIPPED = {"pbmc8k_200hvg": "pbmc8k_200hvg.h5ad"}
 
 _Folder = str | os.PathLike | None
 
+#: Docstring entries the loaders share, filled in by :func:`_loader_doc`.
+_LOADER_DOCS = {
+    "data_dir": """data_dir
+    A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
+    the user cache; else the source is downloaded (see :func:`fetch`).""",
+    "download": """download
+    ``False``: never download; raise :class:`DatasetUnavailableError` instead.""",
+    "contract": """anndata.AnnData
+    Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
+    ``obs["batch"]``, ``uns["source"]``.""",
+}
+
+
+def _loader_doc(loader):
+    """Fill the ``{data_dir}``, ``{download}`` and ``{contract}`` lines of a loader's docstring."""
+    if loader.__doc__:  # None under python -OO
+        loader.__doc__ = fill(loader.__doc__, _LOADER_DOCS)
+    return loader
+
 
 def path(name: str = "pbmc8k_200hvg") -> Path:
     """Path of a shipped dataset's ``.h5ad`` file (see :func:`fetch` for all datasets)."""
@@ -93,6 +113,7 @@ def path(name: str = "pbmc8k_200hvg") -> Path:
     return Path(str(files(__name__) / SHIPPED[name]))
 
 
+@_loader_doc
 def pbmc8k_200hvg(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
     """7,448 PBMCs x 200 highly variable genes, raw UMI counts; ships with the package.
 
@@ -112,14 +133,11 @@ def pbmc8k_200hvg(*, data_dir: _Folder = None, download: bool = True) -> anndata
     data_dir
         A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
         the package, the user cache; else the source is downloaded (see :func:`fetch`).
-    download
-        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+    {download}
 
     Returns
     -------
-    anndata.AnnData
-        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
-        ``obs["batch"]``, ``uns["source"]``.
+    {contract}
 
     References
     ----------
@@ -135,6 +153,7 @@ def pbmc8k_200hvg(*, data_dir: _Folder = None, download: bool = True) -> anndata
     return load("pbmc8k_200hvg", data_dir=data_dir, download=download)
 
 
+@_loader_doc
 def cellbench_3cl_2tech(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
     """CellBench: three lung adenocarcinoma cell lines, each sequenced by two technologies.
 
@@ -154,17 +173,12 @@ def cellbench_3cl_2tech(*, data_dir: _Folder = None, download: bool = True) -> a
 
     Parameters
     ----------
-    data_dir
-        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
-        the user cache; else the source is downloaded (see :func:`fetch`).
-    download
-        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+    {data_dir}
+    {download}
 
     Returns
     -------
-    anndata.AnnData
-        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
-        ``obs["batch"]``, ``uns["source"]``.
+    {contract}
 
     References
     ----------
@@ -179,6 +193,7 @@ def cellbench_3cl_2tech(*, data_dir: _Folder = None, download: bool = True) -> a
     return load("cellbench_3cl_2tech", data_dir=data_dir, download=download)
 
 
+@_loader_doc
 def zeisel_cortex_subset(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
     """1,464 mouse cortex and hippocampus cells x 1,000 genes (Zeisel et al. 2015), UMIs.
 
@@ -196,17 +211,12 @@ def zeisel_cortex_subset(*, data_dir: _Folder = None, download: bool = True) -> 
 
     Parameters
     ----------
-    data_dir
-        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
-        the user cache; else the source is downloaded (see :func:`fetch`).
-    download
-        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+    {data_dir}
+    {download}
 
     Returns
     -------
-    anndata.AnnData
-        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
-        ``obs["batch"]``, ``uns["source"]``.
+    {contract}
 
     References
     ----------
@@ -223,6 +233,7 @@ def zeisel_cortex_subset(*, data_dir: _Folder = None, download: bool = True) -> 
     return load("zeisel_cortex_subset", data_dir=data_dir, download=download)
 
 
+@_loader_doc
 def baron_pancreas(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
     """2,812 human pancreas cells x 2,000 genes of two donors (Baron et al. 2016), inDrop UMIs.
 
@@ -239,11 +250,8 @@ def baron_pancreas(*, data_dir: _Folder = None, download: bool = True) -> anndat
 
     Parameters
     ----------
-    data_dir
-        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
-        the user cache; else the source is downloaded (see :func:`fetch`).
-    download
-        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+    {data_dir}
+    {download}
 
     Returns
     -------
@@ -263,6 +271,7 @@ def baron_pancreas(*, data_dir: _Folder = None, download: bool = True) -> anndat
     return load("baron_pancreas", data_dir=data_dir, download=download)
 
 
+@_loader_doc
 def worm_neurons(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
     """4,186 C. elegans neurons x 13,488 genes, sci-RNA-seq (Cao et al. 2017); very sparse.
 
@@ -280,17 +289,12 @@ def worm_neurons(*, data_dir: _Folder = None, download: bool = True) -> anndata.
 
     Parameters
     ----------
-    data_dir
-        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
-        the user cache; else the source is downloaded (see :func:`fetch`).
-    download
-        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+    {data_dir}
+    {download}
 
     Returns
     -------
-    anndata.AnnData
-        Raw integer counts in ``.X`` (CSR, int32), ``obs["cell_type"]``,
-        ``obs["batch"]``, ``uns["source"]``.
+    {contract}
 
     References
     ----------
@@ -307,6 +311,7 @@ def worm_neurons(*, data_dir: _Folder = None, download: bool = True) -> anndata.
     return load("worm_neurons", data_dir=data_dir, download=download)
 
 
+@_loader_doc
 def onek1k_pbmc_40donors(*, data_dir: _Folder = None, download: bool = True) -> anndata.AnnData:
     """7,811 PBMCs x 1,000 genes of 40 donors from OneK1K (Yazar et al. 2022), 10x UMIs.
 
@@ -325,11 +330,8 @@ def onek1k_pbmc_40donors(*, data_dir: _Folder = None, download: bool = True) -> 
 
     Parameters
     ----------
-    data_dir
-        A folder searched first for the dataset's ``.h5ad``; then ``$PYRO_SCVI_DATA``,
-        the user cache; else the source is downloaded (see :func:`fetch`).
-    download
-        ``False``: never download; raise :class:`DatasetUnavailableError` instead.
+    {data_dir}
+    {download}
 
     Returns
     -------
