@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
+
 from .lib import data, results
 
 STUDY = "criticism"
@@ -41,12 +43,9 @@ def parse_fit(spec: str) -> tuple[str, dict, dict]:
 
 
 def reads(adata, shape: float, rng, lo: float = 1e4, hi: float = 1e6):
-    """Smart-seq2-like read counts from UMIs (the retired ``derive_data.py --kind reads``):
-    each molecule PCR-amplified and sequenced, ``reads ~ Poisson(Gamma(shape * umis, a_c /
-    shape))``, a cell's reads per molecule ``a_c`` set for a log-uniform total in [lo, hi]
-    (``--reads SHAPE``, for instance 1); cells left without reads are dropped."""
-    import numpy as np
-
+    """Smart-seq2-like reads from UMIs (``--reads SHAPE``, e.g. 1): each molecule amplified,
+    ``reads ~ Poisson(Gamma(shape * umis, a_c / shape))``, a cell's reads per molecule ``a_c`` set
+    for a log-uniform total in [lo, hi]; cells left without reads are dropped."""
     x, total = adata.X.tocsr(copy=True), np.exp(rng.uniform(np.log(lo), np.log(hi), adata.n_obs))
     per_molecule = np.repeat(total / np.asarray(x.sum(1)).ravel(), np.diff(x.indptr))
     x.data = rng.poisson(rng.gamma(shape * x.data, per_molecule / shape)).astype(np.float32)
@@ -64,6 +63,7 @@ def table(res: dict) -> str:
     rows = [
         f"{r['dataset']} | {r['shape'][0]} x {r['shape'][1]} | {r['fit']} | {r['epochs']} | "
         + " | ".join(f"{r[k]:.1f}" if k == "elpd_mean" else f"{r[k]:.3f}" for k in COLUMNS)
+        + f" | {' / '.join(f'{v:.3f}' for v in r.get('pit_tv_mean_thirds', []))}"
         for r in sorted(res["runs"], key=lambda r: (r["dataset"], r["fit"] != "zinb", r["fit"]))
     ]
     how = (
@@ -74,14 +74,12 @@ def table(res: dict) -> str:
         "10-95 %; r2 about the identity line (log10 for mean, CV, library)."
     )
     lines = results.header(res, "Calibration and fit on held-out cells, per shared dataset", how)
-    columns = ["dataset", "cells x genes", "fit", "epochs", *COLUMNS.values()]
+    columns = ["dataset", "cells x genes", "fit", "epochs", *COLUMNS.values(), "TV by thirds"]
     lines += results.md_table(columns, rows)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    import numpy as np
-
     import pyro_scvi
     from pyro_scvi.analysis import criticism
     from pyro_scvi.model.likelihoods import LIKELIHOODS
@@ -120,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep = np.random.default_rng(0).choice(adata.n_obs, args.max_cells, replace=False)
                 adata = adata[np.sort(keep)].copy()
         batch_key = data.batch_key_for(adata)
+        third = np.argsort(np.argsort(np.asarray(adata.X.sum(0)).ravel())) * 3 // adata.n_vars
         for spec, lik, model_kw, train_kw in fits:
             if epochs is not None:
                 train_kw = {"kl_warmup_epochs": max(1, epochs // 3), **train_kw}
@@ -135,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             run["criticize_seconds"] = time.perf_counter() - trained
             run |= {k: v for k, v in c.summary.items() if k != "name"}
             run["pit_histogram"] = criticism.pit_histogram(c.pit).round(4).tolist()
+            run["pit_tv_mean_thirds"] = [criticism.pit_tv(c.pit[:, third == t]) for t in range(3)]
             res["runs"] = [r for r in res["runs"] if (r["dataset"], r.get("fit")) != (name, spec)]
             res["runs"].append(run)
             print(name, spec, {k: run[k] for k in list(COLUMNS)[:4]}, file=sys.stderr, flush=True)

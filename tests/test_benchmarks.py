@@ -355,7 +355,10 @@ def test_criticism_smoke(tmp_path):
         assert run["cells"] == "held-out" and run["n_cells"] == 20
         assert 0 <= run["pit_tv"] <= 1 and 0 <= run["calibration_error"] <= 1
         assert math.isfinite(run["r2_mean"]) and math.isfinite(run["elpd_mean"])
-    assert "PIT TV" in (tmp_path / "criticism_smoke.md").read_text()
+        # the low, mid and high thirds of genes by mean count, each a PIT TV of its own
+        assert len(run["pit_tv_mean_thirds"]) == 3
+        assert all(0 <= v <= 1 for v in run["pit_tv_mean_thirds"])
+    assert "TV by thirds" in (tmp_path / "criticism_smoke.md").read_text()
 
 
 def test_de_truth_smoke(tmp_path):
