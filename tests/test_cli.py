@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import anndata
@@ -159,6 +160,33 @@ def test_batch_key_and_nb_likelihood(h5ad, tmp_path):
     assert model.batch_categories == ("batch0", "batch1")
     assert isinstance(model.model.likelihood, NB)
     assert model.settings["batch_key"] == "batch"
+
+
+def test_dispersion_per_batch_is_fitted_saved_and_checked_on_resume(h5ad, tmp_path):
+    out = tmp_path / "gb.h5ad"
+    argv = ["fit", h5ad, "-o", out, "--batch-key", "batch", "--dispersion", "gene-batch"]
+    status, stderr = _run([*argv, *FAST])
+    assert status == 0, stderr
+    adata = anndata.read_h5ad(out)
+    model = SCVI.load(out.with_name("gb_model"), adata, device="cpu")
+    assert model.settings["dispersion"] == "gene-batch"
+    # one theta per gene and batch: a (batches, genes) parameter, the same in every cell of a batch
+    assert dict(model.model.named_parameters())["log_theta"].shape == (2, N_GENES)
+    theta = model.get_likelihood_parameters(n_samples=1, give_mean=True)["dispersions"]
+    codes = adata.obs["batch"].cat.codes.to_numpy()
+    for code in (0, 1):
+        assert np.array_equal(
+            theta[codes == code], np.repeat(theta[codes == code][:1], (codes == code).sum(), 0)
+        )
+    status, stderr = _run(["fit", h5ad, "-o", tmp_path / "bad.h5ad", "--dispersion", "gene-gene"])
+    assert status == 2 and "--dispersion" in stderr and "gene-batch" in stderr
+
+
+def test_dispersion_choices_match_the_model():
+    from pyro_scvi.cli import DISPERSION_NAMES
+    from pyro_scvi.model.generative import Dispersion
+
+    assert sorted(DISPERSION_NAMES) == sorted(typing.get_args(Dispersion))
 
 
 def test_layer_poisson_and_model_dir(tmp_path):

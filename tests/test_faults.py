@@ -572,6 +572,9 @@ def test_resume_with_other_training_options_is_refused(raw, tmp_path, monkeypatc
     status, stderr = _run([*argv, "--resume", "--no-library-residual"])
     _one_line(status, stderr)
     assert "--library-residual True (given: False)" in stderr
+    status, stderr = _run([*argv, "--resume", "--dispersion", "gene-cell"])
+    _one_line(status, stderr)
+    assert "--dispersion gene (given: gene-cell)" in stderr
     status, stderr = _run(
         [
             "fit",

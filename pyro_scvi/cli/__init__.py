@@ -48,9 +48,9 @@ from ..errors import InputError
 from . import de, evaluate, fit, map_query, plot, ppc
 from ._common import PROG, _Parser
 from ._signals import handling_signals, signal_name
-from .fit import LIKELIHOOD_NAMES
+from .fit import DISPERSION_NAMES, LIKELIHOOD_NAMES
 
-__all__ = ["COMMANDS", "LIKELIHOOD_NAMES", "PROG", "build_parser", "main"]
+__all__ = ["COMMANDS", "DISPERSION_NAMES", "LIKELIHOOD_NAMES", "PROG", "build_parser", "main"]
 
 #: Sub-command name -> its module, in the order ``pyro-scvi --help`` lists them.
 COMMANDS = {

@@ -82,6 +82,9 @@ from ._common import (
 #: ``--likelihood`` choices: the keys of :data:`pyro_scvi.model.likelihoods.LIKELIHOODS`, listed
 #: here so that ``--help`` does not import torch (a test checks they agree).
 LIKELIHOOD_NAMES = ("nb", "poisson", "zinb", "zip")
+#: ``--dispersion`` choices: the values of :data:`pyro_scvi.model.generative.Dispersion`,
+#: listed here for the same reason (a test checks they agree).
+DISPERSION_NAMES = ("gene", "gene-batch", "gene-cell")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -97,6 +100,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--layer", help="layer with raw counts (default: .X)")
     add_idea(p, "batch_key", help="obs column with each cell's batch")
     p.add_argument("--likelihood", choices=LIKELIHOOD_NAMES, default="zinb")
+    p.add_argument(
+        "--dispersion",
+        choices=DISPERSION_NAMES,
+        default="gene",
+        help="the inverse dispersion theta: one per gene (default), one per gene and batch "
+        "(with --batch-key; e.g. full-length read counts from several donors), or one per "
+        "gene and cell",
+    )
     p.add_argument("--n-latent", type=_positive_int, default=10)
     add_idea(
         p,
@@ -299,6 +310,7 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
             layer=args.layer,
             batch_key=args.batch_key,
             likelihood=LIKELIHOODS[args.likelihood](),
+            dispersion=args.dispersion,
             n_latent=args.n_latent,
             use_observed_lib_size=True if args.observed_library else None,
             library_residual=args.library_residual,
@@ -766,6 +778,7 @@ def _check_resume_options(model, args: argparse.Namespace, argv: Sequence[str] =
     run = settings.to_dict() if settings is not None else {}
     expected = {
         "--likelihood": (repr(LIKELIHOODS[args.likelihood]()), model.settings["likelihood"]),
+        "--dispersion": (args.dispersion, model.settings["dispersion"]),
         "--n-latent": (args.n_latent, model.settings["n_latent"]),
         "--observed-library": (
             args.observed_library,
