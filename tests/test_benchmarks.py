@@ -298,7 +298,7 @@ def test_compare_inference_smoke_and_gather(tmp_path):
     assert part.exists(), proc.stderr[-3000:]
     (run,) = json.loads(part.read_text())["runs"]
     schemes = ["mean-field", "full-covariance", "flow", "IWAE", "full-covariance IWAE"]
-    assert list(run["schemes"]) == [*schemes, "per-cell"]
+    assert list(run["schemes"]) == [*schemes, "flow IWAE", "per-cell"]
     for name, row in run["schemes"].items():
         assert "error" not in row, (name, row.get("traceback"))
         assert row["ais_se"] > 0 and 0 <= row["k_over_07"] <= 1, name
@@ -326,6 +326,7 @@ def test_compare_inference_smoke_and_gather(tmp_path):
     assert list(res["runs"][0]["schemes"]) == list(run["schemes"])
     assert res["runs"][0]["schemes"]["flow"] == flow["runs"][0]["schemes"]["flow"]
     assert res["goal"]["full-covariance IWAE vs IWAE"]["of"] == 1
+    assert res["goal"]["flow IWAE vs IWAE"]["of"] == 1
 
 
 def test_query_mapping_smoke(tmp_path):
