@@ -82,7 +82,7 @@ from ._common import (
 #: ``--likelihood`` choices: the keys of :data:`pyro_scvi.model.likelihoods.LIKELIHOODS`, listed
 #: here so that ``--help`` does not import torch (a test checks they agree).
 LIKELIHOOD_NAMES = ("nb", "poisson", "zinb", "zip")
-#: ``--dispersion`` choices: the values of :data:`pyro_scvi.model.generative.Dispersion`,
+#: ``--dispersion`` choices: the values of ``pyro_scvi.model.generative.Dispersion``,
 #: listed here for the same reason (a test checks they agree).
 DISPERSION_NAMES = ("gene", "gene-batch", "gene-cell")
 
