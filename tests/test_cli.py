@@ -180,6 +180,9 @@ def test_dispersion_per_batch_is_fitted_saved_and_checked_on_resume(h5ad, tmp_pa
         )
     status, stderr = _run(["fit", h5ad, "-o", tmp_path / "bad.h5ad", "--dispersion", "gene-gene"])
     assert status == 2 and "--dispersion" in stderr and "gene-batch" in stderr
+    status, stderr = _run(["fit", h5ad, "-o", tmp_path / "nb.h5ad", "--dispersion", "gene-batch"])
+    assert status == 2 and "needs --batch-key KEY" in stderr
+    assert not (tmp_path / "nb.h5ad").exists()
 
 
 def test_dispersion_choices_match_the_model():

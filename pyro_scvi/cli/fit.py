@@ -270,6 +270,11 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
     from ..train.engine import ThreadPolicy
 
     resolve_device(args.device)  # fail before reading data
+    if args.dispersion == "gene-batch" and args.batch_key is None and not args.resume:
+        raise InputError(
+            "--dispersion gene-batch fits one dispersion per gene and batch and needs "
+            "--batch-key KEY; without batches use --dispersion gene."
+        )
     # launched by torchrun: join the group; only rank 0 writes (pyro_scvi.train.distributed)
     group = stack.enter_context(distributed.process_group(resolve_device(args.device)))
     adata, streamed, data_source = _read_data(args, layer=args.layer)
