@@ -1,8 +1,6 @@
 """Posterior queries: held-out fit (ELBO, importance-sampled log p(x), reconstruction),
 posterior samples, summaries, imputation and the ``evaluate`` CLI."""
 
-import contextlib
-import io
 import json
 import math
 
@@ -13,11 +11,11 @@ import pyro
 import pytest
 import scipy.sparse as sp
 import torch
+from _cli import run_cli_output as _run
 from pyro import poutine
 from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import SCVI, InputError, posterior
-from pyro_scvi.cli import main
 from pyro_scvi.model.nn import eval_mode
 from pyro_scvi.posterior.proposals import DefensiveProposal
 from pyro_scvi.train.loop import evaluate_elbo
@@ -392,16 +390,6 @@ def test_imputation_beats_the_gene_mean_on_hidden_entries():
 
 
 # ---------------------------------------------------------------------- CLI
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def saved(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
