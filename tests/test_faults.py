@@ -325,35 +325,12 @@ def no_work(monkeypatch):
 def _into_the_model(fitted, tmp_path, case):
     """argv of a command asked to write into the model folder it reads (issue 27, item 6)."""
     ref, data = fitted / "out_model", fitted / "in.h5ad"
+    query = ["map-query", ref, data, "-o", tmp_path / "q.h5ad", "--model-dir"]
     return {
         # before: map-query replaced its own reference model with the query model (exit 0)
-        "map-query --model-dir REF": [
-            "map-query",
-            ref,
-            data,
-            "-o",
-            tmp_path / "q.h5ad",
-            "--model-dir",
-            ref,
-        ],
-        "map-query --model-dir REF spelled otherwise": [
-            "map-query",
-            ref,
-            data,
-            "-o",
-            tmp_path / "q.h5ad",
-            "--model-dir",
-            ref / ".." / ref.name,
-        ],
-        "map-query --model-dir inside REF": [
-            "map-query",
-            ref,
-            data,
-            "-o",
-            tmp_path / "q.h5ad",
-            "--model-dir",
-            ref / "query",
-        ],
+        "map-query --model-dir REF": [*query, ref],
+        "map-query --model-dir REF spelled otherwise": [*query, ref / ".." / ref.name],
+        "map-query --model-dir inside REF": [*query, ref / "query"],
         "map-query -o inside REF": ["map-query", ref, data, "-o", ref / "q.h5ad"],
         "evaluate --per-cell inside MODEL_DIR": [
             "evaluate",
