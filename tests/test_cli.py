@@ -1,8 +1,6 @@
 """Tests of the pyro-scvi command line (pyro_scvi.cli)."""
 
-import contextlib
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -13,10 +11,10 @@ import anndata
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from _cli import run_cli as _run
 from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import NB, SCVI, Poisson, datasets
-from pyro_scvi.cli import main
 
 N_CELLS, N_GENES = 200, 30
 FAST = ["--max-epochs", "2", "--batch-size", "64", "--n-latent", "3", "--quiet"]
@@ -28,17 +26,6 @@ def _tiny(seed=0, n_batches=2):
 
 def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _run(argv):
-    """main(argv) in-process: (exit status, stderr); argparse errors exit via SystemExit."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, err.getvalue()
 
 
 @pytest.fixture

@@ -20,9 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from _cli import run_cli_output as _run
 
 from pyro_scvi import _version, datasets
-from pyro_scvi.cli import COMMANDS, build_parser, main
+from pyro_scvi.cli import COMMANDS, build_parser
 from pyro_scvi.cli._common import DEPRECATED_IN, VOCABULARY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,16 +238,6 @@ def test_the_options_page_lists_every_option_and_its_values():
 
 
 # ------------------------------------------------------------------ --cells end to end
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     from pyro_scvi.datasets import synthetic_zinb

@@ -5,8 +5,8 @@ destroy data, a full disk, unwritable outputs, damaged model files, interrupts, 
 names, failures in the first epoch, bad seeds and closed pipes.
 """
 
-import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _cli import run_cli
 from pyro_scvi.datasets import synthetic_zinb
 
 import pyro_scvi
@@ -30,7 +31,6 @@ import pyro_scvi.io.files as files
 import pyro_scvi.io.outputs as outputs
 import pyro_scvi.io.persistence as persistence
 from pyro_scvi import SCVI
-from pyro_scvi.cli import main
 from pyro_scvi.errors import TrainingError, TrainingWarning
 
 # Stepper.step is the documented fault-injection seam (pyro_scvi.train.stepper)
@@ -40,15 +40,8 @@ FAST = ["--max-epochs", "3", "--batch-size", "64", "--n-latent", "3", "--quiet"]
 EXACT = ["--engine", "eager", "--threads", "1"]
 
 
-def _run(argv, stdout=None):
-    err = io.StringIO()
-    out = stdout if stdout is not None else io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, err.getvalue()
+#: the CLI in-process; its stdout (reports) is not under test here
+_run = functools.partial(run_cli, stdout="drop")
 
 
 def _one_line(status, stderr, code=2):
@@ -332,35 +325,12 @@ def no_work(monkeypatch):
 def _into_the_model(fitted, tmp_path, case):
     """argv of a command asked to write into the model folder it reads (issue 27, item 6)."""
     ref, data = fitted / "out_model", fitted / "in.h5ad"
+    query = ["map-query", ref, data, "-o", tmp_path / "q.h5ad", "--model-dir"]
     return {
         # before: map-query replaced its own reference model with the query model (exit 0)
-        "map-query --model-dir REF": [
-            "map-query",
-            ref,
-            data,
-            "-o",
-            tmp_path / "q.h5ad",
-            "--model-dir",
-            ref,
-        ],
-        "map-query --model-dir REF spelled otherwise": [
-            "map-query",
-            ref,
-            data,
-            "-o",
-            tmp_path / "q.h5ad",
-            "--model-dir",
-            ref / ".." / ref.name,
-        ],
-        "map-query --model-dir inside REF": [
-            "map-query",
-            ref,
-            data,
-            "-o",
-            tmp_path / "q.h5ad",
-            "--model-dir",
-            ref / "query",
-        ],
+        "map-query --model-dir REF": [*query, ref],
+        "map-query --model-dir REF spelled otherwise": [*query, ref / ".." / ref.name],
+        "map-query --model-dir inside REF": [*query, ref / "query"],
         "map-query -o inside REF": ["map-query", ref, data, "-o", ref / "q.h5ad"],
         "evaluate --per-cell inside MODEL_DIR": [
             "evaluate",
@@ -612,7 +582,7 @@ def test_a_query_with_genes_in_another_order_gives_the_same_answer(fitted, tmp_p
     for i, path in enumerate((fitted / "in.h5ad", tmp_path / "reversed.h5ad")):
         per_cell = tmp_path / f"cells{i}.csv"
         args = ["evaluate", fitted / "out_model", path, "--n-samples", "3", "--threads", "1"]
-        status, stderr = _run([*args, "--per-cell", per_cell], io.StringIO())
+        status, stderr = _run([*args, "--per-cell", per_cell])
         assert status == 0, stderr
         results.append(pd.read_csv(per_cell, index_col="cell"))
     assert len(results[0]) > 0

@@ -8,8 +8,7 @@ component class loads only with ``trust=True`` / ``--trust-model``, with a warni
 model and checkpoint of pyro_scvi's own components loads without it.
 """
 
-import contextlib
-import io
+import functools
 import json
 import os
 import shutil
@@ -23,11 +22,12 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import pytest
 import torch
+from _cli import run_cli
 from pyro_scvi.datasets import synthetic_zinb
 
 import pyro_scvi
 from pyro_scvi import SCVI, ModelFileError
-from pyro_scvi.cli import COMMANDS, build_parser, main
+from pyro_scvi.cli import COMMANDS, build_parser
 from pyro_scvi.errors import TrainingInterrupted, UnsafeModelFileError
 from pyro_scvi.io import pickling, write_model_dir
 from pyro_scvi.model.schemes import BayesianDecoder
@@ -60,14 +60,8 @@ class ShiftedNormal(pyro_scvi.Prior):
         return dist.Normal(self.shift, torch.ones_like(self.shift)).to_event(1)
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, err.getvalue()
+#: the CLI in-process; its stdout (reports) is not under test here
+_run = functools.partial(run_cli, stdout="drop")
 
 
 @pytest.fixture(scope="module")

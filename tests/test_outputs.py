@@ -1,8 +1,6 @@
 """Tests of outputs at scale (pyro_scvi.io.outputs) and of ``pyro-scvi fit``'s use of them."""
 
-import contextlib
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -11,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _cli import run_cli as _run
 from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import SCVI
-from pyro_scvi.cli import main
 from pyro_scvi.data import placement
 from pyro_scvi.errors import InputError
 from pyro_scvi.io import outputs
@@ -32,17 +30,6 @@ FAST = ["--max-epochs", "2", "--batch-size", "64", "--n-latent", "3", "--quiet",
 
 def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _run(argv):
-    """main(argv) in-process: (exit status, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,5 @@
 """Posterior predictive checks (pyro_scvi.analysis.ppc), their plots and ``pyro-scvi ppc``."""
 
-import contextlib
-import io
-
 import anndata
 import arviz as az
 import numpy as np
@@ -11,6 +8,7 @@ import pyro
 import pytest
 import scipy.sparse as sp
 import torch
+from _cli import run_cli_output as _run
 from pyro_scvi.datasets import synthetic_zinb
 
 from pyro_scvi import NB, SCVI
@@ -26,7 +24,6 @@ from pyro_scvi.analysis.ppc import (
     ppc_table,
     ppp_values,
 )
-from pyro_scvi.cli import main
 from pyro_scvi.model import ScviModel
 from pyro_scvi.model.priors import LogNormalLibrary
 
@@ -228,16 +225,6 @@ def test_plots_write_png_with_a_panel_per_statistic(rng, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- CLI
-
-
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

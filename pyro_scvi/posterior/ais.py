@@ -39,11 +39,14 @@ from pyro.poutine.util import site_is_subsample
 
 from ..data.counts import CountData
 from ..model.nn import eval_mode
-from ..model.priors import ObservedLibrary
 from ..model.schemes import is_global, require_point_globals
 from . import queries as posterior
 from .gap import frozen
-from .queries import pareto_k  # noqa: F401  (ais.pareto_k: where it was first)
+from .queries import (
+    _cell_log_probs,
+    _conditioned_on_library,
+    pareto_k,  # noqa: F401  (ais.pareto_k: where it was first)
+)
 
 #: Name of the plate over AIS chains (private so it cannot clash with a user's plates).
 _CHAINS_PLATE = "_ais_chains"
@@ -77,32 +80,15 @@ def _per_cell_sum(value: torch.Tensor) -> torch.Tensor:
     return value.reshape(value.shape[0], value.shape[1], -1).sum(-1)
 
 
-def _site_log_prob(tr, n_chains: int, n_cells: int, skip: set) -> torch.Tensor:
-    """Sum of the per-cell log-densities of a trace's sample sites, ``(chains, cells)``."""
-    total = None
-    for site in tr.nodes.values():
-        if site["type"] != "sample" or site["infer"].get("_deterministic"):
-            continue
-        if is_global(site) or site["name"] in skip or site_is_subsample(site):
-            continue
-        lp = posterior.per_cell(site["log_prob"], n_chains, n_cells)
-        total = lp if total is None else total + lp
-    return total
-
-
 class _Target:
     """``log p(x, z, l)`` and ``log q(z, l | x)`` of one minibatch at given latent values."""
 
     def __init__(self, model, guide, x, batch_index, cell_index, n_chains, observed_library):
         self.args = (x, batch_index, cell_index)
         self.n_chains, self.n_cells = n_chains, x.shape[0]
-        self.skip: set = set()
-        self.model, self.guide = model, guide
-        if observed_library:
-            fixed = {"l": ObservedLibrary().observed(x)}
-            self.model = poutine.condition(model, data=fixed)
-            self.guide = poutine.condition(guide, data=fixed)
-            self.skip.add("l")
+        self.model, self.guide, self.skip = _conditioned_on_library(
+            model, guide, x, observed_library
+        )
 
     def sample(self, n_chains: int) -> dict[str, torch.Tensor]:
         """``n_chains`` draws of q's latent sites per cell, each ``(n_chains, cells, ...)``."""
@@ -127,7 +113,7 @@ class _Target:
         with pyro.plate(_CHAINS_PLATE, self.n_chains, dim=-3):
             tr = poutine.trace(poutine.condition(fn, data=values)).get_trace(*self.args)
         tr.compute_log_prob()
-        return _site_log_prob(tr, self.n_chains, self.n_cells, self.skip)
+        return sum(lp for _, lp in _cell_log_probs(tr, self.n_chains, self.n_cells, self.skip))
 
 
 class _Point:

@@ -40,6 +40,7 @@ import scipy.sparse as sp
 import torch
 from pyro import poutine
 from pyro.infer import Predictive
+from pyro.poutine.util import site_is_subsample
 
 from ..data.counts import CountData
 from ..model.distributions import nb_logits
@@ -551,6 +552,37 @@ def per_cell(log_prob: torch.Tensor, n_samples: int, n_cells: int) -> torch.Tens
     return log_prob.sum(-1).expand(n_samples, n_cells)
 
 
+def _conditioned_on_library(model, guide, x: torch.Tensor, observed_library: bool):
+    """``(model, guide, skip)``; with ``observed_library``, conditioned on the cells' library.
+
+    Each cell's ``l`` is then fixed at its observed log library in both, and ``skip``
+    (``{"l"}``) names the site whose density is left out (see the module docstring).
+    """
+    if not observed_library:
+        return model, guide, set()
+    fixed = {"l": ObservedLibrary().observed(x)}
+    return poutine.condition(model, data=fixed), poutine.condition(guide, data=fixed), {"l"}
+
+
+def _cell_log_probs(
+    tr, n_samples: int, n_cells: int, skip: set
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Each site of a scored trace with a density per cell, and that density per cell.
+
+    The densities are ``(samples, cells)`` (:func:`per_cell`). Left out: what is not a
+    sample site, ``pyro.deterministic`` sites (rho: masked Deltas), a plate's subsample
+    site (density 0), global sites (:func:`pyro_scvi.model.schemes.is_global`: a cell's
+    density is conditional on them) and the sites named in ``skip``. Importance sampling
+    (:func:`log_importance_weights`) and AIS (:mod:`pyro_scvi.posterior.ais`) sum these.
+    """
+    for site in tr.nodes.values():
+        if site["type"] != "sample" or site["infer"].get("_deterministic"):
+            continue
+        if is_global(site) or site["name"] in skip or site_is_subsample(site):
+            continue
+        yield site, per_cell(site["log_prob"], n_samples, n_cells)
+
+
 def _log_densities(
     model,
     guide,
@@ -569,11 +601,7 @@ def _log_densities(
     """
     n_cells = x.shape[0]
     args = (x, batch_index, cell_index)
-    skip = set()
-    if observed_library:
-        fixed = {"l": ObservedLibrary().observed(x)}
-        model, guide = poutine.condition(model, data=fixed), poutine.condition(guide, data=fixed)
-        skip.add("l")
+    model, guide, skip = _conditioned_on_library(model, guide, x, observed_library)
     with pyro.plate(_SAMPLES_PLATE, n_samples, dim=-3):
         guide_tr = poutine.trace(guide).get_trace(*args)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args)
@@ -581,13 +609,7 @@ def _log_densities(
     log_px = x.new_zeros(n_samples, n_cells)
     for sign, tr in ((1.0, model_tr), (-1.0, guide_tr)):
         tr.compute_log_prob()
-        for site in tr.nodes.values():
-            # pyro.deterministic sites (rho) are masked Deltas: no density to add.
-            if site["type"] != "sample" or site["infer"].get("_deterministic"):
-                continue
-            if is_global(site) or site["name"] in skip:
-                continue
-            lp = per_cell(site["log_prob"], n_samples, n_cells)
+        for site, lp in _cell_log_probs(tr, n_samples, n_cells, skip):
             log_w = log_w + sign * lp
             if sign > 0 and site["is_observed"]:
                 log_px = log_px + lp
