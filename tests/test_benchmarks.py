@@ -329,6 +329,21 @@ def test_compare_inference_smoke_and_gather(tmp_path):
     assert res["goal"]["flow IWAE vs IWAE"]["of"] == 1
 
 
+def test_ais_validation_scores_pareto_k_without_ais(tmp_path):
+    # --ais-steps 0: only the importance weights (k and the IS estimate), no AIS column
+    args = ["--smoke", "--datasets", "synthetic:120x20", "--cells", "120", "--epochs", "2"]
+    args += ["--skip", "1", "--held", "3", "--ais-steps", "0", "--proposals", "q", "laplace2"]
+    proc = _study("ais_validation", *args, "--out-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "ais_validation_smoke.json").read_text())
+    ((key, row),) = results["datasets"].items()
+    assert key == "synthetic:120x20/0/1" and "ais" not in row
+    assert row["held"] == 3 and len(set(row["held_ids"])) == 3
+    for p in ("q", "laplace2"):
+        assert len(row[p]["k"]) == 3 and all(math.isfinite(v) for v in row[p]["k"] + row[p]["est"])
+    assert "| synthetic:120x20 | 0 |" in (tmp_path / "ais_validation_smoke.md").read_text()
+
+
 def test_query_mapping_smoke(tmp_path):
     proc = _study("query_mapping", "--smoke", "--out-dir", tmp_path)
     # 0: criteria met; 2: not met (2 epochs on 300 cells); 1: a failure
