@@ -94,7 +94,7 @@ class SCVI:
     n_latent, n_hidden, n_layers, dropout_rate
         Architecture (paper defaults 10, 128, 1, 0.1).
     dispersion
-        ``"gene"``, ``"gene-batch"`` or ``"gene-cell"``.
+        ``"gene"``, ``"gene-batch"`` (needs ``batch_key``) or ``"gene-cell"``.
     use_observed_lib_size
         A thin alias kept for scvi-tools users: ``True`` stands for
         ``library_prior=pyro_scvi.ObservedLibrary()`` (plug in the observed library size

@@ -497,7 +497,8 @@ def test_every_engine_path_is_the_same_estimator_as_plain_svi(
     adata = synthetic_zinb(n_cells=100, n_genes=30, n_batches=n_batches, seed=1)
     m = SCVI(
         adata,
-        batch_key="batch" if n_batches > 1 else None,
+        # gene-batch needs a batch key, one batch included (its one level: per gene)
+        batch_key="batch" if n_batches > 1 or dispersion == "gene-batch" else None,
         likelihood=likelihood(),
         dispersion=dispersion,
         prior=prior(),

@@ -118,6 +118,14 @@ def test_save_load_keeps_likelihood_and_dispersion(tmp_path, small_adata):
     assert loaded.model.log_theta.shape == (2, small_adata.n_vars)
 
 
+def test_gene_batch_dispersion_without_batches_is_refused(small_adata):
+    # per gene and batch with no batch key would silently be per gene
+    with pytest.raises(InputError, match="batch_key=.*dispersion='gene'"):
+        SCVI(small_adata, dispersion="gene-batch", n_latent=3)
+    one = SCVI(small_adata, dispersion="gene-batch", batch_key="batch", n_latent=3)
+    assert one.settings["dispersion"] == "gene-batch"
+
+
 def _same_batch_fraction(v, batches, k=15):
     _, idx = NearestNeighbors(n_neighbors=k + 1).fit(v).kneighbors(v)
     return (batches[idx[:, 1:]] == batches[:, None]).mean()

@@ -155,6 +155,12 @@ def new_components(
     >>> parts.settings["guide"], parts.settings["library_residual"], parts.model.n_latent
     ('ScviGuide', True, 2)
     """
+    if dispersion == "gene-batch" and batch_key is None:
+        # one dispersion per gene and batch with no batches would silently be per gene
+        raise InputError(
+            "dispersion='gene-batch' fits one dispersion per gene and batch and needs "
+            "batch_key=...; without batches use dispersion='gene'."
+        )
     loc, scale = data.library_log_stats()
     prior = as_prior(prior)
     library = library_object(library_prior, use_observed_lib_size, loc, scale)
