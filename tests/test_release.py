@@ -115,8 +115,10 @@ def _venv_with_wheel(tmp: Path, wheel: Path) -> Path:
     venv.EnvBuilder(with_pip=False, system_site_packages=False, symlinks=True).create(env_dir)
     python = env_dir / "bin" / "python"
     # pip runs on the new interpreter, before it can see anything else: nothing to replace
+    # (nor a checkout on PYTHONPATH, whose metadata would pass for the wheel installed)
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
-          "--no-index", "--quiet", "--disable-pip-version-check", wheel])  # fmt: skip
+          "--no-index", "--quiet", "--disable-pip-version-check", wheel], env=clean)  # fmt: skip
     purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
     ours = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
     ours += [sysconfig.get_paths()["platlib"]]
