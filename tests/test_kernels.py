@@ -242,6 +242,56 @@ def test_a_failing_compilation_falls_back_to_the_eager_formulas(monkeypatch):
     assert kernels.precompile() is True
 
 
+def test_training_and_validation_calls_reach_the_kernels_as_precompile_compiled_them(
+    monkeypatch,
+):
+    # torch.compile specializes a graph on the grad mode, on which inputs require grad and
+    # on memory layout: calls that differ from precompile's in any of these compile again
+    # during the run. What each call hands the kernels is recorded through the documented
+    # seam; every training and validation call must look like one of precompile's.
+    seen = []
+
+    def recording(kernel):
+        def call(*args):
+            tensors = [a for a in args if torch.is_tensor(a)]
+            seen.append(
+                (
+                    kernel.__name__,
+                    torch.is_grad_enabled(),
+                    tuple(t.requires_grad for t in tensors),
+                    tuple(t.is_contiguous() for t in tensors),
+                )
+            )
+            return kernel(*args)
+
+        return call
+
+    kernel_pair = (
+        recording(kernels.zinb_log_prob_forward),
+        recording(kernels.zinb_log_prob_grads),
+    )
+    monkeypatch.setattr(kernels, "compiled_kernels", lambda: kernel_pair)
+    monkeypatch.setattr(kernels, "compiler_available", lambda device="cpu": True)
+    assert kernels.precompile()
+    compiled = set(seen)
+    assert {name for name, *_ in compiled} == {"zinb_log_prob_forward", "zinb_log_prob_grads"}
+    seen.clear()
+    handler = kernels.FusedLogProb()
+    x = torch.poisson(torch.full((6, 5), 2.0))
+    mu = torch.rand(6, 5, requires_grad=True)
+    theta = torch.rand(5, requires_grad=True)
+    gate = torch.randn(6, 5, requires_grad=True)
+    # training steps: a compiled ELBO's gradient reaches the operator as a block of its
+    # own, an eager ELBO's (the density summed over genes) as a broadcast view
+    density = handler.log_density(x, mu, theta, gate)
+    density.backward(torch.rand_like(density))
+    handler.log_density(x, mu, theta, gate).sum(-1).sum().backward()
+    # ... and a validation pass, whose decoder outputs carry no grad
+    with torch.no_grad():
+        handler.log_density(x, mu.detach(), theta.detach(), gate.detach())
+    assert len(seen) == 5 and set(seen) <= compiled
+
+
 def test_a_run_whose_kernel_stops_compiling_records_it_and_the_next_run_compiles(
     small_adata, monkeypatch
 ):

@@ -93,6 +93,21 @@ def test_read_gene_file(tmp_path):
 # ------------------------------------------------------------------------ chunked values
 
 
+def test_the_mean_of_normalized_expression_is_the_mean_of_the_same_draws():
+    from pyro_scvi.posterior import queries
+
+    adata = synthetic_zinb(n_cells=70, n_genes=9, seed=2)
+    model = SCVI(adata, n_latent=2, n_hidden=8).train(1, progress_bar=False, seed=0)
+    args = (model.model, model.guide, model.data, np.arange(70))
+    settings = {"library_size": 50.0, "n_samples": 4, "batch_size": 32}
+    torch.manual_seed(3)
+    samples = queries.normalized_expression(*args, **settings)
+    torch.manual_seed(3)
+    mean = queries.normalized_expression(*args, **settings, mean=True)
+    assert samples.shape == (4, 70, 9) and mean.shape == (70, 9) and mean.dtype == np.float32
+    np.testing.assert_array_equal(mean, samples.mean(0, dtype=np.float64).astype(np.float32))
+
+
 def test_chunks_reproduce_the_one_pass_normalized_expression(monkeypatch):
     adata = synthetic_zinb(n_cells=200, n_genes=12, seed=3)
     model = SCVI(adata, n_latent=2, n_hidden=8).train(1, progress_bar=False, seed=0)

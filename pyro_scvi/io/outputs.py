@@ -271,25 +271,38 @@ def normalized_chunks(
     ------
     (slice, numpy.ndarray)
         The chunk's rows and its float32 values, ``(rows, genes or len(columns))``.
+
+    Notes
+    -----
+    Each minibatch's samples are averaged as they are drawn (``mean=True`` of
+    :func:`~pyro_scvi.posterior.queries.normalized_expression`: the same draws and values
+    as averaging them all at the end). The query runs with Pyro's argument checks off:
+    it computes no log-density, so they would only check the decoder's outputs against
+    the distributions' constraints, on every sample of every cell and gene (about a
+    quarter of the time on 13,000 genes, ``benchmarks/results/time_to_quality_cellbench.md``);
+    the values are the same. A model with non-finite parameters gives non-finite values
+    instead of an error.
     """
+    import pyro
+
     from ..posterior import queries as posterior
 
     n = data.n_cells
     step = chunk_cells(data.n_genes, n_samples, batch_size)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        samples = posterior.normalized_expression(
-            model.model,
-            model.guide,
-            data,
-            np.arange(start, stop),
-            library_size=library_size,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            device=model.device,
-        )
-        values = samples.mean(0, dtype=np.float64).astype(np.float32)
-        del samples
+        with pyro.validation_enabled(False):
+            values = posterior.normalized_expression(
+                model.model,
+                model.guide,
+                data,
+                np.arange(start, stop),
+                library_size=library_size,
+                n_samples=n_samples,
+                batch_size=batch_size,
+                device=model.device,
+                mean=True,
+            )
         yield slice(start, stop), values if columns is None else values[:, columns]
 
 

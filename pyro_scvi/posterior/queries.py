@@ -505,12 +505,15 @@ def normalized_expression(
     n_samples: int = 1,
     batch_size: int = 256,
     device="cpu",
+    mean: bool = False,
 ) -> np.ndarray:
     """Posterior samples of normalized expression, ``(n_samples, cells, genes)``.
 
     ``rho`` is decoded under each batch code in ``transform_batch`` and averaged over them
     (``None``: each cell's own batch), then scaled to ``library_size`` counts per cell or,
-    with ``library_size="latent"``, multiplied by the cell's library ``exp(l)``.
+    with ``library_size="latent"``, multiplied by the cell's library ``exp(l)``. With
+    ``mean``, the samples' mean instead, ``(cells, genes)`` float32, summed in float64 one
+    minibatch at a time: the same draws, without holding every sample of every cell.
     """
     out = []
     with _posterior_draws(model, guide, n_samples):
@@ -531,8 +534,22 @@ def normalized_expression(
                 rho = rho * lib
             else:
                 rho = rho * float(library_size)
+            if mean:
+                rho = _sample_mean(rho)
             out.append(rho.cpu().numpy())
-    return np.concatenate(out, axis=1)
+    return np.concatenate(out, axis=0 if mean else 1)
+
+
+def _sample_mean(samples: torch.Tensor) -> torch.Tensor:
+    """The mean over the leading (sample) axis, summed in float64 one sample at a time.
+
+    As ``samples.mean(0, dtype=torch.float64)``, without a float64 copy of every sample;
+    returned as float32.
+    """
+    total = torch.zeros(samples.shape[1:], dtype=torch.float64, device=samples.device)
+    for sample in samples:
+        total += sample
+    return (total / samples.shape[0]).to(torch.float32)
 
 
 # ---------------------------------------------------------------------- held-out fit

@@ -210,8 +210,16 @@ def _run(which: int, compiled: bool, handler: int, *args) -> torch.Tensor | tupl
     formulas instead: for the rest of the run when the call comes from a
     :class:`FusedLogProb` handler (which records why), else for this call only, with a
     warning. Nothing is remembered for other handlers: each run decides for itself.
+
+    The kernels run without autograd, on detached inputs: the operator's gradient is
+    :func:`zinb_log_prob_grads`, registered with it, so nothing inside needs recording.
+    ``torch.compile`` specializes a graph on the grad mode and on which inputs require
+    grad, so otherwise a training step (inputs requiring grad) and a validation pass (no
+    grad) would each compile their own forward graph; this way one graph serves both, and
+    the one :func:`precompile` makes is the one the run uses.
     """
-    with _outside_jit_trace():
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    with _outside_jit_trace(), torch.no_grad():
         owner = _HANDLERS.get(handler) if handler else None
         if compiled and (owner is None or owner.compile):
             try:
@@ -305,8 +313,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     value, mu, theta, gate_logits = ctx.saved_tensors
+    # One memory layout for every caller (a compiled ELBO passes a block of its own, an
+    # eager one may pass a broadcast view), so that one compiled backward serves them all.
     d_mu, d_theta, d_gate = _zinb_backward_op(
-        grad, value, mu, theta, gate_logits, ctx.compiled, ctx.handler
+        grad.contiguous(), value, mu, theta, gate_logits, ctx.compiled, ctx.handler
     )
     return None, d_mu, d_theta, d_gate, None, None
 
@@ -349,8 +359,9 @@ def precompile(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if not compiler_available(device):
         return False
-    # Every argument but the counts requires grad, as in training: the compiled backward is
-    # specialized on which gradients it computes.
+    # As in training: every argument but the counts requires grad, and the gradient that
+    # reaches the operator is a cells x genes block of its own (not a broadcast scalar,
+    # whose strides the compiled backward would be specialized on).
     mu = torch.full((8, 600), 2.0, device=device, requires_grad=True)
     theta = torch.ones(600, device=device, requires_grad=True)
     gate = torch.zeros(8, 600, device=device, requires_grad=True)
@@ -358,7 +369,8 @@ def precompile(device: torch.device | str = "cpu") -> bool:
     probe = FusedLogProb(compile=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the answer says it
-        probe.log_density(x, mu, theta, gate).sum().backward()
+        density = probe.log_density(x, mu, theta, gate)
+        density.backward(torch.ones_like(density))
     return probe.fallback is None
 
 
