@@ -108,6 +108,17 @@ def test_the_mean_of_normalized_expression_is_the_mean_of_the_same_draws():
     np.testing.assert_array_equal(mean, samples.mean(0, dtype=np.float64).astype(np.float32))
 
 
+def test_a_model_with_non_finite_parameters_writes_no_normalized_expression():
+    from pyro_scvi.io.outputs import normalized_chunks
+
+    adata = synthetic_zinb(n_cells=30, n_genes=9, seed=2)
+    model = SCVI(adata, n_latent=2, n_hidden=8)
+    with torch.no_grad():
+        model.model.decoder.rho_logits.bias.fill_(float("nan"))
+    with pytest.raises(InputError, match="not finite"):
+        list(normalized_chunks(model, model.data, library_size=1e4, n_samples=2))
+
+
 def test_chunks_reproduce_the_one_pass_normalized_expression(monkeypatch):
     adata = synthetic_zinb(n_cells=200, n_genes=12, seed=3)
     model = SCVI(adata, n_latent=2, n_hidden=8).train(1, progress_bar=False, seed=0)

@@ -280,8 +280,8 @@ def normalized_chunks(
     it computes no log-density, so they would only check the decoder's outputs against
     the distributions' constraints, on every sample of every cell and gene (about a
     quarter of the time on 13,000 genes, ``benchmarks/results/time_to_quality_cellbench.md``);
-    the values are the same. A model with non-finite parameters gives non-finite values
-    instead of an error.
+    the values are the same. Non-finite values (a model whose parameters are not finite)
+    are an :class:`~pyro_scvi.InputError` here instead, before anything is written.
     """
     import pyro
 
@@ -302,6 +302,12 @@ def normalized_chunks(
                 batch_size=batch_size,
                 device=model.device,
                 mean=True,
+            )
+        if not np.isfinite(values).all():
+            raise InputError(
+                f"The model's normalized expression of cells {start}-{stop - 1} is not "
+                "finite: its parameters are not. Train it again (a run that fails keeps "
+                "its last good epoch), or load an earlier save or checkpoint."
             )
         yield slice(start, stop), values if columns is None else values[:, columns]
 
