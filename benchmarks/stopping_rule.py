@@ -5,11 +5,8 @@ Per dataset and seed, in its own process (``--run``): ``rule``, the default ``tr
 to the cap and scored again, so the one run gives the whole validation curve), or
 ``today``, the previous default (400 epochs, 400 epochs of KL warm-up, no stopping).
 Scores: held-out ELBO per cell (``get_elbo`` on the validation cells, 10 draws) and KMeans
-ARI on ``obs["cell_type"]`` (:func:`benchmarks.lib.score.latent_scores`). ``restore``: the
-default run on the cells outside the benchmarks' held-out split (``data.make_split``), which
-thus never pick an epoch, with ``restore_best_epoch``; scored on them at the restored and at
-the last epoch: log p(x) and log p(x | library) (100 importance samples), KMeans ARI and
-batch entropy of all cells. ``--report`` adds the runs' files to the committed
+ARI on ``obs["cell_type"]`` (:func:`benchmarks.lib.score.latent_scores`); ``restore``: see
+:func:`restore_run`. ``--report`` adds the runs' files to the committed
 ``results/stopping_rule.{md,json}`` (a file replaces its run).
 
     python -m benchmarks.stopping_rule --run rule --dataset pbmc8k_200hvg --seed 0 --out RUNS
@@ -41,39 +38,41 @@ def scores(model, adata, seed: int) -> dict:
 
 
 def test_scores(model, adata, test, seed: int) -> dict:
-    """Latent scores of every cell; log p(x), log p(x | library) of each ``test`` cell."""
     cells = data.some_cells(np.arange(adata.n_obs), 10000, seed)
-    latent = model.get_latent_representation(adata)
-    out = {k: float(v) for k, v in score.latent_scores(latent, adata, cells, seed).items()}
-    for key, given in (("log_px", False), ("log_px_given_library", True)):
-        kw = {"n_samples": 100, "seed": seed, "per_cell": True, "observed_library": given}
-        out[key] = model.get_marginal_ll(adata[test].copy(), **kw)
-    return out
+    z, x = model.get_latent_representation(adata), adata[test].copy()
+    out = {k: float(v) for k, v in score.latent_scores(z, adata, cells, seed).items()}
+    kw = {"n_samples": 100, "seed": seed, "per_cell": True}
+    out["log_px"] = model.get_marginal_ll(x, **kw)
+    return out | {"log_px_given_library": model.get_marginal_ll(x, observed_library=True, **kw)}
 
 
-def restore_run(model, adata, seed: int) -> dict:
-    """``restore`` (see the module): the restored epoch's scores, then the last epoch's."""
+def restore_run(adata, seed: int) -> tuple:
+    """`--run restore`: the default train() (with the batch key where there are batches) on
+    the cells outside the benchmarks' held-out split, restore_best_epoch=True. Scores at the
+    last epoch → at the restored one (batch norm re-estimated for each, as train() does):
+    log p(x) and log p(x | library) per held-out cell (cells that neither train nor pick the
+    epoch; 100 importance samples, get_marginal_ll), the gain paired over those cells ± its
+    standard error; KMeans ARI and batch entropy of every cell."""
+    import pyro_scvi
     from pyro_scvi.train.passes import refresh_batch_norm
 
-    test = data.make_split(adata.n_obs, seed)[1]
+    fit, test = data.make_split(adata.n_obs, seed)
+    model = pyro_scvi.SCVI(adata[fit].copy(), batch_key=data.batch_key_for(adata))
     model.train(seed=seed, progress_bar=False, restore_best_epoch=True)
     res = {"stopping": dict(model.history.attrs["stopping"]), "test_cells": len(test)}
-    res["restored"] = last = test_scores(model, adata, test, seed)
-    if (params := model.training_run.state.last_params) is not None:  # what the run ended at
+    res["restored"] = res["last"] = test_scores(model, adata, test, seed)
+    if (params := model.training_run.state.last_params) is not None:  # the run's last epoch
         for module, state in zip((model.model, model.guide), params, strict=True):
             module.load_state_dict(state)
-        kw = {"batch_size": 128, "device": model.device}  # as the end of train()
-        refresh_batch_norm(model.model, model.guide, model.data, model.train_indices, **kw)
-        last = test_scores(model, adata, test, seed)
-    res["last"] = last = dict(last)
-    for key in ("log_px", "log_px_given_library"):  # paired over the test cells
-        gain, means = (
-            res["restored"][key] - last[key],
-            (res["restored"][key].mean(), last[key].mean()),
-        )
+        refresh_batch_norm(model.model, model.guide, model.data, model.train_indices)
+        res["last"] = test_scores(model, adata, test, seed)
+    res["last"] = dict(res["last"])
+    for key in ("log_px", "log_px_given_library"):
+        gain = res["restored"][key] - res["last"][key]
         res[f"{key}_gain"] = [float(gain.mean()), float(gain.std() / np.sqrt(len(gain)))]
-        res["restored"][key], last[key] = map(float, means)
-    return res
+        for at in ("restored", "last"):
+            res[at][key] = float(np.mean(res[at][key]))
+    return model, res
 
 
 def run(mode: str, name: str, seed: int, out: Path) -> None:
@@ -84,14 +83,10 @@ def run(mode: str, name: str, seed: int, out: Path) -> None:
 
     torch.set_num_threads(1)
     adata = anndata.read_h5ad(data.path_of(name))
-    if mode == "restore":  # with the batch key, as a user's run; never on the test cells
-        fit, key = data.make_split(adata.n_obs, seed)[0], data.batch_key_for(adata)
-        model = pyro_scvi.SCVI(adata[fit].copy(), batch_key=key)
-    else:
-        model = pyro_scvi.SCVI(adata)
     kw, start = {"seed": seed, "progress_bar": False}, time.perf_counter()
+    model = pyro_scvi.SCVI(adata)
     if mode == "restore":
-        res = restore_run(model, adata, seed)
+        model, res = restore_run(adata, seed)
     elif mode == "today":
         model.train(400, early_stopping=False, kl_warmup_epochs=400, **kw)
         res = {"end": scores(model, adata, seed)}
@@ -155,26 +150,21 @@ def report(folder: Path, argv: list[str]) -> None:
 
 
 def restore_section(runs: list[dict]) -> list[str]:
-    """The ``restore`` runs: each score at the last epoch → at the restored one."""
     rows, keys = [], ("log_px", "log_px_given_library", "ari", "entropy_batch_mixing")
     for r in runs:
         s, cells = r["stopping"], []
         for k, spec in zip(keys, (".2f", ".2f", ".3f", ".3f"), strict=True):
             gain = r.get(f"{k}_gain") and " ({:+.2f} ± {:.2f})".format(*r[f"{k}_gain"])
-            cells.append(f"{fmt(r['last'].get(k), spec)} → {fmt(r['restored'].get(k), spec)}")
-            cells[-1] += gain or ""
+            cells += [
+                f"{fmt(r['last'].get(k), spec)} → {fmt(r['restored'].get(k), spec)}{gain or ''}"
+            ]
         at = ((r.get("git") or {}).get("pyro_scvi_commit") or "—")[:7]
         rows.append([r["dataset"], r["seed"], s["epoch"] + 1, s["restored_epoch"] + 1, *cells, at])
     cols = ["dataset", "seed", "epochs run", "epoch restored", "log p(x)", "log p(x \\| library)"]
     cols += ["KMeans ARI", "batch entropy", "run at"]
-    how = "`--run restore`: the default train() (with the batch key where there are batches) on"
-    how += " the cells outside the benchmarks' held-out split, restore_best_epoch=True. Scores"
-    how += " at the last epoch → at the restored one (batch norm re-estimated for each, as"
-    how += " train() does): log p(x) and log p(x | library) per held-out cell (they neither"
-    how += " train nor pick the epoch; 100 importance samples, get_marginal_ll), the gain paired"
-    how += " over those cells ± its standard error; KMeans ARI and batch entropy of every cell."
+    how = " ".join(restore_run.__doc__.split()) + " Epochs from 1."
     title = "## Restoring the best epoch after the warm-up, scored on held-out cells"
-    return ["", title, "", how + " Epochs from 1.", "", *results.md_table(cols, rows)] * bool(rows)
+    return ["", title, "", how, "", *results.md_table(cols, rows)] * bool(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
