@@ -291,12 +291,13 @@ class BestEpoch:
 
     :meth:`update` is called after each epoch with the value early stopping monitors (the
     mean of the last :data:`STOPPING_WINDOW` epochs' validation ELBOs, else training ELBOs:
-    :attr:`EarlyStopping.value`), so the epoch restored is judged as the rule judges. Only
-    epochs from ``warmup_end`` on count (their objective is the true ELBO; an epoch of the
-    warm-up is never restored). When the value beats the best so far (strictly), the epoch's
-    parameters are copied (model and guide, batch norm's buffers included) into the run's
-    state (``state.best_epoch``, ``best_value``, ``best_params``), whether or not restoring
-    is ``enabled``, so a continued run can restore an epoch of an earlier call.
+    :attr:`~pyro_scvi.train.hooks.EarlyStopping.value`), so the epoch restored is judged as
+    the rule judges. Only epochs from ``warmup_end`` on count (their objective is the true
+    ELBO; an epoch of the warm-up is never restored). When the value beats the best so far
+    (strictly), the epoch's parameters are copied (model and guide, batch norm's buffers
+    included) into the run's state (``state.best_epoch``, ``best_value``, ``best_params``),
+    whether or not restoring is ``enabled``, so a continued run can restore an epoch of an
+    earlier call.
 
     :meth:`restore`, at the end of a call with ``enabled``, loads the best epoch's
     parameters into the modules (in place: the optimizer keeps its tensors) and keeps the
