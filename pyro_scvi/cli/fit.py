@@ -507,7 +507,7 @@ def _restored(history) -> str:
     if epoch is None or epoch == stopping.get("epoch"):
         return ""
     value = stopping["best_value"]
-    return f"; the model holds epoch {epoch}'s parameters, best by 5-epoch mean ({value:.2f})"
+    return f"; the model holds epoch {epoch}'s, the best 5-epoch mean ({value:.2f} per cell)"
 
 
 def _stopping_params(history) -> dict:
