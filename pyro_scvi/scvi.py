@@ -486,11 +486,12 @@ class SCVI:
             KL warm-up whose monitored value (the 5-epoch mean of the validation ELBO that
             early stopping judges) is best, with batch norm's statistics re-estimated for
             them, instead of the last epoch's (:class:`pyro_scvi.train.hooks.BestEpoch`).
-            Off by default. ``history.attrs["stopping"]`` records ``best_epoch``,
-            ``best_value`` and ``restored_epoch``. A later ``train()`` or :meth:`resume`
-            continues the run from its last epoch (parameters, Adam's moments, streams:
-            ``train(2); train(3)`` is still ``train(5)``) and restores the best epoch of
-            the whole run at its end.
+            Off by default (why: ``benchmarks/results/stopping_rule.md``).
+            ``history.attrs["stopping"]`` records ``best_epoch``, ``best_value`` and
+            ``restored_epoch``. A later ``train()`` or :meth:`resume` continues the run
+            from its last epoch (parameters, Adam's moments, streams: ``train(2);
+            train(3)`` is still ``train(5)``) and restores the best epoch of the whole run
+            at its end.
         kl_warmup_epochs
             Epochs of linear KL warm-up (0: none); early stopping never stops before it
             ends. Default 100 (scvi-tools: 400), so that convergence can end a 400-epoch
