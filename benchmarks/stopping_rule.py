@@ -140,7 +140,7 @@ def report(folder: Path, argv: list[str]) -> None:
     curves = []
     for r in runs:
         v, stop = r["validation_elbo"], (r.get("stopping") or {}).get("epoch")
-        at = sorted({*range(49, 400, 50), *([stop] if stop is not None else [])})
+        at = sorted({*range(49, len(v), 50), *([stop] if stop is not None else [])})
         cells = [f"{np.mean(v[max(0, e - 4) : e + 1]):.1f}" for e in at]
         cells = [f"{c} (*{e + 1})" if e == stop else c for c, e in zip(cells, at, strict=True)]
         curves.append([r["dataset"], r["seed"], r["mode"], " · ".join(cells)])
