@@ -444,6 +444,7 @@ class SCVI:
         early_stopping: bool = True,
         patience: int = 45,
         min_delta: float | None = None,
+        restore_best_epoch: bool = False,
         kl_warmup_epochs: int = 100,
         elbo: ELBO | None = None,
         optim: PyroOptim | None = None,
@@ -480,6 +481,17 @@ class SCVI:
             epoch-to-epoch noise (:class:`pyro_scvi.train.hooks.EarlyStopping`). On by
             default; the last epoch and the reason the run ended are in
             ``history.attrs["stopping"]``, the settings in the saved run.
+        restore_best_epoch
+            At the end of the call, give the model the parameters of the epoch after the
+            KL warm-up whose monitored value (the 5-epoch mean of the validation ELBO that
+            early stopping judges) is best, with batch norm's statistics re-estimated for
+            them, instead of the last epoch's (:class:`pyro_scvi.train.hooks.BestEpoch`).
+            Off by default (why: ``benchmarks/results/stopping_rule.md``).
+            ``history.attrs["stopping"]`` records ``best_epoch``, ``best_value`` and
+            ``restored_epoch``. A later ``train()`` or :meth:`resume` continues the run
+            from its last epoch (parameters, Adam's moments, streams: ``train(2);
+            train(3)`` is still ``train(5)``) and restores the best epoch of the whole run
+            at its end.
         kl_warmup_epochs
             Epochs of linear KL warm-up (0: none); early stopping never stops before it
             ends. Default 100 (scvi-tools: 400), so that convergence can end a 400-epoch
@@ -545,6 +557,7 @@ class SCVI:
             patience=patience,
             kl_warmup_epochs=kl_warmup_epochs,
             min_delta=min_delta,
+            restore_best_epoch=restore_best_epoch,
             elbo=elbo,
             optim=optim,
             checkpoint_dir=checkpoint_dir,
@@ -595,6 +608,7 @@ class SCVI:
                     early_stopping=early_stopping,
                     patience=patience,
                     min_delta=min_delta,
+                    restore_best_epoch=restore_best_epoch,
                     device=self.device,
                     seed=seed,
                     progress_bar=progress_bar,

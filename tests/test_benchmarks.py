@@ -573,3 +573,19 @@ def test_stopping_rule_report_adds_new_runs_to_the_committed_ones(tmp_path, monk
     rows = (tmp_path / "stopping_rule.md").read_text().splitlines()
     rows = [line.split(" | ")[-1] for line in rows if line.startswith(("| pbmc (", "| zeisel ("))]
     assert rows == ["— |", "bbbbbbb |", "ccccccc |"]
+
+
+def test_stopping_rule_report_shows_the_restored_epoch_beside_the_last(tmp_path, monkeypatch):
+    stopping_rule = _load_script("stopping_rule", monkeypatch)
+    monkeypatch.setattr(stopping_rule.results, "RESULTS", tmp_path)
+    rec = {"mode": "restore", "dataset": "worm", "seed": 0, "shape": [10, 5], "test_cells": 3}
+    rec |= {"stopping": {"epoch": 144, "restored_epoch": 100}, "validation_elbo": [-1.0] * 145}
+    rec |= {"last": {"log_px": -10.0, "ari": 0.5}, "restored": {"log_px": -9.0, "ari": 0.4}}
+    rec |= {"log_px_gain": [1.0, 0.25], "git": {"pyro_scvi_commit": "ddddddd4"}}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "restore_worm_0.json").write_text(json.dumps(rec))
+    stopping_rule.main(["--report", str(tmp_path / "runs")])
+    text = (tmp_path / "stopping_rule.md").read_text()
+    assert "## Restoring the best epoch" in text and "neither train nor pick the epoch" in text
+    row = "| worm | 0 | 145 | 101 | -10.00 → -9.00 (+1.00 ± 0.25) | — → — | 0.500 → 0.400 |"
+    assert row + " — → — | ddddddd |" in text.splitlines()

@@ -601,6 +601,16 @@ def test_fit_records_how_training_ended(fitted):
     assert "after 2 epochs (max_epochs)" in fitted["stderr"]
 
 
+def test_fit_restore_best_epoch_is_recorded(fitted, h5ad, tmp_path):
+    assert bool(fitted["adata"].uns["pyro_scvi"]["params"]["restore_best_epoch"]) is False
+    out = tmp_path / "out.h5ad"
+    status, stderr = _run(["fit", h5ad, "-o", out, *FAST, "--restore-best-epoch"])
+    assert status == 0, stderr
+    params = anndata.read_h5ad(out).uns["pyro_scvi"]["params"]
+    # two epochs, both of the KL warm-up: none counts, so none is restored
+    assert bool(params["restore_best_epoch"]) is True and "restored_epoch" not in params
+
+
 def test_fit_no_early_stopping_is_recorded(h5ad, tmp_path):
     out = tmp_path / "out.h5ad"
     status, stderr = _run(["fit", h5ad, "-o", out, *FAST, "--no-early-stopping"])

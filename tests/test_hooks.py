@@ -16,6 +16,7 @@ from pyro_scvi.train.hooks import (
     DIVERGED_RATIO,
     DROP_FROM_BEST,
     HISTORY_COLUMNS,
+    BestEpoch,
     Checkpoints,
     Divergence,
     EarlyStopping,
@@ -206,6 +207,76 @@ def test_early_stopping_threshold_is_the_elbos_own_noise_so_it_is_scale_free():
         stops.append(stop)
     # the same epoch whatever the ELBO's units; after the rise ends, within ~patience
     assert len(set(stops)) == 1 and 60 + 20 <= stops[0] < 60 + 50
+
+
+# -------------------------------------------------------------------------- best epoch
+
+
+def _epoch_params(model, epoch):
+    with torch.no_grad():
+        model.log_theta.fill_(float(epoch))
+
+
+def _theta(model):
+    return float(model.log_theta.detach()[0])
+
+
+def test_the_best_epoch_after_the_warm_up_is_restored_and_a_next_call_goes_on_from_the_last():
+    model, guide = _modules()
+    state = TrainState.new(0)
+    best = BestEpoch(model, guide, state, enabled=True, warmup_end=2)
+    # epoch 0 is the best of all, but of the warm-up: it never counts
+    for epoch, value in enumerate((-1.0, -2.0, -5.0, -3.0, -4.0)):
+        _epoch_params(model, epoch)
+        best.update(epoch, value)
+    assert (state.best_epoch, state.best_value) == (3, -3.0)
+    assert best.restore(last_epoch=4) is True
+    assert _theta(model) == 3.0  # epoch 3's parameters
+    assert float(state.last_params[0]["log_theta"][0]) == 4.0 and state.best_params is None
+    assert best.record() == {
+        "restore_best_epoch": True,
+        "best_epoch": 3,
+        "best_value": -3.0,
+        "restored_epoch": 3,
+    }
+    # the next call starts from the last epoch; the best is kept for its end
+    again = BestEpoch(model, guide, state, enabled=True, warmup_end=2)
+    assert _theta(model) == 4.0 and state.last_params is None
+    assert float(state.best_params[0]["log_theta"][0]) == 3.0
+    _epoch_params(model, 5)
+    again.update(5, -3.5)  # not better than epoch 3
+    assert again.restore(last_epoch=5) is True and _theta(model) == 3.0
+
+
+def test_without_restoring_the_best_epoch_is_followed_and_the_model_kept():
+    model, guide = _modules()
+    state = TrainState.new(0)
+    off = BestEpoch(model, guide, state, enabled=False, warmup_end=3)
+    for epoch in range(3):
+        off.update(epoch, 0.0)
+    assert state.best_epoch is None and off.record()["best_epoch"] is None  # all warm-up
+    for epoch, value in ((3, -9.0), (4, -10.0), (5, float("nan"))):
+        _epoch_params(model, epoch)
+        off.update(epoch, value)
+    assert off.restore(last_epoch=5) is False and state.last_params is None
+    assert _theta(model) == 5.0
+    assert off.record() == {
+        "restore_best_epoch": False,
+        "best_epoch": 3,
+        "best_value": -9.0,
+        "restored_epoch": None,
+    }
+    # on, but no epoch after the warm-up yet: nothing to restore
+    on = BestEpoch(model, guide, TrainState.new(0), enabled=True, warmup_end=10)
+    on.update(0, -1.0)
+    assert on.restore(last_epoch=0) is False and on.record()["restored_epoch"] is None
+
+
+def test_early_stopping_exposes_the_smoothed_value_it_judges():
+    hook = EarlyStopping(TrainState.new(0), enabled=False, patience=3, window=2)
+    hook.update(0, -4.0)
+    hook.update(1, -2.0)
+    assert hook.value == -3.0
 
 
 # ----------------------------------------------------------------------- checkpoints

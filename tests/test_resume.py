@@ -305,3 +305,73 @@ def test_a_converged_runs_checkpoint_is_finished_and_an_interrupted_one_resumes(
     assert resumed.interrupted
     _assert_same_run(resumed.resume(progress_bar=False), m)
     assert resumed.history.attrs["stopping"]["epoch"] == ended["epoch"]
+
+
+# ------------------------------------------------------------------ restored best epoch
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    """60 cells of 300 genes: at lr 0.03 the validation ELBO's 5-epoch mean peaks well
+    before epoch 30 (at epoch 19), then falls."""
+    return synthetic_zinb(n_cells=60, n_genes=300, n_clusters=3, n_batches=2, seed=0)
+
+
+def _wide(adata):
+    return SCVI(adata, batch_key="batch", n_latent=3, n_hidden=64)
+
+
+def _restore_kw(**more):
+    kw = dict(_kw(), batch_size=16, kl_warmup_epochs=1, lr=0.03, restore_best_epoch=True)
+    return kw | more
+
+
+@pytest.fixture(scope="module")
+def restored(overfit):
+    return _wide(overfit).train(30, **_restore_kw())
+
+
+def _is_norm_statistic(name):
+    return any(k in name for k in ("running_mean", "running_var", "num_batches_tracked"))
+
+
+def test_the_restored_epoch_is_the_best_smoothed_one_after_the_warm_up(overfit, restored):
+    ended, h = restored.history.attrs["stopping"], restored.history
+    smoothed = h["validation_elbo"].rolling(5, min_periods=1).mean()[h["epoch"] >= 1]
+    best = int(h["epoch"][smoothed.idxmax()])
+    assert ended["restored_epoch"] == ended["best_epoch"] == best < ended["epoch"] == 29
+    assert ended["best_value"] == pytest.approx(smoothed.max())
+    # its parameters are those of a run that ended at that epoch (batch norm's statistics
+    # are re-estimated at each end, from other random draws)
+    short = _wide(overfit).train(best + 1, **_restore_kw(restore_best_epoch=False))
+    mine, theirs = _state(restored), _state(short)
+    same = [torch.equal(v, theirs[k]) for k, v in mine.items() if not _is_norm_statistic(k)]
+    assert all(same)
+    # the last epoch's parameters, kept for a next call, are others
+    last = restored.training_run.state.last_params[0]["log_theta"]
+    assert not torch.equal(last, mine["model.log_theta"])
+
+
+def test_a_call_after_a_restore_continues_from_the_last_epoch(overfit, restored, tmp_path):
+    """train(25); train(5) is train(30) with restores: the second call goes on from epoch
+    24's parameters and Adam's moments, and ends on the best epoch of both calls; so does a
+    finished call's checkpoint, loaded and trained on."""
+    two = _wide(overfit).train(25, **_restore_kw())
+    assert two.history.attrs["stopping"]["restored_epoch"] < 24  # restored in the first call
+    _assert_same_run(two.train(5, **_restore_kw()), restored)
+    first = _wide(overfit).train(
+        25, checkpoint_dir=tmp_path / "c", checkpoint_every=25, **_restore_kw()
+    )
+    loaded = SCVI.load_checkpoint(tmp_path / "c", overfit, device="cpu")
+    _assert_same_run(loaded, first)  # the checkpoint holds the restored model
+    _assert_same_run(loaded.train(5, **_restore_kw()), restored)
+
+
+def test_a_run_resumed_after_its_best_epoch_restores_it(overfit, restored, tmp_path, monkeypatch):
+    _signal_at_step(monkeypatch, 22 * 4 + 2)  # 54 training cells: 4 steps an epoch
+    with pytest.raises(TrainingInterrupted):
+        _wide(overfit).train(30, checkpoint_dir=tmp_path / "c", **_restore_kw())
+    monkeypatch.undo()
+    resumed = SCVI.load_checkpoint(tmp_path / "c", overfit, device="cpu")
+    _assert_same_run(resumed.resume(progress_bar=False), restored)
+    assert resumed.run_settings.restore_best_epoch is True

@@ -138,6 +138,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="stop when the held-out ELBO stops improving, after the KL warm-up (default: "
         "on, as SCVI.train); --no-early-stopping runs exactly --max-epochs",
     )
+    p.add_argument(
+        "--restore-best-epoch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end with the parameters of the epoch after the KL warm-up whose 5-epoch mean "
+        "held-out ELBO (what early stopping judges) is best, not the last epoch's (default: "
+        "as SCVI.train, off); the epoch is recorded in uns['pyro_scvi']['params']",
+    )
     _add_n_samples(p, 10, "posterior samples averaged for the normalized expression")
     p.add_argument(
         "--normalized",
@@ -358,11 +366,11 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
                     batch_size=args.batch_size,
                     lr=args.lr,
                     # not given: train()'s default, the one place it is decided
-                    **(
-                        {}
-                        if args.early_stopping is None
-                        else {"early_stopping": args.early_stopping}
-                    ),
+                    **{
+                        name: value
+                        for name in ("early_stopping", "restore_best_epoch")
+                        if (value := getattr(args, name)) is not None
+                    },
                     engine=_engine(args),
                     device=args.device,
                     seed=args.seed,
@@ -485,10 +493,21 @@ def _fit(args: argparse.Namespace, argv: Sequence[str], stack: contextlib.ExitSt
         f"{PROG}: wrote {output} ({', '.join(written)}, uns['pyro_scvi']; normalized "
         f"expression -- {plan.reason}); model in {model_dir}; curves in {png}; "
         f"final validation ELBO {last['validation_elbo']:.2f} per cell after "
-        f"{len(model.history)} epochs ({_ended(model.history)}).{note}",
+        f"{len(model.history)} epochs ({_ended(model.history)}){_restored(model.history)}."
+        f"{note}",
         file=sys.stderr,
     )
     return status
+
+
+def _restored(history) -> str:
+    """What the summary line says of a restored epoch ("" when none replaced the last)."""
+    stopping = history.attrs.get("stopping") or {}
+    epoch = stopping.get("restored_epoch")
+    if epoch is None or epoch == stopping.get("epoch"):
+        return ""
+    value = stopping["best_value"]
+    return f"; the model holds epoch {epoch}'s, the best 5-epoch mean ({value:.2f} per cell)"
 
 
 def _stopping_params(history) -> dict:
@@ -498,7 +517,8 @@ def _stopping_params(history) -> dict:
     out = {f"stopping_{k}": stopping[k] for k in names if stopping.get(k) is not None}
     if stopping:
         out |= {"stopped_epoch": int(stopping["epoch"]), "stop_reason": stopping["reason"]}
-    return out
+    more = ("restore_best_epoch", "best_epoch", "best_value", "restored_epoch")
+    return out | {k: stopping[k] for k in more if stopping.get(k) is not None}
 
 
 def _ended(history) -> str:
@@ -801,6 +821,9 @@ def _check_resume_options(model, args: argparse.Namespace, argv: Sequence[str] =
         expected["--seed"] = (args.seed, run.get("seed"))
     if args.early_stopping is not None:
         expected["--early-stopping"] = (args.early_stopping, run.get("early_stopping"))
+    if args.restore_best_epoch is not None:
+        given = args.restore_best_epoch
+        expected["--restore-best-epoch"] = (given, run.get("restore_best_epoch", False))
     if args.library_residual is not None:  # not given: the checkpoint's own
         expected["--library-residual"] = (
             args.library_residual,

@@ -108,11 +108,12 @@ def checkpoint_bytes(model: Saveable) -> int:
     >>> import pyro_scvi
     >>> adata = pyro_scvi.datasets.synthetic_zinb(n_cells=20, n_genes=10, seed=0)
     >>> m = pyro_scvi.SCVI(adata, n_latent=2, n_hidden=8)
-    >>> checkpoint_bytes(m) == 4 * model_bytes(m) + 8 * 20
+    >>> checkpoint_bytes(m) == 5 * model_bytes(m) + 8 * 20
     True
     """
-    # parameters, Adam's two moments, the last good epoch's copy, the epoch's order
-    return 4 * model_bytes(model) + 8 * model.data.n_cells
+    # parameters, Adam's two moments, the last good epoch's copy, the best (or, after a
+    # restore, the last) epoch's copy, the epoch's order
+    return 5 * model_bytes(model) + 8 * model.data.n_cells
 
 
 def _portable(module: nn.Module) -> nn.Module:

@@ -2,6 +2,8 @@
 
 - :class:`Validation` scores the validation cells after each epoch;
 - :class:`EarlyStopping` says when the monitored ELBO stopped improving;
+- :class:`BestEpoch` keeps the parameters of the best epoch after the KL warm-up and
+  restores them at the end of the run;
 - :class:`Checkpoints` writes the run's state every few epochs and at its end;
 - :class:`Interrupts` turns a signal (:func:`stop_on_signals`) into a clean stop;
 - :class:`LastGoodEpoch` keeps the parameters of the last complete epoch and restores them
@@ -215,6 +217,8 @@ class EarlyStopping:
         self.warmup_end, self.window = warmup_end, max(1, int(window))
         #: The threshold of the last update (nats per cell; NaN: too few epochs yet).
         self.threshold = float("nan")
+        #: The value monitored at the last update: the mean of the last ``window`` epochs.
+        self.value = float("nan")
         #: Why the run stopped early (``None``: it did not).
         self.reason: str | None = None
 
@@ -236,7 +240,7 @@ class EarlyStopping:
         """Record epoch ``epoch``'s monitored ELBO; return whether the run should stop now."""
         state = self.state
         state.recent = [*state.recent, float(monitored)][-(self.patience + self.window) :]
-        value = float(np.mean(state.recent[-self.window :]))
+        value = self.value = float(np.mean(state.recent[-self.window :]))
         self.threshold = self.noise() if self.min_delta is None else float(self.min_delta)
         threshold = self.threshold if math.isfinite(self.threshold) else 0.0
         if epoch < self.warmup_end:  # the objective still changes: nothing counts yet
@@ -279,6 +283,112 @@ class EarlyStopping:
             "window": self.window,
             "warmup_end": int(self.warmup_end),
             "max_epochs": int(max_epochs),
+        }
+
+
+class BestEpoch:
+    """The restore hook: the best epoch after the KL warm-up, its parameters restored at the end.
+
+    :meth:`update` is called after each epoch with the value early stopping monitors (the
+    mean of the last :data:`STOPPING_WINDOW` epochs' validation ELBOs, else training ELBOs:
+    :attr:`~pyro_scvi.train.hooks.EarlyStopping.value`), so the epoch restored is judged as
+    the rule judges. Only epochs from ``warmup_end`` on count (their objective is the true
+    ELBO; an epoch of the warm-up is never restored). When the value beats the best so far
+    (strictly), the epoch's parameters are copied (model and guide, batch norm's buffers
+    included) into the run's state (``state.best_epoch``, ``best_value``, ``best_params``),
+    whether or not restoring is ``enabled``, so a continued run can restore an epoch of an
+    earlier call.
+
+    :meth:`restore`, at the end of a call with ``enabled``, loads the best epoch's
+    parameters into the modules (in place: the optimizer keeps its tensors) and keeps the
+    last epoch's in ``state.last_params``; the caller then re-estimates batch norm's
+    statistics for them (the end of :func:`~pyro_scvi.train.loop.train_svi`). A restore
+    changes what the model holds, not the run: a continued or resumed call goes on from
+    the last epoch's parameters (made when this hook is, from ``state.last_params``), with
+    the optimizer's moments and random streams that belong to them, exactly as if nothing
+    had been restored; the best epoch is carried over, and the end of that call restores
+    the best of the whole run.
+
+    Parameters
+    ----------
+    model, guide
+        The modules.
+    state
+        The run's :class:`~pyro_scvi.train.loop.TrainState`.
+    enabled
+        Whether :meth:`restore` restores.
+    warmup_end
+        The first epoch that counts (the end of the KL warm-up).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from pyro_scvi.train.loop import TrainState
+    >>> net, state = nn.Linear(1, 1), TrainState.new(0)
+    >>> best = BestEpoch(net, nn.Identity(), state, enabled=True, warmup_end=2)
+    >>> for epoch, value in enumerate((-1.0, -9.0, -5.0, -7.0)):
+    ...     _ = net.bias.data.fill_(epoch)
+    ...     best.update(epoch, value)
+    >>> best.restore(last_epoch=3), net.bias.item(), state.best_epoch
+    (True, 2.0, 2)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        guide: nn.Module,
+        state: TrainState,
+        *,
+        enabled: bool,
+        warmup_end: int = 0,
+    ) -> None:
+        self.modules, self.state = (model, guide), state
+        self.enabled, self.warmup_end = bool(enabled), int(warmup_end)
+        #: Whether :meth:`restore` replaced the last epoch's parameters.
+        self.restored = False
+        if state.last_params is not None:  # an earlier call restored: go on from its end
+            if state.best_params is None:  # the model holds the best epoch's parameters
+                state.best_params = _snapshot(model, guide)
+            _restore(model, guide, state.last_params)
+            state.last_params = None
+
+    def update(self, epoch: int, monitored: float) -> None:
+        """Epoch ``epoch`` ended with the monitored (smoothed) value ``monitored``."""
+        state = self.state
+        if epoch < self.warmup_end or not math.isfinite(monitored):
+            return
+        if state.best_epoch is None or monitored > state.best_value:
+            state.best_epoch, state.best_value = int(epoch), float(monitored)
+            state.best_params = _snapshot(*self.modules, into=state.best_params)
+
+    def restore(self, last_epoch: int | None) -> bool:
+        """With ``enabled``, load the best epoch's parameters; whether they replaced others.
+
+        Nothing to do when no epoch counted yet, or the best is the last epoch.
+        """
+        state = self.state
+        if not self.enabled or state.best_epoch is None or state.best_epoch == last_epoch:
+            return False
+        state.last_params = _snapshot(*self.modules)
+        _restore(*self.modules, state.best_params)
+        state.best_params = None  # the modules hold them now
+        self.restored = True
+        return True
+
+    def record(self) -> dict:
+        """What ``history.attrs["stopping"]`` records of it.
+
+        ``restore_best_epoch``: whether it was on; ``best_epoch`` and ``best_value``: the
+        best epoch after the warm-up and its monitored value (``None``: none yet);
+        ``restored_epoch``: the epoch whose parameters the model ends with when it is on
+        (the best one, which may be the last; ``None`` when off or no epoch counted).
+        """
+        best = self.state.best_epoch
+        return {
+            "restore_best_epoch": self.enabled,
+            "best_epoch": best,
+            "best_value": None if best is None else float(self.state.best_value),
+            "restored_epoch": best if self.enabled else None,
         }
 
 

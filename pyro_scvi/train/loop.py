@@ -87,6 +87,7 @@ from .engine import Engine
 from .hooks import (
     HISTORY_COLUMNS,
     VALIDATION_NORM_CELLS,
+    BestEpoch,
     Checkpoints,
     Divergence,
     EarlyStopping,
@@ -151,6 +152,13 @@ class TrainState:
         Pyro's random states (torch, numpy's and Python's global) when the run stopped.
     good_state
         Parameters at the end of the last complete epoch, kept while inside an epoch.
+    best_epoch, best_value, best_params
+        The best epoch after the KL warm-up by the monitored (smoothed) value, that value
+        and the epoch's parameters (``None`` while the model holds them after a restore):
+        :class:`~pyro_scvi.train.hooks.BestEpoch`.
+    last_params
+        After a call that restored its best epoch, the parameters of its last epoch, from
+        which a continued call goes on (``None``: the model holds them).
     """
 
     rng: np.random.Generator
@@ -164,6 +172,10 @@ class TrainState:
     optim: dict | None = None
     rng_states: dict | None = None
     good_state: list[dict] | None = None
+    best_epoch: int | None = None
+    best_value: float = -math.inf
+    best_params: list[dict] | None = None
+    last_params: list[dict] | None = None
 
     @classmethod
     def new(cls, seed: int | None) -> TrainState:
@@ -204,6 +216,7 @@ def train_svi(
     early_stopping: bool = False,
     patience: int = 45,
     min_delta: float | None = None,
+    restore_best_epoch: bool = False,
     device: torch.device | str = "cpu",
     seed: int | None = None,
     progress_bar: bool = True,
@@ -234,6 +247,11 @@ def train_svi(
         by ``min_delta`` nats per cell (``None``: by more than its noise) for ``patience``
         epochs after the KL warm-up (:class:`~pyro_scvi.train.hooks.EarlyStopping`); the
         last epoch and why the run ended are in ``attrs["stopping"]``.
+    restore_best_epoch
+        At the end, load the parameters of the epoch after the KL warm-up whose monitored
+        value (the one early stopping uses) is best, batch norm's statistics re-estimated
+        for them (:class:`~pyro_scvi.train.hooks.BestEpoch`; a continued call goes on from
+        the last epoch); ``attrs["stopping"]`` records the epoch and its value.
     device, seed, progress_bar, state
         Where the modules are; the minibatch order's seed; a tqdm bar; the
         :class:`TrainState` to continue and update in place (``None``: new, from ``seed``).
@@ -280,6 +298,8 @@ def train_svi(
     refresh = functools.partial(
         refresh_batch_norm, model, guide, data, train_idx, batch_size=batch_size, device=device
     )
+    # first: a call after a restore goes on from the last epoch's parameters
+    best = BestEpoch(model, guide, state, enabled=restore_best_epoch, warmup_end=kl_warmup_epochs)
     guard = LastGoodEpoch(model, guide, state, refresh=refresh, completed_before=first_epoch)
     keep = functools.partial(_keep, step, guard, state)
     validation = Validation(step, data, train_idx, val_idx)
@@ -335,13 +355,15 @@ def train_svi(
                 train_elbo=f"{row['train_elbo']:.1f}", val_elbo=f"{row['validation_elbo']:.1f}"
             )
             done = stopping.update(epoch, row["validation_elbo" if len(val_idx) else "train_elbo"])
+            best.update(epoch, stopping.value)
             if interrupts.requested():
                 raise interrupts.interrupt(epoch, 0, mid_epoch=False, history=history)
             checkpoints.after_epoch(epoch, history)
             if done:
                 break
-        history.attrs["stopping"] = stopping.record(history.last_epoch, max_epochs)
+        history.attrs["stopping"] = stopping.record(history.last_epoch, max_epochs) | best.record()
         keep(False)
+        best.restore(history.last_epoch)  # the statistics of its parameters: the pass below
         # still under the run's threads: a pass over every training cell
         if not _refresh_at_end(step, data, train_idx, batch_size):
             raise guard.fail(

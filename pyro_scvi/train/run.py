@@ -54,6 +54,9 @@ class RunSettings:
     batch_size, lr, train_size, early_stopping, patience, kl_warmup_epochs, min_delta
         As passed to ``train()`` (``min_delta=None``: the early-stopping threshold is the
         monitored ELBO's noise; :class:`~pyro_scvi.train.hooks.EarlyStopping`).
+    restore_best_epoch
+        As passed to ``train()`` (:class:`~pyro_scvi.train.hooks.BestEpoch`); ``False`` in
+        a checkpoint written before the option existed, whose run restored nothing.
     elbo, optim
         :func:`component_name` of the ELBO and optimizer passed (``None``: the default).
     engine
@@ -81,6 +84,7 @@ class RunSettings:
     patience: int
     kl_warmup_epochs: int
     min_delta: float | None = None
+    restore_best_epoch: bool = False
     elbo: str | None = None
     optim: str | None = None
     engine: dict | None = None
@@ -115,6 +119,7 @@ class RunSettings:
         patience: int,
         kl_warmup_epochs: int,
         min_delta: float | None = None,
+        restore_best_epoch: bool = False,
         elbo: object | None,
         optim: object | None,
         checkpoint_dir: str | os.PathLike | None,
@@ -169,6 +174,7 @@ class RunSettings:
             patience=int(patience),
             kl_warmup_epochs=int(kl_warmup_epochs),
             min_delta=None if min_delta is None else float(min_delta),
+            restore_best_epoch=bool(restore_best_epoch),
             elbo=component_name(elbo),
             optim=component_name(optim),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
@@ -196,6 +202,7 @@ class RunSettings:
             **{k: getattr(self, k) for k in names},
             "kl_warmup_epochs": self.kl_warmup_epochs,
             "min_delta": self.min_delta,
+            "restore_best_epoch": self.restore_best_epoch,
             "checkpoint_dir": self.checkpoint_dir if checkpoint_dir is None else checkpoint_dir,
             "checkpoint_every": self.checkpoint_every
             if checkpoint_every is None
