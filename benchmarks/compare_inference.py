@@ -189,11 +189,8 @@ def paired(runs: list[dict[str, Any]], name: str, fam: str, base: str) -> tuple[
     (each seed one split and fit of both: paired); SE 0 from one seed."""
     import numpy as np
 
-    d = [
-        r["schemes"][fam]["ais"] - r["schemes"][base]["ais"]
-        for r in runs
-        if r["dataset"] == name and all("ais" in r["schemes"].get(k, {}) for k in (fam, base))
-    ]
+    d = [r["schemes"][fam]["ais"] - r["schemes"][base]["ais"] for r in runs if r["dataset"] == name
+         and all("ais" in r["schemes"].get(k, {}) for k in (fam, base))]  # fmt: skip
     return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
@@ -250,10 +247,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "## Goal check", ""]
     for entry, (fam, base) in PAIRS.items():
         g = goal[entry]
-        per = ", ".join(
-            f"{n} {d['diff']:+.2f} (2 SE {2 * d['se']:.2f}, {d['seeds']} seeds)"
-            for n, d in g["datasets"].items()
-        )
+        per = ", ".join(f"{n} {d['diff']:+.2f} (2 SE {2 * d['se']:.2f}, {d['seeds']} seeds)"
+                        for n, d in g["datasets"].items())  # fmt: skip
         met = {k: "met" if g[k] else "not met" for k in ("ais_goal", "coverage_goal")}
         lines.append(
             f"- {fam}{' (a scheme, not a family)' if fam == 'IWAE' else ''}: beats {base} "

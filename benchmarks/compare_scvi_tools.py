@@ -143,8 +143,7 @@ def imputation(impl: str, adata: Any, spec: dict[str, Any], split: Any) -> dict[
     pred = fit.fit(spec["epochs"], split).impute(hidden_data, spec["impute_samples"], seed)
     errors = score.imputation_errors(pred, x, hidden)
     knn = score.imputation_errors(score.knn_impute(hidden_data.X.toarray(), seed), x, hidden)
-    out = {"imputation_median_l1": errors["median_abs_error"]}
-    out |= {"imputation_mean_l1": errors["mean_abs_error"]}
+    out = {f"imputation_{k}_l1": errors[f"{k}_abs_error"] for k in ("median", "mean")}
     out |= {"imputation_knn_median_l1": knn["median_abs_error"]}
     out |= {"imputation_hidden_entries": len(hidden[0])}
     out |= {"imputation_train_seconds": fit.run["train_seconds"]}
@@ -221,10 +220,8 @@ def markdown(res: dict[str, Any]) -> str:
             specs = [".2f" if "elbo" in k or "_ll" in k else ".3f" for k in KEYS[6:]]
             values = [fmt(m.get(k), f) for k, f in zip(KEYS[6:], specs, strict=True)]
             accuracy.append([d["name"], impl, *values])
-        fused = [
-            [r.get("fused_kernel_used") for r in d["runs"] if r["implementation"] == i]
-            for i in ("pyro_scvi", "torch-floor")
-        ]
+        fused = [[r.get("fused_kernel_used") for r in d["runs"] if r["implementation"] == i]
+                 for i in ("pyro_scvi", "torch-floor")]  # fmt: skip
         each = [
             " / ".join(fmt(sm.get(i, {}).get(k), f) for i in IMPLEMENTATIONS)
             for k, f in (("first_epoch_seconds", ".2f"), ("median_epoch_seconds", ".3f"))

@@ -99,33 +99,24 @@ def _launch_once(args: argparse.Namespace, procs: int, batch_size: int, threads)
 
 def markdown(res: dict[str, Any]) -> str:
     a = res["args"]
-    how = (
-        f"{a['cells']:,} cells x {a['genes']:,} genes (synthetic), {a['epochs']} epochs, "
-        f"{a['repeats']} alternating repeats; throughput over the epochs after the first; medians "
-        "over repeats."
-    )
+    how = (f"{a['cells']:,} cells x {a['genes']:,} genes (synthetic), {a['epochs']} epochs, "
+           f"{a['repeats']} alternating repeats; throughput over the epochs after the first; "
+           "medians over repeats.")  # fmt: skip
     title = "Data-parallel training on CPU: torchrun processes against one process"
     lines = results.header(res, title, how)
-    rows = [
-        f"{name} | {r['processes']} | {results.fmt(r['threads_per_process'], 'g')} | "
-        f"{r['per_process']} | {r['global']} | {r['cells_per_second']:,.0f} | {r['ratio']:.2f}x | "
-        f"{results.fmt(r.get('ratio_vs_one_thread'), '.2f')}x | {r['elbo']:.2f}"
-        for name, r in res["summary"].items()
-    ]
+    rows = [f"{name} | {r['processes']} | {results.fmt(r['threads_per_process'], 'g')} | "
+            f"{r['per_process']} | {r['global']} | {r['cells_per_second']:,.0f} | "
+            f"{r['ratio']:.2f}x | {results.fmt(r.get('ratio_vs_one_thread'), '.2f')}x | "
+            f"{r['elbo']:.2f}" for name, r in res["summary"].items()]  # fmt: skip
     columns = "run|processes:|threads per process:|minibatch per process:|global minibatch:|"
     columns += "train cells/s:|vs one process, same global batch:|vs one process on one thread:|"
     lines += results.md_table(columns + "validation ELBO/cell:", rows)
-    lines += [
-        "",
-        "Threads per process: the engine's per epoch (median). On a machine with as many "
-        "cores as processes each rank runs one thread, so the torchrun row against the one-thread "
-        "row is the scaling over cores; against the default one-process row it is the gain over "
-        "what one process already gets from every core.",
-    ]
-    runs = res["runs"].items()
-    retried = [
-        f"{n}, repeat {i}" for n, rs in runs for i, r in enumerate(rs) if "first_failure" in r
-    ]
+    lines += ["", "Threads per process: the engine's per epoch (median). On a machine with as "
+              "many cores as processes each rank runs one thread, so the torchrun row against the "
+              "one-thread row is the scaling over cores; against the default one-process row it "
+              "is the gain over what one process already gets from every core."]  # fmt: skip
+    retried = [f"{n}, repeat {i}" for n, rs in res["runs"].items() for i, r in enumerate(rs)
+               if "first_failure" in r]  # fmt: skip
     if retried:
         where = "the first failure's stderr is in the JSON, runs[...][i]['first_failure']"
         lines += ["", f"Run again after a rank died by a signal ({where}): {'; '.join(retried)}."]
@@ -137,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {"cells": 20_000, "genes": 2000, "epochs": 4, "batch-size": 128, "procs": 2}
     for name, default in (defaults | {"repeats": 2}).items():
         p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker-batch-size", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
+    for name in ("worker", "worker-batch-size", "worker-threads"):  # a torchrun rank's
+        p.add_argument(f"--{name}", type=Path if name == "worker" else int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.cells, args.genes, args.epochs, args.repeats, args.batch_size = 400, 40, 2, 1, 32

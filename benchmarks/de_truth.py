@@ -310,16 +310,13 @@ def markdown(res: dict[str, Any]) -> str:
     rows = []
     for name, methods in res["summary"].items():
         for method, m in methods.items():
-            rows.append(
-                f"{name} | {method} | {m['skipped']} |" + " |" * 10
-                if "skipped" in m
-                else (
-                    f"{name} | {method} | {fmt(m['auroc_all'])} | {fmt(m['auroc_expressed'])} | "
-                    + "".join(f"{fmt(m.get(f'auroc {k}'))} | " for k in STRATA)
-                    + f"{m['empirical_fdr']:.3f} | {m['power']:.3f} | {m['calls']} | "
-                    f"{m['null_fraction']:.4f} | {fmt(m.get('median_null_lfc'), '+.3f')}"
-                )
-            )
+            if "skipped" in m:
+                rows.append(f"{name} | {method} | {m['skipped']} |" + " |" * 10)
+                continue
+            cells = [name, method, *(fmt(m[k]) for k in AVERAGED[:2])]  # all, expressed
+            cells += [fmt(m.get(k)) for k in AVERAGED[2:-1]]  # the strata
+            cells += [f"{m['empirical_fdr']:.3f}", f"{m['power']:.3f}", m["calls"]]
+            rows.append([*cells, f"{m['null_fraction']:.4f}", fmt(m.get(AVERAGED[-1]), "+.3f")])
     strata = "".join(f"AUROC {k}:|" for k in STRATA)
     columns = f"benchmark|method|AUROC all:|AUROC expressed:|{strata}FDR at 5 %:|power:|calls:|"
     columns += "null halves: fraction called:|median LFC, unchanged:"

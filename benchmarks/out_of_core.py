@@ -209,48 +209,32 @@ def markdown(res: dict[str, Any]) -> str:
 
     title = "Out-of-core: training, latent space and queries streamed from a backed .h5ad"
     lines = results.header(res, title, HOW)
-    rows = [
-        f"{cells(r)} | {r['genes']:,} | | {r['mode']} | | failed | | | |"
-        if "error" in r
-        else f"{cells(r)} | {r['genes']:,} | {r['file_mib']:,.0f} | {r['mode']} | {r['epochs']} | "
-        f"{r['train_cells_per_second']:,.0f} | {r['latent_seconds']:.1f} | "
-        f"{r['peak_rss_mib']:,.0f} | {r['validation_elbo_per_cell']:.2f}"
-        for r in res["runs"]
-    ]
+    rows = [f"{cells(r)} | {r['genes']:,} | | {r['mode']} | | failed | | | |" if "error" in r
+            else f"{cells(r)} | {r['genes']:,} | {r['file_mib']:,.0f} | {r['mode']} | "
+            f"{r['epochs']} | {r['train_cells_per_second']:,.0f} | {r['latent_seconds']:.1f} | "
+            f"{r['peak_rss_mib']:,.0f} | {r['validation_elbo_per_cell']:.2f}"
+            for r in res["runs"]]  # fmt: skip
     columns = "cells:|genes:|file MiB:|data|epochs:|train cells/s:|latent s:|peak RSS MiB:|"
     lines += results.md_table(columns + "validation ELBO/cell:", rows)
     if cli := res.get("cli"):
-        rows = [
-            f"{cells(r)} | {r['genes']:,} | {r['epochs']} | failed | | | | "
-            if "error" in r
-            else f"{cells(r)} | {r['genes']:,} | {r['epochs']} | {r['data_source']} | "
-            f"{r['wall_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | "
-            f"{r['normalized']}"
-            for r in cli
-        ]
+        rows = [f"{cells(r)} | {r['genes']:,} | {r['epochs']} | failed | | | | " if "error" in r
+                else f"{cells(r)} | {r['genes']:,} | {r['epochs']} | {r['data_source']} | "
+                f"{r['wall_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | {r['output_mib']:,.0f} | "
+                f"{r['normalized']}" for r in cli]  # fmt: skip
         columns = "cells:|genes:|epochs:|data|wall s:|peak RSS MiB:|output MiB:|"
         lines += ["", CLI_NOTE, "", *results.md_table(columns + "normalized expression", rows)]
         lines += ["", "Commands: " + "; ".join(f"`{r['command']}`" for r in cli if "command" in r)]
     if queries := res.get("queries"):
-        rows = [
-            f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | "
-            + (
-                f"| | | {r.get('status', 'failed')} (failed)"
-                if "error" in r
-                else f"{r.get('n_cells', 0):,} | {r['wall_seconds']:,.0f} | "
-                f"{r['peak_rss_mib']:,.0f} | {r['status']}"
-            )
-            for r in queries
-        ]
+        rows = [f"{cells(r)} | {r['genes']:,} | {r['query']} | {r['settings']} | "
+                + (f"| | | {r.get('status', 'failed')} (failed)" if "error" in r
+                   else f"{r.get('n_cells', 0):,} | {r['wall_seconds']:,.0f} | "
+                   f"{r['peak_rss_mib']:,.0f} | {r['status']}") for r in queries]  # fmt: skip
         columns = "cells:|genes:|command|settings|cells used:|wall s:|peak RSS MiB:|exit status:"
         lines += ["", QUERIES_NOTE, "", *results.md_table(columns, rows)]
         largest = max(r["cells"] for r in queries)
         lines += ["", f"Commands (at {largest:,} cells; BIG.h5ad is the streamed input):", ""]
-        lines += [
-            f"- `{r['command'].replace(Path(r['input']).name, 'BIG.h5ad')}`"
-            for r in queries
-            if r["cells"] == largest and "command" in r
-        ]
+        lines += [f"- `{r['command'].replace(Path(r['input']).name, 'BIG.h5ad')}`"
+                  for r in queries if r["cells"] == largest and "command" in r]  # fmt: skip
     lines += ["", res["args"]["note"]] if res["args"].get("note") else []
     kept = "kept by `--merge`: this run did not redo these rows."
     for mark, run in zip(MARKS, runs, strict=False):
@@ -259,14 +243,10 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-HOW = (
-    "Peak RSS: the whole process (imports, fit, latent). Cells/s: training cells per second "
-    "over the epochs after the first (with one epoch, that epoch)."
-)
-CLI_NOTE = (
-    "The command line end to end (training, latent space, writing the output), one process per "
-    "size; peak RSS of that process:"
-)
+HOW = ("Peak RSS: the whole process (imports, fit, latent). Cells/s: training cells per second "
+       "over the epochs after the first (with one epoch, that epoch).")  # fmt: skip
+CLI_NOTE = ("The command line end to end (training, latent space, writing the output), one "
+            "process per size; peak RSS of that process:")  # fmt: skip
 QUERIES_NOTE = (
     "The query commands end to end on the streamed file, one new process each, after that size's "
     "CLI fit above wrote `out.h5ad` and its model folder `out_model`; peak RSS of that process "

@@ -101,10 +101,8 @@ def race(rounds: int, step: str = "fit", folder: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) if folder is None else folder
         barrier, results, errors = ctx.Barrier(2), ctx.Queue(), ctx.Queue()
-        procs = [
-            ctx.Process(target=target, args=(w, folder, rounds, barrier, results, errors))
-            for w in (0, 1)
-        ]
+        shared = (folder, rounds, barrier, results, errors)
+        procs = [ctx.Process(target=target, args=(w, *shared)) for w in (0, 1)]
         start = time.perf_counter()
         for p in procs:
             p.start()

@@ -312,11 +312,9 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         mine = [r for r in res["runs"] if r["dataset"] == d["name"] and r["path"] == "auto"]
         autos = " / ".join(sorted({engine_label(r.get("engine")) for r in mine} - {"—"})) or "—"
-        rows.append(
-            f"{d['name']} | {d['n_cells']} x {d['n_genes']} | {d['n_batches']} "
-            f"({d['smallest_batch']}) | {100 * d['zero_fraction']:.1f} | {d['library_min']:.0f}-"
-            f"{d['library_max']:.0f} | {c} | {autos}"
-        )
+        rows.append(f"{d['name']} | {d['n_cells']} x {d['n_genes']} | {d['n_batches']} "
+                    f"({d['smallest_batch']}) | {100 * d['zero_fraction']:.1f} | "
+                    f"{d['library_min']:.0f}-{d['library_max']:.0f} | {c} | {autos}")  # fmt: skip
     columns = "dataset|cells x genes|batches (smallest):|zeros %:|library min-max|"
     columns += "finished/total:|rejected:|failed:|auto resolved to"
     lines += results.section("Runs finished, per dataset", columns, rows)
@@ -334,32 +332,24 @@ def markdown(res: dict[str, Any]) -> str:
     title = "Held-out ELBO across paths (per dataset, threads, seed)"
     lines += results.section(title, columns, rows)
     for over, keys, title in SPREADS:  # over: "seed" or "threads"
-        rows = [
-            f"{' | '.join(str(r[k]) for k in keys)} | {', '.join(map(str, r[over]))} | "
-            f"{pct(r['validation_elbo_spread'])} | {pct(r['heldout_elbo_spread'])}"
-            for r in sm[f"across_{over.removesuffix('s')}s"]
-            if len(r[over]) > 1
-        ]
+        rows = [f"{' | '.join(str(r[k]) for k in keys)} | {', '.join(map(str, r[over]))} | "
+                f"{pct(r['validation_elbo_spread'])} | {pct(r['heldout_elbo_spread'])}"
+                for r in sm[f"across_{over.removesuffix('s')}s"]
+                if len(r[over]) > 1]  # fmt: skip
         if rows or over == "seed":
             columns = f"{'|'.join(keys)}|{over}s|val ELBO spread %:|held-out ELBO spread %:"
             lines += ["", f"## {title}", ""]
             lines += table(columns, rows) if rows else ["Fewer than two seeds finished per path."]
-    rows = [
-        f"{r['dataset']} | {r['threads']} | {r['seed']} | {r['resolved']} | "
-        f"{r['abs_diff_validation_elbo']:.3g} | {r['abs_diff_heldout_elbo']:.3g}"
-        for r in sm["auto_vs_preset"]
-        if "abs_diff_heldout_elbo" in r
-    ]
+    rows = [f"{r['dataset']} | {r['threads']} | {r['seed']} | {r['resolved']} | "
+            f"{r['abs_diff_validation_elbo']:.3g} | {r['abs_diff_heldout_elbo']:.3g}"
+            for r in sm["auto_vs_preset"] if "abs_diff_heldout_elbo" in r]  # fmt: skip
     if rows:
         title = "auto beside the preset it resolved to (same seed and threads)"
         columns = "dataset|threads|seed:|resolved to|abs. diff val ELBO:|abs. diff held-out:"
         lines += results.section(title, columns, rows)
-    problems = [
-        f"- {r['status']}: {r['dataset']}, seed {r['seed']}, path {r['path']}, threads "
-        f"{r['threads']}: " + str(r.get("message")).replace("\n", " ")
-        for r in res["runs"]
-        if r["status"] != "finished"
-    ]
+    problems = [f"- {r['status']}: {r['dataset']}, seed {r['seed']}, path {r['path']}, threads "
+                f"{r['threads']}: " + str(r.get("message")).replace("\n", " ")
+                for r in res["runs"] if r["status"] != "finished"]  # fmt: skip
     lines += ["", "## Failures and rejections", "", *(problems or ["None."]), "", "## Notes", ""]
     lines.append(f"- {NOTE}")
     kept = "- {}: kept from an earlier run (--merge): `{command}` at commit {commit}, {date}."

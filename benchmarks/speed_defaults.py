@@ -90,11 +90,9 @@ def time_row(ds: dict, epochs: int, threads: int | None, args, skipped, tmp: Pat
         fused = None  # the kernel pyro_scvi's engine chose in this repeat, for the floor
         for impl in (i for i in args.implementations if i not in skipped):
             spec = {"implementation": impl, "threads": threads, "epochs": epochs, "fused": fused}
-            spec |= {"h5ad": ds["h5ad"], "batch_key": ds["batch_key"]}
+            spec |= {k: ds[k] for k in ("h5ad", "batch_key")} | {"result": str(tmp / "r.json")}
             run = {"implementation": impl, "repeat": repeat, "seed": 0}
-            run |= workers.spawn(
-                STUDY, "--worker", spec | {"result": str(tmp / "r.json")}, threads
-            )
+            run |= workers.spawn(STUDY, "--worker", spec, threads)
             runs.append(run)
             if impl == "pyro_scvi" and isinstance(run.get("engine"), dict):
                 fused = run["engine"].get("fused_kernel")

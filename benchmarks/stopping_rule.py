@@ -155,9 +155,8 @@ def restore_section(runs: list[dict]) -> list[str]:
         s, cells = r["stopping"], []
         for k, spec in zip(keys, (".2f", ".2f", ".3f", ".3f"), strict=True):
             gain = r.get(f"{k}_gain") and " ({:+.2f} ± {:.2f})".format(*r[f"{k}_gain"])
-            cells += [
-                f"{fmt(r['last'].get(k), spec)} → {fmt(r['restored'].get(k), spec)}{gain or ''}"
-            ]
+            cell = f"{fmt(r['last'].get(k), spec)} → {fmt(r['restored'].get(k), spec)}"
+            cells.append(cell + (gain or ""))
         at = ((r.get("git") or {}).get("pyro_scvi_commit") or "—")[:7]
         rows.append([r["dataset"], r["seed"], s["epoch"] + 1, s["restored_epoch"] + 1, *cells, at])
     cols = ["dataset", "seed", "epochs run", "epoch restored", "log p(x)", "log p(x \\| library)"]

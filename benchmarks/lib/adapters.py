@@ -23,11 +23,8 @@ MODULES = {"pyro_scvi": "pyro_scvi", "scvi-tools": "scvi", "torch-floor": "torch
 
 def skipped(impls: list[str]) -> dict[str, str]:
     """The implementations that cannot be imported here, each with the reason."""
-    return {
-        i: f"skipped: {i} not installed (pip install -e '.[bench]')"
-        for i in impls
-        if importlib.util.find_spec(MODULES[i]) is None
-    }
+    why = "skipped: {} not installed (pip install -e '.[bench]')"
+    return {i: why.format(i) for i in impls if importlib.util.find_spec(MODULES[i]) is None}
 
 
 class Adapter:
@@ -133,16 +130,13 @@ class PyroScvi(Adapter):
         h = self.model.history
         curve = [float(v) for v in h["validation_elbo"]]
         self._history([float(v) for v in h["seconds"]], curve, len(self.model.train_indices))
-        self.run |= {
-            "n_validation": len(self.model.validation_indices),
-            "engine": self.model.engine,
-            "fused_kernel_used": self.model.engine["fused_kernel"],
-            "threads_per_epoch": [int(v) for v in h["threads"]] if "threads" in h else [],
-        }
+        self.run |= {"n_validation": len(self.model.validation_indices)}
+        self.run["engine"] = self.model.engine
+        self.run["fused_kernel_used"] = self.model.engine["fused_kernel"]
+        self.run["threads_per_epoch"] = [int(v) for v in h["threads"]] if "threads" in h else []
         if split is not None:
             ours = (self.model.train_indices, self.model.validation_indices)
             self.run["split_matches"] = all(map(np.array_equal, ours, split))
-
         if cache:
             self.model.save(cache)
         return self
@@ -170,8 +164,7 @@ def epoch_timer() -> Any:
             self.epoch_seconds: list[float] = []
 
         def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            if self.starts:
-                self.epoch_seconds.append(time.perf_counter() - self.starts[-1])
+            self.on_train_end(trainer, pl_module)  # the previous epoch's lap
             self.starts.append(time.perf_counter())
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -252,11 +245,8 @@ class ScviTools(Adapter):
         import scvi
 
         scvi.settings.seed = seed
-        draws = [
-            np.mean(np.asarray(self.model.get_elbo(self.adata, indices=cells, return_mean=False)))
-            for _ in range(max(1, n_samples))
-        ]
-        return float(np.mean(draws))
+        get = functools.partial(self.model.get_elbo, self.adata, indices=cells, return_mean=False)
+        return float(np.mean([np.mean(np.asarray(get())) for _ in range(max(1, n_samples))]))
 
     def marginal_ll(
         self, cells: Any, n_samples: int, seed: int, observed_library: bool = False

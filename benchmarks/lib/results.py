@@ -113,9 +113,8 @@ def md_table(columns: str | Sequence[str], rows: Iterable[Sequence[Any]]) -> lis
     names = [c.removesuffix(":") for c in columns]
     align = ["---:" if c.endswith(":") else "---" for c in columns]
     lines = ["| " + " | ".join(names) + " |", "|" + "|".join(align) + "|"]
-    return lines + [
-        f"| {row if isinstance(row, str) else ' | '.join(map(str, row))} |" for row in rows
-    ]
+    cells = (row if isinstance(row, str) else " | ".join(map(str, row)) for row in rows)
+    return lines + [f"| {c} |" for c in cells]
 
 
 def section(title: str, columns: str | Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
