@@ -266,6 +266,14 @@ def test_without_restoring_the_best_epoch_is_followed_and_the_model_kept():
         "best_value": -9.0,
         "restored_epoch": None,
     }
+    # off, no copy of the model is kept; a call that restores after it counts its own epochs
+    assert state.best_params is None
+    on = BestEpoch(model, guide, state, enabled=True, warmup_end=3)
+    assert state.best_epoch is None
+    for epoch, value in ((6, -12.0), (7, -11.0), (8, -13.0)):
+        _epoch_params(model, epoch)
+        on.update(epoch, value)
+    assert on.restore(last_epoch=8) is True and _theta(model) == 7.0
     # on, but no epoch after the warm-up yet: nothing to restore
     on = BestEpoch(model, guide, TrainState.new(0), enabled=True, warmup_end=10)
     on.update(0, -1.0)

@@ -111,8 +111,8 @@ def checkpoint_bytes(model: Saveable) -> int:
     >>> checkpoint_bytes(m) == 5 * model_bytes(m) + 8 * 20
     True
     """
-    # parameters, Adam's two moments, the last good epoch's copy, the best (or, after a
-    # restore, the last) epoch's copy, the epoch's order
+    # at most: parameters, Adam's two moments, the last good epoch's copy, the best (or,
+    # after a restore, the last) epoch's copy of a run that restores, the epoch's order
     return 5 * model_bytes(model) + 8 * model.data.n_cells
 
 

@@ -294,10 +294,12 @@ class BestEpoch:
     :attr:`~pyro_scvi.train.hooks.EarlyStopping.value`), so the epoch restored is judged as
     the rule judges. Only epochs from ``warmup_end`` on count (their objective is the true
     ELBO; an epoch of the warm-up is never restored). When the value beats the best so far
-    (strictly), the epoch's parameters are copied (model and guide, batch norm's buffers
-    included) into the run's state (``state.best_epoch``, ``best_value``, ``best_params``),
-    whether or not restoring is ``enabled``, so a continued run can restore an epoch of an
-    earlier call.
+    (strictly), the run's state records the epoch and its value (``state.best_epoch``,
+    ``best_value``) and, only when restoring is ``enabled``, copies its parameters (model
+    and guide, batch norm's buffers included) into ``best_params``: a run that does not
+    restore keeps no second copy of the model, in memory or in its checkpoints. A call
+    that restores after calls that did not (no copy of their best) counts its own epochs
+    only.
 
     :meth:`restore`, at the end of a call with ``enabled``, loads the best epoch's
     parameters into the modules (in place: the optimizer keeps its tensors) and keeps the
@@ -344,8 +346,9 @@ class BestEpoch:
     ) -> None:
         self.modules, self.state = (model, guide), state
         self.enabled, self.warmup_end = bool(enabled), int(warmup_end)
-        #: Whether :meth:`restore` replaced the last epoch's parameters.
-        self.restored = False
+        no_copy = state.best_params is None and state.last_params is None
+        if enabled and state.best_epoch is not None and no_copy:  # earlier calls kept none
+            state.best_epoch, state.best_value = None, -math.inf
         if state.last_params is not None:  # an earlier call restored: go on from its end
             if state.best_params is None:  # the model holds the best epoch's parameters
                 state.best_params = _snapshot(model, guide)
@@ -359,7 +362,9 @@ class BestEpoch:
             return
         if state.best_epoch is None or monitored > state.best_value:
             state.best_epoch, state.best_value = int(epoch), float(monitored)
-            state.best_params = _snapshot(*self.modules, into=state.best_params)
+            # off, a copy an earlier call kept is of another epoch now: dropped
+            copy = _snapshot(*self.modules, into=state.best_params) if self.enabled else None
+            state.best_params = copy
 
     def restore(self, last_epoch: int | None) -> bool:
         """With ``enabled``, load the best epoch's parameters; whether they replaced others.
@@ -372,7 +377,6 @@ class BestEpoch:
         state.last_params = _snapshot(*self.modules)
         _restore(*self.modules, state.best_params)
         state.best_params = None  # the modules hold them now
-        self.restored = True
         return True
 
     def record(self) -> dict:

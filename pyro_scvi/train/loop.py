@@ -154,8 +154,8 @@ class TrainState:
         Parameters at the end of the last complete epoch, kept while inside an epoch.
     best_epoch, best_value, best_params
         The best epoch after the KL warm-up by the monitored (smoothed) value, that value
-        and the epoch's parameters (``None`` while the model holds them after a restore):
-        :class:`~pyro_scvi.train.hooks.BestEpoch`.
+        and the epoch's parameters (``None`` in a run that does not restore, and while the
+        model holds them after a restore): :class:`~pyro_scvi.train.hooks.BestEpoch`.
     last_params
         After a call that restored its best epoch, the parameters of its last epoch, from
         which a continued call goes on (``None``: the model holds them).
