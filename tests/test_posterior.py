@@ -213,9 +213,11 @@ def test_importance_weights_of_fixed_latents_are_what_the_traces_sum():
     # With the draws fixed, the weights must be, per cell, what Pyro's own traces of one
     # cell at a time sum: every model site minus every guide site (the plate's subsample
     # site has density 0). With the observed library, l is fixed at it in both and its
-    # densities drop out. Both sum the same float32 terms in other orders: rtol 1e-5
-    # covers that rounding (a few hundred terms of about 1e2 nats) on any CPU, while a
-    # site counted twice, left out or scaled is off by nats.
+    # densities drop out. Both sum the same float32 terms in other orders, with vector
+    # or scalar math: about 20 terms per cell of at most tens of nats, totals of about
+    # 60, so rounding is below 20 * 6e-8 * 20 / 60 relative, a few ulp of libm aside;
+    # rtol 1e-5 covers it on any CPU, while a site counted twice, left out or scaled is
+    # off by nats.
     adata = synthetic_zinb(n_cells=6, n_genes=12, n_batches=2, seed=0)
     m = SCVI(adata, batch_key="batch", n_latent=2, n_hidden=8)
     x, b = m.data.tensors(np.arange(6))
